@@ -1,0 +1,310 @@
+//! Small single-threaded async helpers shared by the thread-per-core processes. They are
+//! runtime-agnostic (std `Waker` and `futures-io` traits) and lock-free: everything here lives on
+//! one executor, so `Cell`/`RefCell` suffice.
+
+use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+/// Wakes every task waiting on it. A waiter that registered before a `notify` is ready.
+#[derive(Default)]
+pub struct Notify {
+    generation: Cell<u64>,
+    wakers: RefCell<Vec<Waker>>,
+}
+
+impl Notify {
+    pub fn notify(&self) {
+        self.generation.set(self.generation.get().wrapping_add(1));
+        let wakers = std::mem::take(&mut *self.wakers.borrow_mut());
+        for w in wakers {
+            w.wake();
+        }
+    }
+
+    pub fn notified(&self) -> Notified<'_> {
+        Notified {
+            notify: self,
+            start: self.generation.get(),
+        }
+    }
+}
+
+pub struct Notified<'a> {
+    notify: &'a Notify,
+    start: u64,
+}
+
+impl Future for Notified<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.notify.generation.get() != self.start {
+            return Poll::Ready(());
+        }
+        let mut wakers = self.notify.wakers.borrow_mut();
+        if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+            wakers.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+/// A one-shot value handed from one task to another on the same thread.
+pub struct Slot<T> {
+    value: RefCell<Option<T>>,
+    notify: Notify,
+}
+
+impl<T> Default for Slot<T> {
+    fn default() -> Self {
+        Slot {
+            value: RefCell::new(None),
+            notify: Notify::default(),
+        }
+    }
+}
+
+impl<T> Slot<T> {
+    pub fn put(&self, v: T) {
+        *self.value.borrow_mut() = Some(v);
+        self.notify.notify();
+    }
+
+    pub fn is_filled(&self) -> bool {
+        self.value.borrow().is_some()
+    }
+
+    pub async fn take(&self) -> T {
+        loop {
+            let notified = self.notify.notified();
+            if let Some(v) = self.value.borrow_mut().take() {
+                return v;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// An output buffer that many tasks append whole messages or frames to, drained by one writer
+/// task: frames of many sessions leave in one socket write, and ordering is the order of the
+/// appends (which are synchronous).
+pub struct OutQueue {
+    buf: RefCell<Vec<u8>>,
+    spare: RefCell<Vec<u8>>,
+    closed: Cell<bool>,
+    failed: Cell<bool>,
+    data: Notify,
+    drained: Notify,
+    high_water: usize,
+    keep_capacity: usize,
+}
+
+impl OutQueue {
+    /// `high_water`: above this many queued bytes, producers should `wait_drain` before adding
+    /// more. `keep_capacity`: buffers larger than this are given back after a write, so an idle
+    /// connection holds no large buffer.
+    pub fn new(high_water: usize, keep_capacity: usize) -> Self {
+        OutQueue {
+            buf: RefCell::new(Vec::new()),
+            spare: RefCell::new(Vec::new()),
+            closed: Cell::new(false),
+            failed: Cell::new(false),
+            data: Notify::default(),
+            drained: Notify::default(),
+            high_water,
+            keep_capacity,
+        }
+    }
+
+    #[inline]
+    pub fn push_with(&self, f: impl FnOnce(&mut Vec<u8>)) {
+        let mut b = self.buf.borrow_mut();
+        let was_empty = b.is_empty();
+        f(&mut b);
+        if was_empty && !b.is_empty() {
+            drop(b);
+            self.data.notify();
+        }
+    }
+
+    #[inline]
+    pub fn push(&self, bytes: &[u8]) {
+        self.push_with(|b| b.extend_from_slice(bytes));
+    }
+
+    pub fn len(&self) -> usize {
+        self.buf.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.borrow().is_empty()
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.buf.borrow().len() >= self.high_water
+    }
+
+    /// The writer failed or the queue was closed: appends go nowhere.
+    pub fn is_dead(&self) -> bool {
+        self.failed.get() || self.closed.get()
+    }
+
+    /// Waits until the queue is below its high-water mark (or dead).
+    pub async fn wait_drain(&self) {
+        loop {
+            let n = self.drained.notified();
+            if !self.is_full() || self.is_dead() {
+                return;
+            }
+            n.await;
+        }
+    }
+
+    /// Waits until everything queued so far was written (or the writer died).
+    pub async fn flushed(&self) {
+        loop {
+            let n = self.drained.notified();
+            if self.is_empty() || self.is_dead() {
+                return;
+            }
+            n.await;
+        }
+    }
+
+    /// Ends the writer once what is queued has been written.
+    pub fn close(&self) {
+        self.closed.set(true);
+        self.data.notify();
+    }
+
+    /// Drains the queue into `w` until closed or a write fails.
+    pub async fn run_writer<W: AsyncWrite + Unpin>(&self, mut w: W) -> io::Result<()> {
+        let result = async {
+            loop {
+                let n = self.data.notified();
+                if self.buf.borrow().is_empty() {
+                    if self.closed.get() {
+                        let _ = w.close().await;
+                        return Ok(());
+                    }
+                    n.await;
+                    continue;
+                }
+                let mut out = std::mem::take(&mut *self.spare.borrow_mut());
+                std::mem::swap(&mut out, &mut *self.buf.borrow_mut());
+                w.write_all(&out).await?;
+                out.clear();
+                if out.capacity() > self.keep_capacity {
+                    out = Vec::new();
+                }
+                *self.spare.borrow_mut() = out;
+                self.drained.notify();
+            }
+        }
+        .await;
+        if result.is_err() {
+            self.failed.set(true);
+            self.buf.borrow_mut().clear();
+            self.drained.notify();
+        }
+        result
+    }
+}
+
+/// A stream shared by a reading task and a writing task on the same thread. Neither holds the
+/// borrow across an await, so the `RefCell` never conflicts; reads and writes register their own
+/// wakers in the stream.
+pub struct RcStream<S>(pub Rc<RefCell<S>>);
+
+impl<S> Clone for RcStream<S> {
+    fn clone(&self) -> Self {
+        RcStream(self.0.clone())
+    }
+}
+
+impl<S> RcStream<S> {
+    pub fn new(s: S) -> Self {
+        RcStream(Rc::new(RefCell::new(s)))
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for RcStream<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.0.borrow_mut()).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for RcStream<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.0.borrow_mut()).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0.borrow_mut()).poll_flush(cx)
+    }
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.0.borrow_mut()).poll_close(cx)
+    }
+}
+
+/// Reads whole messages from a stream into a buffer that starts small and shrinks back after a
+/// burst, so an idle connection costs a few hundred bytes, not a 16 KiB buffer.
+pub struct MessageReader {
+    buf: Vec<u8>,
+    start: usize,
+    idle_capacity: usize,
+}
+
+impl MessageReader {
+    pub fn new(idle_capacity: usize) -> Self {
+        MessageReader {
+            buf: Vec::new(),
+            start: 0,
+            idle_capacity,
+        }
+    }
+
+    /// Unconsumed bytes.
+    #[inline]
+    pub fn data(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    #[inline]
+    pub fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+            if self.buf.capacity() > self.idle_capacity * 16 {
+                self.buf = Vec::new();
+            }
+        }
+    }
+
+    /// Reads more bytes; `want` is how many bytes the caller needs in total (a hint for a large
+    /// message). Returns 0 at end of stream.
+    pub async fn fill<R: AsyncRead + Unpin>(&mut self, r: &mut R, want: usize) -> io::Result<usize> {
+        use futures_lite::AsyncReadExt;
+        if self.start > 0 && (self.start == self.buf.len() || self.start > self.buf.capacity() / 2) {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        let have = self.buf.len() - self.start;
+        let chunk = if self.buf.capacity() == 0 {
+            self.idle_capacity
+        } else {
+            (self.buf.capacity() - self.buf.len()).max(self.idle_capacity)
+        };
+        let room = chunk.max(want.saturating_sub(have)).min(1 << 20);
+        let len = self.buf.len();
+        self.buf.resize(len + room, 0);
+        let n = r.read(&mut self.buf[len..]).await;
+        let got = *n.as_ref().unwrap_or(&0);
+        self.buf.truncate(len + got);
+        n
+    }
+}

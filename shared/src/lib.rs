@@ -1,0 +1,7 @@
+//! Code more than one Tidepool process needs: the Postgres wire protocol (no I/O), the link
+//! protocol between gateway and pooler, and small async helpers that are runtime-agnostic.
+pub mod auth;
+pub mod io;
+pub mod link;
+pub mod protocol;
+pub mod settings;
