@@ -1,0 +1,129 @@
+//! Running a client program (psql, pgbench, python) to completion with a deadline, its standard
+//! output and standard error captured together in the order it wrote them.
+//!
+//! Both streams go to one pipe: psql writes rows to stdout and errors and notices to stderr, and
+//! a differential test must see them interleaved exactly as a user at a terminal would.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::FromRawFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// What a finished program printed and how it ended.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// stdout and stderr, interleaved as written.
+    pub text: String,
+    /// Exit code; `None` when killed by a signal.
+    pub code: Option<i32>,
+}
+
+impl Output {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+/// A pipe whose two ends are closed on exec unless handed to the child as stdio.
+fn pipe() -> (File, File) {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid array of two ints; on success both are fresh descriptors that we
+    // own and wrap exactly once.
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(rc, 0, "pipe2: {}", std::io::Error::last_os_error());
+    // SAFETY: as above, each descriptor is owned by exactly one File.
+    unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
+}
+
+/// Kills the child and everything it started (it runs in its own process group: psql's
+/// `\copy ... from program` starts a shell).
+pub(crate) fn kill_group(child: &mut Child) {
+    if !matches!(child.try_wait(), Ok(None)) {
+        // Already reaped: its pid (and so its group id) may belong to someone else by now.
+        return;
+    }
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: plain syscall; a stale group id is harmless (ESRCH).
+    unsafe {
+        libc::kill(-pid, libc::SIGKILL);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Runs `cmd` with `stdin` (or /dev/null), waits at most `timeout`, and returns everything it
+/// printed. Panics on a timeout, with what was printed so far.
+pub fn run_merged(cmd: &mut Command, stdin: Option<Vec<u8>>, timeout: Duration) -> Output {
+    let (mut read_end, write_end) = pipe();
+    let write_end2 = write_end.try_clone().expect("dup pipe");
+    cmd.stdout(Stdio::from(write_end))
+        .stderr(Stdio::from(write_end2))
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .process_group(0);
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    // Drop our copies of the write end (held inside `cmd`) so the reader sees EOF when the
+    // child and its children are done.
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+
+    let feeder = stdin.map(|bytes| {
+        let mut pipe = child.stdin.take().expect("piped stdin");
+        thread::spawn(move || {
+            // The child may exit before reading everything (e.g. psql stops on an error): a
+            // broken pipe is its business, not ours.
+            let _ = pipe.write_all(&bytes);
+        })
+    });
+    let captured = Arc::new(Mutex::new(Vec::new()));
+    let (eof_tx, eof_rx) = mpsc::channel();
+    {
+        let captured = captured.clone();
+        thread::spawn(move || {
+            let mut chunk = [0u8; 65536];
+            loop {
+                match read_end.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => captured
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .extend_from_slice(&chunk[..n]),
+                }
+            }
+            let _ = eof_tx.send(());
+        });
+    }
+
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() >= deadline => break None,
+            Ok(None) => thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("wait for {cmd:?}: {e}"),
+        }
+    };
+    if status.is_none() {
+        kill_group(&mut child);
+    }
+    // Something the program started may still hold the pipe open; do not wait for it long.
+    let _ = eof_rx.recv_timeout(Duration::from_secs(5));
+    let bytes = captured.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    if let Some(f) = feeder {
+        let _ = f.join();
+    }
+    match status {
+        Some(status) => Output {
+            text,
+            code: status.code(),
+        },
+        None => panic!("{cmd:?} did not finish within {timeout:?}; it printed:\n{text}"),
+    }
+}

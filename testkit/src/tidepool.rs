@@ -1,0 +1,295 @@
+//! The Tidepool processes under test: one `tidepool-pooler` in front of a [`PgCluster`] and one
+//! `tidepool-gateway` in front of it, on free loopback ports, started with the flags of
+//! docs/CONTRACTS.md and killed on drop.
+
+use std::fs::File;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::cluster::{tail, BackendWatch, PgCluster};
+use crate::endpoint::Endpoint;
+use crate::ports::free_port;
+use crate::process::{kill_group, run_merged};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How to start Tidepool.
+#[derive(Debug, Clone)]
+pub struct TidepoolOpts {
+    /// `--pool-size`: backend budget per (user, database).
+    pub pool_size: usize,
+    /// `--max-backends`, when set.
+    pub max_backends: Option<usize>,
+    /// `--cores` of both processes.
+    pub cores: usize,
+    /// `--auth-method` of the gateway, when set.
+    pub auth_method: Option<String>,
+    pub extra_pooler_args: Vec<String>,
+    pub extra_gateway_args: Vec<String>,
+}
+
+impl Default for TidepoolOpts {
+    fn default() -> Self {
+        TidepoolOpts {
+            pool_size: 20,
+            max_backends: None,
+            cores: 2,
+            auth_method: None,
+            extra_pooler_args: Vec::new(),
+            extra_gateway_args: Vec::new(),
+        }
+    }
+}
+
+impl TidepoolOpts {
+    pub fn pool_size(mut self, n: usize) -> Self {
+        self.pool_size = n;
+        self
+    }
+}
+
+/// A running pooler + gateway pair.
+pub struct Tidepool {
+    cluster: PgCluster,
+    pooler: Child,
+    gateway: Option<Child>,
+    pooler_port: u16,
+    gateway_port: u16,
+    pooler_log: PathBuf,
+    gateway_log: PathBuf,
+}
+
+/// Where the binaries are: `TIDEPOOL_BIN_DIR`, else the target directory of this test
+/// executable (target/<profile>/deps/<test> → target/<profile>/), after building them there.
+///
+/// `cargo test -p tidepool-gateway` builds the gateway binary but not the pooler, and a binary
+/// left over from an earlier build would silently test old code; so the first start in a test
+/// process runs `cargo build` for both (a no-op when they are current).
+pub fn bin_dir() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("TIDEPOOL_BIN_DIR") {
+            return PathBuf::from(dir);
+        }
+        let exe = std::env::current_exe().expect("path of the test executable");
+        let mut dir = exe
+            .parent()
+            .expect("test executable has a directory")
+            .to_path_buf();
+        if dir.file_name().is_some_and(|n| n == "deps") {
+            dir.pop();
+        }
+        build_binaries(&dir);
+        dir
+    })
+    .clone()
+}
+
+fn build_binaries(profile_dir: &Path) {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root");
+    let target_dir = profile_dir
+        .parent()
+        .expect("target dir above the profile dir");
+    let profile = profile_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("debug");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let mut cmd = Command::new(cargo);
+    cmd.arg("build")
+        .arg("--manifest-path")
+        .arg(workspace.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(target_dir)
+        .args(["-p", "tidepool-pooler", "-p", "tidepool-gateway"]);
+    // The dev profile lives in target/debug; any other profile in a directory of its name.
+    if profile != "debug" {
+        cmd.args(["--profile", profile]);
+    }
+    let out = run_merged(&mut cmd, None, Duration::from_secs(900));
+    assert!(
+        out.success(),
+        "building tidepool-pooler and tidepool-gateway failed:\n{}",
+        out.text
+    );
+}
+
+fn spawn_logged(program: &Path, args: &[String], log: &Path) -> Child {
+    let file = File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+    let file2 = file.try_clone().expect("dup log file");
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(file))
+        .stderr(Stdio::from(file2));
+    // Its own process group, so a kill reaches anything it starts.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    cmd.spawn().unwrap_or_else(|e| {
+        panic!(
+            "start {} (set TIDEPOOL_BIN_DIR to use other binaries): {e}",
+            program.display()
+        )
+    })
+}
+
+impl Tidepool {
+    /// Starts the pooler, then the gateway; returns when the gateway port accepts connections.
+    /// Panics after 20 s with the tail of both logs.
+    pub fn start(cluster: &PgCluster, opts: TidepoolOpts) -> Tidepool {
+        let bin = bin_dir();
+        let pooler_port = free_port();
+        let gateway_port = free_port();
+        let pooler_log = cluster.dir().join(format!("pooler-{gateway_port}.log"));
+        let gateway_log = cluster.dir().join(format!("gateway-{gateway_port}.log"));
+
+        let mut pooler_args = vec![
+            "--listen".to_string(),
+            format!("127.0.0.1:{pooler_port}"),
+            "--cores".to_string(),
+            opts.cores.to_string(),
+            "--pg-host".to_string(),
+            "127.0.0.1".to_string(),
+            "--pg-port".to_string(),
+            cluster.port().to_string(),
+            "--admin-socket-dir".to_string(),
+            cluster.socket_dir().to_string_lossy().into_owned(),
+            "--admin-user".to_string(),
+            "postgres".to_string(),
+            "--pool-size".to_string(),
+            opts.pool_size.to_string(),
+        ];
+        if let Some(max) = opts.max_backends {
+            pooler_args.extend(["--max-backends".to_string(), max.to_string()]);
+        }
+        pooler_args.extend(opts.extra_pooler_args.iter().cloned());
+
+        let mut gateway_args = vec![
+            "--listen".to_string(),
+            format!("127.0.0.1:{gateway_port}"),
+            "--cores".to_string(),
+            opts.cores.to_string(),
+            "--pooler".to_string(),
+            format!("127.0.0.1:{pooler_port}"),
+        ];
+        if let Some(method) = &opts.auth_method {
+            gateway_args.extend(["--auth-method".to_string(), method.clone()]);
+        }
+        gateway_args.extend(opts.extra_gateway_args.iter().cloned());
+
+        let pooler = spawn_logged(&bin.join("tidepool-pooler"), &pooler_args, &pooler_log);
+        // Build the value at once so that Drop kills whatever was started if a wait panics.
+        let mut tp = Tidepool {
+            cluster: cluster.clone(),
+            pooler,
+            gateway: None,
+            pooler_port,
+            gateway_port,
+            pooler_log,
+            gateway_log,
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        tp.wait_accepting(pooler_port, deadline, "pooler");
+        tp.gateway = Some(spawn_logged(
+            &bin.join("tidepool-gateway"),
+            &gateway_args,
+            &tp.gateway_log,
+        ));
+        tp.wait_accepting(gateway_port, deadline, "gateway");
+        tp
+    }
+
+    fn wait_accepting(&mut self, port: u16, deadline: Instant, what: &str) {
+        loop {
+            if TcpStream::connect_timeout(
+                &([127, 0, 0, 1], port).into(),
+                Duration::from_millis(200),
+            )
+            .is_ok()
+            {
+                return;
+            }
+            let exited = match (what, self.gateway.as_mut()) {
+                ("gateway", Some(gateway)) => gateway.try_wait(),
+                _ => self.pooler.try_wait(),
+            };
+            if let Ok(Some(status)) = exited {
+                panic!(
+                    "tidepool-{what} exited ({status}) before accepting\n{}",
+                    self.logs()
+                );
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "tidepool-{what} did not accept on 127.0.0.1:{port} within {READY_TIMEOUT:?}\n{}",
+                    self.logs()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The last lines of both logs, for failure messages.
+    pub fn logs(&self) -> String {
+        format!(
+            "--- {} ---\n{}\n--- {} ---\n{}",
+            self.pooler_log.display(),
+            tail(&self.pooler_log, 40),
+            self.gateway_log.display(),
+            tail(&self.gateway_log, 40)
+        )
+    }
+
+    /// The gateway, where clients connect.
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint::loopback(self.gateway_port)
+    }
+
+    pub fn url(&self, user: &str, password: &str, db: &str) -> String {
+        self.endpoint().url(user, password, db)
+    }
+
+    pub fn gateway_port(&self) -> u16 {
+        self.gateway_port
+    }
+
+    pub fn pooler_port(&self) -> u16 {
+        self.pooler_port
+    }
+
+    pub fn cluster(&self) -> &PgCluster {
+        &self.cluster
+    }
+
+    /// Postgres client backends of `user` right now.
+    pub fn backend_count(&self, user: &str) -> i64 {
+        self.cluster.backend_count(user)
+    }
+
+    pub fn watch_backends(&self, user: &str) -> BackendWatch {
+        self.cluster.watch_backends(user)
+    }
+
+    /// True while both processes are running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.pooler.try_wait(), Ok(None))
+            && self
+                .gateway
+                .as_mut()
+                .is_some_and(|g| matches!(g.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Tidepool {
+    fn drop(&mut self) {
+        if let Some(gateway) = self.gateway.as_mut() {
+            kill_group(gateway);
+        }
+        kill_group(&mut self.pooler);
+    }
+}
