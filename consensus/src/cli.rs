@@ -1,0 +1,152 @@
+//! Command-line interface (clap derive).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Overrides;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tidepool",
+    version,
+    about = "Tidepool control process: bring up, inspect and stop a local cluster"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// State directory [default: ./.tidepool, or `dir` from --config].
+    #[arg(long, global = true, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+
+    /// TOML file with the control process's settings (see config/tidepool.toml).
+    #[arg(long, global = true, value_name = "FILE", env = "TIDEPOOL_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start (or complete) a local cluster: Postgres 15, pooler, gateway. Prints a
+    /// postgres:// URL as its last line.
+    Up(UpArgs),
+    /// Show each process, its pid, address and state. Exits non-zero if one is down.
+    Status(StatusArgs),
+    /// Stop what `up` started (gateway, pooler, then Postgres); keeps the data.
+    Down,
+    // To come, each when it really works: `switchover` (planned primary change),
+    // `backup` (pgBackRest), and the long-running control process itself.
+}
+
+/// Flags left out fall back to --config, then to what the state directory remembers from
+/// the last `up`, then to the defaults shown.
+#[derive(Debug, Clone, Default, Args)]
+pub struct UpArgs {
+    /// Gateway port, the one clients use [default: 15432].
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<u16>,
+
+    /// Pooler link port [default: 15433].
+    #[arg(long, value_name = "PORT")]
+    pub pooler_port: Option<u16>,
+
+    /// Postgres port on 127.0.0.1 [default: 5433].
+    #[arg(long, value_name = "PORT")]
+    pub pg_port: Option<u16>,
+
+    /// Cores for the gateway and for the pooler; 0 = all [default: 0].
+    #[arg(long, value_name = "N")]
+    pub cores: Option<usize>,
+
+    /// Pooler backend budget per (user, database) [default: 20].
+    #[arg(long, value_name = "N")]
+    pub pool_size: Option<u32>,
+
+    /// Pooler total backend budget [default: 100].
+    #[arg(long, value_name = "N")]
+    pub max_backends: Option<u32>,
+
+    /// Postgres max_connections [default: 200].
+    #[arg(long, value_name = "N")]
+    pub pg_max_connections: Option<u32>,
+
+    /// PostgreSQL 15 bin directory [default: /usr/lib/postgresql/15/bin].
+    #[arg(long, value_name = "DIR")]
+    pub pg_bin_dir: Option<PathBuf>,
+
+    /// Directory of tidepool-gateway and tidepool-pooler [default: beside this executable].
+    #[arg(long, value_name = "DIR", env = "TIDEPOOL_BIN_DIR")]
+    pub bin_dir: Option<PathBuf>,
+
+    /// Seconds to wait for each process to accept connections [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub ready_timeout_secs: Option<u64>,
+
+    /// Config file passed to the gateway as --config.
+    #[arg(long, value_name = "FILE")]
+    pub gateway_config: Option<PathBuf>,
+
+    /// Config file passed to the pooler as --config.
+    #[arg(long, value_name = "FILE")]
+    pub pooler_config: Option<PathBuf>,
+}
+
+impl UpArgs {
+    pub fn overrides(&self, global: &GlobalArgs) -> Overrides {
+        Overrides {
+            dir: global.dir.clone(),
+            port: self.port,
+            pooler_port: self.pooler_port,
+            pg_port: self.pg_port,
+            cores: self.cores,
+            pool_size: self.pool_size,
+            max_backends: self.max_backends,
+            pg_max_connections: self.pg_max_connections,
+            pg_bin_dir: self.pg_bin_dir.clone(),
+            bin_dir: self.bin_dir.clone().filter(|p| !p.as_os_str().is_empty()),
+            ready_timeout_secs: self.ready_timeout_secs,
+            stop_timeout_secs: None,
+            gateway_config: self.gateway_config.clone(),
+            pooler_config: self.pooler_config.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Args)]
+pub struct StatusArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn dir_is_accepted_before_and_after_the_subcommand() {
+        let a = Cli::try_parse_from(["tidepool", "--dir", "/a", "status", "--json"]).unwrap();
+        assert_eq!(a.global.dir, Some(PathBuf::from("/a")));
+        let b = Cli::try_parse_from(["tidepool", "up", "--dir", "/b", "--port", "1"]).unwrap();
+        assert_eq!(b.global.dir, Some(PathBuf::from("/b")));
+        match b.command {
+            Command::Up(up) => {
+                assert_eq!(up.port, Some(1));
+                assert_eq!(up.pooler_port, None);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

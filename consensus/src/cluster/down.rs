@@ -1,0 +1,66 @@
+//! `tidepool down`: stop what `up` started, newest first; the data stays.
+
+use std::time::Duration;
+
+use crate::cli::GlobalArgs;
+use crate::cluster::Context;
+use crate::config::Overrides;
+use crate::error::Result;
+use crate::postgres::Postgres;
+use crate::process::{terminate, Stopped};
+use crate::state::{Role, State};
+
+pub fn run(global: &GlobalArgs) -> Result<()> {
+    let ctx = Context::load(
+        global,
+        Overrides {
+            dir: global.dir.clone(),
+            ..Overrides::default()
+        },
+    )?;
+    let timeout = Duration::from_secs(ctx.overrides.run().stop_timeout_secs);
+    let Some(state) = State::load(&ctx.layout.state_file())? else {
+        eprintln!(
+            "nothing to stop: no Tidepool cluster in {}",
+            ctx.layout.dir().display()
+        );
+        return Ok(());
+    };
+
+    // Clients first, so that nothing new reaches the pooler, then the pooler, so that its
+    // backends close cleanly before Postgres goes.
+    for role in [Role::Gateway, Role::Pooler] {
+        let Some(record) = state.process(role) else {
+            continue;
+        };
+        let outcome = terminate(record.pid, role.program(), timeout)?;
+        let what = match outcome {
+            Stopped::NotRunning => "was not running".to_string(),
+            Stopped::Terminated => format!("stopped (pid {})", record.pid),
+            Stopped::Killed => format!(
+                "killed (pid {}): still running {}s after SIGTERM",
+                record.pid,
+                timeout.as_secs()
+            ),
+        };
+        eprintln!("{:<8} {what}", role.name());
+    }
+
+    let pg = Postgres::new(
+        &state.settings.pg_bin_dir,
+        state.postgres.data_dir.clone(),
+        state.postgres.socket_dir.clone(),
+        state.postgres.port,
+        ctx.layout.log(Role::Postgres.name()),
+    )?;
+    if pg.stop(timeout)? {
+        eprintln!("{:<8} stopped (pg_ctl stop -m fast)", "postgres");
+    } else {
+        eprintln!("{:<8} was not running", "postgres");
+    }
+    eprintln!(
+        "Tidepool is down; data kept in {}",
+        state.postgres.data_dir.display()
+    );
+    Ok(())
+}

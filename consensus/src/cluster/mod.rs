@@ -1,0 +1,88 @@
+//! The local-cluster commands: `up`, `status`, `down`. One file per command.
+
+pub mod down;
+pub mod status;
+pub mod up;
+
+use std::path::{Path, PathBuf};
+
+use crate::cli::GlobalArgs;
+use crate::config::Overrides;
+use crate::error::Result;
+use crate::layout::Layout;
+
+/// What every command needs first: the merged flags and config file, and the state
+/// directory's layout.
+pub struct Context {
+    pub overrides: Overrides,
+    pub layout: Layout,
+}
+
+impl Context {
+    /// `flags` on top of the `--config` file (if any).
+    pub fn load(global: &GlobalArgs, flags: Overrides) -> Result<Context> {
+        let file = match &global.config {
+            Some(path) => Overrides::load(path)?,
+            None => Overrides::default(),
+        };
+        let overrides = flags.over(file);
+        let layout = Layout::new(&overrides.dir())?;
+        Ok(Context { overrides, layout })
+    }
+}
+
+/// `postgres://tidepool:PASSWORD@127.0.0.1:PORT/tidepool`
+pub fn url(password: &str, port: u16) -> String {
+    format!(
+        "postgres://{role}:{password}@127.0.0.1:{port}/{db}",
+        role = crate::postgres::ROLE,
+        db = crate::postgres::DATABASE
+    )
+}
+
+/// `bin_dir/name`, or the file beside the running `tidepool` executable.
+pub fn locate_binary(bin_dir: Option<&Path>, name: &str, package: &str) -> Result<PathBuf> {
+    let dir = match bin_dir {
+        Some(d) => d.to_path_buf(),
+        None => {
+            let exe = std::env::current_exe()
+                .map_err(crate::error::Error::io("finding the tidepool executable"))?;
+            exe.parent().map(Path::to_path_buf).unwrap_or_default()
+        }
+    };
+    let path = dir.join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(crate::error::Error::MissingBinary {
+            name: name.to_string(),
+            package: package.to_string(),
+            path,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_shape() {
+        assert_eq!(
+            url("pw", 15432),
+            "postgres://tidepool:pw@127.0.0.1:15432/tidepool"
+        );
+    }
+
+    #[test]
+    fn missing_binaries_say_how_to_build_them() {
+        let err = locate_binary(
+            Some(Path::new("/nonexistent")),
+            "tidepool-gateway",
+            "tidepool-gateway",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("cargo build -p tidepool-gateway"), "{err}");
+    }
+}

@@ -1,0 +1,432 @@
+//! `tidepool up`: bring up (or complete) a local cluster — Postgres 15, one pooler, one
+//! gateway — and print the URL clients use, as the last line of stdout.
+//!
+//! Idempotent-ish: what already runs with the asked settings is kept, what is missing is
+//! started, and a process running with other settings is a conflict to resolve with
+//! `tidepool down`, never silently restarted. Progress goes to stderr, so that
+//! `URL=$(tidepool up)` works.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::cli::{GlobalArgs, UpArgs};
+use crate::cluster::{locate_binary, status, url, Context};
+use crate::config::{ClusterSettings, RunSettings};
+use crate::error::{Error, Result};
+use crate::layout::Layout;
+use crate::password;
+use crate::postgres::{Postgres, OS_USER};
+use crate::process::{accepts, liveness, spawn_detached, terminate, wait_ready, Liveness};
+use crate::state::{PostgresRecord, ProcessRecord, Role, State, FORMAT_VERSION};
+
+pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
+    let ctx = Context::load(global, args.overrides(global))?;
+    let layout = &ctx.layout;
+    let previous = State::load(&layout.state_file())?;
+    let base = previous
+        .as_ref()
+        .map(|s| s.settings.clone())
+        .unwrap_or_default();
+    let settings = ctx.overrides.cluster(&base);
+    let run = ctx.overrides.run();
+    check_ports(&settings)?;
+    let timeout = Duration::from_secs(run.ready_timeout_secs);
+
+    // Find the binaries before touching anything.
+    let pooler_bin = locate_binary(
+        run.bin_dir.as_deref(),
+        Role::Pooler.program(),
+        "tidepool-pooler",
+    )?;
+    let gateway_bin = locate_binary(
+        run.bin_dir.as_deref(),
+        Role::Gateway.program(),
+        "tidepool-gateway",
+    )?;
+
+    preflight(previous.as_ref(), &settings)?;
+
+    create_dir(layout.dir())?;
+    create_dir(&layout.logs_dir())?;
+    let pg = Postgres::new(
+        &settings.pg_bin_dir,
+        layout.data_dir(),
+        layout.socket_dir(),
+        settings.pg_port,
+        layout.log(Role::Postgres.name()),
+    )?;
+
+    let mut state = previous.unwrap_or_else(|| State {
+        version: FORMAT_VERSION,
+        dir: PathBuf::new(),
+        postgres: PostgresRecord {
+            data_dir: PathBuf::new(),
+            port: 0,
+            socket_dir: PathBuf::new(),
+        },
+        processes: Vec::new(),
+        settings: settings.clone(),
+    });
+    state.dir = layout.dir().to_path_buf();
+    state.settings = settings.clone();
+    state.postgres = PostgresRecord {
+        data_dir: layout.data_dir(),
+        port: settings.pg_port,
+        socket_dir: layout.socket_dir(),
+    };
+
+    if let Some(password) = password::read(&layout.password_file())? {
+        if already_up(&state) {
+            eprintln!("Tidepool is already up in {}", layout.dir().display());
+            println!("{}", url(&password, settings.port));
+            return Ok(());
+        }
+    }
+
+    // Postgres.
+    pg.prepare_dirs()?;
+    if pg.init_if_needed()? {
+        eprintln!(
+            "initialized a Postgres 15 cluster in {}",
+            pg.data_dir.display()
+        );
+    }
+    pg.configure(settings.pg_max_connections)?;
+    let pg_pid = match pg.running() {
+        Some((pid, port)) if port == settings.pg_port => {
+            if !wait_accepting(pg.address(), timeout) {
+                return Err(not_ready("postgres", pg.address(), timeout, &pg.log));
+            }
+            eprintln!("postgres already running (pid {pid}) on {}", pg.address());
+            pid
+        }
+        Some((pid, port)) => {
+            return Err(Error::Conflict(format!(
+                "Postgres of {} is running on port {port} (pid {pid}), not {}: run `tidepool down` first",
+                layout.dir().display(),
+                settings.pg_port
+            )))
+        }
+        None => {
+            ensure_port_free(Role::Postgres, pg.address())?;
+            eprintln!("starting postgres on {} (as OS user {OS_USER})", pg.address());
+            pg.start(timeout)?
+        }
+    };
+    state.set_process(ProcessRecord {
+        name: Role::Postgres,
+        pid: pg_pid,
+        address: pg.address(),
+        log: pg.log.clone(),
+    });
+    state.save(&layout.state_file())?;
+
+    // The login role of the printed URL. The password file is written before the role so
+    // that a failure in between leaves a password the next `up` will set.
+    let (password, password_is_new) = match password::read(&layout.password_file())? {
+        Some(p) => (p, false),
+        None => {
+            let p = password::generate()?;
+            password::write(&layout.password_file(), &p)?;
+            (p, true)
+        }
+    };
+    pg.ensure_role_and_database(&password, password_is_new)?;
+
+    // Pooler, then gateway (the gateway's first clients need the pooler).
+    let pooler_addr = loopback(settings.pooler_port);
+    let gateway_addr = loopback(settings.port);
+    let tiers = [
+        (
+            Role::Pooler,
+            &pooler_bin,
+            pooler_args(&settings, layout, &run),
+            pooler_addr,
+        ),
+        (
+            Role::Gateway,
+            &gateway_bin,
+            gateway_args(&settings, &run),
+            gateway_addr,
+        ),
+    ];
+    for (role, bin, args, addr) in tiers {
+        ensure_tier(role, bin, &args, addr, layout, &mut state, timeout)?;
+    }
+    state.save(&layout.state_file())?;
+
+    eprintln!(
+        "Tidepool is up in {} — `tidepool status --dir {}` to check, `tidepool down --dir {}` to stop",
+        layout.dir().display(),
+        layout.dir().display(),
+        layout.dir().display()
+    );
+    println!("{}", url(&password, settings.port));
+    Ok(())
+}
+
+/// Finds conflicts before anything is changed (so state.json keeps describing what runs):
+/// a process of this cluster running on other ports than asked, or a port another program
+/// holds.
+fn preflight(previous: Option<&State>, settings: &ClusterSettings) -> Result<()> {
+    let report = previous.map(status::inspect);
+    for (i, (role, port)) in Role::START_ORDER
+        .into_iter()
+        .zip(ports(settings))
+        .enumerate()
+    {
+        match report.as_ref().map(|r| &r.processes[i]) {
+            Some(p) if p.running => {
+                if p.address.port() != port {
+                    return Err(Error::Conflict(format!(
+                        "the {} of {} is running on port {} (pid {}), not {port}: run `tidepool down` first",
+                        role.name(),
+                        report.as_ref().map(|r| r.dir.display().to_string()).unwrap_or_default(),
+                        p.address.port(),
+                        p.pid.unwrap_or_default(),
+                    )));
+                }
+            }
+            _ => ensure_port_free(role, loopback(port))?,
+        }
+    }
+    Ok(())
+}
+
+/// Ports in [`Role::START_ORDER`].
+fn ports(s: &ClusterSettings) -> [u16; 3] {
+    [s.pg_port, s.pooler_port, s.port]
+}
+
+fn already_up(state: &State) -> bool {
+    let report = status::inspect(state);
+    report.healthy
+        && report
+            .processes
+            .iter()
+            .zip(ports(&state.settings))
+            .all(|(p, port)| p.address == loopback(port))
+}
+
+/// Starts `role` unless it already runs with the same address; waits until it accepts.
+fn ensure_tier(
+    role: Role,
+    bin: &Path,
+    args: &[OsString],
+    addr: SocketAddr,
+    layout: &Layout,
+    state: &mut State,
+    timeout: Duration,
+) -> Result<()> {
+    let name = role.name();
+    let log = layout.log(name);
+    if let Some(record) = state.process(role) {
+        if liveness(record.pid, role.program()) == Liveness::Alive {
+            if record.address != addr {
+                return Err(Error::Conflict(format!(
+                    "the {name} is running on {} (pid {}), not {addr}: run `tidepool down` first",
+                    record.address, record.pid
+                )));
+            }
+            if !wait_accepting(addr, timeout) {
+                return Err(not_ready(name, addr, timeout, &log));
+            }
+            eprintln!("{name} already running (pid {}) on {addr}", record.pid);
+            return Ok(());
+        }
+    }
+    ensure_port_free(role, addr)?;
+    eprintln!("starting {name} on {addr}");
+    let mut child = spawn_detached(bin, args, &log)?;
+    state.set_process(ProcessRecord {
+        name: role,
+        pid: child.id(),
+        address: addr,
+        log: log.clone(),
+    });
+    state.save(&layout.state_file())?;
+    if let Err(e) = wait_ready(name, &mut child, addr, timeout, &log) {
+        // A process that never became ready is not left behind.
+        let _ = terminate(child.id(), role.program(), Duration::from_secs(5));
+        let _ = child.try_wait();
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn pooler_args(s: &ClusterSettings, layout: &Layout, run: &RunSettings) -> Vec<OsString> {
+    let mut args: Vec<OsString> = Vec::new();
+    if let Some(config) = &run.pooler_config {
+        args.extend(["--config".into(), absolute(config)]);
+    }
+    let flags: [(&str, OsString); 8] = [
+        ("--listen", loopback(s.pooler_port).to_string().into()),
+        ("--cores", s.cores.to_string().into()),
+        ("--pg-host", "127.0.0.1".into()),
+        ("--pg-port", s.pg_port.to_string().into()),
+        ("--admin-socket-dir", layout.socket_dir().into()),
+        ("--admin-user", OS_USER.into()),
+        ("--pool-size", s.pool_size.to_string().into()),
+        ("--max-backends", s.max_backends.to_string().into()),
+    ];
+    for (flag, value) in flags {
+        args.push(flag.into());
+        args.push(value);
+    }
+    args
+}
+
+fn gateway_args(s: &ClusterSettings, run: &RunSettings) -> Vec<OsString> {
+    let mut args: Vec<OsString> = Vec::new();
+    if let Some(config) = &run.gateway_config {
+        args.extend(["--config".into(), absolute(config)]);
+    }
+    let flags: [(&str, OsString); 3] = [
+        ("--listen", loopback(s.port).to_string().into()),
+        ("--cores", s.cores.to_string().into()),
+        ("--pooler", loopback(s.pooler_port).to_string().into()),
+    ];
+    for (flag, value) in flags {
+        args.push(flag.into());
+        args.push(value);
+    }
+    args
+}
+
+/// The detached processes run from `/`, so relative paths must be resolved here.
+fn absolute(p: &Path) -> OsString {
+    std::path::absolute(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .into_os_string()
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn check_ports(s: &ClusterSettings) -> Result<()> {
+    let ports = [
+        ("--port", s.port),
+        ("--pooler-port", s.pooler_port),
+        ("--pg-port", s.pg_port),
+    ];
+    for (i, (a, pa)) in ports.iter().enumerate() {
+        if *pa == 0 {
+            return Err(Error::Conflict(format!("{a} must not be 0")));
+        }
+        for (b, pb) in &ports[i + 1..] {
+            if pa == pb {
+                return Err(Error::Conflict(format!(
+                    "{a} and {b} are both {pa}: they must differ"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn ensure_port_free(role: Role, addr: SocketAddr) -> Result<()> {
+    if accepts(addr) {
+        let flag = match role {
+            Role::Postgres => "--pg-port",
+            Role::Pooler => "--pooler-port",
+            Role::Gateway => "--port",
+        };
+        return Err(Error::Conflict(format!(
+            "port {} (for the {}) is already in use by another program: free it or choose another with {flag}",
+            addr.port(),
+            role.name()
+        )));
+    }
+    Ok(())
+}
+
+fn wait_accepting(addr: SocketAddr, timeout: Duration) -> bool {
+    let start = Instant::now();
+    loop {
+        if accepts(addr) {
+            return true;
+        }
+        if start.elapsed() >= timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn not_ready(name: &str, addr: SocketAddr, timeout: Duration, log: &Path) -> Error {
+    Error::NotReady {
+        name: name.to_string(),
+        address: addr.to_string(),
+        waited_secs: timeout.as_secs(),
+        log: log.to_path_buf(),
+        tail: crate::process::log_tail(log, 30),
+    }
+}
+
+fn create_dir(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+    // Postgres runs as another OS user and must be able to pass through.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+        .map_err(Error::io(format!("chmod 755 {}", dir.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s() -> ClusterSettings {
+        ClusterSettings {
+            cores: 2,
+            ..ClusterSettings::default()
+        }
+    }
+
+    #[test]
+    fn ports_must_differ_and_be_set() {
+        assert!(check_ports(&s()).is_ok());
+        let same = ClusterSettings {
+            pooler_port: 15432,
+            ..s()
+        };
+        assert!(check_ports(&same)
+            .unwrap_err()
+            .to_string()
+            .contains("--port and --pooler-port"));
+        let zero = ClusterSettings { pg_port: 0, ..s() };
+        assert!(check_ports(&zero).is_err());
+    }
+
+    #[test]
+    fn tier_flags_follow_the_contract() {
+        let layout = Layout::new(Path::new("/tp")).unwrap();
+        let run = RunSettings::default();
+        let p: Vec<String> = pooler_args(&s(), &layout, &run)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            p.join(" "),
+            "--listen 127.0.0.1:15433 --cores 2 --pg-host 127.0.0.1 --pg-port 5433 \
+             --admin-socket-dir /tp/run --admin-user postgres --pool-size 20 --max-backends 100"
+        );
+        let run = RunSettings {
+            gateway_config: Some("/etc/gw.toml".into()),
+            ..RunSettings::default()
+        };
+        let g: Vec<String> = gateway_args(&s(), &run)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        assert_eq!(
+            g.join(" "),
+            "--config /etc/gw.toml --listen 127.0.0.1:15432 --cores 2 --pooler 127.0.0.1:15433"
+        );
+    }
+}

@@ -1,0 +1,247 @@
+//! Settings of the control process: built-in defaults, what the state directory remembers
+//! from the last `tidepool up`, the TOML file (`--config`), and flags, in rising precedence.
+//!
+//! TOML keys are the long flag names with `_` for `-` (the same rule as the gateway and the
+//! pooler, see docs/CONTRACTS.md); `config/tidepool.toml` lists every key with its default.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+pub const DEFAULT_DIR: &str = ".tidepool";
+pub const DEFAULT_PG_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
+
+/// The shape of a cluster: what `up` resolved and `state.json` remembers, so that a second
+/// `tidepool up` without flags brings back the same cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterSettings {
+    /// Gateway listen port: the port clients use.
+    pub port: u16,
+    /// Pooler link port: the port gateways use.
+    pub pooler_port: u16,
+    /// Postgres TCP port (loopback only).
+    pub pg_port: u16,
+    /// Cores given to the gateway and to the pooler (`--cores` of each).
+    pub cores: usize,
+    /// Pooler backend budget per (user, database).
+    pub pool_size: u32,
+    /// Pooler total backend budget.
+    pub max_backends: u32,
+    /// Postgres `max_connections`.
+    pub pg_max_connections: u32,
+    /// Where initdb, pg_ctl, psql of PostgreSQL 15 live.
+    pub pg_bin_dir: PathBuf,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            port: 15432,
+            pooler_port: 15433,
+            pg_port: 5433,
+            cores: 0,
+            pool_size: 20,
+            max_backends: 100,
+            pg_max_connections: 200,
+            pg_bin_dir: PathBuf::from(DEFAULT_PG_BIN_DIR),
+        }
+    }
+}
+
+/// Settings that are looked up afresh on every run, never remembered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunSettings {
+    /// Directory holding tidepool-gateway and tidepool-pooler; `None`: beside `tidepool`.
+    pub bin_dir: Option<PathBuf>,
+    pub ready_timeout_secs: u64,
+    pub stop_timeout_secs: u64,
+    pub gateway_config: Option<PathBuf>,
+    pub pooler_config: Option<PathBuf>,
+}
+
+impl Default for RunSettings {
+    fn default() -> Self {
+        RunSettings {
+            bin_dir: None,
+            ready_timeout_secs: 30,
+            stop_timeout_secs: 10,
+            gateway_config: None,
+            pooler_config: None,
+        }
+    }
+}
+
+/// Every key is optional: a key left out keeps the value from the layer below. Also used
+/// for the flags, so that the file and the command line merge the same way.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Overrides {
+    pub dir: Option<PathBuf>,
+    pub port: Option<u16>,
+    pub pooler_port: Option<u16>,
+    pub pg_port: Option<u16>,
+    pub cores: Option<usize>,
+    pub pool_size: Option<u32>,
+    pub max_backends: Option<u32>,
+    pub pg_max_connections: Option<u32>,
+    pub pg_bin_dir: Option<PathBuf>,
+    pub bin_dir: Option<PathBuf>,
+    pub ready_timeout_secs: Option<u64>,
+    pub stop_timeout_secs: Option<u64>,
+    pub gateway_config: Option<PathBuf>,
+    pub pooler_config: Option<PathBuf>,
+}
+
+impl Overrides {
+    /// Reads a TOML file. An empty path string in the file means "not set".
+    pub fn load(path: &Path) -> Result<Overrides> {
+        let text = std::fs::read_to_string(path)
+            .map_err(Error::io(format!("reading config file {}", path.display())))?;
+        Overrides::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Overrides> {
+        let mut o: Overrides = toml::from_str(text).map_err(|source| Error::Config {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        for p in [
+            &mut o.dir,
+            &mut o.pg_bin_dir,
+            &mut o.bin_dir,
+            &mut o.gateway_config,
+            &mut o.pooler_config,
+        ] {
+            if p.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                *p = None;
+            }
+        }
+        Ok(o)
+    }
+
+    /// `self` on top of `below`.
+    pub fn over(self, below: Overrides) -> Overrides {
+        Overrides {
+            dir: self.dir.or(below.dir),
+            port: self.port.or(below.port),
+            pooler_port: self.pooler_port.or(below.pooler_port),
+            pg_port: self.pg_port.or(below.pg_port),
+            cores: self.cores.or(below.cores),
+            pool_size: self.pool_size.or(below.pool_size),
+            max_backends: self.max_backends.or(below.max_backends),
+            pg_max_connections: self.pg_max_connections.or(below.pg_max_connections),
+            pg_bin_dir: self.pg_bin_dir.or(below.pg_bin_dir),
+            bin_dir: self.bin_dir.or(below.bin_dir),
+            ready_timeout_secs: self.ready_timeout_secs.or(below.ready_timeout_secs),
+            stop_timeout_secs: self.stop_timeout_secs.or(below.stop_timeout_secs),
+            gateway_config: self.gateway_config.or(below.gateway_config),
+            pooler_config: self.pooler_config.or(below.pooler_config),
+        }
+    }
+
+    /// The state directory: `dir` if set, else `./.tidepool`.
+    pub fn dir(&self) -> PathBuf {
+        self.dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR))
+    }
+
+    /// Cluster settings: these overrides on top of `base` (what the state directory
+    /// remembers, or the defaults). `cores = 0` means every core this process may use.
+    pub fn cluster(&self, base: &ClusterSettings) -> ClusterSettings {
+        let cores = self.cores.unwrap_or(base.cores);
+        ClusterSettings {
+            port: self.port.unwrap_or(base.port),
+            pooler_port: self.pooler_port.unwrap_or(base.pooler_port),
+            pg_port: self.pg_port.unwrap_or(base.pg_port),
+            cores: if cores == 0 { available_cores() } else { cores },
+            pool_size: self.pool_size.unwrap_or(base.pool_size),
+            max_backends: self.max_backends.unwrap_or(base.max_backends),
+            pg_max_connections: self.pg_max_connections.unwrap_or(base.pg_max_connections),
+            pg_bin_dir: self
+                .pg_bin_dir
+                .clone()
+                .unwrap_or_else(|| base.pg_bin_dir.clone()),
+        }
+    }
+
+    pub fn run(&self) -> RunSettings {
+        let d = RunSettings::default();
+        RunSettings {
+            bin_dir: self.bin_dir.clone(),
+            ready_timeout_secs: self.ready_timeout_secs.unwrap_or(d.ready_timeout_secs),
+            stop_timeout_secs: self.stop_timeout_secs.unwrap_or(d.stop_timeout_secs),
+            gateway_config: self.gateway_config.clone(),
+            pooler_config: self.pooler_config.clone(),
+        }
+    }
+}
+
+fn available_cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../config/tidepool.toml");
+
+    #[test]
+    fn example_file_parses_and_shows_the_defaults() {
+        let o = Overrides::parse(EXAMPLE, Path::new("config/tidepool.toml")).unwrap();
+        assert_eq!(o.dir(), PathBuf::from(DEFAULT_DIR));
+        let from_file = o.cluster(&ClusterSettings::default());
+        let defaults = Overrides::default().cluster(&ClusterSettings::default());
+        assert_eq!(from_file, defaults);
+        assert_eq!(o.run(), RunSettings::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = Overrides::parse("prot = 1\n", Path::new("x.toml")).unwrap_err();
+        assert!(err.to_string().contains("prot"), "{err}");
+    }
+
+    #[test]
+    fn flags_beat_file_beat_remembered_beat_defaults() {
+        let remembered = ClusterSettings {
+            port: 1000,
+            pooler_port: 1001,
+            pg_port: 1002,
+            ..ClusterSettings::default()
+        };
+        let file =
+            Overrides::parse("pooler_port = 2001\npg_port = 2002\n", Path::new("f")).unwrap();
+        let flags = Overrides {
+            pg_port: Some(3002),
+            ..Overrides::default()
+        };
+        let s = flags.over(file).cluster(&remembered);
+        assert_eq!((s.port, s.pooler_port, s.pg_port), (1000, 2001, 3002));
+        assert_eq!(s.pool_size, 20);
+    }
+
+    #[test]
+    fn zero_cores_means_all_cores() {
+        let s = Overrides::default().cluster(&ClusterSettings::default());
+        assert!(s.cores >= 1);
+        let s = Overrides {
+            cores: Some(3),
+            ..Overrides::default()
+        }
+        .cluster(&ClusterSettings::default());
+        assert_eq!(s.cores, 3);
+    }
+
+    #[test]
+    fn empty_paths_mean_unset() {
+        let o = Overrides::parse("bin_dir = \"\"\ndir = \"\"\n", Path::new("f")).unwrap();
+        assert_eq!(o.bin_dir, None);
+        assert_eq!(o.dir(), PathBuf::from(DEFAULT_DIR));
+    }
+}

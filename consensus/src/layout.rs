@@ -1,0 +1,71 @@
+//! Where things live inside a state directory.
+//!
+//! ```text
+//! DIR/state.json   what `up` started (pids, addresses, logs) and the cluster settings
+//! DIR/password     password of the `tidepool` login role, mode 600
+//! DIR/pgdata/      Postgres data directory, owned by the postgres OS user
+//! DIR/run/         Postgres Unix socket directory, owned by the postgres OS user
+//! DIR/logs/        one log per process: postgres.log, pooler.log, gateway.log
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    dir: PathBuf,
+}
+
+impl Layout {
+    /// `dir` made absolute against the current directory (not canonicalized: it may not
+    /// exist yet, and a symlinked path is what the user asked for).
+    pub fn new(dir: &Path) -> Result<Layout> {
+        let dir = std::path::absolute(dir).map_err(Error::io(format!(
+            "resolving state directory {}",
+            dir.display()
+        )))?;
+        Ok(Layout { dir })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn state_file(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+
+    pub fn password_file(&self) -> PathBuf {
+        self.dir.join("password")
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("pgdata")
+    }
+
+    pub fn socket_dir(&self) -> PathBuf {
+        self.dir.join("run")
+    }
+
+    pub fn logs_dir(&self) -> PathBuf {
+        self.dir.join("logs")
+    }
+
+    pub fn log(&self, process: &str) -> PathBuf {
+        self.logs_dir().join(format!("{process}.log"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_dirs_become_absolute() {
+        let l = Layout::new(Path::new(".tidepool")).unwrap();
+        assert!(l.dir().is_absolute());
+        assert!(l.dir().ends_with(".tidepool"));
+        assert_eq!(l.log("gateway"), l.dir().join("logs/gateway.log"));
+    }
+}

@@ -1,0 +1,17 @@
+//! Tidepool's control process and command line (`tidepool`).
+//!
+//! Today: bootstrapping a local cluster (`up`), inspecting it (`status`) and stopping it
+//! (`down`). Topology, failover by consensus, switchover and backups will live here too
+//! (see ../shared/DESIGN.md); nothing of them is pretended yet.
+
+pub mod cli;
+pub mod cluster;
+pub mod config;
+pub mod error;
+pub mod layout;
+pub mod password;
+pub mod postgres;
+pub mod process;
+pub mod state;
+
+pub use error::{Error, Result};

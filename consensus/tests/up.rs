@@ -1,0 +1,248 @@
+//! `tidepool up` → psql through the printed URL → `status --json` → `down` → all dead.
+//!
+//! Real everything: Postgres 15 run as the postgres OS user (so the test runs as root, as CI
+//! does), the real pooler and gateway binaries (built by testkit if missing, or taken from
+//! TIDEPOOL_BIN_DIR), real psql, on free loopback ports in a fresh state directory.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use testkit::{free_port, run_merged, Output};
+
+const TIDEPOOL: &str = env!("CARGO_BIN_EXE_tidepool");
+
+/// A state directory that is brought down and removed however the test ends.
+struct Cluster {
+    dir: PathBuf,
+}
+
+impl Cluster {
+    fn new() -> Cluster {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        // Short: the Postgres socket path inside must stay under 108 bytes.
+        let dir = std::env::temp_dir().join(format!("tp-up-{}-{nanos}", std::process::id()));
+        Cluster { dir }
+    }
+
+    fn tidepool(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(TIDEPOOL);
+        cmd.args(args)
+            .arg("--dir")
+            .arg(&self.dir)
+            .env_remove("TIDEPOOL_CONFIG")
+            .env("TIDEPOOL_BIN_DIR", testkit::bin_dir());
+        run_merged(&mut cmd, None, Duration::from_secs(180))
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join("logs").join(format!("{name}.log")))
+            .unwrap_or_else(|e| format!("(no log: {e})"))
+    }
+
+    fn logs(&self) -> String {
+        ["postgres", "pooler", "gateway"]
+            .iter()
+            .map(|n| format!("--- {n}.log ---\n{}", tail(&self.log(n), 40)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.dir.join("state.json").exists() {
+            let _ = self.tidepool(&["down"]);
+        }
+        if std::env::var_os("TIDEPOOL_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("kept {}", self.dir.display());
+        }
+    }
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn psql(url: &str, sql: &str) -> Output {
+    let mut cmd = Command::new("psql");
+    cmd.arg(url)
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .env("PGCONNECT_TIMEOUT", "10");
+    run_merged(&mut cmd, None, Duration::from_secs(60))
+}
+
+fn status_json(cluster: &Cluster) -> (Output, Value) {
+    let out = cluster.tidepool(&["status", "--json"]);
+    let json: Value = serde_json::from_str(&out.text)
+        .unwrap_or_else(|e| panic!("status --json is not JSON ({e}):\n{}", out.text));
+    (out, json)
+}
+
+fn states(json: &Value) -> Vec<(String, String)> {
+    json["processes"]
+        .as_array()
+        .expect("processes array")
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap_or("?").to_string(),
+                p["state"].as_str().unwrap_or("?").to_string(),
+            )
+        })
+        .collect()
+}
+
+fn url_of(out: &Output) -> String {
+    out.text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn up_psql_status_down() {
+    let cluster = Cluster::new();
+    let (port, pooler_port, pg_port) = (free_port(), free_port(), free_port());
+    let up = cluster.tidepool(&[
+        "up",
+        "--port",
+        &port.to_string(),
+        "--pooler-port",
+        &pooler_port.to_string(),
+        "--pg-port",
+        &pg_port.to_string(),
+        "--cores",
+        "1",
+        "--pool-size",
+        "5",
+    ]);
+
+    // Postgres first, straight to its port with the stored password: this part does not need
+    // the pooler or the gateway, so a failure further on still tells us it worked.
+    let password_file = cluster.dir.join("password");
+    let password = std::fs::read_to_string(&password_file).unwrap_or_else(|e| {
+        panic!(
+            "no {}: {e}\nup printed:\n{}",
+            password_file.display(),
+            up.text
+        )
+    });
+    let mode = std::fs::metadata(&password_file).map(|m| {
+        use std::os::unix::fs::PermissionsExt;
+        m.permissions().mode() & 0o777
+    });
+    assert_eq!(mode.ok(), Some(0o600), "password file mode");
+    let direct = format!(
+        "postgres://tidepool:{}@127.0.0.1:{pg_port}/tidepool",
+        password.trim()
+    );
+    let out = psql(&direct, "select current_user || ' ' || current_database()");
+    assert!(
+        out.success() && out.text.trim() == "tidepool tidepool",
+        "direct psql to Postgres:\n{}\nup printed:\n{}",
+        out.text,
+        up.text
+    );
+
+    // The whole cluster.
+    assert!(
+        up.success(),
+        "tidepool up failed:\n{}\n{}",
+        up.text,
+        cluster.logs()
+    );
+    let url = url_of(&up);
+    assert_eq!(
+        url,
+        format!(
+            "postgres://tidepool:{}@127.0.0.1:{port}/tidepool",
+            password.trim()
+        ),
+        "the last line of `up` is the URL; up printed:\n{}",
+        up.text
+    );
+    let out = psql(&url, "select 1");
+    assert!(
+        out.success() && out.text.trim() == "1",
+        "psql through the gateway:\n{}\n{}",
+        out.text,
+        cluster.logs()
+    );
+
+    let (out, json) = status_json(&cluster);
+    assert!(out.success(), "status after up:\n{}", out.text);
+    assert_eq!(
+        states(&json),
+        [
+            ("postgres", "running/accepting"),
+            ("pooler", "running/accepting"),
+            ("gateway", "running/accepting")
+        ]
+        .map(|(a, b)| (a.to_string(), b.to_string())),
+    );
+    assert!(json["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| p["pid"].as_u64().is_some_and(|pid| pid > 0)));
+    let addresses: Vec<&str> = json["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["address"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(
+        addresses,
+        [
+            format!("127.0.0.1:{pg_port}"),
+            format!("127.0.0.1:{pooler_port}"),
+            format!("127.0.0.1:{port}")
+        ]
+    );
+
+    // A second `up` changes nothing and prints the same URL.
+    let again = cluster.tidepool(&["up"]);
+    assert!(again.success(), "second up:\n{}", again.text);
+    assert!(again.text.contains("already up"), "{}", again.text);
+    assert_eq!(url_of(&again), url);
+
+    let down = cluster.tidepool(&["down"]);
+    assert!(down.success(), "down:\n{}", down.text);
+    let (out, json) = status_json(&cluster);
+    assert!(!out.success(), "status must fail when everything is down");
+    assert!(
+        states(&json).iter().all(|(_, s)| s == "dead"),
+        "after down: {:?}",
+        states(&json)
+    );
+    assert!(
+        cluster.dir.join("pgdata/PG_VERSION").is_file(),
+        "down keeps the data"
+    );
+}
+
+/// `status` of a directory with no cluster fails and says why.
+#[test]
+fn status_without_a_cluster_fails() {
+    let dir = std::env::temp_dir().join(format!("tp-none-{}", std::process::id()));
+    let mut cmd = Command::new(TIDEPOOL);
+    cmd.args(["status", "--dir"]).arg(&dir);
+    let out = run_merged(&mut cmd, None, Duration::from_secs(30));
+    assert!(!out.success());
+    assert!(out.text.contains("tidepool up"), "{}", out.text);
+    assert!(
+        !Path::new(&dir).exists(),
+        "status must not create the directory"
+    );
+}
