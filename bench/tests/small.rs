@@ -1,0 +1,284 @@
+//! Small firehose runs against a real Postgres 15 (testkit's `PgCluster`): the books must
+//! balance — queries issued = succeeded + failed, the per-second series adds up to the totals,
+//! every acknowledged write is a row in the table, connects = disconnects — and a clean run has
+//! no error at all.
+//!
+//! Debug builds make SCRAM (4096 PBKDF2 rounds, ~60 ms here) the bottleneck of connecting, so
+//! the big churn run logs in as bob (md5) and alice (SCRAM) gets the small runs.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use testkit::{run_merged, PgCluster, ALICE, APP_DB, BOB};
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("firehose-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch(dir)
+    }
+    fn path(&self, f: &str) -> PathBuf {
+        self.0.join(f)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs firehose to completion (it bounds itself; the timeout is a safety net).
+fn firehose(args: &[&str]) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_firehose"));
+    cmd.args(args);
+    let out = run_merged(&mut cmd, None, Duration::from_secs(120));
+    assert!(
+        out.success(),
+        "firehose {args:?} failed ({:?}):\n{}",
+        out.code,
+        out.text
+    );
+    out.text
+}
+
+fn load(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).expect("json report");
+    serde_json::from_str(&text).expect("valid json")
+}
+
+fn n(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing in {v}"))
+}
+
+/// The invariants every report must satisfy.
+fn assert_books_balance(r: &Value) {
+    let t = &r["totals"];
+    assert_eq!(
+        r["worker_failures"],
+        Value::Array(vec![]),
+        "{}",
+        r["worker_failures"]
+    );
+    assert_eq!(
+        t, &r["series_totals"],
+        "series does not add up to the totals"
+    );
+    for key in [
+        "connects_ok",
+        "connects_failed",
+        "disconnects",
+        "reads_issued",
+        "reads_ok",
+        "reads_failed",
+        "writes_issued",
+        "writes_ok",
+        "writes_failed",
+    ] {
+        let series_sum: u64 = r["series"]
+            .as_array()
+            .expect("series")
+            .iter()
+            .map(|p| n(p, key))
+            .sum();
+        assert_eq!(series_sum, n(t, key), "per-second {key} sum");
+    }
+    assert_eq!(
+        n(t, "reads_issued"),
+        n(t, "reads_ok") + n(t, "reads_failed")
+    );
+    assert_eq!(
+        n(t, "writes_issued"),
+        n(t, "writes_ok") + n(t, "writes_failed")
+    );
+    assert_eq!(
+        n(r, "queries_issued"),
+        n(r, "queries_ok") + n(r, "queries_failed")
+    );
+    assert_eq!(
+        n(t, "connects_ok"),
+        n(t, "disconnects"),
+        "every session closed"
+    );
+    // Histograms hold exactly the successes.
+    assert_eq!(n(&r["latency"]["read"], "count"), n(t, "reads_ok"));
+    assert_eq!(n(&r["latency"]["write"], "count"), n(t, "writes_ok"));
+    assert_eq!(n(&r["latency"]["connect"], "count"), n(t, "connects_ok"));
+    assert_eq!(
+        r["series"]
+            .as_array()
+            .and_then(|s| s.last())
+            .map(|p| n(p, "conns_open")),
+        Some(0),
+        "nothing open at the end"
+    );
+}
+
+fn assert_no_errors(r: &Value) {
+    assert_eq!(
+        r["errors"],
+        Value::Object(Default::default()),
+        "errors: {}",
+        r["errors"]
+    );
+    assert_eq!(n(r, "queries_failed"), 0);
+    assert_eq!(n(&r["totals"], "connects_failed"), 0);
+}
+
+fn rows_written(pg: &PgCluster, seeded: u64) -> u64 {
+    pg.psql_admin_db(
+        APP_DB,
+        &format!("SELECT count(*) FROM firehose_items WHERE id > {seeded}"),
+    )
+    .trim()
+    .parse()
+    .expect("count")
+}
+
+#[test]
+fn steady_load_with_churn_over_several_processes_and_source_addresses() {
+    let pg = PgCluster::start();
+    // Sources 127.0.0.1..4 must be admitted: testkit's pg_hba only lists 127.0.0.1/32.
+    let hba = pg.data_dir().join("pg_hba.conf");
+    let mut text = std::fs::read_to_string(&hba).expect("pg_hba.conf");
+    text.push_str("host all bob 127.0.0.0/8 md5\n");
+    std::fs::write(&hba, text).expect("pg_hba.conf");
+    pg.psql_admin("SELECT pg_reload_conf()");
+
+    let scratch = Scratch::new("steady");
+    let (json, html) = (scratch.path("r.json"), scratch.path("r.html"));
+    let url = pg.direct_url(BOB.0, BOB.1, APP_DB);
+    firehose(&[
+        "--url",
+        &url,
+        "--init",
+        "--rows",
+        "500",
+        "--connections",
+        "200",
+        "--processes",
+        "2",
+        "--source-addrs",
+        "4",
+        "--churn",
+        "60",
+        "--ramp-up",
+        "1",
+        "--duration",
+        "4",
+        "--json",
+        json.to_str().expect("utf-8"),
+        "--html",
+        html.to_str().expect("utf-8"),
+        "--quiet",
+    ]);
+    let r = load(&json);
+    assert_books_balance(&r);
+    assert_no_errors(&r);
+    let t = &r["totals"];
+    assert!(n(t, "connects_ok") > 200, "churn replaced connections: {t}");
+    let peak = r["peak_conns_open"].as_i64().expect("peak");
+    assert!((150..=200).contains(&peak), "peak open {peak}");
+    assert!(n(t, "reads_ok") > 0 && n(t, "writes_ok") > 0, "{t}");
+    assert_eq!(
+        rows_written(&pg, 500),
+        n(t, "writes_ok"),
+        "acknowledged writes are rows"
+    );
+    assert_eq!(r["config"]["processes"], 2);
+
+    let page = std::fs::read_to_string(&html).expect("html report");
+    assert!(page.contains("<svg") && page.contains("Open connections"));
+    // Self-contained: nothing loaded from elsewhere (the SVG namespace URI is only a name).
+    for outside in ["<script", "src=", "<link", "@import", "url("] {
+        assert!(!page.contains(outside), "html has {outside}");
+    }
+}
+
+#[test]
+fn churn_profile_over_scram_with_prepared_statements() {
+    let pg = PgCluster::start();
+    let scratch = Scratch::new("churn");
+    let json = scratch.path("r.json");
+    let url = pg.direct_url(ALICE.0, ALICE.1, APP_DB);
+    let out = firehose(&[
+        "--url",
+        &url,
+        "--init",
+        "--rows",
+        "100",
+        "--profile",
+        "churn",
+        "--connections",
+        "4",
+        "--duration",
+        "2",
+        "--query-mode",
+        "prepared",
+        "--json",
+        json.to_str().expect("utf-8"),
+    ]);
+    assert!(out.contains("connects"), "{out}");
+    let r = load(&json);
+    assert_books_balance(&r);
+    assert_no_errors(&r);
+    let t = &r["totals"];
+    assert!(n(t, "connects_ok") >= 4, "{t}");
+    // One query per session; only a session opened as the run stopped may have none.
+    let queries = n(t, "reads_issued") + n(t, "writes_issued");
+    let connects = n(t, "connects_ok");
+    assert!(queries <= connects && queries + 4 >= connects, "{t}");
+    assert_eq!(rows_written(&pg, 100), n(t, "writes_ok"));
+}
+
+#[test]
+fn target_rates_are_met_and_a_missing_table_is_reported() {
+    let pg = PgCluster::start();
+    let url = pg.direct_url(BOB.0, BOB.1, APP_DB);
+
+    // Without --init on a fresh database: a clear refusal, not a run full of errors.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_firehose"));
+    cmd.args(["--url", &url, "--duration", "1", "-c", "1"]);
+    let out = run_merged(&mut cmd, None, Duration::from_secs(60));
+    assert!(
+        !out.success() && out.text.contains("--init"),
+        "{}",
+        out.text
+    );
+
+    let scratch = Scratch::new("rates");
+    let json = scratch.path("r.json");
+    firehose(&[
+        "--url",
+        &url,
+        "--init",
+        "--rows",
+        "100",
+        "--connections",
+        "20",
+        "--query-mode",
+        "extended",
+        "--read-qps",
+        "200",
+        "--write-qps",
+        "50",
+        "--duration",
+        "3",
+        "--json",
+        json.to_str().expect("utf-8"),
+        "--quiet",
+    ]);
+    let r = load(&json);
+    assert_books_balance(&r);
+    assert_no_errors(&r);
+    let (reads, writes) = (n(&r["totals"], "reads_ok"), n(&r["totals"], "writes_ok"));
+    assert!((480..=720).contains(&reads), "reads {reads}, target 600");
+    assert!((110..=190).contains(&writes), "writes {writes}, target 150");
+}
