@@ -39,7 +39,7 @@ pub enum Command {
     /// Show each process, its pid, address and state. Exits non-zero if one is down.
     Status(StatusArgs),
     /// Stop what `up` started (gateway, pooler, then Postgres); keeps the data.
-    Down,
+    Down(DownArgs),
     // To come, each when it really works: `switchover` (planned primary change),
     // `backup` (pgBackRest), and the long-running control process itself.
 }
@@ -116,6 +116,13 @@ impl UpArgs {
             pooler_config: self.pooler_config.clone(),
         }
     }
+}
+
+#[derive(Debug, Clone, Default, Args)]
+pub struct DownArgs {
+    /// Seconds to wait after SIGTERM before SIGKILL, and for `pg_ctl stop` [default: 10].
+    #[arg(long, value_name = "SECS")]
+    pub stop_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Args)]

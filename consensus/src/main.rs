@@ -17,7 +17,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Up(args) => cluster::up::run(&cli.global, args).map(|()| true),
         Command::Status(args) => cluster::status::run(&cli.global, args),
-        Command::Down => cluster::down::run(&cli.global).map(|()| true),
+        Command::Down(args) => cluster::down::run(&cli.global, args).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::cli::GlobalArgs;
+use crate::cli::{DownArgs, GlobalArgs};
 use crate::cluster::Context;
 use crate::config::Overrides;
 use crate::error::Result;
@@ -10,11 +10,12 @@ use crate::postgres::Postgres;
 use crate::process::{terminate, Stopped};
 use crate::state::{Role, State};
 
-pub fn run(global: &GlobalArgs) -> Result<()> {
+pub fn run(global: &GlobalArgs, args: &DownArgs) -> Result<()> {
     let ctx = Context::load(
         global,
         Overrides {
             dir: global.dir.clone(),
+            stop_timeout_secs: args.stop_timeout_secs,
             ..Overrides::default()
         },
     )?;
