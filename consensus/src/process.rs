@@ -48,6 +48,8 @@ pub fn spawn_detached(program: &Path, args: &[OsString], log: &Path) -> Result<C
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
+        // The log is a file: no terminal colour codes in it (tracing-subscriber honours this).
+        .env("NO_COLOR", "1")
         .current_dir("/");
     // SAFETY: setsid is async-signal-safe and touches no memory of the parent; it is the
     // only thing run between fork and exec.
