@@ -32,8 +32,10 @@ const LIBPQ_ENV: &[&str] = &[
     "PSQL_PAGER",
 ];
 
-pub(crate) fn libpq_command(program: &str, ep: &Endpoint, password: &str) -> Command {
-    let mut cmd = Command::new(program);
+/// `argv` (program and leading arguments) with a clean libpq environment, then `-h host -p port`.
+pub(crate) fn libpq_command(argv: &[&str], ep: &Endpoint, password: &str) -> Command {
+    let mut cmd = Command::new(argv[0]);
+    cmd.args(&argv[1..]);
     for var in LIBPQ_ENV {
         cmd.env_remove(var);
     }
@@ -52,8 +54,12 @@ pub(crate) fn libpq_command(program: &str, ep: &Endpoint, password: &str) -> Com
 /// A psql invocation: `psql -X -q -v ON_ERROR_STOP=0 -h .. -p .. -U user -d db`, plus what the
 /// builder adds. Output is stdout and stderr interleaved.
 pub struct Psql {
-    cmd: Command,
+    endpoint: Endpoint,
+    user: String,
+    password: String,
+    db: String,
     quiet: bool,
+    line_buffered: bool,
     extra: Vec<String>,
     stdin: Option<Vec<u8>>,
     timeout: Duration,
@@ -61,11 +67,13 @@ pub struct Psql {
 
 impl Psql {
     pub fn new(ep: &Endpoint, user: &str, password: &str, db: &str) -> Psql {
-        let mut cmd = libpq_command("psql", ep, password);
-        cmd.args(["-X", "-v", "ON_ERROR_STOP=0", "-U", user, "-d", db]);
         Psql {
-            cmd,
+            endpoint: ep.clone(),
+            user: user.to_string(),
+            password: password.to_string(),
+            db: db.to_string(),
             quiet: true,
+            line_buffered: false,
             extra: Vec::new(),
             stdin: None,
             timeout: Duration::from_secs(60),
@@ -75,6 +83,14 @@ impl Psql {
     /// Keeps command tags (`INSERT 0 1`, `ROLLBACK`) in the output: psql's `-q` drops them.
     pub fn with_command_tags(mut self) -> Psql {
         self.quiet = false;
+        self
+    }
+
+    /// Runs psql under `stdbuf -oL`: stdout is then written line by line, so rows land in the
+    /// output exactly where they fall relative to notices and errors (stderr), instead of
+    /// wherever a full stdio buffer happens to be flushed.
+    pub fn line_buffered(mut self) -> Psql {
+        self.line_buffered = true;
         self
     }
 
@@ -109,12 +125,27 @@ impl Psql {
         self
     }
 
-    pub fn run(mut self) -> Output {
+    pub fn run(self) -> Output {
+        let argv: &[&str] = if self.line_buffered {
+            &["stdbuf", "-oL", "psql"]
+        } else {
+            &["psql"]
+        };
+        let mut cmd = libpq_command(argv, &self.endpoint, &self.password);
+        cmd.args([
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=0",
+            "-U",
+            &self.user,
+            "-d",
+            &self.db,
+        ]);
         if self.quiet {
-            self.cmd.arg("-q");
+            cmd.arg("-q");
         }
-        self.cmd.args(&self.extra);
-        run_merged(&mut self.cmd, self.stdin, self.timeout)
+        cmd.args(&self.extra);
+        run_merged(&mut cmd, self.stdin, self.timeout)
     }
 }
 
@@ -127,7 +158,7 @@ pub fn pgbench(
     args: &[&str],
     timeout: Duration,
 ) -> Output {
-    let mut cmd = libpq_command("pgbench", ep, password);
+    let mut cmd = libpq_command(&["pgbench"], ep, password);
     cmd.args(["-U", user]).args(args).arg(db);
     run_merged(&mut cmd, None, timeout)
 }

@@ -124,6 +124,8 @@ fn spawn_logged(program: &Path, args: &[String], log: &Path) -> Child {
     let file = File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
     let file2 = file.try_clone().expect("dup log file");
     let mut cmd = Command::new(program);
+    // Plain text logs: they are read by people in failure messages, not by terminals.
+    cmd.env("NO_COLOR", "1");
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::from(file))

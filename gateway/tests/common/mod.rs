@@ -1,0 +1,48 @@
+//! Helpers shared by the gateway's integration tests (each test file includes this module).
+#![allow(dead_code)] // each test binary uses its own subset
+
+/// A readable difference between two texts: the first differing line with a few lines of
+/// context on each side, then both versions of the differing region.
+pub fn diff(left_name: &str, left: &str, right_name: &str, right: &str) -> String {
+    let l: Vec<&str> = left.lines().collect();
+    let r: Vec<&str> = right.lines().collect();
+    let prefix = l.iter().zip(&r).take_while(|(a, b)| a == b).count();
+    let suffix = l[prefix..]
+        .iter()
+        .rev()
+        .zip(r[prefix..].iter().rev())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let context = 5;
+    let from = prefix.saturating_sub(context);
+    let show = |lines: &[&str], end: usize| -> String {
+        let stop = (end + context).min(lines.len());
+        let shown: Vec<String> = lines[from..stop]
+            .iter()
+            .enumerate()
+            .map(|(i, line)| {
+                let n = from + i;
+                let mark = if n >= prefix && n < end { '!' } else { ' ' };
+                format!("{mark}{:5} {line}", n + 1)
+            })
+            .take(80)
+            .collect();
+        shown.join("\n")
+    };
+    format!(
+        "first difference at line {}\n--- {left_name} ---\n{}\n--- {right_name} ---\n{}\n",
+        prefix + 1,
+        show(&l, l.len() - suffix),
+        show(&r, r.len() - suffix)
+    )
+}
+
+/// Writes `text` under the cargo target tmp dir so a failing comparison can be inspected whole;
+/// returns the path.
+pub fn keep(name: &str, text: &str) -> String {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("tidepool-tests");
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join(name);
+    let _ = std::fs::write(&path, text);
+    path.display().to_string()
+}
