@@ -83,7 +83,8 @@ start_pg() {
     cat >"$WORK/data/pg_hba.conf" <<EOF
 local all postgres peer map=tidepool
 local all all scram-sha-256
-host all all 127.0.0.1/32 scram-sha-256
+# 127.0.0.0/8: firehose --source-addrs spreads its clients over 127.0.0.x.
+host all all 127.0.0.0/8 scram-sha-256
 EOF
     cat >"$WORK/data/pg_ident.conf" <<EOF
 tidepool root postgres

@@ -92,7 +92,7 @@ async fn run_inner(
     let ramp = args.ramp_up();
     let now = Instant::now();
     for i in 0..share.slots {
-        let slot = share.first_slot + i;
+        let slot = share.slot(i);
         let at = epoch + ramp.mul_f64(slot as f64 / args.connections as f64);
         let delay = at.saturating_duration_since(now);
         slots.spawn(shared.clone().run_slot(slot, delay));

@@ -248,23 +248,30 @@ impl Args {
     }
 }
 
-/// The part of the whole run that worker process `index` of `count` carries: a contiguous range
-/// of global connection slots (so roles and source addresses stay global) and an even share of
-/// the rates and bounds.
+/// The part of the whole run that worker process `index` of `count` carries: every `count`-th
+/// global connection slot starting at `index` (so that ramp-up, roles and source addresses
+/// interleave over the processes instead of filling one after the other) and a share of the
+/// rates and bounds in proportion to its slots.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Share {
-    pub first_slot: usize,
+    pub index: usize,
+    pub stride: usize,
     pub slots: usize,
     pub fraction: f64,
 }
 
+impl Share {
+    /// Global index of this process' `i`-th slot.
+    pub fn slot(&self, i: usize) -> usize {
+        self.index + i * self.stride
+    }
+}
+
 pub fn share(connections: usize, count: usize, index: usize) -> Share {
-    let base = connections / count;
-    let extra = connections % count;
-    let slots = base + usize::from(index < extra);
-    let first_slot = index * base + index.min(extra);
+    let slots = connections / count + usize::from(index < connections % count);
     Share {
-        first_slot,
+        index,
+        stride: count,
         slots,
         fraction: slots as f64 / connections as f64,
     }
@@ -283,15 +290,16 @@ mod tests {
     #[test]
     fn shares_cover_all_slots_once() {
         for (n, p) in [(1, 1), (10, 3), (50_000, 4), (7, 7)] {
-            let mut next = 0;
+            let mut seen = vec![false; n];
             let mut total = 0.0;
             for i in 0..p {
                 let s = share(n, p, i);
-                assert_eq!(s.first_slot, next);
-                next += s.slots;
+                for j in 0..s.slots {
+                    assert!(!std::mem::replace(&mut seen[s.slot(j)], true));
+                }
                 total += s.fraction;
             }
-            assert_eq!(next, n);
+            assert!(seen.iter().all(|&x| x));
             assert!((total - 1.0).abs() < 1e-9);
         }
     }

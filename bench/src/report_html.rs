@@ -4,6 +4,7 @@
 use std::fmt::Write as _;
 
 use crate::aggregate::Point;
+use crate::cli::Profile;
 use crate::report::{Latency, Summary};
 
 const WIDTH: f64 = 960.0;
@@ -66,23 +67,87 @@ fn fmt_num(v: f64) -> String {
     } else if v.abs() >= 1.0 {
         format!("{v:.1}")
     } else {
-        format!("{v:.2}")
+        // Log axes go down to 0.001 ms.
+        let s = format!("{v:.3}");
+        s.trim_end_matches('0').to_string()
     }
 }
 
-fn chart(title: &str, unit: &str, xs: &[u32], lines: &[Line]) -> String {
+#[derive(Clone, Copy, PartialEq)]
+enum Scale {
+    Linear,
+    /// Decades: latencies span orders of magnitude, and one stall must not flatten the rest.
+    Log,
+}
+
+/// The vertical axis: gridline values, and where a value lands as a fraction of the height.
+struct Axis {
+    scale: Scale,
+    lo: f64,
+    hi: f64,
+    grid: Vec<f64>,
+}
+
+impl Axis {
+    fn new(scale: Scale, values: impl Iterator<Item = f64> + Clone) -> Axis {
+        match scale {
+            Scale::Linear => {
+                let max = values.fold(0.0f64, f64::max);
+                let step = nice_step(max);
+                let hi = (max / step).ceil().max(1.0) * step;
+                let steps = (hi / step).round() as usize;
+                Axis {
+                    scale,
+                    lo: 0.0,
+                    hi,
+                    grid: (0..=steps).map(|i| i as f64 * step).collect(),
+                }
+            }
+            Scale::Log => {
+                let positive = values.filter(|v| *v > 0.0);
+                let min = positive.clone().fold(f64::INFINITY, f64::min);
+                let max = positive.fold(0.0f64, f64::max);
+                let (lo_exp, hi_exp) = if max > 0.0 {
+                    let lo = min.log10().floor() as i32;
+                    (lo, (max.log10().ceil() as i32).max(lo + 1))
+                } else {
+                    (0, 1)
+                };
+                Axis {
+                    scale,
+                    lo: 10f64.powi(lo_exp),
+                    hi: 10f64.powi(hi_exp),
+                    grid: (lo_exp..=hi_exp).map(|e| 10f64.powi(e)).collect(),
+                }
+            }
+        }
+    }
+
+    /// 0 at the bottom, 1 at the top; `None` for what a log axis cannot show.
+    fn frac(&self, v: f64) -> Option<f64> {
+        match self.scale {
+            Scale::Linear => Some((v - self.lo) / (self.hi - self.lo)),
+            Scale::Log if v > 0.0 => {
+                Some((v.log10() - self.lo.log10()) / (self.hi.log10() - self.lo.log10()))
+            }
+            Scale::Log => None,
+        }
+    }
+}
+
+fn chart(title: &str, unit: &str, scale: Scale, xs: &[u32], lines: &[Line]) -> String {
     let mut svg = String::new();
-    let max_y = lines
-        .iter()
-        .flat_map(|l| l.values.iter().flatten())
-        .fold(0.0f64, |a, &b| a.max(b));
-    let step = nice_step(max_y);
-    let top_y = (max_y / step).ceil().max(1.0) * step;
+    let axis = Axis::new(
+        scale,
+        lines
+            .iter()
+            .flat_map(|l| l.values.iter().flatten().copied()),
+    );
     let max_x = xs.last().map_or(1.0, |&x| f64::from(x + 1).max(1.0));
     let plot_w = WIDTH - LEFT - RIGHT;
     let plot_h = HEIGHT - TOP - BOTTOM;
     let px = |x: f64| LEFT + x / max_x * plot_w;
-    let py = |y: f64| TOP + plot_h - y / top_y * plot_h;
+    let py = |f: f64| TOP + plot_h - f * plot_h;
 
     let _ = write!(
         svg,
@@ -91,23 +156,27 @@ fn chart(title: &str, unit: &str, xs: &[u32], lines: &[Line]) -> String {
     );
     let _ = write!(
         svg,
-        r#"<text x="{LEFT}" y="18" class="title">{} <tspan class="unit">({})</tspan></text>"#,
+        r#"<text x="{LEFT}" y="18" class="title">{} <tspan class="unit">({}{})</tspan></text>"#,
         escape(title),
-        escape(unit)
+        escape(unit),
+        if scale == Scale::Log {
+            ", log scale"
+        } else {
+            ""
+        }
     );
     // Horizontal gridlines with labels.
-    let mut y = 0.0;
-    while y <= top_y + step / 2.0 {
-        let yy = py(y);
+    for &g in &axis.grid {
+        let Some(f) = axis.frac(g) else { continue };
+        let yy = py(f);
         let _ = write!(
             svg,
             r#"<line x1="{LEFT}" y1="{yy:.1}" x2="{x2:.1}" y2="{yy:.1}" class="grid"/><text x="{lx:.1}" y="{ty:.1}" class="axis" text-anchor="end">{label}</text>"#,
             x2 = WIDTH - RIGHT,
             lx = LEFT - 6.0,
             ty = yy + 4.0,
-            label = fmt_num(y)
+            label = fmt_num(g)
         );
-        y += step;
     }
     // Time axis: about ten labels.
     let xstep = nice_step(max_x * 0.5).max(1.0);
@@ -128,10 +197,10 @@ fn chart(title: &str, unit: &str, xs: &[u32], lines: &[Line]) -> String {
         let mut path = String::new();
         let mut pen_down = false;
         for (&t, v) in xs.iter().zip(&line.values) {
-            match v {
-                Some(v) => {
+            match v.and_then(|v| axis.frac(v)) {
+                Some(f) => {
                     let cmd = if pen_down { 'L' } else { 'M' };
-                    let _ = write!(path, "{cmd}{:.1},{:.1} ", px(f64::from(t) + 0.5), py(*v));
+                    let _ = write!(path, "{cmd}{:.1},{:.1} ", px(f64::from(t) + 0.5), py(f));
                     pen_down = true;
                 }
                 None => pen_down = false,
@@ -177,6 +246,15 @@ fn latency_row(name: &str, l: &Latency) -> String {
     )
 }
 
+/// A target rate; 0 means "as fast as it goes".
+fn rate(per_s: f64) -> String {
+    if per_s > 0.0 {
+        format!("{}/s", fmt_num(per_s))
+    } else {
+        "unthrottled".into()
+    }
+}
+
 pub fn render(s: &Summary) -> String {
     let pts = &s.series;
     let xs: Vec<u32> = pts.iter().map(|p| p.t).collect();
@@ -194,7 +272,7 @@ svg{{display:block;margin:10px 0 24px;background:#fcfcfc;border:1px solid #eee}}
 .grid{{stroke:#e4e4e4}} .tick{{stroke:#999}} .axis{{font-size:11px;fill:#555}}
 .title{{font-size:14px;font-weight:600;fill:#222}} .unit{{font-weight:normal;fill:#666}} .legend{{font-size:12px;fill:#333}}
 </style></head><body><h1>firehose → {target}</h1>
-<p>{profile:?} profile, {conns} connections in {procs} process(es), query mode {mode:?}, write ratio {wr}, read target {rq}/s, write target {wq}/s, churn {churn}/s, ramp-up {ramp}s, {run:.1}s run.</p>
+<p>{profile:?} profile, {conns} connections in {procs} process(es), query mode {mode:?}, write ratio {wr}, reads {rq}, writes {wq}, churn {churn}, ramp-up {ramp}s, {run:.1}s run.</p>
 <table><tr><th>connections</th><th>value</th></tr>
 <tr><td>peak open</td><td>{peak}</td></tr><tr><td>connects ok</td><td>{cok}</td></tr>
 <tr><td>connects/s</td><td>{cps:.1}</td></tr><tr><td>connects failed</td><td>{cfail}</td></tr>
@@ -210,9 +288,12 @@ svg{{display:block;margin:10px 0 24px;background:#fcfcfc;border:1px solid #eee}}
         procs = c.processes,
         mode = c.query_mode,
         wr = c.write_ratio,
-        rq = c.read_qps,
-        wq = c.write_qps,
-        churn = c.churn,
+        rq = rate(c.read_qps),
+        wq = rate(c.write_qps),
+        churn = match (c.profile, c.churn > 0.0) {
+            (Profile::Steady, false) => "none".to_string(),
+            _ => rate(c.churn),
+        },
         ramp = c.ramp_up_s,
         run = s.run_s,
         peak = s.peak_conns_open,
@@ -252,6 +333,7 @@ svg{{display:block;margin:10px 0 24px;background:#fcfcfc;border:1px solid #eee}}
     h.push_str(&chart(
         "Open connections",
         "count",
+        Scale::Linear,
         &xs,
         &[Line {
             name: "open",
@@ -262,6 +344,7 @@ svg{{display:block;margin:10px 0 24px;background:#fcfcfc;border:1px solid #eee}}
     h.push_str(&chart(
         "Throughput",
         "per second",
+        Scale::Linear,
         &xs,
         &[
             Line {
@@ -284,6 +367,7 @@ svg{{display:block;margin:10px 0 24px;background:#fcfcfc;border:1px solid #eee}}
     h.push_str(&chart(
         "Latency",
         "ms",
+        Scale::Log,
         &xs,
         &[
             Line {
@@ -316,6 +400,7 @@ svg{{display:block;margin:10px 0 24px;background:#fcfcfc;border:1px solid #eee}}
     h.push_str(&chart(
         "Errors",
         "per second",
+        Scale::Linear,
         &xs,
         &[
             Line {
@@ -339,6 +424,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn log_axis_spans_whole_decades() {
+        let a = Axis::new(Scale::Log, [0.3, 2.0, 150.0].into_iter());
+        assert_eq!((a.lo, a.hi), (0.1, 1000.0));
+        assert_eq!(a.grid.len(), 5);
+        assert!((a.frac(10.0).unwrap() - 0.5).abs() < 1e-9);
+        assert_eq!(a.frac(0.0), None);
+        let lin = Axis::new(Scale::Linear, [0.0, 45.0].into_iter());
+        assert_eq!(lin.hi, 50.0);
+    }
+
+    #[test]
     fn escapes_markup() {
         assert_eq!(
             escape(r#"<a href="x">&'"#),
@@ -359,6 +455,7 @@ mod tests {
         let svg = chart(
             "t",
             "u",
+            Scale::Linear,
             &[0, 1, 2],
             &[Line {
                 name: "a",
