@@ -1,1 +1,136 @@
-fn main() {}
+//! `tidepool-gateway`: thread per core on io_uring (glommio). Each core owns a `SO_REUSEPORT`
+//! listener and the sessions the kernel gives it, for their whole life, with no locks.
+
+mod auth;
+mod classify;
+mod config;
+mod core;
+mod link;
+mod session;
+mod tls;
+
+use clap::Parser;
+use glommio::net::{TcpListener, UnixListener};
+use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
+use std::future::Future;
+use std::rc::Rc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// `fut`'s output, or `None` if `dur` passes first.
+pub async fn with_timeout<T>(dur: Duration, fut: impl Future<Output = T>) -> Option<T> {
+    futures_lite::future::or(async { Some(fut.await) }, async {
+        glommio::timer::sleep(dur).await;
+        None
+    })
+    .await
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = match config::Config::load(config::Args::parse()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tidepool-gateway: {e}");
+            std::process::exit(2);
+        }
+    };
+    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(c), Some(k)) => match tls::acceptor(c, k) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                eprintln!("tidepool-gateway: TLS: {e}");
+                std::process::exit(2);
+            }
+        },
+        _ => None,
+    };
+    let mock_secret: [u8; 32] = rand::random();
+    let clients = Arc::new(AtomicUsize::new(0));
+    tracing::info!(listen = %cfg.listen, cores = cfg.cores, pooler = %cfg.pooler, tls = tls.is_some(), "gateway starting");
+    let cores = cfg.cores;
+    let handles = LocalExecutorPoolBuilder::new(PoolPlacement::Unbound(cores))
+        .name("gateway")
+        .on_all_shards(move || {
+            let cfg = Rc::new(cfg.clone());
+            let tls = tls.clone();
+            let clients = clients.clone();
+            async move { run_core(cfg, tls, mock_secret, clients).await }
+        });
+    match handles {
+        Ok(h) => {
+            h.join_all();
+        }
+        Err(e) => {
+            eprintln!("tidepool-gateway: cannot start executors: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn run_core(
+    cfg: Rc<config::Config>,
+    tls: Option<futures_rustls::TlsAcceptor>,
+    mock_secret: [u8; 32],
+    clients: Arc<AtomicUsize>,
+) {
+    let core = core::Core::new(cfg.clone(), tls, mock_secret, clients);
+    for l in &core.links {
+        glommio::spawn_local(l.clone().maintain(cfg.pooler.clone())).detach();
+    }
+    let listener = match TcpListener::bind(cfg.listen.as_str()) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("tidepool-gateway: cannot listen on {}: {e}", cfg.listen);
+            std::process::exit(1);
+        }
+    };
+    // One Unix socket per process (a path cannot be shared): the first executor owns it.
+    if let Some(dir) = &cfg.unix_socket_dir {
+        if glommio::executor().id() == 1 {
+            let port = listener.local_addr().map(|a| a.port()).unwrap_or(5432);
+            let path = format!("{dir}/.s.PGSQL.{port}");
+            let _ = std::fs::remove_file(&path);
+            match UnixListener::bind(&path) {
+                Ok(u) => {
+                    use std::os::unix::fs::PermissionsExt;
+                    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777));
+                    let core = core.clone();
+                    glommio::spawn_local(async move {
+                        loop {
+                            match u.accept().await {
+                                Ok(s) => glommio::spawn_local(session::serve_unix(core.clone(), s))
+                                    .detach(),
+                                Err(_) => {
+                                    glommio::timer::sleep(Duration::from_millis(50)).await;
+                                    continue;
+                                }
+                            };
+                        }
+                    })
+                    .detach();
+                }
+                Err(e) => tracing::warn!(path = %path, error = %e, "cannot listen on Unix socket"),
+            }
+        }
+    }
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                glommio::spawn_local(session::serve_tcp(core.clone(), stream)).detach();
+            }
+            Err(e) => {
+                // Out of file descriptors (or similar): keep serving the clients we have.
+                tracing::warn!(error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}

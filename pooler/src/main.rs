@@ -1,1 +1,107 @@
-fn main() {}
+//! `tidepool-pooler`: one per Postgres. A small stable set of real backend connections per core,
+//! shared by every session of every gateway, without locks on the request path.
+
+mod admin;
+mod backend;
+mod cancel;
+mod config;
+mod core;
+mod link;
+mod login;
+mod pool;
+mod session;
+
+use clap::Parser;
+use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::net::TcpListener;
+use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
+use std::future::Future;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// `fut`'s output, or `None` if `dur` passes first.
+pub async fn with_timeout<T>(dur: Duration, fut: impl Future<Output = T>) -> Option<T> {
+    futures_lite::future::or(async { Some(fut.await) }, async {
+        glommio::timer::sleep(dur).await;
+        None
+    })
+    .await
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = match config::Config::load(config::Args::parse()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tidepool-pooler: {e}");
+            std::process::exit(2);
+        }
+    };
+    // Bind once up front so a bad address fails loudly before the executors start.
+    if let Err(e) = std::net::TcpListener::bind(&cfg.listen).map(drop) {
+        eprintln!("tidepool-pooler: cannot listen on {}: {e}", cfg.listen);
+        std::process::exit(1);
+    }
+    tracing::info!(listen = %cfg.listen, cores = cfg.cores, pg = %format!("{}:{}", cfg.pg_host, cfg.pg_port), "pooler starting");
+    let cores = cfg.cores;
+    let mesh = MeshBuilder::full(cores, 1024);
+    let cfg = Rc::new(cfg);
+    let shared_cfg = (*cfg).clone();
+    let handles = LocalExecutorPoolBuilder::new(PoolPlacement::Unbound(cores))
+        .name("pooler")
+        .on_all_shards(move || {
+            let cfg = Rc::new(shared_cfg.clone());
+            let mesh = mesh.clone();
+            async move { run_core(cfg, mesh).await }
+        });
+    match handles {
+        Ok(h) => {
+            h.join_all();
+        }
+        Err(e) => {
+            eprintln!("tidepool-pooler: cannot start executors: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn run_core(
+    cfg: Rc<config::Config>,
+    mesh: MeshBuilder<core::CancelMsg, glommio::channels::channel_mesh::Full>,
+) {
+    let (senders, receivers) = match mesh.join().await {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("tidepool-pooler: core mesh failed: {e}");
+            std::process::exit(1);
+        }
+    };
+    let index = senders.peer_id();
+    let core = core::Core::new(cfg.clone(), index);
+    *core.cancel_peers.borrow_mut() = Some(senders);
+    glommio::spawn_local(cancel::serve_peers(core.clone(), receivers)).detach();
+    let listener = match TcpListener::bind(cfg.listen.as_str()) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("tidepool-pooler: cannot listen on {}: {e}", cfg.listen);
+            std::process::exit(1);
+        }
+    };
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                glommio::spawn_local(link::serve(core.clone(), stream)).detach();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

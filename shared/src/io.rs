@@ -78,6 +78,10 @@ impl<T> Slot<T> {
         self.value.borrow().is_some()
     }
 
+    pub fn try_take(&self) -> Option<T> {
+        self.value.borrow_mut().take()
+    }
+
     pub async fn take(&self) -> T {
         loop {
             let notified = self.notify.notified();
@@ -175,6 +179,13 @@ impl OutQueue {
         }
     }
 
+    /// Empties the queue and clears its closed/failed state, for a new connection.
+    pub fn reset(&self) {
+        self.buf.borrow_mut().clear();
+        self.closed.set(false);
+        self.failed.set(false);
+    }
+
     /// Ends the writer once what is queued has been written.
     pub fn close(&self) {
         self.closed.set(true);
@@ -182,7 +193,16 @@ impl OutQueue {
     }
 
     /// Drains the queue into `w` until closed or a write fails.
-    pub async fn run_writer<W: AsyncWrite + Unpin>(&self, mut w: W) -> io::Result<()> {
+    pub async fn run_writer<W: AsyncWrite + Unpin>(&self, w: W) -> io::Result<()> {
+        self.run_writer_with(w, |_| {}).await
+    }
+
+    /// As [`OutQueue::run_writer`], calling `written(n)` after each write of `n` bytes.
+    pub async fn run_writer_with<W: AsyncWrite + Unpin>(
+        &self,
+        mut w: W,
+        written: impl Fn(usize),
+    ) -> io::Result<()> {
         let result = async {
             loop {
                 let n = self.data.notified();
@@ -197,6 +217,7 @@ impl OutQueue {
                 let mut out = std::mem::take(&mut *self.spare.borrow_mut());
                 std::mem::swap(&mut out, &mut *self.buf.borrow_mut());
                 w.write_all(&out).await?;
+                written(out.len());
                 out.clear();
                 if out.capacity() > self.keep_capacity {
                     out = Vec::new();
@@ -233,13 +254,21 @@ impl<S> RcStream<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for RcStream<S> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut *self.0.borrow_mut()).poll_read(cx, buf)
     }
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for RcStream<S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut *self.0.borrow_mut()).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -267,6 +296,11 @@ impl MessageReader {
         }
     }
 
+    /// Appends bytes already read elsewhere.
+    pub fn push_bytes(&mut self, b: &[u8]) {
+        self.buf.extend_from_slice(b);
+    }
+
     /// Unconsumed bytes.
     #[inline]
     pub fn data(&self) -> &[u8] {
@@ -287,9 +321,14 @@ impl MessageReader {
 
     /// Reads more bytes; `want` is how many bytes the caller needs in total (a hint for a large
     /// message). Returns 0 at end of stream.
-    pub async fn fill<R: AsyncRead + Unpin>(&mut self, r: &mut R, want: usize) -> io::Result<usize> {
+    pub async fn fill<R: AsyncRead + Unpin>(
+        &mut self,
+        r: &mut R,
+        want: usize,
+    ) -> io::Result<usize> {
         use futures_lite::AsyncReadExt;
-        if self.start > 0 && (self.start == self.buf.len() || self.start > self.buf.capacity() / 2) {
+        if self.start > 0 && (self.start == self.buf.len() || self.start > self.buf.capacity() / 2)
+        {
             self.buf.drain(..self.start);
             self.start = 0;
         }

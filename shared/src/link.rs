@@ -52,9 +52,11 @@ pub mod flags {
     /// A statement here creates session state that lives on the backend (temp table, WITH HOLD
     /// cursor, advisory lock, LISTEN, SQL PREPARE): keep the backend for this session.
     pub const PIN: u8 = 2;
-    /// `DISCARD ALL` / `DEALLOCATE ALL`: the session's prepared statements are gone and the
-    /// session is no longer pinned.
+    /// `DISCARD ALL`: the session's prepared statements and settings are gone and the session
+    /// is no longer pinned.
     pub const DISCARD: u8 = 4;
+    /// `DEALLOCATE ALL`: the session's prepared statements are gone.
+    pub const DEALLOCATE: u8 = 8;
 }
 
 /// Appends a frame header; the caller appends `len` payload bytes.
@@ -97,7 +99,10 @@ pub enum Credential {
     /// `trust` (or whatever Postgres lets in without a password).
     None,
     /// SCRAM-SHA-256 with keys learned during the client's exchange.
-    Scram { client_key: [u8; 32], server_key: [u8; 32] },
+    Scram {
+        client_key: [u8; 32],
+        server_key: [u8; 32],
+    },
     /// md5 from the stored `md5…` hash.
     Md5 { stored: String },
 }
@@ -122,7 +127,10 @@ impl Open {
         out.extend_from_slice(&self.secret.to_be_bytes());
         match &self.credential {
             Credential::None => out.push(0),
-            Credential::Scram { client_key, server_key } => {
+            Credential::Scram {
+                client_key,
+                server_key,
+            } => {
                 out.push(1);
                 out.extend_from_slice(client_key);
                 out.extend_from_slice(server_key);
@@ -154,7 +162,10 @@ impl Open {
                 let mut server_key = [0; 32];
                 client_key.copy_from_slice(&keys[..32]);
                 server_key.copy_from_slice(&keys[32..]);
-                Credential::Scram { client_key, server_key }
+                Credential::Scram {
+                    client_key,
+                    server_key,
+                }
             }
             2 => Credential::Md5 {
                 stored: utf8(read_cstr(buf, &mut pos)?)?,
@@ -207,7 +218,14 @@ mod tests {
         let mut b = Vec::new();
         put_frame(&mut b, up::MSGS, 9, b"abc");
         let h = parse_header(&b).unwrap();
-        assert_eq!(h, Header { kind: up::MSGS, session: 9, len: 3 });
+        assert_eq!(
+            h,
+            Header {
+                kind: up::MSGS,
+                session: 9,
+                len: 3
+            }
+        );
         assert_eq!(&b[HEADER..], b"abc");
         assert!(parse_header(&b[..8]).is_none());
     }

@@ -8,7 +8,9 @@ use crate::protocol::{put_cstr, read_cstr, ProtocolError};
 pub struct Settings(Vec<(String, String)>);
 
 impl Settings {
-    pub fn from_pairs<K: AsRef<str>, V: AsRef<str>>(pairs: impl IntoIterator<Item = (K, V)>) -> Self {
+    pub fn from_pairs<K: AsRef<str>, V: AsRef<str>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
         let mut s = Settings::default();
         for (k, v) in pairs {
             s.set(k.as_ref(), v.as_ref());
@@ -168,6 +170,10 @@ mod tests {
         a.encode(&mut buf);
         assert_eq!(Settings::decode(&buf).unwrap(), a);
         assert!(Settings::decode(&buf[..buf.len() - 1]).is_err());
-        assert_eq!(a.overlay_on(&Settings::from_pairs([("c", "3"), ("a", "0")])).len(), 3);
+        assert_eq!(
+            a.overlay_on(&Settings::from_pairs([("c", "3"), ("a", "0")]))
+                .len(),
+            3
+        );
     }
 }

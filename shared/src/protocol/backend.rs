@@ -18,6 +18,7 @@ pub const ERROR_RESPONSE: u8 = b'E';
 pub const FUNCTION_CALL_RESPONSE: u8 = b'V';
 pub const NO_DATA: u8 = b'n';
 pub const NOTICE_RESPONSE: u8 = b'N';
+pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
 pub const NOTIFICATION_RESPONSE: u8 = b'A';
 pub const PARAMETER_DESCRIPTION: u8 = b't';
 pub const PARAMETER_STATUS: u8 = b'S';
@@ -34,7 +35,9 @@ pub const AUTH_SASL_CONTINUE: i32 = 11;
 pub const AUTH_SASL_FINAL: i32 = 12;
 
 pub fn auth_ok(out: &mut Vec<u8>) {
-    put_message(out, AUTHENTICATION, |b| b.extend_from_slice(&AUTH_OK.to_be_bytes()));
+    put_message(out, AUTHENTICATION, |b| {
+        b.extend_from_slice(&AUTH_OK.to_be_bytes())
+    });
 }
 
 pub fn auth_md5(out: &mut Vec<u8>, salt: [u8; 4]) {
@@ -130,7 +133,9 @@ pub fn error_fields(body: &[u8]) -> Result<Vec<(u8, &[u8])>, ProtocolError> {
     let mut fields = Vec::new();
     let mut pos = 0;
     loop {
-        let code = *body.get(pos).ok_or(ProtocolError::Malformed("truncated error"))?;
+        let code = *body
+            .get(pos)
+            .ok_or(ProtocolError::Malformed("truncated error"))?;
         pos += 1;
         if code == 0 {
             return Ok(fields);
@@ -186,7 +191,12 @@ mod tests {
     #[test]
     fn error_round_trip() {
         let mut out = Vec::new();
-        error_response(&mut out, Severity::Error, "28P01", "password authentication failed");
+        error_response(
+            &mut out,
+            Severity::Error,
+            "28P01",
+            "password authentication failed",
+        );
         let body = &out[5..];
         assert_eq!(error_sqlstate(body), Some(&b"28P01"[..]));
         let mut fatal = Vec::new();

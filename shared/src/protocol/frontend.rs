@@ -150,7 +150,9 @@ pub fn write_parse(out: &mut Vec<u8>, name: &[u8], query: &[u8], param_types: &[
 }
 
 /// A `Bind` body split as (portal, statement, everything after).
-pub fn parse_bind(body: &[u8]) -> Result<(&[u8], &[u8], &[u8]), ProtocolError> {
+pub type BindParts<'a> = (&'a [u8], &'a [u8], &'a [u8]);
+
+pub fn parse_bind(body: &[u8]) -> Result<BindParts<'_>, ProtocolError> {
     let mut pos = 0;
     let portal = read_cstr(body, &mut pos)?;
     let stmt = read_cstr(body, &mut pos)?;
@@ -209,7 +211,7 @@ mod tests {
             Startup::Cancel { pid: 7, secret: -9 }
         );
         assert!(matches!(
-            parse_startup(&(4 << 16i32).to_be_bytes()),
+            parse_startup(&(4i32 << 16).to_be_bytes()),
             Err(ProtocolError::UnsupportedVersion { major: 4, .. })
         ));
         assert!(parse_startup(&[0, 3]).is_err());
@@ -226,7 +228,10 @@ mod tests {
         assert!(parse_parse(&m[5..m.len() - 1]).is_err());
         let mut b = Vec::new();
         write_bind(&mut b, b"", b"s1", &[0, 0, 0, 0, 0, 0]);
-        assert_eq!(parse_bind(&b[5..]).unwrap(), (&b""[..], &b"s1"[..], &[0u8, 0, 0, 0, 0, 0][..]));
+        assert_eq!(
+            parse_bind(&b[5..]).unwrap(),
+            (&b""[..], &b"s1"[..], &[0u8, 0, 0, 0, 0, 0][..])
+        );
     }
 
     #[test]

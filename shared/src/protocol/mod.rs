@@ -49,7 +49,11 @@ pub fn typed_message_len(buf: &[u8], limit: usize) -> Result<Option<usize>, Prot
     if total > limit {
         return Err(ProtocolError::TooLarge { size: total, limit });
     }
-    Ok(if buf.len() >= total { Some(total) } else { None })
+    Ok(if buf.len() >= total {
+        Some(total)
+    } else {
+        None
+    })
 }
 
 /// The length an incomplete message at the start of `buf` will have, if its header is there.
@@ -65,7 +69,9 @@ pub fn pending_message_len(buf: &[u8]) -> Option<usize> {
 /// Reads a NUL-terminated string at `*pos`, advancing past the NUL.
 #[inline]
 pub fn read_cstr<'a>(buf: &'a [u8], pos: &mut usize) -> Result<&'a [u8], ProtocolError> {
-    let rest = buf.get(*pos..).ok_or(ProtocolError::Malformed("truncated"))?;
+    let rest = buf
+        .get(*pos..)
+        .ok_or(ProtocolError::Malformed("truncated"))?;
     let nul = rest
         .iter()
         .position(|&b| b == 0)
@@ -125,7 +131,10 @@ mod tests {
             Err(ProtocolError::TooLarge { .. })
         ));
         let bad = [b'Q', 0, 0, 0, 3];
-        assert_eq!(typed_message_len(&bad, 100), Err(ProtocolError::BadLength(3)));
+        assert_eq!(
+            typed_message_len(&bad, 100),
+            Err(ProtocolError::BadLength(3))
+        );
         let neg = [b'Q', 0xff, 0xff, 0xff, 0xff];
         assert!(typed_message_len(&neg, 100).is_err());
     }

@@ -1,0 +1,154 @@
+//! Gateway configuration: one TOML file, every key optional, flags override it.
+
+use clap::Parser;
+use serde::Deserialize;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug, Default)]
+#[command(
+    name = "tidepool-gateway",
+    about = "Tidepool gateway: speaks Postgres to clients"
+)]
+pub struct Args {
+    /// TOML configuration file (see config/gateway.toml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Client address (SO_REUSEPORT: several gateway processes may share it).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Also listen on DIR/.s.PGSQL.<port>.
+    #[arg(long)]
+    pub unix_socket_dir: Option<String>,
+    /// Executors (cores); default: all cores.
+    #[arg(long)]
+    pub cores: Option<usize>,
+    /// Pooler link address.
+    #[arg(long)]
+    pub pooler: Option<String>,
+    /// scram-sha-256, md5 or trust (as in pg_hba.conf).
+    #[arg(long)]
+    pub auth_method: Option<String>,
+    /// PEM certificate chain for TLS.
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS.
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// Client connections this process accepts at once.
+    #[arg(long)]
+    pub max_clients: Option<usize>,
+    /// Largest message accepted from a client, in bytes.
+    #[arg(long)]
+    pub max_message_size: Option<usize>,
+    /// Links to the pooler per core.
+    #[arg(long)]
+    pub links_per_core: Option<usize>,
+    /// Seconds a client may take to start up and authenticate.
+    #[arg(long)]
+    pub auth_timeout_seconds: Option<u64>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct File {
+    listen: Option<String>,
+    unix_socket_dir: Option<String>,
+    cores: Option<usize>,
+    pooler: Option<String>,
+    auth_method: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    max_clients: Option<usize>,
+    max_message_size: Option<usize>,
+    links_per_core: Option<usize>,
+    auth_timeout_seconds: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// SCRAM only.
+    Scram,
+    /// SCRAM when the role has a SCRAM verifier, md5 when it has an md5 hash.
+    Md5,
+    Trust,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: String,
+    pub unix_socket_dir: Option<String>,
+    pub cores: usize,
+    pub pooler: String,
+    pub auth_method: AuthMethod,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub max_clients: usize,
+    pub max_message_size: usize,
+    pub links_per_core: usize,
+    pub auth_timeout_seconds: u64,
+}
+
+impl Config {
+    pub fn load(args: Args) -> Result<Config, String> {
+        let file: File = match &args.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| format!("reading {}: {e}", p.display()))?;
+                toml::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?
+            }
+            None => File::default(),
+        };
+        let auth = args
+            .auth_method
+            .or(file.auth_method)
+            .unwrap_or_else(|| "md5".into());
+        let auth_method = match auth.as_str() {
+            "scram-sha-256" => AuthMethod::Scram,
+            "md5" => AuthMethod::Md5,
+            "trust" => AuthMethod::Trust,
+            other => {
+                return Err(format!(
+                    "unknown auth_method {other:?} (scram-sha-256, md5, trust)"
+                ))
+            }
+        };
+        let tls_cert = args.tls_cert.or(file.tls_cert);
+        let tls_key = args.tls_key.or(file.tls_key);
+        if tls_cert.is_some() != tls_key.is_some() {
+            return Err("tls_cert and tls_key go together".into());
+        }
+        Ok(Config {
+            listen: args
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| "127.0.0.1:15432".into()),
+            unix_socket_dir: args.unix_socket_dir.or(file.unix_socket_dir),
+            cores: args
+                .cores
+                .or(file.cores)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+                .max(1),
+            pooler: args
+                .pooler
+                .or(file.pooler)
+                .unwrap_or_else(|| "127.0.0.1:15433".into()),
+            auth_method,
+            tls_cert,
+            tls_key,
+            max_clients: args.max_clients.or(file.max_clients).unwrap_or(100_000),
+            max_message_size: args
+                .max_message_size
+                .or(file.max_message_size)
+                .unwrap_or(64 << 20),
+            links_per_core: args
+                .links_per_core
+                .or(file.links_per_core)
+                .unwrap_or(2)
+                .max(1),
+            auth_timeout_seconds: args
+                .auth_timeout_seconds
+                .or(file.auth_timeout_seconds)
+                .unwrap_or(60),
+        })
+    }
+}

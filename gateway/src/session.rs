@@ -1,0 +1,452 @@
+//! A client connection: startup (TLS, cancel, protocol 3.0), authentication, then the request
+//! loop that frames the client's messages onto the link with the classifier's flags. Responses
+//! arrive from the link straight into the session's output queue; its writer task sends them and
+//! returns credit to the pooler.
+
+use crate::auth::{self, Refusal};
+use crate::core::{ClientSlot, Core};
+use crate::link::SessionIo;
+use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use glommio::net::TcpStream;
+use shared::io::{MessageReader, RcStream};
+use shared::link::{down, put_header, up, Open};
+use shared::protocol::backend::{self as be, Severity};
+use shared::protocol::frontend::{self as fe, parse_startup, Startup};
+use shared::protocol::{typed_message_len, ProtocolError, MAX_STARTUP_PACKET};
+use shared::settings::Settings;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// Bytes an idle session's read buffer keeps: small, so tens of thousands of idle clients are
+/// cheap; it grows for large messages and shrinks back after.
+const IDLE_READ_BUFFER: usize = 512;
+
+async fn write_fatal<S: AsyncWrite + Unpin>(s: &mut S, code: &str, msg: &str) {
+    let mut e = Vec::new();
+    be::error_response(&mut e, Severity::Fatal, code, msg);
+    let _ = s.write_all(&e).await;
+    let _ = s.flush().await;
+}
+
+/// Reads one untyped startup-phase packet (length word included in the count).
+async fn read_startup<S: AsyncRead + Unpin>(
+    s: &mut S,
+    r: &mut MessageReader,
+) -> Result<Option<Startup>, ProtocolError> {
+    loop {
+        let d = r.data();
+        if d.len() >= 4 {
+            let len = i32::from_be_bytes([d[0], d[1], d[2], d[3]]);
+            if !(8..=MAX_STARTUP_PACKET as i32).contains(&len) {
+                return Err(ProtocolError::BadLength(len as i64));
+            }
+            let len = len as usize;
+            if d.len() >= len {
+                let parsed = parse_startup(&d[4..len]);
+                r.consume(len);
+                return parsed.map(Some);
+            }
+        }
+        let want = if d.len() >= 4 {
+            i32::from_be_bytes([d[0], d[1], d[2], d[3]]) as usize
+        } else {
+            4
+        };
+        match r.fill(s, want).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+pub async fn serve_tcp(core: Rc<Core>, mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let Some(_slot) = ClientSlot::take(&core) else {
+        write_fatal(&mut stream, "53300", "sorry, too many clients already").await;
+        return;
+    };
+    let timeout = Duration::from_secs(core.cfg.auth_timeout_seconds);
+    let mut reader = MessageReader::new(IDLE_READ_BUFFER);
+    // SSL or GSS negotiation first, on the plain socket.
+    loop {
+        let first = crate::with_timeout(timeout, read_startup(&mut stream, &mut reader)).await;
+        match first {
+            Some(Ok(Some(Startup::Ssl))) => {
+                if let Some(acceptor) = core.tls.clone() {
+                    if !reader.data().is_empty() {
+                        // Bytes after SSLRequest before the handshake: a buffer-stuffing attack.
+                        write_fatal(
+                            &mut stream,
+                            "08P01",
+                            "received unencrypted data after SSL request",
+                        )
+                        .await;
+                        return;
+                    }
+                    if stream.write_all(b"S").await.is_err() {
+                        return;
+                    }
+                    match crate::with_timeout(timeout, acceptor.accept(stream)).await {
+                        Some(Ok(tls)) => return serve(core, tls, reader, None).await,
+                        _ => return,
+                    }
+                }
+                if stream.write_all(b"N").await.is_err() {
+                    return;
+                }
+            }
+            Some(Ok(Some(Startup::GssEnc))) => {
+                if stream.write_all(b"N").await.is_err() {
+                    return;
+                }
+            }
+            Some(Ok(Some(other))) => return serve(core, stream, reader, Some(other)).await,
+            Some(Err(e)) => {
+                write_fatal(
+                    &mut stream,
+                    "08P01",
+                    &format!("invalid startup packet: {e}"),
+                )
+                .await;
+                return;
+            }
+            Some(Ok(None)) | None => return,
+        }
+    }
+}
+
+pub async fn serve_unix(core: Rc<Core>, stream: glommio::net::UnixStream) {
+    let mut stream = stream;
+    let Some(_slot) = ClientSlot::take(&core) else {
+        write_fatal(&mut stream, "53300", "sorry, too many clients already").await;
+        return;
+    };
+    serve(core, stream, MessageReader::new(IDLE_READ_BUFFER), None).await
+}
+
+/// Everything after transport negotiation.
+async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
+    core: Rc<Core>,
+    mut stream: S,
+    mut reader: MessageReader,
+    first: Option<Startup>,
+) {
+    let timeout = Duration::from_secs(core.cfg.auth_timeout_seconds);
+    let mut next = first;
+    let params = loop {
+        let startup = match next.take() {
+            Some(s) => s,
+            None => {
+                match crate::with_timeout(timeout, read_startup(&mut stream, &mut reader)).await {
+                    Some(Ok(Some(s))) => s,
+                    Some(Err(e)) => {
+                        write_fatal(
+                            &mut stream,
+                            "08P01",
+                            &format!("invalid startup packet: {e}"),
+                        )
+                        .await;
+                        return;
+                    }
+                    _ => return,
+                }
+            }
+        };
+        match startup {
+            Startup::Startup { params } => break params,
+            Startup::Cancel { pid, secret } => {
+                core.cancel(pid, secret).await;
+                return;
+            }
+            Startup::Ssl | Startup::GssEnc => {
+                if stream.write_all(b"N").await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    let mut user = None;
+    let mut database = None;
+    let mut settings = Settings::default();
+    for (k, v) in &params {
+        match k.as_str() {
+            "user" => user = Some(v.clone()),
+            "database" => database = Some(v.clone()),
+            "replication" => {
+                if v != "false" && v != "0" && v != "off" {
+                    write_fatal(
+                        &mut stream,
+                        "0A000",
+                        "replication connections are not supported through Tidepool",
+                    )
+                    .await;
+                    return;
+                }
+            }
+            "options" => {
+                if let Err(e) = parse_options(v, &mut settings) {
+                    write_fatal(&mut stream, "22023", &e).await;
+                    return;
+                }
+            }
+            // Protocol extension options (`_pq_.*`) are not settings.
+            k if k.starts_with("_pq_.") => {}
+            k => settings.set(k, v),
+        }
+    }
+    let Some(user) = user.filter(|u| !u.is_empty()) else {
+        write_fatal(
+            &mut stream,
+            "28000",
+            "no PostgreSQL user name specified in startup packet",
+        )
+        .await;
+        return;
+    };
+    let database = database
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user.clone());
+    let Some(link) = core.link().await else {
+        write_fatal(&mut stream, "08006", "the pooler is not reachable").await;
+        return;
+    };
+    let id = core.next_session_id();
+    let io = SessionIo::new();
+    link.register(id, io.clone());
+    let login = crate::with_timeout(timeout, async {
+        let credential =
+            auth::authenticate(&core, &mut stream, &mut reader, &io, &link, id, &user).await?;
+        let mut ok = Vec::new();
+        be::auth_ok(&mut ok);
+        stream.write_all(&ok).await.map_err(|_| Refusal::Gone)?;
+        let pid = (rand::random::<u32>() >> 1) as i32;
+        let secret = rand::random::<i32>();
+        let open = Open {
+            user: user.clone(),
+            database: database.clone(),
+            pid,
+            secret,
+            credential,
+            settings: settings.clone(),
+        };
+        let mut payload = Vec::new();
+        open.encode(&mut payload);
+        link.send(up::OPEN, id, &payload);
+        let (kind, reply) = io.control.take().await;
+        match kind {
+            down::OPENED => {
+                let mut out = reply;
+                be::backend_key_data(&mut out, pid, secret);
+                be::ready_for_query(&mut out, b'I');
+                stream.write_all(&out).await.map_err(|_| Refusal::Gone)?;
+                Ok(())
+            }
+            down::OPEN_FAILED => Err(Refusal::Fatal(reply)),
+            _ => Err(auth::fatal("08006", "the pooler closed the session")),
+        }
+    })
+    .await;
+    match login {
+        Some(Ok(())) => {}
+        Some(Err(Refusal::Fatal(e))) => {
+            link.unregister(id);
+            link.send(up::CLOSE, id, &[]);
+            let _ = stream.write_all(&e).await;
+            let _ = stream.flush().await;
+            return;
+        }
+        Some(Err(Refusal::Gone)) => {
+            link.unregister(id);
+            link.send(up::CLOSE, id, &[]);
+            return;
+        }
+        None => {
+            link.unregister(id);
+            link.send(up::CLOSE, id, &[]);
+            write_fatal(
+                &mut stream,
+                "08006",
+                "canceling authentication due to timeout",
+            )
+            .await;
+            return;
+        }
+    }
+    *io.settings.borrow_mut() = settings;
+    run(core, stream, reader, io, link, id).await;
+}
+
+/// `options` holds `-c name=value` / `--name=value` pairs, as libpq sends them.
+fn parse_options(options: &str, settings: &mut Settings) -> Result<(), String> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+            }
+            c if c.is_whitespace() => {
+                if !cur.is_empty() {
+                    words.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        words.push(cur);
+    }
+    let mut it = words.into_iter();
+    while let Some(w) = it.next() {
+        let pair = if w == "-c" {
+            it.next().ok_or("option -c needs an argument")?
+        } else if let Some(rest) = w.strip_prefix("--") {
+            rest.to_owned()
+        } else if let Some(rest) = w.strip_prefix("-c") {
+            rest.to_owned()
+        } else {
+            return Err(format!(
+                "invalid command-line argument for server process: {w}"
+            ));
+        };
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("invalid command-line argument for server process: {pair}"))?;
+        settings.set(&k.replace('-', "_"), v);
+    }
+    Ok(())
+}
+
+/// The request loop.
+async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
+    core: Rc<Core>,
+    stream: S,
+    mut reader: MessageReader,
+    io: Rc<SessionIo>,
+    link: Rc<crate::link::Link>,
+    id: u32,
+) {
+    let stream = RcStream::new(stream);
+    let writer_io = io.clone();
+    let writer_link = link.clone();
+    let wstream = stream.clone();
+    glommio::spawn_local(async move {
+        let credit = |n: usize| {
+            writer_link.send(up::CREDIT, id, &(n as u32).to_be_bytes());
+        };
+        let _ = writer_io.client_out.run_writer_with(wstream, credit).await;
+    })
+    .detach();
+    let mut rstream = stream;
+    let max = core.cfg.max_message_size;
+    let mut frame = Vec::new();
+    'session: loop {
+        // Frame every complete message we have into one MSGS frame.
+        let mut flags = 0u8;
+        let mut end = 0;
+        let mut terminate = false;
+        loop {
+            let data = &reader.data()[end..];
+            match typed_message_len(data, max) {
+                Ok(Some(n)) => {
+                    let tag = data[0];
+                    let body = &data[5..n];
+                    match tag {
+                        fe::TERMINATE => {
+                            terminate = true;
+                            break;
+                        }
+                        fe::QUERY => flags |= core.classifier.classify(fe::query_text(body)).await,
+                        fe::PARSE => {
+                            if let Ok(p) = fe::parse_parse(body) {
+                                flags |= core.classifier.classify(p.query).await;
+                            }
+                        }
+                        _ => {}
+                    }
+                    end += n;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let (code, msg) = match e {
+                        ProtocolError::TooLarge { .. } => ("54000", e.to_string()),
+                        _ => ("08P01", format!("invalid message: {e}")),
+                    };
+                    let mut err = Vec::new();
+                    be::error_response(&mut err, Severity::Fatal, code, &msg);
+                    if end > 0 {
+                        send_msgs(&link, id, flags, &reader.data()[..end], &mut frame);
+                    }
+                    io.client_out.push(&err);
+                    break 'session;
+                }
+            }
+        }
+        if end > 0 {
+            send_msgs(&link, id, flags, &reader.data()[..end], &mut frame);
+            reader.consume(end);
+        }
+        if terminate || io.ended.get() {
+            break;
+        }
+        if link.out.is_full() {
+            link.out.wait_drain().await;
+        }
+        let want = shared::protocol::pending_message_len(reader.data()).unwrap_or(0);
+        let ended = io.ended_notify.notified();
+        if io.ended.get() {
+            break;
+        }
+        let read = futures_lite::future::or(
+            async { Some(reader.fill(&mut rstream, want).await) },
+            async {
+                ended.await;
+                None
+            },
+        )
+        .await;
+        match read {
+            Some(Ok(n)) if n > 0 => {}
+            _ => break,
+        }
+    }
+    link.unregister(id);
+    if !io.ended.get() {
+        link.send(up::CLOSE, id, &[]);
+    }
+    io.client_out.close();
+}
+
+fn send_msgs(link: &crate::link::Link, id: u32, flags: u8, msgs: &[u8], _scratch: &mut Vec<u8>) {
+    link.out.push_with(|b| {
+        put_header(b, up::MSGS, id, msgs.len() + 1);
+        b.push(flags);
+        b.extend_from_slice(msgs);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options() {
+        let mut s = Settings::default();
+        parse_options(
+            "-c search_path=a,b --work-mem=4MB -cstatement_timeout=5s",
+            &mut s,
+        )
+        .unwrap();
+        assert_eq!(s.get("search_path"), Some("a,b"));
+        assert_eq!(s.get("work_mem"), Some("4MB"));
+        assert_eq!(s.get("statement_timeout"), Some("5s"));
+        let mut s = Settings::default();
+        parse_options("-c application_name=a\\ b", &mut s).unwrap();
+        assert_eq!(s.get("application_name"), Some("a b"));
+        assert!(parse_options("bogus", &mut Settings::default()).is_err());
+        assert!(parse_options("-c", &mut Settings::default()).is_err());
+    }
+}

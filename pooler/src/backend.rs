@@ -1,0 +1,696 @@
+//! A real Postgres connection and its relay task.
+//!
+//! Every frontend message the pooler writes to a backend pushes an [`Entry`] saying what its
+//! responses are and what to do with them: forward them to the owning session, drop them (our own
+//! injected `Parse` or settings query), or emit a response ourselves at that point of the stream
+//! (a `ParseComplete` for a statement the backend already has). The relay reads backend messages
+//! and walks the queue, so the client sees exactly the stream Postgres would have sent it.
+//! The relay keeps reading while the backend is idle, so a backend that dies or is shut down is
+//! noticed and dropped at once, not handed to the next session.
+
+use crate::core::Core;
+use crate::login::{self, LoginError};
+use crate::pool::{self, Pool};
+use crate::session::Session;
+use glommio::net::TcpStream;
+use shared::io::{MessageReader, OutQueue, RcStream, Slot};
+use shared::link::Credential;
+use shared::protocol::backend as be;
+use shared::protocol::{frontend, put_message, typed_message_len};
+use shared::settings::Settings;
+use std::cell::RefCell;
+use std::collections::{HashSet, VecDeque};
+use std::rc::Rc;
+use std::time::Duration;
+
+/// Bytes a session may have in flight towards its gateway before the relay stops reading.
+pub const WINDOW: usize = 256 * 1024;
+
+/// The query that reads a session's settings back from its backend.
+const SNAPSHOT_SQL: &str =
+    "SELECT name, pg_catalog.current_setting(name) FROM pg_catalog.pg_settings WHERE source = 'session'";
+
+/// A protocol-level prepared statement, named on backends by its content.
+pub struct Stmt {
+    /// `tp_` + hash of (query, parameter types): equal statements share one name everywhere.
+    pub content: Rc<[u8]>,
+    /// The whole `Parse` message under the content name, ready to inject.
+    pub parse: Vec<u8>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Bind,
+    Describe,
+    Execute,
+    Close,
+    Sync,
+    Query,
+    FunctionCall,
+}
+
+pub type Done = Rc<Slot<Result<(), Vec<u8>>>>;
+
+pub enum Internal {
+    /// Bring the backend to the owner's settings. `forward`: pass `ParameterStatus` on to the
+    /// client; `then_rfq`: send the `ReadyForQuery` held back for this; `done`: tell a waiter.
+    Sync {
+        forward: bool,
+        then_rfq: bool,
+        done: Option<Done>,
+    },
+    /// Read the session's settings back; `held_rfq`: the client's `ReadyForQuery` waits for it.
+    Snapshot { held_rfq: bool },
+    /// Roll back / discard after the owner left; `last` returns the backend to its pool.
+    Cleanup { last: bool, discard: bool },
+}
+
+pub enum Entry {
+    Client(Kind),
+    Parse {
+        stmt: Rc<Stmt>,
+        /// The client's own Parse (its ParseComplete is forwarded) or one we injected.
+        injected: bool,
+        /// Statement name as the client knows it (None: the unnamed statement).
+        client_name: Option<Vec<u8>>,
+    },
+    /// A response we produce at this point of the stream.
+    Synth(Vec<u8>),
+    /// An error we raise at this point; Postgres would then skip to `Sync`.
+    SynthError(Vec<u8>),
+    Internal(Internal),
+}
+
+pub struct State {
+    pub queue: VecDeque<Entry>,
+    pub owner: Option<Rc<Session>>,
+    pub settings: Rc<Settings>,
+    pub prepared: HashSet<Rc<[u8]>>,
+    pub unnamed: Option<Rc<Stmt>>,
+    pub status: u8,
+    pub reported: Vec<(String, String)>,
+    /// After an error in an extended-protocol batch: Postgres ignores messages until `Sync`.
+    pub skipping: bool,
+    pub broken: bool,
+    snapshot: Settings,
+    internal_error: Option<Vec<u8>>,
+}
+
+pub struct Backend {
+    pub id: u64,
+    pub pool: Rc<Pool>,
+    pub out: OutQueue,
+    pub pid: i32,
+    pub secret: i32,
+    pub st: RefCell<State>,
+    /// Its budget slot was given back.
+    pub retired: std::cell::Cell<bool>,
+}
+
+impl Backend {
+    pub fn is_broken(&self) -> bool {
+        self.st.borrow().broken
+    }
+
+    /// Closes the connection: nothing more is written, and the relay ends when Postgres hangs
+    /// up. The caller retires the budget slot (see [`pool::retire`]).
+    pub fn close(&self) {
+        close_locked(self, &mut self.st.borrow_mut());
+    }
+
+    /// Writes `msg` and records how to treat its responses.
+    pub fn send(&self, msg: &[u8], entry: Option<Entry>) {
+        self.out.push(msg);
+        if let Some(e) = entry {
+            let mut st = self.st.borrow_mut();
+            // After an error Postgres ignores everything up to Sync: expect nothing from it.
+            if st.skipping && !matches!(e, Entry::Client(Kind::Sync)) {
+                return;
+            }
+            st.queue.push_back(e);
+        }
+    }
+
+    /// Postgres is skipping to the next Sync after an error.
+    pub fn skipping(&self) -> bool {
+        self.st.borrow().skipping
+    }
+
+    /// Sends `SET`s that take this backend to `to`, if it is not there already.
+    pub fn sync_settings(
+        &self,
+        to: &Rc<Settings>,
+        forward: bool,
+        then_rfq: bool,
+        done: Option<Done>,
+    ) -> bool {
+        let sql = {
+            let st = self.st.borrow();
+            if Rc::ptr_eq(&st.settings, to) {
+                return false;
+            }
+            match Settings::diff_sql(&st.settings, to) {
+                Some(sql) => sql,
+                None => {
+                    drop(st);
+                    self.st.borrow_mut().settings = to.clone();
+                    return false;
+                }
+            }
+        };
+        let mut q = Vec::new();
+        frontend::query(&mut q, &sql);
+        self.send(
+            &q,
+            Some(Entry::Internal(Internal::Sync {
+                forward,
+                then_rfq,
+                done,
+            })),
+        );
+        true
+    }
+
+    /// Emits the synthetic responses now at the front of the queue.
+    pub fn drain_synth(&self) {
+        let mut st = self.st.borrow_mut();
+        drain_synth(&mut st);
+    }
+}
+
+fn drain_synth(st: &mut State) {
+    loop {
+        match st.queue.front() {
+            Some(Entry::Synth(_)) => {
+                if let Some(Entry::Synth(m)) = st.queue.pop_front() {
+                    if !st.skipping {
+                        forward(st, &m);
+                    }
+                }
+            }
+            Some(Entry::SynthError(_)) => {
+                if let Some(Entry::SynthError(m)) = st.queue.pop_front() {
+                    if !st.skipping {
+                        forward(st, &m);
+                        skip_to_sync(st);
+                    }
+                }
+            }
+            _ => return,
+        }
+    }
+}
+
+fn close_locked(b: &Backend, st: &mut State) {
+    if !st.broken {
+        st.broken = true;
+        let mut t = Vec::new();
+        put_message(&mut t, frontend::TERMINATE, |_| {});
+        b.out.push(&t);
+        b.out.close();
+    }
+}
+
+#[inline]
+fn forward(st: &State, msg: &[u8]) {
+    if let Some(s) = &st.owner {
+        s.out.borrow_mut().extend_from_slice(msg);
+    }
+}
+
+/// Postgres skips to the next `Sync` after an error in an extended-protocol batch: so do the
+/// responses we expect (and the ones we would have made up).
+fn skip_to_sync(st: &mut State) {
+    st.skipping = true;
+    while let Some(front) = st.queue.front() {
+        if matches!(front, Entry::Client(Kind::Sync)) {
+            break;
+        }
+        if let Some(Entry::Parse {
+            stmt, client_name, ..
+        }) = st.queue.pop_front()
+        {
+            forget_failed_parse(st, &stmt, client_name.as_deref());
+        }
+    }
+}
+
+/// A Parse that did not happen: neither the backend nor the session has that statement.
+fn forget_failed_parse(st: &mut State, stmt: &Rc<Stmt>, client_name: Option<&[u8]>) {
+    st.prepared.remove(&stmt.content);
+    if st.unnamed.as_ref().is_some_and(|u| Rc::ptr_eq(u, stmt)) {
+        st.unnamed = None;
+    }
+    if let Some(s) = &st.owner {
+        s.forget_statement(client_name, stmt);
+    }
+}
+
+/// Connects and logs in a new backend of `pool` (the budget slot is already taken).
+pub async fn connect(
+    core: &Rc<Core>,
+    pool: &Rc<Pool>,
+    credential: &Credential,
+) -> Result<Rc<Backend>, LoginError> {
+    let cfg = &core.cfg;
+    let addr = format!("{}:{}", cfg.pg_host, cfg.pg_port);
+    let timeout = Duration::from_secs(cfg.connect_timeout_seconds);
+    let connecting = async {
+        let stream = TcpStream::connect(addr.as_str())
+            .await
+            .map_err(|e| LoginError::Other(format!("{addr}: {e}")))?;
+        let _ = stream.set_nodelay(true);
+        let mut stream = stream;
+        let logged = login::login(
+            &mut stream,
+            &pool.key.user,
+            &pool.key.database,
+            credential,
+            cfg.max_message_size,
+        )
+        .await?;
+        Ok::<_, LoginError>((stream, logged))
+    };
+    let (stream, logged) = crate::with_timeout(timeout, connecting)
+        .await
+        .ok_or_else(|| LoginError::Other(format!("timed out connecting to {addr}")))??;
+    let b = Rc::new(Backend {
+        id: core.next_id(),
+        pool: pool.clone(),
+        out: OutQueue::new(1 << 20, 256 * 1024),
+        pid: logged.pid,
+        secret: logged.secret,
+        st: RefCell::new(State {
+            queue: VecDeque::new(),
+            owner: None,
+            settings: core.empty_settings.clone(),
+            prepared: HashSet::new(),
+            unnamed: None,
+            status: b'I',
+            reported: logged.params,
+            skipping: false,
+            broken: false,
+            snapshot: Settings::default(),
+            internal_error: None,
+        }),
+        retired: std::cell::Cell::new(false),
+    });
+    tracing::debug!(backend = b.id, pid = b.pid, user = %pool.key.user, db = %pool.key.database, "backend connected");
+    let stream = RcStream::new(stream);
+    let writer = b.clone();
+    let wstream = stream.clone();
+    glommio::spawn_local(async move {
+        let _ = writer.out.run_writer(wstream).await;
+    })
+    .detach();
+    let relay_b = b.clone();
+    let relay_core = core.clone();
+    glommio::spawn_local(async move { relay(relay_core, relay_b, stream, logged.leftover).await })
+        .detach();
+    Ok(b)
+}
+
+enum After {
+    Nothing,
+    /// The owner is done with the backend: detach and return it to the pool.
+    Release,
+    /// A cleanup finished: the backend (no owner) goes back to the pool.
+    ReturnOrphan,
+}
+
+async fn relay(core: Rc<Core>, b: Rc<Backend>, mut stream: RcStream<TcpStream>, leftover: Vec<u8>) {
+    let max = core.cfg.max_message_size;
+    let mut reader = MessageReader::new(8192);
+    reader.push_bytes(&leftover);
+    loop {
+        let mut touched: Option<Rc<Session>> = None;
+        loop {
+            let data = reader.data();
+            let n = match typed_message_len(data, max) {
+                Ok(Some(n)) => n,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(backend = b.id, error = %e, "bad message from backend");
+                    return backend_lost(&core, &b, touched);
+                }
+            };
+            let after = {
+                let mut st = b.st.borrow_mut();
+                if let Some(o) = &st.owner {
+                    if touched.as_ref().is_none_or(|t| !Rc::ptr_eq(t, o)) {
+                        if let Some(t) = touched.take() {
+                            t.flush();
+                        }
+                        touched = Some(o.clone());
+                    }
+                }
+                on_message(&b, &mut st, &data[..n])
+            };
+            reader.consume(n);
+            match after {
+                After::Nothing => {}
+                After::Release => {
+                    if let Some(t) = touched.take() {
+                        t.flush();
+                    }
+                    let owner = b.st.borrow_mut().owner.take();
+                    if let Some(s) = owner {
+                        s.backend.borrow_mut().take();
+                    }
+                    pool::release(&core, b.clone());
+                }
+                After::ReturnOrphan => pool::release(&core, b.clone()),
+            }
+        }
+        if let Some(t) = touched.take() {
+            t.flush();
+            // Flow control: a slow client stops us reading its results, not anyone else's.
+            while t.inflight.get() > WINDOW && !t.gone.get() {
+                t.credit.notified().await;
+            }
+        }
+        let want = shared::protocol::pending_message_len(reader.data()).unwrap_or(0);
+        match reader.fill(&mut stream, want).await {
+            Ok(0) | Err(_) => return backend_lost(&core, &b, None),
+            Ok(_) => {}
+        }
+    }
+}
+
+fn backend_lost(core: &Rc<Core>, b: &Rc<Backend>, touched: Option<Rc<Session>>) {
+    if let Some(t) = touched {
+        t.flush();
+    }
+    let (owner, waiting) = {
+        let mut st = b.st.borrow_mut();
+        st.broken = true;
+        // Whoever waits on one of our internal queries learns it failed.
+        let waiting: Vec<Done> = st
+            .queue
+            .drain(..)
+            .filter_map(|e| match e {
+                Entry::Internal(Internal::Sync { done: Some(d), .. }) => Some(d),
+                _ => None,
+            })
+            .collect();
+        (st.owner.take(), waiting)
+    };
+    b.out.close();
+    tracing::debug!(backend = b.id, "backend connection ended");
+    for d in waiting {
+        let mut e = Vec::new();
+        be::error_response(
+            &mut e,
+            be::Severity::Fatal,
+            "08006",
+            "server closed the connection unexpectedly",
+        );
+        d.put(Err(e));
+    }
+    if let Some(s) = owner {
+        s.backend.borrow_mut().take();
+        s.backend_lost();
+    }
+    pool::retire(core, b);
+}
+
+/// Handles one backend message according to the front of the queue.
+fn on_message(b: &Backend, st: &mut State, msg: &[u8]) -> After {
+    let tag = msg[0];
+    let body = &msg[5..];
+    drain_synth(st);
+    // Asynchronous messages can come at any time.
+    match tag {
+        be::PARAMETER_STATUS => {
+            if let Ok((k, v)) = be::parse_parameter_status(body) {
+                let (k, v) = (String::from_utf8_lossy(k), String::from_utf8_lossy(v));
+                match st.reported.iter_mut().find(|(n, _)| *n == k) {
+                    Some(e) => e.1 = v.into_owned(),
+                    None => st.reported.push((k.into_owned(), v.into_owned())),
+                }
+            }
+            let pass = match st.queue.front() {
+                Some(Entry::Internal(Internal::Sync { forward, .. })) => *forward,
+                Some(Entry::Internal(_)) => false,
+                _ => true,
+            };
+            if pass {
+                forward(st, msg);
+            }
+            return After::Nothing;
+        }
+        be::NOTICE_RESPONSE => {
+            if !matches!(st.queue.front(), Some(Entry::Internal(_))) {
+                forward(st, msg);
+            }
+            return After::Nothing;
+        }
+        be::NOTIFICATION_RESPONSE => {
+            forward(st, msg);
+            return After::Nothing;
+        }
+        _ => {}
+    }
+    let Some(front) = st.queue.front_mut() else {
+        // Nothing expected: an idle backend being shut down (FATAL) or a protocol surprise.
+        if tag == be::ERROR_RESPONSE {
+            tracing::info!(backend = b.id, "idle backend got an error; closing it");
+        }
+        close_locked(b, st);
+        return After::Nothing;
+    };
+    match front {
+        Entry::Internal(internal) => {
+            match tag {
+                be::ERROR_RESPONSE => st.internal_error = Some(msg.to_vec()),
+                be::DATA_ROW => {
+                    if matches!(internal, Internal::Snapshot { .. }) {
+                        if let Some((k, v)) = two_text_columns(body) {
+                            st.snapshot.set(&k, &v);
+                        }
+                    }
+                }
+                be::READY_FOR_QUERY => {
+                    st.status = body.first().copied().unwrap_or(b'I');
+                    let Some(Entry::Internal(internal)) = st.queue.pop_front() else {
+                        return After::Nothing;
+                    };
+                    return internal_done(b, st, internal);
+                }
+                _ => {}
+            }
+            After::Nothing
+        }
+        Entry::Parse { injected, .. } => {
+            let injected = *injected;
+            match tag {
+                be::PARSE_COMPLETE => {
+                    st.queue.pop_front();
+                    if !injected {
+                        forward(st, msg);
+                    }
+                }
+                be::ERROR_RESPONSE => {
+                    if let Some(Entry::Parse {
+                        stmt, client_name, ..
+                    }) = st.queue.pop_front()
+                    {
+                        forget_failed_parse(st, &stmt, client_name.as_deref());
+                    }
+                    forward(st, msg);
+                    skip_to_sync(st);
+                }
+                _ => forward(st, msg),
+            }
+            drain_synth(st);
+            After::Nothing
+        }
+        Entry::Client(kind) => {
+            let kind = *kind;
+            let done = match (kind, tag) {
+                (Kind::Sync | Kind::Query | Kind::FunctionCall, be::READY_FOR_QUERY) => {
+                    st.queue.pop_front();
+                    st.status = body.first().copied().unwrap_or(b'I');
+                    st.skipping = false;
+                    return after_ready(b, st, msg);
+                }
+                (Kind::Sync | Kind::Query | Kind::FunctionCall, _) => false,
+                (_, be::ERROR_RESPONSE) => {
+                    st.queue.pop_front();
+                    forward(st, msg);
+                    skip_to_sync(st);
+                    drain_synth(st);
+                    return After::Nothing;
+                }
+                (Kind::Bind, be::BIND_COMPLETE) | (Kind::Close, be::CLOSE_COMPLETE) => true,
+                (Kind::Describe, be::ROW_DESCRIPTION | be::NO_DATA) => true,
+                (
+                    Kind::Execute,
+                    be::COMMAND_COMPLETE | be::EMPTY_QUERY_RESPONSE | be::PORTAL_SUSPENDED,
+                ) => true,
+                _ => false,
+            };
+            if done {
+                st.queue.pop_front();
+            }
+            forward(st, msg);
+            if done {
+                drain_synth(st);
+            }
+            After::Nothing
+        }
+        Entry::Synth(_) | Entry::SynthError(_) => After::Nothing,
+    }
+}
+
+fn two_text_columns(body: &[u8]) -> Option<(String, String)> {
+    let mut pos = 0;
+    let n = shared::protocol::read_i16(body, &mut pos).ok()?;
+    if n != 2 {
+        return None;
+    }
+    let mut col = || -> Option<String> {
+        let len = shared::protocol::read_i32(body, &mut pos).ok()?;
+        if len < 0 {
+            return None;
+        }
+        let v = body.get(pos..pos + len as usize)?;
+        pos += len as usize;
+        Some(String::from_utf8_lossy(v).into_owned())
+    };
+    Some((col()?, col()?))
+}
+
+/// The owner's `ReadyForQuery` arrived: forward it, or first read back settings it changed.
+fn after_ready(b: &Backend, st: &mut State, rfq: &[u8]) -> After {
+    let Some(s) = st.owner.clone() else {
+        return After::Nothing;
+    };
+    if !st.queue.is_empty() || s.writing.get() {
+        forward(st, rfq);
+        return After::Nothing;
+    }
+    if s.dealloc_pending.replace(false) {
+        s.clear_statements();
+        st.prepared.clear();
+        st.unnamed = None;
+    }
+    let quiet = !s.open_batch.get() && st.status == b'I';
+    if quiet && (s.snapshot_pending.get() || s.discard_pending.get()) {
+        if s.discard_pending.replace(false) {
+            // DISCARD ALL: prepared statements, temp tables, locks, LISTENs are gone.
+            s.clear_statements();
+            st.prepared.clear();
+            st.unnamed = None;
+            s.pinned.set(false);
+        }
+        // Hold the ReadyForQuery back until the settings are known, so the client's next
+        // request cannot run before a RESET ALL's baseline is restored.
+        start_snapshot(b, st, &s, true);
+        return After::Nothing;
+    }
+    forward(st, rfq);
+    if quiet && !s.pinned.get() {
+        After::Release
+    } else {
+        After::Nothing
+    }
+}
+
+/// Reads the owner's settings back from the backend after a statement that may have changed them.
+pub fn start_snapshot(b: &Backend, st: &mut State, s: &Rc<Session>, held_rfq: bool) {
+    s.snapshot_pending.set(false);
+    let mut q = Vec::new();
+    frontend::query(&mut q, SNAPSHOT_SQL);
+    st.snapshot = Settings::default();
+    b.out.push(&q);
+    st.queue
+        .push_back(Entry::Internal(Internal::Snapshot { held_rfq }));
+}
+
+fn internal_done(b: &Backend, st: &mut State, internal: Internal) -> After {
+    let error = st.internal_error.take();
+    match internal {
+        Internal::Snapshot { held_rfq } => {
+            let Some(s) = st.owner.clone() else {
+                return After::Nothing;
+            };
+            if let Some(e) = error {
+                tracing::warn!(backend = b.id, "reading settings back failed");
+                forward(st, &e);
+                return release_held_rfq(st, &s, held_rfq);
+            }
+            let snap = Rc::new(std::mem::take(&mut st.snapshot));
+            st.settings = snap.clone();
+            let desired = snap.overlay_on(&s.baseline);
+            if desired != *snap {
+                s.set_settings(Rc::new(desired));
+                let target = s.settings.borrow().clone();
+                let mut q = Vec::new();
+                if let Some(sql) = Settings::diff_sql(&snap, &target) {
+                    frontend::query(&mut q, &sql);
+                    b.out.push(&q);
+                    st.queue.push_back(Entry::Internal(Internal::Sync {
+                        forward: true,
+                        then_rfq: held_rfq,
+                        done: None,
+                    }));
+                    return After::Nothing;
+                }
+            } else {
+                s.set_settings(snap);
+            }
+            release_held_rfq(st, &s, held_rfq)
+        }
+        Internal::Sync { then_rfq, done, .. } => {
+            let owner = st.owner.clone();
+            match error {
+                Some(e) => match done {
+                    Some(d) => d.put(Err(e)),
+                    None => forward(st, &e),
+                },
+                None => {
+                    if let Some(s) = &owner {
+                        st.settings = s.settings.borrow().clone();
+                    }
+                    if let Some(d) = done {
+                        d.put(Ok(()));
+                    }
+                }
+            }
+            match owner {
+                Some(s) => release_held_rfq(st, &s, then_rfq),
+                None => After::Nothing,
+            }
+        }
+        Internal::Cleanup { last, discard } => {
+            if error.is_some() {
+                close_locked(b, st);
+            }
+            if discard {
+                st.settings = Rc::new(Settings::default());
+                st.prepared.clear();
+                st.unnamed = None;
+            }
+            if last {
+                After::ReturnOrphan
+            } else {
+                After::Nothing
+            }
+        }
+    }
+}
+
+fn release_held_rfq(st: &mut State, s: &Rc<Session>, held: bool) -> After {
+    if held {
+        let mut rfq = Vec::new();
+        be::ready_for_query(&mut rfq, st.status);
+        forward(st, &rfq);
+    }
+    let quiet = st.queue.is_empty() && !s.writing.get() && !s.open_batch.get() && st.status == b'I';
+    if quiet && !s.pinned.get() && !s.snapshot_pending.get() {
+        After::Release
+    } else {
+        After::Nothing
+    }
+}

@@ -1,0 +1,145 @@
+//! The pooler's end of a link: frames from one gateway core in, responses out.
+
+use crate::admin::RoleSecret;
+use crate::core::Core;
+use crate::session::{self, Session};
+use glommio::net::TcpStream;
+use shared::io::{MessageReader, OutQueue, RcStream};
+use shared::link::{self, down, put_header, up, Open, HEADER};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+pub struct Link {
+    pub out: OutQueue,
+    sessions: RefCell<HashMap<u32, Rc<Session>>>,
+}
+
+pub async fn serve(core: Rc<Core>, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let stream = RcStream::new(stream);
+    let l = Rc::new(Link {
+        out: OutQueue::new(8 << 20, 1 << 20),
+        sessions: RefCell::new(HashMap::new()),
+    });
+    let writer = l.clone();
+    let wstream = stream.clone();
+    glommio::spawn_local(async move {
+        let _ = writer.out.run_writer(wstream).await;
+    })
+    .detach();
+    let mut rstream = stream;
+    let mut reader = MessageReader::new(64 * 1024);
+    let limit = core
+        .cfg
+        .max_message_size
+        .saturating_mul(2)
+        .saturating_add(1 << 20);
+    'outer: loop {
+        loop {
+            let Some(h) = link::parse_header(reader.data()) else {
+                break;
+            };
+            if h.len > limit {
+                tracing::warn!(len = h.len, "oversized link frame; dropping link");
+                break 'outer;
+            }
+            if reader.data().len() < HEADER + h.len {
+                break;
+            }
+            let payload = reader.data()[HEADER..HEADER + h.len].to_vec();
+            reader.consume(HEADER + h.len);
+            if !on_frame(&core, &l, h.kind, h.session, &payload).await {
+                break 'outer;
+            }
+        }
+        let want = link::parse_header(reader.data()).map_or(0, |h| HEADER + h.len);
+        match reader.fill(&mut rstream, want).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    // The gateway went away: so did all its sessions.
+    let sessions: Vec<Rc<Session>> = l.sessions.borrow_mut().drain().map(|(_, s)| s).collect();
+    for s in sessions {
+        s.close();
+    }
+    l.out.close();
+}
+
+async fn on_frame(core: &Rc<Core>, l: &Rc<Link>, kind: u8, id: u32, payload: &[u8]) -> bool {
+    match kind {
+        up::MSGS => {
+            let s = l.sessions.borrow().get(&id).cloned();
+            if let Some(s) = s {
+                s.enqueue(payload).await;
+            }
+        }
+        up::CREDIT => {
+            if let (Some(s), Some(b)) = (l.sessions.borrow().get(&id), payload.get(..4)) {
+                s.add_credit(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
+            }
+        }
+        up::OPEN => match Open::decode(payload) {
+            Ok(open) => {
+                let pool = core.pool_for(&open.user, &open.database);
+                let key = (open.pid, open.secret);
+                let s = Session::new(id, l.clone(), pool, open.credential, key, open.settings);
+                core.sessions_by_key
+                    .borrow_mut()
+                    .insert(key, Rc::downgrade(&s));
+                if let Some(old) = l.sessions.borrow_mut().insert(id, s.clone()) {
+                    old.close();
+                }
+                glommio::spawn_local(session::run(core.clone(), s)).detach();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "bad OPEN frame");
+                return false;
+            }
+        },
+        up::CLOSE => {
+            if let Some(s) = l.sessions.borrow_mut().remove(&id) {
+                s.close();
+            }
+        }
+        up::AUTH_LOOKUP => {
+            let user = String::from_utf8_lossy(payload).into_owned();
+            let core = core.clone();
+            let l = l.clone();
+            glommio::spawn_local(async move {
+                let mut reply = Vec::new();
+                match core.admin.lookup(&user).await {
+                    Ok(RoleSecret::Verifier(v)) => {
+                        reply.push(1);
+                        reply.extend_from_slice(v.as_bytes());
+                    }
+                    Ok(RoleSecret::Absent) => reply.push(0),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "role lookup failed");
+                        reply.push(2);
+                        reply.extend_from_slice(e.as_bytes());
+                    }
+                }
+                l.out.push_with(|b| {
+                    put_header(b, down::AUTH_INFO, id, reply.len());
+                    b.extend_from_slice(&reply);
+                });
+            })
+            .detach();
+        }
+        up::CANCEL => {
+            if let Some(b) = payload.get(..8) {
+                let pid = i32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+                let secret = i32::from_be_bytes([b[4], b[5], b[6], b[7]]);
+                crate::cancel::broadcast(core, pid, secret).await;
+            }
+        }
+        up::HELLO => {}
+        _ => {
+            tracing::warn!(kind, "unknown link frame; dropping link");
+            return false;
+        }
+    }
+    true
+}

@@ -1,0 +1,609 @@
+//! A client session as the pooler sees it: its role, settings and prepared statements, and the
+//! backend it holds while a transaction (or other state) requires it.
+//!
+//! Each session has a task that takes the gateway's frames in order, finds a backend when it has
+//! none, brings the backend's settings to the session's, rewrites statement names (a client's
+//! `s1` is `tp_<hash of its text>` on every backend, parsed once per backend whoever asked), and
+//! writes the messages. Responses come back through the backend's relay.
+
+use crate::backend::{self, Backend, Entry, Internal, Kind, Stmt};
+use crate::core::Core;
+use crate::link::Link;
+use crate::pool::{self, Pool};
+use shared::io::{Notify, Slot};
+use shared::link::{down, flags, put_header, Credential};
+use shared::protocol::backend::{self as be, Severity};
+use shared::protocol::frontend as fe;
+use shared::protocol::typed_message_len;
+use shared::settings::Settings;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+
+/// Frames queued for a session before the link reader waits for it (bounds memory per session).
+const INBOX_LIMIT: usize = 1 << 20;
+
+pub struct Session {
+    pub id: u32,
+    pub link: Rc<Link>,
+    pub pool: Rc<Pool>,
+    pub credential: Credential,
+    pub cancel_key: (i32, i32),
+    /// Settings from the startup packet: what `RESET` returns to.
+    pub baseline: Rc<Settings>,
+    pub settings: RefCell<Rc<Settings>>,
+    pub statements: RefCell<HashMap<Vec<u8>, Rc<Stmt>>>,
+    pub unnamed: RefCell<Option<Rc<Stmt>>>,
+    pub backend: RefCell<Option<Rc<Backend>>>,
+    /// Session state lives on the backend (temp table, cursor WITH HOLD, advisory lock, LISTEN…).
+    pub pinned: Cell<bool>,
+    /// The session task is in the middle of writing a batch.
+    pub writing: Cell<bool>,
+    /// Extended-protocol messages were written since the last `Sync`.
+    pub open_batch: Cell<bool>,
+    pub snapshot_pending: Cell<bool>,
+    pub discard_pending: Cell<bool>,
+    pub dealloc_pending: Cell<bool>,
+    /// We raised an error ourselves: drop the client's messages up to its `Sync`.
+    skip_until_sync: Cell<bool>,
+    /// Responses for the client, gathered before one `DATA` frame.
+    pub out: RefCell<Vec<u8>>,
+    pub inflight: Cell<usize>,
+    pub credit: Notify,
+    inbox: RefCell<VecDeque<(u8, Vec<u8>)>>,
+    inbox_bytes: Cell<usize>,
+    inbox_notify: Notify,
+    drained: Notify,
+    /// The client left (or its link did).
+    pub gone: Cell<bool>,
+    /// The session cannot go on (its backend died holding state).
+    dead: Cell<bool>,
+}
+
+impl Session {
+    pub fn new(
+        id: u32,
+        link: Rc<Link>,
+        pool: Rc<Pool>,
+        credential: Credential,
+        cancel_key: (i32, i32),
+        baseline: Settings,
+    ) -> Rc<Session> {
+        let baseline = Rc::new(baseline);
+        Rc::new(Session {
+            id,
+            link,
+            pool,
+            credential,
+            cancel_key,
+            settings: RefCell::new(baseline.clone()),
+            baseline,
+            statements: RefCell::new(HashMap::new()),
+            unnamed: RefCell::new(None),
+            backend: RefCell::new(None),
+            pinned: Cell::new(false),
+            writing: Cell::new(false),
+            open_batch: Cell::new(false),
+            snapshot_pending: Cell::new(false),
+            discard_pending: Cell::new(false),
+            dealloc_pending: Cell::new(false),
+            skip_until_sync: Cell::new(false),
+            out: RefCell::new(Vec::new()),
+            inflight: Cell::new(0),
+            credit: Notify::default(),
+            inbox: RefCell::new(VecDeque::new()),
+            inbox_bytes: Cell::new(0),
+            inbox_notify: Notify::default(),
+            drained: Notify::default(),
+            gone: Cell::new(false),
+            dead: Cell::new(false),
+        })
+    }
+
+    /// Queues a `MSGS` payload; waits while this session already has much queued.
+    pub async fn enqueue(&self, payload: &[u8]) {
+        while self.inbox_bytes.get() > INBOX_LIMIT && !self.gone.get() && !self.dead.get() {
+            self.drained.notified().await;
+        }
+        let Some((&flags, msgs)) = payload.split_first() else {
+            return;
+        };
+        self.inbox_bytes.set(self.inbox_bytes.get() + msgs.len());
+        self.inbox.borrow_mut().push_back((flags, msgs.to_vec()));
+        self.inbox_notify.notify();
+    }
+
+    pub fn close(&self) {
+        self.gone.set(true);
+        self.inbox_notify.notify();
+        self.credit.notify();
+        self.drained.notify();
+    }
+
+    /// Sends what the relay gathered for the client as one `DATA` frame.
+    pub fn flush(&self) {
+        let mut out = self.out.borrow_mut();
+        if out.is_empty() {
+            return;
+        }
+        if !self.gone.get() {
+            self.link.out.push_with(|b| {
+                put_header(b, down::DATA, self.id, out.len());
+                b.extend_from_slice(&out);
+            });
+            self.inflight.set(self.inflight.get() + out.len());
+        }
+        out.clear();
+        if out.capacity() > 64 * 1024 {
+            *out = Vec::new();
+        }
+    }
+
+    pub fn add_credit(&self, n: usize) {
+        self.inflight.set(self.inflight.get().saturating_sub(n));
+        self.credit.notify();
+    }
+
+    pub fn forget_statement(&self, client_name: Option<&[u8]>, stmt: &Rc<Stmt>) {
+        match client_name {
+            Some(name) => {
+                let mut m = self.statements.borrow_mut();
+                if m.get(name).is_some_and(|s| Rc::ptr_eq(s, stmt)) {
+                    m.remove(name);
+                }
+            }
+            None => {
+                let mut u = self.unnamed.borrow_mut();
+                if u.as_ref().is_some_and(|s| Rc::ptr_eq(s, stmt)) {
+                    *u = None;
+                }
+            }
+        }
+    }
+
+    pub fn clear_statements(&self) {
+        self.statements.borrow_mut().clear();
+        *self.unnamed.borrow_mut() = None;
+    }
+
+    /// The session's settings changed: remember them and tell the gateway, which keeps them.
+    pub fn set_settings(&self, s: Rc<Settings>) {
+        let mut payload = Vec::new();
+        s.encode(&mut payload);
+        *self.settings.borrow_mut() = s;
+        if !self.gone.get() {
+            self.link.out.push_with(|b| {
+                put_header(b, down::SETTINGS, self.id, payload.len());
+                b.extend_from_slice(&payload);
+            });
+        }
+    }
+
+    /// Our backend died while we held it.
+    pub fn backend_lost(&self) {
+        let needs_close = self.pinned.get() || self.out.borrow().is_empty();
+        self.flush();
+        if needs_close || !self.gone.get() {
+            // Postgres would have closed this client's connection: so do we. Whatever the
+            // backend said last (a FATAL, usually) is already on its way.
+            let mut e = Vec::new();
+            be::error_response(
+                &mut e,
+                Severity::Fatal,
+                "08006",
+                "server connection lost: the backend serving this session terminated",
+            );
+            self.send_closed(&e);
+        }
+        self.dead.set(true);
+        self.inbox_notify.notify();
+    }
+
+    fn send_closed(&self, err: &[u8]) {
+        if self.gone.get() {
+            return;
+        }
+        self.link.out.push_with(|b| {
+            put_header(b, down::CLOSED, self.id, err.len());
+            b.extend_from_slice(err);
+        });
+    }
+}
+
+fn attach(s: &Rc<Session>, b: &Rc<Backend>) {
+    b.st.borrow_mut().owner = Some(s.clone());
+    *s.backend.borrow_mut() = Some(b.clone());
+}
+
+/// Gives the backend back if nothing needs it: no transaction, no pending responses, no state.
+fn maybe_release(core: &Rc<Core>, s: &Rc<Session>) {
+    let Some(b) = s.backend.borrow().clone() else {
+        return;
+    };
+    {
+        let mut st = b.st.borrow_mut();
+        let quiet =
+            st.queue.is_empty() && !s.open_batch.get() && st.status == b'I' && !s.writing.get();
+        if !quiet {
+            return;
+        }
+        if s.snapshot_pending.get() || s.discard_pending.get() {
+            if s.discard_pending.replace(false) {
+                s.clear_statements();
+                st.prepared.clear();
+                st.unnamed = None;
+                s.pinned.set(false);
+            }
+            backend::start_snapshot(&b, &mut st, s, false);
+            return;
+        }
+        if s.pinned.get() {
+            return;
+        }
+        st.owner = None;
+    }
+    s.backend.borrow_mut().take();
+    pool::release(core, b);
+}
+
+/// The session's task: open, then process the gateway's frames in order until the client leaves.
+pub async fn run(core: Rc<Core>, s: Rc<Session>) {
+    match open(&core, &s).await {
+        Ok(params) => s.link.out.push_with(|b| {
+            put_header(b, down::OPENED, s.id, params.len());
+            b.extend_from_slice(&params);
+        }),
+        Err(err) => {
+            s.link.out.push_with(|b| {
+                put_header(b, down::OPEN_FAILED, s.id, err.len());
+                b.extend_from_slice(&err);
+            });
+            finish(&core, &s);
+            return;
+        }
+    }
+    loop {
+        let notified = s.inbox_notify.notified();
+        if s.gone.get() || s.dead.get() {
+            break;
+        }
+        let item = s.inbox.borrow_mut().pop_front();
+        let Some((fl, payload)) = item else {
+            notified.await;
+            continue;
+        };
+        s.inbox_bytes.set(s.inbox_bytes.get() - payload.len());
+        s.drained.notify();
+        if let Err(err) = process(&core, &s, fl, &payload).await {
+            s.flush();
+            s.send_closed(&err);
+            break;
+        }
+    }
+    finish(&core, &s);
+}
+
+/// Checks the role can log in to the database (a backend exists or connects) and applies the
+/// startup settings, returning the `ParameterStatus` messages the client should see.
+async fn open(core: &Rc<Core>, s: &Rc<Session>) -> Result<Vec<u8>, Vec<u8>> {
+    let b = pool::acquire(core, &s.pool, &s.credential)
+        .await
+        .map_err(|e| e.to_message())?;
+    attach(s, &b);
+    s.writing.set(true);
+    let target = s.settings.borrow().clone();
+    let done = Rc::new(Slot::default());
+    let applied = if b.sync_settings(&target, false, false, Some(done.clone())) {
+        done.take().await
+    } else {
+        Ok(())
+    };
+    s.writing.set(false);
+    let mut params = Vec::new();
+    for (k, v) in b.st.borrow().reported.iter() {
+        be::parameter_status(&mut params, k, v);
+    }
+    maybe_release(core, s);
+    match applied {
+        Ok(()) => Ok(params),
+        Err(e) => {
+            // An invalid startup setting ends the login, as in Postgres (which says FATAL).
+            let mut fatal = Vec::new();
+            be::error_as_fatal(&mut fatal, e.get(5..).unwrap_or_default());
+            Err(fatal)
+        }
+    }
+}
+
+async fn ensure_backend(core: &Rc<Core>, s: &Rc<Session>) -> Result<Rc<Backend>, Vec<u8>> {
+    if let Some(b) = s.backend.borrow().clone() {
+        return Ok(b);
+    }
+    let b = pool::acquire(core, &s.pool, &s.credential)
+        .await
+        .map_err(|e| e.to_message())?;
+    attach(s, &b);
+    let target = s.settings.borrow().clone();
+    b.sync_settings(&target, false, false, None);
+    Ok(b)
+}
+
+/// Writes one batch of the client's messages to a backend.
+async fn process(core: &Rc<Core>, s: &Rc<Session>, fl: u8, msgs: &[u8]) -> Result<(), Vec<u8>> {
+    if fl & flags::PIN != 0 {
+        s.pinned.set(true);
+    }
+    if fl & flags::SNAPSHOT != 0 {
+        s.snapshot_pending.set(true);
+    }
+    if fl & flags::DISCARD != 0 {
+        s.discard_pending.set(true);
+    }
+    if fl & flags::DEALLOCATE != 0 {
+        s.dealloc_pending.set(true);
+    }
+    s.writing.set(true);
+    let result = write_batch(core, s, msgs).await;
+    s.writing.set(false);
+    s.flush();
+    if result.is_ok() && !s.dead.get() {
+        maybe_release(core, s);
+    }
+    result
+}
+
+async fn write_batch(core: &Rc<Core>, s: &Rc<Session>, mut msgs: &[u8]) -> Result<(), Vec<u8>> {
+    let max = core.cfg.max_message_size.saturating_add(5);
+    while !msgs.is_empty() {
+        let n = match typed_message_len(msgs, max) {
+            Ok(Some(n)) => n,
+            _ => return Err(protocol_violation("malformed message from gateway")),
+        };
+        let (msg, rest) = msgs.split_at(n);
+        msgs = rest;
+        if s.dead.get() || s.gone.get() {
+            return Ok(());
+        }
+        let tag = msg[0];
+        if s.skip_until_sync.get() {
+            if tag != fe::SYNC {
+                continue;
+            }
+            s.skip_until_sync.set(false);
+        }
+        let b = ensure_backend(core, s).await?;
+        if b.skipping() && tag != fe::SYNC {
+            b.send(msg, None);
+        } else {
+            write_message(core, s, &b, tag, msg)?;
+        }
+        b.drain_synth();
+        if b.out.is_full() {
+            s.flush();
+            b.out.wait_drain().await;
+        }
+    }
+    Ok(())
+}
+
+fn write_message(
+    core: &Rc<Core>,
+    s: &Rc<Session>,
+    b: &Rc<Backend>,
+    tag: u8,
+    msg: &[u8],
+) -> Result<(), Vec<u8>> {
+    let body = &msg[5..];
+    let bad = |_| protocol_violation("invalid frontend message");
+    match tag {
+        fe::PARSE => {
+            s.open_batch.set(true);
+            let p = fe::parse_parse(body).map_err(bad)?;
+            if p.name.is_empty() {
+                let stmt = Rc::new(Stmt {
+                    content: Rc::from(&b""[..]),
+                    parse: msg.to_vec(),
+                });
+                *s.unnamed.borrow_mut() = Some(stmt.clone());
+                b.st.borrow_mut().unnamed = Some(stmt.clone());
+                b.send(
+                    msg,
+                    Some(Entry::Parse {
+                        stmt,
+                        injected: false,
+                        client_name: None,
+                    }),
+                );
+                return Ok(());
+            }
+            if s.statements.borrow().contains_key(p.name) {
+                let mut e = Vec::new();
+                be::error_response(
+                    &mut e,
+                    Severity::Error,
+                    "42P05",
+                    &format!(
+                        "prepared statement \"{}\" already exists",
+                        String::from_utf8_lossy(p.name)
+                    ),
+                );
+                s.skip_until_sync.set(true);
+                b.send(&[], Some(Entry::SynthError(e)));
+                return Ok(());
+            }
+            let stmt = core.statement(p.query, p.param_types);
+            s.statements
+                .borrow_mut()
+                .insert(p.name.to_vec(), stmt.clone());
+            let have = b.st.borrow().prepared.contains(&stmt.content);
+            if have {
+                let mut pc = Vec::new();
+                be::parse_complete(&mut pc);
+                b.send(&[], Some(Entry::Synth(pc)));
+            } else {
+                b.st.borrow_mut().prepared.insert(stmt.content.clone());
+                b.send(
+                    &stmt.parse,
+                    Some(Entry::Parse {
+                        stmt: stmt.clone(),
+                        injected: false,
+                        client_name: Some(p.name.to_vec()),
+                    }),
+                );
+            }
+        }
+        fe::BIND => {
+            s.open_batch.set(true);
+            let (portal, name, rest) = fe::parse_bind(body).map_err(bad)?;
+            match statement_for(s, b, name) {
+                Some(content) => {
+                    let mut m = Vec::with_capacity(msg.len() + 32);
+                    fe::write_bind(&mut m, portal, &content, rest);
+                    b.send(&m, Some(Entry::Client(Kind::Bind)));
+                }
+                None => b.send(msg, Some(Entry::Client(Kind::Bind))),
+            }
+        }
+        fe::DESCRIBE => {
+            s.open_batch.set(true);
+            let (kind, name) = fe::parse_target(body).map_err(bad)?;
+            match (kind, statement_for(s, b, name)) {
+                (b'S', Some(content)) => {
+                    let mut m = Vec::new();
+                    fe::write_target(&mut m, fe::DESCRIBE, b'S', &content);
+                    b.send(&m, Some(Entry::Client(Kind::Describe)));
+                }
+                _ => b.send(msg, Some(Entry::Client(Kind::Describe))),
+            }
+        }
+        fe::CLOSE => {
+            s.open_batch.set(true);
+            let (kind, name) = fe::parse_target(body).map_err(bad)?;
+            if kind == b'S' && !name.is_empty() {
+                // Other sessions may use the same statement on this backend: it stays there;
+                // only this session forgets its name (Postgres answers CloseComplete even for a
+                // name that does not exist).
+                s.statements.borrow_mut().remove(name);
+                let mut cc = Vec::new();
+                be::close_complete(&mut cc);
+                b.send(&[], Some(Entry::Synth(cc)));
+            } else {
+                if kind == b'S' {
+                    *s.unnamed.borrow_mut() = None;
+                    b.st.borrow_mut().unnamed = None;
+                }
+                b.send(msg, Some(Entry::Client(Kind::Close)));
+            }
+        }
+        fe::EXECUTE => {
+            s.open_batch.set(true);
+            b.send(msg, Some(Entry::Client(Kind::Execute)));
+        }
+        fe::SYNC => {
+            s.open_batch.set(false);
+            b.send(msg, Some(Entry::Client(Kind::Sync)));
+        }
+        fe::QUERY => {
+            // A simple query destroys the unnamed statement (exec_simple_query).
+            *s.unnamed.borrow_mut() = None;
+            b.st.borrow_mut().unnamed = None;
+            b.send(msg, Some(Entry::Client(Kind::Query)));
+        }
+        fe::FUNCTION_CALL => b.send(msg, Some(Entry::Client(Kind::FunctionCall))),
+        _ => b.send(msg, None),
+    }
+    Ok(())
+}
+
+/// The backend name for a client's statement, preparing it there first if needed. `None`: not
+/// one of ours (unknown name, passed through so Postgres reports it) or the unnamed statement.
+fn statement_for(s: &Rc<Session>, b: &Rc<Backend>, name: &[u8]) -> Option<Rc<[u8]>> {
+    if name.is_empty() {
+        let unnamed = s.unnamed.borrow().clone();
+        if let Some(u) = unnamed {
+            let here =
+                b.st.borrow()
+                    .unnamed
+                    .as_ref()
+                    .is_some_and(|x| Rc::ptr_eq(x, &u));
+            if !here {
+                b.st.borrow_mut().unnamed = Some(u.clone());
+                b.send(
+                    &u.parse.clone(),
+                    Some(Entry::Parse {
+                        stmt: u,
+                        injected: true,
+                        client_name: None,
+                    }),
+                );
+            }
+        }
+        return None;
+    }
+    let stmt = s.statements.borrow().get(name).cloned()?;
+    let have = b.st.borrow().prepared.contains(&stmt.content);
+    if !have {
+        b.st.borrow_mut().prepared.insert(stmt.content.clone());
+        b.send(
+            &stmt.parse,
+            Some(Entry::Parse {
+                stmt: stmt.clone(),
+                injected: true,
+                client_name: None,
+            }),
+        );
+    }
+    Some(stmt.content.clone())
+}
+
+fn protocol_violation(msg: &str) -> Vec<u8> {
+    let mut e = Vec::new();
+    be::error_response(&mut e, Severity::Fatal, "08P01", msg);
+    e
+}
+
+/// The client left: give the backend back clean, or close it.
+fn finish(core: &Rc<Core>, s: &Rc<Session>) {
+    s.gone.set(true);
+    core.sessions_by_key.borrow_mut().remove(&s.cancel_key);
+    let Some(b) = s.backend.borrow_mut().take() else {
+        return;
+    };
+    let mut st = b.st.borrow_mut();
+    st.owner = None;
+    if st.broken {
+        return;
+    }
+    if !st.queue.is_empty() || s.open_batch.get() {
+        // Mid-query or mid-COPY: we cannot know when it would end; a closed connection makes
+        // Postgres roll back.
+        drop(st);
+        b.close();
+        pool::retire(core, &b);
+        return;
+    }
+    let mut cleanup: Vec<&str> = Vec::new();
+    if st.status != b'I' {
+        cleanup.push("ROLLBACK");
+    }
+    if s.pinned.get() {
+        cleanup.push("DISCARD ALL");
+    }
+    drop(st);
+    if cleanup.is_empty() {
+        pool::release(core, b);
+        return;
+    }
+    let last = cleanup.len() - 1;
+    for (i, sql) in cleanup.iter().enumerate() {
+        let mut q = Vec::new();
+        fe::query(&mut q, sql);
+        b.send(
+            &q,
+            Some(Entry::Internal(Internal::Cleanup {
+                last: i == last,
+                discard: *sql == "DISCARD ALL",
+            })),
+        );
+    }
+}
