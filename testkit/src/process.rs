@@ -20,6 +20,8 @@ pub struct Output {
     pub text: String,
     /// Exit code; `None` when killed by a signal.
     pub code: Option<i32>,
+    /// It ran past its deadline and was killed (the text ends with a line saying so).
+    pub timed_out: bool,
 }
 
 impl Output {
@@ -56,7 +58,7 @@ pub(crate) fn kill_group(child: &mut Child) {
 }
 
 /// Runs `cmd` with `stdin` (or /dev/null), waits at most `timeout`, and returns everything it
-/// printed. Panics on a timeout, with what was printed so far.
+/// printed. Past the deadline it is killed, with everything it started, and the output says so.
 pub fn run_merged(cmd: &mut Command, stdin: Option<Vec<u8>>, timeout: Duration) -> Output {
     let (mut read_end, write_end) = pipe();
     let write_end2 = write_end.try_clone().expect("dup pipe");
@@ -123,7 +125,12 @@ pub fn run_merged(cmd: &mut Command, stdin: Option<Vec<u8>>, timeout: Duration) 
         Some(status) => Output {
             text,
             code: status.code(),
+            timed_out: false,
         },
-        None => panic!("{cmd:?} did not finish within {timeout:?}; it printed:\n{text}"),
+        None => Output {
+            text: format!("{text}\n<killed: {cmd:?} did not finish within {timeout:?}>\n"),
+            code: None,
+            timed_out: true,
+        },
     }
 }

@@ -63,6 +63,17 @@ impl ServerError {
     pub fn severity(&self) -> &str {
         self.field(b'V').or(self.field(b'S')).unwrap_or("")
     }
+
+    /// All fields but F, L and R (see [`Message::render`]), for comparing.
+    pub fn render(&self) -> String {
+        let fields: Vec<String> = self
+            .fields
+            .iter()
+            .filter(|(k, _)| !matches!(k, b'F' | b'L' | b'R'))
+            .map(|(k, v)| format!("{}={v:?}", *k as char))
+            .collect();
+        fields.join(" ")
+    }
 }
 
 impl fmt::Display for ServerError {
@@ -112,6 +123,9 @@ pub struct RawConn {
     /// ParameterStatus, BackendKeyData and notices received during login, before the first
     /// ReadyForQuery.
     pub startup: Vec<Message>,
+    /// The authentication requests the server made, in order (3 cleartext, 5 md5, 10 SASL,
+    /// 11 SASL continue, 12 SASL final, 0 ok).
+    pub auth_requests: Vec<i32>,
 }
 
 fn protocol(what: impl Into<String>) -> ConnectError {
@@ -150,6 +164,7 @@ impl RawConn {
             stream,
             rbuf: BytesMut::new(),
             startup: Vec::new(),
+            auth_requests: Vec::new(),
         };
 
         let mut buf = BytesMut::new();
@@ -166,7 +181,9 @@ impl RawConn {
                     if body.len() < 4 {
                         return Err(protocol("short Authentication message"));
                     }
-                    match body.get_i32() {
+                    let request = body.get_i32();
+                    conn.auth_requests.push(request);
+                    match request {
                         0 => {}
                         3 => {
                             frontend::password_message(password.as_bytes(), &mut buf)?;
@@ -389,19 +406,12 @@ impl Message {
             }
             b'K' => "BackendKeyData".into(),
             b'E' | b'N' => {
-                let e = ServerError::parse(&self.body);
-                let fields: Vec<String> = e
-                    .fields
-                    .iter()
-                    .filter(|(k, _)| !matches!(k, b'F' | b'L' | b'R'))
-                    .map(|(k, v)| format!("{}={v:?}", *k as char))
-                    .collect();
                 let name = if self.tag == b'E' {
                     "ErrorResponse"
                 } else {
                     "NoticeResponse"
                 };
-                format!("{name}({})", fields.join(" "))
+                format!("{name}({})", ServerError::parse(&self.body).render())
             }
             b'A' => {
                 if b.len() < 4 {

@@ -30,14 +30,12 @@ async fn cluster_starts_logs_in_and_stops() {
     let err = direct
         .connect(ALICE.0, "nope", APP_DB)
         .await
-        .err()
-        .expect("wrong password fails");
+        .expect_err("wrong password fails");
     assert_eq!(err.code().map(|c| c.code()), Some("28P01"));
     let err = direct
         .connect("nobody", "x", APP_DB)
         .await
-        .err()
-        .expect("unknown role fails");
+        .expect_err("unknown role fails");
     assert_eq!(err.code().map(|c| c.code()), Some("28P01"));
 
     // psql, with the password from the environment.

@@ -1,0 +1,774 @@
+//! Real clients through the gateway: tokio-postgres (prepared statements, transactions, 200
+//! sessions over a budget of 20 backends, cancel, isolation between sessions), psql, psycopg 3,
+//! and logins (SCRAM, md5, and the errors of wrong passwords, unknown roles and databases).
+
+mod common;
+
+use std::future::Future;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use testkit::{
+    run_merged, ConnectError, Endpoint, PgCluster, Tidepool, TidepoolOpts, ALICE, APP_DB, BOB,
+};
+use tokio_postgres::{AsyncMessage, NoTls};
+
+/// Every async test body runs under this deadline.
+async fn bounded<T>(limit: Duration, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or_else(|_| panic!("test exceeded {limit:?}"))
+}
+
+fn start(pool_size: usize) -> (PgCluster, Tidepool) {
+    let pg = PgCluster::start();
+    let tp = Tidepool::start(&pg, TidepoolOpts::default().pool_size(pool_size));
+    (pg, tp)
+}
+
+fn sqlstate(e: &tokio_postgres::Error) -> String {
+    e.code()
+        .map(|c| c.code().to_string())
+        .unwrap_or_else(|| format!("<no SQLSTATE: {e}>"))
+}
+
+#[tokio::test]
+async fn tokio_postgres_prepared_statements_and_transactions() {
+    let (_pg, tp) = start(20);
+    bounded(Duration::from_secs(60), async {
+        let c = tp
+            .endpoint()
+            .connect(ALICE.0, ALICE.1, APP_DB)
+            .await
+            .expect("login through the gateway");
+        c.batch_execute("CREATE TABLE kv (k int PRIMARY KEY, v text, f float8, arr int[])")
+            .await
+            .unwrap();
+
+        let ins = c
+            .prepare("INSERT INTO kv VALUES ($1, $2, $3, $4)")
+            .await
+            .unwrap();
+        for k in 0..100i32 {
+            let v = format!("v{k}");
+            let arr = vec![k, k + 1];
+            c.execute(&ins, &[&k, &v, &(k as f64 / 2.0), &arr])
+                .await
+                .unwrap();
+        }
+        let get = c
+            .prepare("SELECT v, f, arr FROM kv WHERE k = $1")
+            .await
+            .unwrap();
+        for k in [0i32, 42, 99] {
+            let row = c.query_one(&get, &[&k]).await.unwrap();
+            assert_eq!(row.get::<_, String>(0), format!("v{k}"));
+            assert_eq!(row.get::<_, f64>(1), k as f64 / 2.0);
+            assert_eq!(row.get::<_, Vec<i32>>(2), vec![k, k + 1]);
+        }
+        let none: Option<String> = c.query_one("SELECT NULL::text", &[]).await.unwrap().get(0);
+        assert_eq!(none, None);
+
+        // Statements prepared long ago, after other work, still work (the pooler may run them
+        // on any backend).
+        for _ in 0..20 {
+            c.batch_execute("SELECT pg_sleep(0.005)").await.unwrap();
+            assert_eq!(
+                c.query_one(&get, &[&7i32])
+                    .await
+                    .unwrap()
+                    .get::<_, String>(0),
+                "v7"
+            );
+        }
+
+        // Transactions: commit, rollback, error.
+        let mut c = c;
+        let tx = c.transaction().await.unwrap();
+        tx.execute("UPDATE kv SET v = 'committed' WHERE k = 1", &[])
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let tx = c.transaction().await.unwrap();
+        tx.execute("UPDATE kv SET v = 'rolled back' WHERE k = 2", &[])
+            .await
+            .unwrap();
+        tx.rollback().await.unwrap();
+        let tx = c.transaction().await.unwrap();
+        let err = tx
+            .execute(&ins, &[&1i32, &"dup", &0.0f64, &Vec::<i32>::new()])
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&err), "23505");
+        let err = tx.query("SELECT 1", &[]).await.unwrap_err();
+        assert_eq!(sqlstate(&err), "25P02");
+        tx.rollback().await.unwrap();
+        let rows = c
+            .query("SELECT k, v FROM kv WHERE k IN (1, 2) ORDER BY k", &[])
+            .await
+            .unwrap();
+        let got: Vec<(i32, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        assert_eq!(
+            got,
+            vec![(1, "committed".to_string()), (2, "v2".to_string())]
+        );
+
+        // Nested savepoints through the driver.
+        let mut tx = c.transaction().await.unwrap();
+        let sp = tx.savepoint("sp").await.unwrap();
+        sp.execute("DELETE FROM kv", &[]).await.unwrap();
+        sp.rollback().await.unwrap();
+        assert_eq!(
+            tx.query_one("SELECT count(*) FROM kv", &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0),
+            100
+        );
+        tx.commit().await.unwrap();
+        c.batch_execute("DROP TABLE kv").await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_sessions_share_twenty_backends() {
+    let (pg, tp) = start(20);
+    pg.psql_admin_db(APP_DB, "CREATE TABLE counter (id int PRIMARY KEY, n int); INSERT INTO counter VALUES (1, 0); ALTER TABLE counter OWNER TO alice;");
+    let watch = tp.watch_backends(ALICE.0);
+    let done = Arc::new(AtomicUsize::new(0));
+    bounded(Duration::from_secs(120), async {
+        let ep = tp.endpoint();
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let ep = ep.clone();
+            let done = done.clone();
+            tasks.push(tokio::spawn(async move {
+                let c = ep
+                    .connect(ALICE.0, ALICE.1, APP_DB)
+                    .await
+                    .unwrap_or_else(|e| panic!("session {i}: login: {e}"));
+                let stmt = c
+                    .prepare("SELECT $1::int + 1, pg_sleep(0.01)::text")
+                    .await
+                    .unwrap();
+                let mut c = c;
+                for round in 0..5 {
+                    let row = c.query_one(&stmt, &[&(i * 10 + round)]).await.unwrap();
+                    assert_eq!(row.get::<_, i32>(0), i * 10 + round + 1);
+                    let tx = c.transaction().await.unwrap();
+                    tx.execute("UPDATE counter SET n = n + 1 WHERE id = 1", &[])
+                        .await
+                        .unwrap();
+                    tx.commit().await.unwrap();
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+                c
+            }));
+        }
+        let mut clients = Vec::new();
+        for t in tasks {
+            clients.push(t.await.expect("session task"));
+        }
+        // All 200 sessions are still open here.
+        let n: i32 = clients[0]
+            .query_one("SELECT n FROM counter WHERE id = 1", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1000);
+    })
+    .await;
+    let (max, samples) = watch.stop();
+    assert_eq!(done.load(Ordering::Relaxed), 200);
+    assert!(samples > 0);
+    assert!(
+        max <= 20,
+        "alice had {max} backends at once; the budget is 20\n{}",
+        tp.logs()
+    );
+    assert!(max >= 1, "the sampler saw no backend at all");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_only_its_own_query() {
+    let (pg, tp) = start(20);
+    bounded(Duration::from_secs(60), async {
+        // What Postgres says, for comparison.
+        let direct = pg.direct().connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+        let token = direct.cancel_token();
+        let sleeper =
+            tokio::spawn(async move { direct.query("SELECT pg_sleep(30)", &[]).await.map(|_| ()) });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        token.cancel_query(NoTls).await.unwrap();
+        let want = sleeper.await.unwrap().unwrap_err();
+        let want = want.as_db_error().expect("a server error").clone();
+
+        let ep = tp.endpoint();
+        let a = ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+        let b = ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+        let token = a.cancel_token();
+        let a = Arc::new(a);
+        let a2 = a.clone();
+        let started = Instant::now();
+        let sleeper =
+            tokio::spawn(async move { a2.query("SELECT pg_sleep(30)", &[]).await.map(|_| ()) });
+        let other = tokio::spawn(async move {
+            let r = b
+                .query_one("SELECT pg_sleep(2)::text, 'b finished'", &[])
+                .await
+                .map(|r| r.get::<_, String>(1));
+            (b, r)
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        token
+            .cancel_query(NoTls)
+            .await
+            .expect("cancel request to the gateway");
+        let err = sleeper
+            .await
+            .unwrap()
+            .expect_err("pg_sleep(30) was cancelled");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "cancel took {:?}",
+            started.elapsed()
+        );
+        let got = err
+            .as_db_error()
+            .unwrap_or_else(|| panic!("not a server error: {err}"));
+        assert_eq!(got.code().code(), "57014");
+        assert_eq!(got.message(), want.message());
+        let (b, r) = other.await.unwrap();
+        assert_eq!(
+            r.expect("the other session's query is not cancelled"),
+            "b finished"
+        );
+        // Both sessions go on.
+        assert_eq!(
+            a.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),
+            1
+        );
+        assert_eq!(
+            b.query_one("SELECT 2", &[]).await.unwrap().get::<_, i32>(0),
+            2
+        );
+        // A cancel with no query running does nothing.
+        b.cancel_token().cancel_query(NoTls).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            b.query_one("SELECT 3", &[]).await.unwrap().get::<_, i32>(0),
+            3
+        );
+    })
+    .await;
+}
+
+/// The settings of a session, as one string.
+const SETTINGS_PROBE: &str =
+    "SELECT concat_ws(' | ', current_setting('work_mem'), current_setting('search_path'), \
+    current_setting('TimeZone'), current_setting('application_name'), \
+    coalesce(current_setting('myapp.tenant', true), ''), current_setting('statement_timeout'))";
+
+#[tokio::test]
+async fn settings_do_not_leak_between_sessions_on_one_backend() {
+    let (_pg, tp) = start(1);
+    bounded(Duration::from_secs(60), async {
+        let ep = tp.endpoint();
+        let a = ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+        let b = ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+        let defaults: String = b.query_one(SETTINGS_PROBE, &[]).await.unwrap().get(0);
+        for i in 0..20 {
+            let a_settings = format!("{}MB | public, pg_catalog | UTC | app-a-{i} | tenant{i} | 5s", 10 + i);
+            a.batch_execute(&format!(
+                "SET work_mem = '{}MB'; SET search_path = public, pg_catalog; SET TimeZone = 'UTC'; \
+                 SET application_name = 'app-a-{i}'; SELECT set_config('myapp.tenant', 'tenant{i}', false); \
+                 SET statement_timeout = '5s'",
+                10 + i
+            ))
+            .await
+            .unwrap();
+            let got_b: String = b.query_one(SETTINGS_PROBE, &[]).await.unwrap().get(0);
+            assert_eq!(got_b, defaults, "round {i}: session b sees a's settings");
+            let got_a: String = a.query_one(SETTINGS_PROBE, &[]).await.unwrap().get(0);
+            assert_eq!(got_a, a_settings, "round {i}: session a lost its settings");
+            b.batch_execute("SET work_mem = '1MB'").await.unwrap();
+            let got_a: String = a.query_one(SETTINGS_PROBE, &[]).await.unwrap().get(0);
+            assert_eq!(got_a, a_settings, "round {i}: session a sees b's work_mem");
+            b.batch_execute("RESET work_mem").await.unwrap();
+            a.batch_execute("RESET ALL").await.unwrap();
+            let got_a: String = a.query_one(SETTINGS_PROBE, &[]).await.unwrap().get(0);
+            assert_eq!(got_a, defaults, "round {i}: RESET ALL in a");
+        }
+    })
+    .await;
+}
+
+/// One step of a test, bounded on its own so a hang names the step.
+async fn step<T>(tp: &Tidepool, label: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), fut)
+        .await
+        .unwrap_or_else(|_| panic!("step {label:?} did not finish within 10 s\n{}", tp.logs()))
+}
+
+#[tokio::test]
+async fn session_state_stays_with_its_session() {
+    let (_pg, tp) = start(2);
+    let ep = tp.endpoint();
+    let a = ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+    let b = ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+    // A temp table (a keeps its backend; b gets the other one).
+    step(
+        &tp,
+        "a creates a temp table",
+        a.batch_execute("CREATE TEMP TABLE mine (x int); INSERT INTO mine VALUES (1)"),
+    )
+    .await
+    .unwrap();
+    let seen: Option<String> = step(
+        &tp,
+        "b looks for it",
+        b.query_one("SELECT to_regclass('mine')::text", &[]),
+    )
+    .await
+    .unwrap()
+    .get(0);
+    assert_eq!(seen, None, "b sees a's temp table");
+    let n: i64 = step(
+        &tp,
+        "a reads it",
+        a.query_one("SELECT count(*) FROM mine", &[]),
+    )
+    .await
+    .unwrap()
+    .get(0);
+    assert_eq!(n, 1);
+    // A session advisory lock of a blocks b.
+    step(
+        &tp,
+        "a locks",
+        a.batch_execute("SELECT pg_advisory_lock(77)"),
+    )
+    .await
+    .unwrap();
+    let got: bool = step(
+        &tp,
+        "b tries the lock",
+        b.query_one("SELECT pg_try_advisory_lock(77)", &[]),
+    )
+    .await
+    .unwrap()
+    .get(0);
+    assert!(!got, "b got a's advisory lock");
+    step(
+        &tp,
+        "a unlocks",
+        a.batch_execute("SELECT pg_advisory_unlock(77)"),
+    )
+    .await
+    .unwrap();
+    let got: bool = step(
+        &tp,
+        "b locks",
+        b.query_one("SELECT pg_try_advisory_lock(77)", &[]),
+    )
+    .await
+    .unwrap()
+    .get(0);
+    assert!(got);
+    let got: bool = step(
+        &tp,
+        "b unlocks",
+        b.query_one("SELECT pg_advisory_unlock(77)", &[]),
+    )
+    .await
+    .unwrap()
+    .get(0);
+    assert!(got);
+    // SQL prepared statements are per session.
+    step(
+        &tp,
+        "a prepares",
+        a.batch_execute("PREPARE only_a AS SELECT 'a'"),
+    )
+    .await
+    .unwrap();
+    let err = step(
+        &tp,
+        "b executes a's statement",
+        b.batch_execute("EXECUTE only_a"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(sqlstate(&err), "26000");
+    step(&tp, "a executes", a.batch_execute("EXECUTE only_a"))
+        .await
+        .unwrap();
+    step(&tp, "a discards all", a.batch_execute("DISCARD ALL"))
+        .await
+        .unwrap();
+    // Uncommitted work is invisible to the other session.
+    step(
+        &tp,
+        "create shared_t",
+        a.batch_execute("CREATE TABLE shared_t (x int)"),
+    )
+    .await
+    .unwrap();
+    step(
+        &tp,
+        "a begins and inserts",
+        a.batch_execute("BEGIN; INSERT INTO shared_t VALUES (1)"),
+    )
+    .await
+    .unwrap();
+    let n: i64 = step(
+        &tp,
+        "b counts before commit",
+        b.query_one("SELECT count(*) FROM shared_t", &[]),
+    )
+    .await
+    .unwrap()
+    .get(0);
+    assert_eq!(n, 0);
+    step(&tp, "a commits", a.batch_execute("COMMIT"))
+        .await
+        .unwrap();
+    let n: i64 = step(
+        &tp,
+        "b counts after commit",
+        b.query_one("SELECT count(*) FROM shared_t", &[]),
+    )
+    .await
+    .unwrap()
+    .get(0);
+    assert_eq!(n, 1);
+}
+
+#[tokio::test]
+async fn a_client_gone_mid_transaction_frees_its_backend() {
+    let (_pg, tp) = start(1);
+    bounded(Duration::from_secs(60), async {
+        let ep = tp.endpoint();
+        let setup = ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+        setup
+            .batch_execute("CREATE TABLE gone (x int)")
+            .await
+            .unwrap();
+        drop(setup);
+        for i in 0..3 {
+            let a = ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+            a.batch_execute("BEGIN; INSERT INTO gone VALUES (1); SELECT pg_advisory_xact_lock(5)")
+                .await
+                .unwrap();
+            drop(a); // closes the socket with the transaction open
+            let b = ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+            let n: i64 = tokio::time::timeout(
+                Duration::from_secs(10),
+                b.query_one("SELECT count(*) FROM gone", &[]),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("round {i}: the only backend was not given back"))
+            .unwrap()
+            .get(0);
+            assert_eq!(n, 0, "round {i}: the abandoned transaction was committed");
+            assert!(b
+                .query_one("SELECT pg_try_advisory_lock(5)", &[])
+                .await
+                .unwrap()
+                .get::<_, bool>(0));
+            b.batch_execute("SELECT pg_advisory_unlock_all()")
+                .await
+                .unwrap();
+        }
+    })
+    .await;
+}
+
+type Notifications = tokio::sync::mpsc::UnboundedReceiver<(String, String)>;
+
+async fn recv(rx: &mut Notifications) -> Option<(String, String)> {
+    tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Connects and forwards notifications to a channel.
+async fn listener(ep: &Endpoint) -> (tokio_postgres::Client, Notifications) {
+    let (client, mut connection) = ep
+        .pg_config(ALICE.0, ALICE.1, APP_DB)
+        .connect(NoTls)
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(msg)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if let AsyncMessage::Notification(n) = msg {
+                let _ = tx.send((n.channel().to_string(), n.payload().to_string()));
+            }
+        }
+    });
+    (client, rx)
+}
+
+#[tokio::test]
+async fn listen_notify_between_sessions() {
+    let (_pg, tp) = start(20);
+    bounded(Duration::from_secs(60), async {
+        let ep = tp.endpoint();
+        let (a, mut a_rx) = listener(&ep).await;
+        let (c, mut c_rx) = listener(&ep).await;
+        let b = ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+        a.batch_execute("LISTEN news").await.unwrap();
+        c.batch_execute("LISTEN news; LISTEN other").await.unwrap();
+        b.batch_execute("NOTIFY news, 'first'").await.unwrap();
+        b.batch_execute("BEGIN; NOTIFY news, 'in tx'; NOTIFY other, 'o'; COMMIT")
+            .await
+            .unwrap();
+        b.batch_execute("BEGIN; NOTIFY news, 'rolled back'; ROLLBACK")
+            .await
+            .unwrap();
+        b.batch_execute("SELECT pg_notify('news', 'last')")
+            .await
+            .unwrap();
+        let mut got_a = Vec::new();
+        for _ in 0..3 {
+            got_a.push(recv(&mut a_rx).await.expect("a notification for a"));
+        }
+        let want = |v: &[(&str, &str)]| {
+            v.iter()
+                .map(|(c, p)| (c.to_string(), p.to_string()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            got_a,
+            want(&[("news", "first"), ("news", "in tx"), ("news", "last")])
+        );
+        let mut got_c = Vec::new();
+        for _ in 0..4 {
+            got_c.push(recv(&mut c_rx).await.expect("a notification for c"));
+        }
+        assert_eq!(
+            got_c,
+            want(&[
+                ("news", "first"),
+                ("news", "in tx"),
+                ("other", "o"),
+                ("news", "last")
+            ])
+        );
+        // After UNLISTEN nothing more arrives, while the listener keeps working.
+        a.batch_execute("UNLISTEN news").await.unwrap();
+        b.batch_execute("NOTIFY news, 'after unlisten'")
+            .await
+            .unwrap();
+        assert_eq!(
+            recv(&mut c_rx).await,
+            Some(("news".to_string(), "after unlisten".to_string()))
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            a_rx.try_recv().is_err(),
+            "a got a notification after UNLISTEN"
+        );
+    })
+    .await;
+}
+
+#[test]
+fn psql_through_the_gateway() {
+    let (pg, tp) = start(20);
+    for (user, password) in [ALICE, BOB] {
+        let sql = "SELECT current_user, current_database(); SELECT 1 / 0; SELECT 'after error'";
+        let direct = pg
+            .direct()
+            .psql(user, password, APP_DB)
+            .arg("-At")
+            .command(sql)
+            .run();
+        let through = tp
+            .endpoint()
+            .psql(user, password, APP_DB)
+            .arg("-At")
+            .command(sql)
+            .run();
+        assert_eq!(direct.code, through.code, "{}", through.text);
+        assert_eq!(
+            direct.text,
+            through.text,
+            "{user}: psql output differs\n{}",
+            tp.logs()
+        );
+        assert!(
+            through.text.contains(&format!("{user}|{APP_DB}")),
+            "{}",
+            through.text
+        );
+    }
+    // Wrong password: psql's message as with Postgres.
+    let direct = pg
+        .direct()
+        .psql(ALICE.0, "wrong", APP_DB)
+        .command("SELECT 1")
+        .run();
+    let through = tp
+        .endpoint()
+        .psql(ALICE.0, "wrong", APP_DB)
+        .command("SELECT 1")
+        .run();
+    assert_eq!(through.code, Some(2), "{}", through.text);
+    let strip = |s: &str, port: u16| s.replace(&port.to_string(), "<port>");
+    assert_eq!(
+        strip(&direct.text, pg.port()),
+        strip(&through.text, tp.gateway_port())
+    );
+}
+
+#[test]
+fn psycopg3_through_the_gateway() {
+    let import = run_merged(
+        Command::new("python3").args(["-c", "import psycopg; print(psycopg.__version__)"]),
+        None,
+        Duration::from_secs(30),
+    );
+    if !import.success() {
+        if std::env::var_os("CI").is_some() {
+            panic!(
+                "psycopg 3 is not importable under CI (pip install 'psycopg[binary]'):\n{}",
+                import.text
+            );
+        }
+        eprintln!("SKIPPED psycopg3_through_the_gateway: psycopg 3 is not installed (pip install 'psycopg[binary]'):\n{}", import.text);
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/psycopg_check.py");
+    let (pg, tp) = start(20);
+    let run = |url: String| {
+        let mut cmd = Command::new("python3");
+        cmd.arg(&script).arg(url);
+        run_merged(&mut cmd, None, Duration::from_secs(120))
+    };
+    // Against Postgres first: a failure there is the script's, not Tidepool's.
+    let direct = run(pg.direct_url(ALICE.0, ALICE.1, APP_DB));
+    assert!(
+        direct.success(),
+        "psycopg check fails against Postgres itself:\n{}",
+        direct.text
+    );
+    let through = run(tp.url(ALICE.0, ALICE.1, APP_DB));
+    assert!(
+        through.success(),
+        "psycopg check through the gateway:\n{}\n{}",
+        through.text,
+        tp.logs()
+    );
+    // The checks passed are the same; psycopg's own log lines (e.g. "error ignored terminating
+    // <Pipeline ...>", printed or not depending on timing, with the port in it) are not compared.
+    let checks = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.ends_with(": ok") || *l == "psycopg ok")
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(checks(&direct.text), checks(&through.text));
+    let bob = run(tp.url(BOB.0, BOB.1, APP_DB));
+    assert!(
+        bob.success(),
+        "psycopg check as bob (md5) through the gateway:\n{}\n{}",
+        bob.text,
+        tp.logs()
+    );
+}
+
+/// Logs in with the raw client at both places; the results (the authentication requests made,
+/// or the error) must be the same.
+async fn same_login(
+    pg: &PgCluster,
+    tp: &Tidepool,
+    user: &str,
+    password: &str,
+    db: &str,
+) -> Result<Vec<i32>, String> {
+    let render = |r: Result<testkit::RawConn, ConnectError>| match r {
+        Ok(conn) => Ok(conn.auth_requests),
+        Err(ConnectError::Server(e)) => Err(e.render()),
+        Err(e) => Err(format!("<{e}>")),
+    };
+    let direct = render(pg.direct().raw(user, password, db).await);
+    let through = render(tp.endpoint().raw(user, password, db).await);
+    assert_eq!(
+        direct,
+        through,
+        "login as {user:?} to {db:?} with password {password:?}\n{}",
+        tp.logs()
+    );
+    through
+}
+
+#[tokio::test]
+async fn logins_and_their_errors_match_postgres() {
+    let (pg, tp) = start(20);
+    bounded(Duration::from_secs(60), async {
+        // alice has a SCRAM verifier: SASL (10, 11, 12) then ok; bob an md5 one: md5 (5).
+        assert_eq!(
+            same_login(&pg, &tp, ALICE.0, ALICE.1, APP_DB).await,
+            Ok(vec![10, 11, 12, 0])
+        );
+        assert_eq!(
+            same_login(&pg, &tp, BOB.0, BOB.1, APP_DB).await,
+            Ok(vec![5, 0])
+        );
+        // tokio-postgres logs in both ways too.
+        for (user, password) in [ALICE, BOB] {
+            let c = tp
+                .endpoint()
+                .connect(user, password, APP_DB)
+                .await
+                .unwrap_or_else(|e| panic!("{user}: {e}"));
+            assert_eq!(
+                c.query_one("SELECT current_user::text", &[])
+                    .await
+                    .unwrap()
+                    .get::<_, String>(0),
+                user
+            );
+        }
+        // Errors: wrong passwords, unknown role, unknown database.
+        let err = same_login(&pg, &tp, ALICE.0, "wrong", APP_DB)
+            .await
+            .unwrap_err();
+        assert!(err.contains("C=\"28P01\""), "{err}");
+        let err = same_login(&pg, &tp, BOB.0, "wrong", APP_DB)
+            .await
+            .unwrap_err();
+        assert!(err.contains("C=\"28P01\""), "{err}");
+        let err = same_login(&pg, &tp, "nobody", "x", APP_DB)
+            .await
+            .unwrap_err();
+        assert!(err.contains("C=\"28P01\""), "{err}");
+        let err = same_login(&pg, &tp, ALICE.0, ALICE.1, "no_such_db")
+            .await
+            .unwrap_err();
+        assert!(err.contains("C=\"3D000\""), "{err}");
+        // The same through tokio-postgres.
+        let e = tp
+            .endpoint()
+            .connect(ALICE.0, "wrong", APP_DB)
+            .await
+            .expect_err("wrong password fails");
+        assert_eq!(sqlstate(&e), "28P01");
+        let e = tp
+            .endpoint()
+            .connect(ALICE.0, ALICE.1, "no_such_db")
+            .await
+            .expect_err("unknown db fails");
+        assert_eq!(sqlstate(&e), "3D000");
+        // After failures, logins still work.
+        assert!(same_login(&pg, &tp, ALICE.0, ALICE.1, APP_DB).await.is_ok());
+    })
+    .await;
+}
