@@ -8,7 +8,10 @@
 #   sudo perf/firehose_compare.sh                      # 2,000 connections, 30 s per run
 #   CONNS=10000 DURATION=60 TARGETS="pgbouncer tidepool" perf/firehose_compare.sh
 #
-# Env: CONNS (2000), DURATION (s, 30), RAMP (s, 5), READ_QPS (4000), WRITE_QPS (1000),
+# Rates and latencies are those of the steady window (after WARMUP seconds: direct Postgres
+# takes longer than the ramp-up to fork its backends); totals and errors cover the whole run.
+#
+# Env: CONNS (2000), DURATION (s, 30), RAMP (s, 5), WARMUP (s, 10), READ_QPS (4000), WRITE_QPS (1000),
 #      CHURN (connections replaced per second in steady, 20), CHURN_CONNS (50),
 #      PROFILES ("steady churn"), TARGETS ("direct pgbouncer tidepool"), SOURCE_ADDRS (16),
 #      FIREHOSE (binary; default target/release/firehose, built if missing), TIDEPOOL_BIN,
@@ -20,6 +23,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 CONNS=${CONNS:-2000}
 DURATION=${DURATION:-30}
 RAMP=${RAMP:-5}
+WARMUP=${WARMUP:-10}
 READ_QPS=${READ_QPS:-4000}
 WRITE_QPS=${WRITE_QPS:-1000}
 CHURN=${CHURN:-20}
@@ -91,7 +95,7 @@ rss_sampler() {
 
 profile_args() {
     case $1 in
-        steady) echo "--connections $CONNS --ramp-up $RAMP --read-qps $READ_QPS --write-qps $WRITE_QPS --churn $CHURN" ;;
+        steady) echo "--connections $CONNS --ramp-up $RAMP --warmup $WARMUP --read-qps $READ_QPS --write-qps $WRITE_QPS --churn $CHURN" ;;
         churn) echo "--profile churn --connections $CHURN_CONNS" ;;
     esac
 }
@@ -130,7 +134,8 @@ for profile in $PROFILES; do
             failed=1
             continue
         fi
-        # Per request: a query in steady, a connect (with its one query) in churn.
+        # Per request: a query in steady, a connect (with its one query) in churn; over the
+        # whole run, like the CPU reading.
         if [ "$profile" = churn ]; then
             requests=$(jq '.totals.connects_ok' "$json")
             lat=connect
@@ -154,7 +159,8 @@ for profile in $PROFILES; do
         ROW[$key]=$(jq -r --arg p "$profile" --arg t "$target" --arg cpu "$cpu" --arg rss "$rss" \
             --arg lat "$lat" --arg status "$status" '
             def ms: if . == null then "-" else (. * 100 | round / 100 | tostring) end;
-            "| \($p) | \($t) | \(.peak_conns_open) | \(.connects_per_s * 10 | round / 10) | \(.queries_ok / .run_s | round) | \(.error_total) | \(.latency[$lat].p50_ms | ms) / \(.latency[$lat].p99_ms | ms) | \(.latency.write.p99_ms | ms) | \($rss) | \($cpu) | \($status) |"' "$json")
+            .steady as $s
+            | "| \($p) | \($t) | \(.peak_conns_open) | \($s.connects_per_s * 10 | round / 10) | \($s.reads_per_s + $s.writes_per_s | round) | \(.error_total) | \($s.latency[$lat].p50_ms | ms) / \($s.latency[$lat].p99_ms | ms) | \($s.latency.write.p99_ms | ms) | \($rss) | \($cpu) | \($status) |"' "$json")
         log "  ${ROW[$key]}"
     done
 done
@@ -175,6 +181,7 @@ done
     echo "- steady: \`firehose $(profile_args steady) --duration $DURATION --source-addrs $SOURCE_ADDRS\` (write ratio 0.2, simple protocol)"
     echo "- churn: \`firehose $(profile_args churn) --duration $DURATION --source-addrs $SOURCE_ADDRS\`: connect (SCRAM), one query, disconnect"
     echo "- run by \`CONNS=$CONNS DURATION=$DURATION perf/firehose_compare.sh\`; reports in perf/out/firehose-$STAMP/ (not committed)"
+    echo "- connects/s, queries/s and latencies: steady window of each run (steady profile: after ${WARMUP}s warm-up; churn: whole run); errors: whole run"
     echo "- proxy: pgbouncer, or tidepool-gateway + tidepool-pooler; RSS sampled every 0.5 s; CPU = utime+stime over the run / requests (queries in steady, connects in churn)"
     echo "- Postgres: max_connections $((max_clients + 100)); PgBouncer: pool_mode transaction, default_pool_size 20; Tidepool: --pool-size 20"
     for target in $TARGETS; do

@@ -47,6 +47,16 @@ impl Pending {
     }
 }
 
+/// The seconds after warm-up: rates and latencies of the settled run.
+pub struct Window {
+    pub from: u32,
+    pub to: u32,
+    pub counts: Counts,
+    pub read: Histogram<u64>,
+    pub write: Histogram<u64>,
+    pub connect: Histogram<u64>,
+}
+
 pub struct Aggregator {
     /// Per worker: last tick reported, and whether it is finished (done or gone).
     last: Vec<Option<u32>>,
@@ -61,6 +71,7 @@ pub struct Aggregator {
     pub errors: BTreeMap<String, u64>,
     /// Ticks whose histograms could not be decoded (should stay 0).
     pub bad_histograms: u64,
+    pub steady: Window,
 }
 
 pub fn ms(us: u64) -> f64 {
@@ -72,7 +83,8 @@ fn quantile_ms(h: &Histogram<u64>, q: f64) -> Option<f64> {
 }
 
 impl Aggregator {
-    pub fn new(workers: usize) -> Aggregator {
+    /// `steady` = (from, to): the seconds [from, to) that form the steady window.
+    pub fn new(workers: usize, steady: (u32, u32)) -> Aggregator {
         Aggregator {
             last: vec![None; workers],
             finished: vec![false; workers],
@@ -84,6 +96,14 @@ impl Aggregator {
             totals: Counts::default(),
             errors: BTreeMap::new(),
             bad_histograms: 0,
+            steady: Window {
+                from: steady.0,
+                to: steady.1,
+                counts: Counts::default(),
+                read: new_histogram(),
+                write: new_histogram(),
+                connect: new_histogram(),
+            },
         }
     }
 
@@ -161,6 +181,13 @@ impl Aggregator {
             let _ = self.read.add(&p.read);
             let _ = self.write.add(&p.write);
             let _ = self.connect.add(&p.connect);
+            let w = &mut self.steady;
+            if (w.from..w.to).contains(&t) {
+                w.counts.add(&p.counts);
+                let _ = w.read.add(&p.read);
+                let _ = w.write.add(&p.write);
+                let _ = w.connect.add(&p.connect);
+            }
             let point = Point {
                 t,
                 conns_open: p.conns_open,
@@ -214,7 +241,7 @@ mod tests {
 
     #[test]
     fn a_second_is_final_when_all_running_workers_reported_it() {
-        let mut a = Aggregator::new(2);
+        let mut a = Aggregator::new(2, (1, 2));
         assert!(a.tick(0, tick(0, 5)).is_empty());
         assert!(a.tick(0, tick(1, 5)).is_empty());
         let done = a.tick(1, tick(0, 7));
@@ -227,6 +254,8 @@ mod tests {
         assert_eq!(done.len(), 1);
         assert_eq!(a.series_totals().reads_ok, 17);
         assert_eq!(a.read.len(), 17);
+        assert_eq!(a.steady.counts.reads_ok, 5, "only second 1 is steady");
+        assert_eq!(a.steady.read.len(), 5);
         assert_eq!(a.bad_histograms, 0);
     }
 }

@@ -63,6 +63,10 @@ pub struct Args {
     /// Length of the run in seconds (ramp-up included).
     #[arg(long, default_value_t = 30.0)]
     pub duration: f64,
+    /// Seconds excluded from the `steady` section of the report, which describes the run
+    /// after connecting settled (default: the ramp-up). Totals always cover the whole run.
+    #[arg(long)]
+    pub warmup: Option<f64>,
     /// How queries go on the wire: `simple` (Query message, literal values; works everywhere),
     /// `extended` (unnamed statement, Parse/Bind/Execute in one round trip) or `prepared`
     /// (named statements prepared once per connection).
@@ -184,6 +188,9 @@ impl Args {
         if !(0.0..=self.duration).contains(&self.ramp_up) {
             return bad("--ramp-up must be in 0..=duration");
         }
+        if !(0.0..self.duration).contains(&self.warmup()) {
+            return bad("--warmup must be in 0..duration");
+        }
         for (name, v) in [
             ("--read-qps", self.read_qps),
             ("--write-qps", self.write_qps),
@@ -236,6 +243,14 @@ impl Args {
     }
     pub fn ramp_up(&self) -> Duration {
         Duration::from_secs_f64(self.ramp_up)
+    }
+    pub fn warmup(&self) -> f64 {
+        self.warmup.unwrap_or(self.ramp_up)
+    }
+    /// The whole seconds of the run that the `steady` report covers: [from, to).
+    pub fn steady_window(&self) -> (u32, u32) {
+        let to = self.duration.floor() as u32;
+        (self.warmup().ceil().min(f64::from(to)) as u32, to)
     }
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_secs_f64(self.connect_timeout)

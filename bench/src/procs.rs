@@ -88,7 +88,7 @@ pub async fn run_workers(
     }
     drop(tx);
 
-    let mut agg = Aggregator::new(processes);
+    let mut agg = Aggregator::new(processes, args.steady_window());
     let mut failures = Vec::new();
     let mut done = vec![false; processes];
     let mut exited = 0;

@@ -39,6 +39,8 @@ pub struct Summary {
     pub errors: BTreeMap<String, u64>,
     pub error_total: u64,
     pub latency: Latencies,
+    /// The run after warm-up (`--warmup`, default the ramp-up).
+    pub steady: Steady,
     pub series: Vec<Point>,
     /// Worker processes that failed or lost their report; empty on a clean run.
     pub worker_failures: Vec<String>,
@@ -61,6 +63,17 @@ pub struct RunConfig {
     pub rows: u64,
     pub table: String,
     pub tls: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Steady {
+    pub from_s: u32,
+    pub to_s: u32,
+    pub counts: Counts,
+    pub connects_per_s: f64,
+    pub reads_per_s: f64,
+    pub writes_per_s: f64,
+    pub latency: Latencies,
 }
 
 #[derive(Debug, Serialize)]
@@ -156,6 +169,25 @@ pub fn summarize(args: &Args, info: RunInfo, agg: Aggregator) -> Summary {
             read: Latency::of(&agg.read),
             write: Latency::of(&agg.write),
             connect: Latency::of(&agg.connect),
+        },
+        steady: {
+            let w = &agg.steady;
+            // Seconds of the window the run actually reached (it may have stopped early).
+            let reached = agg.series.last().map_or(0, |p| p.t);
+            let secs = f64::from(w.to.min(reached).saturating_sub(w.from).max(1));
+            Steady {
+                from_s: w.from,
+                to_s: w.to,
+                connects_per_s: w.counts.connects_ok as f64 / secs,
+                reads_per_s: w.counts.reads_ok as f64 / secs,
+                writes_per_s: w.counts.writes_ok as f64 / secs,
+                counts: w.counts.clone(),
+                latency: Latencies {
+                    read: Latency::of(&w.read),
+                    write: Latency::of(&w.write),
+                    connect: Latency::of(&w.connect),
+                },
+            }
         },
         totals,
         series_totals,
@@ -255,6 +287,20 @@ pub fn text(s: &Summary) -> String {
         opt_ms(l.p90_ms),
         opt_ms(l.p99_ms),
         opt_ms(l.max_ms)
+    );
+    let w = &s.steady;
+    let _ = writeln!(
+        o,
+        "  steady       seconds {}..{}: read {:.1}/s p50 {} p99 {} | write {:.1}/s p50 {} p99 {} | {:.1} connects/s",
+        w.from_s,
+        w.to_s,
+        w.reads_per_s,
+        opt_ms(w.latency.read.p50_ms),
+        opt_ms(w.latency.read.p99_ms),
+        w.writes_per_s,
+        opt_ms(w.latency.write.p50_ms),
+        opt_ms(w.latency.write.p99_ms),
+        w.connects_per_s
     );
     if s.errors.is_empty() {
         let _ = writeln!(o, "  errors       none");

@@ -280,7 +280,7 @@ svg{{display:block;margin:10px 0 24px;background:#fcfcfc;border:1px solid #eee}}
 <table><tr><th>queries</th><th>issued</th><th>ok</th><th>failed</th><th>ok/s</th></tr>
 <tr><td>reads</td><td>{ri}</td><td>{ro}</td><td>{rf}</td><td>{rps:.1}</td></tr>
 <tr><td>writes</td><td>{wi}</td><td>{wo}</td><td>{wf}</td><td>{wps:.1}</td></tr></table>
-<table><tr><th>latency (ms)</th><th>count</th><th>mean</th><th>p50</th><th>p90</th><th>p99</th><th>p99.9</th><th>max</th></tr>{lr}{lw}{lc}</table>
+<table><tr><th>latency (ms)</th><th>count</th><th>mean</th><th>p50</th><th>p90</th><th>p99</th><th>p99.9</th><th>max</th></tr>{lr}{lw}{lc}{sr}{sw}{sc}</table>
 "#,
         target = escape(&s.target),
         profile = c.profile,
@@ -312,6 +312,18 @@ svg{{display:block;margin:10px 0 24px;background:#fcfcfc;border:1px solid #eee}}
         lr = latency_row("read", &s.latency.read),
         lw = latency_row("write", &s.latency.write),
         lc = latency_row("connect", &s.latency.connect),
+        sr = latency_row(
+            &format!("read, steady {}..{}s", s.steady.from_s, s.steady.to_s),
+            &s.steady.latency.read
+        ),
+        sw = latency_row(
+            &format!("write, steady {}..{}s", s.steady.from_s, s.steady.to_s),
+            &s.steady.latency.write
+        ),
+        sc = latency_row(
+            &format!("connect, steady {}..{}s", s.steady.from_s, s.steady.to_s),
+            &s.steady.latency.connect
+        ),
     );
     if s.errors.is_empty() {
         h.push_str("<p>No errors.</p>");

@@ -193,6 +193,15 @@ fn steady_load_with_churn_over_several_processes_and_source_addresses() {
         "acknowledged writes are rows"
     );
     assert_eq!(r["config"]["processes"], 2);
+    // The steady window starts after the ramp-up and is part of the run.
+    let steady = &r["steady"];
+    assert_eq!((n(steady, "from_s"), n(steady, "to_s")), (1, 4));
+    let steady_reads = n(&steady["counts"], "reads_ok");
+    assert!(
+        steady_reads > 0 && steady_reads <= n(t, "reads_ok"),
+        "{steady}"
+    );
+    assert_eq!(n(&steady["latency"]["read"], "count"), steady_reads);
 
     let page = std::fs::read_to_string(&html).expect("html report");
     assert!(page.contains("<svg") && page.contains("Open connections"));
