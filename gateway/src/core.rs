@@ -75,10 +75,6 @@ impl Core {
             l.out.flushed().await;
         }
     }
-
-    pub fn client_count(&self) -> usize {
-        self.clients.load(Ordering::Relaxed)
-    }
 }
 
 /// Counts a client for as long as it lives.

@@ -13,6 +13,7 @@ use clap::Parser;
 use glommio::net::{TcpListener, UnixListener};
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 use std::future::Future;
+use std::os::fd::FromRawFd;
 use std::rc::Rc;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -34,6 +35,7 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cfg = match config::Config::load(config::Args::parse()) {
         Ok(c) => c,
@@ -85,8 +87,9 @@ async fn run_core(
     for l in &core.links {
         glommio::spawn_local(l.clone().maintain(cfg.pooler.clone())).detach();
     }
-    let listener = match TcpListener::bind(cfg.listen.as_str()) {
-        Ok(l) => l,
+    let listener = match shared::io::reuseport_listener(&cfg.listen) {
+        // SAFETY: the fd comes from a listener we own and hand over whole.
+        Ok(l) => unsafe { TcpListener::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(l)) },
         Err(e) => {
             eprintln!("tidepool-gateway: cannot listen on {}: {e}", cfg.listen);
             std::process::exit(1);

@@ -36,6 +36,9 @@ pub struct Stmt {
     pub content: Rc<[u8]>,
     /// The whole `Parse` message under the content name, ready to inject.
     pub parse: Vec<u8>,
+    /// Postgres has accepted it (somewhere on this core): a client's `Parse` of it can be
+    /// answered without a backend.
+    pub validated: std::cell::Cell<bool>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -485,7 +488,9 @@ fn on_message(b: &Backend, st: &mut State, msg: &[u8]) -> After {
             let injected = *injected;
             match tag {
                 be::PARSE_COMPLETE => {
-                    st.queue.pop_front();
+                    if let Some(Entry::Parse { stmt, .. }) = st.queue.pop_front() {
+                        stmt.validated.set(true);
+                    }
                     if !injected {
                         forward(st, msg);
                     }

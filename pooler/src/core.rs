@@ -99,6 +99,7 @@ impl Core {
         let stmt = Rc::new(Stmt {
             content: content.clone(),
             parse,
+            validated: Cell::new(false),
         });
         let mut map = self.statements.borrow_mut();
         if map.len() > 4096 {

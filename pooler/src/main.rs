@@ -16,6 +16,7 @@ use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 use std::future::Future;
+use std::os::fd::FromRawFd;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -35,6 +36,7 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cfg = match config::Config::load(config::Args::parse()) {
         Ok(c) => c,
@@ -43,11 +45,6 @@ fn main() {
             std::process::exit(2);
         }
     };
-    // Bind once up front so a bad address fails loudly before the executors start.
-    if let Err(e) = std::net::TcpListener::bind(&cfg.listen).map(drop) {
-        eprintln!("tidepool-pooler: cannot listen on {}: {e}", cfg.listen);
-        std::process::exit(1);
-    }
     tracing::info!(listen = %cfg.listen, cores = cfg.cores, pg = %format!("{}:{}", cfg.pg_host, cfg.pg_port), "pooler starting");
     let cores = cfg.cores;
     let mesh = MeshBuilder::full(cores, 1024);
@@ -86,8 +83,9 @@ async fn run_core(
     let core = core::Core::new(cfg.clone(), index);
     *core.cancel_peers.borrow_mut() = Some(senders);
     glommio::spawn_local(cancel::serve_peers(core.clone(), receivers)).detach();
-    let listener = match TcpListener::bind(cfg.listen.as_str()) {
-        Ok(l) => l,
+    let listener = match shared::io::reuseport_listener(&cfg.listen) {
+        // SAFETY: the fd comes from a listener we own and hand over whole.
+        Ok(l) => unsafe { TcpListener::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(l)) },
         Err(e) => {
             eprintln!("tidepool-pooler: cannot listen on {}: {e}", cfg.listen);
             std::process::exit(1);

@@ -41,14 +41,6 @@ impl Pool {
         }
     }
 
-    pub fn total(&self) -> usize {
-        self.total.get()
-    }
-
-    pub fn idle_count(&self) -> usize {
-        self.idle.borrow().len()
-    }
-
     fn has_waiters(&self) -> bool {
         self.waiters
             .borrow()

@@ -17,6 +17,7 @@ use shared::protocol::frontend as fe;
 use shared::protocol::typed_message_len;
 use shared::settings::Settings;
 use std::cell::{Cell, RefCell};
+
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
@@ -315,17 +316,92 @@ async fn open(core: &Rc<Core>, s: &Rc<Session>) -> Result<Vec<u8>, Vec<u8>> {
     }
 }
 
-async fn ensure_backend(core: &Rc<Core>, s: &Rc<Session>) -> Result<Rc<Backend>, Vec<u8>> {
+/// The session's backend, acquiring one if it has none. `None` if the client left meanwhile.
+async fn ensure_backend(core: &Rc<Core>, s: &Rc<Session>) -> Result<Option<Rc<Backend>>, Vec<u8>> {
     if let Some(b) = s.backend.borrow().clone() {
-        return Ok(b);
+        return Ok(Some(b));
     }
-    let b = pool::acquire(core, &s.pool, &s.credential)
-        .await
-        .map_err(|e| e.to_message())?;
+    let acquired = futures_lite::future::or(
+        async { Some(pool::acquire(core, &s.pool, &s.credential).await) },
+        async {
+            loop {
+                let n = s.inbox_notify.notified();
+                if s.gone.get() || s.dead.get() {
+                    return None;
+                }
+                n.await;
+            }
+        },
+    )
+    .await;
+    let b = match acquired {
+        None => return Ok(None),
+        Some(r) => r.map_err(|e| e.to_message())?,
+    };
     attach(s, &b);
     let target = s.settings.borrow().clone();
     b.sync_settings(&target, false, false, None);
-    Ok(b)
+    Ok(Some(b))
+}
+
+/// Answers a batch that only prepares (already validated) statements, closes statements and
+/// syncs, without a backend: a driver preparing a statement outside a transaction must not wait
+/// for a backend (pgbench's synchronous PQprepare would otherwise deadlock against its own
+/// clients holding every backend mid-transaction).
+fn answer_locally(core: &Rc<Core>, s: &Rc<Session>, msgs: &[u8]) -> bool {
+    if s.backend.borrow().is_some() || s.skip_until_sync.get() || s.open_batch.get() {
+        return false;
+    }
+    let max = core.cfg.max_message_size.saturating_add(5);
+    let mut rest = msgs;
+    let mut plan = Vec::new();
+    while !rest.is_empty() {
+        let Ok(Some(n)) = typed_message_len(rest, max) else {
+            return false;
+        };
+        let (msg, tail) = rest.split_at(n);
+        rest = tail;
+        let body = &msg[5..];
+        match msg[0] {
+            fe::PARSE => {
+                let Ok(p) = fe::parse_parse(body) else {
+                    return false;
+                };
+                if p.name.is_empty() || s.statements.borrow().contains_key(p.name) {
+                    return false;
+                }
+                let stmt = core.statement(p.query, p.param_types);
+                if !stmt.validated.get() {
+                    return false;
+                }
+                plan.push((fe::PARSE, p.name.to_vec(), Some(stmt)));
+            }
+            fe::CLOSE => match fe::parse_target(body) {
+                Ok((b'S', name)) if !name.is_empty() => plan.push((fe::CLOSE, name.to_vec(), None)),
+                _ => return false,
+            },
+            fe::SYNC => plan.push((fe::SYNC, Vec::new(), None)),
+            _ => return false,
+        }
+    }
+    if plan.last().map(|p| p.0) != Some(fe::SYNC) {
+        return false;
+    }
+    let mut out = s.out.borrow_mut();
+    for (tag, name, stmt) in plan {
+        match (tag, stmt) {
+            (fe::PARSE, Some(stmt)) => {
+                s.statements.borrow_mut().insert(name, stmt);
+                be::parse_complete(&mut out);
+            }
+            (fe::CLOSE, _) => {
+                s.statements.borrow_mut().remove(&name);
+                be::close_complete(&mut out);
+            }
+            _ => be::ready_for_query(&mut out, b'I'),
+        }
+    }
+    true
 }
 
 /// Writes one batch of the client's messages to a backend.
@@ -341,6 +417,10 @@ async fn process(core: &Rc<Core>, s: &Rc<Session>, fl: u8, msgs: &[u8]) -> Resul
     }
     if fl & flags::DEALLOCATE != 0 {
         s.dealloc_pending.set(true);
+    }
+    if answer_locally(core, s, msgs) {
+        s.flush();
+        return Ok(());
     }
     s.writing.set(true);
     let result = write_batch(core, s, msgs).await;
@@ -371,7 +451,9 @@ async fn write_batch(core: &Rc<Core>, s: &Rc<Session>, mut msgs: &[u8]) -> Resul
             }
             s.skip_until_sync.set(false);
         }
-        let b = ensure_backend(core, s).await?;
+        let Some(b) = ensure_backend(core, s).await? else {
+            return Ok(());
+        };
         if b.skipping() && tag != fe::SYNC {
             b.send(msg, None);
         } else {
@@ -403,6 +485,7 @@ fn write_message(
                 let stmt = Rc::new(Stmt {
                     content: Rc::from(&b""[..]),
                     parse: msg.to_vec(),
+                    validated: Cell::new(false),
                 });
                 *s.unnamed.borrow_mut() = Some(stmt.clone());
                 b.st.borrow_mut().unnamed = Some(stmt.clone());
