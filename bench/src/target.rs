@@ -85,7 +85,17 @@ impl std::fmt::Display for ConnectFailure {
                     db.message(),
                     db.code().code()
                 ),
-                None => write!(f, "{e}"),
+                None => {
+                    // tokio-postgres' own text is terse ("error performing TLS handshake");
+                    // the cause is in the source chain.
+                    write!(f, "{e}")?;
+                    let mut source = std::error::Error::source(e);
+                    while let Some(s) = source {
+                        write!(f, ": {s}")?;
+                        source = s.source();
+                    }
+                    Ok(())
+                }
             },
             ConnectFailure::Tls(e) => write!(f, "TLS: {e}"),
             ConnectFailure::Timeout => write!(f, "connect timed out"),

@@ -33,18 +33,26 @@ impl Drop for Scratch {
     }
 }
 
-/// Runs firehose to completion (it bounds itself; the timeout is a safety net).
-fn firehose(args: &[&str]) -> String {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_firehose"));
-    cmd.args(args);
-    let out = run_merged(&mut cmd, None, Duration::from_secs(120));
+/// Runs firehose to completion (it bounds itself; the timeout is a safety net) with `url`,
+/// the whitespace-separated `flags` and then `paths` as `--flag path` pairs.
+fn firehose(url: &str, flags: &str, paths: &[(&str, &Path)]) -> String {
+    let out = try_firehose(url, flags, paths);
     assert!(
         out.success(),
-        "firehose {args:?} failed ({:?}):\n{}",
+        "firehose {flags} failed ({:?}):\n{}",
         out.code,
         out.text
     );
     out.text
+}
+
+fn try_firehose(url: &str, flags: &str, paths: &[(&str, &Path)]) -> testkit::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_firehose"));
+    cmd.arg("--url").arg(url).args(flags.split_whitespace());
+    for (flag, path) in paths {
+        cmd.arg(flag).arg(path);
+    }
+    run_merged(&mut cmd, None, Duration::from_secs(120))
 }
 
 fn load(path: &Path) -> Value {
@@ -155,30 +163,12 @@ fn steady_load_with_churn_over_several_processes_and_source_addresses() {
     let scratch = Scratch::new("steady");
     let (json, html) = (scratch.path("r.json"), scratch.path("r.html"));
     let url = pg.direct_url(BOB.0, BOB.1, APP_DB);
-    firehose(&[
-        "--url",
+    firehose(
         &url,
-        "--init",
-        "--rows",
-        "500",
-        "--connections",
-        "200",
-        "--processes",
-        "2",
-        "--source-addrs",
-        "4",
-        "--churn",
-        "60",
-        "--ramp-up",
-        "1",
-        "--duration",
-        "4",
-        "--json",
-        json.to_str().expect("utf-8"),
-        "--html",
-        html.to_str().expect("utf-8"),
-        "--quiet",
-    ]);
+        "--init --rows 500 --connections 200 --processes 2 --source-addrs 4 \
+         --churn 60 --ramp-up 1 --duration 4 --quiet",
+        &[("--json", &json), ("--html", &html)],
+    );
     let r = load(&json);
     assert_books_balance(&r);
     assert_no_errors(&r);
@@ -217,23 +207,11 @@ fn churn_profile_over_scram_with_prepared_statements() {
     let scratch = Scratch::new("churn");
     let json = scratch.path("r.json");
     let url = pg.direct_url(ALICE.0, ALICE.1, APP_DB);
-    let out = firehose(&[
-        "--url",
+    let out = firehose(
         &url,
-        "--init",
-        "--rows",
-        "100",
-        "--profile",
-        "churn",
-        "--connections",
-        "4",
-        "--duration",
-        "2",
-        "--query-mode",
-        "prepared",
-        "--json",
-        json.to_str().expect("utf-8"),
-    ]);
+        "--init --rows 100 --profile churn --connections 4 --duration 2 --query-mode prepared",
+        &[("--json", &json)],
+    );
     assert!(out.contains("connects"), "{out}");
     let r = load(&json);
     assert_books_balance(&r);
@@ -253,9 +231,7 @@ fn target_rates_are_met_and_a_missing_table_is_reported() {
     let url = pg.direct_url(BOB.0, BOB.1, APP_DB);
 
     // Without --init on a fresh database: a clear refusal, not a run full of errors.
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_firehose"));
-    cmd.args(["--url", &url, "--duration", "1", "-c", "1"]);
-    let out = run_merged(&mut cmd, None, Duration::from_secs(60));
+    let out = try_firehose(&url, "--duration 1 -c 1", &[]);
     assert!(
         !out.success() && out.text.contains("--init"),
         "{}",
@@ -264,30 +240,147 @@ fn target_rates_are_met_and_a_missing_table_is_reported() {
 
     let scratch = Scratch::new("rates");
     let json = scratch.path("r.json");
-    firehose(&[
-        "--url",
+    firehose(
         &url,
-        "--init",
-        "--rows",
-        "100",
-        "--connections",
-        "20",
-        "--query-mode",
-        "extended",
-        "--read-qps",
-        "200",
-        "--write-qps",
-        "50",
-        "--duration",
-        "3",
-        "--json",
-        json.to_str().expect("utf-8"),
-        "--quiet",
-    ]);
+        "--init --rows 100 --connections 20 --query-mode extended \
+         --read-qps 200 --write-qps 50 --duration 3 --quiet",
+        &[("--json", &json)],
+    );
     let r = load(&json);
     assert_books_balance(&r);
     assert_no_errors(&r);
     let (reads, writes) = (n(&r["totals"], "reads_ok"), n(&r["totals"], "writes_ok"));
     assert!((480..=720).contains(&reads), "reads {reads}, target 600");
     assert!((110..=190).contains(&writes), "writes {writes}, target 150");
+}
+
+/// Runs a command as the postgres OS user (so that Postgres may read what it writes).
+fn as_postgres(args: &[&str]) {
+    let mut cmd = Command::new("runuser");
+    cmd.args(["-u", "postgres", "--"]).args(args);
+    let out = run_merged(&mut cmd, None, Duration::from_secs(60));
+    assert!(out.success(), "{args:?}: {}", out.text);
+}
+
+/// A certificate authority `name.crt`/`name.key` in `dir`.
+fn make_ca(dir: &Path, name: &str) -> PathBuf {
+    let (crt, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    as_postgres(&[
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        &format!("/CN=firehose test {name}"),
+        "-keyout",
+        key.to_str().expect("utf-8"),
+        "-out",
+        crt.to_str().expect("utf-8"),
+    ]);
+    crt
+}
+
+/// Postgres' `server.crt`/`server.key` in `dir`, for 127.0.0.1, signed by CA `ca`.
+fn make_server_cert(dir: &Path, ca: &str) {
+    let path = |f: &str| dir.join(f).to_str().expect("utf-8").to_string();
+    as_postgres(&[
+        "openssl",
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-addext",
+        "subjectAltName=IP:127.0.0.1",
+        "-keyout",
+        &path("server.key"),
+        "-out",
+        &path("server.csr"),
+    ]);
+    as_postgres(&[
+        "openssl",
+        "x509",
+        "-req",
+        "-in",
+        &path("server.csr"),
+        "-days",
+        "2",
+        "-CA",
+        &path(&format!("{ca}.crt")),
+        "-CAkey",
+        &path(&format!("{ca}.key")),
+        "-CAcreateserial",
+        "-copy_extensions",
+        "copy",
+        "-out",
+        &path("server.crt"),
+    ]);
+    as_postgres(&["chmod", "600", &path("server.key")]);
+}
+
+#[test]
+fn tls_verified_by_ca_or_accepted_as_is_and_refused_for_a_wrong_ca() {
+    let pg = PgCluster::start();
+    let data = pg.data_dir();
+    let crt = make_ca(&data, "ca");
+    let other = make_ca(&data, "other-ca");
+    make_server_cert(&data, "ca");
+    // Only TLS sessions are admitted, so a clean run proves TLS was used.
+    let hba = data.join("pg_hba.conf");
+    let text = std::fs::read_to_string(&hba).expect("pg_hba.conf");
+    std::fs::write(&hba, format!("hostnossl all all 0.0.0.0/0 reject\n{text}")).expect("hba");
+    pg.psql_admin("ALTER SYSTEM SET ssl = on");
+    pg.psql_admin("SELECT pg_reload_conf()");
+    for _ in 0..50 {
+        if pg.psql_admin("SHOW ssl").trim() == "on" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let scratch = Scratch::new("tls");
+    let json = scratch.path("r.json");
+    // md5 user, certificate checked against its CA.
+    let bob = pg.direct_url(BOB.0, BOB.1, APP_DB);
+    firehose(
+        &bob,
+        "--init --rows 100 -c 4 --duration 2 --tls --quiet",
+        &[("--tls-ca", &crt), ("--json", &json)],
+    );
+    let r = load(&json);
+    assert_books_balance(&r);
+    assert_no_errors(&r);
+    assert!(n(&r["totals"], "reads_ok") > 0);
+    assert_eq!(r["config"]["tls"], true);
+
+    // SCRAM over TLS (channel binding offered), any certificate accepted.
+    let alice = pg.direct_url(ALICE.0, ALICE.1, APP_DB);
+    firehose(
+        &alice,
+        "--init --table alice_items -c 2 --duration 1 --tls --tls-insecure --quiet",
+        &[("--json", &json)],
+    );
+    let r = load(&json);
+    assert_no_errors(&r);
+
+    // Without TLS: refused by pg_hba.
+    let out = try_firehose(&bob, "-c 1 --duration 1", &[]);
+    assert!(!out.success() && out.text.contains("28000"), "{}", out.text);
+
+    // The wrong CA: refused before any load, with the reason.
+    let out = try_firehose(&bob, "-c 1 --duration 1 --tls", &[("--tls-ca", &other)]);
+    assert!(!out.success(), "{}", out.text);
+    assert!(
+        out.text.contains("cannot connect") && out.text.contains("UnknownIssuer"),
+        "{}",
+        out.text
+    );
 }
