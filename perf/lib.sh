@@ -164,8 +164,11 @@ EOF
     # PgBouncer needs one descriptor per client and server connection.
     as_pg bash -c "ulimit -n \$(ulimit -Hn); exec '$PGBOUNCER' -d -q '$dir/pgbouncer.ini'" ||
         die "PgBouncer did not start: see $dir/pgbouncer.log"
-    wait_port "$BOUNCER_PORT" 20 || die "PgBouncer not listening: see $dir/pgbouncer.log"
+    # -d returns before the daemon writes its pidfile.
+    for _ in $(seq 1 100); do [ -s "$dir/pgbouncer.pid" ] && break; sleep 0.1; done
+    [ -s "$dir/pgbouncer.pid" ] || die "PgBouncer wrote no pidfile: see $dir/pgbouncer.log"
     BOUNCER_PID=$(cat "$dir/pgbouncer.pid")
+    wait_port "$BOUNCER_PORT" 20 || die "PgBouncer not listening: see $dir/pgbouncer.log"
     log "PgBouncer $(pgbouncer_version) on 127.0.0.1:$BOUNCER_PORT (pid $BOUNCER_PID)"
 }
 

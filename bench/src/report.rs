@@ -173,8 +173,7 @@ pub fn summarize(args: &Args, info: RunInfo, agg: Aggregator) -> Summary {
         steady: {
             let w = &agg.steady;
             // Seconds of the window the run actually reached (it may have stopped early).
-            let reached = agg.series.last().map_or(0, |p| p.t);
-            let secs = f64::from(w.to.min(reached).saturating_sub(w.from).max(1));
+            let secs = (run_s.min(f64::from(w.to)) - f64::from(w.from)).max(1e-3);
             Steady {
                 from_s: w.from,
                 to_s: w.to,
