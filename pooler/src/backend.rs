@@ -70,6 +70,9 @@ pub enum Internal {
 
 pub enum Entry {
     Client(Kind),
+    /// A client's `Bind`/`Describe` of a statement we renamed: (backend name, client name), to
+    /// put the client's name back into errors.
+    Renamed(Kind, Rc<[u8]>, Rc<[u8]>),
     Parse {
         stmt: Rc<Stmt>,
         /// The client's own Parse (its ParseComplete is forwarded) or one we injected.
@@ -510,7 +513,16 @@ fn on_message(b: &Backend, st: &mut State, msg: &[u8]) -> After {
             drain_synth(st);
             After::Nothing
         }
-        Entry::Client(kind) => {
+        Entry::Renamed(_, from, to) if tag == be::ERROR_RESPONSE => {
+            let mut renamed = Vec::with_capacity(msg.len());
+            be::rename_in_error(&mut renamed, tag, body, from, to);
+            st.queue.pop_front();
+            forward(st, &renamed);
+            skip_to_sync(st);
+            drain_synth(st);
+            After::Nothing
+        }
+        Entry::Client(kind) | Entry::Renamed(kind, ..) => {
             let kind = *kind;
             let done = match (kind, tag) {
                 (Kind::Sync | Kind::Query | Kind::FunctionCall, be::READY_FOR_QUERY) => {

@@ -1,33 +1,16 @@
-//! Cancel routing. A gateway forwards a client's `CancelRequest` (its own keys) over any link; the
+//! Cross-core messages, and cancel routing. A gateway forwards a client's `CancelRequest` (its
+//! own keys) over any link; the
 //! pooler core that gets it asks every core, and the core whose session holds those keys cancels
 //! the query running on that session's backend, and nothing else.
 
-use crate::core::{CancelMsg, Core};
+use crate::core::{Core, CoreMsg};
 use glommio::channels::channel_mesh::Receivers;
 use glommio::net::TcpStream;
 use std::rc::Rc;
 
-pub async fn broadcast(core: &Rc<Core>, pid: i32, secret: i32) {
+pub fn broadcast(core: &Rc<Core>, pid: i32, secret: i32) {
     local(core, pid, secret);
-    let peers = core
-        .cancel_peers
-        .borrow()
-        .as_ref()
-        .map(|s| s.nr_consumers());
-    if let Some(n) = peers {
-        for i in 0..n {
-            if i == core.index {
-                continue;
-            }
-            let sent = {
-                let senders = core.cancel_peers.borrow();
-                senders.as_ref().map(|s| s.try_send_to(i, (pid, secret)))
-            };
-            if let Some(Err(e)) = sent {
-                tracing::warn!(peer = i, error = ?e, "cancel could not reach a core");
-            }
-        }
-    }
+    core.ask_peers(CoreMsg::Cancel(pid, secret));
 }
 
 pub fn local(core: &Rc<Core>, pid: i32, secret: i32) {
@@ -54,12 +37,16 @@ pub fn local(core: &Rc<Core>, pid: i32, secret: i32) {
     .detach();
 }
 
-pub async fn serve_peers(core: Rc<Core>, mut receivers: Receivers<CancelMsg>) {
+/// Handles what the other cores ask of this one.
+pub async fn serve_peers(core: Rc<Core>, mut receivers: Receivers<CoreMsg>) {
     for (_, stream) in receivers.streams() {
         let core = core.clone();
         glommio::spawn_local(async move {
-            while let Some((pid, secret)) = stream.recv().await {
-                local(&core, pid, secret);
+            while let Some(msg) = stream.recv().await {
+                match msg {
+                    CoreMsg::Cancel(pid, secret) => local(&core, pid, secret),
+                    CoreMsg::Shed { key } => core.on_shed(key),
+                }
             }
         })
         .detach();

@@ -134,9 +134,4 @@ impl Config {
         };
         Ok(c)
     }
-
-    /// This core's share of a whole-pooler budget (at least one).
-    pub fn per_core(&self, budget: usize) -> usize {
-        budget.div_ceil(self.cores).max(1)
-    }
 }

@@ -3,6 +3,7 @@
 
 use crate::admin::Admin;
 use crate::backend::Stmt;
+use crate::budget::Budgets;
 use crate::config::Config;
 use crate::pool::{Pool, PoolKey};
 use crate::session::Session;
@@ -13,40 +14,72 @@ use shared::settings::Settings;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::{Rc, Weak};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-pub type CancelMsg = (i32, i32);
+/// Messages between cores (the only cross-core traffic).
+#[derive(Clone, Debug)]
+pub enum CoreMsg {
+    /// Cancel the query of the session with these keys, wherever it is.
+    Cancel(i32, i32),
+    /// A core is starved of budget: shed an idle backend of this pool (or of any pool).
+    Shed { key: Option<PoolKey> },
+}
 
 pub struct Core {
     pub cfg: Rc<Config>,
     pub index: usize,
     pub pools: RefCell<HashMap<Rc<PoolKey>, Rc<Pool>>>,
-    /// Backends on this core, all pools.
-    pub total: Cell<usize>,
-    pub max_total: usize,
+    pub budgets: Arc<Budgets>,
+    /// When we last asked the other cores to shed (at most every few milliseconds).
+    last_shed_ask: Cell<Option<Instant>>,
     pub sessions_by_key: RefCell<HashMap<(i32, i32), Weak<Session>>>,
     statements: RefCell<HashMap<Rc<[u8]>, Weak<Stmt>>>,
     pub empty_settings: Rc<Settings>,
     next_id: Cell<u64>,
     pub admin: Admin,
-    pub cancel_peers: RefCell<Option<Senders<CancelMsg>>>,
+    pub peers: RefCell<Option<Senders<CoreMsg>>>,
 }
 
 impl Core {
-    pub fn new(cfg: Rc<Config>, index: usize) -> Rc<Core> {
-        let max_total = cfg.per_core(cfg.max_backends);
+    pub fn new(cfg: Rc<Config>, index: usize, budgets: Arc<Budgets>) -> Rc<Core> {
         Rc::new(Core {
             admin: Admin::new(cfg.clone()),
             cfg,
             index,
             pools: RefCell::new(HashMap::new()),
-            total: Cell::new(0),
-            max_total,
+            budgets,
+            last_shed_ask: Cell::new(None),
             sessions_by_key: RefCell::new(HashMap::new()),
             statements: RefCell::new(HashMap::new()),
             empty_settings: Rc::new(Settings::default()),
             next_id: Cell::new(1),
-            cancel_peers: RefCell::new(None),
+            peers: RefCell::new(None),
         })
+    }
+
+    /// Sends `msg` to every other core (best effort: a full channel drops it; senders retry).
+    pub fn ask_peers(&self, msg: CoreMsg) {
+        if matches!(msg, CoreMsg::Shed { .. }) {
+            let now = Instant::now();
+            if self
+                .last_shed_ask
+                .get()
+                .is_some_and(|t| now.duration_since(t) < Duration::from_millis(5))
+            {
+                return;
+            }
+            self.last_shed_ask.set(Some(now));
+        }
+        let peers = self.peers.borrow();
+        let Some(senders) = peers.as_ref() else {
+            return;
+        };
+        for i in 0..senders.nr_consumers() {
+            if i != self.index {
+                let _ = senders.try_send_to(i, msg.clone());
+            }
+        }
     }
 
     pub fn next_id(&self) -> u64 {
@@ -63,11 +96,9 @@ impl Core {
         if let Some(p) = self.pools.borrow().get(&key) {
             return p.clone();
         }
+        let global = self.budgets.counter(&key);
         let key = Rc::new(key);
-        let pool = Rc::new(Pool::new(
-            key.clone(),
-            self.cfg.per_core(self.cfg.pool_size),
-        ));
+        let pool = Rc::new(Pool::new(key.clone(), global));
         self.pools.borrow_mut().insert(key, pool.clone());
         pool
     }

@@ -3,6 +3,7 @@
 
 mod admin;
 mod backend;
+mod budget;
 mod cancel;
 mod config;
 mod core;
@@ -50,12 +51,14 @@ fn main() {
     let mesh = MeshBuilder::full(cores, 1024);
     let cfg = Rc::new(cfg);
     let shared_cfg = (*cfg).clone();
+    let budgets = budget::Budgets::new(cfg.pool_size, cfg.max_backends);
     let handles = LocalExecutorPoolBuilder::new(PoolPlacement::Unbound(cores))
         .name("pooler")
         .on_all_shards(move || {
             let cfg = Rc::new(shared_cfg.clone());
             let mesh = mesh.clone();
-            async move { run_core(cfg, mesh).await }
+            let budgets = budgets.clone();
+            async move { run_core(cfg, budgets, mesh).await }
         });
     match handles {
         Ok(h) => {
@@ -70,7 +73,8 @@ fn main() {
 
 async fn run_core(
     cfg: Rc<config::Config>,
-    mesh: MeshBuilder<core::CancelMsg, glommio::channels::channel_mesh::Full>,
+    budgets: std::sync::Arc<budget::Budgets>,
+    mesh: MeshBuilder<core::CoreMsg, glommio::channels::channel_mesh::Full>,
 ) {
     let (senders, receivers) = match mesh.join().await {
         Ok(x) => x,
@@ -80,8 +84,8 @@ async fn run_core(
         }
     };
     let index = senders.peer_id();
-    let core = core::Core::new(cfg.clone(), index);
-    *core.cancel_peers.borrow_mut() = Some(senders);
+    let core = core::Core::new(cfg.clone(), index, budgets);
+    *core.peers.borrow_mut() = Some(senders);
     glommio::spawn_local(cancel::serve_peers(core.clone(), receivers)).detach();
     let listener = match shared::io::reuseport_listener(&cfg.listen) {
         // SAFETY: the fd comes from a listener we own and hand over whole.

@@ -1,16 +1,21 @@
-//! Per-core backend pools, one per (user, database), with a budget per pool and per core. No
-//! locks: every pool lives on one executor. Waiting sessions are served first come, first served;
-//! when a core is at its total budget, an idle backend of another pool is closed so that a
-//! waiting pool gets its share.
+//! Per-core backend pools, one per (user, database). No locks on the request path: a pool lives on
+//! one executor; the budgets it draws new backends from are shared atomics (see `budget.rs`).
+//! Waiting sessions are served first come, first served. When a core cannot get a backend
+//! because the budget is spent, it frees an idle backend of another pool on this core, and asks
+//! the other cores to shed idle backends, then retries shortly.
 
 use crate::backend::{self, Backend};
-use crate::core::Core;
+use crate::budget::Reserve;
+use crate::core::{Core, CoreMsg};
 use crate::login::LoginError;
 use shared::io::Slot;
 use shared::link::Credential;
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::Rc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -21,23 +26,24 @@ pub struct PoolKey {
 /// A waiter is handed a backend, or `None` meaning "capacity freed: try again".
 type Waiter = Rc<Slot<Option<Rc<Backend>>>>;
 
+/// How long a starved waiter waits before it retries the shared budget.
+const RETRY: Duration = Duration::from_millis(25);
+
 pub struct Pool {
     pub key: Rc<PoolKey>,
     idle: RefCell<Vec<Rc<Backend>>>,
-    /// Backends of this pool on this core: idle, busy, or being connected.
-    total: Cell<usize>,
     waiters: RefCell<VecDeque<Waiter>>,
-    budget: usize,
+    /// Backends of this (user, database) on all cores.
+    pub global: Arc<AtomicUsize>,
 }
 
 impl Pool {
-    pub fn new(key: Rc<PoolKey>, budget: usize) -> Self {
+    pub fn new(key: Rc<PoolKey>, global: Arc<AtomicUsize>) -> Self {
         Pool {
             key,
             idle: RefCell::new(Vec::new()),
-            total: Cell::new(0),
             waiters: RefCell::new(VecDeque::new()),
-            budget,
+            global,
         }
     }
 
@@ -58,6 +64,19 @@ impl Pool {
             }
         }
         Some(b)
+    }
+
+    /// Closes one idle backend, if there is one.
+    fn shed_one(&self, core: &Rc<Core>) -> bool {
+        let popped = self.idle.borrow_mut().pop();
+        match popped {
+            Some(b) => {
+                b.close();
+                retire(core, &b);
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -89,30 +108,30 @@ pub async fn acquire(
             }
             return Ok(b);
         }
-        if pool.total.get() < pool.budget {
-            if core.total.get() >= core.max_total {
-                core.evict_idle_other_than(&pool.key);
-            }
-            if core.total.get() < core.max_total {
-                pool.total.set(pool.total.get() + 1);
-                core.total.set(core.total.get() + 1);
-                match backend::connect(core, pool, credential).await {
-                    Ok(b) => return Ok(b),
-                    Err(e) => {
-                        pool.total.set(pool.total.get() - 1);
-                        core.total.set(core.total.get() - 1);
-                        core.capacity_freed(pool);
-                        return Err(e);
-                    }
+        let mut reserved = core.budgets.reserve(&pool.global);
+        if reserved == Reserve::TotalFull && core.shed_idle_other_than(&pool.key) {
+            reserved = core.budgets.reserve(&pool.global);
+        }
+        match reserved {
+            Reserve::Ok => match backend::connect(core, pool, credential).await {
+                Ok(b) => return Ok(b),
+                Err(e) => {
+                    core.budgets.give_back(&pool.global);
+                    core.capacity_freed(pool);
+                    return Err(e);
                 }
-            }
+            },
+            Reserve::PoolFull => core.ask_peers(CoreMsg::Shed {
+                key: Some((*pool.key).clone()),
+            }),
+            Reserve::TotalFull => core.ask_peers(CoreMsg::Shed { key: None }),
         }
         let slot: Waiter = Rc::new(Slot::default());
         pool.waiters.borrow_mut().push_back(slot.clone());
         let guard = WaiterGuard { core, slot };
-        let got = guard.slot.take().await;
+        let got = crate::with_timeout(RETRY, guard.slot.take()).await;
         drop(guard);
-        if let Some(b) = got {
+        if let Some(Some(b)) = got {
             if !b.is_broken() {
                 return Ok(b);
             }
@@ -133,7 +152,8 @@ pub fn release(core: &Rc<Core>, b: Rc<Backend>) {
         }
         return;
     }
-    if core.total.get() >= core.max_total && core.someone_else_waits(&pool.key) {
+    if core.someone_else_waits(&pool.key) {
+        // Another pool here is starved of budget: this backend's unit serves it better.
         b.close();
         retire(core, &b);
         return;
@@ -141,17 +161,15 @@ pub fn release(core: &Rc<Core>, b: Rc<Backend>) {
     pool.idle.borrow_mut().push(b);
 }
 
-/// A backend is gone (closed, broken or evicted): its budget slot is free again. Idempotent,
-/// so whoever notices first (the relay, a cleanup, an eviction) may call it.
+/// A backend is gone (closed, broken or shed): its budget unit is free again. Idempotent, so
+/// whoever notices first (the relay, a cleanup, a shed) may call it.
 pub fn retire(core: &Rc<Core>, b: &Rc<Backend>) {
     if b.retired.replace(true) {
         return;
     }
     core.forget_idle(b);
-    let pool = &b.pool;
-    pool.total.set(pool.total.get().saturating_sub(1));
-    core.total.set(core.total.get().saturating_sub(1));
-    core.capacity_freed(pool);
+    core.budgets.give_back(&b.pool.global);
+    core.capacity_freed(&b.pool);
 }
 
 impl Core {
@@ -163,7 +181,7 @@ impl Core {
         }
         let pools: Vec<Rc<Pool>> = self.pools.borrow().values().cloned().collect();
         for p in pools {
-            if p.has_waiters() && p.total.get() < p.budget {
+            if p.has_waiters() {
                 p.hand_to_waiter(None);
                 return;
             }
@@ -174,29 +192,31 @@ impl Core {
         self.pools
             .borrow()
             .values()
-            .any(|p| *p.key != *key && p.has_waiters() && p.total.get() < p.budget)
+            .any(|p| *p.key != *key && p.has_waiters())
     }
 
-    fn evict_idle_other_than(&self, key: &PoolKey) {
+    /// Frees the budget unit of an idle backend of another pool on this core.
+    fn shed_idle_other_than(self: &Rc<Self>, key: &PoolKey) -> bool {
         let victim = self
             .pools
             .borrow()
             .values()
             .find(|p| *p.key != *key && !p.idle.borrow().is_empty())
             .cloned();
-        if let Some(p) = victim {
-            let popped = p.idle.borrow_mut().pop();
-            if let Some(b) = popped {
-                b.close();
-                if !b.retired.replace(true) {
-                    p.total.set(p.total.get().saturating_sub(1));
-                    self.total.set(self.total.get().saturating_sub(1));
-                }
+        victim.is_some_and(|p| p.shed_one(self))
+    }
+
+    /// Another core is starved: close an idle backend of that pool (or of any pool) here.
+    pub fn on_shed(self: &Rc<Self>, key: Option<PoolKey>) {
+        let pools: Vec<Rc<Pool>> = self.pools.borrow().values().cloned().collect();
+        for p in pools {
+            if key.as_ref().is_none_or(|k| *k == *p.key) && !p.has_waiters() && p.shed_one(self) {
+                return;
             }
         }
     }
 
-    /// Drops an idle backend that died (its relay noticed): it leaves the idle list.
+    /// Drops a backend from the idle list (it died, or was shed).
     pub fn forget_idle(&self, b: &Rc<Backend>) {
         let mut idle = b.pool.idle.borrow_mut();
         if let Some(i) = idle.iter().position(|x| Rc::ptr_eq(x, b)) {

@@ -542,7 +542,10 @@ fn write_message(
                 Some(content) => {
                     let mut m = Vec::with_capacity(msg.len() + 32);
                     fe::write_bind(&mut m, portal, &content, rest);
-                    b.send(&m, Some(Entry::Client(Kind::Bind)));
+                    b.send(
+                        &m,
+                        Some(Entry::Renamed(Kind::Bind, content, Rc::from(name))),
+                    );
                 }
                 None => b.send(msg, Some(Entry::Client(Kind::Bind))),
             }
@@ -554,7 +557,10 @@ fn write_message(
                 (b'S', Some(content)) => {
                     let mut m = Vec::new();
                     fe::write_target(&mut m, fe::DESCRIBE, b'S', &content);
-                    b.send(&m, Some(Entry::Client(Kind::Describe)));
+                    b.send(
+                        &m,
+                        Some(Entry::Renamed(Kind::Describe, content, Rc::from(name))),
+                    );
                 }
                 _ => b.send(msg, Some(Entry::Client(Kind::Describe))),
             }

@@ -176,6 +176,39 @@ pub fn error_as_fatal(out: &mut Vec<u8>, body: &[u8]) {
     });
 }
 
+/// Re-emits an error or notice with `from` replaced by `to` in its text fields (message, detail,
+/// hint): the pooler renames statements on backends and must not show its names to the client.
+pub fn rename_in_error(out: &mut Vec<u8>, tag: u8, body: &[u8], from: &[u8], to: &[u8]) {
+    let Ok(fields) = error_fields(body) else {
+        out.push(tag);
+        out.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        out.extend_from_slice(body);
+        return;
+    };
+    put_message(out, tag, |b| {
+        for (code, value) in fields {
+            b.push(code);
+            if matches!(code, b'M' | b'D' | b'H') && !from.is_empty() {
+                let mut v = Vec::with_capacity(value.len());
+                let mut i = 0;
+                while i < value.len() {
+                    if value[i..].starts_with(from) {
+                        v.extend_from_slice(to);
+                        i += from.len();
+                    } else {
+                        v.push(value[i]);
+                        i += 1;
+                    }
+                }
+                put_cstr(b, &v);
+            } else {
+                put_cstr(b, value);
+            }
+        }
+        b.push(0);
+    });
+}
+
 /// The `(name, value)` of a `ParameterStatus` body.
 pub fn parse_parameter_status(body: &[u8]) -> Result<(&[u8], &[u8]), ProtocolError> {
     let mut pos = 0;
