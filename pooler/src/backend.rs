@@ -111,6 +111,8 @@ pub struct Backend {
     pub st: RefCell<State>,
     /// Its budget slot was given back.
     pub retired: std::cell::Cell<bool>,
+    /// When it last went idle.
+    pub idle_since: std::cell::Cell<Option<std::time::Instant>>,
 }
 
 impl Backend {
@@ -300,6 +302,7 @@ pub async fn connect(
             internal_error: None,
         }),
         retired: std::cell::Cell::new(false),
+        idle_since: std::cell::Cell::new(None),
     });
     tracing::debug!(backend = b.id, pid = b.pid, user = %pool.key.user, db = %pool.key.database, "backend connected");
     let stream = RcStream::new(stream);

@@ -47,9 +47,10 @@ pub async fn serve(core: Rc<Core>, stream: TcpStream) {
             if reader.data().len() < HEADER + h.len {
                 break;
             }
+            // One copy out of the read buffer; the session keeps this Vec as it is.
             let payload = reader.data()[HEADER..HEADER + h.len].to_vec();
             reader.consume(HEADER + h.len);
-            if !on_frame(&core, &l, h.kind, h.session, &payload).await {
+            if !on_frame(&core, &l, h.kind, h.session, payload).await {
                 break 'outer;
             }
         }
@@ -67,7 +68,7 @@ pub async fn serve(core: Rc<Core>, stream: TcpStream) {
     l.out.close();
 }
 
-async fn on_frame(core: &Rc<Core>, l: &Rc<Link>, kind: u8, id: u32, payload: &[u8]) -> bool {
+async fn on_frame(core: &Rc<Core>, l: &Rc<Link>, kind: u8, id: u32, payload: Vec<u8>) -> bool {
     match kind {
         up::MSGS => {
             let s = l.sessions.borrow().get(&id).cloned();
@@ -80,7 +81,7 @@ async fn on_frame(core: &Rc<Core>, l: &Rc<Link>, kind: u8, id: u32, payload: &[u
                 s.add_credit(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
             }
         }
-        up::OPEN => match Open::decode(payload) {
+        up::OPEN => match Open::decode(&payload) {
             Ok(open) => {
                 let pool = core.pool_for(&open.user, &open.database);
                 let key = (open.pid, open.secret);
@@ -104,7 +105,7 @@ async fn on_frame(core: &Rc<Core>, l: &Rc<Link>, kind: u8, id: u32, payload: &[u
             }
         }
         up::AUTH_LOOKUP => {
-            let user = String::from_utf8_lossy(payload).into_owned();
+            let user = String::from_utf8_lossy(&payload).into_owned();
             let core = core.clone();
             let l = l.clone();
             glommio::spawn_local(async move {

@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -28,6 +28,9 @@ type Waiter = Rc<Slot<Option<Rc<Backend>>>>;
 
 /// How long a starved waiter waits before it retries the shared budget.
 const RETRY: Duration = Duration::from_millis(25);
+/// Another core sheds only backends idle this long: true surplus, not a backend between two
+/// requests (shedding those made cores trade backends back and forth, each trade a new login).
+const SHED_AFTER_IDLE: Duration = Duration::from_millis(50);
 
 pub struct Pool {
     pub key: Rc<PoolKey>,
@@ -66,10 +69,24 @@ impl Pool {
         Some(b)
     }
 
-    /// Closes one idle backend, if there is one.
-    fn shed_one(&self, core: &Rc<Core>) -> bool {
-        let popped = self.idle.borrow_mut().pop();
-        match popped {
+    /// Closes one idle backend that has been idle at least `min_idle`, if there is one.
+    fn shed_one(&self, core: &Rc<Core>, min_idle: Duration) -> bool {
+        let now = Instant::now();
+        let victim = {
+            let mut idle = self.idle.borrow_mut();
+            // The bottom of the (LIFO) idle list has been idle longest.
+            match idle.first() {
+                Some(b)
+                    if b.idle_since
+                        .get()
+                        .is_some_and(|t| now.duration_since(t) >= min_idle) =>
+                {
+                    Some(idle.remove(0))
+                }
+                _ => None,
+            }
+        };
+        match victim {
             Some(b) => {
                 b.close();
                 retire(core, &b);
@@ -100,6 +117,9 @@ pub async fn acquire(
     pool: &Rc<Pool>,
     credential: &Credential,
 ) -> Result<Rc<Backend>, LoginError> {
+    // Ask other cores for budget only once we have waited a while: a busy core frees backends
+    // for its own waiters every few hundred microseconds.
+    let mut waited = false;
     loop {
         let popped = pool.idle.borrow_mut().pop();
         if let Some(b) = popped {
@@ -121,11 +141,13 @@ pub async fn acquire(
                     return Err(e);
                 }
             },
-            Reserve::PoolFull => core.ask_peers(CoreMsg::Shed {
+            Reserve::PoolFull if waited => core.ask_peers(CoreMsg::Shed {
                 key: Some((*pool.key).clone()),
             }),
-            Reserve::TotalFull => core.ask_peers(CoreMsg::Shed { key: None }),
+            Reserve::TotalFull if waited => core.ask_peers(CoreMsg::Shed { key: None }),
+            _ => {}
         }
+        waited = true;
         let slot: Waiter = Rc::new(Slot::default());
         pool.waiters.borrow_mut().push_back(slot.clone());
         let guard = WaiterGuard { core, slot };
@@ -148,6 +170,7 @@ pub fn release(core: &Rc<Core>, b: Rc<Backend>) {
     }
     if pool.has_waiters() {
         if let Some(Some(b)) = pool.hand_to_waiter(Some(b)) {
+            b.idle_since.set(Some(Instant::now()));
             pool.idle.borrow_mut().push(b);
         }
         return;
@@ -158,6 +181,7 @@ pub fn release(core: &Rc<Core>, b: Rc<Backend>) {
         retire(core, &b);
         return;
     }
+    b.idle_since.set(Some(Instant::now()));
     pool.idle.borrow_mut().push(b);
 }
 
@@ -203,14 +227,17 @@ impl Core {
             .values()
             .find(|p| *p.key != *key && !p.idle.borrow().is_empty())
             .cloned();
-        victim.is_some_and(|p| p.shed_one(self))
+        victim.is_some_and(|p| p.shed_one(self, Duration::ZERO))
     }
 
     /// Another core is starved: close an idle backend of that pool (or of any pool) here.
     pub fn on_shed(self: &Rc<Self>, key: Option<PoolKey>) {
         let pools: Vec<Rc<Pool>> = self.pools.borrow().values().cloned().collect();
         for p in pools {
-            if key.as_ref().is_none_or(|k| *k == *p.key) && !p.has_waiters() && p.shed_one(self) {
+            if key.as_ref().is_none_or(|k| *k == *p.key)
+                && !p.has_waiters()
+                && p.shed_one(self, SHED_AFTER_IDLE)
+            {
                 return;
             }
         }

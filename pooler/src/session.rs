@@ -51,7 +51,8 @@ pub struct Session {
     pub out: RefCell<Vec<u8>>,
     pub inflight: Cell<usize>,
     pub credit: Notify,
-    inbox: RefCell<VecDeque<(u8, Vec<u8>)>>,
+    /// `MSGS` payloads as received: the flags byte, then the messages.
+    inbox: RefCell<VecDeque<Vec<u8>>>,
     inbox_bytes: Cell<usize>,
     inbox_notify: Notify,
     drained: Notify,
@@ -102,15 +103,15 @@ impl Session {
     }
 
     /// Queues a `MSGS` payload; waits while this session already has much queued.
-    pub async fn enqueue(&self, payload: &[u8]) {
+    pub async fn enqueue(&self, payload: Vec<u8>) {
         while self.inbox_bytes.get() > INBOX_LIMIT && !self.gone.get() && !self.dead.get() {
             self.drained.notified().await;
         }
-        let Some((&flags, msgs)) = payload.split_first() else {
+        if payload.is_empty() {
             return;
-        };
-        self.inbox_bytes.set(self.inbox_bytes.get() + msgs.len());
-        self.inbox.borrow_mut().push_back((flags, msgs.to_vec()));
+        }
+        self.inbox_bytes.set(self.inbox_bytes.get() + payload.len());
+        self.inbox.borrow_mut().push_back(payload);
         self.inbox_notify.notify();
     }
 
@@ -269,13 +270,13 @@ pub async fn run(core: Rc<Core>, s: Rc<Session>) {
             break;
         }
         let item = s.inbox.borrow_mut().pop_front();
-        let Some((fl, payload)) = item else {
+        let Some(payload) = item else {
             notified.await;
             continue;
         };
         s.inbox_bytes.set(s.inbox_bytes.get() - payload.len());
         s.drained.notify();
-        if let Err(err) = process(&core, &s, fl, &payload).await {
+        if let Err(err) = process(&core, &s, payload[0], &payload[1..]).await {
             s.flush();
             s.send_closed(&err);
             break;
