@@ -80,11 +80,12 @@ start_pg() {
     as_pg "$PGBIN/initdb" -D "$WORK/data" -U postgres -E UTF8 --no-sync \
         --auth-local=peer --auth-host=scram-sha-256 --pwfile="$WORK/pwfile" >"$WORK/initdb.log" 2>&1 ||
         die "initdb failed: see $WORK/initdb.log"
+    # As docs/CONTRACTS.md: md5 host lines (a SCRAM verifier still gets SCRAM under md5).
     cat >"$WORK/data/pg_hba.conf" <<EOF
 local all postgres peer map=tidepool
 local all all scram-sha-256
 # 127.0.0.0/8: firehose --source-addrs spreads its clients over 127.0.0.x.
-host all all 127.0.0.0/8 scram-sha-256
+host all all 127.0.0.0/8 md5
 EOF
     cat >"$WORK/data/pg_ident.conf" <<EOF
 tidepool root postgres
@@ -177,8 +178,12 @@ tidepool_available() {
 }
 
 # start_tidepool MAX_CLIENTS: pooler (budget 20 per user/db) and gateway, flags per CONTRACTS.md.
+# The gateway authenticates as pg_hba's md5 does (SCRAM for alice's SCRAM verifier); the pooler
+# reads pg_authid over the cluster's socket ($WORK) as postgres (peer, pg_ident map tidepool).
+# TIDEPOOL_CORES, when set, is the --cores of both processes (default: all cores).
 start_tidepool() {
-    local max_clients=${1:-1000} link_port
+    local max_clients=${1:-1000} link_port cores=()
+    [ -n "${TIDEPOOL_CORES:-}" ] && cores=(--cores "$TIDEPOOL_CORES")
     tidepool_available || {
         log "ERROR: Tidepool binaries missing: $TIDEPOOL_BIN/tidepool-pooler and tidepool-gateway"
         log "       build them with: cargo build --release -p tidepool-pooler -p tidepool-gateway"
@@ -190,14 +195,14 @@ start_tidepool() {
         ulimit -n "$(ulimit -Hn)"
         exec "$TIDEPOOL_BIN/tidepool-pooler" --listen "127.0.0.1:$link_port" \
             --pg-host 127.0.0.1 --pg-port "$PG_PORT" --admin-socket-dir "$WORK" \
-            --admin-user postgres --pool-size 20
+            --admin-user postgres --pool-size 20 "${cores[@]}"
     ) >"$WORK/pooler.log" 2>&1 &
     POOLER_PID=$!
     wait_port "$link_port" 30 || { log "ERROR: pooler not listening: see $WORK/pooler.log"; return 1; }
     (
         ulimit -n "$(ulimit -Hn)"
         exec "$TIDEPOOL_BIN/tidepool-gateway" --listen "127.0.0.1:$GATEWAY_PORT" \
-            --pooler "127.0.0.1:$link_port" --auth-method scram-sha-256 --max-clients "$max_clients"
+            --pooler "127.0.0.1:$link_port" --auth-method md5 --max-clients "$max_clients" "${cores[@]}"
     ) >"$WORK/gateway.log" 2>&1 &
     GATEWAY_PID=$!
     wait_port "$GATEWAY_PORT" 30 || { log "ERROR: gateway not listening: see $WORK/gateway.log"; return 1; }

@@ -10,6 +10,7 @@
 # Env: DURATION (s, default 30), CLIENTS (40), THREADS (pgbench -j, 2), SCALE (pgbench -i -s, 10),
 #      TARGETS ("direct pgbouncer tidepool"), MODES ("simple prepared"),
 #      TIDEPOOL_BIN (dir with tidepool-gateway and tidepool-pooler, default target/release),
+#      TIDEPOOL_CORES (--cores of gateway and pooler; default all cores),
 #      RESULTS (file to append to, default perf/RESULTS.md), KEEP=1 (keep the temp dir).
 # Exit status: 0 when every requested run worked, 1 otherwise (the results are written anyway;
 # a Tidepool whose binaries are missing is reported as such).
@@ -74,6 +75,8 @@ for mode in $MODES; do
         fi
         log "pgbench -S -M $mode -c $CLIENTS -T $DURATION via $target"
         before=$(cpu_ticks ${PIDS[$target]})
+        declare -A before_each=()
+        for pid in ${PIDS[$target]}; do before_each[$pid]=$(cpu_ticks "$pid"); done
         set +e
         PGPASSWORD=$APP_PASSWORD timeout $((DURATION + 120)) pgbench -S -n -M "$mode" -c "$CLIENTS" \
             -j "$THREADS" -T "$DURATION" -h 127.0.0.1 -p "${PORT[$target]}" -U "$APP_USER" "$APP_DB" \
@@ -86,6 +89,15 @@ for mode in $MODES; do
         TXNS[$key]=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$log_file" | head -1)
         if [ -n "${PIDS[$target]}" ]; then
             CPU[$key]=$(us_per $((after - before)) "${TXNS[$key]:-0}")
+            # Tidepool: also each process' share (gateway + pooler).
+            set -- ${PIDS[$target]}
+            if [ $# -gt 1 ]; then
+                parts=""
+                for pid in "$@"; do
+                    parts="$parts${parts:+ + }$(us_per $(($(cpu_ticks "$pid") - before_each[$pid])) "${TXNS[$key]:-0}")"
+                done
+                CPU[$key]="${CPU[$key]} ($parts)"
+            fi
         else
             CPU[$key]="-"
         fi
@@ -129,8 +141,8 @@ ratio() { # ratio A B -> A/B as x.xx, or -
     done
     echo
     echo "- command: \`pgbench -S -n -M {simple,prepared} -c $CLIENTS -j $THREADS -T $DURATION\` (scale $SCALE) as alice (SCRAM) on 127.0.0.1; run by \`DURATION=$DURATION perf/pgbench_compare.sh\`"
-    echo "- Postgres: max_connections 200, shared_buffers 256MB, fsync/synchronous_commit off; PgBouncer: pool_mode transaction, default_pool_size 20; Tidepool: --pool-size 20"
-    echo "- proxy CPU: utime+stime of pgbouncer, or of tidepool-gateway + tidepool-pooler, over the run, divided by transactions"
+    echo "- Postgres: max_connections 200, shared_buffers 256MB, fsync/synchronous_commit off; PgBouncer: pool_mode transaction, default_pool_size 20; Tidepool: --pool-size 20, --auth-method md5, --cores ${TIDEPOOL_CORES:-(all: $(nproc))} for gateway and pooler"
+    echo "- proxy CPU: utime+stime of pgbouncer, or of tidepool-gateway + tidepool-pooler (each in parentheses, gateway first), over the run, divided by transactions"
     for target in $TARGETS; do
         if [ -n "${NOTE[$target]:-}" ]; then echo "- $target: ${NOTE[$target]}"; fi
     done
