@@ -19,7 +19,7 @@ use shared::protocol::backend as be;
 use shared::protocol::{frontend, put_message, typed_message_len};
 use shared::settings::Settings;
 use std::cell::RefCell;
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -27,8 +27,59 @@ use std::time::Duration;
 pub const WINDOW: usize = 256 * 1024;
 
 /// The query that reads a session's settings back from its backend.
+/// `role` is not in `pg_settings` (GUC_NO_SHOW_ALL), so it is read on its own; `none` means
+/// not set.
 const SNAPSHOT_SQL: &str =
-    "SELECT name, pg_catalog.current_setting(name) FROM pg_catalog.pg_settings WHERE source = 'session'";
+    "SELECT name, pg_catalog.current_setting(name) FROM pg_catalog.pg_settings \
+     WHERE source = 'session' UNION ALL SELECT 'role', pg_catalog.current_setting('role') \
+     WHERE pg_catalog.current_setting('role') <> 'none'";
+
+/// The statements a backend has prepared, bounded: the least recently used is closed when a new
+/// one would pass the limit.
+#[derive(Default)]
+pub struct Prepared {
+    used: HashMap<Rc<[u8]>, u64>,
+    tick: u64,
+}
+
+impl Prepared {
+    /// Has it (and counts this as a use).
+    pub fn touch(&mut self, name: &Rc<[u8]>) -> bool {
+        self.tick += 1;
+        match self.used.get_mut(name) {
+            Some(t) => {
+                *t = self.tick;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn insert(&mut self, name: Rc<[u8]>) {
+        self.tick += 1;
+        self.used.insert(name, self.tick);
+    }
+
+    pub fn remove(&mut self, name: &[u8]) {
+        self.used.remove(name);
+    }
+
+    pub fn clear(&mut self) {
+        self.used.clear();
+    }
+
+    /// The least recently used statement other than `keep`, if there are more than `limit`.
+    fn over(&self, limit: usize, keep: &[u8]) -> Option<Rc<[u8]>> {
+        if self.used.len() <= limit {
+            return None;
+        }
+        self.used
+            .iter()
+            .filter(|(n, _)| &***n != keep)
+            .min_by_key(|(_, t)| **t)
+            .map(|(n, _)| n.clone())
+    }
+}
 
 /// A protocol-level prepared statement, named on backends by its content.
 pub struct Stmt {
@@ -70,6 +121,8 @@ pub enum Internal {
 
 pub enum Entry {
     Client(Kind),
+    /// Our own `Close` of an evicted statement: its `CloseComplete` is dropped.
+    Evicted,
     /// A client's `Bind`/`Describe` of a statement we renamed: (backend name, client name), to
     /// put the client's name back into errors.
     Renamed(Kind, Rc<[u8]>, Rc<[u8]>),
@@ -91,7 +144,8 @@ pub struct State {
     pub queue: VecDeque<Entry>,
     pub owner: Option<Rc<Session>>,
     pub settings: Rc<Settings>,
-    pub prepared: HashSet<Rc<[u8]>>,
+    /// Statements this backend has, with when each was last used (for eviction).
+    pub prepared: Prepared,
     pub unnamed: Option<Rc<Stmt>>,
     pub status: u8,
     pub reported: Vec<(String, String)>,
@@ -136,6 +190,29 @@ impl Backend {
                 return;
             }
             st.queue.push_back(e);
+        }
+    }
+
+    /// Records that the backend now has `content`, closing the least recently used statement if
+    /// the backend has more than `limit`. Not while Postgres skips to Sync: it would ignore our
+    /// Close and keep a statement we think is gone.
+    pub fn add_prepared(&self, content: Rc<[u8]>, limit: usize) {
+        let victim = {
+            let mut st = self.st.borrow_mut();
+            st.prepared.insert(content.clone());
+            if st.skipping {
+                return;
+            }
+            let v = st.prepared.over(limit, &content);
+            if let Some(v) = &v {
+                st.prepared.remove(v);
+            }
+            v
+        };
+        if let Some(v) = victim {
+            let mut m = Vec::with_capacity(v.len() + 7);
+            frontend::write_target(&mut m, frontend::CLOSE, b'S', &v);
+            self.send(&m, Some(Entry::Evicted));
         }
     }
 
@@ -292,7 +369,7 @@ pub async fn connect(
             queue: VecDeque::new(),
             owner: None,
             settings: core.empty_settings.clone(),
-            prepared: HashSet::new(),
+            prepared: Prepared::default(),
             unnamed: None,
             status: b'I',
             reported: logged.params,
@@ -512,6 +589,15 @@ fn on_message(b: &Backend, st: &mut State, msg: &[u8]) -> After {
                     skip_to_sync(st);
                 }
                 _ => forward(st, msg),
+            }
+            drain_synth(st);
+            After::Nothing
+        }
+        Entry::Evicted => {
+            st.queue.pop_front();
+            if tag == be::ERROR_RESPONSE {
+                forward(st, msg);
+                skip_to_sync(st);
             }
             drain_synth(st);
             After::Nothing

@@ -46,6 +46,9 @@ pub struct Args {
     /// Seconds to wait for a new backend connection.
     #[arg(long)]
     pub connect_timeout_seconds: Option<u64>,
+    /// Protocol-level statements kept prepared per backend (least recently used closed beyond).
+    #[arg(long)]
+    pub max_prepared_statements: Option<usize>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -62,6 +65,7 @@ struct File {
     max_message_size: Option<usize>,
     auth_cache_seconds: Option<u64>,
     connect_timeout_seconds: Option<u64>,
+    max_prepared_statements: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -77,6 +81,7 @@ pub struct Config {
     pub max_message_size: usize,
     pub auth_cache_seconds: u64,
     pub connect_timeout_seconds: u64,
+    pub max_prepared_statements: usize,
 }
 
 impl Config {
@@ -131,6 +136,11 @@ impl Config {
                 .connect_timeout_seconds
                 .or(file.connect_timeout_seconds)
                 .unwrap_or(10),
+            max_prepared_statements: args
+                .max_prepared_statements
+                .or(file.max_prepared_statements)
+                .unwrap_or(500)
+                .max(1),
         };
         Ok(c)
     }

@@ -519,13 +519,13 @@ fn write_message(
             s.statements
                 .borrow_mut()
                 .insert(p.name.to_vec(), stmt.clone());
-            let have = b.st.borrow().prepared.contains(&stmt.content);
+            let have = b.st.borrow_mut().prepared.touch(&stmt.content);
             if have {
                 let mut pc = Vec::new();
                 be::parse_complete(&mut pc);
                 b.send(&[], Some(Entry::Synth(pc)));
             } else {
-                b.st.borrow_mut().prepared.insert(stmt.content.clone());
+                b.add_prepared(stmt.content.clone(), core.cfg.max_prepared_statements);
                 b.send(
                     &stmt.parse,
                     Some(Entry::Parse {
@@ -539,7 +539,7 @@ fn write_message(
         fe::BIND => {
             s.open_batch.set(true);
             let (portal, name, rest) = fe::parse_bind(body).map_err(bad)?;
-            match statement_for(s, b, name) {
+            match statement_for(s, b, name, core.cfg.max_prepared_statements) {
                 Some(content) => {
                     let mut m = Vec::with_capacity(msg.len() + 32);
                     fe::write_bind(&mut m, portal, &content, rest);
@@ -554,7 +554,10 @@ fn write_message(
         fe::DESCRIBE => {
             s.open_batch.set(true);
             let (kind, name) = fe::parse_target(body).map_err(bad)?;
-            match (kind, statement_for(s, b, name)) {
+            match (
+                kind,
+                statement_for(s, b, name, core.cfg.max_prepared_statements),
+            ) {
                 (b'S', Some(content)) => {
                     let mut m = Vec::new();
                     fe::write_target(&mut m, fe::DESCRIBE, b'S', &content);
@@ -607,7 +610,7 @@ fn write_message(
 
 /// The backend name for a client's statement, preparing it there first if needed. `None`: not
 /// one of ours (unknown name, passed through so Postgres reports it) or the unnamed statement.
-fn statement_for(s: &Rc<Session>, b: &Rc<Backend>, name: &[u8]) -> Option<Rc<[u8]>> {
+fn statement_for(s: &Rc<Session>, b: &Rc<Backend>, name: &[u8], limit: usize) -> Option<Rc<[u8]>> {
     if name.is_empty() {
         let unnamed = s.unnamed.borrow().clone();
         if let Some(u) = unnamed {
@@ -631,9 +634,9 @@ fn statement_for(s: &Rc<Session>, b: &Rc<Backend>, name: &[u8]) -> Option<Rc<[u8
         return None;
     }
     let stmt = s.statements.borrow().get(name).cloned()?;
-    let have = b.st.borrow().prepared.contains(&stmt.content);
+    let have = b.st.borrow_mut().prepared.touch(&stmt.content);
     if !have {
-        b.st.borrow_mut().prepared.insert(stmt.content.clone());
+        b.add_prepared(stmt.content.clone(), limit);
         b.send(
             &stmt.parse,
             Some(Entry::Parse {

@@ -1,0 +1,115 @@
+//! Prepared statements consolidated by the pooler: one Parse per statement per backend, a
+//! bounded set per backend, and `SET ROLE` following the session to other backends.
+
+use std::time::Duration;
+use testkit::{PgCluster, Tidepool, TidepoolOpts};
+
+const ALICE: (&str, &str) = ("alice", "alice-pw");
+
+async fn bounded<T>(fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(60), fut)
+        .await
+        .expect("test step took more than 60 s")
+}
+
+#[tokio::test]
+async fn a_backend_keeps_a_bounded_set_of_statements() {
+    let pg = PgCluster::start();
+    let mut opts = TidepoolOpts::default().pool_size(1);
+    opts.cores = 1;
+    opts.extra_pooler_args = vec!["--max-prepared-statements".into(), "5".into()];
+    let tp = Tidepool::start(&pg, opts);
+    bounded(async {
+        let c = tp
+            .endpoint()
+            .connect(ALICE.0, ALICE.1, "app")
+            .await
+            .unwrap();
+        // 30 distinct named statements, used in three rounds: evicted ones are prepared again.
+        let mut stmts = Vec::new();
+        for i in 0..30 {
+            stmts.push(c.prepare(&format!("SELECT $1::int + {i}")).await.unwrap());
+        }
+        for round in 0..3 {
+            for (i, s) in stmts.iter().enumerate() {
+                let v: i32 = c.query_one(s, &[&round]).await.unwrap().get(0);
+                assert_eq!(v, round + i as i32);
+            }
+        }
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM pg_prepared_statements", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(
+            n <= 6,
+            "the backend holds {n} statements, limit 5 (+ this query)"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn equal_statements_are_parsed_once_per_backend() {
+    let pg = PgCluster::start();
+    let mut opts = TidepoolOpts::default().pool_size(1);
+    opts.cores = 1;
+    let tp = Tidepool::start(&pg, opts);
+    bounded(async {
+        let ep = tp.endpoint();
+        let mut clients = Vec::new();
+        for _ in 0..10 {
+            let c = ep.connect(ALICE.0, ALICE.1, "app").await.unwrap();
+            let s = c.prepare("SELECT 42::int AS answer").await.unwrap();
+            let v: i32 = c.query_one(&s, &[]).await.unwrap().get(0);
+            assert_eq!(v, 42);
+            clients.push(c);
+        }
+        let c = &clients[0];
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_prepared_statements WHERE statement = 'SELECT 42::int AS answer'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1, "ten sessions, one backend: one statement");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn set_role_follows_the_session_and_not_others() {
+    let pg = PgCluster::start();
+    pg.psql_admin("CREATE ROLE reader NOLOGIN; GRANT reader TO alice;");
+    let tp = Tidepool::start(&pg, TidepoolOpts::default().pool_size(2));
+    bounded(async {
+        let ep = tp.endpoint();
+        let a = ep.connect(ALICE.0, ALICE.1, "app").await.unwrap();
+        let b = ep.connect(ALICE.0, ALICE.1, "app").await.unwrap();
+        a.batch_execute("SET ROLE reader").await.unwrap();
+        for _ in 0..10 {
+            let who: String = a
+                .query_one("SELECT current_user::text", &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(who, "reader");
+            let who: String = b
+                .query_one("SELECT current_user::text", &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(who, "alice");
+        }
+        a.batch_execute("RESET ROLE").await.unwrap();
+        let who: String = a
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(who, "alice");
+    })
+    .await;
+}
