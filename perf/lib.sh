@@ -23,6 +23,8 @@ BOUNCER_PORT=""
 BOUNCER_PID=""
 GATEWAY_PORT=""
 GATEWAY_PID=""
+GATEWAY_PIDS=""
+LINK_PORT=""
 POOLER_PID=""
 
 log() { printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -177,47 +179,60 @@ tidepool_available() {
     [ -x "$TIDEPOOL_BIN/tidepool-pooler" ] && [ -x "$TIDEPOOL_BIN/tidepool-gateway" ]
 }
 
-# start_tidepool MAX_CLIENTS: pooler (budget 20 per user/db) and gateway, flags per CONTRACTS.md.
-# The gateway authenticates as pg_hba's md5 does (SCRAM for alice's SCRAM verifier); the pooler
-# reads pg_authid over the cluster's socket ($WORK) as postgres (peer, pg_ident map tidepool).
-# TIDEPOOL_CORES, when set, is the --cores of both processes (default: all cores).
+# start_tidepool MAX_CLIENTS [GATEWAYS [GATEWAY_CORES]]: pooler (budget 20 per user/db) and
+# GATEWAYS (default 1) gateway processes sharing one port (SO_REUSEPORT), each accepting
+# MAX_CLIENTS; flags per CONTRACTS.md. The gateway authenticates as pg_hba's md5 does (SCRAM for
+# a SCRAM verifier, md5 for an md5 one); the pooler reads pg_authid over the cluster's socket
+# ($WORK) as postgres (peer, pg_ident map tidepool). TIDEPOOL_CORES, when set, is the --cores
+# of both processes (default: all cores); GATEWAY_CORES overrides it for the gateways.
+# Sets GATEWAY_PORT, GATEWAY_PID (the first gateway), GATEWAY_PIDS (all), LINK_PORT, POOLER_PID.
 start_tidepool() {
-    local max_clients=${1:-1000} link_port cores=()
+    local max_clients=${1:-1000} gateways=${2:-1} gw_cores=${3:-${TIDEPOOL_CORES:-}} cores=() gcores=() i pid
     [ -n "${TIDEPOOL_CORES:-}" ] && cores=(--cores "$TIDEPOOL_CORES")
+    [ -n "$gw_cores" ] && gcores=(--cores "$gw_cores")
     tidepool_available || {
         log "ERROR: Tidepool binaries missing: $TIDEPOOL_BIN/tidepool-pooler and tidepool-gateway"
         log "       build them with: cargo build --release -p tidepool-pooler -p tidepool-gateway"
         return 1
     }
-    link_port=$(free_port)
+    LINK_PORT=$(free_port)
     GATEWAY_PORT=$(free_port)
     (
         ulimit -n "$(ulimit -Hn)"
-        exec "$TIDEPOOL_BIN/tidepool-pooler" --listen "127.0.0.1:$link_port" \
+        exec "$TIDEPOOL_BIN/tidepool-pooler" --listen "127.0.0.1:$LINK_PORT" \
             --pg-host 127.0.0.1 --pg-port "$PG_PORT" --admin-socket-dir "$WORK" \
             --admin-user postgres --pool-size 20 "${cores[@]}"
     ) >"$WORK/pooler.log" 2>&1 &
     POOLER_PID=$!
-    wait_port "$link_port" 30 || { log "ERROR: pooler not listening: see $WORK/pooler.log"; return 1; }
-    (
-        ulimit -n "$(ulimit -Hn)"
-        exec "$TIDEPOOL_BIN/tidepool-gateway" --listen "127.0.0.1:$GATEWAY_PORT" \
-            --pooler "127.0.0.1:$link_port" --auth-method md5 --max-clients "$max_clients" "${cores[@]}"
-    ) >"$WORK/gateway.log" 2>&1 &
-    GATEWAY_PID=$!
-    wait_port "$GATEWAY_PORT" 30 || { log "ERROR: gateway not listening: see $WORK/gateway.log"; return 1; }
-    log "Tidepool gateway on 127.0.0.1:$GATEWAY_PORT (pid $GATEWAY_PID), pooler pid $POOLER_PID"
+    wait_port "$LINK_PORT" 30 || { log "ERROR: pooler not listening: see $WORK/pooler.log"; return 1; }
+    GATEWAY_PIDS=""
+    for i in $(seq 1 "$gateways"); do
+        (
+            ulimit -n "$(ulimit -Hn)"
+            exec "$TIDEPOOL_BIN/tidepool-gateway" --listen "127.0.0.1:$GATEWAY_PORT" \
+                --pooler "127.0.0.1:$LINK_PORT" --auth-method md5 --max-clients "$max_clients" "${gcores[@]}"
+        ) >"$WORK/gateway-$i.log" 2>&1 &
+        pid=$!
+        GATEWAY_PIDS="$GATEWAY_PIDS${GATEWAY_PIDS:+ }$pid"
+        # The first one must be up before the next binds the same port with SO_REUSEPORT.
+        wait_port "$GATEWAY_PORT" 30 || { log "ERROR: gateway $i not listening: see $WORK/gateway-$i.log"; return 1; }
+        kill -0 "$pid" 2>/dev/null || { log "ERROR: gateway $i exited: see $WORK/gateway-$i.log"; return 1; }
+    done
+    GATEWAY_PID=${GATEWAY_PIDS%% *}
+    ln -sf gateway-1.log "$WORK/gateway.log"
+    log "Tidepool: $gateways gateway(s) on 127.0.0.1:$GATEWAY_PORT (pids $GATEWAY_PIDS), pooler pid $POOLER_PID"
 }
 
 stop_tidepool() {
     local pid
-    for pid in $GATEWAY_PID $POOLER_PID; do
+    for pid in ${GATEWAY_PIDS:-$GATEWAY_PID} $POOLER_PID; do
         kill "$pid" 2>/dev/null || true
     done
-    for pid in $GATEWAY_PID $POOLER_PID; do
+    for pid in ${GATEWAY_PIDS:-$GATEWAY_PID} $POOLER_PID; do
         wait "$pid" 2>/dev/null || true
     done
     GATEWAY_PID=""
+    GATEWAY_PIDS=""
     POOLER_PID=""
 }
 
