@@ -46,6 +46,9 @@ pub struct Args {
     /// Seconds a client may take to start up and authenticate.
     #[arg(long)]
     pub auth_timeout_seconds: Option<u64>,
+    /// Microseconds an idle executor spins before it sleeps (0: sleep at once).
+    #[arg(long)]
+    pub spin_before_park_us: Option<u64>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -62,6 +65,7 @@ struct File {
     max_message_size: Option<usize>,
     links_per_core: Option<usize>,
     auth_timeout_seconds: Option<u64>,
+    spin_before_park_us: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +90,7 @@ pub struct Config {
     pub max_message_size: usize,
     pub links_per_core: usize,
     pub auth_timeout_seconds: u64,
+    pub spin_before_park_us: u64,
 }
 
 impl Config {
@@ -118,6 +123,10 @@ impl Config {
             return Err("tls_cert and tls_key go together".into());
         }
         Ok(Config {
+            spin_before_park_us: args
+                .spin_before_park_us
+                .or(file.spin_before_park_us)
+                .unwrap_or(50),
             listen: args
                 .listen
                 .or(file.listen)

@@ -62,7 +62,7 @@ async fn read_startup<S: AsyncRead + Unpin>(
 pub async fn serve_tcp(core: Rc<Core>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     keepalive(&stream);
-    let Some(_slot) = ClientSlot::take(&core) else {
+    let Some(slot) = ClientSlot::take(&core) else {
         write_fatal(&mut stream, "53300", "sorry, too many clients already").await;
         return;
     };
@@ -88,7 +88,7 @@ pub async fn serve_tcp(core: Rc<Core>, mut stream: TcpStream) {
                         return;
                     }
                     match crate::with_timeout(timeout, acceptor.accept(stream)).await {
-                        Some(Ok(tls)) => return serve(core, tls, reader, None).await,
+                        Some(Ok(tls)) => return serve(core, tls, reader, None, slot).await,
                         _ => return,
                     }
                 }
@@ -101,7 +101,7 @@ pub async fn serve_tcp(core: Rc<Core>, mut stream: TcpStream) {
                     return;
                 }
             }
-            Some(Ok(Some(other))) => return serve(core, stream, reader, Some(other)).await,
+            Some(Ok(Some(other))) => return serve(core, stream, reader, Some(other), slot).await,
             Some(Err(e)) => {
                 write_fatal(
                     &mut stream,
@@ -118,11 +118,18 @@ pub async fn serve_tcp(core: Rc<Core>, mut stream: TcpStream) {
 
 pub async fn serve_unix(core: Rc<Core>, stream: glommio::net::UnixStream) {
     let mut stream = stream;
-    let Some(_slot) = ClientSlot::take(&core) else {
+    let Some(slot) = ClientSlot::take(&core) else {
         write_fatal(&mut stream, "53300", "sorry, too many clients already").await;
         return;
     };
-    serve(core, stream, MessageReader::new(IDLE_READ_BUFFER), None).await
+    serve(
+        core,
+        stream,
+        MessageReader::new(IDLE_READ_BUFFER),
+        None,
+        slot,
+    )
+    .await
 }
 
 /// TCP keepalive, so a client that vanished without a FIN (power loss, a cut cable, a NAT that
@@ -145,6 +152,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     mut stream: S,
     mut reader: MessageReader,
     first: Option<Startup>,
+    slot: ClientSlot,
 ) {
     let timeout = Duration::from_secs(core.cfg.auth_timeout_seconds);
     let mut next = first;
@@ -288,7 +296,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         }
     }
     *io.settings.borrow_mut() = settings;
-    run(core, stream, reader, io, link, id).await;
+    // A task of its own: the startup and authentication state (SCRAM, buffers) is freed now,
+    // so an idle session costs only what `run` keeps.
+    glommio::spawn_local(run(core, stream, reader, io, link, id, slot)).detach();
 }
 
 /// `options` holds `-c name=value` / `--name=value` pairs, as libpq sends them.
@@ -343,6 +353,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     io: Rc<SessionIo>,
     link: Rc<crate::link::Link>,
     id: u32,
+    _slot: ClientSlot,
 ) {
     let stream = RcStream::new(stream);
     let writer_io = io.clone();

@@ -49,6 +49,9 @@ pub struct Args {
     /// Protocol-level statements kept prepared per backend (least recently used closed beyond).
     #[arg(long)]
     pub max_prepared_statements: Option<usize>,
+    /// Microseconds an idle executor spins before it sleeps (0: sleep at once).
+    #[arg(long)]
+    pub spin_before_park_us: Option<u64>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -66,6 +69,7 @@ struct File {
     auth_cache_seconds: Option<u64>,
     connect_timeout_seconds: Option<u64>,
     max_prepared_statements: Option<usize>,
+    spin_before_park_us: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -82,6 +86,7 @@ pub struct Config {
     pub auth_cache_seconds: u64,
     pub connect_timeout_seconds: u64,
     pub max_prepared_statements: usize,
+    pub spin_before_park_us: u64,
 }
 
 impl Config {
@@ -100,6 +105,10 @@ impl Config {
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
             .max(1);
         let c = Config {
+            spin_before_park_us: args
+                .spin_before_park_us
+                .or(file.spin_before_park_us)
+                .unwrap_or(50),
             listen: args
                 .listen
                 .or(file.listen)

@@ -20,9 +20,17 @@ pub struct Notify {
 impl Notify {
     pub fn notify(&self) {
         self.generation.set(self.generation.get().wrapping_add(1));
-        let wakers = std::mem::take(&mut *self.wakers.borrow_mut());
-        for w in wakers {
+        let mut wakers = std::mem::take(&mut *self.wakers.borrow_mut());
+        if wakers.is_empty() {
+            return;
+        }
+        for w in wakers.drain(..) {
             w.wake();
+        }
+        // Keep the allocation for the next round (this runs once per message on hot paths).
+        let mut slot = self.wakers.borrow_mut();
+        if slot.is_empty() {
+            *slot = wakers;
         }
     }
 
@@ -281,9 +289,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for RcStream<S> {
 
 /// Reads whole messages from a stream into a buffer that starts small and shrinks back after a
 /// burst, so an idle connection costs a few hundred bytes, not a 16 KiB buffer.
+///
+/// The buffer stays initialised up to its length (`buf.len()` is its capacity in use); `start..end`
+/// holds unconsumed bytes. Reads go straight into `end..`, with no zero-filling per read.
 pub struct MessageReader {
     buf: Vec<u8>,
     start: usize,
+    end: usize,
     idle_capacity: usize,
 }
 
@@ -292,31 +304,53 @@ impl MessageReader {
         MessageReader {
             buf: Vec::new(),
             start: 0,
+            end: 0,
             idle_capacity,
         }
     }
 
     /// Appends bytes already read elsewhere.
     pub fn push_bytes(&mut self, b: &[u8]) {
-        self.buf.extend_from_slice(b);
+        self.make_room(b.len());
+        self.buf[self.end..self.end + b.len()].copy_from_slice(b);
+        self.end += b.len();
     }
 
     /// Unconsumed bytes.
     #[inline]
     pub fn data(&self) -> &[u8] {
-        &self.buf[self.start..]
+        &self.buf[self.start..self.end]
     }
 
     #[inline]
     pub fn consume(&mut self, n: usize) {
         self.start += n;
-        if self.start == self.buf.len() {
-            self.buf.clear();
+        if self.start >= self.end {
             self.start = 0;
-            if self.buf.capacity() > self.idle_capacity * 16 {
+            self.end = 0;
+            // After a large message, give the memory back.
+            if self.buf.len() > self.idle_capacity * 16 {
                 self.buf = Vec::new();
             }
         }
+    }
+
+    /// Ensures at least `n` bytes of room after `end`, moving unconsumed bytes to the front or
+    /// growing the buffer as needed.
+    fn make_room(&mut self, n: usize) {
+        if self.buf.len() - self.end >= n {
+            return;
+        }
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            if self.buf.len() - self.end >= n {
+                return;
+            }
+        }
+        let want = (self.end + n).max(self.idle_capacity).next_power_of_two();
+        self.buf.resize(want, 0);
     }
 
     /// Reads more bytes; `want` is how many bytes the caller needs in total (a hint for a large
@@ -327,24 +361,12 @@ impl MessageReader {
         want: usize,
     ) -> io::Result<usize> {
         use futures_lite::AsyncReadExt;
-        if self.start > 0 && (self.start == self.buf.len() || self.start > self.buf.capacity() / 2)
-        {
-            self.buf.drain(..self.start);
-            self.start = 0;
-        }
-        let have = self.buf.len() - self.start;
-        let chunk = if self.buf.capacity() == 0 {
-            self.idle_capacity
-        } else {
-            (self.buf.capacity() - self.buf.len()).max(self.idle_capacity)
-        };
-        let room = chunk.max(want.saturating_sub(have)).min(1 << 20);
-        let len = self.buf.len();
-        self.buf.resize(len + room, 0);
-        let n = r.read(&mut self.buf[len..]).await;
-        let got = *n.as_ref().unwrap_or(&0);
-        self.buf.truncate(len + got);
-        n
+        let have = self.end - self.start;
+        let need = want.saturating_sub(have).clamp(1, 1 << 20);
+        self.make_room(need.max(self.idle_capacity.min(4096)));
+        let n = r.read(&mut self.buf[self.end..]).await?;
+        self.end += n;
+        Ok(n)
     }
 }
 
@@ -368,4 +390,35 @@ pub fn reuseport_listener(addr: &str) -> io::Result<std::net::TcpListener> {
     s.bind(&addr.into())?;
     s.listen(4096)?;
     Ok(s.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reader_reads_grows_and_shrinks() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        let mut src = futures_lite::io::Cursor::new(data.clone());
+        let mut r = MessageReader::new(512);
+        let mut got = Vec::new();
+        futures_lite::future::block_on(async {
+            loop {
+                let n = r.fill(&mut src, 70_000).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                let take = r.data().len() / 2 + 1;
+                got.extend_from_slice(&r.data()[..take]);
+                r.consume(take);
+            }
+        });
+        got.extend_from_slice(r.data());
+        let rest = r.data().len();
+        r.consume(rest);
+        assert_eq!(got, data);
+        assert!(r.buf.is_empty(), "large buffer given back when empty");
+        r.push_bytes(b"abc");
+        assert_eq!(r.data(), b"abc");
+    }
 }
