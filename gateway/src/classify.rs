@@ -140,6 +140,40 @@ fn depth(sql: &[u8]) -> usize {
     max
 }
 
+/// Names that may be custom settings (`ident.ident`, bare or inside quotes) in a statement that
+/// may change settings. Extra names cost nothing (they read back as NULL); at most 32.
+pub fn custom_setting_names(sql: &[u8]) -> Vec<String> {
+    let ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'$';
+    let mut names = Vec::new();
+    let mut i = 0;
+    while i < sql.len() && names.len() < 32 {
+        if (sql[i].is_ascii_alphabetic() || sql[i] == b'_') && (i == 0 || !ident(sql[i - 1])) {
+            let start = i;
+            while i < sql.len() && ident(sql[i]) {
+                i += 1;
+            }
+            if i + 1 < sql.len()
+                && sql[i] == b'.'
+                && (sql[i + 1].is_ascii_alphabetic() || sql[i + 1] == b'_')
+            {
+                i += 1;
+                while i < sql.len() && (ident(sql[i]) || sql[i] == b'.') {
+                    i += 1;
+                }
+                if i - start <= 63 {
+                    let n = String::from_utf8_lossy(&sql[start..i]).to_ascii_lowercase();
+                    if !names.contains(&n) {
+                        names.push(n);
+                    }
+                }
+            }
+        } else {
+            i += 1;
+        }
+    }
+    names
+}
+
 /// The lexer's answer, or `None` when only the grammar can tell.
 pub fn fast(sql: &[u8]) -> Option<u8> {
     if !single(sql) {
@@ -292,6 +326,18 @@ fn temp(rel: Option<&pg_query::protobuf::RangeVar>) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn custom_names() {
+        assert_eq!(
+            custom_setting_names(
+                b"SET myapp.tenant = 'x'; select set_config('Other.Key', '1', false)"
+            ),
+            vec!["myapp.tenant".to_string(), "other.key".to_string()]
+        );
+        assert!(custom_setting_names(b"SET work_mem = '1MB'").is_empty());
+        assert!(custom_setting_names(b"select 1.5").is_empty());
+    }
 
     #[test]
     fn lexer() {

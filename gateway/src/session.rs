@@ -385,10 +385,17 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                             terminate = true;
                             break;
                         }
-                        fe::QUERY => flags |= core.classifier.classify(fe::query_text(body)).await,
+                        fe::QUERY => {
+                            let sql = fe::query_text(body);
+                            let f = core.classifier.classify(sql).await;
+                            watch_custom_settings(&link, id, f, sql);
+                            flags |= f;
+                        }
                         fe::PARSE => {
                             if let Ok(p) = fe::parse_parse(body) {
-                                flags |= core.classifier.classify(p.query).await;
+                                let f = core.classifier.classify(p.query).await;
+                                watch_custom_settings(&link, id, f, p.query);
+                                flags |= f;
                             }
                         }
                         _ => {}
@@ -444,6 +451,23 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         link.send(up::CLOSE, id, &[]);
     }
     io.client_out.close();
+}
+
+/// Before a statement that may change settings, tells the pooler which custom settings it may
+/// touch (see `up::WATCH`). Sent ahead of the MSGS frame that carries the statement.
+fn watch_custom_settings(link: &crate::link::Link, id: u32, flags: u8, sql: &[u8]) {
+    if flags & shared::link::flags::SNAPSHOT == 0 {
+        return;
+    }
+    let names = crate::classify::custom_setting_names(sql);
+    if names.is_empty() {
+        return;
+    }
+    let mut payload = Vec::new();
+    for n in names {
+        shared::protocol::put_cstr(&mut payload, n.as_bytes());
+    }
+    link.send(up::WATCH, id, &payload);
 }
 
 fn send_msgs(link: &crate::link::Link, id: u32, flags: u8, msgs: &[u8], _scratch: &mut Vec<u8>) {

@@ -34,6 +34,27 @@ const SNAPSHOT_SQL: &str =
      WHERE source = 'session' UNION ALL SELECT 'role', pg_catalog.current_setting('role') \
      WHERE pg_catalog.current_setting('role') <> 'none'";
 
+/// The read-back query for a session: `pg_settings` and `role`, plus the custom settings
+/// (placeholders, which `pg_settings` hides) it has or may have set.
+fn snapshot_sql(s: &Session) -> String {
+    let mut names: Vec<String> = s.watch.borrow().clone();
+    for (k, _) in s.settings.borrow().iter() {
+        if k.contains('.') && !names.iter().any(|n| n == k) {
+            names.push(k.to_owned());
+        }
+    }
+    if names.is_empty() {
+        return SNAPSHOT_SQL.to_owned();
+    }
+    let list: Vec<String> = names.iter().map(|n| shared::settings::literal(n)).collect();
+    format!(
+        "{SNAPSHOT_SQL} UNION ALL SELECT n, pg_catalog.current_setting(n, true) \
+         FROM pg_catalog.unnest(ARRAY[{}]::text[]) AS n \
+         WHERE pg_catalog.current_setting(n, true) IS NOT NULL",
+        list.join(", ")
+    )
+}
+
 /// The statements a backend has prepared, bounded: the least recently used is closed when a new
 /// one would pass the limit.
 #[derive(Default)]
@@ -707,7 +728,7 @@ fn after_ready(b: &Backend, st: &mut State, rfq: &[u8]) -> After {
 pub fn start_snapshot(b: &Backend, st: &mut State, s: &Rc<Session>, held_rfq: bool) {
     s.snapshot_pending.set(false);
     let mut q = Vec::new();
-    frontend::query(&mut q, SNAPSHOT_SQL);
+    frontend::query(&mut q, &snapshot_sql(s));
     st.snapshot = Settings::default();
     b.out.push(&q);
     st.queue

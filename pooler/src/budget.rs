@@ -14,7 +14,16 @@ pub struct Budgets {
     max_total: usize,
     pool_size: usize,
     /// Looked up once per pool per core (when the pool is created), not per request.
-    pools: Mutex<HashMap<PoolKey, Arc<AtomicUsize>>>,
+    pools: Mutex<HashMap<PoolKey, Arc<PoolBudget>>>,
+}
+
+/// One (user, database) across all cores.
+#[derive(Default)]
+pub struct PoolBudget {
+    /// Backends, connected or connecting.
+    pub count: AtomicUsize,
+    /// Sessions waiting for a backend, on all cores (touched only while waiting).
+    pub waiting: AtomicUsize,
 }
 
 impl Budgets {
@@ -27,16 +36,13 @@ impl Budgets {
         })
     }
 
-    pub fn counter(&self, key: &PoolKey) -> Arc<AtomicUsize> {
-        self.pools
-            .lock()
-            .entry(key.clone())
-            .or_insert_with(|| Arc::new(AtomicUsize::new(0)))
-            .clone()
+    pub fn counter(&self, key: &PoolKey) -> Arc<PoolBudget> {
+        self.pools.lock().entry(key.clone()).or_default().clone()
     }
 
     /// Takes a unit of both budgets, or neither.
-    pub fn reserve(&self, pool: &AtomicUsize) -> Reserve {
+    pub fn reserve(&self, pool: &PoolBudget) -> Reserve {
+        let pool = &pool.count;
         if pool.fetch_add(1, Ordering::AcqRel) >= self.pool_size {
             pool.fetch_sub(1, Ordering::AcqRel);
             return Reserve::PoolFull;
@@ -49,8 +55,8 @@ impl Budgets {
         Reserve::Ok
     }
 
-    pub fn give_back(&self, pool: &AtomicUsize) {
-        pool.fetch_sub(1, Ordering::AcqRel);
+    pub fn give_back(&self, pool: &PoolBudget) {
+        pool.count.fetch_sub(1, Ordering::AcqRel);
         self.total.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -46,6 +46,7 @@ pub async fn serve_peers(core: Rc<Core>, mut receivers: Receivers<CoreMsg>) {
                 match msg {
                     CoreMsg::Cancel(pid, secret) => local(&core, pid, secret),
                     CoreMsg::Shed { key } => core.on_shed(key),
+                    CoreMsg::Freed { key } => core.on_freed(key),
                 }
             }
         })

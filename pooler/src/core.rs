@@ -24,6 +24,8 @@ pub enum CoreMsg {
     Cancel(i32, i32),
     /// A core is starved of budget: shed an idle backend of this pool (or of any pool).
     Shed { key: Option<PoolKey> },
+    /// A core gave back budget for this pool because waiters here need it.
+    Freed { key: PoolKey },
 }
 
 pub struct Core {

@@ -99,6 +99,11 @@ async fn on_frame(core: &Rc<Core>, l: &Rc<Link>, kind: u8, id: u32, payload: Vec
                 return false;
             }
         },
+        up::WATCH => {
+            if let Some(s) = l.sessions.borrow().get(&id) {
+                s.add_watch(&payload);
+            }
+        }
         up::CLOSE => {
             if let Some(s) = l.sessions.borrow_mut().remove(&id) {
                 s.close();

@@ -5,7 +5,7 @@
 //! the other cores to shed idle backends, then retries shortly.
 
 use crate::backend::{self, Backend};
-use crate::budget::Reserve;
+use crate::budget::{PoolBudget, Reserve};
 use crate::core::{Core, CoreMsg};
 use crate::login::LoginError;
 use shared::io::Slot;
@@ -13,7 +13,7 @@ use shared::link::Credential;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::Rc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,17 +36,20 @@ pub struct Pool {
     pub key: Rc<PoolKey>,
     idle: RefCell<Vec<Rc<Backend>>>,
     waiters: RefCell<VecDeque<Waiter>>,
-    /// Backends of this (user, database) on all cores.
-    pub global: Arc<AtomicUsize>,
+    /// This (user, database) on all cores: backends and waiters.
+    pub global: Arc<PoolBudget>,
+    /// Of those waiters, the ones on this core.
+    local_waiting: std::cell::Cell<usize>,
 }
 
 impl Pool {
-    pub fn new(key: Rc<PoolKey>, global: Arc<AtomicUsize>) -> Self {
+    pub fn new(key: Rc<PoolKey>, global: Arc<PoolBudget>) -> Self {
         Pool {
             key,
             idle: RefCell::new(Vec::new()),
             waiters: RefCell::new(VecDeque::new()),
             global,
+            local_waiting: std::cell::Cell::new(0),
         }
     }
 
@@ -97,29 +100,38 @@ impl Pool {
     }
 }
 
-/// Removes a waiter's slot on drop, giving back a backend it was handed but never took.
+/// A place in a pool's queue: on drop it leaves the queue and gives back a backend it was
+/// handed but never took.
 struct WaiterGuard<'a> {
     core: &'a Rc<Core>,
+    pool: &'a Rc<Pool>,
     slot: Waiter,
 }
 
 impl Drop for WaiterGuard<'_> {
     fn drop(&mut self) {
+        self.pool.global.waiting.fetch_sub(1, Ordering::Relaxed);
+        self.pool
+            .local_waiting
+            .set(self.pool.local_waiting.get() - 1);
+        self.pool
+            .waiters
+            .borrow_mut()
+            .retain(|w| !Rc::ptr_eq(w, &self.slot));
         if let Some(Some(b)) = self.slot.try_take() {
             release(self.core, b);
         }
     }
 }
 
-/// A backend for `pool`, connecting a new one within budget, else waiting for one.
+/// A backend for `pool`, connecting a new one within budget, else waiting for one. A waiter
+/// keeps its place in the queue while it also retries the shared budget now and then.
 pub async fn acquire(
     core: &Rc<Core>,
     pool: &Rc<Pool>,
     credential: &Credential,
 ) -> Result<Rc<Backend>, LoginError> {
-    // Ask other cores for budget only once we have waited a while: a busy core frees backends
-    // for its own waiters every few hundred microseconds.
-    let mut waited = false;
+    let mut guard: Option<WaiterGuard<'_>> = None;
     loop {
         let popped = pool.idle.borrow_mut().pop();
         if let Some(b) = popped {
@@ -133,30 +145,43 @@ pub async fn acquire(
             reserved = core.budgets.reserve(&pool.global);
         }
         match reserved {
-            Reserve::Ok => match backend::connect(core, pool, credential).await {
-                Ok(b) => return Ok(b),
-                Err(e) => {
-                    core.budgets.give_back(&pool.global);
-                    core.capacity_freed(pool);
-                    return Err(e);
-                }
-            },
-            Reserve::PoolFull if waited => core.ask_peers(CoreMsg::Shed {
+            Reserve::Ok => {
+                drop(guard.take());
+                return match backend::connect(core, pool, credential).await {
+                    Ok(b) => Ok(b),
+                    Err(e) => {
+                        core.budgets.give_back(&pool.global);
+                        core.capacity_freed(pool);
+                        Err(e)
+                    }
+                };
+            }
+            // Ask other cores for budget only once we have waited a while: a busy core frees
+            // backends for its own waiters every few hundred microseconds.
+            Reserve::PoolFull if guard.is_some() => core.ask_peers(CoreMsg::Shed {
                 key: Some((*pool.key).clone()),
             }),
-            Reserve::TotalFull if waited => core.ask_peers(CoreMsg::Shed { key: None }),
+            Reserve::TotalFull if guard.is_some() => core.ask_peers(CoreMsg::Shed { key: None }),
             _ => {}
         }
-        waited = true;
-        let slot: Waiter = Rc::new(Slot::default());
-        pool.waiters.borrow_mut().push_back(slot.clone());
-        let guard = WaiterGuard { core, slot };
-        let got = crate::with_timeout(RETRY, guard.slot.take()).await;
-        drop(guard);
-        if let Some(Some(b)) = got {
-            if !b.is_broken() {
+        let g = guard.get_or_insert_with(|| {
+            let slot: Waiter = Rc::new(Slot::default());
+            pool.waiters.borrow_mut().push_back(slot.clone());
+            pool.global.waiting.fetch_add(1, Ordering::Relaxed);
+            pool.local_waiting.set(pool.local_waiting.get() + 1);
+            WaiterGuard { core, pool, slot }
+        });
+        let got = crate::with_timeout(RETRY, g.slot.take()).await;
+        match got {
+            Some(Some(b)) if !b.is_broken() => {
+                drop(guard.take());
                 return Ok(b);
             }
+            Some(_) => {
+                // Handed capacity (or a dead backend): try the budget again at once.
+                drop(guard.take());
+            }
+            None => {}
         }
     }
 }
@@ -179,6 +204,17 @@ pub fn release(core: &Rc<Core>, b: Rc<Backend>) {
         // Another pool here is starved of budget: this backend's unit serves it better.
         b.close();
         retire(core, &b);
+        return;
+    }
+    if pool.global.waiting.load(Ordering::Relaxed) > pool.local_waiting.get() {
+        // Sessions of this pool wait on another core while this one has a backend to spare:
+        // give the unit to them (a backend cannot move between cores; a new login is cheaper
+        // than their wait).
+        b.close();
+        retire(core, &b);
+        core.ask_peers(CoreMsg::Freed {
+            key: (*pool.key).clone(),
+        });
         return;
     }
     b.idle_since.set(Some(Instant::now()));
@@ -228,6 +264,14 @@ impl Core {
             .find(|p| *p.key != *key && !p.idle.borrow().is_empty())
             .cloned();
         victim.is_some_and(|p| p.shed_one(self, Duration::ZERO))
+    }
+
+    /// Another core freed budget for this pool: let a waiter here try again now.
+    pub fn on_freed(&self, key: PoolKey) {
+        let pool = self.pools.borrow().get(&key).cloned();
+        if let Some(p) = pool {
+            p.hand_to_waiter(None);
+        }
     }
 
     /// Another core is starved: close an idle backend of that pool (or of any pool) here.

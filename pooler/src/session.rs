@@ -33,6 +33,8 @@ pub struct Session {
     /// Settings from the startup packet: what `RESET` returns to.
     pub baseline: Rc<Settings>,
     pub settings: RefCell<Rc<Settings>>,
+    /// Custom settings (`x.y`) the session may have set: read back by name (see `up::WATCH`).
+    pub watch: RefCell<Vec<String>>,
     pub statements: RefCell<HashMap<Vec<u8>, Rc<Stmt>>>,
     pub unnamed: RefCell<Option<Rc<Stmt>>>,
     pub backend: RefCell<Option<Rc<Backend>>>,
@@ -79,6 +81,7 @@ impl Session {
             credential,
             cancel_key,
             settings: RefCell::new(baseline.clone()),
+            watch: RefCell::new(Vec::new()),
             baseline,
             statements: RefCell::new(HashMap::new()),
             unnamed: RefCell::new(None),
@@ -159,6 +162,16 @@ impl Session {
                 if u.as_ref().is_some_and(|s| Rc::ptr_eq(s, stmt)) {
                     *u = None;
                 }
+            }
+        }
+    }
+
+    pub fn add_watch(&self, payload: &[u8]) {
+        let mut w = self.watch.borrow_mut();
+        for name in payload.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+            let name = String::from_utf8_lossy(name).into_owned();
+            if w.len() < 256 && !w.contains(&name) {
+                w.push(name);
             }
         }
     }

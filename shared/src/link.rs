@@ -27,6 +27,9 @@ pub mod up {
     pub const CANCEL: u8 = 6;
     /// `u32 bytes` the gateway has written to the client: flow control.
     pub const CREDIT: u8 = 7;
+    /// Names of custom settings (`x.y`) the next `MSGS` may set, NUL-terminated: Postgres hides
+    /// such placeholders from `pg_settings`, so the pooler reads them back by name.
+    pub const WATCH: u8 = 8;
 }
 
 /// Pooler → gateway.
