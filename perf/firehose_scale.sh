@@ -215,7 +215,7 @@ what=${what:-$TARGET}
     echo "- \`firehose --connections $CONNS --source-addrs 16 --ramp-up $RAMP --duration $DURATION --read-qps $READ_QPS --write-qps $WRITE_QPS --churn $CHURN\`; run by \`CONNS=$CONNS TARGET=$what ${CONNECT_RATE:+CONNECT_RATE=$CONNECT_RATE }perf/firehose_scale.sh\`; reports in perf/out/scale-$STAMP/ (not committed)"
     echo "- proxy CPU: utime+stime of every proxy process over the run / queries answered"
     echo "- ip_local_port_range $PORT_RANGE with the listening ports reserved during the run (restored after: $OLD_RANGE)"
-    echo "- machine: $(nproc) cores, kernel $(uname -r), load average at start $FACTS_LOAD (shared machine); tidepool $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')"
+    echo "- machine: $(nproc) cores, kernel $(uname -r), load average at start $FACTS_LOAD (shared machine); $(tidepool_build)"
 } >>"$RESULTS"
 log "$row"
 exit $((rc != 0))

@@ -263,9 +263,16 @@ us_per() {
     awk -v t="$1" -v n="$2" -v hz="$CLK_TCK" 'BEGIN { if (n > 0) printf "%.1f", t / hz * 1e6 / n; else print "-" }'
 }
 
+# Which Tidepool was measured: the binaries' build time (they may predate HEAD's commits).
+tidepool_build() {
+    local when="not built"
+    [ -x "$TIDEPOOL_BIN/tidepool-gateway" ] && when="built $(date -u -r "$TIDEPOOL_BIN/tidepool-gateway" '+%Y-%m-%d %H:%M UTC')"
+    echo "tidepool binaries $when in $TIDEPOOL_BIN (HEAD at the run: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?'))"
+}
+
 machine_facts() {
     echo "- machine: $(nproc) cores ($(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo), kernel $(uname -r)"
-    echo "- Postgres $("$PGBIN/postgres" --version | awk '{print $3}'), PgBouncer $(pgbouncer_version), pgbench $(pgbench --version | awk '{print $3}'), tidepool $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')"
+    echo "- Postgres $("$PGBIN/postgres" --version | awk '{print $3}'), PgBouncer $(pgbouncer_version), pgbench $(pgbench --version | awk '{print $3}'), $(tidepool_build)"
     echo "- load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (the 2 cores are shared with other work: numbers are indicative)"
 }
 
