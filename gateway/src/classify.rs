@@ -185,6 +185,9 @@ pub fn fast(sql: &[u8]) -> Option<u8> {
         let mut f = 0;
         if contains_ci(sql, b"set_config") {
             f |= flags::SNAPSHOT;
+            if contains_ci(sql, b"authorization") {
+                f |= flags::PIN;
+            }
         }
         if contains_ci(sql, b"advisory_lock") {
             f |= flags::PIN;
@@ -210,6 +213,12 @@ pub fn fast(sql: &[u8]) -> Option<u8> {
             } else {
                 Some(functions())
             }
+        }
+        b"set" | b"reset" if contains_ci(sql, b"authorization") => {
+            // SET SESSION AUTHORIZATION changes who the backend's session user is: that
+            // backend stays with this session, and DISCARD ALL (which includes SET SESSION
+            // AUTHORIZATION DEFAULT) cleans it when the session ends. Never shared meanwhile.
+            Some(flags::PIN | flags::SNAPSHOT)
         }
         b"set" => {
             let (second, _) = word(sql, after);
@@ -265,7 +274,9 @@ pub fn full(sql: &str) -> u8 {
         };
         f |= match node {
             NodeEnum::VariableSetStmt(s) => {
-                if s.is_local || s.name.starts_with("transaction") {
+                if s.name == "session_authorization" {
+                    flags::PIN | flags::SNAPSHOT
+                } else if s.is_local || s.name.starts_with("transaction") {
                     0
                 } else {
                     flags::SNAPSHOT
@@ -308,6 +319,9 @@ pub fn full(sql: &str) -> u8 {
         let name = name.rsplit('.').next().unwrap_or(name);
         if name == "set_config" {
             f |= flags::SNAPSHOT;
+            if sql.to_ascii_lowercase().contains("authorization") {
+                f |= flags::PIN;
+            }
         }
         if name.contains("advisory_lock") {
             f |= flags::PIN;
@@ -351,6 +365,18 @@ mod tests {
         assert_eq!(fast(b"select pg_advisory_xact_lock(1)"), Some(0));
         assert_eq!(fast(b"SET search_path = a"), Some(flags::SNAPSHOT));
         assert_eq!(fast(b"SET LOCAL work_mem = '1MB'"), Some(0));
+        assert_eq!(
+            fast(b"SET SESSION AUTHORIZATION u1"),
+            Some(flags::PIN | flags::SNAPSHOT)
+        );
+        assert_eq!(
+            fast(b"reset session authorization"),
+            Some(flags::PIN | flags::SNAPSHOT)
+        );
+        assert_eq!(
+            fast(b"select set_config('session_authorization', 'u1', false)"),
+            Some(flags::PIN | flags::SNAPSHOT)
+        );
         assert_eq!(fast(b"create temp table t(a int)"), Some(flags::PIN));
         assert_eq!(fast(b"discard all"), Some(flags::DISCARD | flags::SNAPSHOT));
         assert_eq!(fast(b"select 1; set a = 1"), None);
@@ -371,6 +397,10 @@ mod tests {
             flags::SNAPSHOT
         );
         assert_eq!(full("deallocate all"), flags::DEALLOCATE);
+        assert_eq!(
+            full("select 1; set session authorization u1"),
+            flags::PIN | flags::SNAPSHOT
+        );
         assert_eq!(full("select (("), 0);
     }
 

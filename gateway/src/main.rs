@@ -128,15 +128,29 @@ async fn run_core(
             }
         }
     }
+    // A spare descriptor, given up for a moment when we run out, so a client beyond the limit
+    // hears why (53300) instead of waiting in the backlog.
+    let mut spare = std::fs::File::open("/dev/null").ok();
     loop {
         match listener.accept().await {
             Ok(stream) => {
                 glommio::spawn_local(session::serve_tcp(core.clone(), stream)).detach();
             }
             Err(e) => {
-                // Out of file descriptors (or similar): keep serving the clients we have.
-                tracing::warn!(error = %e, "accept failed");
-                glommio::timer::sleep(Duration::from_millis(20)).await;
+                let out_of_fds =
+                    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+                        || e.to_string().contains("Too many open files");
+                if out_of_fds {
+                    drop(spare.take());
+                    if let Ok(stream) = listener.accept().await {
+                        session::refuse(stream, "sorry, too many clients already").await;
+                    }
+                    spare = std::fs::File::open("/dev/null").ok();
+                    tracing::warn!("out of file descriptors: refusing new clients");
+                } else {
+                    tracing::warn!(error = %e, "accept failed");
+                }
+                glommio::timer::sleep(Duration::from_millis(5)).await;
             }
         }
     }

@@ -15,7 +15,7 @@ use shared::protocol::frontend::{self as fe, parse_startup, Startup};
 use shared::protocol::{typed_message_len, ProtocolError, MAX_STARTUP_PACKET};
 use shared::settings::Settings;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Bytes an idle session's read buffer keeps: small, so tens of thousands of idle clients are
 /// cheap; it grows for large messages and shrinks back after.
@@ -59,18 +59,49 @@ async fn read_startup<S: AsyncRead + Unpin>(
     }
 }
 
+fn left(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+/// Tells a client we cannot take it (53300), then closes. As Postgres does, after the SSL/GSS
+/// negotiation and the startup packet (answering `N` to SSL), so that drivers report the error
+/// itself; bounded in time, since the refused client holds our last descriptor meanwhile.
+pub async fn refuse(mut stream: TcpStream, msg: &str) {
+    let mut reader = MessageReader::new(IDLE_READ_BUFFER);
+    let negotiate = async {
+        for _ in 0..3 {
+            match read_startup(&mut stream, &mut reader).await {
+                Ok(Some(Startup::Ssl | Startup::GssEnc)) => {
+                    if stream.write_all(b"N").await.is_err() {
+                        return false;
+                    }
+                }
+                Ok(Some(_)) => return true,
+                _ => return false,
+            }
+        }
+        false
+    };
+    if crate::with_timeout(Duration::from_secs(2), negotiate).await == Some(true) {
+        write_fatal(&mut stream, "53300", msg).await;
+    }
+}
+
 pub async fn serve_tcp(core: Rc<Core>, mut stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     keepalive(&stream);
     let Some(slot) = ClientSlot::take(&core) else {
-        write_fatal(&mut stream, "53300", "sorry, too many clients already").await;
+        refuse(stream, "sorry, too many clients already").await;
         return;
     };
-    let timeout = Duration::from_secs(core.cfg.auth_timeout_seconds);
+    // One deadline for all of startup and authentication, however many negotiation packets
+    // the client sends (Postgres: authentication_timeout).
+    let deadline = Instant::now() + Duration::from_secs(core.cfg.auth_timeout_seconds);
     let mut reader = MessageReader::new(IDLE_READ_BUFFER);
     // SSL or GSS negotiation first, on the plain socket.
     loop {
-        let first = crate::with_timeout(timeout, read_startup(&mut stream, &mut reader)).await;
+        let first =
+            crate::with_timeout(left(deadline), read_startup(&mut stream, &mut reader)).await;
         match first {
             Some(Ok(Some(Startup::Ssl))) => {
                 if let Some(acceptor) = core.tls.clone() {
@@ -87,8 +118,10 @@ pub async fn serve_tcp(core: Rc<Core>, mut stream: TcpStream) {
                     if stream.write_all(b"S").await.is_err() {
                         return;
                     }
-                    match crate::with_timeout(timeout, acceptor.accept(stream)).await {
-                        Some(Ok(tls)) => return serve(core, tls, reader, None, slot).await,
+                    match crate::with_timeout(left(deadline), acceptor.accept(stream)).await {
+                        Some(Ok(tls)) => {
+                            return serve(core, tls, reader, None, slot, deadline).await
+                        }
                         _ => return,
                     }
                 }
@@ -101,7 +134,9 @@ pub async fn serve_tcp(core: Rc<Core>, mut stream: TcpStream) {
                     return;
                 }
             }
-            Some(Ok(Some(other))) => return serve(core, stream, reader, Some(other), slot).await,
+            Some(Ok(Some(other))) => {
+                return serve(core, stream, reader, Some(other), slot, deadline).await
+            }
             Some(Err(e)) => {
                 write_fatal(
                     &mut stream,
@@ -122,14 +157,9 @@ pub async fn serve_unix(core: Rc<Core>, stream: glommio::net::UnixStream) {
         write_fatal(&mut stream, "53300", "sorry, too many clients already").await;
         return;
     };
-    serve(
-        core,
-        stream,
-        MessageReader::new(IDLE_READ_BUFFER),
-        None,
-        slot,
-    )
-    .await
+    let deadline = Instant::now() + Duration::from_secs(core.cfg.auth_timeout_seconds);
+    let reader = MessageReader::new(IDLE_READ_BUFFER);
+    serve(core, stream, reader, None, slot, deadline).await
 }
 
 /// TCP keepalive, so a client that vanished without a FIN (power loss, a cut cable, a NAT that
@@ -153,14 +183,16 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     mut reader: MessageReader,
     first: Option<Startup>,
     slot: ClientSlot,
+    deadline: Instant,
 ) {
-    let timeout = Duration::from_secs(core.cfg.auth_timeout_seconds);
     let mut next = first;
     let params = loop {
         let startup = match next.take() {
             Some(s) => s,
             None => {
-                match crate::with_timeout(timeout, read_startup(&mut stream, &mut reader)).await {
+                match crate::with_timeout(left(deadline), read_startup(&mut stream, &mut reader))
+                    .await
+                {
                     Some(Ok(Some(s))) => s,
                     Some(Err(e)) => {
                         write_fatal(
@@ -236,7 +268,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     let id = core.next_session_id();
     let io = SessionIo::new();
     link.register(id, io.clone());
-    let login = crate::with_timeout(timeout, async {
+    let login = crate::with_timeout(left(deadline), async {
         let credential =
             auth::authenticate(&core, &mut stream, &mut reader, &io, &link, id, &user).await?;
         let mut ok = Vec::new();

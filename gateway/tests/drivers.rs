@@ -384,7 +384,6 @@ async fn sqlx_both() {
 /// the same text again under a new name, which works against Postgres; through Tidepool the
 /// new statement fails the same way.
 #[test]
-#[ignore = "Tidepool bug: a statement prepared again after its table changed shape keeps failing with 0A000 (see raw_statement_prepared_again_after_table_changed)"]
 fn drivers_reprepare_after_table_changed() {
     let _serial = serial();
     let (pg, tp) = start();
@@ -529,7 +528,6 @@ async fn table_changed_transcript(ep: &Endpoint) -> Vec<String> {
 }
 
 #[tokio::test]
-#[ignore = "Tidepool bug: the pooler answers the Parse of an already validated text without a backend and binds the backend's old statement, whose result type changed"]
 async fn raw_statement_prepared_again_after_table_changed() {
     let pg = PgCluster::start();
     let direct = table_changed_transcript(&pg.direct()).await.join("\n");

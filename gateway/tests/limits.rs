@@ -273,7 +273,6 @@ async fn repeat_ssl_requests(port: u16, limit: Duration) -> (bool, usize, Durati
 /// client can hold a --max-clients slot forever. One deadline for the whole startup, as
 /// Postgres does, fixes both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "gateway bug: each SSLRequest restarts the startup timeout (see the comment)"]
 async fn repeated_ssl_requests_do_not_extend_the_startup_deadline() {
     let pg = PgCluster::start();
     let limit = Duration::from_secs(AUTH_TIMEOUT_S) + SLACK;

@@ -134,6 +134,8 @@ pub enum Internal {
         then_rfq: bool,
         done: Option<Done>,
     },
+    /// Close statements found stale (their table changed), then Sync.
+    Forget,
     /// Read the session's settings back; `held_rfq`: the client's `ReadyForQuery` waits for it.
     Snapshot { held_rfq: bool },
     /// Roll back / discard after the owner left; `last` returns the backend to its pool.
@@ -173,6 +175,9 @@ pub struct State {
     /// After an error in an extended-protocol batch: Postgres ignores messages until `Sync`.
     pub skipping: bool,
     pub broken: bool,
+    /// Statements whose plan Postgres refused (0A000 after the table changed): closed on this
+    /// backend after the client's next Sync, so the next Parse really parses.
+    stale: Vec<Rc<[u8]>>,
     snapshot: Settings,
     internal_error: Option<Vec<u8>>,
 }
@@ -396,6 +401,7 @@ pub async fn connect(
             reported: logged.params,
             skipping: false,
             broken: false,
+            stale: Vec::new(),
             snapshot: Settings::default(),
             internal_error: None,
         }),
@@ -624,8 +630,25 @@ fn on_message(b: &Backend, st: &mut State, msg: &[u8]) -> After {
             After::Nothing
         }
         Entry::Renamed(_, from, to) if tag == be::ERROR_RESPONSE => {
+            if be::error_sqlstate(body) == Some(&b"0A000"[..]) {
+                // "cached plan must not change result type": this backend's statement is stale.
+                let stale = from.clone();
+                st.prepared.remove(&stale);
+                if let Some(o) = &st.owner {
+                    if let Some(stmt) = o.statements.borrow().get(&to[..]) {
+                        stmt.validated.set(false);
+                    }
+                }
+                if !st.stale.contains(&stale) {
+                    st.stale.push(stale);
+                }
+            }
+            let (from, to) = match st.queue.front() {
+                Some(Entry::Renamed(_, f, t)) => (f.clone(), t.clone()),
+                _ => return After::Nothing,
+            };
             let mut renamed = Vec::with_capacity(msg.len());
-            be::rename_in_error(&mut renamed, tag, body, from, to);
+            be::rename_in_error(&mut renamed, tag, body, &from, &to);
             st.queue.pop_front();
             forward(st, &renamed);
             skip_to_sync(st);
@@ -693,6 +716,17 @@ fn after_ready(b: &Backend, st: &mut State, rfq: &[u8]) -> After {
     let Some(s) = st.owner.clone() else {
         return After::Nothing;
     };
+    if !st.stale.is_empty() {
+        forward(st, rfq);
+        let mut m = Vec::new();
+        for name in std::mem::take(&mut st.stale) {
+            frontend::write_target(&mut m, frontend::CLOSE, b'S', &name);
+        }
+        put_message(&mut m, frontend::SYNC, |_| {});
+        b.out.push(&m);
+        st.queue.push_back(Entry::Internal(Internal::Forget));
+        return After::Nothing;
+    }
     if !st.queue.is_empty() || s.writing.get() {
         forward(st, rfq);
         return After::Nothing;
@@ -790,6 +824,10 @@ fn internal_done(b: &Backend, st: &mut State, internal: Internal) -> After {
                 None => After::Nothing,
             }
         }
+        Internal::Forget => match st.owner.clone() {
+            Some(s) => release_held_rfq(st, &s, false),
+            None => After::Nothing,
+        },
         Internal::Cleanup { last, discard } => {
             if error.is_some() {
                 close_locked(b, st);
