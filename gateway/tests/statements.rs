@@ -113,3 +113,27 @@ async fn set_role_follows_the_session_and_not_others() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn set_session_authorization_never_reaches_another_session() {
+    let pg = PgCluster::start();
+    pg.psql_admin("CREATE ROLE su SUPERUSER LOGIN PASSWORD 'su-pw';");
+    let mut opts = TidepoolOpts::default().pool_size(1);
+    opts.cores = 1;
+    let tp = Tidepool::start(&pg, opts);
+    bounded(async {
+        let ep = tp.endpoint();
+        let a = ep.connect("su", "su-pw", "app").await.unwrap();
+        a.batch_execute("SET SESSION AUTHORIZATION alice").await.unwrap();
+        let who: String = a.query_one("SELECT session_user::text", &[]).await.unwrap().get(0);
+        assert_eq!(who, "alice");
+        drop(a);
+        // The next session (the pool has one backend) logs in as su and is su.
+        for _ in 0..3 {
+            let b = ep.connect("su", "su-pw", "app").await.unwrap();
+            let who: String = b.query_one("SELECT session_user::text", &[]).await.unwrap().get(0);
+            assert_eq!(who, "su", "a later session runs as another session's authorization");
+        }
+    })
+    .await;
+}
