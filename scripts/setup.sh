@@ -44,8 +44,10 @@ PACKAGES=(
     # PostgreSQL 15 server, client, contrib; the pooler to compare against; backups; topology.
     postgresql-15 postgresql-client-15 postgresql-contrib
     pgbouncer pgbackrest etcd-server etcd-client
-    # runuser, setsid (util-linux), ps/sysctl (procps), coreutils' timeout.
+    # runuser, setsid, prlimit (util-linux), ps/sysctl (procps), coreutils' timeout.
     util-linux procps coreutils
+    # Driver tests (gateway/tests/drivers.rs): pgjdbc.
+    libpostgresql-jdbc-java
 )
 
 APT_UPDATED=0
@@ -71,6 +73,9 @@ apt_install() {
 }
 
 command -v dpkg-query >/dev/null 2>&1 || die "dpkg-query not found: this script is for Debian"
+# A JDK to compile the JDBC check, and node for node-postgres, unless the machine has them.
+command -v javac >/dev/null 2>&1 || PACKAGES+=(default-jdk-headless)
+command -v node >/dev/null 2>&1 || PACKAGES+=(nodejs npm)
 apt_install "${PACKAGES[@]}"
 
 PG_BIN=/usr/lib/postgresql/15/bin
@@ -116,6 +121,16 @@ PY
         python3 -m pip install --quiet 'psycopg[binary]'
     fi
     python3 -c 'import psycopg' || die "psycopg still not importable by $(command -v python3)"
+fi
+# asyncpg, likewise (gateway/tests/drivers.rs).
+if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import asyncpg' >/dev/null 2>&1; then
+    if python3 -c 'import os, sys, sysconfig; sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")) else 1)' >/dev/null 2>&1; then
+        apt_install python3-asyncpg
+    else
+        log "pip install asyncpg for $(command -v python3)"
+        python3 -m pip install --quiet asyncpg
+    fi
+    python3 -c 'import asyncpg' || die "asyncpg still not importable by $(command -v python3)"
 fi
 
 # --- ports ----------------------------------------------------------------------------------
