@@ -106,8 +106,19 @@ fsync = off
 full_page_writes = off
 log_min_messages = warning
 EOF
-    as_pg "$PGBIN/pg_ctl" -D "$WORK/data" -l "$WORK/postgres.log" -w -t 60 start >/dev/null ||
-        die "Postgres did not start: see $WORK/postgres.log"
+    # The port was free when picked; other work on this machine may take it before Postgres
+    # binds it: then try another one (twice at most).
+    local attempt
+    for attempt in 1 2 3; do
+        if as_pg "$PGBIN/pg_ctl" -D "$WORK/data" -l "$WORK/postgres.log" -w -t 60 start >/dev/null; then
+            break
+        fi
+        grep -q "could not bind\|Address already in use" "$WORK/postgres.log" && [ "$attempt" -lt 3 ] ||
+            die "Postgres did not start: $(tail -3 "$WORK/postgres.log" | tr '\n' ' ')"
+        PG_PORT=$(free_port)
+        log "port taken meanwhile; Postgres on $PG_PORT instead"
+        sed -i "s/^port = .*/port = $PG_PORT/" "$WORK/data/postgresql.conf"
+    done
     as_pg "$PGBIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$WORK" -p "$PG_PORT" -U postgres -d postgres <<EOF
 SET password_encryption = 'scram-sha-256';
 CREATE ROLE $APP_USER LOGIN PASSWORD '$APP_PASSWORD';
