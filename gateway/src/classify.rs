@@ -26,11 +26,13 @@ pub struct Classifier {
 }
 
 impl Classifier {
+    /// The answer without waiting, if the lexer or the cache has it.
+    pub fn classify_now(&self, sql: &[u8]) -> Option<u8> {
+        fast(sql).or_else(|| self.cache.borrow().get(sql).copied())
+    }
+
     pub async fn classify(&self, sql: &[u8]) -> u8 {
-        if let Some(f) = fast(sql) {
-            return f;
-        }
-        if let Some(&f) = self.cache.borrow().get(sql) {
+        if let Some(f) = self.classify_now(sql) {
             return f;
         }
         let f = if sql.len() > MAX_PARSE_LEN || depth(sql) > MAX_DEPTH {

@@ -419,13 +419,20 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                         }
                         fe::QUERY => {
                             let sql = fe::query_text(body);
-                            let f = core.classifier.classify(sql).await;
+                            let f = match core.classifier.classify_now(sql) {
+                                Some(f) => f,
+                                // Boxed: the slow path's state is not part of every session.
+                                None => Box::pin(core.classifier.classify(sql)).await,
+                            };
                             watch_custom_settings(&link, id, f, sql);
                             flags |= f;
                         }
                         fe::PARSE => {
                             if let Ok(p) = fe::parse_parse(body) {
-                                let f = core.classifier.classify(p.query).await;
+                                let f = match core.classifier.classify_now(p.query) {
+                                    Some(f) => f,
+                                    None => Box::pin(core.classifier.classify(p.query)).await,
+                                };
                                 watch_custom_settings(&link, id, f, p.query);
                                 flags |= f;
                             }

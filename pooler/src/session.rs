@@ -289,7 +289,9 @@ pub async fn run(core: Rc<Core>, s: Rc<Session>) {
         };
         s.inbox_bytes.set(s.inbox_bytes.get() - payload.len());
         s.drained.notify();
-        if let Err(err) = process(&core, &s, payload[0], &payload[1..]).await {
+        // Boxed: the batch's state (backend acquisition, waits) exists only while it runs, so
+        // an idle session's task stays small.
+        if let Err(err) = Box::pin(process(&core, &s, payload[0], &payload[1..])).await {
             s.flush();
             s.send_closed(&err);
             break;
