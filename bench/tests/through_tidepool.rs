@@ -318,7 +318,6 @@ fn listener_pid(port: u16) -> u32 {
 /// 10,000 connections (pooler at 83% of a core, mostly glommio timers, `Or`/`Notified` polls
 /// and the timer BTreeMap; p50 1.9 s, 289 timeouts, where 4 PgBouncers answer in 0.8 ms).
 #[test]
-#[ignore = "pooler bug: each waiting session wakes every 25 ms (see the comment)"]
 fn sessions_waiting_for_a_backend_cost_no_cpu() {
     const WAITERS: usize = 400;
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());

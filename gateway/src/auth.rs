@@ -52,7 +52,7 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         return Ok(Credential::None);
     }
     link.send(up::AUTH_LOOKUP, id, user.as_bytes());
-    let (kind, info) = io.control.take().await;
+    let (kind, info) = await_control(io, stream, reader).await?;
     if kind != down::AUTH_INFO {
         return Err(fatal("08006", "the pooler did not answer the role lookup"));
     }
@@ -87,6 +87,33 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         _ => {
             let mock = ScramVerifier::mock(user, &core.mock_secret);
             scram(stream, reader, user, mock, false).await
+        }
+    }
+}
+
+/// Waits for the pooler's reply while watching the client: a client that gives up during login
+/// frees its slot at once rather than at the authentication timeout. Bytes it sends early are
+/// kept for later.
+pub async fn await_control<S: AsyncRead + Unpin>(
+    io: &SessionIo,
+    stream: &mut S,
+    reader: &mut MessageReader,
+) -> Result<(u8, Vec<u8>), Refusal> {
+    loop {
+        let got = futures_lite::future::or(async { Ok(io.control.take().await) }, async {
+            Err(reader.fill(stream, 0).await)
+        })
+        .await;
+        match got {
+            Ok(reply) => return Ok(reply),
+            Err(Ok(0)) | Err(Err(_)) => return Err(Refusal::Gone),
+            Err(Ok(_)) if reader.data().len() > MAX_AUTH_MESSAGE * 64 => {
+                return Err(fatal(
+                    "08P01",
+                    "too much data before authentication completed",
+                ))
+            }
+            Err(Ok(_)) => {}
         }
     }
 }

@@ -287,7 +287,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         let mut payload = Vec::new();
         open.encode(&mut payload);
         link.send(up::OPEN, id, &payload);
-        let (kind, reply) = io.control.take().await;
+        let (kind, reply) = auth::await_control(&io, &mut stream, &mut reader).await?;
         match kind {
             down::OPENED => {
                 let mut out = reply;

@@ -124,15 +124,28 @@ async fn set_session_authorization_never_reaches_another_session() {
     bounded(async {
         let ep = tp.endpoint();
         let a = ep.connect("su", "su-pw", "app").await.unwrap();
-        a.batch_execute("SET SESSION AUTHORIZATION alice").await.unwrap();
-        let who: String = a.query_one("SELECT session_user::text", &[]).await.unwrap().get(0);
+        a.batch_execute("SET SESSION AUTHORIZATION alice")
+            .await
+            .unwrap();
+        let who: String = a
+            .query_one("SELECT session_user::text", &[])
+            .await
+            .unwrap()
+            .get(0);
         assert_eq!(who, "alice");
         drop(a);
         // The next session (the pool has one backend) logs in as su and is su.
         for _ in 0..3 {
             let b = ep.connect("su", "su-pw", "app").await.unwrap();
-            let who: String = b.query_one("SELECT session_user::text", &[]).await.unwrap().get(0);
-            assert_eq!(who, "su", "a later session runs as another session's authorization");
+            let who: String = b
+                .query_one("SELECT session_user::text", &[])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(
+                who, "su",
+                "a later session runs as another session's authorization"
+            );
         }
     })
     .await;

@@ -49,6 +49,10 @@ pub struct Args {
     /// Protocol-level statements kept prepared per backend (least recently used closed beyond).
     #[arg(long)]
     pub max_prepared_statements: Option<usize>,
+    /// Seconds a login Postgres accepted is reused for the same (user, database, settings)
+    /// without a backend round trip (0: every login goes to a backend).
+    #[arg(long)]
+    pub login_cache_seconds: Option<u64>,
     /// Microseconds an idle executor spins before it sleeps (0: sleep at once).
     #[arg(long)]
     pub spin_before_park_us: Option<u64>,
@@ -70,6 +74,7 @@ struct File {
     connect_timeout_seconds: Option<u64>,
     max_prepared_statements: Option<usize>,
     spin_before_park_us: Option<u64>,
+    login_cache_seconds: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +92,7 @@ pub struct Config {
     pub connect_timeout_seconds: u64,
     pub max_prepared_statements: usize,
     pub spin_before_park_us: u64,
+    pub login_cache_seconds: u64,
 }
 
 impl Config {
@@ -144,6 +150,10 @@ impl Config {
             connect_timeout_seconds: args
                 .connect_timeout_seconds
                 .or(file.connect_timeout_seconds)
+                .unwrap_or(10),
+            login_cache_seconds: args
+                .login_cache_seconds
+                .or(file.login_cache_seconds)
                 .unwrap_or(10),
             max_prepared_statements: args
                 .max_prepared_statements

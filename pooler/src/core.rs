@@ -24,8 +24,8 @@ pub enum CoreMsg {
     Cancel(i32, i32),
     /// A core is starved of budget: shed an idle backend of this pool (or of any pool).
     Shed { key: Option<PoolKey> },
-    /// A core gave back budget for this pool because waiters here need it.
-    Freed { key: PoolKey },
+    /// A core gave back budget for this pool (or, `None`, total budget): waiters may retry.
+    Freed { key: Option<PoolKey> },
 }
 
 pub struct Core {
@@ -41,6 +41,10 @@ pub struct Core {
     next_id: Cell<u64>,
     pub admin: Admin,
     pub peers: RefCell<Option<Senders<CoreMsg>>>,
+    /// Logins Postgres accepted recently, by (user, database, startup settings): the
+    /// `ParameterStatus` messages to answer with. A login found here needs no backend, so a storm
+    /// of connections does not queue behind running queries.
+    logins: RefCell<HashMap<(Rc<PoolKey>, Settings), (Instant, Rc<Vec<u8>>)>>,
 }
 
 impl Core {
@@ -57,6 +61,7 @@ impl Core {
             empty_settings: Rc::new(Settings::default()),
             next_id: Cell::new(1),
             peers: RefCell::new(None),
+            logins: RefCell::new(HashMap::new()),
         })
     }
 
@@ -82,6 +87,27 @@ impl Core {
                 let _ = senders.try_send_to(i, msg.clone());
             }
         }
+    }
+
+    pub fn recent_login(&self, key: &Rc<PoolKey>, settings: &Settings) -> Option<Rc<Vec<u8>>> {
+        let ttl = Duration::from_secs(self.cfg.login_cache_seconds);
+        let logins = self.logins.borrow();
+        let (at, params) = logins.get(&(key.clone(), settings.clone()))?;
+        (at.elapsed() < ttl).then(|| params.clone())
+    }
+
+    pub fn remember_login(&self, key: &Rc<PoolKey>, settings: &Settings, params: Vec<u8>) {
+        if self.cfg.login_cache_seconds == 0 {
+            return;
+        }
+        let mut logins = self.logins.borrow_mut();
+        if logins.len() > 10_000 {
+            logins.clear();
+        }
+        logins.insert(
+            (key.clone(), settings.clone()),
+            (Instant::now(), Rc::new(params)),
+        );
     }
 
     pub fn next_id(&self) -> u64 {

@@ -26,8 +26,10 @@ pub struct PoolKey {
 /// A waiter is handed a backend, or `None` meaning "capacity freed: try again".
 type Waiter = Rc<Slot<Option<Rc<Backend>>>>;
 
-/// How long a starved waiter waits before it retries the shared budget.
-const RETRY: Duration = Duration::from_millis(25);
+/// How long a waiter waits before it retries the shared budget on its own. Budget freed on
+/// another core is signalled (`CoreMsg::Freed`), so this is only a safety net: short timers on
+/// every waiter cost CPU in proportion to the waiters.
+const RETRY: Duration = Duration::from_secs(1);
 /// Another core sheds only backends idle this long: true surplus, not a backend between two
 /// requests (shedding those made cores trade backends back and forth, each trade a new login).
 const SHED_AFTER_IDLE: Duration = Duration::from_millis(50);
@@ -156,13 +158,11 @@ pub async fn acquire(
                     }
                 };
             }
-            // Ask other cores for budget only once we have waited a while: a busy core frees
-            // backends for its own waiters every few hundred microseconds.
-            Reserve::PoolFull if guard.is_some() => core.ask_peers(CoreMsg::Shed {
+            // Other cores shed only backends idle for a while (true surplus), and say so.
+            Reserve::PoolFull => core.ask_peers(CoreMsg::Shed {
                 key: Some((*pool.key).clone()),
             }),
-            Reserve::TotalFull if guard.is_some() => core.ask_peers(CoreMsg::Shed { key: None }),
-            _ => {}
+            Reserve::TotalFull => core.ask_peers(CoreMsg::Shed { key: None }),
         }
         let g = guard.get_or_insert_with(|| {
             let slot: Waiter = Rc::new(Slot::default());
@@ -212,9 +212,6 @@ pub fn release(core: &Rc<Core>, b: Rc<Backend>) {
         // than their wait).
         b.close();
         retire(core, &b);
-        core.ask_peers(CoreMsg::Freed {
-            key: (*pool.key).clone(),
-        });
         return;
     }
     b.idle_since.set(Some(Instant::now()));
@@ -230,6 +227,12 @@ pub fn retire(core: &Rc<Core>, b: &Rc<Backend>) {
     core.forget_idle(b);
     core.budgets.give_back(&b.pool.global);
     core.capacity_freed(&b.pool);
+    let pool = &b.pool;
+    if pool.global.waiting.load(Ordering::Relaxed) > pool.local_waiting.get() {
+        core.ask_peers(CoreMsg::Freed {
+            key: Some((*pool.key).clone()),
+        });
+    }
 }
 
 impl Core {
@@ -267,10 +270,15 @@ impl Core {
     }
 
     /// Another core freed budget for this pool: let a waiter here try again now.
-    pub fn on_freed(&self, key: PoolKey) {
-        let pool = self.pools.borrow().get(&key).cloned();
-        if let Some(p) = pool {
-            p.hand_to_waiter(None);
+    pub fn on_freed(&self, key: Option<PoolKey>) {
+        let pools: Vec<Rc<Pool>> = match &key {
+            Some(k) => self.pools.borrow().get(k).cloned().into_iter().collect(),
+            None => self.pools.borrow().values().cloned().collect(),
+        };
+        for p in pools {
+            if p.has_waiters() {
+                p.hand_to_waiter(None);
+            }
         }
     }
 
@@ -282,6 +290,7 @@ impl Core {
                 && !p.has_waiters()
                 && p.shed_one(self, SHED_AFTER_IDLE)
             {
+                self.ask_peers(CoreMsg::Freed { key });
                 return;
             }
         }

@@ -303,6 +303,9 @@ pub async fn run(core: Rc<Core>, s: Rc<Session>) {
 /// Checks the role can log in to the database (a backend exists or connects) and applies the
 /// startup settings, returning the `ParameterStatus` messages the client should see.
 async fn open(core: &Rc<Core>, s: &Rc<Session>) -> Result<Vec<u8>, Vec<u8>> {
+    if let Some(params) = core.recent_login(&s.pool.key, &s.baseline) {
+        return Ok((*params).clone());
+    }
     let b = pool::acquire(core, &s.pool, &s.credential)
         .await
         .map_err(|e| e.to_message())?;
@@ -322,7 +325,10 @@ async fn open(core: &Rc<Core>, s: &Rc<Session>) -> Result<Vec<u8>, Vec<u8>> {
     }
     maybe_release(core, s);
     match applied {
-        Ok(()) => Ok(params),
+        Ok(()) => {
+            core.remember_login(&s.pool.key, &s.baseline, params.clone());
+            Ok(params)
+        }
         Err(e) => {
             // An invalid startup setting ends the login, as in Postgres (which says FATAL).
             let mut fatal = Vec::new();
