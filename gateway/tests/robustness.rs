@@ -68,8 +68,8 @@ fn rendered(events: &[Event]) -> Vec<String> {
 }
 
 /// Tidepool is alive and serves new sessions: several at once (so that each gateway core gets
-/// one, whichever the kernel picks), each logging in and running `SELECT 1` within 5 s. A core
-/// stalled by the case before would leave its sessions hanging.
+/// one, whichever the kernel picks), each logging in and running `SELECT 1` within 10 s (SCRAM
+/// in a debug build on a loaded machine is slow; a stalled core never answers at all).
 async fn still_serves(tp: &mut Tidepool, after: &str) {
     assert!(tp.alive(), "Tidepool died after {after}\n{}", tp.logs());
     let ep = tp.endpoint();
@@ -77,7 +77,7 @@ async fn still_serves(tp: &mut Tidepool, after: &str) {
         .map(|_| {
             let ep = ep.clone();
             tokio::spawn(async move {
-                tokio::time::timeout(Duration::from_secs(5), async {
+                tokio::time::timeout(Duration::from_secs(10), async {
                     let c = ep.connect(ALICE.0, ALICE.1, APP_DB).await?;
                     c.query_one("SELECT 1", &[])
                         .await
@@ -95,7 +95,7 @@ async fn still_serves(tp: &mut Tidepool, after: &str) {
                 tp.logs()
             ),
             Err(_) => panic!(
-                "after {after}: a new session got no answer within 5 s (a stalled core?)\n{}",
+                "after {after}: a new session got no answer within 10 s (a stalled core?)\n{}",
                 tp.logs()
             ),
         }
@@ -188,12 +188,6 @@ async fn deeply_nested_statements_get_the_postgres_error_and_the_session_goes_on
                     codes(&got)
                 ),
             );
-            assert!(
-                !errors(&got).is_empty()
-                    || !errors(&want).is_empty()
-                    || rendered(&got) == rendered(&want),
-                "{name}: neither an error nor Postgres's answer: {got:?}"
-            );
             assert_eq!(
                 rendered(&want),
                 rendered(&got),
@@ -221,9 +215,12 @@ async fn a_message_over_max_message_size_is_refused_with_fatal_and_closed() {
         // Just under the limit is fine.
         let near = format!("SELECT length('{}')", "x".repeat(LIMIT - 100));
         let mut conn = login(&ep).await;
-        let events = exchange(&mut conn, &Frontend::new().query(&near), Duration::from_secs(20)).await;
+        let q = Frontend::new().query(&near);
+        let events = exchange(&mut conn, &q, Duration::from_secs(20)).await;
         assert!(
-            rendered(&events).iter().any(|l| l.contains(&format!("\"{}\"", LIMIT - 100))),
+            rendered(&events)
+                .iter()
+                .any(|l| l.contains(&format!("\"{}\"", LIMIT - 100))),
             "a query of {} bytes (under the limit): {events:?}\n{}",
             near.len(),
             tp.logs()
@@ -237,20 +234,28 @@ async fn a_message_over_max_message_size_is_refused_with_fatal_and_closed() {
                 .await;
             report(
                 "oversized",
-                format!("round {round}: write {sent:?}; read {:?} in {:?}", rendered(&events), t.elapsed()),
+                format!(
+                    "round {round}: write {sent:?}; read {:?} in {:?}",
+                    rendered(&events),
+                    t.elapsed()
+                ),
             );
             assert!(
                 !matches!(events.last(), Some(Event::Timeout)),
-                "round {round}: a 2 MiB message over a 1 MiB limit: no answer within 10 s: {events:?}\n{}",
+                "round {round}: 2 MiB over a 1 MiB limit: no answer within 10 s: {events:?}\n{}",
                 tp.logs()
             );
             let errs = errors(&events);
             assert!(
-                errs.iter().any(|e| e.severity() == "FATAL" && matches!(e.code(), "54000" | "08P01")),
+                errs.iter()
+                    .any(|e| e.severity() == "FATAL" && matches!(e.code(), "54000" | "08P01")),
                 "round {round}: expected FATAL 54000 or 08P01, got {events:?}\n{}",
                 tp.logs()
             );
-            assert!(ends_closed(&events), "round {round}: the connection stays open: {events:?}");
+            assert!(
+                ends_closed(&events),
+                "round {round}: the connection stays open: {events:?}"
+            );
         }
         let n: i32 = bystander
             .query_one("SELECT 41 + 1", &[])
@@ -478,7 +483,19 @@ async fn malformed_messages_after_login_are_refused_and_never_hang() {
             let mut through = login(&ep).await;
             let want = after_sending(&mut direct, msgs).await;
             let got = after_sending(&mut through, msgs).await;
-            let problem = check_refusal("malformed", name, &want, &got);
+            let mut problem = check_refusal("malformed", name, &want, &got);
+            if matches!(got.last(), Some(Event::Timeout)) {
+                // What the silent session does next, for the report.
+                let next = exchange(
+                    &mut through,
+                    &Frontend::new().query("SELECT 'next query'"),
+                    Duration::from_secs(5),
+                )
+                .await;
+                if let Some(p) = problem.as_mut() {
+                    p.push_str(&format!("\n  then a query on it: {next:?}"));
+                }
+            }
             let usable = problem.is_none() && !ends_closed(&want);
             failures.add(problem);
             if usable {
@@ -502,6 +519,16 @@ async fn malformed_messages_after_login_are_refused_and_never_hang() {
     })
     .await;
     failures.check(&tp);
+}
+
+/// A client disappears: a plain close (FIN), or with `reset` an RST as when its process is
+/// killed with unread data or its machine is gone.
+fn vanish(c: RawConn, reset: bool) {
+    if reset {
+        c.abort()
+    } else {
+        drop(c)
+    }
 }
 
 /// Opens a bare TCP connection, writes `bytes`, and reads until a close or 5 s pass.
@@ -609,11 +636,13 @@ async fn clients_that_vanish_before_login_leave_nothing_behind() {
         for round in 0..30 {
             // Connects and sends nothing.
             let c = ep.raw_tcp().await.unwrap();
-            if round % 2 == 0 { drop(c) } else { c.abort() }
+            vanish(c, round % 2 == 1);
             // Half a startup packet.
             let mut c = ep.raw_tcp().await.unwrap();
-            c.send(&startup.bytes()[..startup.bytes().len() / 2]).await.unwrap();
-            if round % 2 == 0 { drop(c) } else { c.abort() }
+            c.send(&startup.bytes()[..startup.bytes().len() / 2])
+                .await
+                .unwrap();
+            vanish(c, round % 2 == 1);
             // Just the length word.
             let mut c = ep.raw_tcp().await.unwrap();
             c.send(&startup.bytes()[..3]).await.unwrap();
@@ -621,11 +650,17 @@ async fn clients_that_vanish_before_login_leave_nothing_behind() {
             // Mid-authentication: after the server's SASL request.
             let mut c = ep.raw_tcp().await.unwrap();
             c.send(startup.bytes()).await.unwrap();
-            let m = c.recv_within(Duration::from_secs(5)).await.unwrap_or_else(|e| {
-                panic!("round {round}: no authentication request: {e}\n{}", tp.logs())
-            });
+            let m = c
+                .recv_within(Duration::from_secs(5))
+                .await
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "round {round}: no authentication request: {e}\n{}",
+                        tp.logs()
+                    )
+                });
             assert_eq!(m.tag, b'R', "round {round}: {m:?}");
-            if round % 2 == 0 { drop(c) } else { c.abort() }
+            vanish(c, round % 2 == 1);
         }
         // MAX_CLIENTS sessions at once still get in (slots come back as the gateway notices the
         // closes, so allow it a moment).
@@ -638,7 +673,7 @@ async fn clients_that_vanish_before_login_leave_nothing_behind() {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => panic!(
-                    "session {} of {MAX_CLIENTS}: {e} (client slots leaked by vanished clients?)\n{}",
+                    "session {} of {MAX_CLIENTS}: {e} (slots leaked by vanished clients?)\n{}",
                     clients.len() + 1,
                     tp.logs()
                 ),
@@ -681,7 +716,8 @@ async fn backends_settle(
         }
         if t.elapsed() > within {
             panic!(
-                "after {after}: {user}'s backends did not settle to at most {max} idle within {within:?}: {states:?}\n{}",
+                "after {after}: {user}'s backends did not settle to at most {max} idle \
+                 within {within:?}: {states:?}\n{}",
                 tp.logs()
             );
         }
@@ -690,6 +726,11 @@ async fn backends_settle(
 }
 
 async fn wait_for_query(pg: &PgCluster, user: &str, needle: &str) {
+    wait_for_queries(pg, user, &[needle]).await
+}
+
+/// Waits until a backend of `user` runs each of `needles` at the same moment (one sample).
+async fn wait_for_queries(pg: &PgCluster, user: &str, needles: &[&str]) {
     let t = Instant::now();
     loop {
         let pg2 = pg.clone();
@@ -697,15 +738,17 @@ async fn wait_for_query(pg: &PgCluster, user: &str, needle: &str) {
         let states = tokio::task::spawn_blocking(move || pg2.backend_states(&u))
             .await
             .expect("backend states");
-        if states
-            .iter()
-            .any(|s| s.starts_with("active") && s.contains(needle))
-        {
+        let running = |needle: &str| {
+            states
+                .iter()
+                .any(|s| s.starts_with("active") && s.contains(needle))
+        };
+        if needles.iter().all(|n| running(n)) {
             return;
         }
         assert!(
             t.elapsed() < Duration::from_secs(10),
-            "{needle} never ran: {states:?}"
+            "{needles:?} never ran together: {states:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -724,7 +767,6 @@ async fn a_client_gone_mid_query_or_mid_copy_leaves_no_busy_backend() {
         drop(setup);
         for (round, reset) in [(0, false), (1, true)] {
             let how = if reset { "reset" } else { "close" };
-            let vanish = |c: RawConn| if reset { c.abort() } else { drop(c) };
 
             // Mid-query.
             let mut a = login(&ep).await;
@@ -732,10 +774,11 @@ async fn a_client_gone_mid_query_or_mid_copy_leaves_no_busy_backend() {
                 .await
                 .unwrap();
             wait_for_query(&pg, ALICE.0, "pg_sleep(5)").await;
-            vanish(a);
+            vanish(a, reset);
             let t = Instant::now();
             let b = ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
-            let r = tokio::time::timeout(Duration::from_secs(10), b.query_one("SELECT 1", &[])).await;
+            let r =
+                tokio::time::timeout(Duration::from_secs(10), b.query_one("SELECT 1", &[])).await;
             assert!(
                 matches!(r, Ok(Ok(_))),
                 "round {round}: after a client gone mid-query ({how}), a new session: {r:?}\n{}",
@@ -744,11 +787,14 @@ async fn a_client_gone_mid_query_or_mid_copy_leaves_no_busy_backend() {
             let served = t.elapsed();
             let during = pg.backend_states(ALICE.0);
             drop(b);
-            let settled = backends_settle(&pg, &tp, ALICE.0, 1, Duration::from_secs(15), "a client gone mid-query").await;
+            let within = Duration::from_secs(15);
+            let settled =
+                backends_settle(&pg, &tp, ALICE.0, 1, within, "a client gone mid-query").await;
             report(
                 "vanish",
                 format!(
-                    "mid-query ({how}): next session served after {served:?}; backends then {during:?}; all idle after {settled:?}"
+                    "mid-query ({how}): next session served after {served:?}; \
+                     backends then {during:?}; all idle after {settled:?}"
                 ),
             );
 
@@ -761,7 +807,9 @@ async fn a_client_gone_mid_query_or_mid_copy_leaves_no_busy_backend() {
             )
             .await;
             assert!(
-                rendered(&events).last().is_some_and(|l| l == "ReadyForQuery(T)"),
+                rendered(&events)
+                    .last()
+                    .is_some_and(|l| l == "ReadyForQuery(T)"),
                 "{events:?}"
             );
             a.send(Frontend::new().query("COPY copy_gone FROM STDIN").bytes())
@@ -776,8 +824,9 @@ async fn a_client_gone_mid_query_or_mid_copy_leaves_no_busy_backend() {
                 .await
                 .unwrap();
             tokio::time::sleep(Duration::from_millis(100)).await;
-            vanish(a);
-            let settled = backends_settle(&pg, &tp, ALICE.0, 1, Duration::from_secs(15), "a client gone mid-COPY").await;
+            vanish(a, reset);
+            let settled =
+                backends_settle(&pg, &tp, ALICE.0, 1, within, "a client gone mid-COPY").await;
             let b = ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
             let n: i64 = tokio::time::timeout(
                 Duration::from_secs(10),
@@ -787,11 +836,17 @@ async fn a_client_gone_mid_query_or_mid_copy_leaves_no_busy_backend() {
             .expect("a new session is served after a client gone mid-COPY")
             .unwrap()
             .get(0);
-            assert_eq!(n, 0, "round {round}: the abandoned COPY or its transaction was committed");
+            assert_eq!(
+                n, 0,
+                "round {round}: the abandoned COPY or its transaction was committed"
+            );
             b.batch_execute("INSERT INTO copy_gone VALUES (1); DELETE FROM copy_gone")
                 .await
                 .unwrap();
-            report("vanish", format!("mid-COPY ({how}): all idle after {settled:?}"));
+            report(
+                "vanish",
+                format!("mid-COPY ({how}): all idle after {settled:?}"),
+            );
         }
         still_serves(&mut tp, "clients gone mid-query and mid-COPY").await;
     })
@@ -824,8 +879,13 @@ async fn abandoned_queries_do_not_push_a_user_past_its_pool_size() {
         report(
             "abandoned",
             format!(
-                "4 clients gone mid pg_sleep(20): a new session {} after {:?}; alice's backends: {:?}",
-                if matches!(c, Ok(Ok(_))) { "served" } else { "NOT served" },
+                "4 clients gone mid pg_sleep(20): a new session {} after {:?}; \
+                 alice's backends: {:?}",
+                if matches!(c, Ok(Ok(_))) {
+                    "served"
+                } else {
+                    "NOT served"
+                },
                 t.elapsed(),
                 pg.backend_states(ALICE.0)
             ),
@@ -1052,7 +1112,7 @@ async fn session_on(
     (client, token)
 }
 
-/// Runs `pg_sleep(30)` on `victim` and `pg_sleep(2)` on `bystander`, then `cancel`; the first
+/// Runs `pg_sleep(30)` on `victim` and `pg_sleep(4)` on `bystander`, then `cancel`; the first
 /// must end with 57014 within 10 s, the second must finish normally.
 async fn cancel_round<F, Fut>(
     tp: &Tidepool,
@@ -1074,13 +1134,12 @@ async fn cancel_round<F, Fut>(
     });
     let other = tokio::spawn(async move {
         let r = bystander
-            .query_one("SELECT pg_sleep(2)::text, 'bystander finished'", &[])
+            .query_one("SELECT pg_sleep(4)::text, 'bystander finished'", &[])
             .await
             .map(|r| r.get::<_, String>(1));
         (bystander, r)
     });
-    wait_for_query(tp.cluster(), ALICE.0, "pg_sleep(30)").await;
-    wait_for_query(tp.cluster(), ALICE.0, "pg_sleep(2)").await;
+    wait_for_queries(tp.cluster(), ALICE.0, &["pg_sleep(30)", "pg_sleep(4)"]).await;
     cancel()
         .await
         .unwrap_or_else(|e| panic!("{label}: sending the cancel: {e}"));
@@ -1102,7 +1161,7 @@ async fn cancel_round<F, Fut>(
     );
     let (bystander, r) = tokio::time::timeout(Duration::from_secs(10), other)
         .await
-        .unwrap_or_else(|_| panic!("{label}: the bystander's pg_sleep(2) hangs\n{}", tp.logs()))
+        .unwrap_or_else(|_| panic!("{label}: the bystander's pg_sleep(4) hangs\n{}", tp.logs()))
         .unwrap();
     assert_eq!(
         r.unwrap_or_else(|e| panic!("{label}: the bystander's query was hit: {e}")),
@@ -1122,20 +1181,16 @@ async fn cancel_lands_on_the_other_gateway_process_and_stops_the_right_query() {
         let ep = tp.endpoint();
         // Steered: the session on one process, the cancel accepted by the other (and, as a
         // control, by the same one); the bystander on either.
-        for (round, (victim_on, bystander_on, cancel_on)) in [
-            (0, 1, 1),
-            (1, 0, 0),
-            (0, 0, 1),
-            (1, 1, 0),
-            (0, 1, 0),
-        ]
-        .into_iter()
-        .enumerate()
+        for (round, (victim_on, bystander_on, cancel_on)) in
+            [(0, 1, 1), (1, 0, 0), (0, 0, 1), (1, 1, 0), (0, 1, 0)]
+                .into_iter()
+                .enumerate()
         {
             let (victim, token) = session_on(&ep, &pids, pids[victim_on]).await;
             let (bystander, _) = session_on(&ep, &pids, pids[bystander_on]).await;
             let label = format!(
-                "steered round {round}: session on gateway {victim_on}, bystander on {bystander_on}, cancel to {cancel_on}"
+                "steered round {round}: session on gateway {victim_on}, \
+                 bystander on {bystander_on}, cancel to {cancel_on}"
             );
             let port = ep.port;
             let target = pids[cancel_on];
@@ -1203,7 +1258,11 @@ async fn thirty_sessions_never_exceed_a_pool_of_three() {
     let (max, samples) = watch.stop();
     report(
         "budget",
-        format!("30 sessions x 3 x pg_sleep(0.2) on 3 backends: {:?}, at most {max} backends in {samples} samples", t.elapsed()),
+        format!(
+            "30 sessions x 3 x pg_sleep(0.2) on 3 backends: {:?}, \
+             at most {max} backends in {samples} samples",
+            t.elapsed()
+        ),
     );
     let failures =
         outcome.unwrap_or_else(|_| panic!("30 sessions did not finish within 90 s\n{}", tp.logs()));
@@ -1329,7 +1388,8 @@ async fn two_users_share_max_backends_fairly() {
     report(
         "fair",
         format!(
-            "alice's slowest login {:?}; bob: {} of {SESSIONS} logged in after {bob_logins:?}, slowest {:?}",
+            "alice's slowest login {:?}; bob: {} of {SESSIONS} logged in \
+             after {bob_logins:?}, slowest {:?}",
             slowest(0),
             ready[1].load(Ordering::Relaxed),
             slowest(1)
@@ -1338,7 +1398,8 @@ async fn two_users_share_max_backends_fairly() {
     if ready[1].load(Ordering::Relaxed) < SESSIONS {
         stop.store(true, Ordering::Relaxed);
         panic!(
-            "only {} of bob's {SESSIONS} sessions logged in within 30 s while alice kept every backend busy\n{}",
+            "only {} of bob's {SESSIONS} sessions logged in within 30 s \
+             while alice kept every backend busy\n{}",
             ready[1].load(Ordering::Relaxed),
             tp.logs()
         );
@@ -1371,8 +1432,9 @@ async fn two_users_share_max_backends_fairly() {
     report(
         "fair",
         format!(
-            "--max-backends {MAX}, {SESSIONS} sessions each: bob's {SESSIONS} logins took {bob_logins:?}, his first query done after {bob_first:?}; \
-             in a 5 s window: alice {a} queries, bob {b}; at most {} backends in total, alice {}, bob {} ({} samples)",
+            "--max-backends {MAX}, {SESSIONS} sessions each: bob's logins took {bob_logins:?}, \
+             his first query done after {bob_first:?}; in a 5 s window: alice {a} queries, \
+             bob {b}; at most {} backends in total, alice {}, bob {} ({} samples)",
             seen.max_total, seen.max_each[0], seen.max_each[1], seen.samples
         ),
     );
@@ -1388,13 +1450,23 @@ async fn two_users_share_max_backends_fairly() {
         seen.max_total,
         tp.logs()
     );
+    let mut problems = Failures::default();
     // A fair share is half each; a third allows for the noise of a loaded machine.
     let total = (a + b).max(1);
-    assert!(
-        a * 3 >= total && b * 3 >= total,
-        "unfair share of {MAX} backends between two busy users: alice {a} queries, bob {b} in 5 s\n{}",
-        tp.logs()
-    );
+    if a * 3 < total || b * 3 < total {
+        problems.add(Some(format!(
+            "unfair share of {MAX} backends between two busy users: \
+             alice {a} queries, bob {b} in 5 s"
+        )));
+    }
+    // A login needs a backend for a moment (to check the role and database): with alice's
+    // sessions each holding one for 0.2 s at a time, bob's should get one within seconds.
+    if let Some(slow) = slowest(1).filter(|d| *d > Duration::from_secs(10)) {
+        problems.add(Some(format!(
+            "a login of bob took {slow:?} while alice kept every backend busy"
+        )));
+    }
+    problems.check(&tp);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1481,16 +1553,26 @@ async fn startup_settings_are_what_postgres_shows() {
     let (pg, mut tp) = start(TidepoolOpts::default().pool_size(1));
     let cases: Vec<(&str, Vec<(&str, &str)>)> = vec![
         ("no settings", vec![]),
-        ("options -c search_path=foo", vec![("options", "-c search_path=foo")]),
+        (
+            "options -c search_path=foo",
+            vec![("options", "-c search_path=foo")],
+        ),
         ("application_name", vec![("application_name", "robust app")]),
         (
             "both, and more options",
             vec![
-                ("options", "-c search_path=foo,public -c work_mem=4MB --statement-timeout=5s -cDateStyle=German"),
+                (
+                    "options",
+                    "-c search_path=foo,public -c work_mem=4MB --statement-timeout=5s \
+                     -cDateStyle=German",
+                ),
                 ("application_name", "robust app"),
             ],
         ),
-        ("an escaped space in options", vec![("options", "-c application_name=a\\ b")]),
+        (
+            "an escaped space in options",
+            vec![("options", "-c application_name=a\\ b")],
+        ),
     ];
     bounded(Duration::from_secs(120), async {
         for (name, params) in &cases {

@@ -320,6 +320,49 @@ impl PgCluster {
     pub fn watch_backends(&self, user: &str) -> BackendWatch {
         BackendWatch::start(self.inner.clone(), user)
     }
+
+    /// Samples the client backends of each of `users` (and their sum) every 50 ms on a thread,
+    /// until [`UsersWatch::stop`].
+    pub fn watch_users(&self, users: &[&str]) -> UsersWatch {
+        UsersWatch::start(self.inner.clone(), users)
+    }
+
+    /// The `pg_stat_activity.state` of each client backend of `user` (`active`, `idle`,
+    /// `idle in transaction`, ...), sorted, with the query of each that is not idle:
+    /// `"active: SELECT pg_sleep(5)"`.
+    pub fn backend_states(&self, user: &str) -> Vec<String> {
+        let out = self.psql_admin(&format!(
+            "SELECT coalesce(state, '?') || CASE WHEN state = 'idle' THEN '' \
+             ELSE ': ' || left(regexp_replace(query, '\\s+', ' ', 'g'), 60) END \
+             FROM pg_stat_activity \
+             WHERE usename = '{}' AND backend_type = 'client backend' ORDER BY 1",
+            user.replace('\'', "''")
+        ));
+        out.lines().map(str::to_string).collect()
+    }
+
+    /// `pg_ctl restart -m fast`: every backend is terminated (clients get FATAL 57P01), the
+    /// cluster comes back on the same port. Returns when it accepts connections again.
+    pub fn restart(&self) {
+        let data = self.data_dir();
+        let log = self.log_path();
+        as_postgres(
+            &pg_bin("pg_ctl"),
+            &[
+                "-D",
+                data.to_str().expect("utf-8 path"),
+                "-l",
+                log.to_str().expect("utf-8 path"),
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                "60",
+                "restart",
+            ],
+            Duration::from_secs(90),
+        );
+    }
 }
 
 impl ClusterInner {
@@ -430,6 +473,83 @@ impl BackendWatch {
 }
 
 impl Drop for BackendWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// What a [`UsersWatch`] saw.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsersSample {
+    /// The largest sum over the users in one sample.
+    pub max_total: i64,
+    /// The largest count of each user (in the order given), each in its own sample.
+    pub max_each: Vec<i64>,
+    pub samples: usize,
+}
+
+/// Samples the backend counts of several users on a thread; see [`PgCluster::watch_users`].
+pub struct UsersWatch {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<thread::JoinHandle<UsersSample>>,
+}
+
+impl UsersWatch {
+    fn start(cluster: Arc<ClusterInner>, users: &[&str]) -> UsersWatch {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let users: Vec<String> = users.iter().map(|u| u.to_string()).collect();
+        let list = users
+            .iter()
+            .map(|u| format!("'{}'", u.replace('\'', "''")))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "SELECT usename, count(*) FROM pg_stat_activity \
+             WHERE usename IN ({list}) AND backend_type = 'client backend' GROUP BY usename"
+        );
+        let handle = thread::spawn(move || {
+            let mut seen = UsersSample {
+                max_each: vec![0; users.len()],
+                ..UsersSample::default()
+            };
+            while !flag.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                let out = cluster.psql_admin_db("postgres", &sql);
+                let mut total = 0;
+                for line in out.lines() {
+                    let Some((name, n)) = line.split_once('|') else {
+                        continue;
+                    };
+                    let n: i64 = n.trim().parse().unwrap_or(0);
+                    total += n;
+                    if let Some(i) = users.iter().position(|u| u == name) {
+                        seen.max_each[i] = seen.max_each[i].max(n);
+                    }
+                }
+                seen.max_total = seen.max_total.max(total);
+                seen.samples += 1;
+                thread::sleep(Duration::from_millis(50).saturating_sub(t.elapsed()));
+            }
+            seen
+        });
+        UsersWatch {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    pub fn stop(mut self) -> UsersSample {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle
+            .take()
+            .expect("joined once")
+            .join()
+            .expect("users watch thread")
+    }
+}
+
+impl Drop for UsersWatch {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }

@@ -64,6 +64,11 @@ impl Endpoint {
         RawConn::connect(&self.host, self.port, user, password, db).await
     }
 
+    /// A TCP connection with nothing sent yet (see [`RawConn::tcp`]).
+    pub async fn raw_tcp(&self) -> std::io::Result<RawConn> {
+        RawConn::tcp(&self.host, self.port).await
+    }
+
     pub fn psql(&self, user: &str, password: &str, db: &str) -> Psql {
         Psql::new(self, user, password, db)
     }

@@ -19,13 +19,14 @@ pub mod cluster;
 pub mod endpoint;
 pub mod ports;
 pub mod process;
+pub mod sockets;
 pub mod tidepool;
 pub mod wire;
 
 pub use cli::{pgbench, PgbenchSummary, Psql};
-pub use cluster::{BackendWatch, PgCluster, ALICE, APP_DB, BOB};
+pub use cluster::{BackendWatch, PgCluster, UsersSample, UsersWatch, ALICE, APP_DB, BOB};
 pub use endpoint::Endpoint;
 pub use ports::free_port;
 pub use process::{run_merged, Output};
-pub use tidepool::{bin_dir, Tidepool, TidepoolOpts};
+pub use tidepool::{bin_dir, Gateway, Tidepool, TidepoolOpts};
 pub use wire::{ConnectError, Event, Frontend, Message, Param, RawConn, ServerError};

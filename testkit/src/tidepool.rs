@@ -50,6 +50,18 @@ impl TidepoolOpts {
         self.pool_size = n;
         self
     }
+
+    /// `--max-backends n` for the pooler.
+    pub fn max_backends(mut self, n: usize) -> Self {
+        self.max_backends = Some(n);
+        self
+    }
+
+    /// One more flag (or flag value) for the gateway.
+    pub fn gateway_arg(mut self, arg: impl Into<String>) -> Self {
+        self.extra_gateway_args.push(arg.into());
+        self
+    }
 }
 
 /// A running pooler + gateway pair.
@@ -61,6 +73,25 @@ pub struct Tidepool {
     gateway_port: u16,
     pooler_log: PathBuf,
     gateway_log: PathBuf,
+    /// What it was started with (an extra gateway gets the same flags).
+    opts: TidepoolOpts,
+}
+
+/// The flags of a gateway listening on `gateway_port` in front of the pooler at `pooler_port`.
+fn gateway_args(opts: &TidepoolOpts, gateway_port: u16, pooler_port: u16) -> Vec<String> {
+    let mut args = vec![
+        "--listen".to_string(),
+        format!("127.0.0.1:{gateway_port}"),
+        "--cores".to_string(),
+        opts.cores.to_string(),
+        "--pooler".to_string(),
+        format!("127.0.0.1:{pooler_port}"),
+    ];
+    if let Some(method) = &opts.auth_method {
+        args.extend(["--auth-method".to_string(), method.clone()]);
+    }
+    args.extend(opts.extra_gateway_args.iter().cloned());
+    args
 }
 
 /// Where the binaries are: `TIDEPOOL_BIN_DIR`, else the target directory of this test
@@ -171,18 +202,7 @@ impl Tidepool {
         }
         pooler_args.extend(opts.extra_pooler_args.iter().cloned());
 
-        let mut gateway_args = vec![
-            "--listen".to_string(),
-            format!("127.0.0.1:{gateway_port}"),
-            "--cores".to_string(),
-            opts.cores.to_string(),
-            "--pooler".to_string(),
-            format!("127.0.0.1:{pooler_port}"),
-        ];
-        if let Some(method) = &opts.auth_method {
-            gateway_args.extend(["--auth-method".to_string(), method.clone()]);
-        }
-        gateway_args.extend(opts.extra_gateway_args.iter().cloned());
+        let gateway_args = gateway_args(&opts, gateway_port, pooler_port);
 
         let pooler = spawn_logged(&bin.join("tidepool-pooler"), &pooler_args, &pooler_log);
         // Build the value at once so that Drop kills whatever was started if a wait panics.
@@ -194,6 +214,7 @@ impl Tidepool {
             gateway_port,
             pooler_log,
             gateway_log,
+            opts,
         };
         let deadline = Instant::now() + READY_TIMEOUT;
         tp.wait_accepting(pooler_port, deadline, "pooler");
@@ -277,6 +298,57 @@ impl Tidepool {
         self.cluster.watch_backends(user)
     }
 
+    /// Process id of the gateway.
+    pub fn gateway_pid(&self) -> u32 {
+        self.gateway.as_ref().map_or(0, Child::id)
+    }
+
+    /// Process id of the pooler.
+    pub fn pooler_pid(&self) -> u32 {
+        self.pooler.id()
+    }
+
+    /// True while the gateway process is running.
+    pub fn gateway_alive(&mut self) -> bool {
+        self.gateway
+            .as_mut()
+            .is_some_and(|g| matches!(g.try_wait(), Ok(None)))
+    }
+
+    /// Starts one more gateway process, with this one's flags, in front of this pooler,
+    /// listening on `port`: the port of this gateway (both then share it with SO_REUSEPORT, the
+    /// kernel choosing a process for each connection) or any other. Returns when it holds one
+    /// listener per core on that port; panics after 20 s with its log.
+    pub fn start_gateway_on(&self, port: u16) -> Gateway {
+        static EXTRA: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+        let n = EXTRA.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = self
+            .cluster
+            .dir()
+            .join(format!("gateway-{port}-extra-{n}.log"));
+        let args = gateway_args(&self.opts, port, self.pooler_port);
+        let child = spawn_logged(&bin_dir().join("tidepool-gateway"), &args, &log);
+        let mut gw = Gateway { child, port, log };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let cores = self.opts.cores;
+        while crate::sockets::listeners_of(gw.pid(), port) < cores {
+            if !gw.alive() {
+                panic!(
+                    "extra tidepool-gateway exited before listening on {port}\n{}",
+                    gw.logs()
+                );
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "extra tidepool-gateway did not listen on {port} within {READY_TIMEOUT:?}\n{}",
+                    gw.logs()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        gw
+    }
+
     /// True while both processes are running.
     pub fn alive(&mut self) -> bool {
         matches!(self.pooler.try_wait(), Ok(None))
@@ -293,5 +365,41 @@ impl Drop for Tidepool {
             kill_group(gateway);
         }
         kill_group(&mut self.pooler);
+    }
+}
+
+/// A gateway process started by [`Tidepool::start_gateway_on`]; killed on drop.
+pub struct Gateway {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Gateway {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn endpoint(&self) -> Endpoint {
+        Endpoint::loopback(self.port)
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The last lines of its log.
+    pub fn logs(&self) -> String {
+        format!("--- {} ---\n{}", self.log.display(), tail(&self.log, 40))
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        kill_group(&mut self.child);
     }
 }

@@ -155,6 +155,20 @@ impl RawConn {
             .find(|(k, _)| *k == "user")
             .map(|(_, v)| *v)
             .ok_or_else(|| protocol("startup parameters without user"))?;
+        let mut buf = BytesMut::new();
+        frontend::startup_message(params.iter().copied(), &mut buf)?;
+        Self::connect_with_packet(host, port, &buf, user, password).await
+    }
+
+    /// Logs in with a startup packet built by the caller (say, with parameters that are not
+    /// UTF-8, see [`Frontend::raw`]); `user` is the name it carries (md5 hashes it).
+    pub async fn connect_with_packet(
+        host: &str,
+        port: u16,
+        packet: &[u8],
+        user: &str,
+        password: &str,
+    ) -> Result<RawConn, ConnectError> {
         let stream =
             tokio::time::timeout(Duration::from_secs(10), TcpStream::connect((host, port)))
                 .await
@@ -166,10 +180,7 @@ impl RawConn {
             startup: Vec::new(),
             auth_requests: Vec::new(),
         };
-
-        let mut buf = BytesMut::new();
-        frontend::startup_message(params.iter().copied(), &mut buf)?;
-        conn.send(&buf).await?;
+        conn.send(packet).await?;
 
         let mut scram: Option<ScramSha256> = None;
         loop {
@@ -235,42 +246,114 @@ impl RawConn {
         }
     }
 
+    /// A TCP connection on which nothing has been sent yet, for hand-made startup packets
+    /// (garbage, half a packet, a CancelRequest); [`startup`](Self::startup) and
+    /// [`auth_requests`](Self::auth_requests) stay empty.
+    pub async fn tcp(host: &str, port: u16) -> io::Result<RawConn> {
+        let stream =
+            tokio::time::timeout(Duration::from_secs(10), TcpStream::connect((host, port)))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        stream.set_nodelay(true)?;
+        Ok(RawConn {
+            stream,
+            rbuf: BytesMut::new(),
+            startup: Vec::new(),
+            auth_requests: Vec::new(),
+        })
+    }
+
+    /// The client's port of this connection.
+    pub fn local_port(&self) -> u16 {
+        self.stream.local_addr().map_or(0, |a| a.port())
+    }
+
+    /// (process id, secret key) from the BackendKeyData of the login.
+    pub fn backend_key(&self) -> Option<(i32, i32)> {
+        let k = self.startup.iter().find(|m| m.tag == b'K')?;
+        let mut b = &k.body[..];
+        (b.len() >= 8).then(|| (b.get_i32(), b.get_i32()))
+    }
+
+    /// Vanishes without a goodbye: no Terminate, and the close is a reset (SO_LINGER 0), as
+    /// when a client machine dies or a process is killed with unread data.
+    pub fn abort(self) {
+        // Deprecated because a non-zero linger blocks the dropping thread; zero never does.
+        #[allow(deprecated)]
+        let _ = self.stream.set_linger(Some(Duration::ZERO));
+        drop(self.stream);
+    }
+
     /// Writes raw bytes (one or many frontend messages).
     pub async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
         self.stream.write_all(bytes).await
     }
 
-    /// The next backend message.
-    pub async fn recv(&mut self) -> io::Result<Message> {
-        loop {
-            if self.rbuf.len() >= 5 {
-                let len =
-                    i32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]]);
-                if len < 4 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("length {len}"),
-                    ));
-                }
-                let total = 1 + len as usize;
-                if self.rbuf.len() >= total {
-                    let mut frame = self.rbuf.split_to(total);
-                    let tag = frame[0];
-                    frame.advance(5);
-                    return Ok(Message {
-                        tag,
-                        body: frame.freeze(),
-                    });
+    /// Writes `bytes` while reading what the server says meanwhile, up to and including a
+    /// message tagged `until`, a close, or `timeout`. For a message a server may refuse
+    /// before reading it whole (too large): a plain [`send`](Self::send) would block on a
+    /// full socket buffer. Returns how the write ended and what was read.
+    pub async fn send_while_reading(
+        &mut self,
+        bytes: &[u8],
+        until: u8,
+        timeout: Duration,
+    ) -> (io::Result<()>, Vec<Event>) {
+        let (mut rd, mut wr) = self.stream.split();
+        let rbuf = &mut self.rbuf;
+        let write = async {
+            let r = wr.write_all(bytes).await;
+            if r.is_err() {
+                // Leave the reader to it: the server's answer may still be in our receive
+                // buffer.
+                std::future::pending::<()>().await;
+            }
+            r
+        };
+        let read = async {
+            let mut out = Vec::new();
+            loop {
+                match read_message(&mut rd, rbuf).await {
+                    Ok(msg) => {
+                        let done = msg.tag == until;
+                        out.push(Event::Message(msg));
+                        if done {
+                            return out;
+                        }
+                    }
+                    Err(e) => {
+                        out.push(Event::Closed(e.to_string()));
+                        return out;
+                    }
                 }
             }
-            let n = self.stream.read_buf(&mut self.rbuf).await?;
-            if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "server closed the connection",
-                ));
+        };
+        tokio::pin!(write, read);
+        let mut written: Option<io::Result<()>> = None;
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                w = &mut write, if written.is_none() => written = Some(w),
+                events = &mut read => {
+                    let w = written.unwrap_or_else(|| {
+                        Err(io::Error::new(io::ErrorKind::Interrupted, "write not finished"))
+                    });
+                    return (w, events);
+                }
+                _ = &mut deadline => {
+                    let w = written.unwrap_or_else(|| {
+                        Err(io::Error::new(io::ErrorKind::TimedOut, "write not finished"))
+                    });
+                    return (w, vec![Event::Timeout]);
+                }
             }
         }
+    }
+
+    /// The next backend message.
+    pub async fn recv(&mut self) -> io::Result<Message> {
+        read_message(&mut self.stream, &mut self.rbuf).await
     }
 
     /// The next backend message, or a TimedOut error.
@@ -332,6 +415,41 @@ impl RawConn {
         frontend::terminate(&mut buf);
         let _ = self.send(&buf).await;
         let _ = self.stream.shutdown().await;
+    }
+}
+
+/// The next backend message from `stream`, `rbuf` holding what was read beyond it.
+async fn read_message<R: tokio::io::AsyncRead + Unpin>(
+    stream: &mut R,
+    rbuf: &mut BytesMut,
+) -> io::Result<Message> {
+    loop {
+        if rbuf.len() >= 5 {
+            let len = i32::from_be_bytes([rbuf[1], rbuf[2], rbuf[3], rbuf[4]]);
+            if len < 4 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("length {len}"),
+                ));
+            }
+            let total = 1 + len as usize;
+            if rbuf.len() >= total {
+                let mut frame = rbuf.split_to(total);
+                let tag = frame[0];
+                frame.advance(5);
+                return Ok(Message {
+                    tag,
+                    body: frame.freeze(),
+                });
+            }
+        }
+        let n = stream.read_buf(rbuf).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "server closed the connection",
+            ));
+        }
     }
 }
 
@@ -516,6 +634,55 @@ impl Frontend {
 
     pub fn query(mut self, sql: &str) -> Self {
         frontend::query(sql, &mut self.buf).expect("query message");
+        self
+    }
+
+    /// A Query whose text is any bytes (NULs inside, invalid UTF-8), NUL-terminated.
+    pub fn query_bytes(self, sql: &[u8]) -> Self {
+        let mut body = sql.to_vec();
+        body.push(0);
+        self.message(b'Q', &body)
+    }
+
+    /// Any typed message: `tag`, a correct length, `body`.
+    pub fn message(mut self, tag: u8, body: &[u8]) -> Self {
+        self.buf.put_u8(tag);
+        self.buf.put_i32(body.len() as i32 + 4);
+        self.buf.put_slice(body);
+        self
+    }
+
+    /// Bytes as they are (a lying length word, half a message, garbage).
+    pub fn raw(mut self, bytes: &[u8]) -> Self {
+        self.buf.put_slice(bytes);
+        self
+    }
+
+    /// A protocol 3.0 startup packet with these parameters.
+    pub fn startup(mut self, params: &[(&str, &str)]) -> Self {
+        frontend::startup_message(params.iter().copied(), &mut self.buf).expect("startup packet");
+        self
+    }
+
+    /// A protocol 3.0 startup packet whose names and values are any bytes.
+    pub fn startup_bytes(mut self, params: &[(&[u8], &[u8])]) -> Self {
+        let mut body = Vec::new();
+        body.extend_from_slice(&196_608i32.to_be_bytes());
+        for (k, v) in params {
+            body.extend_from_slice(k);
+            body.push(0);
+            body.extend_from_slice(v);
+            body.push(0);
+        }
+        body.push(0);
+        self.buf.put_i32(body.len() as i32 + 4);
+        self.buf.put_slice(&body);
+        self
+    }
+
+    /// A CancelRequest packet.
+    pub fn cancel_request(mut self, pid: i32, secret: i32) -> Self {
+        frontend::cancel_request(pid, secret, &mut self.buf);
         self
     }
 
