@@ -550,7 +550,12 @@ impl UsersWatch {
 }
 
 impl Drop for UsersWatch {
+    /// Stops and joins the thread: it holds the cluster, and a test that fails with the watch
+    /// running must still stop its Postgres (the test process may exit right after).
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
     }
 }
