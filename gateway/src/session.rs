@@ -59,6 +59,21 @@ async fn read_startup<S: AsyncRead + Unpin>(
     }
 }
 
+/// SQLSTATE for a bad startup packet, as Postgres (ProcessStartupPacket) gives it.
+fn startup_error_code(e: &ProtocolError) -> &'static str {
+    match e {
+        ProtocolError::UnsupportedVersion { .. } => "0A000",
+        _ => "08P01",
+    }
+}
+
+fn startup_error_text(e: &ProtocolError) -> String {
+    match e {
+        ProtocolError::UnsupportedVersion { .. } => e.to_string(),
+        _ => format!("invalid startup packet: {e}"),
+    }
+}
+
 fn left(deadline: Instant) -> Duration {
     deadline.saturating_duration_since(Instant::now())
 }
@@ -137,13 +152,9 @@ pub async fn serve_tcp(core: Rc<Core>, mut stream: TcpStream) {
             Some(Ok(Some(other))) => {
                 return serve(core, stream, reader, Some(other), slot, deadline).await
             }
+            Some(Err(ProtocolError::UnsupportedVersion { major, .. })) if major < 3 => return,
             Some(Err(e)) => {
-                write_fatal(
-                    &mut stream,
-                    "08P01",
-                    &format!("invalid startup packet: {e}"),
-                )
-                .await;
+                write_fatal(&mut stream, startup_error_code(&e), &startup_error_text(&e)).await;
                 return;
             }
             Some(Ok(None)) | None => return,
@@ -195,12 +206,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                 {
                     Some(Ok(Some(s))) => s,
                     Some(Err(e)) => {
-                        write_fatal(
-                            &mut stream,
-                            "08P01",
-                            &format!("invalid startup packet: {e}"),
-                        )
-                        .await;
+                        write_fatal(&mut stream, startup_error_code(&e), &startup_error_text(&e))
+                            .await;
                         return;
                     }
                     _ => return,
@@ -240,7 +247,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
             }
             "options" => {
                 if let Err(e) = parse_options(v, &mut settings) {
-                    write_fatal(&mut stream, "22023", &e).await;
+                    // Postgres: 42601 for a malformed options string.
+                    write_fatal(&mut stream, "42601", &e).await;
                     return;
                 }
             }
@@ -408,10 +416,42 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         let mut terminate = false;
         loop {
             let data = &reader.data()[end..];
+            // The type byte is judged as soon as it arrives, as Postgres does, before any length.
+            let bad_type = data.first().is_some_and(|&t| !fe::is_known_after_login(t));
             match typed_message_len(data, max) {
+                _ if bad_type => {
+                    let tag = data[0];
+                    let mut err = Vec::new();
+                    be::error_response(
+                        &mut err,
+                        Severity::Fatal,
+                        "08P01",
+                        &format!("invalid frontend message type {tag}"),
+                    );
+                    if end > 0 {
+                        send_msgs(&link, id, flags, &reader.data()[..end], &mut frame);
+                    }
+                    io.client_out.push(&err);
+                    break 'session;
+                }
                 Ok(Some(n)) => {
                     let tag = data[0];
                     let body = &data[5..n];
+                    if !fe::is_known_after_login(tag) {
+                        // As Postgres (PostgresMain): the connection cannot be trusted after this.
+                        let mut err = Vec::new();
+                        be::error_response(
+                            &mut err,
+                            Severity::Fatal,
+                            "08P01",
+                            &format!("invalid frontend message type {tag}"),
+                        );
+                        if end > 0 {
+                            send_msgs(&link, id, flags, &reader.data()[..end], &mut frame);
+                        }
+                        io.client_out.push(&err);
+                        break 'session;
+                    }
                     match tag {
                         fe::TERMINATE => {
                             terminate = true;

@@ -115,6 +115,8 @@ pub struct Stmt {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
+    /// A `Parse` passed through as it is (malformed: Postgres will refuse it).
+    Parse,
     Bind,
     Describe,
     Execute,
@@ -672,7 +674,9 @@ fn on_message(b: &Backend, st: &mut State, msg: &[u8]) -> After {
                     drain_synth(st);
                     return After::Nothing;
                 }
-                (Kind::Bind, be::BIND_COMPLETE) | (Kind::Close, be::CLOSE_COMPLETE) => true,
+                (Kind::Bind, be::BIND_COMPLETE)
+                | (Kind::Close, be::CLOSE_COMPLETE)
+                | (Kind::Parse, be::PARSE_COMPLETE) => true,
                 (Kind::Describe, be::ROW_DESCRIPTION | be::NO_DATA) => true,
                 (
                     Kind::Execute,

@@ -26,6 +26,11 @@ pub fn local(core: &Rc<Core>, pid: i32, secret: i32) {
     if b.st.borrow().queue.is_empty() {
         return; // nothing running: Postgres would ignore it too
     }
+    backend(core, &b);
+}
+
+/// Cancels whatever query `b` is running (a separate connection to the postmaster).
+pub fn backend(core: &Rc<Core>, b: &crate::backend::Backend) {
     let addr = format!("{}:{}", core.cfg.pg_host, core.cfg.pg_port);
     let (bpid, bsecret) = (b.pid, b.secret);
     tracing::debug!(backend = b.id, "cancelling the running query");

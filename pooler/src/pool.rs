@@ -42,6 +42,8 @@ pub struct Pool {
     pub global: Arc<PoolBudget>,
     /// Of those waiters, the ones on this core.
     local_waiting: std::cell::Cell<usize>,
+    /// Backends of this pool on this core (connected or connecting).
+    local: std::cell::Cell<usize>,
 }
 
 impl Pool {
@@ -52,6 +54,7 @@ impl Pool {
             waiters: RefCell::new(VecDeque::new()),
             global,
             local_waiting: std::cell::Cell::new(0),
+            local: std::cell::Cell::new(0),
         }
     }
 
@@ -149,9 +152,11 @@ pub async fn acquire(
         match reserved {
             Reserve::Ok => {
                 drop(guard.take());
+                pool.local.set(pool.local.get() + 1);
                 return match backend::connect(core, pool, credential).await {
                     Ok(b) => Ok(b),
                     Err(e) => {
+                        pool.local.set(pool.local.get() - 1);
                         core.budgets.give_back(&pool.global);
                         core.capacity_freed(pool);
                         Err(e)
@@ -193,6 +198,13 @@ pub fn release(core: &Rc<Core>, b: Rc<Backend>) {
         retire(core, &b);
         return;
     }
+    if let Some(other) = core.poorer_pool_waiting(&pool) {
+        // Fair share between users: another pool here waits with fewer backends than this one
+        // has, and the budget is spent; this backend's unit goes to it.
+        b.close();
+        retire_to(core, &b, &other);
+        return;
+    }
     if pool.has_waiters() {
         if let Some(Some(b)) = pool.hand_to_waiter(Some(b)) {
             b.idle_since.set(Some(Instant::now()));
@@ -221,12 +233,18 @@ pub fn release(core: &Rc<Core>, b: Rc<Backend>) {
 /// A backend is gone (closed, broken or shed): its budget unit is free again. Idempotent, so
 /// whoever notices first (the relay, a cleanup, a shed) may call it.
 pub fn retire(core: &Rc<Core>, b: &Rc<Backend>) {
+    retire_to(core, b, &b.pool.clone());
+}
+
+/// As [`retire`], waking a waiter of `prefer` first.
+fn retire_to(core: &Rc<Core>, b: &Rc<Backend>, prefer: &Rc<Pool>) {
     if b.retired.replace(true) {
         return;
     }
     core.forget_idle(b);
+    b.pool.local.set(b.pool.local.get().saturating_sub(1));
     core.budgets.give_back(&b.pool.global);
-    core.capacity_freed(&b.pool);
+    core.capacity_freed(prefer);
     let pool = &b.pool;
     if pool.global.waiting.load(Ordering::Relaxed) > pool.local_waiting.get() {
         core.ask_peers(CoreMsg::Freed {
@@ -249,6 +267,18 @@ impl Core {
                 return;
             }
         }
+    }
+
+    /// A pool here, other than `pool`, whose sessions wait with fewer backends than `pool` has.
+    fn poorer_pool_waiting(&self, pool: &Rc<Pool>) -> Option<Rc<Pool>> {
+        self.pools
+            .borrow()
+            .values()
+            .filter(|p| {
+                *p.key != *pool.key && p.has_waiters() && p.local.get() + 1 < pool.local.get()
+            })
+            .min_by_key(|p| p.local.get())
+            .cloned()
     }
 
     fn someone_else_waits(&self, key: &PoolKey) -> bool {

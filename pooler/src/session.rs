@@ -498,11 +498,19 @@ fn write_message(
     msg: &[u8],
 ) -> Result<(), Vec<u8>> {
     let body = &msg[5..];
-    let bad = |_| protocol_violation("invalid frontend message");
+    // A malformed message goes to Postgres as it is: it answers with its own ERROR (08P01
+    // "invalid string in message") and the session goes on, as it would directly.
+    let malformed = |kind: Kind| {
+        s.open_batch.set(true);
+        b.send(msg, Some(Entry::Client(kind)));
+        Ok(())
+    };
     match tag {
         fe::PARSE => {
             s.open_batch.set(true);
-            let p = fe::parse_parse(body).map_err(bad)?;
+            let Ok(p) = fe::parse_parse(body) else {
+                return malformed(Kind::Parse);
+            };
             if p.name.is_empty() {
                 let stmt = Rc::new(Stmt {
                     content: Rc::from(&b""[..]),
@@ -559,7 +567,9 @@ fn write_message(
         }
         fe::BIND => {
             s.open_batch.set(true);
-            let (portal, name, rest) = fe::parse_bind(body).map_err(bad)?;
+            let Ok((portal, name, rest)) = fe::parse_bind(body) else {
+                return malformed(Kind::Bind);
+            };
             match statement_for(s, b, name, core.cfg.max_prepared_statements) {
                 Some(content) => {
                     let mut m = Vec::with_capacity(msg.len() + 32);
@@ -574,7 +584,9 @@ fn write_message(
         }
         fe::DESCRIBE => {
             s.open_batch.set(true);
-            let (kind, name) = fe::parse_target(body).map_err(bad)?;
+            let Ok((kind, name)) = fe::parse_target(body) else {
+                return malformed(Kind::Describe);
+            };
             match (
                 kind,
                 statement_for(s, b, name, core.cfg.max_prepared_statements),
@@ -592,7 +604,9 @@ fn write_message(
         }
         fe::CLOSE => {
             s.open_batch.set(true);
-            let (kind, name) = fe::parse_target(body).map_err(bad)?;
+            let Ok((kind, name)) = fe::parse_target(body) else {
+                return malformed(Kind::Close);
+            };
             if kind == b'S' && !name.is_empty() {
                 // Other sessions may use the same statement on this backend: it stays there;
                 // only this session forgets its name (Postgres answers CloseComplete even for a
@@ -689,11 +703,13 @@ fn finish(core: &Rc<Core>, s: &Rc<Session>) {
         return;
     }
     if !st.queue.is_empty() || s.open_batch.get() {
-        // Mid-query or mid-COPY: we cannot know when it would end; a closed connection makes
-        // Postgres roll back.
+        // Mid-query or mid-COPY: cancel what runs and close the connection (Postgres rolls
+        // back). The budget unit comes back only when Postgres has really ended this backend
+        // (the relay sees the socket close), so abandoned queries never push a pool past its
+        // budget.
         drop(st);
+        crate::cancel::backend(core, &b);
         b.close();
-        pool::retire(core, &b);
         return;
     }
     let mut cleanup: Vec<&str> = Vec::new();

@@ -21,6 +21,43 @@ pub const QUERY: u8 = b'Q';
 pub const SYNC: u8 = b'S';
 pub const TERMINATE: u8 = b'X';
 
+/// Message types a client may send once logged in (PostgresMain); anything else is fatal.
+pub fn is_known_after_login(tag: u8) -> bool {
+    matches!(
+        tag,
+        BIND | CLOSE
+            | COPY_DATA
+            | COPY_DONE
+            | COPY_FAIL
+            | DESCRIBE
+            | EXECUTE
+            | FLUSH
+            | FUNCTION_CALL
+            | PARSE
+            | QUERY
+            | SYNC
+            | TERMINATE
+    )
+}
+
+/// A startup parameter as text. Postgres accepts any bytes here; non-UTF-8 bytes become `?`,
+/// as `pg_clean_ascii` does for `application_name`.
+fn startup_text(b: &[u8]) -> String {
+    match std::str::from_utf8(b) {
+        Ok(s) => s.to_owned(),
+        Err(_) => b
+            .iter()
+            .map(|&c| {
+                if (32..127).contains(&c) {
+                    c as char
+                } else {
+                    '?'
+                }
+            })
+            .collect(),
+    }
+}
+
 /// The first packet of a connection (untyped: `int32 len`, `int32 code`, ...).
 #[derive(Debug, PartialEq, Eq)]
 pub enum Startup {
@@ -50,11 +87,7 @@ pub fn parse_startup(body: &[u8]) -> Result<Startup, ProtocolError> {
                     break;
                 }
                 let value = read_cstr(body, &mut pos)?;
-                let name = std::str::from_utf8(name)
-                    .map_err(|_| ProtocolError::Malformed("startup parameter is not UTF-8"))?;
-                let value = std::str::from_utf8(value)
-                    .map_err(|_| ProtocolError::Malformed("startup parameter is not UTF-8"))?;
-                params.push((name.to_owned(), value.to_owned()));
+                params.push((startup_text(name), startup_text(value)));
             }
             Ok(Startup::Startup { params })
         }
