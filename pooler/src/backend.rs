@@ -195,6 +195,10 @@ pub struct Backend {
     pub retired: std::cell::Cell<bool>,
     /// When it last went idle.
     pub idle_since: std::cell::Cell<Option<std::time::Instant>>,
+    /// Closed to give its budget unit to this pool (fair share), when it ends.
+    pub prefer: RefCell<Option<Rc<Pool>>>,
+    /// Shed at another core's request: announce the freed unit when it ends.
+    pub announce_freed: std::cell::Cell<bool>,
 }
 
 impl Backend {
@@ -409,6 +413,8 @@ pub async fn connect(
         }),
         retired: std::cell::Cell::new(false),
         idle_since: std::cell::Cell::new(None),
+        prefer: RefCell::new(None),
+        announce_freed: std::cell::Cell::new(false),
     });
     tracing::debug!(backend = b.id, pid = b.pid, user = %pool.key.user, db = %pool.key.database, "backend connected");
     let stream = RcStream::new(stream);

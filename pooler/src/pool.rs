@@ -29,10 +29,10 @@ type Waiter = Rc<Slot<Option<Rc<Backend>>>>;
 /// How long a waiter waits before it retries the shared budget on its own. Budget freed on
 /// another core is signalled (`CoreMsg::Freed`), so this is only a safety net: short timers on
 /// every waiter cost CPU in proportion to the waiters.
-const RETRY: Duration = Duration::from_secs(1);
+const RETRY: Duration = Duration::from_millis(250);
 /// Another core sheds only backends idle this long: true surplus, not a backend between two
 /// requests (shedding those made cores trade backends back and forth, each trade a new login).
-const SHED_AFTER_IDLE: Duration = Duration::from_millis(50);
+const SHED_AFTER_IDLE: Duration = Duration::from_millis(10);
 
 pub struct Pool {
     pub key: Rc<PoolKey>,
@@ -96,8 +96,8 @@ impl Pool {
         };
         match victim {
             Some(b) => {
-                b.close();
-                retire(core, &b);
+                b.announce_freed.set(true);
+                close_for(core, &b, None);
                 true
             }
             None => false,
@@ -195,14 +195,13 @@ pub async fn acquire(
 pub fn release(core: &Rc<Core>, b: Rc<Backend>) {
     let pool = b.pool.clone();
     if b.is_broken() {
-        retire(core, &b);
+        // Closed: its unit comes back when Postgres has ended it (the relay sees the socket end).
         return;
     }
     if let Some(other) = core.poorer_pool_waiting(&pool) {
         // Fair share between users: another pool here waits with fewer backends than this one
         // has, and the budget is spent; this backend's unit goes to it.
-        b.close();
-        retire_to(core, &b, &other);
+        close_for(core, &b, Some(other));
         return;
     }
     if pool.has_waiters() {
@@ -214,37 +213,48 @@ pub fn release(core: &Rc<Core>, b: Rc<Backend>) {
     }
     if core.someone_else_waits(&pool.key) {
         // Another pool here is starved of budget: this backend's unit serves it better.
-        b.close();
-        retire(core, &b);
+        close_for(core, &b, None);
         return;
     }
     if pool.global.waiting.load(Ordering::Relaxed) > pool.local_waiting.get() {
         // Sessions of this pool wait on another core while this one has a backend to spare:
         // give the unit to them (a backend cannot move between cores; a new login is cheaper
         // than their wait).
-        b.close();
-        retire(core, &b);
+        close_for(core, &b, None);
         return;
     }
     b.idle_since.set(Some(Instant::now()));
     pool.idle.borrow_mut().push(b);
 }
 
-/// A backend is gone (closed, broken or shed): its budget unit is free again. Idempotent, so
-/// whoever notices first (the relay, a cleanup, a shed) may call it.
-pub fn retire(core: &Rc<Core>, b: &Rc<Backend>) {
-    retire_to(core, b, &b.pool.clone());
+/// Closes a backend we no longer want. Its budget unit is given back only when Postgres has
+/// really ended it (see [`retire`]), so a pool never has more live backends than its budget;
+/// `prefer`: the pool whose waiter gets the unit then.
+pub fn close_for(core: &Rc<Core>, b: &Rc<Backend>, prefer: Option<Rc<Pool>>) {
+    core.forget_idle(b);
+    *b.prefer.borrow_mut() = prefer;
+    b.close();
 }
 
-/// As [`retire`], waking a waiter of `prefer` first.
-fn retire_to(core: &Rc<Core>, b: &Rc<Backend>, prefer: &Rc<Pool>) {
+/// A backend is gone (its connection ended): its budget unit is free again. Idempotent. Called
+/// by the relay when the socket ends, and when a connection attempt fails.
+pub fn retire(core: &Rc<Core>, b: &Rc<Backend>) {
+    let prefer = b
+        .prefer
+        .borrow_mut()
+        .take()
+        .unwrap_or_else(|| b.pool.clone());
     if b.retired.replace(true) {
         return;
     }
     core.forget_idle(b);
     b.pool.local.set(b.pool.local.get().saturating_sub(1));
     core.budgets.give_back(&b.pool.global);
-    core.capacity_freed(prefer);
+    core.capacity_freed(&prefer);
+    if b.announce_freed.get() {
+        // Shed because another core asked: its waiters may take the unit now.
+        core.ask_peers(CoreMsg::Freed { key: None });
+    }
     let pool = &b.pool;
     if pool.global.waiting.load(Ordering::Relaxed) > pool.local_waiting.get() {
         core.ask_peers(CoreMsg::Freed {
@@ -314,16 +324,30 @@ impl Core {
 
     /// Another core is starved: close an idle backend of that pool (or of any pool) here.
     pub fn on_shed(self: &Rc<Self>, key: Option<PoolKey>) {
+        if self.shed_now(&key) {
+            return;
+        }
+        // Nothing idle long enough yet: look once more a little later rather than leave the
+        // other core's sessions to their safety-net retry.
+        let core = self.clone();
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(SHED_AFTER_IDLE).await;
+            core.shed_now(&key);
+        })
+        .detach();
+    }
+
+    fn shed_now(self: &Rc<Self>, key: &Option<PoolKey>) -> bool {
         let pools: Vec<Rc<Pool>> = self.pools.borrow().values().cloned().collect();
         for p in pools {
             if key.as_ref().is_none_or(|k| *k == *p.key)
                 && !p.has_waiters()
                 && p.shed_one(self, SHED_AFTER_IDLE)
             {
-                self.ask_peers(CoreMsg::Freed { key });
-                return;
+                return true;
             }
         }
+        false
     }
 
     /// Drops a backend from the idle list (it died, or was shed).
