@@ -408,7 +408,6 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     .detach();
     let mut rstream = stream;
     let max = core.cfg.max_message_size;
-    let mut frame = Vec::new();
     'session: loop {
         // Frame every complete message we have into one MSGS frame.
         let mut flags = 0u8;
@@ -429,7 +428,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                         &format!("invalid frontend message type {tag}"),
                     );
                     if end > 0 {
-                        send_msgs(&link, id, flags, &reader.data()[..end], &mut frame);
+                        send_msgs(&link, id, flags, &reader.data()[..end]);
                     }
                     io.client_out.push(&err);
                     break 'session;
@@ -437,21 +436,6 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                 Ok(Some(n)) => {
                     let tag = data[0];
                     let body = &data[5..n];
-                    if !fe::is_known_after_login(tag) {
-                        // As Postgres (PostgresMain): the connection cannot be trusted after this.
-                        let mut err = Vec::new();
-                        be::error_response(
-                            &mut err,
-                            Severity::Fatal,
-                            "08P01",
-                            &format!("invalid frontend message type {tag}"),
-                        );
-                        if end > 0 {
-                            send_msgs(&link, id, flags, &reader.data()[..end], &mut frame);
-                        }
-                        io.client_out.push(&err);
-                        break 'session;
-                    }
                     match tag {
                         fe::TERMINATE => {
                             terminate = true;
@@ -490,7 +474,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                     let mut err = Vec::new();
                     be::error_response(&mut err, Severity::Fatal, code, &msg);
                     if end > 0 {
-                        send_msgs(&link, id, flags, &reader.data()[..end], &mut frame);
+                        send_msgs(&link, id, flags, &reader.data()[..end]);
                     }
                     io.client_out.push(&err);
                     break 'session;
@@ -498,7 +482,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
             }
         }
         if end > 0 {
-            send_msgs(&link, id, flags, &reader.data()[..end], &mut frame);
+            send_msgs(&link, id, flags, &reader.data()[..end]);
             reader.consume(end);
         }
         if terminate || io.ended.get() {
@@ -549,7 +533,7 @@ fn watch_custom_settings(link: &crate::link::Link, id: u32, flags: u8, sql: &[u8
     link.send(up::WATCH, id, &payload);
 }
 
-fn send_msgs(link: &crate::link::Link, id: u32, flags: u8, msgs: &[u8], _scratch: &mut Vec<u8>) {
+fn send_msgs(link: &crate::link::Link, id: u32, flags: u8, msgs: &[u8]) {
     link.out.push_with(|b| {
         put_header(b, up::MSGS, id, msgs.len() + 1);
         b.push(flags);
