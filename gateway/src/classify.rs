@@ -284,36 +284,27 @@ pub fn full(sql: &str) -> u8 {
                     flags::SNAPSHOT
                 }
             }
-            NodeEnum::DiscardStmt(d) => {
-                if d.target == pg_query::protobuf::DiscardMode::DiscardAll as i32 {
+            NodeEnum::DiscardStmt(d)
+                if d.target == pg_query::protobuf::DiscardMode::DiscardAll as i32 => {
                     flags::DISCARD | flags::SNAPSHOT
-                } else {
-                    0
                 }
-            }
             NodeEnum::CreateStmt(c) => temp(c.relation.as_ref()),
             NodeEnum::CreateTableAsStmt(c) => temp(c.into.as_ref().and_then(|i| i.rel.as_ref())),
             NodeEnum::SelectStmt(s) => temp(s.into_clause.as_ref().and_then(|i| i.rel.as_ref())),
             NodeEnum::ViewStmt(v) => temp(v.view.as_ref()),
             NodeEnum::CreateSeqStmt(s) => temp(s.sequence.as_ref()),
-            NodeEnum::DeclareCursorStmt(d) => {
+            NodeEnum::DeclareCursorStmt(d)
                 // CURSOR_OPT_HOLD (src/include/nodes/parsenodes.h)
-                if d.options & 0x0020 != 0 {
+                if d.options & 0x0020 != 0 => {
                     flags::PIN
-                } else {
-                    0
                 }
-            }
             NodeEnum::ListenStmt(_) | NodeEnum::PrepareStmt(_) | NodeEnum::LoadStmt(_) => {
                 flags::PIN
             }
-            NodeEnum::DeallocateStmt(d) => {
-                if d.isall || d.name.is_empty() {
+            NodeEnum::DeallocateStmt(d)
+                if (d.isall || d.name.is_empty()) => {
                     flags::DEALLOCATE
-                } else {
-                    0
                 }
-            }
             _ => 0,
         };
     }

@@ -28,6 +28,11 @@ pub enum CoreMsg {
     Freed { key: Option<PoolKey> },
 }
 
+/// (user and database, startup settings): what a cached login was checked for.
+type LoginKey = (Rc<PoolKey>, Settings);
+/// When a login was checked, and the `ParameterStatus` messages it got.
+type LoginEntry = (Instant, Rc<Vec<u8>>);
+
 pub struct Core {
     pub cfg: Rc<Config>,
     pub index: usize,
@@ -44,7 +49,7 @@ pub struct Core {
     /// Logins Postgres accepted recently, by (user, database, startup settings): the
     /// `ParameterStatus` messages to answer with. A login found here needs no backend, so a storm
     /// of connections does not queue behind running queries.
-    logins: RefCell<HashMap<(Rc<PoolKey>, Settings), (Instant, Rc<Vec<u8>>)>>,
+    logins: RefCell<HashMap<LoginKey, LoginEntry>>,
 }
 
 impl Core {

@@ -36,10 +36,7 @@ pub async fn serve(core: Rc<Core>, stream: TcpStream) {
         .saturating_mul(2)
         .saturating_add(1 << 20);
     'outer: loop {
-        loop {
-            let Some(h) = link::parse_header(reader.data()) else {
-                break;
-            };
+        while let Some(h) = link::parse_header(reader.data()) {
             if h.len > limit {
                 tracing::warn!(len = h.len, "oversized link frame; dropping link");
                 break 'outer;
