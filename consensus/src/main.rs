@@ -6,13 +6,7 @@ use tidepool::cluster;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    shared::logging::init("warn");
 
     let result = match &cli.command {
         Command::Up(args) => cluster::up::run(&cli.global, args).map(|()| true),

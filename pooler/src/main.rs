@@ -31,14 +31,7 @@ pub async fn with_timeout<T>(dur: Duration, fut: impl Future<Output = T>) -> Opt
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    shared::logging::init("info");
     let cfg = match config::Config::load(config::Args::parse()) {
         Ok(c) => c,
         Err(e) => {

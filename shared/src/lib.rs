@@ -3,5 +3,6 @@
 pub mod auth;
 pub mod io;
 pub mod link;
+pub mod logging;
 pub mod protocol;
 pub mod settings;
