@@ -1,5 +1,6 @@
 //! Code more than one Tidepool process needs: the Postgres wire protocol (no I/O), the link
 //! protocol between gateway and pooler, and small async helpers that are runtime-agnostic.
+pub mod agent;
 pub mod auth;
 pub mod io;
 pub mod link;

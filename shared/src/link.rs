@@ -46,6 +46,10 @@ pub mod down {
     pub const SETTINGS: u8 = 24;
     /// The pooler dropped the session: a raw `ErrorResponse` to send before closing.
     pub const CLOSED: u8 = 25;
+    /// The pooler's node changed role (session 0): `u8 role` ([`crate::agent::Role::to_u8`]),
+    /// `u64 primary_term`. Sent once after `HELLO` and again on every change; gateways route
+    /// writes to the primary of the highest term.
+    pub const ROLE: u8 = 26;
 }
 
 /// Flags on a `MSGS` frame, decided by the gateway's statement classification.
