@@ -40,8 +40,41 @@ pub enum Command {
     Status(StatusArgs),
     /// Stop what `up` started (gateway, pooler, then Postgres); keeps the data.
     Down(DownArgs),
-    // To come, each when it really works: `switchover` (planned primary change),
-    // `backup` (pgBackRest), and the long-running control process itself.
+    /// Planned change of primary, with no client-visible error.
+    Switchover(SwitchoverArgs),
+    /// Explicit failover when the automatic one refuses (lost majority): recorded in the
+    /// topology with the reason. May lose commits the unreachable nodes acknowledged.
+    Failover(FailoverArgs),
+    /// The control process itself (started by `up` when there are standbys): failure
+    /// detection and failover. Runs in the foreground.
+    Control(ControlArgs),
+}
+
+#[derive(Debug, Clone, Default, Args)]
+pub struct SwitchoverArgs {
+    /// The standby to promote [default: the most advanced].
+    #[arg(long, value_name = "NODE")]
+    pub to: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Args)]
+pub struct FailoverArgs {
+    /// Required: promote even though the policy cannot prove no acknowledged commit is lost.
+    #[arg(long)]
+    pub force: bool,
+    /// Why (recorded in the topology's history).
+    #[arg(long, value_name = "TEXT")]
+    pub reason: String,
+    /// The node to promote [default: the most advanced reachable standby].
+    #[arg(long, value_name = "NODE")]
+    pub to: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Args)]
+pub struct ControlArgs {
+    /// Stop after this many seconds (tests); default: run until killed.
+    #[arg(long, value_name = "SECS")]
+    pub exit_after_secs: Option<u64>,
 }
 
 /// Flags left out fall back to --config, then to what the state directory remembers from
@@ -95,6 +128,19 @@ pub struct UpArgs {
     /// Config file passed to the pooler as --config.
     #[arg(long, value_name = "FILE")]
     pub pooler_config: Option<PathBuf>,
+
+    /// Streaming standbys beside the primary, each with its own pooler; starts the control
+    /// process too [default: 0].
+    #[arg(long, value_name = "N")]
+    pub standbys: Option<u32>,
+
+    /// Durability policy, e.g. "any 2" or "zones 2" (docs/policy.md) [default: any 2].
+    #[arg(long, value_name = "POLICY")]
+    pub durability: Option<String>,
+
+    /// Zone of each node in order, comma-separated (node1,node2,...) [default: local].
+    #[arg(long, value_name = "ZONES", value_delimiter = ',')]
+    pub zones: Option<Vec<String>>,
 }
 
 impl UpArgs {
@@ -114,6 +160,10 @@ impl UpArgs {
             stop_timeout_secs: None,
             gateway_config: self.gateway_config.clone(),
             pooler_config: self.pooler_config.clone(),
+            standbys: self.standbys,
+            durability: self.durability.clone(),
+            zones: self.zones.clone(),
+            timers: None,
         }
     }
 }

@@ -33,6 +33,51 @@ pub struct ClusterSettings {
     pub pg_max_connections: u32,
     /// Where initdb, pg_ctl, psql of PostgreSQL 15 live.
     pub pg_bin_dir: PathBuf,
+    /// Streaming standbys beside the primary (each with its own pooler); 0: a single node.
+    #[serde(default)]
+    pub standbys: u32,
+    /// Durability policy (docs/policy.md), e.g. `any 2` or `zones 2`.
+    #[serde(default = "default_durability")]
+    pub durability: String,
+    /// Zone of each node in order (node1, node2, ...); missing entries: `local`.
+    #[serde(default)]
+    pub zones: Vec<String>,
+    /// The control process's timers.
+    #[serde(default)]
+    pub timers: Timers,
+}
+
+pub fn default_durability() -> String {
+    "any 2".to_string()
+}
+
+/// Every timer of failure detection and failover, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Timers {
+    /// How often the control process asks every node agent for its report.
+    pub probe_interval_ms: u64,
+    /// How long one agent call may take before the node counts as unreachable.
+    pub agent_timeout_ms: u64,
+    /// How long the primary must stay unreachable or down (and unseen by its standbys)
+    /// before a failover starts.
+    pub failure_timeout_ms: u64,
+    /// A standby that heard from the primary within this long proves the primary alive.
+    pub standby_heard_ms: u64,
+    /// Bound on recruit / promote / follow calls (they include the node's work).
+    pub operation_timeout_ms: u64,
+}
+
+impl Default for Timers {
+    fn default() -> Self {
+        Timers {
+            probe_interval_ms: 250,
+            agent_timeout_ms: 1000,
+            failure_timeout_ms: 1500,
+            standby_heard_ms: 4000,
+            operation_timeout_ms: 15000,
+        }
+    }
 }
 
 impl Default for ClusterSettings {
@@ -46,6 +91,10 @@ impl Default for ClusterSettings {
             max_backends: 100,
             pg_max_connections: 200,
             pg_bin_dir: PathBuf::from(DEFAULT_PG_BIN_DIR),
+            standbys: 0,
+            durability: default_durability(),
+            zones: Vec::new(),
+            timers: Timers::default(),
         }
     }
 }
@@ -92,6 +141,10 @@ pub struct Overrides {
     pub stop_timeout_secs: Option<u64>,
     pub gateway_config: Option<PathBuf>,
     pub pooler_config: Option<PathBuf>,
+    pub standbys: Option<u32>,
+    pub durability: Option<String>,
+    pub zones: Option<Vec<String>>,
+    pub timers: Option<Timers>,
 }
 
 impl Overrides {
@@ -138,6 +191,10 @@ impl Overrides {
             stop_timeout_secs: self.stop_timeout_secs.or(below.stop_timeout_secs),
             gateway_config: self.gateway_config.or(below.gateway_config),
             pooler_config: self.pooler_config.or(below.pooler_config),
+            standbys: self.standbys.or(below.standbys),
+            durability: self.durability.or(below.durability),
+            zones: self.zones.or(below.zones),
+            timers: self.timers.or(below.timers),
         }
     }
 
@@ -164,6 +221,13 @@ impl Overrides {
                 .pg_bin_dir
                 .clone()
                 .unwrap_or_else(|| base.pg_bin_dir.clone()),
+            standbys: self.standbys.unwrap_or(base.standbys),
+            durability: self
+                .durability
+                .clone()
+                .unwrap_or_else(|| base.durability.clone()),
+            zones: self.zones.clone().unwrap_or_else(|| base.zones.clone()),
+            timers: self.timers.unwrap_or(base.timers),
         }
     }
 

@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod layout;
 pub mod password;

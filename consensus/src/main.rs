@@ -12,6 +12,9 @@ fn main() -> ExitCode {
         Command::Up(args) => cluster::up::run(&cli.global, args).map(|()| true),
         Command::Status(args) => cluster::status::run(&cli.global, args),
         Command::Down(args) => cluster::down::run(&cli.global, args).map(|()| true),
+        Command::Switchover(args) => cluster::switchover::run(&cli.global, args),
+        Command::Failover(args) => cluster::switchover::run_failover(&cli.global, args),
+        Command::Control(args) => tidepool::control::run(&cli.global, args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -18,6 +18,8 @@ pub enum Role {
     Postgres,
     Pooler,
     Gateway,
+    /// The control process (`tidepool control`), when the cluster has standbys.
+    Control,
 }
 
 impl Role {
@@ -29,6 +31,7 @@ impl Role {
             Role::Postgres => "postgres",
             Role::Pooler => "pooler",
             Role::Gateway => "gateway",
+            Role::Control => "control",
         }
     }
 
@@ -38,6 +41,7 @@ impl Role {
             Role::Postgres => "postgres",
             Role::Pooler => "tidepool-pooler",
             Role::Gateway => "tidepool-gateway",
+            Role::Control => "tidepool",
         }
     }
 }
@@ -65,6 +69,28 @@ pub struct State {
     pub postgres: PostgresRecord,
     pub processes: Vec<ProcessRecord>,
     pub settings: ClusterSettings,
+    /// Every node of a cluster with standbys (node1 is the bootstrap primary, whose
+    /// Postgres and pooler are also in `postgres` and `processes`); empty for one node.
+    #[serde(default)]
+    pub nodes: Vec<NodeRecord>,
+}
+
+/// One node: a Postgres and its pooler (the node agent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: String,
+    pub zone: String,
+    pub data_dir: PathBuf,
+    pub socket_dir: PathBuf,
+    pub pg_port: u16,
+    pub postgres_log: PathBuf,
+    /// The pooler's link address (gateways) and agent address (control process).
+    pub pooler: SocketAddr,
+    pub agent: SocketAddr,
+    pub pooler_pid: u32,
+    pub pooler_log: PathBuf,
+    /// Where the pooler keeps the node's pledged term.
+    pub state_dir: PathBuf,
 }
 
 impl State {
@@ -114,8 +140,12 @@ impl State {
     pub fn set_process(&mut self, record: ProcessRecord) {
         self.processes.retain(|p| p.name != record.name);
         self.processes.push(record);
-        self.processes
-            .sort_by_key(|p| Role::START_ORDER.iter().position(|r| *r == p.name));
+        self.processes.sort_by_key(|p| {
+            Role::START_ORDER
+                .iter()
+                .position(|r| *r == p.name)
+                .unwrap_or(usize::MAX)
+        });
     }
 }
 
@@ -134,6 +164,7 @@ mod tests {
             },
             processes: vec![],
             settings: ClusterSettings::default(),
+            nodes: vec![],
         }
     }
 

@@ -30,7 +30,7 @@ pub fn run(global: &GlobalArgs, args: &DownArgs) -> Result<()> {
 
     // Clients first, so that nothing new reaches the pooler, then the pooler, so that its
     // backends close cleanly before Postgres goes.
-    for role in [Role::Gateway, Role::Pooler] {
+    for role in [Role::Control, Role::Gateway, Role::Pooler] {
         let Some(record) = state.process(role) else {
             continue;
         };
@@ -45,6 +45,25 @@ pub fn run(global: &GlobalArgs, args: &DownArgs) -> Result<()> {
             ),
         };
         eprintln!("{:<8} {what}", role.name());
+    }
+
+    // The standbys' poolers, then every Postgres but node1's (stopped below).
+    for node in state.nodes.iter().skip(1) {
+        let what = match terminate(node.pooler_pid, Role::Pooler.program(), timeout)? {
+            Stopped::NotRunning => "was not running".to_string(),
+            Stopped::Terminated => format!("stopped (pid {})", node.pooler_pid),
+            Stopped::Killed => format!("killed (pid {})", node.pooler_pid),
+        };
+        eprintln!("{:<8} of {} {what}", "pooler", node.name);
+    }
+    for node in state.nodes.iter().skip(1) {
+        let pg = crate::cluster::nodes::postgres(&state.settings, node)?;
+        if pg.stop(timeout)? {
+            eprintln!(
+                "{:<8} of {} stopped (pg_ctl stop -m fast)",
+                "postgres", node.name
+            );
+        }
     }
 
     let pg = Postgres::new(

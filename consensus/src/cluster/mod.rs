@@ -1,7 +1,9 @@
 //! The local-cluster commands: `up`, `status`, `down`. One file per command.
 
 pub mod down;
+pub mod nodes;
 pub mod status;
+pub mod switchover;
 pub mod up;
 
 use std::path::{Path, PathBuf};

@@ -49,22 +49,134 @@ pub struct Report {
     pub dir: PathBuf,
     pub data_dir: PathBuf,
     pub processes: Vec<ProcessStatus>,
-    /// Every process running and accepting.
+    /// Every process running and accepting (and, with standbys, every node answering).
     pub healthy: bool,
+    /// With standbys: each node as its agent reports it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeStatus>,
+    /// With standbys: the control process's term and primary (`topology.json`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topology: Option<crate::control::Topology>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeStatus {
+    pub name: String,
+    pub zone: String,
+    pub role: String,
+    pub term: Option<u64>,
+    pub primary_term: Option<u64>,
+    pub timeline: Option<u32>,
+    /// WAL position: the primary's flush position, a standby's replay position.
+    pub lsn: Option<String>,
+    /// Bytes of WAL a standby has yet to replay, against the primary.
+    pub lag_bytes: Option<u64>,
+    pub streaming: Option<bool>,
+    pub health: String,
+    pub postgres_pid: Option<u32>,
+    pub pg_port: u16,
+    pub pooler: SocketAddr,
+    pub agent: SocketAddr,
+}
+
+/// Asks every node agent for its report (one second each at most).
+pub fn inspect_nodes(state: &State) -> Vec<NodeStatus> {
+    use shared::agent::{call, format_lsn, Request, Response, Role as NodeRole};
+    let reports: Vec<_> = state
+        .nodes
+        .iter()
+        .map(|n| call(n.agent, &Request::Report, std::time::Duration::from_secs(1)))
+        .collect();
+    let primary_lsn = reports.iter().find_map(|r| match r {
+        Ok(Response::Ok { report }) if report.role == NodeRole::Primary => report.flush_lsn,
+        _ => None,
+    });
+    state
+        .nodes
+        .iter()
+        .zip(reports)
+        .map(|(n, r)| {
+            let mut s = NodeStatus {
+                name: n.name.clone(),
+                zone: n.zone.clone(),
+                role: "unknown".into(),
+                term: None,
+                primary_term: None,
+                timeline: None,
+                lsn: None,
+                lag_bytes: None,
+                streaming: None,
+                health: String::new(),
+                postgres_pid: crate::postgres::running_postmaster(&n.data_dir).map(|(p, _)| p),
+                pg_port: n.pg_port,
+                pooler: n.pooler,
+                agent: n.agent,
+            };
+            match r {
+                Ok(Response::Ok { report })
+                | Ok(Response::Refused {
+                    report: Some(report),
+                    ..
+                }) => {
+                    s.role = report.role.name().into();
+                    s.term = Some(report.term);
+                    s.primary_term = Some(report.primary_term);
+                    s.timeline = Some(report.timeline);
+                    let lsn = match report.role {
+                        NodeRole::Primary => report.flush_lsn,
+                        _ => report.replay_lsn,
+                    };
+                    s.lsn = lsn.map(format_lsn);
+                    if report.role == NodeRole::Standby {
+                        s.streaming = Some(report.streaming);
+                        s.lag_bytes = primary_lsn.zip(lsn).map(|(p, l)| p.saturating_sub(l));
+                    }
+                    s.postgres_pid = report.postgres_pid.or(s.postgres_pid);
+                    s.health = match (&report.problem, report.recruited) {
+                        (Some(p), _) => p.clone(),
+                        (None, true) => "recruited".into(),
+                        (None, false) if report.role == NodeRole::Standby && !report.streaming => {
+                            "not streaming".into()
+                        }
+                        (None, false) => "ok".into(),
+                    };
+                }
+                Ok(Response::Refused { reason, .. }) => s.health = reason,
+                Err(e) => s.health = format!("agent unreachable: {e}"),
+            }
+            s
+        })
+        .collect()
 }
 
 /// Looks at every process `state` knows of, and the ones it should know of but does not
 /// (a failed `up`): those are dead.
 pub fn inspect(state: &State) -> Report {
-    let processes: Vec<ProcessStatus> = Role::START_ORDER
+    let mut processes: Vec<ProcessStatus> = Role::START_ORDER
         .iter()
         .map(|&role| inspect_one(state, role))
         .collect();
+    if !state.nodes.is_empty() {
+        processes.push(inspect_one(state, Role::Control));
+    }
+    let nodes = if state.nodes.is_empty() {
+        Vec::new()
+    } else {
+        inspect_nodes(state)
+    };
+    let topology = if state.nodes.is_empty() {
+        None
+    } else {
+        crate::control::load_topology(&state.dir).ok().flatten()
+    };
     Report {
         dir: state.dir.clone(),
         data_dir: state.postgres.data_dir.clone(),
-        healthy: processes.iter().all(|p| p.state == ProcessState::Accepting),
+        healthy: processes.iter().all(|p| p.state == ProcessState::Accepting)
+            && nodes.iter().all(|n| n.health == "ok"),
         processes,
+        nodes,
+        topology,
     }
 }
 
@@ -74,6 +186,7 @@ fn inspect_one(state: &State, role: Role) -> ProcessStatus {
         Role::Postgres => state.settings.pg_port,
         Role::Pooler => state.settings.pooler_port,
         Role::Gateway => state.settings.port,
+        Role::Control => 0,
     };
     let mut address = record
         .map(|r| r.address)
@@ -95,7 +208,8 @@ fn inspect_one(state: &State, role: Role) -> ProcessStatus {
             .filter(|&pid| liveness(pid, role.program()) == Liveness::Alive),
     };
     let running = pid.is_some();
-    let accepting = running && accepts(address);
+    // The control process listens on nothing: running is all it can be.
+    let accepting = running && (role == Role::Control || accepts(address));
     let state = match (running, accepting) {
         (true, true) => ProcessState::Accepting,
         (true, false) => ProcessState::NotAccepting,
@@ -153,6 +267,30 @@ fn table(report: &Report) -> String {
             p.log.display()
         );
     }
+    if !report.nodes.is_empty() {
+        if let Some(t) = &report.topology {
+            out += &format!("term {}, primary {}\n", t.term, t.primary);
+        }
+        out += &format!(
+            "{:<7} {:<8} {:>5} {:>3} {:>14} {:>10} {:>8}  {:<21}  {}\n",
+            "NODE", "ROLE", "TERM", "TL", "LSN", "LAG", "PG-PID", "POOLER", "HEALTH"
+        );
+        let dash = || "-".to_string();
+        for n in &report.nodes {
+            out += &format!(
+                "{:<7} {:<8} {:>5} {:>3} {:>14} {:>10} {:>8}  {:<21}  {}\n",
+                n.name,
+                n.role,
+                n.term.map(|t| t.to_string()).unwrap_or_else(dash),
+                n.timeline.map(|t| t.to_string()).unwrap_or_else(dash),
+                n.lsn.clone().unwrap_or_else(dash),
+                n.lag_bytes.map(|l| l.to_string()).unwrap_or_else(dash),
+                n.postgres_pid.map(|p| p.to_string()).unwrap_or_else(dash),
+                n.pooler.to_string(),
+                n.health
+            );
+        }
+    }
     out
 }
 
@@ -180,6 +318,7 @@ mod tests {
                 log: "/nonexistent/tp/logs/pooler.log".into(),
             }],
             settings: ClusterSettings::default(),
+            nodes: vec![],
         };
         let report = inspect(&state);
         assert!(!report.healthy);

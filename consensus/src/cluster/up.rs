@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::cli::{GlobalArgs, UpArgs};
-use crate::cluster::{locate_binary, status, url, Context};
+use crate::cluster::{locate_binary, nodes, status, url, Context};
 use crate::config::{ClusterSettings, RunSettings};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
@@ -68,6 +68,7 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
         },
         processes: Vec::new(),
         settings: settings.clone(),
+        nodes: Vec::new(),
     });
     state.dir = layout.dir().to_path_buf();
     state.settings = settings.clone();
@@ -78,7 +79,7 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
     };
 
     if let Some(password) = password::read(&layout.password_file())? {
-        if already_up(&state) {
+        if settings.standbys == 0 && already_up(&state) {
             eprintln!("Tidepool is already up in {}", layout.dir().display());
             println!("{}", url(&password, settings.port));
             return Ok(());
@@ -93,7 +94,18 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
             pg.data_dir.display()
         );
     }
-    pg.configure(settings.pg_max_connections)?;
+    let ha = settings.standbys > 0;
+    let nodes = if ha {
+        nodes::records(&settings, layout)
+    } else {
+        Vec::new()
+    };
+    let replication = if ha {
+        nodes::replication_conf(&nodes::sync_names(&settings, &nodes, "node1")?)
+    } else {
+        String::new()
+    };
+    pg.configure_with(settings.pg_max_connections, &replication)?;
     let pg_pid = match pg.running() {
         Some((pid, port)) if port == settings.pg_port => {
             if !wait_accepting(pg.address(), timeout) {
@@ -138,22 +150,88 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
     // Pooler, then gateway (the gateway's first clients need the pooler).
     let pooler_addr = loopback(settings.pooler_port);
     let gateway_addr = loopback(settings.port);
-    let tiers = [
-        (
-            Role::Pooler,
-            &pooler_bin,
-            pooler_args(&settings, layout, &run),
-            pooler_addr,
-        ),
-        (
-            Role::Gateway,
-            &gateway_bin,
-            gateway_args(&settings, &run),
-            gateway_addr,
-        ),
-    ];
-    for (role, bin, args, addr) in tiers {
-        ensure_tier(role, bin, &args, addr, layout, &mut state, timeout)?;
+    let mut args = pooler_args(&settings, layout, &run);
+    if let Some(node1) = nodes.first() {
+        args.extend(nodes::agent_args(&settings, node1));
+    }
+    ensure_tier(
+        Role::Pooler,
+        &pooler_bin,
+        &args,
+        pooler_addr,
+        layout,
+        &mut state,
+        timeout,
+    )?;
+    if ha {
+        let mut records = nodes.clone();
+        records[0].pooler_pid = state.process(Role::Pooler).map(|p| p.pid).unwrap_or(0);
+        for node in records.iter_mut().skip(1) {
+            nodes::ensure_standby(&settings, node, &pg, &replication, timeout)?;
+            let mut args = pooler_args(&settings, layout, &run);
+            set_flag(&mut args, "--listen", node.pooler.to_string());
+            set_flag(&mut args, "--pg-port", node.pg_port.to_string());
+            set_flag(
+                &mut args,
+                "--admin-socket-dir",
+                node.socket_dir.display().to_string(),
+            );
+            args.extend(nodes::agent_args(&settings, node));
+            node.pooler_pid = ensure_process(
+                Role::Pooler,
+                &pooler_bin,
+                &args,
+                node.pooler,
+                &node.pooler_log,
+                state
+                    .nodes
+                    .iter()
+                    .find(|n| n.name == node.name)
+                    .map(|n| n.pooler_pid),
+                timeout,
+            )?;
+            state.nodes = merge_nodes(&state.nodes, node);
+            state.save(&layout.state_file())?;
+        }
+        state.nodes = records;
+        state.save(&layout.state_file())?;
+    }
+    let mut args = gateway_args(&settings, &run);
+    if ha {
+        set_flag(&mut args, "--pooler", nodes::pooler_list(&nodes));
+    }
+    ensure_tier(
+        Role::Gateway,
+        &gateway_bin,
+        &args,
+        gateway_addr,
+        layout,
+        &mut state,
+        timeout,
+    )?;
+    if ha {
+        let me = std::env::current_exe().map_err(Error::io("finding the tidepool executable"))?;
+        let args: Vec<OsString> = vec![
+            "--dir".into(),
+            layout.dir().as_os_str().to_owned(),
+            "control".into(),
+        ];
+        let known = state.process(Role::Control).map(|p| p.pid);
+        let pid = ensure_process(
+            Role::Control,
+            &me,
+            &args,
+            loopback(0),
+            &layout.log(Role::Control.name()),
+            known,
+            timeout,
+        )?;
+        state.set_process(ProcessRecord {
+            name: Role::Control,
+            pid,
+            address: loopback(0),
+            log: layout.log(Role::Control.name()),
+        });
     }
     state.save(&layout.state_file())?;
 
@@ -295,6 +373,77 @@ fn gateway_args(s: &ClusterSettings, run: &RunSettings) -> Vec<OsString> {
     args
 }
 
+/// Replaces the value of `flag` in `args` (or appends the pair).
+fn set_flag(args: &mut Vec<OsString>, flag: &str, value: String) {
+    if let Some(i) = args.iter().position(|a| a == flag) {
+        if i + 1 < args.len() {
+            args[i + 1] = value.into();
+            return;
+        }
+    }
+    args.push(flag.into());
+    args.push(value.into());
+}
+
+fn merge_nodes(
+    known: &[crate::state::NodeRecord],
+    node: &crate::state::NodeRecord,
+) -> Vec<crate::state::NodeRecord> {
+    let mut out: Vec<_> = known
+        .iter()
+        .filter(|n| n.name != node.name)
+        .cloned()
+        .collect();
+    out.push(node.clone());
+    out
+}
+
+/// Starts a process not tracked as a [`Role`] tier (a standby's pooler, the control process)
+/// unless `known` is its live pid; waits until it accepts on `addr` (port 0: only that it
+/// keeps running for a moment). Returns its pid.
+fn ensure_process(
+    role: Role,
+    bin: &Path,
+    args: &[OsString],
+    addr: SocketAddr,
+    log: &Path,
+    known: Option<u32>,
+    timeout: Duration,
+) -> Result<u32> {
+    let name = role.name();
+    if let Some(pid) = known.filter(|&p| liveness(p, role.program()) == Liveness::Alive) {
+        eprintln!("{name} already running (pid {pid})");
+        return Ok(pid);
+    }
+    if addr.port() != 0 {
+        ensure_port_free(role, addr)?;
+    }
+    eprintln!(
+        "starting {name} {}",
+        if addr.port() != 0 {
+            addr.to_string()
+        } else {
+            String::new()
+        }
+    );
+    let mut child = spawn_detached(bin, args, log)?;
+    let ready = if addr.port() != 0 {
+        wait_ready(name, &mut child, addr, timeout, log)
+    } else {
+        std::thread::sleep(Duration::from_millis(300));
+        match child.try_wait() {
+            Ok(None) => Ok(()),
+            _ => Err(not_ready(name, addr, timeout, log)),
+        }
+    };
+    if let Err(e) = ready {
+        let _ = terminate(child.id(), role.program(), Duration::from_secs(5));
+        let _ = child.try_wait();
+        return Err(e);
+    }
+    Ok(child.id())
+}
+
 /// The detached processes run from `/`, so relative paths must be resolved here.
 fn absolute(p: &Path) -> OsString {
     std::path::absolute(p)
@@ -331,7 +480,7 @@ fn ensure_port_free(role: Role, addr: SocketAddr) -> Result<()> {
     if accepts(addr) {
         let flag = match role {
             Role::Postgres => "--pg-port",
-            Role::Pooler => "--pooler-port",
+            Role::Pooler | Role::Control => "--pooler-port",
             Role::Gateway => "--port",
         };
         return Err(Error::Conflict(format!(

@@ -1,0 +1,246 @@
+//! The nodes of a cluster with standbys: where each lives, how its Postgres is configured for
+//! streaming replication, and bringing up the standbys (pg_basebackup, Postgres, pooler).
+//!
+//! ```text
+//! node1: DIR/pgdata, DIR/run       Postgres pg_port,     pooler pooler_port,     agent pooler_port+1
+//! nodeK: DIR/nodeK/pgdata, .../run Postgres pg_port+K-1, pooler pooler_port+2(K-1), agent +1
+//! ```
+//! Names never imply roles: after a failover node2 may be the primary.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::config::ClusterSettings;
+use crate::error::{Error, Result};
+use crate::layout::Layout;
+use crate::postgres::{conf_quote, Postgres};
+use crate::state::NodeRecord;
+
+/// `node1`, `node2`, ...
+pub fn node_name(k: u32) -> String {
+    format!("node{k}")
+}
+
+pub fn zone_of(settings: &ClusterSettings, k: u32) -> String {
+    settings
+        .zones
+        .get(k as usize - 1)
+        .filter(|z| !z.is_empty())
+        .cloned()
+        .unwrap_or_else(|| "local".to_string())
+}
+
+/// Where node `k` (1-based) lives and listens.
+pub fn record(settings: &ClusterSettings, layout: &Layout, k: u32) -> NodeRecord {
+    let name = node_name(k);
+    let (data_dir, socket_dir, state_dir) = if k == 1 {
+        (
+            layout.data_dir(),
+            layout.socket_dir(),
+            layout.dir().to_path_buf(),
+        )
+    } else {
+        let d = layout.dir().join(&name);
+        (d.join("pgdata"), d.join("run"), d)
+    };
+    let pooler_port = settings.pooler_port + 2 * (k as u16 - 1);
+    let (postgres_log, pooler_log) = if k == 1 {
+        (layout.log("postgres"), layout.log("pooler"))
+    } else {
+        (
+            layout.log(&format!("postgres-{name}")),
+            layout.log(&format!("pooler-{name}")),
+        )
+    };
+    NodeRecord {
+        zone: zone_of(settings, k),
+        name,
+        data_dir,
+        socket_dir,
+        pg_port: settings.pg_port + (k as u16 - 1),
+        postgres_log,
+        pooler: loopback(pooler_port),
+        agent: loopback(pooler_port + 1),
+        pooler_pid: 0,
+        pooler_log,
+        state_dir,
+    }
+}
+
+/// Every node of the cluster, node1 first.
+pub fn records(settings: &ClusterSettings, layout: &Layout) -> Vec<NodeRecord> {
+    (1..=settings.standbys + 1)
+        .map(|k| record(settings, layout, k))
+        .collect()
+}
+
+/// `synchronous_standby_names` for `primary` under the cluster's policy.
+// BRIDGE until consensus::policy lands: only `any N`.
+pub fn sync_names(
+    settings: &ClusterSettings,
+    nodes: &[NodeRecord],
+    primary: &str,
+) -> Result<String> {
+    let n: usize = settings
+        .durability
+        .strip_prefix("any ")
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| Error::Conflict(format!("durability {:?}", settings.durability)))?;
+    let others: Vec<String> = nodes
+        .iter()
+        .filter(|x| x.name != primary)
+        .map(|x| format!("\"{}\"", x.name))
+        .collect();
+    if n <= 1 {
+        return Ok(String::new());
+    }
+    Ok(format!("ANY {} ({})", n - 1, others.join(", ")))
+}
+
+/// Settings every node of a replicated cluster shares. The receiver timeout is short so a
+/// standby notices a frozen or cut-off primary within seconds (a healthy idle primary is
+/// pinged at half of it), which failure detection relies on.
+pub fn replication_conf(sync_names: &str) -> String {
+    format!(
+        "# replication (tidepool up --standbys)\n\
+         wal_level = replica\n\
+         wal_log_hints = on\n\
+         max_wal_senders = 16\n\
+         wal_keep_size = '512MB'\n\
+         hot_standby = on\n\
+         synchronous_commit = on\n\
+         synchronous_standby_names = {}\n\
+         wal_receiver_timeout = '4s'\n\
+         wal_receiver_status_interval = '1s'\n\
+         wal_sender_timeout = '4s'\n\
+         recovery_target_timeline = 'latest'\n",
+        conf_quote(sync_names)
+    )
+}
+
+/// The Postgres of a node.
+pub fn postgres(settings: &ClusterSettings, node: &NodeRecord) -> Result<Postgres> {
+    Postgres::new(
+        &settings.pg_bin_dir,
+        node.data_dir.clone(),
+        node.socket_dir.clone(),
+        node.pg_port,
+        node.postgres_log.clone(),
+    )
+}
+
+/// Flags making a pooler the agent of `node`.
+pub fn agent_args(settings: &ClusterSettings, node: &NodeRecord) -> Vec<OsString> {
+    let flags: [(&str, OsString); 6] = [
+        ("--node-name", node.name.clone().into()),
+        ("--zone", node.zone.clone().into()),
+        ("--agent-listen", node.agent.to_string().into()),
+        ("--pg-data", node.data_dir.clone().into()),
+        ("--pg-bin-dir", settings.pg_bin_dir.clone().into()),
+        ("--state-dir", node.state_dir.clone().into()),
+    ];
+    let mut args = Vec::new();
+    for (flag, value) in flags {
+        args.push(OsString::from(flag));
+        args.push(value);
+    }
+    args
+}
+
+/// Creates the standby `node` from `primary` if its data directory holds no cluster yet,
+/// writes its settings, and starts it unless it runs. Returns the postmaster's pid.
+pub fn ensure_standby(
+    settings: &ClusterSettings,
+    node: &NodeRecord,
+    primary: &Postgres,
+    replication: &str,
+    timeout: Duration,
+) -> Result<u32> {
+    let pg = postgres(settings, node)?;
+    let dir = node.state_dir.clone();
+    std::fs::create_dir_all(&dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+    pg.prepare_dirs()?;
+    let fresh = !pg.is_initialized();
+    if fresh {
+        if node.data_dir.exists() {
+            std::fs::remove_dir_all(&node.data_dir).map_err(Error::io(format!(
+                "removing a half-made {}",
+                node.data_dir.display()
+            )))?;
+        }
+        eprintln!(
+            "copying the primary into {} (pg_basebackup)",
+            node.data_dir.display()
+        );
+        pg.basebackup_from(primary)?;
+    }
+    let mut extra = replication.to_string();
+    if fresh {
+        // Later runs leave where the node streams from to its agent (ALTER SYSTEM).
+        extra += &format!(
+            "primary_conninfo = {}\n",
+            conf_quote(&primary.conninfo_for(&node.name))
+        );
+    }
+    pg.configure_with(settings.pg_max_connections, &extra)?;
+    match pg.running() {
+        Some((pid, _)) => Ok(pid),
+        None => {
+            eprintln!("starting postgres of {} on {}", node.name, pg.address());
+            pg.start(timeout)
+        }
+    }
+}
+
+pub fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Where each node's pooler listens, for the gateway's `--pooler`.
+pub fn pooler_list(nodes: &[NodeRecord]) -> String {
+    nodes
+        .iter()
+        .map(|n| n.pooler.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+pub fn node_dirs(nodes: &[NodeRecord]) -> Vec<PathBuf> {
+    nodes.iter().map(|n| n.data_dir.clone()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodes_get_distinct_ports_and_dirs() {
+        let settings = ClusterSettings {
+            standbys: 2,
+            zones: vec!["a".into(), "".into()],
+            ..ClusterSettings::default()
+        };
+        let layout = Layout::new(std::path::Path::new("/tp")).unwrap();
+        let n = records(&settings, &layout);
+        assert_eq!(n.len(), 3);
+        assert_eq!(n[0].data_dir, PathBuf::from("/tp/pgdata"));
+        assert_eq!(n[2].data_dir, PathBuf::from("/tp/node3/pgdata"));
+        assert_eq!(n[0].zone, "a");
+        assert_eq!(n[1].zone, "local");
+        let mut ports: Vec<u16> = n
+            .iter()
+            .flat_map(|n| [n.pg_port, n.pooler.port(), n.agent.port()])
+            .collect();
+        ports.push(settings.port);
+        let count = ports.len();
+        ports.sort();
+        ports.dedup();
+        assert_eq!(ports.len(), count, "{ports:?}");
+        assert_eq!(
+            pooler_list(&n),
+            "127.0.0.1:15433,127.0.0.1:15435,127.0.0.1:15437"
+        );
+    }
+}

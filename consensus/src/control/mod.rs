@@ -1,0 +1,377 @@
+//! The control process (`tidepool control`): watches every node agent, fails over when the
+//! primary is gone, carries out switchovers, and repoints and rewinds nodes that follow an
+//! old primary.
+//!
+//! Safety does not rest here: a failover recruits a majority of nodes for a new term (each
+//! persists its pledge before answering) whose complement cannot satisfy the durability
+//! policy, so no commit the old primary acknowledged is missed and the old primary can no
+//! longer complete one. This process only decides *when*; a second one racing it can waste
+//! a term, never produce two primaries of one term.
+
+mod failover;
+mod probe;
+mod requests;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use shared::agent::{Report, Role as NodeRole, Upstream};
+
+use crate::cli::{ControlArgs, GlobalArgs};
+use crate::cluster::Context;
+use crate::config::{ClusterSettings, Overrides, Timers};
+use crate::error::{Error, Result};
+use crate::state::{NodeRecord, State};
+
+pub use requests::{submit, RequestKind};
+
+/// What the control process keeps in `DIR/topology.json`: the term, its primary, and every
+/// change with its reason.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Topology {
+    pub term: u64,
+    pub primary: String,
+    /// The term the primary was promoted at (0: the bootstrap primary).
+    pub primary_term: u64,
+    pub history: Vec<Change>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub term: u64,
+    pub primary: String,
+    pub at_unix_ms: u64,
+    pub reason: String,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub struct Controller {
+    dir: PathBuf,
+    settings: ClusterSettings,
+    nodes: Vec<NodeRecord>,
+    timers: Timers,
+    topo: Topology,
+    /// When the primary was first seen unhealthy in the current stretch.
+    bad_since: Option<Instant>,
+    /// Nodes a Follow is running for (background tasks).
+    following: Arc<Mutex<HashSet<String>>>,
+    /// Last reason a failover was held back, logged once per change.
+    held_back: Option<String>,
+}
+
+pub fn run(global: &GlobalArgs, args: &ControlArgs) -> Result<bool> {
+    let ctx = Context::load(
+        global,
+        Overrides {
+            dir: global.dir.clone(),
+            ..Overrides::default()
+        },
+    )?;
+    let state = State::load(&ctx.layout.state_file())?
+        .ok_or_else(|| Error::NoCluster(ctx.layout.dir().to_path_buf()))?;
+    if state.nodes.len() < 2 {
+        return Err(Error::Conflict(
+            "the cluster has no standbys: nothing to control (tidepool up --standbys N)".into(),
+        ));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::io("starting the control runtime"))?;
+    let mut c = Controller::new(ctx.layout.dir().to_path_buf(), &state)?;
+    let deadline = args
+        .exit_after_secs
+        .map(|s| Instant::now() + Duration::from_secs(s));
+    rt.block_on(c.run(deadline));
+    Ok(true)
+}
+
+impl Controller {
+    pub fn new(dir: PathBuf, state: &State) -> Result<Controller> {
+        let topo = load_topology(&dir)?.unwrap_or_else(|| Topology {
+            term: 0,
+            primary: state.nodes[0].name.clone(),
+            primary_term: 0,
+            history: vec![Change {
+                term: 0,
+                primary: state.nodes[0].name.clone(),
+                at_unix_ms: now_ms(),
+                reason: "bootstrap".into(),
+            }],
+        });
+        Ok(Controller {
+            dir,
+            settings: state.settings.clone(),
+            nodes: state.nodes.clone(),
+            timers: state.settings.timers,
+            topo,
+            bad_since: None,
+            following: Arc::new(Mutex::new(HashSet::new())),
+            held_back: None,
+        })
+    }
+
+    async fn run(&mut self, deadline: Option<Instant>) {
+        tracing::info!(term = self.topo.term, primary = %self.topo.primary, nodes = self.nodes.len(), "control process running");
+        let interval = Duration::from_millis(self.timers.probe_interval_ms.max(10));
+        loop {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return;
+            }
+            let started = Instant::now();
+            if let Err(e) = self.tick().await {
+                tracing::warn!(error = %e, "control step failed");
+            }
+            let spent = started.elapsed();
+            if spent < interval {
+                tokio::time::sleep(interval - spent).await;
+            }
+        }
+    }
+
+    /// One look at every node and whatever that calls for.
+    async fn tick(&mut self) -> Result<()> {
+        let reports = probe::all(&self.nodes, self.timers.agent_timeout_ms).await;
+        self.learn(&reports)?;
+        if let Some(req) = requests::next(&self.dir) {
+            let outcome = match req.kind.clone() {
+                RequestKind::Switchover { to } => self.switchover(&reports, to.as_deref()).await,
+                RequestKind::Failover { to, reason } => {
+                    self.failover(&reports, Some(reason), to.as_deref()).await
+                }
+            };
+            requests::answer(&self.dir, &req, &outcome);
+            return Ok(());
+        }
+        let p = self.primary_index();
+        if self.primary_healthy(&reports[p]) {
+            self.bad_since = None;
+            self.held_back = None;
+            self.repair(&reports).await;
+            return Ok(());
+        }
+        let since = *self.bad_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < Duration::from_millis(self.timers.failure_timeout_ms) {
+            return Ok(());
+        }
+        if let Some(witness) = self.standby_still_hears_primary(&reports) {
+            self.hold_back(format!(
+                "the control process cannot reach primary {} but standby {witness} still streams from it",
+                self.topo.primary
+            ));
+            return Ok(());
+        }
+        if let Err(e) = self.failover(&reports, None, None).await {
+            self.hold_back(e.to_string());
+        }
+        Ok(())
+    }
+
+    fn hold_back(&mut self, why: String) {
+        if self.held_back.as_deref() != Some(why.as_str()) {
+            tracing::warn!(reason = %why, "no failover");
+            self.held_back = Some(why);
+        }
+    }
+
+    fn primary_index(&self) -> usize {
+        self.nodes
+            .iter()
+            .position(|n| n.name == self.topo.primary)
+            .unwrap_or(0)
+    }
+
+    fn node_index(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == name)
+    }
+
+    fn primary_healthy(&self, report: &probe::Probe) -> bool {
+        matches!(report, Ok(r) if r.role == NodeRole::Primary && r.primary_term >= self.topo.primary_term)
+    }
+
+    /// A node that was promoted at a higher term than we know (a control process that died
+    /// between promote and save, or another control process) is the primary.
+    fn learn(&mut self, reports: &[probe::Probe]) -> Result<()> {
+        let newest = reports
+            .iter()
+            .zip(&self.nodes)
+            .filter_map(|(r, n)| r.as_ref().ok().map(|r| (r, n)))
+            .filter(|(r, _)| r.role == NodeRole::Primary && r.primary_term > self.topo.primary_term)
+            .max_by_key(|(r, _)| r.primary_term);
+        if let Some((r, n)) = newest {
+            tracing::warn!(node = %n.name, term = r.primary_term, "adopting a primary of a newer term");
+            self.topo.term = self.topo.term.max(r.primary_term);
+            self.set_primary(
+                n.name.clone(),
+                r.primary_term,
+                "adopted: promoted at a newer term",
+            )?;
+        }
+        Ok(())
+    }
+
+    fn set_primary(&mut self, name: String, term: u64, reason: &str) -> Result<()> {
+        self.topo.primary = name.clone();
+        self.topo.primary_term = term;
+        self.topo.term = self.topo.term.max(term);
+        self.topo.history.push(Change {
+            term,
+            primary: name,
+            at_unix_ms: now_ms(),
+            reason: reason.to_string(),
+        });
+        self.bad_since = None;
+        save_topology(&self.dir, &self.topo)
+    }
+
+    /// A standby streaming from the primary that heard from it recently: the primary lives,
+    /// only our view of it is lost.
+    fn standby_still_hears_primary(&self, reports: &[probe::Probe]) -> Option<String> {
+        let primary = &self.nodes[self.primary_index()];
+        reports.iter().zip(&self.nodes).find_map(|(r, n)| {
+            let r = r.as_ref().ok()?;
+            let hears = r.role == NodeRole::Standby
+                && r.streaming
+                && r.receipt_age_ms
+                    .is_some_and(|age| age < self.timers.standby_heard_ms)
+                && r.upstream
+                    .as_ref()
+                    .is_some_and(|u| u.port == primary.pg_port);
+            (n.name != primary.name && hears).then(|| n.name.clone())
+        })
+    }
+
+    /// Where standbys of `node` stream from: its Unix socket directory (peer auth).
+    fn upstream(&self, i: usize) -> Upstream {
+        Upstream {
+            host: self.nodes[i].socket_dir.display().to_string(),
+            port: self.nodes[i].pg_port,
+        }
+    }
+
+    /// With a healthy primary: nodes that do not stream from it (an old primary back, a
+    /// standby stopped by a recruit, one pointed elsewhere) are told to follow it, and the
+    /// primary's synchronous standbys are kept to the policy.
+    async fn repair(&mut self, reports: &[probe::Probe]) {
+        let p = self.primary_index();
+        let primary_port = self.nodes[p].pg_port;
+        for (i, r) in reports.iter().enumerate() {
+            let Ok(r) = r else { continue };
+            if i == p {
+                match crate::cluster::nodes::sync_names(
+                    &self.settings,
+                    &self.nodes,
+                    &self.nodes[p].name,
+                ) {
+                    Ok(want) if want != r.sync_names && !r.recruited => {
+                        tracing::info!(node = %self.nodes[p].name, sync = %want, "setting synchronous standbys");
+                        let req = shared::agent::Request::SetSync {
+                            term: self.topo.term,
+                            sync_names: want,
+                        };
+                        if let Err(e) =
+                            probe::call(&self.nodes[p], req, self.timers.operation_timeout_ms).await
+                        {
+                            tracing::warn!(error = %e, "set_sync failed");
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "durability policy"),
+                }
+                continue;
+            }
+            let needs = match r.role {
+                NodeRole::Primary => r.primary_term < self.topo.primary_term || r.recruited,
+                NodeRole::Standby => {
+                    r.recruited || r.upstream.as_ref().map(|u| u.port) != Some(primary_port)
+                }
+                NodeRole::Down => false,
+            };
+            if needs && r.term <= self.topo.term {
+                self.follow_in_background(i);
+            }
+        }
+    }
+
+    fn follow_in_background(&self, i: usize) {
+        let name = self.nodes[i].name.clone();
+        {
+            let Ok(mut set) = self.following.lock() else {
+                return;
+            };
+            if !set.insert(name.clone()) {
+                return;
+            }
+        }
+        let node = self.nodes[i].clone();
+        let req = shared::agent::Request::Follow {
+            term: self.topo.term,
+            primary: self.upstream(self.primary_index()),
+        };
+        let following = self.following.clone();
+        let timeout = self.timers.operation_timeout_ms * 4;
+        tracing::info!(node = %name, primary = %self.topo.primary, term = self.topo.term, "telling node to follow the primary");
+        tokio::spawn(async move {
+            match probe::call(&node, req, timeout).await {
+                Ok(_) => tracing::info!(node = %node.name, "follows the primary"),
+                Err(e) => tracing::warn!(node = %node.name, error = %e, "follow failed"),
+            }
+            if let Ok(mut set) = following.lock() {
+                set.remove(&node.name);
+            }
+        });
+    }
+}
+
+pub fn topology_path(dir: &std::path::Path) -> PathBuf {
+    dir.join("topology.json")
+}
+
+pub fn load_topology(dir: &std::path::Path) -> Result<Option<Topology>> {
+    let path = topology_path(dir);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|source| Error::State { path, source }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::Io {
+            context: format!("reading {}", path.display()),
+            source: e,
+        }),
+    }
+}
+
+/// Written to a temporary file, synced and renamed: a crash leaves the old or the new.
+pub fn save_topology(dir: &std::path::Path, topo: &Topology) -> Result<()> {
+    use std::io::Write;
+    let path = topology_path(dir);
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_vec_pretty(topo).map_err(|source| Error::State {
+        path: path.clone(),
+        source,
+    })?;
+    let mut f =
+        std::fs::File::create(&tmp).map_err(Error::io(format!("writing {}", tmp.display())))?;
+    f.write_all(&text)
+        .and_then(|()| f.sync_all())
+        .map_err(Error::io(format!("writing {}", tmp.display())))?;
+    std::fs::rename(&tmp, &path).map_err(Error::io(format!("renaming {}", tmp.display())))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// `Report` with a name, for status output.
+pub fn describe(r: &Report) -> String {
+    format!("{} term {} timeline {}", r.role.name(), r.term, r.timeline)
+}
