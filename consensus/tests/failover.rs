@@ -1,0 +1,154 @@
+//! High availability with real failures: a primary and two streaming standbys
+//! (`tidepool up --standbys 2`), the control process, the gateway, and a writer through the
+//! gateway that records every acknowledged commit. After each failure: every acknowledged
+//! commit is on the new primary, and no term ever had two primaries.
+
+mod ha;
+
+use std::time::{Duration, Instant};
+
+use ha::{assert_all_acked_on, signal_group_of_postmaster, HaCluster, Watcher, Writer};
+use shared::agent::Role;
+
+#[test]
+fn up_with_standbys_streams_and_reports_each_node() {
+    let c = HaCluster::up(&[]);
+    let out = c.tidepool(&["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&out.text)
+        .unwrap_or_else(|e| panic!("status --json ({e}):\n{}", out.text));
+    let nodes = json["nodes"].as_array().expect("nodes in status");
+    assert_eq!(nodes.len(), 3, "{}", out.text);
+    assert_eq!(nodes[0]["role"], "primary", "{}", out.text);
+    for n in &nodes[1..] {
+        assert_eq!(n["role"], "standby", "{}", out.text);
+    }
+    c.wait_all_streaming(&[], Duration::from_secs(30));
+    let table = c.tidepool(&["status"]);
+    assert!(table.text.contains("node3") && table.text.contains("standby"), "{}", table.text);
+
+    // A commit through the gateway is on both standbys (synchronous: ANY 1 of them at once).
+    let w = Writer::start(&c.url);
+    assert!(w.wait_acks(0, 20, Duration::from_secs(30)), "no writes\n{}", c.logs());
+    let writes = w.finish();
+    assert!(writes.errors.is_empty(), "{:?}", writes.errors);
+    std::thread::sleep(Duration::from_secs(1));
+    for i in 0..3 {
+        assert_all_acked_on(&c, i, &writes);
+    }
+    // The primary requires one of the standbys per the default policy (any 2).
+    let sync = c.psql_node(0, "SHOW synchronous_standby_names");
+    assert!(sync.text.contains("ANY 1"), "{}", sync.text);
+}
+
+#[test]
+fn kill_9_of_the_primary_node_fails_over_and_loses_no_acknowledged_commit() {
+    let c = HaCluster::up(&[]);
+    c.wait_all_streaming(&[], Duration::from_secs(30));
+    let watcher = Watcher::start(&c);
+    let w = Writer::start(&c.url);
+    assert!(w.wait_acks(0, 50, Duration::from_secs(30)), "no writes\n{}", c.logs());
+
+    let killed_at = Instant::now();
+    let before = w.acked_count();
+    c.kill_node(0);
+    let (new, r) = c.wait_new_primary(0, 0, Duration::from_secs(30));
+    assert!(w.wait_acks(before, 20, Duration::from_secs(30)), "writes did not resume\n{}", c.logs());
+    let writes = w.finish();
+    let first_after = writes.ack_times[before..]
+        .iter()
+        .map(|t| t.duration_since(killed_at))
+        .next();
+    eprintln!(
+        "failover: {} promoted at term {}; first write {:?} after the kill; errors {:?}",
+        c.nodes[new].name, r.primary_term, first_after, writes.errors
+    );
+    assert_all_acked_on(&c, new, &writes);
+    let terms = watcher.finish();
+    assert!(terms.contains_key(&r.primary_term), "{terms:?}");
+    let history = c.topology();
+    assert!(history["history"].to_string().contains("failover"), "{history}");
+}
+
+#[test]
+fn a_primary_frozen_by_sigstop_is_replaced_and_rewound_when_it_thaws() {
+    let freeze = Duration::from_secs(
+        std::env::var("TIDEPOOL_FREEZE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60),
+    );
+    let c = HaCluster::up(&[]);
+    c.wait_all_streaming(&[], Duration::from_secs(30));
+    let watcher = Watcher::start(&c);
+    let w = Writer::start(&c.url);
+    assert!(w.wait_acks(0, 50, Duration::from_secs(30)), "no writes\n{}", c.logs());
+    let pid = c.postgres_pid(0).expect("primary pid");
+    let before = w.acked_count();
+    signal_group_of_postmaster(pid, libc::SIGSTOP);
+    let (new, r) = c.wait_new_primary(0, 0, Duration::from_secs(40));
+    assert!(w.wait_acks(before, 20, Duration::from_secs(30)), "writes did not resume\n{}", c.logs());
+    let left = freeze.saturating_sub(Duration::from_secs(1));
+    std::thread::sleep(left.min(freeze));
+    signal_group_of_postmaster(pid, libc::SIGCONT);
+    // The old primary comes back, is rewound, and streams from the new one.
+    let start = Instant::now();
+    loop {
+        let back = c.report(0).is_some_and(|r0| r0.role == Role::Standby && r0.streaming);
+        if back {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(90), "node1 did not follow after thawing\n{}", c.logs());
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let writes = w.finish();
+    assert_all_acked_on(&c, new, &writes);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_all_acked_on(&c, 0, &writes);
+    let terms = watcher.finish();
+    assert!(terms.contains_key(&r.primary_term), "{terms:?}");
+}
+
+#[test]
+fn losing_the_primary_and_a_standby_needs_an_explicit_recorded_override() {
+    let c = HaCluster::up(&[]);
+    c.wait_all_streaming(&[], Duration::from_secs(30));
+    let w = Writer::start(&c.url);
+    assert!(w.wait_acks(0, 20, Duration::from_secs(30)), "no writes\n{}", c.logs());
+    let writes = w.finish();
+    c.kill_node(0);
+    c.kill_node(1);
+    // The control process must not promote node3 on its own: node2 may hold commits node3
+    // lacks, and one node of three is no majority.
+    std::thread::sleep(Duration::from_secs(8));
+    assert!(
+        c.report(2).is_some_and(|r| r.role == Role::Standby),
+        "node3 was promoted without a majority\n{}",
+        c.logs()
+    );
+    let out = c.tidepool(&["failover", "--force", "--reason", "test: node1 and node2 lost", "--to", "node3"]);
+    assert!(out.success(), "{}\n{}", out.text, c.logs());
+    let (new, _) = c.wait_new_primary(0, 0, Duration::from_secs(30));
+    assert_eq!(new, 2);
+    let topo = c.topology();
+    assert!(topo["history"].to_string().contains("test: node1 and node2 lost"), "{topo}");
+    // Synchronous replication: node2 or node3 acknowledged each commit; here node3 has them
+    // all because it streamed to the end.
+    assert_all_acked_on(&c, 2, &writes);
+}
+
+#[test]
+fn switchover_moves_the_primary_without_client_errors() {
+    let c = HaCluster::up(&[]);
+    c.wait_all_streaming(&[], Duration::from_secs(30));
+    let watcher = Watcher::start(&c);
+    let w = Writer::start(&c.url);
+    assert!(w.wait_acks(0, 50, Duration::from_secs(30)), "no writes\n{}", c.logs());
+    let out = c.tidepool(&["switchover", "--to", "node2"]);
+    assert!(out.success(), "{}\n{}", out.text, c.logs());
+    let (new, _) = c.wait_new_primary(0, 0, Duration::from_secs(30));
+    assert_eq!(new, 1);
+    let before = w.acked_count();
+    assert!(w.wait_acks(before, 20, Duration::from_secs(30)), "writes did not resume\n{}", c.logs());
+    c.wait_all_streaming(&[], Duration::from_secs(60));
+    let writes = w.finish();
+    assert!(writes.errors.is_empty(), "client-visible errors in a switchover: {:?}", writes.errors);
+    assert_all_acked_on(&c, 1, &writes);
+    watcher.finish();
+}
