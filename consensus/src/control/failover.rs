@@ -80,8 +80,12 @@ impl Controller {
                 None => None,
             })
             .collect();
+        // Only recruits that told us their WAL position count: a pledge from a node whose
+        // Postgres is down keeps it from serving a lower term, but its data is out of reach,
+        // so commits only it and the unrecruited nodes hold would be lost.
         let names: Vec<&str> = recruits
             .iter()
+            .filter(|(_, r)| r.role != NodeRole::Down && r.flush_lsn.is_some())
             .map(|(i, _)| self.nodes[*i].name.as_str())
             .collect();
         if let Err(why) = self.enough(&names) {
