@@ -46,6 +46,8 @@ PACKAGES=(
     pgbouncer pgbackrest etcd-server etcd-client
     # runuser, setsid, prlimit (util-linux), ps/sysctl (procps), coreutils' timeout.
     util-linux procps coreutils
+    # HA tests cut the control process off a node's agent with a firewall rule on its port.
+    iptables
     # Driver tests (gateway/tests/drivers.rs): pgjdbc.
     libpostgresql-jdbc-java
 )
