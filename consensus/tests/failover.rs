@@ -152,3 +152,52 @@ fn switchover_moves_the_primary_without_client_errors() {
     assert_all_acked_on(&c, 1, &writes);
     watcher.finish();
 }
+
+#[test]
+fn losing_only_the_control_processs_view_of_the_primary_is_no_failover() {
+    let c = HaCluster::up(&[]);
+    c.wait_all_streaming(&[], Duration::from_secs(30));
+    let w = Writer::start(&c.url);
+    assert!(w.wait_acks(0, 20, Duration::from_secs(30)), "no writes\n{}", c.logs());
+    {
+        let _cut = ha::Cut::port(c.nodes[0].agent.port());
+        std::thread::sleep(Duration::from_secs(10));
+        // Writes go on: the primary serves clients and its standbys still stream from it.
+        let before = w.acked_count();
+        assert!(w.wait_acks(before, 20, Duration::from_secs(10)), "writes stopped\n{}", c.logs());
+    }
+    let writes = w.finish();
+    assert!(writes.errors.is_empty(), "{:?}", writes.errors);
+    assert_eq!(c.topology()["term"], 0, "a failover happened: {}", c.topology());
+    assert!(c.log("control").contains("still streams"), "{}", c.log("control"));
+    assert_all_acked_on(&c, 0, &writes);
+}
+
+#[test]
+fn a_primary_cut_off_from_its_standbys_and_the_control_process_is_replaced() {
+    let c = HaCluster::up(&[]);
+    c.wait_all_streaming(&[], Duration::from_secs(30));
+    let watcher = Watcher::start(&c);
+    let w = Writer::start(&c.url);
+    assert!(w.wait_acks(0, 20, Duration::from_secs(30)), "no writes\n{}", c.logs());
+    let postmaster = c.postgres_pid(0).expect("primary pid");
+    let senders = ha::walsenders_of(postmaster);
+    assert_eq!(senders.len(), 2, "two WAL senders");
+    let cut = ha::Cut::port(c.nodes[0].agent.port());
+    for &pid in &senders {
+        ha::signal(pid, libc::SIGSTOP);
+    }
+    // Clients still reach the old primary, but it can complete no commit: its synchronous
+    // standbys are gone. The control process fails over.
+    let (new, r) = c.wait_new_primary(0, 0, Duration::from_secs(40));
+    let before = w.acked_count();
+    assert!(w.wait_acks(before, 20, Duration::from_secs(40)), "writes did not resume\n{}", c.logs());
+    for &pid in &senders {
+        ha::signal(pid, libc::SIGCONT);
+    }
+    drop(cut);
+    let writes = w.finish();
+    assert_all_acked_on(&c, new, &writes);
+    let terms = watcher.finish();
+    assert!(terms.contains_key(&r.primary_term), "{terms:?}");
+}

@@ -498,3 +498,51 @@ pub fn assert_all_acked_on(cluster: &HaCluster, i: usize, writes: &Writes) {
         &missing[..missing.len().min(10)]
     );
 }
+
+/// A firewall rule dropping every packet to a loopback TCP port, removed on drop.
+pub struct Cut {
+    port: u16,
+}
+
+impl Cut {
+    pub fn port(port: u16) -> Cut {
+        let out = iptables("-I", port);
+        assert!(out.success(), "iptables: {}", out.text);
+        Cut { port }
+    }
+}
+
+fn iptables(op: &str, port: u16) -> Output {
+    let mut cmd = Command::new("iptables");
+    cmd.args([op, "OUTPUT", "-o", "lo", "-p", "tcp", "--dport", &port.to_string(), "-j", "DROP"]);
+    run_merged(&mut cmd, None, Duration::from_secs(10))
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        let _ = iptables("-D", self.port);
+    }
+}
+
+/// The primary's WAL senders, stopped: the standbys hear nothing more from it (as if the
+/// network between them were cut) while its client backends keep working.
+pub fn walsenders_of(postmaster: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if ppid == Some(postmaster) && cmdline.contains("walsender") {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
