@@ -201,3 +201,116 @@ fn a_primary_cut_off_from_its_standbys_and_the_control_process_is_replaced() {
     let terms = watcher.finish();
     assert!(terms.contains_key(&r.primary_term), "{terms:?}");
 }
+
+/// The control process's pid from state.json.
+fn control_pid(c: &HaCluster) -> u32 {
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(c.dir.join("state.json")).expect("state")).expect("json");
+    state["processes"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["name"] == "control"))
+        .and_then(|p| p["pid"].as_u64())
+        .expect("control pid") as u32
+}
+
+/// A second control process, in the foreground of this test, killed when dropped.
+struct Control(std::process::Child);
+
+impl Control {
+    fn start(c: &HaCluster) -> Control {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(c.dir.join("logs").join("control.log"))
+            .expect("control log");
+        let child = std::process::Command::new(ha::TIDEPOOL)
+            .arg("--dir")
+            .arg(&c.dir)
+            .arg("control")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start tidepool control");
+        Control(child)
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn killing_the_control_process_during_a_failover_leaves_no_harm_and_a_new_one_finishes() {
+    let c = HaCluster::up(&[]);
+    c.wait_all_streaming(&[], Duration::from_secs(30));
+    let watcher = Watcher::start(&c);
+    let w = Writer::start(&c.url);
+    assert!(w.wait_acks(0, 30, Duration::from_secs(30)), "no writes\n{}", c.logs());
+    let control = control_pid(&c);
+    c.kill_node(0);
+    // Kill the control process as soon as it starts recruiting.
+    let start = Instant::now();
+    while !c.log("control").contains("failover: recruiting") {
+        assert!(start.elapsed() < Duration::from_secs(30), "no failover started\n{}", c.logs());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    ha::signal(control, libc::SIGKILL);
+    std::thread::sleep(Duration::from_secs(2));
+    // A new control process takes over from whatever state the nodes are in.
+    let _second = Control::start(&c);
+    let (new, r) = c.wait_new_primary(0, 0, Duration::from_secs(40));
+    let before = w.acked_count();
+    assert!(w.wait_acks(before, 20, Duration::from_secs(30)), "writes did not resume\n{}", c.logs());
+    let writes = w.finish();
+    assert_all_acked_on(&c, new, &writes);
+    let terms = watcher.finish();
+    assert!(terms.contains_key(&r.primary_term), "{terms:?}");
+}
+
+#[test]
+fn two_failovers_in_a_row() {
+    let c = HaCluster::up(&[]);
+    c.wait_all_streaming(&[], Duration::from_secs(30));
+    let watcher = Watcher::start(&c);
+    let w = Writer::start(&c.url);
+    assert!(w.wait_acks(0, 30, Duration::from_secs(30)), "no writes\n{}", c.logs());
+    c.kill_node(0);
+    let (first, r1) = c.wait_new_primary(0, 0, Duration::from_secs(30));
+    let before = w.acked_count();
+    assert!(w.wait_acks(before, 20, Duration::from_secs(30)), "writes did not resume\n{}", c.logs());
+    // node1 comes back (its pooler restarted by `up`), is rewound and follows: then the new
+    // primary dies too.
+    let out = c.tidepool(&["up"]);
+    assert!(out.success(), "{}\n{}", out.text, c.logs());
+    let mut c = c;
+    c.reload_nodes();
+    c.wait_all_streaming(&[], Duration::from_secs(90));
+    c.kill_node(first);
+    let (second, r2) = c.wait_new_primary(first, r1.primary_term, Duration::from_secs(30));
+    let before = w.acked_count();
+    assert!(w.wait_acks(before, 20, Duration::from_secs(30)), "writes did not resume\n{}", c.logs());
+    let writes = w.finish();
+    assert_all_acked_on(&c, second, &writes);
+    let terms = watcher.finish();
+    assert!(terms.contains_key(&r2.primary_term) && r2.primary_term > r1.primary_term, "{terms:?}");
+}
+
+#[test]
+fn a_lagging_standby_is_not_promoted_over_one_that_has_everything() {
+    let c = HaCluster::up(&[]);
+    c.wait_all_streaming(&[], Duration::from_secs(30));
+    // node3 receives WAL but replays nothing: it lags.
+    let out = c.psql_node(2, "SELECT pg_wal_replay_pause()");
+    assert!(out.success(), "{}", out.text);
+    let w = Writer::start(&c.url);
+    assert!(w.wait_acks(0, 100, Duration::from_secs(30)), "no writes\n{}", c.logs());
+    c.kill_node(0);
+    let (new, _) = c.wait_new_primary(0, 0, Duration::from_secs(40));
+    let before = w.acked_count();
+    assert!(w.wait_acks(before, 20, Duration::from_secs(30)), "writes did not resume\n{}", c.logs());
+    let writes = w.finish();
+    assert_all_acked_on(&c, new, &writes);
+}

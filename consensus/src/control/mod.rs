@@ -201,6 +201,19 @@ impl Controller {
     /// A node that was promoted at a higher term than we know (a control process that died
     /// between promote and save, or another control process) is the primary.
     fn learn(&mut self, reports: &[probe::Probe]) -> Result<()> {
+        // Pledges above our term come from a failover that did not finish (this process died
+        // between recruit and promote, or another one is at work): the term moves past them,
+        // so that a primary still healthy can take its recruited standbys back (repair).
+        let pledged = reports
+            .iter()
+            .filter_map(|r| r.as_ref().ok().map(|r| r.term))
+            .max()
+            .unwrap_or(0);
+        if pledged > self.topo.term {
+            tracing::info!(from = self.topo.term, to = pledged, "term moves to the highest pledge");
+            self.topo.term = pledged;
+            save_topology(&self.dir, &self.topo)?;
+        }
         let newest = reports
             .iter()
             .zip(&self.nodes)
