@@ -11,6 +11,7 @@ pub mod control;
 pub mod error;
 pub mod layout;
 pub mod password;
+pub mod policy;
 pub mod postgres;
 pub mod process;
 pub mod state;
