@@ -24,11 +24,19 @@ fn up_with_standbys_streams_and_reports_each_node() {
     }
     c.wait_all_streaming(&[], Duration::from_secs(30));
     let table = c.tidepool(&["status"]);
-    assert!(table.text.contains("node3") && table.text.contains("standby"), "{}", table.text);
+    assert!(
+        table.text.contains("node3") && table.text.contains("standby"),
+        "{}",
+        table.text
+    );
 
     // A commit through the gateway is on both standbys (synchronous: ANY 1 of them at once).
     let w = Writer::start(&c.url);
-    assert!(w.wait_acks(0, 20, Duration::from_secs(30)), "no writes\n{}", c.logs());
+    assert!(
+        w.wait_acks(0, 20, Duration::from_secs(30)),
+        "no writes\n{}",
+        c.logs()
+    );
     let writes = w.finish();
     assert!(writes.errors.is_empty(), "{:?}", writes.errors);
     std::thread::sleep(Duration::from_secs(1));
@@ -46,13 +54,21 @@ fn kill_9_of_the_primary_node_fails_over_and_loses_no_acknowledged_commit() {
     c.wait_all_streaming(&[], Duration::from_secs(30));
     let watcher = Watcher::start(&c);
     let w = Writer::start(&c.url);
-    assert!(w.wait_acks(0, 50, Duration::from_secs(30)), "no writes\n{}", c.logs());
+    assert!(
+        w.wait_acks(0, 50, Duration::from_secs(30)),
+        "no writes\n{}",
+        c.logs()
+    );
 
     let killed_at = Instant::now();
     let before = w.acked_count();
     c.kill_node(0);
     let (new, r) = c.wait_new_primary(0, 0, Duration::from_secs(30));
-    assert!(w.wait_acks(before, 20, Duration::from_secs(30)), "writes did not resume\n{}", c.logs());
+    assert!(
+        w.wait_acks(before, 20, Duration::from_secs(30)),
+        "writes did not resume\n{}",
+        c.logs()
+    );
     let writes = w.finish();
     let first_after = writes.ack_times[before..]
         .iter()
@@ -66,35 +82,55 @@ fn kill_9_of_the_primary_node_fails_over_and_loses_no_acknowledged_commit() {
     let terms = watcher.finish();
     assert!(terms.contains_key(&r.primary_term), "{terms:?}");
     let history = c.topology();
-    assert!(history["history"].to_string().contains("failover"), "{history}");
+    assert!(
+        history["history"].to_string().contains("failover"),
+        "{history}"
+    );
 }
 
 #[test]
 fn a_primary_frozen_by_sigstop_is_replaced_and_rewound_when_it_thaws() {
     let freeze = Duration::from_secs(
-        std::env::var("TIDEPOOL_FREEZE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60),
+        std::env::var("TIDEPOOL_FREEZE_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(60),
     );
     let c = HaCluster::up(&[]);
     c.wait_all_streaming(&[], Duration::from_secs(30));
     let watcher = Watcher::start(&c);
     let w = Writer::start(&c.url);
-    assert!(w.wait_acks(0, 50, Duration::from_secs(30)), "no writes\n{}", c.logs());
+    assert!(
+        w.wait_acks(0, 50, Duration::from_secs(30)),
+        "no writes\n{}",
+        c.logs()
+    );
     let pid = c.postgres_pid(0).expect("primary pid");
     let before = w.acked_count();
     signal_group_of_postmaster(pid, libc::SIGSTOP);
     let (new, r) = c.wait_new_primary(0, 0, Duration::from_secs(40));
-    assert!(w.wait_acks(before, 20, Duration::from_secs(30)), "writes did not resume\n{}", c.logs());
+    assert!(
+        w.wait_acks(before, 20, Duration::from_secs(30)),
+        "writes did not resume\n{}",
+        c.logs()
+    );
     let left = freeze.saturating_sub(Duration::from_secs(1));
     std::thread::sleep(left.min(freeze));
     signal_group_of_postmaster(pid, libc::SIGCONT);
     // The old primary comes back, is rewound, and streams from the new one.
     let start = Instant::now();
     loop {
-        let back = c.report(0).is_some_and(|r0| r0.role == Role::Standby && r0.streaming);
+        let back = c
+            .report(0)
+            .is_some_and(|r0| r0.role == Role::Standby && r0.streaming);
         if back {
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(90), "node1 did not follow after thawing\n{}", c.logs());
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "node1 did not follow after thawing\n{}",
+            c.logs()
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
     let writes = w.finish();
@@ -110,7 +146,11 @@ fn losing_the_primary_and_a_standby_needs_an_explicit_recorded_override() {
     let c = HaCluster::up(&[]);
     c.wait_all_streaming(&[], Duration::from_secs(30));
     let w = Writer::start(&c.url);
-    assert!(w.wait_acks(0, 20, Duration::from_secs(30)), "no writes\n{}", c.logs());
+    assert!(
+        w.wait_acks(0, 20, Duration::from_secs(30)),
+        "no writes\n{}",
+        c.logs()
+    );
     let writes = w.finish();
     c.kill_node(0);
     c.kill_node(1);
@@ -122,12 +162,24 @@ fn losing_the_primary_and_a_standby_needs_an_explicit_recorded_override() {
         "node3 was promoted without a majority\n{}",
         c.logs()
     );
-    let out = c.tidepool(&["failover", "--force", "--reason", "test: node1 and node2 lost", "--to", "node3"]);
+    let out = c.tidepool(&[
+        "failover",
+        "--force",
+        "--reason",
+        "test: node1 and node2 lost",
+        "--to",
+        "node3",
+    ]);
     assert!(out.success(), "{}\n{}", out.text, c.logs());
     let (new, _) = c.wait_new_primary(0, 0, Duration::from_secs(30));
     assert_eq!(new, 2);
     let topo = c.topology();
-    assert!(topo["history"].to_string().contains("test: node1 and node2 lost"), "{topo}");
+    assert!(
+        topo["history"]
+            .to_string()
+            .contains("test: node1 and node2 lost"),
+        "{topo}"
+    );
     // Synchronous replication: node2 or node3 acknowledged each commit; here node3 has them
     // all because it streamed to the end.
     assert_all_acked_on(&c, 2, &writes);
@@ -139,16 +191,28 @@ fn switchover_moves_the_primary_without_client_errors() {
     c.wait_all_streaming(&[], Duration::from_secs(30));
     let watcher = Watcher::start(&c);
     let w = Writer::start(&c.url);
-    assert!(w.wait_acks(0, 50, Duration::from_secs(30)), "no writes\n{}", c.logs());
+    assert!(
+        w.wait_acks(0, 50, Duration::from_secs(30)),
+        "no writes\n{}",
+        c.logs()
+    );
     let out = c.tidepool(&["switchover", "--to", "node2"]);
     assert!(out.success(), "{}\n{}", out.text, c.logs());
     let (new, _) = c.wait_new_primary(0, 0, Duration::from_secs(30));
     assert_eq!(new, 1);
     let before = w.acked_count();
-    assert!(w.wait_acks(before, 20, Duration::from_secs(30)), "writes did not resume\n{}", c.logs());
+    assert!(
+        w.wait_acks(before, 20, Duration::from_secs(30)),
+        "writes did not resume\n{}",
+        c.logs()
+    );
     c.wait_all_streaming(&[], Duration::from_secs(60));
     let writes = w.finish();
-    assert!(writes.errors.is_empty(), "client-visible errors in a switchover: {:?}", writes.errors);
+    assert!(
+        writes.errors.is_empty(),
+        "client-visible errors in a switchover: {:?}",
+        writes.errors
+    );
     assert_all_acked_on(&c, 1, &writes);
     watcher.finish();
 }
@@ -158,18 +222,35 @@ fn losing_only_the_control_processs_view_of_the_primary_is_no_failover() {
     let c = HaCluster::up(&[]);
     c.wait_all_streaming(&[], Duration::from_secs(30));
     let w = Writer::start(&c.url);
-    assert!(w.wait_acks(0, 20, Duration::from_secs(30)), "no writes\n{}", c.logs());
+    assert!(
+        w.wait_acks(0, 20, Duration::from_secs(30)),
+        "no writes\n{}",
+        c.logs()
+    );
     {
         let _cut = ha::Cut::port(c.nodes[0].agent.port());
         std::thread::sleep(Duration::from_secs(10));
         // Writes go on: the primary serves clients and its standbys still stream from it.
         let before = w.acked_count();
-        assert!(w.wait_acks(before, 20, Duration::from_secs(10)), "writes stopped\n{}", c.logs());
+        assert!(
+            w.wait_acks(before, 20, Duration::from_secs(10)),
+            "writes stopped\n{}",
+            c.logs()
+        );
     }
     let writes = w.finish();
     assert!(writes.errors.is_empty(), "{:?}", writes.errors);
-    assert_eq!(c.topology()["term"], 0, "a failover happened: {}", c.topology());
-    assert!(c.log("control").contains("still streams"), "{}", c.log("control"));
+    assert_eq!(
+        c.topology()["term"],
+        0,
+        "a failover happened: {}",
+        c.topology()
+    );
+    assert!(
+        c.log("control").contains("still streams"),
+        "{}",
+        c.log("control")
+    );
     assert_all_acked_on(&c, 0, &writes);
 }
 
@@ -179,7 +260,11 @@ fn a_primary_cut_off_from_its_standbys_and_the_control_process_is_replaced() {
     c.wait_all_streaming(&[], Duration::from_secs(30));
     let watcher = Watcher::start(&c);
     let w = Writer::start(&c.url);
-    assert!(w.wait_acks(0, 20, Duration::from_secs(30)), "no writes\n{}", c.logs());
+    assert!(
+        w.wait_acks(0, 20, Duration::from_secs(30)),
+        "no writes\n{}",
+        c.logs()
+    );
     let postmaster = c.postgres_pid(0).expect("primary pid");
     let senders = ha::walsenders_of(postmaster);
     assert_eq!(senders.len(), 2, "two WAL senders");
@@ -191,7 +276,11 @@ fn a_primary_cut_off_from_its_standbys_and_the_control_process_is_replaced() {
     // standbys are gone. The control process fails over.
     let (new, r) = c.wait_new_primary(0, 0, Duration::from_secs(40));
     let before = w.acked_count();
-    assert!(w.wait_acks(before, 20, Duration::from_secs(40)), "writes did not resume\n{}", c.logs());
+    assert!(
+        w.wait_acks(before, 20, Duration::from_secs(40)),
+        "writes did not resume\n{}",
+        c.logs()
+    );
     for &pid in &senders {
         ha::signal(pid, libc::SIGCONT);
     }
@@ -205,7 +294,8 @@ fn a_primary_cut_off_from_its_standbys_and_the_control_process_is_replaced() {
 /// The control process's pid from state.json.
 fn control_pid(c: &HaCluster) -> u32 {
     let state: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(c.dir.join("state.json")).expect("state")).expect("json");
+        serde_json::from_str(&std::fs::read_to_string(c.dir.join("state.json")).expect("state"))
+            .expect("json");
     state["processes"]
         .as_array()
         .and_then(|a| a.iter().find(|p| p["name"] == "control"))
@@ -248,13 +338,21 @@ fn killing_the_control_process_during_a_failover_leaves_no_harm_and_a_new_one_fi
     c.wait_all_streaming(&[], Duration::from_secs(30));
     let watcher = Watcher::start(&c);
     let w = Writer::start(&c.url);
-    assert!(w.wait_acks(0, 30, Duration::from_secs(30)), "no writes\n{}", c.logs());
+    assert!(
+        w.wait_acks(0, 30, Duration::from_secs(30)),
+        "no writes\n{}",
+        c.logs()
+    );
     let control = control_pid(&c);
     c.kill_node(0);
     // Kill the control process as soon as it starts recruiting.
     let start = Instant::now();
     while !c.log("control").contains("failover: recruiting") {
-        assert!(start.elapsed() < Duration::from_secs(30), "no failover started\n{}", c.logs());
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no failover started\n{}",
+            c.logs()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     ha::signal(control, libc::SIGKILL);
@@ -263,7 +361,11 @@ fn killing_the_control_process_during_a_failover_leaves_no_harm_and_a_new_one_fi
     let _second = Control::start(&c);
     let (new, r) = c.wait_new_primary(0, 0, Duration::from_secs(40));
     let before = w.acked_count();
-    assert!(w.wait_acks(before, 20, Duration::from_secs(30)), "writes did not resume\n{}", c.logs());
+    assert!(
+        w.wait_acks(before, 20, Duration::from_secs(30)),
+        "writes did not resume\n{}",
+        c.logs()
+    );
     let writes = w.finish();
     assert_all_acked_on(&c, new, &writes);
     let terms = watcher.finish();
@@ -276,11 +378,19 @@ fn two_failovers_in_a_row() {
     c.wait_all_streaming(&[], Duration::from_secs(30));
     let watcher = Watcher::start(&c);
     let w = Writer::start(&c.url);
-    assert!(w.wait_acks(0, 30, Duration::from_secs(30)), "no writes\n{}", c.logs());
+    assert!(
+        w.wait_acks(0, 30, Duration::from_secs(30)),
+        "no writes\n{}",
+        c.logs()
+    );
     c.kill_node(0);
     let (first, r1) = c.wait_new_primary(0, 0, Duration::from_secs(30));
     let before = w.acked_count();
-    assert!(w.wait_acks(before, 20, Duration::from_secs(30)), "writes did not resume\n{}", c.logs());
+    assert!(
+        w.wait_acks(before, 20, Duration::from_secs(30)),
+        "writes did not resume\n{}",
+        c.logs()
+    );
     // node1 comes back (its pooler restarted by `up`), is rewound and follows: then the new
     // primary dies too.
     let out = c.tidepool(&["up"]);
@@ -291,11 +401,18 @@ fn two_failovers_in_a_row() {
     c.kill_node(first);
     let (second, r2) = c.wait_new_primary(first, r1.primary_term, Duration::from_secs(30));
     let before = w.acked_count();
-    assert!(w.wait_acks(before, 20, Duration::from_secs(30)), "writes did not resume\n{}", c.logs());
+    assert!(
+        w.wait_acks(before, 20, Duration::from_secs(30)),
+        "writes did not resume\n{}",
+        c.logs()
+    );
     let writes = w.finish();
     assert_all_acked_on(&c, second, &writes);
     let terms = watcher.finish();
-    assert!(terms.contains_key(&r2.primary_term) && r2.primary_term > r1.primary_term, "{terms:?}");
+    assert!(
+        terms.contains_key(&r2.primary_term) && r2.primary_term > r1.primary_term,
+        "{terms:?}"
+    );
 }
 
 #[test]
@@ -306,11 +423,19 @@ fn a_lagging_standby_is_not_promoted_over_one_that_has_everything() {
     let out = c.psql_node(2, "SELECT pg_wal_replay_pause()");
     assert!(out.success(), "{}", out.text);
     let w = Writer::start(&c.url);
-    assert!(w.wait_acks(0, 100, Duration::from_secs(30)), "no writes\n{}", c.logs());
+    assert!(
+        w.wait_acks(0, 100, Duration::from_secs(30)),
+        "no writes\n{}",
+        c.logs()
+    );
     c.kill_node(0);
     let (new, _) = c.wait_new_primary(0, 0, Duration::from_secs(40));
     let before = w.acked_count();
-    assert!(w.wait_acks(before, 20, Duration::from_secs(30)), "writes did not resume\n{}", c.logs());
+    assert!(
+        w.wait_acks(before, 20, Duration::from_secs(30)),
+        "writes did not resume\n{}",
+        c.logs()
+    );
     let writes = w.finish();
     assert_all_acked_on(&c, new, &writes);
 }

@@ -15,6 +15,7 @@ use std::time::Duration;
 use crate::config::ClusterSettings;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
+use crate::policy::{Node, Policy};
 use crate::postgres::{conf_quote, Postgres};
 use crate::state::NodeRecord;
 
@@ -76,27 +77,33 @@ pub fn records(settings: &ClusterSettings, layout: &Layout) -> Vec<NodeRecord> {
         .collect()
 }
 
-/// `synchronous_standby_names` for `primary` under the cluster's policy.
-// BRIDGE until consensus::policy lands: only `any N`.
+/// The cluster's durability policy.
+pub fn policy(settings: &ClusterSettings) -> Result<Policy> {
+    settings
+        .durability
+        .parse()
+        .map_err(|e| Error::Conflict(format!("durability {:?}: {e}", settings.durability)))
+}
+
+pub fn policy_nodes(nodes: &[NodeRecord]) -> Vec<Node> {
+    nodes.iter().map(|n| Node::new(&n.name, &n.zone)).collect()
+}
+
+/// `synchronous_standby_names` for `primary` under the cluster's policy, over every other
+/// node of the cluster.
 pub fn sync_names(
     settings: &ClusterSettings,
     nodes: &[NodeRecord],
     primary: &str,
 ) -> Result<String> {
-    let n: usize = settings
-        .durability
-        .strip_prefix("any ")
-        .and_then(|n| n.trim().parse().ok())
-        .ok_or_else(|| Error::Conflict(format!("durability {:?}", settings.durability)))?;
-    let others: Vec<String> = nodes
-        .iter()
-        .filter(|x| x.name != primary)
-        .map(|x| format!("\"{}\"", x.name))
-        .collect();
-    if n <= 1 {
-        return Ok(String::new());
-    }
-    Ok(format!("ANY {} ({})", n - 1, others.join(", ")))
+    let all = policy_nodes(nodes);
+    let Some(p) = all.iter().find(|n| n.name == primary) else {
+        return Err(Error::Conflict(format!("no node {primary}")));
+    };
+    let standbys: Vec<Node> = all.iter().filter(|n| n.name != primary).cloned().collect();
+    policy(settings)?
+        .sync_standby_names(p, &standbys)
+        .map_err(|e| Error::Conflict(format!("durability {:?}: {e}", settings.durability)))
 }
 
 /// Settings every node of a replicated cluster shares. The receiver timeout is short so a

@@ -25,28 +25,15 @@ impl Controller {
     /// cohort, and the rest cannot satisfy the durability policy on their own (so every
     /// acknowledged commit is on some recruit).
     fn enough(&self, recruited: &[&str]) -> std::result::Result<(), String> {
-        // BRIDGE until consensus::policy lands: `any N`.
-        let n = self.nodes.len();
-        if recruited.len() * 2 <= n {
-            return Err(format!(
-                "only {} of {n} nodes pledged: a majority is needed",
-                recruited.len()
-            ));
-        }
-        let need: usize = self
-            .settings
-            .durability
-            .strip_prefix("any ")
-            .and_then(|x| x.trim().parse().ok())
-            .unwrap_or(n);
-        let rest = n - recruited.len();
-        if rest >= need.max(1) {
-            return Err(format!(
-                "the {rest} nodes not recruited could hold commits the recruits lack (policy {})",
-                self.settings.durability
-            ));
-        }
-        Ok(())
+        let policy = crate::cluster::nodes::policy(&self.settings).map_err(|e| e.to_string())?;
+        let cohort = crate::cluster::nodes::policy_nodes(&self.nodes);
+        let chosen: Vec<&crate::policy::Node> = cohort
+            .iter()
+            .filter(|n| recruited.contains(&n.name.as_str()))
+            .collect();
+        policy
+            .check_recruits(&cohort, &chosen)
+            .map_err(|e| e.to_string())
     }
 
     /// Recruits every node for a new term, promotes the most advanced recruit, tells the

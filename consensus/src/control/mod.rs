@@ -210,7 +210,11 @@ impl Controller {
             .max()
             .unwrap_or(0);
         if pledged > self.topo.term {
-            tracing::info!(from = self.topo.term, to = pledged, "term moves to the highest pledge");
+            tracing::info!(
+                from = self.topo.term,
+                to = pledged,
+                "term moves to the highest pledge"
+            );
             self.topo.term = pledged;
             save_topology(&self.dir, &self.topo)?;
         }

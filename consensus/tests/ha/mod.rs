@@ -28,7 +28,9 @@ fn free_block() -> u16 {
         .unwrap_or(1);
     let mut x = seed;
     for _ in 0..500 {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let base = 20000 + ((x >> 33) % 12000) as u16;
         if (0..10).all(|i| TcpListener::bind((Ipv4Addr::LOCALHOST, base + i)).is_ok()) {
             return base;
@@ -69,14 +71,34 @@ impl HaCluster {
             nodes: Vec::new(),
             gateway_port: base,
         };
-        let (port, pooler, pg) = (base.to_string(), (base + 1).to_string(), (base + 7).to_string());
+        let (port, pooler, pg) = (
+            base.to_string(),
+            (base + 1).to_string(),
+            (base + 7).to_string(),
+        );
         let mut args = vec![
-            "up", "--standbys", "2", "--port", &port, "--pooler-port", &pooler, "--pg-port", &pg,
-            "--cores", "1", "--pool-size", "5",
+            "up",
+            "--standbys",
+            "2",
+            "--port",
+            &port,
+            "--pooler-port",
+            &pooler,
+            "--pg-port",
+            &pg,
+            "--cores",
+            "1",
+            "--pool-size",
+            "5",
         ];
         args.extend_from_slice(extra);
         let out = c.tidepool(&args);
-        assert!(out.success(), "tidepool up failed:\n{}\n{}", out.text, c.logs());
+        assert!(
+            out.success(),
+            "tidepool up failed:\n{}\n{}",
+            out.text,
+            c.logs()
+        );
         c.url = out
             .text
             .lines()
@@ -99,8 +121,16 @@ impl HaCluster {
             .iter()
             .map(|n| Node {
                 name: n["name"].as_str().unwrap_or_default().to_string(),
-                agent: n["agent"].as_str().unwrap_or_default().parse().expect("agent addr"),
-                pooler: n["pooler"].as_str().unwrap_or_default().parse().expect("pooler addr"),
+                agent: n["agent"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .parse()
+                    .expect("agent addr"),
+                pooler: n["pooler"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .parse()
+                    .expect("pooler addr"),
                 data_dir: n["data_dir"].as_str().unwrap_or_default().into(),
                 socket_dir: n["socket_dir"].as_str().unwrap_or_default().into(),
                 pg_port: n["pg_port"].as_u64().unwrap_or_default() as u16,
@@ -137,7 +167,11 @@ impl HaCluster {
         let mut names: Vec<String> = std::fs::read_dir(self.dir.join("logs"))
             .map(|d| {
                 d.filter_map(|e| e.ok())
-                    .filter_map(|e| e.file_name().to_str().map(|s| s.trim_end_matches(".log").to_string()))
+                    .filter_map(|e| {
+                        e.file_name()
+                            .to_str()
+                            .map(|s| s.trim_end_matches(".log").to_string())
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -147,14 +181,21 @@ impl HaCluster {
             .map(|n| {
                 let text = self.log(n);
                 let lines: Vec<&str> = text.lines().collect();
-                format!("--- {n}.log ---\n{}", lines[lines.len().saturating_sub(25)..].join("\n"))
+                format!(
+                    "--- {n}.log ---\n{}",
+                    lines[lines.len().saturating_sub(25)..].join("\n")
+                )
             })
             .collect::<Vec<_>>()
             .join("\n")
     }
 
     pub fn report(&self, i: usize) -> Option<Report> {
-        match call(self.nodes[i].agent, &Request::Report, Duration::from_secs(2)) {
+        match call(
+            self.nodes[i].agent,
+            &Request::Report,
+            Duration::from_secs(2),
+        ) {
             Ok(Response::Ok { report }) => Some(report),
             _ => None,
         }
@@ -190,10 +231,14 @@ impl HaCluster {
     pub fn wait_all_streaming(&self, except: &[usize], within: Duration) {
         let start = Instant::now();
         loop {
-            let ok = (0..self.nodes.len()).filter(|i| !except.contains(i)).all(|i| {
-                self.report(i)
-                    .is_some_and(|r| r.role == Role::Primary || (r.role == Role::Standby && r.streaming && !r.recruited))
-            });
+            let ok = (0..self.nodes.len())
+                .filter(|i| !except.contains(i))
+                .all(|i| {
+                    self.report(i).is_some_and(|r| {
+                        r.role == Role::Primary
+                            || (r.role == Role::Standby && r.streaming && !r.recruited)
+                    })
+                });
             if ok {
                 return;
             }
@@ -226,14 +271,23 @@ impl HaCluster {
         let mut cmd = Command::new("/usr/lib/postgresql/15/bin/psql");
         cmd.arg("-h")
             .arg(&self.nodes[i].socket_dir)
-            .args(["-p", &self.nodes[i].pg_port.to_string(), "-U", "postgres", "-d", "tidepool"])
+            .args([
+                "-p",
+                &self.nodes[i].pg_port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "tidepool",
+            ])
             .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql]);
         run_merged(&mut cmd, None, Duration::from_secs(30))
     }
 
     pub fn topology(&self) -> Value {
-        serde_json::from_str(&std::fs::read_to_string(self.dir.join("topology.json")).unwrap_or_default())
-            .unwrap_or(Value::Null)
+        serde_json::from_str(
+            &std::fs::read_to_string(self.dir.join("topology.json")).unwrap_or_default(),
+        )
+        .unwrap_or(Value::Null)
     }
 }
 
@@ -308,8 +362,11 @@ pub struct Watcher {
 
 impl Watcher {
     pub fn start(cluster: &HaCluster) -> Watcher {
-        let nodes: Vec<(String, SocketAddr)> =
-            cluster.nodes.iter().map(|n| (n.name.clone(), n.agent)).collect();
+        let nodes: Vec<(String, SocketAddr)> = cluster
+            .nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.agent))
+            .collect();
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(BTreeMap::<u64, BTreeSet<String>>::new()));
         let (s, k) = (stop.clone(), seen.clone());
@@ -317,10 +374,14 @@ impl Watcher {
             let start = Instant::now();
             while !s.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(600) {
                 for (name, addr) in &nodes {
-                    if let Ok(Response::Ok { report }) = call(*addr, &Request::Report, Duration::from_millis(500)) {
+                    if let Ok(Response::Ok { report }) =
+                        call(*addr, &Request::Report, Duration::from_millis(500))
+                    {
                         if report.role == Role::Primary {
                             if let Ok(mut m) = k.lock() {
-                                m.entry(report.primary_term).or_default().insert(name.clone());
+                                m.entry(report.primary_term)
+                                    .or_default()
+                                    .insert(name.clone());
                             }
                         }
                     }
@@ -387,7 +448,9 @@ impl Writer {
                         *w.errors.entry(key.to_string()).or_default() += 1;
                     }
                 };
-                'outer: while !s.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(600) {
+                'outer: while !s.load(Ordering::Relaxed)
+                    && started.elapsed() < Duration::from_secs(600)
+                {
                     let client = match tokio::time::timeout(
                         Duration::from_secs(10),
                         tokio_postgres::connect(&url, tokio_postgres::NoTls),
@@ -482,13 +545,23 @@ impl Writer {
 /// Every acknowledged id is on node `i`.
 pub fn assert_all_acked_on(cluster: &HaCluster, i: usize, writes: &Writes) {
     let out = cluster.psql_node(i, "SELECT id FROM acked ORDER BY id");
-    assert!(out.success(), "reading acked on {}: {}", cluster.nodes[i].name, out.text);
+    assert!(
+        out.success(),
+        "reading acked on {}: {}",
+        cluster.nodes[i].name,
+        out.text
+    );
     let have: BTreeSet<i64> = out
         .text
         .lines()
         .filter_map(|l| l.trim().parse().ok())
         .collect();
-    let missing: Vec<i64> = writes.acked.iter().copied().filter(|id| !have.contains(id)).collect();
+    let missing: Vec<i64> = writes
+        .acked
+        .iter()
+        .copied()
+        .filter(|id| !have.contains(id))
+        .collect();
     assert!(
         missing.is_empty(),
         "{} acknowledged commits missing on {} (of {}): first {:?}",
@@ -514,7 +587,18 @@ impl Cut {
 
 fn iptables(op: &str, port: u16) -> Output {
     let mut cmd = Command::new("iptables");
-    cmd.args([op, "OUTPUT", "-o", "lo", "-p", "tcp", "--dport", &port.to_string(), "-j", "DROP"]);
+    cmd.args([
+        op,
+        "OUTPUT",
+        "-o",
+        "lo",
+        "-p",
+        "tcp",
+        "--dport",
+        &port.to_string(),
+        "-j",
+        "DROP",
+    ]);
     run_merged(&mut cmd, None, Duration::from_secs(10))
 }
 
@@ -538,7 +622,8 @@ pub fn walsenders_of(postmaster: u32) -> Vec<u32> {
                 .rsplit_once(')')
                 .and_then(|(_, rest)| rest.split_whitespace().nth(1))
                 .and_then(|p| p.parse::<u32>().ok());
-            let cmdline = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline =
+                std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             if ppid == Some(postmaster) && cmdline.contains("walsender") {
                 out.push(pid);
             }
