@@ -15,5 +15,6 @@ pub mod policy;
 pub mod postgres;
 pub mod process;
 pub mod state;
+pub mod topology;
 
 pub use error::{Error, Result};

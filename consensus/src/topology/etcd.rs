@@ -1,0 +1,465 @@
+//! The topology in etcd (v3 API), for clusters spread over machines.
+//!
+//! - `/tidepool/<cluster>/topology`: the topology as JSON; its version is the key's
+//!   `mod_revision`, and compare-and-swap is one transaction comparing it (`create_revision
+//!   == 0` when nothing is stored yet).
+//! - `/tidepool/<cluster>/leader`: the leader's id, bound to a lease of the leadership's ttl.
+//!   Campaigning is a transaction that creates the key only if it does not exist; renewing is
+//!   a lease keep-alive; when the leader stops renewing, etcd deletes the key and the next
+//!   campaign wins.
+//!
+//! We speak etcd's JSON gateway (`POST /v3/kv/range`, `/v3/kv/txn`, `/v3/lease/...`, the
+//! same v3 API as gRPC, bytes in base64, 64-bit numbers as strings) over plain HTTP/1.1:
+//! one small request per call, no code generation and no gRPC stack to build (see
+//! docs/decisions/2026-11-21-durability-policy.md). Every call is bounded by the store's
+//! timeout, so an etcd that is down or stuck turns into an error, never a hang.
+
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{Leadership, StoreError, Topology, Version};
+
+/// The default bound on one etcd call.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Answers larger than this are refused (a topology is a few KiB).
+const MAX_RESPONSE: usize = 16 << 20;
+
+/// The topology in etcd (see the module documentation).
+#[derive(Debug, Clone)]
+pub struct EtcdStore {
+    /// `host:port` of each endpoint, tried in order.
+    endpoints: Vec<String>,
+    topology_key: String,
+    leader_key: String,
+    timeout: Duration,
+}
+
+impl EtcdStore {
+    /// A store for `cluster` at `urls` (comma-separated, `http://host:port` or `host:port`),
+    /// each call bounded by `timeout`. Nothing is contacted yet.
+    pub fn new(urls: &str, cluster: &str, timeout: Duration) -> Result<EtcdStore, StoreError> {
+        let mut endpoints = Vec::new();
+        for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+            if url.starts_with("https://") {
+                return Err(StoreError::Etcd {
+                    endpoint: url.to_string(),
+                    message: "TLS to etcd is not supported yet: use an http:// endpoint".into(),
+                });
+            }
+            let hostport = url.strip_prefix("http://").unwrap_or(url);
+            let hostport = hostport.trim_end_matches('/');
+            if hostport.is_empty() || hostport.contains('/') || !hostport.contains(':') {
+                return Err(StoreError::Etcd {
+                    endpoint: url.to_string(),
+                    message: "expected http://HOST:PORT".into(),
+                });
+            }
+            endpoints.push(hostport.to_string());
+        }
+        if endpoints.is_empty() {
+            return Err(StoreError::Etcd {
+                endpoint: urls.to_string(),
+                message: "no endpoint given".into(),
+            });
+        }
+        Ok(EtcdStore {
+            endpoints,
+            topology_key: format!("/tidepool/{cluster}/topology"),
+            leader_key: format!("/tidepool/{cluster}/leader"),
+            timeout,
+        })
+    }
+
+    /// One call to the first endpoint that answers, bounded by the timeout as a whole.
+    async fn call(&self, path: &str, body: Value) -> Result<Value, StoreError> {
+        let body = body.to_string();
+        let what = format!("etcd {} {path}", self.endpoints.join(","));
+        match tokio::time::timeout(self.timeout, self.call_any(path, &body)).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout {
+                what,
+                after_ms: self.timeout.as_millis() as u64,
+            }),
+        }
+    }
+
+    async fn call_any(&self, path: &str, body: &str) -> Result<Value, StoreError> {
+        let mut last = None;
+        for endpoint in &self.endpoints {
+            match post(endpoint, path, body).await {
+                Ok(v) => return Ok(v),
+                // Unreachable: try the next endpoint. An error answer is final.
+                Err(Failure::Unreachable(message)) => {
+                    tracing::debug!(%endpoint, %message, "etcd endpoint unreachable");
+                    last = Some(StoreError::Etcd {
+                        endpoint: endpoint.clone(),
+                        message,
+                    });
+                }
+                Err(Failure::Answer(message)) => {
+                    return Err(StoreError::Etcd {
+                        endpoint: endpoint.clone(),
+                        message,
+                    })
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| StoreError::Etcd {
+            endpoint: String::new(),
+            message: "no endpoint".into(),
+        }))
+    }
+
+    fn etcd_error(&self, message: impl Into<String>) -> StoreError {
+        StoreError::Etcd {
+            endpoint: self.endpoints.join(","),
+            message: message.into(),
+        }
+    }
+
+    pub(super) async fn load(&self) -> Result<Option<(Topology, Version)>, StoreError> {
+        let r = self
+            .call(
+                "/v3/kv/range",
+                json!({ "key": B64.encode(&self.topology_key) }),
+            )
+            .await?;
+        let Some(kv) = first_kv(&r) else {
+            return Ok(None);
+        };
+        let value = bytes_field(kv, "value").map_err(|m| self.etcd_error(m))?;
+        let topology = serde_json::from_slice(&value).map_err(|e| StoreError::Corrupt {
+            what: format!("etcd key {}", self.topology_key),
+            message: e.to_string(),
+        })?;
+        Ok(Some((topology, int_field(kv, "mod_revision") as Version)))
+    }
+
+    pub(super) async fn compare_and_swap(
+        &self,
+        expected: Option<Version>,
+        new: &Topology,
+    ) -> Result<bool, StoreError> {
+        let key = B64.encode(&self.topology_key);
+        let value = serde_json::to_vec(new).map_err(|e| StoreError::Corrupt {
+            what: format!("etcd key {}", self.topology_key),
+            message: e.to_string(),
+        })?;
+        let compare = match expected {
+            None => {
+                json!({ "key": key, "result": "EQUAL", "target": "CREATE", "create_revision": "0" })
+            }
+            Some(v) => {
+                json!({ "key": key, "result": "EQUAL", "target": "MOD", "mod_revision": v.to_string() })
+            }
+        };
+        let r = self
+            .call(
+                "/v3/kv/txn",
+                json!({
+                    "compare": [compare],
+                    "success": [{ "request_put": { "key": key, "value": B64.encode(value) } }],
+                }),
+            )
+            .await?;
+        Ok(r.get("succeeded").and_then(Value::as_bool).unwrap_or(false))
+    }
+
+    pub(super) async fn campaign(
+        &self,
+        id: &str,
+        ttl: Duration,
+    ) -> Result<Option<Leadership>, StoreError> {
+        // etcd leases count whole seconds (and raise very short ones to its minimum).
+        let ttl_s = ttl.as_secs_f64().ceil().max(1.0) as i64;
+        let granted = self
+            .call("/v3/lease/grant", json!({ "TTL": ttl_s.to_string() }))
+            .await?;
+        let lease = int_field(&granted, "ID");
+        if lease == 0 {
+            return Err(self.etcd_error(format!("lease grant without an ID: {granted}")));
+        }
+        let key = B64.encode(&self.leader_key);
+        let txn = self
+            .call(
+                "/v3/kv/txn",
+                json!({
+                    "compare": [{ "key": key, "result": "EQUAL", "target": "CREATE", "create_revision": "0" }],
+                    "success": [{ "request_put": { "key": key, "value": B64.encode(id), "lease": lease.to_string() } }],
+                    "failure": [{ "request_range": { "key": key } }],
+                }),
+            )
+            .await;
+        let txn = match txn {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = self.revoke(lease).await;
+                return Err(e);
+            }
+        };
+        if txn
+            .get("succeeded")
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+        {
+            tracing::info!(id, lease, ttl_s, "leadership taken (etcd)");
+            return Ok(Some(Leadership {
+                id: id.to_string(),
+                ttl,
+                lease,
+            }));
+        }
+        // Someone holds it; the new lease is not needed either way.
+        let _ = self.revoke(lease).await;
+        let held = txn
+            .get("responses")
+            .and_then(|r| r.get(0))
+            .and_then(|r| r.get("response_range"))
+            .and_then(first_kv);
+        if let Some(kv) = held {
+            let holder = bytes_field(kv, "value").unwrap_or_default();
+            if holder == id.as_bytes() {
+                // Still ours from an earlier campaign: carry on with that lease.
+                return Ok(Some(Leadership {
+                    id: id.to_string(),
+                    ttl,
+                    lease: int_field(kv, "lease"),
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    pub(super) async fn renew(&self, leadership: &Leadership) -> Result<bool, StoreError> {
+        let r = self
+            .call(
+                "/v3/lease/keepalive",
+                json!({ "ID": leadership.lease.to_string() }),
+            )
+            .await?;
+        // The gateway wraps the stream's one message in "result"; a lapsed lease has TTL 0.
+        let result = r.get("result").unwrap_or(&r);
+        if int_field(result, "TTL") <= 0 {
+            return Ok(false);
+        }
+        self.is_leader(leadership).await
+    }
+
+    pub(super) async fn is_leader(&self, leadership: &Leadership) -> Result<bool, StoreError> {
+        let r = self
+            .call(
+                "/v3/kv/range",
+                json!({ "key": B64.encode(&self.leader_key) }),
+            )
+            .await?;
+        Ok(first_kv(&r).is_some_and(|kv| {
+            bytes_field(kv, "value").is_ok_and(|v| v == leadership.id.as_bytes())
+                && int_field(kv, "lease") == leadership.lease
+        }))
+    }
+
+    pub(super) async fn resign(&self, leadership: &Leadership) -> Result<(), StoreError> {
+        // Revoking the lease deletes the leader key bound to it.
+        self.revoke(leadership.lease).await
+    }
+
+    pub(super) async fn leader(&self) -> Result<Option<String>, StoreError> {
+        let r = self
+            .call(
+                "/v3/kv/range",
+                json!({ "key": B64.encode(&self.leader_key) }),
+            )
+            .await?;
+        Ok(first_kv(&r)
+            .and_then(|kv| bytes_field(kv, "value").ok())
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    async fn revoke(&self, lease: i64) -> Result<(), StoreError> {
+        match self
+            .call("/v3/lease/revoke", json!({ "ID": lease.to_string() }))
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Already expired: nothing to give up.
+            Err(StoreError::Etcd { message, .. }) if message.contains("lease not found") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn first_kv(r: &Value) -> Option<&Value> {
+    r.get("kvs").and_then(|k| k.get(0))
+}
+
+/// A 64-bit number: the gateway writes them as strings, omits them when zero.
+fn int_field(v: &Value, name: &str) -> i64 {
+    match v.get(name) {
+        Some(Value::String(s)) => s.parse().unwrap_or(0),
+        Some(Value::Number(n)) => n.as_i64().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// A bytes field (base64); absent means empty.
+fn bytes_field(v: &Value, name: &str) -> Result<Vec<u8>, String> {
+    match v.get(name).and_then(Value::as_str) {
+        None => Ok(Vec::new()),
+        Some(s) => B64
+            .decode(s)
+            .map_err(|e| format!("field {name} is not base64: {e}")),
+    }
+}
+
+enum Failure {
+    /// No answer (connection refused, reset): another endpoint may do.
+    Unreachable(String),
+    /// etcd answered with an error.
+    Answer(String),
+}
+
+/// One HTTP/1.1 POST with a JSON body; the connection closes after the answer.
+async fn post(endpoint: &str, path: &str, body: &str) -> Result<Value, Failure> {
+    let mut stream = TcpStream::connect(endpoint)
+        .await
+        .map_err(|e| Failure::Unreachable(format!("connecting: {e}")))?;
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {endpoint}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| Failure::Unreachable(format!("sending: {e}")))?;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = stream
+            .read(&mut buf)
+            .await
+            .map_err(|e| Failure::Unreachable(format!("reading: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        if raw.len() > MAX_RESPONSE {
+            return Err(Failure::Answer("answer too large".into()));
+        }
+    }
+    let (status, body) = parse_response(&raw).map_err(Failure::Answer)?;
+    // A streaming call (keep-alive) may carry several JSON lines: the first one counts.
+    let first = body
+        .split(|&b| b == b'\n')
+        .find(|l| !l.iter().all(u8::is_ascii_whitespace))
+        .unwrap_or_default();
+    let value: Value = serde_json::from_slice(first).map_err(|e| {
+        Failure::Answer(format!(
+            "HTTP {status}, not JSON ({e}): {}",
+            String::from_utf8_lossy(&first[..first.len().min(200)])
+        ))
+    })?;
+    if status != 200 {
+        let message = value
+            .get("error")
+            .or_else(|| value.get("message"))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| value.to_string());
+        return Err(Failure::Answer(format!("HTTP {status}: {message}")));
+    }
+    if let Some(err) = value.get("error") {
+        // A stream's error arrives as {"error": {...}} with status 200.
+        let message = err
+            .get("message")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| err.to_string());
+        return Err(Failure::Answer(message));
+    }
+    Ok(value)
+}
+
+/// The status code and the (de-chunked) body of a whole HTTP/1.1 answer.
+fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), String> {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("answer without a header end")?;
+    let head = String::from_utf8_lossy(&raw[..split]);
+    let body = &raw[split + 4..];
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("bad status line in {head:?}"))?;
+    let chunked = lines.any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    if !chunked {
+        return Ok((status, body.to_vec()));
+    }
+    let mut out = Vec::new();
+    let mut rest = body;
+    loop {
+        let eol = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or("chunk size line without an end")?;
+        let size_text = String::from_utf8_lossy(&rest[..eol]);
+        let size_text = size_text.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size_text, 16)
+            .map_err(|_| format!("bad chunk size {size_text:?}"))?;
+        rest = &rest[eol + 2..];
+        if size == 0 {
+            return Ok((status, out));
+        }
+        if rest.len() < size {
+            return Err("chunk shorter than announced".into());
+        }
+        out.extend_from_slice(&rest[..size]);
+        rest = rest.get(size + 2..).unwrap_or_default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse() {
+        let s = EtcdStore::new(
+            "http://127.0.0.1:2379, localhost:2380/",
+            "c",
+            DEFAULT_TIMEOUT,
+        )
+        .unwrap();
+        assert_eq!(s.endpoints, vec!["127.0.0.1:2379", "localhost:2380"]);
+        assert_eq!(s.topology_key, "/tidepool/c/topology");
+        for bad in ["", "https://h:1", "http://h", "http://h:1/x"] {
+            assert!(EtcdStore::new(bad, "c", DEFAULT_TIMEOUT).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn parses_plain_and_chunked_answers() {
+        let plain = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
+        assert_eq!(parse_response(plain).unwrap(), (200, b"{}".to_vec()));
+        let chunked =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"a\r\n5\r\n\":1}\n\r\n0\r\n\r\n";
+        assert_eq!(
+            parse_response(chunked).unwrap(),
+            (200, b"{\"a\":1}\n".to_vec())
+        );
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
+        assert!(parse_response(b"garbage\r\n\r\n").is_err());
+    }
+}

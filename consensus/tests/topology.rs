@@ -1,0 +1,415 @@
+//! The topology store against real back ends: the file store (two handles, as two control
+//! processes on one machine would hold) and a real etcd (Debian's etcd-server) started on free
+//! loopback ports with a fresh data directory.
+//!
+//! The same checks run on both: compare-and-swap conflicts, no lost update under concurrent
+//! writers, exclusive leadership with expiry handing it over, and resigning. For etcd also:
+//! a killed etcd gives errors (not hangs), and so does a frozen one (every call is bounded).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use testkit::free_port;
+use tidepool::topology::{
+    EtcdStore, FileStore, NodeRecord, Store, StoreError, TermRecord, Topology,
+};
+
+/// A fresh directory, removed however the test ends.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let dir =
+            std::env::temp_dir().join(format!("tp-topo-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn topology(term: u64, primary: &str) -> Topology {
+    Topology {
+        cluster: "test".into(),
+        term,
+        primary: Some(primary.into()),
+        primary_term: term,
+        nodes: ["node1", "node2", "node3"]
+            .iter()
+            .enumerate()
+            .map(|(i, n)| NodeRecord {
+                name: n.to_string(),
+                zone: format!("z{}", i % 2),
+                pooler: format!("127.0.0.1:{}", 16000 + i).parse().unwrap(),
+                agent: format!("127.0.0.1:{}", 17000 + i).parse().unwrap(),
+                pg_port: 5432 + i as u16,
+                data_dir: format!("/nonexistent/{n}").into(),
+            })
+            .collect(),
+        policy: "any 2".into(),
+        history: vec![TermRecord {
+            term,
+            primary: primary.into(),
+            at_unix_ms: 1,
+            reason: "test".into(),
+        }],
+        overrides: vec![],
+    }
+}
+
+/// Two handles: the second writer loses until it reloads; versions move on every write.
+async fn cas_conflict(a: &Store, b: &Store) {
+    assert!(a.load().await.unwrap().is_none());
+    assert!(b.load().await.unwrap().is_none());
+    assert!(a
+        .compare_and_swap(None, &topology(1, "node1"))
+        .await
+        .unwrap());
+    // b still believes nothing is stored.
+    assert!(!b
+        .compare_and_swap(None, &topology(1, "node2"))
+        .await
+        .unwrap());
+    let (seen, v1) = b.load().await.unwrap().expect("stored");
+    assert_eq!(seen, topology(1, "node1"));
+    assert!(b
+        .compare_and_swap(Some(v1), &topology(2, "node2"))
+        .await
+        .unwrap());
+    // a's version is stale now.
+    assert!(!a
+        .compare_and_swap(Some(v1), &topology(3, "node3"))
+        .await
+        .unwrap());
+    let (now, v2) = a.load().await.unwrap().expect("stored");
+    assert_eq!(now, topology(2, "node2"));
+    assert_ne!(v1, v2);
+    assert!(a
+        .compare_and_swap(Some(v2), &topology(3, "node3"))
+        .await
+        .unwrap());
+    assert_eq!(b.load().await.unwrap().expect("stored").0.term, 3);
+}
+
+/// Two writers each add 1 to the term `per_writer` times with load + CAS (bounded retries):
+/// no increment may be lost.
+async fn no_lost_update(a: Store, b: Store, per_writer: u64) {
+    let start = a.load().await.unwrap().map(|(t, _)| t.term).unwrap_or(0);
+    let writer = |s: Store| {
+        tokio::spawn(async move {
+            let mut done = 0;
+            let mut conflicts = 0;
+            for _ in 0..per_writer * 20 {
+                if done == per_writer {
+                    break;
+                }
+                let (mut t, v) = s.load().await.unwrap().expect("stored");
+                t.term += 1;
+                if s.compare_and_swap(Some(v), &t).await.unwrap() {
+                    done += 1;
+                } else {
+                    conflicts += 1;
+                }
+            }
+            (done, conflicts)
+        })
+    };
+    let (ra, rb) = (writer(a.clone()), writer(b));
+    let (da, ca) = ra.await.unwrap();
+    let (db, cb) = rb.await.unwrap();
+    assert_eq!((da, db), (per_writer, per_writer), "conflicts {ca} + {cb}");
+    let end = a.load().await.unwrap().expect("stored").0.term;
+    assert_eq!(end, start + 2 * per_writer, "conflicts {ca} + {cb}");
+}
+
+/// One leader at a time; a leader that stops renewing is replaced after its ttl; resigning
+/// frees leadership at once.
+async fn leadership(a: &Store, b: &Store, ttl: Duration) {
+    let la = a
+        .campaign("control-a", ttl)
+        .await
+        .unwrap()
+        .expect("a leads");
+    assert!(b.campaign("control-b", ttl).await.unwrap().is_none());
+    assert_eq!(b.leader().await.unwrap().as_deref(), Some("control-a"));
+    assert!(a.renew(&la).await.unwrap());
+    assert!(a.is_leader(&la).await.unwrap());
+    // Campaigning again as the leader keeps leadership.
+    let la = a
+        .campaign("control-a", ttl)
+        .await
+        .unwrap()
+        .expect("still a");
+    assert!(a.is_leader(&la).await.unwrap());
+
+    // a stops renewing (a stuck or dead control process): b takes over after the ttl.
+    let started = Instant::now();
+    let lb = loop {
+        if let Some(lb) = b.campaign("control-b", ttl).await.unwrap() {
+            break lb;
+        }
+        assert!(
+            started.elapsed() < ttl * 4 + Duration::from_secs(5),
+            "b never took over"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        started.elapsed() >= ttl / 2,
+        "b took over long before the ttl"
+    );
+    assert!(!a.is_leader(&la).await.unwrap());
+    assert!(!a.renew(&la).await.unwrap(), "a lapsed leader cannot renew");
+    assert!(b.is_leader(&lb).await.unwrap());
+    assert!(a.campaign("control-a", ttl).await.unwrap().is_none());
+    assert_eq!(a.leader().await.unwrap().as_deref(), Some("control-b"));
+
+    // Resigning hands over without waiting.
+    b.resign(lb.clone()).await.unwrap();
+    assert!(!b.is_leader(&lb).await.unwrap());
+    let la = a
+        .campaign("control-a", ttl)
+        .await
+        .unwrap()
+        .expect("a leads again");
+    assert!(a.is_leader(&la).await.unwrap());
+    a.resign(la).await.unwrap();
+    assert_eq!(a.leader().await.unwrap(), None);
+}
+
+fn file_stores(dir: &TempDir) -> (Store, Store) {
+    let path = dir.0.join("topology.json");
+    (
+        Store::File(FileStore::new(&path)),
+        Store::File(FileStore::new(&path)),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_store_cas_conflict_between_two_handles() {
+    let dir = TempDir::new("cas");
+    let (a, b) = file_stores(&dir);
+    cas_conflict(&a, &b).await;
+    no_lost_update(a, b, 25).await;
+    // No temporary file is left behind.
+    let names: Vec<String> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_store_leadership_is_exclusive_and_expires() {
+    let dir = TempDir::new("lead");
+    let (a, b) = file_stores(&dir);
+    leadership(&a, &b, Duration::from_millis(800)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_store_corrupt_file_is_a_clear_error() {
+    let dir = TempDir::new("corrupt");
+    let (a, _) = file_stores(&dir);
+    std::fs::write(dir.0.join("topology.json"), b"{\"version\": 1, \"topo").unwrap();
+    let e = a.load().await.unwrap_err();
+    assert!(matches!(e, StoreError::Corrupt { .. }), "{e:?}");
+    assert!(e.to_string().contains("topology.json"), "{e}");
+    // A CAS does not overwrite what it cannot read.
+    assert!(a
+        .compare_and_swap(Some(1), &topology(1, "node1"))
+        .await
+        .is_err());
+    // A missing directory is an I/O error naming the path.
+    let gone = Store::File(FileStore::new(dir.0.join("missing/topology.json")));
+    let e = gone
+        .compare_and_swap(None, &topology(1, "node1"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Io { .. }), "{e:?}");
+}
+
+/// A real etcd on free loopback ports, killed and its data removed however the test ends.
+struct Etcd {
+    child: Child,
+    url: String,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Etcd {
+    fn start() -> Etcd {
+        let dir = TempDir::new("etcd");
+        let (client, peer) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = dir.0.join("etcd.log");
+        let log_file = std::fs::File::create(&log).expect("etcd log file");
+        let child = Command::new("etcd")
+            .arg("--name=t")
+            .arg(format!("--data-dir={}", dir.0.join("data").display()))
+            .arg(format!("--listen-client-urls={url}"))
+            .arg(format!("--advertise-client-urls={url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=t={peer_url}"))
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("log fd"))
+            .stderr(log_file)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("starting etcd ({e}): install Debian's etcd-server (scripts/setup.sh)")
+            });
+        Etcd {
+            child,
+            url,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn store(&self, timeout: Duration) -> Store {
+        Store::Etcd(EtcdStore::new(&self.url, "test", timeout).expect("etcd url"))
+    }
+
+    /// Waits (bounded) until etcd answers.
+    async fn ready(&mut self) {
+        let s = self.store(Duration::from_secs(1));
+        let started = Instant::now();
+        loop {
+            if s.load().await.is_ok() {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "etcd exited ({status}):\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "etcd not ready after 30 s:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill -{sig} etcd");
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        // A frozen etcd must be woken to die of SIGKILL promptly; harmless otherwise.
+        let _ = Command::new("kill")
+            .arg("-CONT")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_store_cas_and_leadership() {
+    let mut etcd = Etcd::start();
+    etcd.ready().await;
+    let (a, b) = (
+        etcd.store(Duration::from_secs(5)),
+        etcd.store(Duration::from_secs(5)),
+    );
+    cas_conflict(&a, &b).await;
+    no_lost_update(a.clone(), b.clone(), 25).await;
+    // etcd's shortest lease is about 2 s; a ttl under it would be raised anyway.
+    leadership(&a, &b, Duration::from_secs(2)).await;
+    // A leader that renews keeps leadership past several ttls.
+    let la = a
+        .campaign("control-a", Duration::from_secs(2))
+        .await
+        .unwrap()
+        .expect("a");
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(a.renew(&la).await.unwrap());
+        assert!(b
+            .campaign("control-b", Duration::from_secs(2))
+            .await
+            .unwrap()
+            .is_none());
+    }
+    a.resign(la).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_down_or_frozen_gives_errors_not_hangs() {
+    let mut etcd = Etcd::start();
+    etcd.ready().await;
+    let timeout = Duration::from_millis(1500);
+    let s = etcd.store(timeout);
+    assert!(s
+        .compare_and_swap(None, &topology(1, "node1"))
+        .await
+        .unwrap());
+    let (_, v) = s.load().await.unwrap().expect("stored");
+    let l = s
+        .campaign("control-a", Duration::from_secs(2))
+        .await
+        .unwrap()
+        .expect("leads");
+
+    // Frozen: the port accepts (the kernel does), nothing answers: every call times out.
+    etcd.signal("STOP");
+    let bound = timeout + Duration::from_secs(5);
+    let e = tokio::time::timeout(bound, s.load())
+        .await
+        .expect("load bounded")
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Timeout { .. }), "{e:?}");
+    let e = tokio::time::timeout(bound, s.compare_and_swap(Some(v), &topology(2, "node2")))
+        .await
+        .expect("cas bounded")
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Timeout { .. }), "{e:?}");
+    let e = tokio::time::timeout(bound, s.renew(&l))
+        .await
+        .expect("renew bounded")
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Timeout { .. }), "{e:?}");
+
+    // Killed: connection refused, an error at once.
+    etcd.signal("CONT");
+    etcd.signal("KILL");
+    let _ = etcd.child.wait();
+    let e = tokio::time::timeout(bound, s.load())
+        .await
+        .expect("load bounded")
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Etcd { .. }), "{e:?}");
+    assert!(e.to_string().contains("127.0.0.1"), "{e}");
+    let e = tokio::time::timeout(bound, s.compare_and_swap(Some(v), &topology(2, "node2")))
+        .await
+        .expect("cas bounded")
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Etcd { .. }), "{e:?}");
+    let e = tokio::time::timeout(bound, s.campaign("control-b", Duration::from_secs(2)))
+        .await
+        .expect("campaign bounded")
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Etcd { .. }), "{e:?}");
+}
