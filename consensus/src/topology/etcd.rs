@@ -225,12 +225,14 @@ impl EtcdStore {
         if let Some(kv) = held {
             let holder = bytes_field(kv, "value").unwrap_or_default();
             if holder == id.as_bytes() {
-                // Still ours from an earlier campaign: carry on with that lease.
-                return Ok(Some(Leadership {
+                // Still ours from an earlier campaign: carry on with that lease, renewed
+                // (as the file store renews on a repeated campaign).
+                let l = Leadership {
                     id: id.to_string(),
                     ttl,
                     lease: int_field(kv, "lease"),
-                }));
+                };
+                return Ok(self.renew(&l).await?.then_some(l));
             }
         }
         Ok(None)
