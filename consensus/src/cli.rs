@@ -141,6 +141,15 @@ pub struct UpArgs {
     /// Zone of each node in order, comma-separated (node1,node2,...) [default: local].
     #[arg(long, value_name = "ZONES", value_delimiter = ',')]
     pub zones: Option<Vec<String>>,
+
+    /// Keep the topology in etcd (http://HOST:PORT, comma-separated) instead of the file
+    /// DIR/topology.json ["" = the file].
+    #[arg(long, value_name = "URLS")]
+    pub etcd: Option<String>,
+
+    /// The cluster's name: the etcd key prefix /tidepool/NAME/ [default: local].
+    #[arg(long, value_name = "NAME")]
+    pub cluster_name: Option<String>,
 }
 
 impl UpArgs {
@@ -164,6 +173,8 @@ impl UpArgs {
             durability: self.durability.clone(),
             zones: self.zones.clone(),
             timers: None,
+            etcd: self.etcd.clone(),
+            cluster_name: self.cluster_name.clone(),
         }
     }
 }

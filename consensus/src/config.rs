@@ -45,6 +45,17 @@ pub struct ClusterSettings {
     /// The control process's timers.
     #[serde(default)]
     pub timers: Timers,
+    /// etcd endpoints (`http://HOST:PORT`, comma-separated) holding the topology; `None`:
+    /// the file `DIR/topology.json`.
+    #[serde(default)]
+    pub etcd: Option<String>,
+    /// The cluster's name: the etcd key prefix `/tidepool/<name>/`.
+    #[serde(default = "default_cluster_name")]
+    pub cluster_name: String,
+}
+
+pub fn default_cluster_name() -> String {
+    "local".to_string()
 }
 
 pub fn default_durability() -> String {
@@ -95,6 +106,8 @@ impl Default for ClusterSettings {
             durability: default_durability(),
             zones: Vec::new(),
             timers: Timers::default(),
+            etcd: None,
+            cluster_name: default_cluster_name(),
         }
     }
 }
@@ -145,6 +158,8 @@ pub struct Overrides {
     pub durability: Option<String>,
     pub zones: Option<Vec<String>>,
     pub timers: Option<Timers>,
+    pub etcd: Option<String>,
+    pub cluster_name: Option<String>,
 }
 
 impl Overrides {
@@ -195,6 +210,8 @@ impl Overrides {
             durability: self.durability.or(below.durability),
             zones: self.zones.or(below.zones),
             timers: self.timers.or(below.timers),
+            etcd: self.etcd.or(below.etcd),
+            cluster_name: self.cluster_name.or(below.cluster_name),
         }
     }
 
@@ -228,6 +245,15 @@ impl Overrides {
                 .unwrap_or_else(|| base.durability.clone()),
             zones: self.zones.clone().unwrap_or_else(|| base.zones.clone()),
             timers: self.timers.unwrap_or(base.timers),
+            etcd: match &self.etcd {
+                Some(e) if e.is_empty() => None,
+                Some(e) => Some(e.clone()),
+                None => base.etcd.clone(),
+            },
+            cluster_name: self
+                .cluster_name
+                .clone()
+                .unwrap_or_else(|| base.cluster_name.clone()),
         }
     }
 

@@ -56,7 +56,7 @@ pub struct Report {
     pub nodes: Vec<NodeStatus>,
     /// With standbys: the control process's term and primary (`topology.json`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub topology: Option<crate::control::Topology>,
+    pub topology: Option<crate::topology::Topology>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -167,7 +167,7 @@ pub fn inspect(state: &State) -> Report {
     let topology = if state.nodes.is_empty() {
         None
     } else {
-        crate::control::load_topology(&state.dir).ok().flatten()
+        crate::control::load_topology(&state.dir, &state.settings)
     };
     Report {
         dir: state.dir.clone(),
@@ -269,7 +269,11 @@ fn table(report: &Report) -> String {
     }
     if !report.nodes.is_empty() {
         if let Some(t) = &report.topology {
-            out += &format!("term {}, primary {}\n", t.term, t.primary);
+            out += &format!(
+                "term {}, primary {}\n",
+                t.term,
+                t.primary.as_deref().unwrap_or("none")
+            );
         }
         out += &format!(
             "{:<7} {:<8} {:>5} {:>3} {:>14} {:>10} {:>8}  {:<21}  {}\n",

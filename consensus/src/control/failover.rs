@@ -120,6 +120,9 @@ impl Controller {
                 .unwrap_or("failover: the primary was lost"),
         )
         .await?;
+        if let Some(reason) = &forced {
+            self.record_override(term, reason).await?;
+        }
         tracing::warn!(term, primary = %self.nodes[c].name, lsn = %cr.flush_lsn.map(format_lsn).unwrap_or_default(), took_ms = started.elapsed().as_millis() as u64, "failover: promoted");
         for i in 0..self.nodes.len() {
             if i != c {
@@ -141,6 +144,7 @@ impl Controller {
         .map_err(|e| Error::Conflict(format!("promoting {}: {e}", self.nodes[c].name)))?;
         self.topo.term = self.topo.term.max(term);
         self.set_primary(self.nodes[c].name.clone(), term, reason)
+            .await
     }
 
     /// Planned: fence the primary, let the target catch up with it, recruit the standbys,

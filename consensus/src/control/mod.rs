@@ -17,7 +17,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
 use shared::agent::{Report, Role as NodeRole, Upstream};
 
 use crate::cli::{ControlArgs, GlobalArgs};
@@ -25,27 +24,11 @@ use crate::cluster::Context;
 use crate::config::{ClusterSettings, Overrides, Timers};
 use crate::error::{Error, Result};
 use crate::state::{NodeRecord, State};
+use crate::topology::{
+    EtcdStore, FileStore, Leadership, OverrideRecord, Store, TermRecord, Topology, Version,
+};
 
 pub use requests::{submit, RequestKind};
-
-/// What the control process keeps in `DIR/topology.json`: the term, its primary, and every
-/// change with its reason.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Topology {
-    pub term: u64,
-    pub primary: String,
-    /// The term the primary was promoted at (0: the bootstrap primary).
-    pub primary_term: u64,
-    pub history: Vec<Change>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Change {
-    pub term: u64,
-    pub primary: String,
-    pub at_unix_ms: u64,
-    pub reason: String,
-}
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -60,6 +43,12 @@ pub struct Controller {
     nodes: Vec<NodeRecord>,
     timers: Timers,
     topo: Topology,
+    /// Where the topology lives, and the version of it `topo` was loaded at.
+    store: Store,
+    version: Option<Version>,
+    /// This process's id and its leadership, when it leads.
+    id: String,
+    leadership: Option<Leadership>,
     /// When the primary was first seen unhealthy in the current stretch.
     bad_since: Option<Instant>,
     /// Nodes a Follow is running for (background tasks).
@@ -97,31 +86,102 @@ pub fn run(global: &GlobalArgs, args: &ControlArgs) -> Result<bool> {
 
 impl Controller {
     pub fn new(dir: PathBuf, state: &State) -> Result<Controller> {
-        let topo = load_topology(&dir)?.unwrap_or_else(|| Topology {
-            term: 0,
-            primary: state.nodes[0].name.clone(),
-            primary_term: 0,
-            history: vec![Change {
-                term: 0,
-                primary: state.nodes[0].name.clone(),
-                at_unix_ms: now_ms(),
-                reason: "bootstrap".into(),
-            }],
-        });
+        let store = store_for(&dir, &state.settings)?;
         Ok(Controller {
             dir,
             settings: state.settings.clone(),
             nodes: state.nodes.clone(),
             timers: state.settings.timers,
-            topo,
+            topo: bootstrap_topology(state),
+            store,
+            version: None,
+            id: format!("control-{}-{}", std::process::id(), now_ms()),
+            leadership: None,
             bad_since: None,
             following: Arc::new(Mutex::new(HashSet::new())),
             held_back: None,
         })
     }
 
+    /// Leads (campaigning or renewing) and loads the topology; `false`: do nothing this
+    /// tick (another control process leads, or the store cannot be reached — which never
+    /// demotes anything: the primary keeps running, only failover waits for the store).
+    async fn lead(&mut self) -> bool {
+        let ttl = Duration::from_millis((self.timers.failure_timeout_ms * 2).max(2000));
+        let leading = match &self.leadership {
+            Some(l) => self.store.renew(l).await,
+            None => match self.store.campaign(&self.id, ttl).await {
+                Ok(Some(l)) => {
+                    tracing::info!(id = %self.id, "leading the cluster");
+                    self.leadership = Some(l);
+                    Ok(true)
+                }
+                Ok(None) => Ok(false),
+                Err(e) => Err(e),
+            },
+        };
+        match leading {
+            Ok(true) => {}
+            Ok(false) => {
+                if self.leadership.take().is_some() {
+                    tracing::warn!(id = %self.id, "leadership lost");
+                }
+                return false;
+            }
+            Err(e) => {
+                self.hold_back(format!("topology store: {e}"));
+                return false;
+            }
+        }
+        match self.store.load().await {
+            Ok(Some((topo, version))) => {
+                self.topo = topo;
+                self.version = Some(version);
+                true
+            }
+            Ok(None) => {
+                // First leader of a new cluster: store the bootstrap topology.
+                match self.store.compare_and_swap(None, &self.topo).await {
+                    Ok(true) => match self.store.load().await {
+                        Ok(Some((topo, version))) => {
+                            self.topo = topo;
+                            self.version = Some(version);
+                            true
+                        }
+                        _ => false,
+                    },
+                    Ok(false) => false,
+                    Err(e) => {
+                        self.hold_back(format!("topology store: {e}"));
+                        false
+                    }
+                }
+            }
+            Err(e) => {
+                self.hold_back(format!("topology store: {e}"));
+                false
+            }
+        }
+    }
+
+    /// Stores `self.topo` over the version it was loaded at.
+    async fn save(&mut self) -> Result<()> {
+        match self.store.compare_and_swap(self.version, &self.topo).await {
+            Ok(true) => {
+                if let Ok(Some((_, v))) = self.store.load().await {
+                    self.version = Some(v);
+                }
+                Ok(())
+            }
+            Ok(false) => Err(Error::Conflict(
+                "the topology changed under this control process".into(),
+            )),
+            Err(e) => Err(Error::Conflict(format!("topology store: {e}"))),
+        }
+    }
+
     async fn run(&mut self, deadline: Option<Instant>) {
-        tracing::info!(term = self.topo.term, primary = %self.topo.primary, nodes = self.nodes.len(), "control process running");
+        tracing::info!(id = %self.id, nodes = self.nodes.len(), "control process running");
         let interval = Duration::from_millis(self.timers.probe_interval_ms.max(10));
         loop {
             if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -140,8 +200,11 @@ impl Controller {
 
     /// One look at every node and whatever that calls for.
     async fn tick(&mut self) -> Result<()> {
+        if !self.lead().await {
+            return Ok(());
+        }
         let reports = probe::all(&self.nodes, self.timers.agent_timeout_ms).await;
-        self.learn(&reports)?;
+        self.learn(&reports).await?;
         if let Some(req) = requests::next(&self.dir) {
             let outcome = match req.kind.clone() {
                 RequestKind::Switchover { to } => self.switchover(&reports, to.as_deref()).await,
@@ -166,7 +229,7 @@ impl Controller {
         if let Some(witness) = self.standby_still_hears_primary(&reports) {
             self.hold_back(format!(
                 "the control process cannot reach primary {} but standby {witness} still streams from it",
-                self.topo.primary
+                self.primary_name()
             ));
             return Ok(());
         }
@@ -186,8 +249,12 @@ impl Controller {
     fn primary_index(&self) -> usize {
         self.nodes
             .iter()
-            .position(|n| n.name == self.topo.primary)
+            .position(|n| Some(&n.name) == self.topo.primary.as_ref())
             .unwrap_or(0)
+    }
+
+    fn primary_name(&self) -> String {
+        self.topo.primary.clone().unwrap_or_default()
     }
 
     fn node_index(&self, name: &str) -> Option<usize> {
@@ -200,7 +267,7 @@ impl Controller {
 
     /// A node that was promoted at a higher term than we know (a control process that died
     /// between promote and save, or another control process) is the primary.
-    fn learn(&mut self, reports: &[probe::Probe]) -> Result<()> {
+    async fn learn(&mut self, reports: &[probe::Probe]) -> Result<()> {
         // Pledges above our term come from a failover that did not finish (this process died
         // between recruit and promote, or another one is at work): the term moves past them,
         // so that a primary still healthy can take its recruited standbys back (repair).
@@ -216,7 +283,7 @@ impl Controller {
                 "term moves to the highest pledge"
             );
             self.topo.term = pledged;
-            save_topology(&self.dir, &self.topo)?;
+            self.save().await?;
         }
         let newest = reports
             .iter()
@@ -231,23 +298,34 @@ impl Controller {
                 n.name.clone(),
                 r.primary_term,
                 "adopted: promoted at a newer term",
-            )?;
+            )
+            .await?;
         }
         Ok(())
     }
 
-    fn set_primary(&mut self, name: String, term: u64, reason: &str) -> Result<()> {
-        self.topo.primary = name.clone();
+    async fn set_primary(&mut self, name: String, term: u64, reason: &str) -> Result<()> {
+        self.topo.primary = Some(name.clone());
         self.topo.primary_term = term;
         self.topo.term = self.topo.term.max(term);
-        self.topo.history.push(Change {
+        self.topo.history.push(TermRecord {
             term,
             primary: name,
             at_unix_ms: now_ms(),
             reason: reason.to_string(),
         });
         self.bad_since = None;
-        save_topology(&self.dir, &self.topo)
+        self.save().await
+    }
+
+    async fn record_override(&mut self, term: u64, reason: &str) -> Result<()> {
+        self.topo.overrides.push(OverrideRecord {
+            term,
+            by: "tidepool failover --force".into(),
+            reason: reason.to_string(),
+            at_unix_ms: now_ms(),
+        });
+        self.save().await
     }
 
     /// A standby streaming from the primary that heard from it recently: the primary lives,
@@ -336,7 +414,7 @@ impl Controller {
         };
         let following = self.following.clone();
         let timeout = self.timers.operation_timeout_ms * 4;
-        tracing::info!(node = %name, primary = %self.topo.primary, term = self.topo.term, "telling node to follow the primary");
+        tracing::info!(node = %name, primary = %self.primary_name(), term = self.topo.term, "telling node to follow the primary");
         tokio::spawn(async move {
             match probe::call(&node, req, timeout).await {
                 Ok(_) => tracing::info!(node = %node.name, "follows the primary"),
@@ -349,43 +427,59 @@ impl Controller {
     }
 }
 
-pub fn topology_path(dir: &std::path::Path) -> PathBuf {
-    dir.join("topology.json")
-}
-
-pub fn load_topology(dir: &std::path::Path) -> Result<Option<Topology>> {
-    let path = topology_path(dir);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|source| Error::State { path, source }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::Io {
-            context: format!("reading {}", path.display()),
-            source: e,
-        }),
+/// The store a cluster's settings name: etcd with `etcd`, else `DIR/topology.json`.
+pub fn store_for(dir: &std::path::Path, settings: &ClusterSettings) -> Result<Store> {
+    match settings.etcd.as_deref().filter(|e| !e.is_empty()) {
+        Some(urls) => EtcdStore::new(urls, &settings.cluster_name, Duration::from_secs(2))
+            .map(Store::Etcd)
+            .map_err(|e| Error::Conflict(format!("--etcd: {e}"))),
+        None => Ok(Store::File(FileStore::new(dir.join("topology.json")))),
     }
 }
 
-/// Written to a temporary file, synced and renamed: a crash leaves the old or the new.
-pub fn save_topology(dir: &std::path::Path, topo: &Topology) -> Result<()> {
-    use std::io::Write;
-    let path = topology_path(dir);
-    let tmp = path.with_extension("json.tmp");
-    let text = serde_json::to_vec_pretty(topo).map_err(|source| Error::State {
-        path: path.clone(),
-        source,
-    })?;
-    let mut f =
-        std::fs::File::create(&tmp).map_err(Error::io(format!("writing {}", tmp.display())))?;
-    f.write_all(&text)
-        .and_then(|()| f.sync_all())
-        .map_err(Error::io(format!("writing {}", tmp.display())))?;
-    std::fs::rename(&tmp, &path).map_err(Error::io(format!("renaming {}", tmp.display())))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
+/// The topology of a cluster just brought up: term 0, node1 primary.
+pub fn bootstrap_topology(state: &State) -> Topology {
+    let first = state
+        .nodes
+        .first()
+        .map(|n| n.name.clone())
+        .unwrap_or_default();
+    Topology {
+        cluster: state.settings.cluster_name.clone(),
+        term: 0,
+        primary: Some(first.clone()),
+        primary_term: 0,
+        nodes: state
+            .nodes
+            .iter()
+            .map(|n| crate::topology::NodeRecord {
+                name: n.name.clone(),
+                zone: n.zone.clone(),
+                pooler: n.pooler,
+                agent: n.agent,
+                pg_port: n.pg_port,
+                data_dir: n.data_dir.clone(),
+            })
+            .collect(),
+        policy: state.settings.durability.clone(),
+        history: vec![TermRecord {
+            term: 0,
+            primary: first,
+            at_unix_ms: now_ms(),
+            reason: "bootstrap".into(),
+        }],
+        overrides: Vec::new(),
     }
-    Ok(())
+}
+
+/// The stored topology (for `status`), loaded on a throwaway runtime.
+pub fn load_topology(dir: &std::path::Path, settings: &ClusterSettings) -> Option<Topology> {
+    let store = store_for(dir, settings).ok()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    rt.block_on(store.load()).ok().flatten().map(|(t, _)| t)
 }
 
 /// `Report` with a name, for status output.

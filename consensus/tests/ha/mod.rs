@@ -24,7 +24,7 @@ pub const TIDEPOOL: &str = env!("CARGO_BIN_EXE_tidepool");
 fn free_block() -> u16 {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos() as u64 ^ std::process::id() as u64 * 7919)
+        .map(|d| d.subsec_nanos() as u64 ^ (std::process::id() as u64 * 7919))
         .unwrap_or(1);
     let mut x = seed;
     for _ in 0..500 {
@@ -283,11 +283,13 @@ impl HaCluster {
         run_merged(&mut cmd, None, Duration::from_secs(30))
     }
 
+    /// The stored topology (the file store's `{"version", "topology"}`).
     pub fn topology(&self) -> Value {
-        serde_json::from_str(
+        let v: Value = serde_json::from_str(
             &std::fs::read_to_string(self.dir.join("topology.json")).unwrap_or_default(),
         )
-        .unwrap_or(Value::Null)
+        .unwrap_or(Value::Null);
+        v["topology"].clone()
     }
 }
 
