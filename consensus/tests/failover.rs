@@ -439,3 +439,54 @@ fn a_lagging_standby_is_not_promoted_over_one_that_has_everything() {
     let writes = w.finish();
     assert_all_acked_on(&c, new, &writes);
 }
+
+#[test]
+fn with_etcd_two_control_processes_never_make_two_primaries_and_an_etcd_outage_demotes_nothing() {
+    let etcd = testkit::Etcd::start();
+    let c = HaCluster::up(&["--etcd", &etcd.url]);
+    c.wait_all_streaming(&[], Duration::from_secs(30));
+    // A second control process beside the one `up` started: one leads, one waits.
+    let _second = Control::start(&c);
+    let watcher = Watcher::start(&c);
+    let w = Writer::start(&c.url);
+    assert!(
+        w.wait_acks(0, 30, Duration::from_secs(30)),
+        "no writes\n{}",
+        c.logs()
+    );
+
+    // etcd frozen: the primary keeps serving, nobody demotes it.
+    etcd.signal("STOP");
+    let before = w.acked_count();
+    assert!(
+        w.wait_acks(before, 50, Duration::from_secs(20)),
+        "writes stopped while etcd was down\n{}",
+        c.logs()
+    );
+    assert_eq!(c.primary().map(|(i, _)| i), Some(0));
+    etcd.signal("CONT");
+    std::thread::sleep(Duration::from_secs(2));
+
+    c.kill_node(0);
+    let (new, r) = c.wait_new_primary(0, 0, Duration::from_secs(40));
+    let before = w.acked_count();
+    assert!(
+        w.wait_acks(before, 20, Duration::from_secs(30)),
+        "writes did not resume\n{}",
+        c.logs()
+    );
+    let writes = w.finish();
+    assert_all_acked_on(&c, new, &writes);
+    let terms = watcher.finish();
+    assert!(terms.contains_key(&r.primary_term), "{terms:?}");
+    // The topology is in etcd, not in the state directory.
+    assert!(!c.dir.join("topology.json").exists());
+    let status = c.tidepool(&["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&status.text).unwrap_or_default();
+    assert_eq!(
+        json["topology"]["primary"],
+        c.nodes[new].name.as_str(),
+        "{}",
+        status.text
+    );
+}

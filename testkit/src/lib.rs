@@ -17,6 +17,7 @@
 pub mod cli;
 pub mod cluster;
 pub mod endpoint;
+pub mod etcd;
 pub mod ports;
 pub mod process;
 pub mod sockets;
@@ -26,6 +27,7 @@ pub mod wire;
 pub use cli::{pgbench, PgbenchSummary, Psql};
 pub use cluster::{BackendWatch, PgCluster, UsersSample, UsersWatch, ALICE, APP_DB, BOB};
 pub use endpoint::Endpoint;
+pub use etcd::Etcd;
 pub use ports::free_port;
 pub use process::{run_merged, Output};
 pub use tidepool::{bin_dir, Gateway, Tidepool, TidepoolOpts};

@@ -1,0 +1,122 @@
+//! A real etcd (Debian's `etcd-server`) on free loopback ports with a throwaway data
+//! directory, killed on drop.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::ports::free_port;
+
+pub struct Etcd {
+    child: Child,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+    port: u16,
+    pub log: PathBuf,
+    dir: PathBuf,
+}
+
+impl Etcd {
+    /// Starts etcd and waits (bounded) until it answers `/health`.
+    pub fn start() -> Etcd {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let dir = std::env::temp_dir().join(format!("tp-etcd-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("etcd dir");
+        let (client, peer) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = dir.join("etcd.log");
+        let log_file = std::fs::File::create(&log).expect("etcd log file");
+        let child = Command::new("etcd")
+            .arg("--name=t")
+            .arg(format!("--data-dir={}", dir.join("data").display()))
+            .arg(format!("--listen-client-urls={url}"))
+            .arg(format!("--advertise-client-urls={url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=t={peer_url}"))
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("log fd"))
+            .stderr(log_file)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("starting etcd ({e}): install Debian's etcd-server (scripts/setup.sh)")
+            });
+        let mut etcd = Etcd {
+            child,
+            url,
+            port: client,
+            log,
+            dir,
+        };
+        etcd.wait_healthy();
+        etcd
+    }
+
+    fn healthy(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+        let req = format!(
+            "GET /health HTTP/1.0\r\nHost: 127.0.0.1:{}\r\n\r\n",
+            self.port
+        );
+        if s.write_all(req.as_bytes()).is_err() {
+            return false;
+        }
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body);
+        body.contains("\"health\":\"true\"")
+    }
+
+    fn wait_healthy(&mut self) {
+        let start = Instant::now();
+        while !self.healthy() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "etcd exited ({status}):\n{}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "etcd not healthy after 30 s:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGSTOP (`"STOP"`), SIGCONT, ...
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "kill -{sig} etcd");
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-CONT")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
