@@ -56,6 +56,40 @@ pub struct Args {
     /// Microseconds an idle executor spins before it sleeps (0: sleep at once).
     #[arg(long)]
     pub spin_before_park_us: Option<u64>,
+    /// This node's name (standbys stream with it as application_name).
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// This node's zone (for durability policies).
+    #[arg(long)]
+    pub zone: Option<String>,
+    /// Address of the node agent (empty: no agent).
+    #[arg(long)]
+    pub agent_listen: Option<String>,
+    /// Postgres data directory (supervision, rewind, postmaster.pid).
+    #[arg(long)]
+    pub pg_data: Option<PathBuf>,
+    /// Directory of pg_ctl, pg_rewind, postgres.
+    #[arg(long)]
+    pub pg_bin_dir: Option<PathBuf>,
+    /// Where the pledged term is kept (default: the parent of pg_data).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Restart Postgres after a crash (default: on when pg_data is set).
+    #[arg(long)]
+    pub supervise: Option<bool>,
+    /// Role standbys stream as and pg_rewind connects as.
+    #[arg(long)]
+    pub replication_user: Option<String>,
+    /// Bound on every SQL call the agent makes to its Postgres, in milliseconds.
+    #[arg(long)]
+    pub agent_pg_timeout_ms: Option<u64>,
+    /// Bound on the agent's waits inside one operation (a recruit's replay catch-up, a
+    /// primary's drain, pg_ctl, pg_rewind), in milliseconds.
+    #[arg(long)]
+    pub agent_wait_ms: Option<u64>,
+    /// Log file of a Postgres the agent starts (default: postgres.log beside pg_data).
+    #[arg(long)]
+    pub pg_log: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -75,6 +109,34 @@ struct File {
     max_prepared_statements: Option<usize>,
     spin_before_park_us: Option<u64>,
     login_cache_seconds: Option<u64>,
+    node_name: Option<String>,
+    zone: Option<String>,
+    agent_listen: Option<String>,
+    pg_data: Option<PathBuf>,
+    pg_bin_dir: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    supervise: Option<bool>,
+    replication_user: Option<String>,
+    agent_pg_timeout_ms: Option<u64>,
+    agent_wait_ms: Option<u64>,
+    pg_log: Option<PathBuf>,
+}
+
+/// What the node agent needs (see config/pooler.toml, "Node agent").
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node_name: String,
+    pub zone: String,
+    /// `None`: no agent; the pooler reports its node as a primary at term 0.
+    pub listen: Option<String>,
+    pub pg_data: Option<PathBuf>,
+    pub pg_bin_dir: PathBuf,
+    pub state_dir: Option<PathBuf>,
+    pub supervise: bool,
+    pub replication_user: String,
+    pub pg_timeout_ms: u64,
+    pub wait_ms: u64,
+    pub pg_log: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -93,6 +155,7 @@ pub struct Config {
     pub max_prepared_statements: usize,
     pub spin_before_park_us: u64,
     pub login_cache_seconds: u64,
+    pub agent: AgentConfig,
 }
 
 impl Config {
@@ -110,7 +173,59 @@ impl Config {
             .or(file.cores)
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
             .max(1);
+        let pg_data = args.pg_data.or(file.pg_data);
+        let state_dir = args
+            .state_dir
+            .or(file.state_dir)
+            .or_else(|| pg_data.as_ref().and_then(|d| d.parent().map(PathBuf::from)));
+        let pg_log = args.pg_log.or(file.pg_log).or_else(|| {
+            pg_data
+                .as_ref()
+                .and_then(|d| d.parent().map(|p| p.join("postgres.log")))
+        });
+        let agent = AgentConfig {
+            node_name: args
+                .node_name
+                .or(file.node_name)
+                .unwrap_or_else(|| "node1".into()),
+            zone: args.zone.or(file.zone).unwrap_or_else(|| "default".into()),
+            listen: args
+                .agent_listen
+                .or(file.agent_listen)
+                .filter(|a| !a.trim().is_empty()),
+            supervise: args
+                .supervise
+                .or(file.supervise)
+                .unwrap_or(pg_data.is_some()),
+            pg_data,
+            pg_bin_dir: args
+                .pg_bin_dir
+                .or(file.pg_bin_dir)
+                .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin")),
+            state_dir,
+            replication_user: args
+                .replication_user
+                .or(file.replication_user)
+                .unwrap_or_else(|| "postgres".into()),
+            pg_timeout_ms: args
+                .agent_pg_timeout_ms
+                .or(file.agent_pg_timeout_ms)
+                .unwrap_or(1000)
+                .max(1),
+            wait_ms: args
+                .agent_wait_ms
+                .or(file.agent_wait_ms)
+                .unwrap_or(10_000)
+                .max(1),
+            pg_log,
+        };
+        if agent.listen.is_some() && agent.state_dir.is_none() {
+            return Err(
+                "agent_listen needs state_dir or pg_data (where the pledged term is kept)".into(),
+            );
+        }
         let c = Config {
+            agent,
             spin_before_park_us: args
                 .spin_before_park_us
                 .or(file.spin_before_park_us)

@@ -2,6 +2,7 @@
 //! shared by every session of every gateway, without locks on the request path.
 
 mod admin;
+mod agent;
 mod backend;
 mod budget;
 mod cancel;
@@ -40,6 +41,10 @@ fn main() {
         }
     };
     tracing::info!(listen = %cfg.listen, cores = cfg.cores, pg = %format!("{}:{}", cfg.pg_host, cfg.pg_port), "pooler starting");
+    if let Err(e) = agent::start(&cfg) {
+        eprintln!("tidepool-pooler: {e}");
+        std::process::exit(2);
+    }
     let cores = cfg.cores;
     let mesh = MeshBuilder::full(cores, 1024);
     let cfg = Rc::new(cfg);

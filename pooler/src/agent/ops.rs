@@ -1,0 +1,370 @@
+//! What the control process asks of the node: recruit, promote, follow, set_sync. Each takes
+//! the operation lock, checks the term against the pledge, persists before it acts where the
+//! protocol says so, and answers with a fresh report.
+
+use super::pgctl::Postmaster;
+use super::postgres::{conninfo_quote, wait_until, Conn, PgError};
+use super::term::Pledge;
+use super::Agent;
+use shared::agent::{Response, Role, Upstream};
+use std::time::{Duration, Instant};
+
+/// A `synchronous_standby_names` no standby ever has: a primary with it cannot complete a
+/// commit (each waits for an acknowledgement that never comes).
+pub const FENCE: &str = "\"tidepool_fenced\"";
+
+impl Agent {
+    async fn refuse(&self, reason: String) -> Response {
+        tracing::warn!(%reason, "agent request refused");
+        Response::Refused {
+            reason,
+            report: Some(self.report().await),
+        }
+    }
+
+    async fn ok(&self) -> Response {
+        Response::Ok {
+            report: self.report().await,
+        }
+    }
+
+    /// Connects and asks Postgres for its role.
+    async fn role_now(&self) -> Result<(Conn, Role), PgError> {
+        let c = self.connect().await?;
+        let o = c.observe().await?;
+        Ok((c, o.role))
+    }
+
+    pub async fn recruit(&self, term: u64) -> Response {
+        let _op = self.op.lock().await;
+        let p = self.pledge.get();
+        if term <= p.term {
+            return self
+                .refuse(format!(
+                    "term {term} is not above the pledged term {}",
+                    p.term
+                ))
+                .await;
+        }
+        // The pledge is durable before anything else happens, and before any answer.
+        if let Err(e) = self.persist(Pledge {
+            term,
+            recruited: true,
+            ..p
+        }) {
+            return self.refuse(format!("cannot persist the pledge: {e}")).await;
+        }
+        tracing::warn!(term, "pledged to a new term");
+        let done = match self.role_now().await {
+            // A pledge from a node whose Postgres is down still counts for the majority
+            // (it will refuse lower terms); the report says Down, so it is not promoted.
+            Err(e) => {
+                tracing::warn!(term, error = %e, "recruited while Postgres is down");
+                Ok(())
+            }
+            Ok((c, Role::Standby)) => self.stop_streaming(c).await,
+            Ok((c, Role::Primary)) => self.fence(c).await,
+            Ok((_, Role::Down)) => Ok(()),
+        };
+        match done {
+            Ok(()) => self.ok().await,
+            Err(e) => self.refuse(format!("recruit for term {term}: {e}")).await,
+        }
+    }
+
+    /// A recruited standby stops streaming (so the old primary loses the acknowledgement it
+    /// needs to complete a commit), then replays all it received.
+    async fn stop_streaming(&self, mut c: Conn) -> Result<(), String> {
+        c.set_system(&[("primary_conninfo", Some(""))])
+            .await
+            .map_err(|e| format!("clearing primary_conninfo: {e}"))?;
+        let deadline = Instant::now() + self.wait();
+        let pg_timeout = self.pg_timeout();
+        loop {
+            c.set_deadline(Instant::now() + pg_timeout);
+            let n = c.value("SELECT count(*) FROM pg_stat_wal_receiver").await;
+            if matches!(n, Ok(Some(n)) if n == "0") {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err("the WAL receiver did not stop in time".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Replay up to what was received. A last record received only in part never replays:
+        // once replay stands still for a second, what it reached is all there is.
+        let mut last: Option<String> = None;
+        let mut still_since = Instant::now();
+        loop {
+            c.set_deadline(Instant::now() + pg_timeout);
+            let row = c
+                .rows(
+                    "SELECT (pg_last_wal_receive_lsn() IS NULL \
+                     OR pg_last_wal_replay_lsn() >= pg_last_wal_receive_lsn())::text, \
+                     pg_last_wal_replay_lsn()::text",
+                )
+                .await
+                .map_err(|e| format!("replay position: {e}"))?
+                .into_iter()
+                .next()
+                .unwrap_or_default();
+            if row.first().cloned().flatten().as_deref() == Some("true") {
+                break;
+            }
+            let replay = row.get(1).cloned().flatten();
+            if replay != last {
+                last = replay;
+                still_since = Instant::now();
+            } else if still_since.elapsed() > Duration::from_secs(1) {
+                tracing::info!(replay = ?last, "replay stopped short of the received WAL (a partial record)");
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err("replay did not catch up with the received WAL in time".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// A recruited primary (a planned switchover) drains and stops completing commits: new
+    /// transactions read-only, writers given a moment to finish, then an unsatisfiable
+    /// `synchronous_standby_names` and every client backend ended.
+    async fn fence(&self, mut c: Conn) -> Result<(), String> {
+        c.set_system(&[("default_transaction_read_only", Some("on"))])
+            .await
+            .map_err(|e| format!("making transactions read-only: {e}"))?;
+        let pg_timeout = self.pg_timeout();
+        let drain = Instant::now() + self.wait() / 2;
+        loop {
+            c.set_deadline(Instant::now() + pg_timeout);
+            let writers = c
+                .value(
+                    "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' \
+                     AND backend_xid IS NOT NULL AND pid <> pg_backend_pid()",
+                )
+                .await;
+            if matches!(writers, Ok(Some(n)) if n == "0") {
+                break;
+            }
+            if Instant::now() >= drain {
+                tracing::warn!("writers still running after the drain; ending them");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        c.set_deadline(Instant::now() + pg_timeout);
+        c.set_system(&[("synchronous_standby_names", Some(FENCE))])
+            .await
+            .map_err(|e| format!("fencing: {e}"))?;
+        // pg_reload_conf only signals: give the walsenders and the checkpointer (which
+        // publishes whether synchronous standbys are defined) a moment to read the file.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        c.set_deadline(Instant::now() + pg_timeout);
+        c.exec(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+        )
+        .await
+        .map_err(|e| format!("ending client backends: {e}"))?;
+        tracing::warn!("primary fenced");
+        Ok(())
+    }
+
+    pub async fn promote(&self, term: u64, sync_names: &str) -> Response {
+        let _op = self.op.lock().await;
+        let p = self.pledge.get();
+        if term != p.term {
+            return self
+                .refuse(format!(
+                    "promote for term {term}, but pledged to term {}",
+                    p.term
+                ))
+                .await;
+        }
+        let (mut c, role) = match self.role_now().await {
+            Ok(x) => x,
+            Err(e) => return self.refuse(format!("postgres: {e}")).await,
+        };
+        // Persisted first: if the agent dies right after the promotion, the node still says
+        // at which term it became primary.
+        if let Err(e) = self.persist(Pledge {
+            term,
+            primary_term: term,
+            recruited: false,
+        }) {
+            return self.refuse(format!("cannot persist: {e}")).await;
+        }
+        let settings = [
+            ("synchronous_standby_names", Some(sync_names)),
+            ("default_transaction_read_only", None),
+        ];
+        if let Err(e) = c.set_system(&settings).await {
+            return self.refuse(format!("setting up the primary: {e}")).await;
+        }
+        if role == Role::Standby {
+            let secs = self.wait().as_secs().max(1);
+            c.set_deadline(Instant::now() + self.wait() + self.pg_timeout());
+            match c
+                .value(&format!("SELECT pg_promote(true, {secs})::text"))
+                .await
+            {
+                Ok(Some(t)) if t == "true" => {}
+                Ok(other) => {
+                    return self
+                        .refuse(format!("pg_promote did not finish: {other:?}"))
+                        .await
+                }
+                Err(e) => return self.refuse(format!("pg_promote: {e}")).await,
+            }
+        }
+        tracing::warn!(term, sync = %sync_names, "promoted");
+        self.ok().await
+    }
+
+    pub async fn set_sync(&self, term: u64, sync_names: &str) -> Response {
+        let _op = self.op.lock().await;
+        let p = self.pledge.get();
+        if term < p.term {
+            return self
+                .refuse(format!("term {term} is below the pledged term {}", p.term))
+                .await;
+        }
+        if p.recruited {
+            return self
+                .refuse("fenced by a recruit: promote or follow first".into())
+                .await;
+        }
+        match self.role_now().await {
+            Ok((c, Role::Primary)) => {
+                if let Err(e) = self.persist(Pledge { term, ..p }) {
+                    return self.refuse(format!("cannot persist: {e}")).await;
+                }
+                match c
+                    .set_system(&[("synchronous_standby_names", Some(sync_names))])
+                    .await
+                {
+                    Ok(()) => self.ok().await,
+                    Err(e) => self.refuse(format!("synchronous_standby_names: {e}")).await,
+                }
+            }
+            Ok(_) => self.refuse("not a primary".into()).await,
+            Err(e) => self.refuse(format!("postgres: {e}")).await,
+        }
+    }
+
+    fn is_self(&self, u: &Upstream) -> bool {
+        u.port == self.pg_port
+            && self
+                .own_hosts
+                .iter()
+                .any(|h| h.trim_end_matches('/') == u.host.trim_end_matches('/'))
+    }
+
+    pub async fn follow(&self, term: u64, primary: &Upstream) -> Response {
+        let _op = self.op.lock().await;
+        let p = self.pledge.get();
+        if term < p.term {
+            return self
+                .refuse(format!("term {term} is below the pledged term {}", p.term))
+                .await;
+        }
+        if self.is_self(primary) {
+            return self
+                .refuse(format!(
+                    "{}:{} is this node: it cannot follow itself",
+                    primary.host, primary.port
+                ))
+                .await;
+        }
+        if let Err(e) = self.persist(Pledge { term, ..p }) {
+            return self.refuse(format!("cannot persist: {e}")).await;
+        }
+        let conninfo = format!(
+            "host={} port={} user={} application_name={}",
+            conninfo_quote(&primary.host),
+            primary.port,
+            conninfo_quote(&self.cfg.replication_user),
+            conninfo_quote(&self.cfg.node_name)
+        );
+        let done = match self.role_now().await {
+            Ok((c, Role::Standby)) => c
+                .set_system(&[("primary_conninfo", Some(&conninfo))])
+                .await
+                .map_err(|e| format!("primary_conninfo: {e}")),
+            Ok((c, _)) => {
+                drop(c);
+                self.rewind_and_start(primary, &conninfo, true).await
+            }
+            Err(PgError::NotAnswering) => Err("postgres is not answering".into()),
+            Err(e) => match self.pgctl.as_ref().map(|c| c.postmaster()) {
+                Some(Postmaster::Running(_)) => Err(format!("postgres: {e}")),
+                Some(_) => self.rewind_and_start(primary, &conninfo, false).await,
+                None => Err(format!("postgres: {e}")),
+            },
+        };
+        if let Err(e) = done {
+            return self
+                .refuse(format!("follow {}:{}: {e}", primary.host, primary.port))
+                .await;
+        }
+        if let Err(e) = self.persist(Pledge {
+            term,
+            primary_term: 0,
+            recruited: false,
+        }) {
+            return self.refuse(format!("cannot persist: {e}")).await;
+        }
+        // Give the WAL receiver a moment so the answer usually shows it streaming; the
+        // control re-checks with reports anyway.
+        let pg_timeout = self.pg_timeout();
+        let _ = wait_until(
+            Instant::now() + self.wait().min(Duration::from_secs(3)),
+            Duration::from_millis(50),
+            || async move {
+                match self.target.connect(Instant::now() + pg_timeout).await {
+                    Ok(c) => matches!(c.observe().await, Ok(o) if o.streaming),
+                    Err(_) => false,
+                }
+            },
+        )
+        .await;
+        tracing::warn!(term, primary = %format!("{}:{}", primary.host, primary.port), "following");
+        self.ok().await
+    }
+
+    /// An old primary (running, crashed or stopped) becomes a standby of `primary`: stopped,
+    /// rewound onto the new primary's history, given back its own configuration, started.
+    async fn rewind_and_start(
+        &self,
+        primary: &Upstream,
+        conninfo: &str,
+        running: bool,
+    ) -> Result<(), String> {
+        let Some(pgctl) = &self.pgctl else {
+            return Err("pg_data is not configured: cannot rewind".into());
+        };
+        if running {
+            tracing::warn!("stopping the old primary to rewind it");
+            pgctl.stop(self.wait()).await?;
+        }
+        let saved = pgctl.save_config();
+        let source = format!(
+            "host={} port={} user={} dbname=postgres",
+            conninfo_quote(&primary.host),
+            primary.port,
+            conninfo_quote(&self.cfg.replication_user)
+        );
+        tracing::warn!(source = %source, "pg_rewind");
+        let rewound = pgctl.rewind(&source, self.wait() * 3).await;
+        // The node's own configuration goes back even when the rewind failed half-way.
+        for (path, bytes) in &saved {
+            pgctl.write_owned(path, bytes)?;
+        }
+        let out = rewound?;
+        tracing::info!(output = %out.trim(), "pg_rewind done");
+        pgctl.make_standby(conninfo)?;
+        tracing::warn!("starting as a standby");
+        pgctl.start(self.wait()).await
+    }
+}
