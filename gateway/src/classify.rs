@@ -20,14 +20,32 @@ const CACHE_TEXT: usize = 4096;
 /// What we answer when we cannot tell: settings are read back after it (cheap and always right).
 pub const CONSERVATIVE: u8 = flags::SNAPSHOT;
 
+/// Not a link flag (the gateway masks it off): the statement would lower `synchronous_commit`,
+/// which the cluster's durability policy forbids (issue 5, point 3).
+pub const LOWERS_SYNC_COMMIT: u8 = 0x80;
+
 #[derive(Default)]
 pub struct Classifier {
     cache: RefCell<HashMap<Box<[u8]>, u8>>,
+    /// Look for statements that lower `synchronous_commit` (config `guard_synchronous_commit`).
+    pub guard_sync_commit: bool,
 }
 
 impl Classifier {
+    pub fn new(guard_sync_commit: bool) -> Classifier {
+        Classifier {
+            cache: RefCell::default(),
+            guard_sync_commit,
+        }
+    }
+
     /// The answer without waiting, if the lexer or the cache has it.
     pub fn classify_now(&self, sql: &[u8]) -> Option<u8> {
+        // A statement naming synchronous_commit goes to the grammar (once: the answer is
+        // cached); the word test is the only cost the guard adds to every other statement.
+        if self.guard_sync_commit && contains_ci(sql, b"synchronous_commit") {
+            return self.cache.borrow().get(sql).copied();
+        }
         fast(sql).or_else(|| self.cache.borrow().get(sql).copied())
     }
 
@@ -35,11 +53,13 @@ impl Classifier {
         if let Some(f) = self.classify_now(sql) {
             return f;
         }
+        let guard = self.guard_sync_commit && contains_ci(sql, b"synchronous_commit");
         let f = if sql.len() > MAX_PARSE_LEN || depth(sql) > MAX_DEPTH {
-            CONSERVATIVE
+            // Too big to parse safely: if it names synchronous_commit, refuse it.
+            CONSERVATIVE | if guard { LOWERS_SYNC_COMMIT } else { 0 }
         } else {
             match std::str::from_utf8(sql) {
-                Ok(text) => parse_off_core(text.to_owned()).await,
+                Ok(text) => parse_off_core(text.to_owned(), guard).await,
                 // Postgres will reject it (invalid byte sequence): nothing runs.
                 Err(_) => 0,
             }
@@ -57,13 +77,17 @@ impl Classifier {
 
 /// Runs the parser on a thread of its own: a deep statement may recurse far, and the executor's
 /// core must not stall on it.
-async fn parse_off_core(text: String) -> u8 {
+async fn parse_off_core(text: String, guard: bool) -> u8 {
     let (tx, rx) = futures_channel::oneshot::channel();
     let spawned = std::thread::Builder::new()
         .name("classify".into())
         .stack_size(256 << 20)
         .spawn(move || {
-            let _ = tx.send(full(&text));
+            let mut f = full(&text);
+            if guard && lowers_sync_commit(&text) {
+                f |= LOWERS_SYNC_COMMIT;
+            }
+            let _ = tx.send(f);
         });
     if spawned.is_err() {
         return CONSERVATIVE;
@@ -174,6 +198,49 @@ pub fn custom_setting_names(sql: &[u8]) -> Vec<String> {
         }
     }
     names
+}
+
+/// `Some(true)` for a statement that only commits the transaction (`COMMIT`, `END`), `Some(false)`
+/// for one that only rolls it back (`ROLLBACK`, `ABORT`), `None` for anything else (including
+/// `ROLLBACK TO SAVEPOINT` and the two-phase forms).
+pub fn ends_transaction(sql: &[u8]) -> Option<bool> {
+    if !single(sql) {
+        return None;
+    }
+    let (first, after) = word(sql, 0);
+    let commit = if first.eq_ignore_ascii_case(b"commit") || first.eq_ignore_ascii_case(b"end") {
+        true
+    } else if first.eq_ignore_ascii_case(b"rollback") || first.eq_ignore_ascii_case(b"abort") {
+        false
+    } else {
+        return None;
+    };
+    // Optional WORK/TRANSACTION, optional AND [NO] CHAIN is refused (rare; let it fail).
+    let (second, after2) = word(sql, after);
+    let rest_at =
+        if second.eq_ignore_ascii_case(b"work") || second.eq_ignore_ascii_case(b"transaction") {
+            after2
+        } else if second.is_empty() {
+            after
+        } else {
+            return None;
+        };
+    let (third, _) = word(sql, rest_at);
+    let end = skip_blank(sql, rest_at.min(sql.len()));
+    (third.is_empty()
+        && sql[end..]
+            .iter()
+            .all(|&b| b == b';' || b.is_ascii_whitespace()))
+    .then_some(commit)
+}
+
+/// Whether a statement sent inside a transaction might commit it (so its outcome is unknown if
+/// the link dies under it). Conservative: any mention of COMMIT, or END/PREPARE first.
+pub fn may_commit(sql: &[u8]) -> bool {
+    let (first, _) = word(sql, 0);
+    first.eq_ignore_ascii_case(b"end")
+        || first.eq_ignore_ascii_case(b"prepare")
+        || contains_ci(sql, b"commit")
 }
 
 /// The lexer's answer, or `None` when only the grammar can tell.
@@ -323,6 +390,100 @@ pub fn full(sql: &str) -> u8 {
     f
 }
 
+/// Values of `synchronous_commit` below `on` (Postgres: synchronous_commit_options in guc.c;
+/// enum values match exactly, ignoring case, no prefixes). `on`, `remote_apply`, `true`, `yes`,
+/// `1`, `DEFAULT` and anything Postgres itself rejects are let through.
+pub fn lowering_value(v: &str) -> bool {
+    matches!(
+        v.trim().to_ascii_lowercase().as_str(),
+        "off" | "local" | "remote_write" | "false" | "no" | "0"
+    )
+}
+
+/// Does this text (which names synchronous_commit) lower it? By the grammar:
+/// - `SET [SESSION|LOCAL] synchronous_commit ...` and the same inside `ALTER ROLE|DATABASE|SYSTEM
+///   ... SET` with a lowering value;
+/// - `set_config('synchronous_commit', v, ...)` anywhere, when `v` is a lowering constant or not
+///   a constant at all (a parameter or an expression could be `off`: refused, to be safe);
+/// - a `DO` block naming synchronous_commit (its body is not SQL we can see into).
+///
+/// A `set_config` whose *name* is not a constant is let through: it cannot be judged before it
+/// runs, and refusing every such call would break applications that set their own settings
+/// that way. Functions stored in the database are not seen either. The guard closes the
+/// doors a client can open by accident or habit; the policy itself lives in Postgres.
+pub fn lowers_sync_commit(sql: &str) -> bool {
+    use pg_query::protobuf::a_const::Val;
+    use pg_query::{NodeEnum, NodeRef};
+    let Ok(parsed) = pg_query::parse(sql) else {
+        return false; // Postgres rejects it: nothing runs.
+    };
+    let set_lowers = |s: &pg_query::protobuf::VariableSetStmt| {
+        s.name.eq_ignore_ascii_case("synchronous_commit")
+            && s.args
+                .first()
+                .and_then(|a| a.node.as_ref())
+                .is_some_and(|a| match a {
+                    NodeEnum::AConst(c) => const_lowers(c),
+                    _ => false,
+                })
+    };
+    fn const_lowers(c: &pg_query::protobuf::AConst) -> bool {
+        match &c.val {
+            Some(Val::Sval(s)) => lowering_value(&s.sval),
+            Some(Val::Ival(i)) => i.ival == 0,
+            Some(Val::Boolval(b)) => !b.boolval,
+            _ => false,
+        }
+    }
+    fn const_str(n: &pg_query::protobuf::Node) -> Option<&str> {
+        match n.node.as_ref()? {
+            NodeEnum::AConst(c) => match &c.val {
+                Some(Val::Sval(s)) => Some(&s.sval),
+                _ => None,
+            },
+            NodeEnum::TypeCast(t) => const_str(t.arg.as_ref()?),
+            _ => None,
+        }
+    }
+    for (node, _, _, _) in parsed.protobuf.nodes() {
+        let bad = match node {
+            NodeRef::VariableSetStmt(s) => set_lowers(s),
+            NodeRef::AlterRoleSetStmt(s) => s.setstmt.as_ref().is_some_and(set_lowers),
+            NodeRef::AlterDatabaseSetStmt(s) => s.setstmt.as_ref().is_some_and(set_lowers),
+            NodeRef::AlterSystemStmt(s) => s.setstmt.as_ref().is_some_and(set_lowers),
+            NodeRef::DoStmt(_) => true, // the caller saw the word in the text
+            NodeRef::FuncCall(f) => {
+                let name = f.funcname.last().and_then(|n| match n.node.as_ref() {
+                    Some(NodeEnum::String(s)) => Some(s.sval.as_str()),
+                    _ => None,
+                });
+                name.is_some_and(|n| n.eq_ignore_ascii_case("set_config"))
+                    && f.args
+                        .first()
+                        .and_then(const_str)
+                        .is_some_and(|n| n.trim().eq_ignore_ascii_case("synchronous_commit"))
+                    && f.args.get(1).is_none_or(|v| match v.node.as_ref() {
+                        Some(NodeEnum::AConst(c)) => c.isnull || const_lowers(c),
+                        Some(NodeEnum::TypeCast(t)) => t
+                            .arg
+                            .as_ref()
+                            .and_then(|a| a.node.as_ref())
+                            .is_none_or(|a| match a {
+                                NodeEnum::AConst(c) => c.isnull || const_lowers(c),
+                                _ => true,
+                            }),
+                        _ => true,
+                    })
+            }
+            _ => false,
+        };
+        if bad {
+            return true;
+        }
+    }
+    false
+}
+
 fn temp(rel: Option<&pg_query::protobuf::RangeVar>) -> u8 {
     match rel {
         Some(r) if r.relpersistence == "t" => flags::PIN,
@@ -395,6 +556,74 @@ mod tests {
             flags::PIN | flags::SNAPSHOT
         );
         assert_eq!(full("select (("), 0);
+    }
+
+    #[test]
+    fn transaction_ends() {
+        assert_eq!(ends_transaction(b"ROLLBACK"), Some(false));
+        assert_eq!(ends_transaction(b" abort work ;"), Some(false));
+        assert_eq!(ends_transaction(b"commit"), Some(true));
+        assert_eq!(ends_transaction(b"END TRANSACTION"), Some(true));
+        assert_eq!(ends_transaction(b"rollback to savepoint a"), None);
+        assert_eq!(ends_transaction(b"rollback prepared 'x'"), None);
+        assert_eq!(ends_transaction(b"commit; select 1"), None);
+        assert_eq!(ends_transaction(b"select 1"), None);
+        assert!(may_commit(b"COMMIT"));
+        assert!(may_commit(b"end"));
+        assert!(!may_commit(b"insert into t values (1)"));
+    }
+
+    #[test]
+    fn sync_commit_guard() {
+        for bad in [
+            "SET synchronous_commit TO off",
+            "set synchronous_commit = 'OFF'",
+            "SET SESSION synchronous_commit = local",
+            "SET LOCAL synchronous_commit TO remote_write",
+            "set synchronous_commit = 0",
+            "set synchronous_commit = false",
+            "set synchronous_commit = no",
+            "select 1; set synchronous_commit = off",
+            "select set_config('synchronous_commit', 'off', false)",
+            "select pg_catalog.set_config('synchronous_commit'::text, 'local'::text, true)",
+            "select set_config('synchronous_commit', $1, false)",
+            "select set_config('synchronous_commit', x, false) from t",
+            "alter role alice set synchronous_commit = off",
+            "alter database app set synchronous_commit = off",
+            "alter system set synchronous_commit = off",
+            "do $$begin perform set_config('synchronous_commit','off',false); end$$",
+        ] {
+            assert!(lowers_sync_commit(bad), "{bad}");
+        }
+        for ok in [
+            "SET synchronous_commit TO on",
+            "set synchronous_commit = remote_apply",
+            "set synchronous_commit = 1",
+            "set synchronous_commit = true",
+            "set synchronous_commit to default",
+            "reset synchronous_commit",
+            "show synchronous_commit",
+            "select set_config('synchronous_commit', 'on', false)",
+            "select current_setting('synchronous_commit')",
+            "select 'synchronous_commit off'",
+            "set work_mem = 0",
+        ] {
+            assert!(!lowers_sync_commit(ok), "{ok}");
+        }
+        let c = Classifier::new(true);
+        assert_eq!(c.classify_now(b"set synchronous_commit = off"), None);
+        let f = futures_lite::future::block_on(c.classify(b"set synchronous_commit = off"));
+        assert_eq!(f, flags::SNAPSHOT | LOWERS_SYNC_COMMIT);
+        assert_eq!(
+            c.classify_now(b"set synchronous_commit = off"),
+            Some(flags::SNAPSHOT | LOWERS_SYNC_COMMIT)
+        );
+        assert_eq!(c.classify_now(b"select 1"), Some(0));
+        let c = Classifier::new(false);
+        assert_eq!(
+            c.classify_now(b"set synchronous_commit = off"),
+            Some(flags::SNAPSHOT)
+        );
     }
 
     #[test]

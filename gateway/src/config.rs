@@ -22,9 +22,22 @@ pub struct Args {
     /// Executors (cores); default: all cores.
     #[arg(long)]
     pub cores: Option<usize>,
-    /// Pooler link address.
+    /// Pooler link address; repeat it or separate with commas for several poolers (one per
+    /// Postgres node: the gateway sends sessions to the one reporting primary at the highest term).
+    #[arg(long, value_delimiter = ',')]
+    pub pooler: Vec<String>,
+    /// Milliseconds a request waits for a primary while there is none.
     #[arg(long)]
-    pub pooler: Option<String>,
+    pub failover_hold_ms: Option<u64>,
+    /// Requests held at once per core while there is no primary; more get SQLSTATE 57P03.
+    #[arg(long)]
+    pub failover_hold_max: Option<usize>,
+    /// A second client address whose sessions read from a standby.
+    #[arg(long)]
+    pub read_only_listen: Option<String>,
+    /// Refuse statements that lower synchronous_commit (true/false).
+    #[arg(long)]
+    pub guard_synchronous_commit: Option<bool>,
     /// scram-sha-256, md5 or trust (as in pg_hba.conf).
     #[arg(long)]
     pub auth_method: Option<String>,
@@ -58,6 +71,11 @@ struct File {
     unix_socket_dir: Option<String>,
     cores: Option<usize>,
     pooler: Option<String>,
+    poolers: Option<Vec<String>>,
+    failover_hold_ms: Option<u64>,
+    failover_hold_max: Option<usize>,
+    read_only_listen: Option<String>,
+    guard_synchronous_commit: Option<bool>,
     auth_method: Option<String>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
@@ -82,7 +100,14 @@ pub struct Config {
     pub listen: String,
     pub unix_socket_dir: Option<String>,
     pub cores: usize,
-    pub pooler: String,
+    /// Link addresses of every pooler (one per Postgres node), never empty.
+    pub poolers: Vec<String>,
+    pub failover_hold_ms: u64,
+    /// Per core.
+    pub failover_hold_max: usize,
+    /// Sessions accepted here read from a standby pooler (the primary when there is none).
+    pub read_only_listen: Option<String>,
+    pub guard_synchronous_commit: bool,
     pub auth_method: AuthMethod,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -122,6 +147,21 @@ impl Config {
         if tls_cert.is_some() != tls_key.is_some() {
             return Err("tls_cert and tls_key go together".into());
         }
+        // Flags beat the file; in the file `pooler` (one) and `poolers` (a list) add up.
+        let mut poolers: Vec<String> = args
+            .pooler
+            .iter()
+            .map(|p| p.trim().to_owned())
+            .filter(|p| !p.is_empty())
+            .collect();
+        if poolers.is_empty() {
+            poolers.extend(file.pooler);
+            poolers.extend(file.poolers.unwrap_or_default());
+        }
+        if poolers.is_empty() {
+            poolers.push("127.0.0.1:15433".into());
+        }
+        poolers.dedup();
         Ok(Config {
             spin_before_park_us: args
                 .spin_before_park_us
@@ -137,10 +177,20 @@ impl Config {
                 .or(file.cores)
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
                 .max(1),
-            pooler: args
-                .pooler
-                .or(file.pooler)
-                .unwrap_or_else(|| "127.0.0.1:15433".into()),
+            poolers,
+            failover_hold_ms: args
+                .failover_hold_ms
+                .or(file.failover_hold_ms)
+                .unwrap_or(10_000),
+            failover_hold_max: args
+                .failover_hold_max
+                .or(file.failover_hold_max)
+                .unwrap_or(10_000),
+            read_only_listen: args.read_only_listen.or(file.read_only_listen),
+            guard_synchronous_commit: args
+                .guard_synchronous_commit
+                .or(file.guard_synchronous_commit)
+                .unwrap_or(true),
             auth_method,
             tls_cert,
             tls_key,
@@ -159,5 +209,32 @@ impl Config {
                 .or(file.auth_timeout_seconds)
                 .unwrap_or(60),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poolers_from_flags_and_file() {
+        let args = Args::parse_from(["g", "--pooler", "a:1,b:2", "--pooler", "c:3"]);
+        let c = Config::load(args).unwrap();
+        assert_eq!(c.poolers, vec!["a:1", "b:2", "c:3"]);
+        assert_eq!(c.failover_hold_ms, 10_000);
+        assert_eq!(c.failover_hold_max, 10_000);
+        assert!(c.guard_synchronous_commit);
+        let c = Config::load(Args::parse_from(["g"])).unwrap();
+        assert_eq!(c.poolers, vec!["127.0.0.1:15433"]);
+        let dir = std::env::temp_dir().join(format!("gw-cfg-{}", std::process::id()));
+        std::fs::write(
+            &dir,
+            "pooler = \"x:1\"\npoolers = [\"y:2\"]\nguard_synchronous_commit = false\n",
+        )
+        .unwrap();
+        let c = Config::load(Args::parse_from(["g", "--config", dir.to_str().unwrap()])).unwrap();
+        let _ = std::fs::remove_file(&dir);
+        assert_eq!(c.poolers, vec!["x:1", "y:2"]);
+        assert!(!c.guard_synchronous_commit);
     }
 }

@@ -1,18 +1,22 @@
-//! The state of one gateway core: its links to the pooler, session ids, TLS, the classifier.
+//! The state of one gateway core: its links to every pooler, which pooler is the primary, session
+//! ids, TLS, the classifier.
 
 use crate::classify::Classifier;
 use crate::config::Config;
 use crate::link::Link;
+use shared::agent::Role;
+use shared::io::Notify;
 use shared::link::up;
 use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub struct Core {
     pub cfg: Rc<Config>,
-    pub links: Vec<Rc<Link>>,
+    /// `links_per_core` links per pooler, grouped by pooler (index in `cfg.poolers`).
+    pub links: Vec<Vec<Rc<Link>>>,
     next_link: Cell<usize>,
     next_session: Cell<u32>,
     pub tls: Option<futures_rustls::TlsAcceptor>,
@@ -21,6 +25,37 @@ pub struct Core {
     pub classifier: Classifier,
     /// Clients of the whole process (all cores).
     pub clients: Arc<AtomicUsize>,
+    /// Told whenever a link comes up, goes down or reports a role.
+    pub changed: Rc<Notify>,
+    /// Requests of this core now waiting for a primary (bounded by `failover_hold_max`).
+    pub held: Cell<usize>,
+}
+
+/// Which pooler is the primary, from each pooler's (role, primary_term) report: the one reporting
+/// `Primary` at the highest term. A pooler reporting `Primary` at a lower term is an old primary
+/// that came back and never takes writes; two at the same highest term (which a correct control
+/// process never produces) give no primary rather than a guess.
+pub fn choose_primary(reports: &[(Role, u64)]) -> Option<usize> {
+    let mut best: Option<(usize, u64)> = None;
+    let mut tie = false;
+    for (i, &(role, term)) in reports.iter().enumerate() {
+        if role != Role::Primary {
+            continue;
+        }
+        match best {
+            Some((_, t)) if term < t => {}
+            Some((_, t)) if term == t => tie = true,
+            _ => {
+                best = Some((i, term));
+                tie = false;
+            }
+        }
+    }
+    if tie {
+        None
+    } else {
+        best.map(|(i, _)| i)
+    }
 }
 
 impl Core {
@@ -30,16 +65,25 @@ impl Core {
         mock_secret: [u8; 32],
         clients: Arc<AtomicUsize>,
     ) -> Rc<Core> {
-        let links = (0..cfg.links_per_core).map(|_| Link::new()).collect();
+        let changed = Rc::new(Notify::default());
+        let links = (0..cfg.poolers.len())
+            .map(|p| {
+                (0..cfg.links_per_core)
+                    .map(|_| Link::new(p, changed.clone()))
+                    .collect()
+            })
+            .collect();
         Rc::new(Core {
+            classifier: Classifier::new(cfg.guard_synchronous_commit),
             cfg,
             links,
             next_link: Cell::new(0),
             next_session: Cell::new(1),
             tls,
             mock_secret,
-            classifier: Classifier::default(),
             clients,
+            changed,
+            held: Cell::new(0),
         })
     }
 
@@ -49,30 +93,116 @@ impl Core {
         id
     }
 
-    /// A live link, waiting a little for one to come up.
-    pub async fn link(&self) -> Option<Rc<Link>> {
-        for _ in 0..50 {
-            let n = self.links.len();
-            for i in 0..n {
-                let k = (self.next_link.get() + i) % n;
-                if self.links[k].alive.get() {
-                    self.next_link.set(k + 1);
-                    return Some(self.links[k].clone());
-                }
+    /// A pooler's role as its live links report it (Down when none is up). A live link that has
+    /// not reported yet counts as Primary when there is only one pooler (a pooler that sends no
+    /// role reports is then used as before), as Down otherwise.
+    fn report(&self, pooler: usize) -> (Role, u64) {
+        let single = self.links.len() == 1;
+        let mut best = (Role::Down, 0);
+        for l in &self.links[pooler] {
+            if !l.alive.get() {
+                continue;
             }
-            glommio::timer::sleep(Duration::from_millis(100)).await;
+            match l.reported_role() {
+                Some(r) if r.0 != Role::Down => return r,
+                None if single => best = (Role::Primary, 0),
+                _ => {}
+            }
+        }
+        best
+    }
+
+    /// The primary's pooler now, if there is one. A few `Cell` reads per link: cheap enough to
+    /// ask on every request.
+    pub fn primary(&self) -> Option<usize> {
+        if self.links.len() == 1 {
+            return (self.report(0).0 == Role::Primary).then_some(0);
+        }
+        let reports: Vec<(Role, u64)> = (0..self.links.len()).map(|p| self.report(p)).collect();
+        choose_primary(&reports)
+    }
+
+    /// A live link to the primary's pooler, now.
+    pub fn primary_link(&self) -> Option<Rc<Link>> {
+        let p = self.primary()?;
+        let single = self.links.len() == 1;
+        let links = &self.links[p];
+        let n = links.len();
+        for i in 0..n {
+            let k = (self.next_link.get() + i) % n;
+            let l = &links[k];
+            let usable = l.alive.get()
+                && match l.reported_role() {
+                    Some((r, _)) => r == Role::Primary,
+                    None => single,
+                };
+            if usable {
+                self.next_link.set(k + 1);
+                return Some(l.clone());
+            }
         }
         None
     }
 
-    /// Passes a client's cancel request to the pooler, which finds the session on any core.
+    /// Whether a read-only session may stay on this pooler: it serves reads (primary or standby).
+    pub fn readable(&self, pooler: usize) -> bool {
+        matches!(self.report(pooler).0, Role::Primary | Role::Standby)
+    }
+
+    /// A live link for a read-only session: a standby's (spread over standbys), else the
+    /// primary's. Standbys report no lag on the link, so any streaming-or-not standby will do.
+    pub fn read_link(&self) -> Option<Rc<Link>> {
+        let n = self.links.len();
+        let start = self.next_link.get();
+        for i in 0..n {
+            let p = (start + i) % n;
+            if let Some(l) = self.links[p]
+                .iter()
+                .find(|l| l.alive.get() && l.reported_role().is_some_and(|r| r.0 == Role::Standby))
+            {
+                self.next_link.set(p + 1);
+                return Some(l.clone());
+            }
+        }
+        self.primary_link()
+    }
+
+    /// A link to the primary (or, `read_only`, to a standby), waiting until `deadline` for one.
+    pub async fn wait_link(&self, deadline: Instant, read_only: bool) -> Option<Rc<Link>> {
+        loop {
+            let changed = self.changed.notified();
+            let found = if read_only {
+                self.read_link()
+            } else {
+                self.primary_link()
+            };
+            if let Some(l) = found {
+                return Some(l);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            // A notify wakes us on every change; the timer also bounds a missed one.
+            let _ = crate::with_timeout(left.min(Duration::from_millis(500)), changed).await;
+        }
+    }
+
+    /// Passes a client's cancel request to every pooler (one link each): the session may live
+    /// on any of them, and a pooler that does not know the keys ignores them.
     pub async fn cancel(&self, pid: i32, secret: i32) {
-        if let Some(l) = self.link().await {
-            let mut p = Vec::with_capacity(8);
-            p.extend_from_slice(&pid.to_be_bytes());
-            p.extend_from_slice(&secret.to_be_bytes());
-            l.send(up::CANCEL, 0, &p);
-            l.out.flushed().await;
+        let mut p = Vec::with_capacity(8);
+        p.extend_from_slice(&pid.to_be_bytes());
+        p.extend_from_slice(&secret.to_be_bytes());
+        let mut sent = Vec::new();
+        for links in &self.links {
+            if let Some(l) = links.iter().find(|l| l.alive.get()) {
+                l.send(up::CANCEL, 0, &p);
+                sent.push(l.clone());
+            }
+        }
+        for l in sent {
+            let _ = crate::with_timeout(Duration::from_secs(2), l.out.flushed()).await;
         }
     }
 }
@@ -91,5 +221,48 @@ impl ClientSlot {
 impl Drop for ClientSlot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A request waiting for a primary, counted in `Core::held` while it lives.
+pub struct Held<'a>(&'a Core);
+
+impl<'a> Held<'a> {
+    /// `None` when this core already holds `failover_hold_max` requests.
+    pub fn take(core: &'a Core) -> Option<Held<'a>> {
+        if core.held.get() >= core.cfg.failover_hold_max {
+            return None;
+        }
+        core.held.set(core.held.get() + 1);
+        Some(Held(core))
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.held.set(self.0.held.get().saturating_sub(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn primary_is_highest_term() {
+        use Role::*;
+        assert_eq!(choose_primary(&[(Primary, 0)]), Some(0));
+        assert_eq!(choose_primary(&[(Down, 0), (Standby, 0)]), None);
+        assert_eq!(choose_primary(&[(Down, 0), (Primary, 3)]), Some(1));
+        // The old primary came back at its old term: the new one keeps the writes.
+        assert_eq!(choose_primary(&[(Primary, 2), (Primary, 3)]), Some(1));
+        assert_eq!(choose_primary(&[(Primary, 5), (Primary, 3)]), Some(0));
+        assert_eq!(choose_primary(&[(Primary, 3), (Standby, 9)]), Some(0));
+        // Two at the same term: refuse to guess.
+        assert_eq!(choose_primary(&[(Primary, 3), (Primary, 3)]), None);
+        assert_eq!(
+            choose_primary(&[(Primary, 3), (Primary, 3), (Primary, 4)]),
+            Some(2)
+        );
     }
 }

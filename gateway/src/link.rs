@@ -1,7 +1,10 @@
-//! The gateway's end of its links to the pooler: a few per core, each shared by many sessions.
-//! A link that drops is redialled; the sessions it carried are told and closed.
+//! The gateway's end of its links to the poolers: a few per core per pooler, each shared by many
+//! sessions. A link that drops is redialled. Each link carries its pooler's role reports
+//! (`down::ROLE`); the sessions it carried are told it was lost and decide what that means for
+//! them (see `failover.rs`).
 
 use glommio::net::TcpStream;
+use shared::agent::Role;
 use shared::io::{MessageReader, Notify, OutQueue, RcStream, Slot};
 use shared::link::{self, down, put_header, up, HEADER};
 use shared::protocol::backend::{self as be, Severity};
@@ -11,16 +14,48 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
 
-/// What the link delivers to one session.
+/// What the link delivers to one session, and what the session's failover logic needs to know
+/// about the conversation with the pooler.
 pub struct SessionIo {
     /// Bytes for the client, drained by the session's writer task.
     pub client_out: OutQueue,
     /// Startup replies (`AUTH_INFO`, `OPENED`, `OPEN_FAILED`).
     pub control: Slot<(u8, Vec<u8>)>,
     pub settings: RefCell<Settings>,
-    /// The pooler ended the session, or the link died.
+    /// The pooler ended the session, or the link died during login.
     pub ended: Cell<bool>,
     pub ended_notify: Notify,
+    /// The link the session is registered on (None while it has none).
+    pub link: RefCell<Option<Rc<Link>>>,
+    /// Accepted on `read_only_listen`: served by a standby when there is one.
+    pub read_only: Cell<bool>,
+    /// Login finished: from now on a lost link does not end the session.
+    pub opened: Cell<bool>,
+    /// The link died under an opened session: the next request re-opens it elsewhere.
+    pub lost: Cell<bool>,
+    /// Requests sent (`Query`, `Sync`, `FunctionCall`) not yet answered by `ReadyForQuery`.
+    pub pending: Cell<u32>,
+    /// Whether a pending request may have ended a transaction with a commit.
+    pub pending_may_commit: Cell<bool>,
+    /// The transaction status of the last `ReadyForQuery` (`I`, `T`, `E`).
+    pub status: Cell<u8>,
+    /// A statement created state that lives on the backend (temp table, LISTEN, ...).
+    pub pinned: Cell<bool>,
+    /// What the session owes its client at the next request after a lost link (see failover.rs).
+    pub owed: Cell<crate::failover::Owed>,
+    scan: Cell<Scan>,
+}
+
+/// Where the backend message stream to the client stands: the link may cut a message anywhere,
+/// so we follow message boundaries across frames (only lengths are read).
+#[derive(Clone, Copy, Default)]
+struct Scan {
+    /// Header bytes seen of the current message (0..5).
+    head: u8,
+    tag: u8,
+    len: [u8; 4],
+    /// Body bytes still to come of the current message.
+    left: u32,
 }
 
 impl SessionIo {
@@ -33,10 +68,20 @@ impl SessionIo {
             settings: RefCell::new(Settings::default()),
             ended: Cell::new(false),
             ended_notify: Notify::default(),
+            link: RefCell::new(None),
+            read_only: Cell::new(false),
+            opened: Cell::new(false),
+            lost: Cell::new(false),
+            pending: Cell::new(0),
+            pending_may_commit: Cell::new(false),
+            status: Cell::new(b'I'),
+            pinned: Cell::new(false),
+            owed: Cell::new(crate::failover::Owed::Nothing),
+            scan: Cell::new(Scan::default()),
         })
     }
 
-    fn end(&self, last_words: Option<&[u8]>) {
+    pub fn end(&self, last_words: Option<&[u8]>) {
         if self.ended.replace(true) {
             return;
         }
@@ -50,6 +95,72 @@ impl SessionIo {
             self.control.put((0, Vec::new()));
         }
     }
+
+    /// The current link, if any.
+    pub fn current_link(&self) -> Option<Rc<Link>> {
+        self.link.borrow().clone()
+    }
+
+    /// True while the client's byte stream stands between two backend messages.
+    pub fn at_message_boundary(&self) -> bool {
+        let s = self.scan.get();
+        s.head == 0 && s.left == 0
+    }
+
+    /// Raw backend messages for the client: queued, and followed for `ReadyForQuery`.
+    fn on_data(&self, mut data: &[u8]) {
+        self.client_out.push(data);
+        let mut s = self.scan.get();
+        while !data.is_empty() {
+            if s.left > 0 {
+                let n = (s.left as usize).min(data.len());
+                if s.tag == b'Z' && s.left == 1 {
+                    self.on_ready(data[0]);
+                }
+                s.left -= n as u32;
+                data = &data[n..];
+                if s.left == 0 {
+                    s.head = 0;
+                }
+                continue;
+            }
+            // Header: tag + i32 length (which counts itself).
+            if s.head == 0 {
+                s.tag = data[0];
+            } else {
+                s.len[s.head as usize - 1] = data[0];
+            }
+            s.head += 1;
+            data = &data[1..];
+            if s.head == 5 {
+                let len = u32::from_be_bytes(s.len);
+                s.left = len.saturating_sub(4);
+                if s.left == 0 {
+                    s.head = 0;
+                }
+            }
+        }
+        self.scan.set(s);
+    }
+
+    fn on_ready(&self, status: u8) {
+        self.status.set(status);
+        let p = self.pending.get().saturating_sub(1);
+        self.pending.set(p);
+        if p == 0 {
+            self.pending_may_commit.set(false);
+        }
+    }
+
+    /// The link under this session died.
+    fn link_lost(&self, fatal: &[u8]) {
+        self.link.borrow_mut().take();
+        if !self.opened.get() {
+            self.end(Some(fatal));
+            return;
+        }
+        crate::failover::on_link_lost(self);
+    }
 }
 
 pub struct Link {
@@ -57,24 +168,48 @@ pub struct Link {
     sessions: RefCell<HashMap<u32, Rc<SessionIo>>>,
     pub alive: Cell<bool>,
     pub up_notify: Notify,
+    /// Index of the pooler in `Config::poolers`.
+    pub pooler: usize,
+    /// The pooler's last role report on this link (Down while the link is down).
+    pub role: Cell<Role>,
+    pub primary_term: Cell<u64>,
+    /// A ROLE frame arrived since the link came up.
+    reported: Cell<bool>,
+    /// The core's: told whenever a link comes up, goes down or reports a role.
+    changed: Rc<Notify>,
 }
 
 impl Link {
-    pub fn new() -> Rc<Link> {
+    pub fn new(pooler: usize, changed: Rc<Notify>) -> Rc<Link> {
         Rc::new(Link {
             out: OutQueue::new(8 << 20, 1 << 20),
             sessions: RefCell::new(HashMap::new()),
             alive: Cell::new(false),
             up_notify: Notify::default(),
+            pooler,
+            role: Cell::new(Role::Down),
+            primary_term: Cell::new(0),
+            reported: Cell::new(false),
+            changed,
         })
     }
 
-    pub fn register(&self, id: u32, io: Rc<SessionIo>) {
+    /// The pooler's (role, primary_term), once it reported on this link.
+    pub fn reported_role(&self) -> Option<(Role, u64)> {
+        self.reported
+            .get()
+            .then(|| (self.role.get(), self.primary_term.get()))
+    }
+
+    pub fn register(self: &Rc<Self>, id: u32, io: Rc<SessionIo>) {
+        *io.link.borrow_mut() = Some(self.clone());
         self.sessions.borrow_mut().insert(id, io);
     }
 
     pub fn unregister(&self, id: u32) {
-        self.sessions.borrow_mut().remove(&id);
+        if let Some(io) = self.sessions.borrow_mut().remove(&id) {
+            io.link.borrow_mut().take();
+        }
     }
 
     pub fn send(&self, kind: u8, session: u32, payload: &[u8]) {
@@ -117,6 +252,7 @@ impl Link {
         let writer = glommio::spawn_local(async move { me.out.run_writer(wstream).await });
         self.alive.set(true);
         self.up_notify.notify();
+        self.changed.notify();
         let mut rstream = stream;
         let mut reader = MessageReader::new(64 * 1024);
         loop {
@@ -138,6 +274,8 @@ impl Link {
             }
         }
         self.alive.set(false);
+        self.role.set(Role::Down);
+        self.reported.set(false);
         drop(writer);
         let mut e = Vec::new();
         be::error_response(
@@ -149,16 +287,21 @@ impl Link {
         let sessions: Vec<Rc<SessionIo>> =
             self.sessions.borrow_mut().drain().map(|(_, s)| s).collect();
         for s in sessions {
-            s.end(Some(&e));
+            s.link_lost(&e);
         }
+        self.changed.notify();
     }
 
     fn on_frame(&self, kind: u8, id: u32, payload: &[u8]) {
+        if kind == down::ROLE {
+            self.on_role(payload);
+            return;
+        }
         let Some(s) = self.sessions.borrow().get(&id).cloned() else {
             return;
         };
         match kind {
-            down::DATA => s.client_out.push(payload),
+            down::DATA => s.on_data(payload),
             down::SETTINGS => {
                 if let Ok(set) = Settings::decode(payload) {
                     *s.settings.borrow_mut() = set;
@@ -173,5 +316,70 @@ impl Link {
             }
             _ => tracing::warn!(kind, "unknown frame from pooler"),
         }
+    }
+
+    fn on_role(&self, payload: &[u8]) {
+        let Some((&role, term)) = payload.split_first() else {
+            tracing::warn!("short ROLE frame from pooler");
+            return;
+        };
+        let Ok(term) = <[u8; 8]>::try_from(term) else {
+            tracing::warn!(len = payload.len(), "malformed ROLE frame from pooler");
+            return;
+        };
+        let role = Role::from_u8(role);
+        let term = u64::from_be_bytes(term);
+        if self.role.get() != role || self.primary_term.get() != term {
+            tracing::info!(
+                pooler = self.pooler,
+                role = role.name(),
+                term,
+                "pooler role"
+            );
+        }
+        self.role.set(role);
+        self.primary_term.set(term);
+        self.reported.set(true);
+        self.changed.notify();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    #[test]
+    fn ready_for_query_followed_across_any_cut() {
+        let mut stream = msg(b'C', b"SELECT 1\0");
+        stream.extend(msg(b'Z', b"T"));
+        stream.extend(msg(b'D', &[0, 1, 0, 0, 0, 1, b'x']));
+        stream.extend(msg(b'Z', b"I"));
+        for cut in 0..stream.len() {
+            for cut2 in cut..stream.len() {
+                let io = SessionIo::new();
+                io.pending.set(2);
+                io.on_data(&stream[..cut]);
+                io.on_data(&stream[cut..cut2]);
+                let first_z = 20;
+                if cut2 >= first_z && cut2 < stream.len() {
+                    assert_eq!(io.status.get(), b'T');
+                    assert_eq!(io.pending.get(), 1);
+                }
+                io.on_data(&stream[cut2..]);
+                assert_eq!(io.status.get(), b'I');
+                assert_eq!(io.pending.get(), 0);
+                assert!(io.at_message_boundary());
+            }
+        }
+        let io = SessionIo::new();
+        io.on_data(&stream[..3]);
+        assert!(!io.at_message_boundary());
     }
 }

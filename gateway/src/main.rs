@@ -5,6 +5,7 @@ mod auth;
 mod classify;
 mod config;
 mod core;
+mod failover;
 mod link;
 mod session;
 mod tls;
@@ -49,7 +50,7 @@ fn main() {
     };
     let mock_secret: [u8; 32] = rand::random();
     let clients = Arc::new(AtomicUsize::new(0));
-    tracing::info!(listen = %cfg.listen, cores = cfg.cores, pooler = %cfg.pooler, tls = tls.is_some(), "gateway starting");
+    tracing::info!(listen = %cfg.listen, cores = cfg.cores, poolers = ?cfg.poolers, tls = tls.is_some(), "gateway starting");
     let cores = cfg.cores;
     // Spinning a little before parking saves the sleep/wake of the executor thread, which
     // dominated CPU per request under load (perf: finish_task_switch); 0 disables it.
@@ -81,8 +82,10 @@ async fn run_core(
     clients: Arc<AtomicUsize>,
 ) {
     let core = core::Core::new(cfg.clone(), tls, mock_secret, clients);
-    for l in &core.links {
-        glommio::spawn_local(l.clone().maintain(cfg.pooler.clone())).detach();
+    for (links, addr) in core.links.iter().zip(&cfg.poolers) {
+        for l in links {
+            glommio::spawn_local(l.clone().maintain(addr.clone())).detach();
+        }
     }
     let listener = match shared::io::reuseport_listener(&cfg.listen) {
         // SAFETY: the fd comes from a listener we own and hand over whole.
@@ -121,13 +124,38 @@ async fn run_core(
             }
         }
     }
+    if let Some(addr) = &cfg.read_only_listen {
+        let ro = match shared::io::reuseport_listener(addr) {
+            // SAFETY: the fd comes from a listener we own and hand over whole.
+            Ok(l) => unsafe { TcpListener::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(l)) },
+            Err(e) => {
+                eprintln!("tidepool-gateway: cannot listen on {addr}: {e}");
+                std::process::exit(1);
+            }
+        };
+        let core = core.clone();
+        glommio::spawn_local(async move {
+            loop {
+                match ro.accept().await {
+                    Ok(s) => {
+                        glommio::spawn_local(session::serve_tcp(core.clone(), s, true)).detach();
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed (read-only listener)");
+                        glommio::timer::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            }
+        })
+        .detach();
+    }
     // A spare descriptor, given up for a moment when we run out, so a client beyond the limit
     // hears why (53300) instead of waiting in the backlog.
     let mut spare = std::fs::File::open("/dev/null").ok();
     loop {
         match listener.accept().await {
             Ok(stream) => {
-                glommio::spawn_local(session::serve_tcp(core.clone(), stream)).detach();
+                glommio::spawn_local(session::serve_tcp(core.clone(), stream, false)).detach();
             }
             Err(e) => {
                 let out_of_fds =

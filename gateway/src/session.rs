@@ -4,12 +4,13 @@
 //! returns credit to the pooler.
 
 use crate::auth::{self, Refusal};
+use crate::classify::LOWERS_SYNC_COMMIT;
 use crate::core::{ClientSlot, Core};
 use crate::link::SessionIo;
 use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 use shared::io::{MessageReader, RcStream};
-use shared::link::{down, put_header, up, Open};
+use shared::link::{down, up, Open};
 use shared::protocol::backend::{self as be, Severity};
 use shared::protocol::frontend::{self as fe, parse_startup, Startup};
 use shared::protocol::{typed_message_len, ProtocolError, MAX_STARTUP_PACKET};
@@ -102,7 +103,8 @@ pub async fn refuse(mut stream: TcpStream, msg: &str) {
     }
 }
 
-pub async fn serve_tcp(core: Rc<Core>, mut stream: TcpStream) {
+/// `read_only`: accepted on `read_only_listen` (reads go to a standby).
+pub async fn serve_tcp(core: Rc<Core>, mut stream: TcpStream, read_only: bool) {
     let _ = stream.set_nodelay(true);
     keepalive(&stream);
     let Some(slot) = ClientSlot::take(&core) else {
@@ -135,7 +137,7 @@ pub async fn serve_tcp(core: Rc<Core>, mut stream: TcpStream) {
                     }
                     match crate::with_timeout(left(deadline), acceptor.accept(stream)).await {
                         Some(Ok(tls)) => {
-                            return serve(core, tls, reader, None, slot, deadline).await
+                            return serve(core, tls, reader, None, slot, deadline, read_only).await
                         }
                         _ => return,
                     }
@@ -150,7 +152,7 @@ pub async fn serve_tcp(core: Rc<Core>, mut stream: TcpStream) {
                 }
             }
             Some(Ok(Some(other))) => {
-                return serve(core, stream, reader, Some(other), slot, deadline).await
+                return serve(core, stream, reader, Some(other), slot, deadline, read_only).await
             }
             Some(Err(ProtocolError::UnsupportedVersion { major, .. })) if major < 3 => return,
             Some(Err(e)) => {
@@ -170,7 +172,7 @@ pub async fn serve_unix(core: Rc<Core>, stream: glommio::net::UnixStream) {
     };
     let deadline = Instant::now() + Duration::from_secs(core.cfg.auth_timeout_seconds);
     let reader = MessageReader::new(IDLE_READ_BUFFER);
-    serve(core, stream, reader, None, slot, deadline).await
+    serve(core, stream, reader, None, slot, deadline, false).await
 }
 
 /// TCP keepalive, so a client that vanished without a FIN (power loss, a cut cable, a NAT that
@@ -195,6 +197,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     first: Option<Startup>,
     slot: ClientSlot,
     deadline: Instant,
+    read_only: bool,
 ) {
     let mut next = first;
     let params = loop {
@@ -257,6 +260,14 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
             k => settings.set(k, v),
         }
     }
+    if core.cfg.guard_synchronous_commit
+        && settings
+            .get("synchronous_commit")
+            .is_some_and(crate::classify::lowering_value)
+    {
+        write_fatal(&mut stream, "42501", SYNC_COMMIT_DENIED).await;
+        return;
+    }
     let Some(user) = user.filter(|u| !u.is_empty()) else {
         write_fatal(
             &mut stream,
@@ -269,12 +280,15 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     let database = database
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
-    let Some(link) = core.link().await else {
-        write_fatal(&mut stream, "08006", "the pooler is not reachable").await;
+    // No primary (failing over, or the pooler not up yet): wait as a request would.
+    let hold = Instant::now() + Duration::from_millis(core.cfg.failover_hold_ms);
+    let Some(link) = core.wait_link(hold.min(deadline), read_only).await else {
+        write_fatal(&mut stream, "57P03", crate::failover::NO_PRIMARY).await;
         return;
     };
     let id = core.next_session_id();
     let io = SessionIo::new();
+    io.read_only.set(read_only);
     link.register(id, io.clone());
     let login = crate::with_timeout(left(deadline), async {
         let credential =
@@ -302,15 +316,15 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                 be::backend_key_data(&mut out, pid, secret);
                 be::ready_for_query(&mut out, b'I');
                 stream.write_all(&out).await.map_err(|_| Refusal::Gone)?;
-                Ok(())
+                Ok(open)
             }
             down::OPEN_FAILED => Err(Refusal::Fatal(reply)),
             _ => Err(auth::fatal("08006", "the pooler closed the session")),
         }
     })
     .await;
-    match login {
-        Some(Ok(())) => {}
+    let open = match login {
+        Some(Ok(open)) => open,
         Some(Err(Refusal::Fatal(e))) => {
             link.unregister(id);
             link.send(up::CLOSE, id, &[]);
@@ -334,11 +348,53 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
             .await;
             return;
         }
-    }
+    };
     *io.settings.borrow_mut() = settings;
+    if io.ended.get() {
+        return;
+    }
+    io.opened.set(true);
     // A task of its own: the startup and authentication state (SCRAM, buffers) is freed now,
     // so an idle session costs only what `run` keeps.
-    glommio::spawn_local(run(core, stream, reader, io, link, id, slot)).detach();
+    glommio::spawn_local(run(core, stream, reader, io, open, id, slot)).detach();
+}
+
+/// Parameter types for the statement that replaces a refused one: as many as the original
+/// refers to (`$n`), so the client's Describe and Bind see the count they expect; types the
+/// client left unspecified become `text` (a DO statement infers none).
+fn param_types_for(query: &[u8], declared: &[u8]) -> Vec<u8> {
+    let mut n = 0usize;
+    let mut i = 0;
+    while i < query.len() {
+        if query[i] == b'$' && (i == 0 || !query[i - 1].is_ascii_alphanumeric()) {
+            let mut j = i + 1;
+            let mut v = 0usize;
+            while j < query.len() && query[j].is_ascii_digit() && v < 65_535 {
+                v = v * 10 + (query[j] - b'0') as usize;
+                j += 1;
+            }
+            n = n.max(v);
+            i = j.max(i + 1);
+        } else {
+            i += 1;
+        }
+    }
+    let mut oids: Vec<u32> = declared
+        .get(2..)
+        .unwrap_or_default()
+        .chunks_exact(4)
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    if oids.len() < n {
+        oids.resize(n, 0);
+    }
+    let mut out = Vec::with_capacity(2 + oids.len() * 4);
+    out.extend_from_slice(&(oids.len() as i16).to_be_bytes());
+    for o in oids {
+        // 25: text.
+        out.extend_from_slice(&(if o == 0 { 25 } else { o }).to_be_bytes());
+    }
+    out
 }
 
 /// `options` holds `-c name=value` / `--name=value` pairs, as libpq sends them.
@@ -391,17 +447,19 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     stream: S,
     mut reader: MessageReader,
     io: Rc<SessionIo>,
-    link: Rc<crate::link::Link>,
+    open: Open,
     id: u32,
     _slot: ClientSlot,
 ) {
     let stream = RcStream::new(stream);
     let writer_io = io.clone();
-    let writer_link = link.clone();
     let wstream = stream.clone();
     glommio::spawn_local(async move {
+        // Credit goes to whichever pooler serves the session now.
         let credit = |n: usize| {
-            writer_link.send(up::CREDIT, id, &(n as u32).to_be_bytes());
+            if let Some(l) = writer_io.current_link() {
+                l.send(up::CREDIT, id, &(n as u32).to_be_bytes());
+            }
         };
         let _ = writer_io.client_out.run_writer_with(wstream, credit).await;
     })
@@ -413,6 +471,11 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         let mut flags = 0u8;
         let mut end = 0;
         let mut terminate = false;
+        // Inside a transaction, whether a request here may commit it (see failover.rs).
+        let in_tx = io.status.get() != b'I';
+        let mut may_commit = false;
+        // Offsets of messages that would lower synchronous_commit (rare): rewritten below.
+        let mut denied: Vec<usize> = Vec::new();
         loop {
             let data = &reader.data()[end..];
             // The type byte is judged as soon as it arrives, as Postgres does, before any length.
@@ -428,7 +491,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                         &format!("invalid frontend message type {tag}"),
                     );
                     if end > 0 {
-                        send_msgs(&link, id, flags, &reader.data()[..end]);
+                        send_partial(&io, id, flags, &reader.data()[..end]);
                     }
                     io.client_out.push(&err);
                     break 'session;
@@ -448,7 +511,11 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                                 // Boxed: the slow path's state is not part of every session.
                                 None => Box::pin(core.classifier.classify(sql)).await,
                             };
-                            watch_custom_settings(&link, id, f, sql);
+                            watch_custom_settings(&io, id, f, sql);
+                            if f & LOWERS_SYNC_COMMIT != 0 {
+                                denied.push(end);
+                            }
+                            may_commit |= in_tx && crate::classify::may_commit(sql);
                             flags |= f;
                         }
                         fe::PARSE => {
@@ -457,7 +524,11 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                                     Some(f) => f,
                                     None => Box::pin(core.classifier.classify(p.query)).await,
                                 };
-                                watch_custom_settings(&link, id, f, p.query);
+                                watch_custom_settings(&io, id, f, p.query);
+                                if f & LOWERS_SYNC_COMMIT != 0 {
+                                    denied.push(end);
+                                }
+                                may_commit |= in_tx && crate::classify::may_commit(p.query);
                                 flags |= f;
                             }
                         }
@@ -474,7 +545,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                     let mut err = Vec::new();
                     be::error_response(&mut err, Severity::Fatal, code, &msg);
                     if end > 0 {
-                        send_msgs(&link, id, flags, &reader.data()[..end]);
+                        send_partial(&io, id, flags, &reader.data()[..end]);
                     }
                     io.client_out.push(&err);
                     break 'session;
@@ -482,14 +553,35 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
             }
         }
         if end > 0 {
-            send_msgs(&link, id, flags, &reader.data()[..end]);
-            reader.consume(end);
+            // The hot path: the session's pooler is the primary (or holds its transaction).
+            match crate::failover::usable_link(&core, &io).filter(|_| denied.is_empty()) {
+                Some(l) => {
+                    crate::failover::send(&l, &io, id, flags, &reader.data()[..end], may_commit);
+                    reader.consume(end);
+                }
+                None => {
+                    let mut batch = reader.data()[..end].to_vec();
+                    reader.consume(end);
+                    if !denied.is_empty() {
+                        batch = deny_sync_commit(&batch, &denied);
+                    }
+                    let r = crate::failover::forward_slow(
+                        &core, &io, id, &open, &batch, flags, may_commit,
+                    )
+                    .await;
+                    if r.is_err() {
+                        break;
+                    }
+                }
+            }
         }
         if terminate || io.ended.get() {
             break;
         }
-        if link.out.is_full() {
-            link.out.wait_drain().await;
+        if let Some(l) = io.current_link() {
+            if l.out.is_full() {
+                l.out.wait_drain().await;
+            }
         }
         let want = shared::protocol::pending_message_len(reader.data()).unwrap_or(0);
         let ended = io.ended_notify.notified();
@@ -509,19 +601,70 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
             _ => break,
         }
     }
-    link.unregister(id);
-    if !io.ended.get() {
-        link.send(up::CLOSE, id, &[]);
+    if let Some(l) = io.current_link() {
+        l.unregister(id);
+        if !io.ended.get() {
+            l.send(up::CLOSE, id, &[]);
+        }
     }
     io.client_out.close();
 }
 
+/// The message the guard answers with (issue 5, point 3).
+const SYNC_COMMIT_DENIED: &str =
+    "permission denied to lower synchronous_commit: the cluster's durability policy requires it";
+
+/// Replaces each statement that would lower synchronous_commit by one that fails on the backend
+/// with 42501, so the error does to the transaction exactly what a Postgres error does (an
+/// open transaction is aborted; in a multi-statement query nothing commits). Extended protocol:
+/// the Parse keeps its name and parameter types, so Bind/Execute/Sync behave as for any failed
+/// statement.
+fn deny_sync_commit(batch: &[u8], denied: &[usize]) -> Vec<u8> {
+    let raise = format!(
+        "DO $tidepool$BEGIN RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = '{}'; END$tidepool$",
+        SYNC_COMMIT_DENIED.replace('\'', "''")
+    );
+    let mut out = Vec::with_capacity(batch.len() + raise.len());
+    let mut i = 0;
+    while i + 5 <= batch.len() {
+        let len = i32::from_be_bytes([batch[i + 1], batch[i + 2], batch[i + 3], batch[i + 4]]);
+        let next = (i + 1 + len.max(4) as usize).min(batch.len());
+        let body = &batch[i + 5..next];
+        if denied.contains(&i) {
+            match batch[i] {
+                fe::QUERY => {
+                    let mut q = raise.as_bytes().to_vec();
+                    q.push(0);
+                    out.push(fe::QUERY);
+                    out.extend_from_slice(&(q.len() as u32 + 4).to_be_bytes());
+                    out.extend_from_slice(&q);
+                }
+                fe::PARSE => match fe::parse_parse(body) {
+                    Ok(p) => {
+                        let types = param_types_for(p.query, p.param_types);
+                        fe::write_parse(&mut out, p.name, raise.as_bytes(), &types)
+                    }
+                    Err(_) => out.extend_from_slice(&batch[i..next]),
+                },
+                _ => out.extend_from_slice(&batch[i..next]),
+            }
+        } else {
+            out.extend_from_slice(&batch[i..next]);
+        }
+        i = next;
+    }
+    out
+}
+
 /// Before a statement that may change settings, tells the pooler which custom settings it may
 /// touch (see `up::WATCH`). Sent ahead of the MSGS frame that carries the statement.
-fn watch_custom_settings(link: &crate::link::Link, id: u32, flags: u8, sql: &[u8]) {
+fn watch_custom_settings(io: &SessionIo, id: u32, flags: u8, sql: &[u8]) {
     if flags & shared::link::flags::SNAPSHOT == 0 {
         return;
     }
+    let Some(link) = io.current_link() else {
+        return;
+    };
     let names = crate::classify::custom_setting_names(sql);
     if names.is_empty() {
         return;
@@ -533,12 +676,12 @@ fn watch_custom_settings(link: &crate::link::Link, id: u32, flags: u8, sql: &[u8
     link.send(up::WATCH, id, &payload);
 }
 
-fn send_msgs(link: &crate::link::Link, id: u32, flags: u8, msgs: &[u8]) {
-    link.out.push_with(|b| {
-        put_header(b, up::MSGS, id, msgs.len() + 1);
-        b.push(flags);
-        b.extend_from_slice(msgs);
-    });
+/// The complete messages before a fatal protocol error still go to the pooler, as Postgres
+/// would have run them before it read the bad one.
+fn send_partial(io: &SessionIo, id: u32, flags: u8, msgs: &[u8]) {
+    if let Some(l) = io.current_link().filter(|l| l.alive.get()) {
+        crate::failover::send(&l, io, id, flags, msgs, false);
+    }
 }
 
 #[cfg(test)]
