@@ -1,0 +1,271 @@
+//! Issue 5, point 6: sessions through the gateway when the node under them goes away and another
+//! takes over. Real Postgres, real pooler and gateway, tokio-postgres clients.
+//!
+//! The pooler in front of the node is killed and a new one started on the same address (what a
+//! restarted pooler, or a new primary at the address, looks like to the gateway); the gateway
+//! must hold requests while there is none, re-open idle sessions transparently, and give the
+//! documented errors to what could not survive: 40001 for a transaction across the switch,
+//! 08007 for a request whose outcome is unknown, 08006 once for lost backend state, 57P03 when
+//! no primary appears within `failover_hold_ms`.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use testkit::{bin_dir, PgCluster, Tidepool, TidepoolOpts};
+use tokio_postgres::SimpleQueryMessage;
+
+const ALICE: (&str, &str) = ("alice", "alice-pw");
+
+/// A pooler this test started; killed on drop.
+struct Pooler(Child);
+
+impl Drop for Pooler {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_pooler(pg: &PgCluster, port: u16) -> Pooler {
+    let log = pg.dir().join(format!("pooler-restarted-{port}.log"));
+    let file = std::fs::File::create(&log).unwrap();
+    let child = Command::new(bin_dir().join("tidepool-pooler"))
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--cores",
+            "1",
+            "--pg-host",
+            "127.0.0.1",
+            "--pg-port",
+            &pg.port().to_string(),
+            "--admin-socket-dir",
+            &pg.socket_dir().to_string_lossy(),
+            "--admin-user",
+            "postgres",
+            "--pool-size",
+            "20",
+        ])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(file.try_clone().unwrap()))
+        .stderr(Stdio::from(file))
+        .spawn()
+        .expect("start tidepool-pooler");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "restarted pooler did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Pooler(child)
+}
+
+fn kill_pooler(tp: &Tidepool) {
+    // SAFETY: plain syscall on a child of this process (Tidepool reaps it on drop).
+    unsafe {
+        libc::kill(tp.pooler_pid() as libc::pid_t, libc::SIGKILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", tp.pooler_port())).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "pooler still accepting after SIGKILL"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn start(pg: &PgCluster, hold_ms: u64) -> Tidepool {
+    let mut opts = TidepoolOpts::default()
+        .gateway_arg("--failover-hold-ms")
+        .gateway_arg(hold_ms.to_string());
+    opts.cores = 1;
+    Tidepool::start(pg, opts)
+}
+
+async fn bounded<T>(fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(90), fut)
+        .await
+        .expect("test step took more than 90 s")
+}
+
+async fn one(c: &tokio_postgres::Client, sql: &str) -> Result<String, tokio_postgres::Error> {
+    for m in c.simple_query(sql).await? {
+        if let SimpleQueryMessage::Row(r) = m {
+            return Ok(r.get(0).unwrap_or("NULL").to_string());
+        }
+    }
+    Ok(String::new())
+}
+
+fn code(e: &tokio_postgres::Error) -> String {
+    e.code()
+        .map_or_else(|| format!("no SQLSTATE: {e}"), |c| c.code().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_session_follows_the_new_pooler_with_its_settings() {
+    let pg = PgCluster::start();
+    let tp = start(&pg, 10_000);
+    bounded(async {
+        let c = tp
+            .endpoint()
+            .connect(ALICE.0, ALICE.1, "app")
+            .await
+            .unwrap();
+        c.batch_execute("SET search_path = 'follow_me', public")
+            .await
+            .unwrap();
+        assert_eq!(one(&c, "SELECT 1").await.unwrap(), "1");
+        kill_pooler(&tp);
+        // The new pooler comes up a second after the client's next request: held, not failed.
+        let port = tp.pooler_port();
+        let pg2 = pg.clone();
+        let restart = tokio::task::spawn_blocking(move || {
+            std::thread::sleep(Duration::from_millis(1000));
+            start_pooler(&pg2, port)
+        });
+        let t = Instant::now();
+        let v = one(&c, "SHOW search_path").await;
+        let _pooler = restart.await.unwrap();
+        assert_eq!(v.unwrap(), "follow_me, public", "{}", tp.logs());
+        assert!(
+            t.elapsed() >= Duration::from_millis(500),
+            "no pause: {:?}",
+            t.elapsed()
+        );
+        // Extended protocol too, and again.
+        let n: i32 = c
+            .query_one("SELECT $1::int + 1", &[&41])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 42);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_across_the_switch_is_rolled_back_with_40001() {
+    let pg = PgCluster::start();
+    pg.psql_admin_db(
+        "app",
+        "CREATE TABLE fo_t (a int); GRANT ALL ON fo_t TO alice;",
+    );
+    let tp = start(&pg, 10_000);
+    bounded(async {
+        let c = tp
+            .endpoint()
+            .connect(ALICE.0, ALICE.1, "app")
+            .await
+            .unwrap();
+        c.batch_execute("BEGIN; INSERT INTO fo_t VALUES (1)")
+            .await
+            .unwrap();
+        kill_pooler(&tp);
+        let pooler = start_pooler(&pg, tp.pooler_port());
+        let e = c
+            .batch_execute("INSERT INTO fo_t VALUES (2)")
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "40001", "{e}");
+        // A failed transaction, as Postgres has it, until the client ends it.
+        let e = c.batch_execute("SELECT 1").await.unwrap_err();
+        assert_eq!(code(&e), "25P02", "{e}");
+        let tags = c.simple_query("ROLLBACK").await.unwrap();
+        assert!(matches!(
+            tags.last(),
+            Some(SimpleQueryMessage::CommandComplete(_))
+        ));
+        // Then the session works (on the new pooler), and nothing of the transaction is left.
+        assert_eq!(one(&c, "SELECT count(*) FROM fo_t").await.unwrap(), "0");
+        // COMMIT of a transaction lost while idle: an error, and the transaction is over.
+        c.batch_execute("BEGIN; INSERT INTO fo_t VALUES (3)")
+            .await
+            .unwrap();
+        drop(pooler);
+        // Lost while idle: give the gateway a moment to see the link close before COMMIT (a
+        // COMMIT that races the close is in flight, and gets 08007 instead).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _pooler = start_pooler(&pg, tp.pooler_port());
+        let e = c.batch_execute("COMMIT").await.unwrap_err();
+        assert_eq!(code(&e), "40001", "{e}");
+        assert_eq!(one(&c, "SELECT count(*) FROM fo_t").await.unwrap(), "0");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_in_flight_gets_08007_and_the_session_goes_on() {
+    let pg = PgCluster::start();
+    let tp = start(&pg, 10_000);
+    bounded(async {
+        let c = tp
+            .endpoint()
+            .connect(ALICE.0, ALICE.1, "app")
+            .await
+            .unwrap();
+        let c2 = tp
+            .endpoint()
+            .connect(ALICE.0, ALICE.1, "app")
+            .await
+            .unwrap();
+        c2.batch_execute("BEGIN").await.unwrap();
+        let sleeper = tokio::spawn(async move {
+            let r = c.simple_query("SELECT pg_sleep(30)").await.map(|_| ());
+            (c, r)
+        });
+        let sleeper2 = tokio::spawn(async move {
+            let r = c2.simple_query("SELECT pg_sleep(30)").await.map(|_| ());
+            (c2, r)
+        });
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        kill_pooler(&tp);
+        let (c, r) = sleeper.await.unwrap();
+        let e = r.unwrap_err();
+        assert_eq!(code(&e), "08007", "{e}");
+        let (c2, r) = sleeper2.await.unwrap();
+        let e = r.unwrap_err();
+        assert_eq!(code(&e), "40001", "{e}");
+        let _pooler = start_pooler(&pg, tp.pooler_port());
+        assert_eq!(one(&c, "SELECT 7").await.unwrap(), "7");
+        let e = c2.batch_execute("SELECT 1").await.unwrap_err();
+        assert_eq!(code(&e), "25P02", "{e}");
+        c2.batch_execute("ROLLBACK").await.unwrap();
+        assert_eq!(one(&c2, "SELECT 8").await.unwrap(), "8");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_primary_beyond_the_hold_gets_57p03_then_works_again() {
+    let pg = PgCluster::start();
+    let tp = start(&pg, 1500);
+    bounded(async {
+        let c = tp
+            .endpoint()
+            .connect(ALICE.0, ALICE.1, "app")
+            .await
+            .unwrap();
+        c.batch_execute("CREATE TEMP TABLE scratch (a int)")
+            .await
+            .unwrap();
+        kill_pooler(&tp);
+        // The temp table died with the old backend: said once, at the next request.
+        let e = c.batch_execute("SELECT * FROM scratch").await.unwrap_err();
+        assert_eq!(code(&e), "08006", "{e}");
+        let t = Instant::now();
+        let e = c.batch_execute("SELECT 1").await.unwrap_err();
+        assert_eq!(code(&e), "57P03", "{e}");
+        assert!(
+            t.elapsed() >= Duration::from_millis(1400),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        let _pooler = start_pooler(&pg, tp.pooler_port());
+        assert_eq!(one(&c, "SELECT 5").await.unwrap(), "5");
+        let e = c.batch_execute("SELECT * FROM scratch").await.unwrap_err();
+        assert_eq!(code(&e), "42P01", "{e}");
+    })
+    .await;
+}
