@@ -35,10 +35,10 @@ pub struct Core {
 /// `Primary` at the highest term. A pooler reporting `Primary` at a lower term is an old primary
 /// that came back and never takes writes; two at the same highest term (which a correct control
 /// process never produces) give no primary rather than a guess.
-pub fn choose_primary(reports: &[(Role, u64)]) -> Option<usize> {
+pub fn choose_primary(reports: impl IntoIterator<Item = (Role, u64)>) -> Option<usize> {
     let mut best: Option<(usize, u64)> = None;
     let mut tie = false;
-    for (i, &(role, term)) in reports.iter().enumerate() {
+    for (i, (role, term)) in reports.into_iter().enumerate() {
         if role != Role::Primary {
             continue;
         }
@@ -118,8 +118,8 @@ impl Core {
         if self.links.len() == 1 {
             return (self.report(0).0 == Role::Primary).then_some(0);
         }
-        let reports: Vec<(Role, u64)> = (0..self.links.len()).map(|p| self.report(p)).collect();
-        choose_primary(&reports)
+        // No allocation: this runs for every request of a session that is not pinned.
+        choose_primary((0..self.links.len()).map(|p| self.report(p)))
     }
 
     /// A live link to the primary's pooler, now.
@@ -251,17 +251,17 @@ mod tests {
     #[test]
     fn primary_is_highest_term() {
         use Role::*;
-        assert_eq!(choose_primary(&[(Primary, 0)]), Some(0));
-        assert_eq!(choose_primary(&[(Down, 0), (Standby, 0)]), None);
-        assert_eq!(choose_primary(&[(Down, 0), (Primary, 3)]), Some(1));
+        assert_eq!(choose_primary([(Primary, 0)]), Some(0));
+        assert_eq!(choose_primary([(Down, 0), (Standby, 0)]), None);
+        assert_eq!(choose_primary([(Down, 0), (Primary, 3)]), Some(1));
         // The old primary came back at its old term: the new one keeps the writes.
-        assert_eq!(choose_primary(&[(Primary, 2), (Primary, 3)]), Some(1));
-        assert_eq!(choose_primary(&[(Primary, 5), (Primary, 3)]), Some(0));
-        assert_eq!(choose_primary(&[(Primary, 3), (Standby, 9)]), Some(0));
+        assert_eq!(choose_primary([(Primary, 2), (Primary, 3)]), Some(1));
+        assert_eq!(choose_primary([(Primary, 5), (Primary, 3)]), Some(0));
+        assert_eq!(choose_primary([(Primary, 3), (Standby, 9)]), Some(0));
         // Two at the same term: refuse to guess.
-        assert_eq!(choose_primary(&[(Primary, 3), (Primary, 3)]), None);
+        assert_eq!(choose_primary([(Primary, 3), (Primary, 3)]), None);
         assert_eq!(
-            choose_primary(&[(Primary, 3), (Primary, 3), (Primary, 4)]),
+            choose_primary([(Primary, 3), (Primary, 3), (Primary, 4)]),
             Some(2)
         );
     }
