@@ -20,6 +20,7 @@ pub mod endpoint;
 pub mod etcd;
 pub mod ports;
 pub mod process;
+pub mod replication;
 pub mod sockets;
 pub mod tidepool;
 pub mod wire;

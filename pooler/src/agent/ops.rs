@@ -217,6 +217,13 @@ impl Agent {
                 }
                 Err(e) => return self.refuse(format!("pg_promote: {e}")).await,
             }
+            // pg_rewind reads the source's timeline from its control file, which a promotion
+            // updates only at its next checkpoint: without this, an old primary told to
+            // follow at once would be found "on the same timeline" and not rewound.
+            c.set_deadline(Instant::now() + self.wait());
+            if let Err(e) = c.exec("CHECKPOINT").await {
+                tracing::warn!(error = %e, "checkpoint after promotion failed");
+            }
         }
         tracing::warn!(term, sync = %sync_names, "promoted");
         self.ok().await

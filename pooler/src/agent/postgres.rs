@@ -115,22 +115,18 @@ impl Conn {
         self.deadline = deadline;
     }
 
-    /// `ALTER SYSTEM SET name = value` (or RESET when `None`), then a reload.
+    /// `ALTER SYSTEM SET name = value` (or RESET when `None`), then a reload. One statement
+    /// per query: ALTER SYSTEM refuses to run in the implicit transaction of a multi-statement
+    /// query.
     pub async fn set_system(&self, settings: &[(&str, Option<&str>)]) -> Result<(), PgError> {
-        let mut sql = String::new();
         for (name, value) in settings {
-            match value {
-                Some(v) => {
-                    sql += &format!(
-                        "ALTER SYSTEM SET {name} = {};",
-                        shared::settings::literal(v)
-                    )
-                }
-                None => sql += &format!("ALTER SYSTEM RESET {name};"),
-            }
+            let sql = match value {
+                Some(v) => format!("ALTER SYSTEM SET {name} = {}", shared::settings::literal(v)),
+                None => format!("ALTER SYSTEM RESET {name}"),
+            };
+            self.exec(&sql).await?;
         }
-        sql += "SELECT pg_reload_conf();";
-        self.exec(&sql).await
+        self.exec("SELECT pg_reload_conf()").await
     }
 
     /// What Postgres says of its state (the SQL half of a report).
