@@ -295,6 +295,8 @@ pub async fn reopen(
                 // The client has its ParameterStatus messages from its first login.
                 io.lost.set(false);
                 io.status.set(b'I');
+                io.restart_scan();
+                replay_prepared(&link, io, id);
                 tracing::debug!(session = id, pooler = link.pooler, "session re-opened");
                 return Ok(link);
             }
@@ -316,6 +318,25 @@ pub async fn reopen(
             }
         }
     }
+}
+
+/// Prepares the client's named statements again on the new pooler (one batch ending in Sync);
+/// the replies are dropped (`SessionIo::swallow`). One that fails now fails again at its Bind.
+fn replay_prepared(link: &Link, io: &SessionIo, id: u32) {
+    let prepared = io.prepared.borrow();
+    if prepared.is_empty() {
+        return;
+    }
+    let size: usize = prepared.values().map(|m| m.len()).sum();
+    link.out.push_with(|b| {
+        put_header(b, up::MSGS, id, size + 5 + 1);
+        b.push(0);
+        for m in prepared.values() {
+            b.extend_from_slice(m);
+        }
+        b.extend_from_slice(&[fe::SYNC, 0, 0, 0, 4]);
+    });
+    io.swallow.set(io.swallow.get() + 1);
 }
 
 /// A link the session can use now without any failover work, if it has one: its own link, up,
@@ -399,6 +420,10 @@ pub fn send(link: &Link, io: &SessionIo, id: u32, flags: u8, msgs: &[u8], may_co
     }
     if flags & shared::link::flags::DISCARD != 0 {
         io.pinned.set(false);
+        io.prepared.borrow_mut().clear();
+    }
+    if flags & shared::link::flags::DEALLOCATE != 0 {
+        io.prepared.borrow_mut().clear();
     }
 }
 

@@ -14,6 +14,13 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
 
+/// Named statements remembered per session for a re-open, and their total size.
+const MAX_REMEMBERED: usize = 1000;
+const MAX_REMEMBERED_BYTES: usize = 1 << 20;
+
+/// Statement name → its `Parse` message.
+pub type Prepared = HashMap<Box<[u8]>, Box<[u8]>>;
+
 /// What the link delivers to one session, and what the session's failover logic needs to know
 /// about the conversation with the pooler.
 pub struct SessionIo {
@@ -41,6 +48,10 @@ pub struct SessionIo {
     pub status: Cell<u8>,
     /// A statement created state that lives on the backend (temp table, LISTEN, ...).
     pub pinned: Cell<bool>,
+    /// Named statements the client prepared (name → its Parse message), for a re-open.
+    pub prepared: RefCell<Prepared>,
+    /// Replies to the gateway's own requests still to drop (see `on_data`).
+    pub swallow: Cell<u32>,
     /// What the session owes its client at the next request after a lost link (see failover.rs).
     pub owed: Cell<crate::failover::Owed>,
     scan: Cell<Scan>,
@@ -77,6 +88,8 @@ impl SessionIo {
             status: Cell::new(b'I'),
             pinned: Cell::new(false),
             owed: Cell::new(crate::failover::Owed::Nothing),
+            prepared: RefCell::new(HashMap::new()),
+            swallow: Cell::new(0),
             scan: Cell::new(Scan::default()),
         })
     }
@@ -107,18 +120,33 @@ impl SessionIo {
         s.head == 0 && s.left == 0
     }
 
-    /// Raw backend messages for the client: queued, and followed for `ReadyForQuery`.
-    fn on_data(&self, mut data: &[u8]) {
-        self.client_out.push(data);
+    /// Raw backend messages for the client: queued, and followed for `ReadyForQuery`. While
+    /// `swallow` is set, the replies to the gateway's own replay of the session's prepared
+    /// statements (after a re-open) are dropped up to their `ReadyForQuery`.
+    fn on_data(&self, data: &[u8]) {
         let mut s = self.scan.get();
-        while !data.is_empty() {
+        let mut i = 0;
+        let mut keep = if self.swallow.get() > 0 {
+            usize::MAX
+        } else {
+            0
+        };
+        while i < data.len() {
             if s.left > 0 {
-                let n = (s.left as usize).min(data.len());
+                let n = (s.left as usize).min(data.len() - i);
                 if s.tag == b'Z' && s.left == 1 {
-                    self.on_ready(data[0]);
+                    if keep == usize::MAX {
+                        let w = self.swallow.get().saturating_sub(1);
+                        self.swallow.set(w);
+                        if w == 0 {
+                            keep = i + 1;
+                        }
+                    } else {
+                        self.on_ready(data[i]);
+                    }
                 }
                 s.left -= n as u32;
-                data = &data[n..];
+                i += n;
                 if s.left == 0 {
                     s.head = 0;
                 }
@@ -126,12 +154,12 @@ impl SessionIo {
             }
             // Header: tag + i32 length (which counts itself).
             if s.head == 0 {
-                s.tag = data[0];
+                s.tag = data[i];
             } else {
-                s.len[s.head as usize - 1] = data[0];
+                s.len[s.head as usize - 1] = data[i];
             }
             s.head += 1;
-            data = &data[1..];
+            i += 1;
             if s.head == 5 {
                 let len = u32::from_be_bytes(s.len);
                 s.left = len.saturating_sub(4);
@@ -141,6 +169,28 @@ impl SessionIo {
             }
         }
         self.scan.set(s);
+        if keep == 0 {
+            self.client_out.push(data);
+        } else if keep < data.len() {
+            self.client_out.push(&data[keep..]);
+        }
+    }
+
+    /// A fresh session on a pooler: its replies start at a message boundary.
+    pub fn restart_scan(&self) {
+        self.scan.set(Scan::default());
+        self.swallow.set(0);
+    }
+
+    /// Notes a named protocol-level statement the client prepared, to prepare it again after
+    /// a re-open. Bounded: past the bound a failover loses the rest (the client then hears
+    /// 26000 for them, as after a `DEALLOCATE`).
+    pub fn remember_parse(&self, name: &[u8], message: &[u8]) {
+        let mut p = self.prepared.borrow_mut();
+        let size: usize = p.values().map(|m| m.len()).sum();
+        if p.len() < MAX_REMEMBERED && size + message.len() <= MAX_REMEMBERED_BYTES {
+            p.insert(name.into(), message.into());
+        }
     }
 
     fn on_ready(&self, status: u8) {
@@ -381,5 +431,31 @@ mod tests {
         let io = SessionIo::new();
         io.on_data(&stream[..3]);
         assert!(!io.at_message_boundary());
+    }
+
+    #[test]
+    fn replies_to_a_replay_are_dropped() {
+        let mut replay = msg(b'1', b"");
+        replay.extend(msg(b'1', b""));
+        replay.extend(msg(b'Z', b"I"));
+        let mut client = msg(b'C', b"SELECT 1\0");
+        client.extend(msg(b'Z', b"I"));
+        let all = [replay.clone(), client.clone()].concat();
+        for cut in 0..all.len() {
+            let io = SessionIo::new();
+            io.swallow.set(1);
+            io.pending.set(1);
+            io.on_data(&all[..cut]);
+            io.on_data(&all[cut..]);
+            assert_eq!(io.swallow.get(), 0);
+            assert_eq!(io.pending.get(), 0);
+            io.client_out.close();
+            let got = futures_lite::future::block_on(async {
+                let mut sink = Vec::new();
+                let _ = io.client_out.run_writer(&mut sink).await;
+                sink
+            });
+            assert_eq!(got, client, "cut {cut}");
+        }
     }
 }

@@ -527,9 +527,17 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                                 watch_custom_settings(&io, id, f, p.query);
                                 if f & LOWERS_SYNC_COMMIT != 0 {
                                     denied.push(end);
+                                } else if !p.name.is_empty() {
+                                    // For a re-open on another pooler (failover.rs).
+                                    io.remember_parse(p.name, &data[..n]);
                                 }
                                 may_commit |= in_tx && crate::classify::may_commit(p.query);
                                 flags |= f;
+                            }
+                        }
+                        fe::CLOSE => {
+                            if let Ok((b'S', name)) = fe::parse_target(body) {
+                                io.prepared.borrow_mut().remove(name);
                             }
                         }
                         _ => {}

@@ -115,6 +115,8 @@ async fn idle_session_follows_the_new_pooler_with_its_settings() {
         c.batch_execute("SET search_path = 'follow_me', public")
             .await
             .unwrap();
+        // A named statement prepared before the switch is prepared again after it.
+        let doubled = c.prepare("SELECT $1::int * 2").await.unwrap();
         assert_eq!(one(&c, "SELECT 1").await.unwrap(), "1");
         kill_pooler(&tp);
         // The new pooler comes up a second after the client's next request: held, not failed.
@@ -133,6 +135,8 @@ async fn idle_session_follows_the_new_pooler_with_its_settings() {
             "no pause: {:?}",
             t.elapsed()
         );
+        let n: i32 = c.query_one(&doubled, &[&21]).await.unwrap().get(0);
+        assert_eq!(n, 42);
         // Extended protocol too, and again.
         let n: i32 = c
             .query_one("SELECT $1::int + 1", &[&41])
@@ -266,6 +270,172 @@ async fn no_primary_beyond_the_hold_gets_57p03_then_works_again() {
         assert_eq!(one(&c, "SELECT 5").await.unwrap(), "5");
         let e = c.batch_execute("SELECT * FROM scratch").await.unwrap_err();
         assert_eq!(code(&e), "42P01", "{e}");
+    })
+    .await;
+}
+
+/// Two nodes, each with a pooler acting as its agent (testkit::replication); the gateway knows
+/// both. The primary's pooler and Postgres go away; while there is no primary an idle session's
+/// request is held; the standby is promoted through the agent protocol (recruit, promote at
+/// term 1); the held request then runs — a write, so on the new primary — and the session
+/// goes on there; a transaction open across the switch gets 40001 and the session recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_follow_a_promoted_standby() {
+    use shared::agent::{call, Request, Response};
+    use testkit::replication::{AgentPooler, Node};
+
+    let n1 = Node::primary("fo-n1");
+    n1.psql("CREATE TABLE fo_ha (a int)");
+    let n2 = Node::standby_of(&n1, "fo-n2");
+    let mut p1 = AgentPooler::start(&n1, &[]);
+    let p2 = AgentPooler::start(&n2, &[]);
+    let gw_port = testkit::free_port();
+    let ro_port = testkit::free_port();
+    let log = n1.dir().join("gateway-ha.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let mut gw = Command::new(bin_dir().join("tidepool-gateway"))
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{gw_port}"),
+            "--cores",
+            "1",
+            "--auth-method",
+            "trust",
+            "--pooler",
+            &format!("127.0.0.1:{},127.0.0.1:{}", p1.listen_port, p2.listen_port),
+            "--failover-hold-ms",
+            "20000",
+            "--read-only-listen",
+            &format!("127.0.0.1:{ro_port}"),
+        ])
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(file.try_clone().unwrap()))
+        .stderr(Stdio::from(file))
+        .spawn()
+        .expect("start tidepool-gateway");
+    struct KillOnDrop<'a>(&'a mut Child);
+    impl Drop for KillOnDrop<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _gw = KillOnDrop(&mut gw);
+    let logs = || {
+        format!(
+            "{}\n--- gateway ---\n{}",
+            p2.log_tail(),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    };
+    let ep = testkit::Endpoint::loopback(gw_port);
+    bounded(async {
+        // The gateway may need a moment to hear both poolers' roles.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let c = loop {
+            match ep.connect("postgres", "", "postgres").await {
+                Ok(c) => break c,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("connect: {e}\n{}", logs()),
+            }
+        };
+        c.batch_execute("INSERT INTO fo_ha VALUES (1)")
+            .await
+            .unwrap();
+        let in_standby = one(&c, "SELECT pg_is_in_recovery()").await.unwrap();
+        assert_eq!(in_standby, "f", "the session must start on the primary");
+        let c2 = ep.connect("postgres", "", "postgres").await.unwrap();
+        c2.batch_execute("BEGIN; INSERT INTO fo_ha VALUES (2)")
+            .await
+            .unwrap();
+        // The read-only listener reads from the standby.
+        let ro = testkit::Endpoint::loopback(ro_port)
+            .connect("postgres", "", "postgres")
+            .await
+            .unwrap();
+        assert_eq!(one(&ro, "SELECT pg_is_in_recovery()").await.unwrap(), "t");
+        let e = ro
+            .batch_execute("INSERT INTO fo_ha VALUES (9)")
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "25006", "{e}");
+        n2.wait_for("SELECT count(*) FROM fo_ha", "1", Duration::from_secs(20))
+            .unwrap();
+
+        // The primary node goes away: its pooler and its Postgres.
+        p1.kill();
+        n1.stop("immediate");
+        // An idle session's next request waits for a primary...
+        let held = tokio::spawn(async move {
+            let r = c
+                .simple_query("INSERT INTO fo_ha VALUES (3); SELECT count(*) FROM fo_ha")
+                .await;
+            (c, r)
+        });
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(
+            !held.is_finished(),
+            "the request did not wait for a primary"
+        );
+        // ... while the standby is promoted at term 1 through its agent.
+        let agent = p2.agent_addr();
+        let promoted = tokio::task::spawn_blocking(move || {
+            let t = Duration::from_secs(30);
+            let r = call(agent, &Request::Recruit { term: 1 }, t);
+            assert!(matches!(r, Ok(Response::Ok { .. })), "recruit: {r:?}");
+            call(
+                agent,
+                &Request::Promote {
+                    term: 1,
+                    sync_names: String::new(),
+                },
+                t,
+            )
+        })
+        .await
+        .unwrap();
+        assert!(
+            matches!(promoted, Ok(Response::Ok { .. })),
+            "promote: {promoted:?}"
+        );
+        let (c, r) = held.await.unwrap();
+        let rows = r.unwrap_or_else(|e| panic!("held request failed: {e}\n{}", logs()));
+        let count = rows.iter().find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        });
+        assert_eq!(count.as_deref(), Some("2"), "{}", logs());
+        assert_eq!(one(&c, "SELECT pg_is_in_recovery()").await.unwrap(), "f");
+        // The transaction that was open on the old primary is gone, and says so.
+        let e = c2
+            .batch_execute("INSERT INTO fo_ha VALUES (4)")
+            .await
+            .unwrap_err();
+        assert_eq!(code(&e), "40001", "{e}");
+        c2.batch_execute("ROLLBACK").await.unwrap();
+        assert_eq!(one(&c2, "SELECT count(*) FROM fo_ha").await.unwrap(), "2");
+
+        // The old primary comes back as it was (primary at term 0, below the new primary's
+        // term 1): it never takes a session.
+        n1.start();
+        let _p1 = AgentPooler::start_on(&n1, p1.listen_port, p1.agent_port, &[]);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let n2_port = n2.port().to_string();
+        for _ in 0..4 {
+            let c = ep.connect("postgres", "", "postgres").await.unwrap();
+            assert_eq!(
+                one(&c, "SELECT inet_server_port()").await.unwrap(),
+                n2_port,
+                "{}",
+                logs()
+            );
+        }
+        assert_eq!(one(&c, "SELECT inet_server_port()").await.unwrap(), n2_port);
     })
     .await;
 }
