@@ -137,6 +137,8 @@ pub struct AgentConfig {
     pub pg_timeout_ms: u64,
     pub wait_ms: u64,
     pub pg_log: Option<PathBuf>,
+    /// `pg_log` was given (else it is a default the running postmaster's log replaces).
+    pub pg_log_configured: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -178,7 +180,9 @@ impl Config {
             .state_dir
             .or(file.state_dir)
             .or_else(|| pg_data.as_ref().and_then(|d| d.parent().map(PathBuf::from)));
-        let pg_log = args.pg_log.or(file.pg_log).or_else(|| {
+        let pg_log = args.pg_log.or(file.pg_log);
+        let pg_log_configured = pg_log.is_some();
+        let pg_log = pg_log.or_else(|| {
             pg_data
                 .as_ref()
                 .and_then(|d| d.parent().map(|p| p.join("postgres.log")))
@@ -218,6 +222,7 @@ impl Config {
                 .unwrap_or(10_000)
                 .max(1),
             pg_log,
+            pg_log_configured,
         };
         if agent.listen.is_some() && agent.state_dir.is_none() {
             return Err(

@@ -105,7 +105,8 @@ impl Agent {
             pgctl: a.pg_data.clone().map(|data| PgCtl {
                 data,
                 bin_dir: a.pg_bin_dir.clone(),
-                log: a.pg_log.clone(),
+                log: std::cell::RefCell::new(a.pg_log.clone()),
+                log_configured: a.pg_log_configured,
             }),
             pledge_file,
             pledge: Cell::new(pledge),

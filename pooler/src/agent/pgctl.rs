@@ -3,6 +3,7 @@
 //! owner of the data directory (the pooler may run as root), in its own process group (a
 //! postmaster started here must outlive the pooler), and is bounded by a timeout.
 
+use std::cell::RefCell;
 use std::ffi::OsString;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -11,7 +12,10 @@ use std::time::Duration;
 pub struct PgCtl {
     pub data: PathBuf,
     pub bin_dir: PathBuf,
-    pub log: Option<PathBuf>,
+    /// Where a Postgres started here logs (`pg_ctl -l`).
+    pub log: RefCell<Option<PathBuf>>,
+    /// `pg_log` was configured: never replaced by what a running postmaster uses.
+    pub log_configured: bool,
 }
 
 /// What `postmaster.pid` says.
@@ -43,6 +47,24 @@ impl PgCtl {
             Postmaster::Running(pid)
         } else {
             Postmaster::Crashed(pid)
+        }
+    }
+
+    /// Without a configured `pg_log`, a restart logs where the running postmaster logged
+    /// (whoever started it with `pg_ctl -l`): its stderr, when that is a plain file.
+    pub fn learn_log(&self, pid: u32) {
+        if self.log_configured || pid == 0 {
+            return;
+        }
+        let Ok(path) = std::fs::read_link(format!("/proc/{pid}/fd/2")) else {
+            return;
+        };
+        if path.is_absolute() && std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+            let mut log = self.log.borrow_mut();
+            if log.as_ref() != Some(&path) {
+                tracing::info!(log = %path.display(), "postgres log learned from the postmaster");
+                *log = Some(path);
+            }
         }
     }
 
@@ -97,9 +119,9 @@ impl PgCtl {
     pub async fn start(&self, timeout: Duration) -> Result<(), String> {
         let secs = timeout.as_secs().max(1);
         let mut args: Vec<OsString> = vec!["-D".into(), self.data_arg()];
-        if let Some(log) = &self.log {
+        if let Some(log) = self.log.borrow().clone() {
             args.push("-l".into());
-            args.push(log.clone().into_os_string());
+            args.push(log.into_os_string());
         }
         args.extend([
             "-w".into(),
@@ -232,7 +254,8 @@ mod tests {
         let c = PgCtl {
             data: PathBuf::from("/nonexistent/tidepool"),
             bin_dir: PathBuf::from("/usr/lib/postgresql/15/bin"),
-            log: None,
+            log: RefCell::new(None),
+            log_configured: false,
         };
         assert_eq!(c.postmaster(), Postmaster::Stopped);
     }

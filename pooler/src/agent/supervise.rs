@@ -24,16 +24,19 @@ pub async fn run(agent: Rc<Agent>) {
 }
 
 async fn restart_if_crashed(agent: &Agent) {
-    if agent.cfg.supervise {
-        if let Some(pgctl) = &agent.pgctl {
-            if let Postmaster::Crashed(pid) = pgctl.postmaster() {
-                tracing::warn!(pid, "postgres crashed; restarting it");
-                match pgctl.start(agent.wait()).await {
-                    Ok(()) => tracing::warn!("postgres restarted"),
-                    // Its orphaned backends may still hold the shared memory: next round.
-                    Err(e) => tracing::warn!(error = %e, "restarting postgres failed"),
-                }
+    let Some(pgctl) = &agent.pgctl else {
+        return;
+    };
+    match pgctl.postmaster() {
+        Postmaster::Running(pid) => pgctl.learn_log(pid),
+        Postmaster::Crashed(pid) if agent.cfg.supervise => {
+            tracing::warn!(pid, "postgres crashed; restarting it");
+            match pgctl.start(agent.wait()).await {
+                Ok(()) => tracing::warn!("postgres restarted"),
+                // Its orphaned backends may still hold the shared memory: next round.
+                Err(e) => tracing::warn!(error = %e, "restarting postgres failed"),
             }
         }
+        _ => {}
     }
 }
