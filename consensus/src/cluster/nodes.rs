@@ -108,23 +108,23 @@ pub fn sync_names(
 
 /// Settings every node of a replicated cluster shares. The receiver timeout is short so a
 /// standby notices a frozen or cut-off primary within seconds (a healthy idle primary is
-/// pinged at half of it), which failure detection relies on.
-pub fn replication_conf(sync_names: &str) -> String {
-    format!(
-        "# replication (tidepool up --standbys)\n\
-         wal_level = replica\n\
-         wal_log_hints = on\n\
-         max_wal_senders = 16\n\
-         wal_keep_size = '512MB'\n\
-         hot_standby = on\n\
-         synchronous_commit = on\n\
-         synchronous_standby_names = {}\n\
-         wal_receiver_timeout = '4s'\n\
-         wal_receiver_status_interval = '1s'\n\
-         wal_sender_timeout = '4s'\n\
-         recovery_target_timeline = 'latest'\n",
-        conf_quote(sync_names)
-    )
+/// pinged at half of it), which failure detection relies on. `synchronous_standby_names` is
+/// not here: the control process sets it on the primary (ALTER SYSTEM, through the agent)
+/// once the standbys stream — set before they exist, the bootstrap's own commits would wait
+/// forever.
+pub fn replication_conf() -> String {
+    "# replication (tidepool up --standbys)\n\
+     wal_level = replica\n\
+     wal_log_hints = on\n\
+     max_wal_senders = 16\n\
+     wal_keep_size = '512MB'\n\
+     hot_standby = on\n\
+     synchronous_commit = on\n\
+     wal_receiver_timeout = '4s'\n\
+     wal_receiver_status_interval = '1s'\n\
+     wal_sender_timeout = '4s'\n\
+     recovery_target_timeline = 'latest'\n"
+        .to_string()
 }
 
 /// The Postgres of a node.
@@ -140,13 +140,14 @@ pub fn postgres(settings: &ClusterSettings, node: &NodeRecord) -> Result<Postgre
 
 /// Flags making a pooler the agent of `node`.
 pub fn agent_args(settings: &ClusterSettings, node: &NodeRecord) -> Vec<OsString> {
-    let flags: [(&str, OsString); 6] = [
+    let flags: [(&str, OsString); 7] = [
         ("--node-name", node.name.clone().into()),
         ("--zone", node.zone.clone().into()),
         ("--agent-listen", node.agent.to_string().into()),
         ("--pg-data", node.data_dir.clone().into()),
         ("--pg-bin-dir", settings.pg_bin_dir.clone().into()),
         ("--state-dir", node.state_dir.clone().into()),
+        ("--pg-log", node.postgres_log.clone().into()),
     ];
     let mut args = Vec::new();
     for (flag, value) in flags {

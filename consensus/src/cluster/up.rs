@@ -101,7 +101,9 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
         Vec::new()
     };
     let replication = if ha {
-        nodes::replication_conf(&nodes::sync_names(&settings, &nodes, "node1")?)
+        // Checked now so a policy the nodes cannot satisfy fails before anything starts.
+        nodes::sync_names(&settings, &nodes, "node1")?;
+        nodes::replication_conf()
     } else {
         String::new()
     };
