@@ -275,12 +275,24 @@ pub async fn reopen(
     open: &Open,
 ) -> Result<Rc<Link>, Reopen> {
     let deadline = Instant::now() + Duration::from_millis(core.cfg.failover_hold_ms);
-    let Some(_held) = Held::take(core) else {
-        return Err(Reopen::NoPrimary);
-    };
+    // Counted against failover_hold_max only while it waits for a primary.
+    let mut held = None;
     loop {
-        let Some(link) = core.wait_link(deadline, io.read_only.get()).await else {
-            return Err(Reopen::NoPrimary);
+        let now = if io.read_only.get() {
+            core.read_link()
+        } else {
+            core.primary_link()
+        };
+        let link = match now {
+            Some(l) => l,
+            None => {
+                if held.is_none() {
+                    held = Some(Held::take(core).ok_or(Reopen::NoPrimary)?);
+                }
+                core.wait_link(deadline, io.read_only.get())
+                    .await
+                    .ok_or(Reopen::NoPrimary)?
+            }
         };
         let _ = io.control.try_take();
         link.register(id, io.clone());
