@@ -26,7 +26,7 @@
 
 use crate::classify;
 use crate::core::{Core, Held};
-use crate::link::{Link, SessionIo};
+use crate::link::{Link, Prepared, SessionIo};
 use shared::link::{down, put_header, up, Open};
 use shared::protocol::backend::{self as be, Severity};
 use shared::protocol::frontend as fe;
@@ -166,7 +166,7 @@ fn answer_error(out: &mut Vec<u8>, seg: &[u8], code: &str, msg: &str, status: u8
 /// If the segment only ends the transaction (`ROLLBACK`/`COMMIT`/..., simple or extended),
 /// answers it as Postgres does for a transaction already rolled back and returns whether it
 /// was a commit (`Some(true)`) or a rollback.
-fn answer_end(out: &mut Vec<u8>, seg: &[u8]) -> Option<bool> {
+fn answer_end(out: &mut Vec<u8>, seg: &[u8], prepared: &Prepared) -> Option<bool> {
     let mut kind = None;
     let mut replies = Vec::new();
     for (tag, body) in messages(seg) {
@@ -177,7 +177,16 @@ fn answer_end(out: &mut Vec<u8>, seg: &[u8]) -> Option<bool> {
                 kind = Some(classify::ends_transaction(p.query)?);
                 be::parse_complete(&mut replies);
             }
-            fe::BIND => put(&mut replies, b'2', &[]),
+            fe::BIND => {
+                // A statement prepared earlier (drivers keep `ROLLBACK` as a named statement).
+                let (_, stmt, _) = fe::parse_bind(body).ok()?;
+                if kind.is_none() {
+                    let parse = prepared.get(stmt)?;
+                    let p = fe::parse_parse(parse.get(5..)?).ok()?;
+                    kind = Some(classify::ends_transaction(p.query)?);
+                }
+                put(&mut replies, b'2', &[]);
+            }
             fe::DESCRIBE => {
                 if body.first() == Some(&b'S') {
                     put(&mut replies, b't', &[0, 0]);
@@ -217,7 +226,7 @@ fn answer_owed(io: &SessionIo, batch: &[u8]) -> usize {
         match io.owed.get() {
             Owed::TxLost => {
                 let mut reply = Vec::new();
-                match answer_end(&mut reply, seg) {
+                match answer_end(&mut reply, seg, &io.prepared.borrow()) {
                     // ROLLBACK: what the client asked for already happened.
                     Some(false) => {
                         out.extend_from_slice(&reply);
@@ -235,7 +244,7 @@ fn answer_owed(io: &SessionIo, batch: &[u8]) -> usize {
                 }
             }
             Owed::Aborted => {
-                if answer_end(&mut out, seg).is_some() {
+                if answer_end(&mut out, seg, &io.prepared.borrow()).is_some() {
                     io.owed.set(Owed::Nothing);
                 } else {
                     answer_error(&mut out, seg, "25P02", ABORTED, b'E');
@@ -546,6 +555,28 @@ mod tests {
         put(&mut b, fe::SYNC, b"");
         assert_eq!(answer_owed(&io, &b), b.len());
         assert_eq!(codes(&replies(&io)), vec!["1", "2", "n", "ROLLBACK", "ZI"]);
+    }
+
+    #[test]
+    fn rollback_as_a_named_statement_prepared_earlier() {
+        let io = SessionIo::new();
+        let mut parse = Vec::new();
+        let mut body = b"S_1\0ROLLBACK\0".to_vec();
+        body.extend_from_slice(&[0, 0]);
+        put(&mut parse, fe::PARSE, &body);
+        io.remember_parse(b"S_1", &parse);
+        io.owed.set(Owed::Aborted);
+        let mut b = Vec::new();
+        put(&mut b, fe::BIND, b"\0S_1\0\0\0\0\0\0\0");
+        put(&mut b, fe::EXECUTE, b"\0\0\0\0\0");
+        put(&mut b, fe::SYNC, b"");
+        assert_eq!(answer_owed(&io, &b), b.len());
+        assert_eq!(codes(&replies(&io)), vec!["2", "ROLLBACK", "ZI"]);
+        // Any other statement is refused as in a failed transaction.
+        let io = SessionIo::new();
+        io.owed.set(Owed::Aborted);
+        assert_eq!(answer_owed(&io, &b), b.len());
+        assert_eq!(codes(&replies(&io)), vec!["25P02", "ZE"]);
     }
 
     fn be_parse(out: &mut Vec<u8>, sql: &str) {
