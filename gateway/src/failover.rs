@@ -441,10 +441,10 @@ pub fn send(link: &Link, io: &SessionIo, id: u32, flags: u8, msgs: &[u8], may_co
     }
     if flags & shared::link::flags::DISCARD != 0 {
         io.pinned.set(false);
-        io.prepared.borrow_mut().clear();
+        io.forget_all_parses();
     }
     if flags & shared::link::flags::DEALLOCATE != 0 {
-        io.prepared.borrow_mut().clear();
+        io.forget_all_parses();
     }
 }
 

@@ -50,6 +50,7 @@ pub struct SessionIo {
     pub pinned: Cell<bool>,
     /// Named statements the client prepared (name → its Parse message), for a re-open.
     pub prepared: RefCell<Prepared>,
+    prepared_bytes: Cell<usize>,
     /// Replies to the gateway's own requests still to drop (see `on_data`).
     pub swallow: Cell<u32>,
     /// What the session owes its client at the next request after a lost link (see failover.rs).
@@ -89,6 +90,7 @@ impl SessionIo {
             pinned: Cell::new(false),
             owed: Cell::new(crate::failover::Owed::Nothing),
             prepared: RefCell::new(HashMap::new()),
+            prepared_bytes: Cell::new(0),
             swallow: Cell::new(0),
             scan: Cell::new(Scan::default()),
         })
@@ -186,11 +188,27 @@ impl SessionIo {
     /// a re-open. Bounded: past the bound a failover loses the rest (the client then hears
     /// 26000 for them, as after a `DEALLOCATE`).
     pub fn remember_parse(&self, name: &[u8], message: &[u8]) {
+        self.forget_parse(name);
         let mut p = self.prepared.borrow_mut();
-        let size: usize = p.values().map(|m| m.len()).sum();
+        let size = self.prepared_bytes.get();
         if p.len() < MAX_REMEMBERED && size + message.len() <= MAX_REMEMBERED_BYTES {
             p.insert(name.into(), message.into());
+            self.prepared_bytes.set(size + message.len());
         }
+    }
+
+    /// The client closed a named statement.
+    pub fn forget_parse(&self, name: &[u8]) {
+        if let Some(m) = self.prepared.borrow_mut().remove(name) {
+            let size = self.prepared_bytes.get();
+            self.prepared_bytes.set(size.saturating_sub(m.len()));
+        }
+    }
+
+    /// `DISCARD ALL` / `DEALLOCATE ALL`.
+    pub fn forget_all_parses(&self) {
+        self.prepared.borrow_mut().clear();
+        self.prepared_bytes.set(0);
     }
 
     fn on_ready(&self, status: u8) {

@@ -537,7 +537,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                         }
                         fe::CLOSE => {
                             if let Ok((b'S', name)) = fe::parse_target(body) {
-                                io.prepared.borrow_mut().remove(name);
+                                io.forget_parse(name);
                             }
                         }
                         _ => {}
