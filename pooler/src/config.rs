@@ -284,3 +284,54 @@ impl Config {
         Ok(c)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(args: &[&str]) -> Result<Config, String> {
+        let mut all = vec!["tidepool-pooler"];
+        all.extend_from_slice(args);
+        Config::load(Args::try_parse_from(all).map_err(|e| e.to_string())?)
+    }
+
+    #[test]
+    fn agent_defaults_and_flags() {
+        let c = load(&[]).unwrap();
+        assert!(c.agent.listen.is_none());
+        assert!(!c.agent.supervise);
+        assert_eq!(c.agent.node_name, "node1");
+        assert_eq!(c.agent.zone, "default");
+        assert_eq!(c.agent.replication_user, "postgres");
+        assert_eq!(c.agent.pg_timeout_ms, 1000);
+
+        let c = load(&["--agent-listen", "127.0.0.1:9", "--pg-data", "/srv/n1/data"]).unwrap();
+        assert!(c.agent.supervise, "on by default with pg_data");
+        assert_eq!(c.agent.state_dir, Some(PathBuf::from("/srv/n1")));
+        assert_eq!(c.agent.pg_log, Some(PathBuf::from("/srv/n1/postgres.log")));
+        assert!(!c.agent.pg_log_configured);
+
+        let c = load(&[
+            "--agent-listen",
+            "127.0.0.1:9",
+            "--pg-data",
+            "/srv/n1/data",
+            "--supervise",
+            "false",
+            "--state-dir",
+            "/var/tp",
+        ])
+        .unwrap();
+        assert!(!c.agent.supervise);
+        assert_eq!(c.agent.state_dir, Some(PathBuf::from("/var/tp")));
+
+        // An agent needs somewhere to keep its pledge.
+        assert!(load(&["--agent-listen", "127.0.0.1:9"]).is_err());
+        // Empty address: no agent.
+        assert!(load(&["--agent-listen", ""])
+            .unwrap()
+            .agent
+            .listen
+            .is_none());
+    }
+}
