@@ -471,8 +471,10 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         let mut flags = 0u8;
         let mut end = 0;
         let mut terminate = false;
-        // Inside a transaction, whether a request here may commit it (see failover.rs).
-        let in_tx = io.status.get() != b'I';
+        // Inside a transaction (or possibly, behind pipelined requests not answered yet),
+        // whether a request here may commit it (see failover.rs): a COMMIT whose outcome is
+        // unknown must never be reported as rolled back.
+        let in_tx = io.status.get() != b'I' || io.pending.get() > 0;
         let mut may_commit = false;
         // Offsets of messages that would lower synchronous_commit (rare): rewritten below.
         let mut denied: Vec<usize> = Vec::new();
