@@ -269,6 +269,11 @@ fn a_primary_cut_off_from_its_standbys_and_the_control_process_is_replaced() {
     let senders = ha::walsenders_of(postmaster);
     assert_eq!(senders.len(), 2, "two WAL senders");
     let cut = ha::Cut::port(c.nodes[0].agent.port());
+    // Standbys stream over the primary's Unix socket as the postgres OS user: closing the
+    // socket file to that user keeps them from reconnecting (root — the pooler's admin
+    // connection — and TCP clients are unaffected), and the WAL senders they have freeze.
+    let socket = c.nodes[0].socket_dir.join(format!(".s.PGSQL.{}", c.nodes[0].pg_port));
+    set_mode(&socket, 0o000);
     for &pid in &senders {
         ha::signal(pid, libc::SIGSTOP);
     }
@@ -281,6 +286,7 @@ fn a_primary_cut_off_from_its_standbys_and_the_control_process_is_replaced() {
         "writes did not resume\n{}",
         c.logs()
     );
+    set_mode(&socket, 0o777);
     for &pid in &senders {
         ha::signal(pid, libc::SIGCONT);
     }
@@ -489,4 +495,10 @@ fn with_etcd_two_control_processes_never_make_two_primaries_and_an_etcd_outage_d
         "{}",
         status.text
     );
+}
+
+fn set_mode(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
 }
