@@ -172,6 +172,8 @@ impl PgCtl {
             "postgresql.auto.conf",
             "pg_hba.conf",
             "pg_ident.conf",
+            // What `tidepool up` writes (port, socket directory, replication settings).
+            "tidepool.conf",
         ]
         .iter()
         .filter_map(|n| {
