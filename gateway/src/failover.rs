@@ -282,6 +282,7 @@ pub async fn reopen(
     io: &Rc<SessionIo>,
     id: u32,
     open: &Open,
+    next: &[u8],
 ) -> Result<Rc<Link>, Reopen> {
     let deadline = Instant::now() + Duration::from_millis(core.cfg.failover_hold_ms);
     // Counted against failover_hold_max only while it waits for a primary.
@@ -317,7 +318,7 @@ pub async fn reopen(
                 io.lost.set(false);
                 io.status.set(b'I');
                 io.restart_scan();
-                replay_prepared(&link, io, id);
+                replay_prepared(&link, io, id, next);
                 tracing::debug!(session = id, pooler = link.pooler, "session re-opened");
                 return Ok(link);
             }
@@ -343,16 +344,38 @@ pub async fn reopen(
 
 /// Prepares the client's named statements again on the new pooler (one batch ending in Sync);
 /// the replies are dropped (`SessionIo::swallow`). One that fails now fails again at its Bind.
-fn replay_prepared(link: &Link, io: &SessionIo, id: u32) {
+/// Statements the held request `next` parses itself are left to it (they were remembered when
+/// it was read; preparing them here too would make its Parse fail with 42P05).
+fn replay_prepared(link: &Link, io: &SessionIo, id: u32, next: &[u8]) {
     let prepared = io.prepared.borrow();
-    if prepared.is_empty() {
+    let mut parsed_next: Vec<&[u8]> = Vec::new();
+    let mut i = 0;
+    while i + 5 <= next.len() {
+        let len = u32::from_be_bytes([next[i + 1], next[i + 2], next[i + 3], next[i + 4]]) as usize;
+        let end = (i + 1 + len).min(next.len());
+        if next[i] == fe::PARSE {
+            if let Ok(p) = fe::parse_parse(&next[i + 5..end]) {
+                parsed_next.push(p.name);
+            }
+        }
+        if len < 4 {
+            break;
+        }
+        i = end;
+    }
+    let replay: Vec<&[u8]> = prepared
+        .iter()
+        .filter(|(name, _)| !parsed_next.iter().any(|n| *n == &name[..]))
+        .map(|(_, m)| &m[..])
+        .collect();
+    if replay.is_empty() {
         return;
     }
-    let size: usize = prepared.values().map(|m| m.len()).sum();
+    let size: usize = replay.iter().map(|m| m.len()).sum();
     link.out.push_with(|b| {
         put_header(b, up::MSGS, id, size + 5 + 1);
         b.push(0);
-        for m in prepared.values() {
+        for m in &replay {
             b.extend_from_slice(m);
         }
         b.extend_from_slice(&[fe::SYNC, 0, 0, 0, 4]);
@@ -400,7 +423,7 @@ pub async fn forward_slow(
                 old.unregister(id);
                 old.send(up::CLOSE, id, &[]);
             }
-            match reopen(core, io, id, open).await {
+            match reopen(core, io, id, open, rest).await {
                 Ok(l) => l,
                 Err(Reopen::NoPrimary) => {
                     tracing::info!(session = id, "no primary within the hold: 57P03");

@@ -177,7 +177,13 @@ impl Agent {
         } else {
             0
         };
-        role::node().set(o.role, primary_term);
+        // A fenced primary (recruited for a switchover) is no target for gateways.
+        let routed = if o.role == Role::Primary && pledge.recruited {
+            Role::Down
+        } else {
+            o.role
+        };
+        role::node().set(routed, primary_term);
         Report {
             node: self.cfg.node_name.clone(),
             zone: self.cfg.zone.clone(),

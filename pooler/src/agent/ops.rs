@@ -131,9 +131,11 @@ impl Agent {
     /// transactions read-only, writers given a moment to finish, then an unsatisfiable
     /// `synchronous_standby_names` and every client backend ended.
     async fn fence(&self, mut c: Conn) -> Result<(), String> {
-        c.set_system(&[("default_transaction_read_only", Some("on"))])
-            .await
-            .map_err(|e| format!("making transactions read-only: {e}"))?;
+        // Gateways stop routing to this node first (ROLE: not a primary): they hold new
+        // requests for the next primary, so nothing new starts here and a switchover shows
+        // clients a pause, not an error. Requests already sent get a moment to arrive.
+        super::role::node().set(Role::Down, 0);
+        tokio::time::sleep(Duration::from_millis(200)).await;
         let pg_timeout = self.pg_timeout();
         let drain = Instant::now() + self.wait() / 2;
         loop {
@@ -141,7 +143,8 @@ impl Agent {
             let writers = c
                 .value(
                     "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' \
-                     AND backend_xid IS NOT NULL AND pid <> pg_backend_pid()",
+                     AND (backend_xid IS NOT NULL OR state NOT IN ('idle')) \
+                     AND pid <> pg_backend_pid()",
                 )
                 .await;
             if matches!(writers, Ok(Some(n)) if n == "0") {
@@ -153,6 +156,10 @@ impl Agent {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        c.set_deadline(Instant::now() + pg_timeout);
+        c.set_system(&[("default_transaction_read_only", Some("on"))])
+            .await
+            .map_err(|e| format!("making transactions read-only: {e}"))?;
         c.set_deadline(Instant::now() + pg_timeout);
         c.set_system(&[("synchronous_standby_names", Some(FENCE))])
             .await
