@@ -433,3 +433,59 @@ fn supervision_restarts_a_killed_postmaster_not_a_stopped_one() {
     thread::sleep(Duration::from_secs(2));
     assert!(p.postmaster_pid().is_none());
 }
+
+#[test]
+fn a_standby_ahead_of_the_new_primary_is_rewound_by_follow() {
+    let p = Node::primary("n1");
+    let s1 = Node::standby_of(&p, "n2");
+    let s2 = Node::standby_of(&p, "n3");
+    let a1 = AgentPooler::start(&s1, &[]);
+    let a2 = AgentPooler::start(&s2, &[]);
+    p.psql("CREATE TABLE t (x text); INSERT INTO t VALUES ('before')");
+    let lsn = Some(p.psql("SELECT pg_current_wal_flush_lsn()"))
+        .as_deref()
+        .and_then(shared::agent::parse_lsn);
+    for a in [&a1, &a2] {
+        report_until(a, Duration::from_secs(20), |r| {
+            r.streaming && r.replay_lsn >= lsn
+        });
+    }
+    // n2 stops first; n3 still receives a commit n2 never sees.
+    ok(&a1, Request::Recruit { term: 1 });
+    p.psql("INSERT INTO t VALUES ('only-n3')");
+    s2.wait_for(
+        "SELECT count(*) FROM t WHERE x = 'only-n3'",
+        "1",
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    ok(&a2, Request::Recruit { term: 1 });
+    p.stop("immediate");
+    ok(
+        &a1,
+        Request::Promote {
+            term: 1,
+            sync_names: String::new(),
+        },
+    );
+    s1.psql("INSERT INTO t VALUES ('after')");
+    // n3 is past the fork of timeline 2: it cannot stream until rewound.
+    let r = ok(
+        &a2,
+        Request::Follow {
+            term: 1,
+            primary: at(&s1),
+        },
+    );
+    assert_eq!(r.role, Role::Standby, "{r:?}");
+    s2.wait_for(
+        "SELECT string_agg(x, ',' ORDER BY x) FROM t",
+        "after,before",
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", a2.log_tail()));
+    report_until(&a2, Duration::from_secs(20), |r| {
+        r.streaming && r.timeline == 2
+    });
+    assert_eq!(s2.psql("SHOW port"), s2.port().to_string());
+}

@@ -3,15 +3,25 @@
 //! protocol says so, and answers with a fresh report.
 
 use super::pgctl::Postmaster;
-use super::postgres::{conninfo_quote, wait_until, Conn, PgError};
+use super::postgres::{conninfo_quote, wait_until, Conn, PgError, Target};
 use super::term::Pledge;
 use super::Agent;
-use shared::agent::{Response, Role, Upstream};
+use shared::agent::{format_lsn, parse_lsn, Lsn, Response, Role, Upstream};
 use std::time::{Duration, Instant};
 
 /// A `synchronous_standby_names` no standby ever has: a primary with it cannot complete a
 /// commit (each waits for an acknowledgement that never comes).
 pub const FENCE: &str = "\"tidepool_fenced\"";
+
+/// Where timeline `tli` ended in a timeline history file (`tli<TAB>X/Y<TAB>reason` lines).
+fn fork_point(history: &str, tli: u32) -> Option<Lsn> {
+    history.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let t: u32 = f.next()?.parse().ok()?;
+        let lsn = parse_lsn(f.next()?)?;
+        (t == tli).then_some(lsn)
+    })
+}
 
 impl Agent {
     async fn refuse(&self, reason: String) -> Response {
@@ -302,10 +312,23 @@ impl Agent {
             conninfo_quote(&self.cfg.node_name)
         );
         let done = match self.role_now().await {
-            Ok((c, Role::Standby)) => c
-                .set_system(&[("primary_conninfo", Some(&conninfo))])
-                .await
-                .map_err(|e| format!("primary_conninfo: {e}")),
+            Ok((c, Role::Standby)) => {
+                match c.set_system(&[("primary_conninfo", Some(&conninfo))]).await {
+                    Err(e) => Err(format!("primary_conninfo: {e}")),
+                    // A standby that received WAL the new primary never had (it was ahead of
+                    // the promoted one on the old timeline) cannot stream from it: its WAL
+                    // receiver fails at the fork. pg_rewind finds out (and answers "no rewind
+                    // required" otherwise, at the cost of one restart).
+                    Ok(()) if self.pgctl.is_some() && self.diverged(&c, primary).await => {
+                        tracing::warn!(
+                            "ahead of the new primary's fork of our timeline; rewinding"
+                        );
+                        drop(c);
+                        self.rewind_and_start(primary, &conninfo, true).await
+                    }
+                    Ok(()) => Ok(()),
+                }
+            }
             Ok((c, _)) => {
                 drop(c);
                 self.rewind_and_start(primary, &conninfo, true).await
@@ -331,9 +354,59 @@ impl Agent {
         }
         // Give the WAL receiver a moment so the answer usually shows it streaming; the
         // control re-checks with reports anyway.
+        self.streams_within(Duration::from_secs(3)).await;
+        tracing::warn!(term, primary = %format!("{}:{}", primary.host, primary.port), "following");
+        self.ok().await
+    }
+
+    /// Whether this standby holds WAL of its timeline past the point where `primary`'s history
+    /// left that timeline (read from the primary's timeline history file): then it can never
+    /// stream from it without a rewind. Unknown (primary unreachable, no history) is false.
+    async fn diverged(&self, c: &Conn, primary: &Upstream) -> bool {
+        let Ok(mine) = c.observe().await else {
+            return false;
+        };
+        let remote = Target {
+            socket_dir: primary.host.clone(),
+            port: primary.port,
+            user: self.cfg.replication_user.clone(),
+        };
+        let Ok(p) = remote.connect(Instant::now() + self.pg_timeout()).await else {
+            return false;
+        };
+        let Ok(Some(tli)) = p
+            .value("SELECT substr(pg_walfile_name(pg_current_wal_flush_lsn()), 1, 8)")
+            .await
+        else {
+            return false;
+        };
+        let Ok(their_tli) = u32::from_str_radix(&tli, 16) else {
+            return false;
+        };
+        if their_tli <= mine.timeline {
+            return false;
+        }
+        let history = p
+            .value(&format!(
+                "SELECT pg_read_file('pg_wal/{their_tli:08X}.history')"
+            ))
+            .await;
+        let Ok(Some(history)) = history else {
+            return false;
+        };
+        let Some(fork) = fork_point(&history, mine.timeline) else {
+            return false;
+        };
+        let held = mine.flush_lsn.max(mine.replay_lsn).unwrap_or(0);
+        tracing::info!(timeline = mine.timeline, fork = %format_lsn(fork), held = %format_lsn(held), "timeline fork of the new primary");
+        held > fork
+    }
+
+    /// Whether the WAL receiver streams within `d` (bounded by `agent_wait_ms` too).
+    async fn streams_within(&self, d: Duration) -> bool {
         let pg_timeout = self.pg_timeout();
-        let _ = wait_until(
-            Instant::now() + self.wait().min(Duration::from_secs(3)),
+        wait_until(
+            Instant::now() + self.wait().min(d),
             Duration::from_millis(50),
             || async move {
                 match self.target.connect(Instant::now() + pg_timeout).await {
@@ -342,9 +415,7 @@ impl Agent {
                 }
             },
         )
-        .await;
-        tracing::warn!(term, primary = %format!("{}:{}", primary.host, primary.port), "following");
-        self.ok().await
+        .await
     }
 
     /// An old primary (running, crashed or stopped) becomes a standby of `primary`: stopped,
@@ -380,5 +451,19 @@ impl Agent {
         pgctl.make_standby(conninfo)?;
         tracing::warn!("starting as a standby");
         pgctl.start(self.wait()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fork_point_from_a_history_file() {
+        let h = "1\t0/4022538\tno recovery target specified\n\n2\t0/5000000\tx\n";
+        assert_eq!(fork_point(h, 1), Some(0x4022538));
+        assert_eq!(fork_point(h, 2), Some(0x5000000));
+        assert_eq!(fork_point(h, 3), None);
+        assert_eq!(fork_point("# comment\n", 1), None);
     }
 }

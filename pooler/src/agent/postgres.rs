@@ -44,8 +44,13 @@ impl Target {
     /// Connects, giving up at `deadline`.
     pub async fn connect(&self, deadline: Instant) -> Result<Conn, PgError> {
         let mut config = tokio_postgres::Config::new();
+        // A Unix socket directory, or (the new primary seen from a standby) a host name.
+        if self.socket_dir.starts_with('/') {
+            config.host_path(&self.socket_dir);
+        } else {
+            config.host(&self.socket_dir);
+        }
         config
-            .host_path(&self.socket_dir)
             .port(self.port)
             .user(&self.user)
             .dbname("postgres")
