@@ -489,3 +489,38 @@ fn a_standby_ahead_of_the_new_primary_is_rewound_by_follow() {
     });
     assert_eq!(s2.psql("SHOW port"), s2.port().to_string());
 }
+
+/// Sends `sig` to the process group of `node`'s postmaster (its backends and WAL senders too).
+fn signal_group(node: &Node, sig: libc::c_int) {
+    let pid = node.postmaster_pid().expect("postmaster.pid") as libc::pid_t;
+    // SAFETY: plain syscalls on the node's own postmaster.
+    unsafe {
+        let pgid = libc::getpgid(pid);
+        assert!(pgid > 1, "process group of {pid}");
+        libc::killpg(pgid, sig);
+    }
+}
+
+#[test]
+fn recruiting_a_standby_of_a_frozen_primary_answers_in_time() {
+    let p = Node::primary("n1");
+    let s = Node::standby_of(&p, "n2");
+    let a = AgentPooler::start(&s, &[]);
+    p.psql("CREATE TABLE t (x int); INSERT INTO t VALUES (1)");
+    report_until(&a, Duration::from_secs(20), |r| r.streaming);
+    signal_group(&p, libc::SIGSTOP);
+    let t = Instant::now();
+    let r = ask(&a, Request::Recruit { term: 1 });
+    let took = t.elapsed();
+    signal_group(&p, libc::SIGCONT);
+    let Response::Ok { report } = r else {
+        panic!("{r:?}\n{}", a.log_tail())
+    };
+    assert_eq!((report.role, report.streaming), (Role::Standby, false));
+    assert!(report.flush_lsn.is_some());
+    assert!(
+        took < Duration::from_secs(12),
+        "recruit took {took:?}\n{}",
+        a.log_tail()
+    );
+}

@@ -95,7 +95,23 @@ async fn connection(agent: &Agent, stream: TcpStream) -> std::io::Result<()> {
 }
 
 pub async fn handle(agent: &Agent, req: Request) -> Response {
-    tracing::debug!(?req, "agent request");
+    if matches!(req, Request::Report) {
+        return Response::Ok {
+            report: agent.report().await,
+        };
+    }
+    let started = std::time::Instant::now();
+    let op = format!("{req:?}");
+    let response = operation(agent, req).await;
+    let result = match &response {
+        Response::Ok { .. } => "ok",
+        Response::Refused { .. } => "refused",
+    };
+    tracing::info!(%op, result, took_ms = started.elapsed().as_millis() as u64, "agent operation answered");
+    response
+}
+
+async fn operation(agent: &Agent, req: Request) -> Response {
     match req {
         Request::Report => Response::Ok {
             report: agent.report().await,
