@@ -61,7 +61,7 @@ impl Controller {
             .filter_map(|(i, a)| match a {
                 Some(Ok(r)) => Some((i, r)),
                 Some(Err(e)) => {
-                    tracing::info!(node = %self.nodes[i].name, error = %e, "not recruited");
+                    tracing::warn!(node = %self.nodes[i].name, error = %e, "not recruited");
                     None
                 }
                 None => None,

@@ -55,6 +55,8 @@ pub struct Controller {
     following: Arc<Mutex<HashSet<String>>>,
     /// Last reason a failover was held back, logged once per change.
     held_back: Option<String>,
+    /// After a failover attempt that could not proceed: not before this.
+    retry_at: Option<Instant>,
 }
 
 pub fn run(global: &GlobalArgs, args: &ControlArgs) -> Result<bool> {
@@ -100,6 +102,7 @@ impl Controller {
             bad_since: None,
             following: Arc::new(Mutex::new(HashSet::new())),
             held_back: None,
+            retry_at: None,
         })
     }
 
@@ -233,8 +236,18 @@ impl Controller {
             ));
             return Ok(());
         }
+        if self.retry_at.is_some_and(|t| Instant::now() < t) {
+            return Ok(());
+        }
         if let Err(e) = self.failover(&reports, None, None).await {
             self.hold_back(e.to_string());
+            // A failed attempt used a term; the next waits a little (nodes coming back, an
+            // operator) instead of burning a term every probe.
+            self.retry_at = Some(
+                Instant::now() + Duration::from_millis(self.timers.failure_timeout_ms.max(500)),
+            );
+        } else {
+            self.retry_at = None;
         }
         Ok(())
     }
