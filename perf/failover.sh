@@ -65,7 +65,8 @@ PY
 python3 "$DIR/writer.py" "$URL" "$DIR/stop" >"$DIR/writes.log" 2>"$DIR/writer.err" &
 WRITER=$!
 
-node_json() { TP status --json 2>/dev/null; }
+# `status` exits non-zero while a node is down: only its JSON matters here.
+node_json() { TP status --json 2>/dev/null || true; }
 primary_index() { node_json | jq -r '[.nodes | to_entries[] | select(.value.role == "primary")] | max_by(.value.primary_term) | .key // empty'; }
 
 ROWS=""
@@ -98,8 +99,10 @@ for k in $(seq 1 "$KILLS"); do
     # control process rewinds it and it follows.
     TP up >>"$DIR/up.log" 2>&1 || log "up after kill $k: $(tail -2 "$DIR/up.log")"
     for _ in $(seq 1 120); do
-        n=$(node_json | jq '[.nodes[] | select(.role == "primary" or (.role == "standby" and .streaming == true))] | length')
-        [ "$n" = 3 ] && break
+        # Settled: one primary (an old one back but not yet rewound would be a second) and
+        # two streaming standbys.
+        n=$(node_json | jq -r '[([.nodes[] | select(.role == "primary")] | length), ([.nodes[] | select(.role == "standby" and .streaming == true)] | length)] | join(" ")')
+        [ "$n" = "1 2" ] && break
         sleep 0.5
     done
 done

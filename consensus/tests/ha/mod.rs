@@ -231,10 +231,19 @@ impl HaCluster {
     pub fn wait_all_streaming(&self, except: &[usize], within: Duration) {
         let start = Instant::now();
         loop {
-            let ok = (0..self.nodes.len())
+            let reports: Vec<Option<Report>> = (0..self.nodes.len())
                 .filter(|i| !except.contains(i))
-                .all(|i| {
-                    self.report(i).is_some_and(|r| {
+                .map(|i| self.report(i))
+                .collect();
+            // One primary (an old primary back but not yet rewound is a second one: not
+            // settled), every other node a standby streaming from somewhere.
+            let primaries = reports
+                .iter()
+                .filter(|r| r.as_ref().is_some_and(|r| r.role == Role::Primary))
+                .count();
+            let ok = primaries == 1
+                && reports.iter().all(|r| {
+                    r.as_ref().is_some_and(|r| {
                         r.role == Role::Primary
                             || (r.role == Role::Standby && r.streaming && !r.recruited)
                     })
