@@ -37,12 +37,14 @@ URL=$(TP up --standbys 2 --port "$BASE" --pooler-port $((BASE + 1)) --pg-port $(
 [[ $URL == postgres://* ]] || die "tidepool up failed: $(tail -5 "$DIR/up.log")"
 log "cluster up in $DIR: $URL"
 
-# The writer: one line per event on stdout: "ok <id> <unix_ms>" or "err <sqlstate> <unix_ms>".
+# The writer: one line per event on stdout: "ok <id> <answered_ms> <sent_ms>" or
+# "err <sqlstate> <answered_ms> <sent_ms>".
 cat >"$DIR/writer.py" <<'PY'
 import sys, time, psycopg
 url, stop_file = sys.argv[1], sys.argv[2]
 i = 0
 conn = None
+sent = 0
 import os
 while not os.path.exists(stop_file):
     try:
@@ -50,11 +52,12 @@ while not os.path.exists(stop_file):
             conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
             conn.execute("CREATE TABLE IF NOT EXISTS acked (id bigint PRIMARY KEY)")
         i += 1
+        sent = int(time.time()*1000)
         conn.execute("INSERT INTO acked (id) VALUES (%s)", (i,))
-        print(f"ok {i} {int(time.time()*1000)}", flush=True)
+        print(f"ok {i} {int(time.time()*1000)} {sent}", flush=True)
     except psycopg.Error as e:
         code = getattr(e, "sqlstate", None) or type(e).__name__
-        print(f"err {code} {int(time.time()*1000)}", flush=True)
+        print(f"err {code} {int(time.time()*1000)} {sent}", flush=True)
         try:
             if conn is not None and conn.closed:
                 conn = None
@@ -83,21 +86,28 @@ for k in $(seq 1 "$KILLS"); do
     kill -9 "$ppid" 2>/dev/null || true
     kill -9 "$pgpid" $(pgrep -P "$pgpid") 2>/dev/null || true
     log "kill $k: $name (pooler $ppid, postmaster $pgpid)"
-    # The first acknowledged write after t0.
+    # The first write sent after the kill and acknowledged (one in flight at the kill may
+    # still be answered by the dying primary: it does not show the new one works).
     t1=""
     for _ in $(seq 1 600); do
-        t1=$(awk -v t0="$t0" '$1 == "ok" && $3 > t0 {print $3; exit}' "$DIR/writes.log")
+        t1=$(awk -v t0="$t0" '$1 == "ok" && $4 > t0 {print $3; exit}' "$DIR/writes.log")
         [ -n "$t1" ] && break
         sleep 0.1
     done
     [ -n "$t1" ] || die "writes did not resume within 60 s after kill $k"
     errs=$(awk -v t0="$t0" '$1 == "err" && $3 >= t0 {print $2}' "$DIR/writes.log" | sort | uniq -c | awk '{printf "%s%s=%s", (NR>1?" ":""), $2, $1}')
-    newp=$(primary_index)
+    newp=""
+    for _ in $(seq 1 50); do newp=$(primary_index); [ -n "$newp" ] && break; sleep 0.1; done
     log "kill $k: writes again after $((t1 - t0)) ms on $(echo "$state" | jq -r ".nodes[$newp].name"); errors: ${errs:-none}"
     ROWS="$ROWS| $k | $name | $(echo "$state" | jq -r ".nodes[$newp].name") | $((t1 - t0)) | ${errs:-none} |"$'\n'
     # Bring the dead node back: `up` restarts its pooler, whose agent starts Postgres; the
     # control process rewinds it and it follows.
-    TP up >>"$DIR/up.log" 2>&1 || log "up after kill $k: $(tail -2 "$DIR/up.log")"
+    # (Processes of the killed Postgres may take a moment to go: `up` is retried.)
+    for _ in $(seq 1 10); do
+        TP up >>"$DIR/up.log" 2>&1 && break
+        log "up after kill $k failed, retrying: $(tail -1 "$DIR/up.log")"
+        sleep 1
+    done
     for _ in $(seq 1 120); do
         # Settled: one primary (an old one back but not yet rewound would be a second) and
         # two streaming standbys.
