@@ -261,7 +261,7 @@ pub fn fast(sql: &[u8]) -> Option<u8> {
         if contains_ci(sql, b"advisory_lock") {
             f |= flags::PIN;
         }
-        f
+        f | listen_notify(sql)
     };
     match kw.as_slice() {
         b"select" | b"with" => {
@@ -304,12 +304,14 @@ pub fn fast(sql: &[u8]) -> Option<u8> {
         b"discard" => {
             let (second, _) = word(sql, after);
             if second.eq_ignore_ascii_case(b"all") {
-                Some(flags::DISCARD | flags::SNAPSHOT)
+                Some(flags::DISCARD | flags::SNAPSHOT | flags::LISTEN)
             } else {
                 Some(0)
             }
         }
-        b"listen" | b"prepare" | b"load" => Some(flags::PIN),
+        // LISTEN, UNLISTEN and NOTIFY are flagged by their text in `functions()`.
+        b"listen" => Some(functions()),
+        b"prepare" | b"load" => Some(flags::PIN),
         b"deallocate" => {
             if contains_ci(sql, b"all") {
                 Some(flags::DEALLOCATE)
@@ -353,7 +355,7 @@ pub fn full(sql: &str) -> u8 {
             }
             NodeEnum::DiscardStmt(d)
                 if d.target == pg_query::protobuf::DiscardMode::DiscardAll as i32 => {
-                    flags::DISCARD | flags::SNAPSHOT
+                    flags::DISCARD | flags::SNAPSHOT | flags::LISTEN
                 }
             NodeEnum::CreateStmt(c) => temp(c.relation.as_ref()),
             NodeEnum::CreateTableAsStmt(c) => temp(c.into.as_ref().and_then(|i| i.rel.as_ref())),
@@ -365,9 +367,7 @@ pub fn full(sql: &str) -> u8 {
                 if d.options & 0x0020 != 0 => {
                     flags::PIN
                 }
-            NodeEnum::ListenStmt(_) | NodeEnum::PrepareStmt(_) | NodeEnum::LoadStmt(_) => {
-                flags::PIN
-            }
+            NodeEnum::PrepareStmt(_) | NodeEnum::LoadStmt(_) => flags::PIN,
             NodeEnum::DeallocateStmt(d)
                 if (d.isall || d.name.is_empty()) => {
                     flags::DEALLOCATE
@@ -386,6 +386,20 @@ pub fn full(sql: &str) -> u8 {
         if name.contains("advisory_lock") {
             f |= flags::PIN;
         }
+    }
+    f | listen_notify(sql.as_bytes())
+}
+
+/// `LISTEN`/`UNLISTEN` and `NOTIFY`/`pg_notify` found by their text, so that they are seen
+/// also inside `DO` blocks and dynamic SQL (`EXECUTE 'LISTEN x'`); a false positive costs one
+/// read-back (`LISTEN`) or nothing (`NOTIFY` by a session that does not listen).
+fn listen_notify(sql: &[u8]) -> u8 {
+    let mut f = 0;
+    if contains_ci(sql, b"listen") {
+        f |= flags::LISTEN;
+    }
+    if contains_ci(sql, b"notify") {
+        f |= flags::NOTIFY;
     }
     f
 }
@@ -532,7 +546,21 @@ mod tests {
             Some(flags::PIN | flags::SNAPSHOT)
         );
         assert_eq!(fast(b"create temp table t(a int)"), Some(flags::PIN));
-        assert_eq!(fast(b"discard all"), Some(flags::DISCARD | flags::SNAPSHOT));
+        assert_eq!(
+            fast(b"discard all"),
+            Some(flags::DISCARD | flags::SNAPSHOT | flags::LISTEN)
+        );
+        assert_eq!(fast(b"LISTEN chan"), Some(flags::LISTEN));
+        assert_eq!(fast(b"unlisten *"), Some(flags::LISTEN));
+        assert_eq!(fast(b"NOTIFY chan, 'x'"), Some(flags::NOTIFY));
+        assert_eq!(
+            fast(b"select pg_catalog.pg_notify('chan', 'x')"),
+            Some(flags::NOTIFY)
+        );
+        assert_eq!(
+            fast(b"do $$ begin execute 'listen x'; end $$"),
+            Some(flags::LISTEN)
+        );
         assert_eq!(fast(b"select 1; set a = 1"), None);
         assert_eq!(fast(b"select 1 into temp t"), None);
         assert_eq!(fast(b"frobnicate"), None);
@@ -556,6 +584,8 @@ mod tests {
             flags::PIN | flags::SNAPSHOT
         );
         assert_eq!(full("select (("), 0);
+        assert_eq!(full("select 1; listen a"), flags::LISTEN);
+        assert_eq!(full("unlisten a; notify b"), flags::LISTEN | flags::NOTIFY);
     }
 
     #[test]

@@ -43,14 +43,23 @@ fn snapshot_sql(s: &Session) -> String {
             names.push(k.to_owned());
         }
     }
+    // The channels the backend listens on, when a statement may have changed them.
+    let channels = if s.listen.dirty.get() {
+        format!(
+            " UNION ALL SELECT {}, c FROM pg_catalog.pg_listening_channels() AS c",
+            shared::settings::literal(crate::listen::MARKER)
+        )
+    } else {
+        String::new()
+    };
     if names.is_empty() {
-        return SNAPSHOT_SQL.to_owned();
+        return format!("{SNAPSHOT_SQL}{channels}");
     }
     let list: Vec<String> = names.iter().map(|n| shared::settings::literal(n)).collect();
     format!(
         "{SNAPSHOT_SQL} UNION ALL SELECT n, pg_catalog.current_setting(n, true) \
          FROM pg_catalog.unnest(ARRAY[{}]::text[]) AS n \
-         WHERE pg_catalog.current_setting(n, true) IS NOT NULL",
+         WHERE pg_catalog.current_setting(n, true) IS NOT NULL{channels}",
         list.join(", ")
     )
 }
@@ -142,6 +151,8 @@ pub enum Internal {
     Snapshot { held_rfq: bool },
     /// Roll back / discard after the owner left; `last` returns the backend to its pool.
     Cleanup { last: bool, discard: bool },
+    /// `LISTEN` on the owner's channels, or `UNLISTEN *` before the pool (listen.rs).
+    Listen,
 }
 
 pub enum Entry {
@@ -182,6 +193,8 @@ pub struct State {
     stale: Vec<Rc<[u8]>>,
     snapshot: Settings,
     internal_error: Option<Vec<u8>>,
+    /// It may listen on channels: `UNLISTEN *` before it goes back to its pool.
+    pub listening: bool,
 }
 
 pub struct Backend {
@@ -328,6 +341,22 @@ fn close_locked(b: &Backend, st: &mut State) {
     }
 }
 
+/// Forwards the owner's `ReadyForQuery`. Before an `'I'`, the notifications held during the
+/// transaction go first, as Postgres sends them; `quiet` (nothing more to come for this owner):
+/// it may be held until the listener caught up (listen.rs).
+fn forward_rfq(st: &State, rfq: &[u8], quiet: bool) {
+    let Some(s) = &st.owner else {
+        return;
+    };
+    if rfq.get(5) == Some(&b'I') {
+        if quiet && crate::listen::hold_rfq(s, Some(rfq)) {
+            return;
+        }
+        s.listen.take_notes(&mut s.out.borrow_mut());
+    }
+    forward(st, rfq);
+}
+
 #[inline]
 fn forward(st: &State, msg: &[u8]) {
     if let Some(s) = &st.owner {
@@ -410,6 +439,7 @@ pub async fn connect(
             stale: Vec::new(),
             snapshot: Settings::default(),
             internal_error: None,
+            listening: false,
         }),
         retired: std::cell::Cell::new(false),
         idle_since: std::cell::Cell::new(None),
@@ -567,7 +597,8 @@ fn on_message(b: &Backend, st: &mut State, msg: &[u8]) -> After {
             return After::Nothing;
         }
         be::NOTIFICATION_RESPONSE => {
-            forward(st, msg);
+            // Sessions hear notifications from their core's listener (listen.rs); a backend
+            // listens only to mirror its owner's channels.
             return After::Nothing;
         }
         _ => {}
@@ -587,7 +618,12 @@ fn on_message(b: &Backend, st: &mut State, msg: &[u8]) -> After {
                 be::DATA_ROW => {
                     if matches!(internal, Internal::Snapshot { .. }) {
                         if let Some((k, v)) = two_text_columns(body) {
-                            st.snapshot.set(&k, &v);
+                            match &st.owner {
+                                Some(o) if k == crate::listen::MARKER => {
+                                    o.listen.read.borrow_mut().push(v)
+                                }
+                                _ => st.snapshot.set(&k, &v),
+                            }
                         }
                     }
                 }
@@ -727,7 +763,7 @@ fn after_ready(b: &Backend, st: &mut State, rfq: &[u8]) -> After {
         return After::Nothing;
     };
     if !st.stale.is_empty() {
-        forward(st, rfq);
+        forward_rfq(st, rfq, false);
         let mut m = Vec::new();
         for name in std::mem::take(&mut st.stale) {
             frontend::write_target(&mut m, frontend::CLOSE, b'S', &name);
@@ -738,7 +774,7 @@ fn after_ready(b: &Backend, st: &mut State, rfq: &[u8]) -> After {
         return After::Nothing;
     }
     if !st.queue.is_empty() || s.writing.get() {
-        forward(st, rfq);
+        forward_rfq(st, rfq, false);
         return After::Nothing;
     }
     if s.dealloc_pending.replace(false) {
@@ -760,7 +796,7 @@ fn after_ready(b: &Backend, st: &mut State, rfq: &[u8]) -> After {
         start_snapshot(b, st, &s, true);
         return After::Nothing;
     }
-    forward(st, rfq);
+    forward_rfq(st, rfq, quiet);
     if quiet && !s.pinned.get() {
         After::Release
     } else {
@@ -771,6 +807,7 @@ fn after_ready(b: &Backend, st: &mut State, rfq: &[u8]) -> After {
 /// Reads the owner's settings back from the backend after a statement that may have changed them.
 pub fn start_snapshot(b: &Backend, st: &mut State, s: &Rc<Session>, held_rfq: bool) {
     s.snapshot_pending.set(false);
+    s.listen.read.borrow_mut().clear();
     let mut q = Vec::new();
     frontend::query(&mut q, &snapshot_sql(s));
     st.snapshot = Settings::default();
@@ -790,6 +827,9 @@ fn internal_done(b: &Backend, st: &mut State, internal: Internal) -> After {
                 tracing::warn!(backend = b.id, "reading settings back failed");
                 forward(st, &e);
                 return release_held_rfq(st, &s, held_rfq);
+            }
+            if s.listen.dirty.replace(false) {
+                b.pool.listener.read_back(&s);
             }
             let snap = Rc::new(std::mem::take(&mut st.snapshot));
             st.settings = snap.clone();
@@ -838,6 +878,12 @@ fn internal_done(b: &Backend, st: &mut State, internal: Internal) -> After {
             Some(s) => release_held_rfq(st, &s, false),
             None => After::Nothing,
         },
+        Internal::Listen => {
+            if error.is_some() {
+                tracing::warn!(backend = b.id, "LISTEN/UNLISTEN on a backend failed");
+            }
+            After::Nothing
+        }
         Internal::Cleanup { last, discard } => {
             if error.is_some() {
                 close_locked(b, st);
@@ -857,12 +903,14 @@ fn internal_done(b: &Backend, st: &mut State, internal: Internal) -> After {
 }
 
 fn release_held_rfq(st: &mut State, s: &Rc<Session>, held: bool) -> After {
+    let quiet = st.queue.is_empty() && !s.writing.get() && !s.open_batch.get() && st.status == b'I';
     if held {
         let mut rfq = Vec::new();
         be::ready_for_query(&mut rfq, st.status);
-        forward(st, &rfq);
+        forward_rfq(st, &rfq, quiet);
+    } else if quiet {
+        crate::listen::hold_rfq(s, None);
     }
-    let quiet = st.queue.is_empty() && !s.writing.get() && !s.open_batch.get() && st.status == b'I';
     if quiet && !s.pinned.get() && !s.snapshot_pending.get() {
         After::Release
     } else {
