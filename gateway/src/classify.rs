@@ -558,8 +558,8 @@ mod tests {
             Some(flags::NOTIFY)
         );
         assert_eq!(
-            fast(b"do $$ begin execute 'listen x'; end $$"),
-            Some(flags::LISTEN)
+            fast(b"do $$ begin perform pg_notify('a', 'b') end $$"),
+            Some(flags::NOTIFY)
         );
         assert_eq!(fast(b"select 1; set a = 1"), None);
         assert_eq!(fast(b"select 1 into temp t"), None);
@@ -585,6 +585,10 @@ mod tests {
         );
         assert_eq!(full("select (("), 0);
         assert_eq!(full("select 1; listen a"), flags::LISTEN);
+        assert_eq!(
+            full("do $$ begin execute 'listen x'; end $$"),
+            flags::LISTEN
+        );
         assert_eq!(full("unlisten a; notify b"), flags::LISTEN | flags::NOTIFY);
     }
 
