@@ -261,7 +261,16 @@ pub fn fast(sql: &[u8]) -> Option<u8> {
         if contains_ci(sql, b"advisory_lock") {
             f |= flags::PIN;
         }
-        f | listen_notify(sql)
+        if contains_ci(sql, b"notify") {
+            // NOTIFY, pg_notify(): costs nothing unless the session listens.
+            f |= flags::NOTIFY;
+        }
+        // LISTEN/UNLISTEN, also in a DO block's dynamic SQL (not in any statement that merely
+        // mentions the word: each flag costs a read-back).
+        if matches!(kw.as_slice(), b"listen" | b"unlisten" | b"do") && contains_ci(sql, b"listen") {
+            f |= flags::LISTEN;
+        }
+        f
     };
     match kw.as_slice() {
         b"select" | b"with" => {
@@ -309,7 +318,7 @@ pub fn fast(sql: &[u8]) -> Option<u8> {
                 Some(0)
             }
         }
-        // LISTEN, UNLISTEN and NOTIFY are flagged by their text in `functions()`.
+        // LISTEN, UNLISTEN and NOTIFY are flagged in `functions()`.
         b"listen" => Some(functions()),
         b"prepare" | b"load" => Some(flags::PIN),
         b"deallocate" => {
@@ -367,6 +376,8 @@ pub fn full(sql: &str) -> u8 {
                 if d.options & 0x0020 != 0 => {
                     flags::PIN
                 }
+            NodeEnum::ListenStmt(_) | NodeEnum::UnlistenStmt(_) => flags::LISTEN,
+            NodeEnum::DoStmt(_) if sql.to_ascii_lowercase().contains("listen") => flags::LISTEN,
             NodeEnum::PrepareStmt(_) | NodeEnum::LoadStmt(_) => flags::PIN,
             NodeEnum::DeallocateStmt(d)
                 if (d.isall || d.name.is_empty()) => {
@@ -387,18 +398,8 @@ pub fn full(sql: &str) -> u8 {
             f |= flags::PIN;
         }
     }
-    f | listen_notify(sql.as_bytes())
-}
-
-/// `LISTEN`/`UNLISTEN` and `NOTIFY`/`pg_notify` found by their text, so that they are seen
-/// also inside `DO` blocks and dynamic SQL (`EXECUTE 'LISTEN x'`); a false positive costs one
-/// read-back (`LISTEN`) or nothing (`NOTIFY` by a session that does not listen).
-fn listen_notify(sql: &[u8]) -> u8 {
-    let mut f = 0;
-    if contains_ci(sql, b"listen") {
-        f |= flags::LISTEN;
-    }
-    if contains_ci(sql, b"notify") {
+    if contains_ci(sql.as_bytes(), b"notify") {
+        // NOTIFY, pg_notify(), also in DO blocks: costs nothing unless the session listens.
         f |= flags::NOTIFY;
     }
     f
@@ -551,6 +552,7 @@ mod tests {
             Some(flags::DISCARD | flags::SNAPSHOT | flags::LISTEN)
         );
         assert_eq!(fast(b"LISTEN chan"), Some(flags::LISTEN));
+        assert_eq!(fast(b"select * from listeners"), Some(0));
         assert_eq!(fast(b"unlisten *"), Some(flags::LISTEN));
         assert_eq!(fast(b"NOTIFY chan, 'x'"), Some(flags::NOTIFY));
         assert_eq!(
@@ -585,6 +587,7 @@ mod tests {
         );
         assert_eq!(full("select (("), 0);
         assert_eq!(full("select 1; listen a"), flags::LISTEN);
+        assert_eq!(full("select * from listeners; select 1"), 0);
         assert_eq!(
             full("do $$ begin execute 'listen x'; end $$"),
             flags::LISTEN

@@ -38,7 +38,7 @@ pub struct Session {
     pub statements: RefCell<HashMap<Vec<u8>, Rc<Stmt>>>,
     pub unnamed: RefCell<Option<Rc<Stmt>>>,
     pub backend: RefCell<Option<Rc<Backend>>>,
-    /// Session state lives on the backend (temp table, cursor WITH HOLD, advisory lock, LISTEN…).
+    /// Session state lives on the backend (temp table, cursor WITH HOLD, advisory lock…).
     pub pinned: Cell<bool>,
     /// The session task is in the middle of writing a batch.
     pub writing: Cell<bool>,
