@@ -349,3 +349,50 @@ async fn listeners_on_two_gateways() {
     })
     .await;
 }
+
+/// The listening connection dies (terminated by an administrator): the pooler re-establishes
+/// it and listens again, and the sessions keep being served without doing anything.
+#[tokio::test]
+async fn a_lost_listening_connection_comes_back() {
+    let (pg, tp) = start(2);
+    bounded(Duration::from_secs(90), async {
+        let ep = tp.endpoint();
+        let (a, mut a_rx) = session(&ep).await;
+        let (b, _) = session(&ep).await;
+        a.batch_execute("LISTEN back").await.unwrap();
+        b.batch_execute("NOTIFY back, 'before'").await.unwrap();
+        assert_eq!(recv(&mut a_rx).await, pair("back", "before"));
+        let killed = pg.psql_admin(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE usename = 'postgres' AND datname = 'app' AND pid <> pg_backend_pid()",
+        );
+        assert!(
+            killed.trim() != "0",
+            "no listening connection found: {killed}"
+        );
+        // Notifications sent before it listens again are lost; it must be back within seconds.
+        let mut back = false;
+        for i in 0..40 {
+            b.batch_execute(&format!("NOTIFY back, 'probe {i}'"))
+                .await
+                .unwrap();
+            if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(250), a_rx.recv()).await
+            {
+                back = true;
+                break;
+            }
+        }
+        assert!(
+            back,
+            "no notification after the listener was terminated\n{}",
+            tp.logs()
+        );
+        while a_rx.try_recv().is_ok() {}
+        b.batch_execute("NOTIFY back, 'after'").await.unwrap();
+        assert_eq!(recv(&mut a_rx).await, pair("back", "after"));
+        // The session itself still works, and hears its own notifications.
+        a.batch_execute("NOTIFY back, 'self'").await.unwrap();
+        assert_eq!(recv(&mut a_rx).await, pair("back", "self"));
+    })
+    .await;
+}
