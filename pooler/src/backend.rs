@@ -585,6 +585,14 @@ fn on_message(b: &Backend, st: &mut State, msg: &[u8]) -> After {
                 Some(Entry::Internal(_)) => false,
                 _ => true,
             };
+            if let (Some(o), Some(front)) = (&st.owner, st.queue.front()) {
+                if !matches!(front, Entry::Internal(_)) {
+                    // A reported setting changed under a client's statement the gateway did not
+                    // flag (set_config in a user function): read the settings back when the
+                    // transaction ends, so they follow the session and stay off other sessions.
+                    o.snapshot_pending.set(true);
+                }
+            }
             if pass {
                 forward(st, msg);
             }
