@@ -396,3 +396,56 @@ async fn a_lost_listening_connection_comes_back() {
     })
     .await;
 }
+
+/// Many notifications while the listener is in a long transaction arrive at its commit, in
+/// order; and while it pipelines queries, notifications interleave with results without
+/// disturbing them, each delivered once.
+#[tokio::test]
+async fn busy_listeners_get_everything_once_in_order() {
+    let (_pg, tp) = start(2);
+    bounded(Duration::from_secs(120), async {
+        let ep = tp.endpoint();
+        let (a, mut a_rx) = session(&ep).await;
+        let (b, _) = session(&ep).await;
+        a.batch_execute("LISTEN busy").await.unwrap();
+        a.batch_execute("BEGIN; SELECT 1").await.unwrap();
+        for i in 0..300 {
+            b.execute("SELECT pg_notify('busy', $1)", &[&i.to_string()])
+                .await
+                .unwrap();
+        }
+        silent(&mut a_rx, "delivered inside a transaction").await;
+        a.batch_execute("COMMIT").await.unwrap();
+        for i in 0..300 {
+            assert_eq!(recv(&mut a_rx).await, pair("busy", &i.to_string()));
+        }
+        // Pipelined queries on a (tokio-postgres sends them without waiting) while b notifies.
+        let stmt = a.prepare("SELECT $1::int + 1").await.unwrap();
+        let queries = async {
+            let futs: Vec<_> = (0..200i32)
+                .map(|i| {
+                    let a = &a;
+                    let stmt = &stmt;
+                    async move {
+                        let v: i32 = a.query_one(stmt, &[&i]).await.unwrap().get(0);
+                        assert_eq!(v, i + 1);
+                    }
+                })
+                .collect();
+            futures_util::future::join_all(futs).await;
+        };
+        let notes = async {
+            for i in 0..200 {
+                b.batch_execute(&format!("NOTIFY busy, 'p{i}'"))
+                    .await
+                    .unwrap();
+            }
+        };
+        tokio::join!(queries, notes);
+        for i in 0..200 {
+            assert_eq!(recv(&mut a_rx).await, pair("busy", &format!("p{i}")));
+        }
+        silent(&mut a_rx, "a duplicate").await;
+    })
+    .await;
+}
