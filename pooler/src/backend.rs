@@ -36,7 +36,13 @@ const SNAPSHOT_SQL: &str =
 
 /// The read-back query for a session: `pg_settings` and `role`, plus the custom settings
 /// (placeholders, which `pg_settings` hides) it has or may have set.
-fn snapshot_sql(s: &Session) -> String {
+fn snapshot_sql(s: &Session, channels_only: bool) -> String {
+    if channels_only {
+        return format!(
+            "SELECT {}, c FROM pg_catalog.pg_listening_channels() AS c",
+            shared::settings::literal(crate::listen::MARKER)
+        );
+    }
     let mut names: Vec<String> = s.watch.borrow().clone();
     for (k, _) in s.settings.borrow().iter() {
         if k.contains('.') && !names.iter().any(|n| n == k) {
@@ -148,7 +154,8 @@ pub enum Internal {
     /// Close statements found stale (their table changed), then Sync.
     Forget,
     /// Read the session's settings back; `held_rfq`: the client's `ReadyForQuery` waits for it.
-    Snapshot { held_rfq: bool },
+    /// `channels_only`: only `pg_listening_channels()` was read (listen.rs).
+    Snapshot { held_rfq: bool, channels_only: bool },
     /// Roll back / discard after the owner left; `last` returns the backend to its pool.
     Cleanup { last: bool, discard: bool },
     /// `LISTEN` on the owner's channels, or `UNLISTEN *` before the pool (listen.rs).
@@ -591,6 +598,7 @@ fn on_message(b: &Backend, st: &mut State, msg: &[u8]) -> After {
                     // flag (set_config in a user function): read the settings back when the
                     // transaction ends, so they follow the session and stay off other sessions.
                     o.snapshot_pending.set(true);
+                    o.listen.only.set(false);
                 }
             }
             if pass {
@@ -816,18 +824,24 @@ fn after_ready(b: &Backend, st: &mut State, rfq: &[u8]) -> After {
 pub fn start_snapshot(b: &Backend, st: &mut State, s: &Rc<Session>, held_rfq: bool) {
     s.snapshot_pending.set(false);
     s.listen.read.borrow_mut().clear();
+    let channels_only = s.listen.only.replace(false);
     let mut q = Vec::new();
-    frontend::query(&mut q, &snapshot_sql(s));
+    frontend::query(&mut q, &snapshot_sql(s, channels_only));
     st.snapshot = Settings::default();
     b.out.push(&q);
-    st.queue
-        .push_back(Entry::Internal(Internal::Snapshot { held_rfq }));
+    st.queue.push_back(Entry::Internal(Internal::Snapshot {
+        held_rfq,
+        channels_only,
+    }));
 }
 
 fn internal_done(b: &Backend, st: &mut State, internal: Internal) -> After {
     let error = st.internal_error.take();
     match internal {
-        Internal::Snapshot { held_rfq } => {
+        Internal::Snapshot {
+            held_rfq,
+            channels_only,
+        } => {
             let Some(s) = st.owner.clone() else {
                 return After::Nothing;
             };
@@ -838,6 +852,11 @@ fn internal_done(b: &Backend, st: &mut State, internal: Internal) -> After {
             }
             if s.listen.dirty.replace(false) {
                 b.pool.listener.read_back(&s);
+                // What the backend listens on now is known: no UNLISTEN * needed if nothing.
+                st.listening = !s.listen.channels.borrow().is_empty();
+            }
+            if channels_only {
+                return release_held_rfq(st, &s, held_rfq);
             }
             let snap = Rc::new(std::mem::take(&mut st.snapshot));
             st.settings = snap.clone();

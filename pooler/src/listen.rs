@@ -56,6 +56,9 @@ pub struct SessionListen {
     pub dirty: Cell<bool>,
     /// Channels read back (rows of the settings read-back).
     pub read: RefCell<Vec<String>>,
+    /// The pending read-back needs the channels only, not the settings (reading `pg_settings`
+    /// costs far more than `pg_listening_channels()`).
+    pub only: Cell<bool>,
     /// The session notified while it listens: its next `ReadyForQuery 'I'` waits for the
     /// listener, so its own notification comes first.
     pub barrier: Cell<bool>,

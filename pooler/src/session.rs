@@ -480,6 +480,7 @@ async fn process(core: &Rc<Core>, s: &Rc<Session>, fl: u8, msgs: &[u8]) -> Resul
     }
     if fl & flags::SNAPSHOT != 0 {
         s.snapshot_pending.set(true);
+        s.listen.only.set(false);
     }
     if fl & flags::DISCARD != 0 {
         s.discard_pending.set(true);
@@ -488,9 +489,12 @@ async fn process(core: &Rc<Core>, s: &Rc<Session>, fl: u8, msgs: &[u8]) -> Resul
         s.dealloc_pending.set(true);
     }
     if fl & flags::LISTEN != 0 {
-        // Read the backend's channels back with the settings when the transaction ends.
+        // Read the backend's channels back (with the settings, if they may have changed too)
+        // when the transaction ends.
         s.listen.dirty.set(true);
-        s.snapshot_pending.set(true);
+        if !s.snapshot_pending.replace(true) {
+            s.listen.only.set(true);
+        }
     }
     if fl & flags::NOTIFY != 0 && !s.listen.channels.borrow().is_empty() {
         s.listen.barrier.set(true);
