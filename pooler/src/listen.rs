@@ -162,16 +162,22 @@ struct Conn {
 }
 
 impl Conn {
-    async fn query(&self, sql: &str) -> bool {
+    /// Queues a query; the slot says when its `ReadyForQuery` came.
+    fn send(&self, sql: &str) -> Rc<Slot<bool>> {
+        let slot = Rc::new(Slot::default());
         if self.dead.get() {
-            return false;
+            slot.put(false);
+            return slot;
         }
         let mut q = Vec::new();
         frontend::query(&mut q, sql);
-        let slot = Rc::new(Slot::default());
         self.waiters.borrow_mut().push_back(slot.clone());
         self.out.push(&q);
-        slot.take().await
+        slot
+    }
+
+    async fn query(&self, sql: &str) -> bool {
+        self.send(sql).take().await
     }
 }
 
@@ -346,12 +352,7 @@ impl Listener {
         // here listens on; queued before any caller's query, so that query's answer covers it.
         let all: Vec<String> = self.channels.borrow().keys().cloned().collect();
         if !all.is_empty() {
-            let c = conn.clone();
-            let sql = listen_sql(&all);
-            glommio::spawn_local(async move {
-                c.query(&sql).await;
-            })
-            .detach();
+            conn.send(&listen_sql(&all));
         }
         tracing::debug!(database = %self.database, pid = logged.pid, "listening connection up");
         Ok(conn)
