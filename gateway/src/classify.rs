@@ -261,6 +261,15 @@ pub fn fast(sql: &[u8]) -> Option<u8> {
         if contains_ci(sql, b"advisory_lock") {
             f |= flags::PIN;
         }
+        if contains_ci(sql, b"notify") {
+            // NOTIFY, pg_notify(): costs nothing unless the session listens.
+            f |= flags::NOTIFY;
+        }
+        // LISTEN/UNLISTEN, also in a DO block's dynamic SQL (not in any statement that merely
+        // mentions the word: each flag costs a read-back).
+        if matches!(kw.as_slice(), b"listen" | b"unlisten" | b"do") && contains_ci(sql, b"listen") {
+            f |= flags::LISTEN;
+        }
         f
     };
     match kw.as_slice() {
@@ -304,12 +313,14 @@ pub fn fast(sql: &[u8]) -> Option<u8> {
         b"discard" => {
             let (second, _) = word(sql, after);
             if second.eq_ignore_ascii_case(b"all") {
-                Some(flags::DISCARD | flags::SNAPSHOT)
+                Some(flags::DISCARD | flags::SNAPSHOT | flags::LISTEN)
             } else {
                 Some(0)
             }
         }
-        b"listen" | b"prepare" | b"load" => Some(flags::PIN),
+        // LISTEN, UNLISTEN and NOTIFY are flagged in `functions()`.
+        b"listen" => Some(functions()),
+        b"prepare" | b"load" => Some(flags::PIN),
         b"deallocate" => {
             if contains_ci(sql, b"all") {
                 Some(flags::DEALLOCATE)
@@ -353,7 +364,7 @@ pub fn full(sql: &str) -> u8 {
             }
             NodeEnum::DiscardStmt(d)
                 if d.target == pg_query::protobuf::DiscardMode::DiscardAll as i32 => {
-                    flags::DISCARD | flags::SNAPSHOT
+                    flags::DISCARD | flags::SNAPSHOT | flags::LISTEN
                 }
             NodeEnum::CreateStmt(c) => temp(c.relation.as_ref()),
             NodeEnum::CreateTableAsStmt(c) => temp(c.into.as_ref().and_then(|i| i.rel.as_ref())),
@@ -365,9 +376,9 @@ pub fn full(sql: &str) -> u8 {
                 if d.options & 0x0020 != 0 => {
                     flags::PIN
                 }
-            NodeEnum::ListenStmt(_) | NodeEnum::PrepareStmt(_) | NodeEnum::LoadStmt(_) => {
-                flags::PIN
-            }
+            NodeEnum::ListenStmt(_) | NodeEnum::UnlistenStmt(_) => flags::LISTEN,
+            NodeEnum::DoStmt(_) if sql.to_ascii_lowercase().contains("listen") => flags::LISTEN,
+            NodeEnum::PrepareStmt(_) | NodeEnum::LoadStmt(_) => flags::PIN,
             NodeEnum::DeallocateStmt(d)
                 if (d.isall || d.name.is_empty()) => {
                     flags::DEALLOCATE
@@ -386,6 +397,10 @@ pub fn full(sql: &str) -> u8 {
         if name.contains("advisory_lock") {
             f |= flags::PIN;
         }
+    }
+    if contains_ci(sql.as_bytes(), b"notify") {
+        // NOTIFY, pg_notify(), also in DO blocks: costs nothing unless the session listens.
+        f |= flags::NOTIFY;
     }
     f
 }
@@ -532,7 +547,22 @@ mod tests {
             Some(flags::PIN | flags::SNAPSHOT)
         );
         assert_eq!(fast(b"create temp table t(a int)"), Some(flags::PIN));
-        assert_eq!(fast(b"discard all"), Some(flags::DISCARD | flags::SNAPSHOT));
+        assert_eq!(
+            fast(b"discard all"),
+            Some(flags::DISCARD | flags::SNAPSHOT | flags::LISTEN)
+        );
+        assert_eq!(fast(b"LISTEN chan"), Some(flags::LISTEN));
+        assert_eq!(fast(b"select * from listeners"), Some(0));
+        assert_eq!(fast(b"unlisten *"), Some(flags::LISTEN));
+        assert_eq!(fast(b"NOTIFY chan, 'x'"), Some(flags::NOTIFY));
+        assert_eq!(
+            fast(b"select pg_catalog.pg_notify('chan', 'x')"),
+            Some(flags::NOTIFY)
+        );
+        assert_eq!(
+            fast(b"do $$ begin perform pg_notify('a', 'b') end $$"),
+            Some(flags::NOTIFY)
+        );
         assert_eq!(fast(b"select 1; set a = 1"), None);
         assert_eq!(fast(b"select 1 into temp t"), None);
         assert_eq!(fast(b"frobnicate"), None);
@@ -556,6 +586,13 @@ mod tests {
             flags::PIN | flags::SNAPSHOT
         );
         assert_eq!(full("select (("), 0);
+        assert_eq!(full("select 1; listen a"), flags::LISTEN);
+        assert_eq!(full("select * from listeners; select 1"), 0);
+        assert_eq!(
+            full("do $$ begin execute 'listen x'; end $$"),
+            flags::LISTEN
+        );
+        assert_eq!(full("unlisten a; notify b"), flags::LISTEN | flags::NOTIFY);
     }
 
     #[test]

@@ -459,7 +459,10 @@ pub fn send(link: &Link, io: &SessionIo, id: u32, flags: u8, msgs: &[u8], may_co
     if may_commit {
         io.pending_may_commit.set(true);
     }
-    if flags & shared::link::flags::PIN != 0 {
+    // LISTEN no longer pins a backend, but its registrations live on this pooler: a session
+    // that listened is told they are gone if its pooler changes (conservative: also after an
+    // UNLISTEN, which carries the same flag).
+    if flags & (shared::link::flags::PIN | shared::link::flags::LISTEN) != 0 {
         io.pinned.set(true);
     }
     if flags & shared::link::flags::DISCARD != 0 {

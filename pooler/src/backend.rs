@@ -36,21 +36,36 @@ const SNAPSHOT_SQL: &str =
 
 /// The read-back query for a session: `pg_settings` and `role`, plus the custom settings
 /// (placeholders, which `pg_settings` hides) it has or may have set.
-fn snapshot_sql(s: &Session) -> String {
+fn snapshot_sql(s: &Session, channels_only: bool) -> String {
+    if channels_only {
+        return format!(
+            "SELECT {}, c FROM pg_catalog.pg_listening_channels() AS c",
+            shared::settings::literal(crate::listen::MARKER)
+        );
+    }
     let mut names: Vec<String> = s.watch.borrow().clone();
     for (k, _) in s.settings.borrow().iter() {
         if k.contains('.') && !names.iter().any(|n| n == k) {
             names.push(k.to_owned());
         }
     }
+    // The channels the backend listens on, when a statement may have changed them.
+    let channels = if s.listen.dirty.get() {
+        format!(
+            " UNION ALL SELECT {}, c FROM pg_catalog.pg_listening_channels() AS c",
+            shared::settings::literal(crate::listen::MARKER)
+        )
+    } else {
+        String::new()
+    };
     if names.is_empty() {
-        return SNAPSHOT_SQL.to_owned();
+        return format!("{SNAPSHOT_SQL}{channels}");
     }
     let list: Vec<String> = names.iter().map(|n| shared::settings::literal(n)).collect();
     format!(
         "{SNAPSHOT_SQL} UNION ALL SELECT n, pg_catalog.current_setting(n, true) \
          FROM pg_catalog.unnest(ARRAY[{}]::text[]) AS n \
-         WHERE pg_catalog.current_setting(n, true) IS NOT NULL",
+         WHERE pg_catalog.current_setting(n, true) IS NOT NULL{channels}",
         list.join(", ")
     )
 }
@@ -139,9 +154,12 @@ pub enum Internal {
     /// Close statements found stale (their table changed), then Sync.
     Forget,
     /// Read the session's settings back; `held_rfq`: the client's `ReadyForQuery` waits for it.
-    Snapshot { held_rfq: bool },
+    /// `channels_only`: only `pg_listening_channels()` was read (listen.rs).
+    Snapshot { held_rfq: bool, channels_only: bool },
     /// Roll back / discard after the owner left; `last` returns the backend to its pool.
     Cleanup { last: bool, discard: bool },
+    /// `LISTEN` on the owner's channels, or `UNLISTEN *` before the pool (listen.rs).
+    Listen,
 }
 
 pub enum Entry {
@@ -182,6 +200,8 @@ pub struct State {
     stale: Vec<Rc<[u8]>>,
     snapshot: Settings,
     internal_error: Option<Vec<u8>>,
+    /// It may listen on channels: `UNLISTEN *` before it goes back to its pool.
+    pub listening: bool,
 }
 
 pub struct Backend {
@@ -328,6 +348,22 @@ fn close_locked(b: &Backend, st: &mut State) {
     }
 }
 
+/// Forwards the owner's `ReadyForQuery`. Before an `'I'`, the notifications held during the
+/// transaction go first, as Postgres sends them; `quiet` (nothing more to come for this owner):
+/// it may be held until the listener caught up (listen.rs).
+fn forward_rfq(st: &State, rfq: &[u8], quiet: bool) {
+    let Some(s) = &st.owner else {
+        return;
+    };
+    if rfq.get(5) == Some(&b'I') {
+        if quiet && crate::listen::hold_rfq(s, Some(rfq)) {
+            return;
+        }
+        s.listen.take_notes(&mut s.out.borrow_mut());
+    }
+    forward(st, rfq);
+}
+
 #[inline]
 fn forward(st: &State, msg: &[u8]) {
     if let Some(s) = &st.owner {
@@ -410,6 +446,7 @@ pub async fn connect(
             stale: Vec::new(),
             snapshot: Settings::default(),
             internal_error: None,
+            listening: false,
         }),
         retired: std::cell::Cell::new(false),
         idle_since: std::cell::Cell::new(None),
@@ -555,6 +592,15 @@ fn on_message(b: &Backend, st: &mut State, msg: &[u8]) -> After {
                 Some(Entry::Internal(_)) => false,
                 _ => true,
             };
+            if let (Some(o), Some(front)) = (&st.owner, st.queue.front()) {
+                if !matches!(front, Entry::Internal(_)) {
+                    // A reported setting changed under a client's statement the gateway did not
+                    // flag (set_config in a user function): read the settings back when the
+                    // transaction ends, so they follow the session and stay off other sessions.
+                    o.snapshot_pending.set(true);
+                    o.listen.only.set(false);
+                }
+            }
             if pass {
                 forward(st, msg);
             }
@@ -567,7 +613,8 @@ fn on_message(b: &Backend, st: &mut State, msg: &[u8]) -> After {
             return After::Nothing;
         }
         be::NOTIFICATION_RESPONSE => {
-            forward(st, msg);
+            // Sessions hear notifications from their core's listener (listen.rs); a backend
+            // listens only to mirror its owner's channels.
             return After::Nothing;
         }
         _ => {}
@@ -587,7 +634,12 @@ fn on_message(b: &Backend, st: &mut State, msg: &[u8]) -> After {
                 be::DATA_ROW => {
                     if matches!(internal, Internal::Snapshot { .. }) {
                         if let Some((k, v)) = two_text_columns(body) {
-                            st.snapshot.set(&k, &v);
+                            match &st.owner {
+                                Some(o) if k == crate::listen::MARKER => {
+                                    o.listen.read.borrow_mut().push(v)
+                                }
+                                _ => st.snapshot.set(&k, &v),
+                            }
                         }
                     }
                 }
@@ -727,7 +779,7 @@ fn after_ready(b: &Backend, st: &mut State, rfq: &[u8]) -> After {
         return After::Nothing;
     };
     if !st.stale.is_empty() {
-        forward(st, rfq);
+        forward_rfq(st, rfq, false);
         let mut m = Vec::new();
         for name in std::mem::take(&mut st.stale) {
             frontend::write_target(&mut m, frontend::CLOSE, b'S', &name);
@@ -738,7 +790,7 @@ fn after_ready(b: &Backend, st: &mut State, rfq: &[u8]) -> After {
         return After::Nothing;
     }
     if !st.queue.is_empty() || s.writing.get() {
-        forward(st, rfq);
+        forward_rfq(st, rfq, false);
         return After::Nothing;
     }
     if s.dealloc_pending.replace(false) {
@@ -760,7 +812,7 @@ fn after_ready(b: &Backend, st: &mut State, rfq: &[u8]) -> After {
         start_snapshot(b, st, &s, true);
         return After::Nothing;
     }
-    forward(st, rfq);
+    forward_rfq(st, rfq, quiet);
     if quiet && !s.pinned.get() {
         After::Release
     } else {
@@ -771,24 +823,39 @@ fn after_ready(b: &Backend, st: &mut State, rfq: &[u8]) -> After {
 /// Reads the owner's settings back from the backend after a statement that may have changed them.
 pub fn start_snapshot(b: &Backend, st: &mut State, s: &Rc<Session>, held_rfq: bool) {
     s.snapshot_pending.set(false);
+    s.listen.read.borrow_mut().clear();
+    let channels_only = s.listen.only.replace(false);
     let mut q = Vec::new();
-    frontend::query(&mut q, &snapshot_sql(s));
+    frontend::query(&mut q, &snapshot_sql(s, channels_only));
     st.snapshot = Settings::default();
     b.out.push(&q);
-    st.queue
-        .push_back(Entry::Internal(Internal::Snapshot { held_rfq }));
+    st.queue.push_back(Entry::Internal(Internal::Snapshot {
+        held_rfq,
+        channels_only,
+    }));
 }
 
 fn internal_done(b: &Backend, st: &mut State, internal: Internal) -> After {
     let error = st.internal_error.take();
     match internal {
-        Internal::Snapshot { held_rfq } => {
+        Internal::Snapshot {
+            held_rfq,
+            channels_only,
+        } => {
             let Some(s) = st.owner.clone() else {
                 return After::Nothing;
             };
             if let Some(e) = error {
                 tracing::warn!(backend = b.id, "reading settings back failed");
                 forward(st, &e);
+                return release_held_rfq(st, &s, held_rfq);
+            }
+            if s.listen.dirty.replace(false) {
+                b.pool.listener.read_back(&s);
+                // What the backend listens on now is known: no UNLISTEN * needed if nothing.
+                st.listening = !s.listen.channels.borrow().is_empty();
+            }
+            if channels_only {
                 return release_held_rfq(st, &s, held_rfq);
             }
             let snap = Rc::new(std::mem::take(&mut st.snapshot));
@@ -838,6 +905,12 @@ fn internal_done(b: &Backend, st: &mut State, internal: Internal) -> After {
             Some(s) => release_held_rfq(st, &s, false),
             None => After::Nothing,
         },
+        Internal::Listen => {
+            if error.is_some() {
+                tracing::warn!(backend = b.id, "LISTEN/UNLISTEN on a backend failed");
+            }
+            After::Nothing
+        }
         Internal::Cleanup { last, discard } => {
             if error.is_some() {
                 close_locked(b, st);
@@ -857,12 +930,14 @@ fn internal_done(b: &Backend, st: &mut State, internal: Internal) -> After {
 }
 
 fn release_held_rfq(st: &mut State, s: &Rc<Session>, held: bool) -> After {
+    let quiet = st.queue.is_empty() && !s.writing.get() && !s.open_batch.get() && st.status == b'I';
     if held {
         let mut rfq = Vec::new();
         be::ready_for_query(&mut rfq, st.status);
-        forward(st, &rfq);
+        forward_rfq(st, &rfq, quiet);
+    } else if quiet {
+        crate::listen::hold_rfq(s, None);
     }
-    let quiet = st.queue.is_empty() && !s.writing.get() && !s.open_batch.get() && st.status == b'I';
     if quiet && !s.pinned.get() && !s.snapshot_pending.get() {
         After::Release
     } else {

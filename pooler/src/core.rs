@@ -50,6 +50,8 @@ pub struct Core {
     /// `ParameterStatus` messages to answer with. A login found here needs no backend, so a storm
     /// of connections does not queue behind running queries.
     logins: RefCell<HashMap<LoginKey, LoginEntry>>,
+    /// One listening connection per database on this core (listen.rs).
+    listeners: RefCell<HashMap<String, Rc<crate::listen::Listener>>>,
 }
 
 impl Core {
@@ -67,6 +69,7 @@ impl Core {
             next_id: Cell::new(1),
             peers: RefCell::new(None),
             logins: RefCell::new(HashMap::new()),
+            listeners: RefCell::new(HashMap::new()),
         })
     }
 
@@ -131,7 +134,13 @@ impl Core {
         }
         let global = self.budgets.counter(&key);
         let key = Rc::new(key);
-        let pool = Rc::new(Pool::new(key.clone(), global));
+        let listener = self
+            .listeners
+            .borrow_mut()
+            .entry(database.to_owned())
+            .or_insert_with(|| crate::listen::Listener::new(self.cfg.clone(), database))
+            .clone();
+        let pool = Rc::new(Pool::new(key.clone(), global, listener));
         self.pools.borrow_mut().insert(key, pool.clone());
         pool
     }

@@ -9,6 +9,7 @@ mod cancel;
 mod config;
 mod core;
 mod link;
+mod listen;
 mod login;
 mod pool;
 mod session;

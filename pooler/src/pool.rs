@@ -44,10 +44,16 @@ pub struct Pool {
     local_waiting: std::cell::Cell<usize>,
     /// Backends of this pool on this core (connected or connecting).
     local: std::cell::Cell<usize>,
+    /// The listening connection of this database on this core (listen.rs).
+    pub listener: Rc<crate::listen::Listener>,
 }
 
 impl Pool {
-    pub fn new(key: Rc<PoolKey>, global: Arc<PoolBudget>) -> Self {
+    pub fn new(
+        key: Rc<PoolKey>,
+        global: Arc<PoolBudget>,
+        listener: Rc<crate::listen::Listener>,
+    ) -> Self {
         Pool {
             key,
             idle: RefCell::new(Vec::new()),
@@ -55,6 +61,7 @@ impl Pool {
             global,
             local_waiting: std::cell::Cell::new(0),
             local: std::cell::Cell::new(0),
+            listener,
         }
     }
 
@@ -197,6 +204,15 @@ pub fn release(core: &Rc<Core>, b: Rc<Backend>) {
     if b.is_broken() {
         // Closed: its unit comes back when Postgres has ended it (the relay sees the socket end).
         return;
+    }
+    if std::mem::take(&mut b.st.borrow_mut().listening) {
+        // The next session must not inherit its channels; queued ahead of that session's work.
+        let mut q = Vec::new();
+        shared::protocol::frontend::query(&mut q, "UNLISTEN *");
+        b.send(
+            &q,
+            Some(backend::Entry::Internal(backend::Internal::Listen)),
+        );
     }
     if let Some(other) = core.poorer_pool_waiting(&pool) {
         // Fair share between users: another pool here waits with fewer backends than this one

@@ -38,7 +38,7 @@ pub struct Session {
     pub statements: RefCell<HashMap<Vec<u8>, Rc<Stmt>>>,
     pub unnamed: RefCell<Option<Rc<Stmt>>>,
     pub backend: RefCell<Option<Rc<Backend>>>,
-    /// Session state lives on the backend (temp table, cursor WITH HOLD, advisory lock, LISTEN…).
+    /// Session state lives on the backend (temp table, cursor WITH HOLD, advisory lock…).
     pub pinned: Cell<bool>,
     /// The session task is in the middle of writing a batch.
     pub writing: Cell<bool>,
@@ -62,6 +62,8 @@ pub struct Session {
     pub gone: Cell<bool>,
     /// The session cannot go on (its backend died holding state).
     dead: Cell<bool>,
+    /// Channels it listens on, notifications held for it (see `listen.rs`).
+    pub listen: crate::listen::SessionListen,
 }
 
 impl Session {
@@ -102,6 +104,7 @@ impl Session {
             drained: Notify::default(),
             gone: Cell::new(false),
             dead: Cell::new(false),
+            listen: Default::default(),
         })
     }
 
@@ -214,6 +217,31 @@ impl Session {
         self.inbox_notify.notify();
     }
 
+    /// A notification from the core's listener: to the client now if the session is idle, else
+    /// before its next `ReadyForQuery 'I'` (Postgres delivers only between transactions).
+    pub fn notification(&self, msg: &[u8]) {
+        if self.gone.get() {
+            return;
+        }
+        if self.busy() {
+            self.listen.queue_note(msg);
+        } else {
+            self.out.borrow_mut().extend_from_slice(msg);
+            self.flush();
+        }
+    }
+
+    /// A request runs, a transaction is open, or a `ReadyForQuery` is held.
+    fn busy(&self) -> bool {
+        self.listen.gated.get()
+            || self.writing.get()
+            || self.open_batch.get()
+            || self.backend.borrow().as_ref().is_some_and(|b| {
+                let st = b.st.borrow();
+                !st.queue.is_empty() || st.status != b'I'
+            })
+    }
+
     fn send_closed(&self, err: &[u8]) {
         if self.gone.get() {
             return;
@@ -278,6 +306,12 @@ pub async fn run(core: Rc<Core>, s: Rc<Session>) {
         }
     }
     loop {
+        // A ReadyForQuery held for the listener (listen.rs): the next request waits for it.
+        let gate = s.listen.gate_open.notified();
+        if s.listen.gated.get() && !s.gone.get() {
+            gate.await;
+            continue;
+        }
         let notified = s.inbox_notify.notified();
         if s.gone.get() || s.dead.get() {
             break;
@@ -363,6 +397,16 @@ async fn ensure_backend(core: &Rc<Core>, s: &Rc<Session>) -> Result<Option<Rc<Ba
     attach(s, &b);
     let target = s.settings.borrow().clone();
     b.sync_settings(&target, false, false, None);
+    // While the session holds it, the backend listens on the session's channels, so that
+    // pg_listening_channels() and UNLISTEN see them (listen.rs).
+    let channels = s.listen.channels.borrow();
+    if !channels.is_empty() {
+        b.st.borrow_mut().listening = true;
+        let mut q = Vec::new();
+        fe::query(&mut q, &crate::listen::listen_sql(&channels));
+        b.send(&q, Some(Entry::Internal(Internal::Listen)));
+    }
+    drop(channels);
     Ok(Some(b))
 }
 
@@ -420,7 +464,10 @@ fn answer_locally(core: &Rc<Core>, s: &Rc<Session>, msgs: &[u8]) -> bool {
                 s.statements.borrow_mut().remove(&name);
                 be::close_complete(&mut out);
             }
-            _ => be::ready_for_query(&mut out, b'I'),
+            _ => {
+                s.listen.take_notes(&mut out);
+                be::ready_for_query(&mut out, b'I')
+            }
         }
     }
     true
@@ -433,12 +480,24 @@ async fn process(core: &Rc<Core>, s: &Rc<Session>, fl: u8, msgs: &[u8]) -> Resul
     }
     if fl & flags::SNAPSHOT != 0 {
         s.snapshot_pending.set(true);
+        s.listen.only.set(false);
     }
     if fl & flags::DISCARD != 0 {
         s.discard_pending.set(true);
     }
     if fl & flags::DEALLOCATE != 0 {
         s.dealloc_pending.set(true);
+    }
+    if fl & flags::LISTEN != 0 {
+        // Read the backend's channels back (with the settings, if they may have changed too)
+        // when the transaction ends.
+        s.listen.dirty.set(true);
+        if !s.snapshot_pending.replace(true) {
+            s.listen.only.set(true);
+        }
+    }
+    if fl & flags::NOTIFY != 0 && !s.listen.channels.borrow().is_empty() {
+        s.listen.barrier.set(true);
     }
     if answer_locally(core, s, msgs) {
         s.flush();
@@ -450,6 +509,12 @@ async fn process(core: &Rc<Core>, s: &Rc<Session>, fl: u8, msgs: &[u8]) -> Resul
     s.flush();
     if result.is_ok() && !s.dead.get() {
         maybe_release(core, s);
+        if !s.busy() {
+            // Held notifications normally go out before the ReadyForQuery; this catches a
+            // ReadyForQuery that went out while the batch was still being written.
+            s.listen.take_notes(&mut s.out.borrow_mut());
+            s.flush();
+        }
     }
     result
 }
@@ -476,6 +541,10 @@ async fn write_batch(core: &Rc<Core>, s: &Rc<Session>, mut msgs: &[u8]) -> Resul
         let Some(b) = ensure_backend(core, s).await? else {
             return Ok(());
         };
+        if s.listen.dirty.get() {
+            // It may LISTEN: UNLISTEN * before it goes back to the pool.
+            b.st.borrow_mut().listening = true;
+        }
         if b.skipping() && tag != fe::SYNC {
             b.send(msg, None);
         } else {
@@ -694,6 +763,7 @@ fn protocol_violation(msg: &str) -> Vec<u8> {
 fn finish(core: &Rc<Core>, s: &Rc<Session>) {
     s.gone.set(true);
     core.sessions_by_key.borrow_mut().remove(&s.cancel_key);
+    s.pool.listener.forget(s);
     let Some(b) = s.backend.borrow_mut().take() else {
         return;
     };

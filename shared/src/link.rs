@@ -57,13 +57,20 @@ pub mod flags {
     /// A statement here may change session settings: snapshot them when the transaction ends.
     pub const SNAPSHOT: u8 = 1;
     /// A statement here creates session state that lives on the backend (temp table, WITH HOLD
-    /// cursor, advisory lock, LISTEN, SQL PREPARE): keep the backend for this session.
+    /// cursor, advisory lock, SQL PREPARE): keep the backend for this session.
     pub const PIN: u8 = 2;
     /// `DISCARD ALL`: the session's prepared statements and settings are gone and the session
     /// is no longer pinned.
     pub const DISCARD: u8 = 4;
     /// `DEALLOCATE ALL`: the session's prepared statements are gone.
     pub const DEALLOCATE: u8 = 8;
+    /// `LISTEN`/`UNLISTEN`/`DISCARD ALL` (or text that may run one): when the transaction ends,
+    /// read the backend's channels back; the pooler's shared listener then serves the session
+    /// (no pinning, see docs/decisions/2026-11-21-listen-fanout.md).
+    pub const LISTEN: u8 = 16;
+    /// `NOTIFY`/`pg_notify`: a session that listens hears its own notification before the
+    /// `ReadyForQuery` that ends the transaction, as from Postgres.
+    pub const NOTIFY: u8 = 32;
 }
 
 /// Appends a frame header; the caller appends `len` payload bytes.
