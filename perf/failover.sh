@@ -82,9 +82,10 @@ for k in $(seq 1 "$KILLS"); do
     data=$(echo "$state" | jq -r ".nodes[$p].data_dir")
     if [ "$p" = 0 ]; then ppid=$(echo "$state" | jq -r '.processes[] | select(.name == "pooler") | .pid'); else ppid=$(echo "$state" | jq -r ".nodes[$p].pooler_pid"); fi
     pgpid=$(head -1 "$data/postmaster.pid")
-    t0=$(date +%s%3N)
     kill -9 "$ppid" 2>/dev/null || true
     kill -9 "$pgpid" $(pgrep -P "$pgpid") 2>/dev/null || true
+    # The node is dead from here on.
+    t0=$(date +%s%3N)
     log "kill $k: $name (pooler $ppid, postmaster $pgpid)"
     # The first write sent after the kill and acknowledged (one in flight at the kill may
     # still be answered by the dying primary: it does not show the new one works).
