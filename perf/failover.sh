@@ -124,8 +124,9 @@ wait "$WRITER" || true
 p=$(primary_index)
 sock=$(jq -r ".nodes[$p].socket_dir" "$DIR/state.json")
 port=$(jq -r ".nodes[$p].pg_port" "$DIR/state.json")
-awk '$1 == "ok" {print $2}' "$DIR/writes.log" | sort -n >"$DIR/acked.txt"
-runuser -u postgres -- "$PGBIN/psql" -h "$sock" -p "$port" -d tidepool -XAtc "SELECT id FROM acked ORDER BY id" | sort -n >"$DIR/have.txt"
+# comm needs both lists in the same (lexical) order.
+awk '$1 == "ok" {print $2}' "$DIR/writes.log" | sort >"$DIR/acked.txt"
+runuser -u postgres -- "$PGBIN/psql" -h "$sock" -p "$port" -d tidepool -XAtc "SELECT id FROM acked" | sort >"$DIR/have.txt"
 missing=$(comm -23 "$DIR/acked.txt" "$DIR/have.txt" | wc -l)
 acked=$(wc -l <"$DIR/acked.txt")
 log "acknowledged $acked, missing on the primary: $missing"
