@@ -27,7 +27,10 @@ DIR=$(mktemp -d /tmp/tp-failover.XXXXXX)
 chmod 755 "$DIR"
 BASE=$((20000 + RANDOM % 10000))
 TP() { TIDEPOOL_BIN_DIR="$TIDEPOOL_BIN" "$TIDEPOOL_BIN/tidepool" --dir "$DIR" "$@"; }
+WRITER=""
 finish() {
+    touch "$DIR/stop"
+    [ -n "$WRITER" ] && kill "$WRITER" 2>/dev/null || true
     TP down --stop-timeout-secs 5 >/dev/null 2>&1 || true
     if [ "${KEEP:-}" = 1 ]; then log "kept $DIR"; else rm -rf "$DIR"; fi
 }
