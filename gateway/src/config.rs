@@ -35,6 +35,10 @@ pub struct Args {
     /// A second client address whose sessions read from a standby.
     #[arg(long)]
     pub read_only_listen: Option<String>,
+    /// Bytes of WAL a standby may lag behind the primary and still serve the read-only
+    /// listener (0: any standby).
+    #[arg(long)]
+    pub max_standby_lag_bytes: Option<u64>,
     /// Refuse statements that lower synchronous_commit (true/false).
     #[arg(long)]
     pub guard_synchronous_commit: Option<bool>,
@@ -75,6 +79,7 @@ struct File {
     failover_hold_ms: Option<u64>,
     failover_hold_max: Option<usize>,
     read_only_listen: Option<String>,
+    max_standby_lag_bytes: Option<u64>,
     guard_synchronous_commit: Option<bool>,
     auth_method: Option<String>,
     tls_cert: Option<PathBuf>,
@@ -107,6 +112,8 @@ pub struct Config {
     pub failover_hold_max: usize,
     /// Sessions accepted here read from a standby pooler (the primary when there is none).
     pub read_only_listen: Option<String>,
+    /// A standby further behind the primary than this serves no read-only session (0: any).
+    pub max_standby_lag_bytes: u64,
     pub guard_synchronous_commit: bool,
     pub auth_method: AuthMethod,
     pub tls_cert: Option<PathBuf>,
@@ -187,6 +194,10 @@ impl Config {
                 .or(file.failover_hold_max)
                 .unwrap_or(10_000),
             read_only_listen: args.read_only_listen.or(file.read_only_listen),
+            max_standby_lag_bytes: args
+                .max_standby_lag_bytes
+                .or(file.max_standby_lag_bytes)
+                .unwrap_or(16 << 20),
             guard_synchronous_commit: args
                 .guard_synchronous_commit
                 .or(file.guard_synchronous_commit)

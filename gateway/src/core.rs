@@ -152,14 +152,34 @@ impl Core {
     /// A live link for a read-only session: a standby's (spread over standbys), else the
     /// primary's. Standbys report no lag on the link, so any streaming-or-not standby will do.
     pub fn read_link(&self) -> Option<Rc<Link>> {
+        // The primary's WAL position, to measure each standby's lag against.
+        let primary_lsn = self.primary().and_then(|p| {
+            self.links[p]
+                .iter()
+                .filter(|l| l.alive.get())
+                .map(|l| l.lsn.get())
+                .max()
+        });
+        let max_lag = self.cfg.max_standby_lag_bytes;
+        let within = |l: &Link| {
+            if max_lag == 0 {
+                return true;
+            }
+            let lsn = l.lsn.get();
+            match primary_lsn {
+                Some(p) if p != 0 && lsn != 0 => p.saturating_sub(lsn) <= max_lag,
+                _ => false,
+            }
+        };
         let n = self.links.len();
         let start = self.next_link.get();
         for i in 0..n {
             let p = (start + i) % n;
-            if let Some(l) = self.links[p]
-                .iter()
-                .find(|l| l.alive.get() && l.reported_role().is_some_and(|r| r.0 == Role::Standby))
-            {
+            if let Some(l) = self.links[p].iter().find(|l| {
+                l.alive.get()
+                    && l.reported_role().is_some_and(|r| r.0 == Role::Standby)
+                    && within(l)
+            }) {
                 self.next_link.set(p + 1);
                 return Some(l.clone());
             }

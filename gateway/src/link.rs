@@ -241,6 +241,8 @@ pub struct Link {
     /// The pooler's last role report on this link (Down while the link is down).
     pub role: Cell<Role>,
     pub primary_term: Cell<u64>,
+    /// The node's WAL position from its last ROLE frame (0: unknown).
+    pub lsn: Cell<u64>,
     /// A ROLE frame arrived since the link came up.
     reported: Cell<bool>,
     /// The core's: told whenever a link comes up, goes down or reports a role.
@@ -257,6 +259,7 @@ impl Link {
             pooler,
             role: Cell::new(Role::Down),
             primary_term: Cell::new(0),
+            lsn: Cell::new(0),
             reported: Cell::new(false),
             changed,
         })
@@ -387,14 +390,21 @@ impl Link {
     }
 
     fn on_role(&self, payload: &[u8]) {
-        let Some((&role, term)) = payload.split_first() else {
+        // `u8 role`, `u64 primary_term`, then (newer poolers) `u64 lsn`.
+        let Some((&role, rest)) = payload.split_first() else {
             tracing::warn!("short ROLE frame from pooler");
             return;
         };
-        let Ok(term) = <[u8; 8]>::try_from(term) else {
+        let Some(Ok(term)) = rest.get(..8).map(<[u8; 8]>::try_from) else {
             tracing::warn!(len = payload.len(), "malformed ROLE frame from pooler");
             return;
         };
+        let lsn = rest
+            .get(8..16)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0);
+        self.lsn.set(lsn);
         let role = Role::from_u8(role);
         let term = u64::from_be_bytes(term);
         if self.role.get() != role || self.primary_term.get() != term {

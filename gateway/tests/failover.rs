@@ -483,3 +483,83 @@ async fn beyond_failover_hold_max_requests_are_not_held() {
     })
     .await;
 }
+
+/// The read-only listener serves a standby only while it is within `max_standby_lag_bytes` of
+/// the primary (the poolers report WAL positions on the link); beyond, reads go to the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_sessions_skip_a_standby_that_lags() {
+    use testkit::replication::{AgentPooler, Node};
+    let n1 = Node::primary("lag-n1");
+    n1.psql("CREATE TABLE lag_t (a int, pad text)");
+    let n2 = Node::standby_of(&n1, "lag-n2");
+    let p1 = AgentPooler::start(&n1, &[]);
+    let p2 = AgentPooler::start(&n2, &[]);
+    let ro_port = testkit::free_port();
+    let log = n1.dir().join("gateway-lag.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let mut gw = Command::new(bin_dir().join("tidepool-gateway"))
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{}", testkit::free_port()),
+            "--cores",
+            "1",
+            "--auth-method",
+            "trust",
+            "--pooler",
+            &format!("127.0.0.1:{},127.0.0.1:{}", p1.listen_port, p2.listen_port),
+            "--read-only-listen",
+            &format!("127.0.0.1:{ro_port}"),
+            "--max-standby-lag-bytes",
+            "65536",
+        ])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(file.try_clone().unwrap()))
+        .stderr(Stdio::from(file))
+        .spawn()
+        .expect("start tidepool-gateway");
+    struct KillOnDrop<'a>(&'a mut Child);
+    impl Drop for KillOnDrop<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _gw = KillOnDrop(&mut gw);
+    let ro = testkit::Endpoint::loopback(ro_port);
+    // Where a new read-only session lands, once the reports have settled.
+    let lands_on_standby = |want: bool| {
+        let ro = ro.clone();
+        let log = log.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Ok(c) = ro.connect("postgres", "", "postgres").await {
+                    if let Ok(v) = one(&c, "SELECT pg_is_in_recovery()").await {
+                        if (v == "t") == want {
+                            return;
+                        }
+                    }
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "read-only sessions never landed on the {}\n{}",
+                    if want { "standby" } else { "primary" },
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    bounded(async {
+        lands_on_standby(true).await;
+        // The standby stops replaying; the primary writes well past the bound.
+        n2.psql("SELECT pg_wal_replay_pause()");
+        n1.psql("INSERT INTO lag_t SELECT g, repeat('x', 200) FROM generate_series(1, 5000) g");
+        lands_on_standby(false).await;
+        // Caught up again: back to the standby.
+        n2.psql("SELECT pg_wal_replay_resume()");
+        lands_on_standby(true).await;
+    })
+    .await;
+}

@@ -151,21 +151,21 @@ async fn on_frame(core: &Rc<Core>, l: &Rc<Link>, kind: u8, id: u32, payload: Vec
 /// A change is seen within 50 ms: one atomic load per link per tick.
 fn announce_role(l: &Rc<Link>) {
     let node = crate::agent::role::node();
-    let send = |l: &Link, role: u8, term: u64| {
-        let payload = crate::agent::role::NodeRole::payload(role, term);
+    let send = |l: &Link, role: u8, term: u64, lsn: u64| {
+        let payload = crate::agent::role::NodeRole::payload(role, term, lsn);
         l.out
             .push_with(|b| link::put_frame(b, down::ROLE, 0, &payload));
     };
-    let (mut sent, role, term) = node.get();
-    send(l, role, term);
+    let (mut sent, role, term, lsn) = node.get();
+    send(l, role, term, lsn);
     let l = l.clone();
     glommio::spawn_local(async move {
         while !l.out.is_dead() {
             glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
-            let (v, role, term) = node.get();
+            let (v, role, term, lsn) = node.get();
             if v != sent {
                 sent = v;
-                send(&l, role, term);
+                send(&l, role, term, lsn);
             }
         }
     })

@@ -83,7 +83,11 @@ fn next_role(s: &mut TcpStream) -> (Role, u64) {
         s.read_exact(&mut payload).expect("frame payload");
         if h.kind == down::ROLE {
             assert_eq!(h.session, 0);
-            assert_eq!(payload.len(), 9, "ROLE payload: u8 role, u64 term");
+            assert_eq!(
+                payload.len(),
+                17,
+                "ROLE payload: u8 role, u64 term, u64 lsn"
+            );
             let term = u64::from_be_bytes(payload[1..9].try_into().unwrap());
             return (Role::from_u8(payload[0]), term);
         }

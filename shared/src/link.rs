@@ -47,8 +47,10 @@ pub mod down {
     /// The pooler dropped the session: a raw `ErrorResponse` to send before closing.
     pub const CLOSED: u8 = 25;
     /// The pooler's node changed role (session 0): `u8 role` ([`crate::agent::Role::to_u8`]),
-    /// `u64 primary_term`. Sent once after `HELLO` and again on every change; gateways route
-    /// writes to the primary of the highest term.
+    /// `u64 primary_term`, `u64 lsn` (primary: flushed WAL position; streaming standby:
+    /// replayed position; 0 unknown). Sent once after `HELLO` and again on every change
+    /// (at most every 50 ms); gateways route writes to the primary of the highest term and
+    /// read-only sessions to standbys within `max_standby_lag_bytes`.
     pub const ROLE: u8 = 26;
 }
 

@@ -184,6 +184,11 @@ impl Agent {
             o.role
         };
         role::node().set(routed, primary_term);
+        role::node().set_lsn(match routed {
+            Role::Primary => o.flush_lsn.unwrap_or(0),
+            Role::Standby if o.streaming => o.replay_lsn.unwrap_or(0),
+            _ => 0,
+        });
         Report {
             node: self.cfg.node_name.clone(),
             zone: self.cfg.zone.clone(),
