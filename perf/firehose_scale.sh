@@ -179,6 +179,19 @@ timeout $((DURATION + 300)) "$FIREHOSE" --url "$url" $init --connections "$CONNS
 fh=$!
 # Halfway through the steady part: how the clients spread over the proxy processes, and their
 # resident sets.
+# Postgres backends of the load's role, every 5 s for the whole run (the proxy must keep them
+# at its budget however many clients churn): the peak is recorded.
+BACKENDS_FILE="$OUT/backends.txt"
+: >"$BACKENDS_FILE"
+if [ -z "${TARGET_URL:-}" ]; then
+    (
+        for _ in $(seq 1 $(((DURATION + 300) / 5))); do
+            kill -0 "$fh" 2>/dev/null || break
+            pg_sql "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND usename <> 'postgres'" >>"$BACKENDS_FILE" 2>/dev/null || true
+            sleep 5
+        done
+    ) &
+fi
 spread=""
 if [ -n "$PROXY_PIDS" ]; then
     at=$((RAMP + (DURATION - RAMP) / 2))
@@ -211,6 +224,7 @@ what=${what:-$TARGET}
     echo
     echo "- target: $target"
     if [ -n "$spread" ]; then echo "- proxy processes halfway through the steady part (descriptors ≈ clients; RSS): $spread"; fi
+    if [ -s "$BACKENDS_FILE" ]; then echo "- Postgres client backends (all roles but postgres), sampled every 5 s: peak $(sort -n "$BACKENDS_FILE" | tail -1), $(wc -l <"$BACKENDS_FILE") samples"; fi
     if [ -n "$errors" ]; then echo "- errors: $errors"; fi
     echo "- \`firehose --connections $CONNS --source-addrs 16 --ramp-up $RAMP --duration $DURATION --read-qps $READ_QPS --write-qps $WRITE_QPS --churn $CHURN\`; run by \`CONNS=$CONNS TARGET=$what ${CONNECT_RATE:+CONNECT_RATE=$CONNECT_RATE }perf/firehose_scale.sh\`; reports in perf/out/scale-$STAMP/ (not committed)"
     echo "- proxy CPU: utime+stime of every proxy process over the run / queries answered"
