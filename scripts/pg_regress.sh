@@ -520,9 +520,13 @@ count_passed() { awk '$2 == "ok" || $2 == "ignored" { n++ } END { print n + 0 }'
 
 # Which Tidepool ran: the binaries' age and the checkout they were presumably built from.
 BIN_VERSION="$BIN_DIR/tidepool-{gateway,pooler} built $(date -u -r "$BIN_DIR/tidepool-gateway" '+%Y-%m-%d %H:%M UTC')"
-if git -C "$REPO" rev-parse --git-dir >/dev/null 2>&1; then
-    BIN_VERSION+=", checkout $(git -C "$REPO" rev-parse --short HEAD)"
-    if [[ -n $(git -C "$REPO" status --porcelain -- gateway pooler shared 2>/dev/null) ]]; then
+# The checkout the binaries' directory lies in (a worktree with its own target dir keeps the
+# binaries stable while others change this checkout), else this one.
+BIN_REPO=$REPO
+git -C "$BIN_DIR" rev-parse --git-dir >/dev/null 2>&1 && BIN_REPO=$(git -C "$BIN_DIR" rev-parse --show-toplevel)
+if git -C "$BIN_REPO" rev-parse --git-dir >/dev/null 2>&1; then
+    BIN_VERSION+=", checkout $(git -C "$BIN_REPO" rev-parse --short HEAD) ($BIN_REPO)"
+    if [[ -n $(git -C "$BIN_REPO" status --porcelain -- gateway pooler shared 2>/dev/null) ]]; then
         BIN_VERSION+=" with uncommitted changes in gateway/ pooler/ shared/"
     fi
 fi

@@ -1,0 +1,494 @@
+#!/usr/bin/env bash
+# Runs a real application's own test suite twice against a throwaway PostgreSQL 15 cluster:
+#   (a) Postgres directly, over TCP;
+#   (b) through tidepool-gateway → tidepool-pooler with pooling active (a small --pool-size and
+#       --max-backends, smaller than the number of connections the suite opens);
+# then compares the counts (tests run, failures, errors, skips) and the names of the tests that
+# did not pass, and prints what differs.
+#
+# The application is Django (its own test suite, `tests/runtests.py`, unchanged) with the
+# PostgreSQL backend (psycopg 3). The default labels cover `django.contrib.postgres`
+# (`postgres_tests`: JSONB-backed fields, hstore, pg_trgm, unaccent, citext, btree_gist/gin,
+# bloom, uuid-ossp through its migrations, full-text search, ranges, arrays, exclusion
+# constraints, server-side cursors), JSONField (`model_fields`), the backend itself (`backends`:
+# transactions, savepoints, sequences, introspection, cursors, threads), schema changes and
+# migrations (`schema`, `migrations`), `select_for_update` (row locks from several threads,
+# NOWAIT / SKIP LOCKED) and `transactions`.
+#
+# NOT part of scripts/test.sh: it takes many minutes and downloads Django and Python packages
+# from PyPI. Run it by hand (as root, Debian 12, PostgreSQL 15 and python3 installed):
+#
+#   scripts/app_suite.sh                  the default labels, both runs
+#   scripts/app_suite.sh LABEL...         other runtests.py labels (e.g. postgres_tests.test_hstore)
+#
+# Environment:
+#   TIDEPOOL_APP_DIR         work directory (default /tmp/tidepool-app): the download cache,
+#                            the unpacked Django, the virtualenv and the results stay there
+#                            between runs; the cluster is removed on exit.
+#   TIDEPOOL_BIN_DIR         tidepool-gateway / tidepool-pooler binaries (default target/debug of
+#                            this checkout; build them first: cargo build -p tidepool-gateway -p
+#                            tidepool-pooler).
+#   TIDEPOOL_APP_POOL_SIZE   pooler --pool-size (default 2: backends per (user, database)).
+#   TIDEPOOL_APP_MAX_BACKENDS  pooler --max-backends (default 4).
+#   TIDEPOOL_APP_CORES       --cores of pooler and gateway (default 2).
+#   TIDEPOOL_APP_TIMEOUT     seconds allowed per test-suite run (default 2400).
+#   TIDEPOOL_APP_RUNS        which runs (default "direct tidepool").
+#   TIDEPOOL_APP_PARALLEL    runtests.py --parallel (default 1). With N > 1 Django clones the test
+#                            databases with CREATE DATABASE … TEMPLATE and runs N processes.
+#   TIDEPOOL_KEEP_TEST_DIRS=1  keep the cluster directory (data, logs) after exit.
+#
+# How it works:
+#   - Django $DJANGO_VERSION: `pip download django==… --no-binary :all:` (the sdist carries
+#     tests/), unpacked under the work directory; a virtualenv with the versions pinned below
+#     (asgiref, sqlparse, psycopg[binary], psycopg-pool); runtests.py runs with PYTHONPATH at the unpacked
+#     Django, so the tests are those of that release, unchanged.
+#   - Cluster: initdb as the `postgres` OS user (UTF8, C locale, fsync off), free loopback
+#     ports, pg_hba per docs/CONTRACTS.md. The tests log in as `django`, a superuser with a SCRAM
+#     password (the postgres_tests migrations create bloom and uuid-ossp, which are not trusted
+#     extensions), over TCP; through Tidepool the gateway does SCRAM passthrough. The pooler's
+#     admin connection is the bootstrap superuser over the socket (peer).
+#   - A settings module (tests/test_tidepool.py) with the two databases Django's suite needs,
+#     `default` and `other`, both on the host and port of the run; Django creates and drops the
+#     test databases itself (CREATE DATABASE / DROP DATABASE, through the gateway in run b).
+#   - `runtests.py --settings=test_tidepool --parallel 1 -v 2 --noinput LABELS`: one process, which
+#     holds up to four connections at once (default, other, the `postgres` database for
+#     CREATE/DROP DATABASE, and the threads of select_for_update/backends/transactions tests),
+#     more than --pool-size 2 for one (user, database).
+#
+# Output (in $TIDEPOOL_APP_DIR/results):
+#   direct/, tidepool/     runtests.log, status (one "test-id outcome" line per test), summary
+#   differing.txt          tests whose outcome differs, direct → tidepool
+#   summary.md             counts and differing tests
+#   logs/                  postgres.log, pooler.log, gateway.log
+# Exit status: 0 when the outcomes are the same, 1 when some differ, 2 when something else failed.
+set -euo pipefail
+
+log() { printf 'app_suite.sh: %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 2; }
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+WORK=${TIDEPOOL_APP_DIR:-/tmp/tidepool-app}
+BIN_DIR=${TIDEPOOL_BIN_DIR:-$REPO/target/debug}
+POOL_SIZE=${TIDEPOOL_APP_POOL_SIZE:-2}
+MAX_BACKENDS=${TIDEPOOL_APP_MAX_BACKENDS:-4}
+CORES=${TIDEPOOL_APP_CORES:-2}
+RUN_TIMEOUT=${TIDEPOOL_APP_TIMEOUT:-2400}
+RUNS=${TIDEPOOL_APP_RUNS:-direct tidepool}
+PARALLEL=${TIDEPOOL_APP_PARALLEL:-1}
+PG_BIN=/usr/lib/postgresql/15/bin
+DJANGO_VERSION=5.1.15
+PY_PACKAGES=(asgiref==3.13.0 sqlparse==0.6.1 'psycopg[binary]==3.3.9' psycopg-pool==3.3.3)
+ADMIN_USER=postgres
+APP_USER=django
+APP_PASSWORD=django-pw
+DEFAULT_LABELS=(postgres_tests model_fields backends schema migrations select_for_update transactions
+    queries expressions aggregation db_functions constraints indexes introspection inspectdb bulk_create
+    transaction_hooks fixtures serializers)
+if [[ $# -gt 0 ]]; then LABELS=("$@"); else LABELS=("${DEFAULT_LABELS[@]}"); fi
+COMMAND_LINE="scripts/app_suite.sh${*:+ $*}"
+for v in TIDEPOOL_APP_POOL_SIZE TIDEPOOL_APP_MAX_BACKENDS TIDEPOOL_APP_CORES TIDEPOOL_APP_RUNS TIDEPOOL_APP_PARALLEL; do
+    [[ -n ${!v:-} ]] && COMMAND_LINE="$v=\"${!v}\" $COMMAND_LINE"
+done
+
+[[ $(id -u) -eq 0 ]] || die "run as root (Postgres runs as the postgres OS user through runuser)"
+id postgres >/dev/null 2>&1 || die "no postgres OS user: install postgresql-15"
+for b in initdb pg_ctl psql; do
+    [[ -x $PG_BIN/$b ]] || die "$PG_BIN/$b missing: install postgresql-15"
+done
+for e in hstore pg_trgm bloom uuid-ossp; do
+    [[ -f /usr/share/postgresql/15/extension/$e.control ]] || die "extension $e missing (postgresql-15 ships contrib)"
+done
+command -v python3 >/dev/null || die "python3 missing"
+if [[ $RUNS == *tidepool* ]]; then
+    for b in tidepool-gateway tidepool-pooler; do
+        [[ -x $BIN_DIR/$b ]] || die "$BIN_DIR/$b missing: cargo build -p tidepool-gateway -p tidepool-pooler"
+    done
+fi
+
+export LC_ALL=C.UTF-8 LANG=C.UTF-8
+mkdir -p "$WORK"
+chmod 755 "$WORK"
+
+# --- 1. Django and its Python dependencies -------------------------------------------------------
+
+DJANGO_DIR=$WORK/django-$DJANGO_VERSION
+VENV=$WORK/venv
+fetch_django() {
+    if [[ -f $DJANGO_DIR/tests/runtests.py && -f $WORK/.complete-django-$DJANGO_VERSION ]]; then
+        log "Django $DJANGO_VERSION present: $DJANGO_DIR"
+    else
+        mkdir -p "$WORK/dl"
+        local sdist=$WORK/dl/django-$DJANGO_VERSION.tar.gz
+        if [[ ! -f $sdist ]]; then
+            log "pip download django==$DJANGO_VERSION (sdist: it carries tests/)"
+            python3 -m pip download -q "django==$DJANGO_VERSION" --no-binary :all: --no-deps -d "$WORK/dl" \
+                || die "pip download django==$DJANGO_VERSION failed"
+        fi
+        rm -rf "$DJANGO_DIR"
+        tar -xzf "$sdist" -C "$WORK" || die "unpacking $sdist failed"
+        [[ -f $DJANGO_DIR/tests/runtests.py ]] || die "$sdist has no tests/runtests.py"
+        touch "$WORK/.complete-django-$DJANGO_VERSION"
+    fi
+    if [[ ! -f $VENV/.complete ]] || [[ $(cat "$VENV/.complete") != "${PY_PACKAGES[*]}" ]]; then
+        log "virtualenv $VENV: ${PY_PACKAGES[*]}"
+        rm -rf "$VENV"
+        python3 -m venv "$VENV" || die "python3 -m venv failed (apt-get install python3-venv)"
+        "$VENV/bin/pip" install -q "${PY_PACKAGES[@]}" || die "pip install ${PY_PACKAGES[*]} failed"
+        echo "${PY_PACKAGES[*]}" >"$VENV/.complete"
+    fi
+    "$VENV/bin/python" -c 'import psycopg, asgiref, sqlparse' || die "the virtualenv lacks a package"
+}
+
+# --- 2. cluster and Tidepool ---------------------------------------------------------------------
+
+RUN_DIR=
+PG_STARTED=0
+POOLER_PID=
+GATEWAY_PID=
+SUITE_PID=
+RESULTS=$WORK/results
+
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+TAKEN_PORTS=" "
+free_port() {
+    local p tries=0
+    while ((tries++ < 1000)); do
+        p=$((20000 + RANDOM % 12000))
+        [[ $TAKEN_PORTS == *" $p "* ]] && continue
+        if ! port_in_use "$p"; then
+            TAKEN_PORTS+="$p "
+            echo "$p"
+            return
+        fi
+    done
+    die "no free port found"
+}
+
+wait_accepting() { # port what pid deadline-seconds
+    local i
+    for ((i = 0; i < $4 * 5; i++)); do
+        port_in_use "$1" && return 0
+        if [[ -n $3 ]] && ! kill -0 "$3" 2>/dev/null; then
+            tail -n 30 "$RUN_DIR/$2.log" >&2 || true
+            die "$2 exited before accepting on port $1"
+        fi
+        sleep 0.2
+    done
+    tail -n 30 "$RUN_DIR/$2.log" >&2 || true
+    die "$2 not accepting on port $1 after $4 s"
+}
+
+as_postgres() { runuser -u postgres -- "$@"; }
+
+admin_psql() { # db sql
+    (cd /tmp && PGOPTIONS="-c client_min_messages=warning" as_postgres "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 \
+        -h "$RUN_DIR/sock" -p "$PG_PORT" -U "$ADMIN_USER" -d "$1" -c "$2")
+}
+
+stop_tidepool() {
+    local pid i
+    for pid in "$GATEWAY_PID" "$POOLER_PID"; do
+        [[ -n $pid ]] || continue
+        kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "$GATEWAY_PID" "$POOLER_PID"; do
+        [[ -n $pid ]] || continue
+        for ((i = 0; i < 50; i++)); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.2
+        done
+        kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    GATEWAY_PID=
+    POOLER_PID=
+}
+
+cleanup() {
+    local rc=$?
+    set +e
+    [[ -n $SUITE_PID ]] && kill -KILL -- "-$SUITE_PID" 2>/dev/null
+    stop_tidepool
+    if [[ $PG_STARTED -eq 1 ]]; then
+        (cd /tmp && as_postgres "$PG_BIN/pg_ctl" -D "$RUN_DIR/data" -m immediate -w stop >/dev/null 2>&1)
+    fi
+    if [[ -n $RUN_DIR && -d $RUN_DIR ]]; then
+        mkdir -p "$RESULTS/logs"
+        cp "$RUN_DIR"/*.log "$RESULTS/logs/" 2>/dev/null
+        if [[ ${TIDEPOOL_KEEP_TEST_DIRS:-} == 1 ]]; then
+            log "kept $RUN_DIR"
+        else
+            rm -rf "$RUN_DIR"
+        fi
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 2' INT TERM HUP
+
+start_cluster() {
+    RUN_DIR=$(mktemp -d /tmp/tidepool-app-run.XXXXXX)
+    chmod 755 "$RUN_DIR"
+    chown postgres: "$RUN_DIR"
+    as_postgres mkdir "$RUN_DIR/sock"
+    PG_PORT=$(free_port)
+    log "initdb ($RUN_DIR/data), Postgres on 127.0.0.1:$PG_PORT"
+    (cd /tmp && as_postgres "$PG_BIN/initdb" -D "$RUN_DIR/data" -U "$ADMIN_USER" --no-sync --no-instructions \
+        --encoding=UTF8 --locale=C --auth=trust) >"$RUN_DIR/initdb.log" 2>&1 || {
+        cat "$RUN_DIR/initdb.log" >&2
+        die "initdb failed"
+    }
+    as_postgres tee "$RUN_DIR/data/pg_hba.conf" >/dev/null <<'EOF'
+# TYPE  DATABASE  USER      ADDRESS        METHOD
+local   all       postgres                 peer map=tidepool
+local   all       all                      scram-sha-256
+host    all       all       127.0.0.1/32   md5
+EOF
+    as_postgres tee "$RUN_DIR/data/pg_ident.conf" >/dev/null <<'EOF'
+# MAPNAME  SYSTEM-USERNAME  PG-USERNAME
+tidepool   root             postgres
+tidepool   postgres         postgres
+EOF
+    as_postgres tee -a "$RUN_DIR/data/postgresql.conf" >/dev/null <<EOF
+
+# scripts/app_suite.sh
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$RUN_DIR/sock'
+max_connections = 100
+max_prepared_transactions = 10
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+lc_messages = 'C'
+log_min_messages = warning
+log_line_prefix = '%m [%p] %u@%d %a '
+EOF
+    (cd /tmp && as_postgres "$PG_BIN/pg_ctl" -D "$RUN_DIR/data" -l "$RUN_DIR/postgres.log" -w -t 60 start) \
+        >/dev/null 2>&1 || {
+        tail -n 30 "$RUN_DIR/postgres.log" >&2
+        die "pg_ctl start failed"
+    }
+    PG_STARTED=1
+    # A SCRAM verifier (password_encryption's default) for the TCP logins.
+    admin_psql postgres "CREATE ROLE $APP_USER LOGIN SUPERUSER PASSWORD '$APP_PASSWORD'"
+    admin_psql postgres "CREATE DATABASE $APP_USER OWNER $APP_USER"
+}
+
+start_tidepool() {
+    POOLER_PORT=$(free_port)
+    GATEWAY_PORT=$(free_port)
+    log "tidepool-pooler on 127.0.0.1:$POOLER_PORT (--pool-size $POOL_SIZE, --max-backends" \
+        "$MAX_BACKENDS, --cores $CORES), tidepool-gateway on 127.0.0.1:$GATEWAY_PORT"
+    set -m # own process groups, so that a kill reaches anything they start
+    NO_COLOR=1 "$BIN_DIR/tidepool-pooler" --listen "127.0.0.1:$POOLER_PORT" --cores "$CORES" \
+        --pg-host 127.0.0.1 --pg-port "$PG_PORT" --admin-socket-dir "$RUN_DIR/sock" \
+        --admin-user "$ADMIN_USER" --pool-size "$POOL_SIZE" --max-backends "$MAX_BACKENDS" \
+        </dev/null >"$RUN_DIR/pooler.log" 2>&1 &
+    POOLER_PID=$!
+    set +m
+    wait_accepting "$POOLER_PORT" pooler "$POOLER_PID" 30
+    set -m
+    NO_COLOR=1 "$BIN_DIR/tidepool-gateway" --listen "127.0.0.1:$GATEWAY_PORT" --cores "$CORES" \
+        --pooler "127.0.0.1:$POOLER_PORT" \
+        </dev/null >"$RUN_DIR/gateway.log" 2>&1 &
+    GATEWAY_PID=$!
+    set +m
+    wait_accepting "$GATEWAY_PORT" gateway "$GATEWAY_PID" 30
+}
+
+# --- 3. the test suite ---------------------------------------------------------------------------
+
+write_settings() { # port
+    cat >"$DJANGO_DIR/tests/test_tidepool.py" <<EOF
+# Written by Tidepool's scripts/app_suite.sh: Django's own test suite on PostgreSQL.
+_DB = {
+    "ENGINE": "django.db.backends.postgresql",
+    "HOST": "127.0.0.1",
+    "PORT": $1,
+    "USER": "$APP_USER",
+    "PASSWORD": "$APP_PASSWORD",
+    "NAME": "$APP_USER",
+}
+DATABASES = {
+    "default": dict(_DB, TEST={"NAME": "test_tidepool_default"}),
+    "other": dict(_DB, TEST={"NAME": "test_tidepool_other"}),
+}
+SECRET_KEY = "django_tests_secret_key"
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
+USE_TZ = False
+EOF
+}
+
+run_suite() { # name port
+    local name=$1 port=$2 out=$RESULTS/$1
+    rm -rf "$out"
+    mkdir -p "$out"
+    write_settings "$port"
+    local cmd=("$VENV/bin/python" -u runtests.py --settings=test_tidepool --parallel "$PARALLEL" -v 2 --noinput "${LABELS[@]}")
+    echo "(cd $DJANGO_DIR/tests && PYTHONPATH=$DJANGO_DIR ${cmd[*]})" >"$out/command"
+    log "run $name (port $port): ${cmd[*]}"
+    local started=$SECONDS timed_out=0 last_report=$SECONDS i
+    set -m
+    (cd "$DJANGO_DIR/tests" && PYTHONPATH=$DJANGO_DIR exec "${cmd[@]}") >"$out/runtests.log" 2>&1 &
+    SUITE_PID=$!
+    set +m
+    # How many connections the suite holds at once (sampled twice a second from pg_stat_activity
+    # in the direct run, where each client connection is one backend): the pool must be smaller.
+    local samples=0
+    while kill -0 "$SUITE_PID" 2>/dev/null; do
+        if [[ $name == direct ]]; then
+            for ((i = 0; i < 4; i++)); do
+                admin_psql postgres "COPY (SELECT coalesce(max(n), 0), coalesce(sum(n), 0) FROM (SELECT datname, count(*) AS n FROM pg_stat_activity WHERE usename = '$APP_USER' AND pid <> pg_backend_pid() GROUP BY datname) d) TO STDOUT" \
+                    >>"$out/connections" 2>/dev/null || true
+                samples=$((samples + 1))
+                sleep 0.5
+            done
+        else
+            sleep 2
+        fi
+        if ((SECONDS - started > RUN_TIMEOUT)); then
+            log "run $name: timed out after $RUN_TIMEOUT s; killing it"
+            timed_out=1
+            kill -TERM -- "-$SUITE_PID" 2>/dev/null
+            sleep 3
+            kill -KILL -- "-$SUITE_PID" 2>/dev/null
+            break
+        fi
+        if ((SECONDS - last_report >= 60)); then
+            last_report=$SECONDS
+            log "run $name: $(grep -cE ' \.\.\. ' "$out/runtests.log" || true) tests done after $((SECONDS - started)) s"
+        fi
+    done
+    local rc=0
+    wait "$SUITE_PID" || rc=$?
+    SUITE_PID=
+    echo "$timed_out" >"$out/timed_out"
+    echo "$rc" >"$out/rc"
+    if [[ -s $out/connections ]]; then
+        awk '$1 > d { d = $1 } $2 > t { t = $2 } END { printf "%d %d\n", d, t }' "$out/connections" >"$out/peak_connections"
+        log "run $name: at most $(cut -d' ' -f1 "$out/peak_connections") connections to one database and $(cut -d' ' -f2 "$out/peak_connections") in all at once ($samples samples)"
+    fi
+    echo $((SECONDS - started)) >"$out/seconds"
+    log "run $name: runtests.py exited $rc after $((SECONDS - started)) s"
+    parse_results "$name"
+}
+
+# status: "test-id outcome" per test, from the -v 2 lines "name (module.Class.name) ... ok"
+# (a docstring's first line may stand between the name and " ... "); outcomes ok, FAIL, ERROR,
+# skipped, expected-failure, unexpected-success. The FAIL:/ERROR: headers of the report at the
+# end are authoritative for failures (a test may fail in tearDown after printing "ok").
+parse_results() { # name
+    local out=$RESULTS/$1
+    awk '
+        function outcome(s) {
+            if (s ~ /^ok/) return "ok"
+            if (s ~ /^FAIL/) return "FAIL"
+            if (s ~ /^ERROR/) return "ERROR"
+            if (s ~ /^skipped/) return "skipped"
+            if (s ~ /^expected failure/) return "expected-failure"
+            if (s ~ /^unexpected success/) return "unexpected-success"
+            return ""
+        }
+        /^(FAIL|ERROR): [^ ]+ \([^)]+\)/ {
+            id = $0; sub(/^[A-Z]+: [^ ]+ \(/, "", id); sub(/\).*$/, "", id)
+            final[id] = ($1 == "FAIL:") ? "FAIL" : "ERROR"; seen[id] = 1; next
+        }
+        /^[A-Za-z_][A-Za-z0-9_]* \([A-Za-z0-9_.]+\)/ {
+            cur = $0; sub(/^[^ ]+ \(/, "", cur); sub(/\).*$/, "", cur)
+            if (!(cur in seen)) { order[++n] = cur; seen[cur] = 1 }
+        }
+        / \.\.\. / && cur != "" {
+            s = $0; sub(/^.* \.\.\. /, "", s); o = outcome(s)
+            if (o != "" && !(cur in st)) st[cur] = o
+        }
+        END {
+            for (id in final) if (!(id in st) || st[id] == "ok") { st[id] = final[id] }
+            for (id in final) { found = 0; for (i = 1; i <= n; i++) if (order[i] == id) found = 1; if (!found) order[++n] = id }
+            for (i = 1; i <= n; i++) print order[i], (order[i] in st ? st[order[i]] : "no-outcome")
+        }
+    ' "$out/runtests.log" | sort -u >"$out/status"
+    {
+        grep -E '^Ran [0-9]+ tests? in' "$out/runtests.log" || echo "Ran ? tests (no summary line)"
+        grep -E '^(OK|FAILED)( \(|$)' "$out/runtests.log" || echo "(no OK/FAILED line)"
+    } | tr '\n' ' ' | sed 's/ $//' >"$out/summary"
+    # What made runtests.py fail outside the tests (the set-up or tear-down of the test
+    # databases): the last line of a traceback that ends the log.
+    tail -n 1 "$out/runtests.log" | grep -E '^[A-Za-z_.]+(Error|Exception)[A-Za-z]*: ' >"$out/crash" || true
+    echo ", exit status $(cat "$out/rc")$( [[ -s $out/crash ]] && echo " after the tests: $(cat "$out/crash")")" >>"$out/summary"
+    log "run $1: $(cat "$out/summary")"
+}
+
+count() { awk -v o="$2" '$2 == o { n++ } END { print n + 0 }' "$RESULTS/$1/status"; }
+
+# --- main ----------------------------------------------------------------------------------------
+
+BIN_VERSION="$BIN_DIR/tidepool-{gateway,pooler} built $(date -u -r "$BIN_DIR/tidepool-gateway" '+%Y-%m-%d %H:%M UTC' 2>/dev/null || echo '?')"
+if git -C "$BIN_DIR" rev-parse --git-dir >/dev/null 2>&1; then
+    BIN_VERSION+=", checkout $(git -C "$BIN_DIR" rev-parse --short HEAD) ($(git -C "$BIN_DIR" rev-parse --show-toplevel))"
+fi
+
+fetch_django
+rm -rf "$RESULTS"
+mkdir -p "$RESULTS/logs"
+start_cluster
+for run in $RUNS; do
+    case $run in
+    direct) run_suite direct "$PG_PORT" ;;
+    tidepool)
+        start_tidepool
+        run_suite tidepool "$GATEWAY_PORT"
+        stop_tidepool
+        ;;
+    *) die "unknown run $run (TIDEPOOL_APP_RUNS: direct, tidepool)" ;;
+    esac
+done
+[[ $RUNS == *direct* && $RUNS == *tidepool* ]] || { log "one run only: nothing to compare"; exit 0; }
+
+# Differing: a test whose outcome differs (a test missing from one run counts as "absent").
+join -a1 -a2 -e absent -o 0,1.2,2.2 "$RESULTS/direct/status" "$RESULTS/tidepool/status" \
+    | awk '$2 != $3' >"$RESULTS/differing.txt"
+NDIFF=$(wc -l <"$RESULTS/differing.txt")
+# The run's own outcome counts too: a suite whose tests all pass but whose test databases cannot be
+# dropped afterwards exits non-zero, and that differs from direct.
+RC_DIFFERS=0
+[[ $(cat "$RESULTS/direct/rc") == "$(cat "$RESULTS/tidepool/rc")" ]] || RC_DIFFERS=1
+
+{
+    echo "# Django $DJANGO_VERSION's own test suite: direct vs Tidepool"
+    echo
+    echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "- command: \`$COMMAND_LINE\` (pooler --pool-size $POOL_SIZE --max-backends $MAX_BACKENDS, --cores $CORES)"
+    echo "- runtests: \`$(cat "$RESULTS/tidepool/command")\`"
+    echo "- binaries: $BIN_VERSION"
+    for r in direct tidepool; do
+        echo "- $r: $(cat "$RESULTS/$r/summary") — $(count "$r" ok) ok, $(count "$r" FAIL) FAIL," \
+            "$(count "$r" ERROR) ERROR, $(count "$r" skipped) skipped, $(count "$r" expected-failure) expected failures;" \
+            "$(cat "$RESULTS/$r/seconds") s$( [[ $(cat "$RESULTS/$r/timed_out") == 1 ]] && echo " (timed out)")"
+    done
+    [[ -s $RESULTS/direct/peak_connections ]] && echo "- the suite held at most $(cut -d' ' -f1 "$RESULTS/direct/peak_connections") connections to one database and $(cut -d' ' -f2 "$RESULTS/direct/peak_connections") in all at once (direct run, sampled twice a second)"
+    echo "- tests whose outcome differs: $NDIFF"
+    ((RC_DIFFERS)) && echo "- runtests.py exit status differs: direct $(cat "$RESULTS/direct/rc"), tidepool $(cat "$RESULTS/tidepool/rc")"
+    echo
+    if ((NDIFF > 0)); then
+        echo "| test | direct | tidepool |"
+        echo "|---|---|---|"
+        awk '{ printf "| %s | %s | %s |\n", $1, $2, $3 }' "$RESULTS/differing.txt"
+    fi
+} >"$RESULTS/summary.md"
+
+echo
+echo "direct:   $(cat "$RESULTS/direct/summary")"
+echo "tidepool: $(cat "$RESULTS/tidepool/summary") (pool size $POOL_SIZE, max backends $MAX_BACKENDS)"
+if ((NDIFF == 0 && RC_DIFFERS == 0)); then
+    echo "no test's outcome differs"
+    echo "results: $RESULTS"
+    exit 0
+fi
+((RC_DIFFERS)) && echo "runtests.py exit status differs: direct $(cat "$RESULTS/direct/rc"), tidepool $(cat "$RESULTS/tidepool/rc")"
+echo "$NDIFF tests differ (test direct → tidepool):"
+sed 's/^/  /' "$RESULTS/differing.txt"
+echo "summary: $RESULTS/summary.md, logs: $RESULTS/logs/"
+exit 1
