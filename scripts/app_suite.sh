@@ -156,7 +156,8 @@ free_port() {
     while ((tries++ < 1000)); do
         p=$((20000 + RANDOM % 12000))
         [[ $TAKEN_PORTS == *" $p "* ]] && continue
-        if ! port_in_use "$p"; then
+        # ss also sees ports bound without accepting (or behind another test's firewall rule).
+        if ! port_in_use "$p" && [[ -z $(ss -Htan "sport = :$p" 2>/dev/null) ]]; then
             TAKEN_PORTS+="$p "
             echo "$p"
             return
@@ -416,7 +417,7 @@ parse_results() { # name
     } | tr '\n' ' ' | sed 's/ $//' >"$out/summary"
     # What made runtests.py fail outside the tests (the set-up or tear-down of the test
     # databases): the last line of a traceback that ends the log.
-    tail -n 1 "$out/runtests.log" | grep -E '^[A-Za-z_.]+(Error|Exception)[A-Za-z]*: ' >"$out/crash" || true
+    tail -n 5 "$out/runtests.log" | grep -E '^[A-Za-z_.]+(Error|Exception)[A-Za-z]*: ' | tail -n 1 >"$out/crash" || true
     echo ", exit status $(cat "$out/rc")$( [[ -s $out/crash ]] && echo " after the tests: $(cat "$out/crash")")" >>"$out/summary"
     log "run $1: $(cat "$out/summary")"
 }
@@ -488,7 +489,11 @@ if ((NDIFF == 0 && RC_DIFFERS == 0)); then
     exit 0
 fi
 ((RC_DIFFERS)) && echo "runtests.py exit status differs: direct $(cat "$RESULTS/direct/rc"), tidepool $(cat "$RESULTS/tidepool/rc")"
-echo "$NDIFF tests differ (test direct → tidepool):"
-sed 's/^/  /' "$RESULTS/differing.txt"
+if ((NDIFF > 0)); then
+    echo "$NDIFF tests differ (test direct → tidepool):"
+    sed 's/^/  /' "$RESULTS/differing.txt"
+else
+    echo "no test's outcome differs"
+fi
 echo "summary: $RESULTS/summary.md, logs: $RESULTS/logs/"
 exit 1
