@@ -678,3 +678,131 @@ mod tests {
         let _ = futures_lite::future::block_on(c.classify(b"/* unterminated"));
     }
 }
+
+/// Databases a statement drops, renames or copies as a template (`DROP DATABASE x`,
+/// `ALTER DATABASE x RENAME TO y`, `CREATE DATABASE y ... TEMPLATE x`): Postgres refuses these
+/// while other sessions are connected to `x`, and the pooler's idle backends would count, so
+/// the gateway tells the pooler to close them first. Cheap for everything else: one scan for
+/// the word `database`. Written by hand (a few keywords, no parse tree needed).
+pub fn databases_to_release(sql: &[u8]) -> Vec<String> {
+    if !contains_ignore_case(sql, b"database") {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for stmt in db_tokens(sql).split(|t| t == ";") {
+        let word = |i: usize| stmt.get(i).map(String::as_str).unwrap_or("");
+        match (word(0), word(1)) {
+            ("drop", "database") => {
+                let mut i = 2;
+                if word(i) == "if" && word(i + 1) == "exists" {
+                    i += 2;
+                }
+                if !word(i).is_empty() {
+                    out.push(word(i).to_string());
+                }
+            }
+            ("alter", "database") if stmt.iter().any(|t| t == "rename") => {
+                if !word(2).is_empty() {
+                    out.push(word(2).to_string());
+                }
+            }
+            ("create", "database") => {
+                if let Some(i) = stmt.iter().position(|t| t == "template") {
+                    let mut j = i + 1;
+                    if word(j) == "=" {
+                        j += 1;
+                    }
+                    if !word(j).is_empty() {
+                        out.push(word(j).to_string());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle))
+}
+
+/// Words (unquoted ones lower-cased, quoted ones as written), string literals' contents,
+/// `;` and `=`; comments and other punctuation skipped.
+fn db_tokens(sql: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < sql.len() {
+        let c = sql[i];
+        if c.is_ascii_whitespace() || c == b'(' || c == b')' || c == b',' {
+            i += 1;
+        } else if c == b'-' && sql.get(i + 1) == Some(&b'-') {
+            while i < sql.len() && sql[i] != b'\n' {
+                i += 1;
+            }
+        } else if c == b'/' && sql.get(i + 1) == Some(&b'*') {
+            i += 2;
+            while i + 1 < sql.len() && !(sql[i] == b'*' && sql[i + 1] == b'/') {
+                i += 1;
+            }
+            i += 2;
+        } else if c == b'"' || c == b'\'' {
+            let mut s = Vec::new();
+            i += 1;
+            while i < sql.len() {
+                if sql[i] == c {
+                    if sql.get(i + 1) == Some(&c) {
+                        s.push(c);
+                        i += 2;
+                        continue;
+                    }
+                    i += 1;
+                    break;
+                }
+                s.push(sql[i]);
+                i += 1;
+            }
+            out.push(String::from_utf8_lossy(&s).into_owned());
+        } else if c == b';' || c == b'=' {
+            out.push((c as char).to_string());
+            i += 1;
+        } else {
+            let start = i;
+            while i < sql.len()
+                && !sql[i].is_ascii_whitespace()
+                && !matches!(sql[i], b';' | b'=' | b'(' | b')' | b',' | b'"' | b'\'')
+            {
+                i += 1;
+            }
+            out.push(String::from_utf8_lossy(&sql[start..i]).to_ascii_lowercase());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod release_tests {
+    use super::databases_to_release as r;
+
+    #[test]
+    fn finds_the_databases_postgres_needs_alone() {
+        assert_eq!(r(b"DROP DATABASE t1"), vec!["t1"]);
+        assert_eq!(r(b"drop database if exists \"Test DB\";"), vec!["Test DB"]);
+        assert_eq!(r(b"DROP DATABASE t1 WITH (FORCE)"), vec!["t1"]);
+        assert_eq!(r(b"ALTER DATABASE t1 RENAME TO t3"), vec!["t1"]);
+        assert_eq!(r(b"CREATE DATABASE t2 TEMPLATE t1"), vec!["t1"]);
+        assert_eq!(
+            r(b"CREATE DATABASE \"t2\" WITH OWNER a TEMPLATE = \"t1\" ENCODING 'UTF8'"),
+            vec!["t1"]
+        );
+        assert_eq!(
+            r(b"/* x */ DROP DATABASE a; DROP DATABASE b"),
+            vec!["a", "b"]
+        );
+        assert!(r(b"CREATE DATABASE t2").is_empty());
+        assert!(r(b"ALTER DATABASE t1 SET work_mem = '1MB'").is_empty());
+        assert!(r(b"SELECT 'drop database x'").is_empty());
+        assert!(r(b"SELECT 1").is_empty());
+    }
+}

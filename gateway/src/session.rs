@@ -514,6 +514,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                                 None => Box::pin(core.classifier.classify(sql)).await,
                             };
                             watch_custom_settings(&io, id, f, sql);
+                            release_databases(&io, id, sql);
                             if f & LOWERS_SYNC_COMMIT != 0 {
                                 denied.push(end);
                             }
@@ -527,6 +528,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                                     None => Box::pin(core.classifier.classify(p.query)).await,
                                 };
                                 watch_custom_settings(&io, id, f, p.query);
+                                release_databases(&io, id, p.query);
                                 if f & LOWERS_SYNC_COMMIT != 0 {
                                     denied.push(end);
                                 } else if !p.name.is_empty() {
@@ -684,6 +686,21 @@ fn watch_custom_settings(io: &SessionIo, id: u32, flags: u8, sql: &[u8]) {
         shared::protocol::put_cstr(&mut payload, n.as_bytes());
     }
     link.send(up::WATCH, id, &payload);
+}
+
+/// Before a statement that drops, renames or copies a database: the pooler closes its idle
+/// backends connected to it (see `classify::databases_to_release`).
+fn release_databases(io: &SessionIo, id: u32, sql: &[u8]) {
+    let dbs = crate::classify::databases_to_release(sql);
+    if dbs.is_empty() {
+        return;
+    }
+    let Some(link) = io.current_link() else {
+        return;
+    };
+    for db in dbs {
+        link.send(up::RELEASE_DB, id, db.as_bytes());
+    }
 }
 
 /// The complete messages before a fatal protocol error still go to the pooler, as Postgres

@@ -26,6 +26,9 @@ pub enum CoreMsg {
     Shed { key: Option<PoolKey> },
     /// A core gave back budget for this pool (or, `None`, total budget): waiters may retry.
     Freed { key: Option<PoolKey> },
+    /// Close every idle backend connected to this database (it is about to be dropped,
+    /// renamed or copied).
+    ReleaseDb(String),
 }
 
 /// (user and database, startup settings): what a cached login was checked for.

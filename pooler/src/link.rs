@@ -101,6 +101,11 @@ async fn on_frame(core: &Rc<Core>, l: &Rc<Link>, kind: u8, id: u32, payload: Vec
                 s.add_watch(&payload);
             }
         }
+        up::RELEASE_DB => {
+            let db = String::from_utf8_lossy(&payload).into_owned();
+            core.release_database(&db);
+            core.ask_peers(crate::core::CoreMsg::ReleaseDb(db));
+        }
         up::CLOSE => {
             if let Some(s) = l.sessions.borrow_mut().remove(&id) {
                 s.close();

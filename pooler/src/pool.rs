@@ -366,6 +366,30 @@ impl Core {
         false
     }
 
+    /// Closes every idle backend of every pool on this core connected to `database`.
+    pub fn release_database(self: &Rc<Self>, database: &str) {
+        let pools: Vec<Rc<Pool>> = self
+            .pools
+            .borrow()
+            .values()
+            .filter(|p| p.key.database == database)
+            .cloned()
+            .collect();
+        let mut closed = 0;
+        for pool in pools {
+            while pool.shed_one(self, Duration::ZERO) {
+                closed += 1;
+            }
+        }
+        if closed > 0 {
+            tracing::info!(
+                database,
+                closed,
+                "closed idle backends of a database being dropped or copied"
+            );
+        }
+    }
+
     /// Drops a backend from the idle list (it died, or was shed).
     pub fn forget_idle(&self, b: &Rc<Backend>) {
         let mut idle = b.pool.idle.borrow_mut();

@@ -30,6 +30,11 @@ pub mod up {
     /// Names of custom settings (`x.y`) the next `MSGS` may set, NUL-terminated: Postgres hides
     /// such placeholders from `pg_settings`, so the pooler reads them back by name.
     pub const WATCH: u8 = 8;
+    /// The next `MSGS` drops, renames or copies (as a template) this database: payload its
+    /// name. Postgres refuses while other sessions are connected to it, and the pooler's idle
+    /// backends would count: the pooler closes them first (Postgres waits up to 5 s for
+    /// closing sessions to go).
+    pub const RELEASE_DB: u8 = 9;
 }
 
 /// Pooler → gateway.
