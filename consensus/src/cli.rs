@@ -35,7 +35,7 @@ pub struct GlobalArgs {
 pub enum Command {
     /// Start (or complete) a local cluster: Postgres 15, pooler, gateway. Prints a
     /// postgres:// URL as its last line.
-    Up(UpArgs),
+    Up(Box<UpArgs>),
     /// Show each process, its pid, address and state. Exits non-zero if one is down.
     Status(StatusArgs),
     /// Stop what `up` started (gateway, pooler, then Postgres); keeps the data.

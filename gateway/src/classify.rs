@@ -701,10 +701,8 @@ pub fn databases_to_release(sql: &[u8]) -> Vec<String> {
                     out.push(word(i).to_string());
                 }
             }
-            ("alter", "database") if stmt.iter().any(|t| t == "rename") => {
-                if !word(2).is_empty() {
-                    out.push(word(2).to_string());
-                }
+            ("alter", "database") if stmt.iter().any(|t| t == "rename") && !word(2).is_empty() => {
+                out.push(word(2).to_string());
             }
             ("create", "database") => {
                 if let Some(i) = stmt.iter().position(|t| t == "template") {
