@@ -272,7 +272,9 @@ fn a_primary_cut_off_from_its_standbys_and_the_control_process_is_replaced() {
     // Standbys stream over the primary's Unix socket as the postgres OS user: closing the
     // socket file to that user keeps them from reconnecting (root — the pooler's admin
     // connection — and TCP clients are unaffected), and the WAL senders they have freeze.
-    let socket = c.nodes[0].socket_dir.join(format!(".s.PGSQL.{}", c.nodes[0].pg_port));
+    let socket = c.nodes[0]
+        .socket_dir
+        .join(format!(".s.PGSQL.{}", c.nodes[0].pg_port));
     set_mode(&socket, 0o000);
     for &pid in &senders {
         ha::signal(pid, libc::SIGSTOP);

@@ -136,21 +136,37 @@ pub enum Request {
     /// Pledge to `term` (persisted before the answer), then stop: a standby stops streaming and
     /// waits until its replay has caught up with what it received; a primary stops completing
     /// commits. Refused when `term` is not above the pledged term.
-    Recruit { term: u64 },
+    Recruit {
+        term: u64,
+    },
     /// Become primary for `term` (pledged to it), with these synchronous standbys.
-    Promote { term: u64, sync_names: String },
+    Promote {
+        term: u64,
+        sync_names: String,
+    },
     /// Stream from `primary` for `term`; an old primary is rewound (`pg_rewind`) first.
-    Follow { term: u64, primary: Upstream },
+    Follow {
+        term: u64,
+        primary: Upstream,
+    },
     /// Set `synchronous_standby_names` (a primary at `term`).
-    SetSync { term: u64, sync_names: String },
+    SetSync {
+        term: u64,
+        sync_names: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Response {
-    Ok { report: Report },
+    Ok {
+        report: Report,
+    },
     /// The request was not carried out (stale term, wrong role, Postgres down, ...).
-    Refused { reason: String, report: Option<Report> },
+    Refused {
+        reason: String,
+        report: Option<Report>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
