@@ -7,10 +7,8 @@
 //! a killed etcd gives errors (not hangs), and so does a frozen one (every call is bounded).
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use testkit::free_port;
 use tidepool::topology::{
     EtcdStore, FileStore, NodeRecord, Store, StoreError, TermRecord, Topology,
 };
@@ -237,102 +235,17 @@ async fn file_store_corrupt_file_is_a_clear_error() {
     assert!(matches!(e, StoreError::Io { .. }), "{e:?}");
 }
 
-/// A real etcd on free loopback ports, killed and its data removed however the test ends.
-struct Etcd {
-    child: Child,
-    url: String,
-    log: PathBuf,
-    _dir: TempDir,
-}
-
-impl Etcd {
-    fn start() -> Etcd {
-        let dir = TempDir::new("etcd");
-        let (client, peer) = (free_port(), free_port());
-        let url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let log = dir.0.join("etcd.log");
-        let log_file = std::fs::File::create(&log).expect("etcd log file");
-        let child = Command::new("etcd")
-            .arg("--name=t")
-            .arg(format!("--data-dir={}", dir.0.join("data").display()))
-            .arg(format!("--listen-client-urls={url}"))
-            .arg(format!("--advertise-client-urls={url}"))
-            .arg(format!("--listen-peer-urls={peer_url}"))
-            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
-            .arg(format!("--initial-cluster=t={peer_url}"))
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("log fd"))
-            .stderr(log_file)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("starting etcd ({e}): install Debian's etcd-server (scripts/setup.sh)")
-            });
-        Etcd {
-            child,
-            url,
-            log,
-            _dir: dir,
-        }
-    }
-
-    fn store(&self, timeout: Duration) -> Store {
-        Store::Etcd(EtcdStore::new(&self.url, "test", timeout).expect("etcd url"))
-    }
-
-    /// Waits (bounded) until etcd answers.
-    async fn ready(&mut self) {
-        let s = self.store(Duration::from_secs(1));
-        let started = Instant::now();
-        loop {
-            if s.load().await.is_ok() {
-                return;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "etcd exited ({status}):\n{}",
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "etcd not ready after 30 s:\n{}",
-                std::fs::read_to_string(&self.log).unwrap_or_default()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "kill -{sig} etcd");
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        // A frozen etcd must be woken to die of SIGKILL promptly; harmless otherwise.
-        let _ = Command::new("kill")
-            .arg("-CONT")
-            .arg(self.child.id().to_string())
-            .status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A store on the test's etcd (testkit::Etcd: a real etcd on free loopback ports).
+fn etcd_store(etcd: &testkit::Etcd, timeout: Duration) -> Store {
+    Store::Etcd(EtcdStore::new(&etcd.url, "test", timeout).expect("etcd url"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_store_cas_and_leadership() {
-    let mut etcd = Etcd::start();
-    etcd.ready().await;
+    let etcd = testkit::Etcd::start();
     let (a, b) = (
-        etcd.store(Duration::from_secs(5)),
-        etcd.store(Duration::from_secs(5)),
+        etcd_store(&etcd, Duration::from_secs(5)),
+        etcd_store(&etcd, Duration::from_secs(5)),
     );
     cas_conflict(&a, &b).await;
     no_lost_update(a.clone(), b.clone(), 25).await;
@@ -358,10 +271,9 @@ async fn etcd_store_cas_and_leadership() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_down_or_frozen_gives_errors_not_hangs() {
-    let mut etcd = Etcd::start();
-    etcd.ready().await;
+    let mut etcd = testkit::Etcd::start();
     let timeout = Duration::from_millis(1500);
-    let s = etcd.store(timeout);
+    let s = etcd_store(&etcd, timeout);
     assert!(s
         .compare_and_swap(None, &topology(1, "node1"))
         .await
@@ -394,8 +306,7 @@ async fn etcd_down_or_frozen_gives_errors_not_hangs() {
 
     // Killed: connection refused, an error at once.
     etcd.signal("CONT");
-    etcd.signal("KILL");
-    let _ = etcd.child.wait();
+    etcd.kill();
     let e = tokio::time::timeout(bound, s.load())
         .await
         .expect("load bounded")

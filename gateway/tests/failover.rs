@@ -277,6 +277,33 @@ async fn no_primary_beyond_the_hold_gets_57p03_then_works_again() {
     .await;
 }
 
+/// A gateway of the two-node tests (one core, trust), its output in `log`; killed on drop.
+struct GatewayProcess(Child);
+
+impl GatewayProcess {
+    fn start(log: &std::path::Path, args: &[&str]) -> GatewayProcess {
+        let file = std::fs::File::create(log).unwrap();
+        let child = Command::new(bin_dir().join("tidepool-gateway"))
+            .args(["--cores", "1", "--auth-method", "trust"])
+            .args(args)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .expect("start tidepool-gateway");
+        GatewayProcess(child)
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Two nodes, each with a pooler acting as its agent (testkit::replication); the gateway knows
 /// both. The primary's pooler and Postgres go away; while there is no primary an idle session's
 /// request is held; the standby is promoted through the agent protocol (recruit, promote at
@@ -295,37 +322,19 @@ async fn sessions_follow_a_promoted_standby() {
     let gw_port = testkit::free_port();
     let ro_port = testkit::free_port();
     let log = n1.dir().join("gateway-ha.log");
-    let file = std::fs::File::create(&log).unwrap();
-    let mut gw = Command::new(bin_dir().join("tidepool-gateway"))
-        .args([
+    let _gw = GatewayProcess::start(
+        &log,
+        &[
             "--listen",
             &format!("127.0.0.1:{gw_port}"),
-            "--cores",
-            "1",
-            "--auth-method",
-            "trust",
             "--pooler",
             &format!("127.0.0.1:{},127.0.0.1:{}", p1.listen_port, p2.listen_port),
             "--failover-hold-ms",
             "20000",
             "--read-only-listen",
             &format!("127.0.0.1:{ro_port}"),
-        ])
-        .env("NO_COLOR", "1")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(file.try_clone().unwrap()))
-        .stderr(Stdio::from(file))
-        .spawn()
-        .expect("start tidepool-gateway");
-    struct KillOnDrop<'a>(&'a mut Child);
-    impl Drop for KillOnDrop<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _gw = KillOnDrop(&mut gw);
+        ],
+    );
     let logs = || {
         format!(
             "{}\n--- gateway ---\n{}",
@@ -496,36 +505,19 @@ async fn read_only_sessions_skip_a_standby_that_lags() {
     let p2 = AgentPooler::start(&n2, &[]);
     let ro_port = testkit::free_port();
     let log = n1.dir().join("gateway-lag.log");
-    let file = std::fs::File::create(&log).unwrap();
-    let mut gw = Command::new(bin_dir().join("tidepool-gateway"))
-        .args([
+    let _gw = GatewayProcess::start(
+        &log,
+        &[
             "--listen",
             &format!("127.0.0.1:{}", testkit::free_port()),
-            "--cores",
-            "1",
-            "--auth-method",
-            "trust",
             "--pooler",
             &format!("127.0.0.1:{},127.0.0.1:{}", p1.listen_port, p2.listen_port),
             "--read-only-listen",
             &format!("127.0.0.1:{ro_port}"),
             "--max-standby-lag-bytes",
             "65536",
-        ])
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(file.try_clone().unwrap()))
-        .stderr(Stdio::from(file))
-        .spawn()
-        .expect("start tidepool-gateway");
-    struct KillOnDrop<'a>(&'a mut Child);
-    impl Drop for KillOnDrop<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _gw = KillOnDrop(&mut gw);
+        ],
+    );
     let ro = testkit::Endpoint::loopback(ro_port);
     // Where a new read-only session lands, once the reports have settled.
     let lands_on_standby = |want: bool| {

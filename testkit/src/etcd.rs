@@ -109,6 +109,18 @@ impl Etcd {
     }
 }
 
+impl Etcd {
+    /// SIGKILL, and waits for it to be gone.
+    pub fn kill(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-CONT")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Etcd {
     fn drop(&mut self) {
         let _ = Command::new("kill")
