@@ -32,11 +32,7 @@ fn up_with_standbys_streams_and_reports_each_node() {
 
     // A commit through the gateway is on both standbys (synchronous: ANY 1 of them at once).
     let w = Writer::start(&c.url);
-    assert!(
-        w.wait_acks(0, 20, Duration::from_secs(30)),
-        "no writes\n{}",
-        c.logs()
-    );
+    w.expect_acks(&c, 0, 20, Duration::from_secs(30));
     let writes = w.finish();
     assert!(writes.errors.is_empty(), "{:?}", writes.errors);
     std::thread::sleep(Duration::from_secs(1));
@@ -50,25 +46,16 @@ fn up_with_standbys_streams_and_reports_each_node() {
 
 #[test]
 fn kill_9_of_the_primary_node_fails_over_and_loses_no_acknowledged_commit() {
-    let c = HaCluster::up(&[]);
-    c.wait_all_streaming(&[], Duration::from_secs(30));
+    let c = HaCluster::settled(&[]);
     let watcher = Watcher::start(&c);
     let w = Writer::start(&c.url);
-    assert!(
-        w.wait_acks(0, 50, Duration::from_secs(30)),
-        "no writes\n{}",
-        c.logs()
-    );
+    w.expect_acks(&c, 0, 50, Duration::from_secs(30));
 
     let killed_at = Instant::now();
     let before = w.acked_count();
     c.kill_node(0);
     let (new, r) = c.wait_new_primary(0, 0, Duration::from_secs(30));
-    assert!(
-        w.wait_acks(before, 20, Duration::from_secs(30)),
-        "writes did not resume\n{}",
-        c.logs()
-    );
+    w.expect_acks(&c, before, 20, Duration::from_secs(30));
     let writes = w.finish();
     let first_after = writes.ack_times[before..]
         .iter()
@@ -96,24 +83,15 @@ fn a_primary_frozen_by_sigstop_is_replaced_and_rewound_when_it_thaws() {
             .and_then(|s| s.parse().ok())
             .unwrap_or(60),
     );
-    let c = HaCluster::up(&[]);
-    c.wait_all_streaming(&[], Duration::from_secs(30));
+    let c = HaCluster::settled(&[]);
     let watcher = Watcher::start(&c);
     let w = Writer::start(&c.url);
-    assert!(
-        w.wait_acks(0, 50, Duration::from_secs(30)),
-        "no writes\n{}",
-        c.logs()
-    );
+    w.expect_acks(&c, 0, 50, Duration::from_secs(30));
     let pid = c.postgres_pid(0).expect("primary pid");
     let before = w.acked_count();
     signal_group_of_postmaster(pid, libc::SIGSTOP);
     let (new, r) = c.wait_new_primary(0, 0, Duration::from_secs(40));
-    assert!(
-        w.wait_acks(before, 20, Duration::from_secs(30)),
-        "writes did not resume\n{}",
-        c.logs()
-    );
+    w.expect_acks(&c, before, 20, Duration::from_secs(30));
     let left = freeze.saturating_sub(Duration::from_secs(1));
     std::thread::sleep(left.min(freeze));
     signal_group_of_postmaster(pid, libc::SIGCONT);
@@ -143,14 +121,9 @@ fn a_primary_frozen_by_sigstop_is_replaced_and_rewound_when_it_thaws() {
 
 #[test]
 fn losing_the_primary_and_a_standby_needs_an_explicit_recorded_override() {
-    let c = HaCluster::up(&[]);
-    c.wait_all_streaming(&[], Duration::from_secs(30));
+    let c = HaCluster::settled(&[]);
     let w = Writer::start(&c.url);
-    assert!(
-        w.wait_acks(0, 20, Duration::from_secs(30)),
-        "no writes\n{}",
-        c.logs()
-    );
+    w.expect_acks(&c, 0, 20, Duration::from_secs(30));
     let writes = w.finish();
     c.kill_node(0);
     c.kill_node(1);
@@ -187,25 +160,16 @@ fn losing_the_primary_and_a_standby_needs_an_explicit_recorded_override() {
 
 #[test]
 fn switchover_moves_the_primary_without_client_errors() {
-    let c = HaCluster::up(&[]);
-    c.wait_all_streaming(&[], Duration::from_secs(30));
+    let c = HaCluster::settled(&[]);
     let watcher = Watcher::start(&c);
     let w = Writer::start(&c.url);
-    assert!(
-        w.wait_acks(0, 50, Duration::from_secs(30)),
-        "no writes\n{}",
-        c.logs()
-    );
+    w.expect_acks(&c, 0, 50, Duration::from_secs(30));
     let out = c.tidepool(&["switchover", "--to", "node2"]);
     assert!(out.success(), "{}\n{}", out.text, c.logs());
     let (new, _) = c.wait_new_primary(0, 0, Duration::from_secs(30));
     assert_eq!(new, 1);
     let before = w.acked_count();
-    assert!(
-        w.wait_acks(before, 20, Duration::from_secs(30)),
-        "writes did not resume\n{}",
-        c.logs()
-    );
+    w.expect_acks(&c, before, 20, Duration::from_secs(30));
     c.wait_all_streaming(&[], Duration::from_secs(60));
     let writes = w.finish();
     assert!(
@@ -219,14 +183,9 @@ fn switchover_moves_the_primary_without_client_errors() {
 
 #[test]
 fn losing_only_the_control_processs_view_of_the_primary_is_no_failover() {
-    let c = HaCluster::up(&[]);
-    c.wait_all_streaming(&[], Duration::from_secs(30));
+    let c = HaCluster::settled(&[]);
     let w = Writer::start(&c.url);
-    assert!(
-        w.wait_acks(0, 20, Duration::from_secs(30)),
-        "no writes\n{}",
-        c.logs()
-    );
+    w.expect_acks(&c, 0, 20, Duration::from_secs(30));
     {
         let _cut = ha::Cut::port(c.nodes[0].agent.port());
         std::thread::sleep(Duration::from_secs(10));
@@ -256,15 +215,10 @@ fn losing_only_the_control_processs_view_of_the_primary_is_no_failover() {
 
 #[test]
 fn a_primary_cut_off_from_its_standbys_and_the_control_process_is_replaced() {
-    let c = HaCluster::up(&[]);
-    c.wait_all_streaming(&[], Duration::from_secs(30));
+    let c = HaCluster::settled(&[]);
     let watcher = Watcher::start(&c);
     let w = Writer::start(&c.url);
-    assert!(
-        w.wait_acks(0, 20, Duration::from_secs(30)),
-        "no writes\n{}",
-        c.logs()
-    );
+    w.expect_acks(&c, 0, 20, Duration::from_secs(30));
     let postmaster = c.postgres_pid(0).expect("primary pid");
     let senders = ha::walsenders_of(postmaster);
     assert_eq!(senders.len(), 2, "two WAL senders");
@@ -283,11 +237,7 @@ fn a_primary_cut_off_from_its_standbys_and_the_control_process_is_replaced() {
     // standbys are gone. The control process fails over.
     let (new, r) = c.wait_new_primary(0, 0, Duration::from_secs(40));
     let before = w.acked_count();
-    assert!(
-        w.wait_acks(before, 20, Duration::from_secs(40)),
-        "writes did not resume\n{}",
-        c.logs()
-    );
+    w.expect_acks(&c, before, 20, Duration::from_secs(40));
     set_mode(&socket, 0o777);
     for &pid in &senders {
         ha::signal(pid, libc::SIGCONT);
@@ -342,15 +292,10 @@ impl Drop for Control {
 
 #[test]
 fn killing_the_control_process_during_a_failover_leaves_no_harm_and_a_new_one_finishes() {
-    let c = HaCluster::up(&[]);
-    c.wait_all_streaming(&[], Duration::from_secs(30));
+    let c = HaCluster::settled(&[]);
     let watcher = Watcher::start(&c);
     let w = Writer::start(&c.url);
-    assert!(
-        w.wait_acks(0, 30, Duration::from_secs(30)),
-        "no writes\n{}",
-        c.logs()
-    );
+    w.expect_acks(&c, 0, 30, Duration::from_secs(30));
     let control = control_pid(&c);
     c.kill_node(0);
     // Kill the control process as soon as it starts recruiting.
@@ -369,11 +314,7 @@ fn killing_the_control_process_during_a_failover_leaves_no_harm_and_a_new_one_fi
     let _second = Control::start(&c);
     let (new, r) = c.wait_new_primary(0, 0, Duration::from_secs(40));
     let before = w.acked_count();
-    assert!(
-        w.wait_acks(before, 20, Duration::from_secs(30)),
-        "writes did not resume\n{}",
-        c.logs()
-    );
+    w.expect_acks(&c, before, 20, Duration::from_secs(30));
     let writes = w.finish();
     assert_all_acked_on(&c, new, &writes);
     let terms = watcher.finish();
@@ -382,23 +323,14 @@ fn killing_the_control_process_during_a_failover_leaves_no_harm_and_a_new_one_fi
 
 #[test]
 fn two_failovers_in_a_row() {
-    let c = HaCluster::up(&[]);
-    c.wait_all_streaming(&[], Duration::from_secs(30));
+    let c = HaCluster::settled(&[]);
     let watcher = Watcher::start(&c);
     let w = Writer::start(&c.url);
-    assert!(
-        w.wait_acks(0, 30, Duration::from_secs(30)),
-        "no writes\n{}",
-        c.logs()
-    );
+    w.expect_acks(&c, 0, 30, Duration::from_secs(30));
     c.kill_node(0);
     let (first, r1) = c.wait_new_primary(0, 0, Duration::from_secs(30));
     let before = w.acked_count();
-    assert!(
-        w.wait_acks(before, 20, Duration::from_secs(30)),
-        "writes did not resume\n{}",
-        c.logs()
-    );
+    w.expect_acks(&c, before, 20, Duration::from_secs(30));
     // node1 comes back (its pooler restarted by `up`), is rewound and follows: then the new
     // primary dies too.
     let out = c.tidepool(&["up"]);
@@ -409,11 +341,7 @@ fn two_failovers_in_a_row() {
     c.kill_node(first);
     let (second, r2) = c.wait_new_primary(first, r1.primary_term, Duration::from_secs(30));
     let before = w.acked_count();
-    assert!(
-        w.wait_acks(before, 20, Duration::from_secs(30)),
-        "writes did not resume\n{}",
-        c.logs()
-    );
+    w.expect_acks(&c, before, 20, Duration::from_secs(30));
     let writes = w.finish();
     assert_all_acked_on(&c, second, &writes);
     let terms = watcher.finish();
@@ -425,25 +353,16 @@ fn two_failovers_in_a_row() {
 
 #[test]
 fn a_lagging_standby_is_not_promoted_over_one_that_has_everything() {
-    let c = HaCluster::up(&[]);
-    c.wait_all_streaming(&[], Duration::from_secs(30));
+    let c = HaCluster::settled(&[]);
     // node3 receives WAL but replays nothing: it lags.
     let out = c.psql_node(2, "SELECT pg_wal_replay_pause()");
     assert!(out.success(), "{}", out.text);
     let w = Writer::start(&c.url);
-    assert!(
-        w.wait_acks(0, 100, Duration::from_secs(30)),
-        "no writes\n{}",
-        c.logs()
-    );
+    w.expect_acks(&c, 0, 100, Duration::from_secs(30));
     c.kill_node(0);
     let (new, _) = c.wait_new_primary(0, 0, Duration::from_secs(40));
     let before = w.acked_count();
-    assert!(
-        w.wait_acks(before, 20, Duration::from_secs(30)),
-        "writes did not resume\n{}",
-        c.logs()
-    );
+    w.expect_acks(&c, before, 20, Duration::from_secs(30));
     let writes = w.finish();
     assert_all_acked_on(&c, new, &writes);
 }
@@ -457,11 +376,7 @@ fn with_etcd_two_control_processes_never_make_two_primaries_and_an_etcd_outage_d
     let _second = Control::start(&c);
     let watcher = Watcher::start(&c);
     let w = Writer::start(&c.url);
-    assert!(
-        w.wait_acks(0, 30, Duration::from_secs(30)),
-        "no writes\n{}",
-        c.logs()
-    );
+    w.expect_acks(&c, 0, 30, Duration::from_secs(30));
 
     // etcd frozen: the primary keeps serving, nobody demotes it.
     etcd.signal("STOP");
@@ -478,11 +393,7 @@ fn with_etcd_two_control_processes_never_make_two_primaries_and_an_etcd_outage_d
     c.kill_node(0);
     let (new, r) = c.wait_new_primary(0, 0, Duration::from_secs(40));
     let before = w.acked_count();
-    assert!(
-        w.wait_acks(before, 20, Duration::from_secs(30)),
-        "writes did not resume\n{}",
-        c.logs()
-    );
+    w.expect_acks(&c, before, 20, Duration::from_secs(30));
     let writes = w.finish();
     assert_all_acked_on(&c, new, &writes);
     let terms = watcher.finish();

@@ -110,6 +110,13 @@ impl HaCluster {
         c
     }
 
+    /// [`HaCluster::up`], then waits until every standby streams.
+    pub fn settled(extra: &[&str]) -> HaCluster {
+        let c = HaCluster::up(extra);
+        c.wait_all_streaming(&[], Duration::from_secs(30));
+        c
+    }
+
     pub fn reload_nodes(&mut self) {
         let state: Value = serde_json::from_str(
             &std::fs::read_to_string(self.dir.join("state.json")).expect("state.json"),
@@ -538,6 +545,17 @@ impl Writer {
             let _ = h.join();
         }
         self.snapshot()
+    }
+
+    /// Panics (with the cluster's logs) unless `n` more writes than `since` are acknowledged
+    /// within `within`.
+    pub fn expect_acks(&self, c: &HaCluster, since: usize, n: usize, within: Duration) {
+        assert!(
+            self.wait_acks(since, n, within),
+            "{n} more writes were not acknowledged within {within:?} ({} so far)\n{}",
+            self.acked_count(),
+            c.logs()
+        );
     }
 
     /// Waits until `n` more writes were acknowledged than `since`.
