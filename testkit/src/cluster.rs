@@ -26,7 +26,7 @@ pub const BOB: (&str, &str) = ("bob", "bob-pw");
 pub const APP_DB: &str = "app";
 
 /// Postgres runs as this OS user; the tests run as root.
-const PG_OS_USER: &str = "postgres";
+pub(crate) const PG_OS_USER: &str = "postgres";
 
 /// A running Postgres. Cheap to clone; stopped when the last clone (and the last [`Tidepool`]
 /// started on it) is dropped.
@@ -61,7 +61,7 @@ fn os_user_ids(name: &str) -> (libc::uid_t, libc::gid_t) {
     unsafe { ((*pw).pw_uid, (*pw).pw_gid) }
 }
 
-fn chown(path: &Path, user: &str) {
+pub(crate) fn chown(path: &Path, user: &str) {
     let (uid, gid) = os_user_ids(user);
     std::os::unix::fs::chown(path, Some(uid), Some(gid))
         .unwrap_or_else(|e| panic!("chown {} to {user}: {e}", path.display()));
@@ -70,6 +70,11 @@ fn chown(path: &Path, user: &str) {
 /// A new empty directory under /tmp, owned by postgres, readable by everyone (root writes logs
 /// into it, postgres the cluster).
 fn fresh_dir() -> PathBuf {
+    fresh_dir_named("tidepool-test", "")
+}
+
+/// [`fresh_dir`] as `/tmp/PREFIX-PID-N-NANOS[-name]`.
+pub(crate) fn fresh_dir_named(prefix: &str, name: &str) -> PathBuf {
     static N: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -77,8 +82,13 @@ fn fresh_dir() -> PathBuf {
         .unwrap_or(0);
     loop {
         let n = N.fetch_add(1, Ordering::Relaxed);
+        let suffix = if name.is_empty() {
+            String::new()
+        } else {
+            format!("-{name}")
+        };
         let dir = PathBuf::from(format!(
-            "/tmp/tidepool-test-{}-{n}-{nanos:x}",
+            "/tmp/{prefix}-{}-{n}-{nanos:x}{suffix}",
             std::process::id()
         ));
         match fs::create_dir(&dir) {

@@ -11,7 +11,6 @@ use std::ffi::CString;
 use std::fs;
 use std::io::Write;
 use std::net::TcpStream;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,29 +59,11 @@ pub fn postgres_ids() -> (u32, u32) {
 }
 
 fn chown_pg(path: &Path) {
-    let (uid, gid) = postgres_ids();
-    std::os::unix::fs::chown(path, Some(uid), Some(gid))
-        .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
+    crate::cluster::chown(path, crate::cluster::PG_OS_USER);
 }
 
 fn fresh_dir(name: &str) -> PathBuf {
-    static N: AtomicU64 = AtomicU64::new(0);
-    loop {
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let dir = PathBuf::from(format!(
-            "/tmp/tidepool-repl-{}-{n}-{name}",
-            std::process::id()
-        ));
-        match fs::create_dir(&dir) {
-            Ok(()) => {
-                fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
-                chown_pg(&dir);
-                return dir;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => panic!("create {}: {e}", dir.display()),
-        }
-    }
+    crate::cluster::fresh_dir_named("tidepool-repl", name)
 }
 
 /// Runs a program as the postgres OS user; its output (check `success()`).
