@@ -1724,3 +1724,117 @@ async fn a_startup_parameter_that_is_not_utf8_is_treated_as_postgres_does() {
     })
     .await;
 }
+
+/// The pooler cores that hold a gateway link, from the pooler's log.
+fn linked_pooler_cores(tp: &Tidepool) -> std::collections::BTreeSet<String> {
+    tp.pooler_log()
+        .lines()
+        .filter(|l| l.contains("gateway link accepted"))
+        .filter_map(|l| l.split("core=").nth(1))
+        .filter_map(|r| r.split_whitespace().next().map(str::to_owned))
+        .collect()
+}
+
+/// One user's sessions spread over both pooler cores, its pool one backend: that backend must
+/// serve the sessions of both cores, logins included. A core whose sessions wait where the pool
+/// has no backend says so, and the core holding the backend gives its unit up (pool.rs,
+/// `CoreMsg::Starving`); before, the busy core kept it and the other core's sessions never ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_sessions_on_both_pooler_cores_all_get_served() {
+    const SESSIONS: usize = 8;
+    let pg = PgCluster::start();
+    // Both pooler cores must hold a gateway link, or there is nothing to test: the kernel
+    // spreads the links (SO_REUSEPORT) as it likes, so start again until it did.
+    let mut started = None;
+    for _ in 0..10 {
+        let tp = Tidepool::start(&pg, TidepoolOpts::default().pool_size(1));
+        let t = Instant::now();
+        while linked_pooler_cores(&tp).len() < 2 && t.elapsed() < Duration::from_secs(3) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if linked_pooler_cores(&tp).len() >= 2 {
+            started = Some(tp);
+            break;
+        }
+    }
+    let tp = started.expect("in 10 starts the gateway's links never reached both pooler cores");
+    let ep = tp.endpoint();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let logged_in = Arc::new(AtomicUsize::new(0));
+    let done: Arc<Vec<AtomicUsize>> =
+        Arc::new((0..SESSIONS).map(|_| AtomicUsize::new(0)).collect());
+    let tasks: Vec<_> = (0..SESSIONS)
+        .map(|i| {
+            let (ep, stop, logged_in, done) =
+                (ep.clone(), stop.clone(), logged_in.clone(), done.clone());
+            tokio::spawn(async move {
+                let c = ep
+                    .connect(ALICE.0, ALICE.1, APP_DB)
+                    .await
+                    .map_err(|e| format!("session {i}: login: {e}"))?;
+                logged_in.fetch_add(1, Ordering::Relaxed);
+                while !stop.load(Ordering::Relaxed) {
+                    c.query_one("SELECT pg_sleep(0.05)::text", &[])
+                        .await
+                        .map_err(|e| format!("session {i}: {e}"))?;
+                    done[i].fetch_add(1, Ordering::Relaxed);
+                }
+                Ok::<(), String>(())
+            })
+        })
+        .collect();
+    let t = Instant::now();
+    while logged_in.load(Ordering::Relaxed) < SESSIONS && t.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let logins = logged_in.load(Ordering::Relaxed);
+    let logins_took = t.elapsed();
+    // Every session that logged in runs for 4 s from now.
+    let before: Vec<usize> = done.iter().map(|d| d.load(Ordering::Relaxed)).collect();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let during: Vec<usize> = done
+        .iter()
+        .zip(&before)
+        .map(|(d, b)| d.load(Ordering::Relaxed) - b)
+        .collect();
+    stop.store(true, Ordering::Relaxed);
+    let mut failures = Vec::new();
+    let all = tokio::time::timeout(Duration::from_secs(20), async {
+        for t in tasks {
+            if let Ok(Err(e)) = t.await {
+                failures.push(e);
+            }
+        }
+    })
+    .await;
+    report(
+        "both_cores",
+        format!(
+            "pool of 1, {SESSIONS} sessions: {logins} logged in after {logins_took:?}; \
+             queries per session in 4 s: {during:?}"
+        ),
+    );
+    assert_eq!(
+        logins,
+        SESSIONS,
+        "only {logins} of {SESSIONS} sessions logged in within 30 s\n{}",
+        tp.logs()
+    );
+    assert!(
+        all.is_ok(),
+        "the sessions did not stop within 20 s\n{}",
+        tp.logs()
+    );
+    assert!(failures.is_empty(), "{failures:?}\n{}", tp.logs());
+    // Fair, not only alive: before, the other core's sessions got 0 or 1 queries while the
+    // busy core's got 14 each.
+    let (min, max) = (
+        during.iter().copied().min().unwrap_or(0),
+        during.iter().copied().max().unwrap_or(0),
+    );
+    assert!(
+        min > 0 && min * 5 >= max,
+        "sessions were not served alike in 4 s: {during:?}\n{}",
+        tp.logs()
+    );
+}

@@ -219,6 +219,9 @@ pub struct Backend {
     pub prefer: RefCell<Option<Rc<Pool>>>,
     /// Shed at another core's request: announce the freed unit when it ends.
     pub announce_freed: std::cell::Cell<bool>,
+    /// Closed so that this pool's waiters on another core, which have no backend there, get its
+    /// unit: announce it to them (and not to this core's waiters) when it ends.
+    pub yield_to: RefCell<Option<crate::pool::PoolKey>>,
 }
 
 impl Backend {
@@ -452,6 +455,7 @@ pub async fn connect(
         idle_since: std::cell::Cell::new(None),
         prefer: RefCell::new(None),
         announce_freed: std::cell::Cell::new(false),
+        yield_to: RefCell::new(None),
     });
     tracing::debug!(backend = b.id, pid = b.pid, user = %pool.key.user, db = %pool.key.database, "backend connected");
     let stream = RcStream::new(stream);

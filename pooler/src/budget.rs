@@ -55,6 +55,11 @@ impl Budgets {
         Reserve::Ok
     }
 
+    /// This (user, database) has all the backends it may have.
+    pub fn pool_full(&self, pool: &PoolBudget) -> bool {
+        pool.count.load(Ordering::Acquire) >= self.pool_size
+    }
+
     pub fn give_back(&self, pool: &PoolBudget) {
         pool.count.fetch_sub(1, Ordering::AcqRel);
         self.total.fetch_sub(1, Ordering::AcqRel);

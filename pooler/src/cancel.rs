@@ -52,6 +52,7 @@ pub async fn serve_peers(core: Rc<Core>, mut receivers: Receivers<CoreMsg>) {
                     CoreMsg::Cancel(pid, secret) => local(&core, pid, secret),
                     CoreMsg::Shed { key } => core.on_shed(key),
                     CoreMsg::Freed { key } => core.on_freed(key),
+                    CoreMsg::Starving { key } => core.on_starving(key),
                     CoreMsg::ReleaseDb(db) => core.release_database(&db),
                 }
             }

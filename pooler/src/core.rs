@@ -26,6 +26,9 @@ pub enum CoreMsg {
     Shed { key: Option<PoolKey> },
     /// A core gave back budget for this pool (or, `None`, total budget): waiters may retry.
     Freed { key: Option<PoolKey> },
+    /// Sessions of this pool wait on a core where the pool has no backend at all, and nothing
+    /// there will free one for them: give them the unit of a backend released here.
+    Starving { key: PoolKey },
     /// Close every idle backend connected to this database (it is about to be dropped,
     /// renamed or copied).
     ReleaseDb(String),
@@ -53,6 +56,9 @@ pub struct Core {
     /// `ParameterStatus` messages to answer with. A login found here needs no backend, so a storm
     /// of connections does not queue behind running queries.
     logins: RefCell<HashMap<LoginKey, LoginEntry>>,
+    /// Pools starving on other cores (`CoreMsg::Starving`) and when they said so: the next
+    /// backend released here that may go to them is closed so they get its unit.
+    pub owed: RefCell<Vec<(PoolKey, Instant)>>,
     /// One listening connection per database on this core (listen.rs).
     listeners: RefCell<HashMap<String, Rc<crate::listen::Listener>>>,
 }
@@ -72,6 +78,7 @@ impl Core {
             next_id: Cell::new(1),
             peers: RefCell::new(None),
             logins: RefCell::new(HashMap::new()),
+            owed: RefCell::new(Vec::new()),
             listeners: RefCell::new(HashMap::new()),
         })
     }

@@ -101,6 +101,7 @@ async fn run_core(
     loop {
         match listener.accept().await {
             Ok(stream) => {
+                tracing::info!(core = core.index, peer = ?stream.peer_addr().ok(), "gateway link accepted");
                 glommio::spawn_local(link::serve(core.clone(), stream)).detach();
             }
             Err(e) => {

@@ -33,6 +33,10 @@ const RETRY: Duration = Duration::from_millis(250);
 /// Another core sheds only backends idle this long: true surplus, not a backend between two
 /// requests (shedding those made cores trade backends back and forth, each trade a new login).
 const SHED_AFTER_IDLE: Duration = Duration::from_millis(10);
+/// How often at most a pool that has no backend on a core tells the other cores it is starving
+/// there, and how long they remember it.
+const STARVING_ASK: Duration = Duration::from_millis(100);
+const OWED_FOR: Duration = Duration::from_secs(1);
 
 pub struct Pool {
     pub key: Rc<PoolKey>,
@@ -46,6 +50,8 @@ pub struct Pool {
     local: std::cell::Cell<usize>,
     /// The listening connection of this database on this core (listen.rs).
     pub listener: Rc<crate::listen::Listener>,
+    /// When this core last told the others that this pool starves here.
+    last_starving_ask: std::cell::Cell<Option<Instant>>,
 }
 
 impl Pool {
@@ -62,6 +68,7 @@ impl Pool {
             local_waiting: std::cell::Cell::new(0),
             local: std::cell::Cell::new(0),
             listener,
+            last_starving_ask: std::cell::Cell::new(None),
         }
     }
 
@@ -193,6 +200,7 @@ pub async fn acquire(
                 // Handed capacity (or a dead backend): try the budget again at once.
                 drop(guard.take());
             }
+            None if pool.local.get() == 0 => core.say_starving(pool),
             None => {}
         }
     }
@@ -213,6 +221,13 @@ pub fn release(core: &Rc<Core>, b: Rc<Backend>) {
             &q,
             Some(backend::Entry::Internal(backend::Internal::Listen)),
         );
+    }
+    if let Some(key) = core.owed_to(&pool) {
+        // This pool, or a poorer one, starves on another core: nothing there would ever free a
+        // backend for its sessions, so this backend's unit goes to them.
+        *b.yield_to.borrow_mut() = Some(key);
+        close_for(core, &b, None);
+        return;
     }
     if let Some(other) = core.poorer_pool_waiting(&pool) {
         // Fair share between users: another pool here waits with fewer backends than this one
@@ -266,6 +281,11 @@ pub fn retire(core: &Rc<Core>, b: &Rc<Backend>) {
     core.forget_idle(b);
     b.pool.local.set(b.pool.local.get().saturating_sub(1));
     core.budgets.give_back(&b.pool.global);
+    if let Some(key) = b.yield_to.borrow_mut().take() {
+        // Not to this core's waiters: they would take it before the starving core can.
+        core.ask_peers(CoreMsg::Freed { key: Some(key) });
+        return;
+    }
     core.capacity_freed(&prefer);
     if b.announce_freed.get() {
         // Shed because another core asked: its waiters may take the unit now.
@@ -295,16 +315,70 @@ impl Core {
         }
     }
 
-    /// A pool here, other than `pool`, whose sessions wait with fewer backends than `pool` has.
+    /// A pool here, other than `pool`, whose sessions wait with fewer backends than `pool` has:
+    /// here, or (when it has none here) on all cores.
     fn poorer_pool_waiting(&self, pool: &Rc<Pool>) -> Option<Rc<Pool>> {
+        let total = |p: &Pool| p.global.count.load(Ordering::Relaxed);
         self.pools
             .borrow()
             .values()
             .filter(|p| {
-                *p.key != *pool.key && p.has_waiters() && p.local.get() + 1 < pool.local.get()
+                *p.key != *pool.key
+                    && p.has_waiters()
+                    && (p.local.get() + 1 < pool.local.get()
+                        || (p.local.get() == 0 && total(p) + 1 < total(pool)))
             })
             .min_by_key(|p| p.local.get())
             .cloned()
+    }
+
+    /// Sessions of `pool` wait here, where it has no backend: tell the other cores (see
+    /// `owed_to`), at most every `STARVING_ASK`.
+    fn say_starving(&self, pool: &Pool) {
+        let now = Instant::now();
+        if pool
+            .last_starving_ask
+            .get()
+            .is_some_and(|t| now.duration_since(t) < STARVING_ASK)
+        {
+            return;
+        }
+        pool.last_starving_ask.set(Some(now));
+        tracing::debug!(user = %pool.key.user, db = %pool.key.database, core = self.index, "pool starving on this core");
+        self.ask_peers(CoreMsg::Starving {
+            key: (*pool.key).clone(),
+        });
+    }
+
+    /// Another core says `key` starves there.
+    pub fn on_starving(&self, key: PoolKey) {
+        let now = Instant::now();
+        let mut owed = self.owed.borrow_mut();
+        match owed.iter_mut().find(|(k, _)| *k == key) {
+            Some(e) => e.1 = now,
+            None => owed.push((key, now)),
+        }
+    }
+
+    /// A pool starving on another core that a backend of `pool` released here should go to:
+    /// `pool` itself (its backends are all here), or one with fewer backends in all that may
+    /// still have more. Taken off the list.
+    fn owed_to(&self, pool: &Pool) -> Option<PoolKey> {
+        let mut owed = self.owed.borrow_mut();
+        if owed.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        owed.retain(|(_, at)| now.duration_since(*at) < OWED_FOR);
+        let mine = pool.global.count.load(Ordering::Relaxed);
+        let i = owed.iter().position(|(k, _)| {
+            if *k == *pool.key {
+                return true;
+            }
+            let other = self.budgets.counter(k);
+            !self.budgets.pool_full(&other) && other.count.load(Ordering::Relaxed) + 1 < mine
+        })?;
+        Some(owed.swap_remove(i).0)
     }
 
     fn someone_else_waits(&self, key: &PoolKey) -> bool {

@@ -257,6 +257,11 @@ impl Tidepool {
         }
     }
 
+    /// The pooler's whole log so far.
+    pub fn pooler_log(&self) -> String {
+        std::fs::read_to_string(&self.pooler_log).unwrap_or_default()
+    }
+
     /// The last lines of both logs, for failure messages.
     pub fn logs(&self) -> String {
         format!(
