@@ -41,6 +41,15 @@ impl Classifier {
 
     /// The answer without waiting, if the lexer or the cache has it.
     pub fn classify_now(&self, sql: &[u8]) -> Option<u8> {
+        self.classify_now_inner(sql)
+            .map(|f| f | sequence_state(sql))
+    }
+
+    pub async fn classify(&self, sql: &[u8]) -> u8 {
+        self.classify_inner(sql).await | sequence_state(sql)
+    }
+
+    fn classify_now_inner(&self, sql: &[u8]) -> Option<u8> {
         // A statement naming synchronous_commit goes to the grammar (once: the answer is
         // cached); the word test is the only cost the guard adds to every other statement.
         if self.guard_sync_commit && contains_ci(sql, b"synchronous_commit") {
@@ -49,8 +58,8 @@ impl Classifier {
         fast(sql).or_else(|| self.cache.borrow().get(sql).copied())
     }
 
-    pub async fn classify(&self, sql: &[u8]) -> u8 {
-        if let Some(f) = self.classify_now(sql) {
+    async fn classify_inner(&self, sql: &[u8]) -> u8 {
+        if let Some(f) = self.classify_now_inner(sql) {
             return f;
         }
         let guard = self.guard_sync_commit && contains_ci(sql, b"synchronous_commit");
@@ -93,6 +102,48 @@ async fn parse_off_core(text: String, guard: bool) -> u8 {
         return CONSERVATIVE;
     }
     rx.await.unwrap_or(CONSERVATIVE)
+}
+
+/// `currval`/`lastval` answer from the backend's own sequence state, which Tidepool cannot copy
+/// to another backend: a statement naming them pins the session (flag `SEQUENCES`, which also
+/// clears what other sessions left there first). `nextval` alone does not pin: its value goes
+/// to the client, and pinning every `SELECT nextval(...)` (Hibernate's id generator) would end
+/// pooling for those applications.
+pub fn sequence_state(sql: &[u8]) -> u8 {
+    if contains_ci(sql, b"currval") || contains_ci(sql, b"lastval") {
+        flags::PIN | flags::SEQUENCES
+    } else {
+        0
+    }
+}
+
+/// `LANGUAGE C` (or `'c'`, `"c"`): creating such a function loads its library into the backend
+/// (Postgres checks the symbol), like `LOAD`; C code may keep state per backend (regress.so's
+/// `set_ttdummy`, refint's plan cache), so the session keeps that backend.
+fn language_c(sql: &[u8]) -> bool {
+    let mut from = 0;
+    while let Some(at) = find_ci(&sql[from..], b"language") {
+        let i = skip_blank(sql, from + at + b"language".len());
+        let rest = &sql[i..];
+        let name = match rest.first() {
+            Some(b'\'' | b'"') => rest.get(1..3).filter(|n| n[1] == rest[0]).map(|n| n[0]),
+            Some(_) => rest
+                .get(1)
+                .is_none_or(|b| !(b.is_ascii_alphanumeric() || *b == b'_' || *b == b'$'))
+                .then_some(rest[0]),
+            None => None,
+        };
+        if name.is_some_and(|c| c.eq_ignore_ascii_case(&b'c')) {
+            return true;
+        }
+        from += at + 1;
+    }
+    false
+}
+
+fn find_ci(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len())
+        .position(|w| w.eq_ignore_ascii_case(needle))
 }
 
 fn contains_ci(hay: &[u8], needle: &[u8]) -> bool {
@@ -286,7 +337,7 @@ pub fn fast(sql: &[u8]) -> Option<u8> {
         | b"comment" | b"reindex" | b"cluster" | b"refresh" | b"checkpoint" | b"unlisten"
         | b"alter" | b"drop" | b"security" | b"import" | b"reassign" => Some(functions()),
         b"create" => {
-            if contains_ci(sql, b"temp") {
+            if contains_ci(sql, b"temp") || language_c(sql) {
                 Some(flags::PIN | functions())
             } else {
                 Some(functions())
@@ -379,6 +430,7 @@ pub fn full(sql: &str) -> u8 {
             NodeEnum::ListenStmt(_) | NodeEnum::UnlistenStmt(_) => flags::LISTEN,
             NodeEnum::DoStmt(_) if sql.to_ascii_lowercase().contains("listen") => flags::LISTEN,
             NodeEnum::PrepareStmt(_) | NodeEnum::LoadStmt(_) => flags::PIN,
+            NodeEnum::CreateFunctionStmt(_) if language_c(sql.as_bytes()) => flags::PIN,
             NodeEnum::DeallocateStmt(d)
                 if (d.isall || d.name.is_empty()) => {
                     flags::DEALLOCATE
@@ -547,6 +599,36 @@ mod tests {
             Some(flags::PIN | flags::SNAPSHOT)
         );
         assert_eq!(fast(b"create temp table t(a int)"), Some(flags::PIN));
+        for c in [
+            "CREATE FUNCTION f() RETURNS trigger AS 'regress.so' LANGUAGE C",
+            "create function f(int) returns int as '$libdir/x', 'f' language 'c' strict",
+            "CREATE OR REPLACE FUNCTION f() RETURNS int LANGUAGE \"C\" AS 'x.so'",
+        ] {
+            assert_eq!(fast(c.as_bytes()), Some(flags::PIN), "{c}");
+        }
+        for c in [
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'select 1'",
+            "create table language_c (a int)",
+        ] {
+            assert_eq!(fast(c.as_bytes()), Some(0), "{c}");
+        }
+        assert_eq!(
+            full("CREATE FUNCTION f() RETURNS int LANGUAGE plpgsql AS $$begin return 1; end$$"),
+            0
+        );
+        assert_eq!(
+            full("CREATE FUNCTION f() RETURNS trigger AS 'r.so' LANGUAGE C; SELECT 1") & flags::PIN,
+            flags::PIN
+        );
+        assert_eq!(
+            sequence_state(b"select currval('s')"),
+            flags::PIN | flags::SEQUENCES
+        );
+        assert_eq!(
+            sequence_state(b"SELECT LASTVAL()"),
+            flags::PIN | flags::SEQUENCES
+        );
+        assert_eq!(sequence_state(b"select nextval('s')"), 0);
         assert_eq!(
             fast(b"discard all"),
             Some(flags::DISCARD | flags::SNAPSHOT | flags::LISTEN)

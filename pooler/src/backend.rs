@@ -156,10 +156,13 @@ pub enum Internal {
     /// Read the session's settings back; `held_rfq`: the client's `ReadyForQuery` waits for it.
     /// `channels_only`: only `pg_listening_channels()` was read (listen.rs).
     Snapshot { held_rfq: bool, channels_only: bool },
-    /// Roll back / discard after the owner left; `last` returns the backend to its pool.
-    Cleanup { last: bool, discard: bool },
+    /// Roll back after the owner left, then return the backend to its pool.
+    Cleanup,
     /// `LISTEN` on the owner's channels, or `UNLISTEN *` before the pool (listen.rs).
     Listen,
+    /// `DISCARD SEQUENCES` ahead of a session's first `currval`/`lastval`: the sequence state
+    /// another session left here is not this session's.
+    DiscardSequences,
 }
 
 pub enum Entry {
@@ -222,6 +225,8 @@ pub struct Backend {
     /// Closed so that this pool's waiters on another core, which have no backend there, get its
     /// unit: announce it to them (and not to this core's waiters) when it ends.
     pub yield_to: RefCell<Option<crate::pool::PoolKey>>,
+    /// The session that held it last: a session coming back to it finds its own state.
+    pub last_owner: RefCell<std::rc::Weak<Session>>,
 }
 
 impl Backend {
@@ -456,6 +461,7 @@ pub async fn connect(
         prefer: RefCell::new(None),
         announce_freed: std::cell::Cell::new(false),
         yield_to: RefCell::new(None),
+        last_owner: RefCell::new(std::rc::Weak::new()),
     });
     tracing::debug!(backend = b.id, pid = b.pid, user = %pool.key.user, db = %pool.key.database, "backend connected");
     let stream = RcStream::new(stream);
@@ -915,20 +921,17 @@ fn internal_done(b: &Backend, st: &mut State, internal: Internal) -> After {
             }
             After::Nothing
         }
-        Internal::Cleanup { last, discard } => {
+        Internal::DiscardSequences => {
+            if error.is_some() {
+                tracing::warn!(backend = b.id, "DISCARD SEQUENCES on a backend failed");
+            }
+            After::Nothing
+        }
+        Internal::Cleanup => {
             if error.is_some() {
                 close_locked(b, st);
             }
-            if discard {
-                st.settings = Rc::new(Settings::default());
-                st.prepared.clear();
-                st.unnamed = None;
-            }
-            if last {
-                After::ReturnOrphan
-            } else {
-                After::Nothing
-            }
+            After::ReturnOrphan
         }
     }
 }

@@ -149,10 +149,19 @@ pub async fn acquire(
     core: &Rc<Core>,
     pool: &Rc<Pool>,
     credential: &Credential,
+    prefer: &RefCell<std::rc::Weak<Backend>>,
 ) -> Result<Rc<Backend>, LoginError> {
     let mut guard: Option<WaiterGuard<'_>> = None;
     loop {
-        let popped = pool.idle.borrow_mut().pop();
+        let popped = {
+            // The backend this session held last, if idle; else the one idle the shortest.
+            let mut idle = pool.idle.borrow_mut();
+            let last = prefer.borrow().upgrade();
+            match last.and_then(|l| idle.iter().position(|b| Rc::ptr_eq(b, &l))) {
+                Some(i) => Some(idle.remove(i)),
+                None => idle.pop(),
+            }
+        };
         if let Some(b) = popped {
             if b.is_broken() {
                 continue;

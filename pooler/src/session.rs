@@ -40,6 +40,13 @@ pub struct Session {
     pub backend: RefCell<Option<Rc<Backend>>>,
     /// Session state lives on the backend (temp table, cursor WITH HOLD, advisory lock…).
     pub pinned: Cell<bool>,
+    /// The backend it held last: taken again when idle, so state Postgres keeps per backend
+    /// and Tidepool cannot copy (`currval`, statistics not yet flushed, C statics) stays the
+    /// session's as often as the pool allows.
+    pub last_backend: RefCell<std::rc::Weak<Backend>>,
+    /// The next backend attached gets `DISCARD SEQUENCES` first unless this session held it
+    /// last (flag `SEQUENCES`).
+    pub own_sequences_only: Cell<bool>,
     /// The session task is in the middle of writing a batch.
     pub writing: Cell<bool>,
     /// Extended-protocol messages were written since the last `Sync`.
@@ -89,6 +96,8 @@ impl Session {
             unnamed: RefCell::new(None),
             backend: RefCell::new(None),
             pinned: Cell::new(false),
+            last_backend: RefCell::new(std::rc::Weak::new()),
+            own_sequences_only: Cell::new(false),
             writing: Cell::new(false),
             open_batch: Cell::new(false),
             snapshot_pending: Cell::new(false),
@@ -256,6 +265,14 @@ impl Session {
 fn attach(s: &Rc<Session>, b: &Rc<Backend>) {
     b.st.borrow_mut().owner = Some(s.clone());
     *s.backend.borrow_mut() = Some(b.clone());
+    *s.last_backend.borrow_mut() = Rc::downgrade(b);
+    let before = b.last_owner.replace(Rc::downgrade(s));
+    if s.own_sequences_only.replace(false) && !std::ptr::eq(before.as_ptr(), Rc::as_ptr(s)) {
+        // Another session used this backend since: its currval/lastval state is not ours.
+        let mut q = Vec::new();
+        fe::query(&mut q, "DISCARD SEQUENCES");
+        b.send(&q, Some(Entry::Internal(Internal::DiscardSequences)));
+    }
 }
 
 /// Gives the backend back if nothing needs it: no transaction, no pending responses, no state.
@@ -340,7 +357,7 @@ async fn open(core: &Rc<Core>, s: &Rc<Session>) -> Result<Vec<u8>, Vec<u8>> {
     if let Some(params) = core.recent_login(&s.pool.key, &s.baseline) {
         return Ok((*params).clone());
     }
-    let b = pool::acquire(core, &s.pool, &s.credential)
+    let b = pool::acquire(core, &s.pool, &s.credential, &s.last_backend)
         .await
         .map_err(|e| e.to_message())?;
     attach(s, &b);
@@ -378,7 +395,7 @@ async fn ensure_backend(core: &Rc<Core>, s: &Rc<Session>) -> Result<Option<Rc<Ba
         return Ok(Some(b));
     }
     let acquired = futures_lite::future::or(
-        async { Some(pool::acquire(core, &s.pool, &s.credential).await) },
+        async { Some(pool::acquire(core, &s.pool, &s.credential, &s.last_backend).await) },
         async {
             loop {
                 let n = s.inbox_notify.notified();
@@ -475,6 +492,9 @@ fn answer_locally(core: &Rc<Core>, s: &Rc<Session>, msgs: &[u8]) -> bool {
 
 /// Writes one batch of the client's messages to a backend.
 async fn process(core: &Rc<Core>, s: &Rc<Session>, fl: u8, msgs: &[u8]) -> Result<(), Vec<u8>> {
+    if fl & flags::SEQUENCES != 0 && !s.pinned.get() && s.backend.borrow().is_none() {
+        s.own_sequences_only.set(true);
+    }
     if fl & flags::PIN != 0 {
         s.pinned.set(true);
     }
@@ -782,28 +802,24 @@ fn finish(core: &Rc<Core>, s: &Rc<Session>) {
         b.close();
         return;
     }
-    let mut cleanup: Vec<&str> = Vec::new();
-    if st.status != b'I' {
-        cleanup.push("ROLLBACK");
-    }
     if s.pinned.get() {
-        cleanup.push("DISCARD ALL");
+        // The session made state that lives in its backend (temp tables, session
+        // authorization, loaded C code, advisory locks, ...). DISCARD ALL removes most of it,
+        // not all: the backend keeps its `pg_temp_N` schema (so a later `PREPARE TRANSACTION`
+        // after `SET search_path TO pg_temp` would succeed where a fresh backend refuses), and
+        // loaded libraries keep their static state. A new login later is cheaper than another
+        // session seeing any of it; Postgres rolls back what is open.
+        drop(st);
+        pool::close_for(core, &b, None);
+        return;
     }
+    let open = st.status != b'I';
     drop(st);
-    if cleanup.is_empty() {
+    if !open {
         pool::release(core, b);
         return;
     }
-    let last = cleanup.len() - 1;
-    for (i, sql) in cleanup.iter().enumerate() {
-        let mut q = Vec::new();
-        fe::query(&mut q, sql);
-        b.send(
-            &q,
-            Some(Entry::Internal(Internal::Cleanup {
-                last: i == last,
-                discard: *sql == "DISCARD ALL",
-            })),
-        );
-    }
+    let mut q = Vec::new();
+    fe::query(&mut q, "ROLLBACK");
+    b.send(&q, Some(Entry::Internal(Internal::Cleanup)));
 }
