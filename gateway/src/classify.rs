@@ -105,13 +105,17 @@ async fn parse_off_core(text: String, guard: bool) -> u8 {
 }
 
 /// `currval`/`lastval` answer from the backend's own sequence state, which Tidepool cannot copy
-/// to another backend: a statement naming them pins the session (flag `SEQUENCES`, which also
-/// clears what other sessions left there first). `nextval` alone does not pin: its value goes
+/// to another backend: a statement naming them pins the session (`PIN | SEQUENCES`; the pooler
+/// also clears what other sessions left there first). `nextval` does not pin: its value goes
 /// to the client, and pinning every `SELECT nextval(...)` (Hibernate's id generator) would end
 /// pooling for those applications.
+/// `nextval`/`setval` alone get `SEQUENCES`: the session keeps its backend until its next request
+/// (briefly), so a `currval` right after meets its value.
 pub fn sequence_state(sql: &[u8]) -> u8 {
     if contains_ci(sql, b"currval") || contains_ci(sql, b"lastval") {
         flags::PIN | flags::SEQUENCES
+    } else if contains_ci(sql, b"nextval") || contains_ci(sql, b"setval") {
+        flags::SEQUENCES
     } else {
         0
     }
@@ -628,7 +632,8 @@ mod tests {
             sequence_state(b"SELECT LASTVAL()"),
             flags::PIN | flags::SEQUENCES
         );
-        assert_eq!(sequence_state(b"select nextval('s')"), 0);
+        assert_eq!(sequence_state(b"select nextval('s')"), flags::SEQUENCES);
+        assert_eq!(sequence_state(b"select 1"), 0);
         assert_eq!(
             fast(b"discard all"),
             Some(flags::DISCARD | flags::SNAPSHOT | flags::LISTEN)

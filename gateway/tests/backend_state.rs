@@ -17,13 +17,20 @@ async fn bounded<T>(limit: Duration, fut: impl Future<Output = T>) -> T {
 }
 
 fn start(pool_size: usize) -> (PgCluster, Tidepool) {
+    start_with(TidepoolOpts::default().pool_size(pool_size))
+}
+
+/// One core: backends belong to a core, and these tests are about which backend a session of
+/// that core gets.
+fn start_with(mut opts: TidepoolOpts) -> (PgCluster, Tidepool) {
+    opts.cores = 1;
     let pg = PgCluster::start();
     pg.psql_admin_db(
         APP_DB,
         "CREATE SEQUENCE s OWNED BY NONE; ALTER SEQUENCE s OWNER TO alice;\n\
          CREATE ROLE carol SUPERUSER LOGIN PASSWORD 'carol-pw';",
     );
-    let tp = Tidepool::start(&pg, TidepoolOpts::default().pool_size(pool_size));
+    let tp = Tidepool::start(&pg, opts);
     (pg, tp)
 }
 
@@ -88,7 +95,13 @@ async fn a_session_comes_back_to_its_backend_for_currval() {
 /// state (README, "Differences from Postgres").
 #[tokio::test]
 async fn currval_never_answers_with_another_sessions_value() {
-    let (_pg, tp) = start(2);
+    // No lease: b's nextval takes the backend a's nextval ran on.
+    let (_pg, tp) = start_with(
+        TidepoolOpts::default()
+            .pool_size(2)
+            .pooler_arg("--sequence-lease-ms")
+            .pooler_arg("0"),
+    );
     bounded(Duration::from_secs(60), async {
         let ep = tp.endpoint();
         let a = ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
@@ -116,6 +129,69 @@ async fn currval_never_answers_with_another_sessions_value() {
         assert_eq!(one_i64(&a, "SELECT currval('s')").await, va2);
         assert_eq!(one_i64(&a, "SELECT lastval()").await, va2);
         assert_eq!(one_i64(&b, "SELECT currval('s')").await, vb2);
+    })
+    .await;
+}
+
+/// `SELECT nextval(...)` then `SELECT currval(...)` as two requests, with another session
+/// waiting for the only backend in between: the first session keeps its backend until its next
+/// request (the lease, long here so that a slow machine cannot end it first), so its `currval`
+/// is its `nextval`.
+#[tokio::test]
+async fn nextval_then_currval_meet_while_others_wait() {
+    let (_pg, tp) = start_with(
+        TidepoolOpts::default()
+            .pool_size(1)
+            .pooler_arg("--sequence-lease-ms")
+            .pooler_arg("10000"),
+    );
+    bounded(Duration::from_secs(60), async {
+        let ep = tp.endpoint();
+        let a = ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+        let b = ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+        let va = one_i64(&a, "SELECT nextval('s')").await;
+        let waiting = tokio::spawn(async move {
+            let v = one_i64(&b, "SELECT nextval('s')").await;
+            (b, v)
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !waiting.is_finished(),
+            "b took a's backend during a's lease"
+        );
+        assert_eq!(one_i64(&a, "SELECT currval('s')").await, va);
+        // a is pinned from its currval on; when it leaves, b runs.
+        drop(a);
+        let (_b, vb) = tokio::time::timeout(Duration::from_secs(20), waiting)
+            .await
+            .expect("b never ran after a left")
+            .expect("task");
+        assert!(vb > va);
+    })
+    .await;
+}
+
+/// The lease is short by default and ends by itself: a session that ran `nextval` and then
+/// nothing does not keep the only backend from others.
+#[tokio::test]
+async fn the_nextval_lease_ends_by_itself() {
+    let (_pg, tp) = start(1);
+    bounded(Duration::from_secs(60), async {
+        let ep = tp.endpoint();
+        let a = ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+        let b = ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+        one_i64(&a, "SELECT nextval('s')").await;
+        let t = std::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), b.query_one("SELECT 1", &[]))
+            .await
+            .expect("b waited 10 s for the backend a leased")
+            .expect("SELECT 1");
+        eprintln!(
+            "[backend_state] b waited {:?} for a's leased backend",
+            t.elapsed()
+        );
+        // a is not pinned: it goes on, on whatever backend.
+        one_i64(&a, "SELECT nextval('s')").await;
     })
     .await;
 }
@@ -173,7 +249,9 @@ async fn creating_a_c_function_keeps_the_backend() {
     let (_pg, tp) = start(1);
     bounded(Duration::from_secs(60), async {
         let ep = tp.endpoint();
+        // Both log in first: with the only backend pinned, a new login would wait for it too.
         let a = ep.connect("carol", "carol-pw", APP_DB).await.unwrap();
+        let b = ep.connect("carol", "carol-pw", APP_DB).await.unwrap();
         a.batch_execute(
             "CREATE FUNCTION my_handler() RETURNS language_handler \
              AS '$libdir/plpgsql', 'plpgsql_call_handler' LANGUAGE C",
@@ -181,7 +259,6 @@ async fn creating_a_c_function_keeps_the_backend() {
         .await
         .unwrap();
         let pa = pid(&a).await;
-        let b = ep.connect("carol", "carol-pw", APP_DB).await.unwrap();
         let waiting = tokio::spawn(async move {
             let p = pid(&b).await;
             (b, p)

@@ -823,7 +823,7 @@ fn after_ready(b: &Backend, st: &mut State, rfq: &[u8]) -> After {
         return After::Nothing;
     }
     forward_rfq(st, rfq, quiet);
-    if quiet && !s.pinned.get() {
+    if quiet && !s.keeps_backend() {
         After::Release
     } else {
         After::Nothing
@@ -945,7 +945,7 @@ fn release_held_rfq(st: &mut State, s: &Rc<Session>, held: bool) -> After {
     } else if quiet {
         crate::listen::hold_rfq(s, None);
     }
-    if quiet && !s.pinned.get() && !s.snapshot_pending.get() {
+    if quiet && !s.keeps_backend() && !s.snapshot_pending.get() {
         After::Release
     } else {
         After::Nothing

@@ -53,6 +53,10 @@ pub struct Args {
     /// without a backend round trip (0: every login goes to a backend).
     #[arg(long)]
     pub login_cache_seconds: Option<u64>,
+    /// Milliseconds a session keeps its backend after `nextval`/`setval`, waiting for its next
+    /// request (so a `currval` right after meets its value). 0: no lease.
+    #[arg(long)]
+    pub sequence_lease_ms: Option<u64>,
     /// Microseconds an idle executor spins before it sleeps (0: sleep at once).
     #[arg(long)]
     pub spin_before_park_us: Option<u64>,
@@ -109,6 +113,7 @@ struct File {
     max_prepared_statements: Option<usize>,
     spin_before_park_us: Option<u64>,
     login_cache_seconds: Option<u64>,
+    sequence_lease_ms: Option<u64>,
     node_name: Option<String>,
     zone: Option<String>,
     agent_listen: Option<String>,
@@ -157,6 +162,7 @@ pub struct Config {
     pub max_prepared_statements: usize,
     pub spin_before_park_us: u64,
     pub login_cache_seconds: u64,
+    pub sequence_lease_ms: u64,
     pub agent: AgentConfig,
 }
 
@@ -275,6 +281,10 @@ impl Config {
                 .login_cache_seconds
                 .or(file.login_cache_seconds)
                 .unwrap_or(10),
+            sequence_lease_ms: args
+                .sequence_lease_ms
+                .or(file.sequence_lease_ms)
+                .unwrap_or(100),
             max_prepared_statements: args
                 .max_prepared_statements
                 .or(file.max_prepared_statements)

@@ -45,8 +45,12 @@ pub struct Session {
     /// session's as often as the pool allows.
     pub last_backend: RefCell<std::rc::Weak<Backend>>,
     /// The next backend attached gets `DISCARD SEQUENCES` first unless this session held it
-    /// last (flag `SEQUENCES`).
+    /// last (flag `SEQUENCES` with `PIN`).
     pub own_sequences_only: Cell<bool>,
+    /// The session ran `nextval`/`setval`: it keeps its backend until its next request (at most
+    /// `sequence_lease_ms`), so a `currval` right after finds its value (flag `SEQUENCES` alone).
+    pub leased: Cell<bool>,
+    lease_epoch: Cell<u64>,
     /// The session task is in the middle of writing a batch.
     pub writing: Cell<bool>,
     /// Extended-protocol messages were written since the last `Sync`.
@@ -98,6 +102,8 @@ impl Session {
             pinned: Cell::new(false),
             last_backend: RefCell::new(std::rc::Weak::new()),
             own_sequences_only: Cell::new(false),
+            leased: Cell::new(false),
+            lease_epoch: Cell::new(0),
             writing: Cell::new(false),
             open_batch: Cell::new(false),
             snapshot_pending: Cell::new(false),
@@ -206,6 +212,11 @@ impl Session {
         }
     }
 
+    /// Its backend stays with it when a transaction ends (pinned, or leased after `nextval`).
+    pub fn keeps_backend(&self) -> bool {
+        self.pinned.get() || self.leased.get()
+    }
+
     /// Our backend died while we held it.
     pub fn backend_lost(&self) {
         let needs_close = self.pinned.get() || self.out.borrow().is_empty();
@@ -297,7 +308,7 @@ fn maybe_release(core: &Rc<Core>, s: &Rc<Session>) {
             backend::start_snapshot(&b, &mut st, s, false);
             return;
         }
-        if s.pinned.get() {
+        if s.keeps_backend() {
             return;
         }
         st.owner = None;
@@ -490,10 +501,56 @@ fn answer_locally(core: &Rc<Core>, s: &Rc<Session>, msgs: &[u8]) -> bool {
     true
 }
 
+/// Whether a batch has a `Query` or a `Parse` (the flags come from their texts).
+fn carries_sql(mut msgs: &[u8]) -> bool {
+    while msgs.len() >= 5 {
+        if msgs[0] == fe::QUERY || msgs[0] == fe::PARSE {
+            return true;
+        }
+        let len = u32::from_be_bytes([msgs[1], msgs[2], msgs[3], msgs[4]]) as usize;
+        match msgs.get(1 + len..) {
+            Some(rest) if len >= 4 => msgs = rest,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// `nextval`/`setval` leave state in the backend that `currval`/`lastval` read: the session
+/// keeps the backend until its next request arrives, or `sequence_lease_ms` passes. Applications
+/// that fetch ids with `SELECT nextval(...)` usually do it inside the transaction that uses
+/// them, where the backend is theirs anyway; for `nextval` then `currval` in two requests this
+/// is what makes them meet.
+fn lease(core: &Rc<Core>, s: &Rc<Session>) {
+    let ms = core.cfg.sequence_lease_ms;
+    if ms == 0 {
+        s.leased.set(false);
+        return;
+    }
+    s.leased.set(true);
+    let epoch = s.lease_epoch.get() + 1;
+    s.lease_epoch.set(epoch);
+    let (core, s) = (core.clone(), s.clone());
+    glommio::spawn_local(async move {
+        glommio::timer::sleep(std::time::Duration::from_millis(ms)).await;
+        if s.lease_epoch.get() == epoch && s.leased.replace(false) && !s.gone.get() {
+            maybe_release(&core, &s);
+        }
+    })
+    .detach();
+}
+
 /// Writes one batch of the client's messages to a backend.
 async fn process(core: &Rc<Core>, s: &Rc<Session>, fl: u8, msgs: &[u8]) -> Result<(), Vec<u8>> {
     if fl & flags::SEQUENCES != 0 && !s.pinned.get() && s.backend.borrow().is_none() {
         s.own_sequences_only.set(true);
+    }
+    if fl & flags::SEQUENCES != 0 && fl & flags::PIN == 0 {
+        lease(core, s);
+    } else if carries_sql(msgs) {
+        // A new statement (not the Bind/Execute of the one just parsed): the lease has done
+        // its work.
+        s.leased.set(false);
     }
     if fl & flags::PIN != 0 {
         s.pinned.set(true);

@@ -78,9 +78,10 @@ pub mod flags {
     /// `NOTIFY`/`pg_notify`: a session that listens hears its own notification before the
     /// `ReadyForQuery` that ends the transaction, as from Postgres.
     pub const NOTIFY: u8 = 32;
-    /// The statement reads the session's sequence state (`currval`, `lastval`): it pins the
-    /// session (that state lives in the backend and cannot be copied), and the first such
-    /// statement clears what another session left on the backend it lands on.
+    /// The statement uses the backend's sequence state. With `PIN` (`currval`, `lastval`): that
+    /// state lives in the backend and cannot be copied, and the first such statement clears
+    /// what another session left on the backend it lands on. Alone (`nextval`, `setval`): the
+    /// session keeps its backend until its next request, briefly.
     pub const SEQUENCES: u8 = 64;
 }
 

@@ -57,6 +57,12 @@ impl TidepoolOpts {
         self
     }
 
+    /// One more flag (or flag value) for the pooler.
+    pub fn pooler_arg(mut self, arg: impl Into<String>) -> Self {
+        self.extra_pooler_args.push(arg.into());
+        self
+    }
+
     /// One more flag (or flag value) for the gateway.
     pub fn gateway_arg(mut self, arg: impl Into<String>) -> Self {
         self.extra_gateway_args.push(arg.into());
