@@ -320,7 +320,18 @@ pub fn fast(sql: &[u8]) -> Option<u8> {
         }
         // LISTEN, UNLISTEN and NOTIFY are flagged in `functions()`.
         b"listen" => Some(functions()),
-        b"prepare" | b"load" => Some(flags::PIN),
+        // SQL PREPARE does not pin: its name is mapped into the pooler's namespace
+        // (statement_names.rs; the session pins it when it cannot be). PREPARE TRANSACTION
+        // ends the transaction.
+        b"prepare" => {
+            let (second, _) = word(sql, after);
+            if second.eq_ignore_ascii_case(b"transaction") {
+                Some(flags::PIN)
+            } else {
+                Some(0)
+            }
+        }
+        b"load" => Some(flags::PIN),
         b"deallocate" => {
             if contains_ci(sql, b"all") {
                 Some(flags::DEALLOCATE)
@@ -378,7 +389,8 @@ pub fn full(sql: &str) -> u8 {
                 }
             NodeEnum::ListenStmt(_) | NodeEnum::UnlistenStmt(_) => flags::LISTEN,
             NodeEnum::DoStmt(_) if sql.to_ascii_lowercase().contains("listen") => flags::LISTEN,
-            NodeEnum::PrepareStmt(_) | NodeEnum::LoadStmt(_) => flags::PIN,
+            // SQL PREPARE: mapped into the pooler's namespace (statement_names.rs).
+            NodeEnum::LoadStmt(_) => flags::PIN,
             NodeEnum::DeallocateStmt(d)
                 if (d.isall || d.name.is_empty()) => {
                     flags::DEALLOCATE

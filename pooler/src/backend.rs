@@ -104,6 +104,11 @@ impl Prepared {
         self.used.clear();
     }
 
+    /// Has it (not counted as a use).
+    pub fn contains(&self, name: &[u8]) -> bool {
+        self.used.contains_key(name)
+    }
+
     /// The least recently used statement other than `keep`, if there are more than `limit`.
     fn over(&self, limit: usize, keep: &[u8]) -> Option<Rc<[u8]>> {
         if self.used.len() <= limit {
@@ -117,7 +122,8 @@ impl Prepared {
     }
 }
 
-/// A protocol-level prepared statement, named on backends by its content.
+/// A prepared statement, named on backends by its content: made by a protocol-level `Parse` or
+/// by SQL `PREPARE` (one namespace per session, as in Postgres).
 pub struct Stmt {
     /// `tp_` + hash of (query, parameter types): equal statements share one name everywhere.
     pub content: Rc<[u8]>,
@@ -126,6 +132,8 @@ pub struct Stmt {
     /// Postgres has accepted it (somewhere on this core): a client's `Parse` of it can be
     /// answered without a backend.
     pub validated: std::cell::Cell<bool>,
+    /// Made by SQL `PREPARE`: the `PREPARE <content> ...` text that makes it on a backend.
+    pub sql: Option<Box<[u8]>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,6 +168,110 @@ pub enum Internal {
     Cleanup { last: bool, discard: bool },
     /// `LISTEN` on the owner's channels, or `UNLISTEN *` before the pool (listen.rs).
     Listen,
+    /// Our own statement made (`made`) or deallocated before a client's `Query` that needs it;
+    /// if it fails, the backend's set is put right and the client's statement reports.
+    Inject { content: Rc<[u8]>, made: bool },
+}
+
+/// A client's simple `Query` whose prepared-statement names were replaced by backend names
+/// (session.rs, `write_sql_query`).
+#[derive(Default)]
+pub struct SqlQuery {
+    /// (backend name, client name): put back into error texts.
+    pub renames: Vec<(Rc<[u8]>, Vec<u8>)>,
+    /// Each replacement, in order: (character offset in the client's text, characters
+    /// replaced, characters put in): error positions are mapped back.
+    pub edits: Vec<(u32, u32, u32)>,
+    /// What to undo if statement `.0` of the text does not complete.
+    pub undo: Vec<(u32, Undo)>,
+    /// Statements of the text completed so far (one `CommandComplete` each).
+    pub completed: u32,
+}
+
+pub enum Undo {
+    /// PREPARE gave the session this name.
+    Unname(Vec<u8>, Rc<Stmt>),
+    /// DEALLOCATE took this name.
+    Rename(Vec<u8>, Rc<Stmt>),
+    /// PREPARE made this on the backend.
+    Absent(Rc<[u8]>),
+    /// DEALLOCATE removed this from the backend.
+    Present(Rc<[u8]>),
+}
+
+impl SqlQuery {
+    /// A client position (1-based characters) for a position in the rewritten text.
+    fn client_position(&self, p: u32) -> u32 {
+        let at = p.saturating_sub(1);
+        let mut shift: i64 = 0;
+        for &(start, old, new) in &self.edits {
+            let here = (start as i64 + shift) as u32;
+            if at < here {
+                break;
+            }
+            if at < here + new {
+                return start + 1;
+            }
+            shift += new as i64 - old as i64;
+        }
+        (p as i64 - shift).max(1) as u32
+    }
+
+    /// The error with client names and client positions.
+    fn client_error(&self, tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut msg = Vec::with_capacity(body.len() + 5);
+        put_message(&mut msg, tag, |m| m.extend_from_slice(body));
+        for (from, to) in &self.renames {
+            let mut out = Vec::with_capacity(msg.len());
+            be::rename_in_error(&mut out, tag, &msg[5..], from, to);
+            msg = out;
+        }
+        let Ok(fields) = be::error_fields(&msg[5..]) else {
+            return msg;
+        };
+        let mut out = Vec::with_capacity(msg.len());
+        put_message(&mut out, tag, |m| {
+            for (code, value) in fields {
+                m.push(code);
+                let p = (code == b'P')
+                    .then(|| std::str::from_utf8(value).ok()?.parse::<u32>().ok())
+                    .flatten();
+                match p {
+                    Some(p) => shared::protocol::put_cstr(
+                        m,
+                        self.client_position(p).to_string().as_bytes(),
+                    ),
+                    None => shared::protocol::put_cstr(m, value),
+                }
+            }
+            m.push(0);
+        });
+        out
+    }
+
+    /// Puts back what statements that did not complete would have changed.
+    fn undo_incomplete(self, st: &mut State) {
+        let owner = st.owner.clone();
+        for (i, undo) in self.undo {
+            if i < self.completed {
+                continue;
+            }
+            match undo {
+                Undo::Unname(name, stmt) => {
+                    if let Some(o) = &owner {
+                        o.forget_statement(Some(&name), &stmt);
+                    }
+                }
+                Undo::Rename(name, stmt) => {
+                    if let Some(o) = &owner {
+                        o.statements.borrow_mut().entry(name).or_insert(stmt);
+                    }
+                }
+                Undo::Absent(content) => st.prepared.remove(&content),
+                Undo::Present(content) => st.prepared.insert(content),
+            }
+        }
+    }
 }
 
 pub enum Entry {
@@ -181,6 +293,8 @@ pub enum Entry {
     /// An error we raise at this point; Postgres would then skip to `Sync`.
     SynthError(Vec<u8>),
     Internal(Internal),
+    /// A client's `Query` with statement names replaced.
+    Sql(Box<SqlQuery>),
 }
 
 pub struct State {
@@ -715,6 +829,28 @@ fn on_message(b: &Backend, st: &mut State, msg: &[u8]) -> After {
             drain_synth(st);
             After::Nothing
         }
+        Entry::Sql(q) => {
+            match tag {
+                be::COMMAND_COMPLETE => {
+                    q.completed += 1;
+                    forward(st, msg);
+                }
+                be::ERROR_RESPONSE => {
+                    let m = q.client_error(tag, body);
+                    forward(st, &m);
+                }
+                be::READY_FOR_QUERY => {
+                    if let Some(Entry::Sql(q)) = st.queue.pop_front() {
+                        q.undo_incomplete(st);
+                    }
+                    st.status = body.first().copied().unwrap_or(b'I');
+                    st.skipping = false;
+                    return after_ready(b, st, msg);
+                }
+                _ => forward(st, msg),
+            }
+            After::Nothing
+        }
         Entry::Client(kind) | Entry::Renamed(kind, ..) => {
             let kind = *kind;
             let done = match (kind, tag) {
@@ -905,6 +1041,16 @@ fn internal_done(b: &Backend, st: &mut State, internal: Internal) -> After {
             Some(s) => release_held_rfq(st, &s, false),
             None => After::Nothing,
         },
+        Internal::Inject { content, made } => {
+            if error.is_some() {
+                if made {
+                    st.prepared.remove(&content);
+                } else {
+                    st.prepared.insert(content);
+                }
+            }
+            After::Nothing
+        }
         Internal::Listen => {
             if error.is_some() {
                 tracing::warn!(backend = b.id, "LISTEN/UNLISTEN on a backend failed");

@@ -6,7 +6,7 @@
 //! `s1` is `tp_<hash of its text>` on every backend, parsed once per backend whoever asked), and
 //! writes the messages. Responses come back through the backend's relay.
 
-use crate::backend::{self, Backend, Entry, Internal, Kind, Stmt};
+use crate::backend::{self, Backend, Entry, Internal, Kind, SqlQuery, Stmt, Undo};
 use crate::core::Core;
 use crate::link::Link;
 use crate::pool::{self, Pool};
@@ -14,7 +14,7 @@ use shared::io::{Notify, Slot};
 use shared::link::{down, flags, put_header, Credential};
 use shared::protocol::backend::{self as be, Severity};
 use shared::protocol::frontend as fe;
-use shared::protocol::typed_message_len;
+use shared::protocol::{put_cstr, put_message, typed_message_len};
 use shared::settings::Settings;
 use std::cell::{Cell, RefCell};
 
@@ -64,6 +64,66 @@ pub struct Session {
     dead: Cell<bool>,
     /// Channels it listens on, notifications held for it (see `listen.rs`).
     pub listen: crate::listen::SessionListen,
+    /// Prepared-statement names in the SQL text of the batch being written (`up::NAMES`).
+    sql_names: RefCell<Vec<SqlName>>,
+}
+
+/// Marks an inbox item that holds an `up::NAMES` payload rather than a `MSGS` one (a `MSGS`
+/// flags byte never has its top bit set).
+const NAMES_ITEM: u8 = 0xff;
+
+/// A prepared-statement name in the SQL text of a `Query` (see the gateway's
+/// `statement_names.rs` and `up::NAMES`).
+#[derive(Debug, Clone)]
+struct SqlName {
+    /// Offset of the `Query` message in its batch.
+    offset: u32,
+    kind: u8,
+    /// Which statement of the text.
+    stmt: u32,
+    start: usize,
+    end: usize,
+    stmt_end: usize,
+    name: Vec<u8>,
+}
+
+/// Kinds of [`SqlName`] (the gateway's `statement_names::kind`).
+const NAME_PREPARE: u8 = 1;
+const NAME_USE: u8 = 2;
+const NAME_DEALLOCATE: u8 = 3;
+
+fn parse_names(mut p: &[u8]) -> Vec<SqlName> {
+    let mut out = Vec::new();
+    let u32_at = |p: &[u8], i: usize| -> Option<u32> {
+        Some(u32::from_be_bytes(p.get(i..i + 4)?.try_into().ok()?))
+    };
+    while !p.is_empty() {
+        let (Some(offset), Some(&kind), Some(stmt), Some(start), Some(end), Some(stmt_end)) = (
+            u32_at(p, 0),
+            p.get(4),
+            u32_at(p, 5),
+            u32_at(p, 9),
+            u32_at(p, 13),
+            u32_at(p, 17),
+        ) else {
+            break;
+        };
+        let Some(len) = u32_at(p, 21) else { break };
+        let Some(name) = p.get(25..25 + len as usize) else {
+            break;
+        };
+        out.push(SqlName {
+            offset,
+            kind,
+            stmt,
+            start: start as usize,
+            end: end as usize,
+            stmt_end: stmt_end as usize,
+            name: name.to_vec(),
+        });
+        p = &p[25 + len as usize..];
+    }
+    out
 }
 
 impl Session {
@@ -105,6 +165,7 @@ impl Session {
             gone: Cell::new(false),
             dead: Cell::new(false),
             listen: Default::default(),
+            sql_names: RefCell::new(Vec::new()),
         })
     }
 
@@ -119,6 +180,14 @@ impl Session {
         self.inbox_bytes.set(self.inbox_bytes.get() + payload.len());
         self.inbox.borrow_mut().push_back(payload);
         self.inbox_notify.notify();
+    }
+
+    /// Queues an `up::NAMES` payload: it belongs to the `MSGS` that follows it.
+    pub async fn enqueue_names(&self, payload: Vec<u8>) {
+        let mut item = Vec::with_capacity(payload.len() + 1);
+        item.push(NAMES_ITEM);
+        item.extend_from_slice(&payload);
+        self.enqueue(item).await;
     }
 
     pub fn close(&self) {
@@ -323,9 +392,15 @@ pub async fn run(core: Rc<Core>, s: Rc<Session>) {
         };
         s.inbox_bytes.set(s.inbox_bytes.get() - payload.len());
         s.drained.notify();
+        if payload[0] == NAMES_ITEM {
+            *s.sql_names.borrow_mut() = parse_names(&payload[1..]);
+            continue;
+        }
         // Boxed: the batch's state (backend acquisition, waits) exists only while it runs, so
         // an idle session's task stays small.
-        if let Err(err) = Box::pin(process(&core, &s, payload[0], &payload[1..])).await {
+        let result = Box::pin(process(&core, &s, payload[0], &payload[1..])).await;
+        s.sql_names.borrow_mut().clear();
+        if let Err(err) = result {
             s.flush();
             s.send_closed(&err);
             break;
@@ -521,7 +596,9 @@ async fn process(core: &Rc<Core>, s: &Rc<Session>, fl: u8, msgs: &[u8]) -> Resul
 
 async fn write_batch(core: &Rc<Core>, s: &Rc<Session>, mut msgs: &[u8]) -> Result<(), Vec<u8>> {
     let max = core.cfg.max_message_size.saturating_add(5);
+    let total = msgs.len();
     while !msgs.is_empty() {
+        let offset = total - msgs.len();
         let n = match typed_message_len(msgs, max) {
             Ok(Some(n)) => n,
             _ => return Err(protocol_violation("malformed message from gateway")),
@@ -548,7 +625,7 @@ async fn write_batch(core: &Rc<Core>, s: &Rc<Session>, mut msgs: &[u8]) -> Resul
         if b.skipping() && tag != fe::SYNC {
             b.send(msg, None);
         } else {
-            write_message(core, s, &b, tag, msg)?;
+            write_message(core, s, &b, tag, msg, offset)?;
         }
         b.drain_synth();
         if b.out.is_full() {
@@ -565,6 +642,7 @@ fn write_message(
     b: &Rc<Backend>,
     tag: u8,
     msg: &[u8],
+    offset: usize,
 ) -> Result<(), Vec<u8>> {
     let body = &msg[5..];
     // A malformed message goes to Postgres as it is: it answers with its own ERROR (08P01
@@ -585,6 +663,7 @@ fn write_message(
                     content: Rc::from(&b""[..]),
                     parse: msg.to_vec(),
                     validated: Cell::new(false),
+                    sql: None,
                 });
                 *s.unnamed.borrow_mut() = Some(stmt.clone());
                 b.st.borrow_mut().unnamed = Some(stmt.clone());
@@ -704,7 +783,18 @@ fn write_message(
             // A simple query destroys the unnamed statement (exec_simple_query).
             *s.unnamed.borrow_mut() = None;
             b.st.borrow_mut().unnamed = None;
-            b.send(msg, Some(Entry::Client(Kind::Query)));
+            let names: Vec<SqlName> = s
+                .sql_names
+                .borrow()
+                .iter()
+                .filter(|n| n.offset as usize == offset)
+                .cloned()
+                .collect();
+            if names.is_empty() {
+                b.send(msg, Some(Entry::Client(Kind::Query)));
+            } else {
+                write_sql_query(core, s, b, msg, &names);
+            }
         }
         fe::FUNCTION_CALL => b.send(msg, Some(Entry::Client(Kind::FunctionCall))),
         _ => b.send(msg, None),
@@ -738,19 +828,172 @@ fn statement_for(s: &Rc<Session>, b: &Rc<Backend>, name: &[u8], limit: usize) ->
         return None;
     }
     let stmt = s.statements.borrow().get(name).cloned()?;
-    let have = b.st.borrow_mut().prepared.touch(&stmt.content);
-    if !have {
-        b.add_prepared(stmt.content.clone(), limit);
-        b.send(
+    ensure(b, &stmt, limit, true);
+    Some(stmt.content.clone())
+}
+
+/// Makes sure the backend has `stmt`, preparing it there first if not. `in_batch`: between a
+/// client's extended-protocol messages (no `Sync` may be added; an error skips to the client's
+/// `Sync`, as the client's own message would have); else before a simple `Query`, synced on
+/// its own and its responses (errors too) dropped: the client's statement then reports.
+fn ensure(b: &Rc<Backend>, stmt: &Rc<Stmt>, limit: usize, in_batch: bool) {
+    if b.st.borrow_mut().prepared.touch(&stmt.content) {
+        return;
+    }
+    b.add_prepared(stmt.content.clone(), limit);
+    match (&stmt.sql, in_batch) {
+        (None, true) => b.send(
             &stmt.parse,
             Some(Entry::Parse {
                 stmt: stmt.clone(),
                 injected: true,
                 client_name: None,
             }),
-        );
+        ),
+        (None, false) => {
+            let mut m = stmt.parse.clone();
+            put_message(&mut m, fe::SYNC, |_| {});
+            b.send(&m, Some(inject(stmt, true)));
+        }
+        (Some(sql), true) => {
+            // SQL PREPARE through the unnamed statement and portal, which a Bind or Describe
+            // of a named statement does not need (the client's unnamed statement is prepared
+            // again if it is used later: see `statement_for`).
+            let mut m = Vec::new();
+            fe::write_parse(&mut m, b"", sql, &[0, 0]);
+            b.send(&m, Some(Entry::Evicted));
+            m.clear();
+            fe::write_bind(&mut m, b"", b"", &[0, 0, 0, 0, 0, 0]);
+            b.send(&m, Some(Entry::Evicted));
+            m.clear();
+            put_message(&mut m, fe::EXECUTE, |m| {
+                m.push(0);
+                m.extend_from_slice(&0i32.to_be_bytes());
+            });
+            b.send(&m, Some(Entry::Evicted));
+            b.st.borrow_mut().unnamed = None;
+        }
+        (Some(sql), false) => {
+            let mut m = Vec::new();
+            put_message(&mut m, fe::QUERY, |m| put_cstr(m, sql));
+            b.send(&m, Some(inject(stmt, true)));
+        }
     }
-    Some(stmt.content.clone())
+}
+
+fn inject(stmt: &Rc<Stmt>, made: bool) -> Entry {
+    Entry::Internal(Internal::Inject {
+        content: stmt.content.clone(),
+        made,
+    })
+}
+
+/// A statement made by SQL `PREPARE name <rest>`, named on backends by (name, rest): sessions
+/// that prepare the same text under the same name share it on a backend.
+fn sql_statement(name: &[u8], rest: &[u8]) -> Rc<Stmt> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"\0sql\0");
+    h.update((name.len() as u64).to_be_bytes());
+    h.update(name);
+    h.update(rest);
+    let digest = h.finalize();
+    let mut content = Vec::with_capacity(3 + 32);
+    content.extend_from_slice(b"tp_");
+    for byte in &digest[..16] {
+        content.extend_from_slice(format!("{byte:02x}").as_bytes());
+    }
+    let mut sql = Vec::with_capacity(8 + content.len() + rest.len());
+    sql.extend_from_slice(b"PREPARE ");
+    sql.extend_from_slice(&content);
+    sql.extend_from_slice(rest);
+    Rc::new(Stmt {
+        content: Rc::from(content),
+        parse: Vec::new(),
+        validated: Cell::new(true),
+        sql: Some(sql.into()),
+    })
+}
+
+/// Number of characters (Postgres error positions count characters) in UTF-8 text.
+fn chars(b: &[u8]) -> u32 {
+    b.iter().filter(|&&c| c & 0xc0 != 0x80).count() as u32
+}
+
+/// A simple `Query` whose SQL names prepared statements: each name becomes its backend name,
+/// the statements it uses are made on this backend first, and the session's namespace changes
+/// as `PREPARE`/`DEALLOCATE` would change it (undone for statements that do not complete).
+fn write_sql_query(core: &Rc<Core>, s: &Rc<Session>, b: &Rc<Backend>, msg: &[u8], names: &[SqlName]) {
+    let sql = fe::query_text(&msg[5..]);
+    let limit = core.cfg.max_prepared_statements;
+    let mut q = SqlQuery::default();
+    let mut text = Vec::with_capacity(sql.len() + 64);
+    let mut pos = 0;
+    for n in names {
+        if n.start < pos || n.end > sql.len() || n.start >= n.end || n.stmt_end > sql.len() {
+            continue;
+        }
+        let existing = s.statements.borrow().get(&n.name).cloned();
+        let content = match (n.kind, existing) {
+            // The name exists: the backend reports 42P05 for its statement, renamed back.
+            (NAME_PREPARE, Some(st)) => {
+                ensure(b, &st, limit, false);
+                st.content.clone()
+            }
+            (NAME_PREPARE, None) => {
+                let st = sql_statement(&n.name, &sql[n.end..n.stmt_end.max(n.end)]);
+                if b.st.borrow().prepared.contains(&st.content) {
+                    // Another session made it here: made again by this PREPARE.
+                    let mut m = Vec::new();
+                    let mut d = b"DEALLOCATE ".to_vec();
+                    d.extend_from_slice(&st.content);
+                    put_message(&mut m, fe::QUERY, |m| put_cstr(m, &d));
+                    b.st.borrow_mut().prepared.remove(&st.content);
+                    b.send(&m, Some(inject(&st, false)));
+                }
+                s.statements
+                    .borrow_mut()
+                    .insert(n.name.clone(), st.clone());
+                b.add_prepared(st.content.clone(), limit);
+                q.undo.push((n.stmt, Undo::Unname(n.name.clone(), st.clone())));
+                q.undo.push((n.stmt, Undo::Absent(st.content.clone())));
+                st.content.clone()
+            }
+            (NAME_USE, Some(st)) => {
+                ensure(b, &st, limit, false);
+                st.content.clone()
+            }
+            (NAME_DEALLOCATE, Some(st)) => {
+                ensure(b, &st, limit, false);
+                s.statements.borrow_mut().remove(&n.name);
+                b.st.borrow_mut().prepared.remove(&st.content);
+                q.undo.push((n.stmt, Undo::Rename(n.name.clone(), st.clone())));
+                q.undo.push((n.stmt, Undo::Present(st.content.clone())));
+                st.content.clone()
+            }
+            // Not a statement of ours: Postgres reports it under the client's name.
+            _ => continue,
+        };
+        text.extend_from_slice(&sql[pos..n.start]);
+        text.extend_from_slice(&content);
+        q.edits.push((
+            chars(&sql[..n.start]),
+            chars(&sql[n.start..n.end]),
+            content.len() as u32,
+        ));
+        if !q.renames.iter().any(|(c, _)| *c == content) {
+            q.renames.push((content, n.name.clone()));
+        }
+        pos = n.end;
+    }
+    if q.edits.is_empty() && q.undo.is_empty() {
+        b.send(msg, Some(Entry::Client(Kind::Query)));
+        return;
+    }
+    text.extend_from_slice(&sql[pos..]);
+    let mut m = Vec::with_capacity(text.len() + 6);
+    put_message(&mut m, fe::QUERY, |m| put_cstr(m, &text));
+    b.send(&m, Some(Entry::Sql(Box::new(q))));
 }
 
 fn protocol_violation(msg: &str) -> Vec<u8> {
