@@ -333,7 +333,12 @@ pub fn fast(sql: &[u8]) -> Option<u8> {
         }
         b"load" => Some(flags::PIN),
         b"deallocate" => {
-            if contains_ci(sql, b"all") {
+            // DEALLOCATE [PREPARE] ALL (the word itself contains "all").
+            let (mut second, next) = word(sql, after);
+            if second.eq_ignore_ascii_case(b"prepare") {
+                second = word(sql, next).0;
+            }
+            if second.eq_ignore_ascii_case(b"all") {
                 Some(flags::DEALLOCATE)
             } else {
                 Some(0)
@@ -575,6 +580,12 @@ mod tests {
             fast(b"do $$ begin perform pg_notify('a', 'b') end $$"),
             Some(flags::NOTIFY)
         );
+        assert_eq!(fast(b"DEALLOCATE ALL"), Some(flags::DEALLOCATE));
+        assert_eq!(fast(b"deallocate prepare all;"), Some(flags::DEALLOCATE));
+        assert_eq!(fast(b"deallocate stmt_all"), Some(0));
+        assert_eq!(fast(b"DEALLOCATE foo"), Some(0));
+        assert_eq!(fast(b"prepare p as select 1"), Some(0));
+        assert_eq!(fast(b"prepare transaction 'x'"), Some(flags::PIN));
         assert_eq!(fast(b"select 1; set a = 1"), None);
         assert_eq!(fast(b"select 1 into temp t"), None);
         assert_eq!(fast(b"frobnicate"), None);

@@ -26,6 +26,11 @@ pub mod kind {
     pub const USE: u8 = 2;
     /// `DEALLOCATE [PREPARE] name`.
     pub const DEALLOCATE: u8 = 3;
+    /// `[pg_catalog.]pg_prepared_statements` used as a relation, an alias after it: the range
+    /// is the reference, replaced by the session's statements.
+    pub const VIEW: u8 = 4;
+    /// The same without an alias (the replacement brings one).
+    pub const VIEW_BARE: u8 = 5;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,6 +174,37 @@ pub fn find(sql: &[u8]) -> Found {
         };
         if !ok {
             return unmapped;
+        }
+        for (k, t) in stmt.iter().enumerate() {
+            if !t.is(Token::Ident)
+                || fold(&sql[t.start..t.end]).as_deref() != Some(b"pg_prepared_statements")
+                || stmt.get(k + 1).is_some_and(|n| n.is(Token::Ascii46))
+            {
+                continue;
+            }
+            let mut start = t.start;
+            if k >= 1 && stmt[k - 1].is(Token::Ascii46) {
+                match k.checked_sub(2).map(|j| &stmt[j]) {
+                    Some(schema)
+                        if fold(&sql[schema.start..schema.end]).as_deref()
+                            == Some(b"pg_catalog") =>
+                    {
+                        start = schema.start
+                    }
+                    _ => continue,
+                }
+            }
+            let alias = stmt
+                .get(k + 1)
+                .is_some_and(|n| n.is(Token::As) || n.col_id());
+            names.push(Name {
+                kind: if alias { kind::VIEW } else { kind::VIEW_BARE },
+                stmt: index,
+                start: start as u32,
+                end: t.end as u32,
+                stmt_end,
+                name: Vec::new(),
+            });
         }
         index += 1;
     }
@@ -336,6 +372,15 @@ mod tests {
             vec![]
         );
         assert_eq!(find(b"select 1"), Found::Nothing);
+        assert_eq!(
+            names("select p.name from pg_catalog.pg_prepared_statements p; table x"),
+            vec![(kind::VIEW, 0, "".into(), "pg_catalog.pg_prepared_statements".into())]
+        );
+        assert_eq!(
+            names("select pg_prepared_statements.name from \"pg_prepared_statements\" where true"),
+            vec![(kind::VIEW_BARE, 0, "".into(), "\"pg_prepared_statements\"".into())]
+        );
+        assert_eq!(names("select * from other.pg_prepared_statements"), vec![]);
     }
 
     #[test]

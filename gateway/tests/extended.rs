@@ -553,7 +553,6 @@ async fn duplicate_and_unknown_names() {
 /// content on its backends, so SQL `PREPARE` and protocol `Parse` do not share one namespace, and
 /// `pg_prepared_statements` shows the backend names.
 #[tokio::test]
-#[ignore = "known gap: SQL PREPARE and protocol Parse namespaces are separate through the pooler"]
 async fn sql_and_protocol_statements_share_a_namespace() {
     compare(
         "sql_and_protocol_statements_share_a_namespace",

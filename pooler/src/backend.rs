@@ -132,8 +132,16 @@ pub struct Stmt {
     /// Postgres has accepted it (somewhere on this core): a client's `Parse` of it can be
     /// answered without a backend.
     pub validated: std::cell::Cell<bool>,
-    /// Made by SQL `PREPARE`: the `PREPARE <content> ...` text that makes it on a backend.
-    pub sql: Option<Box<[u8]>>,
+    /// Made by SQL `PREPARE`.
+    pub sql: Option<Box<SqlDef>>,
+}
+
+/// A statement made by SQL `PREPARE`.
+pub struct SqlDef {
+    /// `PREPARE <content> ...`: makes it on a backend.
+    pub prepare: Box<[u8]>,
+    /// The client's whole query text, as `pg_prepared_statements.statement` shows it.
+    pub source: Box<[u8]>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,6 +179,8 @@ pub enum Internal {
     /// Our own statement made (`made`) or deallocated before a client's `Query` that needs it;
     /// if it fails, the backend's set is put right and the client's statement reports.
     Inject { content: Rc<[u8]>, made: bool },
+    /// Reads the OID of `pg_catalog.pg_prepared_statements` (`State::view_oid`).
+    ViewOid,
 }
 
 /// A client's simple `Query` whose prepared-statement names were replaced by backend names
@@ -186,6 +196,59 @@ pub struct SqlQuery {
     pub undo: Vec<(u32, Undo)>,
     /// Statements of the text completed so far (one `CommandComplete` each).
     pub completed: u32,
+    /// `pg_prepared_statements` was replaced: its columns get their origin back in
+    /// `RowDescription` (see `fix_origins`).
+    pub view: bool,
+}
+
+/// Columns of `pg_prepared_statements` (Postgres 15): name and type OID.
+const VIEW_COLUMNS: [(&[u8], u32); 7] = [
+    (b"name", 25),
+    (b"statement", 25),
+    (b"prepare_time", 1184),
+    (b"parameter_types", 2211),
+    (b"from_sql", 16),
+    (b"generic_plans", 20),
+    (b"custom_plans", 20),
+];
+
+/// A `RowDescription` whose columns taken from our replacement of `pg_prepared_statements`
+/// (which has no single origin: a UNION) name the view as their origin again, as a column of
+/// the view itself does: a field without origin whose name and type are a view column's.
+fn fix_origins(msg: &[u8], view_oid: u32) -> Option<Vec<u8>> {
+    let body = msg.get(5..)?;
+    let n = i16::from_be_bytes(body.get(..2)?.try_into().ok()?);
+    let mut out = Vec::with_capacity(msg.len());
+    let mut pos = 2;
+    put_message(&mut out, be::ROW_DESCRIPTION, |m| {
+        m.extend_from_slice(&body[..2]);
+        for _ in 0..n.max(0) {
+            let Some(nul) = body.get(pos..).and_then(|b| b.iter().position(|&c| c == 0)) else {
+                return;
+            };
+            let name = &body[pos..pos + nul];
+            let Some(f) = body.get(pos + nul + 1..pos + nul + 19) else {
+                return;
+            };
+            let table = u32::from_be_bytes([f[0], f[1], f[2], f[3]]);
+            let ty = u32::from_be_bytes([f[6], f[7], f[8], f[9]]);
+            m.extend_from_slice(&body[pos..pos + nul + 1]);
+            match VIEW_COLUMNS
+                .iter()
+                .position(|(c, t)| *c == name && *t == ty)
+                .filter(|_| table == 0)
+            {
+                Some(i) => {
+                    m.extend_from_slice(&view_oid.to_be_bytes());
+                    m.extend_from_slice(&(i as i16 + 1).to_be_bytes());
+                    m.extend_from_slice(&f[6..]);
+                }
+                None => m.extend_from_slice(f),
+            }
+            pos += nul + 19;
+        }
+    });
+    (pos == body.len()).then_some(out)
 }
 
 pub enum Undo {
@@ -316,6 +379,8 @@ pub struct State {
     internal_error: Option<Vec<u8>>,
     /// It may listen on channels: `UNLISTEN *` before it goes back to its pool.
     pub listening: bool,
+    /// The OID of `pg_catalog.pg_prepared_statements`, once read (see `fix_origins`).
+    pub view_oid: Option<u32>,
 }
 
 pub struct Backend {
@@ -561,6 +626,7 @@ pub async fn connect(
             snapshot: Settings::default(),
             internal_error: None,
             listening: false,
+            view_oid: None,
         }),
         retired: std::cell::Cell::new(false),
         idle_since: std::cell::Cell::new(None),
@@ -745,6 +811,14 @@ fn on_message(b: &Backend, st: &mut State, msg: &[u8]) -> After {
         Entry::Internal(internal) => {
             match tag {
                 be::ERROR_RESPONSE => st.internal_error = Some(msg.to_vec()),
+                be::DATA_ROW if matches!(internal, Internal::ViewOid) => {
+                    let mut pos = 2;
+                    let oid = shared::protocol::read_i32(body, &mut pos)
+                        .ok()
+                        .and_then(|len| body.get(pos..pos + len.max(0) as usize))
+                        .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u32>().ok());
+                    st.view_oid = oid;
+                }
                 be::DATA_ROW => {
                     if matches!(internal, Internal::Snapshot { .. }) {
                         if let Some((k, v)) = two_text_columns(body) {
@@ -834,6 +908,12 @@ fn on_message(b: &Backend, st: &mut State, msg: &[u8]) -> After {
                 be::COMMAND_COMPLETE => {
                     q.completed += 1;
                     forward(st, msg);
+                }
+                be::ROW_DESCRIPTION if q.view => {
+                    match st.view_oid.and_then(|oid| fix_origins(msg, oid)) {
+                        Some(m) => forward(st, &m),
+                        None => forward(st, msg),
+                    }
                 }
                 be::ERROR_RESPONSE => {
                     let m = q.client_error(tag, body);
@@ -1051,6 +1131,7 @@ fn internal_done(b: &Backend, st: &mut State, internal: Internal) -> After {
             }
             After::Nothing
         }
+        Internal::ViewOid => After::Nothing,
         Internal::Listen => {
             if error.is_some() {
                 tracing::warn!(backend = b.id, "LISTEN/UNLISTEN on a backend failed");

@@ -6,7 +6,7 @@
 //! `s1` is `tp_<hash of its text>` on every backend, parsed once per backend whoever asked), and
 //! writes the messages. Responses come back through the backend's relay.
 
-use crate::backend::{self, Backend, Entry, Internal, Kind, SqlQuery, Stmt, Undo};
+use crate::backend::{self, Backend, Entry, Internal, Kind, SqlDef, SqlQuery, Stmt, Undo};
 use crate::core::Core;
 use crate::link::Link;
 use crate::pool::{self, Pool};
@@ -91,6 +91,8 @@ struct SqlName {
 const NAME_PREPARE: u8 = 1;
 const NAME_USE: u8 = 2;
 const NAME_DEALLOCATE: u8 = 3;
+const NAME_VIEW: u8 = 4;
+const NAME_VIEW_BARE: u8 = 5;
 
 fn parse_names(mut p: &[u8]) -> Vec<SqlName> {
     let mut out = Vec::new();
@@ -855,7 +857,8 @@ fn ensure(b: &Rc<Backend>, stmt: &Rc<Stmt>, limit: usize, in_batch: bool) {
             put_message(&mut m, fe::SYNC, |_| {});
             b.send(&m, Some(inject(stmt, true)));
         }
-        (Some(sql), true) => {
+        (Some(def), true) => {
+            let sql = &def.prepare;
             // SQL PREPARE through the unnamed statement and portal, which a Bind or Describe
             // of a named statement does not need (the client's unnamed statement is prepared
             // again if it is used later: see `statement_for`).
@@ -873,7 +876,8 @@ fn ensure(b: &Rc<Backend>, stmt: &Rc<Stmt>, limit: usize, in_batch: bool) {
             b.send(&m, Some(Entry::Evicted));
             b.st.borrow_mut().unnamed = None;
         }
-        (Some(sql), false) => {
+        (Some(def), false) => {
+            let sql = &def.prepare;
             let mut m = Vec::new();
             put_message(&mut m, fe::QUERY, |m| put_cstr(m, sql));
             b.send(&m, Some(inject(stmt, true)));
@@ -890,7 +894,7 @@ fn inject(stmt: &Rc<Stmt>, made: bool) -> Entry {
 
 /// A statement made by SQL `PREPARE name <rest>`, named on backends by (name, rest): sessions
 /// that prepare the same text under the same name share it on a backend.
-fn sql_statement(name: &[u8], rest: &[u8]) -> Rc<Stmt> {
+fn sql_statement(name: &[u8], rest: &[u8], source: &[u8]) -> Rc<Stmt> {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     h.update(b"\0sql\0");
@@ -911,8 +915,88 @@ fn sql_statement(name: &[u8], rest: &[u8]) -> Rc<Stmt> {
         content: Rc::from(content),
         parse: Vec::new(),
         validated: Cell::new(true),
-        sql: Some(sql.into()),
+        sql: Some(Box::new(SqlDef {
+            prepare: sql.into(),
+            source: source.into(),
+        })),
     })
+}
+
+/// A string literal of `text` that no setting changes the meaning of (dollar quoted).
+fn dollar_literal(out: &mut Vec<u8>, text: &[u8]) {
+    let mut tag = b"$tp$".to_vec();
+    let mut n = 0u32;
+    while text.windows(tag.len()).any(|w| w == tag.as_slice()) {
+        n += 1;
+        tag = format!("$tp{n}$").into_bytes();
+    }
+    out.extend_from_slice(&tag);
+    out.extend_from_slice(text);
+    out.extend_from_slice(&tag);
+}
+
+/// What replaces `pg_prepared_statements` in a client's query: the session's statements under
+/// its own names (made on this backend first: parameter types and plan counts are the
+/// backend's), and statements the backend has under client names (a pinned session's).
+fn prepared_view(s: &Rc<Session>, b: &Rc<Backend>, limit: usize, bare: bool) -> Vec<u8> {
+    let mut stmts: Vec<(Vec<u8>, Rc<Stmt>)> = s
+        .statements
+        .borrow()
+        .iter()
+        .map(|(n, st)| (n.clone(), st.clone()))
+        .collect();
+    stmts.sort_by(|a, b| a.0.cmp(&b.0));
+    if b.st.borrow().view_oid.is_none() {
+        let mut m = Vec::new();
+        fe::query(
+            &mut m,
+            "SELECT 'pg_catalog.pg_prepared_statements'::pg_catalog.regclass::pg_catalog.oid",
+        );
+        b.send(&m, Some(Entry::Internal(Internal::ViewOid)));
+    }
+    // More than the backend keeps: the rest show no parameter types, time or plan counts.
+    let room = limit.saturating_sub(1);
+    let mut v = b"(SELECT * FROM pg_catalog.pg_prepared_statements \
+        WHERE name OPERATOR(pg_catalog.!~) '^tp_[0-9a-f]{32}$'"
+        .to_vec();
+    if !stmts.is_empty() {
+        v.extend_from_slice(
+            b" UNION ALL SELECT v.n, v.s, p.prepare_time, p.parameter_types, v.f, \
+            p.generic_plans, p.custom_plans FROM (VALUES ",
+        );
+        for (i, (name, st)) in stmts.iter().enumerate() {
+            if i < room {
+                ensure(b, st, limit, false);
+            }
+            if i > 0 {
+                v.push(b',');
+            }
+            v.push(b'(');
+            dollar_literal(&mut v, name);
+            v.extend_from_slice(b"::text, ");
+            match &st.sql {
+                Some(def) => dollar_literal(&mut v, &def.source),
+                None => {
+                    let q = fe::parse_parse(st.parse.get(5..).unwrap_or_default())
+                        .map(|p| p.query)
+                        .unwrap_or_default();
+                    dollar_literal(&mut v, q)
+                }
+            }
+            v.extend_from_slice(b"::text, ");
+            v.extend_from_slice(if st.sql.is_some() { b"true, " } else { b"false, " });
+            dollar_literal(&mut v, &st.content);
+            v.extend_from_slice(b"::text)");
+        }
+        v.extend_from_slice(
+            b") AS v(n, s, f, c) LEFT JOIN pg_catalog.pg_prepared_statements p ON p.name = v.c",
+        );
+    }
+    v.push(b')');
+    if bare {
+        v.extend_from_slice(b" AS pg_prepared_statements");
+    }
+    v
 }
 
 /// Number of characters (Postgres error positions count characters) in UTF-8 text.
@@ -933,6 +1017,19 @@ fn write_sql_query(core: &Rc<Core>, s: &Rc<Session>, b: &Rc<Backend>, msg: &[u8]
         if n.start < pos || n.end > sql.len() || n.start >= n.end || n.stmt_end > sql.len() {
             continue;
         }
+        if n.kind == NAME_VIEW || n.kind == NAME_VIEW_BARE {
+            let view = prepared_view(s, b, limit, n.kind == NAME_VIEW_BARE);
+            q.view = true;
+            text.extend_from_slice(&sql[pos..n.start]);
+            text.extend_from_slice(&view);
+            q.edits.push((
+                chars(&sql[..n.start]),
+                chars(&sql[n.start..n.end]),
+                chars(&view),
+            ));
+            pos = n.end;
+            continue;
+        }
         let existing = s.statements.borrow().get(&n.name).cloned();
         let content = match (n.kind, existing) {
             // The name exists: the backend reports 42P05 for its statement, renamed back.
@@ -941,7 +1038,7 @@ fn write_sql_query(core: &Rc<Core>, s: &Rc<Session>, b: &Rc<Backend>, msg: &[u8]
                 st.content.clone()
             }
             (NAME_PREPARE, None) => {
-                let st = sql_statement(&n.name, &sql[n.end..n.stmt_end.max(n.end)]);
+                let st = sql_statement(&n.name, &sql[n.end..n.stmt_end.max(n.end)], sql);
                 if b.st.borrow().prepared.contains(&st.content) {
                     // Another session made it here: made again by this PREPARE.
                     let mut m = Vec::new();
