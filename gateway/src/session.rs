@@ -554,9 +554,9 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                                 // A PREPARE run through the extended protocol keeps the
                                 // client's name on a pinned backend (not mapped).
                                 let prepares = match statement_names::find(p.query) {
-                                    Found::Names(v) => v
-                                        .iter()
-                                        .any(|n| n.kind == statement_names::kind::PREPARE),
+                                    Found::Names(v) => {
+                                        v.iter().any(|n| n.kind == statement_names::kind::PREPARE)
+                                    }
                                     Found::Unmapped { prepares } => prepares,
                                     Found::Nothing => false,
                                 };

@@ -54,7 +54,9 @@ pub enum Found {
     Names(Vec<Name>),
     /// Commands we cannot map (too long, a name we do not fold, a SQL function body): the text
     /// goes as it is; `prepares`: it may `PREPARE` (the session is then pinned, as before).
-    Unmapped { prepares: bool },
+    Unmapped {
+        prepares: bool,
+    },
 }
 
 fn contains_ci(hay: &[u8], needle: &[u8]) -> bool {
@@ -81,6 +83,7 @@ impl Tok {
     /// A `ColId`: an identifier, or an unreserved or column-name keyword used as one.
     fn col_id(&self) -> bool {
         self.is(Token::Ident)
+            || self.is(Token::Uident)
             || self.kind == KeywordKind::UnreservedKeyword as i32
             || self.kind == KeywordKind::ColNameKeyword as i32
     }
@@ -286,6 +289,9 @@ fn executed(stmt: &[Tok]) -> Option<&Tok> {
 /// `""` as `"`, unquoted in ASCII lower case. `None` for what we do not fold (`U&"..."`, names
 /// Postgres would truncate).
 fn fold(tok: &[u8]) -> Option<Vec<u8>> {
+    if tok.get(1) == Some(&b'&') {
+        return None; // U&"..." (Unicode escapes)
+    }
     let name = if tok.first() == Some(&b'"') {
         let inner = tok.get(1..tok.len().checked_sub(1)?)?;
         let mut v = Vec::with_capacity(inner.len());
@@ -295,7 +301,10 @@ fn fold(tok: &[u8]) -> Option<Vec<u8>> {
             i += if inner[i] == b'"' { 2 } else { 1 };
         }
         v
-    } else if tok.first().is_some_and(|b| b.is_ascii_alphabetic() || *b == b'_' || *b >= 0x80) {
+    } else if tok
+        .first()
+        .is_some_and(|b| b.is_ascii_alphabetic() || *b == b'_' || *b >= 0x80)
+    {
         tok.to_ascii_lowercase()
     } else {
         return None;
@@ -374,11 +383,21 @@ mod tests {
         assert_eq!(find(b"select 1"), Found::Nothing);
         assert_eq!(
             names("select p.name from pg_catalog.pg_prepared_statements p; table x"),
-            vec![(kind::VIEW, 0, "".into(), "pg_catalog.pg_prepared_statements".into())]
+            vec![(
+                kind::VIEW,
+                0,
+                "".into(),
+                "pg_catalog.pg_prepared_statements".into()
+            )]
         );
         assert_eq!(
             names("select pg_prepared_statements.name from \"pg_prepared_statements\" where true"),
-            vec![(kind::VIEW_BARE, 0, "".into(), "\"pg_prepared_statements\"".into())]
+            vec![(
+                kind::VIEW_BARE,
+                0,
+                "".into(),
+                "\"pg_prepared_statements\"".into()
+            )]
         );
         assert_eq!(names("select * from other.pg_prepared_statements"), vec![]);
     }
@@ -386,10 +405,7 @@ mod tests {
     #[test]
     fn unmapped() {
         let long = format!("prepare {} as select 1", "a".repeat(64));
-        assert_eq!(
-            find(long.as_bytes()),
-            Found::Unmapped { prepares: true }
-        );
+        assert_eq!(find(long.as_bytes()), Found::Unmapped { prepares: true });
         assert_eq!(
             find(b"execute U&\"d\\0061t\\+000061\""),
             Found::Unmapped { prepares: false }

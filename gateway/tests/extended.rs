@@ -638,13 +638,13 @@ async fn protocol_statement_used_by_sql() {
             Until(b'Z'),
             Send(f().query("EXECUTE plus_one(1, 2)")),
             Until(b'Z'),
-            Send(f().query(
-                "/* a comment first */ SELECT 1; EXECUTE plus_one(2); SELECT 'x'::int",
-            )),
+            Send(f().query("/* a comment first */ SELECT 1; EXECUTE plus_one(2); SELECT 'x'::int")),
             Until(b'Z'),
             Send(f().query("CREATE TABLE made_by_execute AS EXECUTE plus_one(9)")),
             Until(b'Z'),
-            Send(f().query("SELECT next + 0 AS v FROM made_by_execute; DROP TABLE made_by_execute")),
+            Send(
+                f().query("SELECT next + 0 AS v FROM made_by_execute; DROP TABLE made_by_execute"),
+            ),
             Until(b'Z'),
             Send(f().query(LIST)),
             Until(b'Z'),
@@ -698,7 +698,13 @@ async fn names_clash_across_the_two_forms() {
             Until(b'Z'),
             Send(f().query("EXECUTE a; EXECUTE b; EXECUTE c")),
             Until(b'Z'),
-            Send(f().bind("", "a", &[]).execute("", 0).bind("", "b", &[]).execute("", 0).sync()),
+            Send(
+                f().bind("", "a", &[])
+                    .execute("", 0)
+                    .bind("", "b", &[])
+                    .execute("", 0)
+                    .sync(),
+            ),
             Until(b'Z'),
             // A rolled-back transaction keeps what it prepared, as in Postgres.
             Send(f().query("BEGIN; PREPARE e AS SELECT 'e'; ROLLBACK")),
@@ -802,9 +808,7 @@ async fn quoted_and_mixed_case_statement_names() {
             Send(f().query("EXECUTE \"Proto\"")),
             Until(b'Z'),
             // Quotes inside quotes, keywords and words that look like commands.
-            Send(f().query(
-                "PREPARE \"we\"\"ird; name\" AS SELECT 'execute x; deallocate y' AS t",
-            )),
+            Send(f().query("PREPARE \"we\"\"ird; name\" AS SELECT 'execute x; deallocate y' AS t")),
             Until(b'Z'),
             Send(f().bind("", "we\"ird; name", &[]).execute("", 0).sync()),
             Until(b'Z'),

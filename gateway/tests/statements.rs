@@ -224,7 +224,10 @@ async fn sql_prepared_statements_follow_the_session_to_other_backends() {
         // Another session never sees this session's names.
         a.batch_execute("PREPARE only_a AS SELECT 1").await.unwrap();
         let e = holders[0].simple_query("EXECUTE only_a").await;
-        assert!(e.is_err(), "another session reached this session's statement");
+        assert!(
+            e.is_err(),
+            "another session reached this session's statement"
+        );
         // A name each session prepares with different text stays each session's own.
         a.batch_execute("PREPARE mine AS SELECT 'a'").await.unwrap();
         holders[0]

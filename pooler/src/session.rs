@@ -938,7 +938,13 @@ fn dollar_literal(out: &mut Vec<u8>, text: &[u8]) {
 /// What replaces `pg_prepared_statements` in a client's query: the session's statements under
 /// its own names (made on this backend first: parameter types and plan counts are the
 /// backend's), and statements the backend has under client names (a pinned session's).
-fn prepared_view(s: &Rc<Session>, b: &Rc<Backend>, limit: usize, bare: bool) -> Vec<u8> {
+fn prepared_view(
+    s: &Rc<Session>,
+    b: &Rc<Backend>,
+    limit: usize,
+    in_batch: bool,
+    bare: bool,
+) -> Vec<u8> {
     let mut stmts: Vec<(Vec<u8>, Rc<Stmt>)> = s
         .statements
         .borrow()
@@ -966,7 +972,7 @@ fn prepared_view(s: &Rc<Session>, b: &Rc<Backend>, limit: usize, bare: bool) -> 
         );
         for (i, (name, st)) in stmts.iter().enumerate() {
             if i < room {
-                ensure(b, st, limit, false);
+                ensure(b, st, limit, in_batch);
             }
             if i > 0 {
                 v.push(b',');
@@ -984,7 +990,11 @@ fn prepared_view(s: &Rc<Session>, b: &Rc<Backend>, limit: usize, bare: bool) -> 
                 }
             }
             v.extend_from_slice(b"::text, ");
-            v.extend_from_slice(if st.sql.is_some() { b"true, " } else { b"false, " });
+            v.extend_from_slice(if st.sql.is_some() {
+                b"true, "
+            } else {
+                b"false, "
+            });
             dollar_literal(&mut v, &st.content);
             v.extend_from_slice(b"::text)");
         }
@@ -1007,9 +1017,17 @@ fn chars(b: &[u8]) -> u32 {
 /// A simple `Query` whose SQL names prepared statements: each name becomes its backend name,
 /// the statements it uses are made on this backend first, and the session's namespace changes
 /// as `PREPARE`/`DEALLOCATE` would change it (undone for statements that do not complete).
-fn write_sql_query(core: &Rc<Core>, s: &Rc<Session>, b: &Rc<Backend>, msg: &[u8], names: &[SqlName]) {
+fn write_sql_query(
+    core: &Rc<Core>,
+    s: &Rc<Session>,
+    b: &Rc<Backend>,
+    msg: &[u8],
+    names: &[SqlName],
+) {
     let sql = fe::query_text(&msg[5..]);
     let limit = core.cfg.max_prepared_statements;
+    // A Query inside the client's unsynced extended-protocol messages: no Sync of ours.
+    let in_batch = s.open_batch.get();
     let mut q = SqlQuery::default();
     let mut text = Vec::with_capacity(sql.len() + 64);
     let mut pos = 0;
@@ -1018,7 +1036,7 @@ fn write_sql_query(core: &Rc<Core>, s: &Rc<Session>, b: &Rc<Backend>, msg: &[u8]
             continue;
         }
         if n.kind == NAME_VIEW || n.kind == NAME_VIEW_BARE {
-            let view = prepared_view(s, b, limit, n.kind == NAME_VIEW_BARE);
+            let view = prepared_view(s, b, limit, in_batch, n.kind == NAME_VIEW_BARE);
             q.view = true;
             text.extend_from_slice(&sql[pos..n.start]);
             text.extend_from_slice(&view);
@@ -1034,7 +1052,7 @@ fn write_sql_query(core: &Rc<Core>, s: &Rc<Session>, b: &Rc<Backend>, msg: &[u8]
         let content = match (n.kind, existing) {
             // The name exists: the backend reports 42P05 for its statement, renamed back.
             (NAME_PREPARE, Some(st)) => {
-                ensure(b, &st, limit, false);
+                ensure(b, &st, limit, in_batch);
                 st.content.clone()
             }
             (NAME_PREPARE, None) => {
@@ -1048,23 +1066,23 @@ fn write_sql_query(core: &Rc<Core>, s: &Rc<Session>, b: &Rc<Backend>, msg: &[u8]
                     b.st.borrow_mut().prepared.remove(&st.content);
                     b.send(&m, Some(inject(&st, false)));
                 }
-                s.statements
-                    .borrow_mut()
-                    .insert(n.name.clone(), st.clone());
+                s.statements.borrow_mut().insert(n.name.clone(), st.clone());
                 b.add_prepared(st.content.clone(), limit);
-                q.undo.push((n.stmt, Undo::Unname(n.name.clone(), st.clone())));
+                q.undo
+                    .push((n.stmt, Undo::Unname(n.name.clone(), st.clone())));
                 q.undo.push((n.stmt, Undo::Absent(st.content.clone())));
                 st.content.clone()
             }
             (NAME_USE, Some(st)) => {
-                ensure(b, &st, limit, false);
+                ensure(b, &st, limit, in_batch);
                 st.content.clone()
             }
             (NAME_DEALLOCATE, Some(st)) => {
-                ensure(b, &st, limit, false);
+                ensure(b, &st, limit, in_batch);
                 s.statements.borrow_mut().remove(&n.name);
                 b.st.borrow_mut().prepared.remove(&st.content);
-                q.undo.push((n.stmt, Undo::Rename(n.name.clone(), st.clone())));
+                q.undo
+                    .push((n.stmt, Undo::Rename(n.name.clone(), st.clone())));
                 q.undo.push((n.stmt, Undo::Present(st.content.clone())));
                 st.content.clone()
             }
