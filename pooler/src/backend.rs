@@ -183,160 +183,6 @@ pub enum Internal {
     ViewOid,
 }
 
-/// A client's simple `Query` whose prepared-statement names were replaced by backend names
-/// (session.rs, `write_sql_query`).
-#[derive(Default)]
-pub struct SqlQuery {
-    /// (backend name, client name): put back into error texts.
-    pub renames: Vec<(Rc<[u8]>, Vec<u8>)>,
-    /// Each replacement, in order: (character offset in the client's text, characters
-    /// replaced, characters put in): error positions are mapped back.
-    pub edits: Vec<(u32, u32, u32)>,
-    /// What to undo if statement `.0` of the text does not complete.
-    pub undo: Vec<(u32, Undo)>,
-    /// Statements of the text completed so far (one `CommandComplete` each).
-    pub completed: u32,
-    /// `pg_prepared_statements` was replaced: its columns get their origin back in
-    /// `RowDescription` (see `fix_origins`).
-    pub view: bool,
-}
-
-/// Columns of `pg_prepared_statements` (Postgres 15): name and type OID.
-const VIEW_COLUMNS: [(&[u8], u32); 7] = [
-    (b"name", 25),
-    (b"statement", 25),
-    (b"prepare_time", 1184),
-    (b"parameter_types", 2211),
-    (b"from_sql", 16),
-    (b"generic_plans", 20),
-    (b"custom_plans", 20),
-];
-
-/// A `RowDescription` whose columns taken from our replacement of `pg_prepared_statements`
-/// (which has no single origin: a UNION) name the view as their origin again, as a column of
-/// the view itself does: a field without origin whose name and type are a view column's.
-fn fix_origins(msg: &[u8], view_oid: u32) -> Option<Vec<u8>> {
-    let body = msg.get(5..)?;
-    let n = i16::from_be_bytes(body.get(..2)?.try_into().ok()?);
-    let mut out = Vec::with_capacity(msg.len());
-    let mut pos = 2;
-    put_message(&mut out, be::ROW_DESCRIPTION, |m| {
-        m.extend_from_slice(&body[..2]);
-        for _ in 0..n.max(0) {
-            let Some(nul) = body.get(pos..).and_then(|b| b.iter().position(|&c| c == 0)) else {
-                return;
-            };
-            let name = &body[pos..pos + nul];
-            let Some(f) = body.get(pos + nul + 1..pos + nul + 19) else {
-                return;
-            };
-            let table = u32::from_be_bytes([f[0], f[1], f[2], f[3]]);
-            let ty = u32::from_be_bytes([f[6], f[7], f[8], f[9]]);
-            m.extend_from_slice(&body[pos..pos + nul + 1]);
-            match VIEW_COLUMNS
-                .iter()
-                .position(|(c, t)| *c == name && *t == ty)
-                .filter(|_| table == 0)
-            {
-                Some(i) => {
-                    m.extend_from_slice(&view_oid.to_be_bytes());
-                    m.extend_from_slice(&(i as i16 + 1).to_be_bytes());
-                    m.extend_from_slice(&f[6..]);
-                }
-                None => m.extend_from_slice(f),
-            }
-            pos += nul + 19;
-        }
-    });
-    (pos == body.len()).then_some(out)
-}
-
-pub enum Undo {
-    /// PREPARE gave the session this name.
-    Unname(Vec<u8>, Rc<Stmt>),
-    /// DEALLOCATE took this name.
-    Rename(Vec<u8>, Rc<Stmt>),
-    /// PREPARE made this on the backend.
-    Absent(Rc<[u8]>),
-    /// DEALLOCATE removed this from the backend.
-    Present(Rc<[u8]>),
-}
-
-impl SqlQuery {
-    /// A client position (1-based characters) for a position in the rewritten text.
-    fn client_position(&self, p: u32) -> u32 {
-        let at = p.saturating_sub(1);
-        let mut shift: i64 = 0;
-        for &(start, old, new) in &self.edits {
-            let here = (start as i64 + shift) as u32;
-            if at < here {
-                break;
-            }
-            if at < here + new {
-                return start + 1;
-            }
-            shift += new as i64 - old as i64;
-        }
-        (p as i64 - shift).max(1) as u32
-    }
-
-    /// The error with client names and client positions.
-    fn client_error(&self, tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut msg = Vec::with_capacity(body.len() + 5);
-        put_message(&mut msg, tag, |m| m.extend_from_slice(body));
-        for (from, to) in &self.renames {
-            let mut out = Vec::with_capacity(msg.len());
-            be::rename_in_error(&mut out, tag, &msg[5..], from, to);
-            msg = out;
-        }
-        let Ok(fields) = be::error_fields(&msg[5..]) else {
-            return msg;
-        };
-        let mut out = Vec::with_capacity(msg.len());
-        put_message(&mut out, tag, |m| {
-            for (code, value) in fields {
-                m.push(code);
-                let p = (code == b'P')
-                    .then(|| std::str::from_utf8(value).ok()?.parse::<u32>().ok())
-                    .flatten();
-                match p {
-                    Some(p) => shared::protocol::put_cstr(
-                        m,
-                        self.client_position(p).to_string().as_bytes(),
-                    ),
-                    None => shared::protocol::put_cstr(m, value),
-                }
-            }
-            m.push(0);
-        });
-        out
-    }
-
-    /// Puts back what statements that did not complete would have changed.
-    fn undo_incomplete(self, st: &mut State) {
-        let owner = st.owner.clone();
-        for (i, undo) in self.undo {
-            if i < self.completed {
-                continue;
-            }
-            match undo {
-                Undo::Unname(name, stmt) => {
-                    if let Some(o) = &owner {
-                        o.forget_statement(Some(&name), &stmt);
-                    }
-                }
-                Undo::Rename(name, stmt) => {
-                    if let Some(o) = &owner {
-                        o.statements.borrow_mut().entry(name).or_insert(stmt);
-                    }
-                }
-                Undo::Absent(content) => st.prepared.remove(&content),
-                Undo::Present(content) => st.prepared.insert(content),
-            }
-        }
-    }
-}
-
 pub enum Entry {
     Client(Kind),
     /// Our own `Close` of an evicted statement: its `CloseComplete` is dropped.
@@ -357,7 +203,7 @@ pub enum Entry {
     SynthError(Vec<u8>),
     Internal(Internal),
     /// A client's `Query` with statement names replaced.
-    Sql(Box<SqlQuery>),
+    Sql(Box<crate::sql_names::SqlQuery>),
 }
 
 pub struct State {
@@ -910,7 +756,10 @@ fn on_message(b: &Backend, st: &mut State, msg: &[u8]) -> After {
                     forward(st, msg);
                 }
                 be::ROW_DESCRIPTION if q.view => {
-                    match st.view_oid.and_then(|oid| fix_origins(msg, oid)) {
+                    match st
+                        .view_oid
+                        .and_then(|oid| crate::sql_names::fix_origins(msg, oid))
+                    {
                         Some(m) => forward(st, &m),
                         None => forward(st, msg),
                     }
