@@ -526,10 +526,7 @@ mod tests {
 
     #[test]
     fn names_payload() {
-        let mut p = Vec::new();
-        for v in [7u32] {
-            p.extend_from_slice(&v.to_be_bytes());
-        }
+        let mut p = 7u32.to_be_bytes().to_vec();
         p.push(NAME_USE);
         for v in [1u32, 8, 11, 20, 3] {
             p.extend_from_slice(&v.to_be_bytes());
