@@ -375,9 +375,25 @@ pub fn fast(sql: &[u8]) -> Option<u8> {
         }
         // LISTEN, UNLISTEN and NOTIFY are flagged in `functions()`.
         b"listen" => Some(functions()),
-        b"prepare" | b"load" => Some(flags::PIN),
+        // SQL PREPARE does not pin: its name is mapped into the pooler's namespace
+        // (statement_names.rs; the session pins it when it cannot be). PREPARE TRANSACTION
+        // ends the transaction.
+        b"prepare" => {
+            let (second, _) = word(sql, after);
+            if second.eq_ignore_ascii_case(b"transaction") {
+                Some(flags::PIN)
+            } else {
+                Some(0)
+            }
+        }
+        b"load" => Some(flags::PIN),
         b"deallocate" => {
-            if contains_ci(sql, b"all") {
+            // DEALLOCATE [PREPARE] ALL (the word itself contains "all").
+            let (mut second, next) = word(sql, after);
+            if second.eq_ignore_ascii_case(b"prepare") {
+                second = word(sql, next).0;
+            }
+            if second.eq_ignore_ascii_case(b"all") {
                 Some(flags::DEALLOCATE)
             } else {
                 Some(0)
@@ -433,7 +449,8 @@ pub fn full(sql: &str) -> u8 {
                 }
             NodeEnum::ListenStmt(_) | NodeEnum::UnlistenStmt(_) => flags::LISTEN,
             NodeEnum::DoStmt(_) if sql.to_ascii_lowercase().contains("listen") => flags::LISTEN,
-            NodeEnum::PrepareStmt(_) | NodeEnum::LoadStmt(_) => flags::PIN,
+            // SQL PREPARE: mapped into the pooler's namespace (statement_names.rs).
+            NodeEnum::LoadStmt(_) => flags::PIN,
             NodeEnum::CreateFunctionStmt(_) if language_c(sql.as_bytes()) => flags::PIN,
             NodeEnum::DeallocateStmt(d)
                 if (d.isall || d.name.is_empty()) => {
@@ -650,6 +667,12 @@ mod tests {
             fast(b"do $$ begin perform pg_notify('a', 'b') end $$"),
             Some(flags::NOTIFY)
         );
+        assert_eq!(fast(b"DEALLOCATE ALL"), Some(flags::DEALLOCATE));
+        assert_eq!(fast(b"deallocate prepare all;"), Some(flags::DEALLOCATE));
+        assert_eq!(fast(b"deallocate stmt_all"), Some(0));
+        assert_eq!(fast(b"DEALLOCATE foo"), Some(0));
+        assert_eq!(fast(b"prepare p as select 1"), Some(0));
+        assert_eq!(fast(b"prepare transaction 'x'"), Some(flags::PIN));
         assert_eq!(fast(b"select 1; set a = 1"), None);
         assert_eq!(fast(b"select 1 into temp t"), None);
         assert_eq!(fast(b"frobnicate"), None);

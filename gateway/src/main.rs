@@ -8,6 +8,7 @@ mod core;
 mod failover;
 mod link;
 mod session;
+mod statement_names;
 mod tls;
 
 use clap::Parser;

@@ -7,10 +7,11 @@ use crate::auth::{self, Refusal};
 use crate::classify::LOWERS_SYNC_COMMIT;
 use crate::core::{ClientSlot, Core};
 use crate::link::SessionIo;
+use crate::statement_names::{self, Found};
 use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 use shared::io::{MessageReader, RcStream};
-use shared::link::{down, up, Open};
+use shared::link::{down, flags, up, Open};
 use shared::protocol::backend::{self as be, Severity};
 use shared::protocol::frontend::{self as fe, parse_startup, Startup};
 use shared::protocol::{typed_message_len, ProtocolError, MAX_STARTUP_PACKET};
@@ -478,6 +479,10 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         let mut may_commit = false;
         // Offsets of messages that would lower synchronous_commit (rare): rewritten below.
         let mut denied: Vec<usize> = Vec::new();
+        // Prepared-statement names in SQL text, for the pooler (`up::NAMES`); whether one of
+        // them is a PREPARE (pinned instead if the names cannot go with the batch).
+        let mut names: Vec<u8> = Vec::new();
+        let mut names_prepare = false;
         loop {
             let data = &reader.data()[end..];
             // The type byte is judged as soon as it arrives, as Postgres does, before any length.
@@ -520,6 +525,15 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                             }
                             may_commit |= in_tx && crate::classify::may_commit(sql);
                             flags |= f;
+                            match statement_names::find(sql) {
+                                Found::Names(v) => {
+                                    names_prepare |=
+                                        v.iter().any(|n| n.kind == statement_names::kind::PREPARE);
+                                    statement_names::encode(&mut names, end, &v);
+                                }
+                                Found::Unmapped { prepares: true } => flags |= flags::PIN,
+                                _ => {}
+                            }
                         }
                         fe::PARSE => {
                             if let Ok(p) = fe::parse_parse(body) {
@@ -537,6 +551,18 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                                 }
                                 may_commit |= in_tx && crate::classify::may_commit(p.query);
                                 flags |= f;
+                                // A PREPARE run through the extended protocol keeps the
+                                // client's name on a pinned backend (not mapped).
+                                let prepares = match statement_names::find(p.query) {
+                                    Found::Names(v) => {
+                                        v.iter().any(|n| n.kind == statement_names::kind::PREPARE)
+                                    }
+                                    Found::Unmapped { prepares } => prepares,
+                                    Found::Nothing => false,
+                                };
+                                if prepares {
+                                    flags |= flags::PIN;
+                                }
                             }
                         }
                         fe::CLOSE => {
@@ -568,6 +594,9 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
             // The hot path: the session's pooler is the primary (or holds its transaction).
             match crate::failover::usable_link(&core, &io).filter(|_| denied.is_empty()) {
                 Some(l) => {
+                    if !names.is_empty() {
+                        l.send(up::NAMES, id, &names);
+                    }
                     crate::failover::send(&l, &io, id, flags, &reader.data()[..end], may_commit);
                     reader.consume(end);
                 }
@@ -577,6 +606,13 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                     if !denied.is_empty() {
                         batch = deny_sync_commit(&batch, &denied);
                     }
+                    // The slow path may change poolers: names are not sent; a PREPARE
+                    // then keeps the client's name on a pinned backend.
+                    let flags = if names_prepare {
+                        flags | flags::PIN
+                    } else {
+                        flags
+                    };
                     let r = crate::failover::forward_slow(
                         &core, &io, id, &open, &batch, flags, may_commit,
                     )

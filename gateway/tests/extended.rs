@@ -553,7 +553,6 @@ async fn duplicate_and_unknown_names() {
 /// content on its backends, so SQL `PREPARE` and protocol `Parse` do not share one namespace, and
 /// `pg_prepared_statements` shows the backend names.
 #[tokio::test]
-#[ignore = "known gap: SQL PREPARE and protocol Parse namespaces are separate through the pooler"]
 async fn sql_and_protocol_statements_share_a_namespace() {
     compare(
         "sql_and_protocol_statements_share_a_namespace",
@@ -576,6 +575,250 @@ async fn sql_and_protocol_statements_share_a_namespace() {
             Send(f().query(
                 "SELECT name, statement, from_sql FROM pg_prepared_statements ORDER BY name",
             )),
+            Until(b'Z'),
+            Idle,
+        ],
+    )
+    .await;
+}
+
+/// The rows of `pg_prepared_statements` a scenario looks at (the time differs run to run).
+const LIST: &str = "SELECT name, statement, parameter_types, from_sql FROM pg_prepared_statements \
+                    ORDER BY name";
+
+#[tokio::test]
+async fn sql_prepared_statement_used_by_the_protocol() {
+    compare(
+        "sql_prepared_statement_used_by_the_protocol",
+        vec![
+            Send(f().query("PREPARE twice (int) AS SELECT $1 * 2 AS doubled")),
+            Until(b'Z'),
+            // Bind, Describe and Execute it through the protocol.
+            Send(
+                f().describe_statement("twice")
+                    .bind("", "twice", &[Some(b"21")])
+                    .describe_portal("")
+                    .execute("", 0)
+                    .sync(),
+            ),
+            Until(b'Z'),
+            Send(f().query(LIST)),
+            Until(b'Z'),
+            // Close through the protocol: gone for SQL too.
+            Send(f().close_statement("twice").sync()),
+            Until(b'Z'),
+            Send(f().query("EXECUTE twice(1)")),
+            Until(b'Z'),
+            Send(f().bind("", "twice", &[Some(b"1")]).sync()),
+            Until(b'Z'),
+            Idle,
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn protocol_statement_used_by_sql() {
+    compare(
+        "protocol_statement_used_by_sql",
+        vec![
+            Send(
+                f().parse("plus_one", "SELECT $1::int + 1 AS next", &[])
+                    .sync(),
+            ),
+            Until(b'Z'),
+            Send(f().query("EXECUTE plus_one(41)")),
+            Until(b'Z'),
+            Send(f().query("EXPLAIN (COSTS OFF) EXECUTE plus_one(1)")),
+            Until(b'Z'),
+            Send(f().query("EXPLAIN EXECUTE plus_one(1)")),
+            Until(b'Z'),
+            // Errors name the client's statement and point into the client's text.
+            Send(f().query("EXECUTE plus_one('not a number')")),
+            Until(b'Z'),
+            Send(f().query("EXECUTE plus_one(1, 2)")),
+            Until(b'Z'),
+            Send(f().query("/* a comment first */ SELECT 1; EXECUTE plus_one(2); SELECT 'x'::int")),
+            Until(b'Z'),
+            Send(f().query("CREATE TABLE made_by_execute AS EXECUTE plus_one(9)")),
+            Until(b'Z'),
+            Send(
+                f().query("SELECT next + 0 AS v FROM made_by_execute; DROP TABLE made_by_execute"),
+            ),
+            Until(b'Z'),
+            Send(f().query(LIST)),
+            Until(b'Z'),
+            // DEALLOCATE in SQL removes the protocol-level statement.
+            Send(f().query("DEALLOCATE plus_one")),
+            Until(b'Z'),
+            Send(f().bind("", "plus_one", &[Some(b"1")]).sync()),
+            Until(b'Z'),
+            Send(f().query("EXECUTE plus_one(1)")),
+            Until(b'Z'),
+            Send(f().query("DEALLOCATE plus_one")),
+            Until(b'Z'),
+            Send(f().query("DEALLOCATE PREPARE nothing_here")),
+            Until(b'Z'),
+            // The name is free again for either form.
+            Send(f().parse("plus_one", "SELECT $1::int + 100", &[]).sync()),
+            Until(b'Z'),
+            Send(f().query("EXECUTE plus_one(1)")),
+            Until(b'Z'),
+            Idle,
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn names_clash_across_the_two_forms() {
+    compare(
+        "names_clash_across_the_two_forms",
+        vec![
+            Send(f().query("PREPARE a AS SELECT 'sql a'")),
+            Until(b'Z'),
+            Send(f().parse("a", "SELECT 'protocol a'", &[]).sync()),
+            Until(b'Z'),
+            Send(f().parse("b", "SELECT 'protocol b'", &[]).sync()),
+            Until(b'Z'),
+            Send(f().query("PREPARE b AS SELECT 'sql b'")),
+            Until(b'Z'),
+            Send(f().query("PREPARE a AS SELECT 'sql a'")),
+            Until(b'Z'),
+            // Inside one text: the second PREPARE fails, the first stays (not transactional).
+            Send(f().query("PREPARE c AS SELECT 'c1'; PREPARE c AS SELECT 'c2'")),
+            Until(b'Z'),
+            // A statement that does not run prepares nothing.
+            Send(f().query("SELECT 1/0; PREPARE d AS SELECT 'd'")),
+            Until(b'Z'),
+            Send(f().query("EXECUTE d")),
+            Until(b'Z'),
+            // ...and deallocates nothing.
+            Send(f().query("SELECT 1/0; DEALLOCATE c")),
+            Until(b'Z'),
+            Send(f().query("EXECUTE a; EXECUTE b; EXECUTE c")),
+            Until(b'Z'),
+            Send(
+                f().bind("", "a", &[])
+                    .execute("", 0)
+                    .bind("", "b", &[])
+                    .execute("", 0)
+                    .sync(),
+            ),
+            Until(b'Z'),
+            // A rolled-back transaction keeps what it prepared, as in Postgres.
+            Send(f().query("BEGIN; PREPARE e AS SELECT 'e'; ROLLBACK")),
+            Until(b'Z'),
+            Send(f().query("EXECUTE e")),
+            Until(b'Z'),
+            // In a failed transaction nothing is prepared.
+            Send(f().query("BEGIN")),
+            Until(b'Z'),
+            Send(f().query("SELECT 1/0")),
+            Until(b'Z'),
+            Send(f().query("PREPARE f AS SELECT 'f'")),
+            Until(b'Z'),
+            Send(f().query("ROLLBACK")),
+            Until(b'Z'),
+            Send(f().query("EXECUTE f")),
+            Until(b'Z'),
+            Send(f().query(LIST)),
+            Until(b'Z'),
+            Idle,
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn deallocate_all_and_discard_all_remove_both_forms() {
+    compare(
+        "deallocate_all_and_discard_all_remove_both_forms",
+        vec![
+            Send(f().query("PREPARE s1 AS SELECT 1")),
+            Until(b'Z'),
+            Send(f().parse("p1", "SELECT 2", &[]).sync()),
+            Until(b'Z'),
+            Send(f().query("DEALLOCATE ALL")),
+            Until(b'Z'),
+            Send(f().query(LIST)),
+            Until(b'Z'),
+            Send(f().query("EXECUTE s1")),
+            Until(b'Z'),
+            Send(f().bind("", "p1", &[]).sync()),
+            Until(b'Z'),
+            Send(f().query("PREPARE s1 AS SELECT 3")),
+            Until(b'Z'),
+            Send(f().parse("p1", "SELECT 4", &[]).sync()),
+            Until(b'Z'),
+            Send(f().query("DEALLOCATE PREPARE ALL")),
+            Until(b'Z'),
+            Send(f().query(LIST)),
+            Until(b'Z'),
+            Send(f().query("PREPARE s2 AS SELECT 5")),
+            Until(b'Z'),
+            Send(f().parse("p2", "SELECT 6", &[]).sync()),
+            Until(b'Z'),
+            Send(f().query("DISCARD ALL")),
+            Until(b'Z'),
+            Send(f().query(LIST)),
+            Until(b'Z'),
+            Send(f().query("EXECUTE s2")),
+            Until(b'Z'),
+            Send(f().describe_statement("p2").sync()),
+            Until(b'Z'),
+            // Both names can be made again, in the other form.
+            Send(f().parse("s2", "SELECT 7", &[]).sync()),
+            Until(b'Z'),
+            Send(f().query("PREPARE p2 AS SELECT 8; EXECUTE s2; EXECUTE p2")),
+            Until(b'Z'),
+            Idle,
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn quoted_and_mixed_case_statement_names() {
+    compare(
+        "quoted_and_mixed_case_statement_names",
+        vec![
+            Send(f().query("PREPARE \"MiXed\" AS SELECT 'quoted'")),
+            Until(b'Z'),
+            Send(f().query("EXECUTE mixed")),
+            Until(b'Z'),
+            Send(f().query("EXECUTE \"MiXed\"")),
+            Until(b'Z'),
+            Send(f().bind("", "MiXed", &[]).execute("", 0).sync()),
+            Until(b'Z'),
+            // Unquoted names fold to lower case.
+            Send(f().query("PREPARE UpPeR AS SELECT 'folded'")),
+            Until(b'Z'),
+            Send(f().bind("", "upper", &[]).execute("", 0).sync()),
+            Until(b'Z'),
+            Send(f().bind("", "UpPeR", &[]).sync()),
+            Until(b'Z'),
+            Send(f().query("execute UPPER; execute \"upper\"")),
+            Until(b'Z'),
+            // A protocol name with upper case is reached only quoted from SQL.
+            Send(f().parse("Proto", "SELECT 'proto'", &[]).sync()),
+            Until(b'Z'),
+            Send(f().query("EXECUTE Proto")),
+            Until(b'Z'),
+            Send(f().query("EXECUTE \"Proto\"")),
+            Until(b'Z'),
+            // Quotes inside quotes, keywords and words that look like commands.
+            Send(f().query("PREPARE \"we\"\"ird; name\" AS SELECT 'execute x; deallocate y' AS t")),
+            Until(b'Z'),
+            Send(f().bind("", "we\"ird; name", &[]).execute("", 0).sync()),
+            Until(b'Z'),
+            Send(f().query("PREPARE data AS SELECT 'keyword as name'; EXECUTE data")),
+            Until(b'Z'),
+            Send(f().query(LIST)),
+            Until(b'Z'),
+            Send(f().query("DEALLOCATE \"we\"\"ird; name\"; DEALLOCATE \"MiXed\"")),
+            Until(b'Z'),
+            Send(f().query(LIST)),
             Until(b'Z'),
             Idle,
         ],

@@ -150,3 +150,94 @@ async fn set_session_authorization_never_reaches_another_session() {
     })
     .await;
 }
+
+/// The single value of a simple query's first row.
+async fn value(c: &tokio_postgres::Client, sql: &str) -> String {
+    let rows = c
+        .simple_query(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{sql}: no row"))
+}
+
+/// SQL `PREPARE` no longer pins: the session's next `EXECUTE` runs on another backend (forced:
+/// two other sessions hold both backends, and the one it did not use is freed first), and the
+/// statement is made there. Names never clash between sessions.
+#[tokio::test]
+async fn sql_prepared_statements_follow_the_session_to_other_backends() {
+    let pg = PgCluster::start();
+    let mut opts = TidepoolOpts::default().pool_size(2);
+    opts.cores = 1;
+    let tp = Tidepool::start(&pg, opts);
+    bounded(async {
+        let ep = tp.endpoint();
+        let a = ep.connect(ALICE.0, ALICE.1, "app").await.unwrap();
+        let holders = [
+            ep.connect(ALICE.0, ALICE.1, "app").await.unwrap(),
+            ep.connect(ALICE.0, ALICE.1, "app").await.unwrap(),
+        ];
+        a.batch_execute("PREPARE \"Where\" (int) AS SELECT pg_backend_pid() + 0 * $1")
+            .await
+            .unwrap();
+        let mut last = value(&a, "EXECUTE \"Where\"(1)").await;
+        for round in 0..3 {
+            // Both backends held by the other two sessions...
+            let mut pids = Vec::new();
+            for h in &holders {
+                h.batch_execute("BEGIN").await.unwrap();
+                pids.push(value(h, "SELECT pg_backend_pid()").await);
+            }
+            assert_ne!(pids[0], pids[1]);
+            // ...and the one this session did not use is freed first.
+            let (free, other) = if pids[0] == last { (1, 0) } else { (0, 1) };
+            let run = a.simple_query("EXECUTE \"Where\"(2)");
+            let commit = holders[free].batch_execute("COMMIT");
+            let (rows, committed) = tokio::join!(run, commit);
+            committed.unwrap();
+            let now = rows
+                .unwrap()
+                .iter()
+                .find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                    _ => None,
+                })
+                .unwrap();
+            assert_eq!(now, pids[free], "round {round}: ran on the freed backend");
+            assert_ne!(now, last, "round {round}: the session moved");
+            holders[other].batch_execute("COMMIT").await.unwrap();
+            last = now;
+        }
+        // Deallocated on whichever backend it now runs: gone everywhere for this session.
+        a.batch_execute("DEALLOCATE \"Where\"").await.unwrap();
+        for _ in 0..3 {
+            let e = a.simple_query("EXECUTE \"Where\"(1)").await.unwrap_err();
+            assert_eq!(
+                e.code(),
+                Some(&tokio_postgres::error::SqlState::INVALID_SQL_STATEMENT_NAME)
+            );
+        }
+        // Another session never sees this session's names.
+        a.batch_execute("PREPARE only_a AS SELECT 1").await.unwrap();
+        let e = holders[0].simple_query("EXECUTE only_a").await;
+        assert!(
+            e.is_err(),
+            "another session reached this session's statement"
+        );
+        // A name each session prepares with different text stays each session's own.
+        a.batch_execute("PREPARE mine AS SELECT 'a'").await.unwrap();
+        holders[0]
+            .batch_execute("PREPARE mine AS SELECT 'b'")
+            .await
+            .unwrap();
+        for _ in 0..5 {
+            assert_eq!(value(&a, "EXECUTE mine").await, "a");
+            assert_eq!(value(&holders[0], "EXECUTE mine").await, "b");
+        }
+    })
+    .await;
+}

@@ -104,6 +104,11 @@ impl Prepared {
         self.used.clear();
     }
 
+    /// Has it (not counted as a use).
+    pub fn contains(&self, name: &[u8]) -> bool {
+        self.used.contains_key(name)
+    }
+
     /// The least recently used statement other than `keep`, if there are more than `limit`.
     fn over(&self, limit: usize, keep: &[u8]) -> Option<Rc<[u8]>> {
         if self.used.len() <= limit {
@@ -117,7 +122,8 @@ impl Prepared {
     }
 }
 
-/// A protocol-level prepared statement, named on backends by its content.
+/// A prepared statement, named on backends by its content: made by a protocol-level `Parse` or
+/// by SQL `PREPARE` (one namespace per session, as in Postgres).
 pub struct Stmt {
     /// `tp_` + hash of (query, parameter types): equal statements share one name everywhere.
     pub content: Rc<[u8]>,
@@ -126,6 +132,16 @@ pub struct Stmt {
     /// Postgres has accepted it (somewhere on this core): a client's `Parse` of it can be
     /// answered without a backend.
     pub validated: std::cell::Cell<bool>,
+    /// Made by SQL `PREPARE`.
+    pub sql: Option<Box<SqlDef>>,
+}
+
+/// A statement made by SQL `PREPARE`.
+pub struct SqlDef {
+    /// `PREPARE <content> ...`: makes it on a backend.
+    pub prepare: Box<[u8]>,
+    /// The client's whole query text, as `pg_prepared_statements.statement` shows it.
+    pub source: Box<[u8]>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,6 +179,11 @@ pub enum Internal {
     /// `DISCARD SEQUENCES` ahead of a session's first `currval`/`lastval`: the sequence state
     /// another session left here is not this session's.
     DiscardSequences,
+    /// Our own statement made (`made`) or deallocated before a client's `Query` that needs it;
+    /// if it fails, the backend's set is put right and the client's statement reports.
+    Inject { content: Rc<[u8]>, made: bool },
+    /// Reads the OID of `pg_catalog.pg_prepared_statements` (`State::view_oid`).
+    ViewOid,
 }
 
 pub enum Entry {
@@ -184,6 +205,8 @@ pub enum Entry {
     /// An error we raise at this point; Postgres would then skip to `Sync`.
     SynthError(Vec<u8>),
     Internal(Internal),
+    /// A client's `Query` with statement names replaced.
+    Sql(Box<crate::sql_names::SqlQuery>),
 }
 
 pub struct State {
@@ -205,6 +228,8 @@ pub struct State {
     internal_error: Option<Vec<u8>>,
     /// It may listen on channels: `UNLISTEN *` before it goes back to its pool.
     pub listening: bool,
+    /// The OID of `pg_catalog.pg_prepared_statements`, once read (see `fix_origins`).
+    pub view_oid: Option<u32>,
 }
 
 pub struct Backend {
@@ -455,6 +480,7 @@ pub async fn connect(
             snapshot: Settings::default(),
             internal_error: None,
             listening: false,
+            view_oid: None,
         }),
         retired: std::cell::Cell::new(false),
         idle_since: std::cell::Cell::new(None),
@@ -641,6 +667,14 @@ fn on_message(b: &Backend, st: &mut State, msg: &[u8]) -> After {
         Entry::Internal(internal) => {
             match tag {
                 be::ERROR_RESPONSE => st.internal_error = Some(msg.to_vec()),
+                be::DATA_ROW if matches!(internal, Internal::ViewOid) => {
+                    let mut pos = 2;
+                    let oid = shared::protocol::read_i32(body, &mut pos)
+                        .ok()
+                        .and_then(|len| body.get(pos..pos + len.max(0) as usize))
+                        .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u32>().ok());
+                    st.view_oid = oid;
+                }
                 be::DATA_ROW => {
                     if matches!(internal, Internal::Snapshot { .. }) {
                         if let Some((k, v)) = two_text_columns(body) {
@@ -723,6 +757,37 @@ fn on_message(b: &Backend, st: &mut State, msg: &[u8]) -> After {
             forward(st, &renamed);
             skip_to_sync(st);
             drain_synth(st);
+            After::Nothing
+        }
+        Entry::Sql(q) => {
+            match tag {
+                be::COMMAND_COMPLETE => {
+                    q.completed += 1;
+                    forward(st, msg);
+                }
+                be::ROW_DESCRIPTION if q.view => {
+                    match st
+                        .view_oid
+                        .and_then(|oid| crate::sql_names::fix_origins(msg, oid))
+                    {
+                        Some(m) => forward(st, &m),
+                        None => forward(st, msg),
+                    }
+                }
+                be::ERROR_RESPONSE => {
+                    let m = q.client_error(tag, body);
+                    forward(st, &m);
+                }
+                be::READY_FOR_QUERY => {
+                    if let Some(Entry::Sql(q)) = st.queue.pop_front() {
+                        q.undo_incomplete(st);
+                    }
+                    st.status = body.first().copied().unwrap_or(b'I');
+                    st.skipping = false;
+                    return after_ready(b, st, msg);
+                }
+                _ => forward(st, msg),
+            }
             After::Nothing
         }
         Entry::Client(kind) | Entry::Renamed(kind, ..) => {
@@ -915,6 +980,17 @@ fn internal_done(b: &Backend, st: &mut State, internal: Internal) -> After {
             Some(s) => release_held_rfq(st, &s, false),
             None => After::Nothing,
         },
+        Internal::Inject { content, made } => {
+            if error.is_some() {
+                if made {
+                    st.prepared.remove(&content);
+                } else {
+                    st.prepared.insert(content);
+                }
+            }
+            After::Nothing
+        }
+        Internal::ViewOid => After::Nothing,
         Internal::Listen => {
             if error.is_some() {
                 tracing::warn!(backend = b.id, "LISTEN/UNLISTEN on a backend failed");

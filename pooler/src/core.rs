@@ -183,6 +183,7 @@ impl Core {
             content: content.clone(),
             parse,
             validated: Cell::new(false),
+            sql: None,
         });
         let mut map = self.statements.borrow_mut();
         if map.len() > 4096 {

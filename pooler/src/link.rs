@@ -73,6 +73,12 @@ async fn on_frame(core: &Rc<Core>, l: &Rc<Link>, kind: u8, id: u32, payload: Vec
                 s.enqueue(payload).await;
             }
         }
+        up::NAMES => {
+            let s = l.sessions.borrow().get(&id).cloned();
+            if let Some(s) = s {
+                s.enqueue_names(payload).await;
+            }
+        }
         up::CREDIT => {
             if let (Some(s), Some(b)) = (l.sessions.borrow().get(&id), payload.get(..4)) {
                 s.add_credit(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);

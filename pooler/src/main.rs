@@ -13,6 +13,7 @@ mod listen;
 mod login;
 mod pool;
 mod session;
+mod sql_names;
 
 use clap::Parser;
 use glommio::channels::channel_mesh::MeshBuilder;

@@ -10,6 +10,7 @@ use crate::backend::{self, Backend, Entry, Internal, Kind, Stmt};
 use crate::core::Core;
 use crate::link::Link;
 use crate::pool::{self, Pool};
+use crate::sql_names::{ensure, parse_names, write_sql_query, SqlName};
 use shared::io::{Notify, Slot};
 use shared::link::{down, flags, put_header, Credential};
 use shared::protocol::backend::{self as be, Severity};
@@ -75,7 +76,13 @@ pub struct Session {
     dead: Cell<bool>,
     /// Channels it listens on, notifications held for it (see `listen.rs`).
     pub listen: crate::listen::SessionListen,
+    /// Prepared-statement names in the SQL text of the batch being written (`up::NAMES`).
+    sql_names: RefCell<Vec<SqlName>>,
 }
+
+/// Marks an inbox item that holds an `up::NAMES` payload rather than a `MSGS` one (a `MSGS`
+/// flags byte never has its top bit set).
+const NAMES_ITEM: u8 = 0xff;
 
 impl Session {
     pub fn new(
@@ -120,6 +127,7 @@ impl Session {
             gone: Cell::new(false),
             dead: Cell::new(false),
             listen: Default::default(),
+            sql_names: RefCell::new(Vec::new()),
         })
     }
 
@@ -134,6 +142,14 @@ impl Session {
         self.inbox_bytes.set(self.inbox_bytes.get() + payload.len());
         self.inbox.borrow_mut().push_back(payload);
         self.inbox_notify.notify();
+    }
+
+    /// Queues an `up::NAMES` payload: it belongs to the `MSGS` that follows it.
+    pub async fn enqueue_names(&self, payload: Vec<u8>) {
+        let mut item = Vec::with_capacity(payload.len() + 1);
+        item.push(NAMES_ITEM);
+        item.extend_from_slice(&payload);
+        self.enqueue(item).await;
     }
 
     pub fn close(&self) {
@@ -351,9 +367,15 @@ pub async fn run(core: Rc<Core>, s: Rc<Session>) {
         };
         s.inbox_bytes.set(s.inbox_bytes.get() - payload.len());
         s.drained.notify();
+        if payload[0] == NAMES_ITEM {
+            *s.sql_names.borrow_mut() = parse_names(&payload[1..]);
+            continue;
+        }
         // Boxed: the batch's state (backend acquisition, waits) exists only while it runs, so
         // an idle session's task stays small.
-        if let Err(err) = Box::pin(process(&core, &s, payload[0], &payload[1..])).await {
+        let result = Box::pin(process(&core, &s, payload[0], &payload[1..])).await;
+        s.sql_names.borrow_mut().clear();
+        if let Err(err) = result {
             s.flush();
             s.send_closed(&err);
             break;
@@ -598,7 +620,9 @@ async fn process(core: &Rc<Core>, s: &Rc<Session>, fl: u8, msgs: &[u8]) -> Resul
 
 async fn write_batch(core: &Rc<Core>, s: &Rc<Session>, mut msgs: &[u8]) -> Result<(), Vec<u8>> {
     let max = core.cfg.max_message_size.saturating_add(5);
+    let total = msgs.len();
     while !msgs.is_empty() {
+        let offset = total - msgs.len();
         let n = match typed_message_len(msgs, max) {
             Ok(Some(n)) => n,
             _ => return Err(protocol_violation("malformed message from gateway")),
@@ -625,7 +649,7 @@ async fn write_batch(core: &Rc<Core>, s: &Rc<Session>, mut msgs: &[u8]) -> Resul
         if b.skipping() && tag != fe::SYNC {
             b.send(msg, None);
         } else {
-            write_message(core, s, &b, tag, msg)?;
+            write_message(core, s, &b, tag, msg, offset)?;
         }
         b.drain_synth();
         if b.out.is_full() {
@@ -642,6 +666,7 @@ fn write_message(
     b: &Rc<Backend>,
     tag: u8,
     msg: &[u8],
+    offset: usize,
 ) -> Result<(), Vec<u8>> {
     let body = &msg[5..];
     // A malformed message goes to Postgres as it is: it answers with its own ERROR (08P01
@@ -662,6 +687,7 @@ fn write_message(
                     content: Rc::from(&b""[..]),
                     parse: msg.to_vec(),
                     validated: Cell::new(false),
+                    sql: None,
                 });
                 *s.unnamed.borrow_mut() = Some(stmt.clone());
                 b.st.borrow_mut().unnamed = Some(stmt.clone());
@@ -781,7 +807,18 @@ fn write_message(
             // A simple query destroys the unnamed statement (exec_simple_query).
             *s.unnamed.borrow_mut() = None;
             b.st.borrow_mut().unnamed = None;
-            b.send(msg, Some(Entry::Client(Kind::Query)));
+            let names: Vec<SqlName> = s
+                .sql_names
+                .borrow()
+                .iter()
+                .filter(|n| n.offset as usize == offset)
+                .cloned()
+                .collect();
+            if names.is_empty() {
+                b.send(msg, Some(Entry::Client(Kind::Query)));
+            } else {
+                write_sql_query(core, s, b, msg, &names);
+            }
         }
         fe::FUNCTION_CALL => b.send(msg, Some(Entry::Client(Kind::FunctionCall))),
         _ => b.send(msg, None),
@@ -815,18 +852,7 @@ fn statement_for(s: &Rc<Session>, b: &Rc<Backend>, name: &[u8], limit: usize) ->
         return None;
     }
     let stmt = s.statements.borrow().get(name).cloned()?;
-    let have = b.st.borrow_mut().prepared.touch(&stmt.content);
-    if !have {
-        b.add_prepared(stmt.content.clone(), limit);
-        b.send(
-            &stmt.parse,
-            Some(Entry::Parse {
-                stmt: stmt.clone(),
-                injected: true,
-                client_name: None,
-            }),
-        );
-    }
+    ensure(b, &stmt, limit, true);
     Some(stmt.content.clone())
 }
 

@@ -35,6 +35,12 @@ pub mod up {
     /// backends would count: the pooler closes them first (Postgres waits up to 5 s for
     /// closing sessions to go).
     pub const RELEASE_DB: u8 = 9;
+    /// Prepared-statement names in the SQL text of the next `MSGS` (SQL `PREPARE`, `EXECUTE`,
+    /// `DEALLOCATE`): the pooler replaces them by its backend names, so SQL and protocol-level
+    /// statements share one namespace per session. Per name: `u32` offset of the message in
+    /// the batch, `u8` kind, `u32` statement index in the text, `u32` start and `u32` end of
+    /// the name, `u32` end of its statement, `u32` length and the folded name.
+    pub const NAMES: u8 = 10;
 }
 
 /// Pooler → gateway.

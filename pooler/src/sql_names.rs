@@ -1,0 +1,576 @@
+//! SQL `PREPARE`/`EXECUTE`/`DEALLOCATE` in the pooler's one statement namespace per session
+//! (docs/decisions/2026-11-21-one-statement-namespace.md): the names the gateway found in a
+//! `Query` (`up::NAMES`) become backend names, the statements a text uses are made on the
+//! backend first, and the relay maps replies back (names in errors, error positions, the
+//! origin of `pg_prepared_statements`' columns) and undoes what statements that did not run
+//! would have changed.
+
+use crate::backend::{Backend, Entry, Internal, Kind, SqlDef, State, Stmt};
+use crate::core::Core;
+use crate::session::Session;
+use shared::protocol::backend as be;
+use shared::protocol::frontend as fe;
+use shared::protocol::{put_cstr, put_message};
+use std::cell::Cell;
+use std::rc::Rc;
+
+/// A prepared-statement name in the SQL text of a `Query` (see the gateway's
+/// `statement_names.rs` and `up::NAMES`).
+#[derive(Debug, Clone)]
+pub struct SqlName {
+    /// Offset of the `Query` message in its batch.
+    pub offset: u32,
+    kind: u8,
+    /// Which statement of the text.
+    stmt: u32,
+    start: usize,
+    end: usize,
+    stmt_end: usize,
+    name: Vec<u8>,
+}
+
+/// Kinds of [`SqlName`] (the gateway's `statement_names::kind`).
+const NAME_PREPARE: u8 = 1;
+const NAME_USE: u8 = 2;
+const NAME_DEALLOCATE: u8 = 3;
+const NAME_VIEW: u8 = 4;
+const NAME_VIEW_BARE: u8 = 5;
+
+pub fn parse_names(mut p: &[u8]) -> Vec<SqlName> {
+    let mut out = Vec::new();
+    let u32_at = |p: &[u8], i: usize| -> Option<u32> {
+        Some(u32::from_be_bytes(p.get(i..i + 4)?.try_into().ok()?))
+    };
+    while !p.is_empty() {
+        let (Some(offset), Some(&kind), Some(stmt), Some(start), Some(end), Some(stmt_end)) = (
+            u32_at(p, 0),
+            p.get(4),
+            u32_at(p, 5),
+            u32_at(p, 9),
+            u32_at(p, 13),
+            u32_at(p, 17),
+        ) else {
+            break;
+        };
+        let Some(len) = u32_at(p, 21) else { break };
+        let Some(name) = p.get(25..25 + len as usize) else {
+            break;
+        };
+        out.push(SqlName {
+            offset,
+            kind,
+            stmt,
+            start: start as usize,
+            end: end as usize,
+            stmt_end: stmt_end as usize,
+            name: name.to_vec(),
+        });
+        p = &p[25 + len as usize..];
+    }
+    out
+}
+
+/// A client's simple `Query` whose prepared-statement names were replaced by backend names
+/// (session.rs, `write_sql_query`).
+#[derive(Default)]
+pub struct SqlQuery {
+    /// (backend name, client name): put back into error texts.
+    pub renames: Vec<(Rc<[u8]>, Vec<u8>)>,
+    /// Each replacement, in order: (character offset in the client's text, characters
+    /// replaced, characters put in): error positions are mapped back.
+    pub edits: Vec<(u32, u32, u32)>,
+    /// What to undo if statement `.0` of the text does not complete.
+    pub undo: Vec<(u32, Undo)>,
+    /// Statements of the text completed so far (one `CommandComplete` each).
+    pub completed: u32,
+    /// `pg_prepared_statements` was replaced: its columns get their origin back in
+    /// `RowDescription` (see `fix_origins`).
+    pub view: bool,
+}
+
+/// Columns of `pg_prepared_statements` (Postgres 15): name and type OID.
+const VIEW_COLUMNS: [(&[u8], u32); 7] = [
+    (b"name", 25),
+    (b"statement", 25),
+    (b"prepare_time", 1184),
+    (b"parameter_types", 2211),
+    (b"from_sql", 16),
+    (b"generic_plans", 20),
+    (b"custom_plans", 20),
+];
+
+/// A `RowDescription` whose columns taken from our replacement of `pg_prepared_statements`
+/// (which has no single origin: a UNION) name the view as their origin again, as a column of
+/// the view itself does: a field without origin whose name and type are a view column's.
+pub fn fix_origins(msg: &[u8], view_oid: u32) -> Option<Vec<u8>> {
+    let body = msg.get(5..)?;
+    let n = i16::from_be_bytes(body.get(..2)?.try_into().ok()?);
+    let mut out = Vec::with_capacity(msg.len());
+    let mut pos = 2;
+    put_message(&mut out, be::ROW_DESCRIPTION, |m| {
+        m.extend_from_slice(&body[..2]);
+        for _ in 0..n.max(0) {
+            let Some(nul) = body.get(pos..).and_then(|b| b.iter().position(|&c| c == 0)) else {
+                return;
+            };
+            let name = &body[pos..pos + nul];
+            let Some(f) = body.get(pos + nul + 1..pos + nul + 19) else {
+                return;
+            };
+            let table = u32::from_be_bytes([f[0], f[1], f[2], f[3]]);
+            let ty = u32::from_be_bytes([f[6], f[7], f[8], f[9]]);
+            m.extend_from_slice(&body[pos..pos + nul + 1]);
+            match VIEW_COLUMNS
+                .iter()
+                .position(|(c, t)| *c == name && *t == ty)
+                .filter(|_| table == 0)
+            {
+                Some(i) => {
+                    m.extend_from_slice(&view_oid.to_be_bytes());
+                    m.extend_from_slice(&(i as i16 + 1).to_be_bytes());
+                    m.extend_from_slice(&f[6..]);
+                }
+                None => m.extend_from_slice(f),
+            }
+            pos += nul + 19;
+        }
+    });
+    (pos == body.len()).then_some(out)
+}
+
+pub enum Undo {
+    /// PREPARE gave the session this name.
+    Unname(Vec<u8>, Rc<Stmt>),
+    /// DEALLOCATE took this name.
+    Rename(Vec<u8>, Rc<Stmt>),
+    /// PREPARE made this on the backend.
+    Absent(Rc<[u8]>),
+    /// DEALLOCATE removed this from the backend.
+    Present(Rc<[u8]>),
+}
+
+impl SqlQuery {
+    /// A client position (1-based characters) for a position in the rewritten text.
+    fn client_position(&self, p: u32) -> u32 {
+        let at = p.saturating_sub(1);
+        let mut shift: i64 = 0;
+        for &(start, old, new) in &self.edits {
+            let here = (start as i64 + shift) as u32;
+            if at < here {
+                break;
+            }
+            if at < here + new {
+                return start + 1;
+            }
+            shift += new as i64 - old as i64;
+        }
+        (p as i64 - shift).max(1) as u32
+    }
+
+    /// The error with client names and client positions.
+    pub fn client_error(&self, tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut msg = Vec::with_capacity(body.len() + 5);
+        put_message(&mut msg, tag, |m| m.extend_from_slice(body));
+        for (from, to) in &self.renames {
+            let mut out = Vec::with_capacity(msg.len());
+            be::rename_in_error(&mut out, tag, &msg[5..], from, to);
+            msg = out;
+        }
+        let Ok(fields) = be::error_fields(&msg[5..]) else {
+            return msg;
+        };
+        let mut out = Vec::with_capacity(msg.len());
+        put_message(&mut out, tag, |m| {
+            for (code, value) in fields {
+                m.push(code);
+                let p = (code == b'P')
+                    .then(|| std::str::from_utf8(value).ok()?.parse::<u32>().ok())
+                    .flatten();
+                match p {
+                    Some(p) => shared::protocol::put_cstr(
+                        m,
+                        self.client_position(p).to_string().as_bytes(),
+                    ),
+                    None => shared::protocol::put_cstr(m, value),
+                }
+            }
+            m.push(0);
+        });
+        out
+    }
+
+    /// Puts back what statements that did not complete would have changed.
+    pub fn undo_incomplete(self, st: &mut State) {
+        let owner = st.owner.clone();
+        for (i, undo) in self.undo {
+            if i < self.completed {
+                continue;
+            }
+            match undo {
+                Undo::Unname(name, stmt) => {
+                    if let Some(o) = &owner {
+                        o.forget_statement(Some(&name), &stmt);
+                    }
+                }
+                Undo::Rename(name, stmt) => {
+                    if let Some(o) = &owner {
+                        o.statements.borrow_mut().entry(name).or_insert(stmt);
+                    }
+                }
+                Undo::Absent(content) => st.prepared.remove(&content),
+                Undo::Present(content) => st.prepared.insert(content),
+            }
+        }
+    }
+}
+
+/// Makes sure the backend has `stmt`, preparing it there first if not. `in_batch`: between a
+/// client's extended-protocol messages (no `Sync` may be added; an error skips to the client's
+/// `Sync`, as the client's own message would have); else before a simple `Query`, synced on
+/// its own and its responses (errors too) dropped: the client's statement then reports.
+pub fn ensure(b: &Rc<Backend>, stmt: &Rc<Stmt>, limit: usize, in_batch: bool) {
+    if b.st.borrow_mut().prepared.touch(&stmt.content) {
+        return;
+    }
+    b.add_prepared(stmt.content.clone(), limit);
+    match (&stmt.sql, in_batch) {
+        (None, true) => b.send(
+            &stmt.parse,
+            Some(Entry::Parse {
+                stmt: stmt.clone(),
+                injected: true,
+                client_name: None,
+            }),
+        ),
+        (None, false) => {
+            let mut m = stmt.parse.clone();
+            put_message(&mut m, fe::SYNC, |_| {});
+            b.send(&m, Some(inject(stmt, true)));
+        }
+        (Some(def), true) => {
+            let sql = &def.prepare;
+            // SQL PREPARE through the unnamed statement and portal, which a Bind or Describe
+            // of a named statement does not need (the client's unnamed statement is prepared
+            // again if it is used later: see `statement_for`).
+            let mut m = Vec::new();
+            fe::write_parse(&mut m, b"", sql, &[0, 0]);
+            b.send(&m, Some(Entry::Evicted));
+            m.clear();
+            fe::write_bind(&mut m, b"", b"", &[0, 0, 0, 0, 0, 0]);
+            b.send(&m, Some(Entry::Evicted));
+            m.clear();
+            put_message(&mut m, fe::EXECUTE, |m| {
+                m.push(0);
+                m.extend_from_slice(&0i32.to_be_bytes());
+            });
+            b.send(&m, Some(Entry::Evicted));
+            b.st.borrow_mut().unnamed = None;
+        }
+        (Some(def), false) => {
+            let sql = &def.prepare;
+            let mut m = Vec::new();
+            put_message(&mut m, fe::QUERY, |m| put_cstr(m, sql));
+            b.send(&m, Some(inject(stmt, true)));
+        }
+    }
+}
+
+fn inject(stmt: &Rc<Stmt>, made: bool) -> Entry {
+    Entry::Internal(Internal::Inject {
+        content: stmt.content.clone(),
+        made,
+    })
+}
+
+/// A statement made by SQL `PREPARE name <rest>`, named on backends by (name, rest): sessions
+/// that prepare the same text under the same name share it on a backend.
+fn sql_statement(name: &[u8], rest: &[u8], source: &[u8]) -> Rc<Stmt> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"\0sql\0");
+    h.update((name.len() as u64).to_be_bytes());
+    h.update(name);
+    h.update(rest);
+    let digest = h.finalize();
+    let mut content = Vec::with_capacity(3 + 32);
+    content.extend_from_slice(b"tp_");
+    for byte in &digest[..16] {
+        content.extend_from_slice(format!("{byte:02x}").as_bytes());
+    }
+    let mut sql = Vec::with_capacity(8 + content.len() + rest.len());
+    sql.extend_from_slice(b"PREPARE ");
+    sql.extend_from_slice(&content);
+    sql.extend_from_slice(rest);
+    Rc::new(Stmt {
+        content: Rc::from(content),
+        parse: Vec::new(),
+        validated: Cell::new(true),
+        sql: Some(Box::new(SqlDef {
+            prepare: sql.into(),
+            source: source.into(),
+        })),
+    })
+}
+
+/// A string literal of `text` that no setting changes the meaning of (dollar quoted).
+fn dollar_literal(out: &mut Vec<u8>, text: &[u8]) {
+    let mut tag = b"$tp$".to_vec();
+    let mut n = 0u32;
+    while text.windows(tag.len()).any(|w| w == tag.as_slice()) {
+        n += 1;
+        tag = format!("$tp{n}$").into_bytes();
+    }
+    out.extend_from_slice(&tag);
+    out.extend_from_slice(text);
+    out.extend_from_slice(&tag);
+}
+
+/// What replaces `pg_prepared_statements` in a client's query: the session's statements under
+/// its own names (made on this backend first: parameter types and plan counts are the
+/// backend's), and statements the backend has under client names (a pinned session's).
+fn prepared_view(
+    s: &Rc<Session>,
+    b: &Rc<Backend>,
+    limit: usize,
+    in_batch: bool,
+    bare: bool,
+) -> Vec<u8> {
+    let mut stmts: Vec<(Vec<u8>, Rc<Stmt>)> = s
+        .statements
+        .borrow()
+        .iter()
+        .map(|(n, st)| (n.clone(), st.clone()))
+        .collect();
+    stmts.sort_by(|a, b| a.0.cmp(&b.0));
+    if b.st.borrow().view_oid.is_none() {
+        let mut m = Vec::new();
+        fe::query(
+            &mut m,
+            "SELECT 'pg_catalog.pg_prepared_statements'::pg_catalog.regclass::pg_catalog.oid",
+        );
+        b.send(&m, Some(Entry::Internal(Internal::ViewOid)));
+    }
+    // More than the backend keeps: the rest show no parameter types, time or plan counts.
+    let room = limit.saturating_sub(1);
+    let mut v = b"(SELECT * FROM pg_catalog.pg_prepared_statements \
+        WHERE name OPERATOR(pg_catalog.!~) '^tp_[0-9a-f]{32}$'"
+        .to_vec();
+    if !stmts.is_empty() {
+        v.extend_from_slice(
+            b" UNION ALL SELECT v.n, v.s, p.prepare_time, p.parameter_types, v.f, \
+            p.generic_plans, p.custom_plans FROM (VALUES ",
+        );
+        for (i, (name, st)) in stmts.iter().enumerate() {
+            if i < room {
+                ensure(b, st, limit, in_batch);
+            }
+            if i > 0 {
+                v.push(b',');
+            }
+            v.push(b'(');
+            dollar_literal(&mut v, name);
+            v.extend_from_slice(b"::text, ");
+            match &st.sql {
+                Some(def) => dollar_literal(&mut v, &def.source),
+                None => {
+                    let q = fe::parse_parse(st.parse.get(5..).unwrap_or_default())
+                        .map(|p| p.query)
+                        .unwrap_or_default();
+                    dollar_literal(&mut v, q)
+                }
+            }
+            v.extend_from_slice(b"::text, ");
+            v.extend_from_slice(if st.sql.is_some() {
+                b"true, "
+            } else {
+                b"false, "
+            });
+            dollar_literal(&mut v, &st.content);
+            v.extend_from_slice(b"::text)");
+        }
+        v.extend_from_slice(
+            b") AS v(n, s, f, c) LEFT JOIN pg_catalog.pg_prepared_statements p ON p.name = v.c",
+        );
+    }
+    v.push(b')');
+    if bare {
+        v.extend_from_slice(b" AS pg_prepared_statements");
+    }
+    v
+}
+
+/// Number of characters (Postgres error positions count characters) in UTF-8 text.
+fn chars(b: &[u8]) -> u32 {
+    b.iter().filter(|&&c| c & 0xc0 != 0x80).count() as u32
+}
+
+/// A simple `Query` whose SQL names prepared statements: each name becomes its backend name,
+/// the statements it uses are made on this backend first, and the session's namespace changes
+/// as `PREPARE`/`DEALLOCATE` would change it (undone for statements that do not complete).
+pub fn write_sql_query(
+    core: &Rc<Core>,
+    s: &Rc<Session>,
+    b: &Rc<Backend>,
+    msg: &[u8],
+    names: &[SqlName],
+) {
+    let sql = fe::query_text(&msg[5..]);
+    let limit = core.cfg.max_prepared_statements;
+    // A Query inside the client's unsynced extended-protocol messages: no Sync of ours.
+    let in_batch = s.open_batch.get();
+    let mut q = SqlQuery::default();
+    let mut text = Vec::with_capacity(sql.len() + 64);
+    let mut pos = 0;
+    for n in names {
+        if n.start < pos || n.end > sql.len() || n.start >= n.end || n.stmt_end > sql.len() {
+            continue;
+        }
+        if n.kind == NAME_VIEW || n.kind == NAME_VIEW_BARE {
+            let view = prepared_view(s, b, limit, in_batch, n.kind == NAME_VIEW_BARE);
+            q.view = true;
+            text.extend_from_slice(&sql[pos..n.start]);
+            text.extend_from_slice(&view);
+            q.edits.push((
+                chars(&sql[..n.start]),
+                chars(&sql[n.start..n.end]),
+                chars(&view),
+            ));
+            pos = n.end;
+            continue;
+        }
+        let existing = s.statements.borrow().get(&n.name).cloned();
+        let content = match (n.kind, existing) {
+            // The name exists: the backend reports 42P05 for its statement, renamed back.
+            (NAME_PREPARE, Some(st)) => {
+                ensure(b, &st, limit, in_batch);
+                st.content.clone()
+            }
+            (NAME_PREPARE, None) => {
+                let st = sql_statement(&n.name, &sql[n.end..n.stmt_end.max(n.end)], sql);
+                if b.st.borrow().prepared.contains(&st.content) {
+                    // Another session made it here: made again by this PREPARE.
+                    let mut m = Vec::new();
+                    let mut d = b"DEALLOCATE ".to_vec();
+                    d.extend_from_slice(&st.content);
+                    put_message(&mut m, fe::QUERY, |m| put_cstr(m, &d));
+                    b.st.borrow_mut().prepared.remove(&st.content);
+                    b.send(&m, Some(inject(&st, false)));
+                }
+                s.statements.borrow_mut().insert(n.name.clone(), st.clone());
+                b.add_prepared(st.content.clone(), limit);
+                q.undo
+                    .push((n.stmt, Undo::Unname(n.name.clone(), st.clone())));
+                q.undo.push((n.stmt, Undo::Absent(st.content.clone())));
+                st.content.clone()
+            }
+            (NAME_USE, Some(st)) => {
+                ensure(b, &st, limit, in_batch);
+                st.content.clone()
+            }
+            (NAME_DEALLOCATE, Some(st)) => {
+                ensure(b, &st, limit, in_batch);
+                s.statements.borrow_mut().remove(&n.name);
+                b.st.borrow_mut().prepared.remove(&st.content);
+                q.undo
+                    .push((n.stmt, Undo::Rename(n.name.clone(), st.clone())));
+                q.undo.push((n.stmt, Undo::Present(st.content.clone())));
+                st.content.clone()
+            }
+            // Not a statement of ours: Postgres reports it under the client's name.
+            _ => continue,
+        };
+        text.extend_from_slice(&sql[pos..n.start]);
+        text.extend_from_slice(&content);
+        q.edits.push((
+            chars(&sql[..n.start]),
+            chars(&sql[n.start..n.end]),
+            content.len() as u32,
+        ));
+        if !q.renames.iter().any(|(c, _)| *c == content) {
+            q.renames.push((content, n.name.clone()));
+        }
+        pos = n.end;
+    }
+    if q.edits.is_empty() && q.undo.is_empty() {
+        b.send(msg, Some(Entry::Client(Kind::Query)));
+        return;
+    }
+    text.extend_from_slice(&sql[pos..]);
+    let mut m = Vec::with_capacity(text.len() + 6);
+    put_message(&mut m, fe::QUERY, |m| put_cstr(m, &text));
+    b.send(&m, Some(Entry::Sql(Box::new(q))));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_map_back_to_the_clients_text() {
+        // "EXECUTE foo('x')" became "EXECUTE tp_<32 hex>('x')": foo (3 chars at 8) → 35 chars.
+        let q = SqlQuery {
+            edits: vec![(8, 3, 35), (20, 1, 35)],
+            ..Default::default()
+        };
+        assert_eq!(q.client_position(1), 1);
+        assert_eq!(q.client_position(8), 8);
+        // Inside the replacement: the start of the client's name.
+        assert_eq!(q.client_position(9), 9);
+        assert_eq!(q.client_position(43), 9);
+        // After it: shifted back by 32.
+        assert_eq!(q.client_position(44), 12);
+        assert_eq!(q.client_position(52), 20);
+        // After the second one too.
+        assert_eq!(q.client_position(53 + 35), 22);
+    }
+
+    #[test]
+    fn names_payload() {
+        let mut p = 7u32.to_be_bytes().to_vec();
+        p.push(NAME_USE);
+        for v in [1u32, 8, 11, 20, 3] {
+            p.extend_from_slice(&v.to_be_bytes());
+        }
+        p.extend_from_slice(b"foo");
+        let n = parse_names(&p);
+        assert_eq!(n.len(), 1);
+        assert_eq!(
+            (
+                n[0].offset,
+                n[0].kind,
+                n[0].stmt,
+                n[0].start,
+                n[0].end,
+                n[0].stmt_end
+            ),
+            (7, NAME_USE, 1, 8, 11, 20)
+        );
+        assert_eq!(n[0].name, b"foo");
+        for cut in 0..p.len() {
+            assert!(parse_names(&p[..cut]).is_empty());
+        }
+    }
+
+    #[test]
+    fn view_columns_get_their_origin_back() {
+        let mut rd = Vec::new();
+        put_message(&mut rd, be::ROW_DESCRIPTION, |m| {
+            m.extend_from_slice(&2i16.to_be_bytes());
+            for (name, table, ty) in [(&b"name"[..], 0u32, 25u32), (b"other", 0, 25)] {
+                put_cstr(m, name);
+                m.extend_from_slice(&table.to_be_bytes());
+                m.extend_from_slice(&0i16.to_be_bytes());
+                m.extend_from_slice(&ty.to_be_bytes());
+                m.extend_from_slice(&(-1i16).to_be_bytes());
+                m.extend_from_slice(&(-1i32).to_be_bytes());
+                m.extend_from_slice(&0i16.to_be_bytes());
+            }
+        });
+        let fixed = fix_origins(&rd, 12095).unwrap();
+        assert_eq!(fixed.len(), rd.len());
+        // "name": table 12095, column 1; "other" untouched.
+        assert_eq!(&fixed[12..18], &[0, 0, 0x2f, 0x3f, 0, 1]);
+        assert_eq!(&fixed[37..], &rd[37..]);
+        assert!(fix_origins(&rd[..rd.len() - 3], 1).is_none());
+    }
+}
