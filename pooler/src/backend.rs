@@ -43,7 +43,14 @@ fn snapshot_sql(s: &Session, channels_only: bool) -> String {
             shared::settings::literal(crate::listen::MARKER)
         );
     }
-    let mut names: Vec<String> = s.watch.borrow().clone();
+    // The gateway's watch list: custom setting names, and (as `name(`) functions the session
+    // called that are not built-in, whose bodies may set custom settings by name.
+    let (functions, mut names): (Vec<String>, Vec<String>) = s
+        .watch
+        .borrow()
+        .iter()
+        .cloned()
+        .partition(|n| n.ends_with('('));
     for (k, _) in s.settings.borrow().iter() {
         if k.contains('.') && !names.iter().any(|n| n == k) {
             names.push(k.to_owned());
@@ -58,14 +65,47 @@ fn snapshot_sql(s: &Session, channels_only: bool) -> String {
     } else {
         String::new()
     };
+    let bodies = function_bodies_sql(&functions);
     if names.is_empty() {
-        return format!("{SNAPSHOT_SQL}{channels}");
+        return format!("{SNAPSHOT_SQL}{bodies}{channels}");
     }
     let list: Vec<String> = names.iter().map(|n| shared::settings::literal(n)).collect();
     format!(
         "{SNAPSHOT_SQL} UNION ALL SELECT n, pg_catalog.current_setting(n, true) \
          FROM pg_catalog.unnest(ARRAY[{}]::text[]) AS n \
-         WHERE pg_catalog.current_setting(n, true) IS NOT NULL{channels}",
+         WHERE pg_catalog.current_setting(n, true) IS NOT NULL{bodies}{channels}",
+        list.join(", ")
+    )
+}
+
+/// Custom settings (`x.y`) named in the bodies of the functions a session called, and of the
+/// functions those call (by name, three levels deep): `pg_settings` hides custom settings, so
+/// their names must come from text, and `set_config('app.tenant', …)` inside a function is not
+/// in the calling statement's text. Only procedural and SQL bodies (`prolang` not internal 12
+/// or C 13); the names are looked up by `pg_proc`'s name index. The patterns avoid backslashes,
+/// so `standard_conforming_strings` does not matter.
+fn function_bodies_sql(functions: &[String]) -> String {
+    if functions.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = functions
+        .iter()
+        .map(|f| shared::settings::literal(f.trim_end_matches('(')))
+        .collect();
+    format!(
+        " UNION ALL SELECT n, pg_catalog.current_setting(n, true) FROM (\
+         WITH RECURSIVE f(src, d) AS (\
+         SELECT p.prosrc, 0 FROM pg_catalog.pg_proc p \
+         WHERE p.proname = ANY (ARRAY[{}]::pg_catalog.name[]) AND p.prolang NOT IN (12, 13) \
+         UNION SELECT p.prosrc, f.d + 1 FROM f, \
+         pg_catalog.regexp_matches(f.src, '([A-Za-z_][A-Za-z0-9_$]*)[[:space:]]*[(]', 'g') AS m(a), \
+         pg_catalog.pg_proc p WHERE f.d < 3 \
+         AND p.proname = pg_catalog.lower(m.a[1])::pg_catalog.name \
+         AND p.pronamespace <> 'pg_catalog'::pg_catalog.regnamespace \
+         AND p.prolang NOT IN (12, 13)) \
+         SELECT DISTINCT pg_catalog.lower(m.a[1]) AS n FROM f, pg_catalog.regexp_matches(f.src, \
+         '([A-Za-z_][A-Za-z0-9_$]*[.][A-Za-z_][A-Za-z0-9_$]*)', 'g') AS m(a)) AS b \
+         WHERE pg_catalog.current_setting(n, true) IS NOT NULL",
         list.join(", ")
     )
 }
