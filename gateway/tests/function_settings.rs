@@ -39,6 +39,9 @@ CREATE PROCEDURE wm_proc(v text) LANGUAGE plpgsql AS
 GRANT EXECUTE ON FUNCTION set_tz(text), set_wm(text), use_other(), tenant_inner(text),
   enter_tenant(text) TO PUBLIC;
 GRANT EXECUTE ON PROCEDURE wm_proc(text) TO PUBLIC;
+CREATE FUNCTION listen_on(c text) RETURNS void LANGUAGE plpgsql AS
+  $$ BEGIN EXECUTE format('LISTEN %I', c); END $$;
+GRANT EXECUTE ON FUNCTION listen_on(text) TO PUBLIC;
 ";
 
 fn start() -> (PgCluster, Tidepool) {
@@ -226,6 +229,48 @@ async fn settings_changed_by_user_code_follow_the_session() {
         // RESET ALL brings a back to its defaults, and b never moved.
         a.batch_execute("RESET ALL").await.unwrap();
         assert_eq!(probe(&a).await, probe(&b).await);
+    })
+    .await;
+}
+
+/// A `LISTEN` run by a user function: the settings read-back also reads the channels back, so
+/// the session hears the channel (from the shared listener) and the other session sharing the
+/// backend does not listen on it.
+#[tokio::test]
+async fn listen_inside_a_function_is_followed() {
+    let (_pg, tp) = start();
+    bounded(Duration::from_secs(60), async {
+        let ep = tp.endpoint();
+        let (a, connection) = ep
+            .pg_config(ALICE.0, ALICE.1, APP_DB)
+            .connect(tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        let (tx, mut heard) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut connection = connection;
+            while let Some(Ok(m)) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                    let _ = tx.send(format!("{}:{}", n.channel(), n.payload()));
+                }
+            }
+        });
+        let b = ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+        a.batch_execute("SELECT listen_on('fn_chan')")
+            .await
+            .unwrap();
+        let listening = |rows: Vec<tokio_postgres::Row>| -> Vec<String> {
+            rows.iter().map(|r| r.get(0)).collect()
+        };
+        let q = "SELECT c FROM pg_listening_channels() AS c ORDER BY 1";
+        assert!(
+            listening(b.query(q, &[]).await.unwrap()).is_empty(),
+            "b listens"
+        );
+        assert_eq!(listening(a.query(q, &[]).await.unwrap()), vec!["fn_chan"]);
+        b.batch_execute("NOTIFY fn_chan, 'one'").await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), heard.recv()).await;
+        assert_eq!(got.ok().flatten().as_deref(), Some("fn_chan:one"));
     })
     .await;
 }

@@ -56,14 +56,13 @@ fn snapshot_sql(s: &Session, channels_only: bool) -> String {
             names.push(k.to_owned());
         }
     }
-    // The channels the backend listens on, when a statement may have changed them.
-    let channels = if s.listen.dirty.get() {
+    // The channels the backend listens on: always with the settings (a user function may run
+    // LISTEN; `pg_listening_channels()` costs next to nothing beside `pg_settings`).
+    let channels = {
         format!(
             " UNION ALL SELECT {}, c FROM pg_catalog.pg_listening_channels() AS c",
             shared::settings::literal(crate::listen::MARKER)
         )
-    } else {
-        String::new()
     };
     let bodies = function_bodies_sql(&functions);
     if names.is_empty() {
@@ -890,7 +889,15 @@ fn internal_done(b: &Backend, st: &mut State, internal: Internal) -> After {
                 forward(st, &e);
                 return release_held_rfq(st, &s, held_rfq);
             }
-            if s.listen.dirty.replace(false) {
+            // A flagged LISTEN/UNLISTEN, or channels that changed under a statement that was
+            // not flagged (LISTEN inside a user function): the listener follows.
+            let changed = {
+                let mut read = s.listen.read.borrow_mut();
+                read.sort();
+                read.dedup();
+                *read != *s.listen.channels.borrow()
+            };
+            if s.listen.dirty.replace(false) || changed {
                 b.pool.listener.read_back(&s);
                 // What the backend listens on now is known: no UNLISTEN * needed if nothing.
                 st.listening = !s.listen.channels.borrow().is_empty();
