@@ -32,6 +32,11 @@ CREATE FUNCTION use_other() RETURNS int LANGUAGE plpgsql AS
 CREATE FUNCTION tenant_inner(v text) RETURNS text LANGUAGE plpgsql AS
   $$ BEGIN RETURN set_config('app.tenant', v, false); END $$;
 CREATE FUNCTION enter_tenant(v text) RETURNS text LANGUAGE sql AS $$ SELECT tenant_inner(v) $$;
+-- Sets its custom setting only when asked: the body is read at the first call, which sets
+-- nothing; the name found there is read back after later calls too.
+CREATE FUNCTION maybe_region(v text) RETURNS void LANGUAGE plpgsql AS
+  $$ BEGIN IF v <> '' THEN PERFORM set_config('app.region', v, false); END IF; END $$;
+GRANT EXECUTE ON FUNCTION maybe_region(text) TO PUBLIC;
 CREATE TABLE calls_log (v text);
 GRANT ALL ON calls_log TO PUBLIC;
 CREATE PROCEDURE wm_proc(v text) LANGUAGE plpgsql AS
@@ -213,6 +218,10 @@ async fn settings_changed_by_user_code_follow_the_session() {
         )
         .await;
         follows_only_its_session(&a, &b, "SELECT * FROM enter_tenant('t4')", tenant, "t4").await;
+        // A custom setting set only by a later call than the one that read the body.
+        let region = "SELECT coalesce(current_setting('app.region', true), '')";
+        a.batch_execute("SELECT maybe_region('')").await.unwrap();
+        follows_only_its_session(&a, &b, "SELECT maybe_region('r1')", region, "r1").await;
         // A procedure.
         follows_only_its_session(&a, &b, "CALL wm_proc('21MB')", work_mem, "21MB").await;
         // A DO block calling a user function.

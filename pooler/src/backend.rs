@@ -44,13 +44,29 @@ fn snapshot_sql(s: &Session, channels_only: bool) -> String {
         );
     }
     // The gateway's watch list: custom setting names, and (as `name(`) functions the session
-    // called that are not built-in, whose bodies may set custom settings by name.
-    let (functions, mut names): (Vec<String>, Vec<String>) = s
-        .watch
-        .borrow()
-        .iter()
-        .cloned()
-        .partition(|n| n.ends_with('('));
+    // called that are not built-in, whose bodies may set custom settings by name. A body is
+    // read once per session (then `name()` marks it read); the names found join the list.
+    let (functions, mut names) = {
+        let mut watch = s.watch.borrow_mut();
+        let mut functions = Vec::new();
+        let mut names = Vec::new();
+        for n in watch.iter() {
+            if n.ends_with("()") {
+                continue;
+            } else if n.ends_with('(') {
+                let read = format!("{n})");
+                if !watch.contains(&read) {
+                    functions.push(n.clone());
+                }
+            } else {
+                names.push(n.clone());
+            }
+        }
+        for f in &functions {
+            watch.push(format!("{f})"));
+        }
+        (functions, names)
+    };
     for (k, _) in s.settings.borrow().iter() {
         if k.contains('.') && !names.iter().any(|n| n == k) {
             names.push(k.to_owned());
@@ -77,12 +93,18 @@ fn snapshot_sql(s: &Session, channels_only: bool) -> String {
     )
 }
 
+/// First column of the read-back rows that carry a custom setting name found in a function
+/// body (a name with a space cannot be a setting's).
+const BODY_MARKER: &str = "tidepool body";
+
 /// Custom settings (`x.y`) named in the bodies of the functions a session called, and of the
 /// functions those call (by name, three levels deep): `pg_settings` hides custom settings, so
 /// their names must come from text, and `set_config('app.tenant', …)` inside a function is not
-/// in the calling statement's text. Only procedural and SQL bodies (`prolang` not internal 12
-/// or C 13); the names are looked up by `pg_proc`'s name index. The patterns avoid backslashes,
-/// so `standard_conforming_strings` does not matter.
+/// in the calling statement's text. Each name comes back twice: as `(BODY_MARKER, name)`, to be
+/// watched from then on, and with its value if it has one. Only procedural and SQL bodies
+/// (`prolang` not internal 12 or C 13); the names are looked up by `pg_proc`'s name index. The
+/// patterns avoid backslashes, so `standard_conforming_strings` does not matter. Costly
+/// (regular expressions over bodies): once per session and function.
 fn function_bodies_sql(functions: &[String]) -> String {
     if functions.is_empty() {
         return String::new();
@@ -92,7 +114,7 @@ fn function_bodies_sql(functions: &[String]) -> String {
         .map(|f| shared::settings::literal(f.trim_end_matches('(')))
         .collect();
     format!(
-        " UNION ALL SELECT n, pg_catalog.current_setting(n, true) FROM (\
+        " UNION ALL SELECT x.k, x.v FROM (\
          WITH RECURSIVE f(src, d) AS (\
          SELECT p.prosrc, 0 FROM pg_catalog.pg_proc p \
          WHERE p.proname = ANY (ARRAY[{}]::pg_catalog.name[]) AND p.prolang NOT IN (12, 13) \
@@ -103,9 +125,11 @@ fn function_bodies_sql(functions: &[String]) -> String {
          AND p.pronamespace <> 'pg_catalog'::pg_catalog.regnamespace \
          AND p.prolang NOT IN (12, 13)) \
          SELECT DISTINCT pg_catalog.lower(m.a[1]) AS n FROM f, pg_catalog.regexp_matches(f.src, \
-         '([A-Za-z_][A-Za-z0-9_$]*[.][A-Za-z_][A-Za-z0-9_$]*)', 'g') AS m(a)) AS b \
-         WHERE pg_catalog.current_setting(n, true) IS NOT NULL",
-        list.join(", ")
+         '([A-Za-z_][A-Za-z0-9_$]*[.][A-Za-z_][A-Za-z0-9_$]*)', 'g') AS m(a)) AS b, \
+         LATERAL (VALUES ({}, b.n), (b.n, pg_catalog.current_setting(b.n, true))) AS x(k, v) \
+         WHERE x.v IS NOT NULL",
+        list.join(", "),
+        shared::settings::literal(BODY_MARKER)
     )
 }
 
@@ -676,6 +700,12 @@ fn on_message(b: &Backend, st: &mut State, msg: &[u8]) -> After {
                             match &st.owner {
                                 Some(o) if k == crate::listen::MARKER => {
                                     o.listen.read.borrow_mut().push(v)
+                                }
+                                Some(o) if k == BODY_MARKER => {
+                                    let mut w = o.watch.borrow_mut();
+                                    if w.len() < 512 && !w.contains(&v) {
+                                        w.push(v);
+                                    }
                                 }
                                 _ => st.snapshot.set(&k, &v),
                             }
