@@ -6,6 +6,8 @@
 //! statement too large or too deeply nested to parse safely gets the conservative answer
 //! (read the settings back afterwards); Postgres itself then judges it.
 
+use crate::builtins::is_builtin_function;
+use crate::calls;
 use shared::link::flags;
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -81,6 +83,50 @@ impl Classifier {
             c.insert(sql.into(), f);
         }
         f
+    }
+}
+
+/// The flags of a session's protocol-level prepared statements, for their later executions: a
+/// `Bind` in a batch without the `Parse` must carry what the statement does when it runs
+/// (`SELECT set_wm($1)` prepared once, executed many times). Only statements with flags are
+/// kept (most have none), at most `MAX_FLAGGED`; past that, an unknown name is treated
+/// conservatively.
+#[derive(Default)]
+pub struct StatementFlags {
+    named: HashMap<Box<[u8]>, u8>,
+    unnamed: u8,
+    overflowed: bool,
+}
+
+const MAX_FLAGGED: usize = 1000;
+
+impl StatementFlags {
+    pub fn parsed(&mut self, name: &[u8], f: u8) {
+        let f = f & !LOWERS_SYNC_COMMIT;
+        if name.is_empty() {
+            self.unnamed = f;
+        } else if f == 0 {
+            self.named.remove(name);
+        } else if self.named.len() < MAX_FLAGGED || self.named.contains_key(name) {
+            self.named.insert(name.into(), f);
+        } else {
+            self.overflowed = true;
+        }
+    }
+
+    pub fn bound(&self, name: &[u8]) -> u8 {
+        if name.is_empty() {
+            return self.unnamed;
+        }
+        match self.named.get(name) {
+            Some(&f) => f,
+            None if self.overflowed => CONSERVATIVE,
+            None => 0,
+        }
+    }
+
+    pub fn closed(&mut self, name: &[u8]) {
+        self.named.remove(name);
     }
 }
 
@@ -222,8 +268,17 @@ fn depth(sql: &[u8]) -> usize {
 }
 
 /// Names that may be custom settings (`ident.ident`, bare or inside quotes) in a statement that
-/// may change settings. Extra names cost nothing (they read back as NULL); at most 32.
+/// may change settings, at most 32; then, as `name(`, at most 16 functions it may call that are
+/// not built-in: the pooler looks for custom settings in their bodies (`pg_proc.prosrc`), which
+/// `pg_settings` cannot list. Extra names cost nothing (they read back as NULL).
 pub fn custom_setting_names(sql: &[u8]) -> Vec<String> {
+    let mut names = dotted_names(sql);
+    let limit = names.len() + 16;
+    calls::user_function_names(sql, &mut names, limit);
+    names
+}
+
+fn dotted_names(sql: &[u8]) -> Vec<String> {
     let ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'$';
     let mut names = Vec::new();
     let mut i = 0;
@@ -327,21 +382,29 @@ pub fn fast(sql: &[u8]) -> Option<u8> {
         }
         f
     };
+    // A call of a function that is not built-in may change settings (set_config or SET in its
+    // body): the settings are read back after it. The lexer clears built-in calls and syntax;
+    // for anything else the grammar names the functions called (`full`), once per text.
+    let calls_builtins_only = || calls::only_builtin_calls(sql);
     match kw.as_slice() {
         b"select" | b"with" => {
             if contains_ci(sql, b"into") {
                 return None; // SELECT ... INTO TEMP creates a temp table
             }
-            Some(functions())
+            calls_builtins_only().then(functions)
         }
+        // A procedure or a DO block runs code we cannot see: always read back.
+        b"call" | b"do" => Some(flags::SNAPSHOT | functions()),
         b"insert" | b"update" | b"delete" | b"values" | b"table" | b"merge" | b"explain"
         | b"copy" | b"fetch" | b"move" | b"close" | b"show" | b"begin" | b"start" | b"commit"
         | b"end" | b"rollback" | b"abort" | b"savepoint" | b"release" | b"notify" | b"analyze"
-        | b"vacuum" | b"truncate" | b"lock" | b"call" | b"do" | b"grant" | b"revoke"
-        | b"comment" | b"reindex" | b"cluster" | b"refresh" | b"checkpoint" | b"unlisten"
-        | b"alter" | b"drop" | b"security" | b"import" | b"reassign" => Some(functions()),
+        | b"vacuum" | b"truncate" | b"lock" | b"grant" | b"revoke" | b"comment" | b"reindex"
+        | b"cluster" | b"refresh" | b"checkpoint" | b"unlisten" | b"alter" | b"drop"
+        | b"security" | b"import" | b"reassign" => calls_builtins_only().then(functions),
         b"create" => {
-            if contains_ci(sql, b"temp") || language_c(sql) {
+            if !calls_builtins_only() {
+                None
+            } else if contains_ci(sql, b"temp") || language_c(sql) {
                 Some(flags::PIN | functions())
             } else {
                 Some(functions())
@@ -399,6 +462,9 @@ pub fn fast(sql: &[u8]) -> Option<u8> {
                 Some(0)
             }
         }
+        // The cursor's query runs at FETCH, in the same transaction (or at COMMIT, WITH HOLD):
+        // a read-back when the transaction ends covers it.
+        b"declare" if !calls_builtins_only() => None,
         b"declare" => {
             if contains_ci(sql, b"hold") {
                 Some(flags::PIN)
@@ -459,17 +525,57 @@ pub fn full(sql: &str) -> u8 {
             _ => 0,
         };
     }
-    for (name, _) in &parsed.functions {
-        let name = name.rsplit('.').next().unwrap_or(name);
-        if name == "set_config" {
+    // Every call in the tree (pg_query's own walker, `nodes()`, skips some places, such as
+    // `VALUES` lists): only pg_catalog's own functions are built-in; another schema, or a
+    // name pg_catalog does not have (or one that runs SQL, builtins.rs), may change settings.
+    let lower = sql.to_ascii_lowercase();
+    let judge = |parts: &[&str]| -> u8 {
+        let Some((&name, schema)) = parts.split_last() else {
+            return flags::SNAPSHOT;
+        };
+        let mut f = 0;
+        let builtin = matches!(schema, [] | ["pg_catalog"]) && is_builtin_function(name.as_bytes());
+        if !builtin {
             f |= flags::SNAPSHOT;
-            if sql.to_ascii_lowercase().contains("authorization") {
-                f |= flags::PIN;
-            }
+        }
+        if name == "set_config" && lower.contains("authorization") {
+            f |= flags::PIN;
         }
         if name.contains("advisory_lock") {
             f |= flags::PIN;
         }
+        f
+    };
+    match serde_json::to_value(&parsed.protobuf) {
+        Ok(tree) => {
+            let mut stack = vec![&tree];
+            while let Some(v) = stack.pop() {
+                match v {
+                    serde_json::Value::Object(m) => {
+                        if let Some(call) = m.get("FuncCall") {
+                            let parts: Vec<&str> = call
+                                .get("funcname")
+                                .and_then(|n| n.as_array())
+                                .map(|a| {
+                                    a.iter()
+                                        .filter_map(|p| p.pointer("/node/String/sval")?.as_str())
+                                        .collect()
+                                })
+                                .unwrap_or_default();
+                            f |= judge(&parts);
+                        }
+                        // A procedure, or a DO block: code we cannot see.
+                        if m.contains_key("CallStmt") || m.contains_key("DoStmt") {
+                            f |= flags::SNAPSHOT;
+                        }
+                        stack.extend(m.values());
+                    }
+                    serde_json::Value::Array(a) => stack.extend(a),
+                    _ => {}
+                }
+            }
+        }
+        Err(_) => f |= CONSERVATIVE,
     }
     if contains_ci(sql.as_bytes(), b"notify") {
         // NOTIFY, pg_notify(), also in DO blocks: costs nothing unless the session listens.
@@ -593,6 +699,63 @@ mod tests {
         );
         assert!(custom_setting_names(b"SET work_mem = '1MB'").is_empty());
         assert!(custom_setting_names(b"select 1.5").is_empty());
+        assert_eq!(
+            custom_setting_names(b"select set_tenant('t1'), lower(x), app.set_x(1)"),
+            vec![
+                "app.set_x".to_string(),
+                "set_tenant(".into(),
+                "set_x(".into()
+            ]
+        );
+    }
+
+    /// Issue 4, point 5: a statement that calls a function that is not built-in reads the
+    /// settings back afterwards; built-in calls stay on the fast path (no read-back).
+    #[test]
+    fn user_function_calls_read_settings_back() {
+        let c = Classifier::default();
+        let classify = |sql: &str| {
+            let f = futures_lite::future::block_on(c.classify(sql.as_bytes()));
+            assert_eq!(c.classify_now(sql.as_bytes()), Some(f), "cached: {sql}");
+            f
+        };
+        for sql in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+            "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2",
+            "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) \
+             VALUES ($1, $2, $3, $4, CURRENT_TIMESTAMP)",
+            "SELECT now()",
+            "SELECT count(*) FROM pgbench_branches",
+            "SELECT lower(x) FROM t WHERE upper(y) = $1",
+            "SELECT pg_catalog.length('x')",
+            "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 3) \
+             SELECT * FROM r",
+            "INSERT INTO t (a) VALUES (1) ON CONFLICT (a) DO UPDATE SET (a) = (2)",
+            "SELECT x FROM t GROUP BY ROLLUP (x)",
+            "CREATE INDEX ON t (lower(x))",
+        ] {
+            assert_eq!(classify(sql), 0, "{sql}");
+        }
+        for sql in [
+            "SELECT set_wm('12MB')",
+            "SELECT * FROM set_wm('12MB')",
+            "select app.set_tenant($1)",
+            "SELECT public.lower('X')",
+            "INSERT INTO t VALUES (f())",
+            "UPDATE t SET x = f(x) WHERE id = 1",
+            "DELETE FROM t WHERE f(x)",
+            "SELECT query_to_xml('select 1', true, true, '')",
+            "select 1; select f()",
+            "DECLARE c CURSOR FOR SELECT f()",
+            "EXPLAIN ANALYZE SELECT f()",
+            "CALL p()",
+            "call s.p(1)",
+            "DO $$ BEGIN PERFORM 1; END $$",
+            "select 1; call p()",
+            "select 1; do $$ begin end $$",
+        ] {
+            assert_ne!(classify(sql) & flags::SNAPSHOT, 0, "{sql}");
+        }
     }
 
     #[test]
@@ -665,7 +828,7 @@ mod tests {
         );
         assert_eq!(
             fast(b"do $$ begin perform pg_notify('a', 'b') end $$"),
-            Some(flags::NOTIFY)
+            Some(flags::SNAPSHOT | flags::NOTIFY)
         );
         assert_eq!(fast(b"DEALLOCATE ALL"), Some(flags::DEALLOCATE));
         assert_eq!(fast(b"deallocate prepare all;"), Some(flags::DEALLOCATE));
@@ -700,7 +863,7 @@ mod tests {
         assert_eq!(full("select * from listeners; select 1"), 0);
         assert_eq!(
             full("do $$ begin execute 'listen x'; end $$"),
-            flags::LISTEN
+            flags::SNAPSHOT | flags::LISTEN
         );
         assert_eq!(full("unlisten a; notify b"), flags::LISTEN | flags::NOTIFY);
     }

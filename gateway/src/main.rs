@@ -2,6 +2,8 @@
 //! listener and the sessions the kernel gives it, for their whole life, with no locks.
 
 mod auth;
+mod builtins;
+mod calls;
 mod classify;
 mod config;
 mod core;

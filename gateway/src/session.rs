@@ -467,6 +467,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     .detach();
     let mut rstream = stream;
     let max = core.cfg.max_message_size;
+    let mut statement_flags = crate::classify::StatementFlags::default();
     'session: loop {
         // Frame every complete message we have into one MSGS frame.
         let mut flags = 0u8;
@@ -563,11 +564,20 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                                 if prepares {
                                     flags |= flags::PIN;
                                 }
+                                statement_flags.parsed(p.name, f);
+                            }
+                        }
+                        fe::BIND => {
+                            // What the statement does when it runs, also when it was parsed
+                            // in an earlier batch.
+                            if let Ok((_, stmt, _)) = fe::parse_bind(body) {
+                                flags |= statement_flags.bound(stmt);
                             }
                         }
                         fe::CLOSE => {
                             if let Ok((b'S', name)) = fe::parse_target(body) {
                                 io.forget_parse(name);
+                                statement_flags.closed(name);
                             }
                         }
                         _ => {}

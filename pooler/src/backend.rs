@@ -43,30 +43,93 @@ fn snapshot_sql(s: &Session, channels_only: bool) -> String {
             shared::settings::literal(crate::listen::MARKER)
         );
     }
-    let mut names: Vec<String> = s.watch.borrow().clone();
+    // The gateway's watch list: custom setting names, and (as `name(`) functions the session
+    // called that are not built-in, whose bodies may set custom settings by name. A body is
+    // read once per session (then `name()` marks it read); the names found join the list.
+    let (functions, mut names) = {
+        let mut watch = s.watch.borrow_mut();
+        let mut functions = Vec::new();
+        let mut names = Vec::new();
+        for n in watch.iter() {
+            if n.ends_with("()") {
+                continue;
+            } else if n.ends_with('(') {
+                let read = format!("{n})");
+                if !watch.contains(&read) {
+                    functions.push(n.clone());
+                }
+            } else {
+                names.push(n.clone());
+            }
+        }
+        for f in &functions {
+            watch.push(format!("{f})"));
+        }
+        (functions, names)
+    };
     for (k, _) in s.settings.borrow().iter() {
         if k.contains('.') && !names.iter().any(|n| n == k) {
             names.push(k.to_owned());
         }
     }
-    // The channels the backend listens on, when a statement may have changed them.
-    let channels = if s.listen.dirty.get() {
+    // The channels the backend listens on: always with the settings (a user function may run
+    // LISTEN; `pg_listening_channels()` costs next to nothing beside `pg_settings`).
+    let channels = {
         format!(
             " UNION ALL SELECT {}, c FROM pg_catalog.pg_listening_channels() AS c",
             shared::settings::literal(crate::listen::MARKER)
         )
-    } else {
-        String::new()
     };
+    let bodies = function_bodies_sql(&functions);
     if names.is_empty() {
-        return format!("{SNAPSHOT_SQL}{channels}");
+        return format!("{SNAPSHOT_SQL}{bodies}{channels}");
     }
     let list: Vec<String> = names.iter().map(|n| shared::settings::literal(n)).collect();
     format!(
         "{SNAPSHOT_SQL} UNION ALL SELECT n, pg_catalog.current_setting(n, true) \
          FROM pg_catalog.unnest(ARRAY[{}]::text[]) AS n \
-         WHERE pg_catalog.current_setting(n, true) IS NOT NULL{channels}",
+         WHERE pg_catalog.current_setting(n, true) IS NOT NULL{bodies}{channels}",
         list.join(", ")
+    )
+}
+
+/// First column of the read-back rows that carry a custom setting name found in a function
+/// body (a name with a space cannot be a setting's).
+const BODY_MARKER: &str = "tidepool body";
+
+/// Custom settings (`x.y`) named in the bodies of the functions a session called, and of the
+/// functions those call (by name, three levels deep): `pg_settings` hides custom settings, so
+/// their names must come from text, and `set_config('app.tenant', …)` inside a function is not
+/// in the calling statement's text. Each name comes back twice: as `(BODY_MARKER, name)`, to be
+/// watched from then on, and with its value if it has one. Only procedural and SQL bodies
+/// (`prolang` not internal 12 or C 13); the names are looked up by `pg_proc`'s name index. The
+/// patterns avoid backslashes, so `standard_conforming_strings` does not matter. Costly
+/// (regular expressions over bodies): once per session and function.
+fn function_bodies_sql(functions: &[String]) -> String {
+    if functions.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = functions
+        .iter()
+        .map(|f| shared::settings::literal(f.trim_end_matches('(')))
+        .collect();
+    format!(
+        " UNION ALL SELECT x.k, x.v FROM (\
+         WITH RECURSIVE f(src, d) AS (\
+         SELECT p.prosrc, 0 FROM pg_catalog.pg_proc p \
+         WHERE p.proname = ANY (ARRAY[{}]::pg_catalog.name[]) AND p.prolang NOT IN (12, 13) \
+         UNION SELECT p.prosrc, f.d + 1 FROM f, \
+         pg_catalog.regexp_matches(f.src, '([A-Za-z_][A-Za-z0-9_$]*)[[:space:]]*[(]', 'g') AS m(a), \
+         pg_catalog.pg_proc p WHERE f.d < 3 \
+         AND p.proname = pg_catalog.lower(m.a[1])::pg_catalog.name \
+         AND p.pronamespace <> 'pg_catalog'::pg_catalog.regnamespace \
+         AND p.prolang NOT IN (12, 13)) \
+         SELECT DISTINCT pg_catalog.lower(m.a[1]) AS n FROM f, pg_catalog.regexp_matches(f.src, \
+         '([A-Za-z_][A-Za-z0-9_$]*[.][A-Za-z_][A-Za-z0-9_$]*)', 'g') AS m(a)) AS b, \
+         LATERAL (VALUES ({}, b.n), (b.n, pg_catalog.current_setting(b.n, true))) AS x(k, v) \
+         WHERE x.v IS NOT NULL",
+        list.join(", "),
+        shared::settings::literal(BODY_MARKER)
     )
 }
 
@@ -682,6 +745,12 @@ fn on_message(b: &Backend, st: &mut State, msg: &[u8]) -> After {
                                 Some(o) if k == crate::listen::MARKER => {
                                     o.listen.read.borrow_mut().push(v)
                                 }
+                                Some(o) if k == BODY_MARKER => {
+                                    let mut w = o.watch.borrow_mut();
+                                    if w.len() < 512 && !w.contains(&v) {
+                                        w.push(v);
+                                    }
+                                }
                                 _ => st.snapshot.set(&k, &v),
                             }
                         }
@@ -925,7 +994,15 @@ fn internal_done(b: &Backend, st: &mut State, internal: Internal) -> After {
                 forward(st, &e);
                 return release_held_rfq(st, &s, held_rfq);
             }
-            if s.listen.dirty.replace(false) {
+            // A flagged LISTEN/UNLISTEN, or channels that changed under a statement that was
+            // not flagged (LISTEN inside a user function): the listener follows.
+            let changed = {
+                let mut read = s.listen.read.borrow_mut();
+                read.sort();
+                read.dedup();
+                *read != *s.listen.channels.borrow()
+            };
+            if s.listen.dirty.replace(false) || changed {
                 b.pool.listener.read_back(&s);
                 // What the backend listens on now is known: no UNLISTEN * needed if nothing.
                 st.listening = !s.listen.channels.borrow().is_empty();

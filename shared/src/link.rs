@@ -28,7 +28,9 @@ pub mod up {
     /// `u32 bytes` the gateway has written to the client: flow control.
     pub const CREDIT: u8 = 7;
     /// Names of custom settings (`x.y`) the next `MSGS` may set, NUL-terminated: Postgres hides
-    /// such placeholders from `pg_settings`, so the pooler reads them back by name.
+    /// such placeholders from `pg_settings`, so the pooler reads them back by name. A name
+    /// ending in `(` is a function the statement calls that is not built-in: the pooler looks
+    /// for custom setting names in its body.
     pub const WATCH: u8 = 8;
     /// The next `MSGS` drops, renames or copies (as a template) this database: payload its
     /// name. Postgres refuses while other sessions are connected to it, and the pooler's idle

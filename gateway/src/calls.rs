@@ -1,0 +1,453 @@
+//! Which functions a statement calls, as far as a lexer can tell: a call of a user function may
+//! change session settings (`set_config(…, false)` or `SET` in its body), so the pooler must read
+//! the settings back after it; a call of a built-in function cannot (builtins.rs).
+//!
+//! The lexer only ever answers "built-ins and syntax only" when it is sure; anything else goes to
+//! the real grammar (classify.rs, `full`), which sees the calls by name and is cached by text.
+
+use crate::builtins::{is_builtin_function, is_keyword, is_syntax_keyword};
+
+/// The token before the one being looked at.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Prev {
+    Start,
+    /// A keyword (any category), lower case, at most 32 bytes.
+    Keyword([u8; 32], usize),
+    /// An identifier that is not a keyword, or a quoted one.
+    Name,
+    /// `)` or `]`: what follows a name here is an alias's column list, not a call.
+    Close,
+    /// `::` — a type name follows (`numeric(10, 2)`).
+    Cast,
+    /// Any other punctuation, operator or literal.
+    Other,
+}
+
+impl Prev {
+    fn is(&self, word: &[u8]) -> bool {
+        matches!(self, Prev::Keyword(b, n) if &b[..*n] == word)
+    }
+}
+
+/// Keywords after which `name (` is an object's name with a column or argument list, never a
+/// call: `INSERT INTO t (a, b)`, `COPY t (a)`, `CREATE TABLE t (…)`, `REFERENCES t (a)`,
+/// `FROM t AS x (a)`, `CREATE FUNCTION f (…)`, `CREATE TRIGGER … EXECUTE FUNCTION f ()`.
+const NAMES_A_LIST: &[&[u8]] = &[
+    b"into",
+    b"copy",
+    b"table",
+    b"references",
+    b"as",
+    b"function",
+    b"procedure",
+    b"aggregate",
+    b"routine",
+    b"view",
+    b"exists",
+];
+
+/// Whether every `name (` in one statement is SQL syntax or a call of a built-in function
+/// (unqualified or `pg_catalog.`). `false` when a name is not provably built-in, or when the
+/// text cannot be lexed the same way under every `standard_conforming_strings` (a `\'` in a
+/// plain string) or does not end its strings and comments: the grammar then decides.
+pub fn only_builtin_calls(sql: &[u8]) -> bool {
+    let n = sql.len();
+    let mut i = 0;
+    let mut prev = Prev::Start;
+    while i < n {
+        let c = sql[i];
+        if c.is_ascii_whitespace() {
+            i += 1;
+        } else if sql[i..].starts_with(b"--") {
+            while i < n && sql[i] != b'\n' {
+                i += 1;
+            }
+        } else if sql[i..].starts_with(b"/*") {
+            let mut depth = 0usize;
+            loop {
+                if i >= n {
+                    return false;
+                }
+                if sql[i..].starts_with(b"/*") {
+                    depth += 1;
+                    i += 2;
+                } else if sql[i..].starts_with(b"*/") {
+                    depth -= 1;
+                    i += 2;
+                    if depth == 0 {
+                        break;
+                    }
+                } else {
+                    i += 1;
+                }
+            }
+        } else if c == b'\'' {
+            match skip_string(sql, i, false) {
+                Some(end) => i = end,
+                None => return false,
+            }
+            prev = Prev::Other;
+        } else if c == b'"' {
+            // A quoted name: `"f"(`, `"s".f(`, `"t" x(` or just a name.
+            match name_chain(sql, i, prev) {
+                Chain::Call(ok, end) => {
+                    if !ok {
+                        return false;
+                    }
+                    i = end;
+                    prev = Prev::Close;
+                }
+                Chain::Name(end) => {
+                    i = end;
+                    prev = Prev::Name;
+                }
+            }
+        } else if c == b'$' {
+            if sql.get(i + 1).is_some_and(|d| d.is_ascii_digit()) {
+                // A parameter: `$1`.
+                i += 1;
+                while i < n && sql[i].is_ascii_digit() {
+                    i += 1;
+                }
+                prev = Prev::Other;
+            } else {
+                match skip_dollar_string(sql, i) {
+                    Some(end) => i = end,
+                    None => return false,
+                }
+                prev = Prev::Other;
+            }
+        } else if c.is_ascii_digit() {
+            while i < n && (sql[i].is_ascii_alphanumeric() || sql[i] == b'_' || sql[i] == b'.') {
+                i += 1;
+            }
+            prev = Prev::Other;
+        } else if is_ident_start(c) {
+            let start = i;
+            while i < n && is_ident_char(sql[i]) {
+                i += 1;
+            }
+            let word = &sql[start..i];
+            // String prefixes: E'…' (backslash escapes), B'…', X'…', N'…', U&'…'.
+            if sql.get(i) == Some(&b'\'') && word.len() == 1 {
+                let escapes = word.eq_ignore_ascii_case(b"e");
+                if !matches!(word[0].to_ascii_lowercase(), b'e' | b'b' | b'x' | b'n') {
+                    return false;
+                }
+                match skip_string(sql, i, escapes) {
+                    Some(end) => i = end,
+                    None => return false,
+                }
+                prev = Prev::Other;
+                continue;
+            }
+            if word.eq_ignore_ascii_case(b"u") && sql.get(i) == Some(&b'&') {
+                return false; // U&'…' / U&"…": rare, let the grammar read it.
+            }
+            let mut lower = [0u8; 64];
+            if word.len() > lower.len() {
+                return false;
+            }
+            for (d, s) in lower.iter_mut().zip(word) {
+                *d = s.to_ascii_lowercase();
+            }
+            let lower = &lower[..word.len()];
+            let next = skip_blank(sql, i);
+            if sql.get(next) == Some(&b'(') {
+                // `name (`: a call, or syntax, or a list after a name.
+                if is_syntax_keyword(lower)
+                    || prev == Prev::Cast
+                    || prev == Prev::Name
+                    || prev == Prev::Close
+                    || NAMES_A_LIST.iter().any(|w| prev.is(w))
+                    || (lower == b"conflict" && prev.is(b"on"))
+                    || lower == b"varying"
+                    || known(lower)
+                {
+                    i = next + 1;
+                    prev = Prev::Other;
+                    continue;
+                }
+                return false;
+            }
+            if sql.get(next) == Some(&b'.') {
+                match name_chain(sql, start, prev) {
+                    Chain::Call(ok, end) => {
+                        if !ok {
+                            return false;
+                        }
+                        i = end;
+                        prev = Prev::Other;
+                    }
+                    Chain::Name(end) => {
+                        i = end;
+                        prev = Prev::Name;
+                    }
+                }
+                continue;
+            }
+            prev = if is_keyword(lower) && lower.len() <= 32 {
+                let mut b = [0u8; 32];
+                b[..lower.len()].copy_from_slice(lower);
+                Prev::Keyword(b, lower.len())
+            } else {
+                Prev::Name
+            };
+        } else if c == b':' && sql.get(i + 1) == Some(&b':') {
+            i += 2;
+            prev = Prev::Cast;
+        } else if c == b')' || c == b']' {
+            i += 1;
+            prev = Prev::Close;
+        } else if c == b'\\' {
+            return false; // psql meta-commands and the like: not ours to read.
+        } else {
+            i += 1;
+            prev = Prev::Other;
+        }
+    }
+    true
+}
+
+enum Chain {
+    /// A qualified or quoted name called: whether it is a built-in, and where the `(` ends.
+    Call(bool, usize),
+    /// A (qualified) name not followed by `(`: where it ends.
+    Name(usize),
+}
+
+/// Reads `a.b.c` (parts plain or quoted) from `start`; if `(` follows, judges the call.
+fn name_chain(sql: &[u8], start: usize, prev: Prev) -> Chain {
+    let mut parts: Vec<(&[u8], bool)> = Vec::new(); // (text, quoted)
+    let mut i = start;
+    loop {
+        let (part, quoted, end) = if sql.get(i) == Some(&b'"') {
+            match skip_quoted_name(sql, i) {
+                Some(end) => (&sql[i + 1..end - 1], true, end),
+                None => return Chain::Call(false, sql.len()),
+            }
+        } else if sql.get(i).is_some_and(|&c| is_ident_start(c)) {
+            let mut e = i;
+            while e < sql.len() && is_ident_char(sql[e]) {
+                e += 1;
+            }
+            (&sql[i..e], false, e)
+        } else if sql.get(i) == Some(&b'*') {
+            // `t.*`
+            return Chain::Name(i + 1);
+        } else {
+            // `x.` followed by something else: not a name we understand.
+            return Chain::Call(false, i);
+        };
+        parts.push((part, quoted));
+        let next = skip_blank(sql, end);
+        match sql.get(next) {
+            Some(b'.') => i = skip_blank(sql, next + 1),
+            Some(b'(') => {
+                if prev == Prev::Cast || NAMES_A_LIST.iter().any(|w| prev.is(w)) {
+                    return Chain::Call(true, next + 1);
+                }
+                if parts.len() == 1 && !quoted {
+                    // Cannot happen (plain single names are judged by the caller).
+                    return Chain::Call(false, next + 1);
+                }
+                if parts.len() == 1 && (prev == Prev::Name || prev == Prev::Close) {
+                    return Chain::Call(true, next + 1); // `"t" x(…)`-like alias list
+                }
+                let (name, quoted) = parts[parts.len() - 1];
+                let schema_ok = match parts.len() {
+                    1 => true,
+                    2 => {
+                        let (s, q) = parts[0];
+                        if q {
+                            s == b"pg_catalog"
+                        } else {
+                            s.eq_ignore_ascii_case(b"pg_catalog")
+                        }
+                    }
+                    _ => false,
+                };
+                let builtin = if quoted {
+                    known(name)
+                } else {
+                    name.len() <= 64 && known(&name.to_ascii_lowercase())
+                };
+                return Chain::Call(schema_ok && builtin, next + 1);
+            }
+            _ => return Chain::Name(end),
+        }
+    }
+}
+
+/// A built-in function, or `set_config`, which classify.rs flags by name (`SNAPSHOT`).
+fn known(name: &[u8]) -> bool {
+    is_builtin_function(name) || name == b"set_config"
+}
+
+fn is_ident_start(c: u8) -> bool {
+    c.is_ascii_alphabetic() || c == b'_' || c >= 0x80
+}
+
+fn is_ident_char(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
+}
+
+fn skip_blank(sql: &[u8], mut i: usize) -> usize {
+    while i < sql.len() && sql[i].is_ascii_whitespace() {
+        i += 1;
+    }
+    i
+}
+
+/// Past the end of a string literal starting at the quote `at`; `None` if it does not end, or if
+/// it holds `\'` outside an `E''` string (where `standard_conforming_strings = off` would end it
+/// elsewhere).
+fn skip_string(sql: &[u8], at: usize, escapes: bool) -> Option<usize> {
+    let mut i = at + 1;
+    while i < sql.len() {
+        match sql[i] {
+            b'\\' if escapes => i += 2,
+            b'\\' if sql.get(i + 1) == Some(&b'\'') => return None,
+            b'\'' if sql.get(i + 1) == Some(&b'\'') => i += 2,
+            b'\'' => return Some(i + 1),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+fn skip_quoted_name(sql: &[u8], at: usize) -> Option<usize> {
+    let mut i = at + 1;
+    while i < sql.len() {
+        if sql[i] == b'"' {
+            if sql.get(i + 1) == Some(&b'"') {
+                i += 2;
+                continue;
+            }
+            return Some(i + 1);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// `$tag$ … $tag$` from the first `$`.
+fn skip_dollar_string(sql: &[u8], at: usize) -> Option<usize> {
+    let mut e = at + 1;
+    while e < sql.len() && (sql[e].is_ascii_alphanumeric() || sql[e] == b'_' || sql[e] >= 0x80) {
+        e += 1;
+    }
+    if sql.get(e) != Some(&b'$') {
+        return None; // a lone `$`: not valid SQL, let the grammar say so.
+    }
+    let tag = &sql[at..=e];
+    let body = e + 1;
+    sql[body..]
+        .windows(tag.len())
+        .position(|w| w == tag)
+        .map(|p| body + p + tag.len())
+}
+
+/// Names of functions a statement may call that are not built-in (lower case, unqualified),
+/// for the pooler to look for custom settings in their bodies (`WATCH`, as `name(`). Reads the
+/// raw text, strings included (a `DO` block's body is a string): extra names cost nothing.
+pub fn user_function_names(sql: &[u8], out: &mut Vec<String>, limit: usize) {
+    let n = sql.len();
+    let mut i = 0;
+    while i < n && out.len() < limit {
+        if is_ident_start(sql[i]) && (i == 0 || !is_ident_char(sql[i - 1])) {
+            let start = i;
+            while i < n && is_ident_char(sql[i]) {
+                i += 1;
+            }
+            let next = skip_blank(sql, i);
+            if sql.get(next) != Some(&b'(') || i - start > 63 {
+                continue;
+            }
+            let name = sql[start..i].to_ascii_lowercase();
+            if known(&name) || is_keyword(&name) {
+                continue;
+            }
+            let mut entry = String::from_utf8_lossy(&name).into_owned();
+            entry.push('(');
+            if !out.contains(&entry) {
+                out.push(entry);
+            }
+        } else {
+            i += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtins_and_syntax_are_cleared() {
+        for sql in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+            "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2",
+            "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) \
+             VALUES ($1, $2, $3, $4, CURRENT_TIMESTAMP)",
+            "SELECT now()",
+            "select count(*) from t",
+            "SELECT lower(x) FROM t",
+            "SELECT pg_catalog.lower(x), \"lower\"(y), pg_catalog.\"upper\"(z) FROM s.t",
+            "SELECT coalesce(a, 1), nullif(b, 2), greatest(1, 2) FROM t WHERE x IN (1, 2) \
+             AND EXISTS (SELECT 1) AND y = ANY($1)",
+            "SELECT 1.5::numeric(10, 2), CAST(x AS varchar(20)), x::character varying(3), \
+             x::pg_catalog.numeric(4, 1)",
+            "SELECT count(*) FILTER (WHERE a > 1), row_number() OVER (PARTITION BY b) FROM t",
+            "SELECT * FROM generate_series(1, 3) AS g (x), t u (a)",
+            "SELECT 'f(x)', $$ g(y) $$, $q$ h() $q$, E'it\\'s', \"my col\" FROM t -- k()\n",
+            "/* f() */ SELECT t.a, t.* FROM s.t",
+            "INSERT INTO t (a, b) VALUES (1, 2) ON CONFLICT (a) DO NOTHING",
+            "COPY t (a, b) FROM STDIN",
+            "CREATE TABLE t (a numeric(10, 2) DEFAULT nextval('s'), b text CHECK (length(b) > 0))",
+            "CREATE FUNCTION f(a int) RETURNS int LANGUAGE sql AS $$ select set_wm() $$",
+            "DROP FUNCTION f(int)",
+            "SELECT date_trunc('day', now()) - interval '1 day'",
+            "SELECT pg_catalog.set_config('work_mem', '1MB', false)",
+        ] {
+            assert!(only_builtin_calls(sql.as_bytes()), "{sql}");
+        }
+    }
+
+    #[test]
+    fn user_calls_are_not_cleared() {
+        for sql in [
+            "SELECT set_wm($1)",
+            "SELECT * FROM my_func()",
+            "SELECT app.set_tenant('x')",
+            "SELECT pg_catalog.lower(x), public.lower(y)",
+            "SELECT \"Lower\"(x)",
+            "INSERT INTO t VALUES (f())",
+            "INSERT INTO t (a) SELECT f(1)",
+            "UPDATE t SET x = f(x)",
+            "DELETE FROM t WHERE g(x)",
+            "WITH c AS (SELECT f()) SELECT * FROM c",
+            "SELECT query_to_xml('select 1', true, true, '')",
+            "SELECT uuid_generate_v4()",
+            "SELECT 'a\\'' , f() , ''",
+            "SELECT 'unterminated",
+            "SELECT x FROM t WHERE lower(x) = f(y)",
+        ] {
+            assert!(!only_builtin_calls(sql.as_bytes()), "{sql}");
+        }
+    }
+
+    #[test]
+    fn names_to_watch() {
+        let mut out = Vec::new();
+        user_function_names(
+            b"select set_tenant('x'), lower(y), app.other (1) from t where x in (1)",
+            &mut out,
+            8,
+        );
+        assert_eq!(out, vec!["set_tenant(".to_string(), "other(".to_string()]);
+        let mut out = Vec::new();
+        user_function_names(b"do $$ begin perform Set_It(); end $$", &mut out, 8);
+        assert_eq!(out, vec!["set_it(".to_string()]);
+    }
+}
