@@ -34,6 +34,7 @@
 
 use crate::config::Config;
 use crate::core::{CoreMsg, Outbox};
+use crate::listen_names::listen_channels;
 use crate::login;
 use crate::session::Session;
 use glommio::net::UnixStream;
@@ -66,6 +67,10 @@ pub struct SessionListen {
     pub dirty: Cell<bool>,
     /// Channels read back (rows of the settings read-back).
     pub read: RefCell<Vec<String>>,
+    /// Channels a running request names in `LISTEN` that the session did not listen on: the
+    /// listener listens on them ahead, and the session's own notifications on them are held
+    /// until the read-back says whether it does listen.
+    ahead: RefCell<Vec<String>>,
     /// The pending read-back needs the channels only, not the settings (reading `pg_settings`
     /// costs far more than `pg_listening_channels()`).
     pub only: Cell<bool>,
@@ -134,6 +139,12 @@ fn notification_channel(msg: &[u8]) -> Option<&str> {
     std::str::from_utf8(read_cstr(body, &mut pos).ok()?).ok()
 }
 
+/// The process id of the backend that sent a whole `NotificationResponse` message.
+fn notification_pid(msg: &[u8]) -> Option<i32> {
+    let mut pos = 0;
+    read_i32(msg.get(5..)?, &mut pos).ok()
+}
+
 /// `"name"` with `"` doubled: a channel name as an SQL identifier.
 pub fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -183,6 +194,12 @@ pub struct Listener {
     outbox: Rc<Outbox>,
     /// Channel → sessions of this core listening on it (by address).
     channels: RefCell<HashMap<String, HashMap<usize, Weak<Session>>>>,
+    /// Channel → sessions of this core running a `LISTEN` of it, not yet read back.
+    ahead: RefCell<HashMap<String, HashMap<usize, Weak<Session>>>>,
+    /// Channel changes sent to the owner, counted; and the count covered by the last barrier
+    /// that passed (every change up to it is in effect on the listening connection).
+    sent: Cell<u64>,
+    confirmed: Cell<u64>,
     /// Barriers asked of the owner core, by token.
     barriers: RefCell<HashMap<u64, Rc<Slot<bool>>>>,
     next_token: Cell<u64>,
@@ -238,6 +255,9 @@ impl Listener {
             owner,
             outbox,
             channels: RefCell::new(HashMap::new()),
+            ahead: RefCell::new(HashMap::new()),
+            sent: Cell::new(0),
+            confirmed: Cell::new(0),
             barriers: RefCell::new(HashMap::new()),
             next_token: Cell::new(1),
             announced: Cell::new(false),
@@ -245,30 +265,25 @@ impl Listener {
         })
     }
 
-    /// Records that `s` now listens on `new` (sorted, deduplicated), and tells the owner core at
-    /// once which channels this core starts and stops listening on: in order with every other
-    /// change and barrier of this core, so a barrier sent later passes only after them.
-    fn update(self: &Rc<Self>, s: &Rc<Session>, new: Vec<String>) {
-        let old = std::mem::replace(&mut *s.listen.channels.borrow_mut(), new.clone());
-        let key = Rc::as_ptr(s) as usize;
+    /// Whether a session of this core listens on `channel`, or is about to.
+    fn core_listens(&self, channel: &str) -> bool {
+        self.channels.borrow().contains_key(channel) || self.ahead.borrow().contains_key(channel)
+    }
+
+    /// Runs `change` on the registry and tells the owner core at once which of the `affected`
+    /// channels this core starts and stops listening on: in order with every other change and
+    /// barrier of this core, so a barrier sent later passes only after them.
+    fn apply(self: &Rc<Self>, mut affected: Vec<String>, change: impl FnOnce(&Self)) {
+        affected.sort();
+        affected.dedup();
+        let before: Vec<bool> = affected.iter().map(|c| self.core_listens(c)).collect();
+        change(self);
         let (mut add, mut remove) = (Vec::new(), Vec::new());
-        {
-            let mut reg = self.channels.borrow_mut();
-            for c in old.iter().filter(|c| !new.contains(c)) {
-                if let Some(m) = reg.get_mut(c) {
-                    m.remove(&key);
-                    if m.is_empty() {
-                        reg.remove(c);
-                        remove.push(c.clone());
-                    }
-                }
-            }
-            for c in new.into_iter().filter(|c| !old.contains(c)) {
-                let m = reg.entry(c.clone()).or_default();
-                if m.is_empty() {
-                    add.push(c);
-                }
-                m.insert(key, Rc::downgrade(s));
+        for (c, was) in affected.into_iter().zip(before) {
+            match (was, self.core_listens(&c)) {
+                (false, true) => add.push(c),
+                (true, false) => remove.push(c),
+                _ => {}
             }
         }
         if add.is_empty() && remove.is_empty() {
@@ -277,6 +292,7 @@ impl Listener {
         if !add.is_empty() && !self.announced.replace(true) {
             tracing::info!(core = self.core, owner = self.owner, database = %self.database, "sessions on this core listen; the owner core's connection serves them");
         }
+        self.sent.set(self.sent.get() + 1);
         if self.hub.is_some() {
             self.hub_update(self.core, add, remove);
         } else {
@@ -289,6 +305,91 @@ impl Listener {
                     remove,
                 },
             );
+        }
+    }
+
+    /// Records that `s` now listens on `new` (sorted, deduplicated), and no longer ahead.
+    fn update(self: &Rc<Self>, s: &Rc<Session>, new: Vec<String>) {
+        let old = std::mem::replace(&mut *s.listen.channels.borrow_mut(), new.clone());
+        let ahead = std::mem::take(&mut *s.listen.ahead.borrow_mut());
+        let key = Rc::as_ptr(s) as usize;
+        let affected = old.iter().chain(&new).chain(&ahead).cloned().collect();
+        self.apply(affected, |l| {
+            let mut reg = l.channels.borrow_mut();
+            for c in old.iter().filter(|c| !new.contains(c)) {
+                if let Some(m) = reg.get_mut(c) {
+                    m.remove(&key);
+                    if m.is_empty() {
+                        reg.remove(c);
+                    }
+                }
+            }
+            for c in new.iter().filter(|c| !old.contains(c)) {
+                reg.entry(c.clone())
+                    .or_default()
+                    .insert(key, Rc::downgrade(s));
+            }
+            let mut pending = l.ahead.borrow_mut();
+            for c in &ahead {
+                if let Some(m) = pending.get_mut(c) {
+                    m.remove(&key);
+                    if m.is_empty() {
+                        pending.remove(c);
+                    }
+                }
+            }
+        });
+    }
+
+    /// Before a request that may `LISTEN` runs: the listening connection listens on the channels
+    /// its `LISTEN` statements name (`listen_names.rs`) that the session does not listen on yet,
+    /// and the session's own notifications on them are held for it until its channels are read
+    /// back. So a `LISTEN x; NOTIFY x` in one transaction hears itself, as directly (Postgres
+    /// makes the session a listener before it queues its notifications at commit). Costs one
+    /// listener round trip, unless this core's listener is known to listen on them already.
+    pub async fn listen_ahead(self: &Rc<Self>, s: &Rc<Session>, msgs: &[u8], max: usize) {
+        let mut names = Vec::new();
+        let mut rest = msgs;
+        while let Ok(Some(n)) = typed_message_len(rest, max) {
+            let (msg, tail) = rest.split_at(n);
+            rest = tail;
+            match msg[0] {
+                frontend::QUERY => names.extend(listen_channels(frontend::query_text(&msg[5..]))),
+                frontend::PARSE => {
+                    if let Ok(p) = frontend::parse_parse(&msg[5..]) {
+                        names.extend(listen_channels(p.query));
+                    }
+                }
+                _ => {}
+            }
+        }
+        {
+            let (mine, ahead) = (s.listen.channels.borrow(), s.listen.ahead.borrow());
+            names.retain(|c| !mine.contains(c) && !ahead.contains(c));
+        }
+        names.sort();
+        names.dedup();
+        if names.is_empty() {
+            return;
+        }
+        let all_known = names.iter().all(|c| self.core_listens(c));
+        s.listen.ahead.borrow_mut().extend(names.iter().cloned());
+        let key = Rc::as_ptr(s) as usize;
+        self.apply(names.clone(), |l| {
+            let mut pending = l.ahead.borrow_mut();
+            for c in names {
+                pending.entry(c).or_default().insert(key, Rc::downgrade(s));
+            }
+        });
+        // The listening connection already listens on all of them if this core asked before and
+        // a barrier has passed since.
+        if all_known && self.confirmed.get() >= self.sent.get() {
+            return;
+        }
+        match crate::with_timeout(SYNC_TIMEOUT, self.barrier()).await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => tracing::warn!(error = %e, "listener did not listen ahead"),
+            None => tracing::warn!("listener did not answer in time"),
         }
     }
 
@@ -307,7 +408,7 @@ impl Listener {
 
     /// The session ended: it listens on nothing.
     pub fn forget(self: &Rc<Self>, s: &Rc<Session>) {
-        if !s.listen.channels.borrow().is_empty() {
+        if !s.listen.channels.borrow().is_empty() || !s.listen.ahead.borrow().is_empty() {
             self.update(s, Vec::new());
         }
     }
@@ -317,6 +418,7 @@ impl Listener {
     /// core's sessions. On another core the answer comes over the same ordered mesh channel as
     /// the notifications, after them.
     pub async fn barrier(self: &Rc<Self>) -> Result<(), String> {
+        let covers = self.sent.get();
         let ok = if self.hub.is_some() {
             let slot = Rc::new(Slot::default());
             self.hub_send_barrier(Waiter::Local(slot.clone()));
@@ -345,6 +447,7 @@ impl Listener {
             slot.take().await
         };
         if ok {
+            self.confirmed.set(self.confirmed.get().max(covers));
             Ok(())
         } else {
             Err("listening connection lost".into())
@@ -367,10 +470,26 @@ impl Listener {
         };
         let sessions: Vec<Rc<Session>> = match self.channels.borrow().get(channel) {
             Some(m) => m.values().filter_map(Weak::upgrade).collect(),
-            None => return,
+            None => Vec::new(),
         };
         for s in sessions {
             s.notification(msg);
+        }
+        // A session listening ahead hears only its own notifications (sent by the backend it
+        // holds for the transaction): held, never sent at once, kept at the read-back only if
+        // it does listen. Others' notifications committed before its LISTEN committed are not
+        // delivered, as directly (Postgres starts a new listener past the committed ones that
+        // other listeners of the database already read, `Exec_ListenPreCommit`).
+        let ahead: Vec<Rc<Session>> = match self.ahead.borrow().get(channel) {
+            Some(m) => m.values().filter_map(Weak::upgrade).collect(),
+            None => return,
+        };
+        let sender = notification_pid(msg);
+        for s in ahead {
+            let own = s.backend.borrow().as_ref().map(|b| b.pid) == sender;
+            if own {
+                s.listen.queue_note(msg);
+            }
         }
     }
 
@@ -775,5 +894,7 @@ mod tests {
         assert_eq!(out, [note("a", "1"), note("a", "4")].concat());
         assert_eq!(notification_channel(&note("x y", "")), Some("x y"));
         assert_eq!(notification_channel(b"A\0\0"), None);
+        assert_eq!(notification_pid(&note("x", "")), Some(7));
+        assert_eq!(notification_pid(b"A\0\0"), None);
     }
 }

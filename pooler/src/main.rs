@@ -10,6 +10,7 @@ mod config;
 mod core;
 mod link;
 mod listen;
+mod listen_names;
 mod login;
 mod pool;
 mod session;
