@@ -572,3 +572,58 @@ async fn one_listening_connection_for_all_cores() {
     })
     .await;
 }
+
+/// A database whose sessions listened can still be dropped through the gateway once they left:
+/// the pooler closes the listening connection on it (nobody listens), as it closes idle
+/// backends. While a session still listens, the drop is refused, as directly.
+#[tokio::test]
+async fn a_database_that_had_listeners_can_be_dropped() {
+    let (pg, tp) = start(2);
+    pg.psql_admin("CREATE DATABASE listened OWNER alice");
+    bounded(Duration::from_secs(90), async {
+        let ep = tp.endpoint();
+        let (admin, _) = session(&ep).await;
+        let connect = || async {
+            let (client, connection) = ep
+                .pg_config(ALICE.0, ALICE.1, "listened")
+                .connect(NoTls)
+                .await
+                .unwrap();
+            let task = tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            (client, task)
+        };
+        let (l, l_task) = connect().await;
+        l.batch_execute("LISTEN gone; NOTIFY gone").await.unwrap();
+        assert_eq!(listener_connections(&pg, "listened"), 1);
+        // Still listening: refused (55006), the listening session is really connected.
+        let err = admin
+            .batch_execute("DROP DATABASE listened")
+            .await
+            .unwrap_err();
+        assert_eq!(err.code().map(|c| c.code()), Some("55006"), "{err}");
+        drop(l);
+        let _ = l_task.await;
+        // The session has left; the pooler may take a moment to see it (each refusal takes
+        // Postgres 5 s of waiting for the other connections to go).
+        let mut dropped = None;
+        for _ in 0..3 {
+            match admin.batch_execute("DROP DATABASE listened").await {
+                Ok(()) => {
+                    dropped = Some(());
+                    break;
+                }
+                Err(e) if e.code().map(|c| c.code()) == Some("55006") => {}
+                Err(e) => panic!("DROP DATABASE: {e}"),
+            }
+        }
+        assert!(
+            dropped.is_some(),
+            "DROP DATABASE still refused after the listener left\n{}",
+            tp.logs()
+        );
+        assert_eq!(listener_connections(&pg, "listened"), 0);
+    })
+    .await;
+}

@@ -256,6 +256,15 @@ impl Core {
         l
     }
 
+    /// The database is about to be dropped, renamed or copied: close its listening connection
+    /// if it is on this core and nobody listens (listen.rs).
+    pub fn release_listener(&self, database: &str) {
+        let l = self.listeners.borrow().get(database).cloned();
+        if let Some(l) = l {
+            l.release();
+        }
+    }
+
     /// The statement for (query, parameter types), named by its content: every session that
     /// prepares the same text shares it, and a backend parses it once.
     pub fn statement(&self, query: &[u8], param_types: &[u8]) -> Rc<Stmt> {

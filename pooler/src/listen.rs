@@ -55,6 +55,10 @@ pub const MARKER: &str = "tidepool listen";
 /// answer must not stall sessions (the notifications may then come late or not at all).
 const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long the listening connection stays open after the last listener left: a session that
+/// listens again soon does not wait for a new login.
+const LINGER: Duration = Duration::from_secs(10);
+
 /// Notifications queued for one busy session, in bytes; past it new ones are dropped (logged).
 const NOTES_LIMIT: usize = 16 << 20;
 
@@ -67,10 +71,14 @@ pub struct SessionListen {
     pub dirty: Cell<bool>,
     /// Channels read back (rows of the settings read-back).
     pub read: RefCell<Vec<String>>,
-    /// Channels a running request names in `LISTEN` that the session did not listen on: the
-    /// listener listens on them ahead, and the session's own notifications on them are held
-    /// until the read-back says whether it does listen.
+    /// Channels the session is joining: named in `LISTEN` by a running request (the listener
+    /// listens on them ahead) or new at the last read-back. Only the session's own
+    /// notifications on them are delivered (held) until the barrier after the read-back passes;
+    /// then they are promoted to ordinary channels.
     ahead: RefCell<Vec<String>>,
+    /// The backend that ran the session's transaction, recorded at the read-back: its
+    /// notifications are the session's own while it is joining channels.
+    own_pid: Cell<Option<i32>>,
     /// The pending read-back needs the channels only, not the settings (reading `pg_settings`
     /// costs far more than `pg_listening_channels()`).
     pub only: Cell<bool>,
@@ -128,6 +136,20 @@ impl SessionListen {
             return;
         }
         n.extend_from_slice(msg);
+    }
+}
+
+/// Removes session `key` from `channel` in a registry.
+fn remove_from(
+    reg: &mut HashMap<String, HashMap<usize, Weak<Session>>>,
+    channel: &str,
+    key: usize,
+) {
+    if let Some(m) = reg.get_mut(channel) {
+        m.remove(&key);
+        if m.is_empty() {
+            reg.remove(channel);
+        }
     }
 }
 
@@ -219,6 +241,8 @@ struct Hub {
     connected: Notify,
     /// A reconnect loop runs.
     reviving: Cell<bool>,
+    /// A task closes the connection if nobody listens after [`LINGER`].
+    lingering: Cell<bool>,
 }
 
 /// Who waits for the `ReadyForQuery` of a query on the listening connection.
@@ -236,6 +260,19 @@ struct Conn {
     /// One per query sent, in order.
     waiters: RefCell<VecDeque<Waiter>>,
     dead: Cell<bool>,
+    /// Closed on purpose: nobody listens.
+    closing: Cell<bool>,
+}
+
+impl Conn {
+    /// Ends the session (`Terminate`); the read loop sees the end.
+    fn close(&self) {
+        self.closing.set(true);
+        let mut q = Vec::new();
+        shared::protocol::put_message(&mut q, frontend::TERMINATE, |_| {});
+        self.out.push(&q);
+        self.out.close();
+    }
 }
 
 impl Listener {
@@ -248,6 +285,7 @@ impl Listener {
             connecting: Cell::new(false),
             connected: Notify::default(),
             reviving: Cell::new(false),
+            lingering: Cell::new(false),
         });
         Rc::new(Listener {
             database: database.to_owned(),
@@ -308,34 +346,52 @@ impl Listener {
         }
     }
 
-    /// Records that `s` now listens on `new` (sorted, deduplicated), and no longer ahead.
+    /// Records that `s` now listens on `new` (sorted, deduplicated). The channels new to it are
+    /// *joining* until [`Listener::promote`]: a notification that reaches this core after the
+    /// read-back may have been committed before the session's `LISTEN` was, and Postgres would
+    /// not deliver that one (`Exec_ListenPreCommit` starts a new listener past the notifications
+    /// other listeners of the database already read); the session's own ones it would.
     fn update(self: &Rc<Self>, s: &Rc<Session>, new: Vec<String>) {
         let old = std::mem::replace(&mut *s.listen.channels.borrow_mut(), new.clone());
-        let ahead = std::mem::take(&mut *s.listen.ahead.borrow_mut());
+        let before = std::mem::take(&mut *s.listen.ahead.borrow_mut());
+        let joining: Vec<String> = new.iter().filter(|c| !old.contains(c)).cloned().collect();
         let key = Rc::as_ptr(s) as usize;
-        let affected = old.iter().chain(&new).chain(&ahead).cloned().collect();
+        let affected = old.iter().chain(&new).chain(&before).cloned().collect();
         self.apply(affected, |l| {
             let mut reg = l.channels.borrow_mut();
             for c in old.iter().filter(|c| !new.contains(c)) {
-                if let Some(m) = reg.get_mut(c) {
-                    m.remove(&key);
-                    if m.is_empty() {
-                        reg.remove(c);
-                    }
-                }
+                remove_from(&mut reg, c, key);
             }
-            for c in new.iter().filter(|c| !old.contains(c)) {
-                reg.entry(c.clone())
+            let mut pending = l.ahead.borrow_mut();
+            for c in &before {
+                remove_from(&mut pending, c, key);
+            }
+            for c in &joining {
+                pending
+                    .entry(c.clone())
                     .or_default()
                     .insert(key, Rc::downgrade(s));
             }
+        });
+        *s.listen.ahead.borrow_mut() = joining;
+    }
+
+    /// The barrier after the read-back passed: the channels `s` was joining are ordinary now.
+    fn promote(self: &Rc<Self>, s: &Rc<Session>) {
+        s.listen.own_pid.set(None);
+        let joining = std::mem::take(&mut *s.listen.ahead.borrow_mut());
+        if joining.is_empty() {
+            return;
+        }
+        let key = Rc::as_ptr(s) as usize;
+        let channels = s.listen.channels.borrow().clone();
+        self.apply(joining.clone(), |l| {
             let mut pending = l.ahead.borrow_mut();
-            for c in &ahead {
-                if let Some(m) = pending.get_mut(c) {
-                    m.remove(&key);
-                    if m.is_empty() {
-                        pending.remove(c);
-                    }
+            let mut reg = l.channels.borrow_mut();
+            for c in joining {
+                remove_from(&mut pending, &c, key);
+                if channels.contains(&c) {
+                    reg.entry(c).or_default().insert(key, Rc::downgrade(s));
                 }
             }
         });
@@ -396,6 +452,8 @@ impl Listener {
     /// The session read its channels back: record them; the listener catches up before the
     /// session's `ReadyForQuery` (see [`hold_rfq`]).
     pub fn read_back(self: &Rc<Self>, s: &Rc<Session>) {
+        let pid = s.backend.borrow().as_ref().map(|b| b.pid);
+        s.listen.own_pid.set(pid);
         let mut new = std::mem::take(&mut *s.listen.read.borrow_mut());
         new.sort();
         new.dedup();
@@ -475,18 +533,19 @@ impl Listener {
         for s in sessions {
             s.notification(msg);
         }
-        // A session listening ahead hears only its own notifications (sent by the backend it
-        // holds for the transaction): held, never sent at once, kept at the read-back only if
-        // it does listen. Others' notifications committed before its LISTEN committed are not
-        // delivered, as directly (Postgres starts a new listener past the committed ones that
-        // other listeners of the database already read, `Exec_ListenPreCommit`).
+        // A session joining the channel hears only its own notifications (sent by the backend
+        // that runs its transaction): held, never sent at once, kept at the read-back only if
+        // it does listen (see `update`).
         let ahead: Vec<Rc<Session>> = match self.ahead.borrow().get(channel) {
             Some(m) => m.values().filter_map(Weak::upgrade).collect(),
             None => return,
         };
-        let sender = notification_pid(msg);
+        let Some(sender) = notification_pid(msg) else {
+            return;
+        };
         for s in ahead {
-            let own = s.backend.borrow().as_ref().map(|b| b.pid) == sender;
+            let own = s.listen.own_pid.get() == Some(sender)
+                || s.backend.borrow().as_ref().is_some_and(|b| b.pid == sender);
             if own {
                 s.listen.queue_note(msg);
             }
@@ -525,6 +584,17 @@ impl Listener {
         if listen.is_empty() && unlisten.is_empty() {
             return;
         }
+        if hub.cores.borrow().is_empty() && !hub.lingering.replace(true) {
+            let me = self.clone();
+            glommio::spawn_local(async move {
+                glommio::timer::sleep(LINGER).await;
+                if let Some(hub) = &me.hub {
+                    hub.lingering.set(false);
+                }
+                me.release();
+            })
+            .detach();
+        }
         let live = hub.conn.borrow().clone().filter(|c| !c.dead.get());
         match live {
             Some(c) => {
@@ -540,6 +610,27 @@ impl Listener {
                 .detach();
             }
             None => {}
+        }
+    }
+
+    /// Closes the listening connection if no core listens on anything (and no query is waiting
+    /// on it): after [`LINGER`], and when the database is about to be dropped, renamed or copied,
+    /// which Postgres refuses while anyone is connected to it.
+    pub fn release(&self) {
+        let Some(hub) = &self.hub else { return };
+        if !hub.cores.borrow().is_empty() {
+            return;
+        }
+        let idle = hub
+            .conn
+            .borrow()
+            .as_ref()
+            .is_some_and(|c| c.waiters.borrow().is_empty());
+        if idle {
+            if let Some(c) = hub.conn.borrow_mut().take() {
+                tracing::debug!(database = %self.database, "nobody listens: closing the listening connection");
+                c.close();
+            }
         }
     }
 
@@ -696,6 +787,7 @@ impl Listener {
             out: OutQueue::new(1 << 20, 16 * 1024),
             waiters: RefCell::new(VecDeque::new()),
             dead: Cell::new(false),
+            closing: Cell::new(false),
         });
         let stream = RcStream::new(stream);
         let writer = conn.clone();
@@ -794,8 +886,10 @@ async fn read_loop(
     for w in waiters {
         l.answer(w, false);
     }
-    tracing::warn!(database = %l.database, "listening connection lost; reconnecting while sessions listen");
-    l.revive();
+    if !conn.closing.get() {
+        tracing::warn!(database = %l.database, "listening connection lost; reconnecting while sessions listen");
+        l.revive();
+    }
 }
 
 /// Called where a `ReadyForQuery 'I'` for `s` would go out with nothing more to come: when the
@@ -820,6 +914,7 @@ pub fn hold_rfq(s: &Rc<Session>, rfq: Option<&[u8]>) -> bool {
             Some(Err(e)) => tracing::warn!(error = %e, "listener not caught up"),
             None => tracing::warn!("listener did not answer in time"),
         }
+        listener.promote(&s);
         s.listen.gated.set(false);
         {
             let mut out = s.out.borrow_mut();
