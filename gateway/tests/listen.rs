@@ -449,3 +449,181 @@ async fn busy_listeners_get_everything_once_in_order() {
     })
     .await;
 }
+
+/// Listener connections Postgres sees for database `db` (the pooler names them).
+fn listener_connections(pg: &PgCluster, db: &str) -> i64 {
+    pg.psql_admin(&format!(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE application_name = 'tidepool listener' AND datname = '{db}'"
+    ))
+    .trim()
+    .parse()
+    .expect("a count")
+}
+
+/// The pooler cores that logged serving listening sessions (listen.rs logs it once per core and
+/// database).
+fn cores_with_listeners(pg: &PgCluster, tp: &Tidepool) -> Vec<usize> {
+    let log = pg.dir().join(format!("pooler-{}.log", tp.gateway_port()));
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let mut cores: Vec<usize> = text
+        .lines()
+        .filter(|l| l.contains("sessions on this core listen"))
+        .filter_map(|l| {
+            let rest = &l[l.find(" core=")? + 6..];
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    cores.sort();
+    cores.dedup();
+    cores
+}
+
+/// Sessions listening on both cores of a `--cores 2` pooler share ONE listening connection to
+/// the database (on one owner core; the other core's sessions are served over the core mesh):
+/// all of them hear a notification once, and their own first, and it stays one as sessions leave
+/// and come back.
+#[tokio::test]
+async fn one_listening_connection_for_all_cores() {
+    // 16 links per gateway core: the kernel spreads links over the two pooler cores by hash, so
+    // both cores get sessions (all 32 links on one core: probability 2^-31); checked below too.
+    let opts = TidepoolOpts::default()
+        .pool_size(4)
+        .gateway_arg("--links-per-core")
+        .gateway_arg("16");
+    assert_eq!(opts.cores, 2);
+    let pg = PgCluster::start();
+    let tp = Tidepool::start(&pg, opts);
+    bounded(Duration::from_secs(120), async {
+        let ep = tp.endpoint();
+        let (notifier, _) = session(&ep).await;
+        for round in 0..2 {
+            let mut listeners = Vec::new();
+            for i in 0..32 {
+                let (c, mut rx) = session(&ep).await;
+                // Its own notification arrives before the NOTIFY completes, as directly, on
+                // either core: in round 0 from a channel it already listens on (the barrier's
+                // answer follows the notification over the mesh), in round 1 from a channel
+                // LISTENed in the same transaction (the listener listened ahead).
+                if round == 0 {
+                    c.batch_execute(&format!("LISTEN everyone; LISTEN own{i}"))
+                        .await
+                        .unwrap();
+                    c.batch_execute(&format!("NOTIFY own{i}, 'me'"))
+                        .await
+                        .unwrap();
+                } else {
+                    c.batch_execute(&format!(
+                        "LISTEN everyone; LISTEN own{i}; NOTIFY own{i}, 'me'"
+                    ))
+                    .await
+                    .unwrap();
+                }
+                match rx.try_recv() {
+                    Ok((ch, p, _)) => assert_eq!((ch, p), (format!("own{i}"), "me".to_string())),
+                    Err(e) => panic!("round {round}, session {i}: own notification not first: {e}"),
+                }
+                listeners.push((c, rx));
+            }
+            assert_eq!(
+                cores_with_listeners(&pg, &tp),
+                vec![0, 1],
+                "sessions did not listen on both pooler cores\n{}",
+                tp.logs()
+            );
+            assert_eq!(listener_connections(&pg, APP_DB), 1, "round {round}");
+            notifier
+                .batch_execute(&format!("NOTIFY everyone, 'round {round}'"))
+                .await
+                .unwrap();
+            for (i, (_, rx)) in listeners.iter_mut().enumerate() {
+                assert_eq!(
+                    recv(rx).await,
+                    pair("everyone", &format!("round {round}")),
+                    "round {round}, listener {i}"
+                );
+            }
+            // Half leave: the others still hear, once each.
+            let leaving: Vec<_> = listeners.drain(..16).collect();
+            drop(leaving);
+            notifier
+                .batch_execute(&format!("NOTIFY everyone, 'half {round}'"))
+                .await
+                .unwrap();
+            for (i, (_, rx)) in listeners.iter_mut().enumerate() {
+                assert_eq!(
+                    recv(rx).await,
+                    pair("everyone", &format!("half {round}")),
+                    "round {round}, remaining listener {i}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            for (i, (_, rx)) in listeners.iter_mut().enumerate() {
+                if let Ok(n) = rx.try_recv() {
+                    panic!("round {round}, listener {i} got a duplicate: {n:?}");
+                }
+            }
+            assert_eq!(listener_connections(&pg, APP_DB), 1, "round {round}");
+            // Everyone leaves; the next round listens again from nothing.
+        }
+    })
+    .await;
+}
+
+/// A database whose sessions listened can still be dropped through the gateway once they left:
+/// the pooler closes the listening connection on it (nobody listens), as it closes idle
+/// backends. While a session still listens, the drop is refused, as directly.
+#[tokio::test]
+async fn a_database_that_had_listeners_can_be_dropped() {
+    let (pg, tp) = start(2);
+    pg.psql_admin("CREATE DATABASE listened OWNER alice");
+    bounded(Duration::from_secs(90), async {
+        let ep = tp.endpoint();
+        let (admin, _) = session(&ep).await;
+        let connect = || async {
+            let (client, connection) = ep
+                .pg_config(ALICE.0, ALICE.1, "listened")
+                .connect(NoTls)
+                .await
+                .unwrap();
+            let task = tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            (client, task)
+        };
+        let (l, l_task) = connect().await;
+        l.batch_execute("LISTEN gone; NOTIFY gone").await.unwrap();
+        assert_eq!(listener_connections(&pg, "listened"), 1);
+        // Still listening: refused (55006), the listening session is really connected.
+        let err = admin
+            .batch_execute("DROP DATABASE listened")
+            .await
+            .unwrap_err();
+        assert_eq!(err.code().map(|c| c.code()), Some("55006"), "{err}");
+        drop(l);
+        let _ = l_task.await;
+        // The session has left; the pooler may take a moment to see it (each refusal takes
+        // Postgres 5 s of waiting for the other connections to go).
+        let mut dropped = None;
+        for _ in 0..3 {
+            match admin.batch_execute("DROP DATABASE listened").await {
+                Ok(()) => {
+                    dropped = Some(());
+                    break;
+                }
+                Err(e) if e.code().map(|c| c.code()) == Some("55006") => {}
+                Err(e) => panic!("DROP DATABASE: {e}"),
+            }
+        }
+        assert!(
+            dropped.is_some(),
+            "DROP DATABASE still refused after the listener left\n{}",
+            tp.logs()
+        );
+        assert_eq!(listener_connections(&pg, "listened"), 0);
+    })
+    .await;
+}

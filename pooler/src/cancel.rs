@@ -42,8 +42,17 @@ pub fn backend(core: &Rc<Core>, b: &crate::backend::Backend) {
     .detach();
 }
 
-/// Handles what the other cores ask of this one.
+/// Handles what the other cores ask of this one, and sends this core's ordered messages
+/// (`core::Outbox`). One task per other core each way, so messages from one core are handled
+/// in the order it sent them; no handler waits (listen.rs relies on both).
 pub async fn serve_peers(core: Rc<Core>, mut receivers: Receivers<CoreMsg>) {
+    if let Some(senders) = core.peers.borrow().clone() {
+        for to in (0..senders.nr_consumers()).filter(|&i| i != core.index) {
+            let outbox = core.outbox.clone();
+            let senders = senders.clone();
+            glommio::spawn_local(async move { outbox.drain(to, senders).await }).detach();
+        }
+    }
     for (_, stream) in receivers.streams() {
         let core = core.clone();
         glommio::spawn_local(async move {
@@ -54,6 +63,25 @@ pub async fn serve_peers(core: Rc<Core>, mut receivers: Receivers<CoreMsg>) {
                     CoreMsg::Freed { key } => core.on_freed(key),
                     CoreMsg::Starving { key } => core.on_starving(key),
                     CoreMsg::ReleaseDb(db) => core.release_database(&db),
+                    CoreMsg::Listen {
+                        database,
+                        from,
+                        add,
+                        remove,
+                    } => core.listener(&database).hub_update(from, add, remove),
+                    CoreMsg::ListenBarrier {
+                        database,
+                        from,
+                        token,
+                    } => core.listener(&database).hub_barrier(from, token),
+                    CoreMsg::ListenBarrierDone {
+                        database,
+                        token,
+                        ok,
+                    } => core.listener(&database).barrier_done(token, ok),
+                    CoreMsg::Notification { database, msg } => {
+                        core.listener(&database).dispatch(&msg)
+                    }
                 }
             }
         })

@@ -1,5 +1,6 @@
 //! The state of one pooler core (executor). Nothing here is shared between cores: the only
-//! cross-core traffic is cancel requests, over a glommio channel mesh.
+//! cross-core traffic is messages over a glommio channel mesh (cancel requests, budget, and the
+//! LISTEN registry and notifications of listen.rs).
 
 use crate::admin::Admin;
 use crate::backend::Stmt;
@@ -9,10 +10,11 @@ use crate::pool::{Pool, PoolKey};
 use crate::session::Session;
 use glommio::channels::channel_mesh::Senders;
 use sha2::{Digest, Sha256};
+use shared::io::Notify;
 use shared::protocol::frontend;
 use shared::settings::Settings;
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,6 +34,96 @@ pub enum CoreMsg {
     /// Close every idle backend connected to this database (it is about to be dropped,
     /// renamed or copied).
     ReleaseDb(String),
+    /// To the owner core of `database`'s listening connection (listen.rs): sessions of core
+    /// `from` started (`add`) or stopped (`remove`) listening on these channels.
+    Listen {
+        database: String,
+        from: usize,
+        add: Vec<String>,
+        remove: Vec<String>,
+    },
+    /// To the owner core: answer `token` once the listening connection answered a query sent
+    /// after everything `from` sent before.
+    ListenBarrier {
+        database: String,
+        from: usize,
+        token: u64,
+    },
+    /// From the owner core: the barrier `token` passed (`ok`: the connection answered), after
+    /// every notification forwarded before it.
+    ListenBarrierDone {
+        database: String,
+        token: u64,
+        ok: bool,
+    },
+    /// From the owner core: a raw `NotificationResponse` for the sessions of this core.
+    Notification { database: String, msg: Vec<u8> },
+}
+
+/// Messages to other cores that must arrive, in order: one queue per core, drained by one task
+/// per core (`cancel::serve_peers`) that waits while that core's channel is full. Whoever sends
+/// never waits, and the mesh handlers never wait on a send either, so the channels always drain
+/// and two cores cannot block each other. (`Core::ask_peers` is the best-effort path.)
+pub struct Outbox {
+    queues: Vec<RefCell<VecDeque<CoreMsg>>>,
+    ready: Vec<Notify>,
+    /// Bytes of notifications queued per core, bounded by `NOTES_LIMIT`.
+    note_bytes: Vec<Cell<usize>>,
+}
+
+/// Notifications queued for one other core, in bytes; past it new ones are dropped (logged), as
+/// a session's own queue is bounded (listen.rs).
+const NOTES_LIMIT: usize = 16 << 20;
+
+impl Outbox {
+    fn new(cores: usize) -> Outbox {
+        Outbox {
+            queues: (0..cores).map(|_| RefCell::default()).collect(),
+            ready: (0..cores).map(|_| Notify::default()).collect(),
+            note_bytes: (0..cores).map(|_| Cell::new(0)).collect(),
+        }
+    }
+
+    /// Queues `msg` for core `to` (not this one).
+    pub fn send(&self, to: usize, msg: CoreMsg) {
+        let Some(q) = self.queues.get(to) else {
+            tracing::warn!(core = to, "message for a core that does not exist");
+            return;
+        };
+        if let CoreMsg::Notification { msg: m, .. } = &msg {
+            let bytes = &self.note_bytes[to];
+            if bytes.get() + m.len() > NOTES_LIMIT {
+                tracing::warn!(
+                    core = to,
+                    "notification queue to a core is full; dropping one"
+                );
+                return;
+            }
+            bytes.set(bytes.get() + m.len());
+        }
+        q.borrow_mut().push_back(msg);
+        self.ready[to].notify();
+    }
+
+    /// Sends what is queued for core `to`, in order, for as long as the mesh is up.
+    pub async fn drain(&self, to: usize, senders: Rc<Senders<CoreMsg>>) {
+        loop {
+            let ready = self.ready[to].notified();
+            let next = self.queues[to].borrow_mut().pop_front();
+            let Some(msg) = next else {
+                ready.await;
+                continue;
+            };
+            if let CoreMsg::Notification { msg: m, .. } = &msg {
+                let bytes = &self.note_bytes[to];
+                bytes.set(bytes.get().saturating_sub(m.len()));
+            }
+            if senders.send_to(to, msg).await.is_err() {
+                tracing::warn!(core = to, "core mesh closed");
+                return;
+            }
+        }
+    }
 }
 
 /// (user and database, startup settings): what a cached login was checked for.
@@ -51,7 +143,9 @@ pub struct Core {
     pub empty_settings: Rc<Settings>,
     next_id: Cell<u64>,
     pub admin: Admin,
-    pub peers: RefCell<Option<Senders<CoreMsg>>>,
+    pub peers: RefCell<Option<Rc<Senders<CoreMsg>>>>,
+    /// Ordered, reliable messages to the other cores.
+    pub outbox: Rc<Outbox>,
     /// Logins Postgres accepted recently, by (user, database, startup settings): the
     /// `ParameterStatus` messages to answer with. A login found here needs no backend, so a storm
     /// of connections does not queue behind running queries.
@@ -59,7 +153,8 @@ pub struct Core {
     /// Pools starving on other cores (`CoreMsg::Starving`) and when they said so: the next
     /// backend released here that may go to them is closed so they get its unit.
     pub owed: RefCell<Vec<(PoolKey, Instant)>>,
-    /// One listening connection per database on this core (listen.rs).
+    /// Per database: the sessions of this core that listen, and on the database's owner core its
+    /// listening connection (listen.rs).
     listeners: RefCell<HashMap<String, Rc<crate::listen::Listener>>>,
 }
 
@@ -67,6 +162,7 @@ impl Core {
     pub fn new(cfg: Rc<Config>, index: usize, budgets: Arc<Budgets>) -> Rc<Core> {
         Rc::new(Core {
             admin: Admin::new(cfg.clone()),
+            outbox: Rc::new(Outbox::new(cfg.cores.max(index + 1))),
             cfg,
             index,
             pools: RefCell::new(HashMap::new()),
@@ -96,8 +192,7 @@ impl Core {
             }
             self.last_shed_ask.set(Some(now));
         }
-        let peers = self.peers.borrow();
-        let Some(senders) = peers.as_ref() else {
+        let Some(senders) = self.peers.borrow().clone() else {
             return;
         };
         for i in 0..senders.nr_consumers() {
@@ -144,15 +239,37 @@ impl Core {
         }
         let global = self.budgets.counter(&key);
         let key = Rc::new(key);
-        let listener = self
-            .listeners
-            .borrow_mut()
-            .entry(database.to_owned())
-            .or_insert_with(|| crate::listen::Listener::new(self.cfg.clone(), database))
-            .clone();
+        let listener = self.listener(database);
         let pool = Rc::new(Pool::new(key.clone(), global, listener));
         self.pools.borrow_mut().insert(key, pool.clone());
         pool
+    }
+
+    /// The LISTEN registry of `database` on this core (made on first use: another core may ask
+    /// for it as the database's owner before any session here uses the database).
+    pub fn listener(&self, database: &str) -> Rc<crate::listen::Listener> {
+        if let Some(l) = self.listeners.borrow().get(database) {
+            return l.clone();
+        }
+        let l = crate::listen::Listener::new(
+            self.cfg.clone(),
+            database,
+            self.index,
+            self.outbox.clone(),
+        );
+        self.listeners
+            .borrow_mut()
+            .insert(database.to_owned(), l.clone());
+        l
+    }
+
+    /// The database is about to be dropped, renamed or copied: close its listening connection
+    /// if it is on this core and nobody listens (listen.rs).
+    pub fn release_listener(&self, database: &str) {
+        let l = self.listeners.borrow().get(database).cloned();
+        if let Some(l) = l {
+            l.release();
+        }
     }
 
     /// The statement for (query, parameter types), named by its content: every session that
@@ -191,5 +308,39 @@ impl Core {
         }
         map.insert(content, Rc::downgrade(&stmt));
         stmt
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outbox_bounds_notifications_not_control_messages() {
+        let o = Outbox::new(2);
+        let note = |n: usize| CoreMsg::Notification {
+            database: "app".into(),
+            msg: vec![0; n],
+        };
+        o.send(1, note(NOTES_LIMIT - 10));
+        o.send(1, note(11)); // over the bound: dropped
+        o.send(1, note(10));
+        for token in 0..3 {
+            o.send(
+                1,
+                CoreMsg::ListenBarrierDone {
+                    database: "app".into(),
+                    token,
+                    ok: true,
+                },
+            );
+        }
+        o.send(7, note(1)); // no such core: dropped, logged
+        let q = o.queues[1].borrow();
+        assert_eq!(q.len(), 5);
+        assert!(matches!(&q[1], CoreMsg::Notification { msg, .. } if msg.len() == 10));
+        assert!(matches!(q[4], CoreMsg::ListenBarrierDone { token: 2, .. }));
+        assert_eq!(o.note_bytes[1].get(), NOTES_LIMIT);
+        assert!(o.queues[0].borrow().is_empty());
     }
 }

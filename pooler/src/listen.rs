@@ -1,5 +1,5 @@
-//! `LISTEN` without pinning: one listening connection per (pooler core, database) fans
-//! notifications out to every session of that core that listens.
+//! `LISTEN` without pinning: one listening connection per (pooler, database) fans notifications
+//! out to every session that listens, on every core.
 //!
 //! A session's `LISTEN`/`UNLISTEN` runs on whatever backend it borrowed, so Postgres gives its
 //! own answers, errors and transaction semantics (takes effect at commit, not at all on
@@ -7,23 +7,34 @@
 //! session's channels too (applied when it is attached), so `pg_listening_channels()`,
 //! `UNLISTEN x` and `UNLISTEN *` see what they would see directly. When a transaction that ran
 //! one of these ends, the pooler reads `pg_listening_channels()` back (with the settings
-//! read-back), records the session's channels here and lets the core's listener `LISTEN` any new
-//! one before the client sees `ReadyForQuery`, so no notification falls in a gap. A backend that
+//! read-back) and records the session's channels in its core's [`Listener`]. A backend that
 //! listened gets `UNLISTEN *` before it goes back to its pool; its own notifications are dropped
 //! (the listener delivers them).
+//!
+//! Each database has an owner core ([`owner_core`]) that holds the listening connection and
+//! knows which cores listen on which channel. Other cores send it, over the core mesh
+//! (`core::Outbox`, ordered and reliable), the channels they start and stop listening on; it
+//! forwards each `NotificationResponse` to the cores listening on its channel, which hand it to
+//! their sessions. Before a session's `ReadyForQuery` goes out after its channels changed, its
+//! core runs a *barrier*: an empty query on the listening connection, sent after this core's
+//! changes (same mesh channel, in order), answered after the notifications received before its
+//! `ReadyForQuery` (same channel back, in order). So no notification falls in a gap after a
+//! `LISTEN`.
 //!
 //! Postgres sends a session the notifications that arrived during a transaction just before the
 //! `ReadyForQuery` that ends it, and at once while the session is idle: the same here (queued
 //! while a request runs, delivered before its `ReadyForQuery 'I'`). A session that listens and
 //! notifies hears its own notification before its `ReadyForQuery`, as directly: the relay holds
-//! that `ReadyForQuery` until an empty query on the listener returns, and Postgres delivers
-//! every notification committed before a query before that query's `ReadyForQuery`
-//! (`PostgresMain` calls `ProcessNotifyInterrupt` before `ReadyForQuery`; the notifier signalled
-//! the listener during its commit, before we saw its `ReadyForQuery`).
+//! that `ReadyForQuery` for a barrier, and Postgres delivers every notification committed before
+//! a query before that query's `ReadyForQuery` (`PostgresMain` calls `ProcessNotifyInterrupt`
+//! before `ReadyForQuery`; the notifier signalled the listener during its commit, before we saw
+//! its `ReadyForQuery`).
 //!
-//! See docs/decisions/2026-11-21-listen-fanout.md for what this costs and why per core.
+//! See docs/decisions/2026-11-21-listen-fanout.md for what this costs and why.
 
 use crate::config::Config;
+use crate::core::{CoreMsg, Outbox};
+use crate::listen_names::listen_channels;
 use crate::login;
 use crate::session::Session;
 use glommio::net::UnixStream;
@@ -44,6 +55,10 @@ pub const MARKER: &str = "tidepool listen";
 /// answer must not stall sessions (the notifications may then come late or not at all).
 const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long the listening connection stays open after the last listener left: a session that
+/// listens again soon does not wait for a new login.
+const LINGER: Duration = Duration::from_secs(10);
+
 /// Notifications queued for one busy session, in bytes; past it new ones are dropped (logged).
 const NOTES_LIMIT: usize = 16 << 20;
 
@@ -56,6 +71,14 @@ pub struct SessionListen {
     pub dirty: Cell<bool>,
     /// Channels read back (rows of the settings read-back).
     pub read: RefCell<Vec<String>>,
+    /// Channels the session is joining: named in `LISTEN` by a running request (the listener
+    /// listens on them ahead) or new at the last read-back. Only the session's own
+    /// notifications on them are delivered (held) until the barrier after the read-back passes;
+    /// then they are promoted to ordinary channels.
+    ahead: RefCell<Vec<String>>,
+    /// The backend that ran the session's transaction, recorded at the read-back: its
+    /// notifications are the session's own while it is joining channels.
+    own_pid: Cell<Option<i32>>,
     /// The pending read-back needs the channels only, not the settings (reading `pg_settings`
     /// costs far more than `pg_listening_channels()`).
     pub only: Cell<bool>,
@@ -65,7 +88,6 @@ pub struct SessionListen {
     /// Its channels changed: the listener must `LISTEN`/`UNLISTEN` before the next
     /// `ReadyForQuery 'I'` goes out.
     pub sync: Cell<bool>,
-    ops: RefCell<(Vec<String>, Vec<String>)>,
     /// A `ReadyForQuery` is held for the listener: the session's next request waits.
     pub gated: Cell<bool>,
     pub gate_open: Notify,
@@ -117,12 +139,32 @@ impl SessionListen {
     }
 }
 
+/// Removes session `key` from `channel` in a registry.
+fn remove_from(
+    reg: &mut HashMap<String, HashMap<usize, Weak<Session>>>,
+    channel: &str,
+    key: usize,
+) {
+    if let Some(m) = reg.get_mut(channel) {
+        m.remove(&key);
+        if m.is_empty() {
+            reg.remove(channel);
+        }
+    }
+}
+
 /// The channel of a whole `NotificationResponse` message.
 fn notification_channel(msg: &[u8]) -> Option<&str> {
     let body = msg.get(5..)?;
     let mut pos = 0;
     read_i32(body, &mut pos).ok()?;
     std::str::from_utf8(read_cstr(body, &mut pos).ok()?).ok()
+}
+
+/// The process id of the backend that sent a whole `NotificationResponse` message.
+fn notification_pid(msg: &[u8]) -> Option<i32> {
+    let mut pos = 0;
+    read_i32(msg.get(5..)?, &mut pos).ok()
 }
 
 /// `"name"` with `"` doubled: a channel name as an SQL identifier.
@@ -141,96 +183,282 @@ pub fn listen_sql(channels: &[String]) -> String {
     sql
 }
 
-/// The listening connection of one database on this core, and who listens on what.
+/// `UNLISTEN a; UNLISTEN b`.
+fn unlisten_sql(channels: &[String]) -> String {
+    let mut sql = String::new();
+    for c in channels {
+        sql.push_str("UNLISTEN ");
+        sql.push_str(&ident(c));
+        sql.push(';');
+    }
+    sql
+}
+
+/// The core that holds the listening connection of `database`: stable for the process, and
+/// spreads databases over cores (FNV-1a of the name).
+pub fn owner_core(database: &str, cores: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in database.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % cores.max(1) as u64) as usize
+}
+
+/// The sessions of one database on this core that listen, by channel; on the database's owner
+/// core also the listening connection ([`Hub`]).
 pub struct Listener {
-    cfg: Rc<Config>,
     database: String,
-    /// Channel → sessions listening on it (by address).
+    /// This core.
+    core: usize,
+    /// The core holding the listening connection.
+    owner: usize,
+    outbox: Rc<Outbox>,
+    /// Channel → sessions of this core listening on it (by address).
     channels: RefCell<HashMap<String, HashMap<usize, Weak<Session>>>>,
+    /// Channel → sessions of this core running a `LISTEN` of it, not yet read back.
+    ahead: RefCell<HashMap<String, HashMap<usize, Weak<Session>>>>,
+    /// Channel changes sent to the owner, counted; and the count covered by the last barrier
+    /// that passed (every change up to it is in effect on the listening connection).
+    sent: Cell<u64>,
+    confirmed: Cell<u64>,
+    /// Barriers asked of the owner core, by token.
+    barriers: RefCell<HashMap<u64, Rc<Slot<bool>>>>,
+    next_token: Cell<u64>,
+    /// Logged that sessions of this core listen on this database (once).
+    announced: Cell<bool>,
+    /// On the owner core only.
+    hub: Option<Hub>,
+}
+
+/// The listening connection of a database, on its owner core, and which cores listen on what.
+struct Hub {
+    cfg: Rc<Config>,
+    /// Channel → cores whose sessions listen on it (a handful: a `Vec`).
+    cores: RefCell<HashMap<String, Vec<usize>>>,
     conn: RefCell<Option<Rc<Conn>>>,
     connecting: Cell<bool>,
     connected: Notify,
     /// A reconnect loop runs.
     reviving: Cell<bool>,
+    /// A task closes the connection if nobody listens after [`LINGER`].
+    lingering: Cell<bool>,
+}
+
+/// Who waits for the `ReadyForQuery` of a query on the listening connection.
+enum Waiter {
+    /// Nobody (`LISTEN`/`UNLISTEN` of the registry: barriers sent after them wait instead).
+    None,
+    /// A session of the owner core.
+    Local(Rc<Slot<bool>>),
+    /// A session of another core: answer over the mesh.
+    Peer { core: usize, token: u64 },
 }
 
 struct Conn {
     out: OutQueue,
-    /// One per query sent, in order: `true` when its `ReadyForQuery` came.
-    waiters: RefCell<VecDeque<Rc<Slot<bool>>>>,
+    /// One per query sent, in order.
+    waiters: RefCell<VecDeque<Waiter>>,
     dead: Cell<bool>,
+    /// Closed on purpose: nobody listens.
+    closing: Cell<bool>,
 }
 
 impl Conn {
-    /// Queues a query; the slot says when its `ReadyForQuery` came.
-    fn send(&self, sql: &str) -> Rc<Slot<bool>> {
-        let slot = Rc::new(Slot::default());
-        if self.dead.get() {
-            slot.put(false);
-            return slot;
-        }
+    /// Ends the session (`Terminate`); the read loop sees the end.
+    fn close(&self) {
+        self.closing.set(true);
         let mut q = Vec::new();
-        frontend::query(&mut q, sql);
-        self.waiters.borrow_mut().push_back(slot.clone());
+        shared::protocol::put_message(&mut q, frontend::TERMINATE, |_| {});
         self.out.push(&q);
-        slot
-    }
-
-    async fn query(&self, sql: &str) -> bool {
-        self.send(sql).take().await
+        self.out.close();
     }
 }
 
 impl Listener {
-    pub fn new(cfg: Rc<Config>, database: &str) -> Rc<Listener> {
-        Rc::new(Listener {
+    pub fn new(cfg: Rc<Config>, database: &str, core: usize, outbox: Rc<Outbox>) -> Rc<Listener> {
+        let owner = owner_core(database, cfg.cores);
+        let hub = (owner == core).then(|| Hub {
             cfg,
-            database: database.to_owned(),
-            channels: RefCell::new(HashMap::new()),
+            cores: RefCell::new(HashMap::new()),
             conn: RefCell::new(None),
             connecting: Cell::new(false),
             connected: Notify::default(),
             reviving: Cell::new(false),
+            lingering: Cell::new(false),
+        });
+        Rc::new(Listener {
+            database: database.to_owned(),
+            core,
+            owner,
+            outbox,
+            channels: RefCell::new(HashMap::new()),
+            ahead: RefCell::new(HashMap::new()),
+            sent: Cell::new(0),
+            confirmed: Cell::new(0),
+            barriers: RefCell::new(HashMap::new()),
+            next_token: Cell::new(1),
+            announced: Cell::new(false),
+            hub,
         })
     }
 
-    /// Records that `s` now listens on `new` (sorted, deduplicated). Returns the channels the
-    /// listener must start and stop listening on.
-    pub fn update(&self, s: &Rc<Session>, new: Vec<String>) -> (Vec<String>, Vec<String>) {
-        let old = std::mem::replace(&mut *s.listen.channels.borrow_mut(), new.clone());
-        let key = Rc::as_ptr(s) as usize;
-        let mut reg = self.channels.borrow_mut();
+    /// Whether a session of this core listens on `channel`, or is about to.
+    fn core_listens(&self, channel: &str) -> bool {
+        self.channels.borrow().contains_key(channel) || self.ahead.borrow().contains_key(channel)
+    }
+
+    /// Runs `change` on the registry and tells the owner core at once which of the `affected`
+    /// channels this core starts and stops listening on: in order with every other change and
+    /// barrier of this core, so a barrier sent later passes only after them.
+    fn apply(self: &Rc<Self>, mut affected: Vec<String>, change: impl FnOnce(&Self)) {
+        affected.sort();
+        affected.dedup();
+        let before: Vec<bool> = affected.iter().map(|c| self.core_listens(c)).collect();
+        change(self);
         let (mut add, mut remove) = (Vec::new(), Vec::new());
-        for c in old.iter().filter(|c| !new.contains(c)) {
-            if let Some(m) = reg.get_mut(c) {
-                m.remove(&key);
-                if m.is_empty() {
-                    reg.remove(c);
-                    remove.push(c.clone());
+        for (c, was) in affected.into_iter().zip(before) {
+            match (was, self.core_listens(&c)) {
+                (false, true) => add.push(c),
+                (true, false) => remove.push(c),
+                _ => {}
+            }
+        }
+        if add.is_empty() && remove.is_empty() {
+            return;
+        }
+        if !add.is_empty() && !self.announced.replace(true) {
+            tracing::info!(core = self.core, owner = self.owner, database = %self.database, "sessions on this core listen; the owner core's connection serves them");
+        }
+        self.sent.set(self.sent.get() + 1);
+        if self.hub.is_some() {
+            self.hub_update(self.core, add, remove);
+        } else {
+            self.outbox.send(
+                self.owner,
+                CoreMsg::Listen {
+                    database: self.database.clone(),
+                    from: self.core,
+                    add,
+                    remove,
+                },
+            );
+        }
+    }
+
+    /// Records that `s` now listens on `new` (sorted, deduplicated). The channels new to it are
+    /// *joining* until [`Listener::promote`]: a notification that reaches this core after the
+    /// read-back may have been committed before the session's `LISTEN` was, and Postgres would
+    /// not deliver that one (`Exec_ListenPreCommit` starts a new listener past the notifications
+    /// other listeners of the database already read); the session's own ones it would.
+    fn update(self: &Rc<Self>, s: &Rc<Session>, new: Vec<String>) {
+        let old = std::mem::replace(&mut *s.listen.channels.borrow_mut(), new.clone());
+        let before = std::mem::take(&mut *s.listen.ahead.borrow_mut());
+        let joining: Vec<String> = new.iter().filter(|c| !old.contains(c)).cloned().collect();
+        let key = Rc::as_ptr(s) as usize;
+        let affected = old.iter().chain(&new).chain(&before).cloned().collect();
+        self.apply(affected, |l| {
+            let mut reg = l.channels.borrow_mut();
+            for c in old.iter().filter(|c| !new.contains(c)) {
+                remove_from(&mut reg, c, key);
+            }
+            let mut pending = l.ahead.borrow_mut();
+            for c in &before {
+                remove_from(&mut pending, c, key);
+            }
+            for c in &joining {
+                pending
+                    .entry(c.clone())
+                    .or_default()
+                    .insert(key, Rc::downgrade(s));
+            }
+        });
+        *s.listen.ahead.borrow_mut() = joining;
+    }
+
+    /// The barrier after the read-back passed: the channels `s` was joining are ordinary now.
+    fn promote(self: &Rc<Self>, s: &Rc<Session>) {
+        s.listen.own_pid.set(None);
+        let joining = std::mem::take(&mut *s.listen.ahead.borrow_mut());
+        if joining.is_empty() {
+            return;
+        }
+        let key = Rc::as_ptr(s) as usize;
+        let channels = s.listen.channels.borrow().clone();
+        self.apply(joining.clone(), |l| {
+            let mut pending = l.ahead.borrow_mut();
+            let mut reg = l.channels.borrow_mut();
+            for c in joining {
+                remove_from(&mut pending, &c, key);
+                if channels.contains(&c) {
+                    reg.entry(c).or_default().insert(key, Rc::downgrade(s));
                 }
             }
-        }
-        for c in new.into_iter().filter(|c| !old.contains(c)) {
-            let m = reg.entry(c.clone()).or_default();
-            if m.is_empty() {
-                add.push(c);
+        });
+    }
+
+    /// Before a request that may `LISTEN` runs: the listening connection listens on the channels
+    /// its `LISTEN` statements name (`listen_names.rs`) that the session does not listen on yet,
+    /// and the session's own notifications on them are held for it until its channels are read
+    /// back. So a `LISTEN x; NOTIFY x` in one transaction hears itself, as directly (Postgres
+    /// makes the session a listener before it queues its notifications at commit). Costs one
+    /// listener round trip, unless this core's listener is known to listen on them already.
+    pub async fn listen_ahead(self: &Rc<Self>, s: &Rc<Session>, msgs: &[u8], max: usize) {
+        let mut names = Vec::new();
+        let mut rest = msgs;
+        while let Ok(Some(n)) = typed_message_len(rest, max) {
+            let (msg, tail) = rest.split_at(n);
+            rest = tail;
+            match msg[0] {
+                frontend::QUERY => names.extend(listen_channels(frontend::query_text(&msg[5..]))),
+                frontend::PARSE => {
+                    if let Ok(p) = frontend::parse_parse(&msg[5..]) {
+                        names.extend(listen_channels(p.query));
+                    }
+                }
+                _ => {}
             }
-            m.insert(key, Rc::downgrade(s));
         }
-        (add, remove)
+        {
+            let (mine, ahead) = (s.listen.channels.borrow(), s.listen.ahead.borrow());
+            names.retain(|c| !mine.contains(c) && !ahead.contains(c));
+        }
+        names.sort();
+        names.dedup();
+        if names.is_empty() {
+            return;
+        }
+        let all_known = names.iter().all(|c| self.core_listens(c));
+        s.listen.ahead.borrow_mut().extend(names.iter().cloned());
+        let key = Rc::as_ptr(s) as usize;
+        self.apply(names.clone(), |l| {
+            let mut pending = l.ahead.borrow_mut();
+            for c in names {
+                pending.entry(c).or_default().insert(key, Rc::downgrade(s));
+            }
+        });
+        // The listening connection already listens on all of them if this core asked before and
+        // a barrier has passed since.
+        if all_known && self.confirmed.get() >= self.sent.get() {
+            return;
+        }
+        match crate::with_timeout(SYNC_TIMEOUT, self.barrier()).await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => tracing::warn!(error = %e, "listener did not listen ahead"),
+            None => tracing::warn!("listener did not answer in time"),
+        }
     }
 
     /// The session read its channels back: record them; the listener catches up before the
     /// session's `ReadyForQuery` (see [`hold_rfq`]).
-    pub fn read_back(&self, s: &Rc<Session>) {
+    pub fn read_back(self: &Rc<Self>, s: &Rc<Session>) {
+        let pid = s.backend.borrow().as_ref().map(|b| b.pid);
+        s.listen.own_pid.set(pid);
         let mut new = std::mem::take(&mut *s.listen.read.borrow_mut());
         new.sort();
         new.dedup();
-        let (add, remove) = self.update(s, new);
+        self.update(s, new);
         s.listen.keep_listened_notes();
-        let mut ops = s.listen.ops.borrow_mut();
-        ops.0.extend(add);
-        ops.1.extend(remove);
         // Even with no change of ours the listener must be caught up: another session's LISTEN
         // of the same channel may still be on its way.
         s.listen.sync.set(true);
@@ -238,72 +466,296 @@ impl Listener {
 
     /// The session ended: it listens on nothing.
     pub fn forget(self: &Rc<Self>, s: &Rc<Session>) {
-        if s.listen.channels.borrow().is_empty() {
-            return;
+        if !s.listen.channels.borrow().is_empty() || !s.listen.ahead.borrow().is_empty() {
+            self.update(s, Vec::new());
         }
-        let (_, remove) = self.update(s, Vec::new());
-        if remove.is_empty() || self.conn.borrow().is_none() {
-            return;
-        }
-        let me = self.clone();
-        glommio::spawn_local(async move {
-            let _ = crate::with_timeout(SYNC_TIMEOUT, me.sync(Vec::new(), remove)).await;
-        })
-        .detach();
     }
 
-    /// Runs `LISTEN`/`UNLISTEN` (or an empty query, a barrier) on the listening connection,
-    /// connecting it first if needed. Returns when Postgres answered.
-    pub async fn sync(
-        self: &Rc<Self>,
-        add: Vec<String>,
-        remove: Vec<String>,
-    ) -> Result<(), String> {
-        let conn = self.conn().await?;
-        let mut sql = listen_sql(&add);
-        for c in &remove {
-            sql.push_str("UNLISTEN ");
-            sql.push_str(&ident(c));
-            sql.push(';');
-        }
-        if conn.query(&sql).await {
+    /// Returns when the listening connection has answered a query sent after every change this
+    /// core sent, and every notification it received before that answer has been handed to this
+    /// core's sessions. On another core the answer comes over the same ordered mesh channel as
+    /// the notifications, after them.
+    pub async fn barrier(self: &Rc<Self>) -> Result<(), String> {
+        let covers = self.sent.get();
+        let ok = if self.hub.is_some() {
+            let slot = Rc::new(Slot::default());
+            self.hub_send_barrier(Waiter::Local(slot.clone()));
+            slot.take().await
+        } else {
+            let token = self.next_token.get();
+            self.next_token.set(token + 1);
+            let slot = Rc::new(Slot::default());
+            self.barriers.borrow_mut().insert(token, slot.clone());
+            // Forget the token if the caller gives up waiting.
+            struct Pending<'a>(&'a Listener, u64);
+            impl Drop for Pending<'_> {
+                fn drop(&mut self) {
+                    self.0.barriers.borrow_mut().remove(&self.1);
+                }
+            }
+            let _pending = Pending(self, token);
+            self.outbox.send(
+                self.owner,
+                CoreMsg::ListenBarrier {
+                    database: self.database.clone(),
+                    from: self.core,
+                    token,
+                },
+            );
+            slot.take().await
+        };
+        if ok {
+            self.confirmed.set(self.confirmed.get().max(covers));
             Ok(())
         } else {
             Err("listening connection lost".into())
         }
     }
 
+    /// The owner core answered a barrier of this core.
+    pub fn barrier_done(&self, token: u64, ok: bool) {
+        let slot = self.barriers.borrow_mut().remove(&token);
+        if let Some(slot) = slot {
+            slot.put(ok);
+        }
+    }
+
+    /// A notification for this core's sessions: each session listening on its channel gets it
+    /// once.
+    pub fn dispatch(&self, msg: &[u8]) {
+        let Some(channel) = notification_channel(msg) else {
+            return;
+        };
+        let sessions: Vec<Rc<Session>> = match self.channels.borrow().get(channel) {
+            Some(m) => m.values().filter_map(Weak::upgrade).collect(),
+            None => Vec::new(),
+        };
+        for s in sessions {
+            s.notification(msg);
+        }
+        // A session joining the channel hears only its own notifications (sent by the backend
+        // that runs its transaction): held, never sent at once, kept at the read-back only if
+        // it does listen (see `update`).
+        let ahead: Vec<Rc<Session>> = match self.ahead.borrow().get(channel) {
+            Some(m) => m.values().filter_map(Weak::upgrade).collect(),
+            None => return,
+        };
+        let Some(sender) = notification_pid(msg) else {
+            return;
+        };
+        for s in ahead {
+            let own = s.listen.own_pid.get() == Some(sender)
+                || s.backend.borrow().as_ref().is_some_and(|b| b.pid == sender);
+            if own {
+                s.listen.queue_note(msg);
+            }
+        }
+    }
+
+    /// On the owner core: core `from` starts/stops listening on channels; the connection
+    /// `LISTEN`s a channel when the first core listens on it and `UNLISTEN`s it after the last.
+    pub fn hub_update(self: &Rc<Self>, from: usize, add: Vec<String>, remove: Vec<String>) {
+        let Some(hub) = &self.hub else {
+            tracing::warn!(database = %self.database, core = self.core, "LISTEN registry update for a core that does not own the database");
+            return;
+        };
+        let (mut listen, mut unlisten) = (Vec::new(), Vec::new());
+        {
+            let mut reg = hub.cores.borrow_mut();
+            for c in remove {
+                if let Some(v) = reg.get_mut(&c) {
+                    v.retain(|&x| x != from);
+                    if v.is_empty() {
+                        reg.remove(&c);
+                        unlisten.push(c);
+                    }
+                }
+            }
+            for c in add {
+                let v = reg.entry(c.clone()).or_default();
+                if v.is_empty() {
+                    listen.push(c);
+                }
+                if !v.contains(&from) {
+                    v.push(from);
+                }
+            }
+        }
+        if listen.is_empty() && unlisten.is_empty() {
+            return;
+        }
+        if hub.cores.borrow().is_empty() && !hub.lingering.replace(true) {
+            let me = self.clone();
+            glommio::spawn_local(async move {
+                glommio::timer::sleep(LINGER).await;
+                if let Some(hub) = &me.hub {
+                    hub.lingering.set(false);
+                }
+                me.release();
+            })
+            .detach();
+        }
+        let live = hub.conn.borrow().clone().filter(|c| !c.dead.get());
+        match live {
+            Some(c) => {
+                let sql = listen_sql(&listen) + &unlisten_sql(&unlisten);
+                self.hub_send(&c, &sql, Waiter::None);
+            }
+            // Connecting, or to connect: the new connection LISTENs on the whole registry.
+            None if !listen.is_empty() => {
+                let me = self.clone();
+                glommio::spawn_local(async move {
+                    let _ = me.conn().await;
+                })
+                .detach();
+            }
+            None => {}
+        }
+    }
+
+    /// Closes the listening connection if no core listens on anything (and no query is waiting
+    /// on it): after [`LINGER`], and when the database is about to be dropped, renamed or copied,
+    /// which Postgres refuses while anyone is connected to it.
+    pub fn release(&self) {
+        let Some(hub) = &self.hub else { return };
+        if !hub.cores.borrow().is_empty() {
+            return;
+        }
+        let idle = hub
+            .conn
+            .borrow()
+            .as_ref()
+            .is_some_and(|c| c.waiters.borrow().is_empty());
+        if idle {
+            if let Some(c) = hub.conn.borrow_mut().take() {
+                tracing::debug!(database = %self.database, "nobody listens: closing the listening connection");
+                c.close();
+            }
+        }
+    }
+
+    /// On the owner core: a barrier asked by core `from`.
+    pub fn hub_barrier(self: &Rc<Self>, from: usize, token: u64) {
+        if self.hub.is_none() {
+            self.answer(Waiter::Peer { core: from, token }, false);
+            return;
+        }
+        self.hub_send_barrier(Waiter::Peer { core: from, token });
+    }
+
+    /// An empty query on the listening connection (connecting it first if needed); `w` learns
+    /// when it was answered. Sent at once when the connection is up, so it follows every
+    /// `LISTEN` sent before.
+    fn hub_send_barrier(self: &Rc<Self>, w: Waiter) {
+        let live = self
+            .hub
+            .as_ref()
+            .and_then(|h| h.conn.borrow().clone())
+            .filter(|c| !c.dead.get());
+        if let Some(c) = live {
+            self.hub_send(&c, "", w);
+            return;
+        }
+        let me = self.clone();
+        glommio::spawn_local(async move {
+            match me.conn().await {
+                Ok(c) => me.hub_send(&c, "", w),
+                Err(_) => me.answer(w, false),
+            }
+        })
+        .detach();
+    }
+
+    /// Queues a query on the listening connection; `w` is answered at its `ReadyForQuery`.
+    fn hub_send(&self, conn: &Conn, sql: &str, w: Waiter) {
+        if conn.dead.get() {
+            self.answer(w, false);
+            return;
+        }
+        let mut q = Vec::new();
+        frontend::query(&mut q, sql);
+        conn.waiters.borrow_mut().push_back(w);
+        conn.out.push(&q);
+    }
+
+    fn answer(&self, w: Waiter, ok: bool) {
+        match w {
+            Waiter::None => {}
+            Waiter::Local(slot) => slot.put(ok),
+            Waiter::Peer { core, token } if core == self.core => self.barrier_done(token, ok),
+            Waiter::Peer { core, token } => self.outbox.send(
+                core,
+                CoreMsg::ListenBarrierDone {
+                    database: self.database.clone(),
+                    token,
+                    ok,
+                },
+            ),
+        }
+    }
+
+    /// On the owner core: a notification from Postgres goes to every core listening on its
+    /// channel, this one directly, the others over the mesh (in order with barrier answers).
+    fn fan_out(&self, msg: &[u8]) {
+        let Some(hub) = &self.hub else { return };
+        let Some(channel) = notification_channel(msg) else {
+            return;
+        };
+        // Copied out: dispatching must not hold the registry borrowed.
+        let cores = match hub.cores.borrow().get(channel) {
+            Some(v) => v.clone(),
+            None => return,
+        };
+        for c in cores {
+            if c == self.core {
+                self.dispatch(msg);
+            } else {
+                self.outbox.send(
+                    c,
+                    CoreMsg::Notification {
+                        database: self.database.clone(),
+                        msg: msg.to_vec(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// The listening connection, connecting it if needed (owner core only).
     async fn conn(self: &Rc<Self>) -> Result<Rc<Conn>, String> {
+        let Some(hub) = &self.hub else {
+            return Err("not the owner core of this database".into());
+        };
         loop {
-            if let Some(c) = self.conn.borrow().clone() {
+            if let Some(c) = hub.conn.borrow().clone() {
                 if !c.dead.get() {
                     return Ok(c);
                 }
             }
-            if self.connecting.get() {
-                let n = self.connected.notified();
-                if self.connecting.get() {
+            if hub.connecting.get() {
+                let n = hub.connected.notified();
+                if hub.connecting.get() {
                     n.await;
                 }
-                if self.conn.borrow().as_ref().is_none_or(|c| c.dead.get()) {
+                if hub.conn.borrow().as_ref().is_none_or(|c| c.dead.get()) {
                     return Err("listening connection failed".into());
                 }
                 continue;
             }
-            self.connecting.set(true);
-            let timeout = Duration::from_secs(self.cfg.connect_timeout_seconds.max(1));
-            let r = crate::with_timeout(timeout, self.connect())
+            hub.connecting.set(true);
+            let timeout = Duration::from_secs(hub.cfg.connect_timeout_seconds.max(1));
+            let r = crate::with_timeout(timeout, self.connect(hub))
                 .await
                 .unwrap_or_else(|| Err("timed out".into()));
-            self.connecting.set(false);
+            hub.connecting.set(false);
             match r {
                 Ok(c) => {
-                    *self.conn.borrow_mut() = Some(c.clone());
-                    self.connected.notify();
+                    *hub.conn.borrow_mut() = Some(c.clone());
+                    hub.connected.notify();
                     return Ok(c);
                 }
                 Err(e) => {
-                    self.connected.notify();
+                    hub.connected.notify();
                     tracing::warn!(database = %self.database, error = %e, "listening connection failed");
                     return Err(e);
                 }
@@ -312,21 +764,19 @@ impl Listener {
     }
 
     /// Logs in over the Unix socket as the admin role (peer authentication, like the role
-    /// look-ups), so the listener takes nothing from any user's backend budget.
-    async fn connect(self: &Rc<Self>) -> Result<Rc<Conn>, String> {
-        let path = format!(
-            "{}/.s.PGSQL.{}",
-            self.cfg.admin_socket_dir, self.cfg.pg_port
-        );
+    /// look-ups), so the listener takes nothing from any user's backend budget. Named
+    /// `tidepool listener` in `pg_stat_activity`.
+    async fn connect(self: &Rc<Self>, hub: &Hub) -> Result<Rc<Conn>, String> {
+        let path = format!("{}/.s.PGSQL.{}", hub.cfg.admin_socket_dir, hub.cfg.pg_port);
         let mut stream = UnixStream::connect(&path)
             .await
             .map_err(|e| format!("{path}: {e}"))?;
         let logged = login::login(
             &mut stream,
-            &self.cfg.admin_user,
+            &hub.cfg.admin_user,
             &self.database,
             &Credential::None,
-            self.cfg.max_message_size,
+            hub.cfg.max_message_size,
         )
         .await
         .map_err(|e| match e {
@@ -337,6 +787,7 @@ impl Listener {
             out: OutQueue::new(1 << 20, 16 * 1024),
             waiters: RefCell::new(VecDeque::new()),
             dead: Cell::new(false),
+            closing: Cell::new(false),
         });
         let stream = RcStream::new(stream);
         let writer = conn.clone();
@@ -348,39 +799,32 @@ impl Listener {
         let mut reader = MessageReader::new(8192);
         reader.push_bytes(&logged.leftover);
         glommio::spawn_local(read_loop(self.clone(), conn.clone(), stream, reader)).detach();
-        // A new connection (first, or after the old one died) listens on every channel someone
-        // here listens on; queued before any caller's query, so that query's answer covers it.
-        let all: Vec<String> = self.channels.borrow().keys().cloned().collect();
-        if !all.is_empty() {
-            conn.send(&listen_sql(&all));
-        }
+        // A new connection (first, or after the old one died) listens on every channel some
+        // core listens on; queued before any caller's query, so that query's answer covers it.
+        // Nothing awaits between here and the caller storing the connection, so no registry
+        // change falls between.
+        let all: Vec<String> = hub.cores.borrow().keys().cloned().collect();
+        let sql = format!(
+            "SET application_name = 'tidepool listener';{}",
+            listen_sql(&all)
+        );
+        self.hub_send(&conn, &sql, Waiter::None);
         tracing::debug!(database = %self.database, pid = logged.pid, "listening connection up");
         Ok(conn)
     }
 
-    fn dispatch(&self, msg: &[u8]) {
-        let Some(channel) = notification_channel(msg) else {
-            return;
-        };
-        let sessions: Vec<Rc<Session>> = match self.channels.borrow().get(channel) {
-            Some(m) => m.values().filter_map(Weak::upgrade).collect(),
-            None => return,
-        };
-        for s in sessions {
-            s.notification(msg);
-        }
-    }
-
-    /// After the connection died: reconnect (and re-`LISTEN`) while anyone listens.
+    /// After the connection died: reconnect (and re-`LISTEN`) while any core listens.
     fn revive(self: &Rc<Self>) {
-        if self.reviving.replace(true) {
+        let Some(hub) = &self.hub else { return };
+        if hub.reviving.replace(true) {
             return;
         }
         let me = self.clone();
         glommio::spawn_local(async move {
+            let Some(hub) = &me.hub else { return };
             // Bounded: gives up when nobody listens any more; at most one attempt every 500 ms.
             for _ in 0..100_000u32 {
-                if me.channels.borrow().is_empty() {
+                if hub.cores.borrow().is_empty() {
                     break;
                 }
                 glommio::timer::sleep(Duration::from_millis(500)).await;
@@ -388,7 +832,7 @@ impl Listener {
                     break;
                 }
             }
-            me.reviving.set(false);
+            hub.reviving.set(false);
         })
         .detach();
     }
@@ -400,7 +844,7 @@ async fn read_loop(
     mut stream: RcStream<UnixStream>,
     mut reader: MessageReader,
 ) {
-    let max = l.cfg.max_message_size;
+    let max = l.hub.as_ref().map_or(1 << 20, |h| h.cfg.max_message_size);
     'outer: loop {
         loop {
             let n = match typed_message_len(reader.data(), max) {
@@ -413,15 +857,17 @@ async fn read_loop(
             };
             let msg = &reader.data()[..n];
             match msg[0] {
-                be::NOTIFICATION_RESPONSE => l.dispatch(msg),
+                be::NOTIFICATION_RESPONSE => l.fan_out(msg),
                 be::ERROR_RESPONSE => {
                     let code = be::error_sqlstate(&msg[5..]).unwrap_or_default();
                     tracing::warn!(database = %l.database, sqlstate = %String::from_utf8_lossy(code), "error on the listening connection");
                 }
                 be::READY_FOR_QUERY => {
+                    // After every notification that came before it (fanned out above), so a
+                    // barrier's answer follows them on each mesh channel.
                     let w = conn.waiters.borrow_mut().pop_front();
                     if let Some(w) = w {
-                        w.put(true);
+                        l.answer(w, true);
                     }
                 }
                 _ => {}
@@ -436,16 +882,20 @@ async fn read_loop(
     }
     conn.dead.set(true);
     conn.out.close();
-    for w in conn.waiters.borrow_mut().drain(..) {
-        w.put(false);
+    let waiters: Vec<Waiter> = conn.waiters.borrow_mut().drain(..).collect();
+    for w in waiters {
+        l.answer(w, false);
     }
-    tracing::warn!(database = %l.database, "listening connection lost; reconnecting while sessions listen");
-    l.revive();
+    if !conn.closing.get() {
+        tracing::warn!(database = %l.database, "listening connection lost; reconnecting while sessions listen");
+        l.revive();
+    }
 }
 
 /// Called where a `ReadyForQuery 'I'` for `s` would go out with nothing more to come: when the
 /// session's channels changed or it notified itself, hold it (`Some`) or hold its next request
-/// (`None`: it already went) until the listener caught up. `true`: held, do not forward it.
+/// (`None`: it already went) until the listener caught up (a barrier on the owner core's
+/// listening connection). `true`: held, do not forward it.
 pub fn hold_rfq(s: &Rc<Session>, rfq: Option<&[u8]>) -> bool {
     let l = &s.listen;
     let barrier = l.barrier.replace(false) && !l.channels.borrow().is_empty();
@@ -454,17 +904,17 @@ pub fn hold_rfq(s: &Rc<Session>, rfq: Option<&[u8]>) -> bool {
         return false;
     }
     l.gated.set(true);
-    let (add, remove) = std::mem::take(&mut *l.ops.borrow_mut());
     let s = s.clone();
     let rfq = rfq.map(|r| r.to_vec());
     let held = rfq.is_some();
     let listener = s.pool.listener.clone();
     glommio::spawn_local(async move {
-        match crate::with_timeout(SYNC_TIMEOUT, listener.sync(add, remove)).await {
+        match crate::with_timeout(SYNC_TIMEOUT, listener.barrier()).await {
             Some(Ok(())) => {}
             Some(Err(e)) => tracing::warn!(error = %e, "listener not caught up"),
             None => tracing::warn!("listener did not answer in time"),
         }
+        listener.promote(&s);
         s.listen.gated.set(false);
         {
             let mut out = s.out.borrow_mut();
@@ -483,6 +933,26 @@ pub fn hold_rfq(s: &Rc<Session>, rfq: Option<&[u8]>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn owner_is_stable_and_in_range() {
+        for cores in 1..8 {
+            for db in ["app", "postgres", "diff", "x"] {
+                let o = owner_core(db, cores);
+                assert!(o < cores);
+                assert_eq!(o, owner_core(db, cores));
+            }
+        }
+        assert_eq!(owner_core("app", 0), 0);
+        // Databases spread over cores.
+        let owners: std::collections::HashSet<usize> =
+            (0..32).map(|i| owner_core(&format!("db{i}"), 4)).collect();
+        assert!(owners.len() > 1);
+        assert_eq!(
+            unlisten_sql(&["a".into(), "b".into()]),
+            "UNLISTEN \"a\";UNLISTEN \"b\";"
+        );
+    }
 
     #[test]
     fn quoting() {
@@ -519,5 +989,7 @@ mod tests {
         assert_eq!(out, [note("a", "1"), note("a", "4")].concat());
         assert_eq!(notification_channel(&note("x y", "")), Some("x y"));
         assert_eq!(notification_channel(b"A\0\0"), None);
+        assert_eq!(notification_pid(&note("x", "")), Some(7));
+        assert_eq!(notification_pid(b"A\0\0"), None);
     }
 }

@@ -10,6 +10,7 @@ mod config;
 mod core;
 mod link;
 mod listen;
+mod listen_names;
 mod login;
 mod pool;
 mod session;
@@ -89,7 +90,7 @@ async fn run_core(
     };
     let index = senders.peer_id();
     let core = core::Core::new(cfg.clone(), index, budgets);
-    *core.peers.borrow_mut() = Some(senders);
+    *core.peers.borrow_mut() = Some(Rc::new(senders));
     glommio::spawn_local(cancel::serve_peers(core.clone(), receivers)).detach();
     let listener = match shared::io::reuseport_listener(&cfg.listen) {
         // SAFETY: the fd comes from a listener we own and hand over whole.

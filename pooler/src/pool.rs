@@ -458,6 +458,7 @@ impl Core {
             .filter(|p| p.key.database == database)
             .cloned()
             .collect();
+        self.release_listener(database);
         let mut closed = 0;
         for pool in pools {
             while pool.shed_one(self, Duration::ZERO) {

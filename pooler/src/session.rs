@@ -598,6 +598,11 @@ async fn process(core: &Rc<Core>, s: &Rc<Session>, fl: u8, msgs: &[u8]) -> Resul
     if fl & flags::NOTIFY != 0 && !s.listen.channels.borrow().is_empty() {
         s.listen.barrier.set(true);
     }
+    if fl & flags::LISTEN != 0 {
+        // The listener listens ahead on the channels it names (listen.rs).
+        let max = core.cfg.max_message_size.saturating_add(5);
+        s.pool.listener.clone().listen_ahead(s, msgs, max).await;
+    }
     if answer_locally(core, s, msgs) {
         s.flush();
         return Ok(());

@@ -35,3 +35,24 @@ NOTIFY f, 'own, at commit';
 SELECT 'still in transaction';
 COMMIT;
 SELECT 'after';
+-- LISTEN and NOTIFY in one transaction: the session hears itself at the end of it, in an
+-- implicit transaction and in an explicit one (Postgres makes it a listener before it queues
+-- its notifications at commit).
+UNLISTEN *;
+LISTEN g \; NOTIFY g, 'same implicit transaction';
+BEGIN;
+LISTEN "Quoted H";
+NOTIFY "Quoted H", 'same transaction';
+SELECT 'before commit';
+COMMIT;
+/* a comment */ listen MixedI \; select pg_notify('mixedi', 'folded name');
+-- Rolled back, or failed: neither happened.
+BEGIN;
+LISTEN j;
+NOTIFY j, 'rolled back';
+ROLLBACK;
+LISTEN k \; NOTIFY k, 'failed' \; SELECT 1 / 0;
+SELECT pg_listening_channels() ORDER BY 1;
+NOTIFY j, 'not listening';
+NOTIFY k, 'not listening';
+SELECT 'end';
