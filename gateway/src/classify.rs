@@ -439,14 +439,15 @@ pub fn fast(sql: &[u8]) -> Option<u8> {
         // LISTEN, UNLISTEN and NOTIFY are flagged in `functions()`.
         b"listen" => Some(functions()),
         // SQL PREPARE does not pin: its name is mapped into the pooler's namespace
-        // (statement_names.rs; the session pins it when it cannot be). PREPARE TRANSACTION
-        // ends the transaction.
+        // (statement_names.rs; the session pins it when it cannot be). What its body calls is
+        // judged now, as for a protocol-level Parse (an advisory lock pins the session before
+        // any EXECUTE). PREPARE TRANSACTION ends the transaction.
         b"prepare" => {
             let (second, _) = word(sql, after);
             if second.eq_ignore_ascii_case(b"transaction") {
                 Some(flags::PIN)
             } else {
-                Some(0)
+                Some(functions())
             }
         }
         b"load" => Some(flags::PIN),
@@ -835,6 +836,10 @@ mod tests {
         assert_eq!(fast(b"deallocate stmt_all"), Some(0));
         assert_eq!(fast(b"DEALLOCATE foo"), Some(0));
         assert_eq!(fast(b"prepare p as select 1"), Some(0));
+        assert_eq!(
+            fast(b"prepare l as select pg_advisory_lock(1)"),
+            Some(flags::PIN)
+        );
         assert_eq!(fast(b"prepare transaction 'x'"), Some(flags::PIN));
         assert_eq!(fast(b"select 1; set a = 1"), None);
         assert_eq!(fast(b"select 1 into temp t"), None);

@@ -241,3 +241,38 @@ async fn sql_prepared_statements_follow_the_session_to_other_backends() {
     })
     .await;
 }
+
+/// What a SQL-prepared statement's body calls is judged at PREPARE, as for a protocol-level
+/// Parse: a session that prepares an advisory lock keeps its backend, so the lock never ends up
+/// on a pooled backend another session then runs on.
+#[tokio::test]
+async fn a_prepared_advisory_lock_keeps_the_backend() {
+    let pg = PgCluster::start();
+    let mut opts = TidepoolOpts::default().pool_size(2);
+    opts.cores = 1;
+    let tp = Tidepool::start(&pg, opts);
+    bounded(async {
+        let ep = tp.endpoint();
+        let a = ep.connect(ALICE.0, ALICE.1, "app").await.unwrap();
+        let b = ep.connect(ALICE.0, ALICE.1, "app").await.unwrap();
+        a.batch_execute("PREPARE lock_it AS SELECT pg_advisory_lock(4242)")
+            .await
+            .unwrap();
+        a.batch_execute("EXECUTE lock_it").await.unwrap();
+        for _ in 0..10 {
+            // Re-entrant on the backend that holds it: true would mean b runs there.
+            assert_eq!(value(&b, "SELECT pg_try_advisory_lock(4242)").await, "f");
+            assert_eq!(
+                value(
+                    &a,
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
+                     AND pid = pg_backend_pid()"
+                )
+                .await,
+                "1"
+            );
+        }
+        assert_eq!(value(&a, "SELECT pg_advisory_unlock(4242)").await, "t");
+    })
+    .await;
+}
