@@ -109,6 +109,9 @@ impl StatementFlags {
         if name.is_empty() {
             return self.unnamed;
         }
+        if self.named.is_empty() && !self.overflowed {
+            return 0; // most sessions: no hashing
+        }
         match self.named.get(name) {
             Some(&f) => f,
             None if self.overflowed => CONSERVATIVE,
@@ -633,6 +636,28 @@ mod tests {
                 "set_tenant(".into(),
                 "set_x(".into()
             ]
+        );
+    }
+
+    #[test]
+    fn statement_flags_follow_bind() {
+        let mut s = StatementFlags::default();
+        s.parsed(b"s1", flags::SNAPSHOT | LOWERS_SYNC_COMMIT);
+        s.parsed(b"s2", 0);
+        s.parsed(b"", flags::PIN);
+        assert_eq!(s.bound(b"s1"), flags::SNAPSHOT);
+        assert_eq!(s.bound(b"s2"), 0);
+        assert_eq!(s.bound(b""), flags::PIN);
+        assert_eq!(s.bound(b"never"), 0);
+        s.closed(b"s1");
+        assert_eq!(s.bound(b"s1"), 0);
+        for i in 0..MAX_FLAGGED + 1 {
+            s.parsed(format!("n{i}").as_bytes(), flags::SNAPSHOT);
+        }
+        assert_eq!(
+            s.bound(b"unknown"),
+            CONSERVATIVE,
+            "past the bound: conservative"
         );
     }
 
