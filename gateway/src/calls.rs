@@ -216,9 +216,12 @@ enum Chain {
     Name(usize),
 }
 
-/// Reads `a.b.c` (parts plain or quoted) from `start`; if `(` follows, judges the call.
+/// Reads `a.b.c` (parts plain or quoted) from `start`; if `(` follows, judges the call. No
+/// allocation: this runs for every qualified column name (`t.a`) on the fast path.
 fn name_chain(sql: &[u8], start: usize, prev: Prev) -> Chain {
-    let mut parts: Vec<(&[u8], bool)> = Vec::new(); // (text, quoted)
+    // (text, quoted) of the first and the last part, and how many parts.
+    let mut first: (&[u8], bool) = (&[], false);
+    let mut count = 0usize;
     let mut i = start;
     loop {
         let (part, quoted, end) = if sql.get(i) == Some(&b'"') {
@@ -239,7 +242,10 @@ fn name_chain(sql: &[u8], start: usize, prev: Prev) -> Chain {
             // `x.` followed by something else: not a name we understand.
             return Chain::Call(false, i);
         };
-        parts.push((part, quoted));
+        count += 1;
+        if count == 1 {
+            first = (part, quoted);
+        }
         let next = skip_blank(sql, end);
         match sql.get(next) {
             Some(b'.') => i = skip_blank(sql, next + 1),
@@ -247,18 +253,13 @@ fn name_chain(sql: &[u8], start: usize, prev: Prev) -> Chain {
                 if prev == Prev::Cast || NAMES_A_LIST.iter().any(|w| prev.is(w)) {
                     return Chain::Call(true, next + 1);
                 }
-                if parts.len() == 1 && !quoted {
-                    // Cannot happen (plain single names are judged by the caller).
-                    return Chain::Call(false, next + 1);
-                }
-                if parts.len() == 1 && (prev == Prev::Name || prev == Prev::Close) {
+                if count == 1 && (prev == Prev::Name || prev == Prev::Close) {
                     return Chain::Call(true, next + 1); // `"t" x(…)`-like alias list
                 }
-                let (name, quoted) = parts[parts.len() - 1];
-                let schema_ok = match parts.len() {
+                let schema_ok = match count {
                     1 => true,
                     2 => {
-                        let (s, q) = parts[0];
+                        let (s, q) = first;
                         if q {
                             s == b"pg_catalog"
                         } else {
@@ -268,9 +269,15 @@ fn name_chain(sql: &[u8], start: usize, prev: Prev) -> Chain {
                     _ => false,
                 };
                 let builtin = if quoted {
-                    known(name)
+                    known(part)
                 } else {
-                    name.len() <= 64 && known(&name.to_ascii_lowercase())
+                    let mut buf = [0u8; 64];
+                    part.len() <= buf.len() && {
+                        for (d, c) in buf.iter_mut().zip(part) {
+                            *d = c.to_ascii_lowercase();
+                        }
+                        known(&buf[..part.len()])
+                    }
                 };
                 return Chain::Call(schema_ok && builtin, next + 1);
             }
@@ -409,6 +416,8 @@ mod tests {
             "DROP FUNCTION f(int)",
             "SELECT date_trunc('day', now()) - interval '1 day'",
             "SELECT pg_catalog.set_config('work_mem', '1MB', false)",
+            "SELECT pg_catalog . lower ( x ), 'a''b', e'\\'' FROM \"T\" WHERE y = $12",
+            "SELECT größe, lower(größe) FROM t",
         ] {
             assert!(only_builtin_calls(sql.as_bytes()), "{sql}");
         }
@@ -432,6 +441,11 @@ mod tests {
             "SELECT 'a\\'' , f() , ''",
             "SELECT 'unterminated",
             "SELECT x FROM t WHERE lower(x) = f(y)",
+            "SELECT \"s\".\"lower\"(x)",
+            "SELECT a.b.lower(x)",
+            "SELECT 1 /* unterminated",
+            "SELECT $q$ unterminated",
+            "SELECT fünf(1)",
         ] {
             assert!(!only_builtin_calls(sql.as_bytes()), "{sql}");
         }

@@ -118,6 +118,9 @@ impl StatementFlags {
         if name.is_empty() {
             return self.unnamed;
         }
+        if self.named.is_empty() && !self.overflowed {
+            return 0; // most sessions: no hashing
+        }
         match self.named.get(name) {
             Some(&f) => f,
             None if self.overflowed => CONSERVATIVE,
@@ -676,6 +679,77 @@ pub fn lowers_sync_commit(sql: &str) -> bool {
             return true;
         }
     }
+    // pg_query's `nodes()` skips some places (`VALUES` lists): the same set_config check over
+    // the whole tree.
+    serde_json::to_value(&parsed.protobuf).is_ok_and(|tree| json_set_config_lowers(&tree))
+}
+
+/// `set_config('synchronous_commit', <lowering or unknown value>, …)` anywhere in a parse tree
+/// serialized to JSON (the check of `lowers_sync_commit`, for the places `nodes()` misses).
+fn json_set_config_lowers(tree: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    fn const_str(n: &Value) -> Option<&str> {
+        if let Some(s) = n.pointer("/node/AConst/val/Sval/sval") {
+            return s.as_str();
+        }
+        const_str(n.pointer("/node/TypeCast/arg")?)
+    }
+    fn aconst_lowers(c: &Value) -> bool {
+        if c.get("isnull").and_then(Value::as_bool) == Some(true) {
+            return true;
+        }
+        if let Some(s) = c.pointer("/val/Sval/sval").and_then(Value::as_str) {
+            return lowering_value(s);
+        }
+        if let Some(i) = c.pointer("/val/Ival/ival") {
+            return i.as_i64().unwrap_or(0) == 0;
+        }
+        if let Some(b) = c.pointer("/val/Boolval/boolval") {
+            return !b.as_bool().unwrap_or(false);
+        }
+        false
+    }
+    fn value_lowers(v: &Value) -> bool {
+        if let Some(c) = v.pointer("/node/AConst") {
+            return aconst_lowers(c);
+        }
+        if let Some(t) = v.pointer("/node/TypeCast") {
+            return match t.pointer("/arg/node/AConst") {
+                Some(c) => aconst_lowers(c),
+                None => true,
+            };
+        }
+        true
+    }
+    let mut stack = vec![tree];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Object(m) => {
+                if let Some(call) = m.get("FuncCall") {
+                    let name = call
+                        .get("funcname")
+                        .and_then(Value::as_array)
+                        .and_then(|a| a.last())
+                        .and_then(|n| n.pointer("/node/String/sval"))
+                        .and_then(Value::as_str);
+                    let args = call.get("args").and_then(Value::as_array);
+                    let names_it = args
+                        .and_then(|a| a.first())
+                        .and_then(const_str)
+                        .is_some_and(|n| n.trim().eq_ignore_ascii_case("synchronous_commit"));
+                    if name.is_some_and(|n| n.eq_ignore_ascii_case("set_config"))
+                        && names_it
+                        && args.and_then(|a| a.get(1)).is_none_or(value_lowers)
+                    {
+                        return true;
+                    }
+                }
+                stack.extend(m.values());
+            }
+            Value::Array(a) => stack.extend(a),
+            _ => {}
+        }
+    }
     false
 }
 
@@ -707,6 +781,28 @@ mod tests {
                 "set_tenant(".into(),
                 "set_x(".into()
             ]
+        );
+    }
+
+    #[test]
+    fn statement_flags_follow_bind() {
+        let mut s = StatementFlags::default();
+        s.parsed(b"s1", flags::SNAPSHOT | LOWERS_SYNC_COMMIT);
+        s.parsed(b"s2", 0);
+        s.parsed(b"", flags::PIN);
+        assert_eq!(s.bound(b"s1"), flags::SNAPSHOT);
+        assert_eq!(s.bound(b"s2"), 0);
+        assert_eq!(s.bound(b""), flags::PIN);
+        assert_eq!(s.bound(b"never"), 0);
+        s.closed(b"s1");
+        assert_eq!(s.bound(b"s1"), 0);
+        for i in 0..MAX_FLAGGED + 1 {
+            s.parsed(format!("n{i}").as_bytes(), flags::SNAPSHOT);
+        }
+        assert_eq!(
+            s.bound(b"unknown"),
+            CONSERVATIVE,
+            "past the bound: conservative"
         );
     }
 
@@ -907,6 +1003,9 @@ mod tests {
             "alter database app set synchronous_commit = off",
             "alter system set synchronous_commit = off",
             "do $$begin perform set_config('synchronous_commit','off',false); end$$",
+            "values (set_config('synchronous_commit', 'off', false))",
+            "insert into t values (set_config('synchronous_commit', 'local'::text, false))",
+            "insert into t values (set_config('synchronous_commit', $1, false))",
         ] {
             assert!(lowers_sync_commit(bad), "{bad}");
         }
@@ -922,6 +1021,7 @@ mod tests {
             "select current_setting('synchronous_commit')",
             "select 'synchronous_commit off'",
             "set work_mem = 0",
+            "insert into t values (set_config('synchronous_commit', 'on', false))",
         ] {
             assert!(!lowers_sync_commit(ok), "{ok}");
         }
