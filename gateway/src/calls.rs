@@ -63,23 +63,9 @@ pub fn only_builtin_calls(sql: &[u8]) -> bool {
                 i += 1;
             }
         } else if sql[i..].starts_with(b"/*") {
-            let mut depth = 0usize;
-            loop {
-                if i >= n {
-                    return false;
-                }
-                if sql[i..].starts_with(b"/*") {
-                    depth += 1;
-                    i += 2;
-                } else if sql[i..].starts_with(b"*/") {
-                    depth -= 1;
-                    i += 2;
-                    if depth == 0 {
-                        break;
-                    }
-                } else {
-                    i += 1;
-                }
+            match shared::sql::skip_block_comment(sql, i) {
+                Some(end) => i = end,
+                None => return false,
             }
         } else if c == b'\'' {
             match skip_string(sql, i, false) {

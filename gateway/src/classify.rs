@@ -215,21 +215,7 @@ fn skip_blank(sql: &[u8], mut i: usize) -> usize {
                 i += 1;
             }
         } else if sql[i..].starts_with(b"/*") {
-            let mut depth = 0usize;
-            while i < sql.len() {
-                if sql[i..].starts_with(b"/*") {
-                    depth += 1;
-                    i += 2;
-                } else if sql[i..].starts_with(b"*/") {
-                    depth -= 1;
-                    i += 2;
-                    if depth == 0 {
-                        break;
-                    }
-                } else {
-                    i += 1;
-                }
-            }
+            i = shared::sql::skip_block_comment(sql, i).unwrap_or(sql.len());
         } else {
             return i;
         }

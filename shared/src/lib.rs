@@ -7,3 +7,4 @@ pub mod link;
 pub mod logging;
 pub mod protocol;
 pub mod settings;
+pub mod sql;
