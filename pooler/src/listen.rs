@@ -19,7 +19,10 @@
 //! core runs a *barrier*: an empty query on the listening connection, sent after this core's
 //! changes (same mesh channel, in order), answered after the notifications received before its
 //! `ReadyForQuery` (same channel back, in order). So no notification falls in a gap after a
-//! `LISTEN`.
+//! `LISTEN`. A request that names new channels in `LISTEN` statements has them listened on
+//! *ahead*, before it runs, and a channel new to a session delivers it only its own
+//! notifications until that barrier passes ([`Listener::listen_ahead`]): `LISTEN x; NOTIFY x`
+//! in one transaction hears itself.
 //!
 //! Postgres sends a session the notifications that arrived during a transaction just before the
 //! `ReadyForQuery` that ends it, and at once while the session is idle: the same here (queued
