@@ -19,7 +19,10 @@
 //! core runs a *barrier*: an empty query on the listening connection, sent after this core's
 //! changes (same mesh channel, in order), answered after the notifications received before its
 //! `ReadyForQuery` (same channel back, in order). So no notification falls in a gap after a
-//! `LISTEN`.
+//! `LISTEN`. A request that names new channels in `LISTEN` statements has them listened on
+//! *ahead*, before it runs, and a channel new to a session delivers it only its own
+//! notifications until that barrier passes ([`Listener::listen_ahead`]): `LISTEN x; NOTIFY x`
+//! in one transaction hears itself.
 //!
 //! Postgres sends a session the notifications that arrived during a transaction just before the
 //! `ReadyForQuery` that ends it, and at once while the session is idle: the same here (queued
@@ -76,6 +79,9 @@ pub struct SessionListen {
     /// notifications on them are delivered (held) until the barrier after the read-back passes;
     /// then they are promoted to ordinary channels.
     ahead: RefCell<Vec<String>>,
+    /// The change count ([`Listener`]'s `sent`) a barrier must cover before the session's
+    /// notifications can be heard on the channels it listens on ahead.
+    ahead_need: Cell<u64>,
     /// The backend that ran the session's transaction, recorded at the read-back: its
     /// notifications are the session's own while it is joining channels.
     own_pid: Cell<Option<i32>>,
@@ -401,9 +407,9 @@ impl Listener {
     /// its `LISTEN` statements name (`listen_names.rs`) that the session does not listen on yet,
     /// and the session's own notifications on them are held for it until its channels are read
     /// back. So a `LISTEN x; NOTIFY x` in one transaction hears itself, as directly (Postgres
-    /// makes the session a listener before it queues its notifications at commit). Costs one
-    /// listener round trip, unless this core's listener is known to listen on them already.
-    pub async fn listen_ahead(self: &Rc<Self>, s: &Rc<Session>, msgs: &[u8], max: usize) {
+    /// makes the session a listener before it queues its notifications at commit). A request of
+    /// the transaction that notifies waits for the listener first ([`Listener::ahead_ready`]).
+    pub fn listen_ahead(self: &Rc<Self>, s: &Rc<Session>, msgs: &[u8], max: usize) {
         let mut names = Vec::new();
         let mut rest = msgs;
         while let Ok(Some(n)) = typed_message_len(rest, max) {
@@ -428,7 +434,8 @@ impl Listener {
         if names.is_empty() {
             return;
         }
-        let all_known = names.iter().all(|c| self.core_listens(c));
+        let all_known =
+            names.iter().all(|c| self.core_listens(c)) && self.confirmed.get() >= self.sent.get();
         s.listen.ahead.borrow_mut().extend(names.iter().cloned());
         let key = Rc::as_ptr(s) as usize;
         self.apply(names.clone(), |l| {
@@ -438,8 +445,20 @@ impl Listener {
             }
         });
         // The listening connection already listens on all of them if this core asked before and
-        // a barrier has passed since.
-        if all_known && self.confirmed.get() >= self.sent.get() {
+        // a barrier has passed since; else once a barrier covers the change just sent.
+        let need = if all_known {
+            s.listen.ahead_need.get()
+        } else {
+            self.sent.get()
+        };
+        s.listen.ahead_need.set(need.max(s.listen.ahead_need.get()));
+    }
+
+    /// Before a request that notifies runs: if the session is joining channels, waits until the
+    /// listening connection listens on them (a barrier), so the session's own notifications at
+    /// commit reach it. A request that only `LISTEN`s does not wait.
+    pub async fn ahead_ready(self: &Rc<Self>, s: &Rc<Session>) {
+        if s.listen.ahead.borrow().is_empty() || self.confirmed.get() >= s.listen.ahead_need.get() {
             return;
         }
         match crate::with_timeout(SYNC_TIMEOUT, self.barrier()).await {

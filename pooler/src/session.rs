@@ -601,7 +601,11 @@ async fn process(core: &Rc<Core>, s: &Rc<Session>, fl: u8, msgs: &[u8]) -> Resul
     if fl & flags::LISTEN != 0 {
         // The listener listens ahead on the channels it names (listen.rs).
         let max = core.cfg.max_message_size.saturating_add(5);
-        s.pool.listener.clone().listen_ahead(s, msgs, max).await;
+        s.pool.listener.listen_ahead(s, msgs, max);
+    }
+    if fl & flags::NOTIFY != 0 {
+        // ... and before the session notifies, the listener listens on them.
+        s.pool.listener.clone().ahead_ready(s).await;
     }
     if answer_locally(core, s, msgs) {
         s.flush();
