@@ -38,7 +38,9 @@ pub fn listen_channels(sql: &[u8]) -> Vec<String> {
                     i += 1;
                 }
             }
-            b'/' if sql.get(i + 1) == Some(&b'*') => i = skip_block_comment(sql, i),
+            b'/' if sql.get(i + 1) == Some(&b'*') => {
+                i = shared::sql::skip_block_comment(sql, i).unwrap_or(sql.len())
+            }
             b';' => {
                 state = State::Start;
                 i += 1;
@@ -115,26 +117,6 @@ fn truncate(mut s: String) -> String {
         s.truncate(end);
     }
     s
-}
-
-/// `/* ... */`, nested as Postgres nests them; returns the index after it (or the end).
-fn skip_block_comment(sql: &[u8], mut i: usize) -> usize {
-    let mut depth = 0usize;
-    while i < sql.len() {
-        if sql[i..].starts_with(b"/*") {
-            depth += 1;
-            i += 2;
-        } else if sql[i..].starts_with(b"*/") {
-            depth -= 1;
-            i += 2;
-            if depth == 0 {
-                return i;
-            }
-        } else {
-            i += 1;
-        }
-    }
-    sql.len()
 }
 
 /// A string constant starting at the quote at `i`; returns the index after it (or the end).
