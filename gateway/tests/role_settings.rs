@@ -279,3 +279,67 @@ async fn superuser_only_role_settings_do_not_break_sessions() {
     })
     .await;
 }
+
+async fn get(c: &tokio_postgres::Client) -> String {
+    let tenant = "SELECT coalesce(current_setting('app.tenant', true), '<none>')";
+    c.query_one(tenant, &[]).await.unwrap().get(0)
+}
+
+/// Sets `app.tenant = 't1'` on alice through Tidepool, as a superuser (Postgres 15 lets only a
+/// superuser set a placeholder on a role): sessions opened afterwards, on any pooler core, get it.
+async fn set_tenant_default(pg: &PgCluster, ep: &testkit::Endpoint) {
+    pg.psql_admin("CREATE ROLE root SUPERUSER LOGIN PASSWORD 'root-pw'");
+    let root = ep.connect("root", "root-pw", APP_DB).await.unwrap();
+    root.batch_execute("ALTER ROLE alice SET app.tenant = 't1'")
+        .await
+        .unwrap();
+}
+
+/// A custom setting (`app.tenant`, a placeholder Postgres hides from `pg_settings`) as a role
+/// default: the row-level-security pattern. New sessions get it; a session opened before never
+/// sees it (Postgres: NULL; through Tidepool NULL, or `''` on a backend that logged in with it:
+/// a placeholder, once created, cannot be removed).
+#[tokio::test]
+async fn custom_role_default() {
+    let (pg, tp) = start();
+    bounded(Duration::from_secs(60), async {
+        let ep = tp.endpoint();
+        let old = ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+        assert_eq!(get(&old).await, "<none>");
+        set_tenant_default(&pg, &ep).await;
+        for round in 0..2 {
+            for ep in [pg.direct(), ep.clone()] {
+                let c = ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+                assert_eq!(get(&c).await, "t1", "round {round}, {ep:?}");
+                c.batch_execute("SET app.tenant = 't2'").await.unwrap();
+                assert_eq!(get(&c).await, "t2", "{ep:?}");
+                let o = get(&old).await;
+                assert!(o == "<none>" || o.is_empty(), "round {round}: old sees {o}");
+            }
+            replace_backend(&tp).await;
+        }
+    })
+    .await;
+}
+
+/// The limit: `RESET` of a custom role default returns to it only on a backend that logged in
+/// with it; on one that did not, Postgres's reset value for the placeholder is `''` and the
+/// read-back cannot tell that from a `SET` (README, "Differences from Postgres").
+#[tokio::test]
+#[ignore = "known limit: RESET of a custom (x.y) role default on a backend that logged in without it gives ''"]
+async fn reset_custom_role_default() {
+    let (pg, tp) = start();
+    bounded(Duration::from_secs(60), async {
+        let ep = tp.endpoint();
+        // This session's backend logs in before the default exists.
+        let before = ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+        get(&before).await;
+        set_tenant_default(&pg, &ep).await;
+        let c = ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+        c.batch_execute("SET app.tenant = 't2'; RESET app.tenant")
+            .await
+            .unwrap();
+        assert_eq!(get(&c).await, "t1");
+    })
+    .await;
+}

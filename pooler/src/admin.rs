@@ -143,8 +143,10 @@ impl Admin {
 
     /// What each of `names` is where no role or database default applies (the value a
     /// `RESET` gives on a backend whose login had no default for it), for the names this
-    /// connection can tell (its own role and database have no default for them). Cached like
-    /// role defaults.
+    /// connection can tell (its own role and database have no default for them). A custom
+    /// placeholder (`app.tenant`) defined nowhere has no value to go back to once a login
+    /// created it: the nearest is `''`, what Postgres gives after `SET` and `RESET` of one.
+    /// Cached like role defaults.
     pub async fn server_defaults(&self, names: &[String]) -> Result<Settings, String> {
         let ttl = Duration::from_millis(self.cfg.role_settings_cache_ms);
         let mut out = Settings::default();
@@ -166,7 +168,9 @@ impl Admin {
             return Ok(out);
         }
         let sql = format!(
-            "SELECT n, CASE WHEN p.source NOT IN ({LOGIN_SOURCES}, 'client', 'session') \
+            "SELECT n, CASE WHEN p.name IS NULL AND n LIKE '%.%' \
+               THEN COALESCE(pg_catalog.current_setting(n, true), '') \
+               WHEN p.source NOT IN ({LOGIN_SOURCES}, 'client', 'session') \
                THEN pg_catalog.current_setting(p.name) END \
              FROM pg_catalog.unnest(ARRAY[{}]::text[]) AS n \
              LEFT JOIN pg_catalog.pg_settings p ON pg_catalog.lower(p.name) = n",
@@ -350,4 +354,25 @@ fn data_row(body: &[u8]) -> Option<Row> {
         row.push(Some(String::from_utf8_lossy(v).into_owned()));
     }
     Some(row)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_rows() {
+        // Two columns: 'a=1' and NULL.
+        let mut body = 2i16.to_be_bytes().to_vec();
+        body.extend_from_slice(&3i32.to_be_bytes());
+        body.extend_from_slice(b"a=1");
+        body.extend_from_slice(&(-1i32).to_be_bytes());
+        let row = data_row(&body).unwrap();
+        assert_eq!(row, vec![Some("a=1".to_owned()), None]);
+        assert_eq!(col(&row, 0), Some("a=1"));
+        assert_eq!(col(&row, 1), None);
+        assert_eq!(col(&row, 2), None);
+        // Truncated: a column longer than the message.
+        assert!(data_row(&body[..8]).is_none());
+    }
 }
