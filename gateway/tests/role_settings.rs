@@ -343,3 +343,35 @@ async fn reset_custom_role_default() {
     })
     .await;
 }
+
+/// A role default Postgres can no longer apply (its text search configuration is gone): the
+/// login only warns in Postgres, so through Tidepool the session opens too.
+#[tokio::test]
+async fn a_role_default_postgres_refuses_does_not_block_logins() {
+    let (pg, tp) = start();
+    bounded(Duration::from_secs(60), async {
+        let ep = tp.endpoint();
+        pg.psql_admin_db(
+            APP_DB,
+            "CREATE ROLE root SUPERUSER LOGIN PASSWORD 'root-pw';\
+             CREATE TEXT SEARCH CONFIGURATION public.doomed (COPY = pg_catalog.simple);",
+        );
+        let root = ep.connect("root", "root-pw", APP_DB).await.unwrap();
+        root.batch_execute(
+            "ALTER ROLE alice SET default_text_search_config = 'public.doomed';\
+             DROP TEXT SEARCH CONFIGURATION public.doomed",
+        )
+        .await
+        .unwrap();
+        let direct = pg.direct().connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+        assert_eq!(setting(&direct, "work_mem").await, "4MB");
+        let c = ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+        assert_eq!(setting(&c, "work_mem").await, "4MB");
+        assert!(
+            tp.pooler_log()
+                .contains("a role or database default was refused"),
+            "the pooler did not try the role default"
+        );
+    })
+    .await;
+}
