@@ -1,6 +1,7 @@
 //! The admin connection: reads a role's verifier from `pg_authid` for the gateway's
-//! authentication. Over Postgres's Unix socket as a superuser role (peer authentication), one
-//! per core, one lookup at a time, results cached for a few seconds.
+//! authentication, and the settings `ALTER ROLE|DATABASE … SET` gave a (role, database) from
+//! `pg_db_role_setting` for new sessions. Over Postgres's Unix socket as a superuser role (peer
+//! authentication), one per core, one lookup at a time, results cached briefly.
 
 use crate::config::Config;
 use crate::login;
@@ -10,11 +11,36 @@ use shared::io::{MessageReader, Notify};
 use shared::link::Credential;
 use shared::protocol::backend as be;
 use shared::protocol::{frontend, read_i16, read_i32, typed_message_len};
-use shared::settings::literal;
+use shared::settings::{literal, Settings};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+/// Bumped when this pooler sees a statement that may change `pg_db_role_setting` complete
+/// (`ALTER ROLE`/`ALTER DATABASE`, and again when its transaction ends): every core's cached
+/// role defaults older than that are stale. Process-wide: the cores share it without a message.
+static ROLE_SETTINGS_GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// `ALTER ROLE|USER|DATABASE` completed (or its transaction ended): new sessions must read the
+/// role defaults again.
+pub fn role_settings_changed() {
+    ROLE_SETTINGS_GENERATION.fetch_add(1, Ordering::Relaxed);
+}
+
+/// `pg_settings.source` values of what Postgres applies at login from `pg_db_role_setting`.
+pub const LOGIN_SOURCES: &str = "'global', 'database', 'user', 'database user'";
+
+/// One row of a simple query's result, in text (`None`: SQL NULL).
+type Row = Vec<Option<String>>;
+
+/// The defaults a (role, database) starts with, from `pg_db_role_setting`.
+struct RoleDefaults {
+    at: Instant,
+    generation: u64,
+    settings: Rc<Settings>,
+}
 
 /// What `pg_authid` says of a role.
 #[derive(Clone, Debug)]
@@ -30,6 +56,10 @@ pub struct Admin {
     busy: Cell<bool>,
     free: Notify,
     cache: RefCell<HashMap<String, (Instant, RoleSecret)>>,
+    defaults: RefCell<HashMap<(String, String), RoleDefaults>>,
+    /// What a setting is when no role or database default applies (`postgresql.conf`, command
+    /// line, built-in), by name, and when it was read.
+    server: RefCell<HashMap<String, (Instant, Option<String>)>>,
 }
 
 impl Admin {
@@ -40,7 +70,126 @@ impl Admin {
             busy: Cell::new(false),
             free: Notify::default(),
             cache: RefCell::new(HashMap::new()),
+            defaults: RefCell::new(HashMap::new()),
+            server: RefCell::new(HashMap::new()),
         }
+    }
+
+    /// The settings `ALTER ROLE|DATABASE … SET` gives a new session of `user` in `database`, in
+    /// Postgres's order (postinit.c `process_settings`: `ALTER ROLE ALL`, then the database's,
+    /// the role's, the role's in that database; a later one wins), keeping only those the role
+    /// may change with `set_config` (Postgres applies the others at login with superuser
+    /// rights: they stay what the backend logged in with). Cached for `role_settings_cache_ms`,
+    /// and until this pooler sees an `ALTER ROLE|DATABASE` complete.
+    pub async fn role_defaults(&self, user: &str, database: &str) -> Result<Rc<Settings>, String> {
+        let ttl = Duration::from_millis(self.cfg.role_settings_cache_ms);
+        let key = (user.to_owned(), database.to_owned());
+        let generation = ROLE_SETTINGS_GENERATION.load(Ordering::Relaxed);
+        if let Some(d) = self.defaults.borrow().get(&key) {
+            if d.generation == generation && d.at.elapsed() < ttl {
+                return Ok(d.settings.clone());
+            }
+        }
+        let sql = format!(
+            "SELECT x.rank, x.item, CASE WHEN p.name IS NULL OR p.context = 'user' THEN 't' \
+               WHEN p.context = 'superuser' AND r.oid IS NOT NULL \
+               THEN pg_catalog.has_parameter_privilege(r.oid, p.name, 'SET')::text ELSE 'f' END \
+             FROM (SELECT CASE WHEN s.setdatabase = 0 AND s.setrole = 0 THEN 0 \
+                     WHEN s.setrole = 0 THEN 1 WHEN s.setdatabase = 0 THEN 2 ELSE 3 END AS rank, \
+                     i.item, i.n \
+                   FROM pg_catalog.pg_db_role_setting s, \
+                     pg_catalog.unnest(s.setconfig) WITH ORDINALITY AS i(item, n) \
+                   WHERE s.setdatabase IN (0, (SELECT oid FROM pg_catalog.pg_database \
+                       WHERE datname = {db})) \
+                     AND s.setrole IN (0, (SELECT oid FROM pg_catalog.pg_roles \
+                       WHERE rolname = {user}))) AS x \
+             LEFT JOIN pg_catalog.pg_roles r ON r.rolname = {user} \
+             LEFT JOIN pg_catalog.pg_settings p \
+               ON pg_catalog.lower(p.name) = pg_catalog.lower(pg_catalog.split_part(x.item, '=', 1)) \
+             ORDER BY x.rank, x.n",
+            db = literal(database),
+            user = literal(user),
+        );
+        let rows = self.run(&sql).await?;
+        let mut settings = Settings::default();
+        for row in rows {
+            let (Some(item), Some(settable)) = (col(&row, 1), col(&row, 2)) else {
+                continue;
+            };
+            let Some((name, value)) = item.split_once('=') else {
+                continue;
+            };
+            if settable == "t" || settable == "true" {
+                settings.set(name, value);
+            } else {
+                tracing::debug!(user, database, setting = name, "role default left to login");
+            }
+        }
+        let settings = Rc::new(settings);
+        let mut d = self.defaults.borrow_mut();
+        if d.len() > 10_000 {
+            d.clear();
+        }
+        d.insert(
+            key,
+            RoleDefaults {
+                at: Instant::now(),
+                generation,
+                settings: settings.clone(),
+            },
+        );
+        Ok(settings)
+    }
+
+    /// What each of `names` is where no role or database default applies (the value a
+    /// `RESET` gives on a backend whose login had no default for it), for the names this
+    /// connection can tell (its own role and database have no default for them). A custom
+    /// placeholder (`app.tenant`) defined nowhere has no value to go back to once a login
+    /// created it: the nearest is `''`, what Postgres gives after `SET` and `RESET` of one.
+    /// Cached like role defaults.
+    pub async fn server_defaults(&self, names: &[String]) -> Result<Settings, String> {
+        let ttl = Duration::from_millis(self.cfg.role_settings_cache_ms);
+        let mut out = Settings::default();
+        let mut missing = Vec::new();
+        {
+            let cache = self.server.borrow();
+            for n in names {
+                match cache.get(n) {
+                    Some((at, v)) if at.elapsed() < ttl => {
+                        if let Some(v) = v {
+                            out.set(n, v);
+                        }
+                    }
+                    _ => missing.push(literal(n)),
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(out);
+        }
+        let sql = format!(
+            "SELECT n, CASE WHEN p.name IS NULL AND n LIKE '%.%' \
+               THEN COALESCE(pg_catalog.current_setting(n, true), '') \
+               WHEN p.source NOT IN ({LOGIN_SOURCES}, 'client', 'session') \
+               THEN pg_catalog.current_setting(p.name) END \
+             FROM pg_catalog.unnest(ARRAY[{}]::text[]) AS n \
+             LEFT JOIN pg_catalog.pg_settings p ON pg_catalog.lower(p.name) = n",
+            missing.join(", ")
+        );
+        let rows = self.run(&sql).await?;
+        let mut cache = self.server.borrow_mut();
+        if cache.len() > 10_000 {
+            cache.clear();
+        }
+        for row in rows {
+            let Some(n) = col(&row, 0) else { continue };
+            let v = col(&row, 1).map(str::to_owned);
+            if let Some(v) = &v {
+                out.set(n, v);
+            }
+            cache.insert(n.to_owned(), (Instant::now(), v));
+        }
+        Ok(out)
     }
 
     pub async fn lookup(&self, user: &str) -> Result<RoleSecret, String> {
@@ -74,6 +223,26 @@ impl Admin {
              FROM pg_catalog.pg_authid WHERE rolname = {}",
             literal(user)
         );
+        let rows = self.run_unlocked(&sql).await?;
+        Ok(match rows.last().map(|r| (col(r, 0), col(r, 1))) {
+            Some((Some(p), Some("false"))) => RoleSecret::Verifier(p.to_owned()),
+            _ => RoleSecret::Absent,
+        })
+    }
+
+    /// Runs `sql` when no other lookup of this core is running.
+    async fn run(&self, sql: &str) -> Result<Vec<Row>, String> {
+        while self.busy.get() {
+            self.free.notified().await;
+        }
+        self.busy.set(true);
+        let r = self.run_unlocked(sql).await;
+        self.busy.set(false);
+        self.free.notify();
+        r
+    }
+
+    async fn run_unlocked(&self, sql: &str) -> Result<Vec<Row>, String> {
         // One retry on a fresh connection: the old one may have died with a Postgres restart.
         for attempt in 0..2 {
             if self.conn.borrow().is_none() {
@@ -82,7 +251,7 @@ impl Admin {
             let Some((mut stream, mut reader)) = self.conn.borrow_mut().take() else {
                 continue;
             };
-            match query(&mut stream, &mut reader, &sql, self.cfg.max_message_size).await {
+            match query(&mut stream, &mut reader, sql, self.cfg.max_message_size).await {
                 Ok(r) => {
                     *self.conn.borrow_mut() = Some((stream, reader));
                     return Ok(r);
@@ -124,23 +293,31 @@ impl Admin {
     }
 }
 
-async fn query(
-    stream: &mut UnixStream,
+fn col(row: &Row, i: usize) -> Option<&str> {
+    row.get(i).and_then(|c| c.as_deref())
+}
+
+/// Runs a simple query on a connection that is idle and returns its rows as text.
+pub async fn query<S>(
+    stream: &mut S,
     reader: &mut MessageReader,
     sql: &str,
     max: usize,
-) -> Result<RoleSecret, String> {
+) -> Result<Vec<Row>, String>
+where
+    S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin,
+{
     let mut q = Vec::new();
     frontend::query(&mut q, sql);
     stream.write_all(&q).await.map_err(|e| e.to_string())?;
-    let mut result = RoleSecret::Absent;
+    let mut rows = Vec::new();
     let mut error = None;
     loop {
         let n = match typed_message_len(reader.data(), max) {
             Ok(Some(n)) => n,
             Ok(None) => {
                 if reader.fill(stream, 0).await.map_err(|e| e.to_string())? == 0 {
-                    return Err("admin connection closed".into());
+                    return Err("connection closed".into());
                 }
                 continue;
             }
@@ -149,12 +326,12 @@ async fn query(
         let msg = reader.data()[..n].to_vec();
         reader.consume(n);
         match msg[0] {
-            be::DATA_ROW => result = role_row(&msg[5..]).unwrap_or(RoleSecret::Absent),
+            be::DATA_ROW => rows.push(data_row(&msg[5..]).ok_or("malformed data row")?),
             be::ERROR_RESPONSE => error = Some(String::from_utf8_lossy(&msg[5..]).into_owned()),
             be::READY_FOR_QUERY => {
                 return match error {
                     Some(e) => Err(e),
-                    None => Ok(result),
+                    None => Ok(rows),
                 }
             }
             _ => {}
@@ -162,24 +339,40 @@ async fn query(
     }
 }
 
-fn role_row(body: &[u8]) -> Option<RoleSecret> {
+fn data_row(body: &[u8]) -> Option<Row> {
     let mut pos = 0;
-    if read_i16(body, &mut pos).ok()? != 2 {
-        return None;
-    }
-    let mut col = || -> Option<Option<Vec<u8>>> {
+    let n = read_i16(body, &mut pos).ok()?;
+    let mut row = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
         let len = read_i32(body, &mut pos).ok()?;
         if len < 0 {
-            return Some(None);
+            row.push(None);
+            continue;
         }
-        let v = body.get(pos..pos + len as usize)?.to_vec();
+        let v = body.get(pos..pos + len as usize)?;
         pos += len as usize;
-        Some(Some(v))
-    };
-    let password = col()?;
-    let expired = col()?;
-    match (password, expired.as_deref()) {
-        (Some(p), Some(b"false")) => Some(RoleSecret::Verifier(String::from_utf8(p).ok()?)),
-        _ => Some(RoleSecret::Absent),
+        row.push(Some(String::from_utf8_lossy(v).into_owned()));
+    }
+    Some(row)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_rows() {
+        // Two columns: 'a=1' and NULL.
+        let mut body = 2i16.to_be_bytes().to_vec();
+        body.extend_from_slice(&3i32.to_be_bytes());
+        body.extend_from_slice(b"a=1");
+        body.extend_from_slice(&(-1i32).to_be_bytes());
+        let row = data_row(&body).unwrap();
+        assert_eq!(row, vec![Some("a=1".to_owned()), None]);
+        assert_eq!(col(&row, 0), Some("a=1"));
+        assert_eq!(col(&row, 1), None);
+        assert_eq!(col(&row, 2), None);
+        // Truncated: a column longer than the message.
+        assert!(data_row(&body[..8]).is_none());
     }
 }

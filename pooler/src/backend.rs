@@ -133,6 +133,27 @@ fn function_bodies_sql(functions: &[String]) -> String {
     )
 }
 
+/// The settings a new backend got at login from `ALTER ROLE|DATABASE … SET` that its role may
+/// change itself (others stay as the login left them), read from the backend itself so they are
+/// exactly what it has. `pg_settings` hides custom placeholders (`app.tenant`): those are read by
+/// the names `pg_db_role_setting` holds for this role and database.
+fn login_settings_sql() -> String {
+    format!(
+        "SELECT name, pg_catalog.current_setting(name) FROM pg_catalog.pg_settings \
+         WHERE source IN ({}) AND (context = 'user' OR (context = 'superuser' \
+           AND pg_catalog.has_parameter_privilege(name, 'SET'))) \
+         UNION ALL SELECT n, pg_catalog.current_setting(n, true) FROM \
+           (SELECT DISTINCT pg_catalog.lower(pg_catalog.split_part(c, '=', 1)) AS n \
+            FROM pg_catalog.pg_db_role_setting s, pg_catalog.unnest(s.setconfig) AS c \
+            WHERE s.setdatabase IN (0, (SELECT oid FROM pg_catalog.pg_database \
+                WHERE datname = pg_catalog.current_database())) \
+              AND s.setrole IN (0, (SELECT oid FROM pg_catalog.pg_roles \
+                WHERE rolname = session_user))) AS x \
+         WHERE n LIKE '%.%' AND pg_catalog.current_setting(n, true) IS NOT NULL",
+        crate::admin::LOGIN_SOURCES
+    )
+}
+
 /// The statements a backend has prepared, bounded: the least recently used is closed when a new
 /// one would pass the limit.
 #[derive(Default)]
@@ -224,11 +245,13 @@ pub type Done = Rc<Slot<Result<(), Vec<u8>>>>;
 
 pub enum Internal {
     /// Bring the backend to the owner's settings. `forward`: pass `ParameterStatus` on to the
-    /// client; `then_rfq`: send the `ReadyForQuery` held back for this; `done`: tell a waiter.
+    /// client; `then_rfq`: send the `ReadyForQuery` held back for this; `done`: tell a waiter;
+    /// `to`: the backend's settings once it is done.
     Sync {
         forward: bool,
         then_rfq: bool,
         done: Option<Done>,
+        to: Rc<Settings>,
     },
     /// Close statements found stale (their table changed), then Sync.
     Forget,
@@ -275,7 +298,19 @@ pub enum Entry {
 pub struct State {
     pub queue: VecDeque<Entry>,
     pub owner: Option<Rc<Session>>,
+    /// The settings that differ from what the backend had before any role or database default
+    /// (its login defaults, then what we or its sessions set), as `set_config` would set them.
     pub settings: Rc<Settings>,
+    /// What it logged in with from `ALTER ROLE|DATABASE … SET` (see [`login_settings_sql`]):
+    /// `RESET` returns to these, so a session without such a default gets the server's value
+    /// (`server`) set explicitly instead.
+    login: Rc<Settings>,
+    /// The server's value (no role or database default) of each of `login`'s settings, where
+    /// known (see `Admin::server_defaults`).
+    server: Settings,
+    /// An `ALTER ROLE|DATABASE` completed in the open transaction: role defaults change again
+    /// for new sessions when it ends.
+    roles_changed: bool,
     /// Statements this backend has, with when each was last used (for eviction).
     pub prepared: Prepared,
     pub unnamed: Option<Rc<Stmt>>,
@@ -377,19 +412,10 @@ impl Backend {
         then_rfq: bool,
         done: Option<Done>,
     ) -> bool {
-        let sql = {
-            let st = self.st.borrow();
-            if Rc::ptr_eq(&st.settings, to) {
-                return false;
-            }
-            match Settings::diff_sql(&st.settings, to) {
-                Some(sql) => sql,
-                None => {
-                    drop(st);
-                    self.st.borrow_mut().settings = to.clone();
-                    return false;
-                }
-            }
+        let (sql, to) = plan(&self.st.borrow(), to);
+        let Some(sql) = sql else {
+            self.st.borrow_mut().settings = to;
+            return false;
         };
         let mut q = Vec::new();
         frontend::query(&mut q, &sql);
@@ -399,6 +425,7 @@ impl Backend {
                 forward,
                 then_rfq,
                 done,
+                to,
             })),
         );
         true
@@ -409,6 +436,33 @@ impl Backend {
         let mut st = self.st.borrow_mut();
         drain_synth(&mut st);
     }
+}
+
+/// The SQL that takes a backend to a session's settings `to` (`None`: it is there), and the
+/// backend's settings afterwards. A setting the backend got at login from a role or database
+/// default that `to` does not have is set to the server's value: `RESET` would give the login's.
+fn plan(st: &State, to: &Rc<Settings>) -> (Option<String>, Rc<Settings>) {
+    // Allocates only for a backend whose login defaults the session does not share (role
+    // defaults changed between the two logins); otherwise `to` itself, and the pointer test
+    // below answers most calls.
+    let uncovered = st.login.iter().any(|(k, _)| to.get(k).is_none());
+    let to = if uncovered {
+        let mut t = (**to).clone();
+        for (k, _) in st.login.iter() {
+            if to.get(k).is_none() {
+                if let Some(v) = st.server.get(k) {
+                    t.set(k, v);
+                }
+            }
+        }
+        Rc::new(t)
+    } else {
+        to.clone()
+    };
+    if Rc::ptr_eq(&st.settings, &to) {
+        return (None, to);
+    }
+    (Settings::diff_sql(&st.settings, &to), to)
 }
 
 fn drain_synth(st: &mut State) {
@@ -510,7 +564,7 @@ pub async fn connect(
             .map_err(|e| LoginError::Other(format!("{addr}: {e}")))?;
         let _ = stream.set_nodelay(true);
         let mut stream = stream;
-        let logged = login::login(
+        let mut logged = login::login(
             &mut stream,
             &pool.key.user,
             &pool.key.database,
@@ -518,11 +572,42 @@ pub async fn connect(
             cfg.max_message_size,
         )
         .await?;
-        Ok::<_, LoginError>((stream, logged))
+        let mut reader = MessageReader::new(1024);
+        reader.push_bytes(&logged.leftover);
+        let rows = crate::admin::query(
+            &mut stream,
+            &mut reader,
+            &login_settings_sql(),
+            cfg.max_message_size,
+        )
+        .await
+        .map_err(|e| LoginError::Other(format!("reading login settings: {e}")))?;
+        logged.leftover = reader.data().to_vec();
+        let mut login = Settings::default();
+        for row in rows {
+            if let [Some(k), Some(v)] = &row[..] {
+                login.set(k, v);
+            }
+        }
+        Ok::<_, LoginError>((stream, logged, login))
     };
-    let (stream, logged) = crate::with_timeout(timeout, connecting)
+    let (stream, logged, login) = crate::with_timeout(timeout, connecting)
         .await
         .ok_or_else(|| LoginError::Other(format!("timed out connecting to {addr}")))??;
+    let (login, server) = if login.is_empty() {
+        (core.empty_settings.clone(), Settings::default())
+    } else {
+        let names: Vec<String> = login.iter().map(|(k, _)| k.to_owned()).collect();
+        let server = core
+            .admin
+            .server_defaults(&names)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "reading the server's defaults failed");
+                Settings::default()
+            });
+        (Rc::new(login), server)
+    };
     let b = Rc::new(Backend {
         id: core.next_id(),
         pool: pool.clone(),
@@ -532,7 +617,10 @@ pub async fn connect(
         st: RefCell::new(State {
             queue: VecDeque::new(),
             owner: None,
-            settings: core.empty_settings.clone(),
+            settings: login.clone(),
+            login,
+            server,
+            roles_changed: false,
             prepared: Prepared::default(),
             unnamed: None,
             status: b'I',
@@ -861,10 +949,22 @@ fn on_message(b: &Backend, st: &mut State, msg: &[u8]) -> After {
         }
         Entry::Client(kind) | Entry::Renamed(kind, ..) => {
             let kind = *kind;
+            if tag == be::COMMAND_COMPLETE
+                && (body.starts_with(b"ALTER ROLE") || body.starts_with(b"ALTER DATABASE"))
+            {
+                // Role or database defaults may have changed: sessions opened from now on read
+                // them again (and again when the transaction ends, as it may commit then).
+                crate::admin::role_settings_changed();
+                st.roles_changed = true;
+            }
             let done = match (kind, tag) {
                 (Kind::Sync | Kind::Query | Kind::FunctionCall, be::READY_FOR_QUERY) => {
                     st.queue.pop_front();
                     st.status = body.first().copied().unwrap_or(b'I');
+                    if st.roles_changed && st.status == b'I' {
+                        st.roles_changed = false;
+                        crate::admin::role_settings_changed();
+                    }
                     st.skipping = false;
                     return after_ready(b, st, msg);
                 }
@@ -1010,29 +1110,40 @@ fn internal_done(b: &Backend, st: &mut State, internal: Internal) -> After {
             if channels_only {
                 return release_held_rfq(st, &s, held_rfq);
             }
+            // The snapshot holds what was set in the session (source `session`); a setting it
+            // reset is back at the backend's login value.
             let snap = Rc::new(std::mem::take(&mut st.snapshot));
-            st.settings = snap.clone();
-            let desired = snap.overlay_on(&s.baseline);
-            if desired != *snap {
-                s.set_settings(Rc::new(desired));
-                let target = s.settings.borrow().clone();
-                let mut q = Vec::new();
-                if let Some(sql) = Settings::diff_sql(&snap, &target) {
-                    frontend::query(&mut q, &sql);
-                    b.out.push(&q);
-                    st.queue.push_back(Entry::Internal(Internal::Sync {
-                        forward: true,
-                        then_rfq: held_rfq,
-                        done: None,
-                    }));
-                    return After::Nothing;
-                }
+            let desired = snap.overlay_on(&s.baseline.borrow());
+            let target = if desired == *snap {
+                snap.clone()
             } else {
-                s.set_settings(snap);
+                Rc::new(desired)
+            };
+            st.settings = if st.login.is_empty() {
+                snap
+            } else {
+                Rc::new(snap.overlay_on(&st.login))
+            };
+            s.set_settings(target.clone());
+            let (sql, to) = plan(st, &target);
+            if let Some(sql) = sql {
+                let mut q = Vec::new();
+                frontend::query(&mut q, &sql);
+                b.out.push(&q);
+                st.queue.push_back(Entry::Internal(Internal::Sync {
+                    forward: true,
+                    then_rfq: held_rfq,
+                    done: None,
+                    to,
+                }));
+                return After::Nothing;
             }
+            st.settings = to;
             release_held_rfq(st, &s, held_rfq)
         }
-        Internal::Sync { then_rfq, done, .. } => {
+        Internal::Sync {
+            then_rfq, done, to, ..
+        } => {
             let owner = st.owner.clone();
             match error {
                 Some(e) => match done {
@@ -1040,9 +1151,7 @@ fn internal_done(b: &Backend, st: &mut State, internal: Internal) -> After {
                     None => forward(st, &e),
                 },
                 None => {
-                    if let Some(s) = &owner {
-                        st.settings = s.settings.borrow().clone();
-                    }
+                    st.settings = to;
                     if let Some(d) = done {
                         d.put(Ok(()));
                     }

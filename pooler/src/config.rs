@@ -57,6 +57,11 @@ pub struct Args {
     /// request (so a `currval` right after meets its value). 0: no lease.
     #[arg(long)]
     pub sequence_lease_ms: Option<u64>,
+    /// Milliseconds the role and database defaults (`ALTER ROLE|DATABASE … SET`) read for new
+    /// sessions are reused: a change made other than through this pooler reaches new sessions
+    /// within this time (one made through it, at once).
+    #[arg(long)]
+    pub role_settings_cache_ms: Option<u64>,
     /// Microseconds an idle executor spins before it sleeps (0: sleep at once).
     #[arg(long)]
     pub spin_before_park_us: Option<u64>,
@@ -114,6 +119,7 @@ struct File {
     spin_before_park_us: Option<u64>,
     login_cache_seconds: Option<u64>,
     sequence_lease_ms: Option<u64>,
+    role_settings_cache_ms: Option<u64>,
     node_name: Option<String>,
     zone: Option<String>,
     agent_listen: Option<String>,
@@ -163,6 +169,7 @@ pub struct Config {
     pub spin_before_park_us: u64,
     pub login_cache_seconds: u64,
     pub sequence_lease_ms: u64,
+    pub role_settings_cache_ms: u64,
     pub agent: AgentConfig,
 }
 
@@ -285,6 +292,10 @@ impl Config {
                 .sequence_lease_ms
                 .or(file.sequence_lease_ms)
                 .unwrap_or(100),
+            role_settings_cache_ms: args
+                .role_settings_cache_ms
+                .or(file.role_settings_cache_ms)
+                .unwrap_or(1000),
             max_prepared_statements: args
                 .max_prepared_statements
                 .or(file.max_prepared_statements)

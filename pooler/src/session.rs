@@ -31,8 +31,9 @@ pub struct Session {
     pub pool: Rc<Pool>,
     pub credential: Credential,
     pub cancel_key: (i32, i32),
-    /// Settings from the startup packet: what `RESET` returns to.
-    pub baseline: Rc<Settings>,
+    /// What `RESET` returns to: the startup packet's settings over the role and database
+    /// defaults in force when the session opened (`ALTER ROLE|DATABASE … SET`, see `open`).
+    pub baseline: RefCell<Rc<Settings>>,
     pub settings: RefCell<Rc<Settings>>,
     /// Custom settings (`x.y`) the session may have set: read back by name (see `up::WATCH`).
     pub watch: RefCell<Vec<String>>,
@@ -102,7 +103,7 @@ impl Session {
             cancel_key,
             settings: RefCell::new(baseline.clone()),
             watch: RefCell::new(Vec::new()),
-            baseline,
+            baseline: RefCell::new(baseline),
             statements: RefCell::new(HashMap::new()),
             unnamed: RefCell::new(None),
             backend: RefCell::new(None),
@@ -386,18 +387,67 @@ pub async fn run(core: Rc<Core>, s: Rc<Session>) {
 
 /// Checks the role can log in to the database (a backend exists or connects) and applies the
 /// startup settings, returning the `ParameterStatus` messages the client should see.
+///
+/// The session's defaults are those of a login now: the role and database defaults in force
+/// (`pg_db_role_setting`, cached briefly) under the startup packet's settings, as Postgres
+/// orders them. They become the session's baseline, so any backend, whenever it logged in, is
+/// brought to them, and `RESET` returns to them.
 async fn open(core: &Rc<Core>, s: &Rc<Session>) -> Result<Vec<u8>, Vec<u8>> {
-    if let Some(params) = core.recent_login(&s.pool.key, &s.baseline) {
-        return Ok((*params).clone());
+    let startup = s.baseline.borrow().clone();
+    let key = &s.pool.key;
+    let mut candidates = Vec::with_capacity(2);
+    match core.admin.role_defaults(&key.user, &key.database).await {
+        Ok(d) if !d.is_empty() => candidates.push(Rc::new(startup.overlay_on(&d))),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(
+            user = %key.user, db = %key.database, error = %e,
+            "reading role defaults failed: the session starts with its backend's"
+        ),
+    }
+    candidates.push(startup);
+    let last = candidates.len() - 1;
+    for (i, baseline) in candidates.into_iter().enumerate() {
+        *s.baseline.borrow_mut() = baseline.clone();
+        *s.settings.borrow_mut() = baseline.clone();
+        match open_with(core, s, &baseline).await? {
+            Ok(params) => return Ok(params),
+            Err(e) if i < last => {
+                // Postgres only warns about a role or database default it cannot apply at
+                // login: the session starts without them rather than failing.
+                tracing::warn!(
+                    user = %key.user, db = %key.database,
+                    error = %String::from_utf8_lossy(e.get(5..).unwrap_or_default()),
+                    "a role or database default was refused: the session starts without them"
+                );
+            }
+            Err(e) => {
+                // An invalid startup setting ends the login, as in Postgres (which says FATAL).
+                let mut fatal = Vec::new();
+                be::error_as_fatal(&mut fatal, e.get(5..).unwrap_or_default());
+                return Err(fatal);
+            }
+        }
+    }
+    Err(protocol_violation("no settings to open the session with"))
+}
+
+/// Applies `baseline` on a backend (or finds a recent login that did): the `ParameterStatus`
+/// messages, or the error Postgres gave for the settings.
+async fn open_with(
+    core: &Rc<Core>,
+    s: &Rc<Session>,
+    baseline: &Rc<Settings>,
+) -> Result<Result<Vec<u8>, Vec<u8>>, Vec<u8>> {
+    if let Some(params) = core.recent_login(&s.pool.key, baseline) {
+        return Ok(Ok((*params).clone()));
     }
     let b = pool::acquire(core, &s.pool, &s.credential, &s.last_backend)
         .await
         .map_err(|e| e.to_message())?;
     attach(s, &b);
     s.writing.set(true);
-    let target = s.settings.borrow().clone();
     let done = Rc::new(Slot::default());
-    let applied = if b.sync_settings(&target, false, false, Some(done.clone())) {
+    let applied = if b.sync_settings(baseline, false, false, Some(done.clone())) {
         done.take().await
     } else {
         Ok(())
@@ -408,18 +458,10 @@ async fn open(core: &Rc<Core>, s: &Rc<Session>) -> Result<Vec<u8>, Vec<u8>> {
         be::parameter_status(&mut params, k, v);
     }
     maybe_release(core, s);
-    match applied {
-        Ok(()) => {
-            core.remember_login(&s.pool.key, &s.baseline, params.clone());
-            Ok(params)
-        }
-        Err(e) => {
-            // An invalid startup setting ends the login, as in Postgres (which says FATAL).
-            let mut fatal = Vec::new();
-            be::error_as_fatal(&mut fatal, e.get(5..).unwrap_or_default());
-            Err(fatal)
-        }
+    if applied.is_ok() {
+        core.remember_login(&s.pool.key, baseline, params.clone());
     }
+    Ok(applied.map(|()| params))
 }
 
 /// The session's backend, acquiring one if it has none. `None` if the client left meanwhile.
