@@ -800,8 +800,17 @@ fn on_message(b: &Backend, st: &mut State, msg: &[u8]) -> After {
             return After::Nothing;
         }
         be::NOTIFICATION_RESPONSE => {
-            // Sessions hear notifications from their core's listener (listen.rs); a backend
-            // listens only to mirror its owner's channels.
+            // Sessions hear notifications from the pooler's listener (listen.rs); a backend
+            // listens only to mirror its owner's channels. One its owner's own transaction sent
+            // (a trigger's pg_notify: nothing in the statement's text says so) must reach the
+            // client before this transaction's ReadyForQuery, as directly: hold that for the
+            // listener, as for a NOTIFY the gateway flagged.
+            let mut pos = 0;
+            if shared::protocol::read_i32(body, &mut pos).is_ok_and(|pid| pid == b.pid) {
+                if let Some(o) = &st.owner {
+                    o.listen.barrier.set(true);
+                }
+            }
             return After::Nothing;
         }
         _ => {}
