@@ -32,6 +32,8 @@
 #
 # Environment:
 #   APP                      django (default) or pgpubsub.
+#   TIDEPOOL_APP_PSYCOPG     APP=pgpubsub: 2 (psycopg2, default) or 3 (psycopg 3, with
+#                            PGPUBSUB_USE_PSYCOPG_V3=True; Django 4.2 uses it too).
 #   TIDEPOOL_APP_DIR         work directory (default /tmp/tidepool-app): the download cache,
 #                            the unpacked sources, the virtualenvs and the results stay there
 #                            between runs (results/ for Django, results-pgpubsub/ for
@@ -112,10 +114,24 @@ django)
 pgpubsub)
     # django-pgpubsub declares django>=2 and django-pgtrigger>=4.7.0; its dev dependencies pin
     # psycopg2-binary 2.9.3 (no wheel for Python 3.11: 2.9.13 here), pytest 7, pytest-django 4.5.
-    PY_PACKAGES=(django==4.2.30 django-pgtrigger==4.17.0 psycopg2-binary==2.9.13 pytest==8.3.5 pytest-django==4.9.0)
-    VENV_NAME=venv-pgpubsub
+    PY_PACKAGES=(django==4.2.30 django-pgtrigger==4.17.0 pytest==8.3.5 pytest-django==4.9.0)
+    case ${TIDEPOOL_APP_PSYCOPG:-2} in
+    2)
+        PY_PACKAGES+=(psycopg2-binary==2.9.13)
+        VENV_NAME=venv-pgpubsub
+        DRIVER=psycopg2
+        ;;
+    3)
+        # Django 4.2 takes psycopg 3 when it is installed; pgpubsub needs to be told.
+        PY_PACKAGES+=('psycopg[binary]==3.3.9')
+        VENV_NAME=venv-pgpubsub-psycopg3
+        DRIVER=psycopg
+        export PGPUBSUB_USE_PSYCOPG_V3=True
+        ;;
+    *) printf 'app_suite.sh: error: TIDEPOOL_APP_PSYCOPG is 2 or 3\n' >&2; exit 2 ;;
+    esac
     DEFAULT_LABELS=()
-    APP_TITLE="django-pgpubsub $PGPUBSUB_VERSION"
+    APP_TITLE="django-pgpubsub $PGPUBSUB_VERSION ($DRIVER)"
     ;;
 *) printf 'app_suite.sh: error: unknown APP %s (django, pgpubsub)\n' "$APP" >&2; exit 2 ;;
 esac
@@ -125,7 +141,7 @@ APP_PASSWORD=django-pw
 if [[ $# -gt 0 ]]; then LABELS=("$@"); else LABELS=(${DEFAULT_LABELS[@]+"${DEFAULT_LABELS[@]}"}); fi
 COMMAND_LINE="scripts/app_suite.sh${*:+ $*}"
 [[ $APP == django ]] || COMMAND_LINE="APP=$APP $COMMAND_LINE"
-for v in TIDEPOOL_APP_POOL_SIZE TIDEPOOL_APP_MAX_BACKENDS TIDEPOOL_APP_CORES TIDEPOOL_APP_RUNS TIDEPOOL_APP_PARALLEL; do
+for v in TIDEPOOL_APP_PSYCOPG TIDEPOOL_APP_POOL_SIZE TIDEPOOL_APP_MAX_BACKENDS TIDEPOOL_APP_CORES TIDEPOOL_APP_RUNS TIDEPOOL_APP_PARALLEL; do
     [[ -n ${!v:-} ]] && COMMAND_LINE="$v=\"${!v}\" $COMMAND_LINE"
 done
 
@@ -204,7 +220,7 @@ fetch_pgpubsub() {
         [[ -f $PGPUBSUB_DIR/pgpubsub/tests/conftest.py ]] || die "$sdist has no pgpubsub/tests/conftest.py"
         touch "$WORK/.complete-pgpubsub-$PGPUBSUB_VERSION"
     fi
-    make_venv django pgtrigger psycopg2 pytest pytest_django
+    make_venv django pgtrigger "$DRIVER" pytest pytest_django
 }
 
 # --- 2. cluster and Tidepool ---------------------------------------------------------------------
@@ -216,6 +232,7 @@ GATEWAY_PID=
 SUITE_PID=
 RESULTS=$WORK/results
 [[ $APP == django ]] || RESULTS=$WORK/results-$APP
+[[ $APP == pgpubsub && $DRIVER == psycopg ]] && RESULTS+=-psycopg3
 
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
