@@ -15,16 +15,29 @@
 # migrations (`schema`, `migrations`), `select_for_update` (row locks from several threads,
 # NOWAIT / SKIP LOCKED) and `transactions`.
 #
+# With APP=pgpubsub the application is django-pgpubsub $PGPUBSUB_VERSION (a task framework on
+# LISTEN/NOTIFY): its own pytest suite (pgpubsub/tests from the PyPI sdist, unchanged) with
+# psycopg2, django-pgtrigger and Django 4.2. Its tests create rows whose triggers (installed by the
+# migrations, through django-pgtrigger) store a notification and NOTIFY, LISTEN on the test
+# session's own connection (in a transaction, so the LISTEN takes effect at commit), count the
+# notifications that arrive, and process them with SELECT … FOR UPDATE SKIP LOCKED.
+#
 # NOT part of scripts/test.sh: it takes many minutes and downloads Django and Python packages
 # from PyPI. Run it by hand (as root, Debian 12, PostgreSQL 15 and python3 installed):
 #
 #   scripts/app_suite.sh                  the default labels, both runs
 #   scripts/app_suite.sh LABEL...         other runtests.py labels (e.g. postgres_tests.test_hstore)
+#   APP=pgpubsub scripts/app_suite.sh     django-pgpubsub's whole suite, both runs
+#   APP=pgpubsub scripts/app_suite.sh ARG...  other pytest arguments (e.g. pgpubsub/tests/test_core.py)
 #
 # Environment:
+#   APP                      django (default) or pgpubsub.
+#   TIDEPOOL_APP_PSYCOPG     APP=pgpubsub: 2 (psycopg2, default) or 3 (psycopg 3, with
+#                            PGPUBSUB_USE_PSYCOPG_V3=True; Django 4.2 uses it too).
 #   TIDEPOOL_APP_DIR         work directory (default /tmp/tidepool-app): the download cache,
-#                            the unpacked Django, the virtualenv and the results stay there
-#                            between runs; the cluster is removed on exit.
+#                            the unpacked sources, the virtualenvs and the results stay there
+#                            between runs (results/ for Django, results-pgpubsub/ for
+#                            django-pgpubsub); the cluster is removed on exit.
 #   TIDEPOOL_BIN_DIR         tidepool-gateway / tidepool-pooler binaries (default target/debug of
 #                            this checkout; build them first: cargo build -p tidepool-gateway -p
 #                            tidepool-pooler).
@@ -54,8 +67,16 @@
 #     holds up to four connections at once (default, other, the `postgres` database for
 #     CREATE/DROP DATABASE, and the threads of select_for_update/backends/transactions tests),
 #     more than --pool-size 2 for one (user, database).
+#   - APP=pgpubsub: the sdist from files.pythonhosted.org (checked against its sha256), unpacked
+#     under the work directory; a virtualenv with the versions pinned below. The sdist carries the
+#     tests and the pytest configuration (pyproject.toml: DJANGO_SETTINGS_MODULE = "settings",
+#     --reuse-db) but not the settings module of its repository, so the script writes
+#     settings.py beside pyproject.toml (the apps the tests need and the database of the run).
+#     `python -m pytest --create-db -p no:cacheprovider --junitxml=… ARGS`: pytest-django creates
+#     the test database (and runs every migration, triggers included) afresh in each run, so the
+#     Tidepool run does not reuse what the direct run made.
 #
-# Output (in $TIDEPOOL_APP_DIR/results):
+# Output (in $TIDEPOOL_APP_DIR/results, or results-pgpubsub):
 #   direct/, tidepool/     runtests.log, status (one "test-id outcome" line per test), summary
 #   differing.txt          tests whose outcome differs, direct → tidepool
 #   summary.md             counts and differing tests
@@ -76,17 +97,51 @@ RUN_TIMEOUT=${TIDEPOOL_APP_TIMEOUT:-2400}
 RUNS=${TIDEPOOL_APP_RUNS:-direct tidepool}
 PARALLEL=${TIDEPOOL_APP_PARALLEL:-1}
 PG_BIN=/usr/lib/postgresql/15/bin
+APP=${APP:-django}
 DJANGO_VERSION=5.1.15
-PY_PACKAGES=(asgiref==3.13.0 sqlparse==0.6.1 'psycopg[binary]==3.3.9' psycopg-pool==3.3.3)
+PGPUBSUB_VERSION=1.3.1
+PGPUBSUB_URL=https://files.pythonhosted.org/packages/fc/f5/9ce8dd9674409971e75f899ce41dd88b1b2fba28adeb331f1a680e59ceb5/django_pgpubsub-$PGPUBSUB_VERSION.tar.gz
+PGPUBSUB_SHA256=1fedb0b5b8915ee7886510731780d527f94abfb643b45bffe71f5c4694c3f7fa
+case $APP in
+django)
+    PY_PACKAGES=(asgiref==3.13.0 sqlparse==0.6.1 'psycopg[binary]==3.3.9' psycopg-pool==3.3.3)
+    VENV_NAME=venv
+    DEFAULT_LABELS=(postgres_tests model_fields backends schema migrations select_for_update transactions
+        queries expressions aggregation db_functions constraints indexes introspection inspectdb bulk_create
+        transaction_hooks fixtures serializers)
+    APP_TITLE="Django $DJANGO_VERSION"
+    ;;
+pgpubsub)
+    # django-pgpubsub declares django>=2 and django-pgtrigger>=4.7.0; its dev dependencies pin
+    # psycopg2-binary 2.9.3 (no wheel for Python 3.11: 2.9.13 here), pytest 7, pytest-django 4.5.
+    PY_PACKAGES=(django==4.2.30 django-pgtrigger==4.17.0 pytest==8.3.5 pytest-django==4.9.0)
+    case ${TIDEPOOL_APP_PSYCOPG:-2} in
+    2)
+        PY_PACKAGES+=(psycopg2-binary==2.9.13)
+        VENV_NAME=venv-pgpubsub
+        DRIVER=psycopg2
+        ;;
+    3)
+        # Django 4.2 takes psycopg 3 when it is installed; pgpubsub needs to be told.
+        PY_PACKAGES+=('psycopg[binary]==3.3.9')
+        VENV_NAME=venv-pgpubsub-psycopg3
+        DRIVER=psycopg
+        export PGPUBSUB_USE_PSYCOPG_V3=True
+        ;;
+    *) printf 'app_suite.sh: error: TIDEPOOL_APP_PSYCOPG is 2 or 3\n' >&2; exit 2 ;;
+    esac
+    DEFAULT_LABELS=()
+    APP_TITLE="django-pgpubsub $PGPUBSUB_VERSION ($DRIVER)"
+    ;;
+*) printf 'app_suite.sh: error: unknown APP %s (django, pgpubsub)\n' "$APP" >&2; exit 2 ;;
+esac
 ADMIN_USER=postgres
 APP_USER=django
 APP_PASSWORD=django-pw
-DEFAULT_LABELS=(postgres_tests model_fields backends schema migrations select_for_update transactions
-    queries expressions aggregation db_functions constraints indexes introspection inspectdb bulk_create
-    transaction_hooks fixtures serializers)
-if [[ $# -gt 0 ]]; then LABELS=("$@"); else LABELS=("${DEFAULT_LABELS[@]}"); fi
+if [[ $# -gt 0 ]]; then LABELS=("$@"); else LABELS=(${DEFAULT_LABELS[@]+"${DEFAULT_LABELS[@]}"}); fi
 COMMAND_LINE="scripts/app_suite.sh${*:+ $*}"
-for v in TIDEPOOL_APP_POOL_SIZE TIDEPOOL_APP_MAX_BACKENDS TIDEPOOL_APP_CORES TIDEPOOL_APP_RUNS TIDEPOOL_APP_PARALLEL; do
+[[ $APP == django ]] || COMMAND_LINE="APP=$APP $COMMAND_LINE"
+for v in TIDEPOOL_APP_PSYCOPG TIDEPOOL_APP_POOL_SIZE TIDEPOOL_APP_MAX_BACKENDS TIDEPOOL_APP_CORES TIDEPOOL_APP_RUNS TIDEPOOL_APP_PARALLEL; do
     [[ -n ${!v:-} ]] && COMMAND_LINE="$v=\"${!v}\" $COMMAND_LINE"
 done
 
@@ -109,10 +164,23 @@ export LC_ALL=C.UTF-8 LANG=C.UTF-8
 mkdir -p "$WORK"
 chmod 755 "$WORK"
 
-# --- 1. Django and its Python dependencies -------------------------------------------------------
+# --- 1. the application and its Python dependencies ---------------------------------------------
 
 DJANGO_DIR=$WORK/django-$DJANGO_VERSION
-VENV=$WORK/venv
+VENV=$WORK/$VENV_NAME
+make_venv() { # module-to-import...
+    if [[ ! -f $VENV/.complete ]] || [[ $(cat "$VENV/.complete") != "${PY_PACKAGES[*]}" ]]; then
+        log "virtualenv $VENV: ${PY_PACKAGES[*]}"
+        rm -rf "$VENV"
+        python3 -m venv "$VENV" || die "python3 -m venv failed (apt-get install python3-venv)"
+        "$VENV/bin/pip" install -q "${PY_PACKAGES[@]}" || die "pip install ${PY_PACKAGES[*]} failed"
+        echo "${PY_PACKAGES[*]}" >"$VENV/.complete"
+    fi
+    local m
+    for m in "$@"; do
+        "$VENV/bin/python" -c "import $m" || die "the virtualenv lacks $m"
+    done
+}
 fetch_django() {
     if [[ -f $DJANGO_DIR/tests/runtests.py && -f $WORK/.complete-django-$DJANGO_VERSION ]]; then
         log "Django $DJANGO_VERSION present: $DJANGO_DIR"
@@ -129,14 +197,30 @@ fetch_django() {
         [[ -f $DJANGO_DIR/tests/runtests.py ]] || die "$sdist has no tests/runtests.py"
         touch "$WORK/.complete-django-$DJANGO_VERSION"
     fi
-    if [[ ! -f $VENV/.complete ]] || [[ $(cat "$VENV/.complete") != "${PY_PACKAGES[*]}" ]]; then
-        log "virtualenv $VENV: ${PY_PACKAGES[*]}"
-        rm -rf "$VENV"
-        python3 -m venv "$VENV" || die "python3 -m venv failed (apt-get install python3-venv)"
-        "$VENV/bin/pip" install -q "${PY_PACKAGES[@]}" || die "pip install ${PY_PACKAGES[*]} failed"
-        echo "${PY_PACKAGES[*]}" >"$VENV/.complete"
+    make_venv psycopg asgiref sqlparse
+}
+
+PGPUBSUB_DIR=$WORK/django_pgpubsub-$PGPUBSUB_VERSION
+fetch_pgpubsub() {
+    if [[ -f $PGPUBSUB_DIR/pgpubsub/tests/conftest.py && -f $WORK/.complete-pgpubsub-$PGPUBSUB_VERSION ]]; then
+        log "django-pgpubsub $PGPUBSUB_VERSION present: $PGPUBSUB_DIR"
+    else
+        mkdir -p "$WORK/dl"
+        local sdist=$WORK/dl/django_pgpubsub-$PGPUBSUB_VERSION.tar.gz
+        # The URL, not `pip download --no-binary`: that builds the sdist's build backend (poetry)
+        # and its dependencies (maturin, in Rust) from source just to read the metadata.
+        if [[ ! -f $sdist ]]; then
+            log "download $PGPUBSUB_URL"
+            curl -sSfL -o "$sdist.part" "$PGPUBSUB_URL" || die "download of $PGPUBSUB_URL failed"
+            mv "$sdist.part" "$sdist"
+        fi
+        echo "$PGPUBSUB_SHA256  $sdist" | sha256sum -c --status || die "$sdist: sha256 differs from $PGPUBSUB_SHA256"
+        rm -rf "$PGPUBSUB_DIR"
+        tar -xzf "$sdist" -C "$WORK" || die "unpacking $sdist failed"
+        [[ -f $PGPUBSUB_DIR/pgpubsub/tests/conftest.py ]] || die "$sdist has no pgpubsub/tests/conftest.py"
+        touch "$WORK/.complete-pgpubsub-$PGPUBSUB_VERSION"
     fi
-    "$VENV/bin/python" -c 'import psycopg, asgiref, sqlparse' || die "the virtualenv lacks a package"
+    make_venv django pgtrigger "$DRIVER" pytest pytest_django
 }
 
 # --- 2. cluster and Tidepool ---------------------------------------------------------------------
@@ -147,6 +231,8 @@ POOLER_PID=
 GATEWAY_PID=
 SUITE_PID=
 RESULTS=$WORK/results
+[[ $APP == django ]] || RESULTS=$WORK/results-$APP
+[[ $APP == pgpubsub && $DRIVER == psycopg ]] && RESULTS+=-psycopg3
 
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
@@ -301,7 +387,35 @@ start_tidepool() {
 
 # --- 3. the test suite ---------------------------------------------------------------------------
 
-write_settings() { # port
+write_settings_pgpubsub() { # port
+    cat >"$PGPUBSUB_DIR/settings.py" <<EOF
+# Written by Tidepool's scripts/app_suite.sh: django-pgpubsub's own tests on PostgreSQL
+# (pyproject.toml: DJANGO_SETTINGS_MODULE = "settings"; the sdist does not ship one).
+SECRET_KEY = "django-pgpubsub-tests"
+INSTALLED_APPS = [
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "pgpubsub",
+    "pgpubsub.tests",
+    "pgtrigger",
+]
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.postgresql",
+        "HOST": "127.0.0.1",
+        "PORT": $1,
+        "USER": "$APP_USER",
+        "PASSWORD": "$APP_PASSWORD",
+        "NAME": "$APP_USER",
+        "TEST": {"NAME": "test_tidepool_pgpubsub"},
+    }
+}
+DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
+USE_TZ = False
+EOF
+}
+
+write_settings_django() { # port
     cat >"$DJANGO_DIR/tests/test_tidepool.py" <<EOF
 # Written by Tidepool's scripts/app_suite.sh: Django's own test suite on PostgreSQL.
 _DB = {
@@ -327,13 +441,25 @@ run_suite() { # name port
     local name=$1 port=$2 out=$RESULTS/$1
     rm -rf "$out"
     mkdir -p "$out"
-    write_settings "$port"
-    local cmd=("$VENV/bin/python" -u runtests.py --settings=test_tidepool --parallel "$PARALLEL" -v 2 --noinput "${LABELS[@]}")
-    echo "(cd $DJANGO_DIR/tests && PYTHONPATH=$DJANGO_DIR ${cmd[*]})" >"$out/command"
+    "write_settings_$APP" "$port"
+    local cmd dir pythonpath progress
+    if [[ $APP == django ]]; then
+        cmd=("$VENV/bin/python" -u runtests.py --settings=test_tidepool --parallel "$PARALLEL" -v 2 --noinput "${LABELS[@]}")
+        dir=$DJANGO_DIR/tests
+        pythonpath=$DJANGO_DIR
+        progress=' \.\.\. '
+    else
+        cmd=("$VENV/bin/python" -u -m pytest --create-db -p no:cacheprovider -v --junitxml="$out/junit.xml"
+            ${LABELS[@]+"${LABELS[@]}"})
+        dir=$PGPUBSUB_DIR
+        pythonpath=$PGPUBSUB_DIR
+        progress=' (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)'
+    fi
+    echo "(cd $dir && PYTHONPATH=$pythonpath ${cmd[*]})" >"$out/command"
     log "run $name (port $port): ${cmd[*]}"
     local started=$SECONDS timed_out=0 last_report=$SECONDS i
     set -m
-    (cd "$DJANGO_DIR/tests" && PYTHONPATH=$DJANGO_DIR exec "${cmd[@]}") >"$out/runtests.log" 2>&1 &
+    (cd "$dir" && PYTHONPATH=$pythonpath exec "${cmd[@]}") >"$out/runtests.log" 2>&1 &
     SUITE_PID=$!
     set +m
     # How many connections the suite holds at once (sampled twice a second from pg_stat_activity
@@ -360,7 +486,7 @@ run_suite() { # name port
         fi
         if ((SECONDS - last_report >= 60)); then
             last_report=$SECONDS
-            log "run $name: $(grep -cE ' \.\.\. ' "$out/runtests.log" || true) tests done after $((SECONDS - started)) s"
+            log "run $name: $(grep -cE "$progress" "$out/runtests.log" || true) tests done after $((SECONDS - started)) s"
         fi
     done
     local rc=0
@@ -373,15 +499,52 @@ run_suite() { # name port
         log "run $name: at most $(cut -d' ' -f1 "$out/peak_connections") connections to one database and $(cut -d' ' -f2 "$out/peak_connections") in all at once ($samples samples)"
     fi
     echo $((SECONDS - started)) >"$out/seconds"
-    log "run $name: runtests.py exited $rc after $((SECONDS - started)) s"
-    parse_results "$name"
+    log "run $name: the suite exited $rc after $((SECONDS - started)) s"
+    "parse_results_$APP" "$name"
+}
+
+# status: "test-id outcome" per test from pytest's JUnit XML (outcomes ok, FAIL, ERROR, skipped,
+# expected-failure; a test that passes and then errors in its teardown counts as ERROR);
+# summary: pytest's last line ("27 passed in 9.1s") and the exit status.
+parse_results_pgpubsub() { # name
+    local out=$RESULTS/$1
+    "$VENV/bin/python" - "$out/junit.xml" >"$out/status.unsorted" <<'PY' || echo "(no-junit.xml) no-outcome" >"$out/status.unsorted"
+import sys
+import xml.etree.ElementTree as ET
+
+outcomes = {}
+for case in ET.parse(sys.argv[1]).getroot().iter("testcase"):
+    test = f"{case.get('classname')}.{case.get('name')}".replace(" ", "_")
+    tags = [child.tag for child in case]
+    if "error" in tags:
+        outcome = "ERROR"
+    elif "failure" in tags:
+        outcome = "FAIL"
+    elif "skipped" in tags:
+        skipped = case.find("skipped")
+        outcome = "expected-failure" if skipped.get("type") == "pytest.xfail" else "skipped"
+    else:
+        outcome = "ok"
+    # pytest writes a second testcase for an error in teardown after a pass: the worse one counts.
+    if outcomes.get(test) not in ("ERROR", "FAIL"):
+        outcomes[test] = outcome
+for test, outcome in outcomes.items():
+    print(test, outcome)
+PY
+    sort -u "$out/status.unsorted" >"$out/status"
+    rm -f "$out/status.unsorted"
+    local line
+    line=$(grep -E '^=+ .*(passed|failed|error|skipped|no tests ran).* in [0-9.]+s' "$out/runtests.log" | tail -n 1 \
+        | sed -E 's/^=+ //; s/ =+$//') || true
+    echo "${line:-(no pytest summary line)}, exit status $(cat "$out/rc")" >"$out/summary"
+    log "run $1: $(cat "$out/summary")"
 }
 
 # status: "test-id outcome" per test, from the -v 2 lines "name (module.Class.name) ... ok"
 # (a docstring's first line may stand between the name and " ... "); outcomes ok, FAIL, ERROR,
 # skipped, expected-failure, unexpected-success. The FAIL:/ERROR: headers of the report at the
 # end are authoritative for failures (a test may fail in tearDown after printing "ok").
-parse_results() { # name
+parse_results_django() { # name
     local out=$RESULTS/$1
     awk '
         function outcome(s) {
@@ -431,7 +594,7 @@ if git -C "$BIN_DIR" rev-parse --git-dir >/dev/null 2>&1; then
     BIN_VERSION+=", checkout $(git -C "$BIN_DIR" rev-parse --short HEAD) ($(git -C "$BIN_DIR" rev-parse --show-toplevel))"
 fi
 
-fetch_django
+"fetch_$APP"
 rm -rf "$RESULTS"
 mkdir -p "$RESULTS/logs"
 start_cluster
@@ -458,11 +621,11 @@ RC_DIFFERS=0
 [[ $(cat "$RESULTS/direct/rc") == "$(cat "$RESULTS/tidepool/rc")" ]] || RC_DIFFERS=1
 
 {
-    echo "# Django $DJANGO_VERSION's own test suite: direct vs Tidepool"
+    echo "# $APP_TITLE's own test suite: direct vs Tidepool"
     echo
     echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo "- command: \`$COMMAND_LINE\` (pooler --pool-size $POOL_SIZE --max-backends $MAX_BACKENDS, --cores $CORES)"
-    echo "- runtests: \`$(cat "$RESULTS/tidepool/command")\`"
+    echo "- test command: \`$(cat "$RESULTS/tidepool/command")\`"
     echo "- binaries: $BIN_VERSION"
     for r in direct tidepool; do
         echo "- $r: $(cat "$RESULTS/$r/summary") — $(count "$r" ok) ok, $(count "$r" FAIL) FAIL," \
@@ -471,7 +634,7 @@ RC_DIFFERS=0
     done
     [[ -s $RESULTS/direct/peak_connections ]] && echo "- the suite held at most $(cut -d' ' -f1 "$RESULTS/direct/peak_connections") connections to one database and $(cut -d' ' -f2 "$RESULTS/direct/peak_connections") in all at once (direct run, sampled twice a second)"
     echo "- tests whose outcome differs: $NDIFF"
-    ((RC_DIFFERS)) && echo "- runtests.py exit status differs: direct $(cat "$RESULTS/direct/rc"), tidepool $(cat "$RESULTS/tidepool/rc")"
+    ((RC_DIFFERS)) && echo "- the suite's exit status differs: direct $(cat "$RESULTS/direct/rc"), tidepool $(cat "$RESULTS/tidepool/rc")"
     echo
     if ((NDIFF > 0)); then
         echo "| test | direct | tidepool |"
@@ -488,7 +651,7 @@ if ((NDIFF == 0 && RC_DIFFERS == 0)); then
     echo "results: $RESULTS"
     exit 0
 fi
-((RC_DIFFERS)) && echo "runtests.py exit status differs: direct $(cat "$RESULTS/direct/rc"), tidepool $(cat "$RESULTS/tidepool/rc")"
+((RC_DIFFERS)) && echo "the suite's exit status differs: direct $(cat "$RESULTS/direct/rc"), tidepool $(cat "$RESULTS/tidepool/rc")"
 if ((NDIFF > 0)); then
     echo "$NDIFF tests differ (test direct → tidepool):"
     sed 's/^/  /' "$RESULTS/differing.txt"
