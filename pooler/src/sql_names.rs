@@ -357,7 +357,7 @@ fn prepared_view(
         .to_vec();
     if !stmts.is_empty() {
         v.extend_from_slice(
-            b" UNION ALL SELECT v.n, v.s, p.prepare_time, p.parameter_types, v.f, \
+            b" UNION ALL (SELECT v.n, v.s, p.prepare_time, p.parameter_types, v.f, \
             p.generic_plans, p.custom_plans FROM (VALUES ",
         );
         for (i, (name, st)) in stmts.iter().enumerate() {
@@ -386,10 +386,13 @@ fn prepared_view(
                 b"false, "
             });
             dollar_literal(&mut v, &st.content);
-            v.extend_from_slice(b"::text)");
+            v.extend_from_slice(format!("::text, {i})").as_bytes());
         }
+        // In name order, whatever join the planner picks (the backend's own order is that of
+        // its hash table: not something to reproduce, but a stable one reads better).
         v.extend_from_slice(
-            b") AS v(n, s, f, c) LEFT JOIN pg_catalog.pg_prepared_statements p ON p.name = v.c",
+            b") AS v(n, s, f, c, i) LEFT JOIN pg_catalog.pg_prepared_statements p ON p.name = v.c \
+            ORDER BY v.i)",
         );
     }
     v.push(b')');
