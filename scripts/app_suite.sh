@@ -225,164 +225,23 @@ fetch_pgpubsub() {
 
 # --- 2. cluster and Tidepool ---------------------------------------------------------------------
 
-RUN_DIR=
-PG_STARTED=0
-POOLER_PID=
-GATEWAY_PID=
-SUITE_PID=
 RESULTS=$WORK/results
 [[ $APP == django ]] || RESULTS=$WORK/results-$APP
 [[ $APP == pgpubsub && $DRIVER == psycopg ]] && RESULTS+=-psycopg3
 
-port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+CLUSTER_ADMIN=$ADMIN_USER
+RUN_PREFIX=tidepool-app-run
+PG_MAX_CONNECTIONS=100
+PG_EXTRA_CONF=
+# shellcheck source=lib/throwaway.sh
+source "$REPO/scripts/lib/throwaway.sh"
 
-TAKEN_PORTS=" "
-free_port() {
-    local p tries=0
-    while ((tries++ < 1000)); do
-        p=$((20000 + RANDOM % 12000))
-        [[ $TAKEN_PORTS == *" $p "* ]] && continue
-        # ss also sees ports bound without accepting (or behind another test's firewall rule).
-        if ! port_in_use "$p" && [[ -z $(ss -Htan "sport = :$p" 2>/dev/null) ]]; then
-            TAKEN_PORTS+="$p "
-            echo "$p"
-            return
-        fi
-    done
-    die "no free port found"
-}
-
-wait_accepting() { # port what pid deadline-seconds
-    local i
-    for ((i = 0; i < $4 * 5; i++)); do
-        port_in_use "$1" && return 0
-        if [[ -n $3 ]] && ! kill -0 "$3" 2>/dev/null; then
-            tail -n 30 "$RUN_DIR/$2.log" >&2 || true
-            die "$2 exited before accepting on port $1"
-        fi
-        sleep 0.2
-    done
-    tail -n 30 "$RUN_DIR/$2.log" >&2 || true
-    die "$2 not accepting on port $1 after $4 s"
-}
-
-as_postgres() { runuser -u postgres -- "$@"; }
-
-admin_psql() { # db sql
-    (cd /tmp && PGOPTIONS="-c client_min_messages=warning" as_postgres "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 \
-        -h "$RUN_DIR/sock" -p "$PG_PORT" -U "$ADMIN_USER" -d "$1" -c "$2")
-}
-
-stop_tidepool() {
-    local pid i
-    for pid in "$GATEWAY_PID" "$POOLER_PID"; do
-        [[ -n $pid ]] || continue
-        kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "$GATEWAY_PID" "$POOLER_PID"; do
-        [[ -n $pid ]] || continue
-        for ((i = 0; i < 50; i++)); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.2
-        done
-        kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    GATEWAY_PID=
-    POOLER_PID=
-}
-
-cleanup() {
-    local rc=$?
-    set +e
-    [[ -n $SUITE_PID ]] && kill -KILL -- "-$SUITE_PID" 2>/dev/null
-    stop_tidepool
-    if [[ $PG_STARTED -eq 1 ]]; then
-        (cd /tmp && as_postgres "$PG_BIN/pg_ctl" -D "$RUN_DIR/data" -m immediate -w stop >/dev/null 2>&1)
-    fi
-    if [[ -n $RUN_DIR && -d $RUN_DIR ]]; then
-        mkdir -p "$RESULTS/logs"
-        cp "$RUN_DIR"/*.log "$RESULTS/logs/" 2>/dev/null
-        if [[ ${TIDEPOOL_KEEP_TEST_DIRS:-} == 1 ]]; then
-            log "kept $RUN_DIR"
-        else
-            rm -rf "$RUN_DIR"
-        fi
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 2' INT TERM HUP
-
-start_cluster() {
-    RUN_DIR=$(mktemp -d /tmp/tidepool-app-run.XXXXXX)
-    chmod 755 "$RUN_DIR"
-    chown postgres: "$RUN_DIR"
-    as_postgres mkdir "$RUN_DIR/sock"
-    PG_PORT=$(free_port)
-    log "initdb ($RUN_DIR/data), Postgres on 127.0.0.1:$PG_PORT"
-    (cd /tmp && as_postgres "$PG_BIN/initdb" -D "$RUN_DIR/data" -U "$ADMIN_USER" --no-sync --no-instructions \
-        --encoding=UTF8 --locale=C --auth=trust) >"$RUN_DIR/initdb.log" 2>&1 || {
-        cat "$RUN_DIR/initdb.log" >&2
-        die "initdb failed"
-    }
-    as_postgres tee "$RUN_DIR/data/pg_hba.conf" >/dev/null <<'EOF'
-# TYPE  DATABASE  USER      ADDRESS        METHOD
-local   all       postgres                 peer map=tidepool
-local   all       all                      scram-sha-256
-host    all       all       127.0.0.1/32   md5
-EOF
-    as_postgres tee "$RUN_DIR/data/pg_ident.conf" >/dev/null <<'EOF'
-# MAPNAME  SYSTEM-USERNAME  PG-USERNAME
-tidepool   root             postgres
-tidepool   postgres         postgres
-EOF
-    as_postgres tee -a "$RUN_DIR/data/postgresql.conf" >/dev/null <<EOF
-
-# scripts/app_suite.sh
-listen_addresses = '127.0.0.1'
-port = $PG_PORT
-unix_socket_directories = '$RUN_DIR/sock'
-max_connections = 100
-max_prepared_transactions = 10
-fsync = off
-synchronous_commit = off
-full_page_writes = off
-lc_messages = 'C'
-log_min_messages = warning
-log_line_prefix = '%m [%p] %u@%d %a '
-EOF
-    (cd /tmp && as_postgres "$PG_BIN/pg_ctl" -D "$RUN_DIR/data" -l "$RUN_DIR/postgres.log" -w -t 60 start) \
-        >/dev/null 2>&1 || {
-        tail -n 30 "$RUN_DIR/postgres.log" >&2
-        die "pg_ctl start failed"
-    }
-    PG_STARTED=1
-    # A SCRAM verifier (password_encryption's default) for the TCP logins.
+# The cluster, with the application's superuser (a SCRAM verifier: password_encryption's
+# default) and its database.
+start_app_cluster() {
+    start_cluster
     admin_psql postgres "CREATE ROLE $APP_USER LOGIN SUPERUSER PASSWORD '$APP_PASSWORD'"
     admin_psql postgres "CREATE DATABASE $APP_USER OWNER $APP_USER"
-}
-
-start_tidepool() {
-    POOLER_PORT=$(free_port)
-    GATEWAY_PORT=$(free_port)
-    log "tidepool-pooler on 127.0.0.1:$POOLER_PORT (--pool-size $POOL_SIZE, --max-backends" \
-        "$MAX_BACKENDS, --cores $CORES), tidepool-gateway on 127.0.0.1:$GATEWAY_PORT"
-    set -m # own process groups, so that a kill reaches anything they start
-    NO_COLOR=1 "$BIN_DIR/tidepool-pooler" --listen "127.0.0.1:$POOLER_PORT" --cores "$CORES" \
-        --pg-host 127.0.0.1 --pg-port "$PG_PORT" --admin-socket-dir "$RUN_DIR/sock" \
-        --admin-user "$ADMIN_USER" --pool-size "$POOL_SIZE" --max-backends "$MAX_BACKENDS" \
-        </dev/null >"$RUN_DIR/pooler.log" 2>&1 &
-    POOLER_PID=$!
-    set +m
-    wait_accepting "$POOLER_PORT" pooler "$POOLER_PID" 30
-    set -m
-    NO_COLOR=1 "$BIN_DIR/tidepool-gateway" --listen "127.0.0.1:$GATEWAY_PORT" --cores "$CORES" \
-        --pooler "127.0.0.1:$POOLER_PORT" \
-        </dev/null >"$RUN_DIR/gateway.log" 2>&1 &
-    GATEWAY_PID=$!
-    set +m
-    wait_accepting "$GATEWAY_PORT" gateway "$GATEWAY_PID" 30
 }
 
 # --- 3. the test suite ---------------------------------------------------------------------------
@@ -597,7 +456,7 @@ fi
 "fetch_$APP"
 rm -rf "$RESULTS"
 mkdir -p "$RESULTS/logs"
-start_cluster
+start_app_cluster
 for run in $RUNS; do
     case $run in
     direct) run_suite direct "$PG_PORT" ;;
