@@ -276,3 +276,46 @@ async fn a_prepared_advisory_lock_keeps_the_backend() {
     })
     .await;
 }
+
+/// Code Postgres runs itself finds a session's SQL-prepared statement by the client's name: a
+/// PL/pgSQL function's dynamic `EXECUTE` (pg_regress partition_prune). On backends the statement
+/// is named by content; for a batch that calls a user function the pooler makes copies under the
+/// client's names, and drops them before the backend serves another session.
+#[tokio::test]
+async fn dynamic_sql_in_a_function_finds_the_sessions_prepared_statement() {
+    let pg = PgCluster::start();
+    pg.psql_admin_db(
+        "app",
+        "CREATE FUNCTION run_prepared(call text) RETURNS int LANGUAGE plpgsql AS \
+         $$ DECLARE r int; BEGIN EXECUTE 'EXECUTE ' || call INTO r; RETURN r; END $$;",
+    );
+    let mut opts = TidepoolOpts::default().pool_size(1);
+    opts.cores = 1;
+    let tp = Tidepool::start(&pg, opts);
+    bounded(async {
+        let ep = tp.endpoint();
+        let a = ep.connect(ALICE.0, ALICE.1, "app").await.unwrap();
+        let b = ep.connect(ALICE.0, ALICE.1, "app").await.unwrap();
+        a.batch_execute("PREPARE twice(int) AS SELECT $1 * 2")
+            .await
+            .unwrap();
+        for round in 0..3 {
+            let v = a
+                .simple_query(&format!("SELECT run_prepared('twice({round})')"))
+                .await
+                .unwrap();
+            let got = v.iter().find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            });
+            assert_eq!(got.as_deref(), Some((round * 2).to_string().as_str()));
+            // b, on the same (only) backend in between, has no statement of that name.
+            let e = b
+                .simple_query("SELECT run_prepared('twice(1)')")
+                .await
+                .expect_err("b found a's statement");
+            assert_eq!(e.code().map(|c| c.code()), Some("26000"), "{e}");
+        }
+    })
+    .await;
+}

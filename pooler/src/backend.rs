@@ -265,6 +265,9 @@ pub enum Internal {
     /// `DISCARD SEQUENCES` ahead of a session's first `currval`/`lastval`: the sequence state
     /// another session left here is not this session's.
     DiscardSequences,
+    /// `PREPARE`/`DEALLOCATE` of a real-name copy (`sql_names::real_names`): answer dropped;
+    /// an error (an aborted transaction, a name the backend already has) leaves it as it was.
+    RealName,
     /// Our own statement made (`made`) or deallocated before a client's `Query` that needs it;
     /// if it fails, the backend's set is put right and the client's statement reports.
     Inject { content: Rc<[u8]>, made: bool },
@@ -328,6 +331,10 @@ pub struct State {
     pub listening: bool,
     /// The OID of `pg_catalog.pg_prepared_statements`, once read (see `fix_origins`).
     pub view_oid: Option<u32>,
+    /// Copies of the owner's SQL-prepared statements under the client's own names (name, the
+    /// statement's content name), for code Postgres runs itself (`sql_names::real_names`);
+    /// deallocated before the backend goes back to its pool.
+    pub real_names: Vec<(Vec<u8>, Rc<[u8]>)>,
 }
 
 pub struct Backend {
@@ -632,6 +639,7 @@ pub async fn connect(
             internal_error: None,
             listening: false,
             view_oid: None,
+            real_names: Vec::new(),
         }),
         retired: std::cell::Cell::new(false),
         idle_since: std::cell::Cell::new(None),
@@ -1189,6 +1197,15 @@ fn internal_done(b: &Backend, st: &mut State, internal: Internal) -> After {
         Internal::Listen => {
             if error.is_some() {
                 tracing::warn!(backend = b.id, "LISTEN/UNLISTEN on a backend failed");
+            }
+            After::Nothing
+        }
+        Internal::RealName => {
+            if error.is_some() {
+                tracing::debug!(
+                    backend = b.id,
+                    "a real-name copy of a prepared statement failed"
+                );
             }
             After::Nothing
         }

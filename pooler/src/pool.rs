@@ -231,6 +231,10 @@ pub fn release(core: &Rc<Core>, b: Rc<Backend>) {
             Some(backend::Entry::Internal(backend::Internal::Listen)),
         );
     }
+    if !b.st.borrow().real_names.is_empty() {
+        // Copies of a session's SQL-prepared statements under its names: not for the next one.
+        crate::sql_names::drop_real_names(&b);
+    }
     if let Some(key) = core.owed_to(&pool) {
         // This pool, or a poorer one, starves on another core: nothing there would ever free a
         // backend for its sessions, so this backend's unit goes to them.

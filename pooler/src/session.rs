@@ -566,9 +566,14 @@ fn answer_locally(core: &Rc<Core>, s: &Rc<Session>, msgs: &[u8]) -> bool {
 }
 
 /// Whether a batch has a `Query` or a `Parse` (the flags come from their texts).
-fn carries_sql(mut msgs: &[u8]) -> bool {
+fn carries_sql(msgs: &[u8]) -> bool {
+    has_message(msgs, fe::QUERY) || has_message(msgs, fe::PARSE)
+}
+
+/// Whether a batch has a message of type `tag`.
+fn has_message(mut msgs: &[u8], tag: u8) -> bool {
     while msgs.len() >= 5 {
-        if msgs[0] == fe::QUERY || msgs[0] == fe::PARSE {
+        if msgs[0] == tag {
             return true;
         }
         let len = u32::from_be_bytes([msgs[1], msgs[2], msgs[3], msgs[4]]) as usize;
@@ -653,8 +658,13 @@ async fn process(core: &Rc<Core>, s: &Rc<Session>, fl: u8, msgs: &[u8]) -> Resul
         s.flush();
         return Ok(());
     }
+    // Postgres itself may look a SQL-prepared statement up by the client's name in this batch:
+    // a function's dynamic SQL (a call the gateway flagged) or SQL inside a `Parse`.
+    let real_names = (fl & flags::SNAPSHOT != 0 || has_message(msgs, fe::PARSE))
+        && !s.open_batch.get()
+        && s.statements.borrow().values().any(|st| st.sql.is_some());
     s.writing.set(true);
-    let result = write_batch(core, s, msgs).await;
+    let result = write_batch(core, s, msgs, real_names).await;
     s.writing.set(false);
     s.flush();
     if result.is_ok() && !s.dead.get() {
@@ -669,7 +679,12 @@ async fn process(core: &Rc<Core>, s: &Rc<Session>, fl: u8, msgs: &[u8]) -> Resul
     result
 }
 
-async fn write_batch(core: &Rc<Core>, s: &Rc<Session>, mut msgs: &[u8]) -> Result<(), Vec<u8>> {
+async fn write_batch(
+    core: &Rc<Core>,
+    s: &Rc<Session>,
+    mut msgs: &[u8],
+    mut real_names: bool,
+) -> Result<(), Vec<u8>> {
     let max = core.cfg.max_message_size.saturating_add(5);
     let total = msgs.len();
     while !msgs.is_empty() {
@@ -693,6 +708,9 @@ async fn write_batch(core: &Rc<Core>, s: &Rc<Session>, mut msgs: &[u8]) -> Resul
         let Some(b) = ensure_backend(core, s).await? else {
             return Ok(());
         };
+        if std::mem::take(&mut real_names) {
+            crate::sql_names::real_names(s, &b);
+        }
         if s.listen.dirty.get() {
             // It may LISTEN: UNLISTEN * before it goes back to the pool.
             b.st.borrow_mut().listening = true;

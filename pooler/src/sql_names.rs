@@ -312,6 +312,83 @@ fn sql_statement(name: &[u8], rest: &[u8], source: &[u8]) -> Rc<Stmt> {
     })
 }
 
+/// Copies of the session's SQL-prepared statements under the client's own names on `b`, before
+/// a batch in which Postgres itself may look one up by that name: dynamic SQL in a function
+/// (`EXECUTE name` in PL/pgSQL) or SQL inside a protocol `Parse` (psql's `\gdesc`). On
+/// backends they are otherwise named by content (`tp_…`), which only the gateway's mapping of
+/// the client's own text knows. The copies live while the session holds `b` (no other session
+/// can see them) and are deallocated before `b` goes back to its pool (`drop_real_names`).
+pub fn real_names(s: &Rc<Session>, b: &Rc<Backend>) {
+    let wanted: Vec<(Vec<u8>, Rc<Stmt>)> = s
+        .statements
+        .borrow()
+        .iter()
+        .filter(|(_, st)| st.sql.is_some())
+        .map(|(n, st)| (n.clone(), st.clone()))
+        .collect();
+    for (name, stmt) in wanted {
+        let Some(def) = &stmt.sql else { continue };
+        let have =
+            b.st.borrow()
+                .real_names
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, c)| c.clone());
+        if have.as_deref() == Some(&*stmt.content) {
+            continue;
+        }
+        let mut sql = Vec::new();
+        if have.is_some() {
+            sql.extend_from_slice(b"DEALLOCATE ");
+            quote_ident(&mut sql, &name);
+            send_quiet(b, &sql);
+            sql.clear();
+        }
+        // `PREPARE <content><rest>` → `PREPARE "<name>"<rest>`.
+        let rest = def
+            .prepare
+            .get(8 + stmt.content.len()..)
+            .unwrap_or_default();
+        sql.extend_from_slice(b"PREPARE ");
+        quote_ident(&mut sql, &name);
+        sql.extend_from_slice(rest);
+        send_quiet(b, &sql);
+        let mut st = b.st.borrow_mut();
+        st.real_names.retain(|(n, _)| *n != name);
+        st.real_names.push((name, stmt.content.clone()));
+        // A simple Query drops the backend's unnamed statement.
+        st.unnamed = None;
+    }
+}
+
+/// Deallocates the real-name copies on `b` (it is going back to its pool).
+pub fn drop_real_names(b: &Backend) {
+    let names = std::mem::take(&mut b.st.borrow_mut().real_names);
+    for (name, _) in names {
+        let mut sql = b"DEALLOCATE ".to_vec();
+        quote_ident(&mut sql, &name);
+        send_quiet(b, &sql);
+        b.st.borrow_mut().unnamed = None;
+    }
+}
+
+fn send_quiet(b: &Backend, sql: &[u8]) {
+    let mut m = Vec::new();
+    put_message(&mut m, fe::QUERY, |m| put_cstr(m, sql));
+    b.send(&m, Some(Entry::Internal(Internal::RealName)));
+}
+
+fn quote_ident(out: &mut Vec<u8>, name: &[u8]) {
+    out.push(b'"');
+    for &c in name {
+        if c == b'"' {
+            out.push(b'"');
+        }
+        out.push(c);
+    }
+    out.push(b'"');
+}
+
 /// A string literal of `text` that no setting changes the meaning of (dollar quoted).
 fn dollar_literal(out: &mut Vec<u8>, text: &[u8]) {
     let mut tag = b"$tp$".to_vec();
