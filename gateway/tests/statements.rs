@@ -316,6 +316,22 @@ async fn dynamic_sql_in_a_function_finds_the_sessions_prepared_statement() {
                 .expect_err("b found a's statement");
             assert_eq!(e.code().map(|c| c.code()), Some("26000"), "{e}");
         }
+        // While the copy exists (a transaction keeps the backend), the view shows the
+        // statement once.
+        a.batch_execute("BEGIN").await.unwrap();
+        a.simple_query("SELECT run_prepared('twice(5)')")
+            .await
+            .unwrap();
+        let rows = a
+            .simple_query("SELECT count(*) FROM pg_prepared_statements WHERE name = 'twice'")
+            .await
+            .unwrap();
+        let n = rows.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        });
+        assert_eq!(n.as_deref(), Some("1"));
+        a.batch_execute("COMMIT").await.unwrap();
     })
     .await;
 }

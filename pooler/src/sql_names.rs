@@ -432,6 +432,11 @@ fn prepared_view(
     let mut v = b"(SELECT * FROM pg_catalog.pg_prepared_statements \
         WHERE name OPERATOR(pg_catalog.!~) '^tp_[0-9a-f]{32}$'"
         .to_vec();
+    // Not the copies under client names (`real_names`): the session's statements follow.
+    for (name, _) in &b.st.borrow().real_names {
+        v.extend_from_slice(b" AND name OPERATOR(pg_catalog.<>) ");
+        dollar_literal(&mut v, name);
+    }
     if !stmts.is_empty() {
         v.extend_from_slice(
             b" UNION ALL (SELECT v.n, v.s, p.prepare_time, p.parameter_types, v.f, \
