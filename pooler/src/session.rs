@@ -660,7 +660,9 @@ async fn process(core: &Rc<Core>, s: &Rc<Session>, fl: u8, msgs: &[u8]) -> Resul
     }
     // Postgres itself may look a SQL-prepared statement up by the client's name in this batch:
     // a function's dynamic SQL (a call the gateway flagged) or SQL inside a `Parse`.
-    let real_names = (fl & flags::SNAPSHOT != 0 || has_message(msgs, fe::PARSE))
+    let real_names = (fl & flags::SNAPSHOT != 0
+        || has_message(msgs, fe::PARSE)
+        || has_message(msgs, fe::DESCRIBE))
         && !s.open_batch.get()
         && s.statements.borrow().values().any(|st| st.sql.is_some());
     s.writing.set(true);

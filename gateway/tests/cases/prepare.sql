@@ -58,3 +58,15 @@ CREATE TABLE copyof AS EXECUTE noparams;
 SELECT * FROM copyof;
 DROP TABLE items, copyof;
 DEALLOCATE ALL;
+
+-- Code Postgres runs itself finds a SQL-prepared statement by its name: psql's \gdesc (a
+-- Parse, then a Describe) and dynamic SQL in a DO block / function.
+PREPARE gd AS SELECT 1 AS first, 2 AS second;
+EXECUTE gd \gdesc
+EXPLAIN EXECUTE gd \gdesc
+PREPARE dq(int) AS SELECT $1 + 1;
+DO $$ DECLARE r int; BEGIN EXECUTE 'EXECUTE dq(41)' INTO r; RAISE NOTICE 'dq %', r; END $$;
+SELECT name FROM pg_prepared_statements WHERE name IN ('gd', 'dq') ORDER BY name;
+DEALLOCATE gd;
+DEALLOCATE dq;
+DO $$ BEGIN EXECUTE 'EXECUTE dq(1)'; END $$;
