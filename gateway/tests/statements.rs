@@ -6,6 +6,14 @@ use testkit::{PgCluster, Tidepool, TidepoolOpts};
 
 const ALICE: (&str, &str) = ("alice", "alice-pw");
 
+/// The first column of the first row of a simple query's answer.
+fn first_cell(msgs: &[tokio_postgres::SimpleQueryMessage]) -> Option<String> {
+    msgs.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+        _ => None,
+    })
+}
+
 async fn bounded<T>(fut: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(60), fut)
         .await
@@ -304,10 +312,7 @@ async fn dynamic_sql_in_a_function_finds_the_sessions_prepared_statement() {
                 .simple_query(&format!("SELECT run_prepared('twice({round})')"))
                 .await
                 .unwrap();
-            let got = v.iter().find_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-                _ => None,
-            });
+            let got = first_cell(&v);
             assert_eq!(got.as_deref(), Some((round * 2).to_string().as_str()));
             // b, on the same (only) backend in between, has no statement of that name.
             let e = b
@@ -326,10 +331,7 @@ async fn dynamic_sql_in_a_function_finds_the_sessions_prepared_statement() {
             .simple_query("SELECT count(*) FROM pg_prepared_statements WHERE name = 'twice'")
             .await
             .unwrap();
-        let n = rows.iter().find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-            _ => None,
-        });
+        let n = first_cell(&rows);
         assert_eq!(n.as_deref(), Some("1"));
         a.batch_execute("COMMIT").await.unwrap();
     })
