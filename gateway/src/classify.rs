@@ -160,14 +160,23 @@ async fn parse_off_core(text: String, guard: bool) -> u8 {
 /// pooling for those applications.
 /// `nextval`/`setval` alone get `SEQUENCES`: the session keeps its backend until its next request
 /// (briefly), so a `currval` right after meets its value.
+/// One pass over the text (it runs on every statement): each `val` is looked behind.
 pub fn sequence_state(sql: &[u8]) -> u8 {
-    if contains_ci(sql, b"currval") || contains_ci(sql, b"lastval") {
-        flags::PIN | flags::SEQUENCES
-    } else if contains_ci(sql, b"nextval") || contains_ci(sql, b"setval") {
-        flags::SEQUENCES
-    } else {
-        0
+    let ends_with =
+        |at: usize, w: &[u8]| at >= w.len() && sql[at - w.len()..at].eq_ignore_ascii_case(w);
+    let mut f = 0;
+    let mut from = 0;
+    while let Some(found) = find_ci(&sql[from..], b"val") {
+        let at = from + found;
+        if ends_with(at, b"curr") || ends_with(at, b"last") {
+            return flags::PIN | flags::SEQUENCES;
+        }
+        if ends_with(at, b"next") || ends_with(at, b"set") {
+            f = flags::SEQUENCES;
+        }
+        from = at + 3;
     }
+    f
 }
 
 /// `LANGUAGE C` (or `'c'`, `"c"`): creating such a function loads its library into the backend
@@ -897,6 +906,12 @@ mod tests {
         );
         assert_eq!(sequence_state(b"select nextval('s')"), flags::SEQUENCES);
         assert_eq!(sequence_state(b"select 1"), 0);
+        assert_eq!(sequence_state(b"select interval '1 day', eval(x)"), 0);
+        assert_eq!(
+            sequence_state(b"select setval('s', 1), CurrVal('s')"),
+            flags::PIN | flags::SEQUENCES
+        );
+        assert_eq!(sequence_state(b"SELECT SETVAL('s', 5)"), flags::SEQUENCES);
         assert_eq!(
             fast(b"discard all"),
             Some(flags::DISCARD | flags::SNAPSHOT | flags::LISTEN)
