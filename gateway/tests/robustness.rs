@@ -1276,6 +1276,24 @@ async fn thirty_sessions_never_exceed_a_pool_of_three() {
     assert!(max >= 1, "the sampler saw no backend");
 }
 
+/// Waits up to `limit` for session tasks: `Err` if they did not all end by then, and the errors
+/// the ones that ended returned.
+async fn join_sessions(
+    tasks: Vec<tokio::task::JoinHandle<Result<(), String>>>,
+    limit: Duration,
+) -> (Result<(), tokio::time::error::Elapsed>, Vec<String>) {
+    let mut failures = Vec::new();
+    let all = tokio::time::timeout(limit, async {
+        for t in tasks {
+            if let Ok(Err(e)) = t.await {
+                failures.push(e);
+            }
+        }
+    })
+    .await;
+    (all, failures)
+}
+
 /// Sessions of one user running `SELECT pg_sleep(0.2)` back to back until `stop`; each
 /// completion is recorded as (user index, when). `ready` counts the sessions logged in,
 /// `logins` gets how long each login took.
@@ -1409,15 +1427,7 @@ async fn two_users_share_max_backends_fairly() {
     let window_end = window_start + Duration::from_secs(5);
     tokio::time::sleep_until(window_end.into()).await;
     stop.store(true, Ordering::Relaxed);
-    let mut failures = Vec::new();
-    let all = tokio::time::timeout(Duration::from_secs(20), async {
-        for t in tasks {
-            if let Ok(Err(e)) = t.await {
-                failures.push(e);
-            }
-        }
-    })
-    .await;
+    let (all, failures) = join_sessions(tasks, Duration::from_secs(20)).await;
     let seen = watch.stop();
     let (a, b) = (
         count(0, window_start, window_end),
@@ -1798,15 +1808,7 @@ async fn a_users_sessions_on_both_pooler_cores_all_get_served() {
         .map(|(d, b)| d.load(Ordering::Relaxed) - b)
         .collect();
     stop.store(true, Ordering::Relaxed);
-    let mut failures = Vec::new();
-    let all = tokio::time::timeout(Duration::from_secs(20), async {
-        for t in tasks {
-            if let Ok(Err(e)) = t.await {
-                failures.push(e);
-            }
-        }
-    })
-    .await;
+    let (all, failures) = join_sessions(tasks, Duration::from_secs(20)).await;
     report(
         "both_cores",
         format!(
