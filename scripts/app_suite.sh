@@ -338,9 +338,7 @@ run_suite() { # name port
         if ((SECONDS - started > RUN_TIMEOUT)); then
             log "run $name: timed out after $RUN_TIMEOUT s; killing it"
             timed_out=1
-            kill -TERM -- "-$SUITE_PID" 2>/dev/null
-            sleep 3
-            kill -KILL -- "-$SUITE_PID" 2>/dev/null
+            kill_suite
             break
         fi
         if ((SECONDS - last_report >= 60)); then

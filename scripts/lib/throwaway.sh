@@ -75,6 +75,13 @@ stop_tidepool() {
     POOLER_PID=
 }
 
+# Ends the suite's process group: TERM, then KILL 3 s later.
+kill_suite() {
+    kill -TERM -- "-$SUITE_PID" 2>/dev/null
+    sleep 3
+    kill -KILL -- "-$SUITE_PID" 2>/dev/null
+}
+
 cleanup() {
     local rc=$?
     set +e
