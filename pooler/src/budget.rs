@@ -2,42 +2,81 @@
 //! only to connect a new backend and gives it back when the backend is gone, so the atomics are
 //! touched per connection, never per request. Splitting budgets per core instead would strand a
 //! session on a core whose backends are all pinned while another core has room.
+//!
+//! Each core also publishes its share of a pool (`CoreShare`): how many backends it holds and how
+//! long its sessions waited. A core reads the others' shares at most every few hundred
+//! milliseconds to decide whether one of its backends serves better on another core (see
+//! `pool::Pool::give_away_to`); nothing here is read per request.
 
 use crate::pool::PoolKey;
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 pub struct Budgets {
     total: AtomicUsize,
     max_total: usize,
     pool_size: usize,
+    /// Pooler cores: each pool has a `CoreShare` per core.
+    cores: usize,
     /// Looked up once per pool per core (when the pool is created), not per request.
     pools: Mutex<HashMap<PoolKey, Arc<PoolBudget>>>,
 }
 
 /// One (user, database) across all cores.
-#[derive(Default)]
 pub struct PoolBudget {
     /// Backends, connected or connecting.
     pub count: AtomicUsize,
     /// Sessions waiting for a backend, on all cores (touched only while waiting).
     pub waiting: AtomicUsize,
+    /// Per core: its backends and its sessions' waits, for slow rebalancing between cores.
+    pub cores: Box<[CoreShare]>,
+}
+
+/// One core's part of a pool, written only by that core.
+#[derive(Default)]
+pub struct CoreShare {
+    /// Backends of the pool on this core (connected or connecting).
+    pub backends: AtomicUsize,
+    /// Sessions of the pool on this core waiting for a backend.
+    pub waiting: AtomicUsize,
+    /// Microseconds that sessions of the pool on this core have waited for a backend, in all.
+    pub waited_us: AtomicU64,
+}
+
+impl PoolBudget {
+    pub fn new(cores: usize) -> PoolBudget {
+        PoolBudget {
+            count: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            cores: (0..cores.max(1)).map(|_| CoreShare::default()).collect(),
+        }
+    }
 }
 
 impl Budgets {
-    pub fn new(pool_size: usize, max_total: usize) -> Arc<Budgets> {
+    pub fn new(pool_size: usize, max_total: usize, cores: usize) -> Arc<Budgets> {
         Arc::new(Budgets {
             total: AtomicUsize::new(0),
             max_total,
             pool_size,
+            cores,
             pools: Mutex::new(HashMap::new()),
         })
     }
 
     pub fn counter(&self, key: &PoolKey) -> Arc<PoolBudget> {
-        self.pools.lock().entry(key.clone()).or_default().clone()
+        self.pools
+            .lock()
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(PoolBudget::new(self.cores)))
+            .clone()
+    }
+
+    /// Backends each (user, database) may have, on all cores together.
+    pub fn pool_size(&self) -> usize {
+        self.pool_size
     }
 
     /// Takes a unit of both budgets, or neither.
@@ -81,7 +120,7 @@ mod tests {
 
     #[test]
     fn budgets() {
-        let b = Budgets::new(2, 3);
+        let b = Budgets::new(2, 3, 2);
         let k1 = PoolKey {
             user: "a".into(),
             database: "d".into(),

@@ -240,7 +240,7 @@ impl Core {
         let global = self.budgets.counter(&key);
         let key = Rc::new(key);
         let listener = self.listener(database);
-        let pool = Rc::new(Pool::new(key.clone(), global, listener));
+        let pool = Rc::new(Pool::new(key.clone(), global, listener, self.index));
         self.pools.borrow_mut().insert(key, pool.clone());
         pool
     }

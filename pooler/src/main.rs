@@ -52,7 +52,7 @@ fn main() {
     let mesh = MeshBuilder::full(cores, 1024);
     let cfg = Rc::new(cfg);
     let shared_cfg = (*cfg).clone();
-    let budgets = budget::Budgets::new(cfg.pool_size, cfg.max_backends);
+    let budgets = budget::Budgets::new(cfg.pool_size, cfg.max_backends, cores);
     // Spinning a little before parking saves the sleep/wake of the executor thread, which
     // dominated CPU per request under load (perf: finish_task_switch); 0 disables it.
     let spin = Duration::from_micros(cfg.spin_before_park_us);

@@ -1,8 +1,14 @@
 //! Per-core backend pools, one per (user, database). No locks on the request path: a pool lives on
 //! one executor; the budgets it draws new backends from are shared atomics (see `budget.rs`).
-//! Waiting sessions are served first come, first served. When a core cannot get a backend
-//! because the budget is spent, it frees an idle backend of another pool on this core, and asks
-//! the other cores to shed idle backends, then retries shortly.
+//! Waiting sessions are served first come, first served, by the next backend released on their
+//! core. A backend moves between cores only by being closed on one and connected on the other (a
+//! login), so under contention that happens slowly and on evidence: a core gives a backend away
+//! when another core's sessions wait with no backend of the pool there at all
+//! (`Pool::starving_core`, and `CoreMsg::Starving` as a safety net); when another core's sessions
+//! have waited, per backend, clearly longer than its own over the last `REBALANCE_EVERY`
+//! (`Pool::give_away_to`); or when a backend idles here while another core waits
+//! (`CoreMsg::Shed`).
+//! When the total budget is spent, a core frees an idle backend of another pool on itself.
 
 use crate::backend::{self, Backend};
 use crate::budget::{PoolBudget, Reserve};
@@ -33,10 +39,22 @@ const RETRY: Duration = Duration::from_millis(250);
 /// Another core sheds only backends idle this long: true surplus, not a backend between two
 /// requests (shedding those made cores trade backends back and forth, each trade a new login).
 const SHED_AFTER_IDLE: Duration = Duration::from_millis(10);
+/// ... and, for another core's sessions of the same pool, only if none of this core's sessions
+/// waited for one of the pool's backends this recently: a core whose own sessions wait needs
+/// every backend it has, even one that happens to be idle now (under contention both cores
+/// wait in turn, and shedding on every lull was a login per lull).
+const SURPLUS_AFTER_WAIT: Duration = Duration::from_secs(1);
 /// How often at most a pool that has no backend on a core tells the other cores it is starving
 /// there, and how long they remember it.
 const STARVING_ASK: Duration = Duration::from_millis(100);
 const OWED_FOR: Duration = Duration::from_secs(1);
+/// How often at most a core considers giving one of a pool's backends to another core. Each move
+/// costs a login (fork + authentication in Postgres), so moves are slow and need evidence.
+const REBALANCE_EVERY: Duration = Duration::from_millis(500);
+/// A core gives a backend away only if another core's sessions waited, on average over the
+/// window, more than twice as many per backend as its own plus this many: the margin keeps two
+/// evenly loaded cores from trading backends back and forth.
+const REBALANCE_MARGIN: f64 = 0.25;
 
 pub struct Pool {
     pub key: Rc<PoolKey>,
@@ -52,6 +70,12 @@ pub struct Pool {
     pub listener: Rc<crate::listen::Listener>,
     /// When this core last told the others that this pool starves here.
     last_starving_ask: std::cell::Cell<Option<Instant>>,
+    /// This core's index (its `CoreShare` in `global.cores`).
+    core: usize,
+    /// When a session here last waited for a backend of this pool.
+    last_wait: std::cell::Cell<Option<Instant>>,
+    /// When this core last weighed a move, and every core's `waited_us` then.
+    rebalanced: RefCell<(Instant, Vec<u64>)>,
 }
 
 impl Pool {
@@ -59,8 +83,13 @@ impl Pool {
         key: Rc<PoolKey>,
         global: Arc<PoolBudget>,
         listener: Rc<crate::listen::Listener>,
+        core: usize,
     ) -> Self {
+        let waited = waited_now(&global);
         Pool {
+            core,
+            last_wait: std::cell::Cell::new(None),
+            rebalanced: RefCell::new((Instant::now(), waited)),
             key,
             idle: RefCell::new(Vec::new()),
             waiters: RefCell::new(VecDeque::new()),
@@ -70,6 +99,73 @@ impl Pool {
             listener,
             last_starving_ask: std::cell::Cell::new(None),
         }
+    }
+
+    /// Backends of this pool on this core went up or down by one; published for other cores.
+    fn add_local(&self, up: bool) {
+        let n = if up {
+            self.local.get() + 1
+        } else {
+            self.local.get().saturating_sub(1)
+        };
+        self.local.set(n);
+        if let Some(share) = self.global.cores.get(self.core) {
+            share.backends.store(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether to leave the pool's remaining budget to other cores: this core has its even share
+    /// of the budget and another core's sessions wait with less than theirs. The first split of
+    /// a pool decides how many logins rebalancing costs later; first come, first served gave
+    /// one core most of the budget whenever its sessions happened to arrive first.
+    fn leave_to_others(&self, core: &Core) -> bool {
+        let share = core.budgets.pool_size().div_ceil(self.global.cores.len());
+        self.local.get() >= share
+            && self.global.cores.iter().enumerate().any(|(i, c)| {
+                i != self.core
+                    && c.waiting.load(Ordering::Relaxed) > 0
+                    && c.backends.load(Ordering::Relaxed) < share
+            })
+    }
+
+    /// Another core whose sessions of this pool wait with no backend of it at all: one released
+    /// here goes there at once (a login is the only way they get served).
+    fn starving_core(&self) -> Option<usize> {
+        self.global.cores.iter().enumerate().position(|(i, c)| {
+            i != self.core
+                && c.waiting.load(Ordering::Relaxed) > 0
+                && c.backends.load(Ordering::Relaxed) == 0
+        })
+    }
+
+    /// The core that one of this pool's backends here should go to, if any: one whose sessions
+    /// waited, per backend, more than twice as long as ours (plus a margin) since the last look.
+    /// Looks at most every `REBALANCE_EVERY`, and never gives away this core's last backend
+    /// (a core with none is served by `CoreMsg::Starving`).
+    fn give_away_to(&self) -> Option<usize> {
+        let now = Instant::now();
+        let mut last = self.rebalanced.borrow_mut();
+        let window = now.duration_since(last.0);
+        if window < REBALANCE_EVERY {
+            return None;
+        }
+        let waited = waited_now(&self.global);
+        let window_us = window.as_micros().max(1) as f64;
+        // Average number of sessions waiting per backend over the window, on core `i`.
+        let pressure = |i: usize| {
+            let d = waited[i].saturating_sub(*last.1.get(i).unwrap_or(&0));
+            let backends = self.global.cores[i].backends.load(Ordering::Relaxed).max(1);
+            d as f64 / window_us / backends as f64
+        };
+        let mine = pressure(self.core);
+        let target = (0..waited.len())
+            .filter(|&i| i != self.core)
+            .map(|i| (i, pressure(i)))
+            .filter(|&(_, p)| p > 2.0 * mine + REBALANCE_MARGIN)
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|(i, _)| i);
+        *last = (now, waited);
+        target.filter(|_| self.local.get() >= 2)
     }
 
     fn has_waiters(&self) -> bool {
@@ -110,6 +206,7 @@ impl Pool {
         };
         match victim {
             Some(b) => {
+                tracing::debug!(user = %self.key.user, db = %self.key.database, core = self.core, "closing an idle backend (shed)");
                 b.announce_freed.set(true);
                 close_for(core, &b, None);
                 true
@@ -125,11 +222,20 @@ struct WaiterGuard<'a> {
     core: &'a Rc<Core>,
     pool: &'a Rc<Pool>,
     slot: Waiter,
+    since: Instant,
 }
 
 impl Drop for WaiterGuard<'_> {
     fn drop(&mut self) {
+        if let Some(share) = self.pool.global.cores.get(self.pool.core) {
+            let us = self.since.elapsed().as_micros() as u64;
+            share.waited_us.fetch_add(us, Ordering::Relaxed);
+        }
+        self.pool.last_wait.set(Some(Instant::now()));
         self.pool.global.waiting.fetch_sub(1, Ordering::Relaxed);
+        if let Some(share) = self.pool.global.cores.get(self.pool.core) {
+            share.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
         self.pool
             .local_waiting
             .set(self.pool.local_waiting.get() - 1);
@@ -168,18 +274,22 @@ pub async fn acquire(
             }
             return Ok(b);
         }
-        let mut reserved = core.budgets.reserve(&pool.global);
+        let mut reserved = if pool.leave_to_others(core) {
+            Reserve::PoolFull
+        } else {
+            core.budgets.reserve(&pool.global)
+        };
         if reserved == Reserve::TotalFull && core.shed_idle_other_than(&pool.key) {
             reserved = core.budgets.reserve(&pool.global);
         }
         match reserved {
             Reserve::Ok => {
                 drop(guard.take());
-                pool.local.set(pool.local.get() + 1);
+                pool.add_local(true);
                 return match backend::connect(core, pool, credential).await {
                     Ok(b) => Ok(b),
                     Err(e) => {
-                        pool.local.set(pool.local.get() - 1);
+                        pool.add_local(false);
                         core.budgets.give_back(&pool.global);
                         core.capacity_freed(pool);
                         Err(e)
@@ -196,8 +306,16 @@ pub async fn acquire(
             let slot: Waiter = Rc::new(Slot::default());
             pool.waiters.borrow_mut().push_back(slot.clone());
             pool.global.waiting.fetch_add(1, Ordering::Relaxed);
+            if let Some(share) = pool.global.cores.get(pool.core) {
+                share.waiting.fetch_add(1, Ordering::Relaxed);
+            }
             pool.local_waiting.set(pool.local_waiting.get() + 1);
-            WaiterGuard { core, pool, slot }
+            WaiterGuard {
+                core,
+                pool,
+                slot,
+                since: Instant::now(),
+            }
         });
         let got = crate::with_timeout(RETRY, g.slot.take()).await;
         match got {
@@ -244,9 +362,20 @@ pub fn release(core: &Rc<Core>, b: Rc<Backend>) {
     }
     if let Some(other) = core.poorer_pool_waiting(&pool) {
         // Fair share between users: another pool here waits with fewer backends than this one
-        // has, and the budget is spent; this backend's unit goes to it.
+        // has, and only the total budget stops it; this backend's unit goes to it.
         close_for(core, &b, Some(other));
         return;
+    }
+    if pool.global.waiting.load(Ordering::Relaxed) > pool.local_waiting.get() {
+        // Sessions of this pool wait on another core too. A backend cannot move between cores,
+        // so giving it there costs a login: at once when that core has none at all, else only
+        // when it has clearly waited more.
+        if let Some(to) = pool.starving_core().or_else(|| pool.give_away_to()) {
+            tracing::debug!(user = %pool.key.user, db = %pool.key.database, from = core.index, to, "moving a backend to another core");
+            *b.yield_to.borrow_mut() = Some((*pool.key).clone());
+            close_for(core, &b, None);
+            return;
+        }
     }
     if pool.has_waiters() {
         if let Some(Some(b)) = pool.hand_to_waiter(Some(b)) {
@@ -256,19 +385,22 @@ pub fn release(core: &Rc<Core>, b: Rc<Backend>) {
         return;
     }
     if core.someone_else_waits(&pool.key) {
-        // Another pool here is starved of budget: this backend's unit serves it better.
-        close_for(core, &b, None);
-        return;
-    }
-    if pool.global.waiting.load(Ordering::Relaxed) > pool.local_waiting.get() {
-        // Sessions of this pool wait on another core while this one has a backend to spare:
-        // give the unit to them (a backend cannot move between cores; a new login is cheaper
-        // than their wait).
+        // Another pool here is starved of the total budget: this backend's unit serves it
+        // better.
         close_for(core, &b, None);
         return;
     }
     b.idle_since.set(Some(Instant::now()));
     pool.idle.borrow_mut().push(b);
+}
+
+/// Every core's `waited_us` of a pool, now.
+fn waited_now(global: &PoolBudget) -> Vec<u64> {
+    global
+        .cores
+        .iter()
+        .map(|c| c.waited_us.load(Ordering::Relaxed))
+        .collect()
 }
 
 /// Closes a backend we no longer want. Its budget unit is given back only when Postgres has
@@ -292,7 +424,7 @@ pub fn retire(core: &Rc<Core>, b: &Rc<Backend>) {
         return;
     }
     core.forget_idle(b);
-    b.pool.local.set(b.pool.local.get().saturating_sub(1));
+    b.pool.add_local(false);
     core.budgets.give_back(&b.pool.global);
     if let Some(key) = b.yield_to.borrow_mut().take() {
         // Not to this core's waiters: they would take it before the starving core can.
@@ -338,6 +470,7 @@ impl Core {
             .filter(|p| {
                 *p.key != *pool.key
                     && p.has_waiters()
+                    && !self.budgets.pool_full(&p.global)
                     && (p.local.get() + 1 < pool.local.get()
                         || (p.local.get() == 0 && total(p) + 1 < total(pool)))
             })
@@ -398,7 +531,7 @@ impl Core {
         self.pools
             .borrow()
             .values()
-            .any(|p| *p.key != *key && p.has_waiters())
+            .any(|p| *p.key != *key && p.has_waiters() && !self.budgets.pool_full(&p.global))
     }
 
     /// Frees the budget unit of an idle backend of another pool on this core.
@@ -442,9 +575,16 @@ impl Core {
 
     fn shed_now(self: &Rc<Self>, key: &Option<PoolKey>) -> bool {
         let pools: Vec<Rc<Pool>> = self.pools.borrow().values().cloned().collect();
+        let now = Instant::now();
         for p in pools {
+            // Asked for this pool: only surplus, not a backend this core's sessions need.
+            let needed_here = key.is_some()
+                && p.last_wait
+                    .get()
+                    .is_some_and(|t| now.duration_since(t) < SURPLUS_AFTER_WAIT);
             if key.as_ref().is_none_or(|k| *k == *p.key)
                 && !p.has_waiters()
+                && !needed_here
                 && p.shed_one(self, SHED_AFTER_IDLE)
             {
                 return true;
