@@ -66,10 +66,13 @@ impl Core {
         clients: Arc<AtomicUsize>,
     ) -> Rc<Core> {
         let changed = Rc::new(Notify::default());
+        // Executors are numbered from 1; this core's links take the slots after the previous
+        // cores' (a link's slot picks its pooler core: `down::CORE`).
+        let first_slot = glommio::executor().id().saturating_sub(1) * cfg.links_per_core;
         let links = (0..cfg.poolers.len())
             .map(|p| {
                 (0..cfg.links_per_core)
-                    .map(|_| Link::new(p, changed.clone()))
+                    .map(|k| Link::new(p, first_slot + k, changed.clone()))
                     .collect()
             })
             .collect();

@@ -247,11 +247,25 @@ pub struct Link {
     reported: Cell<bool>,
     /// The core's: told whenever a link comes up, goes down or reports a role.
     changed: Rc<Notify>,
+    /// Which of the pooler's cores this link should land on: `slot % cores` (see `down::CORE`).
+    slot: usize,
+    /// The link landed on another core: redial it (at most `redials_left` more times).
+    misplaced: Cell<bool>,
+    redials_left: Cell<u32>,
 }
 
+/// Redials of one link to reach its pooler core before it settles for the one it got. With
+/// `SO_REUSEPORT` each dial lands on a core by hash; 16 misses in a row on 2 cores is 1 in 65,536.
+const MAX_REDIALS: u32 = 16;
+
 impl Link {
-    pub fn new(pooler: usize, changed: Rc<Notify>) -> Rc<Link> {
+    /// `slot`: this link's number among all links of the process to this pooler (gateway core
+    /// × links per core + link), which picks the pooler core it should reach.
+    pub fn new(pooler: usize, slot: usize, changed: Rc<Notify>) -> Rc<Link> {
         Rc::new(Link {
+            slot,
+            misplaced: Cell::new(false),
+            redials_left: Cell::new(MAX_REDIALS),
             out: OutQueue::new(8 << 20, 1 << 20),
             sessions: RefCell::new(HashMap::new()),
             alive: Cell::new(false),
@@ -299,6 +313,9 @@ impl Link {
                     backoff = Duration::from_millis(20);
                     let _ = stream.set_nodelay(true);
                     self.serve(stream).await;
+                    if self.misplaced.replace(false) {
+                        continue;
+                    }
                     tracing::warn!(pooler = %addr, "link to pooler lost; redialling");
                 }
                 Err(e) => {
@@ -335,7 +352,7 @@ impl Link {
                 self.on_frame(h.kind, h.session, payload);
                 reader.consume(HEADER + h.len);
             }
-            if self.out.is_dead() {
+            if self.out.is_dead() || self.misplaced.get() {
                 break;
             }
             let want = link::parse_header(reader.data()).map_or(0, |h| HEADER + h.len);
@@ -368,6 +385,10 @@ impl Link {
             self.on_role(payload);
             return;
         }
+        if kind == down::CORE {
+            self.on_core(payload);
+            return;
+        }
         let Some(s) = self.sessions.borrow().get(&id).cloned() else {
             return;
         };
@@ -386,6 +407,27 @@ impl Link {
                 s.control.put((kind, payload.to_vec()))
             }
             _ => tracing::warn!(kind, "unknown frame from pooler"),
+        }
+    }
+
+    /// The pooler core this link reached: redial if it is not the one for this link's slot
+    /// (only while no session uses the link yet).
+    fn on_core(&self, payload: &[u8]) {
+        let [a, b, c, d, ..] = *payload else {
+            tracing::warn!(len = payload.len(), "malformed CORE frame from pooler");
+            return;
+        };
+        let (core, cores) = (
+            u16::from_be_bytes([a, b]) as usize,
+            u16::from_be_bytes([c, d]) as usize,
+        );
+        if cores == 0 || core == self.slot % cores || !self.sessions.borrow().is_empty() {
+            return;
+        }
+        let left = self.redials_left.get();
+        if left > 0 {
+            self.redials_left.set(left - 1);
+            self.misplaced.set(true);
         }
     }
 

@@ -149,7 +149,14 @@ async fn on_frame(core: &Rc<Core>, l: &Rc<Link>, kind: u8, id: u32, payload: Vec
                 crate::cancel::broadcast(core, pid, secret);
             }
         }
-        up::HELLO => announce_role(l),
+        up::HELLO => {
+            let mut core_of = [0u8; 4];
+            core_of[..2].copy_from_slice(&(core.index as u16).to_be_bytes());
+            core_of[2..].copy_from_slice(&(core.cfg.cores as u16).to_be_bytes());
+            l.out
+                .push_with(|b| link::put_frame(b, down::CORE, 0, &core_of));
+            announce_role(l)
+        }
         _ => {
             tracing::warn!(kind, "unknown link frame; dropping link");
             return false;

@@ -65,6 +65,11 @@ pub mod down {
     /// (at most every 50 ms); gateways route writes to the primary of the highest term and
     /// read-only sessions to standbys within `max_standby_lag_bytes`.
     pub const ROLE: u8 = 26;
+    /// Which pooler core serves this link (session 0): `u16 core`, `u16 cores`. Sent once, in
+    /// answer to `HELLO`, before the first `ROLE`. A gateway redials a link that landed on a
+    /// core its other links already use (`SO_REUSEPORT` picks the core by hash), so that its
+    /// sessions, and the pooler's work, spread over every pooler core.
+    pub const CORE: u8 = 27;
 }
 
 /// Flags on a `MSGS` frame, decided by the gateway's statement classification.
