@@ -456,10 +456,21 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     let writer_io = io.clone();
     let wstream = stream.clone();
     glommio::spawn_local(async move {
-        // Credit goes to whichever pooler serves the session now.
+        // Credit goes to whichever pooler serves the session now, in batches: a frame per client
+        // write doubled the link's frames for small results. The pooler stops only past its
+        // window (`WINDOW`, 256 KiB), so credit held back here (under `CREDIT_BATCH`) never
+        // stalls it: whatever it waits for beyond that is still to be written, and writing it
+        // crosses the batch.
+        let owed = std::cell::Cell::new(0usize);
         let credit = |n: usize| {
+            let total = owed.get() + n;
+            if total < CREDIT_BATCH {
+                owed.set(total);
+                return;
+            }
+            owed.set(0);
             if let Some(l) = writer_io.current_link() {
-                l.send(up::CREDIT, id, &(n as u32).to_be_bytes());
+                l.send(up::CREDIT, id, &(total as u32).to_be_bytes());
             }
         };
         let _ = writer_io.client_out.run_writer_with(wstream, credit).await;
@@ -667,6 +678,10 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     }
     io.client_out.close();
 }
+
+/// Bytes written to a client before the gateway returns them to the pooler as credit: a quarter
+/// of the pooler's per-session window (`pooler::backend::WINDOW`, 256 KiB).
+const CREDIT_BATCH: usize = 64 * 1024;
 
 /// The message the guard answers with (issue 5, point 3).
 const SYNC_COMMIT_DENIED: &str =
