@@ -145,9 +145,11 @@ pgbouncer_supports_prepared() {
 
 # start_pgbouncer MAX_CLIENTS: transaction pooling, 20 server connections per (user, db),
 # clients authenticated with alice's SCRAM verifier (auth_file), which PgBouncer then also
-# uses to log in to Postgres.
+# uses to log in to Postgres. BOUNCER_POOL_MODE and BOUNCER_POOL_SIZE override the pooling; a
+# second PgBouncer started this way gets a directory of its own.
 start_pgbouncer() {
     local max_clients=${1:-1000} dir="$WORK/pgbouncer" verifier prepared=""
+    [ -d "$dir" ] && dir="$WORK/pgbouncer-$RANDOM"
     BOUNCER_PORT=$(free_port)
     mkdir -p "$dir"
     verifier=$(pg_sql "SELECT rolpassword FROM pg_authid WHERE rolname = '$APP_USER'")
@@ -163,8 +165,8 @@ listen_port = $BOUNCER_PORT
 unix_socket_dir =
 auth_type = scram-sha-256
 auth_file = $dir/userlist.txt
-pool_mode = transaction
-default_pool_size = 20
+pool_mode = ${BOUNCER_POOL_MODE:-transaction}
+default_pool_size = ${BOUNCER_POOL_SIZE:-20}
 max_client_conn = $max_clients
 max_db_connections = 0
 logfile = $dir/pgbouncer.log
@@ -196,6 +198,7 @@ tidepool_available() {
 # a SCRAM verifier, md5 for an md5 one); the pooler reads pg_authid over the cluster's socket
 # ($WORK) as postgres (peer, pg_ident map tidepool). TIDEPOOL_CORES, when set, is the --cores
 # of both processes (default: all cores); GATEWAY_CORES overrides it for the gateways.
+# TIDEPOOL_POOLER_ARGS and TIDEPOOL_GATEWAY_ARGS add flags (e.g. "--spin-before-park-us 0").
 # Sets GATEWAY_PORT, GATEWAY_PID (the first gateway), GATEWAY_PIDS (all), LINK_PORT, POOLER_PID.
 start_tidepool() {
     local max_clients=${1:-1000} gateways=${2:-1} gw_cores=${3:-${TIDEPOOL_CORES:-}} cores=() gcores=() i pid
@@ -212,7 +215,7 @@ start_tidepool() {
         ulimit -n "$(ulimit -Hn)"
         exec "$TIDEPOOL_BIN/tidepool-pooler" --listen "127.0.0.1:$LINK_PORT" \
             --pg-host 127.0.0.1 --pg-port "$PG_PORT" --admin-socket-dir "$WORK" \
-            --admin-user postgres --pool-size 20 "${cores[@]}"
+            --admin-user postgres --pool-size 20 "${cores[@]}" ${TIDEPOOL_POOLER_ARGS:-}
     ) >"$WORK/pooler.log" 2>&1 &
     POOLER_PID=$!
     wait_port "$LINK_PORT" 30 || { log "ERROR: pooler not listening: see $WORK/pooler.log"; return 1; }
@@ -221,7 +224,7 @@ start_tidepool() {
         (
             ulimit -n "$(ulimit -Hn)"
             exec "$TIDEPOOL_BIN/tidepool-gateway" --listen "127.0.0.1:$GATEWAY_PORT" \
-                --pooler "127.0.0.1:$LINK_PORT" --auth-method md5 --max-clients "$max_clients" "${gcores[@]}"
+                --pooler "127.0.0.1:$LINK_PORT" --auth-method md5 --max-clients "$max_clients" "${gcores[@]}" ${TIDEPOOL_GATEWAY_ARGS:-}
         ) >"$WORK/gateway-$i.log" 2>&1 &
         pid=$!
         GATEWAY_PIDS="$GATEWAY_PIDS${GATEWAY_PIDS:+ }$pid"
@@ -290,10 +293,10 @@ machine_facts() {
 cleanup() {
     set +e
     stop_tidepool
-    if [ -n "$BOUNCER_PID" ]; then
-        kill "$BOUNCER_PID" 2>/dev/null
-        BOUNCER_PID=""
-    fi
+    for pid in $BOUNCER_PID ${EXTRA_BOUNCER_PIDS:-}; do
+        kill "$pid" 2>/dev/null
+    done
+    BOUNCER_PID=""
     if [ -n "$WORK" ] && [ -f "$WORK/data/postmaster.pid" ]; then
         as_pg "$PGBIN/pg_ctl" -D "$WORK/data" -m fast -w stop >/dev/null 2>&1
     fi
