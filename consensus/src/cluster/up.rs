@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::backup::{self, Backups};
 use crate::cli::{GlobalArgs, UpArgs};
 use crate::cluster::{locate_binary, nodes, status, url, Context};
 use crate::config::{ClusterSettings, RunSettings};
@@ -107,7 +108,32 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
     } else {
         String::new()
     };
-    pg.configure_with(settings.pg_max_connections, &replication)?;
+    let backups = if ha && settings.backup.enabled {
+        if !backup::available() {
+            return Err(Error::Environment(
+                "pgbackrest not found: install it (scripts/setup.sh), or set [backup] enabled = \
+                 false to copy standbys with pg_basebackup and archive nothing"
+                    .into(),
+            ));
+        }
+        let b = Backups::new(&settings, layout);
+        b.prepare()?;
+        // Every node's config before any Postgres starts: archive_command names it.
+        for node in &nodes {
+            b.write_node_config(node)?;
+        }
+        Some(b)
+    } else {
+        None
+    };
+    let archive = match (&backups, nodes.first()) {
+        (Some(b), Some(node1)) => b.archive_conf(node1),
+        _ => String::new(),
+    };
+    pg.configure_with(
+        settings.pg_max_connections,
+        &format!("{replication}{archive}"),
+    )?;
     let pg_pid = match pg.running() {
         Some((pid, port)) if port == settings.pg_port => {
             if !wait_accepting(pg.address(), timeout) {
@@ -148,6 +174,10 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
         }
     };
     pg.ensure_role_and_database(&password, password_is_new)?;
+    if let (Some(b), Some(node1)) = (&backups, nodes.first()) {
+        // The stanza and a first full backup, which every standby is restored from.
+        b.bootstrap(node1)?;
+    }
 
     // Pooler, then gateway (the gateway's first clients need the pooler).
     let pooler_addr = loopback(settings.pooler_port);
@@ -169,7 +199,14 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
         let mut records = nodes.clone();
         records[0].pooler_pid = state.process(Role::Pooler).map(|p| p.pid).unwrap_or(0);
         for node in records.iter_mut().skip(1) {
-            nodes::ensure_standby(&settings, node, &pg, &replication, timeout)?;
+            nodes::ensure_standby(
+                &settings,
+                node,
+                &pg,
+                &replication,
+                backups.as_ref(),
+                timeout,
+            )?;
             let mut args = pooler_args(&settings, layout, &run);
             set_flag(&mut args, "--listen", node.pooler.to_string());
             set_flag(&mut args, "--pg-port", node.pg_port.to_string());
