@@ -79,6 +79,8 @@ pub struct BackupSettings {
     /// More pgBackRest options for every config Tidepool writes (`[global]`), e.g. an
     /// S3-compatible repository: `repo1-type = "s3"`, `repo1-s3-bucket`, ...
     pub options: std::collections::BTreeMap<String, String>,
+    /// Backups the control process takes on its own (`[[backup.schedule]]`: `type`, `cron`).
+    pub schedule: Vec<crate::backup::schedule::Schedule>,
 }
 
 impl Default for BackupSettings {
@@ -92,6 +94,7 @@ impl Default for BackupSettings {
             retention_full_type: "count".into(),
             retention_diff: 0,
             options: Default::default(),
+            schedule: Vec::new(),
         }
     }
 }

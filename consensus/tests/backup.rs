@@ -389,3 +389,89 @@ fn failover_during_a_backup_and_an_archive_behind_at_failover_lose_nothing() {
         &missing[..missing.len().min(10)]
     );
 }
+
+fn schedule_record(c: &HaCluster) -> Value {
+    std::fs::read_to_string(c.dir.join("pgbackrest/schedule.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// Waits until the schedule's record has `key` at or after Unix second `since`.
+fn wait_schedule(c: &HaCluster, key: &str, since: i64, within: Duration) -> Value {
+    let start = std::time::Instant::now();
+    loop {
+        let r = schedule_record(c);
+        if r[key]["at"].as_i64().is_some_and(|at| at >= since) {
+            return r[key].clone();
+        }
+        assert!(
+            start.elapsed() < within,
+            "no scheduled {key} since {since} within {within:?}: {r}\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn set_mode(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+#[test]
+fn scheduled_backups_report_failures_and_follow_the_cluster_through_a_failover() {
+    // Every 10 seconds (a leading seconds field), so that the test does not wait minutes.
+    let conf = std::env::temp_dir().join(format!("tp-schedule-{}.toml", std::process::id()));
+    std::fs::write(
+        &conf,
+        "[backup]\nschedule = [{ type = \"incr\", cron = \"*/10 * * * * *\" }]\n",
+    )
+    .expect("writing the config");
+    let c = HaCluster::settled(&["--config", conf.to_str().unwrap_or_default()]);
+    let _ = std::fs::remove_file(&conf);
+
+    let first = wait_schedule(&c, "last_success", 0, Duration::from_secs(40));
+    eprintln!("first scheduled backup: {first}");
+
+    // The repository's backup directory closed to postgres: the next one fails, recorded and
+    // logged. (Not the repository itself: every backup re-creates it with its mode.)
+    let repo = c.dir.join("backups/backup");
+    let broke_at = unix_now();
+    set_mode(&repo, 0o000);
+    let failure = wait_schedule(&c, "last_failure", broke_at, Duration::from_secs(40));
+    set_mode(&repo, 0o750);
+    eprintln!("scheduled failure: {failure}");
+    assert!(
+        c.log("control").contains("scheduled backup FAILED"),
+        "{}",
+        c.log("control")
+    );
+    let status = c.tidepool(&["status"]);
+    assert!(
+        status.text.contains("scheduled backups: last success incr"),
+        "{}",
+        status.text
+    );
+
+    // The primary dies: the schedule goes on against the new one.
+    c.kill_node(0);
+    let (p, _) = c.wait_new_primary(0, 0, Duration::from_secs(30));
+    let after = unix_now();
+    let ok = wait_schedule(&c, "last_success", after, Duration::from_secs(60));
+    eprintln!("after the failover to {}: {ok}", c.nodes[p].name);
+    let list = backups(&c);
+    let label = ok["detail"].as_str().unwrap_or_default();
+    assert!(
+        list.iter()
+            .any(|b| b["label"] == label && b["type"] == "incr"),
+        "{label} not in {list:?}"
+    );
+}

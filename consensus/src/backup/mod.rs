@@ -17,6 +17,7 @@ pub mod info;
 pub mod manage;
 pub mod pgbackrest;
 pub mod restore;
+pub mod schedule;
 
 use std::path::{Path, PathBuf};
 

@@ -57,6 +57,8 @@ pub struct Controller {
     held_back: Option<String>,
     /// After a failover attempt that could not proceed: not before this.
     retry_at: Option<Instant>,
+    /// Whether this process leads, for the backup schedule's thread.
+    pub leading: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub fn run(global: &GlobalArgs, args: &ControlArgs) -> Result<bool> {
@@ -79,6 +81,7 @@ pub fn run(global: &GlobalArgs, args: &ControlArgs) -> Result<bool> {
         .build()
         .map_err(Error::io("starting the control runtime"))?;
     let mut c = Controller::new(ctx.layout.dir().to_path_buf(), &state)?;
+    crate::backup::schedule::start(&state, c.leading.clone())?;
     let deadline = args
         .exit_after_secs
         .map(|s| Instant::now() + Duration::from_secs(s));
@@ -103,6 +106,7 @@ impl Controller {
             following: Arc::new(Mutex::new(HashSet::new())),
             held_back: None,
             retry_at: None,
+            leading: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 
@@ -194,6 +198,10 @@ impl Controller {
             if let Err(e) = self.tick().await {
                 tracing::warn!(error = %e, "control step failed");
             }
+            self.leading.store(
+                self.leadership.is_some(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             let spent = started.elapsed();
             if spent < interval {
                 tokio::time::sleep(interval - spent).await;
