@@ -50,6 +50,9 @@ pub enum Command {
     Control(ControlArgs),
     /// pgBackRest backups of a cluster with standbys: create, list, verify, expire.
     Backup(BackupArgs),
+    /// Nodes of a cluster with standbys: `node add` restores a new standby from the latest
+    /// backup and joins it to the cohort.
+    Node(NodeArgs),
     /// Restore the cluster's backups into a new directory, to a point in time; then
     /// `tidepool up --dir NEWDIR` runs it.
     Restore(RestoreArgs),
@@ -71,6 +74,26 @@ pub enum BackupCommand {
     Verify,
     /// Remove backups (and the WAL only they need) beyond the retention in [backup].
     Expire,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    #[command(subcommand)]
+    pub command: NodeCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// A new standby restored from the latest backup, with its pooler, in the cohort and the
+    /// durability policy.
+    Add(NodeAddArgs),
+}
+
+#[derive(Debug, Clone, Default, Args)]
+pub struct NodeAddArgs {
+    /// The new node's zone [default: local].
+    #[arg(long, value_name = "ZONE")]
+    pub zone: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

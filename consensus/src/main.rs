@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tidepool::backup;
-use tidepool::cli::{BackupCommand, Cli, Command};
+use tidepool::cli::{BackupCommand, Cli, Command, NodeCommand};
 use tidepool::cluster;
 
 fn main() -> ExitCode {
@@ -23,6 +23,9 @@ fn main() -> ExitCode {
             BackupCommand::Expire => backup::manage::expire(&cli.global),
         },
         Command::Restore(args) => backup::restore::run(&cli.global, args),
+        Command::Node(n) => match &n.command {
+            NodeCommand::Add(args) => cluster::node_add::run(&cli.global, args),
+        },
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -383,10 +383,13 @@ fn failover_during_a_backup_and_an_archive_behind_at_failover_lose_nothing() {
     let missing: Vec<&i64> = all.acked.iter().filter(|id| !got.contains(id)).collect();
     assert!(
         missing.is_empty(),
-        "{} of {} acknowledged commits missing after restore --to latest: {:?}",
+        "{} of {} acknowledged commits missing after restore --to latest: {:?}\n\
+         --- restored postgres.log ---\n{}\n{}",
         missing.len(),
         all.acked.len(),
-        &missing[..missing.len().min(10)]
+        &missing[..missing.len().min(10)],
+        std::fs::read_to_string(r.dir.join("logs/postgres.log")).unwrap_or_default(),
+        c.logs()
     );
 }
 
@@ -474,4 +477,51 @@ fn scheduled_backups_report_failures_and_follow_the_cluster_through_a_failover()
             .any(|b| b["label"] == label && b["type"] == "incr"),
         "{label} not in {list:?}"
     );
+}
+
+#[test]
+fn node_add_restores_a_standby_that_joins_the_cohort_and_can_be_promoted() {
+    let mut c = HaCluster::up_with(1, &[]);
+    c.wait_all_streaming(&[], Duration::from_secs(30));
+    let w = Writer::start(&c.url);
+    w.expect_acks(&c, 0, 30, Duration::from_secs(30));
+
+    let out = c.tidepool(&["node", "add", "--zone", "local"]);
+    assert!(out.success(), "{}\n{}", out.text, c.logs());
+    assert!(
+        out.text.contains("restoring the latest backup into"),
+        "{}",
+        out.text
+    );
+    c.reload_nodes();
+    assert_eq!(c.nodes.len(), 3);
+    c.wait_all_streaming(&[], Duration::from_secs(60));
+
+    // In the durability policy: the primary's synchronous standbys name node3 ...
+    let start = std::time::Instant::now();
+    loop {
+        let names = sql(&c, 0, "SHOW synchronous_standby_names");
+        if names.contains("node3") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "node3 not in {names}\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // ... and in the cohort: with node2 gone too, node3 alone with the dead primary is no
+    // majority, but node2 + node3 are: kill the primary, one of them takes over with every
+    // acknowledged commit.
+    let topo = c.topology();
+    assert!(topo["nodes"].to_string().contains("node3"), "{topo}");
+    let acked = w.acked_count();
+    w.expect_acks(&c, acked, 20, Duration::from_secs(30));
+    c.kill_node(0);
+    let (p, _) = c.wait_new_primary(0, 0, Duration::from_secs(30));
+    let acked = w.acked_count();
+    w.expect_acks(&c, acked, 20, Duration::from_secs(30));
+    let writes = w.finish();
+    ha::assert_all_acked_on(&c, p, &writes);
 }

@@ -328,7 +328,7 @@ fn already_up(state: &State) -> bool {
 }
 
 /// Starts `role` unless it already runs with the same address; waits until it accepts.
-fn ensure_tier(
+pub(crate) fn ensure_tier(
     role: Role,
     bin: &Path,
     args: &[OsString],
@@ -373,7 +373,11 @@ fn ensure_tier(
     Ok(())
 }
 
-fn pooler_args(s: &ClusterSettings, layout: &Layout, run: &RunSettings) -> Vec<OsString> {
+pub(crate) fn pooler_args(
+    s: &ClusterSettings,
+    layout: &Layout,
+    run: &RunSettings,
+) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
     if let Some(config) = &run.pooler_config {
         args.extend(["--config".into(), absolute(config)]);
@@ -395,7 +399,7 @@ fn pooler_args(s: &ClusterSettings, layout: &Layout, run: &RunSettings) -> Vec<O
     args
 }
 
-fn gateway_args(s: &ClusterSettings, run: &RunSettings) -> Vec<OsString> {
+pub(crate) fn gateway_args(s: &ClusterSettings, run: &RunSettings) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
     if let Some(config) = &run.gateway_config {
         args.extend(["--config".into(), absolute(config)]);
@@ -413,7 +417,7 @@ fn gateway_args(s: &ClusterSettings, run: &RunSettings) -> Vec<OsString> {
 }
 
 /// Replaces the value of `flag` in `args` (or appends the pair).
-fn set_flag(args: &mut Vec<OsString>, flag: &str, value: String) {
+pub(crate) fn set_flag(args: &mut Vec<OsString>, flag: &str, value: String) {
     if let Some(i) = args.iter().position(|a| a == flag) {
         if i + 1 < args.len() {
             args[i + 1] = value.into();
@@ -440,7 +444,7 @@ fn merge_nodes(
 /// Starts a process not tracked as a [`Role`] tier (a standby's pooler, the control process)
 /// unless `known` is its live pid; waits until it accepts on `addr` (port 0: only that it
 /// keeps running for a moment). Returns its pid.
-fn ensure_process(
+pub(crate) fn ensure_process(
     role: Role,
     bin: &Path,
     args: &[OsString],
@@ -515,7 +519,7 @@ fn check_ports(s: &ClusterSettings) -> Result<()> {
     Ok(())
 }
 
-fn ensure_port_free(role: Role, addr: SocketAddr) -> Result<()> {
+pub(crate) fn ensure_port_free(role: Role, addr: SocketAddr) -> Result<()> {
     if accepts(addr) {
         let flag = match role {
             Role::Postgres => "--pg-port",
