@@ -49,6 +49,8 @@ fn backups(c: &HaCluster) -> Vec<Value> {
 struct Restored {
     dir: PathBuf,
     url: String,
+    /// The timeline the restored cluster was promoted to.
+    timeline: u32,
 }
 
 impl Restored {
@@ -105,9 +107,17 @@ fn restore(c: &HaCluster, target: &str) -> Restored {
         "--timeout-secs",
         "120",
     ]);
+    let timeline = out
+        .text
+        .split("on timeline ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0);
     let mut r = Restored {
         dir,
         url: String::new(),
+        timeline,
     };
     assert!(out.success(), "restore --to {target}:\n{}", out.text);
     eprintln!("restore --to {target}:\n{}", out.text);
@@ -197,9 +207,34 @@ fn bootstrap_backup_under_a_writer_and_point_in_time_restores() {
     let b = json(&c, &["backup", "create", "--type", "full", "--json"]);
     assert_eq!(b["source_role"], "standby", "{b}");
     assert_ne!(b["source"], "node1", "{b}");
+    // One backup at a time: a second one while the first runs is refused.
+    let first_running = {
+        let dir = c.dir.clone();
+        std::thread::spawn(move || {
+            let mut cmd = Command::new(ha::TIDEPOOL);
+            cmd.args(["backup", "create", "--type", "diff", "--dir"])
+                .arg(&dir)
+                .env_remove("TIDEPOOL_CONFIG");
+            run_merged(&mut cmd, None, Duration::from_secs(240))
+        })
+    };
+    std::thread::sleep(Duration::from_millis(700));
+    let second = c.tidepool(&["backup", "create", "--type", "diff"]);
+    let first_out = first_running.join().expect("backup thread");
+    assert!(first_out.success(), "{}", first_out.text);
+    assert!(
+        !second.success() && second.text.contains("another backup is running"),
+        "{}",
+        second.text
+    );
     let b2 = json(&c, &["backup", "create", "--type", "incr", "--json"]);
     assert_eq!(b2["type"], "incr", "{b2}");
-    assert_eq!(b2["backup"]["prior"], b["label"], "{b2}");
+    assert!(
+        b2["backup"]["prior"]
+            .as_str()
+            .is_some_and(|p| p.starts_with(b["label"].as_str().unwrap_or("?"))),
+        "{b2}"
+    );
 
     // A named restore point, then a time, each with writes on both sides.
     let before_name = w.snapshot();
@@ -257,7 +292,16 @@ fn bootstrap_backup_under_a_writer_and_point_in_time_restores() {
     );
 
     // A lost standby is rebuilt from the latest backup by `up` and streams again.
+    let pm = c.postgres_pid(2);
     c.kill_node(2);
+    // The killed postmaster must be gone before a new one takes its socket (its lock file
+    // names it while it lingers).
+    let start = std::time::Instant::now();
+    while pm.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
+        && start.elapsed() < Duration::from_secs(20)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     std::fs::remove_dir_all(&c.nodes[2].data_dir).expect("removing node3's data");
     let out = c.tidepool(&["up"]);
     assert!(out.success(), "{}\n{}", out.text, c.logs());
@@ -377,8 +421,11 @@ fn failover_during_a_backup_and_an_archive_behind_at_failover_lose_nothing() {
     let all = w.finish();
     eprintln!("primary now {}", c.nodes[p3].name);
 
-    // Everything acknowledged, on both sides of both failovers, comes back from the archive.
+    // Everything acknowledged, on both sides of both failovers, comes back from the archive;
+    // the restored cluster's promotion saw the archived history files and took a timeline
+    // above every one of them (two failovers: timelines 2 and 3 are archived).
     let r = restore(&c, "latest");
+    assert!(r.timeline > 3, "restored onto timeline {}", r.timeline);
     let got = r.ids();
     let missing: Vec<&i64> = all.acked.iter().filter(|id| !got.contains(id)).collect();
     assert!(
