@@ -61,7 +61,7 @@ impl Backups {
         }
     }
 
-    /// For a command on an existing cluster: `None` when the cluster has no backups.
+    /// For a command on an existing cluster; an error when the cluster has no backups.
     pub fn of(state: &State) -> Result<Backups> {
         if state.nodes.is_empty() || !state.settings.backup.enabled {
             return Err(Error::Conflict(format!(
@@ -72,6 +72,32 @@ impl Backups {
         }
         let layout = Layout::new(&state.dir)?;
         Ok(Backups::new(&state.settings, &layout))
+    }
+
+    /// For `up` of a cluster with standbys: `None` with `[backup] enabled = false`; else the
+    /// directories made and every node's config written before any Postgres starts (their
+    /// archive_command names it).
+    pub fn prepare_for_up(
+        settings: &ClusterSettings,
+        layout: &Layout,
+        nodes: &[NodeRecord],
+    ) -> Result<Option<Backups>> {
+        if !settings.backup.enabled {
+            return Ok(None);
+        }
+        if !available() {
+            return Err(Error::Environment(
+                "pgbackrest not found: install it (scripts/setup.sh), or set [backup] enabled = \
+                 false to copy standbys with pg_basebackup and archive nothing"
+                    .into(),
+            ));
+        }
+        let b = Backups::new(settings, layout);
+        b.prepare()?;
+        for node in nodes {
+            b.write_node_config(node)?;
+        }
+        Ok(Some(b))
     }
 
     /// Creates the directories pgBackRest writes into, owned by the postgres OS user.
@@ -143,9 +169,9 @@ impl Backups {
         let program = program_path();
         let base = format!(
             "{} --config={} --stanza={}",
-            program.display(),
-            conf.display(),
-            self.stanza
+            shell_quote(&program.display().to_string()),
+            shell_quote(&conf.display().to_string()),
+            shell_quote(&self.stanza)
         );
         format!(
             "# WAL archiving (pgBackRest, [backup] in the control process's config)\n\
@@ -159,11 +185,21 @@ impl Backups {
 
     /// At bootstrap (the primary runs, archiving on): creates the stanza unless it exists and
     /// takes a full backup from the primary unless the repository holds one.
-    pub fn bootstrap(&self, primary: &NodeRecord) -> Result<()> {
+    pub fn bootstrap(&self, primary: &NodeRecord, pg: &crate::postgres::Postgres) -> Result<()> {
         let pb = self.write_node_config(primary)?;
         // A later `up` (node1 back after a failover, maybe no longer primary) finds the
         // backups and leaves the stanza alone: stanza-create needs the primary.
         if !info::backups(&pb)?.is_empty() {
+            return Ok(());
+        }
+        // A cluster made before backups existed runs without archiving until Postgres
+        // restarts (archive_mode is read at start): say so rather than fail the backup.
+        if pg.psql("SHOW archive_mode;")?.trim() == "off" {
+            eprintln!(
+                "warning: Postgres of {} runs without WAL archiving (started before backups \
+                 were configured): no stanza and no backup until `tidepool down && tidepool up`",
+                primary.name
+            );
             return Ok(());
         }
         pb.run("stanza-create", &[])?;
@@ -186,6 +222,19 @@ impl Backups {
         );
         pb.run("restore", &["--type=standby".to_string()])?;
         Ok(())
+    }
+}
+
+/// A word for /bin/sh (Postgres runs archive_command and restore_command through it): plain
+/// when it has nothing the shell would read, single-quoted otherwise.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+=:,@".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
     }
 }
 
@@ -235,4 +284,17 @@ pub fn program_path() -> PathBuf {
 /// Whether pgbackrest can be run at all (checked before `up` relies on it).
 pub fn available() -> bool {
     program_path().is_file()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_words() {
+        assert_eq!(shell_quote("/a/b.conf"), "/a/b.conf");
+        assert_eq!(shell_quote("/a b/c"), "'/a b/c'");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+        assert_eq!(shell_quote(""), "''");
+    }
 }

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::backup::{self, Backups};
+use crate::backup::Backups;
 use crate::cli::{GlobalArgs, UpArgs};
 use crate::cluster::{locate_binary, nodes, status, url, Context};
 use crate::config::{ClusterSettings, RunSettings};
@@ -108,21 +108,8 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
     } else {
         String::new()
     };
-    let backups = if ha && settings.backup.enabled {
-        if !backup::available() {
-            return Err(Error::Environment(
-                "pgbackrest not found: install it (scripts/setup.sh), or set [backup] enabled = \
-                 false to copy standbys with pg_basebackup and archive nothing"
-                    .into(),
-            ));
-        }
-        let b = Backups::new(&settings, layout);
-        b.prepare()?;
-        // Every node's config before any Postgres starts: archive_command names it.
-        for node in &nodes {
-            b.write_node_config(node)?;
-        }
-        Some(b)
+    let backups = if ha {
+        Backups::prepare_for_up(&settings, layout, &nodes)?
     } else {
         None
     };
@@ -176,7 +163,7 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
     pg.ensure_role_and_database(&password, password_is_new)?;
     if let (Some(b), Some(node1)) = (&backups, nodes.first()) {
         // The stanza and a first full backup, which every standby is restored from.
-        b.bootstrap(node1)?;
+        b.bootstrap(node1, &pg)?;
     }
 
     // Pooler, then gateway (the gateway's first clients need the pooler).
