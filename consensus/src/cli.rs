@@ -48,6 +48,90 @@ pub enum Command {
     /// The control process itself (started by `up` when there are standbys): failure
     /// detection and failover. Runs in the foreground.
     Control(ControlArgs),
+    /// pgBackRest backups of a cluster with standbys: create, list, verify, expire.
+    Backup(BackupArgs),
+    /// Nodes of a cluster with standbys: `node add` restores a new standby from the latest
+    /// backup and joins it to the cohort.
+    Node(NodeArgs),
+    /// Restore the cluster's backups into a new directory, to a point in time; then
+    /// `tidepool up --dir NEWDIR` runs it.
+    Restore(RestoreArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    #[command(subcommand)]
+    pub command: BackupCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// Take a backup, from a healthy standby when there is one (one at a time).
+    Create(BackupCreateArgs),
+    /// The backups in the repository (pgbackrest info).
+    List(BackupListArgs),
+    /// Check every backup file and archived WAL file against its checksum.
+    Verify,
+    /// Remove backups (and the WAL only they need) beyond the retention in [backup].
+    Expire,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    #[command(subcommand)]
+    pub command: NodeCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// A new standby restored from the latest backup, with its pooler, in the cohort and the
+    /// durability policy.
+    Add(NodeAddArgs),
+}
+
+#[derive(Debug, Clone, Default, Args)]
+pub struct NodeAddArgs {
+    /// The new node's zone [default: local].
+    #[arg(long, value_name = "ZONE")]
+    pub zone: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BackupCreateArgs {
+    /// full, diff (changes since the last full) or incr (since the last backup).
+    #[arg(long = "type", value_name = "TYPE", default_value = "full",
+          value_parser = ["full", "diff", "incr"])]
+    pub kind: String,
+    /// Print the result as JSON (and no progress bar).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Default, Args)]
+pub struct BackupListArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RestoreArgs {
+    /// Where recovery stops: a time (`2026-12-06 20:15:00+00`), an LSN (`0/3000100`), a
+    /// restore point name (pg_create_restore_point), or `latest` (all archived WAL).
+    #[arg(long, value_name = "TARGET")]
+    pub to: String,
+    /// The new state directory (its pgdata/ is restored; must not hold a cluster).
+    #[arg(long, value_name = "NEWDIR")]
+    pub into: PathBuf,
+    /// Port the restored Postgres listens on while it recovers.
+    #[arg(long, value_name = "PORT", default_value_t = 5440)]
+    pub pg_port: u16,
+    /// Restore from this backup label [default: the latest backup before the target].
+    #[arg(long, value_name = "LABEL")]
+    pub set: Option<String>,
+    /// Seconds to wait for recovery to reach the target.
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Default, Args)]
@@ -175,6 +259,7 @@ impl UpArgs {
             timers: None,
             etcd: self.etcd.clone(),
             cluster_name: self.cluster_name.clone(),
+            backup: None,
         }
     }
 }

@@ -49,9 +49,54 @@ pub struct ClusterSettings {
     /// the file `DIR/topology.json`.
     #[serde(default)]
     pub etcd: Option<String>,
-    /// The cluster's name: the etcd key prefix `/tidepool/<name>/`.
+    /// The cluster's name: the etcd key prefix `/tidepool/<name>/`, and the pgBackRest stanza.
     #[serde(default = "default_cluster_name")]
     pub cluster_name: String,
+    /// pgBackRest backups and WAL archiving (clusters with standbys).
+    #[serde(default)]
+    pub backup: BackupSettings,
+}
+
+/// The `[backup]` table: pgBackRest's repository, compression, parallelism and retention.
+/// docs/backups.md says what each does; config/tidepool.toml shows the defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackupSettings {
+    /// Archive WAL and take backups with pgBackRest (clusters with standbys only, today).
+    pub enabled: bool,
+    /// The repository (`repo1-path`); empty: `DIR/backups`.
+    pub repo_path: PathBuf,
+    /// `compress-type`: zst, lz4, gz, bz2 or none.
+    pub compress_type: String,
+    /// `process-max`: processes copying files in a backup or a restore.
+    pub process_max: u32,
+    /// `repo1-retention-full`: full backups kept (count) or days they are kept (time).
+    pub retention_full: u32,
+    /// `repo1-retention-full-type`: `count` or `time`.
+    pub retention_full_type: String,
+    /// `repo1-retention-diff`: differential backups kept; 0: pgBackRest's default.
+    pub retention_diff: u32,
+    /// More pgBackRest options for every config Tidepool writes (`[global]`), e.g. an
+    /// S3-compatible repository: `repo1-type = "s3"`, `repo1-s3-bucket`, ...
+    pub options: std::collections::BTreeMap<String, String>,
+    /// Backups the control process takes on its own (`[[backup.schedule]]`: `type`, `cron`).
+    pub schedule: Vec<crate::backup::schedule::Schedule>,
+}
+
+impl Default for BackupSettings {
+    fn default() -> Self {
+        BackupSettings {
+            enabled: true,
+            repo_path: PathBuf::new(),
+            compress_type: "zst".into(),
+            process_max: 1,
+            retention_full: 2,
+            retention_full_type: "count".into(),
+            retention_diff: 0,
+            options: Default::default(),
+            schedule: Vec::new(),
+        }
+    }
 }
 
 pub fn default_cluster_name() -> String {
@@ -108,6 +153,7 @@ impl Default for ClusterSettings {
             timers: Timers::default(),
             etcd: None,
             cluster_name: default_cluster_name(),
+            backup: BackupSettings::default(),
         }
     }
 }
@@ -160,6 +206,7 @@ pub struct Overrides {
     pub timers: Option<Timers>,
     pub etcd: Option<String>,
     pub cluster_name: Option<String>,
+    pub backup: Option<BackupSettings>,
 }
 
 impl Overrides {
@@ -212,6 +259,7 @@ impl Overrides {
             timers: self.timers.or(below.timers),
             etcd: self.etcd.or(below.etcd),
             cluster_name: self.cluster_name.or(below.cluster_name),
+            backup: self.backup.or(below.backup),
         }
     }
 
@@ -254,6 +302,7 @@ impl Overrides {
                 .cluster_name
                 .clone()
                 .unwrap_or_else(|| base.cluster_name.clone()),
+            backup: self.backup.clone().unwrap_or_else(|| base.backup.clone()),
         }
     }
 

@@ -78,6 +78,10 @@ pub enum Error {
 
     #[error("{0}")]
     Environment(String),
+
+    /// A backup, restore or verify found something wrong (the message says what).
+    #[error("{0}")]
+    Backup(String),
 }
 
 fn log_section(log: &std::path::Path, tail: &str) -> String {

@@ -4,6 +4,7 @@
 //! (`down`). Topology, failover by consensus, switchover and backups will live here too
 //! (see ../shared/DESIGN.md); nothing of them is pretended yet.
 
+pub mod backup;
 pub mod cli;
 pub mod cluster;
 pub mod config;

@@ -1,7 +1,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tidepool::cli::{Cli, Command};
+use tidepool::backup;
+use tidepool::cli::{BackupCommand, Cli, Command, NodeCommand};
 use tidepool::cluster;
 
 fn main() -> ExitCode {
@@ -15,6 +16,16 @@ fn main() -> ExitCode {
         Command::Switchover(args) => cluster::switchover::run(&cli.global, args),
         Command::Failover(args) => cluster::switchover::run_failover(&cli.global, args),
         Command::Control(args) => tidepool::control::run(&cli.global, args),
+        Command::Backup(b) => match &b.command {
+            BackupCommand::Create(args) => backup::create::run(&cli.global, args),
+            BackupCommand::List(args) => backup::manage::list(&cli.global, args),
+            BackupCommand::Verify => backup::manage::verify(&cli.global),
+            BackupCommand::Expire => backup::manage::expire(&cli.global),
+        },
+        Command::Restore(args) => backup::restore::run(&cli.global, args),
+        Command::Node(n) => match &n.command {
+            NodeCommand::Add(args) => cluster::node_add::run(&cli.global, args),
+        },
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -1,6 +1,7 @@
 //! The local-cluster commands: `up`, `status`, `down`. One file per command.
 
 pub mod down;
+pub mod node_add;
 pub mod nodes;
 pub mod status;
 pub mod switchover;

@@ -1,5 +1,6 @@
 //! The nodes of a cluster with standbys: where each lives, how its Postgres is configured for
-//! streaming replication, and bringing up the standbys (pg_basebackup, Postgres, pooler).
+//! streaming replication, and bringing up the standbys (restored from the latest pgBackRest
+//! backup, or pg_basebackup when backups are off; Postgres, pooler).
 //!
 //! ```text
 //! node1: DIR/pgdata, DIR/run       Postgres pg_port,     pooler pooler_port,     agent pooler_port+1
@@ -12,6 +13,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::backup::Backups;
 use crate::config::ClusterSettings;
 use crate::error::{Error, Result};
 use crate::layout::Layout;
@@ -157,13 +159,15 @@ pub fn agent_args(settings: &ClusterSettings, node: &NodeRecord) -> Vec<OsString
     args
 }
 
-/// Creates the standby `node` from `primary` if its data directory holds no cluster yet,
-/// writes its settings, and starts it unless it runs. Returns the postmaster's pid.
+/// Creates the standby `node` if its data directory holds no cluster yet — restored from the
+/// latest backup when the cluster has backups, copied from `primary` with pg_basebackup
+/// otherwise — writes its settings, and starts it unless it runs. Returns the postmaster's pid.
 pub fn ensure_standby(
     settings: &ClusterSettings,
     node: &NodeRecord,
     primary: &Postgres,
     replication: &str,
+    backups: Option<&Backups>,
     timeout: Duration,
 ) -> Result<u32> {
     let pg = postgres(settings, node)?;
@@ -172,19 +176,30 @@ pub fn ensure_standby(
     pg.prepare_dirs()?;
     let fresh = !pg.is_initialized();
     if fresh {
-        if node.data_dir.exists() {
-            std::fs::remove_dir_all(&node.data_dir).map_err(Error::io(format!(
-                "removing a half-made {}",
-                node.data_dir.display()
-            )))?;
+        match backups {
+            Some(b) => {
+                b.restore_standby(node)?;
+                pg.clear_copied_settings()?;
+            }
+            None => {
+                if node.data_dir.exists() {
+                    std::fs::remove_dir_all(&node.data_dir).map_err(Error::io(format!(
+                        "removing a half-made {}",
+                        node.data_dir.display()
+                    )))?;
+                }
+                eprintln!(
+                    "copying the primary into {} (pg_basebackup)",
+                    node.data_dir.display()
+                );
+                pg.basebackup_from(primary)?;
+            }
         }
-        eprintln!(
-            "copying the primary into {} (pg_basebackup)",
-            node.data_dir.display()
-        );
-        pg.basebackup_from(primary)?;
     }
     let mut extra = replication.to_string();
+    if let Some(b) = backups {
+        extra += &b.archive_conf(node);
+    }
     if fresh {
         // Later runs leave where the node streams from to its agent (ALTER SYSTEM).
         extra += &format!(

@@ -57,6 +57,9 @@ pub struct Report {
     /// With standbys: the control process's term and primary (`topology.json`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub topology: Option<crate::topology::Topology>,
+    /// With a backup schedule: its last success and failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup_schedule: Option<crate::backup::schedule::Record>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -171,6 +174,7 @@ pub fn inspect(state: &State) -> Report {
     };
     Report {
         dir: state.dir.clone(),
+        backup_schedule: crate::backup::schedule::load_record(&state.dir),
         data_dir: state.postgres.data_dir.clone(),
         healthy: processes.iter().all(|p| p.state == ProcessState::Accepting)
             && nodes.iter().all(|n| n.health == "ok"),
@@ -294,6 +298,28 @@ fn table(report: &Report) -> String {
                 n.health
             );
         }
+    }
+    if let Some(r) = &report.backup_schedule {
+        let show = |o: &Option<crate::backup::schedule::Outcome>| match o {
+            Some(o) => format!(
+                "{} {} ({})",
+                o.kind,
+                crate::backup::info::utc(o.at),
+                // A failure's pgBackRest output: its ERROR line says why.
+                o.detail
+                    .lines()
+                    .find(|l| l.contains("ERROR"))
+                    .or_else(|| o.detail.lines().next())
+                    .unwrap_or_default()
+                    .trim()
+            ),
+            None => "never".into(),
+        };
+        out += &format!(
+            "scheduled backups: last success {}; last failure {}\n",
+            show(&r.last_success),
+            show(&r.last_failure)
+        );
     }
     out
 }

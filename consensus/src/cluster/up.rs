@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::backup::Backups;
 use crate::cli::{GlobalArgs, UpArgs};
 use crate::cluster::{locate_binary, nodes, status, url, Context};
 use crate::config::{ClusterSettings, RunSettings};
@@ -107,7 +108,19 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
     } else {
         String::new()
     };
-    pg.configure_with(settings.pg_max_connections, &replication)?;
+    let backups = if ha {
+        Backups::prepare_for_up(&settings, layout, &nodes)?
+    } else {
+        None
+    };
+    let archive = match (&backups, nodes.first()) {
+        (Some(b), Some(node1)) => b.archive_conf(node1),
+        _ => String::new(),
+    };
+    pg.configure_with(
+        settings.pg_max_connections,
+        &format!("{replication}{archive}"),
+    )?;
     let pg_pid = match pg.running() {
         Some((pid, port)) if port == settings.pg_port => {
             if !wait_accepting(pg.address(), timeout) {
@@ -148,6 +161,10 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
         }
     };
     pg.ensure_role_and_database(&password, password_is_new)?;
+    if let (Some(b), Some(node1)) = (&backups, nodes.first()) {
+        // The stanza and a first full backup, which every standby is restored from.
+        b.bootstrap(node1, &pg)?;
+    }
 
     // Pooler, then gateway (the gateway's first clients need the pooler).
     let pooler_addr = loopback(settings.pooler_port);
@@ -169,7 +186,14 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
         let mut records = nodes.clone();
         records[0].pooler_pid = state.process(Role::Pooler).map(|p| p.pid).unwrap_or(0);
         for node in records.iter_mut().skip(1) {
-            nodes::ensure_standby(&settings, node, &pg, &replication, timeout)?;
+            nodes::ensure_standby(
+                &settings,
+                node,
+                &pg,
+                &replication,
+                backups.as_ref(),
+                timeout,
+            )?;
             let mut args = pooler_args(&settings, layout, &run);
             set_flag(&mut args, "--listen", node.pooler.to_string());
             set_flag(&mut args, "--pg-port", node.pg_port.to_string());
@@ -291,7 +315,7 @@ fn already_up(state: &State) -> bool {
 }
 
 /// Starts `role` unless it already runs with the same address; waits until it accepts.
-fn ensure_tier(
+pub(crate) fn ensure_tier(
     role: Role,
     bin: &Path,
     args: &[OsString],
@@ -336,7 +360,11 @@ fn ensure_tier(
     Ok(())
 }
 
-fn pooler_args(s: &ClusterSettings, layout: &Layout, run: &RunSettings) -> Vec<OsString> {
+pub(crate) fn pooler_args(
+    s: &ClusterSettings,
+    layout: &Layout,
+    run: &RunSettings,
+) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
     if let Some(config) = &run.pooler_config {
         args.extend(["--config".into(), absolute(config)]);
@@ -358,7 +386,7 @@ fn pooler_args(s: &ClusterSettings, layout: &Layout, run: &RunSettings) -> Vec<O
     args
 }
 
-fn gateway_args(s: &ClusterSettings, run: &RunSettings) -> Vec<OsString> {
+pub(crate) fn gateway_args(s: &ClusterSettings, run: &RunSettings) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
     if let Some(config) = &run.gateway_config {
         args.extend(["--config".into(), absolute(config)]);
@@ -376,7 +404,7 @@ fn gateway_args(s: &ClusterSettings, run: &RunSettings) -> Vec<OsString> {
 }
 
 /// Replaces the value of `flag` in `args` (or appends the pair).
-fn set_flag(args: &mut Vec<OsString>, flag: &str, value: String) {
+pub(crate) fn set_flag(args: &mut Vec<OsString>, flag: &str, value: String) {
     if let Some(i) = args.iter().position(|a| a == flag) {
         if i + 1 < args.len() {
             args[i + 1] = value.into();
@@ -403,7 +431,7 @@ fn merge_nodes(
 /// Starts a process not tracked as a [`Role`] tier (a standby's pooler, the control process)
 /// unless `known` is its live pid; waits until it accepts on `addr` (port 0: only that it
 /// keeps running for a moment). Returns its pid.
-fn ensure_process(
+pub(crate) fn ensure_process(
     role: Role,
     bin: &Path,
     args: &[OsString],
@@ -478,7 +506,7 @@ fn check_ports(s: &ClusterSettings) -> Result<()> {
     Ok(())
 }
 
-fn ensure_port_free(role: Role, addr: SocketAddr) -> Result<()> {
+pub(crate) fn ensure_port_free(role: Role, addr: SocketAddr) -> Result<()> {
     if accepts(addr) {
         let flag = match role {
             Role::Postgres => "--pg-port",

@@ -57,6 +57,8 @@ pub struct Controller {
     held_back: Option<String>,
     /// After a failover attempt that could not proceed: not before this.
     retry_at: Option<Instant>,
+    /// Whether this process leads, for the backup schedule's thread.
+    pub leading: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub fn run(global: &GlobalArgs, args: &ControlArgs) -> Result<bool> {
@@ -79,6 +81,7 @@ pub fn run(global: &GlobalArgs, args: &ControlArgs) -> Result<bool> {
         .build()
         .map_err(Error::io("starting the control runtime"))?;
     let mut c = Controller::new(ctx.layout.dir().to_path_buf(), &state)?;
+    crate::backup::schedule::start(&state, c.leading.clone())?;
     let deadline = args
         .exit_after_secs
         .map(|s| Instant::now() + Duration::from_secs(s));
@@ -103,6 +106,7 @@ impl Controller {
             following: Arc::new(Mutex::new(HashSet::new())),
             held_back: None,
             retry_at: None,
+            leading: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 
@@ -194,6 +198,10 @@ impl Controller {
             if let Err(e) = self.tick().await {
                 tracing::warn!(error = %e, "control step failed");
             }
+            self.leading.store(
+                self.leadership.is_some(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             let spent = started.elapsed();
             if spent < interval {
                 tokio::time::sleep(interval - spent).await;
@@ -206,6 +214,7 @@ impl Controller {
         if !self.lead().await {
             return Ok(());
         }
+        self.grow_cohort().await?;
         let reports = probe::all(&self.nodes, self.timers.agent_timeout_ms).await;
         self.learn(&reports).await?;
         if let Some(req) = requests::next(&self.dir) {
@@ -250,6 +259,23 @@ impl Controller {
             self.retry_at = None;
         }
         Ok(())
+    }
+
+    /// Nodes added since the topology was stored (`tidepool node add`, then this process
+    /// restarted) join its node list. Only ever grows, one node per `node add`.
+    async fn grow_cohort(&mut self) -> Result<()> {
+        let missing: Vec<crate::topology::NodeRecord> = bootstrap_topology_nodes(&self.nodes)
+            .into_iter()
+            .filter(|n| !self.topo.nodes.iter().any(|t| t.name == n.name))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        for n in &missing {
+            tracing::warn!(node = %n.name, "node joins the cohort");
+        }
+        self.topo.nodes.extend(missing);
+        self.save().await
     }
 
     fn hold_back(&mut self, why: String) {
@@ -450,6 +476,23 @@ pub fn store_for(dir: &std::path::Path, settings: &ClusterSettings) -> Result<St
     }
 }
 
+/// The topology's records of `nodes`.
+fn bootstrap_topology_nodes(
+    nodes: &[crate::state::NodeRecord],
+) -> Vec<crate::topology::NodeRecord> {
+    nodes
+        .iter()
+        .map(|n| crate::topology::NodeRecord {
+            name: n.name.clone(),
+            zone: n.zone.clone(),
+            pooler: n.pooler,
+            agent: n.agent,
+            pg_port: n.pg_port,
+            data_dir: n.data_dir.clone(),
+        })
+        .collect()
+}
+
 /// The topology of a cluster just brought up: term 0, node1 primary.
 pub fn bootstrap_topology(state: &State) -> Topology {
     let first = state
@@ -462,18 +505,7 @@ pub fn bootstrap_topology(state: &State) -> Topology {
         term: 0,
         primary: Some(first.clone()),
         primary_term: 0,
-        nodes: state
-            .nodes
-            .iter()
-            .map(|n| crate::topology::NodeRecord {
-                name: n.name.clone(),
-                zone: n.zone.clone(),
-                pooler: n.pooler,
-                agent: n.agent,
-                pg_port: n.pg_port,
-                data_dir: n.data_dir.clone(),
-            })
-            .collect(),
+        nodes: bootstrap_topology_nodes(&state.nodes),
         policy: state.settings.durability.clone(),
         history: vec![TermRecord {
             term: 0,

@@ -59,6 +59,11 @@ pub struct HaCluster {
 impl HaCluster {
     /// `tidepool up --standbys 2` with `extra` flags.
     pub fn up(extra: &[&str]) -> HaCluster {
+        HaCluster::up_with(2, extra)
+    }
+
+    /// `tidepool up --standbys N` with `extra` flags (N at most 2: ten ports per cluster).
+    pub fn up_with(standbys: u32, extra: &[&str]) -> HaCluster {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
@@ -76,10 +81,11 @@ impl HaCluster {
             (base + 1).to_string(),
             (base + 7).to_string(),
         );
+        let standbys = standbys.to_string();
         let mut args = vec![
             "up",
             "--standbys",
-            "2",
+            &standbys,
             "--port",
             &port,
             "--pooler-port",

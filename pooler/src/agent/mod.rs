@@ -7,6 +7,7 @@
 //! Postgres and every pg_ctl/pg_rewind. Operations that change the node (everything but a
 //! report) take `op` in turn; reports and the supervisor's probes do not wait for them.
 
+mod archive;
 mod ops;
 mod pgctl;
 mod postgres;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 pub const FENCE: &str = "\"tidepool_fenced\"";
 
 /// Where timeline `tli` ended in a timeline history file (`tli<TAB>X/Y<TAB>reason` lines).
-fn fork_point(history: &str, tli: u32) -> Option<Lsn> {
+pub(super) fn fork_point(history: &str, tli: u32) -> Option<Lsn> {
     history.lines().find_map(|l| {
         let mut f = l.split_whitespace();
         let t: u32 = f.next()?.parse().ok()?;
@@ -241,9 +241,44 @@ impl Agent {
             if let Err(e) = c.exec("CHECKPOINT").await {
                 tracing::warn!(error = %e, "checkpoint after promotion failed");
             }
+            self.rearchive(&mut c).await;
         }
         tracing::warn!(term, sync = %sync_names, "promoted");
         self.ok().await
+    }
+
+    /// After a promotion with archiving on: the WAL this node received as a standby goes to
+    /// the archiver again (super::archive), which a WAL switch wakes. Best effort: a failure
+    /// is logged, the promotion stands.
+    async fn rearchive(&self, c: &mut Conn) {
+        let Some(pgctl) = &self.pgctl else { return };
+        c.set_deadline(Instant::now() + self.wait());
+        match c.value("SHOW archive_mode").await {
+            Ok(Some(m)) if m != "off" => {}
+            _ => return,
+        }
+        let tli = c
+            .value("SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|t| u32::from_str_radix(&t, 16).ok());
+        let Some(tli) = tli else { return };
+        let path = pgctl.data.join(format!("pg_wal/{tli:08X}.history"));
+        let history = std::fs::read_to_string(&path).unwrap_or_default();
+        match super::archive::rearchive_received(&pgctl.data, tli, &history) {
+            Ok(n) => {
+                tracing::info!(
+                    segments = n,
+                    timeline = tli,
+                    "received WAL handed to the archiver"
+                );
+                if let Err(e) = c.exec("SELECT pg_switch_wal()").await {
+                    tracing::warn!(error = %e, "WAL switch after promotion failed");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "received WAL not handed to the archiver"),
+        }
     }
 
     pub async fn set_sync(&self, term: u64, sync_names: &str) -> Response {

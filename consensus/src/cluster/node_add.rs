@@ -1,0 +1,179 @@
+//! `tidepool node add [--zone ZONE]`: one more standby, restored from the latest backup
+//! (`pgbackrest restore --type=standby`), streaming from the current primary, with its own
+//! pooler (the node's agent); then the gateway is restarted with every node's pooler (it
+//! reads them at start: its clients reconnect) and the control process too, so that the node
+//! joins the cohort and the durability policy (the primary's synchronous standbys are
+//! recomputed over every node, and the topology's node list grows).
+//!
+//! Adding one node at a time keeps failover safe while control processes disagree on the
+//! cohort for a moment: any majority of the old cohort and any majority of the new one share a
+//! node (the single-server membership change of Raft).
+
+use std::ffi::OsString;
+use std::time::Duration;
+
+use crate::backup::Backups;
+use crate::cli::{GlobalArgs, NodeAddArgs};
+use crate::cluster::status::inspect_nodes;
+use crate::cluster::up::{
+    ensure_port_free, ensure_process, ensure_tier, gateway_args, pooler_args, set_flag,
+};
+use crate::cluster::{locate_binary, nodes, Context};
+use crate::config::Overrides;
+use crate::error::{Error, Result};
+use crate::process::terminate;
+use crate::state::{ProcessRecord, Role, State};
+
+pub fn run(global: &GlobalArgs, args: &NodeAddArgs) -> Result<bool> {
+    let ctx = Context::load(
+        global,
+        Overrides {
+            dir: global.dir.clone(),
+            ..Overrides::default()
+        },
+    )?;
+    let layout = &ctx.layout;
+    let mut state = State::load(&layout.state_file())?
+        .ok_or_else(|| Error::NoCluster(layout.dir().to_path_buf()))?;
+    let backups = Backups::of(&state)?;
+    let run = ctx.overrides.run();
+    let timeout = Duration::from_secs(run.ready_timeout_secs);
+    let pooler_bin = locate_binary(
+        run.bin_dir.as_deref(),
+        Role::Pooler.program(),
+        "tidepool-pooler",
+    )?;
+    let gateway_bin = locate_binary(
+        run.bin_dir.as_deref(),
+        Role::Gateway.program(),
+        "tidepool-gateway",
+    )?;
+
+    let k = state.nodes.len() as u32 + 1;
+    let mut settings = state.settings.clone();
+    settings.standbys = k - 1;
+    if let Some(zone) = &args.zone {
+        settings.zones = (1..k).map(|i| nodes::zone_of(&state.settings, i)).collect();
+        settings.zones.push(zone.clone());
+    }
+    let node = nodes::record(&settings, layout, k);
+    // The policy must still be satisfiable, and the new node's ports free.
+    nodes::sync_names(&settings, &with(&state, &node), &state.nodes[0].name)?;
+    for (role, addr) in [
+        (Role::Postgres, nodes::loopback(node.pg_port)),
+        (Role::Pooler, node.pooler),
+        (Role::Pooler, node.agent),
+    ] {
+        ensure_port_free(role, addr)?;
+    }
+
+    let statuses = inspect_nodes(&state);
+    let primary = statuses
+        .iter()
+        .filter(|n| n.role == "primary")
+        .max_by_key(|n| n.primary_term)
+        .and_then(|n| state.nodes.iter().find(|r| r.name == n.name))
+        .ok_or_else(|| {
+            Error::Conflict("no node reports itself primary: a new standby needs one".into())
+        })?;
+    let primary_pg = nodes::postgres(&settings, primary)?;
+    eprintln!(
+        "adding {} (zone {}), streaming from {}",
+        node.name, node.zone, primary.name
+    );
+    backups.write_node_config(&node)?;
+    nodes::ensure_standby(
+        &settings,
+        &node,
+        &primary_pg,
+        &nodes::replication_conf(),
+        Some(&backups),
+        timeout,
+    )?;
+
+    let mut pooler = pooler_args(&settings, layout, &run);
+    set_flag(&mut pooler, "--listen", node.pooler.to_string());
+    set_flag(&mut pooler, "--pg-port", node.pg_port.to_string());
+    set_flag(
+        &mut pooler,
+        "--admin-socket-dir",
+        node.socket_dir.display().to_string(),
+    );
+    pooler.extend(nodes::agent_args(&settings, &node));
+    let mut node = node;
+    node.pooler_pid = ensure_process(
+        Role::Pooler,
+        &pooler_bin,
+        &pooler,
+        node.pooler,
+        &node.pooler_log,
+        None,
+        timeout,
+    )?;
+    let name = node.name.clone();
+    state.nodes.push(node);
+    state.settings = settings;
+    state.save(&layout.state_file())?;
+
+    // The gateway must be able to route to the new node should it become primary, and it
+    // reads its poolers from --pooler when it starts: restarted, its clients reconnect.
+    if let Some(g) = state.process(Role::Gateway).cloned() {
+        eprintln!("restarting the gateway so that it knows {name}'s pooler (clients reconnect)");
+        terminate(g.pid, Role::Gateway.program(), Duration::from_secs(10))?;
+        // Its listening socket may outlive the pid by a moment.
+        let addr = nodes::loopback(state.settings.port);
+        let start = std::time::Instant::now();
+        while crate::process::accepts(addr) && start.elapsed() < timeout {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let mut gateway = gateway_args(&state.settings, &run);
+    set_flag(&mut gateway, "--pooler", nodes::pooler_list(&state.nodes));
+    ensure_tier(
+        Role::Gateway,
+        &gateway_bin,
+        &gateway,
+        nodes::loopback(state.settings.port),
+        layout,
+        &mut state,
+        timeout,
+    )?;
+    state.save(&layout.state_file())?;
+
+    // The control process reads the nodes when it starts.
+    if let Some(control) = state.process(Role::Control).cloned() {
+        terminate(
+            control.pid,
+            Role::Control.program(),
+            Duration::from_secs(10),
+        )?;
+        let me = std::env::current_exe().map_err(Error::io("finding the tidepool executable"))?;
+        let args: Vec<OsString> = vec![
+            "--dir".into(),
+            layout.dir().as_os_str().to_owned(),
+            "control".into(),
+        ];
+        let pid = ensure_process(
+            Role::Control,
+            &me,
+            &args,
+            nodes::loopback(0),
+            &control.log,
+            None,
+            timeout,
+        )?;
+        state.set_process(ProcessRecord { pid, ..control });
+        state.save(&layout.state_file())?;
+    }
+    eprintln!(
+        "{name} restored from the latest backup and started; it joins the cohort and the \
+         durability policy"
+    );
+    Ok(true)
+}
+
+fn with(state: &State, node: &crate::state::NodeRecord) -> Vec<crate::state::NodeRecord> {
+    let mut all = state.nodes.clone();
+    all.push(node.clone());
+    all
+}
