@@ -191,6 +191,9 @@ ratio() { # ratio A B -> A/B as x.xx, or -
     echo
     echo "- command: \`pgbench -S -n -M MODE -c CLIENTS -j $THREADS -T $DURATION -l --sampling-rate $SAMPLING\` (scale $SCALE) as alice (SCRAM) on 127.0.0.1; run by \`DURATION=$DURATION CLIENTS=\"$CLIENTS\" MODES=\"$MODES\" perf/pgbench_compare.sh\`"
     echo "- Postgres: max_connections $((max_clients * 2 + 50)), shared_buffers 256MB, fsync/synchronous_commit off; PgBouncer: pool_mode transaction, default_pool_size 20; Tidepool: --pool-size 20, --auth-method md5, --cores ${TIDEPOOL_CORES:-(all: $(nproc))} for gateway and pooler"
+    if [ -n "${TIDEPOOL_POOLER_ARGS:-}${TIDEPOOL_GATEWAY_ARGS:-}" ]; then
+        echo "- Tidepool extra flags: pooler \`${TIDEPOOL_POOLER_ARGS:-}\`, gateway \`${TIDEPOOL_GATEWAY_ARGS:-}\`"
+    fi
     echo "- proxy CPU: utime+stime of pgbouncer, or of tidepool-gateway + tidepool-pooler (each in parentheses, gateway first), over the run, divided by transactions; CPU vs PgBouncer < 1 means cheaper"
     echo "- backends opened: growth of pg_stat_database.sessions over the run (every target runs warm: the pool kept from the previous run)"
     echo "- latency: pgbench's per-transaction log (a $SAMPLING sample), connection time excluded"
