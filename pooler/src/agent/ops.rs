@@ -453,6 +453,31 @@ impl Agent {
         .await
     }
 
+    /// Before an old primary is stopped to be rewound: no more archiving from it. A primary
+    /// that shuts down with archiving on switches to a new WAL segment first and archives the
+    /// one it leaves (xlog.c, `ShutdownXLOG`): here the segment holding the new primary's
+    /// timeline fork, with this node's records past the fork in it. A standby restoring that
+    /// segment from the archive would replay them and never join the new timeline ("record
+    /// with incorrect prev-link"). Nothing is lost: every segment before the fork is archived
+    /// again by the new primary (archive.rs). Best effort; `make_standby` drops the override.
+    async fn stop_archiving(&self) {
+        let deadline = Instant::now() + self.pg_timeout();
+        let Ok(c) = self.target.connect(deadline).await else {
+            return;
+        };
+        // ALTER SYSTEM is allowed on a read-only (fenced) primary: it writes no WAL.
+        let done = async {
+            c.exec("ALTER SYSTEM SET archive_command = ''").await?;
+            c.exec("SELECT pg_reload_conf()").await
+        };
+        match done.await {
+            // The archiver reads the reload before the shutdown's last archiving round (it
+            // checks for a reload first in each cycle); the pause covers the signal's delivery.
+            Ok(()) => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) => tracing::warn!(error = %e, "could not stop archiving before the rewind"),
+        }
+    }
+
     /// An old primary (running, crashed or stopped) becomes a standby of `primary`: stopped,
     /// rewound onto the new primary's history, given back its own configuration, started.
     async fn rewind_and_start(
@@ -465,6 +490,7 @@ impl Agent {
             return Err("pg_data is not configured: cannot rewind".into());
         };
         if running {
+            self.stop_archiving().await;
             tracing::warn!("stopping the old primary to rewind it");
             pgctl.stop(self.wait()).await?;
         }

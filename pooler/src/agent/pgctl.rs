@@ -206,6 +206,8 @@ impl PgCtl {
                 "primary_conninfo",
                 "synchronous_standby_names",
                 "default_transaction_read_only",
+                // Set empty before a rewind (ops.rs, `stop_archiving`); tidepool.conf's applies.
+                "archive_command",
             ]
             .iter()
             .any(|k| key.starts_with(k))
