@@ -141,7 +141,7 @@ impl Pool {
     /// The core that one of this pool's backends here should go to, if any: one whose sessions
     /// waited, per backend, more than twice as long as ours (plus a margin) since the last look.
     /// Looks at most every `REBALANCE_EVERY`, and never gives away this core's last backend
-    /// (a core with none is served by `CoreMsg::Starving`).
+    /// (a core with none is served by `starving_core`).
     fn give_away_to(&self) -> Option<usize> {
         let now = Instant::now();
         let mut last = self.rebalanced.borrow_mut();
@@ -230,12 +230,10 @@ impl Drop for WaiterGuard<'_> {
         if let Some(share) = self.pool.global.cores.get(self.pool.core) {
             let us = self.since.elapsed().as_micros() as u64;
             share.waited_us.fetch_add(us, Ordering::Relaxed);
+            share.waiting.fetch_sub(1, Ordering::Relaxed);
         }
         self.pool.last_wait.set(Some(Instant::now()));
         self.pool.global.waiting.fetch_sub(1, Ordering::Relaxed);
-        if let Some(share) = self.pool.global.cores.get(self.pool.core) {
-            share.waiting.fetch_sub(1, Ordering::Relaxed);
-        }
         self.pool
             .local_waiting
             .set(self.pool.local_waiting.get() - 1);
