@@ -34,6 +34,21 @@ fn sessions_started(pg: &PgCluster) -> i64 {
     .expect("sessions")
 }
 
+/// A fresh cluster with pgbench's tables (scale 1), made directly.
+fn initialized_cluster() -> PgCluster {
+    let pg = PgCluster::start();
+    let init = pgbench(
+        &pg.direct(),
+        ALICE.0,
+        ALICE.1,
+        APP_DB,
+        &["-i", "-s", "1", "-q"],
+        Duration::from_secs(120),
+    );
+    assert!(init.success(), "pgbench -i directly:\n{}", init.text);
+    pg
+}
+
 /// Runs pgbench with `args` for `RUN_SECS` through `tp`; returns its output and how many backends
 /// Postgres started after `WARM_SECS`.
 fn contended_run(pg: &PgCluster, tp: &Tidepool, args: &[&str]) -> (testkit::Output, i64) {
@@ -68,16 +83,7 @@ static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 fn run(mode: &str) {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let pg = PgCluster::start();
-    let init = pgbench(
-        &pg.direct(),
-        ALICE.0,
-        ALICE.1,
-        APP_DB,
-        &["-i", "-s", "1", "-q"],
-        Duration::from_secs(120),
-    );
-    assert!(init.success(), "pgbench -i directly:\n{}", init.text);
+    let pg = initialized_cluster();
 
     let tp = Tidepool::start(&pg, TidepoolOpts::default().pool_size(BUDGET));
     let watch = tp.watch_backends(ALICE.0);
@@ -162,16 +168,7 @@ fn pgbench_prepared() {
 #[test]
 fn a_contended_pool_opens_no_backends_once_warm() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let pg = PgCluster::start();
-    let init = pgbench(
-        &pg.direct(),
-        ALICE.0,
-        ALICE.1,
-        APP_DB,
-        &["-i", "-s", "1", "-q"],
-        Duration::from_secs(120),
-    );
-    assert!(init.success(), "pgbench -i directly:\n{}", init.text);
+    let pg = initialized_cluster();
     let tp = Tidepool::start(&pg, TidepoolOpts::default().pool_size(BUDGET));
     for mode in ["simple", "prepared"] {
         let (out, opened) = contended_run(&pg, &tp, &["-S", "-c", "40", "-j", "2", "-M", mode]);
