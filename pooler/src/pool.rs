@@ -280,7 +280,7 @@ pub async fn acquire(
         if reserved == Reserve::TotalFull && core.shed_idle_other_than(&pool.key) {
             reserved = core.budgets.reserve(&pool.global);
         }
-        match reserved {
+        let ask = match reserved {
             Reserve::Ok => {
                 drop(guard.take());
                 pool.add_local(true);
@@ -295,11 +295,13 @@ pub async fn acquire(
                 };
             }
             // Other cores shed only backends idle for a while (true surplus), and say so.
-            Reserve::PoolFull => core.ask_peers(CoreMsg::Shed {
+            Reserve::PoolFull => CoreMsg::Shed {
                 key: Some((*pool.key).clone()),
-            }),
-            Reserve::TotalFull => core.ask_peers(CoreMsg::Shed { key: None }),
-        }
+            },
+            Reserve::TotalFull => CoreMsg::Shed { key: None },
+        };
+        // In the queue (and counted as waiting on this core) before the other cores hear of
+        // it: they give a backend at once to a core whose sessions wait with none.
         let g = guard.get_or_insert_with(|| {
             let slot: Waiter = Rc::new(Slot::default());
             pool.waiters.borrow_mut().push_back(slot.clone());
@@ -315,6 +317,7 @@ pub async fn acquire(
                 since: Instant::now(),
             }
         });
+        core.ask_peers(ask);
         let got = crate::with_timeout(RETRY, g.slot.take()).await;
         match got {
             Some(Some(b)) if !b.is_broken() => {
@@ -575,11 +578,13 @@ impl Core {
         let pools: Vec<Rc<Pool>> = self.pools.borrow().values().cloned().collect();
         let now = Instant::now();
         for p in pools {
-            // Asked for this pool: only surplus, not a backend this core's sessions need.
+            // Asked for this pool: only surplus, not a backend this core's sessions need,
+            // unless the asking core has none at all (then it is the only way it is served).
             let needed_here = key.is_some()
                 && p.last_wait
                     .get()
-                    .is_some_and(|t| now.duration_since(t) < SURPLUS_AFTER_WAIT);
+                    .is_some_and(|t| now.duration_since(t) < SURPLUS_AFTER_WAIT)
+                && p.starving_core().is_none();
             if key.as_ref().is_none_or(|k| *k == *p.key)
                 && !p.has_waiters()
                 && !needed_here
