@@ -5,19 +5,12 @@
 use crate::backup::{info, Backups, PgBackRest};
 use crate::cli::{BackupListArgs, GlobalArgs};
 use crate::cluster::Context;
-use crate::config::Overrides;
 use crate::error::{Error, Result};
 use crate::state::State;
 
 /// The cluster's state, with `[backup]` from --config (if given) over what `up` remembered.
 pub fn load_state(global: &GlobalArgs) -> Result<State> {
-    let ctx = Context::load(
-        global,
-        Overrides {
-            dir: global.dir.clone(),
-            ..Overrides::default()
-        },
-    )?;
+    let ctx = Context::load_dir(global)?;
     let mut state = State::load(&ctx.layout.state_file())?
         .ok_or_else(|| Error::NoCluster(ctx.layout.dir().to_path_buf()))?;
     if let Some(b) = &ctx.overrides.backup {

@@ -32,6 +32,18 @@ impl Context {
         let layout = Layout::new(&overrides.dir())?;
         Ok(Context { overrides, layout })
     }
+
+    /// Only `--dir` from the flags, on top of the `--config` file: what the commands that act on
+    /// an existing cluster (status, switchover, control, backup, node add) need.
+    pub fn load_dir(global: &GlobalArgs) -> Result<Context> {
+        Context::load(
+            global,
+            Overrides {
+                dir: global.dir.clone(),
+                ..Overrides::default()
+            },
+        )
+    }
 }
 
 /// `postgres://tidepool:PASSWORD@127.0.0.1:PORT/tidepool`

@@ -19,19 +19,12 @@ use crate::cluster::up::{
     ensure_port_free, ensure_process, ensure_tier, gateway_args, pooler_args, set_flag,
 };
 use crate::cluster::{locate_binary, nodes, Context};
-use crate::config::Overrides;
 use crate::error::{Error, Result};
 use crate::process::terminate;
 use crate::state::{ProcessRecord, Role, State};
 
 pub fn run(global: &GlobalArgs, args: &NodeAddArgs) -> Result<bool> {
-    let ctx = Context::load(
-        global,
-        Overrides {
-            dir: global.dir.clone(),
-            ..Overrides::default()
-        },
-    )?;
+    let ctx = Context::load_dir(global)?;
     let layout = &ctx.layout;
     let mut state = State::load(&layout.state_file())?
         .ok_or_else(|| Error::NoCluster(layout.dir().to_path_buf()))?;

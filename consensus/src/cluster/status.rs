@@ -7,7 +7,6 @@ use serde::Serialize;
 
 use crate::cli::{GlobalArgs, StatusArgs};
 use crate::cluster::Context;
-use crate::config::Overrides;
 use crate::error::{Error, Result};
 use crate::process::{accepts, liveness, Liveness};
 use crate::state::{Role, State};
@@ -232,13 +231,7 @@ fn inspect_one(state: &State, role: Role) -> ProcessStatus {
 
 /// Prints the report; returns whether everything is up (the exit code follows it).
 pub fn run(global: &GlobalArgs, args: &StatusArgs) -> Result<bool> {
-    let ctx = Context::load(
-        global,
-        Overrides {
-            dir: global.dir.clone(),
-            ..Overrides::default()
-        },
-    )?;
+    let ctx = Context::load_dir(global)?;
     let state = State::load(&ctx.layout.state_file())?
         .ok_or_else(|| Error::NoCluster(ctx.layout.dir().to_path_buf()))?;
     let report = inspect(&state);

@@ -5,20 +5,13 @@ use std::time::Duration;
 
 use crate::cli::{FailoverArgs, GlobalArgs, SwitchoverArgs};
 use crate::cluster::Context;
-use crate::config::Overrides;
 use crate::control::{submit, RequestKind};
 use crate::error::{Error, Result};
 
 const WAIT: Duration = Duration::from_secs(120);
 
 fn dir(global: &GlobalArgs) -> Result<std::path::PathBuf> {
-    let ctx = Context::load(
-        global,
-        Overrides {
-            dir: global.dir.clone(),
-            ..Overrides::default()
-        },
-    )?;
+    let ctx = Context::load_dir(global)?;
     Ok(ctx.layout.dir().to_path_buf())
 }
 

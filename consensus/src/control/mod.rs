@@ -21,7 +21,7 @@ use shared::agent::{Report, Role as NodeRole, Upstream};
 
 use crate::cli::{ControlArgs, GlobalArgs};
 use crate::cluster::Context;
-use crate::config::{ClusterSettings, Overrides, Timers};
+use crate::config::{ClusterSettings, Timers};
 use crate::error::{Error, Result};
 use crate::state::{NodeRecord, State};
 use crate::topology::{
@@ -62,13 +62,7 @@ pub struct Controller {
 }
 
 pub fn run(global: &GlobalArgs, args: &ControlArgs) -> Result<bool> {
-    let ctx = Context::load(
-        global,
-        Overrides {
-            dir: global.dir.clone(),
-            ..Overrides::default()
-        },
-    )?;
+    let ctx = Context::load_dir(global)?;
     let state = State::load(&ctx.layout.state_file())?
         .ok_or_else(|| Error::NoCluster(ctx.layout.dir().to_path_buf()))?;
     if state.nodes.len() < 2 {
