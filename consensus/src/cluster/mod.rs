@@ -55,6 +55,16 @@ pub fn url(password: &str, port: u16) -> String {
     )
 }
 
+/// The pooler's and the gateway's binaries (see [`locate_binary`]), found before anything is
+/// started or changed.
+pub fn locate_pooler_and_gateway(bin_dir: Option<&Path>) -> Result<(PathBuf, PathBuf)> {
+    use crate::state::Role;
+    Ok((
+        locate_binary(bin_dir, Role::Pooler.program(), "tidepool-pooler")?,
+        locate_binary(bin_dir, Role::Gateway.program(), "tidepool-gateway")?,
+    ))
+}
+
 /// `bin_dir/name`, or the file beside the running `tidepool` executable.
 pub fn locate_binary(bin_dir: Option<&Path>, name: &str, package: &str) -> Result<PathBuf> {
     let dir = match bin_dir {

@@ -18,7 +18,7 @@ use crate::cluster::status::inspect_nodes;
 use crate::cluster::up::{
     ensure_port_free, ensure_process, ensure_tier, gateway_args, pooler_args, set_flag,
 };
-use crate::cluster::{locate_binary, nodes, Context};
+use crate::cluster::{locate_pooler_and_gateway, nodes, Context};
 use crate::error::{Error, Result};
 use crate::process::terminate;
 use crate::state::{ProcessRecord, Role, State};
@@ -31,16 +31,7 @@ pub fn run(global: &GlobalArgs, args: &NodeAddArgs) -> Result<bool> {
     let backups = Backups::of(&state)?;
     let run = ctx.overrides.run();
     let timeout = Duration::from_secs(run.ready_timeout_secs);
-    let pooler_bin = locate_binary(
-        run.bin_dir.as_deref(),
-        Role::Pooler.program(),
-        "tidepool-pooler",
-    )?;
-    let gateway_bin = locate_binary(
-        run.bin_dir.as_deref(),
-        Role::Gateway.program(),
-        "tidepool-gateway",
-    )?;
+    let (pooler_bin, gateway_bin) = locate_pooler_and_gateway(run.bin_dir.as_deref())?;
 
     let k = state.nodes.len() as u32 + 1;
     let mut settings = state.settings.clone();

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::backup::Backups;
 use crate::cli::{GlobalArgs, UpArgs};
-use crate::cluster::{locate_binary, nodes, status, url, Context};
+use crate::cluster::{locate_pooler_and_gateway, nodes, status, url, Context};
 use crate::config::{ClusterSettings, RunSettings};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
@@ -36,16 +36,7 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
     let timeout = Duration::from_secs(run.ready_timeout_secs);
 
     // Find the binaries before touching anything.
-    let pooler_bin = locate_binary(
-        run.bin_dir.as_deref(),
-        Role::Pooler.program(),
-        "tidepool-pooler",
-    )?;
-    let gateway_bin = locate_binary(
-        run.bin_dir.as_deref(),
-        Role::Gateway.program(),
-        "tidepool-gateway",
-    )?;
+    let (pooler_bin, gateway_bin) = locate_pooler_and_gateway(run.bin_dir.as_deref())?;
 
     preflight(previous.as_ref(), &settings)?;
 
