@@ -3,11 +3,11 @@
 //! LISTEN registry and notifications of listen.rs).
 
 use crate::admin::Admin;
-use crate::backend::Stmt;
 use crate::budget::Budgets;
 use crate::config::Config;
 use crate::pool::{Pool, PoolKey};
 use crate::session::Session;
+use crate::statements::Stmt;
 use glommio::channels::channel_mesh::Senders;
 use sha2::{Digest, Sha256};
 use shared::io::Notify;

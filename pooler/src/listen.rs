@@ -50,10 +50,6 @@ use std::collections::{HashMap, VecDeque};
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
-/// The first column of the rows the settings read-back adds for the backend's channels. Not a
-/// possible setting name (Postgres allows only letters, digits, `_`, `$` and `.` in those).
-pub const MARKER: &str = "tidepool listen";
-
 /// How long a session's `ReadyForQuery` may wait for the listener: a listener that does not
 /// answer must not stall sessions (the notifications may then come late or not at all).
 const SYNC_TIMEOUT: Duration = Duration::from_secs(5);

@@ -13,8 +13,11 @@ mod listen;
 mod listen_names;
 mod login;
 mod pool;
+mod readback;
+mod responses;
 mod session;
 mod sql_names;
+mod statements;
 
 use clap::Parser;
 use glommio::channels::channel_mesh::MeshBuilder;

@@ -14,6 +14,7 @@ use crate::backend::{self, Backend};
 use crate::budget::{PoolBudget, Reserve};
 use crate::core::{Core, CoreMsg};
 use crate::login::LoginError;
+use crate::responses::{Entry, Internal};
 use shared::io::Slot;
 use shared::link::Credential;
 use std::cell::RefCell;
@@ -345,10 +346,7 @@ pub fn release(core: &Rc<Core>, b: Rc<Backend>) {
         // The next session must not inherit its channels; queued ahead of that session's work.
         let mut q = Vec::new();
         shared::protocol::frontend::query(&mut q, "UNLISTEN *");
-        b.send(
-            &q,
-            Some(backend::Entry::Internal(backend::Internal::Listen)),
-        );
+        b.send(&q, Some(Entry::Internal(Internal::Listen)));
     }
     if !b.st.borrow().real_names.is_empty() {
         // Copies of a session's SQL-prepared statements under its names: not for the next one.

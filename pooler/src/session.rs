@@ -6,11 +6,14 @@
 //! `s1` is `tp_<hash of its text>` on every backend, parsed once per backend whoever asked), and
 //! writes the messages. Responses come back through the backend's relay.
 
-use crate::backend::{self, Backend, Entry, Internal, Kind, Stmt};
+use crate::backend::Backend;
 use crate::core::Core;
 use crate::link::Link;
 use crate::pool::{self, Pool};
+use crate::readback;
+use crate::responses::{self, Entry, Internal, Kind, Owner};
 use crate::sql_names::{ensure, parse_names, write_sql_query, SqlName};
+use crate::statements::Stmt;
 use shared::io::{Notify, Slot};
 use shared::link::{down, flags, put_header, Credential};
 use shared::protocol::backend::{self as be, Severity};
@@ -24,6 +27,10 @@ use std::rc::Rc;
 
 /// Frames queued for a session before the link reader waits for it (bounds memory per session).
 const INBOX_LIMIT: usize = 1 << 20;
+
+/// Bytes a session may have in flight towards its gateway before its backend's relay stops
+/// reading.
+const WINDOW: usize = 256 * 1024;
 
 pub struct Session {
     pub id: u32,
@@ -290,12 +297,157 @@ impl Session {
     }
 }
 
+/// The session as its backend's response stream sees it (responses.rs).
+impl Owner for Session {
+    fn forward(&self, msg: &[u8]) {
+        self.out.borrow_mut().extend_from_slice(msg);
+    }
+
+    fn flush(&self) {
+        Session::flush(self);
+    }
+
+    fn window_full(&self) -> Option<&Notify> {
+        (self.inflight.get() > WINDOW && !self.gone.get()).then_some(&self.credit)
+    }
+
+    fn notes_before_idle(&self) {
+        self.listen.take_notes(&mut self.out.borrow_mut());
+    }
+
+    fn hold_ready(self: Rc<Self>, rfq: Option<&[u8]>) -> bool {
+        crate::listen::hold_rfq(&self, rfq)
+    }
+
+    fn settings_changed(&self) {
+        self.snapshot_pending.set(true);
+        self.listen.only.set(false);
+    }
+
+    fn own_notification(&self) {
+        self.listen.barrier.set(true);
+    }
+
+    fn read_back_sql(&self) -> (String, bool) {
+        self.snapshot_pending.set(false);
+        self.listen.read.borrow_mut().clear();
+        let channels_only = self.listen.only.replace(false);
+        let sql = readback::snapshot_sql(
+            &mut self.watch.borrow_mut(),
+            &self.settings.borrow(),
+            channels_only,
+        );
+        (sql, channels_only)
+    }
+
+    fn read_back_row(&self, name: &str, value: &str) -> bool {
+        if name == readback::MARKER {
+            self.listen.read.borrow_mut().push(value.to_owned());
+        } else if name == readback::BODY_MARKER {
+            let mut w = self.watch.borrow_mut();
+            if w.len() < 512 && !w.iter().any(|n| n == value) {
+                w.push(value.to_owned());
+            }
+        } else {
+            return false;
+        }
+        true
+    }
+
+    fn channels_read_back(self: Rc<Self>) -> Option<bool> {
+        // A flagged LISTEN/UNLISTEN, or channels that changed under a statement that was not
+        // flagged (LISTEN inside a user function): the listener follows.
+        let changed = {
+            let mut read = self.listen.read.borrow_mut();
+            read.sort();
+            read.dedup();
+            *read != *self.listen.channels.borrow()
+        };
+        if !(self.listen.dirty.replace(false) || changed) {
+            return None;
+        }
+        self.pool.listener.read_back(&self);
+        Some(!self.listen.channels.borrow().is_empty())
+    }
+
+    fn settings_read_back(&self, snapshot: &Rc<Settings>) -> Rc<Settings> {
+        let desired = snapshot.overlay_on(&self.baseline.borrow());
+        let target = if desired == **snapshot {
+            snapshot.clone()
+        } else {
+            Rc::new(desired)
+        };
+        self.set_settings(target.clone());
+        target
+    }
+
+    fn forget_statement(&self, client_name: Option<&[u8]>, stmt: &Rc<Stmt>) {
+        Session::forget_statement(self, client_name, stmt);
+    }
+
+    fn restore_statement(&self, client_name: Vec<u8>, stmt: Rc<Stmt>) {
+        self.statements
+            .borrow_mut()
+            .entry(client_name)
+            .or_insert(stmt);
+    }
+
+    fn statement_stale(&self, client_name: &[u8]) {
+        if let Some(stmt) = self.statements.borrow().get(client_name) {
+            stmt.validated.set(false);
+        }
+    }
+
+    fn writing(&self) -> bool {
+        self.writing.get()
+    }
+
+    fn open_batch(&self) -> bool {
+        self.open_batch.get()
+    }
+
+    fn keeps_backend(&self) -> bool {
+        Session::keeps_backend(self)
+    }
+
+    fn snapshot_pending(&self) -> bool {
+        self.snapshot_pending.get()
+    }
+
+    fn take_dealloc(&self) -> bool {
+        let dealloc = self.dealloc_pending.replace(false);
+        if dealloc {
+            self.clear_statements();
+        }
+        dealloc
+    }
+
+    fn take_discard(&self) -> bool {
+        let discard = self.discard_pending.replace(false);
+        if discard {
+            self.clear_statements();
+            self.pinned.set(false);
+        }
+        discard
+    }
+
+    fn detach(&self) {
+        self.backend.borrow_mut().take();
+    }
+
+    fn backend_lost(&self) {
+        Session::backend_lost(self);
+    }
+}
+
 fn attach(s: &Rc<Session>, b: &Rc<Backend>) {
     b.st.borrow_mut().owner = Some(s.clone());
     *s.backend.borrow_mut() = Some(b.clone());
     *s.last_backend.borrow_mut() = Rc::downgrade(b);
-    let before = b.last_owner.replace(Rc::downgrade(s));
-    if s.own_sequences_only.replace(false) && !std::ptr::eq(before.as_ptr(), Rc::as_ptr(s)) {
+    let me: Rc<dyn Owner> = s.clone();
+    let before = b.last_owner.replace(Some(Rc::downgrade(&me)));
+    let was_mine = before.is_some_and(|w| std::ptr::addr_eq(w.as_ptr(), Rc::as_ptr(s)));
+    if s.own_sequences_only.replace(false) && !was_mine {
         // Another session used this backend since: its currval/lastval state is not ours.
         let mut q = Vec::new();
         fe::query(&mut q, "DISCARD SEQUENCES");
@@ -322,7 +474,7 @@ fn maybe_release(core: &Rc<Core>, s: &Rc<Session>) {
                 st.unnamed = None;
                 s.pinned.set(false);
             }
-            backend::start_snapshot(&b, &mut st, s, false);
+            responses::start_snapshot(&b.out, &mut st, false);
             return;
         }
         if s.keeps_backend() {

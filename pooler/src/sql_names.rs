@@ -5,10 +5,11 @@
 //! origin of `pg_prepared_statements`' columns) and undoes what statements that did not run
 //! would have changed.
 
-use crate::backend::{Backend, Entry, Internal, Kind, SqlDef, State, Stmt};
+use crate::backend::Backend;
 use crate::core::Core;
+use crate::responses::{Entry, Internal, Kind};
 use crate::session::Session;
-use shared::protocol::backend as be;
+use crate::statements::{SqlDef, SqlQuery, Stmt, Undo};
 use shared::protocol::frontend as fe;
 use shared::protocol::{put_cstr, put_message};
 use std::cell::Cell;
@@ -68,160 +69,6 @@ pub fn parse_names(mut p: &[u8]) -> Vec<SqlName> {
         p = &p[25 + len as usize..];
     }
     out
-}
-
-/// A client's simple `Query` whose prepared-statement names were replaced by backend names
-/// (session.rs, `write_sql_query`).
-#[derive(Default)]
-pub struct SqlQuery {
-    /// (backend name, client name): put back into error texts.
-    pub renames: Vec<(Rc<[u8]>, Vec<u8>)>,
-    /// Each replacement, in order: (character offset in the client's text, characters
-    /// replaced, characters put in): error positions are mapped back.
-    pub edits: Vec<(u32, u32, u32)>,
-    /// What to undo if statement `.0` of the text does not complete.
-    pub undo: Vec<(u32, Undo)>,
-    /// Statements of the text completed so far (one `CommandComplete` each).
-    pub completed: u32,
-    /// `pg_prepared_statements` was replaced: its columns get their origin back in
-    /// `RowDescription` (see `fix_origins`).
-    pub view: bool,
-}
-
-/// Columns of `pg_prepared_statements` (Postgres 15): name and type OID.
-const VIEW_COLUMNS: [(&[u8], u32); 7] = [
-    (b"name", 25),
-    (b"statement", 25),
-    (b"prepare_time", 1184),
-    (b"parameter_types", 2211),
-    (b"from_sql", 16),
-    (b"generic_plans", 20),
-    (b"custom_plans", 20),
-];
-
-/// A `RowDescription` whose columns taken from our replacement of `pg_prepared_statements`
-/// (which has no single origin: a UNION) name the view as their origin again, as a column of
-/// the view itself does: a field without origin whose name and type are a view column's.
-pub fn fix_origins(msg: &[u8], view_oid: u32) -> Option<Vec<u8>> {
-    let body = msg.get(5..)?;
-    let n = i16::from_be_bytes(body.get(..2)?.try_into().ok()?);
-    let mut out = Vec::with_capacity(msg.len());
-    let mut pos = 2;
-    put_message(&mut out, be::ROW_DESCRIPTION, |m| {
-        m.extend_from_slice(&body[..2]);
-        for _ in 0..n.max(0) {
-            let Some(nul) = body.get(pos..).and_then(|b| b.iter().position(|&c| c == 0)) else {
-                return;
-            };
-            let name = &body[pos..pos + nul];
-            let Some(f) = body.get(pos + nul + 1..pos + nul + 19) else {
-                return;
-            };
-            let table = u32::from_be_bytes([f[0], f[1], f[2], f[3]]);
-            let ty = u32::from_be_bytes([f[6], f[7], f[8], f[9]]);
-            m.extend_from_slice(&body[pos..pos + nul + 1]);
-            match VIEW_COLUMNS
-                .iter()
-                .position(|(c, t)| *c == name && *t == ty)
-                .filter(|_| table == 0)
-            {
-                Some(i) => {
-                    m.extend_from_slice(&view_oid.to_be_bytes());
-                    m.extend_from_slice(&(i as i16 + 1).to_be_bytes());
-                    m.extend_from_slice(&f[6..]);
-                }
-                None => m.extend_from_slice(f),
-            }
-            pos += nul + 19;
-        }
-    });
-    (pos == body.len()).then_some(out)
-}
-
-pub enum Undo {
-    /// PREPARE gave the session this name.
-    Unname(Vec<u8>, Rc<Stmt>),
-    /// DEALLOCATE took this name.
-    Rename(Vec<u8>, Rc<Stmt>),
-    /// PREPARE made this on the backend.
-    Absent(Rc<[u8]>),
-    /// DEALLOCATE removed this from the backend.
-    Present(Rc<[u8]>),
-}
-
-impl SqlQuery {
-    /// A client position (1-based characters) for a position in the rewritten text.
-    fn client_position(&self, p: u32) -> u32 {
-        let at = p.saturating_sub(1);
-        let mut shift: i64 = 0;
-        for &(start, old, new) in &self.edits {
-            let here = (start as i64 + shift) as u32;
-            if at < here {
-                break;
-            }
-            if at < here + new {
-                return start + 1;
-            }
-            shift += new as i64 - old as i64;
-        }
-        (p as i64 - shift).max(1) as u32
-    }
-
-    /// The error with client names and client positions.
-    pub fn client_error(&self, tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut msg = Vec::with_capacity(body.len() + 5);
-        put_message(&mut msg, tag, |m| m.extend_from_slice(body));
-        for (from, to) in &self.renames {
-            let mut out = Vec::with_capacity(msg.len());
-            be::rename_in_error(&mut out, tag, &msg[5..], from, to);
-            msg = out;
-        }
-        let Ok(fields) = be::error_fields(&msg[5..]) else {
-            return msg;
-        };
-        let mut out = Vec::with_capacity(msg.len());
-        put_message(&mut out, tag, |m| {
-            for (code, value) in fields {
-                m.push(code);
-                let p = (code == b'P')
-                    .then(|| std::str::from_utf8(value).ok()?.parse::<u32>().ok())
-                    .flatten();
-                match p {
-                    Some(p) => shared::protocol::put_cstr(
-                        m,
-                        self.client_position(p).to_string().as_bytes(),
-                    ),
-                    None => shared::protocol::put_cstr(m, value),
-                }
-            }
-            m.push(0);
-        });
-        out
-    }
-
-    /// Puts back what statements that did not complete would have changed.
-    pub fn undo_incomplete(self, st: &mut State) {
-        let owner = st.owner.clone();
-        for (i, undo) in self.undo {
-            if i < self.completed {
-                continue;
-            }
-            match undo {
-                Undo::Unname(name, stmt) => {
-                    if let Some(o) = &owner {
-                        o.forget_statement(Some(&name), &stmt);
-                    }
-                }
-                Undo::Rename(name, stmt) => {
-                    if let Some(o) = &owner {
-                        o.statements.borrow_mut().entry(name).or_insert(stmt);
-                    }
-                }
-                Undo::Absent(content) => st.prepared.remove(&content),
-                Undo::Present(content) => st.prepared.insert(content),
-            }
-        }
-    }
 }
 
 /// Makes sure the backend has `stmt`, preparing it there first if not. `in_batch`: between a
@@ -591,25 +438,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn positions_map_back_to_the_clients_text() {
-        // "EXECUTE foo('x')" became "EXECUTE tp_<32 hex>('x')": foo (3 chars at 8) → 35 chars.
-        let q = SqlQuery {
-            edits: vec![(8, 3, 35), (20, 1, 35)],
-            ..Default::default()
-        };
-        assert_eq!(q.client_position(1), 1);
-        assert_eq!(q.client_position(8), 8);
-        // Inside the replacement: the start of the client's name.
-        assert_eq!(q.client_position(9), 9);
-        assert_eq!(q.client_position(43), 9);
-        // After it: shifted back by 32.
-        assert_eq!(q.client_position(44), 12);
-        assert_eq!(q.client_position(52), 20);
-        // After the second one too.
-        assert_eq!(q.client_position(53 + 35), 22);
-    }
-
-    #[test]
     fn names_payload() {
         let mut p = 7u32.to_be_bytes().to_vec();
         p.push(NAME_USE);
@@ -634,28 +462,5 @@ mod tests {
         for cut in 0..p.len() {
             assert!(parse_names(&p[..cut]).is_empty());
         }
-    }
-
-    #[test]
-    fn view_columns_get_their_origin_back() {
-        let mut rd = Vec::new();
-        put_message(&mut rd, be::ROW_DESCRIPTION, |m| {
-            m.extend_from_slice(&2i16.to_be_bytes());
-            for (name, table, ty) in [(&b"name"[..], 0u32, 25u32), (b"other", 0, 25)] {
-                put_cstr(m, name);
-                m.extend_from_slice(&table.to_be_bytes());
-                m.extend_from_slice(&0i16.to_be_bytes());
-                m.extend_from_slice(&ty.to_be_bytes());
-                m.extend_from_slice(&(-1i16).to_be_bytes());
-                m.extend_from_slice(&(-1i32).to_be_bytes());
-                m.extend_from_slice(&0i16.to_be_bytes());
-            }
-        });
-        let fixed = fix_origins(&rd, 12095).unwrap();
-        assert_eq!(fixed.len(), rd.len());
-        // "name": table 12095, column 1; "other" untouched.
-        assert_eq!(&fixed[12..18], &[0, 0, 0x2f, 0x3f, 0, 1]);
-        assert_eq!(&fixed[37..], &rd[37..]);
-        assert!(fix_origins(&rd[..rd.len() - 3], 1).is_none());
     }
 }
