@@ -5,7 +5,8 @@
 
 use crate::config::AuthMethod;
 use crate::core::Core;
-use crate::link::{Link, SessionIo};
+use crate::link::Link;
+use crate::session_io::SessionIo;
 use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use shared::auth::{md5_verify, ScramServer, ScramVerifier, Verifier};
 use shared::io::MessageReader;

@@ -26,108 +26,19 @@
 
 use crate::classify;
 use crate::core::{Core, Held};
-use crate::link::{Link, Prepared, SessionIo};
+use crate::link::Link;
+use crate::session_io::{segments, send, usable_link, Owed, Prepared, SessionIo, TX_LOST};
 use shared::link::{down, put_header, up, Open};
 use shared::protocol::backend::{self as be, Severity};
 use shared::protocol::frontend as fe;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-/// What a session owes its client at its next request, after its link was lost while idle.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Owed {
-    Nothing,
-    /// Its transaction died with the old primary; the client does not know yet.
-    TxLost,
-    /// A failed transaction kept here: everything but its end gets `25P02`.
-    Aborted,
-    /// Its backend state died with the old primary.
-    StateLost,
-}
-
-const TX_LOST: &str = "the primary changed: the transaction was rolled back";
-const OUTCOME_UNKNOWN: &str =
-    "the connection to the primary was lost while this request ran: whether it committed is unknown";
 const STATE_LOST: &str = "the primary changed: this session's temporary tables, session locks, \
      WITH HOLD cursors and LISTEN registrations are gone";
 const ABORTED: &str =
     "current transaction is aborted, commands ignored until end of transaction block";
 pub const NO_PRIMARY: &str = "no primary available: the cluster is failing over";
-
-/// The link under an opened session died (called by the link, synchronously).
-pub fn on_link_lost(io: &SessionIo) {
-    io.lost.set(true);
-    // A reopen waiting on `control` must wake up and try again.
-    io.control.put((0, Vec::new()));
-    let pending = io.pending.replace(0);
-    let pinned = io.pinned.replace(false);
-    if pending > 0 {
-        if !io.at_message_boundary() {
-            // The client got half a message: nothing we can add would make sense of it.
-            io.end(None);
-            return;
-        }
-        let unknown = io.status.get() == b'I' || io.pending_may_commit.get();
-        let (code, msg, status) = if unknown {
-            ("08007", OUTCOME_UNKNOWN, b'I')
-        } else {
-            ("40001", TX_LOST, b'E')
-        };
-        let mut out = Vec::new();
-        for _ in 0..pending {
-            be::error_response(&mut out, Severity::Error, code, msg);
-            be::ready_for_query(&mut out, status);
-        }
-        io.client_out.push(&out);
-        io.status.set(status);
-        io.pending_may_commit.set(false);
-        io.owed.set(if status == b'E' {
-            Owed::Aborted
-        } else {
-            Owed::Nothing
-        });
-        return;
-    }
-    io.owed.set(match io.status.get() {
-        b'T' => Owed::TxLost,
-        b'E' => Owed::Aborted,
-        _ if pinned => Owed::StateLost,
-        _ => Owed::Nothing,
-    });
-}
-
-/// Ends of the request segments of a batch of complete messages: each segment ends after a
-/// `Query`, `Sync` or `FunctionCall` (which get one `ReadyForQuery` each), or at the batch's end.
-fn segments(batch: &[u8]) -> Vec<usize> {
-    let mut ends = Vec::new();
-    let mut i = 0;
-    while i + 5 <= batch.len() {
-        let len = i32::from_be_bytes([batch[i + 1], batch[i + 2], batch[i + 3], batch[i + 4]]);
-        let next = (i + 1 + len.max(4) as usize).min(batch.len());
-        if matches!(batch[i], fe::QUERY | fe::SYNC | fe::FUNCTION_CALL) {
-            ends.push(next);
-        }
-        i = next;
-    }
-    if ends.last() != Some(&batch.len()) {
-        ends.push(batch.len());
-    }
-    ends
-}
-
-/// Requests (messages answered by one `ReadyForQuery`) in a batch.
-pub fn requests(batch: &[u8]) -> u32 {
-    let mut n = 0;
-    let mut i = 0;
-    while i + 5 <= batch.len() {
-        let len = i32::from_be_bytes([batch[i + 1], batch[i + 2], batch[i + 3], batch[i + 4]]);
-        if matches!(batch[i], fe::QUERY | fe::SYNC | fe::FUNCTION_CALL) {
-            n += 1;
-        }
-        i += 1 + len.max(4) as usize;
-    }
-    n
-}
 
 fn messages(seg: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
     let mut i = 0;
@@ -383,22 +294,6 @@ fn replay_prepared(link: &Link, io: &SessionIo, id: u32, next: &[u8]) {
     io.swallow.set(io.swallow.get() + 1);
 }
 
-/// A link the session can use now without any failover work, if it has one: its own link, up,
-/// and either the primary's or busy with state only that pooler has.
-pub fn usable_link(core: &Core, io: &SessionIo) -> Option<Rc<Link>> {
-    if io.owed.get() != Owed::Nothing {
-        return None;
-    }
-    let l = io.current_link()?;
-    let stays = io.pending.get() > 0 || io.status.get() != b'I' || io.pinned.get();
-    let right_pooler = if io.read_only.get() {
-        core.readable(l.pooler)
-    } else {
-        core.primary() == Some(l.pooler)
-    };
-    (l.alive.get() && (stays || right_pooler)).then_some(l)
-}
-
 /// The slow path of a request: settles what is owed, finds the primary (re-opening the session
 /// there), and forwards the rest of the batch. `Err` ends the session.
 pub async fn forward_slow(
@@ -447,36 +342,10 @@ pub async fn forward_slow(
     Ok(())
 }
 
-/// Sends a batch on a link and notes what the session now waits for.
-pub fn send(link: &Link, io: &SessionIo, id: u32, flags: u8, msgs: &[u8], may_commit: bool) {
-    let flags = flags & !classify::LOWERS_SYNC_COMMIT;
-    link.out.push_with(|b| {
-        put_header(b, up::MSGS, id, msgs.len() + 1);
-        b.push(flags);
-        b.extend_from_slice(msgs);
-    });
-    io.pending.set(io.pending.get() + requests(msgs));
-    if may_commit {
-        io.pending_may_commit.set(true);
-    }
-    // LISTEN no longer pins a backend, but its registrations live on this pooler: a session
-    // that listened is told they are gone if its pooler changes (conservative: also after an
-    // UNLISTEN, which carries the same flag).
-    if flags & (shared::link::flags::PIN | shared::link::flags::LISTEN) != 0 {
-        io.pinned.set(true);
-    }
-    if flags & shared::link::flags::DISCARD != 0 {
-        io.pinned.set(false);
-        io.forget_all_parses();
-    }
-    if flags & shared::link::flags::DEALLOCATE != 0 {
-        io.forget_all_parses();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::session_io::requests;
 
     fn q(sql: &str) -> Vec<u8> {
         let mut m = Vec::new();
@@ -519,7 +388,7 @@ mod tests {
         let io = SessionIo::new();
         io.opened.set(true);
         io.pending.set(1);
-        on_link_lost(&io);
+        io.owe_for_lost_link();
         assert_eq!(io.owed.get(), Owed::Nothing);
         assert!(io.lost.get());
         assert_eq!(codes(&replies(&io)), vec!["08007", "ZI"]);
@@ -531,7 +400,7 @@ mod tests {
         io.status.set(b'T');
         io.pending.set(1);
         io.pending_may_commit.set(true);
-        on_link_lost(&io);
+        io.owe_for_lost_link();
         assert_eq!(codes(&replies(&io)), vec!["08007", "ZI"]);
     }
 
@@ -540,7 +409,7 @@ mod tests {
         let io = SessionIo::new();
         io.status.set(b'T');
         io.pending.set(1);
-        on_link_lost(&io);
+        io.owe_for_lost_link();
         assert_eq!(io.owed.get(), Owed::Aborted);
         let b = [q("select 1"), q("rollback"), q("select 2")].concat();
         let start = answer_owed(&io, &b);
@@ -561,7 +430,7 @@ mod tests {
         ] {
             let io = SessionIo::new();
             io.status.set(b'T');
-            on_link_lost(&io);
+            io.owe_for_lost_link();
             assert_eq!(io.owed.get(), Owed::TxLost);
             let b = q(req);
             assert_eq!(answer_owed(&io, &b), b.len());
@@ -616,7 +485,7 @@ mod tests {
     fn pinned_idle_session_hears_once() {
         let io = SessionIo::new();
         io.pinned.set(true);
-        on_link_lost(&io);
+        io.owe_for_lost_link();
         assert_eq!(io.owed.get(), Owed::StateLost);
         let b = [q("select * from tmp"), q("select 1")].concat();
         let start = answer_owed(&io, &b);

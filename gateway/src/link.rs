@@ -1,11 +1,12 @@
 //! The gateway's end of its links to the poolers: a few per core per pooler, each shared by many
 //! sessions. A link that drops is redialled. Each link carries its pooler's role reports
 //! (`down::ROLE`); the sessions it carried are told it was lost and decide what that means for
-//! them (see `failover.rs`).
+//! them (see `session_io.rs` and `failover.rs`). A link knows its sessions only as
+//! [`Endpoint`]s.
 
 use glommio::net::TcpStream;
 use shared::agent::Role;
-use shared::io::{MessageReader, Notify, OutQueue, RcStream, Slot};
+use shared::io::{MessageReader, Notify, OutQueue, RcStream};
 use shared::link::{self, down, put_header, up, HEADER};
 use shared::protocol::backend::{self as be, Severity};
 use shared::settings::Settings;
@@ -14,226 +15,25 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
 
-/// Named statements remembered per session for a re-open, and their total size.
-const MAX_REMEMBERED: usize = 1000;
-const MAX_REMEMBERED_BYTES: usize = 1 << 20;
-
-/// Statement name → its `Parse` message.
-pub type Prepared = HashMap<Box<[u8]>, Box<[u8]>>;
-
-/// What the link delivers to one session, and what the session's failover logic needs to know
-/// about the conversation with the pooler.
-pub struct SessionIo {
-    /// Bytes for the client, drained by the session's writer task.
-    pub client_out: OutQueue,
-    /// Startup replies (`AUTH_INFO`, `OPENED`, `OPEN_FAILED`).
-    pub control: Slot<(u8, Vec<u8>)>,
-    pub settings: RefCell<Settings>,
-    /// The pooler ended the session, or the link died during login.
-    pub ended: Cell<bool>,
-    pub ended_notify: Notify,
-    /// The link the session is registered on (None while it has none).
-    pub link: RefCell<Option<Rc<Link>>>,
-    /// Accepted on `read_only_listen`: served by a standby when there is one.
-    pub read_only: Cell<bool>,
-    /// Login finished: from now on a lost link does not end the session.
-    pub opened: Cell<bool>,
-    /// The link died under an opened session: the next request re-opens it elsewhere.
-    pub lost: Cell<bool>,
-    /// Requests sent (`Query`, `Sync`, `FunctionCall`) not yet answered by `ReadyForQuery`.
-    pub pending: Cell<u32>,
-    /// Whether a pending request may have ended a transaction with a commit.
-    pub pending_may_commit: Cell<bool>,
-    /// The transaction status of the last `ReadyForQuery` (`I`, `T`, `E`).
-    pub status: Cell<u8>,
-    /// A statement created state that lives on the backend (temp table, LISTEN, ...).
-    pub pinned: Cell<bool>,
-    /// Named statements the client prepared (name → its Parse message), for a re-open.
-    pub prepared: RefCell<Prepared>,
-    prepared_bytes: Cell<usize>,
-    /// Replies to the gateway's own requests still to drop (see `on_data`).
-    pub swallow: Cell<u32>,
-    /// What the session owes its client at the next request after a lost link (see failover.rs).
-    pub owed: Cell<crate::failover::Owed>,
-    scan: Cell<Scan>,
-}
-
-/// Where the backend message stream to the client stands: the link may cut a message anywhere,
-/// so we follow message boundaries across frames (only lengths are read).
-#[derive(Clone, Copy, Default)]
-struct Scan {
-    /// Header bytes seen of the current message (0..5).
-    head: u8,
-    tag: u8,
-    len: [u8; 4],
-    /// Body bytes still to come of the current message.
-    left: u32,
-}
-
-impl SessionIo {
-    pub fn new() -> Rc<SessionIo> {
-        Rc::new(SessionIo {
-            // A client that reads slowly makes the pooler wait (flow control), so this stays
-            // around the pooler's window; give buffers above 16 KiB back when idle.
-            client_out: OutQueue::new(256 * 1024, 16 * 1024),
-            control: Slot::default(),
-            settings: RefCell::new(Settings::default()),
-            ended: Cell::new(false),
-            ended_notify: Notify::default(),
-            link: RefCell::new(None),
-            read_only: Cell::new(false),
-            opened: Cell::new(false),
-            lost: Cell::new(false),
-            pending: Cell::new(0),
-            pending_may_commit: Cell::new(false),
-            status: Cell::new(b'I'),
-            pinned: Cell::new(false),
-            owed: Cell::new(crate::failover::Owed::Nothing),
-            prepared: RefCell::new(HashMap::new()),
-            prepared_bytes: Cell::new(0),
-            swallow: Cell::new(0),
-            scan: Cell::new(Scan::default()),
-        })
-    }
-
-    pub fn end(&self, last_words: Option<&[u8]>) {
-        if self.ended.replace(true) {
-            return;
-        }
-        if let Some(m) = last_words {
-            self.client_out.push(m);
-        }
-        self.client_out.close();
-        self.ended_notify.notify();
-        // A session still logging in waits on `control`: wake it with an error.
-        if !self.control.is_filled() {
-            self.control.put((0, Vec::new()));
-        }
-    }
-
-    /// The current link, if any.
-    pub fn current_link(&self) -> Option<Rc<Link>> {
-        self.link.borrow().clone()
-    }
-
-    /// True while the client's byte stream stands between two backend messages.
-    pub fn at_message_boundary(&self) -> bool {
-        let s = self.scan.get();
-        s.head == 0 && s.left == 0
-    }
-
-    /// Raw backend messages for the client: queued, and followed for `ReadyForQuery`. While
-    /// `swallow` is set, the replies to the gateway's own replay of the session's prepared
-    /// statements (after a re-open) are dropped up to their `ReadyForQuery`.
-    fn on_data(&self, data: &[u8]) {
-        let mut s = self.scan.get();
-        let mut i = 0;
-        let mut keep = if self.swallow.get() > 0 {
-            usize::MAX
-        } else {
-            0
-        };
-        while i < data.len() {
-            if s.left > 0 {
-                let n = (s.left as usize).min(data.len() - i);
-                if s.tag == b'Z' && s.left == 1 {
-                    if keep == usize::MAX {
-                        let w = self.swallow.get().saturating_sub(1);
-                        self.swallow.set(w);
-                        if w == 0 {
-                            keep = i + 1;
-                        }
-                    } else {
-                        self.on_ready(data[i]);
-                    }
-                }
-                s.left -= n as u32;
-                i += n;
-                if s.left == 0 {
-                    s.head = 0;
-                }
-                continue;
-            }
-            // Header: tag + i32 length (which counts itself).
-            if s.head == 0 {
-                s.tag = data[i];
-            } else {
-                s.len[s.head as usize - 1] = data[i];
-            }
-            s.head += 1;
-            i += 1;
-            if s.head == 5 {
-                let len = u32::from_be_bytes(s.len);
-                s.left = len.saturating_sub(4);
-                if s.left == 0 {
-                    s.head = 0;
-                }
-            }
-        }
-        self.scan.set(s);
-        if keep == 0 {
-            self.client_out.push(data);
-        } else if keep < data.len() {
-            self.client_out.push(&data[keep..]);
-        }
-    }
-
-    /// A fresh session on a pooler: its replies start at a message boundary.
-    pub fn restart_scan(&self) {
-        self.scan.set(Scan::default());
-        self.swallow.set(0);
-    }
-
-    /// Notes a named protocol-level statement the client prepared, to prepare it again after
-    /// a re-open. Bounded: past the bound a failover loses the rest (the client then hears
-    /// 26000 for them, as after a `DEALLOCATE`).
-    pub fn remember_parse(&self, name: &[u8], message: &[u8]) {
-        self.forget_parse(name);
-        let mut p = self.prepared.borrow_mut();
-        let size = self.prepared_bytes.get();
-        if p.len() < MAX_REMEMBERED && size + message.len() <= MAX_REMEMBERED_BYTES {
-            p.insert(name.into(), message.into());
-            self.prepared_bytes.set(size + message.len());
-        }
-    }
-
-    /// The client closed a named statement.
-    pub fn forget_parse(&self, name: &[u8]) {
-        if let Some(m) = self.prepared.borrow_mut().remove(name) {
-            let size = self.prepared_bytes.get();
-            self.prepared_bytes.set(size.saturating_sub(m.len()));
-        }
-    }
-
-    /// `DISCARD ALL` / `DEALLOCATE ALL`.
-    pub fn forget_all_parses(&self) {
-        self.prepared.borrow_mut().clear();
-        self.prepared_bytes.set(0);
-    }
-
-    fn on_ready(&self, status: u8) {
-        self.status.set(status);
-        let p = self.pending.get().saturating_sub(1);
-        self.pending.set(p);
-        if p == 0 {
-            self.pending_may_commit.set(false);
-        }
-    }
-
-    /// The link under this session died.
-    fn link_lost(&self, fatal: &[u8]) {
-        self.link.borrow_mut().take();
-        if !self.opened.get() {
-            self.end(Some(fatal));
-            return;
-        }
-        crate::failover::on_link_lost(self);
-    }
+/// What a link delivers to a session registered on it.
+pub trait Endpoint {
+    /// The session is registered on `link` (`Some`) or left it (`None`).
+    fn attach(&self, link: Option<Rc<Link>>);
+    /// Backend messages for the client (a frame may cut them anywhere).
+    fn on_data(&self, data: &[u8]);
+    /// The session's settings as the pooler last read them.
+    fn on_settings(&self, settings: Settings);
+    /// A startup reply: `AUTH_INFO`, `OPENED` or `OPEN_FAILED`.
+    fn on_control(&self, kind: u8, payload: Vec<u8>);
+    /// The pooler ended the session, with these last words for the client.
+    fn closed(&self, last_words: &[u8]);
+    /// The link died under the session (`fatal`: what to tell a client still logging in).
+    fn link_lost(&self, fatal: &[u8]);
 }
 
 pub struct Link {
     pub out: OutQueue,
-    sessions: RefCell<HashMap<u32, Rc<SessionIo>>>,
+    sessions: RefCell<HashMap<u32, Rc<dyn Endpoint>>>,
     pub alive: Cell<bool>,
     pub up_notify: Notify,
     /// Index of the pooler in `Config::poolers`.
@@ -286,14 +86,15 @@ impl Link {
             .then(|| (self.role.get(), self.primary_term.get()))
     }
 
-    pub fn register(self: &Rc<Self>, id: u32, io: Rc<SessionIo>) {
-        *io.link.borrow_mut() = Some(self.clone());
+    pub fn register(self: &Rc<Self>, id: u32, io: Rc<dyn Endpoint>) {
+        io.attach(Some(self.clone()));
         self.sessions.borrow_mut().insert(id, io);
     }
 
     pub fn unregister(&self, id: u32) {
-        if let Some(io) = self.sessions.borrow_mut().remove(&id) {
-            io.link.borrow_mut().take();
+        let io = self.sessions.borrow_mut().remove(&id);
+        if let Some(io) = io {
+            io.attach(None);
         }
     }
 
@@ -372,7 +173,7 @@ impl Link {
             "08006",
             "terminating connection: the gateway lost its link to the pooler",
         );
-        let sessions: Vec<Rc<SessionIo>> =
+        let sessions: Vec<Rc<dyn Endpoint>> =
             self.sessions.borrow_mut().drain().map(|(_, s)| s).collect();
         for s in sessions {
             s.link_lost(&e);
@@ -396,15 +197,15 @@ impl Link {
             down::DATA => s.on_data(payload),
             down::SETTINGS => {
                 if let Ok(set) = Settings::decode(payload) {
-                    *s.settings.borrow_mut() = set;
+                    s.on_settings(set);
                 }
             }
             down::CLOSED => {
                 self.unregister(id);
-                s.end(Some(payload));
+                s.closed(payload);
             }
             down::AUTH_INFO | down::OPENED | down::OPEN_FAILED => {
-                s.control.put((kind, payload.to_vec()))
+                s.on_control(kind, payload.to_vec())
             }
             _ => tracing::warn!(kind, "unknown frame from pooler"),
         }
@@ -461,71 +262,5 @@ impl Link {
         self.primary_term.set(term);
         self.reported.set(true);
         self.changed.notify();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut m = vec![tag];
-        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
-        m.extend_from_slice(body);
-        m
-    }
-
-    #[test]
-    fn ready_for_query_followed_across_any_cut() {
-        let mut stream = msg(b'C', b"SELECT 1\0");
-        stream.extend(msg(b'Z', b"T"));
-        stream.extend(msg(b'D', &[0, 1, 0, 0, 0, 1, b'x']));
-        stream.extend(msg(b'Z', b"I"));
-        for cut in 0..stream.len() {
-            for cut2 in cut..stream.len() {
-                let io = SessionIo::new();
-                io.pending.set(2);
-                io.on_data(&stream[..cut]);
-                io.on_data(&stream[cut..cut2]);
-                let first_z = 20;
-                if cut2 >= first_z && cut2 < stream.len() {
-                    assert_eq!(io.status.get(), b'T');
-                    assert_eq!(io.pending.get(), 1);
-                }
-                io.on_data(&stream[cut2..]);
-                assert_eq!(io.status.get(), b'I');
-                assert_eq!(io.pending.get(), 0);
-                assert!(io.at_message_boundary());
-            }
-        }
-        let io = SessionIo::new();
-        io.on_data(&stream[..3]);
-        assert!(!io.at_message_boundary());
-    }
-
-    #[test]
-    fn replies_to_a_replay_are_dropped() {
-        let mut replay = msg(b'1', b"");
-        replay.extend(msg(b'1', b""));
-        replay.extend(msg(b'Z', b"I"));
-        let mut client = msg(b'C', b"SELECT 1\0");
-        client.extend(msg(b'Z', b"I"));
-        let all = [replay.clone(), client.clone()].concat();
-        for cut in 0..all.len() {
-            let io = SessionIo::new();
-            io.swallow.set(1);
-            io.pending.set(1);
-            io.on_data(&all[..cut]);
-            io.on_data(&all[cut..]);
-            assert_eq!(io.swallow.get(), 0);
-            assert_eq!(io.pending.get(), 0);
-            io.client_out.close();
-            let got = futures_lite::future::block_on(async {
-                let mut sink = Vec::new();
-                let _ = io.client_out.run_writer(&mut sink).await;
-                sink
-            });
-            assert_eq!(got, client, "cut {cut}");
-        }
     }
 }

@@ -10,6 +10,7 @@ mod core;
 mod failover;
 mod link;
 mod session;
+mod session_io;
 mod statement_names;
 mod tls;
 

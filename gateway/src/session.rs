@@ -6,7 +6,7 @@
 use crate::auth::{self, Refusal};
 use crate::classify::LOWERS_SYNC_COMMIT;
 use crate::core::{ClientSlot, Core};
-use crate::link::SessionIo;
+use crate::session_io::{self, SessionIo};
 use crate::statement_names::{self, Found};
 use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
@@ -613,12 +613,12 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         }
         if end > 0 {
             // The hot path: the session's pooler is the primary (or holds its transaction).
-            match crate::failover::usable_link(&core, &io).filter(|_| denied.is_empty()) {
+            match session_io::usable_link(&core, &io).filter(|_| denied.is_empty()) {
                 Some(l) => {
                     if !names.is_empty() {
                         l.send(up::NAMES, id, &names);
                     }
-                    crate::failover::send(&l, &io, id, flags, &reader.data()[..end], may_commit);
+                    session_io::send(&l, &io, id, flags, &reader.data()[..end], may_commit);
                     reader.consume(end);
                 }
                 None => {
@@ -768,7 +768,7 @@ fn release_databases(io: &SessionIo, id: u32, sql: &[u8]) {
 /// would have run them before it read the bad one.
 fn send_partial(io: &SessionIo, id: u32, flags: u8, msgs: &[u8]) {
     if let Some(l) = io.current_link().filter(|l| l.alive.get()) {
-        crate::failover::send(&l, io, id, flags, msgs, false);
+        session_io::send(&l, io, id, flags, msgs, false);
     }
 }
 

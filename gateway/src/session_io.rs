@@ -1,0 +1,463 @@
+//! A session's side of its conversation with a pooler: what the link delivers to it (bytes for
+//! the client, followed message by message for `ReadyForQuery`), the requests in flight, the
+//! statements to prepare again after a re-open, and what it owes its client when its link dies.
+//! The session task (session.rs) owns it; its link (link.rs) knows it as an [`Endpoint`];
+//! failover.rs answers what it owes.
+
+use crate::classify;
+use crate::core::Core;
+use crate::link::{Endpoint, Link};
+use shared::io::{Notify, OutQueue, Slot};
+use shared::link::{put_header, up};
+use shared::protocol::backend::{self as be, Severity};
+use shared::protocol::frontend as fe;
+use shared::settings::Settings;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// What a session owes its client at its next request, after its link was lost while idle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Owed {
+    Nothing,
+    /// Its transaction died with the old primary; the client does not know yet.
+    TxLost,
+    /// A failed transaction kept here: everything but its end gets `25P02`.
+    Aborted,
+    /// Its backend state died with the old primary.
+    StateLost,
+}
+
+pub const TX_LOST: &str = "the primary changed: the transaction was rolled back";
+const OUTCOME_UNKNOWN: &str =
+    "the connection to the primary was lost while this request ran: whether it committed is unknown";
+
+/// Named statements remembered per session for a re-open, and their total size.
+const MAX_REMEMBERED: usize = 1000;
+const MAX_REMEMBERED_BYTES: usize = 1 << 20;
+
+/// Statement name → its `Parse` message.
+pub type Prepared = HashMap<Box<[u8]>, Box<[u8]>>;
+
+/// What the link delivers to one session, and what the session's failover logic needs to know
+/// about the conversation with the pooler.
+pub struct SessionIo {
+    /// Bytes for the client, drained by the session's writer task.
+    pub client_out: OutQueue,
+    /// Startup replies (`AUTH_INFO`, `OPENED`, `OPEN_FAILED`).
+    pub control: Slot<(u8, Vec<u8>)>,
+    pub settings: RefCell<Settings>,
+    /// The pooler ended the session, or the link died during login.
+    pub ended: Cell<bool>,
+    pub ended_notify: Notify,
+    /// The link the session is registered on (None while it has none).
+    pub link: RefCell<Option<Rc<Link>>>,
+    /// Accepted on `read_only_listen`: served by a standby when there is one.
+    pub read_only: Cell<bool>,
+    /// Login finished: from now on a lost link does not end the session.
+    pub opened: Cell<bool>,
+    /// The link died under an opened session: the next request re-opens it elsewhere.
+    pub lost: Cell<bool>,
+    /// Requests sent (`Query`, `Sync`, `FunctionCall`) not yet answered by `ReadyForQuery`.
+    pub pending: Cell<u32>,
+    /// Whether a pending request may have ended a transaction with a commit.
+    pub pending_may_commit: Cell<bool>,
+    /// The transaction status of the last `ReadyForQuery` (`I`, `T`, `E`).
+    pub status: Cell<u8>,
+    /// A statement created state that lives on the backend (temp table, LISTEN, ...).
+    pub pinned: Cell<bool>,
+    /// Named statements the client prepared (name → its Parse message), for a re-open.
+    pub prepared: RefCell<Prepared>,
+    prepared_bytes: Cell<usize>,
+    /// Replies to the gateway's own requests still to drop (see `on_data`).
+    pub swallow: Cell<u32>,
+    /// What the session owes its client at the next request after a lost link (see failover.rs).
+    pub owed: Cell<Owed>,
+    scan: Cell<Scan>,
+}
+
+/// Where the backend message stream to the client stands: the link may cut a message anywhere,
+/// so we follow message boundaries across frames (only lengths are read).
+#[derive(Clone, Copy, Default)]
+struct Scan {
+    /// Header bytes seen of the current message (0..5).
+    head: u8,
+    tag: u8,
+    len: [u8; 4],
+    /// Body bytes still to come of the current message.
+    left: u32,
+}
+
+impl SessionIo {
+    pub fn new() -> Rc<SessionIo> {
+        Rc::new(SessionIo {
+            // A client that reads slowly makes the pooler wait (flow control), so this stays
+            // around the pooler's window; give buffers above 16 KiB back when idle.
+            client_out: OutQueue::new(256 * 1024, 16 * 1024),
+            control: Slot::default(),
+            settings: RefCell::new(Settings::default()),
+            ended: Cell::new(false),
+            ended_notify: Notify::default(),
+            link: RefCell::new(None),
+            read_only: Cell::new(false),
+            opened: Cell::new(false),
+            lost: Cell::new(false),
+            pending: Cell::new(0),
+            pending_may_commit: Cell::new(false),
+            status: Cell::new(b'I'),
+            pinned: Cell::new(false),
+            owed: Cell::new(Owed::Nothing),
+            prepared: RefCell::new(HashMap::new()),
+            prepared_bytes: Cell::new(0),
+            swallow: Cell::new(0),
+            scan: Cell::new(Scan::default()),
+        })
+    }
+
+    pub fn end(&self, last_words: Option<&[u8]>) {
+        if self.ended.replace(true) {
+            return;
+        }
+        if let Some(m) = last_words {
+            self.client_out.push(m);
+        }
+        self.client_out.close();
+        self.ended_notify.notify();
+        // A session still logging in waits on `control`: wake it with an error.
+        if !self.control.is_filled() {
+            self.control.put((0, Vec::new()));
+        }
+    }
+
+    /// The current link, if any.
+    pub fn current_link(&self) -> Option<Rc<Link>> {
+        self.link.borrow().clone()
+    }
+
+    /// True while the client's byte stream stands between two backend messages.
+    pub fn at_message_boundary(&self) -> bool {
+        let s = self.scan.get();
+        s.head == 0 && s.left == 0
+    }
+
+    /// Raw backend messages for the client: queued, and followed for `ReadyForQuery`. While
+    /// `swallow` is set, the replies to the gateway's own replay of the session's prepared
+    /// statements (after a re-open) are dropped up to their `ReadyForQuery`.
+    pub fn on_data(&self, data: &[u8]) {
+        let mut s = self.scan.get();
+        let mut i = 0;
+        let mut keep = if self.swallow.get() > 0 {
+            usize::MAX
+        } else {
+            0
+        };
+        while i < data.len() {
+            if s.left > 0 {
+                let n = (s.left as usize).min(data.len() - i);
+                if s.tag == b'Z' && s.left == 1 {
+                    if keep == usize::MAX {
+                        let w = self.swallow.get().saturating_sub(1);
+                        self.swallow.set(w);
+                        if w == 0 {
+                            keep = i + 1;
+                        }
+                    } else {
+                        self.on_ready(data[i]);
+                    }
+                }
+                s.left -= n as u32;
+                i += n;
+                if s.left == 0 {
+                    s.head = 0;
+                }
+                continue;
+            }
+            // Header: tag + i32 length (which counts itself).
+            if s.head == 0 {
+                s.tag = data[i];
+            } else {
+                s.len[s.head as usize - 1] = data[i];
+            }
+            s.head += 1;
+            i += 1;
+            if s.head == 5 {
+                let len = u32::from_be_bytes(s.len);
+                s.left = len.saturating_sub(4);
+                if s.left == 0 {
+                    s.head = 0;
+                }
+            }
+        }
+        self.scan.set(s);
+        if keep == 0 {
+            self.client_out.push(data);
+        } else if keep < data.len() {
+            self.client_out.push(&data[keep..]);
+        }
+    }
+
+    /// A fresh session on a pooler: its replies start at a message boundary.
+    pub fn restart_scan(&self) {
+        self.scan.set(Scan::default());
+        self.swallow.set(0);
+    }
+
+    /// Notes a named protocol-level statement the client prepared, to prepare it again after
+    /// a re-open. Bounded: past the bound a failover loses the rest (the client then hears
+    /// 26000 for them, as after a `DEALLOCATE`).
+    pub fn remember_parse(&self, name: &[u8], message: &[u8]) {
+        self.forget_parse(name);
+        let mut p = self.prepared.borrow_mut();
+        let size = self.prepared_bytes.get();
+        if p.len() < MAX_REMEMBERED && size + message.len() <= MAX_REMEMBERED_BYTES {
+            p.insert(name.into(), message.into());
+            self.prepared_bytes.set(size + message.len());
+        }
+    }
+
+    /// The client closed a named statement.
+    pub fn forget_parse(&self, name: &[u8]) {
+        if let Some(m) = self.prepared.borrow_mut().remove(name) {
+            let size = self.prepared_bytes.get();
+            self.prepared_bytes.set(size.saturating_sub(m.len()));
+        }
+    }
+
+    /// `DISCARD ALL` / `DEALLOCATE ALL`.
+    pub fn forget_all_parses(&self) {
+        self.prepared.borrow_mut().clear();
+        self.prepared_bytes.set(0);
+    }
+
+    fn on_ready(&self, status: u8) {
+        self.status.set(status);
+        let p = self.pending.get().saturating_sub(1);
+        self.pending.set(p);
+        if p == 0 {
+            self.pending_may_commit.set(false);
+        }
+    }
+
+    /// The link under this session died: a session still logging in ends; an opened one owes
+    /// its client what the lost link means for it (failover.rs answers it at the next request).
+    pub fn link_lost(&self, fatal: &[u8]) {
+        self.link.borrow_mut().take();
+        if !self.opened.get() {
+            self.end(Some(fatal));
+            return;
+        }
+        self.owe_for_lost_link();
+    }
+
+    /// What the session owes its client once its link died under it: errors for the requests
+    /// in flight now, or a debt paid at its next request (`owed`).
+    pub fn owe_for_lost_link(&self) {
+        self.lost.set(true);
+        // A reopen waiting on `control` must wake up and try again.
+        self.control.put((0, Vec::new()));
+        let pending = self.pending.replace(0);
+        let pinned = self.pinned.replace(false);
+        if pending > 0 {
+            if !self.at_message_boundary() {
+                // The client got half a message: nothing we can add would make sense of it.
+                self.end(None);
+                return;
+            }
+            let unknown = self.status.get() == b'I' || self.pending_may_commit.get();
+            let (code, msg, status) = if unknown {
+                ("08007", OUTCOME_UNKNOWN, b'I')
+            } else {
+                ("40001", TX_LOST, b'E')
+            };
+            let mut out = Vec::new();
+            for _ in 0..pending {
+                be::error_response(&mut out, Severity::Error, code, msg);
+                be::ready_for_query(&mut out, status);
+            }
+            self.client_out.push(&out);
+            self.status.set(status);
+            self.pending_may_commit.set(false);
+            self.owed.set(if status == b'E' {
+                Owed::Aborted
+            } else {
+                Owed::Nothing
+            });
+            return;
+        }
+        self.owed.set(match self.status.get() {
+            b'T' => Owed::TxLost,
+            b'E' => Owed::Aborted,
+            _ if pinned => Owed::StateLost,
+            _ => Owed::Nothing,
+        });
+    }
+}
+
+/// The session as its link sees it (link.rs).
+impl Endpoint for SessionIo {
+    fn attach(&self, link: Option<Rc<Link>>) {
+        *self.link.borrow_mut() = link;
+    }
+
+    fn on_data(&self, data: &[u8]) {
+        SessionIo::on_data(self, data);
+    }
+
+    fn on_settings(&self, settings: Settings) {
+        *self.settings.borrow_mut() = settings;
+    }
+
+    fn on_control(&self, kind: u8, payload: Vec<u8>) {
+        self.control.put((kind, payload));
+    }
+
+    fn closed(&self, last_words: &[u8]) {
+        self.end(Some(last_words));
+    }
+
+    fn link_lost(&self, fatal: &[u8]) {
+        SessionIo::link_lost(self, fatal);
+    }
+}
+
+/// Ends of the request segments of a batch of complete messages: each segment ends after a
+/// `Query`, `Sync` or `FunctionCall` (which get one `ReadyForQuery` each), or at the batch's end.
+pub fn segments(batch: &[u8]) -> Vec<usize> {
+    let mut ends = Vec::new();
+    let mut i = 0;
+    while i + 5 <= batch.len() {
+        let len = i32::from_be_bytes([batch[i + 1], batch[i + 2], batch[i + 3], batch[i + 4]]);
+        let next = (i + 1 + len.max(4) as usize).min(batch.len());
+        if matches!(batch[i], fe::QUERY | fe::SYNC | fe::FUNCTION_CALL) {
+            ends.push(next);
+        }
+        i = next;
+    }
+    if ends.last() != Some(&batch.len()) {
+        ends.push(batch.len());
+    }
+    ends
+}
+
+/// Requests (messages answered by one `ReadyForQuery`) in a batch.
+pub fn requests(batch: &[u8]) -> u32 {
+    let mut n = 0;
+    let mut i = 0;
+    while i + 5 <= batch.len() {
+        let len = i32::from_be_bytes([batch[i + 1], batch[i + 2], batch[i + 3], batch[i + 4]]);
+        if matches!(batch[i], fe::QUERY | fe::SYNC | fe::FUNCTION_CALL) {
+            n += 1;
+        }
+        i += 1 + len.max(4) as usize;
+    }
+    n
+}
+
+/// A link the session can use now without any failover work, if it has one: its own link, up,
+/// and either the primary's or busy with state only that pooler has.
+pub fn usable_link(core: &Core, io: &SessionIo) -> Option<Rc<Link>> {
+    if io.owed.get() != Owed::Nothing {
+        return None;
+    }
+    let l = io.current_link()?;
+    let stays = io.pending.get() > 0 || io.status.get() != b'I' || io.pinned.get();
+    let right_pooler = if io.read_only.get() {
+        core.readable(l.pooler)
+    } else {
+        core.primary() == Some(l.pooler)
+    };
+    (l.alive.get() && (stays || right_pooler)).then_some(l)
+}
+
+/// Sends a batch on a link and notes what the session now waits for.
+pub fn send(link: &Link, io: &SessionIo, id: u32, flags: u8, msgs: &[u8], may_commit: bool) {
+    let flags = flags & !classify::LOWERS_SYNC_COMMIT;
+    link.out.push_with(|b| {
+        put_header(b, up::MSGS, id, msgs.len() + 1);
+        b.push(flags);
+        b.extend_from_slice(msgs);
+    });
+    io.pending.set(io.pending.get() + requests(msgs));
+    if may_commit {
+        io.pending_may_commit.set(true);
+    }
+    // LISTEN no longer pins a backend, but its registrations live on this pooler: a session
+    // that listened is told they are gone if its pooler changes (conservative: also after an
+    // UNLISTEN, which carries the same flag).
+    if flags & (shared::link::flags::PIN | shared::link::flags::LISTEN) != 0 {
+        io.pinned.set(true);
+    }
+    if flags & shared::link::flags::DISCARD != 0 {
+        io.pinned.set(false);
+        io.forget_all_parses();
+    }
+    if flags & shared::link::flags::DEALLOCATE != 0 {
+        io.forget_all_parses();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    #[test]
+    fn ready_for_query_followed_across_any_cut() {
+        let mut stream = msg(b'C', b"SELECT 1\0");
+        stream.extend(msg(b'Z', b"T"));
+        stream.extend(msg(b'D', &[0, 1, 0, 0, 0, 1, b'x']));
+        stream.extend(msg(b'Z', b"I"));
+        for cut in 0..stream.len() {
+            for cut2 in cut..stream.len() {
+                let io = SessionIo::new();
+                io.pending.set(2);
+                io.on_data(&stream[..cut]);
+                io.on_data(&stream[cut..cut2]);
+                let first_z = 20;
+                if cut2 >= first_z && cut2 < stream.len() {
+                    assert_eq!(io.status.get(), b'T');
+                    assert_eq!(io.pending.get(), 1);
+                }
+                io.on_data(&stream[cut2..]);
+                assert_eq!(io.status.get(), b'I');
+                assert_eq!(io.pending.get(), 0);
+                assert!(io.at_message_boundary());
+            }
+        }
+        let io = SessionIo::new();
+        io.on_data(&stream[..3]);
+        assert!(!io.at_message_boundary());
+    }
+
+    #[test]
+    fn replies_to_a_replay_are_dropped() {
+        let mut replay = msg(b'1', b"");
+        replay.extend(msg(b'1', b""));
+        replay.extend(msg(b'Z', b"I"));
+        let mut client = msg(b'C', b"SELECT 1\0");
+        client.extend(msg(b'Z', b"I"));
+        let all = [replay.clone(), client.clone()].concat();
+        for cut in 0..all.len() {
+            let io = SessionIo::new();
+            io.swallow.set(1);
+            io.pending.set(1);
+            io.on_data(&all[..cut]);
+            io.on_data(&all[cut..]);
+            assert_eq!(io.swallow.get(), 0);
+            assert_eq!(io.pending.get(), 0);
+            io.client_out.close();
+            let got = futures_lite::future::block_on(async {
+                let mut sink = Vec::new();
+                let _ = io.client_out.run_writer(&mut sink).await;
+                sink
+            });
+            assert_eq!(got, client, "cut {cut}");
+        }
+    }
+}
