@@ -6,6 +6,8 @@
 //! the real grammar (classify.rs, `full`), which sees the calls by name and is cached by text.
 
 use crate::builtins::{is_builtin_function, is_keyword, is_syntax_keyword};
+use shared::sql::{is_ident_char, is_ident_start, Kind, Lexer, Token};
+use std::iter::Peekable;
 
 /// The token before the one being looked at.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -51,196 +53,111 @@ const NAMES_A_LIST: &[&[u8]] = &[
 /// text cannot be lexed the same way under every `standard_conforming_strings` (a `\'` in a
 /// plain string) or does not end its strings and comments: the grammar then decides.
 pub fn only_builtin_calls(sql: &[u8]) -> bool {
-    let n = sql.len();
-    let mut i = 0;
+    let mut toks = Lexer::new(sql).peekable();
     let mut prev = Prev::Start;
-    while i < n {
-        let c = sql[i];
-        if c.is_ascii_whitespace() {
-            i += 1;
-        } else if sql[i..].starts_with(b"--") {
-            while i < n && sql[i] != b'\n' {
-                i += 1;
-            }
-        } else if sql[i..].starts_with(b"/*") {
-            match shared::sql::skip_block_comment(sql, i) {
-                Some(end) => i = end,
-                None => return false,
-            }
-        } else if c == b'\'' {
-            match skip_string(sql, i, false) {
-                Some(end) => i = end,
-                None => return false,
-            }
-            prev = Prev::Other;
-        } else if c == b'"' {
-            // A quoted name: `"f"(`, `"s".f(`, `"t" x(` or just a name.
-            match name_chain(sql, i, prev) {
-                Chain::Call(ok, end) => {
-                    if !ok {
-                        return false;
-                    }
-                    i = end;
-                    prev = Prev::Close;
-                }
-                Chain::Name(end) => {
-                    i = end;
-                    prev = Prev::Name;
-                }
-            }
-        } else if c == b'$' {
-            if sql.get(i + 1).is_some_and(|d| d.is_ascii_digit()) {
-                // A parameter: `$1`.
-                i += 1;
-                while i < n && sql[i].is_ascii_digit() {
-                    i += 1;
-                }
-                prev = Prev::Other;
-            } else {
-                match skip_dollar_string(sql, i) {
-                    Some(end) => i = end,
-                    None => return false,
-                }
-                prev = Prev::Other;
-            }
-        } else if c.is_ascii_digit() {
-            while i < n && (sql[i].is_ascii_alphanumeric() || sql[i] == b'_' || sql[i] == b'.') {
-                i += 1;
-            }
-            prev = Prev::Other;
-        } else if is_ident_start(c) {
-            let start = i;
-            while i < n && is_ident_char(sql[i]) {
-                i += 1;
-            }
-            let word = &sql[start..i];
-            // String prefixes: E'…' (backslash escapes), B'…', X'…', N'…', U&'…'.
-            if sql.get(i) == Some(&b'\'') && word.len() == 1 {
-                let escapes = word.eq_ignore_ascii_case(b"e");
-                if !matches!(word[0].to_ascii_lowercase(), b'e' | b'b' | b'x' | b'n') {
+    while let Some(t) = toks.next() {
+        match t.kind {
+            Kind::Unsure => return false,
+            Kind::Word => {
+                let word = t.text(sql);
+                let mut lower = [0u8; 64];
+                if word.len() > lower.len() {
                     return false;
                 }
-                match skip_string(sql, i, escapes) {
-                    Some(end) => i = end,
-                    None => return false,
+                for (d, s) in lower.iter_mut().zip(word) {
+                    *d = s.to_ascii_lowercase();
                 }
-                prev = Prev::Other;
-                continue;
-            }
-            if word.eq_ignore_ascii_case(b"u") && sql.get(i) == Some(&b'&') {
-                return false; // U&'…' / U&"…": rare, let the grammar read it.
-            }
-            let mut lower = [0u8; 64];
-            if word.len() > lower.len() {
-                return false;
-            }
-            for (d, s) in lower.iter_mut().zip(word) {
-                *d = s.to_ascii_lowercase();
-            }
-            let lower = &lower[..word.len()];
-            let next = skip_blank(sql, i);
-            if sql.get(next) == Some(&b'(') {
-                // `name (`: a call, or syntax, or a list after a name.
-                if is_syntax_keyword(lower)
-                    || prev == Prev::Cast
-                    || prev == Prev::Name
-                    || prev == Prev::Close
-                    || NAMES_A_LIST.iter().any(|w| prev.is(w))
-                    || (lower == b"conflict" && prev.is(b"on"))
-                    || lower == b"varying"
-                    || known(lower)
-                {
-                    i = next + 1;
-                    prev = Prev::Other;
-                    continue;
-                }
-                return false;
-            }
-            if sql.get(next) == Some(&b'.') {
-                match name_chain(sql, start, prev) {
-                    Chain::Call(ok, end) => {
-                        if !ok {
+                let lower = &lower[..word.len()];
+                match toks.peek().map(|n| n.kind) {
+                    Some(Kind::Punct(b'(')) => {
+                        // `name (`: a call, or syntax, or a list after a name.
+                        if !(is_syntax_keyword(lower)
+                            || prev == Prev::Cast
+                            || prev == Prev::Name
+                            || prev == Prev::Close
+                            || NAMES_A_LIST.iter().any(|w| prev.is(w))
+                            || (lower == b"conflict" && prev.is(b"on"))
+                            || lower == b"varying"
+                            || known(lower))
+                        {
                             return false;
                         }
-                        i = end;
+                        toks.next();
                         prev = Prev::Other;
                     }
-                    Chain::Name(end) => {
-                        i = end;
-                        prev = Prev::Name;
+                    Some(Kind::Punct(b'.')) => match name_chain(sql, &mut toks, t, prev) {
+                        Chain::Call(false) => return false,
+                        Chain::Call(true) => prev = Prev::Other,
+                        Chain::Name => prev = Prev::Name,
+                    },
+                    _ => {
+                        prev = if is_keyword(lower) && lower.len() <= 32 {
+                            let mut b = [0u8; 32];
+                            b[..lower.len()].copy_from_slice(lower);
+                            Prev::Keyword(b, lower.len())
+                        } else {
+                            Prev::Name
+                        }
                     }
                 }
-                continue;
             }
-            prev = if is_keyword(lower) && lower.len() <= 32 {
-                let mut b = [0u8; 32];
-                b[..lower.len()].copy_from_slice(lower);
-                Prev::Keyword(b, lower.len())
-            } else {
-                Prev::Name
-            };
-        } else if c == b':' && sql.get(i + 1) == Some(&b':') {
-            i += 2;
-            prev = Prev::Cast;
-        } else if c == b')' || c == b']' {
-            i += 1;
-            prev = Prev::Close;
-        } else if c == b'\\' {
-            return false; // psql meta-commands and the like: not ours to read.
-        } else {
-            i += 1;
-            prev = Prev::Other;
+            // A quoted name: `"f"(`, `"s".f(`, `"t" x(` or just a name.
+            Kind::QuotedName => match name_chain(sql, &mut toks, t, prev) {
+                Chain::Call(false) => return false,
+                Chain::Call(true) => prev = Prev::Close,
+                Chain::Name => prev = Prev::Name,
+            },
+            Kind::Cast => prev = Prev::Cast,
+            Kind::Punct(b')' | b']') => prev = Prev::Close,
+            Kind::String | Kind::DollarString | Kind::Param | Kind::Number | Kind::Punct(_) => {
+                prev = Prev::Other
+            }
         }
     }
     true
 }
 
 enum Chain {
-    /// A qualified or quoted name called: whether it is a built-in, and where the `(` ends.
-    Call(bool, usize),
-    /// A (qualified) name not followed by `(`: where it ends.
-    Name(usize),
+    /// A qualified or quoted name called (its `(` taken): whether it is a built-in.
+    Call(bool),
+    /// A (qualified) name not followed by `(`.
+    Name,
 }
 
-/// Reads `a.b.c` (parts plain or quoted) from `start`; if `(` follows, judges the call. No
-/// allocation: this runs for every qualified column name (`t.a`) on the fast path.
-fn name_chain(sql: &[u8], start: usize, prev: Prev) -> Chain {
+/// Reads `a.b.c` (parts plain or quoted) from its first part `tok`; if `(` follows, judges the
+/// call. No allocation: this runs for every qualified column name (`t.a`) on the fast path.
+fn name_chain(sql: &[u8], toks: &mut Peekable<Lexer>, mut tok: Token, prev: Prev) -> Chain {
     // (text, quoted) of the first and the last part, and how many parts.
     let mut first: (&[u8], bool) = (&[], false);
     let mut count = 0usize;
-    let mut i = start;
     loop {
-        let (part, quoted, end) = if sql.get(i) == Some(&b'"') {
-            match skip_quoted_name(sql, i) {
-                Some(end) => (&sql[i + 1..end - 1], true, end),
-                None => return Chain::Call(false, sql.len()),
-            }
-        } else if sql.get(i).is_some_and(|&c| is_ident_start(c)) {
-            let mut e = i;
-            while e < sql.len() && is_ident_char(sql[e]) {
-                e += 1;
-            }
-            (&sql[i..e], false, e)
-        } else if sql.get(i) == Some(&b'*') {
+        let (part, quoted) = match tok.kind {
+            Kind::QuotedName => (&sql[tok.start + 1..tok.end - 1], true),
+            Kind::Word => (tok.text(sql), false),
             // `t.*`
-            return Chain::Name(i + 1);
-        } else {
+            Kind::Punct(b'*') if count > 0 => return Chain::Name,
             // `x.` followed by something else: not a name we understand.
-            return Chain::Call(false, i);
+            _ => return Chain::Call(false),
         };
         count += 1;
         if count == 1 {
             first = (part, quoted);
         }
-        let next = skip_blank(sql, end);
-        match sql.get(next) {
-            Some(b'.') => i = skip_blank(sql, next + 1),
-            Some(b'(') => {
+        match toks.peek().map(|t| t.kind) {
+            Some(Kind::Punct(b'.')) => {
+                toks.next();
+                match toks.next() {
+                    Some(t) => tok = t,
+                    None => return Chain::Call(false),
+                }
+            }
+            Some(Kind::Punct(b'(')) => {
+                toks.next();
                 if prev == Prev::Cast || NAMES_A_LIST.iter().any(|w| prev.is(w)) {
-                    return Chain::Call(true, next + 1);
+                    return Chain::Call(true);
                 }
                 if count == 1 && (prev == Prev::Name || prev == Prev::Close) {
-                    return Chain::Call(true, next + 1); // `"t" x(…)`-like alias list
+                    return Chain::Call(true); // `"t" x(…)`-like alias list
                 }
                 let schema_ok = match count {
                     1 => true,
@@ -265,9 +182,9 @@ fn name_chain(sql: &[u8], start: usize, prev: Prev) -> Chain {
                         known(&buf[..part.len()])
                     }
                 };
-                return Chain::Call(schema_ok && builtin, next + 1);
+                return Chain::Call(schema_ok && builtin);
             }
-            _ => return Chain::Name(end),
+            _ => return Chain::Name,
         }
     }
 }
@@ -277,68 +194,11 @@ fn known(name: &[u8]) -> bool {
     is_builtin_function(name) || name == b"set_config"
 }
 
-fn is_ident_start(c: u8) -> bool {
-    c.is_ascii_alphabetic() || c == b'_' || c >= 0x80
-}
-
-fn is_ident_char(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
-}
-
 fn skip_blank(sql: &[u8], mut i: usize) -> usize {
     while i < sql.len() && sql[i].is_ascii_whitespace() {
         i += 1;
     }
     i
-}
-
-/// Past the end of a string literal starting at the quote `at`; `None` if it does not end, or if
-/// it holds `\'` outside an `E''` string (where `standard_conforming_strings = off` would end it
-/// elsewhere).
-fn skip_string(sql: &[u8], at: usize, escapes: bool) -> Option<usize> {
-    let mut i = at + 1;
-    while i < sql.len() {
-        match sql[i] {
-            b'\\' if escapes => i += 2,
-            b'\\' if sql.get(i + 1) == Some(&b'\'') => return None,
-            b'\'' if sql.get(i + 1) == Some(&b'\'') => i += 2,
-            b'\'' => return Some(i + 1),
-            _ => i += 1,
-        }
-    }
-    None
-}
-
-fn skip_quoted_name(sql: &[u8], at: usize) -> Option<usize> {
-    let mut i = at + 1;
-    while i < sql.len() {
-        if sql[i] == b'"' {
-            if sql.get(i + 1) == Some(&b'"') {
-                i += 2;
-                continue;
-            }
-            return Some(i + 1);
-        }
-        i += 1;
-    }
-    None
-}
-
-/// `$tag$ … $tag$` from the first `$`.
-fn skip_dollar_string(sql: &[u8], at: usize) -> Option<usize> {
-    let mut e = at + 1;
-    while e < sql.len() && (sql[e].is_ascii_alphanumeric() || sql[e] == b'_' || sql[e] >= 0x80) {
-        e += 1;
-    }
-    if sql.get(e) != Some(&b'$') {
-        return None; // a lone `$`: not valid SQL, let the grammar say so.
-    }
-    let tag = &sql[at..=e];
-    let body = e + 1;
-    sql[body..]
-        .windows(tag.len())
-        .position(|w| w == tag)
-        .map(|p| body + p + tag.len())
 }
 
 /// Names of functions a statement may call that are not built-in (lower case, unqualified),

@@ -9,6 +9,7 @@
 use crate::builtins::is_builtin_function;
 use crate::calls;
 use shared::link::flags;
+use shared::sql::{contains_ci, find_ci, Kind, Lexer};
 use std::cell::RefCell;
 use std::collections::HashMap;
 
@@ -70,7 +71,12 @@ impl Classifier {
             CONSERVATIVE | if guard { LOWERS_SYNC_COMMIT } else { 0 }
         } else {
             match std::str::from_utf8(sql) {
-                Ok(text) => parse_off_core(text.to_owned(), guard).await,
+                Ok(text) => match parse_off_core(text.to_owned(), guard).await {
+                    Some(f) => f,
+                    // Not judged (every parser busy): conservative, refused if it may lower
+                    // synchronous_commit, and not cached.
+                    None => return CONSERVATIVE | if guard { LOWERS_SYNC_COMMIT } else { 0 },
+                },
                 // Postgres will reject it (invalid byte sequence): nothing runs.
                 Err(_) => 0,
             }
@@ -133,24 +139,60 @@ impl StatementFlags {
     }
 }
 
-/// Runs the parser on a thread of its own: a deep statement may recurse far, and the executor's
-/// core must not stall on it.
-async fn parse_off_core(text: String, guard: bool) -> u8 {
-    let (tx, rx) = futures_channel::oneshot::channel();
-    let spawned = std::thread::Builder::new()
-        .name("classify".into())
-        .stack_size(256 << 20)
-        .spawn(move || {
-            let mut f = full(&text);
-            if guard && lowers_sync_commit(&text) {
-                f |= LOWERS_SYNC_COMMIT;
+/// Threads that run the grammar for every core of the process: a deep statement may recurse
+/// far, and an executor's core must not stall on it. A fixed pool, not a thread per cache miss
+/// (a stream of distinct statements would otherwise start a thread each).
+const PARSER_THREADS: usize = 2;
+/// Statements waiting for a parser thread; past it the conservative answer is used at once, so
+/// a flood of pathological SQL costs its senders a settings read-back, not a stalled core.
+const PARSER_QUEUE: usize = 1024;
+
+struct ParseJob {
+    text: String,
+    guard: bool,
+    answer: futures_channel::oneshot::Sender<u8>,
+}
+
+fn parser_pool() -> &'static crossbeam::channel::Sender<ParseJob> {
+    static POOL: std::sync::OnceLock<crossbeam::channel::Sender<ParseJob>> =
+        std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let (tx, rx) = crossbeam::channel::bounded::<ParseJob>(PARSER_QUEUE);
+        for i in 0..PARSER_THREADS {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("classify-{i}"))
+                .stack_size(256 << 20)
+                .spawn(move || {
+                    for job in rx {
+                        let f = std::panic::catch_unwind(|| {
+                            let mut f = full(&job.text);
+                            if job.guard && lowers_sync_commit(&job.text) {
+                                f |= LOWERS_SYNC_COMMIT;
+                            }
+                            f
+                        });
+                        let _ = job.answer.send(f.unwrap_or(CONSERVATIVE));
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "starting a parser thread failed");
             }
-            let _ = tx.send(f);
-        });
-    if spawned.is_err() {
-        return CONSERVATIVE;
-    }
-    rx.await.unwrap_or(CONSERVATIVE)
+        }
+        tx
+    })
+}
+
+/// Runs the grammar on the parser threads; `None` if none could take it.
+async fn parse_off_core(text: String, guard: bool) -> Option<u8> {
+    let (answer, rx) = futures_channel::oneshot::channel();
+    let job = ParseJob {
+        text,
+        guard,
+        answer,
+    };
+    parser_pool().try_send(job).ok()?;
+    rx.await.ok()
 }
 
 /// `currval`/`lastval` answer from the backend's own sequence state, which Tidepool cannot copy
@@ -183,71 +225,47 @@ pub fn sequence_state(sql: &[u8]) -> u8 {
 /// (Postgres checks the symbol), like `LOAD`; C code may keep state per backend (regress.so's
 /// `set_ttdummy`, refint's plan cache), so the session keeps that backend.
 fn language_c(sql: &[u8]) -> bool {
-    let mut from = 0;
-    while let Some(at) = find_ci(&sql[from..], b"language") {
-        let i = skip_blank(sql, from + at + b"language".len());
-        let rest = &sql[i..];
-        let name = match rest.first() {
-            Some(b'\'' | b'"') => rest.get(1..3).filter(|n| n[1] == rest[0]).map(|n| n[0]),
-            Some(_) => rest
-                .get(1)
-                .is_none_or(|b| !(b.is_ascii_alphanumeric() || *b == b'_' || *b == b'$'))
-                .then_some(rest[0]),
-            None => None,
-        };
-        if name.is_some_and(|c| c.eq_ignore_ascii_case(&b'c')) {
-            return true;
+    let mut after_language = false;
+    for t in Lexer::new(sql) {
+        if after_language {
+            let name = match t.kind {
+                Kind::Word => t.text(sql),
+                Kind::String | Kind::QuotedName => &t.text(sql)[1..t.end - t.start - 1],
+                _ => &[],
+            };
+            if name.eq_ignore_ascii_case(b"c") {
+                return true;
+            }
         }
-        from += at + 1;
+        after_language = t.is_word(sql, b"language");
     }
     false
 }
 
-fn find_ci(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len())
-        .position(|w| w.eq_ignore_ascii_case(needle))
-}
-
-fn contains_ci(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle))
-}
-
-/// Skips white space and comments.
-fn skip_blank(sql: &[u8], mut i: usize) -> usize {
-    loop {
-        while i < sql.len() && sql[i].is_ascii_whitespace() {
-            i += 1;
+/// The first three tokens' words (empty where a token is not a word, and after it).
+fn leading_words(sql: &[u8]) -> [&[u8]; 3] {
+    let mut words: [&[u8]; 3] = [&[]; 3];
+    for (slot, t) in words.iter_mut().zip(Lexer::new(sql)) {
+        if t.kind != Kind::Word {
+            break;
         }
-        if sql[i..].starts_with(b"--") {
-            while i < sql.len() && sql[i] != b'\n' {
-                i += 1;
-            }
-        } else if sql[i..].starts_with(b"/*") {
-            i = shared::sql::skip_block_comment(sql, i).unwrap_or(sql.len());
-        } else {
-            return i;
-        }
+        *slot = t.text(sql);
     }
+    words
 }
 
-fn word(sql: &[u8], i: usize) -> (&[u8], usize) {
-    let start = skip_blank(sql, i);
-    let mut end = start;
-    while end < sql.len() && (sql[end].is_ascii_alphabetic() || sql[end] == b'_') {
-        end += 1;
-    }
-    (&sql[start..end], end)
-}
-
-/// One statement only: no `;` other than trailing ones.
+/// One statement only, that the lexer reads for sure: no `;` other than trailing ones.
 fn single(sql: &[u8]) -> bool {
-    match sql.iter().position(|&b| b == b';') {
-        None => true,
-        Some(p) => sql[p..]
-            .iter()
-            .all(|&b| b == b';' || b.is_ascii_whitespace()),
+    let mut ended = false;
+    for t in Lexer::new(sql) {
+        match t.kind {
+            Kind::Punct(b';') => ended = true,
+            Kind::Unsure => return false,
+            _ if ended => return false,
+            _ => {}
+        }
     }
+    true
 }
 
 fn depth(sql: &[u8]) -> usize {
@@ -315,37 +333,29 @@ pub fn ends_transaction(sql: &[u8]) -> Option<bool> {
     if !single(sql) {
         return None;
     }
-    let (first, after) = word(sql, 0);
-    let commit = if first.eq_ignore_ascii_case(b"commit") || first.eq_ignore_ascii_case(b"end") {
+    let mut words = Lexer::new(sql).filter(|t| t.kind != Kind::Punct(b';'));
+    let first = words.next()?;
+    let commit = if first.is_word(sql, b"commit") || first.is_word(sql, b"end") {
         true
-    } else if first.eq_ignore_ascii_case(b"rollback") || first.eq_ignore_ascii_case(b"abort") {
+    } else if first.is_word(sql, b"rollback") || first.is_word(sql, b"abort") {
         false
     } else {
         return None;
     };
-    // Optional WORK/TRANSACTION, optional AND [NO] CHAIN is refused (rare; let it fail).
-    let (second, after2) = word(sql, after);
-    let rest_at =
-        if second.eq_ignore_ascii_case(b"work") || second.eq_ignore_ascii_case(b"transaction") {
-            after2
-        } else if second.is_empty() {
-            after
-        } else {
-            return None;
-        };
-    let (third, _) = word(sql, rest_at);
-    let end = skip_blank(sql, rest_at.min(sql.len()));
-    (third.is_empty()
-        && sql[end..]
-            .iter()
-            .all(|&b| b == b';' || b.is_ascii_whitespace()))
-    .then_some(commit)
+    // Optional WORK/TRANSACTION; AND [NO] CHAIN is refused (rare; let it fail).
+    match words.next() {
+        None => Some(commit),
+        Some(t) if t.is_word(sql, b"work") || t.is_word(sql, b"transaction") => {
+            words.next().is_none().then_some(commit)
+        }
+        Some(_) => None,
+    }
 }
 
 /// Whether a statement sent inside a transaction might commit it (so its outcome is unknown if
 /// the link dies under it). Conservative: any mention of COMMIT, or END/PREPARE first.
 pub fn may_commit(sql: &[u8]) -> bool {
-    let (first, _) = word(sql, 0);
+    let [first, ..] = leading_words(sql);
     first.eq_ignore_ascii_case(b"end")
         || first.eq_ignore_ascii_case(b"prepare")
         || contains_ci(sql, b"commit")
@@ -356,7 +366,7 @@ pub fn fast(sql: &[u8]) -> Option<u8> {
     if !single(sql) {
         return None;
     }
-    let (first, after) = word(sql, 0);
+    let [first, second, third] = leading_words(sql);
     let kw = first.to_ascii_lowercase();
     let functions = || {
         let mut f = 0;
@@ -415,7 +425,6 @@ pub fn fast(sql: &[u8]) -> Option<u8> {
             Some(flags::PIN | flags::SNAPSHOT)
         }
         b"set" => {
-            let (second, _) = word(sql, after);
             if second.eq_ignore_ascii_case(b"local")
                 || second.eq_ignore_ascii_case(b"transaction")
                 || second.eq_ignore_ascii_case(b"constraints")
@@ -427,7 +436,6 @@ pub fn fast(sql: &[u8]) -> Option<u8> {
         }
         b"reset" => Some(flags::SNAPSHOT),
         b"discard" => {
-            let (second, _) = word(sql, after);
             if second.eq_ignore_ascii_case(b"all") {
                 Some(flags::DISCARD | flags::SNAPSHOT | flags::LISTEN)
             } else {
@@ -441,7 +449,6 @@ pub fn fast(sql: &[u8]) -> Option<u8> {
         // judged now, as for a protocol-level Parse (an advisory lock pins the session before
         // any EXECUTE). PREPARE TRANSACTION ends the transaction.
         b"prepare" => {
-            let (second, _) = word(sql, after);
             if second.eq_ignore_ascii_case(b"transaction") {
                 Some(flags::PIN)
             } else {
@@ -451,11 +458,12 @@ pub fn fast(sql: &[u8]) -> Option<u8> {
         b"load" => Some(flags::PIN),
         b"deallocate" => {
             // DEALLOCATE [PREPARE] ALL (the word itself contains "all").
-            let (mut second, next) = word(sql, after);
-            if second.eq_ignore_ascii_case(b"prepare") {
-                second = word(sql, next).0;
-            }
-            if second.eq_ignore_ascii_case(b"all") {
+            let what = if second.eq_ignore_ascii_case(b"prepare") {
+                third
+            } else {
+                second
+            };
+            if what.eq_ignore_ascii_case(b"all") {
                 Some(flags::DEALLOCATE)
             } else {
                 Some(0)
@@ -853,6 +861,13 @@ mod tests {
     #[test]
     fn lexer() {
         assert_eq!(fast(b"SELECT 1"), Some(0));
+        // One statement though a string holds a `;`; two statements go to the grammar.
+        assert_eq!(fast(b"SELECT ';'"), Some(0));
+        assert_eq!(fast(b"SELECT 1; SELECT 2"), None);
+        // Text read two ways under standard_conforming_strings: the grammar decides.
+        assert_eq!(fast(b"SELECT 'a\\'; SET x = 1 --'"), None);
+        assert_eq!(ends_transaction(b"COMMIT /* x */ ;"), Some(true));
+        assert_eq!(ends_transaction(b"ROLLBACK TO SAVEPOINT s"), None);
         assert_eq!(fast(b"  /* c */ -- x\n select 1;"), Some(0));
         assert_eq!(
             fast(b"select set_config('a.b','1',false)"),
@@ -1064,7 +1079,7 @@ mod tests {
 /// the gateway tells the pooler to close them first. Cheap for everything else: one scan for
 /// the word `database`. Written by hand (a few keywords, no parse tree needed).
 pub fn databases_to_release(sql: &[u8]) -> Vec<String> {
-    if !contains_ignore_case(sql, b"database") {
+    if !contains_ci(sql, b"database") {
         return Vec::new();
     }
     let mut out = Vec::new();
@@ -1100,60 +1115,19 @@ pub fn databases_to_release(sql: &[u8]) -> Vec<String> {
     out
 }
 
-fn contains_ignore_case(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle))
-}
-
 /// Words (unquoted ones lower-cased, quoted ones as written), string literals' contents,
-/// `;` and `=`; comments and other punctuation skipped.
+/// `;` and `=`, and other tokens as written; comments, `(`, `)` and `,` skipped.
 fn db_tokens(sql: &[u8]) -> Vec<String> {
     let mut out = Vec::new();
-    let mut i = 0;
-    while i < sql.len() {
-        let c = sql[i];
-        if c.is_ascii_whitespace() || c == b'(' || c == b')' || c == b',' {
-            i += 1;
-        } else if c == b'-' && sql.get(i + 1) == Some(&b'-') {
-            while i < sql.len() && sql[i] != b'\n' {
-                i += 1;
-            }
-        } else if c == b'/' && sql.get(i + 1) == Some(&b'*') {
-            i += 2;
-            while i + 1 < sql.len() && !(sql[i] == b'*' && sql[i + 1] == b'/') {
-                i += 1;
-            }
-            i += 2;
-        } else if c == b'"' || c == b'\'' {
-            let mut s = Vec::new();
-            i += 1;
-            while i < sql.len() {
-                if sql[i] == c {
-                    if sql.get(i + 1) == Some(&c) {
-                        s.push(c);
-                        i += 2;
-                        continue;
-                    }
-                    i += 1;
-                    break;
-                }
-                s.push(sql[i]);
-                i += 1;
-            }
-            out.push(String::from_utf8_lossy(&s).into_owned());
-        } else if c == b';' || c == b'=' {
-            out.push((c as char).to_string());
-            i += 1;
-        } else {
-            let start = i;
-            while i < sql.len()
-                && !sql[i].is_ascii_whitespace()
-                && !matches!(sql[i], b';' | b'=' | b'(' | b')' | b',' | b'"' | b'\'')
-            {
-                i += 1;
-            }
-            out.push(String::from_utf8_lossy(&sql[start..i]).to_ascii_lowercase());
-        }
+    for t in Lexer::new(sql) {
+        let text = match t.kind {
+            Kind::Unsure => break,
+            Kind::Punct(b'(' | b')' | b',') => continue,
+            Kind::Word => t.text(sql).to_ascii_lowercase(),
+            Kind::QuotedName | Kind::String => t.unquoted(sql).unwrap_or_default(),
+            _ => t.text(sql).to_vec(),
+        };
+        out.push(String::from_utf8_lossy(&text).into_owned());
     }
     out
 }
@@ -1167,6 +1141,12 @@ mod release_tests {
         assert_eq!(r(b"DROP DATABASE t1"), vec!["t1"]);
         assert_eq!(r(b"drop database if exists \"Test DB\";"), vec!["Test DB"]);
         assert_eq!(r(b"DROP DATABASE t1 WITH (FORCE)"), vec!["t1"]);
+        // Comments nest as in Postgres; a `;` in a string ends no statement.
+        assert_eq!(r(b"DROP /* a /* b */ ; */ DATABASE t1"), vec!["t1"]);
+        assert_eq!(
+            r(b"SELECT ';DROP DATABASE no'; DROP DATABASE t1"),
+            vec!["t1"]
+        );
         assert_eq!(r(b"ALTER DATABASE t1 RENAME TO t3"), vec!["t1"]);
         assert_eq!(r(b"CREATE DATABASE t2 TEMPLATE t1"), vec!["t1"]);
         assert_eq!(

@@ -2,17 +2,15 @@
 //! listener and the sessions the kernel gives it, for their whole life, with no locks.
 
 mod auth;
-mod builtins;
-mod calls;
-mod classify;
 mod config;
 mod core;
 mod failover;
 mod link;
 mod session;
 mod session_io;
-mod statement_names;
 mod tls;
+
+use tidepool_gateway::{classify, statement_names};
 
 use clap::Parser;
 use glommio::net::{TcpListener, UnixListener};

@@ -4,7 +4,9 @@
 //! one namespace per session. The pooler names statements by content on its backends
 //! (docs/decisions/2026-11-21-statements-named-by-content.md), so a name in SQL text must be
 //! replaced by the backend's name. This finds where those names are, with Postgres's own lexer
-//! (`pg_query::scan`: quoting, dollar quotes, comments, `E''` strings), and folds them as
+//! (`pg_query::scan`: quoting, dollar quotes, comments, `E''` strings; unlike the shared lexer
+//! of the classifiers, `shared::sql`, it knows each keyword's category, which tells a name
+//! from syntax here), and folds them as
 //! Postgres does (unquoted: ASCII lower case; quoted: as written, `""` is `"`). The pooler does
 //! the replacing, since only it knows the session's statements.
 //!
@@ -12,6 +14,7 @@
 //! pays one pass over its bytes.
 
 use pg_query::protobuf::{KeywordKind, Token};
+use shared::sql::contains_ci;
 
 /// Longest text scanned; a longer one keeps the old behaviour (a `PREPARE` pins the session).
 const MAX_SCAN: usize = 64 * 1024;
@@ -57,11 +60,6 @@ pub enum Found {
     Unmapped {
         prepares: bool,
     },
-}
-
-fn contains_ci(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle))
 }
 
 /// Cheap test: could the text hold one of the commands?

@@ -56,7 +56,7 @@ pub struct Backend {
     pub announce_freed: std::cell::Cell<bool>,
     /// Closed so that this pool's waiters on another core, which have no backend there, get its
     /// unit: announce it to them (and not to this core's waiters) when it ends.
-    pub yield_to: RefCell<Option<crate::pool::PoolKey>>,
+    pub yield_to: RefCell<Option<crate::budget::PoolKey>>,
     /// The session that held it last: a session coming back to it finds its own state.
     pub last_owner: RefCell<Option<Weak<dyn Owner>>>,
 }

@@ -8,11 +8,17 @@
 //! milliseconds to decide whether one of its backends serves better on another core (see
 //! `pool::Pool::give_away_to`); nothing here is read per request.
 
-use crate::pool::PoolKey;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+
+/// A pool's identity: the (user, database) its backends log in as.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub user: String,
+    pub database: String,
+}
 
 pub struct Budgets {
     total: AtomicUsize,

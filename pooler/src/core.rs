@@ -4,8 +4,9 @@
 
 use crate::admin::Admin;
 use crate::budget::Budgets;
+use crate::budget::PoolKey;
 use crate::config::Config;
-use crate::pool::{Pool, PoolKey};
+use crate::pool::Pool;
 use crate::session::Session;
 use crate::statements::Stmt;
 use glommio::channels::channel_mesh::Senders;

@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 pub struct Link {
-    pub out: OutQueue,
+    /// Frames to the gateway; each session on the link holds it too.
+    pub out: Rc<OutQueue>,
     sessions: RefCell<HashMap<u32, Rc<Session>>>,
 }
 
@@ -19,7 +20,7 @@ pub async fn serve(core: Rc<Core>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let stream = RcStream::new(stream);
     let l = Rc::new(Link {
-        out: OutQueue::new(8 << 20, 1 << 20),
+        out: Rc::new(OutQueue::new(8 << 20, 1 << 20)),
         sessions: RefCell::new(HashMap::new()),
     });
     let writer = l.clone();
@@ -88,7 +89,7 @@ async fn on_frame(core: &Rc<Core>, l: &Rc<Link>, kind: u8, id: u32, payload: Vec
             Ok(open) => {
                 let pool = core.pool_for(&open.user, &open.database);
                 let key = (open.pid, open.secret);
-                let s = Session::new(id, l.clone(), pool, open.credential, key, open.settings);
+                let s = Session::new(id, l.out.clone(), pool, open.credential, key, open.settings);
                 core.sessions_by_key
                     .borrow_mut()
                     .insert(key, Rc::downgrade(&s));

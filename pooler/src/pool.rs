@@ -11,7 +11,7 @@
 //! When the total budget is spent, a core frees an idle backend of another pool on itself.
 
 use crate::backend::{self, Backend};
-use crate::budget::{PoolBudget, Reserve};
+use crate::budget::{PoolBudget, PoolKey, Reserve};
 use crate::core::{Core, CoreMsg};
 use crate::login::LoginError;
 use crate::responses::{Entry, Internal};
@@ -23,12 +23,6 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct PoolKey {
-    pub user: String,
-    pub database: String,
-}
 
 /// A waiter is handed a backend, or `None` meaning "capacity freed: try again".
 type Waiter = Rc<Slot<Option<Rc<Backend>>>>;

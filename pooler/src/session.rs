@@ -8,13 +8,12 @@
 
 use crate::backend::Backend;
 use crate::core::Core;
-use crate::link::Link;
 use crate::pool::{self, Pool};
 use crate::readback;
 use crate::responses::{self, Entry, Internal, Kind, Owner};
 use crate::sql_names::{ensure, parse_names, write_sql_query, SqlName};
-use crate::statements::Stmt;
-use shared::io::{Notify, Slot};
+use crate::statements::{Statements, Stmt};
+use shared::io::{Notify, OutQueue, Slot};
 use shared::link::{down, flags, put_header, Credential};
 use shared::protocol::backend::{self as be, Severity};
 use shared::protocol::frontend as fe;
@@ -34,7 +33,8 @@ const WINDOW: usize = 256 * 1024;
 
 pub struct Session {
     pub id: u32,
-    pub link: Rc<Link>,
+    /// Its link's frames to the gateway.
+    pub to_gateway: Rc<OutQueue>,
     pub pool: Rc<Pool>,
     pub credential: Credential,
     pub cancel_key: (i32, i32),
@@ -44,7 +44,7 @@ pub struct Session {
     pub settings: RefCell<Rc<Settings>>,
     /// Custom settings (`x.y`) the session may have set: read back by name (see `up::WATCH`).
     pub watch: RefCell<Vec<String>>,
-    pub statements: RefCell<HashMap<Vec<u8>, Rc<Stmt>>>,
+    pub statements: Statements,
     pub unnamed: RefCell<Option<Rc<Stmt>>>,
     pub backend: RefCell<Option<Rc<Backend>>>,
     /// Session state lives on the backend (temp table, cursor WITH HOLD, advisory lock…).
@@ -95,7 +95,7 @@ const NAMES_ITEM: u8 = 0xff;
 impl Session {
     pub fn new(
         id: u32,
-        link: Rc<Link>,
+        to_gateway: Rc<OutQueue>,
         pool: Rc<Pool>,
         credential: Credential,
         cancel_key: (i32, i32),
@@ -104,7 +104,7 @@ impl Session {
         let baseline = Rc::new(baseline);
         Rc::new(Session {
             id,
-            link,
+            to_gateway,
             pool,
             credential,
             cancel_key,
@@ -174,7 +174,7 @@ impl Session {
             return;
         }
         if !self.gone.get() {
-            self.link.out.push_with(|b| {
+            self.to_gateway.push_with(|b| {
                 put_header(b, down::DATA, self.id, out.len());
                 b.extend_from_slice(&out);
             });
@@ -229,7 +229,7 @@ impl Session {
         s.encode(&mut payload);
         *self.settings.borrow_mut() = s;
         if !self.gone.get() {
-            self.link.out.push_with(|b| {
+            self.to_gateway.push_with(|b| {
                 put_header(b, down::SETTINGS, self.id, payload.len());
                 b.extend_from_slice(&payload);
             });
@@ -290,7 +290,7 @@ impl Session {
         if self.gone.get() {
             return;
         }
-        self.link.out.push_with(|b| {
+        self.to_gateway.push_with(|b| {
             put_header(b, down::CLOSED, self.id, err.len());
             b.extend_from_slice(err);
         });
@@ -489,12 +489,12 @@ fn maybe_release(core: &Rc<Core>, s: &Rc<Session>) {
 /// The session's task: open, then process the gateway's frames in order until the client leaves.
 pub async fn run(core: Rc<Core>, s: Rc<Session>) {
     match open(&core, &s).await {
-        Ok(params) => s.link.out.push_with(|b| {
+        Ok(params) => s.to_gateway.push_with(|b| {
             put_header(b, down::OPENED, s.id, params.len());
             b.extend_from_slice(&params);
         }),
         Err(err) => {
-            s.link.out.push_with(|b| {
+            s.to_gateway.push_with(|b| {
                 put_header(b, down::OPEN_FAILED, s.id, err.len());
                 b.extend_from_slice(&err);
             });
@@ -863,7 +863,7 @@ async fn write_batch(
             return Ok(());
         };
         if std::mem::take(&mut real_names) {
-            crate::sql_names::real_names(s, &b);
+            crate::sql_names::real_names(&s.statements, &b);
         }
         if s.listen.dirty.get() {
             // It may LISTEN: UNLISTEN * before it goes back to the pool.
@@ -1040,7 +1040,14 @@ fn write_message(
             if names.is_empty() {
                 b.send(msg, Some(Entry::Client(Kind::Query)));
             } else {
-                write_sql_query(core, s, b, msg, &names);
+                write_sql_query(
+                    &s.statements,
+                    core.cfg.max_prepared_statements,
+                    s.open_batch.get(),
+                    b,
+                    msg,
+                    &names,
+                );
             }
         }
         fe::FUNCTION_CALL => b.send(msg, Some(Entry::Client(Kind::FunctionCall))),

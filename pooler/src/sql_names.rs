@@ -6,10 +6,8 @@
 //! would have changed.
 
 use crate::backend::Backend;
-use crate::core::Core;
 use crate::responses::{Entry, Internal, Kind};
-use crate::session::Session;
-use crate::statements::{SqlDef, SqlQuery, Stmt, Undo};
+use crate::statements::{SqlDef, SqlQuery, Statements, Stmt, Undo};
 use shared::protocol::frontend as fe;
 use shared::protocol::{put_cstr, put_message};
 use std::cell::Cell;
@@ -165,9 +163,8 @@ fn sql_statement(name: &[u8], rest: &[u8], source: &[u8]) -> Rc<Stmt> {
 /// backends they are otherwise named by content (`tp_…`), which only the gateway's mapping of
 /// the client's own text knows. The copies live while the session holds `b` (no other session
 /// can see them) and are deallocated before `b` goes back to its pool (`drop_real_names`).
-pub fn real_names(s: &Rc<Session>, b: &Rc<Backend>) {
-    let wanted: Vec<(Vec<u8>, Rc<Stmt>)> = s
-        .statements
+pub fn real_names(statements: &Statements, b: &Rc<Backend>) {
+    let wanted: Vec<(Vec<u8>, Rc<Stmt>)> = statements
         .borrow()
         .iter()
         .filter(|(_, st)| st.sql.is_some())
@@ -253,14 +250,13 @@ fn dollar_literal(out: &mut Vec<u8>, text: &[u8]) {
 /// its own names (made on this backend first: parameter types and plan counts are the
 /// backend's), and statements the backend has under client names (a pinned session's).
 fn prepared_view(
-    s: &Rc<Session>,
+    statements: &Statements,
     b: &Rc<Backend>,
     limit: usize,
     in_batch: bool,
     bare: bool,
 ) -> Vec<u8> {
-    let mut stmts: Vec<(Vec<u8>, Rc<Stmt>)> = s
-        .statements
+    let mut stmts: Vec<(Vec<u8>, Rc<Stmt>)> = statements
         .borrow()
         .iter()
         .map(|(n, st)| (n.clone(), st.clone()))
@@ -339,17 +335,17 @@ fn chars(b: &[u8]) -> u32 {
 /// A simple `Query` whose SQL names prepared statements: each name becomes its backend name,
 /// the statements it uses are made on this backend first, and the session's namespace changes
 /// as `PREPARE`/`DEALLOCATE` would change it (undone for statements that do not complete).
+/// `statements`: the session's; `limit`: statements a backend may hold; `in_batch`: the `Query`
+/// comes inside the client's unsynced extended-protocol messages (no `Sync` of ours).
 pub fn write_sql_query(
-    core: &Rc<Core>,
-    s: &Rc<Session>,
+    statements: &Statements,
+    limit: usize,
+    in_batch: bool,
     b: &Rc<Backend>,
     msg: &[u8],
     names: &[SqlName],
 ) {
     let sql = fe::query_text(&msg[5..]);
-    let limit = core.cfg.max_prepared_statements;
-    // A Query inside the client's unsynced extended-protocol messages: no Sync of ours.
-    let in_batch = s.open_batch.get();
     let mut q = SqlQuery::default();
     let mut text = Vec::with_capacity(sql.len() + 64);
     let mut pos = 0;
@@ -358,7 +354,7 @@ pub fn write_sql_query(
             continue;
         }
         if n.kind == NAME_VIEW || n.kind == NAME_VIEW_BARE {
-            let view = prepared_view(s, b, limit, in_batch, n.kind == NAME_VIEW_BARE);
+            let view = prepared_view(statements, b, limit, in_batch, n.kind == NAME_VIEW_BARE);
             q.view = true;
             text.extend_from_slice(&sql[pos..n.start]);
             text.extend_from_slice(&view);
@@ -370,7 +366,7 @@ pub fn write_sql_query(
             pos = n.end;
             continue;
         }
-        let existing = s.statements.borrow().get(&n.name).cloned();
+        let existing = statements.borrow().get(&n.name).cloned();
         let content = match (n.kind, existing) {
             // The name exists: the backend reports 42P05 for its statement, renamed back.
             (NAME_PREPARE, Some(st)) => {
@@ -388,7 +384,7 @@ pub fn write_sql_query(
                     b.st.borrow_mut().prepared.remove(&st.content);
                     b.send(&m, Some(inject(&st, false)));
                 }
-                s.statements.borrow_mut().insert(n.name.clone(), st.clone());
+                statements.borrow_mut().insert(n.name.clone(), st.clone());
                 b.add_prepared(st.content.clone(), limit);
                 q.undo
                     .push((n.stmt, Undo::Unname(n.name.clone(), st.clone())));
@@ -401,7 +397,7 @@ pub fn write_sql_query(
             }
             (NAME_DEALLOCATE, Some(st)) => {
                 ensure(b, &st, limit, in_batch);
-                s.statements.borrow_mut().remove(&n.name);
+                statements.borrow_mut().remove(&n.name);
                 b.st.borrow_mut().prepared.remove(&st.content);
                 q.undo
                     .push((n.stmt, Undo::Rename(n.name.clone(), st.clone())));

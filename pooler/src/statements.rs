@@ -4,8 +4,13 @@
 
 use shared::protocol::backend as be;
 use shared::protocol::put_message;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+
+/// A session's prepared statements by the name its client gave them (one namespace for
+/// protocol-level and SQL `PREPARE`, as in Postgres).
+pub type Statements = RefCell<HashMap<Vec<u8>, Rc<Stmt>>>;
 
 /// The statements a backend has prepared, bounded: the least recently used is closed when a new
 /// one would pass the limit.
