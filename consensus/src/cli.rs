@@ -234,6 +234,11 @@ pub struct UpArgs {
     /// The cluster's name: the etcd key prefix /tidepool/NAME/ [default: local].
     #[arg(long, value_name = "NAME")]
     pub cluster_name: Option<String>,
+
+    /// Serve Prometheus metrics from the control process on HOST:PORT (docs/metrics.md);
+    /// "" = off [default: off].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_listen: Option<String>,
 }
 
 impl UpArgs {
@@ -260,6 +265,7 @@ impl UpArgs {
             etcd: self.etcd.clone(),
             cluster_name: self.cluster_name.clone(),
             backup: None,
+            metrics_listen: self.metrics_listen.clone(),
         }
     }
 }

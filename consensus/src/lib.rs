@@ -11,6 +11,7 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod layout;
+pub mod metrics;
 pub mod password;
 pub mod policy;
 pub mod postgres;
