@@ -1,7 +1,7 @@
 //! The control process's Prometheus endpoint against a real cluster (`tidepool up --standbys 2
 //! --metrics-listen ADDR`): scraped over HTTP, parsed by a Prometheus text-format parser, the
-//! values checked against what the cluster is; then the primary is killed and the term, the
-//! failover count and the roles must follow.
+//! values checked against what the cluster is; then a switchover, and the new primary is
+//! killed: the term, the switchover and failover counts and the roles must follow.
 
 mod ha;
 
@@ -201,9 +201,31 @@ fn metrics_endpoint_reports_the_cluster_and_follows_a_failover() {
     let (status_line, _, _) = get(addr, "/nothing", "*/*");
     assert!(status_line.contains(" 404 "), "{status_line}");
 
-    // The primary dies: a failover at a new term, and the metrics say so.
-    c.kill_node(0);
-    let (new, r) = c.wait_new_primary(0, 0, Duration::from_secs(60));
+    // A switchover to node2: counted, and the term moves.
+    let out = c.tidepool(&["switchover", "--to", "node2"]);
+    assert!(out.success(), "{}\n{}", out.text, c.logs());
+    let (_, r) = c.wait_new_primary(0, 0, Duration::from_secs(30));
+    let switch_term = r.primary_term;
+    let (s, body, ok) = scrape_until(addr, Duration::from_secs(30), |s| {
+        value(s, "tidepool_switchovers_total", &[]) == Some(1.0)
+            && value(s, "tidepool_primary_term", &[]) == Some(switch_term as f64)
+            && value(
+                s,
+                "tidepool_node_role",
+                &[("node", "node2"), ("role", "primary")],
+            ) == Some(1.0)
+    });
+    assert!(ok, "metrics did not follow the switchover:\n{body}");
+    assert_eq!(
+        value(&s, "tidepool_failovers_total", &[("trigger", "automatic")]),
+        Some(0.0),
+        "a switchover is no failover: {body}"
+    );
+    c.wait_all_streaming(&[], Duration::from_secs(60));
+
+    // The primary (node2) dies: a failover at a new term, and the metrics say so.
+    c.kill_node(1);
+    let (new, r) = c.wait_new_primary(1, switch_term, Duration::from_secs(60));
     let new_name = c.nodes[new].name.clone();
     let term = r.primary_term as f64;
     let (s, body, ok) = scrape_until(addr, Duration::from_secs(30), |s| {
@@ -212,7 +234,7 @@ fn metrics_endpoint_reports_the_cluster_and_follows_a_failover() {
             && value(
                 s,
                 "tidepool_node_role",
-                &[("node", "node1"), ("role", "unreachable")],
+                &[("node", "node2"), ("role", "unreachable")],
             ) == Some(1.0)
     });
     assert!(
@@ -234,7 +256,7 @@ fn metrics_endpoint_reports_the_cluster_and_follows_a_failover() {
         "{body}"
     );
     assert_eq!(
-        value(&s, "tidepool_node_healthy", &[("node", "node1")]),
+        value(&s, "tidepool_node_healthy", &[("node", "node2")]),
         Some(0.0)
     );
     assert_eq!(
