@@ -201,6 +201,24 @@ fn metrics_endpoint_reports_the_cluster_and_follows_a_failover() {
     let (status_line, _, _) = get(addr, "/nothing", "*/*");
     assert!(status_line.contains(" 404 "), "{status_line}");
 
+    // `systemctl reload` (SIGHUP) leaves the control process running and serving.
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(c.dir.join("state.json")).unwrap()).unwrap();
+    let control = state["processes"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["name"] == "control"))
+        .and_then(|p| p["pid"].as_u64())
+        .expect("control pid in state.json") as u32;
+    ha::signal(control, libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(500));
+    let (s, body) = scrape(addr);
+    assert_eq!(
+        value(&s, "tidepool_control_leader", &[]),
+        Some(1.0),
+        "{body}"
+    );
+    assert!(c.log("control").contains("SIGHUP"), "{}", c.log("control"));
+
     // A switchover to node2: counted, and the term moves.
     let out = c.tidepool(&["switchover", "--to", "node2"]);
     assert!(out.success(), "{}\n{}", out.text, c.logs());

@@ -199,6 +199,20 @@ impl Controller {
 
     async fn run(&mut self, deadline: Option<Instant>) {
         tracing::info!(id = %self.id, nodes = self.nodes.len(), "control process running");
+        // `systemctl reload` sends SIGHUP, whose default action would end the process.
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(mut hup) => {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        tracing::warn!(
+                            "SIGHUP: the control process reloads nothing live yet; restart it \
+                             to apply a changed config"
+                        );
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "no SIGHUP handler"),
+        }
         let interval = Duration::from_millis(self.timers.probe_interval_ms.max(10));
         loop {
             if deadline.is_some_and(|d| Instant::now() >= d) {
