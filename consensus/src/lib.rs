@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod install;
 pub mod layout;
 pub mod metrics;
 pub mod password;
