@@ -132,10 +132,6 @@ fn lines(runs: &[Named], len: u32, metrics: &[(&str, PointValue, bool)]) -> Vec<
 /// Each run's dark and light colour.
 const COLORS: [(&str, &str); 2] = [("#1f77b4", "#9ecae9"), ("#ff7f0e", "#fdbf85")];
 
-fn ms(v: Option<f64>) -> String {
-    v.map_or("-".into(), |v| format!("{v:.3}"))
-}
-
 /// `b / a`, when both are there and `a` is not 0.
 fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     match (a, b) {
@@ -189,31 +185,23 @@ svg{{display:block;margin:10px 0 24px;background:#fcfcfc;border:1px solid #eee}}
         )
     });
     type Num = dyn Fn(&RunReport) -> Option<f64>;
-    let rows: [(&str, &Num, bool); 10] = [
-        (
-            "queries/s",
-            &|r| Some(r.reads_per_s + r.writes_per_s),
-            false,
-        ),
-        ("reads/s", &|r| Some(r.reads_per_s), false),
-        ("writes/s", &|r| Some(r.writes_per_s), false),
-        ("connects/s", &|r| Some(r.connects_per_s), false),
-        ("read p50 (ms)", &|r| r.latency.read.p50_ms, true),
-        ("read p99 (ms)", &|r| r.latency.read.p99_ms, true),
-        ("write p50 (ms)", &|r| r.latency.write.p50_ms, true),
-        ("write p99 (ms)", &|r| r.latency.write.p99_ms, true),
-        ("connect p99 (ms)", &|r| r.latency.connect.p99_ms, true),
-        ("errors", &|r| Some(r.error_total as f64), false),
+    // (label, value, decimals shown)
+    let rows: [(&str, &Num, usize); 10] = [
+        ("queries/s", &|r| Some(r.reads_per_s + r.writes_per_s), 1),
+        ("reads/s", &|r| Some(r.reads_per_s), 1),
+        ("writes/s", &|r| Some(r.writes_per_s), 1),
+        ("connects/s", &|r| Some(r.connects_per_s), 1),
+        ("read p50 (ms)", &|r| r.latency.read.p50_ms, 3),
+        ("read p99 (ms)", &|r| r.latency.read.p99_ms, 3),
+        ("write p50 (ms)", &|r| r.latency.write.p50_ms, 3),
+        ("write p99 (ms)", &|r| r.latency.write.p99_ms, 3),
+        ("connect p99 (ms)", &|r| r.latency.connect.p99_ms, 3),
+        ("errors", &|r| Some(r.error_total as f64), 0),
     ];
-    for (label, f, is_ms) in rows {
+    for (label, f, decimals) in rows {
         let _ = write!(h, "<tr><td>{label}</td>");
         for r in runs {
-            let v = f(&r.report);
-            let cell = if is_ms {
-                ms(v)
-            } else {
-                v.map_or("-".into(), |v| format!("{v:.1}"))
-            };
+            let cell = f(&r.report).map_or("-".into(), |v| format!("{v:.decimals$}"));
             let _ = write!(h, "<td>{cell}</td>");
         }
         if two {
