@@ -324,3 +324,144 @@ impl ControlMetrics {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use shared::agent::Upstream;
+
+    use super::*;
+
+    fn report(node: &str, role: NodeRole, lsn: u64, upstream_port: Option<u16>) -> Report {
+        Report {
+            node: node.into(),
+            zone: "local".into(),
+            role,
+            term: 3,
+            primary_term: 2,
+            timeline: 2,
+            flush_lsn: Some(lsn),
+            replay_lsn: Some(lsn),
+            streaming: upstream_port.is_some(),
+            receipt_age_ms: upstream_port.map(|_| 1500),
+            upstream: upstream_port.map(|port| Upstream {
+                host: "/tmp".into(),
+                port,
+            }),
+            replicas: Vec::new(),
+            postgres_pid: Some(1),
+            pg_port: 5433,
+            sync_names: String::new(),
+            recruited: false,
+            problem: None,
+        }
+    }
+
+    fn encoded(registry: &Registry) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, registry).unwrap();
+        out
+    }
+
+    fn sample(text: &str, series: &str) -> Option<String> {
+        text.lines().find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')
+                .map(str::to_string)
+        })
+    }
+
+    #[test]
+    fn roles_health_and_lag_of_one_look() {
+        let (m, registry) = ControlMetrics::new("file", None);
+        let names: Vec<String> = ["node1", "node2", "node3"].map(String::from).into();
+        let reports = vec![
+            Ok(report("node1", NodeRole::Primary, 1000, None)),
+            Ok(report("node2", NodeRole::Standby, 400, Some(5433))),
+            Err("node3: connection refused".to_string()),
+        ];
+        m.observe(&names, &reports, Some("node1"), 3, 2);
+        let text = encoded(&registry);
+        let at = |s: &str| sample(&text, s).unwrap_or_else(|| panic!("no {s} in\n{text}"));
+        assert_eq!(at("tidepool_term"), "3");
+        assert_eq!(at("tidepool_nodes{role=\"unreachable\"}"), "1");
+        assert_eq!(
+            at("tidepool_node_role{node=\"node3\",role=\"unreachable\"}"),
+            "1"
+        );
+        assert_eq!(at("tidepool_node_healthy{node=\"node1\"}"), "1");
+        assert_eq!(at("tidepool_node_healthy{node=\"node2\"}"), "1");
+        assert_eq!(at("tidepool_node_healthy{node=\"node3\"}"), "0");
+        assert_eq!(at("tidepool_replication_lag_bytes{node=\"node2\"}"), "600");
+        assert_eq!(
+            at("tidepool_replication_receipt_age_seconds{node=\"node2\"}"),
+            "1.5"
+        );
+        assert_eq!(
+            sample(&text, "tidepool_replication_lag_bytes{node=\"node1\"}"),
+            None
+        );
+
+        // A standby streaming from elsewhere is not healthy; a lost leadership says nothing
+        // of the nodes.
+        let reports = vec![
+            Ok(report("node1", NodeRole::Primary, 1000, None)),
+            Ok(report("node2", NodeRole::Standby, 1000, Some(9999))),
+            Err("down".to_string()),
+        ];
+        m.observe(&names, &reports, Some("node1"), 3, 2);
+        let text = encoded(&registry);
+        assert_eq!(
+            sample(&text, "tidepool_node_healthy{node=\"node2\"}").as_deref(),
+            Some("0")
+        );
+        m.not_leading();
+        let text = encoded(&registry);
+        assert_eq!(
+            sample(&text, "tidepool_control_leader").as_deref(),
+            Some("0")
+        );
+        assert!(!text.contains("tidepool_node_role{"), "{text}");
+    }
+
+    #[test]
+    fn docs_metrics_md_lists_exactly_the_metrics_there_are() {
+        let backups = Arc::new(backup::BackupCollector::new());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        backups.set(backup::Snapshot {
+            repo_up: Some(true),
+            by_type: [("full".to_string(), (1, now))].into_iter().collect(),
+            schedule_failure_at: Some(now),
+        });
+        let (m, registry) = ControlMetrics::new("file", Some(backups));
+        m.store_result(true);
+        m.observe(
+            &["node1".to_string(), "node2".to_string()],
+            &[
+                Ok(report("node1", NodeRole::Primary, 10, None)),
+                Ok(report("node2", NodeRole::Standby, 10, Some(5433))),
+            ],
+            Some("node1"),
+            1,
+            1,
+        );
+        let exposed: BTreeSet<String> = encoded(&registry)
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .collect();
+        let documented: BTreeSet<String> = include_str!("../../../docs/metrics.md")
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split('`').next())
+            .filter(|n| n.starts_with("tidepool_"))
+            .map(str::to_string)
+            .collect();
+        assert_eq!(exposed, documented);
+    }
+}
