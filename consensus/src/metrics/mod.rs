@@ -455,13 +455,40 @@ mod tests {
             .filter_map(|l| l.split_whitespace().next())
             .map(str::to_string)
             .collect();
-        let documented: BTreeSet<String> = include_str!("../../../docs/metrics.md")
+        assert_eq!(exposed, documented());
+    }
+
+    fn documented() -> BTreeSet<String> {
+        include_str!("../../../docs/metrics.md")
             .lines()
             .filter_map(|l| l.strip_prefix("| `"))
             .filter_map(|l| l.split('`').next())
             .filter(|n| n.starts_with("tidepool_"))
             .map(str::to_string)
-            .collect();
-        assert_eq!(exposed, documented);
+            .collect()
+    }
+
+    #[test]
+    fn the_grafana_dashboard_uses_only_documented_metrics() {
+        let dashboard: serde_json::Value = serde_json::from_str(include_str!(
+            "../../../config/grafana/tidepool-control.json"
+        ))
+        .expect("the dashboard is JSON");
+        let documented = documented();
+        let mut used = BTreeSet::new();
+        for panel in dashboard["panels"].as_array().expect("panels") {
+            for target in panel["targets"].as_array().expect("targets") {
+                let expr = target["expr"].as_str().expect("expr");
+                for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                    if word.starts_with("tidepool_") {
+                        let name = word.strip_suffix("_bucket").unwrap_or(word);
+                        assert!(documented.contains(name), "{name} in {expr}");
+                        used.insert(name.to_string());
+                    }
+                }
+            }
+        }
+        // Every documented metric is on the dashboard.
+        assert_eq!(used, documented);
     }
 }
