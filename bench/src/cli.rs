@@ -133,9 +133,19 @@ pub struct Args {
     /// Write a self-contained HTML report with SVG charts.
     #[arg(long)]
     pub html: Option<PathBuf>,
-    /// No live line every second.
+    /// No live view at all.
     #[arg(short, long)]
     pub quiet: bool,
+    /// The live view on stderr: `auto` redraws a dashboard in place each second when stdout and
+    /// stderr are terminals, else prints a plain line per second; `dashboard` whenever stderr
+    /// is a terminal; `plain` always the lines.
+    #[arg(long, value_enum, default_value_t = Live::Auto)]
+    pub live: Live,
+    /// Render two (or one) earlier `--json` reports into the `--html` page, on shared charts,
+    /// instead of running: `--compare tidepool.json --compare pgbouncer.json --html cmp.html`.
+    /// Each run is named after its file (without `.json`).
+    #[arg(long, value_name = "REPORT.json", requires = "html")]
+    pub compare: Vec<PathBuf>,
 
     /// Internal: this process is worker number N.
     #[arg(long, hide = true)]
@@ -143,6 +153,13 @@ pub struct Args {
     /// Internal: the parent's start, Unix milliseconds; ticks and deadline count from it.
     #[arg(long, hide = true)]
     pub epoch_ms: Option<u64>,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Live {
+    Auto,
+    Dashboard,
+    Plain,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -222,6 +239,9 @@ impl Args {
         }
         if self.tls && !self.tls_insecure && self.tls_ca.is_none() {
             return bad("--tls needs --tls-ca FILE or --tls-insecure");
+        }
+        if self.compare.len() > 2 {
+            return bad("--compare takes one or two reports");
         }
         Ok(())
     }

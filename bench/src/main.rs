@@ -3,18 +3,21 @@
 //!
 //! The parent checks the target (and creates the table with `--init`), then starts worker
 //! processes — copies of this binary — that each hold up to 15,000 connections and report a
-//! tick per second over a pipe; it merges the ticks into the live line, the summary, `--json`
-//! and `--html`.
+//! tick per second over a pipe; it merges the ticks into the live view (a dashboard on a
+//! terminal, a line per second elsewhere), the summary, `--json` and `--html`.
+//! `--compare A.json --compare B.json --html OUT` renders earlier reports on shared charts.
 
 mod aggregate;
 mod child;
 mod classify;
 mod cli;
+mod dashboard;
 mod error;
 mod pacer;
 mod procs;
 mod query;
 mod report;
+mod report_compare;
 mod report_html;
 mod stats;
 mod target;
@@ -35,6 +38,19 @@ fn main() -> ExitCode {
     if let Err(e) = args.validate() {
         eprintln!("firehose: {e}");
         return ExitCode::from(2);
+    }
+    if !args.compare.is_empty() {
+        let Some(html) = &args.html else {
+            eprintln!("firehose: --compare needs --html FILE");
+            return ExitCode::from(2);
+        };
+        return match report_compare::run(&args.compare, html) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("firehose: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let result = match (args.child_index, args.epoch_ms) {
         (Some(index), Some(epoch_ms)) => runtime(args.thread_count())
@@ -115,13 +131,20 @@ async fn parent(args: Args) -> Result<bool> {
             args.duration
         );
     }
-    let quiet = args.quiet;
-    let outcome = procs::run_workers(&args, started_unix_ms, epoch, |p| {
-        if !quiet {
-            eprintln!("{}", report::live_line(p));
-        }
-    })
-    .await?;
+    let mut live = dashboard::LiveView::new(
+        args.live,
+        args.quiet,
+        format!(
+            "{:?} load on {}, {} connections",
+            args.profile,
+            target.describe(),
+            args.connections
+        ),
+        args.duration,
+    );
+    let outcome = procs::run_workers(&args, started_unix_ms, epoch, |p| live.second(p)).await;
+    live.finish();
+    let outcome = outcome?;
 
     let clean = outcome.failures.is_empty();
     let summary = report::summarize(

@@ -195,7 +195,7 @@ pub fn summarize(args: &Args, info: RunInfo, agg: Aggregator) -> Summary {
     }
 }
 
-fn opt_ms(v: Option<f64>) -> String {
+pub fn opt_ms(v: Option<f64>) -> String {
     match v {
         Some(v) if v >= 100.0 => format!("{v:.0}ms"),
         Some(v) => format!("{v:.2}ms"),
@@ -203,7 +203,7 @@ fn opt_ms(v: Option<f64>) -> String {
     }
 }
 
-fn errors_inline(errors: &BTreeMap<String, u64>, limit: usize) -> String {
+pub fn errors_inline(errors: &BTreeMap<String, u64>, limit: usize) -> String {
     let mut s = String::new();
     for (k, v) in errors.iter().take(limit) {
         let _ = write!(s, " {k}={v}");

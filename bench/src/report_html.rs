@@ -1,5 +1,6 @@
 //! `--html`: one self-contained page (inline CSS and SVG, no script, nothing fetched) with the
-//! summary and charts of connections, throughput, latency and errors over time.
+//! summary and charts of connections, throughput, latency and errors over time. The charts
+//! serve `report_compare` too (two runs on one chart).
 
 use std::fmt::Write as _;
 
@@ -14,10 +15,10 @@ const RIGHT: f64 = 20.0;
 const TOP: f64 = 30.0;
 const BOTTOM: f64 = 40.0;
 
-struct Line<'a> {
-    name: &'a str,
-    color: &'a str,
-    values: Vec<Option<f64>>,
+pub(crate) struct Line<'a> {
+    pub name: String,
+    pub color: &'a str,
+    pub values: Vec<Option<f64>>,
 }
 
 pub fn escape(s: &str) -> String {
@@ -74,7 +75,7 @@ fn fmt_num(v: f64) -> String {
 }
 
 #[derive(Clone, Copy, PartialEq)]
-enum Scale {
+pub(crate) enum Scale {
     Linear,
     /// Decades: latencies span orders of magnitude, and one stall must not flatten the rest.
     Log,
@@ -135,7 +136,7 @@ impl Axis {
     }
 }
 
-fn chart(title: &str, unit: &str, scale: Scale, xs: &[u32], lines: &[Line]) -> String {
+pub(crate) fn chart(title: &str, unit: &str, scale: Scale, xs: &[u32], lines: &[Line]) -> String {
     let mut svg = String::new();
     let axis = Axis::new(
         scale,
@@ -221,7 +222,7 @@ fn chart(title: &str, unit: &str, scale: Scale, xs: &[u32], lines: &[Line]) -> S
             c = line.color,
             tx = lx + 16.0,
             ty = HEIGHT - 5.0,
-            n = escape(line.name)
+            n = escape(&line.name)
         );
     }
     svg.push_str("</svg>");
@@ -348,7 +349,7 @@ svg{{display:block;margin:10px 0 24px;background:#fcfcfc;border:1px solid #eee}}
         Scale::Linear,
         &xs,
         &[Line {
-            name: "open",
+            name: "open".into(),
             color: "#1f77b4",
             values: series(pts, |p| Some(p.conns_open as f64)),
         }],
@@ -360,17 +361,17 @@ svg{{display:block;margin:10px 0 24px;background:#fcfcfc;border:1px solid #eee}}
         &xs,
         &[
             Line {
-                name: "reads/s",
+                name: "reads/s".into(),
                 color: "#2ca02c",
                 values: series(pts, |p| f(p.counts.reads_ok)),
             },
             Line {
-                name: "writes/s",
+                name: "writes/s".into(),
                 color: "#ff7f0e",
                 values: series(pts, |p| f(p.counts.writes_ok)),
             },
             Line {
-                name: "connects/s",
+                name: "connects/s".into(),
                 color: "#9467bd",
                 values: series(pts, |p| f(p.counts.connects_ok)),
             },
@@ -383,27 +384,27 @@ svg{{display:block;margin:10px 0 24px;background:#fcfcfc;border:1px solid #eee}}
         &xs,
         &[
             Line {
-                name: "read p50",
+                name: "read p50".into(),
                 color: "#98df8a",
                 values: series(pts, |p| p.read_p50_ms),
             },
             Line {
-                name: "read p99",
+                name: "read p99".into(),
                 color: "#2ca02c",
                 values: series(pts, |p| p.read_p99_ms),
             },
             Line {
-                name: "write p50",
+                name: "write p50".into(),
                 color: "#ffbb78",
                 values: series(pts, |p| p.write_p50_ms),
             },
             Line {
-                name: "write p99",
+                name: "write p99".into(),
                 color: "#ff7f0e",
                 values: series(pts, |p| p.write_p99_ms),
             },
             Line {
-                name: "connect p99",
+                name: "connect p99".into(),
                 color: "#9467bd",
                 values: series(pts, |p| p.connect_p99_ms),
             },
@@ -416,12 +417,12 @@ svg{{display:block;margin:10px 0 24px;background:#fcfcfc;border:1px solid #eee}}
         &xs,
         &[
             Line {
-                name: "connect",
+                name: "connect".into(),
                 color: "#d62728",
                 values: series(pts, |p| f(p.counts.connects_failed)),
             },
             Line {
-                name: "query",
+                name: "query".into(),
                 color: "#8c564b",
                 values: series(pts, |p| f(p.counts.reads_failed + p.counts.writes_failed)),
             },
@@ -470,7 +471,7 @@ mod tests {
             Scale::Linear,
             &[0, 1, 2],
             &[Line {
-                name: "a",
+                name: "a".into(),
                 color: "#000",
                 values: vec![Some(1.0), None, Some(3.0)],
             }],

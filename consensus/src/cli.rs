@@ -56,6 +56,35 @@ pub enum Command {
     /// Restore the cluster's backups into a new directory, to a point in time; then
     /// `tidepool up --dir NEWDIR` runs it.
     Restore(RestoreArgs),
+    /// Write systemd units for the gateway, the pooler and the control process (and the
+    /// example configs where none is) into a root directory; print what to enable.
+    Install(InstallArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct InstallArgs {
+    /// The root of the system to install into.
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub root: PathBuf,
+    /// Where tidepool, tidepool-gateway and tidepool-pooler are [default: the directory of
+    /// this executable].
+    #[arg(long, value_name = "DIR")]
+    pub bin_dir: Option<PathBuf>,
+    /// Where the units read the processes' configs (gateway.toml, pooler.toml, tidepool.toml).
+    #[arg(long, value_name = "DIR", default_value = "/etc/tidepool")]
+    pub config_dir: PathBuf,
+    /// The cluster's state directory, for the control process (`tidepool up --dir`).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/tidepool")]
+    pub state_dir: PathBuf,
+    /// The OS user the gateway runs as.
+    #[arg(long, value_name = "NAME", default_value = "tidepool")]
+    pub user: String,
+    /// The OS user owning Postgres's data: the pooler and the control process run as it.
+    #[arg(long, value_name = "NAME", default_value = "postgres")]
+    pub pg_user: String,
+    /// Also create the gateway's user (systemd-sysusers, declared in etc/sysusers.d/).
+    #[arg(long)]
+    pub create_user: bool,
 }
 
 #[derive(Debug, Args)]
@@ -234,6 +263,11 @@ pub struct UpArgs {
     /// The cluster's name: the etcd key prefix /tidepool/NAME/ [default: local].
     #[arg(long, value_name = "NAME")]
     pub cluster_name: Option<String>,
+
+    /// Serve Prometheus metrics from the control process on HOST:PORT (docs/metrics.md);
+    /// "" = off [default: off].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_listen: Option<String>,
 }
 
 impl UpArgs {
@@ -260,6 +294,7 @@ impl UpArgs {
             etcd: self.etcd.clone(),
             cluster_name: self.cluster_name.clone(),
             backup: None,
+            metrics_listen: self.metrics_listen.clone(),
         }
     }
 }

@@ -55,6 +55,25 @@ pub struct ClusterSettings {
     /// pgBackRest backups and WAL archiving (clusters with standbys).
     #[serde(default)]
     pub backup: BackupSettings,
+    /// Where the control process serves Prometheus metrics (`HOST:PORT`, docs/metrics.md);
+    /// empty: no metrics endpoint.
+    #[serde(default)]
+    pub metrics_listen: String,
+}
+
+impl ClusterSettings {
+    /// `metrics_listen` parsed; `None` when it is empty (the endpoint is off).
+    pub fn metrics_addr(&self) -> Result<Option<std::net::SocketAddr>> {
+        let text = self.metrics_listen.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|e| {
+            Error::Conflict(format!(
+                "metrics_listen {text:?} is not HOST:PORT (e.g. 127.0.0.1:9930): {e}"
+            ))
+        })
+    }
 }
 
 /// The `[backup]` table: pgBackRest's repository, compression, parallelism and retention.
@@ -154,6 +173,7 @@ impl Default for ClusterSettings {
             etcd: None,
             cluster_name: default_cluster_name(),
             backup: BackupSettings::default(),
+            metrics_listen: String::new(),
         }
     }
 }
@@ -207,6 +227,7 @@ pub struct Overrides {
     pub etcd: Option<String>,
     pub cluster_name: Option<String>,
     pub backup: Option<BackupSettings>,
+    pub metrics_listen: Option<String>,
 }
 
 impl Overrides {
@@ -260,6 +281,7 @@ impl Overrides {
             etcd: self.etcd.or(below.etcd),
             cluster_name: self.cluster_name.or(below.cluster_name),
             backup: self.backup.or(below.backup),
+            metrics_listen: self.metrics_listen.or(below.metrics_listen),
         }
     }
 
@@ -303,6 +325,10 @@ impl Overrides {
                 .clone()
                 .unwrap_or_else(|| base.cluster_name.clone()),
             backup: self.backup.clone().unwrap_or_else(|| base.backup.clone()),
+            metrics_listen: self
+                .metrics_listen
+                .clone()
+                .unwrap_or_else(|| base.metrics_listen.clone()),
         }
     }
 
@@ -375,6 +401,19 @@ mod tests {
         }
         .cluster(&ClusterSettings::default());
         assert_eq!(s.cores, 3);
+    }
+
+    #[test]
+    fn metrics_listen_is_off_when_empty_and_checked_when_set() {
+        let mut s = ClusterSettings::default();
+        assert_eq!(s.metrics_addr().unwrap(), None);
+        s.metrics_listen = "127.0.0.1:9930".into();
+        assert_eq!(
+            s.metrics_addr().unwrap(),
+            Some("127.0.0.1:9930".parse().unwrap())
+        );
+        s.metrics_listen = "localhost".into();
+        assert!(s.metrics_addr().is_err());
     }
 
     #[test]

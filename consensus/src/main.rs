@@ -23,6 +23,7 @@ fn main() -> ExitCode {
             BackupCommand::Expire => backup::manage::expire(&cli.global),
         },
         Command::Restore(args) => backup::restore::run(&cli.global, args),
+        Command::Install(args) => tidepool::install::run(args),
         Command::Node(n) => match &n.command {
             NodeCommand::Add(args) => cluster::node_add::run(&cli.global, args),
         },

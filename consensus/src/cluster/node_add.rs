@@ -141,7 +141,7 @@ pub fn run(global: &GlobalArgs, args: &NodeAddArgs) -> Result<bool> {
             Role::Control,
             &me,
             &args,
-            nodes::loopback(0),
+            control.address,
             &control.log,
             None,
             timeout,

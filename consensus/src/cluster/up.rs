@@ -234,11 +234,13 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
             "control".into(),
         ];
         let known = state.process(Role::Control).map(|p| p.pid);
+        // With a metrics endpoint, `up` waits until it accepts and `status` shows it.
+        let address = settings.metrics_addr()?.unwrap_or(loopback(0));
         let pid = ensure_process(
             Role::Control,
             &me,
             &args,
-            loopback(0),
+            address,
             &layout.log(Role::Control.name()),
             known,
             timeout,
@@ -246,7 +248,7 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
         state.set_process(ProcessRecord {
             name: Role::Control,
             pid,
-            address: loopback(0),
+            address,
             log: layout.log(Role::Control.name()),
         });
     }
@@ -482,6 +484,7 @@ fn check_ports(s: &ClusterSettings) -> Result<()> {
         ("--pooler-port", s.pooler_port),
         ("--pg-port", s.pg_port),
     ];
+    s.metrics_addr()?;
     for (i, (a, pa)) in ports.iter().enumerate() {
         if *pa == 0 {
             return Err(Error::Conflict(format!("{a} must not be 0")));
@@ -501,7 +504,8 @@ pub(crate) fn ensure_port_free(role: Role, addr: SocketAddr) -> Result<()> {
     if accepts(addr) {
         let flag = match role {
             Role::Postgres => "--pg-port",
-            Role::Pooler | Role::Control => "--pooler-port",
+            Role::Pooler => "--pooler-port",
+            Role::Control => "--metrics-listen",
             Role::Gateway => "--port",
         };
         return Err(Error::Conflict(format!(

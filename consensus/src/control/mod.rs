@@ -23,6 +23,7 @@ use crate::cli::{ControlArgs, GlobalArgs};
 use crate::cluster::Context;
 use crate::config::{ClusterSettings, Timers};
 use crate::error::{Error, Result};
+use crate::metrics::{ControlMetrics, Trigger, TriggerLabels};
 use crate::state::{NodeRecord, State};
 use crate::topology::{
     EtcdStore, FileStore, Leadership, OverrideRecord, Store, TermRecord, Topology, Version,
@@ -59,6 +60,8 @@ pub struct Controller {
     retry_at: Option<Instant>,
     /// Whether this process leads, for the backup schedule's thread.
     pub leading: Arc<std::sync::atomic::AtomicBool>,
+    /// The Prometheus metrics, when `metrics_listen` is set.
+    metrics: Option<ControlMetrics>,
 }
 
 pub fn run(global: &GlobalArgs, args: &ControlArgs) -> Result<bool> {
@@ -75,6 +78,15 @@ pub fn run(global: &GlobalArgs, args: &ControlArgs) -> Result<bool> {
         .build()
         .map_err(Error::io("starting the control runtime"))?;
     let mut c = Controller::new(ctx.layout.dir().to_path_buf(), &state)?;
+    if let Some(addr) = state.settings.metrics_addr()? {
+        let store = match c.store {
+            Store::File(_) => "file",
+            Store::Etcd(_) => "etcd",
+        };
+        let (m, registry) = ControlMetrics::new(store, crate::metrics::backup::start(&state));
+        crate::metrics::http::serve(addr, registry)?;
+        c.metrics = Some(m);
+    }
     crate::backup::schedule::start(&state, c.leading.clone())?;
     let deadline = args
         .exit_after_secs
@@ -101,6 +113,7 @@ impl Controller {
             held_back: None,
             retry_at: None,
             leading: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            metrics: None,
         })
     }
 
@@ -121,6 +134,7 @@ impl Controller {
                 Err(e) => Err(e),
             },
         };
+        self.store_result(leading.is_ok());
         match leading {
             Ok(true) => {}
             Ok(false) => {
@@ -134,7 +148,9 @@ impl Controller {
                 return false;
             }
         }
-        match self.store.load().await {
+        let loaded = self.store.load().await;
+        self.store_result(loaded.is_ok());
+        match loaded {
             Ok(Some((topo, version))) => {
                 self.topo = topo;
                 self.version = Some(version);
@@ -183,6 +199,20 @@ impl Controller {
 
     async fn run(&mut self, deadline: Option<Instant>) {
         tracing::info!(id = %self.id, nodes = self.nodes.len(), "control process running");
+        // `systemctl reload` sends SIGHUP, whose default action would end the process.
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(mut hup) => {
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        tracing::warn!(
+                            "SIGHUP: the control process reloads nothing live yet; restart it \
+                             to apply a changed config"
+                        );
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "no SIGHUP handler"),
+        }
         let interval = Duration::from_millis(self.timers.probe_interval_ms.max(10));
         loop {
             if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -196,6 +226,9 @@ impl Controller {
                 self.leadership.is_some(),
                 std::sync::atomic::Ordering::Relaxed,
             );
+            if let Some(m) = self.metrics.as_ref().filter(|_| self.leadership.is_none()) {
+                m.not_leading();
+            }
             let spent = started.elapsed();
             if spent < interval {
                 tokio::time::sleep(interval - spent).await;
@@ -211,11 +244,21 @@ impl Controller {
         self.grow_cohort().await?;
         let reports = probe::all(&self.nodes, self.timers.agent_timeout_ms).await;
         self.learn(&reports).await?;
+        self.observe(&reports);
         if let Some(req) = requests::next(&self.dir) {
             let outcome = match req.kind.clone() {
-                RequestKind::Switchover { to } => self.switchover(&reports, to.as_deref()).await,
+                RequestKind::Switchover { to } => {
+                    let outcome = self.switchover(&reports, to.as_deref()).await;
+                    if let (Some(m), Ok(())) = (&self.metrics, &outcome) {
+                        m.switchovers.inc();
+                    }
+                    outcome
+                }
                 RequestKind::Failover { to, reason } => {
-                    self.failover(&reports, Some(reason), to.as_deref()).await
+                    let started = Instant::now();
+                    let outcome = self.failover(&reports, Some(reason), to.as_deref()).await;
+                    self.count_failover(Trigger::forced, &outcome, started);
+                    outcome
                 }
             };
             requests::answer(&self.dir, &req, &outcome);
@@ -242,7 +285,10 @@ impl Controller {
         if self.retry_at.is_some_and(|t| Instant::now() < t) {
             return Ok(());
         }
-        if let Err(e) = self.failover(&reports, None, None).await {
+        let started = Instant::now();
+        let outcome = self.failover(&reports, None, None).await;
+        self.count_failover(Trigger::automatic, &outcome, started);
+        if let Err(e) = outcome {
             self.hold_back(e.to_string());
             // A failed attempt used a term; the next waits a little (nodes coming back, an
             // operator) instead of burning a term every probe.
@@ -270,6 +316,39 @@ impl Controller {
         }
         self.topo.nodes.extend(missing);
         self.save().await
+    }
+
+    fn store_result(&self, ok: bool) {
+        if let Some(m) = &self.metrics {
+            m.store_result(ok);
+        }
+    }
+
+    /// The nodes, the term and the primary as this look found them, for the metrics.
+    fn observe(&self, reports: &[probe::Probe]) {
+        if let Some(m) = &self.metrics {
+            let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
+            m.observe(
+                &names,
+                reports,
+                self.topo.primary.as_deref(),
+                self.topo.term,
+                self.topo.primary_term,
+            );
+        }
+    }
+
+    fn count_failover(&self, trigger: Trigger, outcome: &Result<()>, started: Instant) {
+        let Some(m) = &self.metrics else { return };
+        match outcome {
+            Ok(()) => {
+                m.failovers.get_or_create(&TriggerLabels { trigger }).inc();
+                m.failover_duration.observe(started.elapsed().as_secs_f64());
+            }
+            Err(_) => {
+                m.failover_failures.inc();
+            }
+        }
     }
 
     fn hold_back(&mut self, why: String) {
