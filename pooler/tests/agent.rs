@@ -14,7 +14,7 @@ use testkit::replication::{AgentPooler, Node};
 const CALL: Duration = Duration::from_secs(30);
 
 fn ask(a: &AgentPooler, req: Request) -> Response {
-    call(a.agent_addr(), &req, CALL)
+    call(a.agent_addr(), &a.key(), &req, CALL)
         .unwrap_or_else(|e| panic!("agent call {req:?}: {e}\n{}", a.log_tail()))
 }
 

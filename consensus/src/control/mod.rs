@@ -39,6 +39,8 @@ pub fn now_ms() -> u64 {
 
 pub struct Controller {
     dir: PathBuf,
+    /// The cluster's agent secret (DIR/agent.key): every call to an agent proves it.
+    key: shared::agent::AgentKey,
     settings: ClusterSettings,
     nodes: Vec<NodeRecord>,
     timers: Timers,
@@ -86,7 +88,9 @@ pub fn run(global: &GlobalArgs, args: &ControlArgs) -> Result<bool> {
 impl Controller {
     pub fn new(dir: PathBuf, state: &State) -> Result<Controller> {
         let store = store_for(&dir, &state.settings)?;
+        let key = crate::cluster::agent_key(&dir)?;
         Ok(Controller {
+            key,
             dir,
             settings: state.settings.clone(),
             nodes: state.nodes.clone(),
@@ -209,7 +213,7 @@ impl Controller {
             return Ok(());
         }
         self.grow_cohort().await?;
-        let reports = probe::all(&self.nodes, self.timers.agent_timeout_ms).await;
+        let reports = probe::all(&self.key, &self.nodes, self.timers.agent_timeout_ms).await;
         self.learn(&reports).await?;
         if let Some(req) = requests::next(&self.dir) {
             let outcome = match req.kind.clone() {
@@ -406,8 +410,13 @@ impl Controller {
                             term: self.topo.term,
                             sync_names: want,
                         };
-                        if let Err(e) =
-                            probe::call(&self.nodes[p], req, self.timers.operation_timeout_ms).await
+                        if let Err(e) = probe::call(
+                            &self.key,
+                            &self.nodes[p],
+                            req,
+                            self.timers.operation_timeout_ms,
+                        )
+                        .await
                         {
                             tracing::warn!(error = %e, "set_sync failed");
                         }
@@ -446,10 +455,11 @@ impl Controller {
             primary: self.upstream(self.primary_index()),
         };
         let following = self.following.clone();
+        let key = self.key.clone();
         let timeout = self.timers.operation_timeout_ms * 4;
         tracing::info!(node = %name, primary = %self.primary_name(), term = self.topo.term, "telling node to follow the primary");
         tokio::spawn(async move {
-            match probe::call(&node, req, timeout).await {
+            match probe::call(&key, &node, req, timeout).await {
                 Ok(_) => tracing::info!(node = %node.name, "follows the primary"),
                 Err(e) => tracing::warn!(node = %node.name, error = %e, "follow failed"),
             }

@@ -4,15 +4,24 @@
 //! One JSON object per line over TCP, one request and one response per line, in order. Not a
 //! hot path: failovers and health probes, a few per second, so serde does the bytes.
 //!
+//! Every connection authenticates both ends first (auth.rs: HMAC challenge-response with the
+//! cluster's agent secret, then a MAC on every line); every request and report is validated
+//! (validate.rs) before anyone acts on it.
+//!
 //! Terms: a node pledges to a term by persisting it before it answers a `Recruit`; it then
 //! refuses every request carrying a lower term. A primary reports the term it was promoted at
 //! (`primary_term`); gateways route writes to the primary of the highest term.
 
-use std::io::{BufRead, BufReader, Write};
+pub mod auth;
+pub mod validate;
+
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+pub use auth::AgentKey;
 
 /// A WAL position (`pg_lsn`) as a number: `X/Y` is `X << 32 | Y`.
 pub type Lsn = u64;
@@ -178,34 +187,69 @@ pub enum CallError {
     },
     #[error("agent {addr}: bad answer: {detail}")]
     Protocol { addr: SocketAddr, detail: String },
+    #[error("agent {addr}: {source}")]
+    Auth {
+        addr: SocketAddr,
+        source: auth::AuthError,
+    },
 }
 
 /// One request to the agent at `addr`, blocking, every step bounded by `timeout` (connect,
-/// write, and the answer, which for `Recruit`, `Promote` and `Follow` includes the work).
-pub fn call(addr: SocketAddr, req: &Request, timeout: Duration) -> Result<Response, CallError> {
+/// the handshake, write, and the answer, which for `Recruit`, `Promote` and `Follow` includes
+/// the work). Both ends prove they hold `key` before the request is sent; an answer that is
+/// not the authenticated agent's, or whose terms are out of bounds, is an error.
+pub fn call(
+    addr: SocketAddr,
+    key: &AgentKey,
+    req: &Request,
+    timeout: Duration,
+) -> Result<Response, CallError> {
     let io = |source| CallError::Io { addr, source };
-    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
+    let protocol = |detail: String| CallError::Protocol { addr, detail };
+    let auth = |source| CallError::Auth { addr, source };
+    let stream = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(timeout)).map_err(io)?;
     let _ = stream.set_nodelay(true);
-    let mut line = serde_json::to_vec(req).map_err(|e| CallError::Protocol {
-        addr,
-        detail: e.to_string(),
-    })?;
-    line.push(b'\n');
-    stream.write_all(&line).map_err(io)?;
-    let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer).map_err(io)?;
-    if answer.is_empty() {
-        return Err(CallError::Protocol {
-            addr,
-            detail: "connection closed without an answer".into(),
-        });
+    let mut w = stream.try_clone().map_err(io)?;
+    let mut r = BufReader::new(stream);
+    let challenge = read_line(&mut r).map_err(io)?;
+    let (answer, hs) = auth::ClientHandshake::answer(key, &challenge).map_err(auth)?;
+    w.write_all(&answer).map_err(io)?;
+    let proof = read_line(&mut r).map_err(io)?;
+    let mut sealed = hs.finish(&proof).map_err(auth)?;
+    let body = serde_json::to_vec(req).map_err(|e| protocol(e.to_string()))?;
+    w.write_all(&sealed.seal(&body)).map_err(io)?;
+    let line = read_line(&mut r).map_err(io)?;
+    let json = sealed.open(&line).map_err(auth)?;
+    let response: Response = serde_json::from_slice(json).map_err(|e| protocol(e.to_string()))?;
+    let report = match &response {
+        Response::Ok { report } => Some(report),
+        Response::Refused { report, .. } => report.as_ref(),
+    };
+    if let Some(r) = report {
+        r.validate().map_err(protocol)?;
     }
-    serde_json::from_str(&answer).map_err(|e| CallError::Protocol {
-        addr,
-        detail: e.to_string(),
-    })
+    Ok(response)
+}
+
+/// One line of at most `MAX_LINE` bytes; a closed connection or a longer line is an error.
+fn read_line(r: &mut impl BufRead) -> std::io::Result<Vec<u8>> {
+    let mut line = Vec::new();
+    r.take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line)?;
+    if line.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "connection closed without an answer",
+        ));
+    }
+    if line.len() > MAX_LINE || !line.ends_with(b"\n") {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a line longer than {MAX_LINE} bytes, or cut short"),
+        ));
+    }
+    Ok(line)
 }
 
 /// Largest request line an agent reads.
