@@ -43,6 +43,12 @@ pub struct Args {
     /// Seconds a looked-up role verifier is reused.
     #[arg(long)]
     pub auth_cache_seconds: Option<u64>,
+    /// Milliseconds a role found absent (unknown, no password, expired) is remembered as such.
+    #[arg(long)]
+    pub auth_negative_cache_ms: Option<u64>,
+    /// Milliseconds a role lookup may take, waiting included, before the login is refused.
+    #[arg(long)]
+    pub auth_lookup_timeout_ms: Option<u64>,
     /// Seconds to wait for a new backend connection.
     #[arg(long)]
     pub connect_timeout_seconds: Option<u64>,
@@ -119,6 +125,8 @@ struct File {
     max_backends: Option<usize>,
     max_message_size: Option<usize>,
     auth_cache_seconds: Option<u64>,
+    auth_negative_cache_ms: Option<u64>,
+    auth_lookup_timeout_ms: Option<u64>,
     connect_timeout_seconds: Option<u64>,
     max_prepared_statements: Option<usize>,
     spin_before_park_us: Option<u64>,
@@ -172,6 +180,8 @@ pub struct Config {
     pub max_backends: usize,
     pub max_message_size: usize,
     pub auth_cache_seconds: u64,
+    pub auth_negative_cache_ms: u64,
+    pub auth_lookup_timeout_ms: u64,
     pub connect_timeout_seconds: u64,
     pub max_prepared_statements: usize,
     pub spin_before_park_us: u64,
@@ -296,6 +306,15 @@ impl Config {
                 .auth_cache_seconds
                 .or(file.auth_cache_seconds)
                 .unwrap_or(10),
+            auth_negative_cache_ms: args
+                .auth_negative_cache_ms
+                .or(file.auth_negative_cache_ms)
+                .unwrap_or(1000),
+            auth_lookup_timeout_ms: args
+                .auth_lookup_timeout_ms
+                .or(file.auth_lookup_timeout_ms)
+                .unwrap_or(5000)
+                .max(1),
             connect_timeout_seconds: args
                 .connect_timeout_seconds
                 .or(file.connect_timeout_seconds)
