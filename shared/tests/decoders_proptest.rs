@@ -44,6 +44,24 @@ proptest! {
 
     // ---------------------------------------------------------------- protocol (frontend)
 
+    /// Length words at the edges (-1, i32::MIN, 0..8, i32::MAX) as well as at random: random
+    /// bytes alone almost never make -1, which once overflowed `pending_message_len`.
+    #[test]
+    fn message_framing_at_edge_lengths(tag in any::<u8>(), len in prop_oneof![
+        Just(-1i32), Just(i32::MIN), Just(i32::MAX), -8i32..8, any::<i32>()
+    ], rest in bytes(16), limit in any::<usize>()) {
+        let mut buf = vec![tag];
+        buf.extend_from_slice(&len.to_be_bytes());
+        buf.extend_from_slice(&rest);
+        let pending = protocol::pending_message_len(&buf);
+        prop_assert_eq!(pending, (len >= 4).then(|| len as usize + 1));
+        match protocol::typed_message_len(&buf, limit) {
+            Ok(Some(n)) => prop_assert!(Some(n) == pending && n <= buf.len() && n <= limit),
+            Ok(None) => prop_assert!(pending.is_some_and(|p| p > buf.len())),
+            Err(_) => prop_assert!(len < 4 || pending.is_some_and(|p| p > limit)),
+        }
+    }
+
     #[test]
     fn message_framing_never_panics_and_stays_in_bounds(buf in bytes(64), limit in 0usize..100) {
         match protocol::typed_message_len(&buf, limit) {
