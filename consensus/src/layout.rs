@@ -3,6 +3,7 @@
 //! ```text
 //! DIR/state.json   what `up` started (pids, addresses, logs) and the cluster settings
 //! DIR/password     password of the `tidepool` login role, mode 600
+//! DIR/agent.key    the node agents' shared secret (shared::agent::auth), mode 600
 //! DIR/pgdata/      Postgres data directory, owned by the postgres OS user
 //! DIR/run/         Postgres Unix socket directory, owned by the postgres OS user
 //! DIR/logs/        one log per process: postgres.log, pooler.log, gateway.log
@@ -11,6 +12,9 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+
+/// The agent secret's file name in a state directory.
+pub const AGENT_KEY_FILE: &str = "agent.key";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
@@ -38,6 +42,10 @@ impl Layout {
 
     pub fn password_file(&self) -> PathBuf {
         self.dir.join("password")
+    }
+
+    pub fn agent_key_file(&self) -> PathBuf {
+        self.dir.join(AGENT_KEY_FILE)
     }
 
     pub fn data_dir(&self) -> PathBuf {

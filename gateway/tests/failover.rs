@@ -396,12 +396,14 @@ async fn sessions_follow_a_promoted_standby() {
         );
         // ... while the standby is promoted at term 1 through its agent.
         let agent = p2.agent_addr();
+        let key = p2.key();
         let promoted = tokio::task::spawn_blocking(move || {
             let t = Duration::from_secs(30);
-            let r = call(agent, &Request::Recruit { term: 1 }, t);
+            let r = call(agent, &key, &Request::Recruit { term: 1 }, t);
             assert!(matches!(r, Ok(Response::Ok { .. })), "recruit: {r:?}");
             call(
                 agent,
+                &key,
                 &Request::Promote {
                     term: 1,
                     sync_names: String::new(),

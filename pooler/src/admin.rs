@@ -1,7 +1,16 @@
 //! The admin connection: reads a role's verifier from `pg_authid` for the gateway's
 //! authentication, and the settings `ALTER ROLE|DATABASE … SET` gave a (role, database) from
 //! `pg_db_role_setting` for new sessions. Over Postgres's Unix socket as a superuser role (peer
-//! authentication), one per core, one lookup at a time, results cached briefly.
+//! authentication), one per core, one query at a time, results cached briefly.
+//!
+//! Role lookups must survive a login storm (issue 12): a flood of logins as unknown roles, or
+//! with wrong passwords, must leave valid logins served within their usual latency. So:
+//! verifiers are cached (`auth_cache_seconds`) and so are absent roles (`auth_negative_cache_ms`:
+//! a repeated unknown name costs no query); lookups waiting on a core are bounded in number
+//! (`MAX_WAITING`, more are refused at once) and answered together, every name waiting at the
+//! time in one query (`BATCH` at most), so a valid login waits for about one query whatever
+//! the flood; and each lookup, waiting included, is bounded by `auth_lookup_timeout_ms`.
+//! Wrong passwords for a real role cost no lookup at all once its verifier is cached.
 
 use crate::config::Config;
 use crate::login;
@@ -50,12 +59,29 @@ pub enum RoleSecret {
     Verifier(String),
 }
 
+/// Role lookups waiting on one core at most; more are refused at once (the login fails with
+/// 08006, as when Postgres is down) rather than queued without end.
+const MAX_WAITING: usize = 1024;
+/// Names looked up by one query at most.
+const BATCH: usize = 256;
+/// Entries kept per cache before it is cleared (a flood of distinct names cannot grow it).
+const MAX_CACHED: usize = 10_000;
+
+type Answer = Rc<RefCell<Option<Result<RoleSecret, String>>>>;
+
 pub struct Admin {
     cfg: Rc<Config>,
     conn: RefCell<Option<(UnixStream, MessageReader)>>,
     busy: Cell<bool>,
     free: Notify,
     cache: RefCell<HashMap<String, (Instant, RoleSecret)>>,
+    /// Names found absent, and when.
+    absent: RefCell<HashMap<String, Instant>>,
+    /// Lookups waiting for a query, in arrival order (first come, first asked), by name: each
+    /// waiter's answer slot.
+    waiting: RefCell<Vec<(String, Vec<Answer>)>>,
+    /// Lookups waiting, counted per waiter.
+    waiters: Cell<usize>,
     defaults: RefCell<HashMap<(String, String), RoleDefaults>>,
     /// What a setting is when no role or database default applies (`postgresql.conf`, command
     /// line, built-in), by name, and when it was read.
@@ -70,6 +96,9 @@ impl Admin {
             busy: Cell::new(false),
             free: Notify::default(),
             cache: RefCell::new(HashMap::new()),
+            absent: RefCell::new(HashMap::new()),
+            waiting: RefCell::new(Vec::new()),
+            waiters: Cell::new(0),
             defaults: RefCell::new(HashMap::new()),
             server: RefCell::new(HashMap::new()),
         }
@@ -192,54 +221,184 @@ impl Admin {
         Ok(out)
     }
 
+    /// What `pg_authid` says of `user`, from the caches when they know, else from a query
+    /// shared with every other lookup waiting on this core; bounded by `auth_lookup_timeout_ms`.
     pub async fn lookup(&self, user: &str) -> Result<RoleSecret, String> {
+        if let Some(known) = self.cached(user) {
+            return Ok(known);
+        }
+        if self.waiters.get() >= MAX_WAITING {
+            return Err(format!(
+                "{MAX_WAITING} role lookups already waiting on this core"
+            ));
+        }
+        let answer: Answer = Rc::new(RefCell::new(None));
+        self.wait_for(user, answer.clone());
+        self.waiters.set(self.waiters.get() + 1);
+        let _counted = Waiter(self);
+        let timeout = Duration::from_millis(self.cfg.auth_lookup_timeout_ms);
+        let got = futures_lite::future::or(
+            async {
+                loop {
+                    if let Some(r) = answer.borrow_mut().take() {
+                        return Some(r);
+                    }
+                    if self.busy.get() {
+                        self.free.notified().await;
+                    } else if !self.run_batch().await {
+                        // Nothing was waiting, yet we have no answer: never spin, ask again.
+                        self.wait_for(user, answer.clone());
+                    }
+                }
+            },
+            async {
+                glommio::timer::sleep(timeout).await;
+                None
+            },
+        )
+        .await;
+        match got {
+            Some(r) => r,
+            None => {
+                tracing::warn!(
+                    timeout_ms = timeout.as_millis() as u64,
+                    "role lookup timed out"
+                );
+                Err(format!(
+                    "role lookup took longer than {} ms",
+                    timeout.as_millis()
+                ))
+            }
+        }
+    }
+
+    /// Queues `answer` for `user`'s next lookup (joining a waiting lookup of the same name).
+    fn wait_for(&self, user: &str, answer: Answer) {
+        let mut w = self.waiting.borrow_mut();
+        match w.iter_mut().find(|(n, _)| n == user) {
+            Some((_, answers)) => answers.push(answer),
+            None => w.push((user.to_owned(), vec![answer])),
+        }
+    }
+
+    /// A cached answer: a verifier within `auth_cache_seconds`, an absent role within
+    /// `auth_negative_cache_ms`.
+    fn cached(&self, user: &str) -> Option<RoleSecret> {
         let ttl = Duration::from_secs(self.cfg.auth_cache_seconds);
         if let Some((at, v)) = self.cache.borrow().get(user) {
             if at.elapsed() < ttl {
-                return Ok(v.clone());
+                return Some(v.clone());
             }
         }
-        while self.busy.get() {
-            self.free.notified().await;
+        let negative = Duration::from_millis(self.cfg.auth_negative_cache_ms);
+        match self.absent.borrow().get(user) {
+            Some(at) if at.elapsed() < negative => Some(RoleSecret::Absent),
+            _ => None,
         }
-        self.busy.set(true);
-        let r = self.lookup_uncached(user).await;
-        self.busy.set(false);
-        self.free.notify();
-        // Only verifiers are cached: a role created a moment ago must be able to log in now.
-        if let Ok(v @ RoleSecret::Verifier(_)) = &r {
-            let mut c = self.cache.borrow_mut();
-            if c.len() > 10_000 {
-                c.clear();
-            }
-            c.insert(user.to_owned(), (Instant::now(), v.clone()));
-        }
-        r
     }
 
-    async fn lookup_uncached(&self, user: &str) -> Result<RoleSecret, String> {
+    /// Takes the connection, looks up the names waiting longest (up to `BATCH`) in one query,
+    /// and answers their waiters; `false` when nothing was waiting. Only called when no query
+    /// runs. A timed-out caller that drops this future drops the connection with it; the
+    /// guards give back the connection's turn and queue again the names not answered.
+    async fn run_batch(&self) -> bool {
+        // Waiters that gave up (timed out) left their slots behind: skipped, not asked for.
+        let taken: Vec<(String, Vec<Answer>)> = {
+            let mut w = self.waiting.borrow_mut();
+            let mut taken = Vec::new();
+            while taken.is_empty() && !w.is_empty() {
+                let n = w.len().min(BATCH);
+                taken = w
+                    .drain(..n)
+                    .filter_map(|(name, mut answers)| {
+                        answers.retain(|a| Rc::strong_count(a) > 1);
+                        (!answers.is_empty()).then_some((name, answers))
+                    })
+                    .collect();
+            }
+            taken
+        };
+        if taken.is_empty() {
+            return false;
+        }
+        let _turn = Turn::take(self);
+        let mut batch = Unanswered(self, taken);
+        let names: Vec<&str> = batch.1.iter().map(|(n, _)| n.as_str()).collect();
+        let result = self.lookup_uncached(&names).await;
+        let now = Instant::now();
+        for (name, answers) in std::mem::take(&mut batch.1) {
+            let r = match &result {
+                Ok(found) => {
+                    let v = found.get(&name).cloned().unwrap_or(RoleSecret::Absent);
+                    match &v {
+                        RoleSecret::Verifier(_) => {
+                            let mut c = self.cache.borrow_mut();
+                            if c.len() >= MAX_CACHED {
+                                c.clear();
+                            }
+                            c.insert(name.clone(), (now, v.clone()));
+                        }
+                        RoleSecret::Absent if self.cfg.auth_negative_cache_ms > 0 => {
+                            let mut a = self.absent.borrow_mut();
+                            if a.len() >= MAX_CACHED {
+                                a.clear();
+                            }
+                            a.insert(name.clone(), now);
+                        }
+                        RoleSecret::Absent => {}
+                    }
+                    Ok(v)
+                }
+                Err(e) => Err(e.clone()),
+            };
+            for a in answers {
+                *a.borrow_mut() = Some(r.clone());
+            }
+        }
+        true
+    }
+
+    /// Verifiers of the roles among `users` that have a password that has not expired.
+    async fn lookup_uncached(&self, users: &[&str]) -> Result<HashMap<String, RoleSecret>, String> {
+        let list: Vec<String> = users.iter().map(|u| literal(u)).collect();
         let sql = format!(
-            "SELECT rolpassword, (rolvaliduntil IS NOT NULL AND rolvaliduntil < now())::text \
-             FROM pg_catalog.pg_authid WHERE rolname = {}",
-            literal(user)
+            "SELECT rolname, rolpassword, \
+               (rolvaliduntil IS NOT NULL AND rolvaliduntil < now())::text \
+             FROM pg_catalog.pg_authid WHERE rolname = ANY (ARRAY[{}]::text[])",
+            list.join(", ")
         );
         let rows = self.run_unlocked(&sql).await?;
-        Ok(match rows.last().map(|r| (col(r, 0), col(r, 1))) {
-            Some((Some(p), Some("false"))) => RoleSecret::Verifier(p.to_owned()),
-            _ => RoleSecret::Absent,
-        })
+        let mut found = HashMap::new();
+        for r in &rows {
+            if let (Some(name), Some(p), Some("false")) = (col(r, 0), col(r, 1), col(r, 2)) {
+                found.insert(name.to_owned(), RoleSecret::Verifier(p.to_owned()));
+            }
+        }
+        Ok(found)
     }
 
-    /// Runs `sql` when no other lookup of this core is running.
+    /// Runs `sql` when no other query of this core is running, waiting included within
+    /// `auth_lookup_timeout_ms`: a query that blocks (a lock on a catalog) must not hold the
+    /// connection's turn, and every role lookup behind it, for longer.
     async fn run(&self, sql: &str) -> Result<Vec<Row>, String> {
-        while self.busy.get() {
-            self.free.notified().await;
-        }
-        self.busy.set(true);
-        let r = self.run_unlocked(sql).await;
-        self.busy.set(false);
-        self.free.notify();
-        r
+        let timeout = Duration::from_millis(self.cfg.auth_lookup_timeout_ms);
+        futures_lite::future::or(
+            async {
+                while self.busy.get() {
+                    self.free.notified().await;
+                }
+                let _turn = Turn::take(self);
+                self.run_unlocked(sql).await
+            },
+            async {
+                glommio::timer::sleep(timeout).await;
+                Err(format!(
+                    "admin query took longer than {} ms",
+                    timeout.as_millis()
+                ))
+            },
+        )
+        .await
     }
 
     async fn run_unlocked(&self, sql: &str) -> Result<Vec<Row>, String> {
@@ -290,6 +449,51 @@ impl Admin {
         let mut reader = MessageReader::new(1024);
         reader.push_bytes(&logged.leftover);
         Ok((stream, reader))
+    }
+}
+
+/// The admin connection's turn, held while a query runs; given back when dropped, also when
+/// the query's future is dropped half-way (a timed-out lookup), so no waiter waits forever.
+struct Turn<'a>(&'a Admin);
+
+impl<'a> Turn<'a> {
+    fn take(admin: &'a Admin) -> Turn<'a> {
+        debug_assert!(!admin.busy.get());
+        admin.busy.set(true);
+        Turn(admin)
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.0.busy.set(false);
+        self.0.free.notify();
+    }
+}
+
+/// Names taken for a query that did not finish (its future was dropped): queued again for
+/// the waiters still there, so none of them waits for an answer that never comes.
+struct Unanswered<'a>(&'a Admin, Vec<(String, Vec<Answer>)>);
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        for (name, answers) in std::mem::take(&mut self.1) {
+            for a in answers {
+                // Held elsewhere: a waiter is still there.
+                if Rc::strong_count(&a) > 1 {
+                    self.0.wait_for(&name, a);
+                }
+            }
+        }
+    }
+}
+
+/// Counts a waiting lookup for `MAX_WAITING` until it ends, however it ends.
+struct Waiter<'a>(&'a Admin);
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.0.waiters.set(self.0.waiters.get().saturating_sub(1));
     }
 }
 

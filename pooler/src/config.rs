@@ -43,6 +43,12 @@ pub struct Args {
     /// Seconds a looked-up role verifier is reused.
     #[arg(long)]
     pub auth_cache_seconds: Option<u64>,
+    /// Milliseconds a role found absent (unknown, no password, expired) is remembered as such.
+    #[arg(long)]
+    pub auth_negative_cache_ms: Option<u64>,
+    /// Milliseconds a role lookup may take, waiting included, before the login is refused.
+    #[arg(long)]
+    pub auth_lookup_timeout_ms: Option<u64>,
     /// Seconds to wait for a new backend connection.
     #[arg(long)]
     pub connect_timeout_seconds: Option<u64>,
@@ -99,6 +105,11 @@ pub struct Args {
     /// Log file of a Postgres the agent starts (default: postgres.log beside pg_data).
     #[arg(long)]
     pub pg_log: Option<PathBuf>,
+    /// File holding the agent secret (64 hex digits, mode 600; `tidepool up` writes
+    /// DIR/agent.key): the control process must prove it holds it, and so must the agent.
+    /// Required with agent_listen. The secret itself is never a flag.
+    #[arg(long)]
+    pub agent_secret_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -114,6 +125,8 @@ struct File {
     max_backends: Option<usize>,
     max_message_size: Option<usize>,
     auth_cache_seconds: Option<u64>,
+    auth_negative_cache_ms: Option<u64>,
+    auth_lookup_timeout_ms: Option<u64>,
     connect_timeout_seconds: Option<u64>,
     max_prepared_statements: Option<usize>,
     spin_before_park_us: Option<u64>,
@@ -131,6 +144,7 @@ struct File {
     agent_pg_timeout_ms: Option<u64>,
     agent_wait_ms: Option<u64>,
     pg_log: Option<PathBuf>,
+    agent_secret_file: Option<PathBuf>,
 }
 
 /// What the node agent needs (see config/pooler.toml, "Node agent").
@@ -150,6 +164,8 @@ pub struct AgentConfig {
     pub pg_log: Option<PathBuf>,
     /// `pg_log` was given (else it is a default the running postmaster's log replaces).
     pub pg_log_configured: bool,
+    /// The agent secret's file (required with `listen`).
+    pub secret_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -164,6 +180,8 @@ pub struct Config {
     pub max_backends: usize,
     pub max_message_size: usize,
     pub auth_cache_seconds: u64,
+    pub auth_negative_cache_ms: u64,
+    pub auth_lookup_timeout_ms: u64,
     pub connect_timeout_seconds: u64,
     pub max_prepared_statements: usize,
     pub spin_before_park_us: u64,
@@ -236,10 +254,18 @@ impl Config {
                 .max(1),
             pg_log,
             pg_log_configured,
+            secret_file: args.agent_secret_file.or(file.agent_secret_file),
         };
         if agent.listen.is_some() && agent.state_dir.is_none() {
             return Err(
                 "agent_listen needs state_dir or pg_data (where the pledged term is kept)".into(),
+            );
+        }
+        if agent.listen.is_some() && agent.secret_file.is_none() {
+            return Err(
+                "agent_listen needs agent_secret_file: the agent answers only to whoever holds \
+                 the cluster's agent secret"
+                    .into(),
             );
         }
         let c = Config {
@@ -280,6 +306,15 @@ impl Config {
                 .auth_cache_seconds
                 .or(file.auth_cache_seconds)
                 .unwrap_or(10),
+            auth_negative_cache_ms: args
+                .auth_negative_cache_ms
+                .or(file.auth_negative_cache_ms)
+                .unwrap_or(1000),
+            auth_lookup_timeout_ms: args
+                .auth_lookup_timeout_ms
+                .or(file.auth_lookup_timeout_ms)
+                .unwrap_or(5000)
+                .max(1),
             connect_timeout_seconds: args
                 .connect_timeout_seconds
                 .or(file.connect_timeout_seconds)
@@ -326,7 +361,15 @@ mod tests {
         assert_eq!(c.agent.replication_user, "postgres");
         assert_eq!(c.agent.pg_timeout_ms, 1000);
 
-        let c = load(&["--agent-listen", "127.0.0.1:9", "--pg-data", "/srv/n1/data"]).unwrap();
+        let c = load(&[
+            "--agent-listen",
+            "127.0.0.1:9",
+            "--pg-data",
+            "/srv/n1/data",
+            "--agent-secret-file",
+            "/srv/agent.key",
+        ])
+        .unwrap();
         assert!(c.agent.supervise, "on by default with pg_data");
         assert_eq!(c.agent.state_dir, Some(PathBuf::from("/srv/n1")));
         assert_eq!(c.agent.pg_log, Some(PathBuf::from("/srv/n1/postgres.log")));
@@ -341,13 +384,20 @@ mod tests {
             "false",
             "--state-dir",
             "/var/tp",
+            "--agent-secret-file",
+            "/srv/agent.key",
         ])
         .unwrap();
         assert!(!c.agent.supervise);
         assert_eq!(c.agent.state_dir, Some(PathBuf::from("/var/tp")));
 
-        // An agent needs somewhere to keep its pledge.
-        assert!(load(&["--agent-listen", "127.0.0.1:9"]).is_err());
+        // An agent needs somewhere to keep its pledge, and the secret.
+        assert!(load(&["--agent-listen", "127.0.0.1:9", "--agent-secret-file", "/k"]).is_err());
+        assert!(
+            load(&["--agent-listen", "127.0.0.1:9", "--pg-data", "/srv/n1/data"])
+                .unwrap_err()
+                .contains("agent_secret_file")
+        );
         // Empty address: no agent.
         assert!(load(&["--agent-listen", ""])
             .unwrap()

@@ -14,7 +14,7 @@ use testkit::replication::{AgentPooler, Node};
 const CALL: Duration = Duration::from_secs(30);
 
 fn ask(a: &AgentPooler, req: Request) -> Response {
-    call(a.agent_addr(), &req, CALL)
+    call(a.agent_addr(), &a.key(), &req, CALL)
         .unwrap_or_else(|e| panic!("agent call {req:?}: {e}\n{}", a.log_tail()))
 }
 
@@ -36,6 +36,24 @@ fn refused(a: &AgentPooler, req: Request) -> String {
 
 fn report(a: &AgentPooler) -> Report {
     ok(a, Request::Report)
+}
+
+/// A raw connection past the handshake, as the control process makes it.
+fn authenticated(
+    a: &AgentPooler,
+) -> (TcpStream, BufReader<TcpStream>, shared::agent::auth::Sealed) {
+    let c = TcpStream::connect(a.agent_addr()).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    let mut w = c;
+    let mut challenge = Vec::new();
+    r.read_until(b'\n', &mut challenge).unwrap();
+    let (answer, hs) = shared::agent::auth::ClientHandshake::answer(&a.key(), &challenge).unwrap();
+    w.write_all(&answer).unwrap();
+    let mut proof = Vec::new();
+    r.read_until(b'\n', &mut proof).unwrap();
+    let sealed = hs.finish(&proof).unwrap();
+    (w, r, sealed)
 }
 
 /// Polls reports until `pred` holds (at most `timeout`).
@@ -140,32 +158,36 @@ fn reports_of_a_primary_and_a_standby_and_role_frames() {
     assert_eq!(next_role(&mut link_to(&ap)), (Role::Primary, 0));
     assert_eq!(next_role(&mut link_to(&as_)), (Role::Standby, 0));
 
-    // Garbage gets a refusal on the same connection, which still serves the next line.
-    let mut c = TcpStream::connect(ap.agent_addr()).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    c.write_all(b"{\"op\":\"explode\"}\nnot json\n{\"op\":\"report\"}\n")
-        .unwrap();
-    let mut lines = BufReader::new(c.try_clone().unwrap()).lines();
+    // Garbage (from a peer that holds the secret) gets a refusal on the same connection,
+    // which still serves the next line. agent_auth.rs: a peer without it gets nothing.
+    let (mut c, mut r, mut sealed) = authenticated(&ap);
+    for l in [
+        &b"{\"op\":\"explode\"}"[..],
+        b"not json",
+        b"{\"op\":\"report\"}",
+    ] {
+        let line = sealed.seal(l);
+        c.write_all(&line).unwrap();
+    }
+    let mut answer = |r: &mut BufReader<TcpStream>| {
+        let mut line = Vec::new();
+        r.read_until(b'\n', &mut line).unwrap();
+        serde_json::from_slice::<Response>(sealed.open(&line).expect("sealed answer")).unwrap()
+    };
     for _ in 0..2 {
-        let line = lines.next().unwrap().unwrap();
-        match serde_json::from_str::<Response>(&line).unwrap() {
+        match answer(&mut r) {
             Response::Refused { reason, .. } => {
                 assert!(reason.contains("not a request"), "{reason}")
             }
             r => panic!("{r:?}"),
         }
     }
-    let line = lines.next().unwrap().unwrap();
-    assert!(matches!(
-        serde_json::from_str::<Response>(&line).unwrap(),
-        Response::Ok { .. }
-    ));
+    assert!(matches!(answer(&mut r), Response::Ok { .. }));
     // A line longer than MAX_LINE is refused, not buffered without end.
-    let mut c = TcpStream::connect(ap.agent_addr()).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (mut c, r, _) = authenticated(&ap);
     let _ = c.write_all(&vec![b'x'; shared::agent::MAX_LINE + 10]);
     let mut line = String::new();
-    BufReader::new(c).read_line(&mut line).unwrap();
+    BufReader::new(r.into_inner()).read_line(&mut line).unwrap();
     assert!(line.contains("longer than"), "{line}");
 }
 

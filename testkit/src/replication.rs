@@ -380,6 +380,9 @@ pub struct AgentPooler {
     pub listen_port: u16,
     pub agent_port: u16,
     log: PathBuf,
+    /// The agent secret's file (the node directory's `agent.key`, mode 600, made at the
+    /// first start and kept across restarts).
+    pub secret_file: PathBuf,
 }
 
 impl AgentPooler {
@@ -394,7 +397,12 @@ impl AgentPooler {
         static N: AtomicU64 = AtomicU64::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
         let log = node.dir().join(format!("pooler-{n}.log"));
+        let secret_file = node.dir().join("agent.key");
+        shared::agent::AgentKey::load_or_create(&secret_file)
+            .unwrap_or_else(|e| panic!("agent secret: {e}"));
         let mut args: Vec<String> = vec![
+            "--agent-secret-file".into(),
+            secret_file.to_string_lossy().into_owned(),
             "--listen".into(),
             format!("127.0.0.1:{listen_port}"),
             "--cores".into(),
@@ -432,6 +440,7 @@ impl AgentPooler {
             listen_port,
             agent_port,
             log,
+            secret_file,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         for port in [listen_port, agent_port] {
@@ -456,6 +465,12 @@ impl AgentPooler {
             }
         }
         p
+    }
+
+    /// The agent secret this pooler answers to.
+    pub fn key(&self) -> shared::agent::AgentKey {
+        shared::agent::AgentKey::load(&self.secret_file)
+            .unwrap_or_else(|e| panic!("agent secret: {e}"))
     }
 
     pub fn agent_addr(&self) -> std::net::SocketAddr {

@@ -46,6 +46,24 @@ impl Context {
     }
 }
 
+/// The agent secret of the cluster in `dir` (DIR/agent.key, written by `up`): what the
+/// control process and the command line prove to node agents.
+pub fn agent_key(dir: &Path) -> Result<shared::agent::AgentKey> {
+    let path = dir.join(crate::layout::AGENT_KEY_FILE);
+    shared::agent::AgentKey::load(&path).map_err(|e| {
+        crate::error::Error::Environment(format!(
+            "the agent secret: {e} (`tidepool up` writes it; a cluster made before it existed \
+             needs `tidepool down` and `tidepool up`)"
+        ))
+    })
+}
+
+/// The agent secret, generated (mode 600, from the OS's CSPRNG) when there is none yet.
+pub fn ensure_agent_key(layout: &Layout) -> Result<shared::agent::AgentKey> {
+    shared::agent::AgentKey::load_or_create(&layout.agent_key_file())
+        .map_err(crate::error::Error::Environment)
+}
+
 /// `postgres://tidepool:PASSWORD@127.0.0.1:PORT/tidepool`
 pub fn url(password: &str, port: u16) -> String {
     format!(

@@ -83,7 +83,11 @@ pub fn run(global: &GlobalArgs, args: &NodeAddArgs) -> Result<bool> {
         "--admin-socket-dir",
         node.socket_dir.display().to_string(),
     );
-    pooler.extend(nodes::agent_args(&settings, &node));
+    pooler.extend(nodes::agent_args(
+        &settings,
+        &node,
+        &layout.agent_key_file(),
+    ));
     let mut node = node;
     node.pooler_pid = ensure_process(
         Role::Pooler,

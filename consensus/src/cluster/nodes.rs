@@ -140,9 +140,15 @@ pub fn postgres(settings: &ClusterSettings, node: &NodeRecord) -> Result<Postgre
     )
 }
 
-/// Flags making a pooler the agent of `node`.
-pub fn agent_args(settings: &ClusterSettings, node: &NodeRecord) -> Vec<OsString> {
-    let flags: [(&str, OsString); 7] = [
+/// Flags making a pooler the agent of `node`; `secret_file` holds the agent secret (a path:
+/// the secret itself never goes on a command line, where `ps` shows it).
+pub fn agent_args(
+    settings: &ClusterSettings,
+    node: &NodeRecord,
+    secret_file: &std::path::Path,
+) -> Vec<OsString> {
+    let flags: [(&str, OsString); 8] = [
+        ("--agent-secret-file", secret_file.into()),
         ("--node-name", node.name.clone().into()),
         ("--zone", node.zone.clone().into()),
         ("--agent-listen", node.agent.to_string().into()),

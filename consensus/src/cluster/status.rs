@@ -84,10 +84,20 @@ pub struct NodeStatus {
 /// Asks every node agent for its report (one second each at most).
 pub fn inspect_nodes(state: &State) -> Vec<NodeStatus> {
     use shared::agent::{call, format_lsn, Request, Response, Role as NodeRole};
-    let reports: Vec<_> = state
+    let key = super::agent_key(&state.dir).map_err(|e| e.to_string());
+    let reports: Vec<Result<Response, String>> = state
         .nodes
         .iter()
-        .map(|n| call(n.agent, &Request::Report, std::time::Duration::from_secs(1)))
+        .map(|n| {
+            let key = key.as_ref().map_err(Clone::clone)?;
+            call(
+                n.agent,
+                key,
+                &Request::Report,
+                std::time::Duration::from_secs(1),
+            )
+            .map_err(|e| e.to_string())
+        })
         .collect();
     let primary_lsn = reports.iter().find_map(|r| match r {
         Ok(Response::Ok { report }) if report.role == NodeRole::Primary => report.flush_lsn,

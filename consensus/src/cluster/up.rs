@@ -157,12 +157,21 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
         b.bootstrap(node1, &pg)?;
     }
 
+    // The node agents' secret, before any agent starts.
+    if !nodes.is_empty() {
+        super::ensure_agent_key(layout)?;
+    }
+
     // Pooler, then gateway (the gateway's first clients need the pooler).
     let pooler_addr = loopback(settings.pooler_port);
     let gateway_addr = loopback(settings.port);
     let mut args = pooler_args(&settings, layout, &run);
     if let Some(node1) = nodes.first() {
-        args.extend(nodes::agent_args(&settings, node1));
+        args.extend(nodes::agent_args(
+            &settings,
+            node1,
+            &layout.agent_key_file(),
+        ));
     }
     ensure_tier(
         Role::Pooler,
@@ -193,7 +202,7 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
                 "--admin-socket-dir",
                 node.socket_dir.display().to_string(),
             );
-            args.extend(nodes::agent_args(&settings, node));
+            args.extend(nodes::agent_args(&settings, node, &layout.agent_key_file()));
             node.pooler_pid = ensure_process(
                 Role::Pooler,
                 &pooler_bin,

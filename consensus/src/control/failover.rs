@@ -10,15 +10,22 @@ use super::{probe, Controller};
 use crate::error::{Error, Result};
 
 impl Controller {
-    /// The next term: above every term any node pledged to and the one we know.
-    fn next_term(&self, reports: &[probe::Probe]) -> u64 {
-        reports
+    /// The next term: above every term any node pledged to and the one we know. Checked:
+    /// reports carry terms within shared::agent::validate::MAX_TERM (probe.rs refuses others),
+    /// and when even that is used up there is no next term rather than an overflow.
+    fn next_term(&self, reports: &[probe::Probe]) -> Result<u64> {
+        let highest = reports
             .iter()
             .filter_map(|r| r.as_ref().ok().map(|r| r.term))
             .chain([self.topo.term])
             .max()
-            .unwrap_or(0)
-            + 1
+            .unwrap_or(0);
+        shared::agent::validate::next_term(highest).ok_or_else(|| {
+            Error::Conflict(format!(
+                "no term after {highest}: terms are used up (the highest is {})",
+                shared::agent::validate::MAX_TERM
+            ))
+        })
     }
 
     /// Whether `recruited` (node names) may elect without the others: a majority of the
@@ -44,12 +51,13 @@ impl Controller {
         forced: Option<String>,
         to: Option<&str>,
     ) -> Result<()> {
-        let reports = probe::all(&self.nodes, self.timers.agent_timeout_ms).await;
-        let term = self.next_term(&reports);
+        let reports = probe::all(&self.key, &self.nodes, self.timers.agent_timeout_ms).await;
+        let term = self.next_term(&reports)?;
         let old = self.primary_index();
         tracing::warn!(term, old_primary = %self.nodes[old].name, forced = forced.is_some(), "failover: recruiting");
         let started = Instant::now();
         let answers = probe::each(
+            &self.key,
             &self.nodes,
             |_| Some(Request::Recruit { term }),
             self.timers.operation_timeout_ms,
@@ -136,6 +144,7 @@ impl Controller {
         let sync_names =
             crate::cluster::nodes::sync_names(&self.settings, &self.nodes, &self.nodes[c].name)?;
         probe::call(
+            &self.key,
             &self.nodes[c],
             Request::Promote { term, sync_names },
             self.timers.operation_timeout_ms * 4,
@@ -182,10 +191,11 @@ impl Controller {
                 self.nodes[old].name
             )));
         }
-        let term = self.next_term(reports);
+        let term = self.next_term(reports)?;
         tracing::warn!(term, from = %self.nodes[old].name, to = %self.nodes[target].name, "switchover");
         // 1. Fence the primary: it drains, stops completing commits, reports its last WAL.
         let fenced = probe::call(
+            &self.key,
             &self.nodes[old],
             Request::Recruit { term },
             self.timers.operation_timeout_ms,
@@ -197,6 +207,7 @@ impl Controller {
         let deadline = Instant::now() + Duration::from_millis(self.timers.operation_timeout_ms);
         loop {
             let r = probe::call(
+                &self.key,
                 &self.nodes[target],
                 Request::Report,
                 self.timers.agent_timeout_ms,
@@ -224,6 +235,7 @@ impl Controller {
         }
         // 3. The standbys pledge (and stop streaming), 4. the target is promoted.
         let answers = probe::each(
+            &self.key,
             &self.nodes,
             |n| (n.name != self.nodes[old].name).then_some(Request::Recruit { term }),
             self.timers.operation_timeout_ms,

@@ -40,6 +40,8 @@ pub fn now_ms() -> u64 {
 
 pub struct Controller {
     dir: PathBuf,
+    /// The cluster's agent secret (DIR/agent.key): every call to an agent proves it.
+    key: shared::agent::AgentKey,
     settings: ClusterSettings,
     nodes: Vec<NodeRecord>,
     timers: Timers,
@@ -98,7 +100,9 @@ pub fn run(global: &GlobalArgs, args: &ControlArgs) -> Result<bool> {
 impl Controller {
     pub fn new(dir: PathBuf, state: &State) -> Result<Controller> {
         let store = store_for(&dir, &state.settings)?;
+        let key = crate::cluster::agent_key(&dir)?;
         Ok(Controller {
+            key,
             dir,
             settings: state.settings.clone(),
             nodes: state.nodes.clone(),
@@ -242,7 +246,7 @@ impl Controller {
             return Ok(());
         }
         self.grow_cohort().await?;
-        let reports = probe::all(&self.nodes, self.timers.agent_timeout_ms).await;
+        let reports = probe::all(&self.key, &self.nodes, self.timers.agent_timeout_ms).await;
         self.learn(&reports).await?;
         self.observe(&reports);
         if let Some(req) = requests::next(&self.dir) {
@@ -485,8 +489,13 @@ impl Controller {
                             term: self.topo.term,
                             sync_names: want,
                         };
-                        if let Err(e) =
-                            probe::call(&self.nodes[p], req, self.timers.operation_timeout_ms).await
+                        if let Err(e) = probe::call(
+                            &self.key,
+                            &self.nodes[p],
+                            req,
+                            self.timers.operation_timeout_ms,
+                        )
+                        .await
                         {
                             tracing::warn!(error = %e, "set_sync failed");
                         }
@@ -525,10 +534,11 @@ impl Controller {
             primary: self.upstream(self.primary_index()),
         };
         let following = self.following.clone();
+        let key = self.key.clone();
         let timeout = self.timers.operation_timeout_ms * 4;
         tracing::info!(node = %name, primary = %self.primary_name(), term = self.topo.term, "telling node to follow the primary");
         tokio::spawn(async move {
-            match probe::call(&node, req, timeout).await {
+            match probe::call(&key, &node, req, timeout).await {
                 Ok(_) => tracing::info!(node = %node.name, "follows the primary"),
                 Err(e) => tracing::warn!(node = %node.name, error = %e, "follow failed"),
             }

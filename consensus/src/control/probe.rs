@@ -4,19 +4,26 @@
 
 use std::time::Duration;
 
-use shared::agent::{self, Report, Request, Response};
+use shared::agent::{self, AgentKey, Report, Request, Response};
 
 use crate::state::NodeRecord;
 
 /// A node's report, or why there is none.
 pub type Probe = Result<Report, String>;
 
-/// One request; a `Refused` answer is an error carrying the agent's reason.
-pub async fn call(node: &NodeRecord, req: Request, timeout_ms: u64) -> Result<Report, String> {
+/// One request, authenticated with `key`; a `Refused` answer is an error carrying the
+/// agent's reason. (`agent::call` refuses reports whose terms are out of bounds.)
+pub async fn call(
+    key: &AgentKey,
+    node: &NodeRecord,
+    req: Request,
+    timeout_ms: u64,
+) -> Result<Report, String> {
     let addr = node.agent;
     let name = node.name.clone();
+    let key = key.clone();
     let timeout = Duration::from_millis(timeout_ms.max(1));
-    let joined = tokio::task::spawn_blocking(move || agent::call(addr, &req, timeout)).await;
+    let joined = tokio::task::spawn_blocking(move || agent::call(addr, &key, &req, timeout)).await;
     match joined {
         Ok(Ok(Response::Ok { report })) => Ok(report),
         Ok(Ok(Response::Refused { reason, .. })) => Err(format!("{name} refused: {reason}")),
@@ -27,6 +34,7 @@ pub async fn call(node: &NodeRecord, req: Request, timeout_ms: u64) -> Result<Re
 
 /// The same request to every node at once, answers in node order.
 pub async fn each(
+    key: &AgentKey,
     nodes: &[NodeRecord],
     req: impl Fn(&NodeRecord) -> Option<Request>,
     timeout_ms: u64,
@@ -34,10 +42,11 @@ pub async fn each(
     let mut tasks = Vec::with_capacity(nodes.len());
     for n in nodes {
         let node = n.clone();
+        let key = key.clone();
         let r = req(n);
         tasks.push(tokio::spawn(async move {
             match r {
-                Some(r) => Some(call(&node, r, timeout_ms).await),
+                Some(r) => Some(call(&key, &node, r, timeout_ms).await),
                 None => None,
             }
         }));
@@ -50,8 +59,8 @@ pub async fn each(
 }
 
 /// Every node's report.
-pub async fn all(nodes: &[NodeRecord], timeout_ms: u64) -> Vec<Probe> {
-    each(nodes, |_| Some(Request::Report), timeout_ms)
+pub async fn all(key: &AgentKey, nodes: &[NodeRecord], timeout_ms: u64) -> Vec<Probe> {
+    each(key, nodes, |_| Some(Request::Report), timeout_ms)
         .await
         .into_iter()
         .map(|p| p.unwrap_or_else(|| Err("not asked".into())))

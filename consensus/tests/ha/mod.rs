@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use shared::agent::{call, Report, Request, Response, Role};
+use shared::agent::{call, AgentKey, Report, Request, Response, Role};
 use testkit::{run_merged, Output};
 
 pub const TIDEPOOL: &str = env!("CARGO_BIN_EXE_tidepool");
@@ -203,9 +203,15 @@ impl HaCluster {
             .join("\n")
     }
 
+    /// The cluster's agent secret (DIR/agent.key, written by `up`).
+    pub fn key(&self) -> AgentKey {
+        AgentKey::load(&self.dir.join("agent.key")).unwrap_or_else(|e| panic!("agent secret: {e}"))
+    }
+
     pub fn report(&self, i: usize) -> Option<Report> {
         match call(
             self.nodes[i].agent,
+            &self.key(),
             &Request::Report,
             Duration::from_secs(2),
         ) {
@@ -394,12 +400,13 @@ impl Watcher {
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(BTreeMap::<u64, BTreeSet<String>>::new()));
         let (s, k) = (stop.clone(), seen.clone());
+        let key = cluster.key();
         let handle = std::thread::spawn(move || {
             let start = Instant::now();
             while !s.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(600) {
                 for (name, addr) in &nodes {
                     if let Ok(Response::Ok { report }) =
-                        call(*addr, &Request::Report, Duration::from_millis(500))
+                        call(*addr, &key, &Request::Report, Duration::from_millis(500))
                     {
                         if report.role == Role::Primary {
                             if let Ok(mut m) = k.lock() {

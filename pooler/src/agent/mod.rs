@@ -19,7 +19,7 @@ mod term;
 use crate::config::{AgentConfig, Config};
 use pgctl::PgCtl;
 use postgres::{PgError, Target};
-use shared::agent::{Report, Role};
+use shared::agent::{AgentKey, Report, Role};
 use std::cell::Cell;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -27,6 +27,8 @@ use term::{Pledge, PledgeFile};
 
 pub struct Agent {
     cfg: AgentConfig,
+    /// The cluster's agent secret: whoever connects proves it first (server.rs).
+    key: AgentKey,
     pg_port: u16,
     /// Addresses that are this node (a `Follow` to one of them is refused).
     own_hosts: Vec<String>,
@@ -83,6 +85,11 @@ impl Agent {
             .state_dir
             .clone()
             .ok_or("agent_listen needs state_dir or pg_data")?;
+        let secret_file = a
+            .secret_file
+            .as_deref()
+            .ok_or("agent_listen needs agent_secret_file")?;
+        let key = AgentKey::load(secret_file).map_err(|e| format!("agent secret: {e}"))?;
         let pledge_file = PledgeFile::new(&state_dir);
         let pledge = pledge_file.load()?;
         tracing::info!(term = pledge.term, primary_term = pledge.primary_term, recruited = pledge.recruited, file = %pledge_file.path().display(), "pledge loaded");
@@ -95,6 +102,7 @@ impl Agent {
         ];
         own_hosts.dedup();
         Ok(Agent {
+            key,
             cfg: a.clone(),
             pg_port: cfg.pg_port,
             own_hosts,

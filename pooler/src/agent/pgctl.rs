@@ -197,6 +197,14 @@ impl PgCtl {
     /// `postgresql.auto.conf` this `primary_conninfo` instead of the old one (and no fence
     /// left over from its time as a primary).
     pub fn make_standby(&self, conninfo: &str) -> Result<(), String> {
+        // The line is written by hand, not by ALTER SYSTEM: nothing in it may end the line or
+        // escape (the configuration parser reads backslash escapes inside quotes). Requests are
+        // validated before they get here (shared::agent::validate); this is the last guard.
+        if conninfo.chars().any(|c| c.is_control() || c == '\\') {
+            return Err(format!(
+                "refusing to write a primary_conninfo with a control character or a backslash: {conninfo:?}"
+            ));
+        }
         let auto = self.data.join("postgresql.auto.conf");
         let old = std::fs::read_to_string(&auto).unwrap_or_default();
         let mut new = String::new();

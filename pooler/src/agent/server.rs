@@ -1,8 +1,15 @@
-//! The agent's listener: one JSON request per line, one JSON response per line, in order.
-//! Lines are bounded (shared::agent::MAX_LINE); a line that is not a request is answered with
+//! The agent's listener: first the handshake (shared::agent::auth: the peer proves it holds
+//! the cluster's agent secret, then the agent proves it), then one JSON request per line, one
+//! JSON response per line, in order, each line with its MAC.
+//!
+//! A peer that fails the handshake gets one refusal ("authentication failed") and the
+//! connection is closed: no report, no term, nothing else. The handshake must finish within
+//! `HANDSHAKE` (a silent peer does not hold one of the few connection slots for long). Lines
+//! are bounded (shared::agent::MAX_LINE); a line that is not a valid request is answered with
 //! `Refused`, never a panic; an idle connection is closed after a minute.
 
 use super::Agent;
+use shared::agent::auth::{AuthError, ServerHandshake};
 use shared::agent::{Request, Response, MAX_LINE};
 use std::cell::Cell;
 use std::rc::Rc;
@@ -13,6 +20,7 @@ use tokio::net::TcpStream;
 /// Connections served at once; more are closed at once (the control uses a handful).
 const MAX_CONNECTIONS: usize = 64;
 const IDLE: Duration = Duration::from_secs(60);
+const HANDSHAKE: Duration = Duration::from_secs(5);
 
 pub async fn serve(agent: Rc<Agent>, listener: std::net::TcpListener) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
@@ -35,7 +43,11 @@ pub async fn serve(agent: Rc<Agent>, listener: std::net::TcpListener) {
                 let open = open.clone();
                 tokio::task::spawn_local(async move {
                     if let Err(e) = connection(&agent, stream).await {
-                        tracing::debug!(%peer, error = %e, "agent connection ended");
+                        if e.kind() == std::io::ErrorKind::PermissionDenied {
+                            tracing::warn!(%peer, error = %e, "agent connection refused");
+                        } else {
+                            tracing::debug!(%peer, error = %e, "agent connection ended");
+                        }
                     }
                     open.set(open.get() - 1);
                 });
@@ -48,53 +60,109 @@ pub async fn serve(agent: Rc<Agent>, listener: std::net::TcpListener) {
     }
 }
 
+/// One line of at most MAX_LINE bytes (with its newline); `None` at the end of the stream.
+/// A longer line is an error: its rest cannot be told from the next request.
+async fn read_line(
+    r: &mut (impl tokio::io::AsyncBufRead + Unpin),
+    line: &mut Vec<u8>,
+) -> std::io::Result<Option<()>> {
+    line.clear();
+    let n = (&mut *r)
+        .take(MAX_LINE as u64 + 1)
+        .read_until(b'\n', line)
+        .await?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if line.len() > MAX_LINE || !line.ends_with(b"\n") {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a line longer than {MAX_LINE} bytes, or cut short"),
+        ));
+    }
+    Ok(Some(()))
+}
+
+fn refusal(reason: &str) -> Vec<u8> {
+    let mut out = serde_json::to_vec(&Response::Refused {
+        reason: reason.into(),
+        report: None,
+    })
+    .unwrap_or_default();
+    out.push(b'\n');
+    out
+}
+
 async fn connection(agent: &Agent, stream: TcpStream) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     let mut line = Vec::new();
+
+    // The handshake. Before it succeeds nothing but the challenge and a refusal is written.
+    let hs = ServerHandshake::new(&agent.key);
+    w.write_all(&hs.challenge()).await?;
+    let got = tokio::time::timeout(HANDSHAKE, read_line(&mut r, &mut line)).await;
+    let verified = match got {
+        Ok(Ok(Some(()))) => hs.verify(&line),
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(_)) => Err(AuthError::Malformed("line too long".into())),
+        Err(_) => Err(AuthError::Malformed("no answer to the challenge".into())),
+    };
+    let mut sealed = match verified {
+        Ok((proof, sealed)) => {
+            w.write_all(&proof).await?;
+            sealed
+        }
+        Err(e) => {
+            let _ = w.write_all(&refusal("authentication failed")).await;
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!("handshake: {e}"),
+            ));
+        }
+    };
+
     loop {
-        line.clear();
-        let n = match tokio::time::timeout(
-            IDLE,
-            (&mut r)
-                .take(MAX_LINE as u64 + 1)
-                .read_until(b'\n', &mut line),
-        )
-        .await
-        {
-            Ok(n) => n?,
-            Err(_) => return Ok(()),
-        };
-        if n == 0 {
-            return Ok(());
-        }
-        let too_long = line.len() > MAX_LINE || !line.ends_with(b"\n");
-        let response = if too_long && line.len() > MAX_LINE {
-            Response::Refused {
-                reason: format!("request longer than {MAX_LINE} bytes"),
-                report: None,
-            }
-        } else {
-            match serde_json::from_slice::<Request>(&line) {
-                Ok(req) => handle(agent, req).await,
-                Err(e) => Response::Refused {
-                    reason: format!("not a request: {e}"),
+        match tokio::time::timeout(IDLE, read_line(&mut r, &mut line)).await {
+            Err(_) | Ok(Ok(None)) => return Ok(()),
+            Ok(Err(e)) => {
+                let too_long = Response::Refused {
+                    reason: format!("request longer than {MAX_LINE} bytes"),
                     report: None,
-                },
+                };
+                let out = serde_json::to_vec(&too_long).map_err(std::io::Error::other)?;
+                w.write_all(&sealed.seal(&out)).await?;
+                return Err(e);
             }
-        };
-        let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
-        out.push(b'\n');
-        w.write_all(&out).await?;
-        if too_long {
-            // The rest of an oversized line cannot be told from the next request.
-            return Ok(());
+            Ok(Ok(Some(()))) => {}
         }
+        // A line whose MAC does not check is not from the peer that authenticated (or was
+        // altered on the way): the connection ends without an answer.
+        let json = sealed.open(&line).map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::PermissionDenied, format!("line: {e}"))
+        })?;
+        let response = match serde_json::from_slice::<Request>(json) {
+            Ok(req) => handle(agent, req).await,
+            Err(e) => Response::Refused {
+                reason: format!("not a request: {e}"),
+                report: None,
+            },
+        };
+        let out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
+        w.write_all(&sealed.seal(&out)).await?;
     }
 }
 
+/// A request, validated first (shared::agent::validate): an invalid one changes nothing.
 pub async fn handle(agent: &Agent, req: Request) -> Response {
+    if let Err(reason) = req.validate() {
+        tracing::warn!(%reason, "agent request refused: invalid");
+        return Response::Refused {
+            reason: format!("invalid request: {reason}"),
+            report: None,
+        };
+    }
     if matches!(req, Request::Report) {
         return Response::Ok {
             report: agent.report().await,

@@ -63,7 +63,9 @@ pub fn pending_message_len(buf: &[u8]) -> Option<usize> {
         return None;
     }
     let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
-    (len >= 4).then_some(len as usize + 1)
+    // `then`, not `then_some`: the sum must not be computed for a negative length (-1 as usize
+    // + 1 overflows: a panic in a build with overflow checks). Found by fuzz/ (frontend).
+    (len >= 4).then(|| len as usize + 1)
 }
 
 /// Reads a NUL-terminated string at `*pos`, advancing past the NUL.
@@ -118,6 +120,19 @@ pub fn put_cstr(out: &mut Vec<u8>, s: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (cargo-fuzz, target `frontend`): a length word of -1 panicked on overflow.
+    #[test]
+    fn negative_lengths_are_no_pending_length() {
+        assert_eq!(pending_message_len(&[b'Q', 0xff, 0xff, 0xff, 0xff]), None);
+        assert_eq!(pending_message_len(&[b'Q', 0x80, 0, 0, 0]), None);
+        assert_eq!(pending_message_len(&[b'Q', 0, 0, 0, 3]), None);
+        assert_eq!(pending_message_len(&[b'Q', 0, 0, 0, 4]), Some(5));
+        assert_eq!(
+            typed_message_len(&[b'Q', 0xff, 0xff, 0xff, 0xff], usize::MAX),
+            Err(ProtocolError::BadLength(-1))
+        );
+    }
 
     #[test]
     fn framing() {
