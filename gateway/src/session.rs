@@ -634,9 +634,11 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                     } else {
                         flags
                     };
-                    let r = crate::failover::forward_slow(
+                    // Boxed: a re-open's state (waits for a primary, the login on the new
+                    // pooler) exists only during a failover, not in every idle session's task.
+                    let r = Box::pin(crate::failover::forward_slow(
                         &core, &io, id, &open, &batch, flags, may_commit,
-                    )
+                    ))
                     .await;
                     if r.is_err() {
                         break;
