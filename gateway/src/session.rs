@@ -324,7 +324,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         }
     })
     .await;
-    let open = match login {
+    let mut open = match login {
         Some(Ok(open)) => open,
         Some(Err(Refusal::Fatal(e))) => {
             link.unregister(id);
@@ -350,7 +350,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
             return;
         }
     };
-    *io.settings.borrow_mut() = settings;
+    // The session's settings live in `io` from now on (a re-open sends those): `open` keeps
+    // no second copy for the session's whole life.
+    drop(settings);
+    *io.settings.borrow_mut() = std::mem::take(&mut open.settings);
     if io.ended.get() {
         return;
     }

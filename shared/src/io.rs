@@ -11,26 +11,34 @@ use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
 /// Wakes every task waiting on it. A waiter that registered before a `notify` is ready.
+///
+/// Almost every `Notify` has at most one waiter (a session's task, a link's writer): that one is
+/// kept inline, so an idle connection's notifies hold no heap block; more waiters spill into a
+/// `Vec`.
 #[derive(Default)]
 pub struct Notify {
     generation: Cell<u64>,
-    wakers: RefCell<Vec<Waker>>,
+    first: Cell<Option<Waker>>,
+    more: RefCell<Vec<Waker>>,
 }
 
 impl Notify {
     pub fn notify(&self) {
         self.generation.set(self.generation.get().wrapping_add(1));
-        let mut wakers = std::mem::take(&mut *self.wakers.borrow_mut());
-        if wakers.is_empty() {
-            return;
-        }
-        for w in wakers.drain(..) {
+        if let Some(w) = self.first.take() {
             w.wake();
         }
-        // Keep the allocation for the next round (this runs once per message on hot paths).
-        let mut slot = self.wakers.borrow_mut();
+        let mut more = std::mem::take(&mut *self.more.borrow_mut());
+        if more.is_empty() {
+            return;
+        }
+        for w in more.drain(..) {
+            w.wake();
+        }
+        // Keep the allocation for the next round (only notifies with several waiters get here).
+        let mut slot = self.more.borrow_mut();
         if slot.is_empty() {
-            *slot = wakers;
+            *slot = more;
         }
     }
 
@@ -38,6 +46,23 @@ impl Notify {
         Notified {
             notify: self,
             start: self.generation.get(),
+        }
+    }
+
+    /// Registers `waker` unless it is registered already.
+    fn register(&self, waker: &Waker) {
+        match self.first.take() {
+            None => self.first.set(Some(waker.clone())),
+            Some(w) => {
+                let same = w.will_wake(waker);
+                self.first.set(Some(w));
+                if !same {
+                    let mut more = self.more.borrow_mut();
+                    if !more.iter().any(|w| w.will_wake(waker)) {
+                        more.push(waker.clone());
+                    }
+                }
+            }
         }
     }
 }
@@ -53,10 +78,7 @@ impl Future for Notified<'_> {
         if self.notify.generation.get() != self.start {
             return Poll::Ready(());
         }
-        let mut wakers = self.notify.wakers.borrow_mut();
-        if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
-            wakers.push(cx.waker().clone());
-        }
+        self.notify.register(cx.waker());
         Poll::Pending
     }
 }
@@ -420,5 +442,53 @@ mod tests {
         assert!(r.buf.is_empty(), "large buffer given back when empty");
         r.push_bytes(b"abc");
         assert_eq!(r.data(), b"abc");
+    }
+
+    /// A waker that counts its wakes.
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn counter() -> (std::sync::Arc<Count>, Waker) {
+        let c = std::sync::Arc::new(Count(Default::default()));
+        (c.clone(), Waker::from(c))
+    }
+
+    fn wakes(c: &Count) -> usize {
+        c.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    #[test]
+    fn notify_wakes_every_waiter_once_and_keeps_one_inline() {
+        let n = Notify::default();
+        let (ca, a) = counter();
+        let (cb, b) = counter();
+        let mut fa = Box::pin(n.notified());
+        let mut fb = Box::pin(n.notified());
+        for _ in 0..3 {
+            // Polled again and again: registered once.
+            assert!(fa.as_mut().poll(&mut Context::from_waker(&a)).is_pending());
+        }
+        assert!(n.more.borrow().is_empty(), "one waiter: inline, no Vec");
+        assert!(fb.as_mut().poll(&mut Context::from_waker(&b)).is_pending());
+        assert!(fb.as_mut().poll(&mut Context::from_waker(&b)).is_pending());
+        assert_eq!(n.more.borrow().len(), 1);
+        n.notify();
+        assert_eq!((wakes(&ca), wakes(&cb)), (1, 1));
+        assert!(fa.as_mut().poll(&mut Context::from_waker(&a)).is_ready());
+        assert!(fb.as_mut().poll(&mut Context::from_waker(&b)).is_ready());
+        // A waiter that registers after the notify waits for the next one.
+        let mut fc = Box::pin(n.notified());
+        assert!(fc.as_mut().poll(&mut Context::from_waker(&a)).is_pending());
+        n.notify();
+        assert_eq!(wakes(&ca), 2);
+        assert!(fc.as_mut().poll(&mut Context::from_waker(&a)).is_ready());
+        // Nothing registered: a notify wakes nobody.
+        n.notify();
+        assert_eq!((wakes(&ca), wakes(&cb)), (2, 1));
     }
 }
