@@ -700,3 +700,90 @@ async fn a_triggers_notification_comes_before_the_statement_completes() {
     })
     .await;
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A client that listens and stops reading is ended (FATAL 53200) once 16 MiB of notifications
+/// wait for it, instead of growing the gateway's memory without end (issue 12); the session that
+/// sends them, and others, go on.
+#[tokio::test]
+async fn a_listener_that_stops_reading_is_ended_and_memory_stays_bounded() {
+    let (_pg, tp) = start(4);
+    bounded(Duration::from_secs(180), async {
+        let ep = tp.endpoint();
+        let (slow, conn) = ep
+            .pg_config(ALICE.0, ALICE.1, APP_DB)
+            .connect(NoTls)
+            .await
+            .expect("login through the gateway");
+        let (pause_tx, pause_rx) = tokio::sync::oneshot::channel::<()>();
+        let (resume_tx, resume_rx) = tokio::sync::oneshot::channel::<()>();
+        // Reads until paused, then holds the socket without reading until resumed; returns how
+        // many notifications it got and the error that ended the connection, if any.
+        let reader = tokio::spawn(async move {
+            let mut conn = conn;
+            let mut got = 0usize;
+            tokio::select! {
+                _ = async {
+                    while let Some(Ok(_)) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {}
+                } => {}
+                _ = pause_rx => {}
+            }
+            let _ = resume_rx.await;
+            loop {
+                match std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                    Some(Ok(AsyncMessage::Notification(_))) => got += 1,
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return (got, Some(e)),
+                    None => return (got, None),
+                }
+            }
+        });
+        slow.batch_execute("LISTEN big").await.unwrap();
+        pause_tx.send(()).unwrap();
+
+        let (sender, _rx) = session(&ep).await;
+        let before = rss_kib(tp.gateway_pid());
+        // 6,000 distinct notifications of ~8 KB: 48 MB, three times the bound.
+        let sent = 6000;
+        for batch in 0..12 {
+            sender
+                .batch_execute(&format!(
+                    "SELECT pg_notify('big', repeat('x', 7990) || g) \
+                     FROM generate_series({}, {}) AS g",
+                    batch * 500 + 1,
+                    batch * 500 + 500
+                ))
+                .await
+                .unwrap();
+        }
+        // Give the fan-out time to reach the gateway.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let grown_mib = (rss_kib(tp.gateway_pid()).saturating_sub(before)) / 1024;
+        let row = sender.query_one("SELECT 1::int", &[]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), 1, "the sender goes on");
+
+        resume_tx.send(()).unwrap();
+        let (got, err) = reader.await.unwrap();
+        eprintln!("gateway RSS grew {grown_mib} MiB; the slow client got {got} of {sent}; ended by {err:?}");
+        assert!(got < sent, "the slow client was not cut off: it got all {got}");
+        if let Some(e) = &err {
+            if let Some(db) = e.as_db_error() {
+                assert_eq!(db.code().code(), "53200", "{e}");
+            }
+        }
+        assert!(
+            grown_mib < 40,
+            "the gateway held {grown_mib} MiB for one client that does not read"
+        );
+        drop(slow);
+    })
+    .await;
+}

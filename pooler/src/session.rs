@@ -31,6 +31,10 @@ const INBOX_LIMIT: usize = 1 << 20;
 /// reading.
 const WINDOW: usize = 256 * 1024;
 
+/// Notification bytes a session may have sent towards a client that has not read them (see
+/// `Session::notification`).
+const UNREAD_LIMIT: usize = 16 << 20;
+
 pub struct Session {
     pub id: u32,
     /// Its link's frames to the gateway.
@@ -263,16 +267,41 @@ impl Session {
 
     /// A notification from the core's listener: to the client now if the session is idle, else
     /// before its next `ReadyForQuery 'I'` (Postgres delivers only between transactions).
+    ///
+    /// Notifications bypass the relay's flow control (nothing stops a listener's senders), so a
+    /// client that listens and stops reading would grow the gateway's queue without end. Postgres
+    /// keeps a slow listener's notifications in its shared queue and fails `NOTIFY` when that is
+    /// full; here each session has its own bound: past `UNREAD_LIMIT` bytes sent and not yet
+    /// written to the client, the session is ended with an error (the other sessions, and the
+    /// senders, go on).
     pub fn notification(&self, msg: &[u8]) {
-        if self.gone.get() {
+        if self.gone.get() || self.dead.get() {
             return;
         }
         if self.busy() {
             self.listen.queue_note(msg);
-        } else {
-            self.out.borrow_mut().extend_from_slice(msg);
-            self.flush();
+            return;
         }
+        if self.inflight.get() + msg.len() > UNREAD_LIMIT {
+            tracing::warn!(
+                session = self.id,
+                unread = self.inflight.get(),
+                "the client does not read its notifications; ending the session"
+            );
+            let mut e = Vec::new();
+            be::error_response(
+                &mut e,
+                Severity::Fatal,
+                "53200",
+                "terminating connection: the client is not reading its notifications",
+            );
+            self.send_closed(&e);
+            self.dead.set(true);
+            self.inbox_notify.notify();
+            return;
+        }
+        self.out.borrow_mut().extend_from_slice(msg);
+        self.flush();
     }
 
     /// A request runs, a transaction is open, or a `ReadyForQuery` is held.
