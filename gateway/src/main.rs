@@ -5,6 +5,7 @@ mod auth;
 mod config;
 mod core;
 mod failover;
+mod identity;
 mod link;
 mod session;
 mod session_io;

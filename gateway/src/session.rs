@@ -6,6 +6,7 @@
 use crate::auth::{self, Refusal};
 use crate::classify::LOWERS_SYNC_COMMIT;
 use crate::core::{ClientSlot, Core};
+use crate::identity;
 use crate::session_io::{self, SessionIo};
 use crate::statement_names::{self, Found};
 use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -618,10 +619,23 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
             // The hot path: the session's pooler is the primary (or holds its transaction).
             match session_io::usable_link(&core, &io).filter(|_| denied.is_empty()) {
                 Some(l) => {
-                    if !names.is_empty() {
+                    let batch = &reader.data()[..end];
+                    // `NAMES` carry offsets into the batch as the client sent it: a batch with
+                    // them keeps its text (pg_backend_pid() then answers the backend's pid).
+                    let own_pid = if names.is_empty() {
+                        identity::virtual_backend_pid(batch, open.pid)
+                    } else {
                         l.send(up::NAMES, id, &names);
-                    }
-                    session_io::send(&l, &io, id, flags, &reader.data()[..end], may_commit);
+                        None
+                    };
+                    session_io::send(
+                        &l,
+                        &io,
+                        id,
+                        flags,
+                        own_pid.as_deref().unwrap_or(batch),
+                        may_commit,
+                    );
                     reader.consume(end);
                 }
                 None => {
@@ -629,6 +643,9 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                     reader.consume(end);
                     if !denied.is_empty() {
                         batch = deny_sync_commit(&batch, &denied);
+                    }
+                    if let Some(b) = identity::virtual_backend_pid(&batch, open.pid) {
+                        batch = b;
                     }
                     // The slow path may change poolers: names are not sent; a PREPARE
                     // then keeps the client's name on a pinned backend.

@@ -772,3 +772,67 @@ async fn logins_and_their_errors_match_postgres() {
     })
     .await;
 }
+
+/// `pg_backend_pid()` answers the pid of the client's `BackendKeyData`, whichever backend runs
+/// the statement (issue 11): psycopg 3 in each protocol path, against Postgres first.
+#[test]
+fn backend_pid_is_the_one_the_client_knows() {
+    let import = run_merged(
+        Command::new("python3").args(["-c", "import psycopg"]),
+        None,
+        Duration::from_secs(30),
+    );
+    if !import.success() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "psycopg 3 is not importable under CI:\n{}",
+            import.text
+        );
+        eprintln!("SKIPPED: psycopg 3 is not installed:\n{}", import.text);
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/identity_check.py");
+    // A pool of 2 for 4 busy sessions: the checked session's statements run on several backends.
+    let (pg, tp) = start(2);
+    let run = |url: String| {
+        let mut cmd = Command::new("python3");
+        cmd.arg(&script).arg(url);
+        run_merged(&mut cmd, None, Duration::from_secs(120))
+    };
+    let direct = run(pg.direct_url(ALICE.0, ALICE.1, APP_DB));
+    assert!(
+        direct.success(),
+        "against Postgres itself:\n{}",
+        direct.text
+    );
+    let busy: Vec<_> = (0..3)
+        .map(|_| {
+            let mut c = Command::new("psql");
+            c.arg(tp.url(BOB.0, BOB.1, APP_DB))
+                .args([
+                    "-qAt",
+                    "-c",
+                    "SELECT count(*) FROM generate_series(1, 3000000)",
+                ])
+                .stdout(std::process::Stdio::null());
+            c.spawn().expect("psql")
+        })
+        .collect();
+    let through = run(tp.url(ALICE.0, ALICE.1, APP_DB));
+    for mut b in busy {
+        let _ = b.wait();
+    }
+    assert!(
+        through.success(),
+        "through the gateway:\n{}\n{}",
+        through.text,
+        tp.logs()
+    );
+    let checks = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.ends_with(": ok"))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(checks(&direct.text), checks(&through.text));
+}

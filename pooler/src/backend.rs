@@ -314,6 +314,7 @@ fn backend_lost(core: &Rc<Core>, b: &Rc<Backend>, touched: Option<Rc<dyn Owner>>
         (st.owner.take(), waiting)
     };
     b.out.close();
+    crate::pids::ended(b.pid);
     tracing::debug!(backend = b.id, "backend connection ended");
     for d in waiting {
         let mut e = Vec::new();

@@ -545,8 +545,10 @@ impl Listener {
             Some(m) => m.values().filter_map(Weak::upgrade).collect(),
             None => Vec::new(),
         };
+        // Clients see the sending session's pid (pids.rs); the backend's is compared below.
+        let shown = crate::pids::shown(msg);
         for s in sessions {
-            s.notification(msg);
+            s.notification(&shown);
         }
         // A session joining the channel hears only its own notifications (sent by the backend
         // that runs its transaction): held, never sent at once, kept at the read-back only if
@@ -562,7 +564,7 @@ impl Listener {
             let own = s.listen.own_pid.get() == Some(sender)
                 || s.backend.borrow().as_ref().is_some_and(|b| b.pid == sender);
             if own {
-                s.listen.queue_note(msg);
+                s.listen.queue_note(&shown);
             }
         }
     }

@@ -12,6 +12,7 @@ mod link;
 mod listen;
 mod listen_names;
 mod login;
+mod pids;
 mod pool;
 mod readback;
 mod responses;

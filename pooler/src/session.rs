@@ -355,6 +355,11 @@ impl Owner for Session {
 
     fn own_notification(&self) {
         self.listen.barrier.set(true);
+        // A notification the statement did not announce (a trigger's): its next ones show the
+        // session's pid too.
+        if let Some(b) = self.backend.borrow().as_ref() {
+            crate::pids::notifying(b.pid, self.cancel_key.0);
+        }
     }
 
     fn read_back_sql(&self) -> (String, bool) {
@@ -849,7 +854,7 @@ async fn process(core: &Rc<Core>, s: &Rc<Session>, fl: u8, msgs: &[u8]) -> Resul
         && !s.open_batch.get()
         && s.statements.borrow().values().any(|st| st.sql.is_some());
     s.writing.set(true);
-    let result = write_batch(core, s, msgs, real_names).await;
+    let result = write_batch(core, s, msgs, real_names, fl & flags::NOTIFY != 0).await;
     s.writing.set(false);
     s.flush();
     if result.is_ok() && !s.dead.get() {
@@ -869,6 +874,7 @@ async fn write_batch(
     s: &Rc<Session>,
     mut msgs: &[u8],
     mut real_names: bool,
+    notifies: bool,
 ) -> Result<(), Vec<u8>> {
     let max = core.cfg.max_message_size.saturating_add(5);
     let total = msgs.len();
@@ -893,6 +899,10 @@ async fn write_batch(
         let Some(b) = ensure_backend(core, s).await? else {
             return Ok(());
         };
+        if notifies {
+            // Its notifications show the session's pid, as its client knows it (pids.rs).
+            crate::pids::notifying(b.pid, s.cancel_key.0);
+        }
         if std::mem::take(&mut real_names) {
             crate::sql_names::real_names(&s.statements, &b);
         }
