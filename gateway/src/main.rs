@@ -20,7 +20,7 @@ use std::os::fd::FromRawFd;
 use std::rc::Rc;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// `fut`'s output, or `None` if `dur` passes first.
 pub async fn with_timeout<T>(dur: Duration, fut: impl Future<Output = T>) -> Option<T> {
@@ -31,25 +31,85 @@ pub async fn with_timeout<T>(dur: Duration, fut: impl Future<Output = T>) -> Opt
     .await
 }
 
+/// What a reload publishes to every core: the config in force and the TLS acceptor made from
+/// its certificate files (read on the signal thread, not on a core).
+pub struct Live {
+    pub cfg: config::Config,
+    pub tls: Option<futures_rustls::TlsAcceptor>,
+}
+
+type Lifecycle = shared::lifecycle::Lifecycle<Live>;
+
+fn tls_of(cfg: &config::Config) -> Result<Option<futures_rustls::TlsAcceptor>, String> {
+    match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(c), Some(k)) => tls::acceptor(c, k).map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// SIGHUP: the file read again under the same flags; what can change live is applied, the rest
+/// is logged as needing a restart. A file that no longer parses changes nothing.
+fn reload(args: &config::Args, now: &Live) -> Option<Live> {
+    let new = match config::Config::load(args.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "reload: the configuration is not valid; nothing changed");
+            return None;
+        }
+    };
+    let (merged, live, restart) = now.cfg.reloaded(&new);
+    let tls_changed = live.contains(&"tls_cert") || live.contains(&"tls_key");
+    // Certificates are read again on every reload (a renewed certificate keeps its file name).
+    let tls = match tls_of(&merged) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "reload: TLS certificate or key not usable; nothing changed");
+            return None;
+        }
+    };
+    if merged.log_level != now.cfg.log_level {
+        if let Err(e) = shared::logging::set_level(&merged.log_level) {
+            tracing::error!(error = %e, "reload: log_level not applied");
+        }
+    }
+    if !restart.is_empty() {
+        tracing::warn!(keys = ?restart, "reload: these changed in the file but take effect only after a restart");
+    }
+    tracing::info!(changed = ?live, tls_reloaded = tls.is_some() || tls_changed, "configuration reloaded");
+    Some(Live { cfg: merged, tls })
+}
+
 fn main() {
     shared::logging::init("info");
-    let cfg = match config::Config::load(config::Args::parse()) {
+    let args = config::Args::parse();
+    let cfg = match config::Config::load(args.clone()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("tidepool-gateway: {e}");
             std::process::exit(2);
         }
     };
-    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
-        (Some(c), Some(k)) => match tls::acceptor(c, k) {
-            Ok(a) => Some(a),
-            Err(e) => {
-                eprintln!("tidepool-gateway: TLS: {e}");
-                std::process::exit(2);
-            }
-        },
-        _ => None,
+    if std::env::var_os("RUST_LOG").is_none() && cfg.log_level != "info" {
+        if let Err(e) = shared::logging::set_level(&cfg.log_level) {
+            eprintln!("tidepool-gateway: {e}");
+            std::process::exit(2);
+        }
+    }
+    let tls = match tls_of(&cfg) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("tidepool-gateway: TLS: {e}");
+            std::process::exit(2);
+        }
     };
+    let life = Lifecycle::new(Live {
+        cfg: cfg.clone(),
+        tls: tls.clone(),
+    });
+    if let Err(e) = life.watch_signals(move |now| reload(&args, now)) {
+        eprintln!("tidepool-gateway: cannot watch signals: {e}");
+        std::process::exit(1);
+    }
     let mock_secret: [u8; 32] = rand::random();
     let clients = Arc::new(AtomicUsize::new(0));
     tracing::info!(listen = %cfg.listen, cores = cfg.cores, poolers = ?cfg.poolers, tls = tls.is_some(), "gateway starting");
@@ -64,11 +124,13 @@ fn main() {
             let cfg = Rc::new(cfg.clone());
             let tls = tls.clone();
             let clients = clients.clone();
-            async move { run_core(cfg, tls, mock_secret, clients).await }
+            let life = life.clone();
+            async move { run_core(cfg, tls, mock_secret, clients, life).await }
         });
     match handles {
         Ok(h) => {
             h.join_all();
+            tracing::info!("gateway stopped");
         }
         Err(e) => {
             eprintln!("tidepool-gateway: cannot start executors: {e}");
@@ -77,11 +139,63 @@ fn main() {
     }
 }
 
+/// Until SIGTERM: applies each reload to this core. Returns when the drain starts.
+async fn watch_lifecycle(core: &core::Core, life: &Lifecycle) {
+    let mut seen = life.generation();
+    loop {
+        glommio::timer::sleep(shared::lifecycle::TICK).await;
+        let g = life.generation();
+        if g != seen {
+            seen = g;
+            let live = life.current();
+            core.set_cfg(Rc::new(live.cfg.clone()));
+            *core.tls.borrow_mut() = live.tls.clone();
+        }
+        if life.draining() {
+            return;
+        }
+    }
+}
+
+/// Connections the kernel queued on a listener we are about to close. Where the kernel hands
+/// them to another listener of the port itself (`net.ipv4.tcp_migrate_req = 1`, Linux 5.14+),
+/// nothing; else each is taken and told the server is shutting down (57P03, as Postgres says
+/// it), so that it hears why instead of a reset.
+fn take_queued(fd: std::os::fd::RawFd) -> Vec<glommio::net::TcpStream> {
+    let migrate = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
+        .is_ok_and(|s| s.trim() == "1");
+    let mut out = Vec::new();
+    if migrate {
+        return out;
+    }
+    loop {
+        // SAFETY: `fd` is our listener, open until the caller drops it; accept4 with null
+        // address pointers is valid and returns a new descriptor we own.
+        let s = unsafe {
+            libc::accept4(
+                fd,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            )
+        };
+        if s < 0 {
+            break;
+        }
+        // SAFETY: `s` is a connected socket we own and hand over whole.
+        out.push(unsafe { glommio::net::TcpStream::from_raw_fd(s) });
+    }
+    out
+}
+
+const SHUTTING_DOWN: &str = "the database system is shutting down";
+
 async fn run_core(
     cfg: Rc<config::Config>,
     tls: Option<futures_rustls::TlsAcceptor>,
     mock_secret: [u8; 32],
     clients: Arc<AtomicUsize>,
+    life: Arc<Lifecycle>,
 ) {
     let core = core::Core::new(cfg.clone(), tls, mock_secret, clients);
     for (links, addr) in core.links.iter().zip(&cfg.poolers) {
@@ -89,14 +203,19 @@ async fn run_core(
             glommio::spawn_local(l.clone().maintain(addr.clone())).detach();
         }
     }
-    let listener = match shared::io::reuseport_listener(&cfg.listen) {
-        // SAFETY: the fd comes from a listener we own and hand over whole.
-        Ok(l) => unsafe { TcpListener::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(l)) },
+    let (listener, listener_fd) = match shared::io::reuseport_listener(&cfg.listen) {
+        Ok(l) => {
+            let fd = std::os::fd::IntoRawFd::into_raw_fd(l);
+            // SAFETY: the fd comes from a listener we own and hand over whole.
+            (unsafe { TcpListener::from_raw_fd(fd) }, fd)
+        }
         Err(e) => {
             eprintln!("tidepool-gateway: cannot listen on {}: {e}", cfg.listen);
             std::process::exit(1);
         }
     };
+    // The other listeners' tasks, cancelled (their listeners closed) when the drain starts.
+    let mut others = Vec::new();
     // One Unix socket per process (a path cannot be shared): the first executor owns it.
     if let Some(dir) = &cfg.unix_socket_dir {
         if glommio::executor().id() == 1 {
@@ -108,7 +227,7 @@ async fn run_core(
                     use std::os::unix::fs::PermissionsExt;
                     let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777));
                     let core = core.clone();
-                    glommio::spawn_local(async move {
+                    let task = glommio::spawn_local(async move {
                         loop {
                             match u.accept().await {
                                 Ok(s) => glommio::spawn_local(session::serve_unix(core.clone(), s))
@@ -121,6 +240,7 @@ async fn run_core(
                         }
                     })
                     .detach();
+                    others.push((task, Some(path)));
                 }
                 Err(e) => tracing::warn!(path = %path, error = %e, "cannot listen on Unix socket"),
             }
@@ -136,7 +256,7 @@ async fn run_core(
             }
         };
         let core = core.clone();
-        glommio::spawn_local(async move {
+        let task = glommio::spawn_local(async move {
             loop {
                 match ro.accept().await {
                     Ok(s) => {
@@ -150,31 +270,91 @@ async fn run_core(
             }
         })
         .detach();
+        others.push((task, None));
     }
     // A spare descriptor, given up for a moment when we run out, so a client beyond the limit
     // hears why (53300) instead of waiting in the backlog.
-    let mut spare = std::fs::File::open("/dev/null").ok();
-    loop {
-        match listener.accept().await {
-            Ok(stream) => {
-                glommio::spawn_local(session::serve_tcp(core.clone(), stream, false)).detach();
-            }
-            Err(e) => {
-                let out_of_fds =
-                    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
-                        || e.to_string().contains("Too many open files");
-                if out_of_fds {
-                    drop(spare.take());
-                    if let Ok(stream) = listener.accept().await {
-                        session::refuse(stream, "sorry, too many clients already").await;
-                    }
-                    spare = std::fs::File::open("/dev/null").ok();
-                    tracing::warn!("out of file descriptors: refusing new clients");
-                } else {
-                    tracing::warn!(error = %e, "accept failed");
+    let accept = async {
+        let mut spare = std::fs::File::open("/dev/null").ok();
+        loop {
+            match listener.accept().await {
+                Ok(stream) => {
+                    glommio::spawn_local(session::serve_tcp(core.clone(), stream, false)).detach();
                 }
-                glommio::timer::sleep(Duration::from_millis(5)).await;
+                Err(e) => {
+                    let out_of_fds =
+                        matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+                            || e.to_string().contains("Too many open files");
+                    if out_of_fds {
+                        drop(spare.take());
+                        if let Ok(stream) = listener.accept().await {
+                            session::refuse(stream, "53300", "sorry, too many clients already")
+                                .await;
+                        }
+                        spare = std::fs::File::open("/dev/null").ok();
+                        tracing::warn!("out of file descriptors: refusing new clients");
+                    } else {
+                        tracing::warn!(error = %e, "accept failed");
+                    }
+                    glommio::timer::sleep(Duration::from_millis(5)).await;
+                }
             }
+        }
+    };
+    futures_lite::future::or(accept, watch_lifecycle(&core, &life)).await;
+    drain(&core, listener, listener_fd, others).await;
+}
+
+/// SIGTERM on this core: close the listeners, let sessions end at their next idle moment
+/// (57P01), end the rest when `shutdown_timeout_ms` has passed, and return.
+async fn drain(
+    core: &Rc<core::Core>,
+    listener: TcpListener,
+    listener_fd: std::os::fd::RawFd,
+    others: Vec<(glommio::task::JoinHandle<()>, Option<String>)>,
+) {
+    core.draining.set(true);
+    core.drain_notify.notify();
+    let queued = take_queued(listener_fd);
+    drop(listener);
+    for (task, path) in others {
+        task.cancel();
+        if let Some(p) = path {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    let refused = queued.len();
+    for s in queued {
+        glommio::spawn_local(session::refuse(s, "57P03", SHUTTING_DOWN)).detach();
+    }
+    let timeout = Duration::from_millis(core.cfg().shutdown_timeout_ms);
+    tracing::info!(
+        core = glommio::executor().id(),
+        clients = core.local_clients.get(),
+        refused,
+        ?timeout,
+        "draining: listeners closed"
+    );
+    let deadline = Instant::now() + timeout;
+    while core.local_clients.get() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(shared::lifecycle::TICK).await;
+    }
+    if core.local_clients.get() > 0 {
+        tracing::warn!(
+            clients = core.local_clients.get(),
+            "shutdown timeout: ending the sessions still in a transaction"
+        );
+        core.force.set(true);
+        core.drain_notify.notify();
+        let grace = Instant::now() + Duration::from_secs(2);
+        while core.local_clients.get() > 0 && Instant::now() < grace {
+            glommio::timer::sleep(shared::lifecycle::TICK).await;
+        }
+    }
+    // Let the pooler hear the sessions' CLOSE frames before the links go.
+    for links in &core.links {
+        for l in links {
+            let _ = with_timeout(Duration::from_millis(500), l.out.flushed()).await;
         }
     }
 }
