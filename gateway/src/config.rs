@@ -370,6 +370,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn example_file_is_the_defaults_and_reload_splits_keys() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/gateway.toml");
+        let c = Config::load(Args::parse_from(["g", "--config", path])).unwrap();
+        let d = Config::load(Args::parse_from(["g"])).unwrap();
+        assert_eq!(c.shutdown_timeout_ms, d.shutdown_timeout_ms);
+        assert_eq!(c.client_idle_timeout_ms, 0);
+        assert_eq!(c.idle_transaction_timeout_ms, 0);
+        assert_eq!(c.log_level, "info");
+        let mut new = c.clone();
+        new.max_clients = 7;
+        new.links_per_core = 9;
+        new.client_idle_timeout_ms = 5;
+        let (merged, live, restart) = c.reloaded(&new);
+        assert_eq!(live, vec!["max_clients", "client_idle_timeout_ms"]);
+        assert_eq!(restart, vec!["links_per_core"]);
+        assert_eq!(merged.max_clients, 7);
+        assert_eq!(merged.links_per_core, c.links_per_core, "needs a restart");
+    }
+
+    #[test]
     fn poolers_from_flags_and_file() {
         let args = Args::parse_from(["g", "--pooler", "a:1,b:2", "--pooler", "c:3"]);
         let c = Config::load(args).unwrap();

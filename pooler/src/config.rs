@@ -514,6 +514,29 @@ mod tests {
     }
 
     #[test]
+    fn example_file_is_the_defaults_and_reload_splits_keys() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/pooler.toml");
+        let c = load(&["--config", path]).unwrap();
+        let d = load(&[]).unwrap();
+        for (a, b) in [
+            (c.query_wait_timeout_ms, d.query_wait_timeout_ms),
+            (c.server_lifetime_ms, d.server_lifetime_ms),
+            (c.server_idle_timeout_ms, d.server_idle_timeout_ms),
+            (c.shutdown_timeout_ms, d.shutdown_timeout_ms),
+        ] {
+            assert_eq!(a, b);
+        }
+        let mut new = c.clone();
+        new.pool_size = 3;
+        new.pg_port = 1;
+        let (merged, live, restart) = c.reloaded(&new);
+        assert_eq!(live, vec!["pool_size"]);
+        assert_eq!(restart, vec!["pg_port"]);
+        assert_eq!(merged.pool_size, 3);
+        assert_eq!(merged.pg_port, c.pg_port);
+    }
+
+    #[test]
     fn agent_defaults_and_flags() {
         let c = load(&[]).unwrap();
         assert!(c.agent.listen.is_none());
