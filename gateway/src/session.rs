@@ -286,6 +286,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     let database = database
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
+    if core.draining.get() {
+        // Accepted just before the listeners closed: as Postgres answers while it stops.
+        write_fatal(&mut stream, "57P03", "the database system is shutting down").await;
+        return;
+    }
     // No primary (failing over, or the pooler not up yet): wait as a request would.
     let hold = Instant::now() + Duration::from_millis(core.cfg().failover_hold_ms);
     let Some(link) = core.wait_link(hold.min(deadline), read_only).await else {
