@@ -557,3 +557,80 @@ fn sighup_reloads_without_dropping_clients() {
     }));
     assert!(tp.alive(), "{}", tp.logs());
 }
+
+/// A self-signed certificate for `cn` written to `cert.pem` and `key.pem` in `dir`.
+fn make_cert(dir: &Path, cn: &str) -> (String, String) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let out = testkit::run_merged(
+        std::process::Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .arg("-subj")
+            .arg(format!("/CN={cn}"))
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+        None,
+        Duration::from_secs(60),
+    );
+    assert!(out.success(), "{}", out.text);
+    (
+        cert.to_string_lossy().into_owned(),
+        key.to_string_lossy().into_owned(),
+    )
+}
+
+/// The subject of the certificate the gateway on `port` serves (openssl's Postgres STARTTLS).
+fn served_subject(port: u16) -> String {
+    let out = testkit::run_merged(
+        std::process::Command::new("openssl").args([
+            "s_client",
+            "-starttls",
+            "postgres",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+        ]),
+        Some(Vec::new()),
+        Duration::from_secs(30),
+    );
+    out.text
+        .lines()
+        .find(|l| l.starts_with("subject="))
+        .unwrap_or_else(|| panic!("no certificate served:\n{}", out.text))
+        .to_string()
+}
+
+/// SIGHUP reads the TLS certificate again: a renewed certificate in the same files is served
+/// to the next TLS client, and a session opened before goes on.
+#[test]
+fn sighup_reloads_tls_certificate() {
+    let pg = PgCluster::start();
+    let dir = pg.dir().join("tls-reload");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = make_cert(&dir, "first");
+    let gw = gateway_config(
+        &dir,
+        "gateway.toml",
+        &format!("tls_cert = {cert:?}\ntls_key = {key:?}\n"),
+    );
+    let mut tp = Tidepool::start(
+        &pg,
+        TidepoolOpts::default()
+            .gateway_arg("--config")
+            .gateway_arg(&gw),
+    );
+    assert!(served_subject(tp.gateway_port()).contains("first"));
+    let ep = tp.endpoint();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let kept = rt.block_on(async { Watched::connect(&ep).await.unwrap() });
+    make_cert(&dir, "second");
+    tp.signal_gateway(libc::SIGHUP);
+    wait_log(|| tp.gateway_log(), "configuration reloaded", 1, "gateway");
+    std::thread::sleep(Duration::from_millis(300));
+    let subject = served_subject(tp.gateway_port());
+    assert!(subject.contains("second"), "{subject}\n{}", tp.logs());
+    rt.block_on(async { kept.client.simple_query("select 1").await.unwrap() });
+    assert!(tp.alive(), "{}", tp.logs());
+}
