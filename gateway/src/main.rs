@@ -157,17 +157,15 @@ async fn watch_lifecycle(core: &core::Core, life: &Lifecycle) {
     }
 }
 
-/// Connections the kernel queued on a listener we are about to close. Where the kernel hands
-/// them to another listener of the port itself (`net.ipv4.tcp_migrate_req = 1`, Linux 5.14+),
-/// nothing; else each is taken and told the server is shutting down (57P03, as Postgres says
-/// it), so that it hears why instead of a reset.
+/// Whether the kernel hands the connections queued on a closing listener to another listener
+/// of its port (`net.ipv4.tcp_migrate_req = 1`, Linux 5.14+).
+fn kernel_migrates() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").is_ok_and(|s| s.trim() == "1")
+}
+
+/// Takes the connections queued on the listener `fd` (without waiting).
 fn take_queued(fd: std::os::fd::RawFd) -> Vec<glommio::net::TcpStream> {
-    let migrate = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
-        .is_ok_and(|s| s.trim() == "1");
     let mut out = Vec::new();
-    if migrate {
-        return out;
-    }
     loop {
         // SAFETY: `fd` is our listener, open until the caller drops it; accept4 with null
         // address pointers is valid and returns a new descriptor we own.
@@ -279,8 +277,10 @@ async fn run_core(
         loop {
             match listener.accept().await {
                 Ok(stream) => {
+                    // While the drain closes the listener, serve_tcp answers 57P03.
                     glommio::spawn_local(session::serve_tcp(core.clone(), stream, false)).detach();
                 }
+                Err(_) if core.draining.get() => return,
                 Err(e) => {
                     let out_of_fds =
                         matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
@@ -301,37 +301,68 @@ async fn run_core(
             }
         }
     };
-    futures_lite::future::or(accept, watch_lifecycle(&core, &life)).await;
-    drain(&core, listener, listener_fd, others).await;
+    // The accept loop runs until the listener is shut down under it (`close_listener`): an
+    // accept the executor has in flight then fails and ends it, instead of being cancelled
+    // (a connection such an accept took just before its cancellation would be lost).
+    let closing = async {
+        watch_lifecycle(&core, &life).await;
+        if close_listener(&core, listener_fd) {
+            // Bound: the accept loop ends on its own as soon as its accept fails.
+            glommio::timer::sleep(Duration::from_secs(1)).await;
+        }
+    };
+    futures_lite::future::or(accept, closing).await;
+    drop(listener);
+    drain(&core, others).await;
+}
+
+/// Stops the kernel giving this listener connections. Where the kernel migrates queued
+/// connections to another listener of the port, the caller just closes it (returns false).
+/// Else the queued ones are taken and told the server is shutting down (57P03, as Postgres says
+/// it) rather than reset, and the socket is shut down: that takes it out of the port's
+/// `SO_REUSEPORT` group at once and fails the accept in flight, which ends the accept loop
+/// (returns true). Cancelling that accept instead could lose a connection it had just taken.
+fn close_listener(core: &core::Core, fd: std::os::fd::RawFd) -> bool {
+    core.draining.set(true);
+    core.drain_notify.notify();
+    if kernel_migrates() {
+        return false;
+    }
+    let queued = take_queued(fd);
+    // SAFETY: plain syscall on our listener, open until the caller drops it. On a listening
+    // socket SHUT_RD stops it listening (Linux: inet_shutdown → tcp_disconnect).
+    let rc = unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+    if rc != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "shutting the listener down failed");
+    }
+    if !queued.is_empty() {
+        tracing::info!(
+            refused = queued.len(),
+            "connections queued at the drain refused (57P03)"
+        );
+    }
+    for s in queued {
+        glommio::spawn_local(session::refuse(s, "57P03", SHUTTING_DOWN)).detach();
+    }
+    true
 }
 
 /// SIGTERM on this core: close the listeners, let sessions end at their next idle moment
 /// (57P01), end the rest when `shutdown_timeout_ms` has passed, and return.
 async fn drain(
     core: &Rc<core::Core>,
-    listener: TcpListener,
-    listener_fd: std::os::fd::RawFd,
     others: Vec<(glommio::task::JoinHandle<()>, Option<String>)>,
 ) {
-    core.draining.set(true);
-    core.drain_notify.notify();
-    let queued = take_queued(listener_fd);
-    drop(listener);
     for (task, path) in others {
         task.cancel();
         if let Some(p) = path {
             let _ = std::fs::remove_file(p);
         }
     }
-    let refused = queued.len();
-    for s in queued {
-        glommio::spawn_local(session::refuse(s, "57P03", SHUTTING_DOWN)).detach();
-    }
     let timeout = Duration::from_millis(core.cfg().shutdown_timeout_ms);
     tracing::info!(
         core = glommio::executor().id(),
         clients = core.local_clients.get(),
-        refused,
         ?timeout,
         "draining: listeners closed"
     );

@@ -171,6 +171,38 @@ async fn writer(ep: Endpoint, first: i64, stride: i64, stop: Arc<AtomicBool>, t:
     }
 }
 
+/// New connections all along, each running one query: what the drains do to clients that
+/// arrive while a listener closes. Allowed: 57P03 at login (accepted just before the listener
+/// closed), 57P01 at the query (ended idle right after login). Anything else (a reset, a refused
+/// connection while another gateway listens) is recorded.
+async fn churner(ep: Endpoint, stop: Arc<AtomicBool>, t: Arc<Tally>, done: Arc<AtomicUsize>) {
+    while !stop.load(Ordering::Relaxed) {
+        match Watched::connect(&ep).await {
+            Ok(c) => match c.client.simple_query("select 1").await {
+                Ok(_) => {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) if e.code() == Some(&SqlState::ADMIN_SHUTDOWN) => {}
+                // 57P01 arrived before the query was sent: it ended the connection.
+                Err(e) if e.is_closed() && c.ended().is_some_and(|(code, _)| code == "57P01") => {}
+                Err(e) => t
+                    .other_errors
+                    .lock()
+                    .unwrap()
+                    .push(format!("churn query: {e} / {:?}", c.ended())),
+            },
+            Err(e) if e.code() == Some(&SqlState::CANNOT_CONNECT_NOW) => {
+                t.connect_failures.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => t
+                .other_errors
+                .lock()
+                .unwrap()
+                .push(format!("churn connect: {e}")),
+        }
+    }
+}
+
 fn gateway_config(dir: &Path, name: &str, body: &str) -> String {
     let p = dir.join(name);
     std::fs::write(&p, body).unwrap();
@@ -202,6 +234,13 @@ fn rolling_restart_loses_no_acknowledged_write() {
     let writers: Vec<_> = (0..4)
         .map(|i| rt.spawn(writer(ep.clone(), i + 1, 4, stop.clone(), tally.clone())))
         .collect();
+    let churned = Arc::new(AtomicUsize::new(0));
+    let churn = rt.spawn(churner(
+        ep.clone(),
+        stop.clone(),
+        tally.clone(),
+        churned.clone(),
+    ));
     let mut tp = tp;
     let count = |t: &Tally| t.acked.lock().unwrap().len();
     std::thread::sleep(Duration::from_millis(1500));
@@ -257,6 +296,7 @@ fn rolling_restart_loses_no_acknowledged_write() {
         for w in writers {
             bounded(Duration::from_secs(30), w).await.unwrap();
         }
+        bounded(Duration::from_secs(30), churn).await.unwrap();
     });
     let acked = tally.acked.lock().unwrap().clone();
     let rows: Vec<i64> = pg
@@ -279,9 +319,11 @@ fn rolling_restart_loses_no_acknowledged_write() {
         "rolling_restart",
         format!(
             "acknowledged {} rows, {} in the table; sessions ended by 57P01: {shutdowns}; \
-             connect failures: {}; other errors: {others:?}",
+             new connections served: {}; connect failures (57P03 or refused): {}; \
+             other errors: {others:?}",
             acked.len(),
             rows.len(),
+            churned.load(Ordering::Relaxed),
             tally.connect_failures.load(Ordering::Relaxed)
         ),
     );
