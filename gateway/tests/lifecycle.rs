@@ -460,6 +460,12 @@ fn pooler_sigterm_drains() {
             .await
             .unwrap();
         tp.signal_pooler(libc::SIGTERM);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // A new session is refused by the draining pooler, through the gateway.
+        match Watched::connect(&ep).await {
+            Ok(_) => panic!("a new session opened on a draining pooler"),
+            Err(e) => assert_eq!(code(&e), "57P03", "{e:?}\n{}", tp.logs()),
+        }
         let (code, msg) = idle
             .wait_ended(Duration::from_secs(3))
             .await
@@ -558,7 +564,11 @@ fn sighup_reloads_without_dropping_clients() {
         );
 
         std::fs::write(&gw, "max_clients = 3\nlinks_per_core = 3\n").unwrap();
-        std::fs::write(&pl, "max_backends = 2\nquery_wait_timeout_ms = 1500\n").unwrap();
+        std::fs::write(
+            &pl,
+            "max_backends = 2\nquery_wait_timeout_ms = 1500\nlog_level = \"info,tidepool_pooler::backend=debug\"\n",
+        )
+        .unwrap();
         tp.signal_gateway(libc::SIGHUP);
         tp.signal_pooler(libc::SIGHUP);
         wait_log(|| tp.gateway_log(), "configuration reloaded", 1, "gateway");
@@ -580,6 +590,13 @@ fn sighup_reloads_without_dropping_clients() {
         // A second backend is allowed now: this one does not wait.
         let second = Watched::connect(&ep).await.unwrap();
         second.client.simple_query("select 3").await.unwrap();
+        // ... and its login is logged at the level the reload set.
+        let log = tp.pooler_log();
+        let at = log.find("configuration reloaded").unwrap();
+        assert!(log[at..].contains("backend connected"), "log_level not applied\n{log}");
+        if std::env::var_os("RUST_LOG").is_none() {
+            assert!(!log[..at].contains("backend connected"), "{log}");
+        }
         // kept, holder, second: three clients, the new limit.
         match Watched::connect(&ep).await {
             Ok(_) => panic!("a fourth client got in past max_clients = 3\n{}", tp.logs()),

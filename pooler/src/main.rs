@@ -92,6 +92,8 @@ fn main() {
     let cores = cfg.cores;
     let mesh = MeshBuilder::full(cores, 1024);
     let budgets = budget::Budgets::new(cfg.pool_size, cfg.max_backends, cores);
+    // Cores still draining: a core done early keeps its links up until all are done.
+    let draining = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(cores));
     let life = Lifecycle::new(cfg.clone());
     let reload_budgets = budgets.clone();
     if let Err(e) = life.watch_signals(move |now| reload(&args, now, &reload_budgets)) {
@@ -110,7 +112,8 @@ fn main() {
             let mesh = mesh.clone();
             let budgets = budgets.clone();
             let life = life.clone();
-            async move { run_core(cfg, budgets, mesh, life).await }
+            let draining = draining.clone();
+            async move { run_core(cfg, budgets, mesh, life, draining).await }
         });
     match handles {
         Ok(h) => {
@@ -175,6 +178,7 @@ async fn run_core(
     budgets: std::sync::Arc<budget::Budgets>,
     mesh: MeshBuilder<core::CoreMsg, glommio::channels::channel_mesh::Full>,
     life: std::sync::Arc<Lifecycle>,
+    draining: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
     let (senders, receivers) = match mesh.join().await {
         Ok(x) => x,
@@ -213,6 +217,13 @@ async fn run_core(
     futures_lite::future::or(accept, watch_lifecycle(&core, &life)).await;
     drop(listener);
     drain(&core).await;
+    // Until every core is done: a core that returned would take its links with it, and a
+    // gateway logging a client in over one of them would see the link die rather than hear
+    // 57P03 from this pooler.
+    draining.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    while draining.load(std::sync::atomic::Ordering::Acquire) > 0 {
+        glommio::timer::sleep(shared::lifecycle::TICK).await;
+    }
 }
 
 /// SIGTERM on this core: no new links (the listener is closed) and no new sessions; sessions
