@@ -38,8 +38,11 @@ impl Watched {
         let ended = Arc::new(Mutex::new(None));
         let e2 = ended.clone();
         tokio::spawn(async move {
+            // Only a server's error (a FATAL it sent); the end of the socket after it is not.
             if let Err(e) = conn.await {
-                let code = e.code().map(|c| c.code().to_string()).unwrap_or_default();
+                let Some(code) = e.code().map(|c| c.code().to_string()) else {
+                    return;
+                };
                 let msg = e
                     .as_db_error()
                     .map(|d| d.message().to_string())
@@ -550,9 +553,10 @@ fn sighup_reloads_without_dropping_clients() {
             Err(e) => (code(&e), e.as_db_error().map(|d| d.message().to_string())),
             Ok(w) => {
                 let e = w.client.simple_query("select 2").await.unwrap_err();
-                match w.wait_ended(Duration::from_secs(1)).await {
-                    Some((c, m)) => (c, Some(m)),
-                    None => (code(&e), e.as_db_error().map(|d| d.message().to_string())),
+                // The FATAL answers the query (or, had it come first, ended the connection).
+                match (e.code(), w.wait_ended(Duration::from_secs(1)).await) {
+                    (None, Some((c, m))) => (c, Some(m)),
+                    _ => (code(&e), e.as_db_error().map(|d| d.message().to_string())),
                 }
             }
         };
