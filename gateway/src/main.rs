@@ -212,7 +212,7 @@ async fn run_core(
             std::process::exit(1);
         }
     };
-    // The other listeners' tasks, cancelled (their listeners closed) when the drain starts.
+    // The other listeners, closed when the drain starts.
     let mut others = Vec::new();
     // One Unix socket per process (a path cannot be shared): the first executor owns it.
     if let Some(dir) = &cfg.unix_socket_dir {
@@ -224,6 +224,10 @@ async fn run_core(
                 Ok(u) => {
                     use std::os::unix::fs::PermissionsExt;
                     let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777));
+                    // Its inode: at the drain the path is removed only if it is still ours
+                    // (a gateway started meanwhile has bound the path anew).
+                    let ino = std::fs::metadata(&path)
+                        .map_or(0, |m| std::os::unix::fs::MetadataExt::ino(&m));
                     let core = core.clone();
                     let task = glommio::spawn_local(async move {
                         loop {
@@ -238,16 +242,19 @@ async fn run_core(
                         }
                     })
                     .detach();
-                    others.push((task, Some(path)));
+                    others.push(Extra::Unix { task, path, ino });
                 }
                 Err(e) => tracing::warn!(path = %path, error = %e, "cannot listen on Unix socket"),
             }
         }
     }
     if let Some(addr) = &cfg.read_only_listen {
-        let ro = match shared::io::reuseport_listener(addr) {
-            // SAFETY: the fd comes from a listener we own and hand over whole.
-            Ok(l) => unsafe { TcpListener::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(l)) },
+        let (ro, fd) = match shared::io::reuseport_listener(addr) {
+            Ok(l) => {
+                let fd = std::os::fd::IntoRawFd::into_raw_fd(l);
+                // SAFETY: the fd comes from a listener we own and hand over whole.
+                (unsafe { TcpListener::from_raw_fd(fd) }, fd)
+            }
             Err(e) => {
                 eprintln!("tidepool-gateway: cannot listen on {addr}: {e}");
                 std::process::exit(1);
@@ -260,6 +267,7 @@ async fn run_core(
                     Ok(s) => {
                         glommio::spawn_local(session::serve_tcp(core.clone(), s, true)).detach();
                     }
+                    Err(_) if core.draining.get() => return,
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed (read-only listener)");
                         glommio::timer::sleep(Duration::from_millis(5)).await;
@@ -268,7 +276,7 @@ async fn run_core(
             }
         })
         .detach();
-        others.push((task, None));
+        others.push(Extra::Tcp { task, fd });
     }
     // A spare descriptor, given up for a moment when we run out, so a client beyond the limit
     // hears why (53300) instead of waiting in the backlog.
@@ -306,14 +314,49 @@ async fn run_core(
     // (a connection such an accept took just before its cancellation would be lost).
     let closing = async {
         watch_lifecycle(&core, &life).await;
-        if close_listener(&core, listener_fd) {
+        core.draining.set(true);
+        core.drain_notify.notify();
+        for extra in others {
+            match extra {
+                // Its task ends when its accept fails, or is cancelled (migrating kernel).
+                Extra::Tcp { task, fd } => {
+                    if !close_listener(fd) {
+                        task.cancel();
+                    }
+                }
+                Extra::Unix { task, path, ino } => {
+                    task.cancel();
+                    let ours = std::fs::metadata(&path)
+                        .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == ino);
+                    if ours {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                }
+            }
+        }
+        if close_listener(listener_fd) {
             // Bound: the accept loop ends on its own as soon as its accept fails.
             glommio::timer::sleep(Duration::from_secs(1)).await;
         }
     };
     futures_lite::future::or(accept, closing).await;
     drop(listener);
-    drain(&core, others).await;
+    drain(&core).await;
+}
+
+/// The listeners of a core besides its main one, closed when the drain starts.
+enum Extra {
+    /// The read-only listener and its accept task.
+    Tcp {
+        task: glommio::task::JoinHandle<()>,
+        fd: std::os::fd::RawFd,
+    },
+    /// The Unix socket (first core only), its path and the inode it was bound with.
+    Unix {
+        task: glommio::task::JoinHandle<()>,
+        path: String,
+        ino: u64,
+    },
 }
 
 /// Stops the kernel giving this listener connections. Where the kernel migrates queued
@@ -322,9 +365,7 @@ async fn run_core(
 /// it) rather than reset, and the socket is shut down: that takes it out of the port's
 /// `SO_REUSEPORT` group at once and fails the accept in flight, which ends the accept loop
 /// (returns true). Cancelling that accept instead could lose a connection it had just taken.
-fn close_listener(core: &core::Core, fd: std::os::fd::RawFd) -> bool {
-    core.draining.set(true);
-    core.drain_notify.notify();
+fn close_listener(fd: std::os::fd::RawFd) -> bool {
     if kernel_migrates() {
         return false;
     }
@@ -349,16 +390,7 @@ fn close_listener(core: &core::Core, fd: std::os::fd::RawFd) -> bool {
 
 /// SIGTERM on this core: close the listeners, let sessions end at their next idle moment
 /// (57P01), end the rest when `shutdown_timeout_ms` has passed, and return.
-async fn drain(
-    core: &Rc<core::Core>,
-    others: Vec<(glommio::task::JoinHandle<()>, Option<String>)>,
-) {
-    for (task, path) in others {
-        task.cancel();
-        if let Some(p) = path {
-            let _ = std::fs::remove_file(p);
-        }
-    }
+async fn drain(core: &Rc<core::Core>) {
     let timeout = Duration::from_millis(core.cfg().shutdown_timeout_ms);
     tracing::info!(
         core = glommio::executor().id(),

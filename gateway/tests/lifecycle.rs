@@ -390,7 +390,8 @@ fn gateway_sigterm_drains() {
             .unwrap_or_else(|| panic!("the idle session was not ended\n{}", tp.logs()));
         assert_eq!(code, "57P01", "{msg}");
         assert_eq!(msg, "terminating connection due to administrator command");
-        // No new clients.
+        // No new clients, once every core has seen the signal (each looks every 50 ms).
+        tokio::time::sleep(Duration::from_millis(500)).await;
         let refused = Watched::connect(&ep).await;
         assert!(refused.is_err(), "a new client got in during the drain");
         // The transaction goes on and commits.
@@ -696,4 +697,60 @@ fn sighup_reloads_tls_certificate() {
     assert!(subject.contains("second"), "{subject}\n{}", tp.logs());
     rt.block_on(async { kept.client.simple_query("select 1").await.unwrap() });
     assert!(tp.alive(), "{}", tp.logs());
+}
+
+/// A rolling restart with the Unix socket and the read-only listener: the old gateway's drain
+/// leaves the socket path the new gateway bound (it removes only its own), closes its read-only
+/// listener too (a client there is served by the new one), and exits 0.
+#[test]
+fn rolling_restart_keeps_unix_socket_and_read_only_listener() {
+    let pg = PgCluster::start();
+    let dir = pg.dir().join("unix");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ro_port = testkit::free_port();
+    let mut tp = Tidepool::start(
+        &pg,
+        TidepoolOpts::default()
+            .gateway_arg("--unix-socket-dir")
+            .gateway_arg(dir.to_string_lossy())
+            .gateway_arg("--read-only-listen")
+            .gateway_arg(format!("127.0.0.1:{ro_port}")),
+    );
+    let port = tp.gateway_port();
+    let unix = format!("host={} port={port} user=alice dbname=app", dir.display());
+    let ro = format!("host=127.0.0.1 port={ro_port} user=alice dbname=app");
+    let psql = |conninfo: &str| {
+        testkit::run_merged(
+            std::process::Command::new("psql")
+                .args(["-X", "-A", "-t", conninfo, "-c", "select 7"])
+                .env("PGPASSWORD", ALICE.1)
+                .env("PGCONNECT_TIMEOUT", "10"),
+            None,
+            Duration::from_secs(30),
+        )
+    };
+    assert!(psql(&unix).text.contains('7'), "{}", tp.logs());
+    let mut b = tp.start_gateway_on(port);
+    // B binds the socket path anew; wait until A's drain could have removed it.
+    std::thread::sleep(Duration::from_millis(500));
+    tp.signal_gateway(libc::SIGTERM);
+    let status = tp
+        .wait_gateway_exit(Duration::from_secs(30))
+        .unwrap_or_else(|| panic!("gateway A still runs\n{}", tp.logs()));
+    assert!(status.success(), "{status}\n{}", tp.logs());
+    let out = psql(&unix);
+    assert!(
+        out.success() && out.text.contains('7'),
+        "the Unix socket is gone after the old gateway's drain: {}\n{}",
+        out.text,
+        b.logs()
+    );
+    let out = psql(&ro);
+    assert!(
+        out.success() && out.text.contains('7'),
+        "{}\n{}",
+        out.text,
+        b.logs()
+    );
+    assert!(b.alive());
 }
