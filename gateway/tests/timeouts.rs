@@ -283,3 +283,147 @@ fn server_lifetime() {
         assert!(c.ended().is_none());
     }));
 }
+
+/// PgBouncer (the Debian package), run by this test as the `postgres` OS user in front of the
+/// same Postgres, transaction pooling, with `settings` added; killed on drop.
+struct PgBouncer {
+    child: std::process::Child,
+    port: u16,
+    log: std::path::PathBuf,
+}
+
+impl PgBouncer {
+    fn start(pg: &PgCluster, name: &str, settings: &str) -> PgBouncer {
+        let dir = pg.dir().join(format!("pgbouncer-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = testkit::free_port();
+        let log = dir.join("pgbouncer.log");
+        std::fs::write(
+            dir.join("users.txt"),
+            format!("\"{}\" \"{}\"\n", ALICE.0, ALICE.1),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("pgbouncer.ini"),
+            format!(
+                "[databases]\n{APP_DB} = host=127.0.0.1 port={} dbname={APP_DB}\n\
+                 [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
+                 unix_socket_dir =\nauth_type = md5\nauth_file = {}\npool_mode = transaction\n\
+                 logfile = {}\n{settings}\n",
+                pg.port(),
+                dir.join("users.txt").display(),
+                log.display(),
+            ),
+        )
+        .unwrap();
+        let chown = std::process::Command::new("chown")
+            .args(["-R", "postgres"])
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(chown.success());
+        let child = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--", "pgbouncer"])
+            .arg(dir.join("pgbouncer.ini"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run pgbouncer (Debian package pgbouncer)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "pgbouncer did not listen: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        PgBouncer { child, port, log }
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        // runuser passes SIGTERM on to pgbouncer.
+        // SAFETY: plain syscall on our own child.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// What a client of `ep` hears when idle (outside a transaction, then inside one) past the
+/// limits, and when its request waits for the only backend past `query_wait_timeout`.
+async fn timeout_errors(idle_ep: &Endpoint, wait_ep: &Endpoint) -> Vec<Option<(String, String)>> {
+    let idle = Watched::connect(idle_ep).await.unwrap();
+    idle.client.simple_query("select 1").await.unwrap();
+    let in_tx = Watched::connect(idle_ep).await.unwrap();
+    in_tx.client.batch_execute("begin; select 1").await.unwrap();
+    let idle_end = idle.wait_ended(Duration::from_secs(10)).await;
+    let tx_end = in_tx.wait_ended(Duration::from_secs(10)).await;
+
+    let holder = Watched::connect(wait_ep).await.unwrap();
+    holder.client.simple_query("select 1").await.unwrap();
+    let late = Watched::connect(wait_ep).await.unwrap();
+    late.client.simple_query("select 1").await.unwrap();
+    holder
+        .client
+        .batch_execute("begin; select 1")
+        .await
+        .unwrap();
+    let wait_end = match late.client.simple_query("select 2").await {
+        Ok(_) => None,
+        Err(e) if e.code().is_some() => Some(parts(&e)),
+        Err(_) => late.wait_ended(Duration::from_secs(2)).await,
+    };
+    vec![idle_end, tx_end, wait_end]
+}
+
+/// Differential: the same three timeouts through PgBouncer and through Tidepool give the same
+/// SQLSTATE and message.
+#[test]
+fn same_errors_as_pgbouncer() {
+    let pg = PgCluster::start();
+    let bouncer_idle = PgBouncer::start(
+        &pg,
+        "idle",
+        "client_idle_timeout = 1\nidle_transaction_timeout = 1",
+    );
+    let bouncer_wait =
+        PgBouncer::start(&pg, "wait", "default_pool_size = 1\nquery_wait_timeout = 1");
+    let tp_idle = Tidepool::start(
+        &pg,
+        TidepoolOpts::default()
+            .gateway_arg("--client-idle-timeout-ms")
+            .gateway_arg("1000")
+            .gateway_arg("--idle-transaction-timeout-ms")
+            .gateway_arg("1000"),
+    );
+    let tp_wait = Tidepool::start(
+        &pg,
+        TidepoolOpts::default()
+            .pool_size(1)
+            .pooler_arg("--query-wait-timeout-ms")
+            .pooler_arg("1000"),
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (from_bouncer, from_tidepool) = rt.block_on(bounded(Duration::from_secs(120), async {
+        (
+            timeout_errors(
+                &Endpoint::loopback(bouncer_idle.port),
+                &Endpoint::loopback(bouncer_wait.port),
+            )
+            .await,
+            timeout_errors(&tp_idle.endpoint(), &tp_wait.endpoint()).await,
+        )
+    }));
+    eprintln!("[timeouts::same_errors_as_pgbouncer] PgBouncer: {from_bouncer:?}");
+    assert!(
+        from_bouncer.iter().all(Option::is_some),
+        "PgBouncer did not time out: {from_bouncer:?}\n{}",
+        std::fs::read_to_string(&bouncer_wait.log).unwrap_or_default()
+    );
+    assert_eq!(from_tidepool, from_bouncer, "{}", tp_wait.logs());
+}
