@@ -49,7 +49,7 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     id: u32,
     user: &str,
 ) -> Result<Credential, Refusal> {
-    if core.cfg.auth_method == AuthMethod::Trust {
+    if core.cfg().auth_method == AuthMethod::Trust {
         return Ok(Credential::None);
     }
     link.send(up::AUTH_LOOKUP, id, user.as_bytes());
@@ -80,7 +80,7 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         },
         "role looked up"
     );
-    match (verifier, core.cfg.auth_method) {
+    match (verifier, core.cfg().auth_method) {
         (Some(Verifier::Scram(v)), _) => scram(stream, reader, user, v, true).await,
         (Some(Verifier::Md5(stored)), AuthMethod::Md5) => md5(stream, reader, user, &stored).await,
         // Unknown role, no password, or md5 where SCRAM is required: go through the motions

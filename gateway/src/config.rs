@@ -4,7 +4,7 @@ use clap::Parser;
 use serde::Deserialize;
 use std::path::PathBuf;
 
-#[derive(Parser, Debug, Default)]
+#[derive(Parser, Debug, Default, Clone)]
 #[command(
     name = "tidepool-gateway",
     about = "Tidepool gateway: speaks Postgres to clients"
@@ -66,6 +66,21 @@ pub struct Args {
     /// Microseconds an idle executor spins before it sleeps (0: sleep at once).
     #[arg(long)]
     pub spin_before_park_us: Option<u64>,
+    /// On SIGTERM, milliseconds transactions in progress may take to finish before their
+    /// sessions are ended anyway.
+    #[arg(long)]
+    pub shutdown_timeout_ms: Option<u64>,
+    /// Milliseconds a client may sit idle outside a transaction before it is disconnected
+    /// (PgBouncer's client_idle_timeout; 0: never).
+    #[arg(long)]
+    pub client_idle_timeout_ms: Option<u64>,
+    /// Milliseconds a client may sit idle inside a transaction before it is disconnected
+    /// (PgBouncer's idle_transaction_timeout; 0: never).
+    #[arg(long)]
+    pub idle_transaction_timeout_ms: Option<u64>,
+    /// Log filter (`info`, `debug`, `warn,tidepool_gateway=debug`); RUST_LOG wins at start.
+    #[arg(long)]
+    pub log_level: Option<String>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -89,6 +104,10 @@ struct File {
     links_per_core: Option<usize>,
     auth_timeout_seconds: Option<u64>,
     spin_before_park_us: Option<u64>,
+    shutdown_timeout_ms: Option<u64>,
+    client_idle_timeout_ms: Option<u64>,
+    idle_transaction_timeout_ms: Option<u64>,
+    log_level: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,6 +142,12 @@ pub struct Config {
     pub links_per_core: usize,
     pub auth_timeout_seconds: u64,
     pub spin_before_park_us: u64,
+    pub shutdown_timeout_ms: u64,
+    /// 0: off.
+    pub client_idle_timeout_ms: u64,
+    /// 0: off.
+    pub idle_transaction_timeout_ms: u64,
+    pub log_level: String,
 }
 
 impl Config {
@@ -219,13 +244,150 @@ impl Config {
                 .auth_timeout_seconds
                 .or(file.auth_timeout_seconds)
                 .unwrap_or(60),
+            shutdown_timeout_ms: args
+                .shutdown_timeout_ms
+                .or(file.shutdown_timeout_ms)
+                .unwrap_or(30_000),
+            client_idle_timeout_ms: args
+                .client_idle_timeout_ms
+                .or(file.client_idle_timeout_ms)
+                .unwrap_or(0),
+            idle_transaction_timeout_ms: args
+                .idle_transaction_timeout_ms
+                .or(file.idle_transaction_timeout_ms)
+                .unwrap_or(0),
+            log_level: args
+                .log_level
+                .or(file.log_level)
+                .unwrap_or_else(|| "info".into()),
         })
+    }
+
+    /// The config in force after a reload: `new` (the file read again, under the same flags)
+    /// for what can change live, `self` for the rest. Returns it with the keys that changed
+    /// live and those that changed in the file but need a restart.
+    pub fn reloaded(&self, new: &Config) -> (Config, Vec<&'static str>, Vec<&'static str>) {
+        let s = |v: &dyn std::fmt::Debug| format!("{v:?}");
+        let live = shared::lifecycle::changes(&[
+            ("max_clients", s(&self.max_clients), s(&new.max_clients)),
+            (
+                "max_message_size",
+                s(&self.max_message_size),
+                s(&new.max_message_size),
+            ),
+            (
+                "failover_hold_ms",
+                s(&self.failover_hold_ms),
+                s(&new.failover_hold_ms),
+            ),
+            (
+                "failover_hold_max",
+                s(&self.failover_hold_max),
+                s(&new.failover_hold_max),
+            ),
+            (
+                "max_standby_lag_bytes",
+                s(&self.max_standby_lag_bytes),
+                s(&new.max_standby_lag_bytes),
+            ),
+            ("auth_method", s(&self.auth_method), s(&new.auth_method)),
+            (
+                "auth_timeout_seconds",
+                s(&self.auth_timeout_seconds),
+                s(&new.auth_timeout_seconds),
+            ),
+            (
+                "shutdown_timeout_ms",
+                s(&self.shutdown_timeout_ms),
+                s(&new.shutdown_timeout_ms),
+            ),
+            (
+                "client_idle_timeout_ms",
+                s(&self.client_idle_timeout_ms),
+                s(&new.client_idle_timeout_ms),
+            ),
+            (
+                "idle_transaction_timeout_ms",
+                s(&self.idle_transaction_timeout_ms),
+                s(&new.idle_transaction_timeout_ms),
+            ),
+            ("log_level", s(&self.log_level), s(&new.log_level)),
+            ("tls_cert", s(&self.tls_cert), s(&new.tls_cert)),
+            ("tls_key", s(&self.tls_key), s(&new.tls_key)),
+        ]);
+        let restart = shared::lifecycle::changes(&[
+            ("listen", s(&self.listen), s(&new.listen)),
+            (
+                "unix_socket_dir",
+                s(&self.unix_socket_dir),
+                s(&new.unix_socket_dir),
+            ),
+            ("cores", s(&self.cores), s(&new.cores)),
+            ("pooler", s(&self.poolers), s(&new.poolers)),
+            (
+                "read_only_listen",
+                s(&self.read_only_listen),
+                s(&new.read_only_listen),
+            ),
+            (
+                "guard_synchronous_commit",
+                s(&self.guard_synchronous_commit),
+                s(&new.guard_synchronous_commit),
+            ),
+            (
+                "links_per_core",
+                s(&self.links_per_core),
+                s(&new.links_per_core),
+            ),
+            (
+                "spin_before_park_us",
+                s(&self.spin_before_park_us),
+                s(&new.spin_before_park_us),
+            ),
+        ]);
+        let merged = Config {
+            max_clients: new.max_clients,
+            max_message_size: new.max_message_size,
+            failover_hold_ms: new.failover_hold_ms,
+            failover_hold_max: new.failover_hold_max,
+            max_standby_lag_bytes: new.max_standby_lag_bytes,
+            auth_method: new.auth_method,
+            auth_timeout_seconds: new.auth_timeout_seconds,
+            shutdown_timeout_ms: new.shutdown_timeout_ms,
+            client_idle_timeout_ms: new.client_idle_timeout_ms,
+            idle_transaction_timeout_ms: new.idle_transaction_timeout_ms,
+            log_level: new.log_level.clone(),
+            tls_cert: new.tls_cert.clone(),
+            tls_key: new.tls_key.clone(),
+            ..self.clone()
+        };
+        (merged, live, restart)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn example_file_is_the_defaults_and_reload_splits_keys() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/gateway.toml");
+        let c = Config::load(Args::parse_from(["g", "--config", path])).unwrap();
+        let d = Config::load(Args::parse_from(["g"])).unwrap();
+        assert_eq!(c.shutdown_timeout_ms, d.shutdown_timeout_ms);
+        assert_eq!(c.client_idle_timeout_ms, 0);
+        assert_eq!(c.idle_transaction_timeout_ms, 0);
+        assert_eq!(c.log_level, "info");
+        let mut new = c.clone();
+        new.max_clients = 7;
+        new.links_per_core = 9;
+        new.client_idle_timeout_ms = 5;
+        let (merged, live, restart) = c.reloaded(&new);
+        assert_eq!(live, vec!["max_clients", "client_idle_timeout_ms"]);
+        assert_eq!(restart, vec!["links_per_core"]);
+        assert_eq!(merged.max_clients, 7);
+        assert_eq!(merged.links_per_core, c.links_per_core, "needs a restart");
+    }
 
     #[test]
     fn poolers_from_flags_and_file() {

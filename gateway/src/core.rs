@@ -7,19 +7,21 @@ use crate::link::Link;
 use shared::agent::Role;
 use shared::io::Notify;
 use shared::link::up;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub struct Core {
-    pub cfg: Rc<Config>,
+    /// Swapped whole by a reload (SIGHUP): read it with [`Core::cfg`].
+    cfg: RefCell<Rc<Config>>,
     /// `links_per_core` links per pooler, grouped by pooler (index in `cfg.poolers`).
     pub links: Vec<Vec<Rc<Link>>>,
     next_link: Cell<usize>,
     next_session: Cell<u32>,
-    pub tls: Option<futures_rustls::TlsAcceptor>,
+    /// Replaced by a reload that changes the certificate files.
+    pub tls: RefCell<Option<futures_rustls::TlsAcceptor>>,
     /// Keys the mock SCRAM verifiers of unknown roles, per process.
     pub mock_secret: [u8; 32],
     pub classifier: Classifier,
@@ -29,6 +31,14 @@ pub struct Core {
     pub changed: Rc<Notify>,
     /// Requests of this core now waiting for a primary (bounded by `failover_hold_max`).
     pub held: Cell<usize>,
+    /// Clients of this core (sessions, logging in or not).
+    pub local_clients: Rc<Cell<usize>>,
+    /// SIGTERM: sessions end at their next idle moment (57P01).
+    pub draining: Cell<bool>,
+    /// The shutdown timeout passed: sessions end now, in a transaction or not.
+    pub force: Cell<bool>,
+    /// Told when `draining` or `force` is set, and every tick while draining.
+    pub drain_notify: Notify,
 }
 
 /// Which pooler is the primary, from each pooler's (role, primary_term) report: the one reporting
@@ -78,16 +88,29 @@ impl Core {
             .collect();
         Rc::new(Core {
             classifier: Classifier::new(cfg.guard_synchronous_commit),
-            cfg,
+            cfg: RefCell::new(cfg),
             links,
             next_link: Cell::new(0),
             next_session: Cell::new(1),
-            tls,
+            tls: RefCell::new(tls),
             mock_secret,
             clients,
             changed,
             held: Cell::new(0),
+            local_clients: Rc::new(Cell::new(0)),
+            draining: Cell::new(false),
+            force: Cell::new(false),
+            drain_notify: Notify::default(),
         })
+    }
+
+    /// The config in force (a reload swaps it; a session reads it where it needs a value).
+    pub fn cfg(&self) -> Rc<Config> {
+        self.cfg.borrow().clone()
+    }
+
+    pub fn set_cfg(&self, cfg: Rc<Config>) {
+        *self.cfg.borrow_mut() = cfg;
     }
 
     pub fn next_session_id(&self) -> u32 {
@@ -163,7 +186,7 @@ impl Core {
                 .map(|l| l.lsn.get())
                 .max()
         });
-        let max_lag = self.cfg.max_standby_lag_bytes;
+        let max_lag = self.cfg().max_standby_lag_bytes;
         let within = |l: &Link| {
             if max_lag == 0 {
                 return true;
@@ -230,20 +253,22 @@ impl Core {
     }
 }
 
-/// Counts a client for as long as it lives.
-pub struct ClientSlot(Arc<AtomicUsize>);
+/// Counts a client (in the process and on its core) for as long as it lives.
+pub struct ClientSlot(Arc<AtomicUsize>, Rc<Cell<usize>>);
 
 impl ClientSlot {
     pub fn take(core: &Core) -> Option<ClientSlot> {
         let prev = core.clients.fetch_add(1, Ordering::Relaxed);
-        let slot = ClientSlot(core.clients.clone());
-        (prev < core.cfg.max_clients).then_some(slot)
+        core.local_clients.set(core.local_clients.get() + 1);
+        let slot = ClientSlot(core.clients.clone(), core.local_clients.clone());
+        (prev < core.cfg().max_clients).then_some(slot)
     }
 }
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+        self.1.set(self.1.get().saturating_sub(1));
     }
 }
 
@@ -253,7 +278,7 @@ pub struct Held<'a>(&'a Core);
 impl<'a> Held<'a> {
     /// `None` when this core already holds `failover_hold_max` requests.
     pub fn take(core: &'a Core) -> Option<Held<'a>> {
-        if core.held.get() >= core.cfg.failover_hold_max {
+        if core.held.get() >= core.cfg().failover_hold_max {
             return None;
         }
         core.held.set(core.held.get() + 1);

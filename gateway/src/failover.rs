@@ -195,7 +195,7 @@ pub async fn reopen(
     open: &Open,
     next: &[u8],
 ) -> Result<Rc<Link>, Reopen> {
-    let deadline = Instant::now() + Duration::from_millis(core.cfg.failover_hold_ms);
+    let deadline = Instant::now() + Duration::from_millis(core.cfg().failover_hold_ms);
     // Counted against failover_hold_max only while it waits for a primary.
     let mut held = None;
     loop {

@@ -21,7 +21,7 @@ use std::os::fd::FromRawFd;
 use std::rc::Rc;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// `fut`'s output, or `None` if `dur` passes first.
 pub async fn with_timeout<T>(dur: Duration, fut: impl Future<Output = T>) -> Option<T> {
@@ -32,25 +32,85 @@ pub async fn with_timeout<T>(dur: Duration, fut: impl Future<Output = T>) -> Opt
     .await
 }
 
+/// What a reload publishes to every core: the config in force and the TLS acceptor made from
+/// its certificate files (read on the signal thread, not on a core).
+pub struct Live {
+    pub cfg: config::Config,
+    pub tls: Option<futures_rustls::TlsAcceptor>,
+}
+
+type Lifecycle = shared::lifecycle::Lifecycle<Live>;
+
+fn tls_of(cfg: &config::Config) -> Result<Option<futures_rustls::TlsAcceptor>, String> {
+    match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(c), Some(k)) => tls::acceptor(c, k).map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// SIGHUP: the file read again under the same flags; what can change live is applied, the rest
+/// is logged as needing a restart. A file that no longer parses changes nothing.
+fn reload(args: &config::Args, now: &Live) -> Option<Live> {
+    let new = match config::Config::load(args.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "reload: the configuration is not valid; nothing changed");
+            return None;
+        }
+    };
+    let (merged, live, restart) = now.cfg.reloaded(&new);
+    let tls_changed = live.contains(&"tls_cert") || live.contains(&"tls_key");
+    // Certificates are read again on every reload (a renewed certificate keeps its file name).
+    let tls = match tls_of(&merged) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "reload: TLS certificate or key not usable; nothing changed");
+            return None;
+        }
+    };
+    if merged.log_level != now.cfg.log_level {
+        if let Err(e) = shared::logging::set_level(&merged.log_level) {
+            tracing::error!(error = %e, "reload: log_level not applied");
+        }
+    }
+    if !restart.is_empty() {
+        tracing::warn!(keys = ?restart, "reload: these changed in the file but take effect only after a restart");
+    }
+    tracing::info!(changed = ?live, tls_reloaded = tls.is_some() || tls_changed, "configuration reloaded");
+    Some(Live { cfg: merged, tls })
+}
+
 fn main() {
     shared::logging::init("info");
-    let cfg = match config::Config::load(config::Args::parse()) {
+    let args = config::Args::parse();
+    let cfg = match config::Config::load(args.clone()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("tidepool-gateway: {e}");
             std::process::exit(2);
         }
     };
-    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
-        (Some(c), Some(k)) => match tls::acceptor(c, k) {
-            Ok(a) => Some(a),
-            Err(e) => {
-                eprintln!("tidepool-gateway: TLS: {e}");
-                std::process::exit(2);
-            }
-        },
-        _ => None,
+    if std::env::var_os("RUST_LOG").is_none() && cfg.log_level != "info" {
+        if let Err(e) = shared::logging::set_level(&cfg.log_level) {
+            eprintln!("tidepool-gateway: {e}");
+            std::process::exit(2);
+        }
+    }
+    let tls = match tls_of(&cfg) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("tidepool-gateway: TLS: {e}");
+            std::process::exit(2);
+        }
     };
+    let life = Lifecycle::new(Live {
+        cfg: cfg.clone(),
+        tls: tls.clone(),
+    });
+    if let Err(e) = life.watch_signals(move |now| reload(&args, now)) {
+        eprintln!("tidepool-gateway: cannot watch signals: {e}");
+        std::process::exit(1);
+    }
     let mock_secret: [u8; 32] = rand::random();
     let clients = Arc::new(AtomicUsize::new(0));
     tracing::info!(listen = %cfg.listen, cores = cfg.cores, poolers = ?cfg.poolers, tls = tls.is_some(), "gateway starting");
@@ -65,11 +125,13 @@ fn main() {
             let cfg = Rc::new(cfg.clone());
             let tls = tls.clone();
             let clients = clients.clone();
-            async move { run_core(cfg, tls, mock_secret, clients).await }
+            let life = life.clone();
+            async move { run_core(cfg, tls, mock_secret, clients, life).await }
         });
     match handles {
         Ok(h) => {
             h.join_all();
+            tracing::info!("gateway stopped");
         }
         Err(e) => {
             eprintln!("tidepool-gateway: cannot start executors: {e}");
@@ -78,11 +140,61 @@ fn main() {
     }
 }
 
+/// Until SIGTERM: applies each reload to this core. Returns when the drain starts.
+async fn watch_lifecycle(core: &core::Core, life: &Lifecycle) {
+    let mut seen = life.generation();
+    loop {
+        glommio::timer::sleep(shared::lifecycle::TICK).await;
+        let g = life.generation();
+        if g != seen {
+            seen = g;
+            let live = life.current();
+            core.set_cfg(Rc::new(live.cfg.clone()));
+            *core.tls.borrow_mut() = live.tls.clone();
+        }
+        if life.draining() {
+            return;
+        }
+    }
+}
+
+/// Whether the kernel hands the connections queued on a closing listener to another listener
+/// of its port (`net.ipv4.tcp_migrate_req = 1`, Linux 5.14+).
+fn kernel_migrates() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req").is_ok_and(|s| s.trim() == "1")
+}
+
+/// Takes the connections queued on the listener `fd` (without waiting).
+fn take_queued(fd: std::os::fd::RawFd) -> Vec<glommio::net::TcpStream> {
+    let mut out = Vec::new();
+    loop {
+        // SAFETY: `fd` is our listener, open until the caller drops it; accept4 with null
+        // address pointers is valid and returns a new descriptor we own.
+        let s = unsafe {
+            libc::accept4(
+                fd,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            )
+        };
+        if s < 0 {
+            break;
+        }
+        // SAFETY: `s` is a connected socket we own and hand over whole.
+        out.push(unsafe { glommio::net::TcpStream::from_raw_fd(s) });
+    }
+    out
+}
+
+const SHUTTING_DOWN: &str = "the database system is shutting down";
+
 async fn run_core(
     cfg: Rc<config::Config>,
     tls: Option<futures_rustls::TlsAcceptor>,
     mock_secret: [u8; 32],
     clients: Arc<AtomicUsize>,
+    life: Arc<Lifecycle>,
 ) {
     let core = core::Core::new(cfg.clone(), tls, mock_secret, clients);
     for (links, addr) in core.links.iter().zip(&cfg.poolers) {
@@ -90,14 +202,19 @@ async fn run_core(
             glommio::spawn_local(l.clone().maintain(addr.clone())).detach();
         }
     }
-    let listener = match shared::io::reuseport_listener(&cfg.listen) {
-        // SAFETY: the fd comes from a listener we own and hand over whole.
-        Ok(l) => unsafe { TcpListener::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(l)) },
+    let (listener, listener_fd) = match shared::io::reuseport_listener(&cfg.listen) {
+        Ok(l) => {
+            let fd = std::os::fd::IntoRawFd::into_raw_fd(l);
+            // SAFETY: the fd comes from a listener we own and hand over whole.
+            (unsafe { TcpListener::from_raw_fd(fd) }, fd)
+        }
         Err(e) => {
             eprintln!("tidepool-gateway: cannot listen on {}: {e}", cfg.listen);
             std::process::exit(1);
         }
     };
+    // The other listeners, closed when the drain starts.
+    let mut others = Vec::new();
     // One Unix socket per process (a path cannot be shared): the first executor owns it.
     if let Some(dir) = &cfg.unix_socket_dir {
         if glommio::executor().id() == 1 {
@@ -108,8 +225,12 @@ async fn run_core(
                 Ok(u) => {
                     use std::os::unix::fs::PermissionsExt;
                     let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777));
+                    // Its inode: at the drain the path is removed only if it is still ours
+                    // (a gateway started meanwhile has bound the path anew).
+                    let ino = std::fs::metadata(&path)
+                        .map_or(0, |m| std::os::unix::fs::MetadataExt::ino(&m));
                     let core = core.clone();
-                    glommio::spawn_local(async move {
+                    let task = glommio::spawn_local(async move {
                         loop {
                             match u.accept().await {
                                 Ok(s) => glommio::spawn_local(session::serve_unix(core.clone(), s))
@@ -122,27 +243,32 @@ async fn run_core(
                         }
                     })
                     .detach();
+                    others.push(Extra::Unix { task, path, ino });
                 }
                 Err(e) => tracing::warn!(path = %path, error = %e, "cannot listen on Unix socket"),
             }
         }
     }
     if let Some(addr) = &cfg.read_only_listen {
-        let ro = match shared::io::reuseport_listener(addr) {
-            // SAFETY: the fd comes from a listener we own and hand over whole.
-            Ok(l) => unsafe { TcpListener::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(l)) },
+        let (ro, fd) = match shared::io::reuseport_listener(addr) {
+            Ok(l) => {
+                let fd = std::os::fd::IntoRawFd::into_raw_fd(l);
+                // SAFETY: the fd comes from a listener we own and hand over whole.
+                (unsafe { TcpListener::from_raw_fd(fd) }, fd)
+            }
             Err(e) => {
                 eprintln!("tidepool-gateway: cannot listen on {addr}: {e}");
                 std::process::exit(1);
             }
         };
         let core = core.clone();
-        glommio::spawn_local(async move {
+        let task = glommio::spawn_local(async move {
             loop {
                 match ro.accept().await {
                     Ok(s) => {
                         glommio::spawn_local(session::serve_tcp(core.clone(), s, true)).detach();
                     }
+                    Err(_) if core.draining.get() => return,
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed (read-only listener)");
                         glommio::timer::sleep(Duration::from_millis(5)).await;
@@ -151,31 +277,148 @@ async fn run_core(
             }
         })
         .detach();
+        others.push(Extra::Tcp { task, fd });
     }
     // A spare descriptor, given up for a moment when we run out, so a client beyond the limit
     // hears why (53300) instead of waiting in the backlog.
-    let mut spare = std::fs::File::open("/dev/null").ok();
-    loop {
-        match listener.accept().await {
-            Ok(stream) => {
-                glommio::spawn_local(session::serve_tcp(core.clone(), stream, false)).detach();
-            }
-            Err(e) => {
-                let out_of_fds =
-                    matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
-                        || e.to_string().contains("Too many open files");
-                if out_of_fds {
-                    drop(spare.take());
-                    if let Ok(stream) = listener.accept().await {
-                        session::refuse(stream, "sorry, too many clients already").await;
-                    }
-                    spare = std::fs::File::open("/dev/null").ok();
-                    tracing::warn!("out of file descriptors: refusing new clients");
-                } else {
-                    tracing::warn!(error = %e, "accept failed");
+    let accept = async {
+        let mut spare = std::fs::File::open("/dev/null").ok();
+        loop {
+            match listener.accept().await {
+                Ok(stream) => {
+                    // While the drain closes the listener, serve_tcp answers 57P03.
+                    glommio::spawn_local(session::serve_tcp(core.clone(), stream, false)).detach();
                 }
-                glommio::timer::sleep(Duration::from_millis(5)).await;
+                Err(_) if core.draining.get() => return,
+                Err(e) => {
+                    let out_of_fds =
+                        matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+                            || e.to_string().contains("Too many open files");
+                    if out_of_fds {
+                        drop(spare.take());
+                        if let Ok(stream) = listener.accept().await {
+                            session::refuse(stream, "53300", "sorry, too many clients already")
+                                .await;
+                        }
+                        spare = std::fs::File::open("/dev/null").ok();
+                        tracing::warn!("out of file descriptors: refusing new clients");
+                    } else {
+                        tracing::warn!(error = %e, "accept failed");
+                    }
+                    glommio::timer::sleep(Duration::from_millis(5)).await;
+                }
             }
+        }
+    };
+    // The accept loop runs until the listener is shut down under it (`close_listener`): an
+    // accept the executor has in flight then fails and ends it, instead of being cancelled
+    // (a connection such an accept took just before its cancellation would be lost).
+    let closing = async {
+        watch_lifecycle(&core, &life).await;
+        core.draining.set(true);
+        core.drain_notify.notify();
+        for extra in others {
+            match extra {
+                // Its task ends when its accept fails, or is cancelled (migrating kernel).
+                Extra::Tcp { task, fd } => {
+                    if !close_listener(fd) {
+                        task.cancel();
+                    }
+                }
+                Extra::Unix { task, path, ino } => {
+                    task.cancel();
+                    let ours = std::fs::metadata(&path)
+                        .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == ino);
+                    if ours {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                }
+            }
+        }
+        if close_listener(listener_fd) {
+            // Bound: the accept loop ends on its own as soon as its accept fails.
+            glommio::timer::sleep(Duration::from_secs(1)).await;
+        }
+    };
+    futures_lite::future::or(accept, closing).await;
+    drop(listener);
+    drain(&core).await;
+}
+
+/// The listeners of a core besides its main one, closed when the drain starts.
+enum Extra {
+    /// The read-only listener and its accept task.
+    Tcp {
+        task: glommio::task::JoinHandle<()>,
+        fd: std::os::fd::RawFd,
+    },
+    /// The Unix socket (first core only), its path and the inode it was bound with.
+    Unix {
+        task: glommio::task::JoinHandle<()>,
+        path: String,
+        ino: u64,
+    },
+}
+
+/// Stops the kernel giving this listener connections. Where the kernel migrates queued
+/// connections to another listener of the port, the caller just closes it (returns false).
+/// Else the queued ones are taken and told the server is shutting down (57P03, as Postgres says
+/// it) rather than reset, and the socket is shut down: that takes it out of the port's
+/// `SO_REUSEPORT` group at once and fails the accept in flight, which ends the accept loop
+/// (returns true). Cancelling that accept instead could lose a connection it had just taken.
+fn close_listener(fd: std::os::fd::RawFd) -> bool {
+    if kernel_migrates() {
+        return false;
+    }
+    let queued = take_queued(fd);
+    // SAFETY: plain syscall on our listener, open until the caller drops it. On a listening
+    // socket SHUT_RD stops it listening (Linux: inet_shutdown → tcp_disconnect).
+    let rc = unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+    if rc != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "shutting the listener down failed");
+    }
+    if !queued.is_empty() {
+        tracing::info!(
+            refused = queued.len(),
+            "connections queued at the drain refused (57P03)"
+        );
+    }
+    for s in queued {
+        glommio::spawn_local(session::refuse(s, "57P03", SHUTTING_DOWN)).detach();
+    }
+    true
+}
+
+/// SIGTERM on this core: close the listeners, let sessions end at their next idle moment
+/// (57P01), end the rest when `shutdown_timeout_ms` has passed, and return.
+async fn drain(core: &Rc<core::Core>) {
+    let timeout = Duration::from_millis(core.cfg().shutdown_timeout_ms);
+    tracing::info!(
+        core = glommio::executor().id(),
+        clients = core.local_clients.get(),
+        ?timeout,
+        "draining: listeners closed"
+    );
+    let deadline = Instant::now() + timeout;
+    while core.local_clients.get() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(shared::lifecycle::TICK).await;
+    }
+    if core.local_clients.get() > 0 {
+        tracing::warn!(
+            clients = core.local_clients.get(),
+            "shutdown timeout: ending the sessions still in a transaction"
+        );
+        core.force.set(true);
+        core.drain_notify.notify();
+        let grace = Instant::now() + Duration::from_secs(2);
+        while core.local_clients.get() > 0 && Instant::now() < grace {
+            glommio::timer::sleep(shared::lifecycle::TICK).await;
+        }
+    }
+    // Let the pooler hear the sessions' CLOSE frames before the links go.
+    for links in &core.links {
+        for l in links {
+            let _ = with_timeout(Duration::from_millis(500), l.out.flushed()).await;
         }
     }
 }

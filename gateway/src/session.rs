@@ -81,10 +81,10 @@ fn left(deadline: Instant) -> Duration {
     deadline.saturating_duration_since(Instant::now())
 }
 
-/// Tells a client we cannot take it (53300), then closes. As Postgres does, after the SSL/GSS
+/// Tells a client we cannot take it (`code`: 53300, too many; 57P03, shutting down), then closes. As Postgres does, after the SSL/GSS
 /// negotiation and the startup packet (answering `N` to SSL), so that drivers report the error
 /// itself; bounded in time, since the refused client holds our last descriptor meanwhile.
-pub async fn refuse(mut stream: TcpStream, msg: &str) {
+pub async fn refuse(mut stream: TcpStream, code: &str, msg: &str) {
     let mut reader = MessageReader::new(IDLE_READ_BUFFER);
     let negotiate = async {
         for _ in 0..3 {
@@ -101,7 +101,7 @@ pub async fn refuse(mut stream: TcpStream, msg: &str) {
         false
     };
     if crate::with_timeout(Duration::from_secs(2), negotiate).await == Some(true) {
-        write_fatal(&mut stream, "53300", msg).await;
+        write_fatal(&mut stream, code, msg).await;
     }
 }
 
@@ -109,13 +109,17 @@ pub async fn refuse(mut stream: TcpStream, msg: &str) {
 pub async fn serve_tcp(core: Rc<Core>, mut stream: TcpStream, read_only: bool) {
     let _ = stream.set_nodelay(true);
     keepalive(&stream);
+    if core.draining.get() {
+        refuse(stream, "57P03", "the database system is shutting down").await;
+        return;
+    }
     let Some(slot) = ClientSlot::take(&core) else {
-        refuse(stream, "sorry, too many clients already").await;
+        refuse(stream, "53300", "sorry, too many clients already").await;
         return;
     };
     // One deadline for all of startup and authentication, however many negotiation packets
     // the client sends (Postgres: authentication_timeout).
-    let deadline = Instant::now() + Duration::from_secs(core.cfg.auth_timeout_seconds);
+    let deadline = Instant::now() + Duration::from_secs(core.cfg().auth_timeout_seconds);
     let mut reader = MessageReader::new(IDLE_READ_BUFFER);
     // SSL or GSS negotiation first, on the plain socket.
     loop {
@@ -123,7 +127,8 @@ pub async fn serve_tcp(core: Rc<Core>, mut stream: TcpStream, read_only: bool) {
             crate::with_timeout(left(deadline), read_startup(&mut stream, &mut reader)).await;
         match first {
             Some(Ok(Some(Startup::Ssl))) => {
-                if let Some(acceptor) = core.tls.clone() {
+                let acceptor = core.tls.borrow().clone();
+                if let Some(acceptor) = acceptor {
                     if !reader.data().is_empty() {
                         // Bytes after SSLRequest before the handshake: a buffer-stuffing attack.
                         write_fatal(
@@ -172,7 +177,7 @@ pub async fn serve_unix(core: Rc<Core>, stream: glommio::net::UnixStream) {
         write_fatal(&mut stream, "53300", "sorry, too many clients already").await;
         return;
     };
-    let deadline = Instant::now() + Duration::from_secs(core.cfg.auth_timeout_seconds);
+    let deadline = Instant::now() + Duration::from_secs(core.cfg().auth_timeout_seconds);
     let reader = MessageReader::new(IDLE_READ_BUFFER);
     serve(core, stream, reader, None, slot, deadline, false).await
 }
@@ -262,7 +267,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
             k => settings.set(k, v),
         }
     }
-    if core.cfg.guard_synchronous_commit
+    if core.cfg().guard_synchronous_commit
         && settings
             .get("synchronous_commit")
             .is_some_and(crate::classify::lowering_value)
@@ -282,8 +287,13 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     let database = database
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
+    if core.draining.get() {
+        // Accepted just before the listeners closed: as Postgres answers while it stops.
+        write_fatal(&mut stream, "57P03", "the database system is shutting down").await;
+        return;
+    }
     // No primary (failing over, or the pooler not up yet): wait as a request would.
-    let hold = Instant::now() + Duration::from_millis(core.cfg.failover_hold_ms);
+    let hold = Instant::now() + Duration::from_millis(core.cfg().failover_hold_ms);
     let Some(link) = core.wait_link(hold.min(deadline), read_only).await else {
         write_fatal(&mut stream, "57P03", crate::failover::NO_PRIMARY).await;
         return;
@@ -454,12 +464,14 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     io: Rc<SessionIo>,
     open: Open,
     id: u32,
-    _slot: ClientSlot,
+    slot: ClientSlot,
 ) {
     let stream = RcStream::new(stream);
     let writer_io = io.clone();
     let wstream = stream.clone();
     glommio::spawn_local(async move {
+        // The client counts (for a drain) until its last bytes are written.
+        let _slot = slot;
         // Credit goes to whichever pooler serves the session now, in batches: a frame per client
         // write doubled the link's frames for small results. The pooler stops only past its
         // window (`WINDOW`, 256 KiB), so credit held back here (under `CREDIT_BATCH`) never
@@ -481,7 +493,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     })
     .detach();
     let mut rstream = stream;
-    let max = core.cfg.max_message_size;
+    let max = core.cfg().max_message_size;
     let mut statement_flags = crate::classify::StatementFlags::default();
     'session: loop {
         // Frame every complete message we have into one MSGS frame.
@@ -676,19 +688,68 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         }
         let want = shared::protocol::pending_message_len(reader.data()).unwrap_or(0);
         let ended = io.ended_notify.notified();
+        let drain = core.drain_notify.notified();
+        let ready = io.ready_notify.notified();
         if io.ended.get() {
             break;
         }
-        let read = futures_lite::future::or(
-            async { Some(reader.fill(&mut rstream, want).await) },
-            async {
-                ended.await;
-                None
-            },
+        // Idle: every request answered, no half-read message. A drain ends an idle session
+        // outside a transaction at once, any session when the shutdown timeout passed; what
+        // the client may have sent meanwhile is left unread, so it never ran.
+        let idle = io.pending.get() == 0 && reader.data().is_empty();
+        if core.force.get() || (core.draining.get() && idle && io.status.get() == b'I') {
+            io.client_out.push(&fatal(SHUTDOWN_CODE, SHUTDOWN));
+            break;
+        }
+        // PgBouncer's client_idle_timeout and idle_transaction_timeout, timed from the moment
+        // the session went idle (`ready` wakes the loop when the last answer arrives).
+        let limit = match (idle, io.status.get()) {
+            (false, _) => 0,
+            (true, b'I') => core.cfg().client_idle_timeout_ms,
+            (true, _) => core.cfg().idle_transaction_timeout_ms,
+        };
+        let wake = futures_lite::future::or(
+            async { Wake::Read(reader.fill(&mut rstream, want).await) },
+            futures_lite::future::or(
+                async {
+                    ended.await;
+                    Wake::Ended
+                },
+                futures_lite::future::or(
+                    async {
+                        futures_lite::future::or(drain, async {
+                            if idle {
+                                std::future::pending::<()>().await;
+                            }
+                            ready.await;
+                        })
+                        .await;
+                        Wake::Again
+                    },
+                    async {
+                        if limit == 0 {
+                            std::future::pending::<()>().await;
+                        }
+                        glommio::timer::sleep(Duration::from_millis(limit)).await;
+                        Wake::Timeout
+                    },
+                ),
+            ),
         )
         .await;
-        match read {
-            Some(Ok(n)) if n > 0 => {}
+        match wake {
+            Wake::Read(Ok(n)) if n > 0 => {}
+            Wake::Again => {}
+            Wake::Timeout => {
+                let why = if io.status.get() == b'I' {
+                    CLIENT_IDLE_TIMEOUT
+                } else {
+                    IDLE_TRANSACTION_TIMEOUT
+                };
+                tracing::info!(session = id, reason = why, "disconnecting an idle client");
+                io.client_out.push(&fatal(TIMEOUT_CODE, why));
+                break;
+            }
             _ => break,
         }
     }
@@ -699,6 +760,34 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         }
     }
     io.client_out.close();
+}
+
+/// What woke the request loop while it waited for the client.
+enum Wake {
+    Read(std::io::Result<usize>),
+    /// The pooler ended the session.
+    Ended,
+    /// A drain started, or the session's last request was answered: look again.
+    Again,
+    /// The client stayed idle past its timeout.
+    Timeout,
+}
+
+/// What Postgres says to its sessions when it shuts down (ProcessInterrupts, SIGTERM): drivers
+/// and poolers know it means "reconnect".
+const SHUTDOWN_CODE: &str = "57P01";
+const SHUTDOWN: &str = "terminating connection due to administrator command";
+
+/// PgBouncer's words and SQLSTATE (08P01) when it disconnects an idle client, so that what
+/// operators grep for and drivers see is the same.
+const TIMEOUT_CODE: &str = "08P01";
+const CLIENT_IDLE_TIMEOUT: &str = "client_idle_timeout";
+const IDLE_TRANSACTION_TIMEOUT: &str = "idle transaction timeout";
+
+fn fatal(code: &str, msg: &str) -> Vec<u8> {
+    let mut e = Vec::new();
+    be::error_response(&mut e, Severity::Fatal, code, msg);
+    e
 }
 
 /// Bytes written to a client before the gateway returns them to the pooler as credit: a quarter

@@ -64,6 +64,9 @@ pub struct SessionIo {
     pub pending_may_commit: Cell<bool>,
     /// The transaction status of the last `ReadyForQuery` (`I`, `T`, `E`).
     pub status: Cell<u8>,
+    /// Told when the last request in flight is answered (a drain and the idle timeouts wait
+    /// for that moment). One counter bump per answered request when nobody waits.
+    pub ready_notify: Notify,
     /// A statement created state that lives on the backend (temp table, LISTEN, ...).
     pub pinned: Cell<bool>,
     /// Named statements the client prepared (name → its Parse message), for a re-open.
@@ -105,6 +108,7 @@ impl SessionIo {
             pending: Cell::new(0),
             pending_may_commit: Cell::new(false),
             status: Cell::new(b'I'),
+            ready_notify: Notify::default(),
             pinned: Cell::new(false),
             owed: Cell::new(Owed::Nothing),
             prepared: RefCell::new(HashMap::new()),
@@ -235,6 +239,7 @@ impl SessionIo {
         self.pending.set(p);
         if p == 0 {
             self.pending_may_commit.set(false);
+            self.ready_notify.notify();
         }
     }
 

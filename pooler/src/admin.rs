@@ -445,6 +445,7 @@ impl Admin {
                 String::from_utf8_lossy(&m)
             ),
             login::LoginError::Other(s) => s,
+            login::LoginError::WaitTimeout => "query_wait_timeout".into(),
         })?;
         let mut reader = MessageReader::new(1024);
         reader.push_bytes(&logged.leftover);

@@ -50,6 +50,8 @@ pub struct Backend {
     pub retired: std::cell::Cell<bool>,
     /// When it last went idle.
     pub idle_since: std::cell::Cell<Option<std::time::Instant>>,
+    /// When it logged in (`server_lifetime_ms` counts from here).
+    pub created: std::time::Instant,
     /// Closed to give its budget unit to this pool (fair share), when it ends.
     pub prefer: RefCell<Option<Rc<Pool>>>,
     /// Shed at another core's request: announce the freed unit when it ends.
@@ -155,7 +157,7 @@ pub async fn connect(
 ) -> Result<Rc<Backend>, LoginError> {
     let cfg = &core.cfg;
     let addr = format!("{}:{}", cfg.pg_host, cfg.pg_port);
-    let timeout = Duration::from_secs(cfg.connect_timeout_seconds);
+    let timeout = Duration::from_secs(core.live().connect_timeout_seconds);
     let connecting = async {
         let stream = TcpStream::connect(addr.as_str())
             .await
@@ -216,6 +218,7 @@ pub async fn connect(
         st: RefCell::new(State::new(id, logged.pid, login, server, logged.params)),
         retired: std::cell::Cell::new(false),
         idle_since: std::cell::Cell::new(None),
+        created: std::time::Instant::now(),
         prefer: RefCell::new(None),
         announce_freed: std::cell::Cell::new(false),
         yield_to: RefCell::new(None),

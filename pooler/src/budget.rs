@@ -22,8 +22,10 @@ pub struct PoolKey {
 
 pub struct Budgets {
     total: AtomicUsize,
-    max_total: usize,
-    pool_size: usize,
+    /// Both limits change on a reload (SIGHUP); lowering one closes nothing, it only stops new
+    /// backends until enough have gone.
+    max_total: AtomicUsize,
+    pool_size: AtomicUsize,
     /// Pooler cores: each pool has a `CoreShare` per core.
     cores: usize,
     /// Looked up once per pool per core (when the pool is created), not per request.
@@ -65,8 +67,8 @@ impl Budgets {
     pub fn new(pool_size: usize, max_total: usize, cores: usize) -> Arc<Budgets> {
         Arc::new(Budgets {
             total: AtomicUsize::new(0),
-            max_total,
-            pool_size,
+            max_total: AtomicUsize::new(max_total),
+            pool_size: AtomicUsize::new(pool_size),
             cores,
             pools: Mutex::new(HashMap::new()),
         })
@@ -82,17 +84,23 @@ impl Budgets {
 
     /// Backends each (user, database) may have, on all cores together.
     pub fn pool_size(&self) -> usize {
-        self.pool_size
+        self.pool_size.load(Ordering::Relaxed)
+    }
+
+    /// A reload changed the limits.
+    pub fn set_limits(&self, pool_size: usize, max_total: usize) {
+        self.pool_size.store(pool_size.max(1), Ordering::Relaxed);
+        self.max_total.store(max_total.max(1), Ordering::Relaxed);
     }
 
     /// Takes a unit of both budgets, or neither.
     pub fn reserve(&self, pool: &PoolBudget) -> Reserve {
         let pool = &pool.count;
-        if pool.fetch_add(1, Ordering::AcqRel) >= self.pool_size {
+        if pool.fetch_add(1, Ordering::AcqRel) >= self.pool_size() {
             pool.fetch_sub(1, Ordering::AcqRel);
             return Reserve::PoolFull;
         }
-        if self.total.fetch_add(1, Ordering::AcqRel) >= self.max_total {
+        if self.total.fetch_add(1, Ordering::AcqRel) >= self.max_total.load(Ordering::Relaxed) {
             self.total.fetch_sub(1, Ordering::AcqRel);
             pool.fetch_sub(1, Ordering::AcqRel);
             return Reserve::TotalFull;
@@ -102,7 +110,7 @@ impl Budgets {
 
     /// This (user, database) has all the backends it may have.
     pub fn pool_full(&self, pool: &PoolBudget) -> bool {
-        pool.count.load(Ordering::Acquire) >= self.pool_size
+        pool.count.load(Ordering::Acquire) >= self.pool_size()
     }
 
     pub fn give_back(&self, pool: &PoolBudget) {

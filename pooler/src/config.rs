@@ -4,7 +4,7 @@ use clap::Parser;
 use serde::Deserialize;
 use std::path::PathBuf;
 
-#[derive(Parser, Debug, Default)]
+#[derive(Parser, Debug, Default, Clone)]
 #[command(
     name = "tidepool-pooler",
     about = "Tidepool pooler: pooled backends for one Postgres"
@@ -110,6 +110,25 @@ pub struct Args {
     /// Required with agent_listen. The secret itself is never a flag.
     #[arg(long)]
     pub agent_secret_file: Option<PathBuf>,
+    /// On SIGTERM, milliseconds transactions in progress may take to finish before their
+    /// sessions are ended anyway.
+    #[arg(long)]
+    pub shutdown_timeout_ms: Option<u64>,
+    /// Milliseconds a request may wait for a backend before its session is ended with
+    /// "query_wait_timeout" (PgBouncer's query_wait_timeout; 0: wait for ever).
+    #[arg(long)]
+    pub query_wait_timeout_ms: Option<u64>,
+    /// Milliseconds after which an idle backend is closed rather than reused (PgBouncer's
+    /// server_lifetime; 0: never).
+    #[arg(long)]
+    pub server_lifetime_ms: Option<u64>,
+    /// Milliseconds a backend may stay idle in the pool before it is closed (PgBouncer's
+    /// server_idle_timeout; 0: never).
+    #[arg(long)]
+    pub server_idle_timeout_ms: Option<u64>,
+    /// Log filter (`info`, `debug`, `warn,tidepool_pooler=debug`); RUST_LOG wins at start.
+    #[arg(long)]
+    pub log_level: Option<String>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -145,6 +164,11 @@ struct File {
     agent_wait_ms: Option<u64>,
     pg_log: Option<PathBuf>,
     agent_secret_file: Option<PathBuf>,
+    shutdown_timeout_ms: Option<u64>,
+    query_wait_timeout_ms: Option<u64>,
+    server_lifetime_ms: Option<u64>,
+    server_idle_timeout_ms: Option<u64>,
+    log_level: Option<String>,
 }
 
 /// What the node agent needs (see config/pooler.toml, "Node agent").
@@ -188,6 +212,14 @@ pub struct Config {
     pub login_cache_seconds: u64,
     pub sequence_lease_ms: u64,
     pub role_settings_cache_ms: u64,
+    pub shutdown_timeout_ms: u64,
+    /// 0: wait for ever.
+    pub query_wait_timeout_ms: u64,
+    /// 0: never.
+    pub server_lifetime_ms: u64,
+    /// 0: never.
+    pub server_idle_timeout_ms: u64,
+    pub log_level: String,
     pub agent: AgentConfig,
 }
 
@@ -336,8 +368,138 @@ impl Config {
                 .or(file.max_prepared_statements)
                 .unwrap_or(500)
                 .max(1),
+            shutdown_timeout_ms: args
+                .shutdown_timeout_ms
+                .or(file.shutdown_timeout_ms)
+                .unwrap_or(30_000),
+            query_wait_timeout_ms: args
+                .query_wait_timeout_ms
+                .or(file.query_wait_timeout_ms)
+                .unwrap_or(120_000),
+            server_lifetime_ms: args
+                .server_lifetime_ms
+                .or(file.server_lifetime_ms)
+                .unwrap_or(3_600_000),
+            server_idle_timeout_ms: args
+                .server_idle_timeout_ms
+                .or(file.server_idle_timeout_ms)
+                .unwrap_or(600_000),
+            log_level: args
+                .log_level
+                .or(file.log_level)
+                .unwrap_or_else(|| "info".into()),
         };
         Ok(c)
+    }
+
+    /// The config in force after a reload: `new` (the file read again, under the same flags)
+    /// for what can change live, `self` for the rest. Returns it with the keys that changed
+    /// live and those that changed in the file but need a restart.
+    pub fn reloaded(&self, new: &Config) -> (Config, Vec<&'static str>, Vec<&'static str>) {
+        let s = |v: &dyn std::fmt::Debug| format!("{v:?}");
+        let live = shared::lifecycle::changes(&[
+            ("pool_size", s(&self.pool_size), s(&new.pool_size)),
+            ("max_backends", s(&self.max_backends), s(&new.max_backends)),
+            (
+                "connect_timeout_seconds",
+                s(&self.connect_timeout_seconds),
+                s(&new.connect_timeout_seconds),
+            ),
+            (
+                "max_prepared_statements",
+                s(&self.max_prepared_statements),
+                s(&new.max_prepared_statements),
+            ),
+            (
+                "login_cache_seconds",
+                s(&self.login_cache_seconds),
+                s(&new.login_cache_seconds),
+            ),
+            (
+                "sequence_lease_ms",
+                s(&self.sequence_lease_ms),
+                s(&new.sequence_lease_ms),
+            ),
+            (
+                "shutdown_timeout_ms",
+                s(&self.shutdown_timeout_ms),
+                s(&new.shutdown_timeout_ms),
+            ),
+            (
+                "query_wait_timeout_ms",
+                s(&self.query_wait_timeout_ms),
+                s(&new.query_wait_timeout_ms),
+            ),
+            (
+                "server_lifetime_ms",
+                s(&self.server_lifetime_ms),
+                s(&new.server_lifetime_ms),
+            ),
+            (
+                "server_idle_timeout_ms",
+                s(&self.server_idle_timeout_ms),
+                s(&new.server_idle_timeout_ms),
+            ),
+            ("log_level", s(&self.log_level), s(&new.log_level)),
+        ]);
+        let restart = shared::lifecycle::changes(&[
+            ("listen", s(&self.listen), s(&new.listen)),
+            ("cores", s(&self.cores), s(&new.cores)),
+            ("pg_host", s(&self.pg_host), s(&new.pg_host)),
+            ("pg_port", s(&self.pg_port), s(&new.pg_port)),
+            (
+                "admin_socket_dir",
+                s(&self.admin_socket_dir),
+                s(&new.admin_socket_dir),
+            ),
+            ("admin_user", s(&self.admin_user), s(&new.admin_user)),
+            (
+                "max_message_size",
+                s(&self.max_message_size),
+                s(&new.max_message_size),
+            ),
+            (
+                "auth_cache_seconds",
+                s(&self.auth_cache_seconds),
+                s(&new.auth_cache_seconds),
+            ),
+            (
+                "auth_negative_cache_ms",
+                s(&self.auth_negative_cache_ms),
+                s(&new.auth_negative_cache_ms),
+            ),
+            (
+                "auth_lookup_timeout_ms",
+                s(&self.auth_lookup_timeout_ms),
+                s(&new.auth_lookup_timeout_ms),
+            ),
+            (
+                "role_settings_cache_ms",
+                s(&self.role_settings_cache_ms),
+                s(&new.role_settings_cache_ms),
+            ),
+            (
+                "spin_before_park_us",
+                s(&self.spin_before_park_us),
+                s(&new.spin_before_park_us),
+            ),
+            ("agent", s(&self.agent), s(&new.agent)),
+        ]);
+        let merged = Config {
+            pool_size: new.pool_size,
+            max_backends: new.max_backends,
+            connect_timeout_seconds: new.connect_timeout_seconds,
+            max_prepared_statements: new.max_prepared_statements,
+            login_cache_seconds: new.login_cache_seconds,
+            sequence_lease_ms: new.sequence_lease_ms,
+            shutdown_timeout_ms: new.shutdown_timeout_ms,
+            query_wait_timeout_ms: new.query_wait_timeout_ms,
+            server_lifetime_ms: new.server_lifetime_ms,
+            server_idle_timeout_ms: new.server_idle_timeout_ms,
+            log_level: new.log_level.clone(),
+            ..self.clone()
+        };
+        (merged, live, restart)
     }
 }
 
@@ -349,6 +511,29 @@ mod tests {
         let mut all = vec!["tidepool-pooler"];
         all.extend_from_slice(args);
         Config::load(Args::try_parse_from(all).map_err(|e| e.to_string())?)
+    }
+
+    #[test]
+    fn example_file_is_the_defaults_and_reload_splits_keys() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/pooler.toml");
+        let c = load(&["--config", path]).unwrap();
+        let d = load(&[]).unwrap();
+        for (a, b) in [
+            (c.query_wait_timeout_ms, d.query_wait_timeout_ms),
+            (c.server_lifetime_ms, d.server_lifetime_ms),
+            (c.server_idle_timeout_ms, d.server_idle_timeout_ms),
+            (c.shutdown_timeout_ms, d.shutdown_timeout_ms),
+        ] {
+            assert_eq!(a, b);
+        }
+        let mut new = c.clone();
+        new.pool_size = 3;
+        new.pg_port = 1;
+        let (merged, live, restart) = c.reloaded(&new);
+        assert_eq!(live, vec!["pool_size"]);
+        assert_eq!(restart, vec!["pg_port"]);
+        assert_eq!(merged.pool_size, 3);
+        assert_eq!(merged.pg_port, c.pg_port);
     }
 
     #[test]

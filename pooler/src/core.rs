@@ -133,7 +133,16 @@ type LoginKey = (Rc<PoolKey>, Settings);
 type LoginEntry = (Instant, Rc<Vec<u8>>);
 
 pub struct Core {
+    /// The config the process started with: what needs a restart to change.
     pub cfg: Rc<Config>,
+    /// The config in force: a reload (SIGHUP) swaps it; read it with [`Core::live`].
+    live: RefCell<Rc<Config>>,
+    /// SIGTERM: sessions end at their next idle moment (57P01), new ones are refused.
+    pub draining: Cell<bool>,
+    /// The shutdown timeout passed: sessions end now.
+    pub force: Cell<bool>,
+    /// Told when a drain starts, every tick while it lasts, and when it is forced.
+    pub drain_notify: Notify,
     pub index: usize,
     pub pools: RefCell<HashMap<Rc<PoolKey>, Rc<Pool>>>,
     pub budgets: Arc<Budgets>,
@@ -164,6 +173,10 @@ impl Core {
         Rc::new(Core {
             admin: Admin::new(cfg.clone()),
             outbox: Rc::new(Outbox::new(cfg.cores.max(index + 1))),
+            live: RefCell::new(cfg.clone()),
+            draining: Cell::new(false),
+            force: Cell::new(false),
+            drain_notify: Notify::default(),
             cfg,
             index,
             pools: RefCell::new(HashMap::new()),
@@ -178,6 +191,15 @@ impl Core {
             owed: RefCell::new(Vec::new()),
             listeners: RefCell::new(HashMap::new()),
         })
+    }
+
+    /// The config in force (limits, timeouts): what a reload may change.
+    pub fn live(&self) -> Rc<Config> {
+        self.live.borrow().clone()
+    }
+
+    pub fn set_live(&self, cfg: Rc<Config>) {
+        *self.live.borrow_mut() = cfg;
     }
 
     /// Sends `msg` to every other core (best effort: a full channel drops it; senders retry).
@@ -204,14 +226,14 @@ impl Core {
     }
 
     pub fn recent_login(&self, key: &Rc<PoolKey>, settings: &Settings) -> Option<Rc<Vec<u8>>> {
-        let ttl = Duration::from_secs(self.cfg.login_cache_seconds);
+        let ttl = Duration::from_secs(self.live().login_cache_seconds);
         let logins = self.logins.borrow();
         let (at, params) = logins.get(&(key.clone(), settings.clone()))?;
         (at.elapsed() < ttl).then(|| params.clone())
     }
 
     pub fn remember_login(&self, key: &Rc<PoolKey>, settings: &Settings, params: Vec<u8>) {
-        if self.cfg.login_cache_seconds == 0 {
+        if self.live().login_cache_seconds == 0 {
             return;
         }
         let mut logins = self.logins.borrow_mut();

@@ -799,6 +799,7 @@ impl Listener {
         .map_err(|e| match e {
             login::LoginError::Postgres(m) => String::from_utf8_lossy(&m).into_owned(),
             login::LoginError::Other(s) => s,
+            login::LoginError::WaitTimeout => "query_wait_timeout".into(),
         })?;
         let conn = Rc::new(Conn {
             out: OutQueue::new(1 << 20, 16 * 1024),

@@ -15,6 +15,8 @@ pub enum LoginError {
     Postgres(Vec<u8>),
     /// Network or protocol trouble: a message for an error of our own.
     Other(String),
+    /// No backend came free within `query_wait_timeout_ms`.
+    WaitTimeout,
 }
 
 impl LoginError {
@@ -30,6 +32,12 @@ impl LoginError {
                     "08006",
                     &format!("could not connect to the database server: {why}"),
                 );
+                out
+            }
+            // PgBouncer's words and SQLSTATE, so that what operators grep for is the same.
+            LoginError::WaitTimeout => {
+                let mut out = Vec::new();
+                be::error_response(&mut out, Severity::Fatal, "08P01", "query_wait_timeout");
                 out
             }
         }

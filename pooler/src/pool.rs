@@ -182,6 +182,36 @@ impl Pool {
         Some(b)
     }
 
+    /// Closes the idle backends idle for `idle_for` or older than `lifetime` (PgBouncer's
+    /// server_idle_timeout and server_lifetime); returns how many for each reason.
+    pub fn expire(
+        &self,
+        core: &Rc<Core>,
+        idle_for: Option<Duration>,
+        lifetime: Option<Duration>,
+    ) -> (usize, usize) {
+        let now = Instant::now();
+        let old = |b: &Backend| lifetime.is_some_and(|d| now.duration_since(b.created) >= d);
+        let idled = |b: &Backend| {
+            idle_for.is_some_and(|d| {
+                b.idle_since
+                    .get()
+                    .is_some_and(|t| now.duration_since(t) >= d)
+            })
+        };
+        let victims: Vec<Rc<Backend>> = {
+            let mut idle = self.idle.borrow_mut();
+            let (gone, keep): (Vec<_>, Vec<_>) = idle.drain(..).partition(|b| old(b) || idled(b));
+            *idle = keep;
+            gone
+        };
+        let by_age = victims.iter().filter(|b| old(b)).count();
+        for b in &victims {
+            close_for(core, b, None);
+        }
+        (victims.len() - by_age, by_age)
+    }
+
     /// Closes one idle backend that has been idle at least `min_idle`, if there is one.
     fn shed_one(&self, core: &Rc<Core>, min_idle: Duration) -> bool {
         let now = Instant::now();
@@ -251,6 +281,9 @@ pub async fn acquire(
     prefer: &RefCell<std::rc::Weak<Backend>>,
 ) -> Result<Rc<Backend>, LoginError> {
     let mut guard: Option<WaiterGuard<'_>> = None;
+    // PgBouncer's query_wait_timeout: how long a request may wait for a backend in all.
+    let wait_ms = core.live().query_wait_timeout_ms;
+    let give_up = (wait_ms > 0).then(|| Instant::now() + Duration::from_millis(wait_ms));
     loop {
         let popped = {
             // The backend this session held last, if idle; else the one idle the shortest.
@@ -313,7 +346,12 @@ pub async fn acquire(
             }
         });
         core.ask_peers(ask);
-        let got = crate::with_timeout(RETRY, g.slot.take()).await;
+        let left = give_up.map_or(RETRY, |t| t.saturating_duration_since(Instant::now()));
+        if left.is_zero() {
+            tracing::info!(user = %pool.key.user, db = %pool.key.database, wait_ms, "query_wait_timeout: no backend in time");
+            return Err(LoginError::WaitTimeout);
+        }
+        let got = crate::with_timeout(RETRY.min(left), g.slot.take()).await;
         match got {
             Some(Some(b)) if !b.is_broken() => {
                 drop(guard.take());
@@ -334,6 +372,13 @@ pub fn release(core: &Rc<Core>, b: Rc<Backend>) {
     let pool = b.pool.clone();
     if b.is_broken() {
         // Closed: its unit comes back when Postgres has ended it (the relay sees the socket end).
+        return;
+    }
+    let lifetime = core.live().server_lifetime_ms;
+    if lifetime > 0 && b.created.elapsed() >= Duration::from_millis(lifetime) {
+        // PgBouncer's server_lifetime: lived long enough; a waiter gets its unit and logs in anew.
+        tracing::debug!(backend = b.id, "closing a backend past server_lifetime");
+        close_for(core, &b, None);
         return;
     }
     if std::mem::take(&mut b.st.borrow_mut().listening) {

@@ -522,6 +522,15 @@ fn maybe_release(core: &Rc<Core>, s: &Rc<Session>) {
 
 /// The session's task: open, then process the gateway's frames in order until the client leaves.
 pub async fn run(core: Rc<Core>, s: Rc<Session>) {
+    if core.draining.get() {
+        let err = fatal("57P03", "the database system is shutting down");
+        s.to_gateway.push_with(|b| {
+            put_header(b, down::OPEN_FAILED, s.id, err.len());
+            b.extend_from_slice(&err);
+        });
+        finish(&core, &s);
+        return;
+    }
     // Boxed: login state (a backend connecting, role defaults read) is freed once the session
     // is open, so an idle session's task holds only the loop below.
     match Box::pin(open(&core, &s)).await {
@@ -546,12 +555,23 @@ pub async fn run(core: Rc<Core>, s: Rc<Session>) {
             continue;
         }
         let notified = s.inbox_notify.notified();
+        let drain = core.drain_notify.notified();
         if s.gone.get() || s.dead.get() {
+            break;
+        }
+        // SIGTERM: an idle session ends now (what Postgres says at shutdown, 57P01: drivers
+        // reconnect), one in a transaction when it ends or the shutdown timeout passes.
+        if core.draining.get() && (core.force.get() || (s.inbox.borrow().is_empty() && !s.busy())) {
+            s.flush();
+            s.send_closed(&fatal(
+                "57P01",
+                "terminating connection due to administrator command",
+            ));
             break;
         }
         let item = s.inbox.borrow_mut().pop_front();
         let Some(payload) = item else {
-            notified.await;
+            futures_lite::future::or(notified, drain).await;
             continue;
         };
         s.inbox_bytes.set(s.inbox_bytes.get() - payload.len());
@@ -779,7 +799,7 @@ fn has_message(mut msgs: &[u8], tag: u8) -> bool {
 /// them, where the backend is theirs anyway; for `nextval` then `currval` in two requests this
 /// is what makes them meet.
 fn lease(core: &Rc<Core>, s: &Rc<Session>) {
-    let ms = core.cfg.sequence_lease_ms;
+    let ms = core.live().sequence_lease_ms;
     if ms == 0 {
         s.leased.set(false);
         return;
@@ -990,7 +1010,7 @@ fn write_message(
                 be::parse_complete(&mut pc);
                 b.send(&[], Some(Entry::Synth(pc)));
             } else {
-                b.add_prepared(stmt.content.clone(), core.cfg.max_prepared_statements);
+                b.add_prepared(stmt.content.clone(), core.live().max_prepared_statements);
                 b.send(
                     &stmt.parse,
                     Some(Entry::Parse {
@@ -1006,7 +1026,7 @@ fn write_message(
             let Ok((portal, name, rest)) = fe::parse_bind(body) else {
                 return malformed(Kind::Bind);
             };
-            match statement_for(s, b, name, core.cfg.max_prepared_statements) {
+            match statement_for(s, b, name, core.live().max_prepared_statements) {
                 Some(content) => {
                     let mut m = Vec::with_capacity(msg.len() + 32);
                     fe::write_bind(&mut m, portal, &content, rest);
@@ -1025,7 +1045,7 @@ fn write_message(
             };
             match (
                 kind,
-                statement_for(s, b, name, core.cfg.max_prepared_statements),
+                statement_for(s, b, name, core.live().max_prepared_statements),
             ) {
                 (b'S', Some(content)) => {
                     let mut m = Vec::new();
@@ -1083,7 +1103,7 @@ fn write_message(
             } else {
                 write_sql_query(
                     &s.statements,
-                    core.cfg.max_prepared_statements,
+                    core.live().max_prepared_statements,
                     s.open_batch.get(),
                     b,
                     msg,
@@ -1125,6 +1145,12 @@ fn statement_for(s: &Rc<Session>, b: &Rc<Backend>, name: &[u8], limit: usize) ->
     let stmt = s.statements.borrow().get(name).cloned()?;
     ensure(b, &stmt, limit, true);
     Some(stmt.content.clone())
+}
+
+fn fatal(code: &str, msg: &str) -> Vec<u8> {
+    let mut e = Vec::new();
+    be::error_response(&mut e, Severity::Fatal, code, msg);
+    e
 }
 
 fn protocol_violation(msg: &str) -> Vec<u8> {

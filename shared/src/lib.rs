@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod auth;
 pub mod io;
+pub mod lifecycle;
 pub mod link;
 pub mod logging;
 pub mod protocol;

@@ -360,6 +360,31 @@ impl Tidepool {
         gw
     }
 
+    /// Sends `signal` (e.g. `libc::SIGTERM`, `libc::SIGHUP`) to the gateway process.
+    pub fn signal_gateway(&self, signal: i32) {
+        send_signal(self.gateway_pid(), signal);
+    }
+
+    /// Sends `signal` to the pooler process.
+    pub fn signal_pooler(&self, signal: i32) {
+        send_signal(self.pooler_pid(), signal);
+    }
+
+    /// Waits up to `limit` for the gateway to exit; its status, or `None` if it still runs.
+    pub fn wait_gateway_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        wait_exit(self.gateway.as_mut()?, limit)
+    }
+
+    /// Waits up to `limit` for the pooler to exit; its status, or `None` if it still runs.
+    pub fn wait_pooler_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        wait_exit(&mut self.pooler, limit)
+    }
+
+    /// The gateway's whole log so far.
+    pub fn gateway_log(&self) -> String {
+        std::fs::read_to_string(&self.gateway_log).unwrap_or_default()
+    }
+
     /// True while both processes are running.
     pub fn alive(&mut self) -> bool {
         matches!(self.pooler.try_wait(), Ok(None))
@@ -406,6 +431,46 @@ impl Gateway {
     /// The last lines of its log.
     pub fn logs(&self) -> String {
         format!("--- {} ---\n{}", self.log.display(), tail(&self.log, 40))
+    }
+
+    /// Its whole log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to it.
+    pub fn signal(&self, signal: i32) {
+        send_signal(self.pid(), signal);
+    }
+
+    /// Waits up to `limit` for it to exit; its status, or `None` if it still runs.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        wait_exit(&mut self.child, limit)
+    }
+}
+
+fn send_signal(pid: u32, signal: i32) {
+    assert!(pid > 0, "no such process");
+    // SAFETY: plain syscall on a child we started and have not reaped.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {signal}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(20));
     }
 }
 
