@@ -11,9 +11,9 @@
 //! (`... FROM pg_stat_activity WHERE pid = pg_backend_pid()`, `pg_locks`,
 //! `pg_terminate_backend(pg_backend_pid())`), the backend's own pid is what the statement
 //! means, and it stays. Never inside strings or dollar quotes (function bodies run later, on
-//! whatever backend), nor in `CREATE`/`ALTER` statements (a view or a default must stay a call),
-//! nor in a text the shared lexer cannot read for sure. An error position after the
-//! replacement is off by the difference in length.
+//! whatever backend), nor in `CREATE`/`ALTER`/`PREPARE` statements (a view, a default or a
+//! prepared body stays a call), nor in a text the shared lexer cannot read for sure. An error
+//! position after the replacement is off by the difference in length.
 
 use shared::protocol::frontend as fe;
 use shared::sql::{find_ci, Kind, Lexer, Token};
@@ -105,7 +105,9 @@ pub fn rewrite(sql: &[u8], pid: i32) -> Option<Vec<u8>> {
             Kind::Word if depth == 0 => {
                 let w = t.text(sql);
                 if first {
-                    stored = w.eq_ignore_ascii_case(b"create") || w.eq_ignore_ascii_case(b"alter");
+                    stored = w.eq_ignore_ascii_case(b"create")
+                        || w.eq_ignore_ascii_case(b"alter")
+                        || w.eq_ignore_ascii_case(b"prepare");
                 }
                 if w.eq_ignore_ascii_case(b"select") || w.eq_ignore_ascii_case(b"returning") {
                     in_list = true;
@@ -195,6 +197,7 @@ mod tests {
         );
         // Stored expressions, strings, other schemas, quoted names and unsure text: left alone.
         assert_eq!(r("CREATE VIEW v AS SELECT pg_backend_pid()"), None);
+        assert_eq!(r("PREPARE p AS SELECT pg_backend_pid()"), None);
         assert_eq!(
             r("CREATE TABLE t (p int DEFAULT pg_backend_pid()); SELECT pg_backend_pid()")
                 .as_deref(),

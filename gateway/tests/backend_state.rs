@@ -42,10 +42,15 @@ async fn one_i64(c: &Client, sql: &str) -> i64 {
 }
 
 async fn pid(c: &Client) -> i32 {
-    c.query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .expect("pg_backend_pid")
-        .get(0)
+    // The backend's own pid: `pg_backend_pid()` in a select list answers the client's
+    // (issue 11); in a WHERE clause it names the backend.
+    c.query_one(
+        "SELECT pid FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+        &[],
+    )
+    .await
+    .expect("pg_backend_pid")
+    .get(0)
 }
 
 /// Two backends, two sessions taking turns: each session's `nextval` and then `currval` give the

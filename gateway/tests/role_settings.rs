@@ -36,7 +36,10 @@ async fn replace_backend(tp: &Tidepool) {
         .await
         .unwrap();
     let pid: i32 = p
-        .query_one("SELECT pg_backend_pid()", &[])
+        .query_one(
+            "SELECT pid FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);

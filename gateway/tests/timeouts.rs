@@ -257,13 +257,13 @@ fn server_lifetime() {
         c.client.batch_execute("begin").await.unwrap();
         let first = pid(c
             .client
-            .simple_query("select pg_backend_pid()")
+            .simple_query("select pid from pg_stat_activity where pid = pg_backend_pid()")
             .await
             .unwrap());
         tokio::time::sleep(Duration::from_millis(2000)).await;
         let same = pid(c
             .client
-            .simple_query("select pg_backend_pid()")
+            .simple_query("select pid from pg_stat_activity where pid = pg_backend_pid()")
             .await
             .unwrap());
         assert_eq!(first, same, "the backend changed inside a transaction");
@@ -271,7 +271,7 @@ fn server_lifetime() {
         // Released past its lifetime: the next request runs on another backend.
         let next = pid(c
             .client
-            .simple_query("select pg_backend_pid()")
+            .simple_query("select pid from pg_stat_activity where pid = pg_backend_pid()")
             .await
             .unwrap());
         assert_ne!(
