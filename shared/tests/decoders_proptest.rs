@@ -81,8 +81,8 @@ proptest! {
         if let Ok(p) = frontend::parse_parse(&body) {
             // The parameter-type section is `int16 n` + n × int32, inside the body.
             prop_assert!(p.param_types.len() >= 2);
-            let n = i16::from_be_bytes([p.param_types[0], p.param_types[1]]);
-            prop_assert!(n >= 0 && p.param_types.len() == 2 + 4 * n as usize);
+            let n = u16::from_be_bytes([p.param_types[0], p.param_types[1]]);
+            prop_assert!(p.param_types.len() == 2 + 4 * n as usize);
         }
         let _ = frontend::parse_bind(&body);
         let _ = frontend::parse_target(&body);
@@ -116,7 +116,7 @@ proptest! {
     fn parse_message_round_trips(name in bytes(16), query in bytes(64), types in proptest::collection::vec(any::<u32>(), 0..8)) {
         let name: Vec<u8> = name.into_iter().filter(|&b| b != 0).collect();
         let query: Vec<u8> = query.into_iter().filter(|&b| b != 0).collect();
-        let mut section = (types.len() as i16).to_be_bytes().to_vec();
+        let mut section = (types.len() as u16).to_be_bytes().to_vec();
         for t in &types {
             section.extend_from_slice(&t.to_be_bytes());
         }
