@@ -66,6 +66,11 @@ pub struct Args {
     /// Microseconds an idle executor spins before it sleeps (0: sleep at once).
     #[arg(long)]
     pub spin_before_park_us: Option<u64>,
+    /// File holding the cluster's link secret (64 hex digits, mode 600; `tidepool up` writes
+    /// DIR/link.key): proved to each pooler, which proves it back. Required; the secret itself
+    /// is never a flag.
+    #[arg(long)]
+    pub link_secret_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -89,6 +94,7 @@ struct File {
     links_per_core: Option<usize>,
     auth_timeout_seconds: Option<u64>,
     spin_before_park_us: Option<u64>,
+    link_secret_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,6 +129,8 @@ pub struct Config {
     pub links_per_core: usize,
     pub auth_timeout_seconds: u64,
     pub spin_before_park_us: u64,
+    /// The link secret (`link_secret_file`).
+    pub link_key: shared::link::LinkKey,
 }
 
 impl Config {
@@ -169,7 +177,14 @@ impl Config {
             poolers.push("127.0.0.1:15433".into());
         }
         poolers.dedup();
+        let link_secret_file = args
+            .link_secret_file
+            .or(file.link_secret_file)
+            .ok_or("link_secret_file is required: poolers answer only gateways that prove the cluster's link secret")?;
+        let link_key = shared::link::LinkKey::load(&link_secret_file)
+            .map_err(|e| format!("link secret: {e}"))?;
         Ok(Config {
+            link_key,
             spin_before_park_us: args
                 .spin_before_park_us
                 .or(file.spin_before_park_us)
@@ -227,15 +242,33 @@ impl Config {
 mod tests {
     use super::*;
 
+    fn key_file() -> String {
+        let key = std::env::temp_dir().join(format!("tp-gw-cfg-{}.key", std::process::id()));
+        let _ = shared::link::LinkKey::load_or_create(&key);
+        key.to_string_lossy().into_owned()
+    }
+
     #[test]
     fn poolers_from_flags_and_file() {
-        let args = Args::parse_from(["g", "--pooler", "a:1,b:2", "--pooler", "c:3"]);
+        let k = key_file();
+        let args = Args::parse_from([
+            "g",
+            "--link-secret-file",
+            &k,
+            "--pooler",
+            "a:1,b:2",
+            "--pooler",
+            "c:3",
+        ]);
         let c = Config::load(args).unwrap();
         assert_eq!(c.poolers, vec!["a:1", "b:2", "c:3"]);
         assert_eq!(c.failover_hold_ms, 10_000);
         assert_eq!(c.failover_hold_max, 10_000);
         assert!(c.guard_synchronous_commit);
-        let c = Config::load(Args::parse_from(["g"])).unwrap();
+        assert!(Config::load(Args::parse_from(["g"]))
+            .unwrap_err()
+            .contains("link_secret_file"));
+        let c = Config::load(Args::parse_from(["g", "--link-secret-file", &k])).unwrap();
         assert_eq!(c.poolers, vec!["127.0.0.1:15433"]);
         let dir = std::env::temp_dir().join(format!("gw-cfg-{}", std::process::id()));
         std::fs::write(
@@ -243,7 +276,14 @@ mod tests {
             "pooler = \"x:1\"\npoolers = [\"y:2\"]\nguard_synchronous_commit = false\n",
         )
         .unwrap();
-        let c = Config::load(Args::parse_from(["g", "--config", dir.to_str().unwrap()])).unwrap();
+        let c = Config::load(Args::parse_from([
+            "g",
+            "--link-secret-file",
+            &k,
+            "--config",
+            dir.to_str().unwrap(),
+        ]))
+        .unwrap();
         let _ = std::fs::remove_file(&dir);
         assert_eq!(c.poolers, vec!["x:1", "y:2"]);
         assert!(!c.guard_synchronous_commit);

@@ -72,7 +72,7 @@ impl Core {
         let links = (0..cfg.poolers.len())
             .map(|p| {
                 (0..cfg.links_per_core)
-                    .map(|k| Link::new(p, first_slot + k, changed.clone()))
+                    .map(|k| Link::new(p, first_slot + k, changed.clone(), cfg.link_key.clone()))
                     .collect()
             })
             .collect();
