@@ -33,6 +33,8 @@ pub trait Endpoint {
     fn closed(&self, last_words: &[u8]);
     /// The link died under the session (`fatal`: what to tell a client still logging in).
     fn link_lost(&self, fatal: &[u8]);
+    /// The pooler took `taken` bytes of the session's requests so far (`down::ACK`).
+    fn on_ack(&self, taken: u64);
 }
 
 pub struct Link {
@@ -233,6 +235,11 @@ impl Link {
         };
         match kind {
             down::DATA => s.on_data(payload),
+            down::ACK => {
+                if let Some(Ok(b)) = payload.get(..8).map(<[u8; 8]>::try_from) {
+                    s.on_ack(u64::from_be_bytes(b));
+                }
+            }
             down::SETTINGS => {
                 if let Ok(set) = Settings::decode(payload) {
                     s.on_settings(set);

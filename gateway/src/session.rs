@@ -652,6 +652,8 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                 l.out.wait_drain().await;
             }
         }
+        // Per-session flow control of requests (`down::ACK`).
+        io.wait_window().await;
         let want = shared::protocol::pending_message_len(reader.data()).unwrap_or(0);
         let ended = io.ended_notify.notified();
         if io.ended.get() {

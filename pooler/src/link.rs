@@ -2,7 +2,8 @@
 //!
 //! Nothing is honoured before the gateway proves it holds the link secret
 //! (`shared::link::handshake`): a peer that does not gets one `CHALLENGE` frame and is
-//! disconnected — no verifier, no session, no role report.
+//! disconnected — no verifier, no session, no role report. The reader never waits for one
+//! session: requests are flow-controlled per session by the gateway (`down::ACK`).
 
 use crate::admin::RoleSecret;
 use crate::core::Core;
@@ -84,7 +85,7 @@ pub async fn serve(core: Rc<Core>, stream: TcpStream) {
             // One copy out of the read buffer; the session keeps this Vec as it is.
             let payload = reader.data()[HEADER..HEADER + h.len].to_vec();
             reader.consume(HEADER + h.len);
-            if !on_frame(&core, &l, h.kind, h.session, payload).await {
+            if !on_frame(&core, &l, h.kind, h.session, payload) {
                 break 'outer;
             }
         }
@@ -102,18 +103,35 @@ pub async fn serve(core: Rc<Core>, stream: TcpStream) {
     l.out.close();
 }
 
-async fn on_frame(core: &Rc<Core>, l: &Rc<Link>, kind: u8, id: u32, payload: Vec<u8>) -> bool {
+fn on_frame(core: &Rc<Core>, l: &Rc<Link>, kind: u8, id: u32, payload: Vec<u8>) -> bool {
     match kind {
         up::MSGS => {
             let s = l.sessions.borrow().get(&id).cloned();
             if let Some(s) = s {
-                s.enqueue(payload).await;
+                if !s.enqueue(payload) {
+                    // The gateway ignored the window: this session goes, the link stays.
+                    tracing::warn!(
+                        session = id,
+                        "requests past the window; closing the session"
+                    );
+                    l.sessions.borrow_mut().remove(&id);
+                    let mut err = Vec::new();
+                    shared::protocol::backend::error_response(
+                        &mut err,
+                        shared::protocol::backend::Severity::Fatal,
+                        "08P01",
+                        "terminating connection: requests sent past the link's window",
+                    );
+                    l.out
+                        .push_with(|b| link::put_frame(b, down::CLOSED, id, &err));
+                    s.close();
+                }
             }
         }
         up::NAMES => {
             let s = l.sessions.borrow().get(&id).cloned();
             if let Some(s) = s {
-                s.enqueue_names(payload).await;
+                s.enqueue_names(payload);
             }
         }
         up::CREDIT => {

@@ -13,7 +13,7 @@ use crate::protocol::{put_cstr, read_cstr, read_i32, ProtocolError};
 use crate::settings::Settings;
 
 pub const HEADER: usize = 9;
-/// 2: the authenticated handshake (`CHALLENGE`, `HELLO` with a proof, `WELCOME`).
+/// 2: the authenticated handshake (`CHALLENGE`, `HELLO` with a proof, `WELCOME`) and `ACK`.
 pub const VERSION: u32 = 2;
 
 /// The link secret: 32 random bytes in a file of 64 hex digits, mode 600, made and checked
@@ -87,7 +87,21 @@ pub mod down {
     /// The pooler's proof, once the gateway's `HELLO` checked (session 0):
     /// `HMAC(K, "tidepool-link/2 pooler" ‖ SN ‖ CN)`. Then `CORE` and `ROLE`.
     pub const WELCOME: u8 = 29;
+    /// Request bytes of a session the pooler has taken from its inbox (`u64`, the total of
+    /// `MSGS` payload lengths since `OPEN`): per-session flow control of requests. The gateway
+    /// stops reading a client whose requests the pooler has not taken beyond a window, so one
+    /// session never makes the pooler stop reading the link all sessions share. Sent every
+    /// `ACK_EVERY` bytes taken.
+    pub const ACK: u8 = 30;
 }
+
+/// Request bytes (`MSGS` payloads) a gateway may have sent for a session and the pooler not
+/// yet taken from that session's inbox (`down::ACK`). The pooler's inbox then holds at most
+/// this plus one batch; a gateway that sends past twice this loses the session.
+pub const REQUEST_WINDOW: u64 = 1 << 20;
+/// The pooler acknowledges taken request bytes in steps of this (well under the window, so a
+/// session that has sent a full window always has acknowledgements coming).
+pub const ACK_EVERY: u64 = 64 * 1024;
 
 /// Flags on a `MSGS` frame, decided by the gateway's statement classification.
 pub mod flags {

@@ -1,0 +1,213 @@
+//! Link-level attacks by one logged-in client (issue 12 §3), each shown not to reach the other
+//! sessions: a session whose requests pile up in the pooler no longer stops the link all
+//! sessions share; session ids are never given to a second session while the first lives; a
+//! `Parse` with 32,768 or more parameter types is still judged (the `synchronous_commit`
+//! guard). Real Postgres, real pooler and gateway, real sockets.
+
+use std::time::{Duration, Instant};
+use testkit::wire::{Event, Frontend, Message};
+use testkit::{PgCluster, Tidepool, TidepoolOpts, ALICE, APP_DB};
+
+fn messages(events: &[Event]) -> Vec<&Message> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Message(m) => Some(m),
+            _ => None,
+        })
+        .collect()
+}
+
+fn row_count(m: &[tokio_postgres::SimpleQueryMessage]) -> usize {
+    m.iter()
+        .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+        .count()
+}
+
+/// One core and one link each way: every session shares the one link.
+fn one_link(pg: &PgCluster) -> Tidepool {
+    Tidepool::start(
+        pg,
+        TidepoolOpts {
+            cores: 1,
+            ..TidepoolOpts::default()
+        }
+        .gateway_arg("--links-per-core")
+        .gateway_arg("1"),
+    )
+}
+
+/// Resident memory of a process, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+const PIPELINED: usize = 24;
+
+/// A session sleeps in Postgres with 24 MiB of requests pipelined behind it (1 MiB queries:
+/// far past what the pooler queues per session). Before, the pooler's link reader waited for
+/// that session's inbox, so every other session on the link froze until the sleep ended, and
+/// so did cancels. Now the gateway stops reading that one client (per-session window, acked
+/// by the pooler): another session's queries answer at once, the cancel arrives, and the
+/// pipeline then completes in order.
+#[tokio::test]
+async fn a_session_with_a_full_inbox_does_not_stall_its_link() {
+    let pg = PgCluster::start();
+    let tp = one_link(&pg);
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let mut a = tp.endpoint().raw(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+        let (pid, secret) = a.backend_key().unwrap();
+        let b = tp
+            .endpoint()
+            .connect(ALICE.0, ALICE.1, APP_DB)
+            .await
+            .unwrap();
+        b.simple_query("select 1").await.unwrap();
+
+        let filler = format!("select 1 as x -- {}", "x".repeat(1 << 20));
+        let mut pipeline = Frontend::new().query("select pg_sleep(20)");
+        for _ in 0..PIPELINED {
+            pipeline = pipeline.query(&filler);
+        }
+        let before = (rss(tp.gateway_pid()), rss(tp.pooler_pid()));
+        let bytes = pipeline.bytes().to_vec();
+        let started = Instant::now();
+        let a_task = tokio::spawn(async move {
+            a.send(&bytes).await.unwrap();
+            let mut events = Vec::new();
+            for _ in 0..PIPELINED + 1 {
+                events.extend(a.recv_until(b'Z', Duration::from_secs(60)).await);
+            }
+            events
+        });
+        // Let the pipeline reach the pooler and pile up there.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Memory stays bounded: the requests wait in the client's socket, not in our processes
+        // (before, the gateway read all of them into the link).
+        let during = (rss(tp.gateway_pid()), rss(tp.pooler_pid()));
+        let grew = (
+            during.0.saturating_sub(before.0) >> 20,
+            during.1.saturating_sub(before.1) >> 20,
+        );
+        println!(
+            "memory growth while {PIPELINED} MiB wait: gateway {} MiB, pooler {} MiB",
+            grew.0, grew.1
+        );
+        assert!(
+            grew.0 < 12 && grew.1 < 12,
+            "gateway grew {} MiB, pooler {} MiB with {PIPELINED} MiB pipelined",
+            grew.0,
+            grew.1
+        );
+
+        let mut worst = Duration::ZERO;
+        let mut each = Vec::new();
+        for i in 0..5 {
+            let t = Instant::now();
+            let rows = tokio::time::timeout(
+                Duration::from_secs(10),
+                b.simple_query(&format!("select {i} + 1")),
+            )
+            .await
+            .expect("another session's query on the same link answered")
+            .unwrap();
+            worst = worst.max(t.elapsed());
+            each.push(t.elapsed());
+            assert_eq!(row_count(&rows), 1);
+        }
+        println!("other session during the stall: {each:?}");
+        assert!(
+            worst < Duration::from_secs(2),
+            "other session waited {worst:?}: the link stalled"
+        );
+
+        // The cancel travels the same link: it must arrive while pg_sleep(20) runs.
+        let mut c = tp.endpoint().raw_tcp().await.unwrap();
+        c.send(Frontend::new().cancel_request(pid, secret).bytes())
+            .await
+            .unwrap();
+        let events = a_task.await.unwrap();
+        let took = started.elapsed();
+        let msgs = messages(&events);
+        let errors: Vec<String> = msgs
+            .iter()
+            .filter_map(|m| m.error())
+            .map(|e| e.code().to_string())
+            .collect();
+        assert_eq!(errors, vec!["57014".to_string()], "{events:?}");
+        let rows = msgs.iter().filter(|m| m.tag == b'D').count();
+        let ready = msgs.iter().filter(|m| m.tag == b'Z').count();
+        assert_eq!(
+            (rows, ready),
+            (PIPELINED, PIPELINED + 1),
+            "the pipeline completes in order"
+        );
+        println!("cancel + {PIPELINED} MiB pipeline done after {took:?}");
+        assert!(
+            took < Duration::from_secs(15),
+            "the cancel did not get through while the session slept ({took:?})"
+        );
+        // And the other session is still fine.
+        b.simple_query("select 1").await.unwrap();
+    })
+    .await
+    .expect("test took more than 120 s");
+}
+
+/// A `Parse` declaring 40,000 parameter types (negative when read as an i16) of `SET
+/// synchronous_commit = off`, bound and run: refused with 42501 as any other form, and the
+/// setting stays `on`. Before, the gateway could not decode it, passed it on unjudged, and
+/// Postgres (which reads the count unsigned) ran it.
+#[tokio::test]
+async fn a_parse_with_40000_parameters_is_still_judged() {
+    let pg = PgCluster::start();
+    pg.psql_admin("ALTER SYSTEM SET synchronous_commit = on");
+    pg.psql_admin("SELECT pg_reload_conf()");
+    let tp = Tidepool::start(&pg, TidepoolOpts::default());
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let mut a = tp.endpoint().raw(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+        let n: u16 = 40_000;
+        let mut parse = b"\0set synchronous_commit = off\0".to_vec();
+        parse.extend_from_slice(&n.to_be_bytes());
+        for _ in 0..n {
+            parse.extend_from_slice(&23u32.to_be_bytes());
+        }
+        let mut bind = b"\0\0".to_vec();
+        bind.extend_from_slice(&0u16.to_be_bytes());
+        bind.extend_from_slice(&n.to_be_bytes());
+        for _ in 0..n {
+            bind.extend_from_slice(&(-1i32).to_be_bytes());
+        }
+        bind.extend_from_slice(&0u16.to_be_bytes());
+        let msgs = Frontend::new()
+            .message(b'P', &parse)
+            .message(b'B', &bind)
+            .execute("", 0)
+            .sync()
+            .query("show synchronous_commit");
+        a.send(msgs.bytes()).await.unwrap();
+        let mut events = a.recv_until(b'Z', Duration::from_secs(20)).await;
+        events.extend(a.recv_until(b'Z', Duration::from_secs(20)).await);
+        let msgs = messages(&events);
+        let errors: Vec<String> = msgs
+            .iter()
+            .filter_map(|m| m.error())
+            .map(|e| e.code().to_string())
+            .collect();
+        assert_eq!(errors, vec!["42501".to_string()], "{events:?}");
+        let shown = msgs
+            .iter()
+            .find(|m| m.tag == b'D')
+            .map(|m| m.render())
+            .unwrap_or_default();
+        assert!(shown.contains("on"), "synchronous_commit now {shown}");
+        assert!(!shown.contains("off"), "synchronous_commit now {shown}");
+    })
+    .await
+    .expect("test took more than 60 s");
+}
