@@ -71,6 +71,9 @@ pub struct Args {
     /// is never a flag.
     #[arg(long)]
     pub link_secret_file: Option<PathBuf>,
+    /// Session ids per core before they wrap (tests: a small number makes wrapping happen).
+    #[arg(long, hide = true)]
+    pub session_ids: Option<u32>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -131,6 +134,8 @@ pub struct Config {
     pub spin_before_park_us: u64,
     /// The link secret (`link_secret_file`).
     pub link_key: shared::link::LinkKey,
+    /// Session ids run 1..=this per core, then wrap, skipping ids still in use.
+    pub session_ids: u32,
 }
 
 impl Config {
@@ -185,6 +190,7 @@ impl Config {
             .map_err(|e| format!("link secret: {e}"))?;
         Ok(Config {
             link_key,
+            session_ids: args.session_ids.unwrap_or(u32::MAX).max(1),
             spin_before_park_us: args
                 .spin_before_park_us
                 .or(file.spin_before_park_us)

@@ -80,6 +80,8 @@ pub struct SessionIo {
     sent: Cell<u64>,
     taken: Cell<u64>,
     window: Notify,
+    /// The session's id, held for as long as anything holds the session.
+    id: RefCell<Option<crate::core::SessionId>>,
 }
 
 /// Where the backend message stream to the client stands: the link may cut a message anywhere,
@@ -120,7 +122,15 @@ impl SessionIo {
             sent: Cell::new(0),
             taken: Cell::new(0),
             window: Notify::default(),
+            id: RefCell::new(None),
         })
+    }
+
+    /// Holds the session's id until the session is gone (see `Core::next_session_id`).
+    pub fn hold_id(&self, id: crate::core::SessionId) -> u32 {
+        let n = id.id;
+        *self.id.borrow_mut() = Some(id);
+        n
     }
 
     /// A `MSGS` frame of `payload` bytes went to the current link.
