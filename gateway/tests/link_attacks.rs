@@ -282,3 +282,56 @@ async fn a_parse_with_40000_parameters_is_still_judged() {
     .await
     .expect("test took more than 60 s");
 }
+
+/// The request window in the other direction of use: 32 MiB of COPY data from one client (32
+/// windows, so it completes only if the pooler's acknowledgements keep coming) while another
+/// session on the same link keeps answering.
+#[tokio::test]
+async fn a_large_copy_in_flows_through_the_window() {
+    let pg = PgCluster::start();
+    let tp = one_link(&pg);
+    tokio::time::timeout(Duration::from_secs(180), async {
+        let mut a = tp.endpoint().raw(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+        let b = tp
+            .endpoint()
+            .connect(ALICE.0, ALICE.1, APP_DB)
+            .await
+            .unwrap();
+        let line = format!("{}\n", "y".repeat(1023));
+        let chunk = line.repeat(64); // 64 KiB
+        let mut msgs = Frontend::new()
+            .query("create temp table big (t text)")
+            .query("copy big from stdin");
+        for _ in 0..512 {
+            msgs = msgs.copy_data(chunk.as_bytes());
+        }
+        let msgs = msgs.copy_done().query("select count(*) from big");
+        let bytes = msgs.bytes().to_vec();
+        let task = tokio::spawn(async move {
+            a.send(&bytes).await.unwrap();
+            let mut events = Vec::new();
+            for _ in 0..3 {
+                events.extend(a.recv_until(b'Z', Duration::from_secs(120)).await);
+            }
+            events
+        });
+        while !task.is_finished() {
+            let t = Instant::now();
+            let rows = b.simple_query("select 1").await.unwrap();
+            assert_eq!(row_count(&rows), 1);
+            assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let events = task.await.unwrap();
+        let msgs = messages(&events);
+        assert!(msgs.iter().all(|m| m.error().is_none()), "{events:?}");
+        let count = msgs
+            .iter()
+            .find(|m| m.tag == b'D')
+            .map(|m| m.render())
+            .unwrap_or_default();
+        assert!(count.contains(&(512 * 64).to_string()), "{count}");
+    })
+    .await
+    .expect("test took more than 180 s");
+}
