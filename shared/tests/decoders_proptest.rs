@@ -289,4 +289,17 @@ proptest! {
         prop_assert!(c.finish(&proof).is_ok());
         prop_assert!(sealed.open(&line).is_err());
     }
+
+    #[test]
+    fn link_handshake_refuses_arbitrary_frames(kind in any::<u8>(), payload in bytes(100)) {
+        let key = link::LinkKey::generate();
+        let p = link::handshake::Pooler::new(&key);
+        // Any first frame but a genuine HELLO is refused, whatever its kind and bytes.
+        prop_assert!(p.verify(kind, &payload).is_err());
+        let _ = link::handshake::Gateway::answer(&key, kind, &payload);
+        // A genuine challenge answered, then an arbitrary WELCOME: never believed.
+        let c = p.challenge();
+        let (_, g) = link::handshake::Gateway::answer(&key, c[0], &c[HEADER..]).unwrap();
+        prop_assert!(g.finish(kind, &payload).is_err());
+    }
 }
