@@ -335,3 +335,110 @@ async fn a_large_copy_in_flows_through_the_window() {
     .await
     .expect("test took more than 180 s");
 }
+
+/// The pooler's own guard: a peer that holds the link secret but ignores the window (sends
+/// past twice it without waiting for `ACK`) loses that session (`CLOSED`, 08P01), not the link:
+/// a second session on the same connection opens and answers, and the pooler never stopped
+/// reading.
+#[test]
+fn a_gateway_past_the_window_loses_the_session_not_the_link() {
+    use shared::link::{self, down, handshake, up, Credential, LinkKey, Open, HEADER};
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    fn read_frame(s: &mut TcpStream) -> (u8, u32, Vec<u8>) {
+        let mut h = [0u8; HEADER];
+        s.read_exact(&mut h).expect("a frame within 10 s");
+        let h = link::parse_header(&h).unwrap();
+        let mut p = vec![0u8; h.len];
+        s.read_exact(&mut p).expect("frame payload");
+        (h.kind, h.session, p)
+    }
+    /// Frames until one of `kind` for `session`; the others (DATA, ROLE, ACK...) are collected.
+    fn until(s: &mut TcpStream, kind: u8, session: u32) -> (Vec<u8>, Vec<(u8, u32)>) {
+        let mut seen = Vec::new();
+        loop {
+            let (k, id, p) = read_frame(s);
+            if k == kind && id == session {
+                return (p, seen);
+            }
+            seen.push((k, id));
+        }
+    }
+    fn frame(kind: u8, session: u32, payload: &[u8]) -> Vec<u8> {
+        let mut b = Vec::new();
+        link::put_frame(&mut b, kind, session, payload);
+        b
+    }
+    fn query(sql: &str) -> Vec<u8> {
+        let mut m = vec![0u8, b'Q'];
+        m.extend_from_slice(&(sql.len() as u32 + 5).to_be_bytes());
+        m.extend_from_slice(sql.as_bytes());
+        m.push(0);
+        m
+    }
+
+    let pg = PgCluster::start();
+    let tp = one_link(&pg);
+    let mut s = TcpStream::connect(("127.0.0.1", tp.pooler_port())).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let key = LinkKey::load(&testkit::link_secret_file()).unwrap();
+    let (kind, _, challenge) = read_frame(&mut s);
+    let (hello, hs) = handshake::Gateway::answer(&key, kind, &challenge).unwrap();
+    s.write_all(&hello).unwrap();
+    let (kind, _, welcome) = read_frame(&mut s);
+    hs.finish(kind, &welcome).unwrap();
+
+    // bob's md5 verifier, as a gateway gets it, then two sessions as bob.
+    s.write_all(&frame(up::AUTH_LOOKUP, 1, testkit::BOB.0.as_bytes()))
+        .unwrap();
+    let (info, _) = until(&mut s, down::AUTH_INFO, 1);
+    assert_eq!(info[0], 1, "bob's verifier");
+    let stored = String::from_utf8(info[1..].to_vec()).unwrap();
+    let open = |id: u32, s: &mut TcpStream| {
+        let o = Open {
+            user: testkit::BOB.0.into(),
+            database: APP_DB.into(),
+            pid: id as i32,
+            secret: 7,
+            credential: Credential::Md5 {
+                stored: stored.clone(),
+            },
+            settings: Default::default(),
+        };
+        let mut p = Vec::new();
+        o.encode(&mut p);
+        s.write_all(&frame(up::OPEN, id, &p)).unwrap();
+        until(s, down::OPENED, id);
+    };
+    open(1, &mut s);
+
+    // A sleep, then 4 MiB at once: past twice the 1 MiB window.
+    let mut burst = frame(up::MSGS, 1, &query("select pg_sleep(5)"));
+    let filler = query(&format!("select 1 -- {}", "x".repeat(1 << 20)));
+    for _ in 0..4 {
+        burst.extend(frame(up::MSGS, 1, &filler));
+    }
+    let started = Instant::now();
+    s.write_all(&burst).unwrap();
+    let (last_words, _) = until(&mut s, down::CLOSED, 1);
+    let text = String::from_utf8_lossy(&last_words).into_owned();
+    assert!(text.contains("08P01") && text.contains("window"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "closed only after {:?}: the reader waited for the session",
+        started.elapsed()
+    );
+
+    // The link is fine: another session opens and answers.
+    open(2, &mut s);
+    s.write_all(&frame(up::MSGS, 2, &query("select 40 + 2")))
+        .unwrap();
+    let mut data = Vec::new();
+    while !data.windows(2).any(|w| w == b"42") {
+        let (k, id, p) = read_frame(&mut s);
+        if k == down::DATA && id == 2 {
+            data.extend(p);
+        }
+    }
+}
