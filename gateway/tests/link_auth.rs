@@ -271,3 +271,37 @@ fn a_missing_or_readable_link_secret_stops_both_processes() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Peers that connect and say nothing hold at most 256 handshakes per pooler core: the rest
+/// are closed at once (not even challenged), and the gateway's clients are served meanwhile.
+#[test]
+fn silent_peers_hold_a_bounded_number_of_handshakes() {
+    let pg = PgCluster::start();
+    let tp = Tidepool::start(
+        &pg,
+        TidepoolOpts {
+            cores: 1,
+            ..TidepoolOpts::default()
+        },
+    );
+    let mut peers = Vec::new();
+    for _ in 0..300 {
+        peers.push(TcpStream::connect(("127.0.0.1", tp.pooler_port())).unwrap());
+    }
+    let (mut challenged, mut closed) = (0, 0);
+    for s in &mut peers {
+        match read_frame(s, Duration::from_secs(2)) {
+            Some((kind, _, _)) if kind == down::CHALLENGE => challenged += 1,
+            Some(other) => panic!("unexpected frame {other:?}"),
+            None => closed += 1,
+        }
+    }
+    println!("300 silent peers: {challenged} challenged, {closed} closed at once");
+    assert_eq!((challenged, closed), (256, 44));
+    let out = tp
+        .endpoint()
+        .psql(ALICE.0, ALICE.1, APP_DB)
+        .command("select 41 + 1")
+        .run();
+    assert!(out.text.contains("42"), "{}", out.text);
+}

@@ -49,11 +49,35 @@ async fn authenticate(
     futures_lite::future::or(exchange, timeout).await.is_some()
 }
 
+/// Connections still in their handshake on a core, at most: more are closed at once, so that
+/// peers without the secret cannot hold an unbounded number of tasks for `TIMEOUT` each.
+const MAX_HANDSHAKING: usize = 256;
+
+thread_local! {
+    /// This core's connections in their handshake (one executor per thread).
+    static HANDSHAKING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 pub async fn serve(core: Rc<Core>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let mut stream = RcStream::new(stream);
     let mut reader = MessageReader::new(64 * 1024);
-    if !authenticate(&core, &mut stream, &mut reader).await {
+    if HANDSHAKING.get() >= MAX_HANDSHAKING {
+        tracing::warn!("link peer refused: too many connections in their handshake");
+        return;
+    }
+    // Counted down however the handshake ends (a dropped task included).
+    struct Handshaking;
+    impl Drop for Handshaking {
+        fn drop(&mut self) {
+            HANDSHAKING.set(HANDSHAKING.get() - 1);
+        }
+    }
+    HANDSHAKING.set(HANDSHAKING.get() + 1);
+    let counted = Handshaking;
+    let authenticated = authenticate(&core, &mut stream, &mut reader).await;
+    drop(counted);
+    if !authenticated {
         return;
     }
     let l = Rc::new(Link {
