@@ -140,8 +140,10 @@ async fn a_session_with_a_full_inbox_does_not_stall_its_link() {
             .map(|e| e.code().to_string())
             .collect();
         // The sleep is cancelled. Seen once in about ten runs here: the first 1 MiB query after
-        // it got 57014 too (cause not found: one CancelRequest reaches Postgres); allowed, as
-        // long as every other query answers.
+        // it got 57014 too. Likely Postgres's own race: the postmaster sends SIGINT to the
+        // backend and then to its process group (postmaster.c, signal_child), and a second
+        // signal handled after the first query's error cancels the next one. Allowed, as long
+        // as every other query answers.
         assert!(
             !errors.is_empty() && errors.len() <= 2 && errors.iter().all(|c| c == "57014"),
             "{errors:?}"
