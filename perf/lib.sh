@@ -211,9 +211,12 @@ start_tidepool() {
     }
     LINK_PORT=$(free_port)
     GATEWAY_PORT=$(free_port)
+    # The link secret pooler and gateways prove to each other (mode 600 from the start).
+    (umask 077 && od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$WORK/link.key")
     (
         ulimit -n "$(ulimit -Hn)"
         exec "$TIDEPOOL_BIN/tidepool-pooler" --listen "127.0.0.1:$LINK_PORT" \
+            --link-secret-file "$WORK/link.key" \
             --pg-host 127.0.0.1 --pg-port "$PG_PORT" --admin-socket-dir "$WORK" \
             --admin-user postgres --pool-size 20 "${cores[@]}" ${TIDEPOOL_POOLER_ARGS:-}
     ) >"$WORK/pooler.log" 2>&1 &
@@ -224,7 +227,7 @@ start_tidepool() {
         (
             ulimit -n "$(ulimit -Hn)"
             exec "$TIDEPOOL_BIN/tidepool-gateway" --listen "127.0.0.1:$GATEWAY_PORT" \
-                --pooler "127.0.0.1:$LINK_PORT" --auth-method md5 --max-clients "$max_clients" "${gcores[@]}" ${TIDEPOOL_GATEWAY_ARGS:-}
+                --pooler "127.0.0.1:$LINK_PORT" --link-secret-file "$WORK/link.key" --auth-method md5 --max-clients "$max_clients" "${gcores[@]}" ${TIDEPOOL_GATEWAY_ARGS:-}
         ) >"$WORK/gateway-$i.log" 2>&1 &
         pid=$!
         GATEWAY_PIDS="$GATEWAY_PIDS${GATEWAY_PIDS:+ }$pid"

@@ -172,7 +172,8 @@ pub fn run(args: &InstallArgs) -> Result<bool> {
          systemctl enable --now tidepool-pooler.service tidepool-gateway.service\n  \
          # with standbys, once the cluster is made (as {pg}: tidepool up --dir {state} --standbys N):\n  \
          systemctl enable --now tidepool-control.service\n\
-         Edit {cfg}/gateway.toml and {cfg}/pooler.toml first (listen addresses, pooler, pg_port).",
+         Edit {cfg}/gateway.toml and {cfg}/pooler.toml first (listen addresses, pooler, pg_port,\n  \
+         link_secret_file: the cluster's link.key, a mode-600 copy owned by each process's user).",
         pg = paths.pg_user,
         state = paths.state_dir.display(),
         cfg = paths.config_dir.display(),

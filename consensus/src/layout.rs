@@ -4,6 +4,7 @@
 //! DIR/state.json   what `up` started (pids, addresses, logs) and the cluster settings
 //! DIR/password     password of the `tidepool` login role, mode 600
 //! DIR/agent.key    the node agents' shared secret (shared::agent::auth), mode 600
+//! DIR/link.key     the gateway ↔ pooler link's shared secret (shared::link::handshake), mode 600
 //! DIR/pgdata/      Postgres data directory, owned by the postgres OS user
 //! DIR/run/         Postgres Unix socket directory, owned by the postgres OS user
 //! DIR/logs/        one log per process: postgres.log, pooler.log, gateway.log
@@ -15,6 +16,8 @@ use crate::error::{Error, Result};
 
 /// The agent secret's file name in a state directory.
 pub const AGENT_KEY_FILE: &str = "agent.key";
+/// The link secret's file name in a state directory.
+pub const LINK_KEY_FILE: &str = "link.key";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
@@ -46,6 +49,10 @@ impl Layout {
 
     pub fn agent_key_file(&self) -> PathBuf {
         self.dir.join(AGENT_KEY_FILE)
+    }
+
+    pub fn link_key_file(&self) -> PathBuf {
+        self.dir.join(LINK_KEY_FILE)
     }
 
     pub fn data_dir(&self) -> PathBuf {

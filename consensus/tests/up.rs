@@ -143,6 +143,47 @@ fn up_psql_status_down() {
         m.permissions().mode() & 0o777
     });
     assert_eq!(mode.ok(), Some(0o600), "password file mode");
+    // The link secret gateway and pooler prove to each other: made by `up`, mode 600, and its
+    // path (never its content) on both command lines.
+    let link_key = cluster.dir.join("link.key");
+    let key_mode = std::fs::metadata(&link_key).map(|m| {
+        use std::os::unix::fs::PermissionsExt;
+        m.permissions().mode() & 0o777
+    });
+    assert_eq!(
+        key_mode.ok(),
+        Some(0o600),
+        "link.key mode
+{}",
+        up.text
+    );
+    let key = std::fs::read_to_string(&link_key).unwrap();
+    let state = std::fs::read_to_string(cluster.dir.join("state.json")).unwrap_or_default();
+    assert!(
+        !state.contains(key.trim()),
+        "the secret itself is in state.json"
+    );
+    let mut seen = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        let ours = cmd.contains(&format!("127.0.0.1:{port}"))
+            || cmd.contains(&format!("127.0.0.1:{pooler_port}"));
+        if ours && (cmd.contains("tidepool-gateway") || cmd.contains("tidepool-pooler")) {
+            assert!(
+                cmd.contains(&format!("--link-secret-file {}", link_key.display())),
+                "{cmd}"
+            );
+            assert!(
+                !cmd.contains(key.trim()),
+                "the secret on a command line: {cmd}"
+            );
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2, "gateway and pooler command lines ({seen} found)");
     let direct = format!(
         "postgres://tidepool:{}@127.0.0.1:{pg_port}/tidepool",
         password.trim()

@@ -81,6 +81,14 @@ pub struct Args {
     /// Log filter (`info`, `debug`, `warn,tidepool_gateway=debug`); RUST_LOG wins at start.
     #[arg(long)]
     pub log_level: Option<String>,
+    /// File holding the cluster's link secret (64 hex digits, mode 600; `tidepool up` writes
+    /// DIR/link.key): proved to each pooler, which proves it back. Required; the secret itself
+    /// is never a flag.
+    #[arg(long)]
+    pub link_secret_file: Option<PathBuf>,
+    /// Session ids per core before they wrap (tests: a small number makes wrapping happen).
+    #[arg(long, hide = true)]
+    pub session_ids: Option<u32>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -108,6 +116,7 @@ struct File {
     client_idle_timeout_ms: Option<u64>,
     idle_transaction_timeout_ms: Option<u64>,
     log_level: Option<String>,
+    link_secret_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,6 +157,10 @@ pub struct Config {
     /// 0: off.
     pub idle_transaction_timeout_ms: u64,
     pub log_level: String,
+    /// The link secret (`link_secret_file`).
+    pub link_key: shared::link::LinkKey,
+    /// Session ids run 1..=this per core, then wrap, skipping ids still in use.
+    pub session_ids: u32,
 }
 
 impl Config {
@@ -194,7 +207,15 @@ impl Config {
             poolers.push("127.0.0.1:15433".into());
         }
         poolers.dedup();
+        let link_secret_file = args
+            .link_secret_file
+            .or(file.link_secret_file)
+            .ok_or("link_secret_file is required: poolers answer only gateways that prove the cluster's link secret")?;
+        let link_key = shared::link::LinkKey::load(&link_secret_file)
+            .map_err(|e| format!("link secret: {e}"))?;
         Ok(Config {
+            link_key,
+            session_ids: args.session_ids.unwrap_or(u32::MAX).max(1),
             spin_before_park_us: args
                 .spin_before_park_us
                 .or(file.spin_before_park_us)
@@ -369,6 +390,12 @@ impl Config {
 mod tests {
     use super::*;
 
+    fn key_file() -> String {
+        let key = std::env::temp_dir().join(format!("tp-gw-cfg-{}.key", std::process::id()));
+        let _ = shared::link::LinkKey::load_or_create(&key);
+        key.to_string_lossy().into_owned()
+    }
+
     #[test]
     fn example_file_is_the_defaults_and_reload_splits_keys() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/gateway.toml");
@@ -391,13 +418,25 @@ mod tests {
 
     #[test]
     fn poolers_from_flags_and_file() {
-        let args = Args::parse_from(["g", "--pooler", "a:1,b:2", "--pooler", "c:3"]);
+        let k = key_file();
+        let args = Args::parse_from([
+            "g",
+            "--link-secret-file",
+            &k,
+            "--pooler",
+            "a:1,b:2",
+            "--pooler",
+            "c:3",
+        ]);
         let c = Config::load(args).unwrap();
         assert_eq!(c.poolers, vec!["a:1", "b:2", "c:3"]);
         assert_eq!(c.failover_hold_ms, 10_000);
         assert_eq!(c.failover_hold_max, 10_000);
         assert!(c.guard_synchronous_commit);
-        let c = Config::load(Args::parse_from(["g"])).unwrap();
+        assert!(Config::load(Args::parse_from(["g"]))
+            .unwrap_err()
+            .contains("link_secret_file"));
+        let c = Config::load(Args::parse_from(["g", "--link-secret-file", &k])).unwrap();
         assert_eq!(c.poolers, vec!["127.0.0.1:15433"]);
         let dir = std::env::temp_dir().join(format!("gw-cfg-{}", std::process::id()));
         std::fs::write(
@@ -405,7 +444,14 @@ mod tests {
             "pooler = \"x:1\"\npoolers = [\"y:2\"]\nguard_synchronous_commit = false\n",
         )
         .unwrap();
-        let c = Config::load(Args::parse_from(["g", "--config", dir.to_str().unwrap()])).unwrap();
+        let c = Config::load(Args::parse_from([
+            "g",
+            "--link-secret-file",
+            &k,
+            "--config",
+            dir.to_str().unwrap(),
+        ]))
+        .unwrap();
         let _ = std::fs::remove_file(&dir);
         assert_eq!(c.poolers, vec!["x:1", "y:2"]);
         assert!(!c.guard_synchronous_commit);

@@ -8,6 +8,7 @@ use shared::agent::Role;
 use shared::io::Notify;
 use shared::link::up;
 use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -20,6 +21,9 @@ pub struct Core {
     pub links: Vec<Vec<Rc<Link>>>,
     next_link: Cell<usize>,
     next_session: Cell<u32>,
+    /// Session ids in use on this core: an id is never given to a second session while the
+    /// first lives (the link and the pooler know sessions by id alone).
+    live_ids: Rc<RefCell<HashSet<u32>>>,
     /// Replaced by a reload that changes the certificate files.
     pub tls: RefCell<Option<futures_rustls::TlsAcceptor>>,
     /// Keys the mock SCRAM verifiers of unknown roles, per process.
@@ -39,6 +43,18 @@ pub struct Core {
     pub force: Cell<bool>,
     /// Told when `draining` or `force` is set, and every tick while draining.
     pub drain_notify: Notify,
+}
+
+/// A session id in use; freed when dropped (with the session's `SessionIo`).
+pub struct SessionId {
+    pub id: u32,
+    live: Rc<RefCell<HashSet<u32>>>,
+}
+
+impl Drop for SessionId {
+    fn drop(&mut self) {
+        self.live.borrow_mut().remove(&self.id);
+    }
 }
 
 /// Which pooler is the primary, from each pooler's (role, primary_term) report: the one reporting
@@ -82,7 +98,7 @@ impl Core {
         let links = (0..cfg.poolers.len())
             .map(|p| {
                 (0..cfg.links_per_core)
-                    .map(|k| Link::new(p, first_slot + k, changed.clone()))
+                    .map(|k| Link::new(p, first_slot + k, changed.clone(), cfg.link_key.clone()))
                     .collect()
             })
             .collect();
@@ -92,6 +108,7 @@ impl Core {
             links,
             next_link: Cell::new(0),
             next_session: Cell::new(1),
+            live_ids: Rc::new(RefCell::new(HashSet::new())),
             tls: RefCell::new(tls),
             mock_secret,
             clients,
@@ -113,10 +130,25 @@ impl Core {
         *self.cfg.borrow_mut() = cfg;
     }
 
-    pub fn next_session_id(&self) -> u32 {
-        let id = self.next_session.get();
-        self.next_session.set(id.wrapping_add(1).max(1));
-        id
+    /// A session id no live session of this core holds (ids wrap after `session_ids`); held
+    /// until the returned claim is dropped. `None` when every id is taken.
+    pub fn next_session_id(&self) -> Option<SessionId> {
+        let limit = self.cfg().session_ids;
+        let mut live = self.live_ids.borrow_mut();
+        if live.len() as u64 >= limit as u64 {
+            return None;
+        }
+        // Ends: fewer live ids than ids, so a free one comes within `live.len() + 1` steps.
+        loop {
+            let id = self.next_session.get();
+            self.next_session.set(if id >= limit { 1 } else { id + 1 });
+            if live.insert(id) {
+                return Some(SessionId {
+                    id,
+                    live: self.live_ids.clone(),
+                });
+            }
+        }
     }
 
     /// A pooler's role as its live links report it (Down when none is up). A live link that has

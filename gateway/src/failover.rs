@@ -291,6 +291,7 @@ fn replay_prepared(link: &Link, io: &SessionIo, id: u32, next: &[u8]) {
         }
         b.extend_from_slice(&[fe::SYNC, 0, 0, 0, 4]);
     });
+    io.sent_request(size + 5 + 1);
     io.swallow.set(io.swallow.get() + 1);
 }
 

@@ -3,11 +3,15 @@
 //! (`down::ROLE`); the sessions it carried are told it was lost and decide what that means for
 //! them (see `session_io.rs` and `failover.rs`). A link knows its sessions only as
 //! [`Endpoint`]s.
+//!
+//! A link is used only once the pooler proved it holds the cluster's link secret and the
+//! gateway proved it back (`shared::link::handshake`): sessions' SCRAM keys go only to a
+//! pooler of this cluster.
 
 use glommio::net::TcpStream;
 use shared::agent::Role;
 use shared::io::{MessageReader, Notify, OutQueue, RcStream};
-use shared::link::{self, down, put_header, up, HEADER};
+use shared::link::{self, down, handshake, put_header, LinkKey, HEADER};
 use shared::protocol::backend::{self as be, Severity};
 use shared::settings::Settings;
 use std::cell::{Cell, RefCell};
@@ -29,6 +33,8 @@ pub trait Endpoint {
     fn closed(&self, last_words: &[u8]);
     /// The link died under the session (`fatal`: what to tell a client still logging in).
     fn link_lost(&self, fatal: &[u8]);
+    /// The pooler took `taken` bytes of the session's requests so far (`down::ACK`).
+    fn on_ack(&self, taken: u64);
 }
 
 pub struct Link {
@@ -52,6 +58,8 @@ pub struct Link {
     /// The link landed on another core: redial it (at most `redials_left` more times).
     misplaced: Cell<bool>,
     redials_left: Cell<u32>,
+    /// The cluster's link secret, proved both ways before the link is used.
+    key: LinkKey,
 }
 
 /// Redials of one link to reach its pooler core before it settles for the one it got. With
@@ -61,8 +69,9 @@ const MAX_REDIALS: u32 = 16;
 impl Link {
     /// `slot`: this link's number among all links of the process to this pooler (gateway core
     /// × links per core + link), which picks the pooler core it should reach.
-    pub fn new(pooler: usize, slot: usize, changed: Rc<Notify>) -> Rc<Link> {
+    pub fn new(pooler: usize, slot: usize, changed: Rc<Notify>, key: LinkKey) -> Rc<Link> {
         Rc::new(Link {
+            key,
             slot,
             misplaced: Cell::new(false),
             redials_left: Cell::new(MAX_REDIALS),
@@ -111,13 +120,15 @@ impl Link {
         loop {
             match TcpStream::connect(addr.as_str()).await {
                 Ok(stream) => {
-                    backoff = Duration::from_millis(20);
                     let _ = stream.set_nodelay(true);
-                    self.serve(stream).await;
-                    if self.misplaced.replace(false) {
-                        continue;
+                    // Not authenticated: retried with growing backoff (and an error each time).
+                    if self.serve(stream).await {
+                        backoff = Duration::from_millis(20);
+                        if self.misplaced.replace(false) {
+                            continue;
+                        }
+                        tracing::warn!(pooler = %addr, "link to pooler lost; redialling");
                     }
-                    tracing::warn!(pooler = %addr, "link to pooler lost; redialling");
                 }
                 Err(e) => {
                     tracing::debug!(pooler = %addr, error = %e, "pooler not reachable");
@@ -128,13 +139,42 @@ impl Link {
         }
     }
 
-    async fn serve(self: &Rc<Self>, stream: TcpStream) {
-        let stream = RcStream::new(stream);
+    /// The handshake, within `handshake::TIMEOUT`: the pooler's challenge, our proof, its proof.
+    async fn authenticate(
+        &self,
+        stream: &mut RcStream<TcpStream>,
+        reader: &mut MessageReader,
+    ) -> Result<(), String> {
+        use futures_lite::AsyncWriteExt;
+        let exchange = async {
+            let (kind, challenge) = handshake::read_frame(reader, stream, handshake::CHALLENGE_LEN)
+                .await
+                .ok_or("no challenge from the pooler")?;
+            let (hello, hs) = handshake::Gateway::answer(&self.key, kind, &challenge)
+                .map_err(|e| e.to_string())?;
+            stream.write_all(&hello).await.map_err(|e| e.to_string())?;
+            let (kind, welcome) = handshake::read_frame(reader, stream, handshake::WELCOME_LEN)
+                .await
+                .ok_or("the pooler refused this gateway's link secret")?;
+            hs.finish(kind, &welcome).map_err(|e| e.to_string())
+        };
+        let timeout = async {
+            glommio::timer::sleep(handshake::TIMEOUT).await;
+            Err("no handshake within the timeout".to_string())
+        };
+        futures_lite::future::or(exchange, timeout).await
+    }
+
+    /// Serves one connection until it drops; `false` when the handshake failed.
+    async fn serve(self: &Rc<Self>, stream: TcpStream) -> bool {
+        let mut stream = RcStream::new(stream);
+        let mut reader = MessageReader::new(64 * 1024);
+        if let Err(e) = self.authenticate(&mut stream, &mut reader).await {
+            tracing::error!(pooler = self.pooler, error = %e, "link not authenticated");
+            return false;
+        }
         // Whatever was queued for a dead connection is meaningless to a new one.
         self.out.reset();
-        let mut hello = Vec::new();
-        link::put_frame(&mut hello, up::HELLO, 0, &link::VERSION.to_be_bytes());
-        self.out.push(&hello);
         let me = self.clone();
         let wstream = stream.clone();
         // Dropping this task (below) cancels it, so two writers never drain one queue.
@@ -143,7 +183,6 @@ impl Link {
         self.up_notify.notify();
         self.changed.notify();
         let mut rstream = stream;
-        let mut reader = MessageReader::new(64 * 1024);
         loop {
             while let Some(h) = link::parse_header(reader.data()) {
                 if reader.data().len() < HEADER + h.len {
@@ -179,6 +218,7 @@ impl Link {
             s.link_lost(&e);
         }
         self.changed.notify();
+        true
     }
 
     fn on_frame(&self, kind: u8, id: u32, payload: &[u8]) {
@@ -195,6 +235,11 @@ impl Link {
         };
         match kind {
             down::DATA => s.on_data(payload),
+            down::ACK => {
+                if let Some(Ok(b)) = payload.get(..8).map(<[u8; 8]>::try_from) {
+                    s.on_ack(u64::from_be_bytes(b));
+                }
+            }
             down::SETTINGS => {
                 if let Ok(set) = Settings::decode(payload) {
                     s.on_settings(set);

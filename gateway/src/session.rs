@@ -298,8 +298,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         write_fatal(&mut stream, "57P03", crate::failover::NO_PRIMARY).await;
         return;
     };
-    let id = core.next_session_id();
     let io = SessionIo::new();
+    let Some(id) = core.next_session_id().map(|id| io.hold_id(id)) else {
+        write_fatal(&mut stream, "53300", "sorry, too many clients already").await;
+        return;
+    };
     io.read_only.set(read_only);
     link.register(id, io.clone());
     let login = crate::with_timeout(left(deadline), async {
@@ -686,6 +689,8 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                 l.out.wait_drain().await;
             }
         }
+        // Per-session flow control of requests (`down::ACK`).
+        io.wait_window().await;
         let want = shared::protocol::pending_message_len(reader.data()).unwrap_or(0);
         let ended = io.ended_notify.notified();
         let drain = core.drain_notify.notified();

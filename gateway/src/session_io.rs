@@ -77,6 +77,14 @@ pub struct SessionIo {
     /// What the session owes its client at the next request after a lost link (see failover.rs).
     pub owed: Cell<Owed>,
     scan: Cell<Scan>,
+    /// `MSGS` payload bytes sent on the current link, and taken by the pooler as it last said
+    /// (`down::ACK`): the session reads no more from its client while the difference is
+    /// `link::REQUEST_WINDOW` or more (see `wait_window`). Both restart with each link.
+    sent: Cell<u64>,
+    taken: Cell<u64>,
+    window: Notify,
+    /// The session's id, held for as long as anything holds the session.
+    id: RefCell<Option<crate::core::SessionId>>,
 }
 
 /// Where the backend message stream to the client stands: the link may cut a message anywhere,
@@ -115,7 +123,39 @@ impl SessionIo {
             prepared_bytes: Cell::new(0),
             swallow: Cell::new(0),
             scan: Cell::new(Scan::default()),
+            sent: Cell::new(0),
+            taken: Cell::new(0),
+            window: Notify::default(),
+            id: RefCell::new(None),
         })
+    }
+
+    /// Holds the session's id until the session is gone (see `Core::next_session_id`).
+    pub fn hold_id(&self, id: crate::core::SessionId) -> u32 {
+        let n = id.id;
+        *self.id.borrow_mut() = Some(id);
+        n
+    }
+
+    /// A `MSGS` frame of `payload` bytes went to the current link.
+    pub fn sent_request(&self, payload: usize) {
+        self.sent.set(self.sent.get() + payload as u64);
+    }
+
+    /// Waits while the pooler has not taken a window's worth of this session's requests, so
+    /// that one session's pipeline waits in its own client socket, not in the link all
+    /// sessions share. Returns at once when the link is gone or the session ended.
+    pub async fn wait_window(&self) {
+        loop {
+            let notified = self.window.notified();
+            let full =
+                self.sent.get().saturating_sub(self.taken.get()) >= shared::link::REQUEST_WINDOW;
+            let live = self.current_link().is_some_and(|l| l.alive.get());
+            if !full || !live || self.ended.get() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     pub fn end(&self, last_words: Option<&[u8]>) {
@@ -127,6 +167,7 @@ impl SessionIo {
         }
         self.client_out.close();
         self.ended_notify.notify();
+        self.window.notify();
         // A session still logging in waits on `control`: wake it with an error.
         if !self.control.is_filled() {
             self.control.put((0, Vec::new()));
@@ -302,6 +343,14 @@ impl SessionIo {
 impl Endpoint for SessionIo {
     fn attach(&self, link: Option<Rc<Link>>) {
         *self.link.borrow_mut() = link;
+        self.sent.set(0);
+        self.taken.set(0);
+        self.window.notify();
+    }
+
+    fn on_ack(&self, taken: u64) {
+        self.taken.set(taken);
+        self.window.notify();
     }
 
     fn on_data(&self, data: &[u8]) {
@@ -322,6 +371,7 @@ impl Endpoint for SessionIo {
 
     fn link_lost(&self, fatal: &[u8]) {
         SessionIo::link_lost(self, fatal);
+        self.window.notify();
     }
 }
 
@@ -382,6 +432,7 @@ pub fn send(link: &Link, io: &SessionIo, id: u32, flags: u8, msgs: &[u8], may_co
         b.push(flags);
         b.extend_from_slice(msgs);
     });
+    io.sent_request(msgs.len() + 1);
     io.pending.set(io.pending.get() + requests(msgs));
     if may_commit {
         io.pending_may_commit.set(true);

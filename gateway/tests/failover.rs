@@ -10,7 +10,7 @@
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use testkit::{bin_dir, PgCluster, Tidepool, TidepoolOpts};
+use testkit::{bin_dir, link_secret_args, PgCluster, Tidepool, TidepoolOpts};
 use tokio_postgres::SimpleQueryMessage;
 
 const ALICE: (&str, &str) = ("alice", "alice-pw");
@@ -45,6 +45,7 @@ fn start_pooler(pg: &PgCluster, port: u16) -> Pooler {
             "--pool-size",
             "20",
         ])
+        .args(link_secret_args())
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::from(file.try_clone().unwrap()))
@@ -285,6 +286,7 @@ impl GatewayProcess {
         let file = std::fs::File::create(log).unwrap();
         let child = Command::new(bin_dir().join("tidepool-gateway"))
             .args(["--cores", "1", "--auth-method", "trust"])
+            .args(link_secret_args())
             .args(args)
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")

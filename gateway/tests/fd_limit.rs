@@ -3,7 +3,7 @@
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use testkit::{bin_dir, free_port, PgCluster, Tidepool, TidepoolOpts};
+use testkit::{bin_dir, free_port, link_secret_args, PgCluster, Tidepool, TidepoolOpts};
 
 struct Killed(Child);
 
@@ -27,6 +27,7 @@ async fn out_of_descriptors_refuses_with_53300_and_keeps_serving() {
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--pooler", &format!("127.0.0.1:{}", tp.pooler_port())])
             .args(["--cores", "1", "--links-per-core", "1"])
+            .args(link_secret_args())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -129,6 +129,11 @@ pub struct Args {
     /// Log filter (`info`, `debug`, `warn,tidepool_pooler=debug`); RUST_LOG wins at start.
     #[arg(long)]
     pub log_level: Option<String>,
+    /// File holding the link secret (64 hex digits, mode 600; `tidepool up` writes
+    /// DIR/link.key): a gateway must prove it holds it before the link answers anything, and
+    /// the pooler proves it back. Required. The secret itself is never a flag.
+    #[arg(long)]
+    pub link_secret_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -169,6 +174,7 @@ struct File {
     server_lifetime_ms: Option<u64>,
     server_idle_timeout_ms: Option<u64>,
     log_level: Option<String>,
+    link_secret_file: Option<PathBuf>,
 }
 
 /// What the node agent needs (see config/pooler.toml, "Node agent").
@@ -195,6 +201,8 @@ pub struct AgentConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: String,
+    /// The link secret (`link_secret_file`): gateways prove it before the link answers.
+    pub link_key: shared::link::LinkKey,
     pub cores: usize,
     pub pg_host: String,
     pub pg_port: u16,
@@ -300,7 +308,13 @@ impl Config {
                     .into(),
             );
         }
+        let link_secret_file = args.link_secret_file.or(file.link_secret_file).ok_or(
+            "link_secret_file is required: gateways must prove they hold the cluster's link secret",
+        )?;
+        let link_key = shared::link::LinkKey::load(&link_secret_file)
+            .map_err(|e| format!("link secret: {e}"))?;
         let c = Config {
+            link_key,
             agent,
             spin_before_park_us: args
                 .spin_before_park_us
@@ -508,7 +522,10 @@ mod tests {
     use super::*;
 
     fn load(args: &[&str]) -> Result<Config, String> {
-        let mut all = vec!["tidepool-pooler"];
+        let key = std::env::temp_dir().join(format!("tp-pooler-cfg-{}.key", std::process::id()));
+        let _ = shared::link::LinkKey::load_or_create(&key);
+        let key = key.to_string_lossy().into_owned();
+        let mut all = vec!["tidepool-pooler", "--link-secret-file", &key];
         all.extend_from_slice(args);
         Config::load(Args::try_parse_from(all).map_err(|e| e.to_string())?)
     }
@@ -582,6 +599,12 @@ mod tests {
             load(&["--agent-listen", "127.0.0.1:9", "--pg-data", "/srv/n1/data"])
                 .unwrap_err()
                 .contains("agent_secret_file")
+        );
+        // No link secret: no pooler.
+        assert!(
+            Config::load(Args::try_parse_from(["tidepool-pooler"]).unwrap())
+                .unwrap_err()
+                .contains("link_secret_file")
         );
         // Empty address: no agent.
         assert!(load(&["--agent-listen", ""])

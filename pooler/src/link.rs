@@ -1,11 +1,16 @@
 //! The pooler's end of a link: frames from one gateway core in, responses out.
+//!
+//! Nothing is honoured before the gateway proves it holds the link secret
+//! (`shared::link::handshake`): a peer that does not gets one `CHALLENGE` frame and is
+//! disconnected — no verifier, no session, no role report. The reader never waits for one
+//! session: requests are flow-controlled per session by the gateway (`down::ACK`).
 
 use crate::admin::RoleSecret;
 use crate::core::Core;
 use crate::session::{self, Session};
 use glommio::net::TcpStream;
 use shared::io::{MessageReader, OutQueue, RcStream};
-use shared::link::{self, down, put_header, up, Open, HEADER};
+use shared::link::{self, down, handshake, put_header, up, Open, HEADER};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -16,9 +21,65 @@ pub struct Link {
     sessions: RefCell<HashMap<u32, Rc<Session>>>,
 }
 
+/// The handshake: the challenge, then the gateway's `HELLO` with its proof, within
+/// `handshake::TIMEOUT`. `false`: not a gateway of this cluster (or too slow): close.
+async fn authenticate(
+    core: &Core,
+    stream: &mut RcStream<TcpStream>,
+    reader: &mut MessageReader,
+) -> bool {
+    use futures_lite::AsyncWriteExt;
+    let hs = handshake::Pooler::new(&core.cfg.link_key);
+    let exchange = async {
+        stream.write_all(&hs.challenge()).await.ok()?;
+        let (kind, payload) = handshake::read_frame(reader, stream, handshake::HELLO_LEN).await?;
+        match hs.verify(kind, &payload) {
+            Ok(welcome) => stream.write_all(&welcome).await.ok(),
+            Err(e) => {
+                tracing::warn!(error = %e, "link peer refused");
+                None
+            }
+        }
+    };
+    let timeout = async {
+        glommio::timer::sleep(handshake::TIMEOUT).await;
+        tracing::warn!("link peer refused: no handshake within the timeout");
+        None
+    };
+    futures_lite::future::or(exchange, timeout).await.is_some()
+}
+
+/// Connections still in their handshake on a core, at most: more are closed at once, so that
+/// peers without the secret cannot hold an unbounded number of tasks for `TIMEOUT` each.
+const MAX_HANDSHAKING: usize = 256;
+
+thread_local! {
+    /// This core's connections in their handshake (one executor per thread).
+    static HANDSHAKING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 pub async fn serve(core: Rc<Core>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
-    let stream = RcStream::new(stream);
+    let mut stream = RcStream::new(stream);
+    let mut reader = MessageReader::new(64 * 1024);
+    if HANDSHAKING.get() >= MAX_HANDSHAKING {
+        tracing::warn!("link peer refused: too many connections in their handshake");
+        return;
+    }
+    // Counted down however the handshake ends (a dropped task included).
+    struct Handshaking;
+    impl Drop for Handshaking {
+        fn drop(&mut self) {
+            HANDSHAKING.set(HANDSHAKING.get() - 1);
+        }
+    }
+    HANDSHAKING.set(HANDSHAKING.get() + 1);
+    let counted = Handshaking;
+    let authenticated = authenticate(&core, &mut stream, &mut reader).await;
+    drop(counted);
+    if !authenticated {
+        return;
+    }
     let l = Rc::new(Link {
         out: Rc::new(OutQueue::new(8 << 20, 1 << 20)),
         sessions: RefCell::new(HashMap::new()),
@@ -29,8 +90,8 @@ pub async fn serve(core: Rc<Core>, stream: TcpStream) {
         let _ = writer.out.run_writer(wstream).await;
     })
     .detach();
+    welcome(&core, &l);
     let mut rstream = stream;
-    let mut reader = MessageReader::new(64 * 1024);
     let limit = core
         .cfg
         .max_message_size
@@ -48,7 +109,7 @@ pub async fn serve(core: Rc<Core>, stream: TcpStream) {
             // One copy out of the read buffer; the session keeps this Vec as it is.
             let payload = reader.data()[HEADER..HEADER + h.len].to_vec();
             reader.consume(HEADER + h.len);
-            if !on_frame(&core, &l, h.kind, h.session, payload).await {
+            if !on_frame(&core, &l, h.kind, h.session, payload) {
                 break 'outer;
             }
         }
@@ -66,18 +127,35 @@ pub async fn serve(core: Rc<Core>, stream: TcpStream) {
     l.out.close();
 }
 
-async fn on_frame(core: &Rc<Core>, l: &Rc<Link>, kind: u8, id: u32, payload: Vec<u8>) -> bool {
+fn on_frame(core: &Rc<Core>, l: &Rc<Link>, kind: u8, id: u32, payload: Vec<u8>) -> bool {
     match kind {
         up::MSGS => {
             let s = l.sessions.borrow().get(&id).cloned();
             if let Some(s) = s {
-                s.enqueue(payload).await;
+                if !s.enqueue(payload) {
+                    // The gateway ignored the window: this session goes, the link stays.
+                    tracing::warn!(
+                        session = id,
+                        "requests past the window; closing the session"
+                    );
+                    l.sessions.borrow_mut().remove(&id);
+                    let mut err = Vec::new();
+                    shared::protocol::backend::error_response(
+                        &mut err,
+                        shared::protocol::backend::Severity::Fatal,
+                        "08P01",
+                        "terminating connection: requests sent past the link's window",
+                    );
+                    l.out
+                        .push_with(|b| link::put_frame(b, down::CLOSED, id, &err));
+                    s.close();
+                }
             }
         }
         up::NAMES => {
             let s = l.sessions.borrow().get(&id).cloned();
             if let Some(s) = s {
-                s.enqueue_names(payload).await;
+                s.enqueue_names(payload);
             }
         }
         up::CREDIT => {
@@ -150,20 +228,24 @@ async fn on_frame(core: &Rc<Core>, l: &Rc<Link>, kind: u8, id: u32, payload: Vec
                 crate::cancel::broadcast(core, pid, secret);
             }
         }
-        up::HELLO => {
-            let mut core_of = [0u8; 4];
-            core_of[..2].copy_from_slice(&(core.index as u16).to_be_bytes());
-            core_of[2..].copy_from_slice(&(core.cfg.cores as u16).to_be_bytes());
-            l.out
-                .push_with(|b| link::put_frame(b, down::CORE, 0, &core_of));
-            announce_role(l)
-        }
+        // The one HELLO was the handshake's (`authenticate`); CORE and ROLE follow it.
+        up::HELLO => return false,
         _ => {
             tracing::warn!(kind, "unknown link frame; dropping link");
             return false;
         }
     }
     true
+}
+
+/// After the handshake: which pooler core this is, then the node's role.
+fn welcome(core: &Rc<Core>, l: &Rc<Link>) {
+    let mut core_of = [0u8; 4];
+    core_of[..2].copy_from_slice(&(core.index as u16).to_be_bytes());
+    core_of[2..].copy_from_slice(&(core.cfg.cores as u16).to_be_bytes());
+    l.out
+        .push_with(|b| link::put_frame(b, down::CORE, 0, &core_of));
+    announce_role(l)
 }
 
 /// Sends the node's role now and again on every change, for as long as the link lives.

@@ -24,9 +24,6 @@ use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
-/// Frames queued for a session before the link reader waits for it (bounds memory per session).
-const INBOX_LIMIT: usize = 1 << 20;
-
 /// Bytes a session may have in flight towards its gateway before its backend's relay stops
 /// reading.
 const WINDOW: usize = 256 * 1024;
@@ -81,7 +78,9 @@ pub struct Session {
     inbox: RefCell<VecDeque<Vec<u8>>>,
     inbox_bytes: Cell<usize>,
     inbox_notify: Notify,
-    drained: Notify,
+    /// `MSGS` bytes taken from the inbox since `OPEN`, and as last acknowledged (`down::ACK`).
+    taken: Cell<u64>,
+    acked: Cell<u64>,
     /// The client left (or its link did).
     pub gone: Cell<bool>,
     /// The session cannot go on (its backend died holding state).
@@ -135,7 +134,8 @@ impl Session {
             inbox: RefCell::new(VecDeque::new()),
             inbox_bytes: Cell::new(0),
             inbox_notify: Notify::default(),
-            drained: Notify::default(),
+            taken: Cell::new(0),
+            acked: Cell::new(0),
             gone: Cell::new(false),
             dead: Cell::new(false),
             listen: Default::default(),
@@ -143,32 +143,51 @@ impl Session {
         })
     }
 
-    /// Queues a `MSGS` payload; waits while this session already has much queued.
-    pub async fn enqueue(&self, payload: Vec<u8>) {
-        while self.inbox_bytes.get() > INBOX_LIMIT && !self.gone.get() && !self.dead.get() {
-            self.drained.notified().await;
+    /// Queues a `MSGS` payload. Never waits: the link's reader serves every session on the
+    /// link. The gateway keeps each session's requests within `link::REQUEST_WINDOW` of what
+    /// the session took (`down::ACK`); `false` when it went past twice that (the session is
+    /// then dropped, not the link).
+    pub fn enqueue(&self, payload: Vec<u8>) -> bool {
+        if self.inbox_bytes.get() > 2 * shared::link::REQUEST_WINDOW as usize {
+            return false;
         }
         if payload.is_empty() {
-            return;
+            return true;
         }
         self.inbox_bytes.set(self.inbox_bytes.get() + payload.len());
         self.inbox.borrow_mut().push_back(payload);
         self.inbox_notify.notify();
+        true
     }
 
-    /// Queues an `up::NAMES` payload: it belongs to the `MSGS` that follows it.
-    pub async fn enqueue_names(&self, payload: Vec<u8>) {
+    /// Queues an `up::NAMES` payload: it belongs to the `MSGS` that follows it (its size
+    /// follows that `MSGS`'s, so it is not counted against the window).
+    pub fn enqueue_names(&self, payload: Vec<u8>) {
         let mut item = Vec::with_capacity(payload.len() + 1);
         item.push(NAMES_ITEM);
         item.extend_from_slice(&payload);
-        self.enqueue(item).await;
+        self.inbox.borrow_mut().push_back(item);
+        self.inbox_notify.notify();
+    }
+
+    /// The session took a `MSGS` payload of `n` bytes from its inbox: acknowledged to the
+    /// gateway every `ACK_EVERY` bytes (one small frame per 64 KiB of requests).
+    fn taken(&self, n: usize) {
+        self.inbox_bytes.set(self.inbox_bytes.get() - n);
+        let total = self.taken.get() + n as u64;
+        self.taken.set(total);
+        if total - self.acked.get() >= shared::link::ACK_EVERY && !self.gone.get() {
+            self.acked.set(total);
+            self.to_gateway.push_with(|b| {
+                shared::link::put_frame(b, down::ACK, self.id, &total.to_be_bytes())
+            });
+        }
     }
 
     pub fn close(&self) {
         self.gone.set(true);
         self.inbox_notify.notify();
         self.credit.notify();
-        self.drained.notify();
     }
 
     /// Sends what the relay gathered for the client as one `DATA` frame.
@@ -574,12 +593,11 @@ pub async fn run(core: Rc<Core>, s: Rc<Session>) {
             futures_lite::future::or(notified, drain).await;
             continue;
         };
-        s.inbox_bytes.set(s.inbox_bytes.get() - payload.len());
-        s.drained.notify();
         if payload[0] == NAMES_ITEM {
             *s.sql_names.borrow_mut() = parse_names(&payload[1..]);
             continue;
         }
+        s.taken(payload.len());
         // Boxed: the batch's state (backend acquisition, waits) exists only while it runs, so
         // an idle session's task stays small.
         let result = Box::pin(process(&core, &s, payload[0], &payload[1..])).await;

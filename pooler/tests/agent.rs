@@ -4,7 +4,7 @@
 //! the links send to gateways.
 
 use shared::agent::{call, Report, Request, Response, Role, Upstream};
-use shared::link::{self, down, up, HEADER};
+use shared::link::{self, down, HEADER};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::thread;
@@ -80,13 +80,26 @@ fn at(node: &Node) -> Upstream {
     }
 }
 
-/// A raw link to a pooler: HELLO sent, ready to read ROLE frames.
+/// A raw link to a pooler, authenticated as a gateway with the test process's link secret
+/// (`shared::link::handshake`): ready to read ROLE frames.
 fn link_to(a: &AgentPooler) -> TcpStream {
     let mut s = TcpStream::connect(("127.0.0.1", a.listen_port)).expect("link connect");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut hello = Vec::new();
-    link::put_frame(&mut hello, up::HELLO, 0, &link::VERSION.to_be_bytes());
+    let frame = |s: &mut TcpStream| {
+        let mut h = [0u8; HEADER];
+        s.read_exact(&mut h).expect("handshake frame header");
+        let h = link::parse_header(&h).expect("header");
+        let mut payload = vec![0u8; h.len];
+        s.read_exact(&mut payload).expect("handshake frame payload");
+        (h.kind, payload)
+    };
+    let key = link::LinkKey::load(&testkit::link_secret_file()).expect("link secret");
+    let (kind, challenge) = frame(&mut s);
+    let (hello, hs) = link::handshake::Gateway::answer(&key, kind, &challenge).expect("CHALLENGE");
     s.write_all(&hello).expect("HELLO");
+    let (kind, welcome) = frame(&mut s);
+    hs.finish(kind, &welcome)
+        .expect("the pooler proves the link secret");
     s
 }
 

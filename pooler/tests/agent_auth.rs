@@ -191,6 +191,7 @@ fn a_readable_or_missing_secret_stops_the_pooler() {
             "--admin-socket-dir".into(),
             dir.to_string_lossy().into_owned(),
         ];
+        args.extend(testkit::link_secret_args());
         args.extend(extra.iter().map(|s| s.to_string()));
         let out = std::process::Command::new(&bin)
             .args(&args)

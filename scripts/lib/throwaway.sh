@@ -156,8 +156,11 @@ start_tidepool() {
     GATEWAY_PORT=$(free_port)
     log "tidepool-pooler on 127.0.0.1:$POOLER_PORT (--pool-size $POOL_SIZE${MAX_BACKENDS:+, --max-backends $MAX_BACKENDS}," \
         "--cores $CORES), tidepool-gateway on 127.0.0.1:$GATEWAY_PORT"
+    # The link secret both prove to each other: 32 random bytes as hex, mode 600 from the start.
+    (umask 077 && od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$RUN_DIR/link.key")
     set -m # own process groups, so that a kill reaches anything they start
     NO_COLOR=1 "$BIN_DIR/tidepool-pooler" --listen "127.0.0.1:$POOLER_PORT" --cores "$CORES" \
+        --link-secret-file "$RUN_DIR/link.key" \
         --pg-host 127.0.0.1 --pg-port "$PG_PORT" --admin-socket-dir "$RUN_DIR/sock" \
         --admin-user "$CLUSTER_ADMIN" --pool-size "$POOL_SIZE" "${max[@]}" \
         </dev/null >"$RUN_DIR/pooler.log" 2>&1 &
@@ -166,7 +169,7 @@ start_tidepool() {
     wait_accepting "$POOLER_PORT" pooler "$POOLER_PID" 30
     set -m
     NO_COLOR=1 "$BIN_DIR/tidepool-gateway" --listen "127.0.0.1:$GATEWAY_PORT" --cores "$CORES" \
-        --pooler "127.0.0.1:$POOLER_PORT" \
+        --pooler "127.0.0.1:$POOLER_PORT" --link-secret-file "$RUN_DIR/link.key" \
         </dev/null >"$RUN_DIR/gateway.log" 2>&1 &
     GATEWAY_PID=$!
     set +m

@@ -4,16 +4,27 @@
 //! Frame: `u8 kind`, `u32 session`, `u32 payload length`, payload. One socket write may carry
 //! frames of many sessions. Raw Postgres messages travel inside `MSGS` / `DATA` payloads
 //! untouched. Written by hand: this is the hot path and the point is owning the bytes.
+//!
+//! Before any other frame, both ends prove they hold the cluster's link secret ([`LinkKey`],
+//! `DIR/link.key`, a file made like the agent's: see [`handshake`]). A pooler honours nothing
+//! from a peer that has not proved it, and a gateway believes nothing from a pooler that has not.
 
 use crate::protocol::{put_cstr, read_cstr, read_i32, ProtocolError};
 use crate::settings::Settings;
 
 pub const HEADER: usize = 9;
-pub const VERSION: u32 = 1;
+/// 2: the authenticated handshake (`CHALLENGE`, `HELLO` with a proof, `WELCOME`) and `ACK`.
+pub const VERSION: u32 = 2;
+
+/// The link secret: 32 random bytes in a file of 64 hex digits, mode 600, made and checked
+/// exactly as the agent's (`crate::agent::auth`), but a different file, so that a gateway
+/// (which faces clients) never holds the key that commands node agents.
+pub use crate::agent::auth::AgentKey as LinkKey;
 
 /// Gateway → pooler.
 pub mod up {
-    /// `u32 version`.
+    /// The gateway's answer to `CHALLENGE`: `u32 version`, its nonce `CN` (32 bytes),
+    /// `HMAC(K, "tidepool-link/2 gateway" ‖ SN ‖ CN)` (32 bytes). See [`super::handshake`].
     pub const HELLO: u8 = 1;
     /// Look a role's verifier up: payload `user\0`. Answered by `AUTH_INFO` for the same session.
     pub const AUTH_LOOKUP: u8 = 2;
@@ -70,7 +81,27 @@ pub mod down {
     /// core its other links already use (`SO_REUSEPORT` picks the core by hash), so that its
     /// sessions, and the pooler's work, spread over every pooler core.
     pub const CORE: u8 = 27;
+    /// The pooler's first frame on every connection (session 0): `u32 version`, its nonce
+    /// `SN` (32 bytes). All a peer gets before it proves it holds the link secret.
+    pub const CHALLENGE: u8 = 28;
+    /// The pooler's proof, once the gateway's `HELLO` checked (session 0):
+    /// `HMAC(K, "tidepool-link/2 pooler" ‖ SN ‖ CN)`. Then `CORE` and `ROLE`.
+    pub const WELCOME: u8 = 29;
+    /// Request bytes of a session the pooler has taken from its inbox (`u64`, the total of
+    /// `MSGS` payload lengths since `OPEN`): per-session flow control of requests. The gateway
+    /// stops reading a client whose requests the pooler has not taken beyond a window, so one
+    /// session never makes the pooler stop reading the link all sessions share. Sent every
+    /// `ACK_EVERY` bytes taken.
+    pub const ACK: u8 = 30;
 }
+
+/// Request bytes (`MSGS` payloads) a gateway may have sent for a session and the pooler not
+/// yet taken from that session's inbox (`down::ACK`). The pooler's inbox then holds at most
+/// this plus one batch; a gateway that sends past twice this loses the session.
+pub const REQUEST_WINDOW: u64 = 1 << 20;
+/// The pooler acknowledges taken request bytes in steps of this (well under the window, so a
+/// session that has sent a full window always has acknowledgements coming).
+pub const ACK_EVERY: u64 = 64 * 1024;
 
 /// Flags on a `MSGS` frame, decided by the gateway's statement classification.
 pub mod flags {
@@ -223,6 +254,172 @@ impl Open {
     }
 }
 
+/// The link's mutual authentication: a challenge-response with HMAC-SHA-256 under the link
+/// secret, in both directions, before any other frame.
+///
+/// ```text
+/// pooler  → gateway  CHALLENGE  version, SN                      (all an unauthenticated peer gets)
+/// gateway → pooler   HELLO      version, CN, HMAC(K, "…gateway" SN CN)
+/// pooler  → gateway  WELCOME    HMAC(K, "…pooler" SN CN)          (or the connection closes)
+/// ```
+///
+/// Fresh nonces on both sides: a recorded exchange cannot be replayed. Distinct labels per
+/// direction (and from the agent's): one side's proof is never the other's. The pooler checks
+/// the gateway's proof before it answers anything else (`AUTH_LOOKUP`, `OPEN`, `ROLE`...); the
+/// gateway checks the pooler's before it sends a session over the link (a pooler without the
+/// key would otherwise be handed SCRAM client keys in `OPEN`). Frames after the handshake
+/// carry no MAC and nothing is encrypted: see docs/security.md.
+pub mod handshake {
+    use super::{down, put_frame, up, LinkKey, VERSION};
+    use crate::agent::auth::{mac, nonce, same};
+
+    pub const NONCE: usize = 32;
+    pub const CHALLENGE_LEN: usize = 4 + NONCE;
+    pub const HELLO_LEN: usize = 4 + NONCE + 32;
+    pub const WELCOME_LEN: usize = 32;
+    /// The whole handshake must be done within this, or the connection is closed.
+    pub const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+    const GATEWAY: &[u8] = b"tidepool-link/2 gateway";
+    const POOLER: &[u8] = b"tidepool-link/2 pooler";
+
+    #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+    pub enum Error {
+        #[error("link authentication failed (not the cluster's link secret)")]
+        Failed,
+        #[error("link protocol version {0}, expected {VERSION}")]
+        Version(u32),
+        #[error("malformed link handshake frame")]
+        Malformed,
+    }
+
+    /// Reads one whole frame of at most `max` payload bytes during the handshake (`None`: end
+    /// of stream, an error, or a larger frame).
+    pub async fn read_frame<R: futures_lite::AsyncRead + Unpin>(
+        reader: &mut crate::io::MessageReader,
+        r: &mut R,
+        max: usize,
+    ) -> Option<(u8, Vec<u8>)> {
+        loop {
+            if let Some(h) = super::parse_header(reader.data()) {
+                if h.len > max {
+                    return None;
+                }
+                if reader.data().len() >= super::HEADER + h.len {
+                    let payload = reader.data()[super::HEADER..super::HEADER + h.len].to_vec();
+                    reader.consume(super::HEADER + h.len);
+                    return Some((h.kind, payload));
+                }
+            }
+            match reader.fill(r, 0).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn version(p: &[u8]) -> Result<u32, Error> {
+        let v = u32::from_be_bytes(p.get(..4).ok_or(Error::Malformed)?.try_into().unwrap());
+        if v != VERSION {
+            return Err(Error::Version(v));
+        }
+        Ok(v)
+    }
+
+    /// The pooler's half.
+    pub struct Pooler {
+        key: LinkKey,
+        nonce: [u8; NONCE],
+    }
+
+    impl Pooler {
+        pub fn new(key: &LinkKey) -> Pooler {
+            Pooler {
+                key: key.clone(),
+                nonce: nonce(),
+            }
+        }
+
+        /// The `CHALLENGE` frame, sent on accept.
+        pub fn challenge(&self) -> Vec<u8> {
+            let mut p = Vec::with_capacity(CHALLENGE_LEN);
+            p.extend_from_slice(&VERSION.to_be_bytes());
+            p.extend_from_slice(&self.nonce);
+            let mut out = Vec::new();
+            put_frame(&mut out, down::CHALLENGE, 0, &p);
+            out
+        }
+
+        /// Checks a `HELLO` (kind and payload of the first frame received), in constant time;
+        /// on success the `WELCOME` frame to send.
+        pub fn verify(&self, kind: u8, payload: &[u8]) -> Result<Vec<u8>, Error> {
+            if kind != up::HELLO || payload.len() != HELLO_LEN {
+                return Err(Error::Malformed);
+            }
+            version(payload)?;
+            let cn = &payload[4..4 + NONCE];
+            let want = mac(&self.key.0, &[GATEWAY, &self.nonce, cn]);
+            if !same(&want, &payload[4 + NONCE..]) {
+                return Err(Error::Failed);
+            }
+            let proof = mac(&self.key.0, &[POOLER, &self.nonce, cn]);
+            let mut out = Vec::new();
+            put_frame(&mut out, down::WELCOME, 0, &proof);
+            Ok(out)
+        }
+    }
+
+    /// The gateway's half, once it answered a challenge.
+    pub struct Gateway {
+        key: LinkKey,
+        pooler_nonce: [u8; NONCE],
+        nonce: [u8; NONCE],
+    }
+
+    impl Gateway {
+        /// The `HELLO` frame answering a `CHALLENGE` (kind and payload of the first frame).
+        pub fn answer(
+            key: &LinkKey,
+            kind: u8,
+            challenge: &[u8],
+        ) -> Result<(Vec<u8>, Gateway), Error> {
+            if kind != down::CHALLENGE {
+                return Err(Error::Malformed);
+            }
+            version(challenge)?;
+            let sn: [u8; NONCE] = challenge
+                .get(4..)
+                .and_then(|n| n.try_into().ok())
+                .ok_or(Error::Malformed)?;
+            let g = Gateway {
+                key: key.clone(),
+                pooler_nonce: sn,
+                nonce: nonce(),
+            };
+            let proof = mac(&g.key.0, &[GATEWAY, &g.pooler_nonce, &g.nonce]);
+            let mut p = Vec::with_capacity(HELLO_LEN);
+            p.extend_from_slice(&VERSION.to_be_bytes());
+            p.extend_from_slice(&g.nonce);
+            p.extend_from_slice(&proof);
+            let mut out = Vec::new();
+            put_frame(&mut out, up::HELLO, 0, &p);
+            Ok((out, g))
+        }
+
+        /// Checks the pooler's `WELCOME`: a pooler without the key is not believed.
+        pub fn finish(&self, kind: u8, payload: &[u8]) -> Result<(), Error> {
+            if kind != down::WELCOME || payload.len() != WELCOME_LEN {
+                return Err(Error::Malformed);
+            }
+            let want = mac(&self.key.0, &[POOLER, &self.pooler_nonce, &self.nonce]);
+            if !same(&want, payload) {
+                return Err(Error::Failed);
+            }
+            Ok(())
+        }
+    }
+}
+
 pub(crate) fn utf8(b: &[u8]) -> Result<String, ProtocolError> {
     String::from_utf8(b.to_vec()).map_err(|_| ProtocolError::Malformed("not UTF-8"))
 }
@@ -250,6 +447,66 @@ mod tests {
         for cut in 0..buf.len() {
             let _ = Open::decode(&buf[..cut]);
         }
+    }
+
+    fn frame(b: &[u8]) -> (u8, &[u8]) {
+        let h = parse_header(b).unwrap();
+        assert_eq!(b.len(), HEADER + h.len);
+        (h.kind, &b[HEADER..])
+    }
+
+    #[test]
+    fn handshake_both_ways() {
+        let k = LinkKey::generate();
+        let p = handshake::Pooler::new(&k);
+        let ch = p.challenge();
+        let (kind, pl) = frame(&ch);
+        let (hello, g) = handshake::Gateway::answer(&k, kind, pl).unwrap();
+        let (kind, pl) = frame(&hello);
+        let welcome = p.verify(kind, pl).unwrap();
+        let (kind, pl) = frame(&welcome);
+        g.finish(kind, pl).unwrap();
+        // Replayed to another pooler (another nonce): refused.
+        let p2 = handshake::Pooler::new(&k);
+        let (kind, pl) = frame(&hello);
+        assert_eq!(p2.verify(kind, pl), Err(handshake::Error::Failed));
+        // The pooler's proof sent back as the gateway's: refused (distinct labels).
+        let mut reflected = hello.clone();
+        let n = reflected.len();
+        reflected[n - 32..].copy_from_slice(&welcome[HEADER..]);
+        let (kind, pl) = frame(&reflected);
+        assert_eq!(p.verify(kind, pl), Err(handshake::Error::Failed));
+    }
+
+    #[test]
+    fn handshake_refuses_wrong_keys_and_versions() {
+        let p = handshake::Pooler::new(&LinkKey::generate());
+        let ch = p.challenge();
+        let (kind, pl) = frame(&ch);
+        let (hello, _) = handshake::Gateway::answer(&LinkKey::generate(), kind, pl).unwrap();
+        let (kind, pl) = frame(&hello);
+        assert_eq!(p.verify(kind, pl), Err(handshake::Error::Failed));
+        // A version 1 HELLO (just `u32 1`), or anything else first: refused.
+        assert!(p.verify(up::HELLO, &1u32.to_be_bytes()).is_err());
+        assert!(p.verify(up::AUTH_LOOKUP, b"postgres\0").is_err());
+        // A pooler without the key is not believed by the gateway.
+        let k = LinkKey::generate();
+        let fake = handshake::Pooler::new(&LinkKey::generate());
+        let ch = fake.challenge();
+        let (kind, pl) = frame(&ch);
+        let (_, g) = handshake::Gateway::answer(&k, kind, pl).unwrap();
+        assert_eq!(
+            g.finish(down::WELCOME, &[7; 32]),
+            Err(handshake::Error::Failed)
+        );
+        assert!(g.finish(down::CORE, &[0, 0, 0, 1]).is_err());
+        let mut v1 = ch.clone();
+        v1[HEADER + 3] = 1;
+        let (kind, pl) = frame(&v1);
+        assert_eq!(
+            handshake::Gateway::answer(&k, kind, pl).err(),
+            Some(handshake::Error::Version(1))
+        );
     }
 
     #[test]

@@ -81,8 +81,8 @@ proptest! {
         if let Ok(p) = frontend::parse_parse(&body) {
             // The parameter-type section is `int16 n` + n × int32, inside the body.
             prop_assert!(p.param_types.len() >= 2);
-            let n = i16::from_be_bytes([p.param_types[0], p.param_types[1]]);
-            prop_assert!(n >= 0 && p.param_types.len() == 2 + 4 * n as usize);
+            let n = u16::from_be_bytes([p.param_types[0], p.param_types[1]]);
+            prop_assert!(p.param_types.len() == 2 + 4 * n as usize);
         }
         let _ = frontend::parse_bind(&body);
         let _ = frontend::parse_target(&body);
@@ -116,7 +116,7 @@ proptest! {
     fn parse_message_round_trips(name in bytes(16), query in bytes(64), types in proptest::collection::vec(any::<u32>(), 0..8)) {
         let name: Vec<u8> = name.into_iter().filter(|&b| b != 0).collect();
         let query: Vec<u8> = query.into_iter().filter(|&b| b != 0).collect();
-        let mut section = (types.len() as i16).to_be_bytes().to_vec();
+        let mut section = (types.len() as u16).to_be_bytes().to_vec();
         for t in &types {
             section.extend_from_slice(&t.to_be_bytes());
         }
@@ -288,5 +288,18 @@ proptest! {
         let (proof, mut sealed) = s.verify(&a).unwrap();
         prop_assert!(c.finish(&proof).is_ok());
         prop_assert!(sealed.open(&line).is_err());
+    }
+
+    #[test]
+    fn link_handshake_refuses_arbitrary_frames(kind in any::<u8>(), payload in bytes(100)) {
+        let key = link::LinkKey::generate();
+        let p = link::handshake::Pooler::new(&key);
+        // Any first frame but a genuine HELLO is refused, whatever its kind and bytes.
+        prop_assert!(p.verify(kind, &payload).is_err());
+        let _ = link::handshake::Gateway::answer(&key, kind, &payload);
+        // A genuine challenge answered, then an arbitrary WELCOME: never believed.
+        let c = p.challenge();
+        let (_, g) = link::handshake::Gateway::answer(&key, c[0], &c[HEADER..]).unwrap();
+        prop_assert!(g.finish(kind, &payload).is_err());
     }
 }

@@ -31,5 +31,5 @@ pub use endpoint::Endpoint;
 pub use etcd::Etcd;
 pub use ports::free_port;
 pub use process::{run_merged, Output};
-pub use tidepool::{bin_dir, Gateway, Tidepool, TidepoolOpts};
+pub use tidepool::{bin_dir, link_secret_args, link_secret_file, Gateway, Tidepool, TidepoolOpts};
 pub use wire::{ConnectError, Event, Frontend, Message, Param, RawConn, ServerError};

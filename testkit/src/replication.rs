@@ -403,6 +403,10 @@ impl AgentPooler {
         let mut args: Vec<String> = vec![
             "--agent-secret-file".into(),
             secret_file.to_string_lossy().into_owned(),
+            "--link-secret-file".into(),
+            crate::tidepool::link_secret_file()
+                .to_string_lossy()
+                .into_owned(),
             "--listen".into(),
             format!("127.0.0.1:{listen_port}"),
             "--cores".into(),

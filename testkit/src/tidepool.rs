@@ -83,6 +83,30 @@ pub struct Tidepool {
     opts: TidepoolOpts,
 }
 
+/// The link secret every pooler and gateway of this test process shares (`--link-secret-file`):
+/// a file of 64 hex digits, mode 600, made once per test process in the temp directory.
+pub fn link_secret_file() -> PathBuf {
+    static FILE: OnceLock<PathBuf> = OnceLock::new();
+    FILE.get_or_init(|| {
+        let dir = std::env::temp_dir().join("tidepool-test-link-keys");
+        std::fs::create_dir_all(&dir).expect("link key directory");
+        let path = dir.join(format!("{}.key", std::process::id()));
+        // A leftover from an earlier process with the same pid is replaced.
+        let _ = std::fs::remove_file(&path);
+        shared::link::LinkKey::create(&path).unwrap_or_else(|e| panic!("link secret: {e}"));
+        path
+    })
+    .clone()
+}
+
+/// `--link-secret-file FILE` with [`link_secret_file`].
+pub fn link_secret_args() -> [String; 2] {
+    [
+        "--link-secret-file".to_string(),
+        link_secret_file().to_string_lossy().into_owned(),
+    ]
+}
+
 /// The flags of a gateway listening on `gateway_port` in front of the pooler at `pooler_port`.
 fn gateway_args(opts: &TidepoolOpts, gateway_port: u16, pooler_port: u16) -> Vec<String> {
     let mut args = vec![
@@ -93,6 +117,7 @@ fn gateway_args(opts: &TidepoolOpts, gateway_port: u16, pooler_port: u16) -> Vec
         "--pooler".to_string(),
         format!("127.0.0.1:{pooler_port}"),
     ];
+    args.extend(link_secret_args());
     if let Some(method) = &opts.auth_method {
         args.extend(["--auth-method".to_string(), method.clone()]);
     }
@@ -203,6 +228,7 @@ impl Tidepool {
             "--pool-size".to_string(),
             opts.pool_size.to_string(),
         ];
+        pooler_args.extend(link_secret_args());
         if let Some(max) = opts.max_backends {
             pooler_args.extend(["--max-backends".to_string(), max.to_string()]);
         }

@@ -64,6 +64,14 @@ pub fn ensure_agent_key(layout: &Layout) -> Result<shared::agent::AgentKey> {
         .map_err(crate::error::Error::Environment)
 }
 
+/// The link secret (DIR/link.key: gateways and poolers prove it to each other), generated
+/// (mode 600, from the OS's CSPRNG) when there is none yet. Not the agent's: a gateway faces
+/// clients and must not hold the key that commands node agents.
+pub fn ensure_link_key(layout: &Layout) -> Result<shared::link::LinkKey> {
+    shared::link::LinkKey::load_or_create(&layout.link_key_file())
+        .map_err(crate::error::Error::Environment)
+}
+
 /// `postgres://tidepool:PASSWORD@127.0.0.1:PORT/tidepool`
 pub fn url(password: &str, port: u16) -> String {
     format!(

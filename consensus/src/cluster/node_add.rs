@@ -115,7 +115,7 @@ pub fn run(global: &GlobalArgs, args: &NodeAddArgs) -> Result<bool> {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-    let mut gateway = gateway_args(&state.settings, &run);
+    let mut gateway = gateway_args(&state.settings, layout, &run);
     set_flag(&mut gateway, "--pooler", nodes::pooler_list(&state.nodes));
     ensure_tier(
         Role::Gateway,

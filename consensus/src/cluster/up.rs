@@ -157,10 +157,11 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
         b.bootstrap(node1, &pg)?;
     }
 
-    // The node agents' secret, before any agent starts.
+    // The node agents' secret, before any agent starts; the link's, before pooler and gateway.
     if !nodes.is_empty() {
         super::ensure_agent_key(layout)?;
     }
+    super::ensure_link_key(layout)?;
 
     // Pooler, then gateway (the gateway's first clients need the pooler).
     let pooler_addr = loopback(settings.pooler_port);
@@ -222,7 +223,7 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
         state.nodes = records;
         state.save(&layout.state_file())?;
     }
-    let mut args = gateway_args(&settings, &run);
+    let mut args = gateway_args(&settings, layout, &run);
     if ha {
         set_flag(&mut args, "--pooler", nodes::pooler_list(&nodes));
     }
@@ -371,7 +372,7 @@ pub(crate) fn pooler_args(
     if let Some(config) = &run.pooler_config {
         args.extend(["--config".into(), absolute(config)]);
     }
-    let flags: [(&str, OsString); 8] = [
+    let flags: [(&str, OsString); 9] = [
         ("--listen", loopback(s.pooler_port).to_string().into()),
         ("--cores", s.cores.to_string().into()),
         ("--pg-host", "127.0.0.1".into()),
@@ -380,6 +381,8 @@ pub(crate) fn pooler_args(
         ("--admin-user", OS_USER.into()),
         ("--pool-size", s.pool_size.to_string().into()),
         ("--max-backends", s.max_backends.to_string().into()),
+        // A path: the secret itself never goes on a command line, where `ps` shows it.
+        ("--link-secret-file", layout.link_key_file().into()),
     ];
     for (flag, value) in flags {
         args.push(flag.into());
@@ -388,15 +391,20 @@ pub(crate) fn pooler_args(
     args
 }
 
-pub(crate) fn gateway_args(s: &ClusterSettings, run: &RunSettings) -> Vec<OsString> {
+pub(crate) fn gateway_args(
+    s: &ClusterSettings,
+    layout: &Layout,
+    run: &RunSettings,
+) -> Vec<OsString> {
     let mut args: Vec<OsString> = Vec::new();
     if let Some(config) = &run.gateway_config {
         args.extend(["--config".into(), absolute(config)]);
     }
-    let flags: [(&str, OsString); 3] = [
+    let flags: [(&str, OsString); 4] = [
         ("--listen", loopback(s.port).to_string().into()),
         ("--cores", s.cores.to_string().into()),
         ("--pooler", loopback(s.pooler_port).to_string().into()),
+        ("--link-secret-file", layout.link_key_file().into()),
     ];
     for (flag, value) in flags {
         args.push(flag.into());
@@ -597,19 +605,21 @@ mod tests {
         assert_eq!(
             p.join(" "),
             "--listen 127.0.0.1:15433 --cores 2 --pg-host 127.0.0.1 --pg-port 5433 \
-             --admin-socket-dir /tp/run --admin-user postgres --pool-size 20 --max-backends 100"
+             --admin-socket-dir /tp/run --admin-user postgres --pool-size 20 --max-backends 100 \
+             --link-secret-file /tp/link.key"
         );
         let run = RunSettings {
             gateway_config: Some("/etc/gw.toml".into()),
             ..RunSettings::default()
         };
-        let g: Vec<String> = gateway_args(&s(), &run)
+        let g: Vec<String> = gateway_args(&s(), &layout, &run)
             .into_iter()
             .map(|a| a.into_string().unwrap())
             .collect();
         assert_eq!(
             g.join(" "),
-            "--config /etc/gw.toml --listen 127.0.0.1:15432 --cores 2 --pooler 127.0.0.1:15433"
+            "--config /etc/gw.toml --listen 127.0.0.1:15432 --cores 2 --pooler 127.0.0.1:15433 \
+             --link-secret-file /tp/link.key"
         );
     }
 }

@@ -36,7 +36,7 @@ const MAC_HEX: usize = 64;
 
 /// The cluster's agent secret. Its `Debug` never shows it.
 #[derive(Clone)]
-pub struct AgentKey([u8; KEY_LEN]);
+pub struct AgentKey(pub(crate) [u8; KEY_LEN]);
 
 impl fmt::Debug for AgentKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -69,7 +69,7 @@ impl AgentKey {
         let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
         if meta.permissions().mode() & 0o077 != 0 {
             return Err(format!(
-                "{}: mode {:o} lets others at the agent secret (chmod 600)",
+                "{}: mode {:o} lets others at the secret (chmod 600)",
                 path.display(),
                 meta.permissions().mode() & 0o777
             ));
@@ -134,7 +134,7 @@ struct ServerProof {
     proof: String,
 }
 
-fn mac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+pub(crate) fn mac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
     let mut m = <Hmac<Sha256>>::new_from_slice(key).expect("HMAC takes keys of any length");
     for p in parts {
         m.update(p);
@@ -146,7 +146,7 @@ fn label(what: &str) -> Vec<u8> {
     format!("{PROTOCOL} {what}").into_bytes()
 }
 
-fn nonce() -> [u8; NONCE_LEN] {
+pub(crate) fn nonce() -> [u8; NONCE_LEN] {
     let mut n = [0u8; NONCE_LEN];
     rand::rngs::OsRng.fill_bytes(&mut n);
     n
@@ -168,7 +168,7 @@ fn nonce_from(hex_str: &str) -> Result<[u8; NONCE_LEN], AuthError> {
         .ok_or_else(|| AuthError::Malformed("a nonce is not 64 hex digits".into()))
 }
 
-fn same(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && bool::from(a.ct_eq(b))
 }
 

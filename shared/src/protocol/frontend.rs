@@ -163,14 +163,17 @@ pub fn parse_parse(body: &[u8]) -> Result<Parse<'_>, ProtocolError> {
     let name = read_cstr(body, &mut pos)?;
     let query = read_cstr(body, &mut pos)?;
     let types_at = pos;
-    let n = read_i16(body, &mut pos)?;
-    if n < 0 || body.len() < pos + n as usize * 4 {
+    // Unsigned, as Postgres reads it (`pq_getmsgint(msg, 2)` in exec_parse_message): 32,768
+    // to 65,535 types is a valid Parse, and must not read as a malformed one that a caller
+    // would then pass on unjudged (issue 12: it skipped the synchronous_commit guard).
+    let n = read_i16(body, &mut pos)? as u16 as usize;
+    if body.len() < pos + n * 4 {
         return Err(ProtocolError::Malformed("Parse parameter types"));
     }
     Ok(Parse {
         name,
         query,
-        param_types: &body[types_at..pos + n as usize * 4],
+        param_types: &body[types_at..pos + n * 4],
     })
 }
 
@@ -259,6 +262,14 @@ mod tests {
         assert_eq!(p.query, b"select $1");
         assert_eq!(p.param_types, &[0, 1, 0, 0, 0, 23]);
         assert!(parse_parse(&m[5..m.len() - 1]).is_err());
+        // 40,000 parameter types (0x9c40: negative as an i16) is a valid Parse.
+        let mut section = 40_000u16.to_be_bytes().to_vec();
+        section.extend(std::iter::repeat_n([0, 0, 0, 23], 40_000).flatten());
+        let mut m = Vec::new();
+        write_parse(&mut m, b"", b"set synchronous_commit = off", &section);
+        let p = parse_parse(&m[5..]).unwrap();
+        assert_eq!(p.query, b"set synchronous_commit = off");
+        assert_eq!(p.param_types.len(), 2 + 160_000);
         let mut b = Vec::new();
         write_bind(&mut b, b"", b"s1", &[0, 0, 0, 0, 0, 0]);
         assert_eq!(
