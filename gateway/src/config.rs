@@ -399,8 +399,17 @@ mod tests {
     #[test]
     fn example_file_is_the_defaults_and_reload_splits_keys() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/gateway.toml");
-        let c = Config::load(Args::parse_from(["g", "--config", path])).unwrap();
-        let d = Config::load(Args::parse_from(["g"])).unwrap();
+        // The example names /var/lib/tidepool/link.key; a flag wins over the file.
+        let k = key_file();
+        let c = Config::load(Args::parse_from([
+            "g",
+            "--config",
+            path,
+            "--link-secret-file",
+            &k,
+        ]))
+        .unwrap();
+        let d = Config::load(Args::parse_from(["g", "--link-secret-file", &k])).unwrap();
         assert_eq!(c.shutdown_timeout_ms, d.shutdown_timeout_ms);
         assert_eq!(c.client_idle_timeout_ms, 0);
         assert_eq!(c.idle_transaction_timeout_ms, 0);

@@ -517,17 +517,23 @@ impl Config {
     }
 }
 
+/// A config as unit tests need one: `args` as flags, with a link key made for the test process.
+#[cfg(test)]
+pub fn for_tests(args: &[&str]) -> Result<Config, String> {
+    let key = std::env::temp_dir().join(format!("tp-pooler-cfg-{}.key", std::process::id()));
+    let _ = shared::link::LinkKey::load_or_create(&key);
+    let key = key.to_string_lossy().into_owned();
+    let mut all = vec!["tidepool-pooler", "--link-secret-file", &key];
+    all.extend_from_slice(args);
+    Config::load(Args::try_parse_from(all).map_err(|e| e.to_string())?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn load(args: &[&str]) -> Result<Config, String> {
-        let key = std::env::temp_dir().join(format!("tp-pooler-cfg-{}.key", std::process::id()));
-        let _ = shared::link::LinkKey::load_or_create(&key);
-        let key = key.to_string_lossy().into_owned();
-        let mut all = vec!["tidepool-pooler", "--link-secret-file", &key];
-        all.extend_from_slice(args);
-        Config::load(Args::try_parse_from(all).map_err(|e| e.to_string())?)
+        for_tests(args)
     }
 
     #[test]

@@ -1225,13 +1225,12 @@ fn finish(core: &Rc<Core>, s: &Rc<Session>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
 
     /// An idle session's task holds only its request loop: login state and a batch's state are
     /// boxed while they exist (perf/idle_memory.sh measures what a session costs in all).
     #[test]
     fn an_idle_sessions_task_is_small() {
-        let cfg = crate::config::Config::load(crate::config::Args::parse_from(["pooler"])).unwrap();
+        let cfg = crate::config::for_tests(&[]).unwrap();
         let core = Core::new(Rc::new(cfg), 0, crate::budget::Budgets::new(10, 10, 2));
         let key = crate::budget::PoolKey {
             user: "u".into(),
