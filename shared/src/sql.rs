@@ -92,11 +92,6 @@ impl<'a> Lexer<'a> {
         Lexer { sql, i: 0 }
     }
 
-    /// Where the next token would start (after blanks and comments).
-    pub fn position(&self) -> usize {
-        self.i
-    }
-
     /// Skips white space and comments; `false` if a block comment does not end.
     fn skip_blank(&mut self) -> bool {
         let sql = self.sql;
