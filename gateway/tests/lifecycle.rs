@@ -9,6 +9,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::Watched;
 use testkit::{Endpoint, PgCluster, Tidepool, TidepoolOpts, ALICE, APP_DB};
 use tokio_postgres::error::SqlState;
 
@@ -24,53 +27,6 @@ fn report(test: &str, line: impl AsRef<str>) {
 
 /// A client whose connection's last error (an unsolicited FATAL, such as 57P01 sent to an idle
 /// session) is kept for the test to read.
-struct Watched {
-    client: tokio_postgres::Client,
-    ended: Arc<Mutex<Option<(String, String)>>>,
-}
-
-impl Watched {
-    async fn connect(ep: &Endpoint) -> Result<Watched, tokio_postgres::Error> {
-        let (client, conn) = ep
-            .pg_config(ALICE.0, ALICE.1, APP_DB)
-            .connect(tokio_postgres::NoTls)
-            .await?;
-        let ended = Arc::new(Mutex::new(None));
-        let e2 = ended.clone();
-        tokio::spawn(async move {
-            // Only a server's error (a FATAL it sent); the end of the socket after it is not.
-            if let Err(e) = conn.await {
-                let Some(code) = e.code().map(|c| c.code().to_string()) else {
-                    return;
-                };
-                let msg = e
-                    .as_db_error()
-                    .map(|d| d.message().to_string())
-                    .unwrap_or_else(|| e.to_string());
-                *e2.lock().unwrap() = Some((code, msg));
-            }
-        });
-        Ok(Watched { client, ended })
-    }
-
-    /// (SQLSTATE, message) of the error that ended the connection, if one did.
-    fn ended(&self) -> Option<(String, String)> {
-        self.ended.lock().unwrap().clone()
-    }
-
-    /// Waits up to `limit` for the connection to end with an error.
-    async fn wait_ended(&self, limit: Duration) -> Option<(String, String)> {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Some(e) = self.ended() {
-                return Some(e);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        None
-    }
-}
-
 fn code(e: &tokio_postgres::Error) -> String {
     e.code()
         .map(|c| c.code().to_string())

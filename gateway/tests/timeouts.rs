@@ -4,9 +4,11 @@
 //! limit is short here and each assertion leaves it a wide margin: the machine is shared.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{parts, Watched};
 use testkit::{Endpoint, PgCluster, Tidepool, TidepoolOpts, ALICE, APP_DB};
 
 async fn bounded<T>(limit: Duration, fut: impl Future<Output = T>) -> T {
@@ -16,56 +18,6 @@ async fn bounded<T>(limit: Duration, fut: impl Future<Output = T>) -> T {
 }
 
 /// A client whose connection's fatal error, if one ends it, is kept: (SQLSTATE, message).
-struct Watched {
-    client: tokio_postgres::Client,
-    ended: Arc<Mutex<Option<(String, String)>>>,
-}
-
-fn parts(e: &tokio_postgres::Error) -> (String, String) {
-    (
-        e.code().map(|c| c.code().to_string()).unwrap_or_default(),
-        e.as_db_error()
-            .map(|d| d.message().to_string())
-            .unwrap_or_else(|| e.to_string()),
-    )
-}
-
-impl Watched {
-    async fn connect(ep: &Endpoint) -> Result<Watched, tokio_postgres::Error> {
-        let (client, conn) = ep
-            .pg_config(ALICE.0, ALICE.1, APP_DB)
-            .connect(tokio_postgres::NoTls)
-            .await?;
-        let ended = Arc::new(Mutex::new(None));
-        let e2 = ended.clone();
-        tokio::spawn(async move {
-            // Only a server's error (a FATAL it sent); the end of the socket after it is not.
-            if let Err(e) = conn.await {
-                if e.code().is_some() {
-                    *e2.lock().unwrap() = Some(parts(&e));
-                }
-            }
-        });
-        Ok(Watched { client, ended })
-    }
-
-    fn ended(&self) -> Option<(String, String)> {
-        self.ended.lock().unwrap().clone()
-    }
-
-    /// The error that ended the session, waiting up to `limit` for it.
-    async fn wait_ended(&self, limit: Duration) -> Option<(String, String)> {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Some(e) = self.ended() {
-                return Some(e);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        None
-    }
-}
-
 fn start(opts: TidepoolOpts) -> (PgCluster, Tidepool, tokio::runtime::Runtime) {
     let pg = PgCluster::start();
     let tp = Tidepool::start(&pg, opts);

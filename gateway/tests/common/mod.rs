@@ -46,3 +46,56 @@ pub fn keep(name: &str, text: &str) -> String {
     let _ = std::fs::write(&path, text);
     path.display().to_string()
 }
+
+/// A tokio-postgres session whose connection task records the server error that ended it
+/// (a FATAL it sent: drain, timeouts), if one did.
+pub struct Watched {
+    pub client: tokio_postgres::Client,
+    ended: std::sync::Arc<std::sync::Mutex<Option<(String, String)>>>,
+}
+
+/// (SQLSTATE, message) of an error.
+pub fn parts(e: &tokio_postgres::Error) -> (String, String) {
+    (
+        e.code().map(|c| c.code().to_string()).unwrap_or_default(),
+        e.as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_else(|| e.to_string()),
+    )
+}
+
+impl Watched {
+    pub async fn connect(ep: &testkit::Endpoint) -> Result<Watched, tokio_postgres::Error> {
+        let (client, conn) = ep
+            .pg_config(testkit::ALICE.0, testkit::ALICE.1, testkit::APP_DB)
+            .connect(tokio_postgres::NoTls)
+            .await?;
+        let ended = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let e2 = ended.clone();
+        tokio::spawn(async move {
+            // Only a server's error (a FATAL it sent); the end of the socket after it is not.
+            if let Err(e) = conn.await {
+                if e.code().is_some() {
+                    *e2.lock().unwrap() = Some(parts(&e));
+                }
+            }
+        });
+        Ok(Watched { client, ended })
+    }
+
+    pub fn ended(&self) -> Option<(String, String)> {
+        self.ended.lock().unwrap().clone()
+    }
+
+    /// The error that ended the session, waiting up to `limit` for it.
+    pub async fn wait_ended(&self, limit: std::time::Duration) -> Option<(String, String)> {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if let Some(e) = self.ended() {
+                return Some(e);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        None
+    }
+}
