@@ -661,12 +661,12 @@ fn run_python(script: &str, url: String) -> testkit::Output {
     run_merged(&mut cmd, None, Duration::from_secs(120))
 }
 
-/// The checks a script passed (its `name: ok` lines): psycopg's own log lines (e.g. "error
+/// The checks a script passed (its `name: ok [what happened]` lines): psycopg's own log lines (e.g. "error
 /// ignored terminating <Pipeline ...>", printed or not depending on timing, with the port in
 /// it) are not compared.
 fn checks_passed(text: &str) -> Vec<String> {
     text.lines()
-        .filter(|l| l.ends_with(": ok") || l.ends_with(" ok") && !l.contains(':'))
+        .filter(|l| l.contains(": ok") || l.ends_with(" ok") && !l.contains(':'))
         .map(str::to_string)
         .collect()
 }
@@ -831,4 +831,35 @@ fn backend_pid_is_the_one_the_client_knows() {
         tp.logs()
     );
     assert_eq!(checks_passed(&direct.text), checks_passed(&through.text));
+}
+
+/// Writes the server fails midway (a duplicate key in an `executemany` and in an explicit
+/// pipeline, in and out of a transaction) report the same error and keep the same rows as
+/// directly (issue 11): psycopg 3, against Postgres first.
+#[test]
+fn failed_pipelined_writes_report_as_directly() {
+    if !psycopg_available("failed_pipelined_writes_report_as_directly") {
+        return;
+    }
+    let (pg, tp) = start(2);
+    let direct = run_python("pipeline_check.py", pg.direct_url(ALICE.0, ALICE.1, APP_DB));
+    assert!(
+        direct.success(),
+        "against Postgres itself:\n{}",
+        direct.text
+    );
+    let through = run_python("pipeline_check.py", tp.url(ALICE.0, ALICE.1, APP_DB));
+    assert!(
+        through.success(),
+        "through the gateway:\n{}\n{}",
+        through.text,
+        tp.logs()
+    );
+    let checks = checks_passed(&direct.text);
+    assert!(
+        checks.iter().any(|l| l.contains("23505")),
+        "the script did not see the duplicate key:\n{}",
+        direct.text
+    );
+    assert_eq!(checks, checks_passed(&through.text));
 }
