@@ -5,7 +5,10 @@
 //! - `--compare tidepool.json --compare postgres.json --html` puts both runs on each chart,
 //!   with their numbers side by side.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::Scratch;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -13,26 +16,6 @@ use serde_json::Value;
 use testkit::{run_merged, PgCluster, Tidepool, TidepoolOpts, APP_DB, BOB};
 
 const FIREHOSE: &str = env!("CARGO_BIN_EXE_firehose");
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("firehose-live-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        Scratch(dir)
-    }
-    fn path(&self, f: &str) -> PathBuf {
-        self.0.join(f)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn firehose(args: &[&str]) -> testkit::Output {
     let mut cmd = Command::new(FIREHOSE);

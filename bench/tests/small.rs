@@ -6,32 +6,15 @@
 //! Debug builds make SCRAM (4096 PBKDF2 rounds, ~60 ms here) the bottleneck of connecting, so
 //! the big churn run logs in as bob (md5) and alice (SCRAM) gets the small runs.
 
+mod common;
+
+use common::Scratch;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
 use testkit::{run_merged, PgCluster, ALICE, APP_DB, BOB};
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("firehose-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        Scratch(dir)
-    }
-    fn path(&self, f: &str) -> PathBuf {
-        self.0.join(f)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Runs firehose to completion (it bounds itself; the timeout is a safety net) with `url`,
 /// the whitespace-separated `flags` and then `paths` as `--flag path` pairs.

@@ -8,7 +8,10 @@
 //! Debug builds make SCRAM's client side (4096 PBKDF2 rounds, ~60 ms) the bottleneck of
 //! connecting, so the big runs log in as bob (md5) and alice (SCRAM) gets the small one.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::Scratch;
+use std::path::Path;
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -22,26 +25,6 @@ const BUDGET: i64 = 10;
 /// Each test runs Postgres, pooler, gateway and a few hundred clients on a 2-core machine:
 /// one at a time.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("firehose-tp-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        Scratch(dir)
-    }
-    fn path(&self, f: &str) -> PathBuf {
-        self.0.join(f)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Runs firehose to completion (it bounds itself; the timeout is a safety net) with `url` and
 /// the whitespace-separated `flags`, writing its JSON report to `json`.
