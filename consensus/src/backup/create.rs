@@ -86,6 +86,21 @@ pub fn choose<'a>(
     Ok((primary, standby))
 }
 
+/// The one Postgres of a single-node cluster, which must run (a backup starts and stops on
+/// it).
+fn single_node(state: &State) -> Result<NodeRecord> {
+    let node = super::nodes_of(state)?.remove(0);
+    if crate::postgres::running_postmaster(&node.data_dir).is_none() {
+        return Err(Error::Conflict(format!(
+            "Postgres of the cluster in {} does not run ({}): a backup needs it; `tidepool up` \
+             first",
+            state.dir.display(),
+            node.data_dir.display()
+        )));
+    }
+    Ok(node)
+}
+
 pub fn run(global: &GlobalArgs, args: &BackupCreateArgs) -> Result<bool> {
     let state = super::manage::load_state(global)?;
     let created = create(&state, &args.kind, !args.json)?;
@@ -115,10 +130,23 @@ pub fn create(state: &State, kind: &str, bar: bool) -> Result<Created> {
     let backups = Backups::of(state)?;
     backups.prepare()?;
     let _lock = BackupLock::acquire(&backups.dir.join("backup.lock"))?;
-    let nodes = inspect_nodes(state);
-    let (primary, standby) = choose(state, &nodes)?;
+    let single;
+    let (primary, standby) = if state.nodes.is_empty() {
+        single = single_node(state)?;
+        (&single, None)
+    } else {
+        choose(state, &inspect_nodes(state))?
+    };
     let (source, source_role) = match standby {
         Some(s) => (s.name.clone(), "standby"),
+        None if state.nodes.is_empty() => {
+            eprintln!(
+                "single-node cluster: taking the backup from the primary {} (there is no \
+                 standby to copy from)",
+                primary.name
+            );
+            (primary.name.clone(), "primary")
+        }
         None => {
             eprintln!(
                 "no healthy standby: taking the backup from the primary {}",

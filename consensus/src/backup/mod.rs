@@ -63,10 +63,10 @@ impl Backups {
 
     /// For a command on an existing cluster; an error when the cluster has no backups.
     pub fn of(state: &State) -> Result<Backups> {
-        if state.nodes.is_empty() || !state.settings.backup.enabled {
+        if !state.settings.backup.enabled {
             return Err(Error::Conflict(format!(
-                "the cluster in {} has no pgBackRest backups: they come with `tidepool up \
-                 --standbys N` and [backup] enabled = true",
+                "the cluster in {} has no pgBackRest backups: it was brought up with [backup] \
+                 enabled = false (set it to true, then `tidepool down && tidepool up`)",
                 state.dir.display()
             )));
         }
@@ -74,9 +74,9 @@ impl Backups {
         Ok(Backups::new(&state.settings, &layout))
     }
 
-    /// For `up` of a cluster with standbys: `None` with `[backup] enabled = false`; else the
-    /// directories made and every node's config written before any Postgres starts (their
-    /// archive_command names it).
+    /// For `up`: `None` with `[backup] enabled = false`; else the directories made and every
+    /// node's config written before any Postgres starts (their archive_command names it).
+    /// A single-node cluster passes its one node ([`nodes_of`]).
     pub fn prepare_for_up(
         settings: &ClusterSettings,
         layout: &Layout,
@@ -88,7 +88,8 @@ impl Backups {
         if !available() {
             return Err(Error::Environment(
                 "pgbackrest not found: install it (scripts/setup.sh), or set [backup] enabled = \
-                 false to copy standbys with pg_basebackup and archive nothing"
+                 false to archive nothing and take no backups (standbys are then copied with \
+                 pg_basebackup)"
                     .into(),
             ));
         }
@@ -223,6 +224,21 @@ impl Backups {
         pb.run("restore", &["--type=standby".to_string()])?;
         Ok(())
     }
+}
+
+/// The nodes whose Postgres pgBackRest works with: a cluster with standbys records them; a
+/// single-node cluster (`up` without `--standbys`) records none, and its one Postgres is
+/// node1's place (DIR/pgdata, DIR/run, `pg_port`, config DIR/pgbackrest.conf).
+pub fn nodes_of(state: &State) -> Result<Vec<NodeRecord>> {
+    if !state.nodes.is_empty() {
+        return Ok(state.nodes.clone());
+    }
+    let layout = Layout::new(&state.dir)?;
+    Ok(vec![crate::cluster::nodes::record(
+        &state.settings,
+        &layout,
+        1,
+    )])
 }
 
 /// A word for /bin/sh (Postgres runs archive_command and restore_command through it): plain

@@ -88,7 +88,7 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
     }
     let ha = settings.standbys > 0;
     let nodes = if ha {
-        nodes::records(&settings, layout)
+        nodes::records_for_up(&settings, layout, &state.nodes)
     } else {
         Vec::new()
     };
@@ -99,14 +99,18 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
     } else {
         String::new()
     };
-    let backups = if ha {
-        Backups::prepare_for_up(&settings, layout, &nodes)?
+    // A single-node cluster archives and backs up too: its one Postgres is node1's place
+    // (without an agent or a control process).
+    let node1 = nodes::record(&settings, layout, 1);
+    let backup_nodes = if ha {
+        nodes.as_slice()
     } else {
-        None
+        std::slice::from_ref(&node1)
     };
-    let archive = match (&backups, nodes.first()) {
-        (Some(b), Some(node1)) => b.archive_conf(node1),
-        _ => String::new(),
+    let backups = Backups::prepare_for_up(&settings, layout, backup_nodes)?;
+    let archive = match &backups {
+        Some(b) => b.archive_conf(&node1),
+        None => String::new(),
     };
     pg.configure_with(
         settings.pg_max_connections,
@@ -152,9 +156,9 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
         }
     };
     pg.ensure_role_and_database(&password, password_is_new)?;
-    if let (Some(b), Some(node1)) = (&backups, nodes.first()) {
+    if let Some(b) = &backups {
         // The stanza and a first full backup, which every standby is restored from.
-        b.bootstrap(node1, &pg)?;
+        b.bootstrap(&node1, &pg)?;
     }
 
     // The node agents' secret, before any agent starts; the link's, before pooler and gateway.

@@ -610,6 +610,46 @@ pub fn load_topology(dir: &std::path::Path, settings: &ClusterSettings) -> Optio
     rt.block_on(store.load()).ok().flatten().map(|(t, _)| t)
 }
 
+/// Takes `name` out of the stored topology's cohort (`tidepool node remove`, while no control
+/// process runs), by compare-and-swap over the version loaded. `false`: no stored topology
+/// named it.
+pub fn remove_from_topology(
+    dir: &std::path::Path,
+    settings: &ClusterSettings,
+    name: &str,
+) -> Result<bool> {
+    let store = store_for(dir, settings)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::io("starting a runtime for the topology store"))?;
+    rt.block_on(async {
+        for _ in 0..5 {
+            let Some((mut topo, version)) = store
+                .load()
+                .await
+                .map_err(|e| Error::Conflict(format!("topology store: {e}")))?
+            else {
+                return Ok(false);
+            };
+            if !topo.nodes.iter().any(|n| n.name == name) {
+                return Ok(false);
+            }
+            topo.nodes.retain(|n| n.name != name);
+            match store.compare_and_swap(Some(version), &topo).await {
+                Ok(true) => return Ok(true),
+                Ok(false) => tokio::time::sleep(Duration::from_millis(200)).await,
+                Err(e) => return Err(Error::Conflict(format!("topology store: {e}"))),
+            }
+        }
+        Err(Error::Conflict(
+            "the topology kept changing while removing a node from it: is another control \
+             process running?"
+                .into(),
+        ))
+    })
+}
+
 /// `Report` with a name, for status output.
 pub fn describe(r: &Report) -> String {
     format!("{} term {} timeline {}", r.role.name(), r.term, r.timeline)
