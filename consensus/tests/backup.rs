@@ -90,6 +90,13 @@ impl Drop for Restored {
 
 /// `tidepool restore --to TARGET` into a new directory, then `tidepool up` there.
 fn restore(c: &HaCluster, target: &str) -> Restored {
+    let mut r = restore_only(c, target);
+    r.up(&[]);
+    r
+}
+
+/// `tidepool restore --to TARGET` into a new directory.
+fn restore_only(c: &HaCluster, target: &str) -> Restored {
     let dir = PathBuf::from(format!(
         "{}-r{}",
         c.dir.display(),
@@ -114,7 +121,7 @@ fn restore(c: &HaCluster, target: &str) -> Restored {
         .and_then(|t| t.split_whitespace().next())
         .and_then(|t| t.parse().ok())
         .unwrap_or(0);
-    let mut r = Restored {
+    let r = Restored {
         dir,
         url: String::new(),
         timeline,
@@ -122,33 +129,45 @@ fn restore(c: &HaCluster, target: &str) -> Restored {
     assert!(out.success(), "restore --to {target}:\n{}", out.text);
     eprintln!("restore --to {target}:\n{}", out.text);
     assert!(out.text.contains("on timeline"), "{}", out.text);
-    let (port, pooler, pg) = (
-        free_port().to_string(),
-        free_port().to_string(),
-        free_port().to_string(),
-    );
-    let up = r.tidepool(&[
-        "up",
-        "--port",
-        &port,
-        "--pooler-port",
-        &pooler,
-        "--pg-port",
-        &pg,
-        "--cores",
-        "1",
-        "--pool-size",
-        "2",
-    ]);
-    assert!(up.success(), "up of the restored cluster:\n{}", up.text);
-    r.url = up
-        .text
-        .lines()
-        .rev()
-        .find(|l| l.starts_with("postgres://"))
-        .unwrap_or_default()
-        .to_string();
     r
+}
+
+impl Restored {
+    /// `tidepool [GLOBAL] up` of the restored directory on free ports; its output.
+    fn try_up(&self, global: &[&str]) -> testkit::Output {
+        let (port, pooler, pg) = (
+            free_port().to_string(),
+            free_port().to_string(),
+            free_port().to_string(),
+        );
+        let mut args = global.to_vec();
+        args.extend([
+            "up",
+            "--port",
+            &port,
+            "--pooler-port",
+            &pooler,
+            "--pg-port",
+            &pg,
+            "--cores",
+            "1",
+            "--pool-size",
+            "2",
+        ]);
+        self.tidepool(&args)
+    }
+
+    fn up(&mut self, global: &[&str]) {
+        let up = self.try_up(global);
+        assert!(up.success(), "up of the restored cluster:\n{}", up.text);
+        self.url = up
+            .text
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("postgres://"))
+            .unwrap_or_default()
+            .to_string();
+    }
 }
 
 /// Every id acknowledged before the target was made is there; nothing written after it.
@@ -657,10 +676,35 @@ fn single_node_cluster_archives_backs_up_and_restores_to_a_point_in_time() {
     let r = restore(&c, &lsn);
     assert_cut(&r.ids(), &before, &after, "LSN");
     drop(r);
-    let r = restore(&c, "latest");
+    // The restored cluster archives too, but never into its source's stanza: `up` with the
+    // source's repository is refused; with its own (the default) it runs.
+    let mut r = restore_only(&c, "latest");
+    let conf = PathBuf::from(format!("{}-shared-repo.toml", c.dir.display()));
+    std::fs::write(
+        &conf,
+        format!("[backup]\nrepo_path = {:?}\n", c.dir.join("backups")),
+    )
+    .expect("writing a config");
+    let out = r.try_up(&["--config", conf.to_str().unwrap_or_default()]);
+    let _ = std::fs::remove_file(&conf);
+    assert!(
+        !out.success()
+            && out
+                .text
+                .contains("must not archive into its source's stanza"),
+        "{}",
+        out.text
+    );
+    r.up(&[]);
     let got = r.ids();
     let missing: Vec<&i64> = all.acked.iter().filter(|id| !got.contains(id)).collect();
     assert!(missing.is_empty(), "latest: missing {missing:?}");
+    let own = r.tidepool(&["backup", "list", "--json"]);
+    assert!(
+        own.success() && own.text.contains("\"full\""),
+        "the restored cluster's own first backup:\n{}",
+        own.text
+    );
     drop(r);
 
     let out = c.tidepool(&["backup", "verify"]);

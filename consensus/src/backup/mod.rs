@@ -94,6 +94,17 @@ impl Backups {
             ));
         }
         let b = Backups::new(settings, layout);
+        if let Some(from) = Origin::read(&b.dir) {
+            if from.repo == b.paths.repo && from.stanza == b.stanza {
+                return Err(Error::Conflict(format!(
+                    "this cluster was restored from stanza {} in {}: it must not archive into \
+                     its source's stanza. Give it its own repository ([backup] repo_path) or \
+                     cluster_name, or set [backup] enabled = false",
+                    from.stanza,
+                    from.repo.display()
+                )));
+            }
+        }
         b.prepare()?;
         for node in nodes {
             b.write_node_config(node)?;
@@ -223,6 +234,34 @@ impl Backups {
         );
         pb.run("restore", &["--type=standby".to_string()])?;
         Ok(())
+    }
+}
+
+/// Where a restored cluster's backups came from (DIR/pgbackrest/restored-from, written by
+/// `tidepool restore`): its own `up` must archive elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub repo: PathBuf,
+    pub stanza: String,
+}
+
+impl Origin {
+    const FILE: &'static str = "restored-from";
+
+    /// Two lines: the repository, the stanza.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let path = dir.join(Self::FILE);
+        let text = format!("{}\n{}\n", self.repo.display(), self.stanza);
+        std::fs::write(&path, text).map_err(Error::io(format!("writing {}", path.display())))
+    }
+
+    pub fn read(dir: &Path) -> Option<Origin> {
+        let text = std::fs::read_to_string(dir.join(Self::FILE)).ok()?;
+        let mut lines = text.lines();
+        Some(Origin {
+            repo: PathBuf::from(lines.next()?),
+            stanza: lines.next()?.to_string(),
+        })
     }
 }
 

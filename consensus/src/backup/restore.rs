@@ -96,6 +96,13 @@ pub fn run(global: &GlobalArgs, args: &RestoreArgs) -> Result<bool> {
         std::fs::create_dir_all(d).map_err(Error::io(format!("creating {}", d.display())))?;
         crate::postgres::chown_to_postgres(d)?;
     }
+    // `up` of NEWDIR archives into a repository of its own; this says which one it must not
+    // use (the source's stanza).
+    let from = super::Origin {
+        repo: backups.paths.repo.clone(),
+        stanza: backups.stanza.clone(),
+    };
+    from.write(&own)?;
     let conf = into.dir().join("pgbackrest.conf");
     let text = super::pgbackrest::render(
         &backups.settings,
