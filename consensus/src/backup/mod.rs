@@ -8,12 +8,14 @@
 //!                                  archive-get, restore)   (node1: DIR/pgbackrest.conf)
 //! DIR/pgbackrest/backup.conf       the backup host's: pg1 = primary, pg2 = the chosen standby
 //! DIR/pgbackrest/{log,lock,spool}/ pgBackRest's own files, owned by the postgres OS user
-//! DIR/pgbackrest/backup.lock       held by `tidepool backup create` (one backup at a time)
+//! DIR/pgbackrest/backup.lock       held by `tidepool backup create` (one backup at a time; with
+//!                                  etcd also a lock key there, lock.rs)
 //! DIR/backups/                     the repository, unless [backup] repo_path says otherwise
 //! ```
 
 pub mod create;
 pub mod info;
+pub mod lock;
 pub mod manage;
 pub mod pgbackrest;
 pub mod restore;
