@@ -802,3 +802,43 @@ fn node_remove_refuses_the_primary_and_a_policy_left_unsatisfied_and_stops_a_sta
     let writes = w.finish();
     ha::assert_all_acked_on(&c, 0, &writes);
 }
+
+#[test]
+fn single_node_scheduled_backups_run_in_a_control_process_of_their_own() {
+    let conf = std::env::temp_dir().join(format!("tp-schedule1-{}.toml", std::process::id()));
+    std::fs::write(
+        &conf,
+        "[backup]\nschedule = [{ type = \"incr\", cron = \"*/10 * * * * *\" }]\n",
+    )
+    .expect("writing the config");
+    let c = HaCluster::up_with(0, &["--config", conf.to_str().unwrap_or_default()]);
+    let _ = std::fs::remove_file(&conf);
+
+    let ok = wait_schedule(&c, "last_success", 0, Duration::from_secs(40));
+    let label = ok["detail"].as_str().unwrap_or_default().to_string();
+    let list = backups(&c);
+    assert!(
+        list.iter()
+            .any(|b| b["label"] == label.as_str() && b["type"] == "incr"),
+        "{label} not in {list:?}"
+    );
+    let status = c.tidepool(&["status", "--json"]);
+    assert!(status.success(), "{}\n{}", status.text, c.logs());
+    let json: Value = serde_json::from_str(&status.text).unwrap_or_default();
+    let control = json["processes"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == "control").cloned())
+        .unwrap_or_default();
+    assert_eq!(control["state"], "running/accepting", "{}", status.text);
+    assert!(
+        json["backup_schedule"]["last_success"]["detail"]
+            .as_str()
+            .is_some_and(|l| l >= label.as_str()),
+        "{}",
+        status.text
+    );
+    let pid = control["pid"].as_u64().unwrap_or_default() as u32;
+    let out = c.tidepool(&["down"]);
+    assert!(out.success(), "{}", out.text);
+    assert!(!alive(pid), "down left the control process running");
+}

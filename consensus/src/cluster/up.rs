@@ -240,7 +240,13 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
         &mut state,
         timeout,
     )?;
-    if ha {
+    if !crate::control::wanted(&state) {
+        // A single node whose schedule was taken out: its old control process goes.
+        if let Some(c) = state.process(Role::Control).cloned() {
+            terminate(c.pid, Role::Control.program(), Duration::from_secs(10))?;
+            state.processes.retain(|p| p.name != Role::Control);
+        }
+    } else {
         let me = std::env::current_exe().map_err(Error::io("finding the tidepool executable"))?;
         let args: Vec<OsString> = vec![
             "--dir".into(),
@@ -248,8 +254,12 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
             "control".into(),
         ];
         let known = state.process(Role::Control).map(|p| p.pid);
-        // With a metrics endpoint, `up` waits until it accepts and `status` shows it.
-        let address = settings.metrics_addr()?.unwrap_or(loopback(0));
+        // With a metrics endpoint, `up` waits until it accepts and `status` shows it (only
+        // with standbys: a single node's control process runs its backup schedule alone).
+        let address = match settings.metrics_addr()? {
+            Some(a) if ha => a,
+            _ => loopback(0),
+        };
         let pid = ensure_process(
             Role::Control,
             &me,
