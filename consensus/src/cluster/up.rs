@@ -100,7 +100,7 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
         String::new()
     };
     // A single-node cluster archives and backs up too: its one Postgres is node1's place
-    // (without an agent or a control process).
+    // (with no agent; a control process only for a backup schedule).
     let node1 = nodes::record(&settings, layout, 1);
     let backup_nodes = if ha {
         nodes.as_slice()
