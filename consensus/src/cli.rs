@@ -116,6 +116,16 @@ pub enum NodeCommand {
     /// A new standby restored from the latest backup, with its pooler, in the cohort and the
     /// durability policy.
     Add(NodeAddArgs),
+    /// Takes a standby out of the cohort: the durability policy re-checked without it, its
+    /// Postgres and pooler stopped, its directory kept aside (DIR/NAME.removed-TIME).
+    Remove(NodeRemoveArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct NodeRemoveArgs {
+    /// The node to remove (as `tidepool status` names it, e.g. node3).
+    #[arg(value_name = "NAME")]
+    pub name: String,
 }
 
 #[derive(Debug, Clone, Default, Args)]

@@ -26,6 +26,7 @@ fn main() -> ExitCode {
         Command::Install(args) => tidepool::install::run(args),
         Command::Node(n) => match &n.command {
             NodeCommand::Add(args) => cluster::node_add::run(&cli.global, args),
+            NodeCommand::Remove(args) => cluster::node_remove::run(&cli.global, args),
         },
     };
     match result {

@@ -90,6 +90,13 @@ impl Drop for Restored {
 
 /// `tidepool restore --to TARGET` into a new directory, then `tidepool up` there.
 fn restore(c: &HaCluster, target: &str) -> Restored {
+    let mut r = restore_only(c, target);
+    r.up(&[]);
+    r
+}
+
+/// `tidepool restore --to TARGET` into a new directory.
+fn restore_only(c: &HaCluster, target: &str) -> Restored {
     let dir = PathBuf::from(format!(
         "{}-r{}",
         c.dir.display(),
@@ -114,7 +121,7 @@ fn restore(c: &HaCluster, target: &str) -> Restored {
         .and_then(|t| t.split_whitespace().next())
         .and_then(|t| t.parse().ok())
         .unwrap_or(0);
-    let mut r = Restored {
+    let r = Restored {
         dir,
         url: String::new(),
         timeline,
@@ -122,33 +129,45 @@ fn restore(c: &HaCluster, target: &str) -> Restored {
     assert!(out.success(), "restore --to {target}:\n{}", out.text);
     eprintln!("restore --to {target}:\n{}", out.text);
     assert!(out.text.contains("on timeline"), "{}", out.text);
-    let (port, pooler, pg) = (
-        free_port().to_string(),
-        free_port().to_string(),
-        free_port().to_string(),
-    );
-    let up = r.tidepool(&[
-        "up",
-        "--port",
-        &port,
-        "--pooler-port",
-        &pooler,
-        "--pg-port",
-        &pg,
-        "--cores",
-        "1",
-        "--pool-size",
-        "2",
-    ]);
-    assert!(up.success(), "up of the restored cluster:\n{}", up.text);
-    r.url = up
-        .text
-        .lines()
-        .rev()
-        .find(|l| l.starts_with("postgres://"))
-        .unwrap_or_default()
-        .to_string();
     r
+}
+
+impl Restored {
+    /// `tidepool [GLOBAL] up` of the restored directory on free ports; its output.
+    fn try_up(&self, global: &[&str]) -> testkit::Output {
+        let (port, pooler, pg) = (
+            free_port().to_string(),
+            free_port().to_string(),
+            free_port().to_string(),
+        );
+        let mut args = global.to_vec();
+        args.extend([
+            "up",
+            "--port",
+            &port,
+            "--pooler-port",
+            &pooler,
+            "--pg-port",
+            &pg,
+            "--cores",
+            "1",
+            "--pool-size",
+            "2",
+        ]);
+        self.tidepool(&args)
+    }
+
+    fn up(&mut self, global: &[&str]) {
+        let up = self.try_up(global);
+        assert!(up.success(), "up of the restored cluster:\n{}", up.text);
+        self.url = up
+            .text
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("postgres://"))
+            .unwrap_or_default()
+            .to_string();
+    }
 }
 
 /// Every id acknowledged before the target was made is there; nothing written after it.
@@ -524,6 +543,22 @@ fn scheduled_backups_report_failures_and_follow_the_cluster_through_a_failover()
             .any(|b| b["label"] == label && b["type"] == "incr"),
         "{label} not in {list:?}"
     );
+    // `status` shows the success taken after the failover (the schedule's record follows the
+    // cluster, not node1).
+    // (A later one may have run meanwhile: labels sort by time.)
+    let status = c.tidepool(&["status"]);
+    let shown = status
+        .text
+        .lines()
+        .find(|l| l.contains("scheduled backups: last success incr"))
+        .and_then(|l| l.split_once('(').and_then(|(_, r)| r.split_once(')')))
+        .map(|(label, _)| label.to_string())
+        .unwrap_or_default();
+    assert!(
+        shown.as_str() >= label,
+        "status shows {shown:?}, not {label} or later:\n{}",
+        status.text
+    );
 }
 
 #[test]
@@ -571,4 +606,239 @@ fn node_add_restores_a_standby_that_joins_the_cohort_and_can_be_promoted() {
     w.expect_acks(&c, acked, 20, Duration::from_secs(30));
     let writes = w.finish();
     ha::assert_all_acked_on(&c, p, &writes);
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().next().map(|x| x != "Z"))
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn single_node_cluster_archives_backs_up_and_restores_to_a_point_in_time() {
+    // `up` without standbys: no agent, no control process, still a stanza and a backup.
+    let mut c = HaCluster::up_with(0, &[]);
+    assert!(c.nodes.is_empty(), "a single node records no nodes");
+    let pg_port = {
+        let state: Value = serde_json::from_str(
+            &std::fs::read_to_string(c.dir.join("state.json")).expect("state.json"),
+        )
+        .expect("state.json is JSON");
+        state["postgres"]["port"].as_u64().unwrap_or_default() as u16
+    };
+    // For psql_node(0): the one Postgres, over its socket.
+    c.nodes.push(ha::Node {
+        name: "node1".into(),
+        agent: "127.0.0.1:1".parse().expect("an address"),
+        pooler: "127.0.0.1:1".parse().expect("an address"),
+        data_dir: c.dir.join("pgdata"),
+        socket_dir: c.dir.join("run"),
+        pg_port,
+        pooler_pid: 0,
+    });
+
+    let first = backups(&c);
+    assert_eq!(first.len(), 1, "the bootstrap's full backup: {first:?}");
+    assert_eq!(first[0]["type"], "full");
+
+    let w = Writer::start(&c.url);
+    w.expect_acks(&c, 0, 30, Duration::from_secs(30));
+    let out = c.tidepool(&["backup", "create", "--type", "incr"]);
+    assert!(out.success(), "{}\n{}", out.text, c.logs());
+    assert!(
+        out.text
+            .contains("single-node cluster: taking the backup from the primary node1"),
+        "{}",
+        out.text
+    );
+    let list = backups(&c);
+    assert_eq!(list.len(), 2, "{list:?}");
+    assert_eq!(list[1]["type"], "incr");
+
+    // An LSN target with writes on both sides, then the latest.
+    let before = w.snapshot();
+    let lsn = sql(&c, 0, "SELECT pg_current_wal_insert_lsn()");
+    let after = w.snapshot();
+    w.expect_acks(&c, after.acked.len(), 30, Duration::from_secs(30));
+    let all = w.finish();
+    let archived = sql(
+        &c,
+        0,
+        "SELECT archived_count > 0 AND failed_count = 0 FROM pg_stat_archiver",
+    );
+    assert_eq!(archived, "t", "the single node archives its WAL");
+
+    let r = restore(&c, &lsn);
+    assert_cut(&r.ids(), &before, &after, "LSN");
+    drop(r);
+    // The restored cluster archives too, but never into its source's stanza: `up` with the
+    // source's repository is refused; with its own (the default) it runs.
+    let mut r = restore_only(&c, "latest");
+    let conf = PathBuf::from(format!("{}-shared-repo.toml", c.dir.display()));
+    std::fs::write(
+        &conf,
+        format!("[backup]\nrepo_path = {:?}\n", c.dir.join("backups")),
+    )
+    .expect("writing a config");
+    let out = r.try_up(&["--config", conf.to_str().unwrap_or_default()]);
+    let _ = std::fs::remove_file(&conf);
+    assert!(
+        !out.success()
+            && out
+                .text
+                .contains("must not archive into its source's stanza"),
+        "{}",
+        out.text
+    );
+    r.up(&[]);
+    let got = r.ids();
+    let missing: Vec<&i64> = all.acked.iter().filter(|id| !got.contains(id)).collect();
+    assert!(missing.is_empty(), "latest: missing {missing:?}");
+    let own = r.tidepool(&["backup", "list", "--json"]);
+    assert!(
+        own.success() && own.text.contains("\"full\""),
+        "the restored cluster's own first backup:\n{}",
+        own.text
+    );
+    drop(r);
+
+    let out = c.tidepool(&["backup", "verify"]);
+    assert!(out.success(), "{}", out.text);
+    let out = c.tidepool(&[
+        "restore",
+        "--to",
+        "latest",
+        "--into",
+        c.dir.to_str().unwrap_or_default(),
+    ]);
+    assert!(
+        !out.success() && out.text.contains("refusing to restore over"),
+        "{}",
+        out.text
+    );
+    let out = c.tidepool(&["node", "add"]);
+    assert!(
+        !out.success() && out.text.contains("single node"),
+        "{}",
+        out.text
+    );
+}
+
+#[test]
+fn node_remove_refuses_the_primary_and_a_policy_left_unsatisfied_and_stops_a_standby() {
+    let mut c = HaCluster::settled(&[]);
+    let w = Writer::start(&c.url);
+    w.expect_acks(&c, 0, 20, Duration::from_secs(30));
+    let (p, _) = c.primary().expect("a primary");
+    assert_eq!(p, 0, "node1 is the bootstrap primary");
+
+    let out = c.tidepool(&["node", "remove", "node1"]);
+    assert!(
+        !out.success()
+            && out.text.contains("node1 is the primary")
+            && out.text.contains("tidepool switchover"),
+        "{}",
+        out.text
+    );
+    let out = c.tidepool(&["node", "remove", "node9"]);
+    assert!(
+        !out.success() && out.text.contains("no node \"node9\""),
+        "{}",
+        out.text
+    );
+
+    // node2 goes (a gap in the numbers: node1 and node3 stay).
+    let pooler = c.nodes[1].pooler_pid;
+    let postmaster = c.postgres_pid(1).expect("node2's postmaster");
+    let out = c.tidepool(&["node", "remove", "node2"]);
+    assert!(out.success(), "{}\n{}", out.text, c.logs());
+    assert!(!alive(pooler), "node2's pooler still runs\n{}", out.text);
+    assert!(
+        !alive(postmaster),
+        "node2's Postgres still runs\n{}",
+        out.text
+    );
+    let sync = sql(&c, 0, "SHOW synchronous_standby_names");
+    assert!(
+        !sync.contains("node2") && sync.contains("node3"),
+        "synchronous standbys {sync}"
+    );
+    let topo = c.topology();
+    let cohort = topo["nodes"].to_string();
+    assert!(
+        !cohort.contains("node2") && cohort.contains("node3"),
+        "{topo}"
+    );
+    c.reload_nodes();
+    let names: Vec<&str> = c.nodes.iter().map(|n| n.name.as_str()).collect();
+    assert_eq!(names, ["node1", "node3"]);
+    // Writes go on through the gateway, synchronously acknowledged by node3.
+    let acked = w.acked_count();
+    w.expect_acks(&c, acked, 20, Duration::from_secs(30));
+    c.wait_all_streaming(&[], Duration::from_secs(30));
+
+    // The last standby: `any 2` cannot be met by node1 alone.
+    let out = c.tidepool(&["node", "remove", "node3"]);
+    assert!(
+        !out.success() && out.text.contains("cannot satisfy the durability policy"),
+        "{}",
+        out.text
+    );
+    assert!(c.postgres_pid(1).is_some_and(alive), "node3 was stopped");
+
+    // `up` again brings up the cohort as it is, not node2.
+    let out = c.tidepool(&["up"]);
+    assert!(out.success(), "{}\n{}", out.text, c.logs());
+    assert!(!out.text.contains("restoring"), "{}", out.text);
+    c.reload_nodes();
+    assert_eq!(c.nodes.len(), 2);
+    let acked = w.acked_count();
+    w.expect_acks(&c, acked, 20, Duration::from_secs(30));
+    let writes = w.finish();
+    ha::assert_all_acked_on(&c, 0, &writes);
+}
+
+#[test]
+fn single_node_scheduled_backups_run_in_a_control_process_of_their_own() {
+    let conf = std::env::temp_dir().join(format!("tp-schedule1-{}.toml", std::process::id()));
+    std::fs::write(
+        &conf,
+        "[backup]\nschedule = [{ type = \"incr\", cron = \"*/10 * * * * *\" }]\n",
+    )
+    .expect("writing the config");
+    let c = HaCluster::up_with(0, &["--config", conf.to_str().unwrap_or_default()]);
+    let _ = std::fs::remove_file(&conf);
+
+    let ok = wait_schedule(&c, "last_success", 0, Duration::from_secs(40));
+    let label = ok["detail"].as_str().unwrap_or_default().to_string();
+    let list = backups(&c);
+    assert!(
+        list.iter()
+            .any(|b| b["label"] == label.as_str() && b["type"] == "incr"),
+        "{label} not in {list:?}"
+    );
+    let status = c.tidepool(&["status", "--json"]);
+    assert!(status.success(), "{}\n{}", status.text, c.logs());
+    let json: Value = serde_json::from_str(&status.text).unwrap_or_default();
+    let control = json["processes"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == "control").cloned())
+        .unwrap_or_default();
+    assert_eq!(control["state"], "running/accepting", "{}", status.text);
+    assert!(
+        json["backup_schedule"]["last_success"]["detail"]
+            .as_str()
+            .is_some_and(|l| l >= label.as_str()),
+        "{}",
+        status.text
+    );
+    let pid = control["pid"].as_u64().unwrap_or_default() as u32;
+    let out = c.tidepool(&["down"]);
+    assert!(out.success(), "{}", out.text);
+    assert!(!alive(pid), "down left the control process running");
 }

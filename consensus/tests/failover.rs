@@ -372,6 +372,35 @@ fn with_etcd_two_control_processes_never_make_two_primaries_and_an_etcd_outage_d
     let etcd = testkit::Etcd::start();
     let c = HaCluster::up(&["--etcd", &etcd.url]);
     c.wait_all_streaming(&[], Duration::from_secs(30));
+    // One backup at a time across machines: a backup lock held in etcd (by a `backup create`
+    // elsewhere) refuses one here; released, the backup runs.
+    let store = tidepool::topology::Store::Etcd(
+        tidepool::topology::EtcdStore::new(&etcd.url, "local", Duration::from_secs(5))
+            .expect("etcd url"),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let held = match rt
+        .block_on(store.lock_backup("backup elsewhere pid 7", Duration::from_secs(30)))
+        .expect("etcd")
+    {
+        tidepool::topology::LockAttempt::Taken(l) => l,
+        other => panic!("the backup lock: {other:?}"),
+    };
+    let out = c.tidepool(&["backup", "create", "--type", "incr"]);
+    assert!(
+        !out.success()
+            && out
+                .text
+                .contains("backup elsewhere pid 7 holds the backup lock"),
+        "{}",
+        out.text
+    );
+    rt.block_on(store.unlock_backup(held)).expect("unlock");
+    let out = c.tidepool(&["backup", "create", "--type", "incr"]);
+    assert!(out.success(), "{}\n{}", out.text, c.logs());
     // A second control process beside the one `up` started: one leads, one waits.
     let _second = Control::start(&c);
     let watcher = Watcher::start(&c);

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tidepool::topology::{
-    EtcdStore, FileStore, NodeRecord, Store, StoreError, TermRecord, Topology,
+    EtcdStore, FileStore, LockAttempt, NodeRecord, Store, StoreError, TermRecord, Topology,
 };
 
 /// A fresh directory, removed however the test ends.
@@ -323,4 +323,56 @@ async fn etcd_down_or_frozen_gives_errors_not_hangs() {
         .expect("campaign bounded")
         .unwrap_err();
     assert!(matches!(e, StoreError::Etcd { .. }), "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_backup_lock_is_one_at_a_time_and_lapses_with_a_dead_holder() {
+    let etcd = testkit::Etcd::start();
+    let (a, b) = (
+        etcd_store(&etcd, Duration::from_secs(5)),
+        etcd_store(&etcd, Duration::from_secs(5)),
+    );
+    let ttl = Duration::from_secs(2);
+    let (ida, idb) = ("backup host-a pid 1", "backup host-b pid 2");
+    let LockAttempt::Taken(la) = a.lock_backup(ida, ttl).await.unwrap() else {
+        panic!("a takes the free lock");
+    };
+    assert_eq!(
+        b.lock_backup(idb, ttl).await.unwrap(),
+        LockAttempt::HeldBy(ida.into())
+    );
+    // Kept alive, it holds past several ttls.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(a.keep_backup_lock(&la).await.unwrap());
+        assert_eq!(
+            b.lock_backup(idb, ttl).await.unwrap(),
+            LockAttempt::HeldBy(ida.into())
+        );
+    }
+    // Given up, the other takes it at once.
+    a.unlock_backup(la).await.unwrap();
+    let LockAttempt::Taken(lb) = b.lock_backup(idb, ttl).await.unwrap() else {
+        panic!("b takes the released lock");
+    };
+    // Its holder dies (no more keep-alives): the lock lapses within a few seconds.
+    let start = Instant::now();
+    loop {
+        match a.lock_backup(ida, ttl).await.unwrap() {
+            LockAttempt::Taken(_) => break,
+            LockAttempt::HeldBy(h) => assert_eq!(h, idb),
+            LockAttempt::Local => panic!("etcd is not local"),
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the dead holder's lock did not lapse"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!b.keep_backup_lock(&lb).await.unwrap(), "b's lease lapsed");
+
+    // The file store is one machine's: the lock file covers it.
+    let dir = TempDir::new("backup-lock");
+    let f = Store::File(FileStore::new(dir.0.join("topology.json")));
+    assert_eq!(f.lock_backup(ida, ttl).await.unwrap(), LockAttempt::Local);
 }

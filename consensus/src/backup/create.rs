@@ -2,17 +2,13 @@
 //! healthy standby when there is one (pgBackRest `backup-standby=y`: only the start and stop
 //! calls and the WAL switch run on the primary), from the primary otherwise, and said so.
 //!
-//! One backup at a time: an exclusive `flock` on DIR/pgbackrest/backup.lock (held by the
-//! process, so a crash releases it), and pgBackRest's own lock in the shared lock path behind
-//! it.
+//! One backup at a time: see `lock.rs`.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::path::Path;
 use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::backup::lock::{BackupLock, ClusterLock};
 use crate::backup::{info, Backups};
 use crate::cli::{BackupCreateArgs, GlobalArgs};
 use crate::cluster::status::{inspect_nodes, NodeStatus};
@@ -31,33 +27,6 @@ pub struct Created {
     pub source_role: String,
     pub seconds: f64,
     pub backup: Option<info::BackupInfo>,
-}
-
-/// Held while a backup runs; dropping it (or the process dying) releases the lock.
-pub struct BackupLock {
-    _file: File,
-}
-
-impl BackupLock {
-    pub fn acquire(path: &Path) -> Result<BackupLock> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(Error::io(format!("opening {}", path.display())))?;
-        // SAFETY: flock on a descriptor we own.
-        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if r != 0 {
-            return Err(Error::Conflict(format!(
-                "another backup is running in this cluster ({} is locked): one backup at a \
-                 time; try again when it ends",
-                path.display()
-            )));
-        }
-        Ok(BackupLock { _file: file })
-    }
 }
 
 /// The primary, and the standby to copy from: streaming, healthy, least behind.
@@ -84,6 +53,21 @@ pub fn choose<'a>(
         .min_by_key(|n| n.lag_bytes.unwrap_or(u64::MAX))
         .and_then(|n| record(&n.name));
     Ok((primary, standby))
+}
+
+/// The one Postgres of a single-node cluster, which must run (a backup starts and stops on
+/// it).
+fn single_node(state: &State) -> Result<NodeRecord> {
+    let node = super::nodes_of(state)?.remove(0);
+    if crate::postgres::running_postmaster(&node.data_dir).is_none() {
+        return Err(Error::Conflict(format!(
+            "Postgres of the cluster in {} does not run ({}): a backup needs it; `tidepool up` \
+             first",
+            state.dir.display(),
+            node.data_dir.display()
+        )));
+    }
+    Ok(node)
 }
 
 pub fn run(global: &GlobalArgs, args: &BackupCreateArgs) -> Result<bool> {
@@ -115,10 +99,24 @@ pub fn create(state: &State, kind: &str, bar: bool) -> Result<Created> {
     let backups = Backups::of(state)?;
     backups.prepare()?;
     let _lock = BackupLock::acquire(&backups.dir.join("backup.lock"))?;
-    let nodes = inspect_nodes(state);
-    let (primary, standby) = choose(state, &nodes)?;
+    let _cluster_lock = ClusterLock::acquire(state)?;
+    let single;
+    let (primary, standby) = if state.nodes.is_empty() {
+        single = single_node(state)?;
+        (&single, None)
+    } else {
+        choose(state, &inspect_nodes(state))?
+    };
     let (source, source_role) = match standby {
         Some(s) => (s.name.clone(), "standby"),
+        None if state.nodes.is_empty() => {
+            eprintln!(
+                "single-node cluster: taking the backup from the primary {} (there is no \
+                 standby to copy from)",
+                primary.name
+            );
+            (primary.name.clone(), "primary")
+        }
         None => {
             eprintln!(
                 "no healthy standby: taking the backup from the primary {}",

@@ -22,7 +22,8 @@ pub fn load_state(global: &GlobalArgs) -> Result<State> {
 /// pgBackRest on the repository: pg1 is node1 (repository commands never connect to it).
 pub fn repo(state: &State) -> Result<(Backups, PgBackRest)> {
     let backups = Backups::of(state)?;
-    let Some(node1) = state.nodes.first() else {
+    let nodes = super::nodes_of(state)?;
+    let Some(node1) = nodes.first() else {
         return Err(Error::Conflict("the cluster has no nodes".into()));
     };
     let path = backups.dir.join("repo.conf");

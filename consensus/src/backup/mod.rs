@@ -8,12 +8,14 @@
 //!                                  archive-get, restore)   (node1: DIR/pgbackrest.conf)
 //! DIR/pgbackrest/backup.conf       the backup host's: pg1 = primary, pg2 = the chosen standby
 //! DIR/pgbackrest/{log,lock,spool}/ pgBackRest's own files, owned by the postgres OS user
-//! DIR/pgbackrest/backup.lock       held by `tidepool backup create` (one backup at a time)
+//! DIR/pgbackrest/backup.lock       held by `tidepool backup create` (one backup at a time; with
+//!                                  etcd also a lock key there, lock.rs)
 //! DIR/backups/                     the repository, unless [backup] repo_path says otherwise
 //! ```
 
 pub mod create;
 pub mod info;
+pub mod lock;
 pub mod manage;
 pub mod pgbackrest;
 pub mod restore;
@@ -63,10 +65,10 @@ impl Backups {
 
     /// For a command on an existing cluster; an error when the cluster has no backups.
     pub fn of(state: &State) -> Result<Backups> {
-        if state.nodes.is_empty() || !state.settings.backup.enabled {
+        if !state.settings.backup.enabled {
             return Err(Error::Conflict(format!(
-                "the cluster in {} has no pgBackRest backups: they come with `tidepool up \
-                 --standbys N` and [backup] enabled = true",
+                "the cluster in {} has no pgBackRest backups: it was brought up with [backup] \
+                 enabled = false (set it to true, then `tidepool down && tidepool up`)",
                 state.dir.display()
             )));
         }
@@ -74,9 +76,9 @@ impl Backups {
         Ok(Backups::new(&state.settings, &layout))
     }
 
-    /// For `up` of a cluster with standbys: `None` with `[backup] enabled = false`; else the
-    /// directories made and every node's config written before any Postgres starts (their
-    /// archive_command names it).
+    /// For `up`: `None` with `[backup] enabled = false`; else the directories made and every
+    /// node's config written before any Postgres starts (their archive_command names it).
+    /// A single-node cluster passes its one node ([`nodes_of`]).
     pub fn prepare_for_up(
         settings: &ClusterSettings,
         layout: &Layout,
@@ -88,11 +90,23 @@ impl Backups {
         if !available() {
             return Err(Error::Environment(
                 "pgbackrest not found: install it (scripts/setup.sh), or set [backup] enabled = \
-                 false to copy standbys with pg_basebackup and archive nothing"
+                 false to archive nothing and take no backups (standbys are then copied with \
+                 pg_basebackup)"
                     .into(),
             ));
         }
         let b = Backups::new(settings, layout);
+        if let Some(from) = Origin::read(&b.dir) {
+            if from.repo == b.paths.repo && from.stanza == b.stanza {
+                return Err(Error::Conflict(format!(
+                    "this cluster was restored from stanza {} in {}: it must not archive into \
+                     its source's stanza. Give it its own repository ([backup] repo_path) or \
+                     cluster_name, or set [backup] enabled = false",
+                    from.stanza,
+                    from.repo.display()
+                )));
+            }
+        }
         b.prepare()?;
         for node in nodes {
             b.write_node_config(node)?;
@@ -223,6 +237,49 @@ impl Backups {
         pb.run("restore", &["--type=standby".to_string()])?;
         Ok(())
     }
+}
+
+/// Where a restored cluster's backups came from (DIR/pgbackrest/restored-from, written by
+/// `tidepool restore`): its own `up` must archive elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub repo: PathBuf,
+    pub stanza: String,
+}
+
+impl Origin {
+    const FILE: &'static str = "restored-from";
+
+    /// Two lines: the repository, the stanza.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let path = dir.join(Self::FILE);
+        let text = format!("{}\n{}\n", self.repo.display(), self.stanza);
+        std::fs::write(&path, text).map_err(Error::io(format!("writing {}", path.display())))
+    }
+
+    pub fn read(dir: &Path) -> Option<Origin> {
+        let text = std::fs::read_to_string(dir.join(Self::FILE)).ok()?;
+        let mut lines = text.lines();
+        Some(Origin {
+            repo: PathBuf::from(lines.next()?),
+            stanza: lines.next()?.to_string(),
+        })
+    }
+}
+
+/// The nodes whose Postgres pgBackRest works with: a cluster with standbys records them; a
+/// single-node cluster (`up` without `--standbys`) records none, and its one Postgres is
+/// node1's place (DIR/pgdata, DIR/run, `pg_port`, config DIR/pgbackrest.conf).
+pub fn nodes_of(state: &State) -> Result<Vec<NodeRecord>> {
+    if !state.nodes.is_empty() {
+        return Ok(state.nodes.clone());
+    }
+    let layout = Layout::new(&state.dir)?;
+    Ok(vec![crate::cluster::nodes::record(
+        &state.settings,
+        &layout,
+        1,
+    )])
 }
 
 /// A word for /bin/sh (Postgres runs archive_command and restore_command through it): plain

@@ -96,6 +96,13 @@ pub fn run(global: &GlobalArgs, args: &RestoreArgs) -> Result<bool> {
         std::fs::create_dir_all(d).map_err(Error::io(format!("creating {}", d.display())))?;
         crate::postgres::chown_to_postgres(d)?;
     }
+    // `up` of NEWDIR archives into a repository of its own; this says which one it must not
+    // use (the source's stanza).
+    let from = super::Origin {
+        repo: backups.paths.repo.clone(),
+        stanza: backups.stanza.clone(),
+    };
+    from.write(&own)?;
     let conf = into.dir().join("pgbackrest.conf");
     let text = super::pgbackrest::render(
         &backups.settings,
@@ -171,13 +178,31 @@ pub fn run(global: &GlobalArgs, args: &RestoreArgs) -> Result<bool> {
 /// archive holds, and says so.
 fn archive_current_wal(state: &crate::state::State, backups: &Backups) {
     let deadline = Instant::now() + Duration::from_secs(20);
+    // A single-node cluster's one Postgres is its primary while it runs.
+    let single = super::nodes_of(state)
+        .ok()
+        .filter(|_| state.nodes.is_empty())
+        .and_then(|mut n| n.pop())
+        .filter(|n| running_postmaster(&n.data_dir).is_some());
+    if state.nodes.is_empty() && single.is_none() {
+        eprintln!(
+            "Postgres of the cluster does not run: restoring what the archive holds (its WAL \
+             up to the last archived segment)"
+        );
+        return;
+    }
     loop {
-        let nodes = inspect_nodes(state);
-        let primary = nodes
-            .iter()
-            .filter(|n| n.role == "primary")
-            .max_by_key(|n| n.primary_term)
-            .and_then(|n| state.nodes.iter().find(|r| r.name == n.name));
+        let primary = match &single {
+            Some(n) => Some(n),
+            None => {
+                let nodes = inspect_nodes(state);
+                nodes
+                    .iter()
+                    .filter(|n| n.role == "primary")
+                    .max_by_key(|n| n.primary_term)
+                    .and_then(|n| state.nodes.iter().find(|r| r.name == n.name))
+            }
+        };
         if let Some(p) = primary {
             match backups.node(p).run("check", &[]) {
                 Ok(_) => {
@@ -207,8 +232,8 @@ fn archive_current_wal(state: &crate::state::State, backups: &Backups) {
 /// A restore never lands on a running Postgres nor in a directory holding one.
 fn refuse_live(into: &Layout, state: &crate::state::State) -> Result<()> {
     let data = into.data_dir();
-    let live_node = state
-        .nodes
+    let nodes = super::nodes_of(state)?;
+    let live_node = nodes
         .iter()
         .find(|n| same_path(&n.data_dir, &data) || same_path(&n.state_dir, into.dir()));
     if let Some(n) = live_node {

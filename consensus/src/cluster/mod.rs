@@ -2,6 +2,7 @@
 
 pub mod down;
 pub mod node_add;
+pub mod node_remove;
 pub mod nodes;
 pub mod status;
 pub mod switchover;

@@ -28,17 +28,45 @@ pub fn run(global: &GlobalArgs, args: &NodeAddArgs) -> Result<bool> {
     let layout = &ctx.layout;
     let mut state = State::load(&layout.state_file())?
         .ok_or_else(|| Error::NoCluster(layout.dir().to_path_buf()))?;
+    if state.nodes.is_empty() {
+        return Err(Error::Conflict(format!(
+            "the cluster in {} is a single node (brought up without --standbys): `node add` \
+             needs a cluster with standbys (`tidepool up --standbys N`)",
+            layout.dir().display()
+        )));
+    }
     let backups = Backups::of(&state)?;
     let run = ctx.overrides.run();
     let timeout = Duration::from_secs(run.ready_timeout_secs);
     let (pooler_bin, gateway_bin) = locate_pooler_and_gateway(run.bin_dir.as_deref())?;
 
-    let k = state.nodes.len() as u32 + 1;
+    // The lowest free number: after `node remove`, the removed node's (its directory was
+    // moved aside), so the new node takes its ports.
+    let k = nodes::free_number(&state.nodes);
     let mut settings = state.settings.clone();
-    settings.standbys = k - 1;
+    settings.standbys = state.nodes.len() as u32;
     if let Some(zone) = &args.zone {
-        settings.zones = (1..k).map(|i| nodes::zone_of(&state.settings, i)).collect();
-        settings.zones.push(zone.clone());
+        // Zones are listed by node number; the others keep theirs.
+        let top = state
+            .nodes
+            .iter()
+            .filter_map(|n| nodes::number(&n.name))
+            .max()
+            .unwrap_or(1)
+            .max(k);
+        settings.zones = (1..=top)
+            .map(|i| {
+                if i == k {
+                    return zone.clone();
+                }
+                state
+                    .nodes
+                    .iter()
+                    .find(|n| nodes::number(&n.name) == Some(i))
+                    .map(|n| n.zone.clone())
+                    .unwrap_or_else(|| nodes::zone_of(&state.settings, i))
+            })
+            .collect();
     }
     let node = nodes::record(&settings, layout, k);
     // The policy must still be satisfiable, and the new node's ports free.
@@ -100,6 +128,9 @@ pub fn run(global: &GlobalArgs, args: &NodeAddArgs) -> Result<bool> {
     )?;
     let name = node.name.clone();
     state.nodes.push(node);
+    state
+        .nodes
+        .sort_by_key(|n| nodes::number(&n.name).unwrap_or(u32::MAX));
     state.settings = settings;
     state.save(&layout.state_file())?;
 
@@ -135,29 +166,40 @@ pub fn run(global: &GlobalArgs, args: &NodeAddArgs) -> Result<bool> {
             Role::Control.program(),
             Duration::from_secs(10),
         )?;
-        let me = std::env::current_exe().map_err(Error::io("finding the tidepool executable"))?;
-        let args: Vec<OsString> = vec![
-            "--dir".into(),
-            layout.dir().as_os_str().to_owned(),
-            "control".into(),
-        ];
-        let pid = ensure_process(
-            Role::Control,
-            &me,
-            &args,
-            control.address,
-            &control.log,
-            None,
-            timeout,
-        )?;
-        state.set_process(ProcessRecord { pid, ..control });
-        state.save(&layout.state_file())?;
+        start_control(layout, &mut state, control, timeout)?;
     }
     eprintln!(
         "{name} restored from the latest backup and started; it joins the cohort and the \
          durability policy"
     );
     Ok(true)
+}
+
+/// Starts the control process recorded as `control` again (it was stopped) and records its
+/// new pid.
+pub(crate) fn start_control(
+    layout: &crate::layout::Layout,
+    state: &mut State,
+    control: ProcessRecord,
+    timeout: Duration,
+) -> Result<()> {
+    let me = std::env::current_exe().map_err(Error::io("finding the tidepool executable"))?;
+    let args: Vec<OsString> = vec![
+        "--dir".into(),
+        layout.dir().as_os_str().to_owned(),
+        "control".into(),
+    ];
+    let pid = ensure_process(
+        Role::Control,
+        &me,
+        &args,
+        control.address,
+        &control.log,
+        None,
+        timeout,
+    )?;
+    state.set_process(ProcessRecord { pid, ..control });
+    state.save(&layout.state_file())
 }
 
 fn with(state: &State, node: &crate::state::NodeRecord) -> Vec<crate::state::NodeRecord> {

@@ -72,9 +72,43 @@ pub fn record(settings: &ClusterSettings, layout: &Layout, k: u32) -> NodeRecord
     }
 }
 
-/// Every node of the cluster, node1 first.
+/// Every node of a new cluster, node1 first.
 pub fn records(settings: &ClusterSettings, layout: &Layout) -> Vec<NodeRecord> {
     (1..=settings.standbys + 1)
+        .map(|k| record(settings, layout, k))
+        .collect()
+}
+
+/// `k` of `nodeK`.
+pub fn number(name: &str) -> Option<u32> {
+    name.strip_prefix("node")?.parse().ok().filter(|&k| k > 0)
+}
+
+/// The lowest node number `known` does not use (a removed node's number is free again: its
+/// directory was moved aside).
+pub fn free_number(known: &[NodeRecord]) -> u32 {
+    let used: Vec<u32> = known.iter().filter_map(|n| number(&n.name)).collect();
+    (1..).find(|k| !used.contains(k)).unwrap_or(1)
+}
+
+/// The nodes `up` brings up: the ones `known` (the state) records, by number (after `node
+/// remove` the numbers have a gap), then free numbers up to `standbys + 1` nodes.
+pub fn records_for_up(
+    settings: &ClusterSettings,
+    layout: &Layout,
+    known: &[NodeRecord],
+) -> Vec<NodeRecord> {
+    let want = settings.standbys as usize + 1;
+    let mut ks: Vec<u32> = known.iter().filter_map(|n| number(&n.name)).collect();
+    ks.sort_unstable();
+    ks.dedup();
+    ks.truncate(want);
+    while ks.len() < want {
+        let taken: Vec<NodeRecord> = ks.iter().map(|&k| record(settings, layout, k)).collect();
+        ks.push(free_number(&taken));
+    }
+    ks.sort_unstable();
+    ks.into_iter()
         .map(|k| record(settings, layout, k))
         .collect()
 }
@@ -271,5 +305,43 @@ mod tests {
             pooler_list(&n),
             "127.0.0.1:15433,127.0.0.1:15435,127.0.0.1:15437"
         );
+    }
+
+    #[test]
+    fn up_keeps_the_numbers_of_the_nodes_left_after_a_removal() {
+        let settings = ClusterSettings {
+            standbys: 1,
+            ..ClusterSettings::default()
+        };
+        let layout = Layout::new(std::path::Path::new("/tp")).unwrap();
+        let three = records(
+            &ClusterSettings {
+                standbys: 2,
+                ..settings.clone()
+            },
+            &layout,
+        );
+        // node2 removed: node1 and node3 stay, with node3's ports and directory.
+        let left = vec![three[0].clone(), three[2].clone()];
+        let up = records_for_up(&settings, &layout, &left);
+        assert_eq!(up, left);
+        assert_eq!(free_number(&left), 2);
+        // A new cluster, or one more node: the free numbers.
+        let names = |v: Vec<NodeRecord>| v.into_iter().map(|n| n.name).collect::<Vec<_>>();
+        assert_eq!(
+            names(records_for_up(&settings, &layout, &[])),
+            ["node1", "node2"]
+        );
+        let more = ClusterSettings {
+            standbys: 2,
+            ..settings
+        };
+        assert_eq!(
+            names(records_for_up(&more, &layout, &left)),
+            ["node1", "node2", "node3"]
+        );
+        assert_eq!(number("node12"), Some(12));
+        assert_eq!(number("node0"), None);
+        assert_eq!(number("db1"), None);
     }
 }

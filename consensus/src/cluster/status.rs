@@ -168,7 +168,7 @@ pub fn inspect(state: &State) -> Report {
         .iter()
         .map(|&role| inspect_one(state, role))
         .collect();
-    if !state.nodes.is_empty() {
+    if !state.nodes.is_empty() || state.process(Role::Control).is_some() {
         processes.push(inspect_one(state, Role::Control));
     }
     let nodes = if state.nodes.is_empty() {

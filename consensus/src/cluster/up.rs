@@ -88,7 +88,7 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
     }
     let ha = settings.standbys > 0;
     let nodes = if ha {
-        nodes::records(&settings, layout)
+        nodes::records_for_up(&settings, layout, &state.nodes)
     } else {
         Vec::new()
     };
@@ -99,14 +99,18 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
     } else {
         String::new()
     };
-    let backups = if ha {
-        Backups::prepare_for_up(&settings, layout, &nodes)?
+    // A single-node cluster archives and backs up too: its one Postgres is node1's place
+    // (with no agent; a control process only for a backup schedule).
+    let node1 = nodes::record(&settings, layout, 1);
+    let backup_nodes = if ha {
+        nodes.as_slice()
     } else {
-        None
+        std::slice::from_ref(&node1)
     };
-    let archive = match (&backups, nodes.first()) {
-        (Some(b), Some(node1)) => b.archive_conf(node1),
-        _ => String::new(),
+    let backups = Backups::prepare_for_up(&settings, layout, backup_nodes)?;
+    let archive = match &backups {
+        Some(b) => b.archive_conf(&node1),
+        None => String::new(),
     };
     pg.configure_with(
         settings.pg_max_connections,
@@ -152,9 +156,9 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
         }
     };
     pg.ensure_role_and_database(&password, password_is_new)?;
-    if let (Some(b), Some(node1)) = (&backups, nodes.first()) {
+    if let Some(b) = &backups {
         // The stanza and a first full backup, which every standby is restored from.
-        b.bootstrap(node1, &pg)?;
+        b.bootstrap(&node1, &pg)?;
     }
 
     // The node agents' secret, before any agent starts; the link's, before pooler and gateway.
@@ -236,7 +240,13 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
         &mut state,
         timeout,
     )?;
-    if ha {
+    if !crate::control::wanted(&state) {
+        // A single node whose schedule was taken out: its old control process goes.
+        if let Some(c) = state.process(Role::Control).cloned() {
+            terminate(c.pid, Role::Control.program(), Duration::from_secs(10))?;
+            state.processes.retain(|p| p.name != Role::Control);
+        }
+    } else {
         let me = std::env::current_exe().map_err(Error::io("finding the tidepool executable"))?;
         let args: Vec<OsString> = vec![
             "--dir".into(),
@@ -244,8 +254,12 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
             "control".into(),
         ];
         let known = state.process(Role::Control).map(|p| p.pid);
-        // With a metrics endpoint, `up` waits until it accepts and `status` shows it.
-        let address = settings.metrics_addr()?.unwrap_or(loopback(0));
+        // With a metrics endpoint, `up` waits until it accepts and `status` shows it (only
+        // with standbys: a single node's control process runs its backup schedule alone).
+        let address = match settings.metrics_addr()? {
+            Some(a) if ha => a,
+            _ => loopback(0),
+        };
         let pid = ensure_process(
             Role::Control,
             &me,

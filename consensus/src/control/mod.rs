@@ -70,6 +70,9 @@ pub fn run(global: &GlobalArgs, args: &ControlArgs) -> Result<bool> {
     let ctx = Context::load_dir(global)?;
     let state = State::load(&ctx.layout.state_file())?
         .ok_or_else(|| Error::NoCluster(ctx.layout.dir().to_path_buf()))?;
+    if state.nodes.is_empty() {
+        return run_schedule_only(&state, args);
+    }
     if state.nodes.len() < 2 {
         return Err(Error::Conflict(
             "the cluster has no standbys: nothing to control (tidepool up --standbys N)".into(),
@@ -95,6 +98,56 @@ pub fn run(global: &GlobalArgs, args: &ControlArgs) -> Result<bool> {
         .map(|s| Instant::now() + Duration::from_secs(s));
     rt.block_on(c.run(deadline));
     Ok(true)
+}
+
+/// Whether a cluster needs a control process: one with standbys always; a single node only
+/// for its backup schedule.
+pub fn wanted(state: &State) -> bool {
+    !state.nodes.is_empty() || schedule_only(&state.settings)
+}
+
+fn schedule_only(settings: &ClusterSettings) -> bool {
+    settings.backup.enabled && !settings.backup.schedule.is_empty()
+}
+
+/// A single-node cluster's control process: its backup schedule and nothing else (no node
+/// to fail over to; the one Postgres is always the primary, so the schedule always "leads").
+fn run_schedule_only(state: &State, args: &ControlArgs) -> Result<bool> {
+    if !schedule_only(&state.settings) {
+        return Err(Error::Conflict(
+            "a single-node cluster without a backup schedule: nothing to control (tidepool up \
+             --standbys N, or a [backup] schedule)"
+                .into(),
+        ));
+    }
+    crate::backup::schedule::start(state, Arc::new(std::sync::atomic::AtomicBool::new(true)))?;
+    tracing::info!("control process running: the backup schedule of a single-node cluster");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::io("starting the control runtime"))?;
+    rt.block_on(async {
+        // `systemctl reload` sends SIGHUP, whose default action would end the process.
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(Error::io("installing a SIGHUP handler"))?;
+        let until = args.exit_after_secs.map(Duration::from_secs);
+        let wait = async {
+            match until {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                _ = &mut wait => return Ok(true),
+                _ = hup.recv() => tracing::warn!(
+                    "SIGHUP: the control process reloads nothing live yet; restart it to apply \
+                     a changed config"
+                ),
+            }
+        }
+    })
 }
 
 impl Controller {
@@ -608,6 +661,46 @@ pub fn load_topology(dir: &std::path::Path, settings: &ClusterSettings) -> Optio
         .build()
         .ok()?;
     rt.block_on(store.load()).ok().flatten().map(|(t, _)| t)
+}
+
+/// Takes `name` out of the stored topology's cohort (`tidepool node remove`, while no control
+/// process runs), by compare-and-swap over the version loaded. `false`: no stored topology
+/// named it.
+pub fn remove_from_topology(
+    dir: &std::path::Path,
+    settings: &ClusterSettings,
+    name: &str,
+) -> Result<bool> {
+    let store = store_for(dir, settings)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::io("starting a runtime for the topology store"))?;
+    rt.block_on(async {
+        for _ in 0..5 {
+            let Some((mut topo, version)) = store
+                .load()
+                .await
+                .map_err(|e| Error::Conflict(format!("topology store: {e}")))?
+            else {
+                return Ok(false);
+            };
+            if !topo.nodes.iter().any(|n| n.name == name) {
+                return Ok(false);
+            }
+            topo.nodes.retain(|n| n.name != name);
+            match store.compare_and_swap(Some(version), &topo).await {
+                Ok(true) => return Ok(true),
+                Ok(false) => tokio::time::sleep(Duration::from_millis(200)).await,
+                Err(e) => return Err(Error::Conflict(format!("topology store: {e}"))),
+            }
+        }
+        Err(Error::Conflict(
+            "the topology kept changing while removing a node from it: is another control \
+             process running?"
+                .into(),
+        ))
+    })
 }
 
 /// `Report` with a name, for status output.

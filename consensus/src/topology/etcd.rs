@@ -8,6 +8,9 @@
 //!   a lease keep-alive; when the leader stops renewing, etcd deletes the key and the next
 //!   campaign wins.
 //!
+//! - `/tidepool/<cluster>/backup-lock`: the id of the process taking a backup, bound to a
+//!   lease it keeps alive while the backup runs: one backup at a time across machines.
+//!
 //! We speak etcd's JSON gateway (`POST /v3/kv/range`, `/v3/kv/txn`, `/v3/lease/...`, the
 //! same v3 API as gRPC, bytes in base64, 64-bit numbers as strings) over plain HTTP/1.1:
 //! one small request per call, no code generation and no gRPC stack to build (see
@@ -37,6 +40,8 @@ pub struct EtcdStore {
     endpoints: Vec<String>,
     topology_key: String,
     leader_key: String,
+    /// The one-backup-at-a-time lock (`tidepool backup create` on any machine).
+    backup_lock_key: String,
     timeout: Duration,
 }
 
@@ -72,6 +77,7 @@ impl EtcdStore {
             endpoints,
             topology_key: format!("/tidepool/{cluster}/topology"),
             leader_key: format!("/tidepool/{cluster}/leader"),
+            backup_lock_key: format!("/tidepool/{cluster}/backup-lock"),
             timeout,
         })
     }
@@ -281,6 +287,72 @@ impl EtcdStore {
         Ok(first_kv(&r)
             .and_then(|kv| bytes_field(kv, "value").ok())
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Takes the backup lock as `id` for `ttl` (a key created only if absent, bound to a new
+    /// lease): `Ok(Ok(lease))`, or `Ok(Err(holder))` when another process holds it.
+    pub(super) async fn lock_backup(
+        &self,
+        id: &str,
+        ttl: Duration,
+    ) -> Result<Result<i64, String>, StoreError> {
+        let ttl_s = ttl.as_secs_f64().ceil().max(1.0) as i64;
+        let granted = self
+            .call("/v3/lease/grant", json!({ "TTL": ttl_s.to_string() }))
+            .await?;
+        let lease = int_field(&granted, "ID");
+        if lease == 0 {
+            return Err(self.etcd_error(format!("lease grant without an ID: {granted}")));
+        }
+        let key = B64.encode(&self.backup_lock_key);
+        let txn = self
+            .call(
+                "/v3/kv/txn",
+                json!({
+                    "compare": [{ "key": key, "result": "EQUAL", "target": "CREATE", "create_revision": "0" }],
+                    "success": [{ "request_put": { "key": key, "value": B64.encode(id), "lease": lease.to_string() } }],
+                    "failure": [{ "request_range": { "key": key } }],
+                }),
+            )
+            .await;
+        let txn = match txn {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = self.revoke(lease).await;
+                return Err(e);
+            }
+        };
+        if txn
+            .get("succeeded")
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+        {
+            return Ok(Ok(lease));
+        }
+        let _ = self.revoke(lease).await;
+        let holder = txn
+            .get("responses")
+            .and_then(|r| r.get(0))
+            .and_then(|r| r.get("response_range"))
+            .and_then(first_kv)
+            .and_then(|kv| bytes_field(kv, "value").ok())
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_else(|| "another process".into());
+        Ok(Err(holder))
+    }
+
+    /// Keeps the backup lock's lease alive; `false` when it lapsed (the key is gone).
+    pub(super) async fn keep_lease(&self, lease: i64) -> Result<bool, StoreError> {
+        let r = self
+            .call("/v3/lease/keepalive", json!({ "ID": lease.to_string() }))
+            .await?;
+        let result = r.get("result").unwrap_or(&r);
+        Ok(int_field(result, "TTL") > 0)
+    }
+
+    /// Gives the backup lock up (revoking its lease deletes the key).
+    pub(super) async fn unlock_backup(&self, lease: i64) -> Result<(), StoreError> {
+        self.revoke(lease).await
     }
 
     async fn revoke(&self, lease: i64) -> Result<(), StoreError> {

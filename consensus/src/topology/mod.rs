@@ -206,6 +206,58 @@ impl Store {
     }
 }
 
+/// The backup lock as held in the store (see [`Store::lock_backup`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreLock {
+    pub id: String,
+    /// etcd: the lease the lock key is bound to.
+    pub(crate) lease: i64,
+}
+
+/// What [`Store::lock_backup`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LockAttempt {
+    /// Taken: keep it alive with [`Store::keep_backup_lock`], give it up with
+    /// [`Store::unlock_backup`].
+    Taken(StoreLock),
+    /// Another process holds it (its id).
+    HeldBy(String),
+    /// The file store: the cluster is on one machine, where the backup lock file is enough.
+    Local,
+}
+
+impl Store {
+    /// One backup at a time across machines: takes the store's backup lock as `id` for `ttl`.
+    pub async fn lock_backup(&self, id: &str, ttl: Duration) -> Result<LockAttempt, StoreError> {
+        match self {
+            Store::File(_) => Ok(LockAttempt::Local),
+            Store::Etcd(s) => Ok(match s.lock_backup(id, ttl).await? {
+                Ok(lease) => LockAttempt::Taken(StoreLock {
+                    id: id.to_string(),
+                    lease,
+                }),
+                Err(holder) => LockAttempt::HeldBy(holder),
+            }),
+        }
+    }
+
+    /// Extends the lock by its ttl; `false` when it lapsed.
+    pub async fn keep_backup_lock(&self, lock: &StoreLock) -> Result<bool, StoreError> {
+        match self {
+            Store::File(_) => Ok(true),
+            Store::Etcd(s) => s.keep_lease(lock.lease).await,
+        }
+    }
+
+    /// Gives the lock up at once.
+    pub async fn unlock_backup(&self, lock: StoreLock) -> Result<(), StoreError> {
+        match self {
+            Store::File(_) => Ok(()),
+            Store::Etcd(s) => s.unlock_backup(lock.lease).await,
+        }
+    }
+}
+
 pub(crate) fn now_unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
