@@ -249,7 +249,7 @@ impl Link {
                 self.unregister(id);
                 s.closed(payload);
             }
-            down::AUTH_INFO | down::OPENED | down::OPEN_FAILED => {
+            down::AUTH_INFO | down::OPENED | down::OPEN_FAILED | down::POOLS => {
                 s.on_control(kind, payload.to_vec())
             }
             _ => tracing::warn!(kind, "unknown frame from pooler"),

@@ -14,6 +14,7 @@ mod listen_names;
 mod login;
 mod pids;
 mod pool;
+mod pools_report;
 mod readback;
 mod responses;
 mod session;
