@@ -108,6 +108,7 @@ impl Link {
     }
 
     pub fn send(&self, kind: u8, session: u32, payload: &[u8]) {
+        crate::metrics::link_frame(crate::metrics::SENT, shared::link::HEADER + payload.len());
         self.out.push_with(|b| {
             put_header(b, kind, session, payload.len());
             b.extend_from_slice(payload);
@@ -222,6 +223,7 @@ impl Link {
     }
 
     fn on_frame(&self, kind: u8, id: u32, payload: &[u8]) {
+        crate::metrics::link_frame(crate::metrics::RECEIVED, shared::link::HEADER + payload.len());
         if kind == down::ROLE {
             self.on_role(payload);
             return;

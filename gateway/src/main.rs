@@ -8,6 +8,7 @@ mod core;
 mod failover;
 mod identity;
 mod link;
+mod metrics;
 mod session;
 mod session_io;
 mod tls;
@@ -124,6 +125,16 @@ fn main() {
             },
         )
     };
+    let metrics = metrics::Metrics::new(cfg.cores);
+    if let Some(addr) = &cfg.metrics_listen {
+        let (admin, metrics) = (admin.clone(), metrics.clone());
+        if let Err(e) = shared::metrics_http::serve(addr, move |om| {
+            metrics::render(&admin, &metrics, om)
+        }) {
+            eprintln!("tidepool-gateway: cannot serve metrics on {addr}: {e}");
+            std::process::exit(1);
+        }
+    }
     if let Err(e) = life.watch_signals(move |now| reload(&args, now)) {
         eprintln!("tidepool-gateway: cannot watch signals: {e}");
         std::process::exit(1);
@@ -144,7 +155,11 @@ fn main() {
             let clients = clients.clone();
             let life = life.clone();
             let admin = admin.clone();
-            async move { run_core(cfg, tls, mock_secret, clients, life, admin).await }
+            let metrics = metrics.clone();
+            async move {
+                metrics.install(glommio::executor().id().saturating_sub(1));
+                run_core(cfg, tls, mock_secret, clients, life, admin).await
+            }
         });
     match handles {
         Ok(h) => {

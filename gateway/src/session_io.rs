@@ -234,6 +234,12 @@ impl SessionIo {
             if s.head == 5 {
                 let len = u32::from_be_bytes(s.len);
                 s.left = len.saturating_sub(4);
+                if s.tag == b'E' {
+                    // Counted by SQLSTATE class when the body came whole in this frame (the
+                    // usual case: errors are small); else as `unknown`.
+                    let body = data.get(i..i + s.left as usize);
+                    crate::metrics::error(body.and_then(be::error_sqlstate));
+                }
                 if s.left == 0 {
                     s.head = 0;
                 }
@@ -439,6 +445,7 @@ pub fn usable_link(core: &Core, io: &SessionIo) -> Option<Rc<Link>> {
 /// Sends a batch on a link and notes what the session now waits for.
 pub fn send(link: &Link, io: &SessionIo, id: u32, flags: u8, msgs: &[u8], may_commit: bool) {
     let flags = flags & !classify::LOWERS_SYNC_COMMIT;
+    crate::metrics::link_frame(crate::metrics::SENT, shared::link::HEADER + msgs.len() + 1);
     link.out.push_with(|b| {
         put_header(b, up::MSGS, id, msgs.len() + 1);
         b.push(flags);

@@ -128,6 +128,7 @@ pub async fn serve(core: Rc<Core>, stream: TcpStream) {
 }
 
 fn on_frame(core: &Rc<Core>, l: &Rc<Link>, kind: u8, id: u32, payload: Vec<u8>) -> bool {
+    crate::metrics::link_frame(link::HEADER + payload.len());
     match kind {
         up::MSGS => {
             let s = l.sessions.borrow().get(&id).cloned();

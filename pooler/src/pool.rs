@@ -265,6 +265,7 @@ impl Drop for WaiterGuard<'_> {
         if let Some(share) = self.pool.global.cores.get(self.pool.core) {
             let us = self.since.elapsed().as_micros() as u64;
             share.waited_us.fetch_add(us, Ordering::Relaxed);
+            crate::metrics::waited(us);
             share.waiting.fetch_sub(1, Ordering::Relaxed);
         }
         self.pool.last_wait.set(Some(Instant::now()));

@@ -4,6 +4,7 @@ pub mod agent;
 pub mod auth;
 pub mod io;
 pub mod lifecycle;
+pub mod metrics_http;
 pub mod link;
 pub mod logging;
 pub mod protocol;
