@@ -276,7 +276,15 @@ mod tests {
             },
         );
         let m = Metrics::new(1);
+        m.install(0);
+        admin.add_ended_for_test("app");
+        error(Some(b"42601"));
+        error(Some(b"42P01"));
+        error(None);
         let text = render(&admin, &m, false);
+        assert!(text.contains("tidepool_gateway_errors_total{class=\"42\"} 2"), "{text}");
+        assert!(text.contains("tidepool_gateway_errors_total{class=\"unknown\"} 1"), "{text}");
+        assert!(text.contains("tidepool_gateway_queries_total{database=\"app\"} 1"), "{text}");
         let exposed: BTreeSet<String> = text
             .lines()
             .filter_map(|l| l.strip_prefix("# TYPE "))

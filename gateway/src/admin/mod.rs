@@ -294,6 +294,16 @@ impl Shared {
         n
     }
 
+    /// Tests: a database's totals as if a client with one query had ended.
+    #[cfg(test)]
+    pub fn add_ended_for_test(&self, database: &str) {
+        let mut closed = lock(&self.closed);
+        let c = closed.entry(database.to_owned()).or_default();
+        for f in c.fields() {
+            f.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Bumped by every KILL: a core that sees it change wakes its sessions.
     pub fn kill_generation(&self) -> u64 {
         self.kills.load(Ordering::Acquire)
