@@ -239,6 +239,10 @@ mod tests {
     #[test]
     fn docs_metrics_md_lists_exactly_the_poolers_metrics() {
         let budgets = Budgets::new(2, 4, 1);
+        let _pool = budgets.counter(&crate::budget::PoolKey {
+            user: "alice".into(),
+            database: "app".into(),
+        });
         let m = Metrics::new(1);
         m.install(0);
         waited(2_000);
