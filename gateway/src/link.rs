@@ -223,7 +223,10 @@ impl Link {
     }
 
     fn on_frame(&self, kind: u8, id: u32, payload: &[u8]) {
-        crate::metrics::link_frame(crate::metrics::RECEIVED, shared::link::HEADER + payload.len());
+        crate::metrics::link_frame(
+            crate::metrics::RECEIVED,
+            shared::link::HEADER + payload.len(),
+        );
         if kind == down::ROLE {
             self.on_role(payload);
             return;

@@ -128,9 +128,9 @@ fn main() {
     let metrics = metrics::Metrics::new(cfg.cores);
     if let Some(addr) = &cfg.metrics_listen {
         let (admin, metrics) = (admin.clone(), metrics.clone());
-        if let Err(e) = shared::metrics_http::serve(addr, move |om| {
-            metrics::render(&admin, &metrics, om)
-        }) {
+        if let Err(e) =
+            shared::metrics_http::serve(addr, move |om| metrics::render(&admin, &metrics, om))
+        {
             eprintln!("tidepool-gateway: cannot serve metrics on {addr}: {e}");
             std::process::exit(1);
         }

@@ -147,7 +147,8 @@ pub fn registry(admin: &Shared, m: &Metrics) -> Registry {
     let per_db = |name: &str, help: &str, r: &mut Registry, pick: &dyn Fn(&[u64; 7]) -> u64| {
         let f = Family::<DatabaseLabels, Counter>::default();
         for (db, t) in admin.totals() {
-            f.get_or_create(&DatabaseLabels { database: db }).inc_by(pick(&t));
+            f.get_or_create(&DatabaseLabels { database: db })
+                .inc_by(pick(&t));
         }
         r.register(name, help, f);
     };
@@ -228,9 +229,7 @@ pub fn registry(admin: &Shared, m: &Metrics) -> Registry {
             m.cores.iter().map(|c| a(c).load(Ordering::Relaxed)).sum()
         };
         let l = DirectionLabels { direction: label };
-        frames
-            .get_or_create(&l)
-            .inc_by(sum(&|c| &c.link_frames[d]));
+        frames.get_or_create(&l).inc_by(sum(&|c| &c.link_frames[d]));
         bytes.get_or_create(&l).inc_by(sum(&|c| &c.link_bytes[d]));
     }
     r.register(
@@ -282,9 +281,18 @@ mod tests {
         error(Some(b"42P01"));
         error(None);
         let text = render(&admin, &m, false);
-        assert!(text.contains("tidepool_gateway_errors_total{class=\"42\"} 2"), "{text}");
-        assert!(text.contains("tidepool_gateway_errors_total{class=\"unknown\"} 1"), "{text}");
-        assert!(text.contains("tidepool_gateway_queries_total{database=\"app\"} 1"), "{text}");
+        assert!(
+            text.contains("tidepool_gateway_errors_total{class=\"42\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tidepool_gateway_errors_total{class=\"unknown\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tidepool_gateway_queries_total{database=\"app\"} 1"),
+            "{text}"
+        );
         let exposed: BTreeSet<String> = text
             .lines()
             .filter_map(|l| l.strip_prefix("# TYPE "))
@@ -302,7 +310,10 @@ mod tests {
         // The dashboard shows them all.
         let dashboard = include_str!("../../config/grafana/tidepool-gateway-pooler.json");
         for name in &documented {
-            assert!(dashboard.contains(name.as_str()), "{name} not on the dashboard");
+            assert!(
+                dashboard.contains(name.as_str()),
+                "{name} not on the dashboard"
+            );
         }
     }
 }

@@ -407,7 +407,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         addr: slot.addr,
         local: slot.local,
         pid: open.pid,
-        application_name: io.settings.borrow().get("application_name").unwrap_or_default(),
+        application_name: io
+            .settings
+            .borrow()
+            .get("application_name")
+            .unwrap_or_default(),
     });
     glommio::spawn_local(run(core, stream, reader, io, open, id, slot, me)).detach();
 }
@@ -495,6 +499,7 @@ fn parse_options(options: &str, settings: &mut Settings) -> Result<(), String> {
 }
 
 /// The request loop.
+#[allow(clippy::too_many_arguments)] // each is a distinct part of the session handed over whole
 async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     core: Rc<Core>,
     stream: S,
@@ -679,7 +684,8 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                 let held = Instant::now();
                 me.client.set_state(crate::admin::state::WAITING);
                 me.client.requested();
-                while core.admin.paused(&open.database) && !me.client.killed() && !core.force.get() {
+                while core.admin.paused(&open.database) && !me.client.killed() && !core.force.get()
+                {
                     glommio::timer::sleep(Duration::from_millis(10)).await;
                 }
                 crate::admin::bump(&me.client.stats.wait_us, held.elapsed().as_micros() as u64);
@@ -768,8 +774,12 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         let idle = io.pending.get() == 0 && reader.data().is_empty();
         // What SHOW CLIENTS and SHOW STATS read (stores only this core makes).
         let stats = &me.client.stats;
-        stats.queries.store(io.readies.get(), std::sync::atomic::Ordering::Relaxed);
-        stats.xacts.store(io.xacts.get(), std::sync::atomic::Ordering::Relaxed);
+        stats
+            .queries
+            .store(io.readies.get(), std::sync::atomic::Ordering::Relaxed);
+        stats
+            .xacts
+            .store(io.xacts.get(), std::sync::atomic::Ordering::Relaxed);
         if idle {
             if let Some(t) = busy_since.take() {
                 crate::admin::bump(&stats.query_us, t.elapsed().as_micros() as u64);

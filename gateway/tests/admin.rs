@@ -55,7 +55,10 @@ async fn connect(
     ep: &Endpoint,
     user: (&str, &str),
     db: &str,
-) -> (tokio_postgres::Client, tokio::task::JoinHandle<Option<String>>) {
+) -> (
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<Option<String>>,
+) {
     let (client, conn) = ep
         .pg_config(user.0, user.1, db)
         .connect(tokio_postgres::NoTls)
@@ -170,7 +173,10 @@ fn every_show_prints_pgbouncers_columns_and_moves_with_traffic() {
     drop(bob);
     std::thread::sleep(Duration::from_millis(300));
     let (h, stats) = rows(&console(&ep, "SHOW STATS"));
-    let app = stats.iter().find(|r| cell(&h, r, "database") == APP_DB).unwrap();
+    let app = stats
+        .iter()
+        .find(|r| cell(&h, r, "database") == APP_DB)
+        .unwrap();
     assert_eq!(cell(&h, app, "total_query_count"), "5", "{stats:?}");
 
     let (h, nodes) = rows(&console(&ep, "SHOW NODES"));
@@ -184,11 +190,20 @@ fn every_show_prints_pgbouncers_columns_and_moves_with_traffic() {
     assert_eq!(cell(&h, admins, "value"), ALICE.0);
     assert_eq!(cell(&h, admins, "changeable"), "yes");
     let (h, lists) = rows(&console(&ep, "SHOW LISTS"));
-    let pools_item = lists.iter().find(|r| cell(&h, r, "list") == "pools").unwrap();
+    let pools_item = lists
+        .iter()
+        .find(|r| cell(&h, r, "list") == "pools")
+        .unwrap();
     assert!(cell(&h, pools_item, "items").parse::<u64>().unwrap() >= 1);
 
     // Bad commands: an error with a SQLSTATE, and the console goes on.
-    for bad in ["SHOW NOTHING", "FROBNICATE", "PAUSE a b", "SELECT 1; SHOW POOLS", "KILL \"x"] {
+    for bad in [
+        "SHOW NOTHING",
+        "FROBNICATE",
+        "PAUSE a b",
+        "SELECT 1; SHOW POOLS",
+        "KILL \"x",
+    ] {
         let out = console(&ep, bad);
         assert!(out.contains("ERROR:  42601"), "{bad}: {out}");
     }
@@ -219,7 +234,10 @@ fn a_role_that_is_not_an_admin_user_is_refused() {
             .err()
             .expect("bob got into the console");
         assert_eq!(e.code().map(|c| c.code()), Some("28000"), "{e:?}");
-        let msg = e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_default();
+        let msg = e
+            .as_db_error()
+            .map(|d| d.message().to_owned())
+            .unwrap_or_default();
         assert!(msg.starts_with("not allowed"), "{msg}");
         // A wrong password of an admin user: the usual authentication failure.
         let e = ep

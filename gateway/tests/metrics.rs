@@ -13,7 +13,11 @@ use testkit::{free_port, pgbench, PgCluster, Psql, Tidepool, TidepoolOpts, ALICE
 fn get(port: u16, accept: &str) -> (String, String, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\n\r\n").unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\n\r\n"
+    )
+    .unwrap();
     let mut raw = String::new();
     s.read_to_string(&mut raw).unwrap();
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
@@ -24,7 +28,10 @@ fn get(port: u16, accept: &str) -> (String, String, String) {
 fn scrape(port: u16) -> (Scrape, String) {
     let (status, headers, body) = get(port, "text/plain");
     assert!(status.contains(" 200 "), "{status}\n{body}");
-    assert!(headers.contains("content-type: text/plain; version=0.0.4"), "{headers}");
+    assert!(
+        headers.contains("content-type: text/plain; version=0.0.4"),
+        "{headers}"
+    );
     let parsed = Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
         .unwrap_or_else(|e| panic!("not Prometheus text ({e}):\n{body}"));
     (parsed, body)
@@ -70,23 +77,46 @@ fn gateway_and_pooler_metrics_move_with_psql_and_pgbench_traffic() {
     assert!(out.text.contains("division by zero"), "{}", out.text);
     std::thread::sleep(Duration::from_millis(200));
     let (g1, body) = scrape(gw_port);
-    let d = |a: &Scrape, b: &Scrape, name: &str, l: &[(&str, &str)]| value(b, name, l) - value(a, name, l);
-    assert_eq!(d(&g0, &g1, "tidepool_gateway_queries_total", &db), 3.0, "{body}");
-    assert_eq!(d(&g0, &g1, "tidepool_gateway_transactions_total", &db), 3.0, "{body}");
+    let d = |a: &Scrape, b: &Scrape, name: &str, l: &[(&str, &str)]| {
+        value(b, name, l) - value(a, name, l)
+    };
     assert_eq!(
-        d(&g0, &g1, "tidepool_gateway_errors_total", &[("class", "22")]),
+        d(&g0, &g1, "tidepool_gateway_queries_total", &db),
+        3.0,
+        "{body}"
+    );
+    assert_eq!(
+        d(&g0, &g1, "tidepool_gateway_transactions_total", &db),
+        3.0,
+        "{body}"
+    );
+    assert_eq!(
+        d(
+            &g0,
+            &g1,
+            "tidepool_gateway_errors_total",
+            &[("class", "22")]
+        ),
         1.0,
         "{body}"
     );
     // "select 1", "select 1/0", "select 2": Query messages of 14, 16 and 14 bytes.
     assert_eq!(
-        d(&g0, &g1, "tidepool_gateway_client_received_bytes_total", &db),
+        d(
+            &g0,
+            &g1,
+            "tidepool_gateway_client_received_bytes_total",
+            &db
+        ),
         44.0,
         "{body}"
     );
     assert!(d(&g0, &g1, "tidepool_gateway_client_sent_bytes_total", &db) > 0.0);
     assert!(d(&g0, &g1, "tidepool_gateway_query_seconds_total", &db) > 0.0);
-    assert_eq!(value(&g1, "tidepool_gateway_clients", &[("state", "active")]), 0.0);
+    assert_eq!(
+        value(&g1, "tidepool_gateway_clients", &[("state", "active")]),
+        0.0
+    );
 
     // pgbench: 4 clients × 50 transactions of one `select 1` each, on one backend.
     let script = pg.dir().join("select.sql");
@@ -104,14 +134,32 @@ fn gateway_and_pooler_metrics_move_with_psql_and_pgbench_traffic() {
     std::thread::sleep(Duration::from_millis(200));
     let (g2, body) = scrape(gw_port);
     let (p2, pbody) = scrape(pl_port);
-    assert_eq!(d(&g1, &g2, "tidepool_gateway_queries_total", &db), 200.0, "{body}");
-    assert_eq!(d(&g1, &g2, "tidepool_gateway_transactions_total", &db), 200.0, "{body}");
     assert_eq!(
-        d(&g1, &g2, "tidepool_gateway_errors_total", &[("class", "22")]),
+        d(&g1, &g2, "tidepool_gateway_queries_total", &db),
+        200.0,
+        "{body}"
+    );
+    assert_eq!(
+        d(&g1, &g2, "tidepool_gateway_transactions_total", &db),
+        200.0,
+        "{body}"
+    );
+    assert_eq!(
+        d(
+            &g1,
+            &g2,
+            "tidepool_gateway_errors_total",
+            &[("class", "22")]
+        ),
         0.0
     );
     // Every frame the gateway sent, the pooler received (one gateway, one pooler).
-    let sent = d(&g0, &g2, "tidepool_gateway_link_frames_total", &[("direction", "sent")]);
+    let sent = d(
+        &g0,
+        &g2,
+        "tidepool_gateway_link_frames_total",
+        &[("direction", "sent")],
+    );
     assert!(sent >= 203.0, "{body}");
     assert_eq!(
         value(&p2, "tidepool_pooler_link_frames_received_total", &[])
@@ -122,26 +170,66 @@ fn gateway_and_pooler_metrics_move_with_psql_and_pgbench_traffic() {
     assert_eq!(
         value(&p2, "tidepool_pooler_link_bytes_received_total", &[])
             - value(&p0, "tidepool_pooler_link_bytes_received_total", &[]),
-        d(&g0, &g2, "tidepool_gateway_link_bytes_total", &[("direction", "sent")]),
+        d(
+            &g0,
+            &g2,
+            "tidepool_gateway_link_bytes_total",
+            &[("direction", "sent")]
+        ),
         "{pbody}"
     );
-    assert!(d(&g0, &g2, "tidepool_gateway_link_frames_total", &[("direction", "received")]) > 0.0);
+    assert!(
+        d(
+            &g0,
+            &g2,
+            "tidepool_gateway_link_frames_total",
+            &[("direction", "received")]
+        ) > 0.0
+    );
 
     // The pooler: alice's one backend, idle now; sessions waited for it.
     let pool = [("database", APP_DB), ("user", ALICE.0)];
     let state = |s: &'static str| [("database", APP_DB), ("user", ALICE.0), ("state", s)];
-    assert_eq!(value(&p2, "tidepool_pooler_backends", &state("idle")), 1.0, "{pbody}");
-    assert_eq!(value(&p2, "tidepool_pooler_backends", &state("active")), 0.0, "{pbody}");
-    assert_eq!(value(&p2, "tidepool_pooler_waiting_sessions", &pool), 0.0, "{pbody}");
-    let waits = value(&p2, "tidepool_pooler_backend_wait_duration_seconds_count", &[])
-        - value(&p0, "tidepool_pooler_backend_wait_duration_seconds_count", &[]);
-    assert!(waits > 0.0, "four clients on one backend never waited?\n{pbody}");
-    assert!(value(&p2, "tidepool_pooler_wait_seconds_total", &pool) > 0.0, "{pbody}");
+    assert_eq!(
+        value(&p2, "tidepool_pooler_backends", &state("idle")),
+        1.0,
+        "{pbody}"
+    );
+    assert_eq!(
+        value(&p2, "tidepool_pooler_backends", &state("active")),
+        0.0,
+        "{pbody}"
+    );
+    assert_eq!(
+        value(&p2, "tidepool_pooler_waiting_sessions", &pool),
+        0.0,
+        "{pbody}"
+    );
+    let waits = value(
+        &p2,
+        "tidepool_pooler_backend_wait_duration_seconds_count",
+        &[],
+    ) - value(
+        &p0,
+        "tidepool_pooler_backend_wait_duration_seconds_count",
+        &[],
+    );
+    assert!(
+        waits > 0.0,
+        "four clients on one backend never waited?\n{pbody}"
+    );
+    assert!(
+        value(&p2, "tidepool_pooler_wait_seconds_total", &pool) > 0.0,
+        "{pbody}"
+    );
 
     // OpenMetrics when asked for it; other paths are 404.
     let (status, headers, body) = get(gw_port, "application/openmetrics-text; version=1.0.0");
     assert!(status.contains(" 200 "));
-    assert!(headers.contains("application/openmetrics-text"), "{headers}");
+    assert!(
+        headers.contains("application/openmetrics-text"),
+        "{headers}"
+    );
     assert!(body.trim_end().ends_with("# EOF"), "{body}");
     let mut s = TcpStream::connect(("127.0.0.1", pl_port)).unwrap();
     write!(s, "GET / HTTP/1.1\r\n\r\n").unwrap();

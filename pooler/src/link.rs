@@ -232,7 +232,8 @@ fn on_frame(core: &Rc<Core>, l: &Rc<Link>, kind: u8, id: u32, payload: Vec<u8>) 
         up::POOLS => {
             let mut reply = Vec::new();
             crate::pools_report::facts(core).encode(&mut reply);
-            l.out.push_with(|b| link::put_frame(b, down::POOLS, id, &reply));
+            l.out
+                .push_with(|b| link::put_frame(b, down::POOLS, id, &reply));
         }
         // The one HELLO was the handshake's (`authenticate`); CORE and ROLE follow it.
         up::HELLO => return false,

@@ -101,9 +101,9 @@ fn main() {
     let metrics = metrics::Metrics::new(cores);
     if let Some(addr) = &cfg.metrics_listen {
         let (budgets, metrics) = (budgets.clone(), metrics.clone());
-        if let Err(e) = shared::metrics_http::serve(addr, move |om| {
-            metrics::render(&budgets, &metrics, om)
-        }) {
+        if let Err(e) =
+            shared::metrics_http::serve(addr, move |om| metrics::render(&budgets, &metrics, om))
+        {
             eprintln!("tidepool-pooler: cannot serve metrics on {addr}: {e}");
             std::process::exit(1);
         }

@@ -151,7 +151,9 @@ pub fn registry(budgets: &Budgets, m: &Metrics) -> Registry {
             user: key.user.clone(),
             state,
         };
-        backends.get_or_create(&labels(BackendState::idle)).set(idle);
+        backends
+            .get_or_create(&labels(BackendState::idle))
+            .set(idle);
         backends
             .get_or_create(&labels(BackendState::active))
             .set((all - idle).max(0));
@@ -272,7 +274,10 @@ mod tests {
         assert_eq!(exposed, documented);
         let dashboard = include_str!("../../config/grafana/tidepool-gateway-pooler.json");
         for name in &documented {
-            assert!(dashboard.contains(name.as_str()), "{name} not on the dashboard");
+            assert!(
+                dashboard.contains(name.as_str()),
+                "{name} not on the dashboard"
+            );
         }
     }
 }

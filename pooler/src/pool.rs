@@ -100,7 +100,9 @@ impl Pool {
     /// (`pools_report.rs`): one relaxed store when the idle list changes.
     fn note_idle(&self) {
         if let Some(share) = self.global.cores.get(self.core) {
-            share.idle.store(self.idle.borrow().len(), Ordering::Relaxed);
+            share
+                .idle
+                .store(self.idle.borrow().len(), Ordering::Relaxed);
         }
     }
 

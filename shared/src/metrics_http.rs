@@ -78,7 +78,12 @@ fn answer(mut s: TcpStream, render: &impl Fn(bool) -> String) -> std::io::Result
             break p;
         }
         if head.len() > MAX_HEAD {
-            return reply(&mut s, "431 Request Header Fields Too Large", "text/plain", "");
+            return reply(
+                &mut s,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                "",
+            );
         }
     };
     match parsed {
@@ -112,7 +117,10 @@ pub fn class_index(code: &[u8]) -> usize {
             _ => None,
         }
     }
-    match (code.first().copied().and_then(digit), code.get(1).copied().and_then(digit)) {
+    match (
+        code.first().copied().and_then(digit),
+        code.get(1).copied().and_then(digit),
+    ) {
         (Some(a), Some(b)) => a * 36 + b,
         _ => CLASSES - 1,
     }

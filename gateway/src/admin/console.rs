@@ -132,7 +132,12 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             }
             Err(e) => {
                 let mut out = Vec::new();
-                be::error_response(&mut out, Severity::Fatal, "08P01", &format!("invalid message: {e}"));
+                be::error_response(
+                    &mut out,
+                    Severity::Fatal,
+                    "08P01",
+                    &format!("invalid message: {e}"),
+                );
                 let _ = stream.write_all(&out).await;
                 return;
             }
@@ -191,7 +196,12 @@ fn error(out: &mut Vec<u8>, code: &str, msg: &str) {
 
 fn notice(out: &mut Vec<u8>, msg: &str) {
     let mut b = Vec::new();
-    for (f, v) in [(b'S', "NOTICE"), (b'V', "NOTICE"), (b'C', "00000"), (b'M', msg)] {
+    for (f, v) in [
+        (b'S', "NOTICE"),
+        (b'V', "NOTICE"),
+        (b'C', "00000"),
+        (b'M', msg),
+    ] {
         b.push(f);
         shared::protocol::put_cstr(&mut b, v.as_bytes());
     }
@@ -266,7 +276,10 @@ async fn run(core: &Rc<Core>, io: &Rc<SessionIo>, id: u32, text: &str, out: &mut
                         break;
                     }
                     if Instant::now() >= limit {
-                        notice(out, "transactions still running after shutdown_timeout_ms; new ones wait");
+                        notice(
+                            out,
+                            "transactions still running after shutdown_timeout_ms; new ones wait",
+                        );
                         break;
                     }
                     glommio::timer::sleep(Duration::from_millis(10)).await;
@@ -315,7 +328,11 @@ async fn run(core: &Rc<Core>, io: &Rc<SessionIo>, id: u32, text: &str, out: &mut
             command_complete(out, "SHUTDOWN");
             return true;
         }
-        _ => error(out, "42601", &format!("invalid command '{}', use SHOW HELP;", text.trim())),
+        _ => error(
+            out,
+            "42601",
+            &format!("invalid command '{}', use SHOW HELP;", text.trim()),
+        ),
     }
     false
 }

@@ -102,7 +102,8 @@ impl Client {
     }
 
     pub fn requested(&self) {
-        self.request_time.store(unix_us(SystemTime::now()), Ordering::Relaxed);
+        self.request_time
+            .store(unix_us(SystemTime::now()), Ordering::Relaxed);
     }
 
     pub fn request_time(&self) -> u64 {

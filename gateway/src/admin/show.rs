@@ -127,7 +127,9 @@ fn pool_rows(core: &Core, facts: &[Option<PoolFacts>]) -> BTreeMap<(String, Stri
     let mut rows: BTreeMap<(String, String), PoolRow> = BTreeMap::new();
     let now = unix_us(SystemTime::now());
     for c in core.admin.clients() {
-        let r = rows.entry((c.database.clone(), c.user.clone())).or_default();
+        let r = rows
+            .entry((c.database.clone(), c.user.clone()))
+            .or_default();
         if c.state() == state::WAITING {
             r.cl_waiting += 1;
             let (s, us) = waited(&c, now);
@@ -307,25 +309,45 @@ pub fn config(cfg: &Config) -> Table {
         ("poolers", cfg.poolers.join(","), false),
         ("links_per_core", cfg.links_per_core.to_string(), false),
         ("auth_method", auth.into(), true),
-        ("auth_timeout_seconds", cfg.auth_timeout_seconds.to_string(), true),
+        (
+            "auth_timeout_seconds",
+            cfg.auth_timeout_seconds.to_string(),
+            true,
+        ),
         ("max_clients", cfg.max_clients.to_string(), true),
         ("max_message_size", cfg.max_message_size.to_string(), true),
         ("failover_hold_ms", cfg.failover_hold_ms.to_string(), true),
         ("failover_hold_max", cfg.failover_hold_max.to_string(), true),
-        ("max_standby_lag_bytes", cfg.max_standby_lag_bytes.to_string(), true),
+        (
+            "max_standby_lag_bytes",
+            cfg.max_standby_lag_bytes.to_string(),
+            true,
+        ),
         (
             "guard_synchronous_commit",
             cfg.guard_synchronous_commit.to_string(),
             false,
         ),
-        ("client_idle_timeout_ms", cfg.client_idle_timeout_ms.to_string(), true),
+        (
+            "client_idle_timeout_ms",
+            cfg.client_idle_timeout_ms.to_string(),
+            true,
+        ),
         (
             "idle_transaction_timeout_ms",
             cfg.idle_transaction_timeout_ms.to_string(),
             true,
         ),
-        ("shutdown_timeout_ms", cfg.shutdown_timeout_ms.to_string(), true),
-        ("spin_before_park_us", cfg.spin_before_park_us.to_string(), false),
+        (
+            "shutdown_timeout_ms",
+            cfg.shutdown_timeout_ms.to_string(),
+            true,
+        ),
+        (
+            "spin_before_park_us",
+            cfg.spin_before_park_us.to_string(),
+            false,
+        ),
         ("tls_cert", path(&cfg.tls_cert), true),
         ("tls_key", path(&cfg.tls_key), true),
         ("log_level", cfg.log_level.clone(), true),
@@ -419,7 +441,9 @@ pub fn lists(core: &Core, facts: &[Option<PoolFacts>]) -> Table {
 
 pub fn version() -> Table {
     let mut t = Table::new(&[("version", T)]);
-    t.row(vec![format!("Tidepool {}", env!("CARGO_PKG_VERSION")).into()]);
+    t.row(vec![
+        format!("Tidepool {}", env!("CARGO_PKG_VERSION")).into()
+    ]);
     t
 }
 

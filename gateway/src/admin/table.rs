@@ -133,7 +133,9 @@ mod tests {
         let tlen = i32::from_be_bytes([out[1], out[2], out[3], out[4]]) as usize;
         let d = &out[1 + tlen..];
         assert_eq!(d[0], b'D');
-        assert!(out.windows(5).any(|w| w == b"app\x00\x00" || w == b"\x00\x00\x00\x03a"));
+        assert!(out
+            .windows(5)
+            .any(|w| w == b"app\x00\x00" || w == b"\x00\x00\x00\x03a"));
         assert!(out.ends_with(b"C\x00\x00\x00\x09SHOW\x00"));
         // The NULL cell: length -1.
         assert!(out.windows(4).any(|w| w == [0xff, 0xff, 0xff, 0xff]));
