@@ -681,14 +681,23 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
             // when nothing is paused).
             if io.status.get() == b'I' && io.pending.get() == 0 && core.admin.paused(&open.database)
             {
-                let held = Instant::now();
+                let since = Instant::now();
                 me.client.set_state(crate::admin::state::WAITING);
                 me.client.requested();
-                while core.admin.paused(&open.database) && !me.client.killed() && !core.force.get()
-                {
-                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                // Woken by the core's lifecycle tick after a RESUME or KILL (or a drain); the
+                // timer only bounds a missed wake.
+                loop {
+                    // Taken before the check, so a wake between the two is not lost.
+                    let woken = core.drain_notify.notified();
+                    let held = core.admin.paused(&open.database)
+                        && !me.client.killed()
+                        && !core.force.get();
+                    if !held {
+                        break;
+                    }
+                    let _ = crate::with_timeout(Duration::from_secs(1), woken).await;
                 }
-                crate::admin::bump(&me.client.stats.wait_us, held.elapsed().as_micros() as u64);
+                crate::admin::bump(&me.client.stats.wait_us, since.elapsed().as_micros() as u64);
                 if me.client.killed() {
                     io.client_out.push(&fatal(SHUTDOWN_CODE, SHUTDOWN));
                     break 'session;

@@ -133,7 +133,8 @@ pub struct Shared {
     /// PAUSE: databases paused (`None` in the list: all of them).
     paused: Mutex<Vec<Option<String>>>,
     any_paused: AtomicBool,
-    /// Bumped by KILL: each core wakes its sessions so the killed ones end at once.
+    /// Bumped by KILL and RESUME: each core wakes its sessions (`Core::drain_notify`) so the
+    /// killed ones end and the held ones go on at once, without polling.
     kills: AtomicU64,
     pub control: Control,
     pub started: Instant,
@@ -275,6 +276,7 @@ impl Shared {
             Some(d) => p.retain(|x| x.as_deref() != Some(d)),
         }
         self.any_paused.store(!p.is_empty(), Ordering::Relaxed);
+        self.kills.fetch_add(1, Ordering::Release);
         p.len() != before
     }
 
@@ -305,7 +307,7 @@ impl Shared {
         }
     }
 
-    /// Bumped by every KILL: a core that sees it change wakes its sessions.
+    /// Bumped by every KILL and RESUME: a core that sees it change wakes its sessions.
     pub fn kill_generation(&self) -> u64 {
         self.kills.load(Ordering::Acquire)
     }
