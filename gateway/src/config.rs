@@ -86,6 +86,16 @@ pub struct Args {
     /// is never a flag.
     #[arg(long)]
     pub link_secret_file: Option<PathBuf>,
+    /// The virtual database of the admin console (SHOW POOLS, PAUSE, RELOAD...).
+    #[arg(long)]
+    pub admin_database: Option<String>,
+    /// Roles allowed into the admin console (comma-separated or repeated); they authenticate
+    /// as any client does. Default: none (the console refuses everyone).
+    #[arg(long, value_delimiter = ',')]
+    pub admin_users: Vec<String>,
+    /// Address of the Prometheus/OpenMetrics endpoint (`GET /metrics`); off when unset.
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
     /// Session ids per core before they wrap (tests: a small number makes wrapping happen).
     #[arg(long, hide = true)]
     pub session_ids: Option<u32>,
@@ -117,6 +127,9 @@ struct File {
     idle_transaction_timeout_ms: Option<u64>,
     log_level: Option<String>,
     link_secret_file: Option<PathBuf>,
+    admin_database: Option<String>,
+    admin_users: Option<Vec<String>>,
+    metrics_listen: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -161,6 +174,12 @@ pub struct Config {
     pub link_key: shared::link::LinkKey,
     /// Session ids run 1..=this per core, then wrap, skipping ids still in use.
     pub session_ids: u32,
+    /// The admin console's virtual database.
+    pub admin_database: String,
+    /// Roles allowed into the admin console.
+    pub admin_users: Vec<String>,
+    /// Prometheus endpoint address; `None`: off.
+    pub metrics_listen: Option<String>,
 }
 
 impl Config {
@@ -213,8 +232,23 @@ impl Config {
             .ok_or("link_secret_file is required: poolers answer only gateways that prove the cluster's link secret")?;
         let link_key = shared::link::LinkKey::load(&link_secret_file)
             .map_err(|e| format!("link secret: {e}"))?;
+        let admin_users: Vec<String> = if args.admin_users.is_empty() {
+            file.admin_users.unwrap_or_default()
+        } else {
+            args.admin_users
+        };
         Ok(Config {
             link_key,
+            admin_database: args
+                .admin_database
+                .or(file.admin_database)
+                .unwrap_or_else(|| "tidepool".into()),
+            admin_users: admin_users
+                .into_iter()
+                .map(|u| u.trim().to_owned())
+                .filter(|u| !u.is_empty())
+                .collect(),
+            metrics_listen: args.metrics_listen.or(file.metrics_listen),
             session_ids: args.session_ids.unwrap_or(u32::MAX).max(1),
             spin_before_park_us: args
                 .spin_before_park_us
@@ -333,6 +367,7 @@ impl Config {
                 s(&new.idle_transaction_timeout_ms),
             ),
             ("log_level", s(&self.log_level), s(&new.log_level)),
+            ("admin_users", s(&self.admin_users), s(&new.admin_users)),
             ("tls_cert", s(&self.tls_cert), s(&new.tls_cert)),
             ("tls_key", s(&self.tls_key), s(&new.tls_key)),
         ]);
@@ -365,6 +400,16 @@ impl Config {
                 s(&self.spin_before_park_us),
                 s(&new.spin_before_park_us),
             ),
+            (
+                "admin_database",
+                s(&self.admin_database),
+                s(&new.admin_database),
+            ),
+            (
+                "metrics_listen",
+                s(&self.metrics_listen),
+                s(&new.metrics_listen),
+            ),
         ]);
         let merged = Config {
             max_clients: new.max_clients,
@@ -380,6 +425,7 @@ impl Config {
             log_level: new.log_level.clone(),
             tls_cert: new.tls_cert.clone(),
             tls_key: new.tls_key.clone(),
+            admin_users: new.admin_users.clone(),
             ..self.clone()
         };
         (merged, live, restart)

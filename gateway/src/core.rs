@@ -41,8 +41,11 @@ pub struct Core {
     pub draining: Cell<bool>,
     /// The shutdown timeout passed: sessions end now, in a transaction or not.
     pub force: Cell<bool>,
-    /// Told when `draining` or `force` is set, and every tick while draining.
+    /// Told when `draining` or `force` is set, and every tick while draining (and when the
+    /// admin console KILLs clients).
     pub drain_notify: Notify,
+    /// The admin console's view of the whole process (admin/mod.rs).
+    pub admin: Arc<crate::admin::Shared>,
 }
 
 /// A session id in use; freed when dropped (with the session's `SessionIo`).
@@ -90,6 +93,7 @@ impl Core {
         tls: Option<futures_rustls::TlsAcceptor>,
         mock_secret: [u8; 32],
         clients: Arc<AtomicUsize>,
+        admin: Arc<crate::admin::Shared>,
     ) -> Rc<Core> {
         let changed = Rc::new(Notify::default());
         // Executors are numbered from 1; this core's links take the slots after the previous
@@ -118,6 +122,7 @@ impl Core {
             draining: Cell::new(false),
             force: Cell::new(false),
             drain_notify: Notify::default(),
+            admin,
         })
     }
 
@@ -285,22 +290,33 @@ impl Core {
     }
 }
 
-/// Counts a client (in the process and on its core) for as long as it lives.
-pub struct ClientSlot(Arc<AtomicUsize>, Rc<Cell<usize>>);
+/// Counts a client (in the process and on its core) for as long as it lives; knows its
+/// addresses for the admin console (`None`: a Unix socket).
+pub struct ClientSlot {
+    process: Arc<AtomicUsize>,
+    core: Rc<Cell<usize>>,
+    pub addr: Option<std::net::SocketAddr>,
+    pub local: Option<std::net::SocketAddr>,
+}
 
 impl ClientSlot {
     pub fn take(core: &Core) -> Option<ClientSlot> {
         let prev = core.clients.fetch_add(1, Ordering::Relaxed);
         core.local_clients.set(core.local_clients.get() + 1);
-        let slot = ClientSlot(core.clients.clone(), core.local_clients.clone());
+        let slot = ClientSlot {
+            process: core.clients.clone(),
+            core: core.local_clients.clone(),
+            addr: None,
+            local: None,
+        };
         (prev < core.cfg().max_clients).then_some(slot)
     }
 }
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-        self.1.set(self.1.get().saturating_sub(1));
+        self.process.fetch_sub(1, Ordering::Relaxed);
+        self.core.set(self.core.get().saturating_sub(1));
     }
 }
 

@@ -108,6 +108,7 @@ impl Link {
     }
 
     pub fn send(&self, kind: u8, session: u32, payload: &[u8]) {
+        crate::metrics::link_frame(crate::metrics::SENT, shared::link::HEADER + payload.len());
         self.out.push_with(|b| {
             put_header(b, kind, session, payload.len());
             b.extend_from_slice(payload);
@@ -222,6 +223,10 @@ impl Link {
     }
 
     fn on_frame(&self, kind: u8, id: u32, payload: &[u8]) {
+        crate::metrics::link_frame(
+            crate::metrics::RECEIVED,
+            shared::link::HEADER + payload.len(),
+        );
         if kind == down::ROLE {
             self.on_role(payload);
             return;
@@ -249,7 +254,7 @@ impl Link {
                 self.unregister(id);
                 s.closed(payload);
             }
-            down::AUTH_INFO | down::OPENED | down::OPEN_FAILED => {
+            down::AUTH_INFO | down::OPENED | down::OPEN_FAILED | down::POOLS => {
                 s.on_control(kind, payload.to_vec())
             }
             _ => tracing::warn!(kind, "unknown frame from pooler"),

@@ -1,12 +1,14 @@
 //! `tidepool-gateway`: thread per core on io_uring (glommio). Each core owns a `SO_REUSEPORT`
 //! listener and the sessions the kernel gives it, for their whole life, with no locks.
 
+mod admin;
 mod auth;
 mod config;
 mod core;
 mod failover;
 mod identity;
 mod link;
+mod metrics;
 mod session;
 mod session_io;
 mod tls;
@@ -107,6 +109,32 @@ fn main() {
         cfg: cfg.clone(),
         tls: tls.clone(),
     });
+    // The admin console's RELOAD and SHUTDOWN do what SIGHUP and SIGTERM do.
+    let admin = {
+        let (args, for_reload, for_shutdown) = (args.clone(), life.clone(), life.clone());
+        admin::Shared::new(
+            cfg.cores,
+            admin::Control {
+                reload: Box::new(move || {
+                    tracing::info!("admin console: RELOAD");
+                    if let Some(next) = reload(&args, &for_reload.current()) {
+                        for_reload.publish(next);
+                    }
+                }),
+                shutdown: Box::new(move || for_shutdown.start_drain()),
+            },
+        )
+    };
+    let metrics = metrics::Metrics::new(cfg.cores);
+    if let Some(addr) = &cfg.metrics_listen {
+        let (admin, metrics) = (admin.clone(), metrics.clone());
+        if let Err(e) =
+            shared::metrics_http::serve(addr, move |om| metrics::render(&admin, &metrics, om))
+        {
+            eprintln!("tidepool-gateway: cannot serve metrics on {addr}: {e}");
+            std::process::exit(1);
+        }
+    }
     if let Err(e) = life.watch_signals(move |now| reload(&args, now)) {
         eprintln!("tidepool-gateway: cannot watch signals: {e}");
         std::process::exit(1);
@@ -126,7 +154,12 @@ fn main() {
             let tls = tls.clone();
             let clients = clients.clone();
             let life = life.clone();
-            async move { run_core(cfg, tls, mock_secret, clients, life).await }
+            let admin = admin.clone();
+            let metrics = metrics.clone();
+            async move {
+                metrics.install(glommio::executor().id().saturating_sub(1));
+                run_core(cfg, tls, mock_secret, clients, life, admin).await
+            }
         });
     match handles {
         Ok(h) => {
@@ -143,8 +176,15 @@ fn main() {
 /// Until SIGTERM: applies each reload to this core. Returns when the drain starts.
 async fn watch_lifecycle(core: &core::Core, life: &Lifecycle) {
     let mut seen = life.generation();
+    let mut kills = core.admin.kill_generation();
     loop {
         glommio::timer::sleep(shared::lifecycle::TICK).await;
+        // The admin console KILLed clients: wake this core's sessions to look.
+        let k = core.admin.kill_generation();
+        if k != kills {
+            kills = k;
+            core.drain_notify.notify();
+        }
         let g = life.generation();
         if g != seen {
             seen = g;
@@ -195,8 +235,9 @@ async fn run_core(
     mock_secret: [u8; 32],
     clients: Arc<AtomicUsize>,
     life: Arc<Lifecycle>,
+    admin: Arc<admin::Shared>,
 ) {
-    let core = core::Core::new(cfg.clone(), tls, mock_secret, clients);
+    let core = core::Core::new(cfg.clone(), tls, mock_secret, clients, admin);
     for (links, addr) in core.links.iter().zip(&cfg.poolers) {
         for l in links {
             glommio::spawn_local(l.clone().maintain(addr.clone())).detach();

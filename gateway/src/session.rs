@@ -113,10 +113,12 @@ pub async fn serve_tcp(core: Rc<Core>, mut stream: TcpStream, read_only: bool) {
         refuse(stream, "57P03", "the database system is shutting down").await;
         return;
     }
-    let Some(slot) = ClientSlot::take(&core) else {
+    let Some(mut slot) = ClientSlot::take(&core) else {
         refuse(stream, "53300", "sorry, too many clients already").await;
         return;
     };
+    slot.addr = stream.peer_addr().ok();
+    slot.local = stream.local_addr().ok();
     // One deadline for all of startup and authentication, however many negotiation packets
     // the client sends (Postgres: authentication_timeout).
     let deadline = Instant::now() + Duration::from_secs(core.cfg().auth_timeout_seconds);
@@ -298,6 +300,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         write_fatal(&mut stream, "57P03", crate::failover::NO_PRIMARY).await;
         return;
     };
+    // The admin console's virtual database (admin/console.rs): authenticated as any client.
+    let console = database == core.cfg().admin_database;
     let io = SessionIo::new();
     let Some(id) = core.next_session_id().map(|id| io.hold_id(id)) else {
         write_fatal(&mut stream, "53300", "sorry, too many clients already").await;
@@ -308,9 +312,19 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     let login = crate::with_timeout(left(deadline), async {
         let credential =
             auth::authenticate(&core, &mut stream, &mut reader, &io, &link, id, &user).await?;
+        if console && !core.cfg().admin_users.contains(&user) {
+            // PgBouncer's answer to a role that is not an admin user.
+            return Err(auth::fatal(
+                "28000",
+                &format!("not allowed: role \"{user}\" is not an admin user of the console"),
+            ));
+        }
         let mut ok = Vec::new();
         be::auth_ok(&mut ok);
         stream.write_all(&ok).await.map_err(|_| Refusal::Gone)?;
+        if console {
+            return Ok(None);
+        }
         let pid = (rand::random::<u32>() >> 1) as i32;
         let secret = rand::random::<i32>();
         let open = Open {
@@ -331,7 +345,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                 be::backend_key_data(&mut out, pid, secret);
                 be::ready_for_query(&mut out, b'I');
                 stream.write_all(&out).await.map_err(|_| Refusal::Gone)?;
-                Ok(open)
+                Ok(Some(open))
             }
             down::OPEN_FAILED => Err(Refusal::Fatal(reply)),
             _ => Err(auth::fatal("08006", "the pooler closed the session")),
@@ -339,7 +353,20 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     })
     .await;
     let mut open = match login {
-        Some(Ok(open)) => open,
+        Some(Ok(Some(open))) => open,
+        Some(Ok(None)) => {
+            link.unregister(id);
+            let login = crate::admin::console::Login {
+                application_name: settings
+                    .get("application_name")
+                    .unwrap_or_default()
+                    .to_owned(),
+                user,
+                database,
+            };
+            crate::admin::console::serve(core, stream, reader, io, id, login, slot).await;
+            return;
+        }
         Some(Err(Refusal::Fatal(e))) => {
             link.unregister(id);
             link.send(up::CLOSE, id, &[]);
@@ -374,7 +401,19 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     io.opened.set(true);
     // A task of its own: the startup and authentication state (SCRAM, buffers) is freed now,
     // so an idle session costs only what `run` keeps.
-    glommio::spawn_local(run(core, stream, reader, io, open, id, slot)).detach();
+    let me = core.admin.register(crate::admin::NewClient {
+        user: &open.user,
+        database: &open.database,
+        addr: slot.addr,
+        local: slot.local,
+        pid: open.pid,
+        application_name: io
+            .settings
+            .borrow()
+            .get("application_name")
+            .unwrap_or_default(),
+    });
+    glommio::spawn_local(run(core, stream, reader, io, open, id, slot, me)).detach();
 }
 
 /// Parameter types for the statement that replaces a refused one: as many as the original
@@ -460,6 +499,7 @@ fn parse_options(options: &str, settings: &mut Settings) -> Result<(), String> {
 }
 
 /// The request loop.
+#[allow(clippy::too_many_arguments)] // each is a distinct part of the session handed over whole
 async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     core: Rc<Core>,
     stream: S,
@@ -468,9 +508,11 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     open: Open,
     id: u32,
     slot: ClientSlot,
+    me: crate::admin::Registered,
 ) {
     let stream = RcStream::new(stream);
     let writer_io = io.clone();
+    let me_writer = me.client.clone();
     let wstream = stream.clone();
     glommio::spawn_local(async move {
         // The client counts (for a drain) until its last bytes are written.
@@ -482,6 +524,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         // crosses the batch.
         let owed = std::cell::Cell::new(0usize);
         let credit = |n: usize| {
+            crate::admin::bump(&me_writer.stats.sent, n as u64);
             let total = owed.get() + n;
             if total < CREDIT_BATCH {
                 owed.set(total);
@@ -498,6 +541,9 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     let mut rstream = stream;
     let max = core.cfg().max_message_size;
     let mut statement_flags = crate::classify::StatementFlags::default();
+    // For SHOW STATS: since when the session has had a request in flight / a transaction open.
+    let mut busy_since: Option<Instant> = None;
+    let mut xact_since: Option<Instant> = None;
     'session: loop {
         // Frame every complete message we have into one MSGS frame.
         let mut flags = 0u8;
@@ -631,6 +677,39 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
             }
         }
         if end > 0 {
+            // PAUSE (admin console): a request outside a transaction waits (one relaxed load
+            // when nothing is paused).
+            if io.status.get() == b'I' && io.pending.get() == 0 && core.admin.paused(&open.database)
+            {
+                let since = Instant::now();
+                me.client.set_state(crate::admin::state::WAITING);
+                me.client.requested();
+                // Woken by the core's lifecycle tick after a RESUME or KILL (or a drain); the
+                // timer only bounds a missed wake.
+                loop {
+                    // Taken before the check, so a wake between the two is not lost.
+                    let woken = core.drain_notify.notified();
+                    let held = core.admin.paused(&open.database)
+                        && !me.client.killed()
+                        && !core.force.get();
+                    if !held {
+                        break;
+                    }
+                    let _ = crate::with_timeout(Duration::from_secs(1), woken).await;
+                }
+                crate::admin::bump(&me.client.stats.wait_us, since.elapsed().as_micros() as u64);
+                if me.client.killed() {
+                    io.client_out.push(&fatal(SHUTDOWN_CODE, SHUTDOWN));
+                    break 'session;
+                }
+            }
+            me.client.set_state(crate::admin::state::ACTIVE);
+            crate::admin::bump(&me.client.stats.received, end as u64);
+            let now = Instant::now();
+            busy_since.get_or_insert(now);
+            if io.status.get() == b'I' {
+                xact_since.get_or_insert(now);
+            }
             // The hot path: the session's pooler is the primary (or holds its transaction).
             match session_io::usable_link(&core, &io).filter(|_| denied.is_empty()) {
                 Some(l) => {
@@ -702,6 +781,30 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         // outside a transaction at once, any session when the shutdown timeout passed; what
         // the client may have sent meanwhile is left unread, so it never ran.
         let idle = io.pending.get() == 0 && reader.data().is_empty();
+        // What SHOW CLIENTS and SHOW STATS read (stores only this core makes).
+        let stats = &me.client.stats;
+        stats
+            .queries
+            .store(io.readies.get(), std::sync::atomic::Ordering::Relaxed);
+        stats
+            .xacts
+            .store(io.xacts.get(), std::sync::atomic::Ordering::Relaxed);
+        if idle {
+            if let Some(t) = busy_since.take() {
+                crate::admin::bump(&stats.query_us, t.elapsed().as_micros() as u64);
+            }
+            if io.status.get() == b'I' {
+                if let Some(t) = xact_since.take() {
+                    crate::admin::bump(&stats.xact_us, t.elapsed().as_micros() as u64);
+                }
+                me.client.set_state(crate::admin::state::IDLE);
+            }
+        }
+        // KILL (admin console): at once, in a transaction or not.
+        if me.client.killed() {
+            io.client_out.push(&fatal(SHUTDOWN_CODE, SHUTDOWN));
+            break;
+        }
         if core.force.get() || (core.draining.get() && idle && io.status.get() == b'I') {
             io.client_out.push(&fatal(SHUTDOWN_CODE, SHUTDOWN));
             break;

@@ -64,6 +64,10 @@ pub struct SessionIo {
     pub pending_may_commit: Cell<bool>,
     /// The transaction status of the last `ReadyForQuery` (`I`, `T`, `E`).
     pub status: Cell<u8>,
+    /// `ReadyForQuery` messages received (queries answered), and those with status `I`
+    /// (transactions ended): read by the session loop for SHOW STATS and the metrics.
+    pub readies: Cell<u64>,
+    pub xacts: Cell<u64>,
     /// Told when the last request in flight is answered (a drain and the idle timeouts wait
     /// for that moment). One counter bump per answered request when nobody waits.
     pub ready_notify: Notify,
@@ -116,6 +120,8 @@ impl SessionIo {
             pending: Cell::new(0),
             pending_may_commit: Cell::new(false),
             status: Cell::new(b'I'),
+            readies: Cell::new(0),
+            xacts: Cell::new(0),
             ready_notify: Notify::default(),
             pinned: Cell::new(false),
             owed: Cell::new(Owed::Nothing),
@@ -228,6 +234,12 @@ impl SessionIo {
             if s.head == 5 {
                 let len = u32::from_be_bytes(s.len);
                 s.left = len.saturating_sub(4);
+                if s.tag == b'E' {
+                    // Counted by SQLSTATE class when the body came whole in this frame (the
+                    // usual case: errors are small); else as `unknown`.
+                    let body = data.get(i..i + s.left as usize);
+                    crate::metrics::error(body.and_then(be::error_sqlstate));
+                }
                 if s.left == 0 {
                     s.head = 0;
                 }
@@ -275,6 +287,12 @@ impl SessionIo {
     }
 
     fn on_ready(&self, status: u8) {
+        // Counted for SHOW STATS and the metrics: every ReadyForQuery answers a query; one
+        // that finds the session idle ends a transaction (or an autocommit statement).
+        self.readies.set(self.readies.get() + 1);
+        if status == b'I' {
+            self.xacts.set(self.xacts.get() + 1);
+        }
         self.status.set(status);
         let p = self.pending.get().saturating_sub(1);
         self.pending.set(p);
@@ -427,6 +445,7 @@ pub fn usable_link(core: &Core, io: &SessionIo) -> Option<Rc<Link>> {
 /// Sends a batch on a link and notes what the session now waits for.
 pub fn send(link: &Link, io: &SessionIo, id: u32, flags: u8, msgs: &[u8], may_commit: bool) {
     let flags = flags & !classify::LOWERS_SYNC_COMMIT;
+    crate::metrics::link_frame(crate::metrics::SENT, shared::link::HEADER + msgs.len() + 1);
     link.out.push_with(|b| {
         put_header(b, up::MSGS, id, msgs.len() + 1);
         b.push(flags);

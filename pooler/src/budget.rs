@@ -51,6 +51,8 @@ pub struct CoreShare {
     pub waiting: AtomicUsize,
     /// Microseconds that sessions of the pool on this core have waited for a backend, in all.
     pub waited_us: AtomicU64,
+    /// Of `backends`, those idle in the pool (read by the admin console only).
+    pub idle: AtomicUsize,
 }
 
 impl PoolBudget {
@@ -80,6 +82,21 @@ impl Budgets {
             .entry(key.clone())
             .or_insert_with(|| Arc::new(PoolBudget::new(self.cores)))
             .clone()
+    }
+
+    /// Every pool known to any core, for the admin console (a lock per console request, not
+    /// per client request).
+    pub fn all(&self) -> Vec<(PoolKey, Arc<PoolBudget>)> {
+        self.pools
+            .lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Backends the pooler may have in all.
+    pub fn max_total(&self) -> usize {
+        self.max_total.load(Ordering::Relaxed)
     }
 
     /// Backends each (user, database) may have, on all cores together.

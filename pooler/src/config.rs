@@ -129,6 +129,9 @@ pub struct Args {
     /// Log filter (`info`, `debug`, `warn,tidepool_pooler=debug`); RUST_LOG wins at start.
     #[arg(long)]
     pub log_level: Option<String>,
+    /// Address of the Prometheus/OpenMetrics endpoint (`GET /metrics`); off when unset.
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
     /// File holding the link secret (64 hex digits, mode 600; `tidepool up` writes
     /// DIR/link.key): a gateway must prove it holds it before the link answers anything, and
     /// the pooler proves it back. Required. The secret itself is never a flag.
@@ -175,6 +178,7 @@ struct File {
     server_idle_timeout_ms: Option<u64>,
     log_level: Option<String>,
     link_secret_file: Option<PathBuf>,
+    metrics_listen: Option<String>,
 }
 
 /// What the node agent needs (see config/pooler.toml, "Node agent").
@@ -229,6 +233,8 @@ pub struct Config {
     pub server_idle_timeout_ms: u64,
     pub log_level: String,
     pub agent: AgentConfig,
+    /// Prometheus endpoint address; `None`: off.
+    pub metrics_listen: Option<String>,
 }
 
 impl Config {
@@ -402,6 +408,7 @@ impl Config {
                 .log_level
                 .or(file.log_level)
                 .unwrap_or_else(|| "info".into()),
+            metrics_listen: args.metrics_listen.or(file.metrics_listen),
         };
         Ok(c)
     }
@@ -458,6 +465,11 @@ impl Config {
         ]);
         let restart = shared::lifecycle::changes(&[
             ("listen", s(&self.listen), s(&new.listen)),
+            (
+                "metrics_listen",
+                s(&self.metrics_listen),
+                s(&new.metrics_listen),
+            ),
             ("cores", s(&self.cores), s(&new.cores)),
             ("pg_host", s(&self.pg_host), s(&new.pg_host)),
             ("pg_port", s(&self.pg_port), s(&new.pg_port)),

@@ -128,6 +128,7 @@ pub async fn serve(core: Rc<Core>, stream: TcpStream) {
 }
 
 fn on_frame(core: &Rc<Core>, l: &Rc<Link>, kind: u8, id: u32, payload: Vec<u8>) -> bool {
+    crate::metrics::link_frame(link::HEADER + payload.len());
     match kind {
         up::MSGS => {
             let s = l.sessions.borrow().get(&id).cloned();
@@ -227,6 +228,12 @@ fn on_frame(core: &Rc<Core>, l: &Rc<Link>, kind: u8, id: u32, payload: Vec<u8>) 
                 let secret = i32::from_be_bytes([b[4], b[5], b[6], b[7]]);
                 crate::cancel::broadcast(core, pid, secret);
             }
+        }
+        up::POOLS => {
+            let mut reply = Vec::new();
+            crate::pools_report::facts(core).encode(&mut reply);
+            l.out
+                .push_with(|b| link::put_frame(b, down::POOLS, id, &reply));
         }
         // The one HELLO was the handshake's (`authenticate`); CORE and ROLE follow it.
         up::HELLO => return false,

@@ -12,8 +12,10 @@ mod link;
 mod listen;
 mod listen_names;
 mod login;
+mod metrics;
 mod pids;
 mod pool;
+mod pools_report;
 mod readback;
 mod responses;
 mod session;
@@ -96,6 +98,16 @@ fn main() {
     // Cores still draining: a core done early keeps its links up until all are done.
     let draining = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(cores));
     let life = Lifecycle::new(cfg.clone());
+    let metrics = metrics::Metrics::new(cores);
+    if let Some(addr) = &cfg.metrics_listen {
+        let (budgets, metrics) = (budgets.clone(), metrics.clone());
+        if let Err(e) =
+            shared::metrics_http::serve(addr, move |om| metrics::render(&budgets, &metrics, om))
+        {
+            eprintln!("tidepool-pooler: cannot serve metrics on {addr}: {e}");
+            std::process::exit(1);
+        }
+    }
     let reload_budgets = budgets.clone();
     if let Err(e) = life.watch_signals(move |now| reload(&args, now, &reload_budgets)) {
         eprintln!("tidepool-pooler: cannot watch signals: {e}");
@@ -114,7 +126,11 @@ fn main() {
             let budgets = budgets.clone();
             let life = life.clone();
             let draining = draining.clone();
-            async move { run_core(cfg, budgets, mesh, life, draining).await }
+            let metrics = metrics.clone();
+            async move {
+                metrics.install(glommio::executor().id().saturating_sub(1));
+                run_core(cfg, budgets, mesh, life, draining).await
+            }
         });
     match handles {
         Ok(h) => {

@@ -96,6 +96,16 @@ impl Pool {
         }
     }
 
+    /// Publishes how many backends of this pool idle on this core, for the admin console
+    /// (`pools_report.rs`): one relaxed store when the idle list changes.
+    fn note_idle(&self) {
+        if let Some(share) = self.global.cores.get(self.core) {
+            share
+                .idle
+                .store(self.idle.borrow().len(), Ordering::Relaxed);
+        }
+    }
+
     /// Backends of this pool on this core went up or down by one; published for other cores.
     fn add_local(&self, up: bool) {
         let n = if up {
@@ -205,6 +215,7 @@ impl Pool {
             *idle = keep;
             gone
         };
+        self.note_idle();
         let by_age = victims.iter().filter(|b| old(b)).count();
         for b in &victims {
             close_for(core, b, None);
@@ -229,6 +240,7 @@ impl Pool {
                 _ => None,
             }
         };
+        self.note_idle();
         match victim {
             Some(b) => {
                 tracing::debug!(user = %self.key.user, db = %self.key.database, core = self.core, "closing an idle backend (shed)");
@@ -255,6 +267,7 @@ impl Drop for WaiterGuard<'_> {
         if let Some(share) = self.pool.global.cores.get(self.pool.core) {
             let us = self.since.elapsed().as_micros() as u64;
             share.waited_us.fetch_add(us, Ordering::Relaxed);
+            crate::metrics::waited(us);
             share.waiting.fetch_sub(1, Ordering::Relaxed);
         }
         self.pool.last_wait.set(Some(Instant::now()));
@@ -294,6 +307,7 @@ pub async fn acquire(
                 None => idle.pop(),
             }
         };
+        pool.note_idle();
         if let Some(b) = popped {
             if b.is_broken() {
                 continue;
@@ -419,6 +433,7 @@ pub fn release(core: &Rc<Core>, b: Rc<Backend>) {
         if let Some(Some(b)) = pool.hand_to_waiter(Some(b)) {
             b.idle_since.set(Some(Instant::now()));
             pool.idle.borrow_mut().push(b);
+            pool.note_idle();
         }
         return;
     }
@@ -430,6 +445,7 @@ pub fn release(core: &Rc<Core>, b: Rc<Backend>) {
     }
     b.idle_since.set(Some(Instant::now()));
     pool.idle.borrow_mut().push(b);
+    pool.note_idle();
 }
 
 /// Every core's `waited_us` of a pool, now.
@@ -660,9 +676,12 @@ impl Core {
 
     /// Drops a backend from the idle list (it died, or was shed).
     pub fn forget_idle(&self, b: &Rc<Backend>) {
-        let mut idle = b.pool.idle.borrow_mut();
-        if let Some(i) = idle.iter().position(|x| Rc::ptr_eq(x, b)) {
-            idle.swap_remove(i);
+        {
+            let mut idle = b.pool.idle.borrow_mut();
+            if let Some(i) = idle.iter().position(|x| Rc::ptr_eq(x, b)) {
+                idle.swap_remove(i);
+            }
         }
+        b.pool.note_idle();
     }
 }

@@ -6,6 +6,7 @@ pub mod io;
 pub mod lifecycle;
 pub mod link;
 pub mod logging;
+pub mod metrics_http;
 pub mod protocol;
 pub mod settings;
 pub mod sql;

@@ -54,6 +54,9 @@ pub mod up {
     /// the batch, `u8` kind, `u32` statement index in the text, `u32` start and `u32` end of
     /// the name, `u32` end of its statement, `u32` length and the folded name.
     pub const NAMES: u8 = 10;
+    /// The admin console asks for the pooler's pools (no payload; the session id is the
+    /// console's). Answered by `down::POOLS` for the same session.
+    pub const POOLS: u8 = 11;
 }
 
 /// Pooler → gateway.
@@ -93,6 +96,8 @@ pub mod down {
     /// session never makes the pooler stop reading the link all sessions share. Sent every
     /// `ACK_EVERY` bytes taken.
     pub const ACK: u8 = 30;
+    /// Answer to `up::POOLS`: [`PoolFacts`] encoded (the pooler's pools on all its cores).
+    pub const POOLS: u8 = 31;
 }
 
 /// Request bytes (`MSGS` payloads) a gateway may have sent for a session and the pooler not
@@ -250,6 +255,83 @@ impl Open {
             secret,
             credential,
             settings,
+        })
+    }
+}
+
+/// What a pooler knows of its pools (all cores), for the gateway's admin console: `down::POOLS`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PoolFacts {
+    /// Backends each (user, database) may have, and all of them together.
+    pub pool_size: u32,
+    pub max_backends: u32,
+    pub pools: Vec<PoolFact>,
+}
+
+/// One (user, database) on a pooler.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PoolFact {
+    pub user: String,
+    pub database: String,
+    /// Backends connected or connecting.
+    pub backends: u32,
+    /// Of those, idle in the pool (the rest serve a session or are logging in).
+    pub idle: u32,
+    /// Sessions waiting for a backend now.
+    pub waiting: u32,
+    /// Microseconds sessions have waited for a backend, in all.
+    pub waited_us: u64,
+}
+
+impl PoolFacts {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.pool_size.to_be_bytes());
+        out.extend_from_slice(&self.max_backends.to_be_bytes());
+        out.extend_from_slice(&(self.pools.len() as u32).to_be_bytes());
+        for p in &self.pools {
+            put_cstr(out, p.user.as_bytes());
+            put_cstr(out, p.database.as_bytes());
+            out.extend_from_slice(&p.backends.to_be_bytes());
+            out.extend_from_slice(&p.idle.to_be_bytes());
+            out.extend_from_slice(&p.waiting.to_be_bytes());
+            out.extend_from_slice(&p.waited_us.to_be_bytes());
+        }
+    }
+
+    pub fn decode(buf: &[u8]) -> Result<PoolFacts, ProtocolError> {
+        let mut pos = 0;
+        let u32_at = |pos: &mut usize| -> Result<u32, ProtocolError> {
+            read_i32(buf, pos).map(|v| v as u32)
+        };
+        let pool_size = u32_at(&mut pos)?;
+        let max_backends = u32_at(&mut pos)?;
+        let n = u32_at(&mut pos)?;
+        // Each pool takes at least 26 bytes: a count larger than the payload is a lie.
+        if n as usize > buf.len() / 26 + 1 {
+            return Err(ProtocolError::Malformed("pool facts count"));
+        }
+        let mut pools = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let user = utf8(read_cstr(buf, &mut pos)?)?;
+            let database = utf8(read_cstr(buf, &mut pos)?)?;
+            let backends = u32_at(&mut pos)?;
+            let idle = u32_at(&mut pos)?;
+            let waiting = u32_at(&mut pos)?;
+            let hi = u32_at(&mut pos)? as u64;
+            let lo = u32_at(&mut pos)? as u64;
+            pools.push(PoolFact {
+                user,
+                database,
+                backends,
+                idle,
+                waiting,
+                waited_us: hi << 32 | lo,
+            });
+        }
+        Ok(PoolFacts {
+            pool_size,
+            max_backends,
+            pools,
         })
     }
 }
@@ -427,6 +509,29 @@ pub(crate) fn utf8(b: &[u8]) -> Result<String, ProtocolError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pool_facts_round_trip_and_lies_refused() {
+        let facts = PoolFacts {
+            pool_size: 20,
+            max_backends: 100,
+            pools: vec![PoolFact {
+                user: "alice".into(),
+                database: "app".into(),
+                backends: 3,
+                idle: 1,
+                waiting: 2,
+                waited_us: (7 << 32) + 5,
+            }],
+        };
+        let mut b = Vec::new();
+        facts.encode(&mut b);
+        assert_eq!(PoolFacts::decode(&b).unwrap(), facts);
+        assert!(PoolFacts::decode(&b[..b.len() - 1]).is_err());
+        let mut lie = b.clone();
+        lie[8..12].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(PoolFacts::decode(&lie).is_err());
+    }
 
     #[test]
     fn open_round_trip() {

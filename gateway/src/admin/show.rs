@@ -1,0 +1,459 @@
+//! The SHOW commands: PgBouncer's column names where the idea is the same.
+
+use super::table::{Cell, Table, Type};
+use super::{state, unix_us, Client};
+use crate::config::Config;
+use crate::core::Core;
+use shared::agent::Role;
+use shared::link::PoolFacts;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use Type::{Int8 as I, Text as T};
+
+/// `YYYY-MM-DD HH:MM:SS UTC`, as PgBouncer prints times.
+pub fn timestamp(unix_us: u64) -> String {
+    let secs = unix_us / 1_000_000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn state_name(s: u8) -> &'static str {
+    match s {
+        state::ACTIVE => "active",
+        state::WAITING => "waiting",
+        _ => "idle",
+    }
+}
+
+/// Seconds and the microseconds beyond them a waiting client has waited.
+fn waited(c: &Client, now: u64) -> (u64, u64) {
+    if c.state() != state::WAITING {
+        return (0, 0);
+    }
+    let us = now.saturating_sub(c.request_time());
+    (us / 1_000_000, us % 1_000_000)
+}
+
+fn addr_cells(a: Option<std::net::SocketAddr>) -> [Cell; 2] {
+    match a {
+        Some(a) => [a.ip().to_string().into(), i64::from(a.port()).into()],
+        // A Unix-socket client, as PgBouncer shows it.
+        None => ["unix".into(), 0i64.into()],
+    }
+}
+
+const CLIENT_COLUMNS: &[(&str, Type)] = &[
+    ("type", T),
+    ("user", T),
+    ("database", T),
+    ("state", T),
+    ("addr", T),
+    ("port", I),
+    ("local_addr", T),
+    ("local_port", I),
+    ("connect_time", T),
+    ("request_time", T),
+    ("wait", I),
+    ("wait_us", I),
+    ("close_needed", I),
+    ("ptr", T),
+    ("link", T),
+    ("remote_pid", I),
+    ("tls", T),
+    ("application_name", T),
+];
+
+pub fn clients(core: &Core) -> Table {
+    let mut t = Table::new(CLIENT_COLUMNS);
+    let now = unix_us(SystemTime::now());
+    for c in core.admin.clients() {
+        let [addr, port] = addr_cells(c.addr);
+        let [laddr, lport] = addr_cells(c.local);
+        let (w, wus) = waited(&c, now);
+        t.row(vec![
+            "C".into(),
+            c.user.as_str().into(),
+            c.database.as_str().into(),
+            state_name(c.state()).into(),
+            addr,
+            port,
+            laddr,
+            lport,
+            timestamp(unix_us(c.connected)).into(),
+            timestamp(c.request_time()).into(),
+            w.into(),
+            wus.into(),
+            u64::from(c.killed()).into(),
+            format!("{:x}", Arc::as_ptr(&c) as usize).into(),
+            "".into(),
+            i64::from(c.pid).into(),
+            "".into(),
+            c.application_name.as_str().into(),
+        ]);
+    }
+    t
+}
+
+/// Per (database, user): the gateway's clients by state and longest pause wait, and the
+/// poolers' backends (summed over poolers) and sessions waiting for one.
+#[derive(Default)]
+struct PoolRow {
+    cl_active: u64,
+    cl_waiting: u64,
+    sv_active: u64,
+    sv_idle: u64,
+    maxwait_us: u64,
+    waited_us: u64,
+}
+
+fn pool_rows(core: &Core, facts: &[Option<PoolFacts>]) -> BTreeMap<(String, String), PoolRow> {
+    let mut rows: BTreeMap<(String, String), PoolRow> = BTreeMap::new();
+    let now = unix_us(SystemTime::now());
+    for c in core.admin.clients() {
+        let r = rows
+            .entry((c.database.clone(), c.user.clone()))
+            .or_default();
+        if c.state() == state::WAITING {
+            r.cl_waiting += 1;
+            let (s, us) = waited(&c, now);
+            r.maxwait_us = r.maxwait_us.max(s * 1_000_000 + us);
+        } else {
+            r.cl_active += 1;
+        }
+    }
+    for f in facts.iter().flatten() {
+        for p in &f.pools {
+            let r = rows
+                .entry((p.database.clone(), p.user.clone()))
+                .or_default();
+            r.sv_idle += u64::from(p.idle);
+            r.sv_active += u64::from(p.backends.saturating_sub(p.idle));
+            // Sessions waiting in the pooler for a backend are clients that wait.
+            let w = u64::from(p.waiting);
+            r.cl_active = r.cl_active.saturating_sub(w);
+            r.cl_waiting += w;
+            r.waited_us += p.waited_us;
+        }
+    }
+    rows
+}
+
+pub fn pools(core: &Core, facts: &[Option<PoolFacts>]) -> Table {
+    let mut t = Table::new(&[
+        ("database", T),
+        ("user", T),
+        ("cl_active", I),
+        ("cl_waiting", I),
+        ("cl_active_cancel_req", I),
+        ("cl_waiting_cancel_req", I),
+        ("sv_active", I),
+        ("sv_active_cancel", I),
+        ("sv_being_canceled", I),
+        ("sv_idle", I),
+        ("sv_used", I),
+        ("sv_tested", I),
+        ("sv_login", I),
+        ("maxwait", I),
+        ("maxwait_us", I),
+        ("pool_mode", T),
+    ]);
+    for ((db, user), r) in pool_rows(core, facts) {
+        t.row(vec![
+            db.into(),
+            user.into(),
+            r.cl_active.into(),
+            r.cl_waiting.into(),
+            0u64.into(),
+            0u64.into(),
+            r.sv_active.into(),
+            0u64.into(),
+            0u64.into(),
+            r.sv_idle.into(),
+            0u64.into(),
+            0u64.into(),
+            0u64.into(),
+            (r.maxwait_us / 1_000_000).into(),
+            (r.maxwait_us % 1_000_000).into(),
+            // No pooling modes: a backend is pinned only while session state needs it.
+            "auto".into(),
+        ]);
+    }
+    t
+}
+
+/// One row per backend, from each pooler's counts: user, database and state are known; a
+/// backend's own address, times and pid are not reported by the pooler yet (empty).
+pub fn servers(core: &Core, facts: &[Option<PoolFacts>]) -> Table {
+    let mut t = Table::new(CLIENT_COLUMNS);
+    let cfg = core.cfg();
+    for (i, f) in facts.iter().enumerate() {
+        let Some(f) = f else { continue };
+        let pooler = cfg.poolers.get(i).cloned().unwrap_or_default();
+        for p in &f.pools {
+            let active = p.backends.saturating_sub(p.idle);
+            for k in 0..p.backends {
+                t.row(vec![
+                    "S".into(),
+                    p.user.as_str().into(),
+                    p.database.as_str().into(),
+                    if k < active { "active" } else { "idle" }.into(),
+                    pooler.as_str().into(),
+                    Cell::Null,
+                    Cell::Null,
+                    Cell::Null,
+                    Cell::Null,
+                    Cell::Null,
+                    0u64.into(),
+                    0u64.into(),
+                    0u64.into(),
+                    Cell::Null,
+                    Cell::Null,
+                    Cell::Null,
+                    "".into(),
+                    "".into(),
+                ]);
+            }
+        }
+    }
+    t
+}
+
+pub fn stats(core: &Core, facts: &[Option<PoolFacts>]) -> Table {
+    let mut t = Table::new(&[
+        ("database", T),
+        ("total_xact_count", I),
+        ("total_query_count", I),
+        ("total_received", I),
+        ("total_sent", I),
+        ("total_xact_time", I),
+        ("total_query_time", I),
+        ("total_wait_time", I),
+        ("avg_xact_count", I),
+        ("avg_query_count", I),
+        ("avg_recv", I),
+        ("avg_sent", I),
+        ("avg_xact_time", I),
+        ("avg_query_time", I),
+        ("avg_wait_time", I),
+    ]);
+    let mut waits: BTreeMap<String, u64> = BTreeMap::new();
+    for f in facts.iter().flatten() {
+        for p in &f.pools {
+            *waits.entry(p.database.clone()).or_default() += p.waited_us;
+        }
+    }
+    let secs = core.admin.started.elapsed().as_secs().max(1);
+    for (db, [xacts, queries, recv, sent, xact_us, query_us, pause_us]) in core.admin.totals() {
+        let wait = pause_us + waits.get(&db).copied().unwrap_or(0);
+        let per = |a: u64, b: u64| a.checked_div(b).unwrap_or(0);
+        t.row(vec![
+            db.into(),
+            xacts.into(),
+            queries.into(),
+            recv.into(),
+            sent.into(),
+            xact_us.into(),
+            query_us.into(),
+            wait.into(),
+            // Averages: counts and bytes per second since the gateway started; times per
+            // transaction / query, as PgBouncer's.
+            per(xacts, secs).into(),
+            per(queries, secs).into(),
+            per(recv, secs).into(),
+            per(sent, secs).into(),
+            per(xact_us, xacts).into(),
+            per(query_us, queries).into(),
+            per(wait, xacts).into(),
+        ]);
+    }
+    t
+}
+
+pub fn config(cfg: &Config) -> Table {
+    let mut t = Table::new(&[("key", T), ("value", T), ("changeable", T)]);
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    let opt = |v: &Option<String>| v.clone().unwrap_or_default();
+    let path = |v: &Option<std::path::PathBuf>| {
+        v.as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    };
+    let auth = match cfg.auth_method {
+        crate::config::AuthMethod::Scram => "scram-sha-256",
+        crate::config::AuthMethod::Md5 => "md5",
+        crate::config::AuthMethod::Trust => "trust",
+    };
+    // Keys a reload (RELOAD, SIGHUP) applies are changeable (config.rs `reloaded`).
+    let rows: Vec<(&str, String, bool)> = vec![
+        ("listen", cfg.listen.clone(), false),
+        ("unix_socket_dir", opt(&cfg.unix_socket_dir), false),
+        ("read_only_listen", opt(&cfg.read_only_listen), false),
+        ("cores", cfg.cores.to_string(), false),
+        ("poolers", cfg.poolers.join(","), false),
+        ("links_per_core", cfg.links_per_core.to_string(), false),
+        ("auth_method", auth.into(), true),
+        (
+            "auth_timeout_seconds",
+            cfg.auth_timeout_seconds.to_string(),
+            true,
+        ),
+        ("max_clients", cfg.max_clients.to_string(), true),
+        ("max_message_size", cfg.max_message_size.to_string(), true),
+        ("failover_hold_ms", cfg.failover_hold_ms.to_string(), true),
+        ("failover_hold_max", cfg.failover_hold_max.to_string(), true),
+        (
+            "max_standby_lag_bytes",
+            cfg.max_standby_lag_bytes.to_string(),
+            true,
+        ),
+        (
+            "guard_synchronous_commit",
+            cfg.guard_synchronous_commit.to_string(),
+            false,
+        ),
+        (
+            "client_idle_timeout_ms",
+            cfg.client_idle_timeout_ms.to_string(),
+            true,
+        ),
+        (
+            "idle_transaction_timeout_ms",
+            cfg.idle_transaction_timeout_ms.to_string(),
+            true,
+        ),
+        (
+            "shutdown_timeout_ms",
+            cfg.shutdown_timeout_ms.to_string(),
+            true,
+        ),
+        (
+            "spin_before_park_us",
+            cfg.spin_before_park_us.to_string(),
+            false,
+        ),
+        ("tls_cert", path(&cfg.tls_cert), true),
+        ("tls_key", path(&cfg.tls_key), true),
+        ("log_level", cfg.log_level.clone(), true),
+        ("admin_database", cfg.admin_database.clone(), false),
+        ("admin_users", cfg.admin_users.join(","), true),
+        ("metrics_listen", opt(&cfg.metrics_listen), false),
+    ];
+    for (k, v, c) in rows {
+        t.row(vec![k.into(), v.into(), yes(c).into()]);
+    }
+    t
+}
+
+/// Tidepool's own: each pooler (one per Postgres node) as this core's links report it.
+pub fn nodes(core: &Core) -> Table {
+    let mut t = Table::new(&[
+        ("pooler", T),
+        ("role", T),
+        ("term", I),
+        ("lsn", T),
+        ("lag_bytes", I),
+        ("links_up", I),
+        ("links", I),
+    ]);
+    let cfg = core.cfg();
+    let primary_lsn = core.primary().and_then(|p| {
+        core.links[p]
+            .iter()
+            .filter(|l| l.alive.get())
+            .map(|l| l.lsn.get())
+            .max()
+    });
+    for (i, links) in core.links.iter().enumerate() {
+        let up: Vec<_> = links.iter().filter(|l| l.alive.get()).collect();
+        let report = up.iter().find_map(|l| l.reported_role());
+        let role = match report.map(|r| r.0) {
+            _ if up.is_empty() => "down",
+            Some(Role::Primary) => "primary",
+            Some(Role::Standby) => "standby",
+            Some(Role::Down) => "down",
+            None => "unknown",
+        };
+        let lsn = up.iter().map(|l| l.lsn.get()).max().unwrap_or(0);
+        let lag = match (primary_lsn, lsn) {
+            (Some(p), l) if p != 0 && l != 0 => Cell::from(p.saturating_sub(l)),
+            _ => Cell::Null,
+        };
+        t.row(vec![
+            cfg.poolers.get(i).cloned().unwrap_or_default().into(),
+            role.into(),
+            report.map_or(0, |r| r.1).into(),
+            format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff).into(),
+            lag,
+            up.len().into(),
+            links.len().into(),
+        ]);
+    }
+    t
+}
+
+pub fn lists(core: &Core, facts: &[Option<PoolFacts>]) -> Table {
+    let mut t = Table::new(&[("list", T), ("items", I)]);
+    let rows = pool_rows(core, facts);
+    let mut dbs: Vec<&String> = rows.keys().map(|(d, _)| d).collect();
+    dbs.dedup();
+    let mut users: Vec<&String> = rows.keys().map(|(_, u)| u).collect();
+    users.sort();
+    users.dedup();
+    let clients = core.admin.clients().len();
+    let (active, idle) = rows
+        .values()
+        .fold((0, 0), |(a, i), r| (a + r.sv_active, i + r.sv_idle));
+    for (k, v) in [
+        ("databases", dbs.len() as u64),
+        ("users", users.len() as u64),
+        ("pools", rows.len() as u64),
+        ("free_clients", 0),
+        ("used_clients", clients as u64),
+        ("login_clients", 0),
+        ("free_servers", idle),
+        ("used_servers", active),
+        ("dns_names", 0),
+        ("dns_zones", 0),
+        ("dns_queries", 0),
+        ("dns_pending", 0),
+    ] {
+        t.row(vec![k.into(), v.into()]);
+    }
+    t
+}
+
+pub fn version() -> Table {
+    let mut t = Table::new(&[("version", T)]);
+    t.row(vec![
+        format!("Tidepool {}", env!("CARGO_PKG_VERSION")).into()
+    ]);
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_as_pgbouncer_prints_them() {
+        assert_eq!(timestamp(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(timestamp(1_709_210_096_000_000), "2024-02-29 12:34:56 UTC");
+    }
+}
