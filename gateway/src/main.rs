@@ -9,6 +9,7 @@ mod identity;
 mod link;
 mod session;
 mod session_io;
+mod signals;
 mod tls;
 
 use tidepool_gateway::{classify, statement_names};

@@ -122,6 +122,10 @@ pub enum Internal {
     ViewOid,
 }
 
+/// The statement name a `Bind` of a stale plan names (session.rs): no backend has it (ours
+/// are `tp_` and a hash), so Postgres refuses it with 26000, shown to the client as 0A000.
+pub const STALE_PLAN: &[u8] = b"tp_stale_plan";
+
 pub enum Entry {
     Client(Kind),
     /// Our own `Close` of an evicted statement: its `CloseComplete` is dropped.
@@ -402,6 +406,12 @@ pub fn on_message(out: &OutQueue, st: &mut State, msg: &[u8]) -> After {
         // Nothing expected: an idle backend being shut down (FATAL) or a protocol surprise.
         if tag == be::ERROR_RESPONSE {
             tracing::info!(backend = st.id, "idle backend got an error; closing it");
+            // A session holds it between requests (a transaction open, or pinned): its client
+            // hears the FATAL, as it would directly, before its connection ends.
+            if let Some(o) = &st.owner {
+                o.forward(msg);
+                o.flush();
+            }
         }
         close(out, st);
         return After::Nothing;
@@ -471,6 +481,32 @@ pub fn on_message(out: &OutQueue, st: &mut State, msg: &[u8]) -> After {
                 forward(st, msg);
                 skip_to_sync(st);
             }
+            drain_synth(st);
+            After::Nothing
+        }
+        Entry::Renamed(_, from, _) if tag == be::ERROR_RESPONSE && **from == *STALE_PLAN => {
+            // A Bind of a statement whose plan changed result type (session.rs): Postgres's
+            // error for it. Postgres looks the name up before it checks for a failed
+            // transaction; for a statement it has, it says 25P02 there (the transaction's state
+            // is the last ReadyForQuery's: after an error in this batch it skips our Bind).
+            let mut e = Vec::new();
+            if be::error_sqlstate(body) == Some(&b"26000"[..]) {
+                let (code, text) = if st.status == b'E' {
+                    (
+                        "25P02",
+                        "current transaction is aborted, commands ignored until end of \
+                         transaction block",
+                    )
+                } else {
+                    ("0A000", "cached plan must not change result type")
+                };
+                be::error_response(&mut e, be::Severity::Error, code, text);
+            } else {
+                e.extend_from_slice(msg);
+            }
+            st.queue.pop_front();
+            forward(st, &e);
+            skip_to_sync(st);
             drain_synth(st);
             After::Nothing
         }
@@ -1155,9 +1191,12 @@ mod tests {
         other.extend_from_slice(b"jobs\0x\0");
         on_message(&out, &mut st, &msg(be::NOTIFICATION_RESPONSE, &other));
         assert_eq!(rec.events(), ["own notification"]);
-        // Nothing expected: an administrator's FATAL to an idle backend closes it.
-        on_message(&out, &mut st, &error("57P01", "terminating connection"));
+        // Nothing expected: an administrator's FATAL to an idle backend closes it; the
+        // session holding it hears it.
+        let fatal = error("57P01", "terminating connection");
+        on_message(&out, &mut st, &fatal);
         assert!(st.broken);
+        assert!(rec.client.borrow().ends_with(&fatal));
         let mut terminate = Vec::new();
         put_message(&mut terminate, frontend::TERMINATE, |_| {});
         assert_eq!(written(&out), terminate);

@@ -85,6 +85,12 @@ pub struct Session {
     pub gone: Cell<bool>,
     /// The session cannot go on (its backend died holding state).
     dead: Cell<bool>,
+    /// A backend's FATAL was forwarded to the client: its connection ends with that.
+    told_fatal: Cell<bool>,
+    /// Client names of prepared statements whose result type changed since the client prepared
+    /// them (Postgres said 0A000): as in Postgres's plan cache, every later execution fails the
+    /// same way until the client prepares the name again (issue 11).
+    stale_plans: RefCell<Vec<Vec<u8>>>,
     /// Channels it listens on, notifications held for it (see `listen.rs`).
     pub listen: crate::listen::SessionListen,
     /// Prepared-statement names in the SQL text of the batch being written (`up::NAMES`).
@@ -138,6 +144,8 @@ impl Session {
             acked: Cell::new(0),
             gone: Cell::new(false),
             dead: Cell::new(false),
+            told_fatal: Cell::new(false),
+            stale_plans: RefCell::new(Vec::new()),
             listen: Default::default(),
             sql_names: RefCell::new(Vec::new()),
         })
@@ -243,6 +251,7 @@ impl Session {
 
     pub fn clear_statements(&self) {
         self.statements.borrow_mut().clear();
+        self.stale_plans.borrow_mut().clear();
         *self.unnamed.borrow_mut() = None;
     }
 
@@ -264,20 +273,49 @@ impl Session {
         self.pinned.get() || self.leased.get()
     }
 
+    /// A client's `pg_terminate_backend` of this session's pid (cancel.rs): the client hears
+    /// what a terminated backend says, and the session ends; `finish` then stops what its
+    /// backend runs (cancel, and the connection closed: Postgres rolls back) or rolls back an
+    /// idle transaction, as the end of a terminated backend does.
+    pub fn terminate(&self) {
+        if self.gone.get() || self.dead.get() {
+            return;
+        }
+        self.flush();
+        self.send_closed(&fatal(
+            "57P01",
+            "terminating connection due to administrator command",
+        ));
+        self.close();
+    }
+
+    /// The client prepares `name` (again): a stale plan of that name is forgotten.
+    fn prepared_anew(&self, name: &[u8]) {
+        let mut stale = self.stale_plans.borrow_mut();
+        if !stale.is_empty() {
+            stale.retain(|n| n != name);
+        }
+    }
+
     /// Our backend died while we held it.
     pub fn backend_lost(&self) {
         let needs_close = self.pinned.get() || self.out.borrow().is_empty();
         self.flush();
         if needs_close || !self.gone.get() {
-            // Postgres would have closed this client's connection: so do we. Whatever the
-            // backend said last (a FATAL, usually) is already on its way.
+            // Postgres would have closed this client's connection: so do we. When the backend
+            // said why (its FATAL: 57P01 from pg_terminate_backend or a shutdown, 57P02 after
+            // a crash), that, already on its way, is the client's last message, as directly:
+            // nothing of ours follows it (issue 11). A backend gone without a word (killed)
+            // leaves the client our 08006.
             let mut e = Vec::new();
-            be::error_response(
-                &mut e,
-                Severity::Fatal,
-                "08006",
-                "server connection lost: the backend serving this session terminated",
-            );
+            if !self.told_fatal.get() {
+                be::error_response(
+                    &mut e,
+                    Severity::Fatal,
+                    "08006",
+                    "server connection lost: the backend serving this session terminated",
+                );
+            }
             self.send_closed(&e);
         }
         self.dead.set(true);
@@ -348,6 +386,9 @@ impl Session {
 /// The session as its backend's response stream sees it (responses.rs).
 impl Owner for Session {
     fn forward(&self, msg: &[u8]) {
+        if msg.first() == Some(&be::ERROR_RESPONSE) && is_fatal(msg) {
+            self.told_fatal.set(true);
+        }
         self.out.borrow_mut().extend_from_slice(msg);
     }
 
@@ -448,6 +489,10 @@ impl Owner for Session {
     fn statement_stale(&self, client_name: &[u8]) {
         if let Some(stmt) = self.statements.borrow().get(client_name) {
             stmt.validated.set(false);
+            let mut stale = self.stale_plans.borrow_mut();
+            if !stale.iter().any(|n| n == client_name) {
+                stale.push(client_name.to_vec());
+            }
         }
     }
 
@@ -775,6 +820,7 @@ fn answer_locally(core: &Rc<Core>, s: &Rc<Session>, msgs: &[u8]) -> bool {
     for (tag, name, stmt) in plan {
         match (tag, stmt) {
             (fe::PARSE, Some(stmt)) => {
+                s.prepared_anew(&name);
                 s.statements.borrow_mut().insert(name, stmt);
                 be::parse_complete(&mut out);
             }
@@ -1019,6 +1065,7 @@ fn write_message(
                 return Ok(());
             }
             let stmt = core.statement(p.query, p.param_types);
+            s.prepared_anew(p.name);
             s.statements
                 .borrow_mut()
                 .insert(p.name.to_vec(), stmt.clone());
@@ -1044,6 +1091,16 @@ fn write_message(
             let Ok((portal, name, rest)) = fe::parse_bind(body) else {
                 return malformed(Kind::Bind);
             };
+            if !name.is_empty() && s.stale_plans.borrow().iter().any(|n| n == name) {
+                // Its plan changed result type: a Bind of a name no backend has, whose error
+                // responses.rs turns into Postgres's 0A000. Postgres answers it in order and
+                // skips to Sync (or says 25P02 in a failed transaction), as it would directly.
+                let mut m = Vec::with_capacity(msg.len() + 16);
+                fe::write_bind(&mut m, portal, responses::STALE_PLAN, rest);
+                let stale: Rc<[u8]> = Rc::from(responses::STALE_PLAN);
+                b.send(&m, Some(Entry::Renamed(Kind::Bind, stale, Rc::from(name))));
+                return Ok(());
+            }
             match statement_for(s, b, name, core.live().max_prepared_statements) {
                 Some(content) => {
                     let mut m = Vec::with_capacity(msg.len() + 32);
@@ -1163,6 +1220,15 @@ fn statement_for(s: &Rc<Session>, b: &Rc<Backend>, name: &[u8], limit: usize) ->
     let stmt = s.statements.borrow().get(name).cloned()?;
     ensure(b, &stmt, limit, true);
     Some(stmt.content.clone())
+}
+
+/// An `ErrorResponse` of severity FATAL or PANIC (the backend ends after it).
+fn is_fatal(msg: &[u8]) -> bool {
+    be::error_fields(msg.get(5..).unwrap_or_default()).is_ok_and(|fields| {
+        fields
+            .iter()
+            .any(|&(f, v)| (f == b'V' || f == b'S') && (v == b"FATAL" || v == b"PANIC"))
+    })
 }
 
 fn fatal(code: &str, msg: &str) -> Vec<u8> {
