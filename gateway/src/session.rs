@@ -379,7 +379,16 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     io.opened.set(true);
     // A task of its own: the startup and authentication state (SCRAM, buffers) is freed now,
     // so an idle session costs only what `run` keeps.
-    glommio::spawn_local(run(core, stream, reader, io, open, id, slot, registration)).detach();
+    glommio::spawn_local(run(
+        core,
+        stream,
+        reader,
+        io,
+        open,
+        id,
+        (slot, registration),
+    ))
+    .detach();
 }
 
 /// Parameter types for the statement that replaces a refused one: as many as the original
@@ -472,16 +481,16 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     io: Rc<SessionIo>,
     open: Open,
     id: u32,
-    slot: ClientSlot,
-    // Held for the session's life: its pid can be signalled while it lives (signals.rs).
-    _registration: signals::Registration,
+    // The client's place, and its pid's in the registry of signallable sessions (signals.rs):
+    // both held until the session's last bytes are written.
+    held: (ClientSlot, signals::Registration),
 ) {
     let stream = RcStream::new(stream);
     let writer_io = io.clone();
     let wstream = stream.clone();
     glommio::spawn_local(async move {
         // The client counts (for a drain) until its last bytes are written.
-        let _slot = slot;
+        let _held = held;
         // Credit goes to whichever pooler serves the session now, in batches: a frame per client
         // write doubled the link's frames for small results. The pooler stops only past its
         // window (`WINDOW`, 256 KiB), so credit held back here (under `CREDIT_BATCH`) never

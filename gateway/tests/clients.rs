@@ -1019,3 +1019,39 @@ fn prepared_statements_after_a_schema_change_behave_as_directly() {
     );
     assert_eq!(checks, checks_passed(&through.text));
 }
+
+/// `client_encoding` in the startup packet on its own (issue 11): EUC_JP, SJIS, LATIN1 and UTF8
+/// reported, shown, applied to what the server sends (and 22P05 for a character the encoding
+/// lacks), kept as the session's value by RESET; an unknown name refused. psycopg 3, against
+/// Postgres first.
+#[test]
+fn client_encoding_in_the_startup_packet_as_directly() {
+    if !psycopg_available("client_encoding_in_the_startup_packet_as_directly") {
+        return;
+    }
+    let (pg, tp) = start(2);
+    let script = "startup_encoding_check.py";
+    let direct = run_python(script, pg.direct_url(ALICE.0, ALICE.1, APP_DB));
+    assert!(
+        direct.success(),
+        "against Postgres itself:\n{}",
+        direct.text
+    );
+    let checks = checks_passed(&direct.text);
+    assert!(
+        checks
+            .iter()
+            .any(|l| l == "EUC_JP: reported after RESET: ok b'EUC_JP'")
+            && checks.iter().any(|l| l.contains("22P05")),
+        "the script did not see the encodings applied:\n{}",
+        direct.text
+    );
+    let through = run_python(script, tp.url(ALICE.0, ALICE.1, APP_DB));
+    assert!(
+        through.success(),
+        "through the gateway:\n{}\n{}",
+        through.text,
+        tp.logs()
+    );
+    assert_eq!(checks, checks_passed(&through.text));
+}
