@@ -56,7 +56,8 @@ pub trait Owner {
     fn restore_statement(&self, client_name: Vec<u8>, stmt: Rc<Stmt>);
     /// Postgres refused the plan of the client's statement (its table changed): it must be
     /// parsed again before its next use.
-    fn statement_stale(&self, client_name: &[u8]);
+    /// `made`: when the backend made the copy that went stale (`statements::clock`).
+    fn statement_stale(&self, client_name: &[u8], made: Option<u64>);
     /// The session task is in the middle of writing a request.
     fn writing(&self) -> bool;
     /// Extended-protocol messages were written since the last `Sync`.
@@ -514,9 +515,10 @@ pub fn on_message(out: &OutQueue, st: &mut State, msg: &[u8]) -> After {
             if be::error_sqlstate(body) == Some(&b"0A000"[..]) {
                 // "cached plan must not change result type": this backend's statement is stale.
                 let stale = from.clone();
+                let made = st.prepared.made(&stale);
                 st.prepared.remove(&stale);
                 if let Some(o) = &st.owner {
-                    o.statement_stale(&to[..]);
+                    o.statement_stale(&to[..], made);
                 }
                 if !st.stale.contains(&stale) {
                     st.stale.push(stale);
@@ -928,7 +930,7 @@ mod tests {
         fn restore_statement(&self, client_name: Vec<u8>, _: Rc<Stmt>) {
             self.event(format!("restore {}", String::from_utf8_lossy(&client_name)));
         }
-        fn statement_stale(&self, client_name: &[u8]) {
+        fn statement_stale(&self, client_name: &[u8], _made: Option<u64>) {
             self.event(format!("stale {}", String::from_utf8_lossy(client_name)));
         }
         fn writing(&self) -> bool {

@@ -91,6 +91,10 @@ pub struct Session {
     /// them (Postgres said 0A000): as in Postgres's plan cache, every later execution fails the
     /// same way until the client prepares the name again (issue 11).
     stale_plans: RefCell<Vec<Vec<u8>>>,
+    /// When the client prepared its recent statement names (`statements::clock`), at most
+    /// `PARSED_KEPT`: a 0A000 from a backend's copy made before that is not the client's
+    /// statement going stale (that copy may have been stale from the start).
+    parsed: RefCell<VecDeque<(Box<[u8]>, u64)>>,
     /// Channels it listens on, notifications held for it (see `listen.rs`).
     pub listen: crate::listen::SessionListen,
     /// Prepared-statement names in the SQL text of the batch being written (`up::NAMES`).
@@ -146,6 +150,7 @@ impl Session {
             dead: Cell::new(false),
             told_fatal: Cell::new(false),
             stale_plans: RefCell::new(Vec::new()),
+            parsed: RefCell::new(VecDeque::new()),
             listen: Default::default(),
             sql_names: RefCell::new(Vec::new()),
         })
@@ -289,12 +294,19 @@ impl Session {
         self.close();
     }
 
-    /// The client prepares `name` (again): a stale plan of that name is forgotten.
+    /// The client prepares `name` (again): a stale plan of that name is forgotten, and the
+    /// moment is noted (before any backend makes a copy for it).
     fn prepared_anew(&self, name: &[u8]) {
         let mut stale = self.stale_plans.borrow_mut();
         if !stale.is_empty() {
             stale.retain(|n| n != name);
         }
+        let mut parsed = self.parsed.borrow_mut();
+        parsed.retain(|(n, _)| &n[..] != name);
+        if parsed.len() >= PARSED_KEPT {
+            parsed.pop_front();
+        }
+        parsed.push_back((name.into(), crate::statements::clock()));
     }
 
     /// Our backend died while we held it.
@@ -486,9 +498,14 @@ impl Owner for Session {
             .or_insert(stmt);
     }
 
-    fn statement_stale(&self, client_name: &[u8]) {
+    fn statement_stale(&self, client_name: &[u8], made: Option<u64>) {
         if let Some(stmt) = self.statements.borrow().get(client_name) {
             stmt.validated.set(false);
+            let parsed = self.parsed.borrow();
+            let at = parsed.iter().rev().find(|(n, _)| &n[..] == client_name);
+            if !matches!((made, at), (Some(m), Some(&(_, p))) if m > p) {
+                return;
+            }
             let mut stale = self.stale_plans.borrow_mut();
             if !stale.iter().any(|n| n == client_name) {
                 stale.push(client_name.to_vec());
@@ -1230,6 +1247,9 @@ fn is_fatal(msg: &[u8]) -> bool {
             .any(|&(f, v)| (f == b'V' || f == b'S') && (v == b"FATAL" || v == b"PANIC"))
     })
 }
+
+/// Statement names whose preparation time a session keeps (`Session::parsed`).
+const PARSED_KEPT: usize = 256;
 
 fn fatal(code: &str, msg: &str) -> Vec<u8> {
     let mut e = Vec::new();

@@ -16,8 +16,24 @@ pub type Statements = RefCell<HashMap<Vec<u8>, Rc<Stmt>>>;
 /// one would pass the limit.
 #[derive(Default)]
 pub struct Prepared {
-    used: HashMap<Rc<[u8]>, u64>,
+    /// (last use, by `tick`; when the backend made it, by [`clock`]).
+    used: HashMap<Rc<[u8]>, (u64, u64)>,
     tick: u64,
+}
+
+thread_local! {
+    static CLOCK: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// The order of statement events on this core (one thread): when a backend made its copy of a
+/// statement, when a client prepared one. A copy made before the client prepared its statement
+/// may have been stale from the start; one made after can only go stale by a later change.
+pub fn clock() -> u64 {
+    CLOCK.with(|c| {
+        let t = c.get() + 1;
+        c.set(t);
+        t
+    })
 }
 
 impl Prepared {
@@ -26,7 +42,7 @@ impl Prepared {
         self.tick += 1;
         match self.used.get_mut(name) {
             Some(t) => {
-                *t = self.tick;
+                t.0 = self.tick;
                 true
             }
             None => false,
@@ -35,7 +51,16 @@ impl Prepared {
 
     pub fn insert(&mut self, name: Rc<[u8]>) {
         self.tick += 1;
-        self.used.insert(name, self.tick);
+        let tick = self.tick;
+        self.used
+            .entry(name)
+            .and_modify(|t| t.0 = tick)
+            .or_insert_with(|| (tick, clock()));
+    }
+
+    /// When this backend made its copy ([`clock`]).
+    pub fn made(&self, name: &[u8]) -> Option<u64> {
+        self.used.get(name).map(|t| t.1)
     }
 
     pub fn remove(&mut self, name: &[u8]) {
@@ -59,7 +84,7 @@ impl Prepared {
         self.used
             .iter()
             .filter(|(n, _)| &***n != keep)
-            .min_by_key(|(_, t)| **t)
+            .min_by_key(|(_, t)| t.0)
             .map(|(n, _)| n.clone())
     }
 }
@@ -261,5 +286,23 @@ mod tests {
         assert_eq!(&fixed[12..18], &[0, 0, 0x2f, 0x3f, 0, 1]);
         assert_eq!(&fixed[37..], &rd[37..]);
         assert!(fix_origins(&rd[..rd.len() - 3], 1).is_none());
+    }
+
+    #[test]
+    fn a_copy_knows_when_it_was_made_and_use_does_not_change_it() {
+        let mut p = Prepared::default();
+        let (a, b): (Rc<[u8]>, Rc<[u8]>) = (Rc::from(&b"tp_a"[..]), Rc::from(&b"tp_b"[..]));
+        p.insert(a.clone());
+        let client_prepared = clock();
+        p.insert(b.clone());
+        let (made_a, made_b) = (p.made(&a).unwrap(), p.made(&b).unwrap());
+        assert!(made_a < client_prepared && client_prepared < made_b);
+        assert!(p.touch(&a));
+        p.insert(a.clone());
+        assert_eq!(p.made(&a), Some(made_a));
+        // Least recently used is still by use: b now.
+        assert_eq!(p.over(1, b"tp_a").as_deref(), Some(&b"tp_b"[..]));
+        p.remove(&b);
+        assert_eq!(p.made(&b), None);
     }
 }
