@@ -152,15 +152,14 @@ impl Statements {
 }
 
 /// The batch with the signalling calls on virtual pids answered as described in the module
-/// doc, and the signals owed; `None` when nothing changes (the common case: two substring
-/// scans, and none at all when the session prepared no signalling statement).
+/// doc, and the signals owed; `None` when nothing changes (the common case: one substring scan,
+/// and the Bind work only when the session prepared a signalling statement).
 pub fn rewrite_batch(
     batch: &[u8],
     caller: i32,
     stmts: &mut Statements,
 ) -> Option<(Vec<u8>, Vec<Owed>)> {
-    let named = find_ci(batch, b"cancel_backend").is_some()
-        || find_ci(batch, b"terminate_backend").is_some();
+    let named = names_a_signal(batch);
     if !named && stmts.is_empty() {
         return None;
     }
@@ -216,6 +215,23 @@ pub fn rewrite_batch(
         out.extend_from_slice(&batch[i..]);
     }
     changed.then_some((out, owed))
+}
+
+/// `cancel_backend` or `terminate_backend` anywhere in `batch` (ASCII case ignored): one pass
+/// over the batch for `_backend`, the common case being no hit at all.
+fn names_a_signal(batch: &[u8]) -> bool {
+    let mut from = 0;
+    while let Some(p) = find_ci(&batch[from..], b"_backend") {
+        let before = &batch[..from + p];
+        let ends = |w: &[u8]| {
+            before.len() >= w.len() && before[before.len() - w.len()..].eq_ignore_ascii_case(w)
+        };
+        if ends(b"cancel") || ends(b"terminate") {
+            return true;
+        }
+        from += p + 8;
+    }
+    false
 }
 
 /// A `Bind` of a signalling statement with its signalled pids replaced by `ALLOWED`.
@@ -433,6 +449,16 @@ mod tests {
         let mut owed = Vec::new();
         let (s, p) = rewrite(sql.as_bytes(), caller, &mut owed);
         (s.map(|s| String::from_utf8(s).unwrap()), p, owed)
+    }
+
+    #[test]
+    fn a_batch_names_a_signal_only_with_the_functions_names() {
+        assert!(names_a_signal(b"Q....SELECT PG_Cancel_Backend(1)"));
+        assert!(names_a_signal(
+            b"select pg_backend_pid(); select pg_terminate_backend($1)"
+        ));
+        assert!(!names_a_signal(b"SELECT pg_backend_pid(), 'x_backend'"));
+        assert!(!names_a_signal(b"_backend"));
     }
 
     #[test]
