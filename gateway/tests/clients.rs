@@ -972,6 +972,8 @@ fn a_session_ended_by_the_server_ends_as_directly() {
             .unwrap();
         let one: i32 = alice.query_one("SELECT 1", &[]).await.unwrap().get(0);
         assert_eq!(one, 1);
+        // The session is idle and holds no backend by now.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         let ended = pg.psql_admin(
             "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM (SELECT pid \
              FROM pg_stat_activity WHERE usename = 'alice' AND state = 'idle' OFFSET 0) s",

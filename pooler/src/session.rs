@@ -1108,7 +1108,11 @@ fn write_message(
             let Ok((portal, name, rest)) = fe::parse_bind(body) else {
                 return malformed(Kind::Bind);
             };
-            if !name.is_empty() && s.stale_plans.borrow().iter().any(|n| n == name) {
+            // (A name closed since is no statement at all: Postgres's 26000 for it stands.)
+            if !name.is_empty()
+                && s.stale_plans.borrow().iter().any(|n| n == name)
+                && s.statements.borrow().contains_key(name)
+            {
                 // Its plan changed result type: a Bind of a name no backend has, whose error
                 // responses.rs turns into Postgres's 0A000. Postgres answers it in order and
                 // skips to Sync (or says 25P02 in a failed transaction), as it would directly.

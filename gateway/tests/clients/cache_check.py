@@ -4,9 +4,10 @@ every statement prepared (prepare_threshold=0), and asyncpg with its statement c
 InvalidCachedStatementError retry). Prints one "name: ok <what happened>" line per check; the
 lines must be the same directly and through Tidepool.
 
-Usage: cache_check.py URL [REHOME_URL]: with REHOME_URL (the same role straight to Postgres; for
-the run through Tidepool), after each schema change the backends no session holds are terminated, so the statements run
-next on backends that never prepared them: the client must still see what it sees directly."""
+Usage: cache_check.py URL [REHOME_URL]: with REHOME_URL (the same role straight to Postgres),
+after each schema change the backends no session holds are terminated, so that through
+Tidepool the statements run next on backends that never prepared them. That run still differs
+from Postgres (docs/decisions/2026-12-07-stale-plans.md, not covered); the test does not use it."""
 
 import asyncio
 import sys
