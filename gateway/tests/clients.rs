@@ -990,7 +990,10 @@ fn a_session_ended_by_the_server_ends_as_directly() {
 /// preparing every statement and asyncpg with its statement cache and retry. Postgres's
 /// `cached plan must not change result type` (0A000) comes on the same executions as directly,
 /// and keeps coming for a statement the client does not prepare again (before, the pooler's
-/// re-prepared statement answered from the second execution on).
+/// re-prepared statement answered from the second execution on). Then through a pooler whose
+/// backends live 300 ms, pausing after each change: the statements run on backends that never
+/// had them, and still fail as directly (before, the new copy answered with the new type;
+/// asyncpg then failed to decode its rows).
 #[test]
 fn prepared_statements_after_a_schema_change_behave_as_directly() {
     if !psycopg_available("prepared_statements_after_a_schema_change_behave_as_directly") {
@@ -1020,6 +1023,28 @@ fn prepared_statements_after_a_schema_change_behave_as_directly() {
         tp.logs()
     );
     assert_eq!(checks, checks_passed(&through.text));
+    drop(tp);
+
+    let tp = Tidepool::start(
+        &pg,
+        TidepoolOpts::default()
+            .pool_size(2)
+            .pooler_arg("--server-lifetime-ms")
+            .pooler_arg("300"),
+    );
+    let url = tp.url(ALICE.0, ALICE.1, APP_DB);
+    let mut cmd = Command::new("python3");
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/cache_check.py"))
+        .arg(url)
+        .arg("--fresh-backends");
+    let fresh = run_merged(&mut cmd, None, Duration::from_secs(120));
+    assert!(
+        fresh.success(),
+        "through the gateway, fresh backends:\n{}\n{}",
+        fresh.text,
+        tp.logs()
+    );
+    assert_eq!(checks, checks_passed(&fresh.text), "on fresh backends");
 }
 
 /// `client_encoding` in the startup packet on its own (issue 11): EUC_JP, SJIS, LATIN1 and UTF8

@@ -10,7 +10,7 @@ use crate::backend::Backend;
 use crate::core::Core;
 use crate::pool::{self, Pool};
 use crate::readback;
-use crate::responses::{self, Entry, Internal, Kind, Owner};
+use crate::responses::{self, Done, Entry, Internal, Kind, Owner};
 use crate::sql_names::{ensure, parse_names, write_sql_query, SqlName};
 use crate::statements::{Statements, Stmt};
 use shared::io::{Notify, OutQueue, Slot};
@@ -93,8 +93,10 @@ pub struct Session {
     stale_plans: RefCell<Vec<Vec<u8>>>,
     /// When the client prepared its recent statement names (`statements::clock`), at most
     /// `PARSED_KEPT`: a 0A000 from a backend's copy made before that is not the client's
-    /// statement going stale (that copy may have been stale from the start).
-    parsed: RefCell<VecDeque<(Box<[u8]>, u64)>>,
+    /// statement going stale (that copy may have been stale from the start). With the result
+    /// shape it was prepared with, when known: a copy made later on another backend is checked
+    /// against it before the client's `Bind` runs there.
+    parsed: RefCell<VecDeque<Parsed>>,
     /// Channels it listens on, notifications held for it (see `listen.rs`).
     pub listen: crate::listen::SessionListen,
     /// Prepared-statement names in the SQL text of the batch being written (`up::NAMES`).
@@ -302,11 +304,23 @@ impl Session {
             stale.retain(|n| n != name);
         }
         let mut parsed = self.parsed.borrow_mut();
-        parsed.retain(|(n, _)| &n[..] != name);
+        parsed.retain(|p| &p.name[..] != name);
         if parsed.len() >= PARSED_KEPT {
             parsed.pop_front();
         }
-        parsed.push_back((name.into(), crate::statements::clock()));
+        parsed.push_back(Parsed {
+            name: name.into(),
+            at: crate::statements::clock(),
+            shape: None,
+        });
+    }
+
+    /// Marks `client_name` stale (its plan changed result type).
+    fn mark_stale(&self, client_name: &[u8]) {
+        let mut stale = self.stale_plans.borrow_mut();
+        if !stale.iter().any(|n| n == client_name) {
+            stale.push(client_name.to_vec());
+        }
     }
 
     /// Our backend died while we held it.
@@ -498,12 +512,29 @@ impl Owner for Session {
             .or_insert(stmt);
     }
 
+    fn statement_shape(&self, client_name: &[u8], shape: Option<Box<[u8]>>, check: bool) {
+        let mut parsed = self.parsed.borrow_mut();
+        let Some(p) = parsed.iter_mut().find(|p| &p.name[..] == client_name) else {
+            return;
+        };
+        match (&p.shape, check) {
+            (None, false) => p.shape = shape,
+            // A copy made after a change the client's statement predates: Postgres would
+            // refuse the client's plan (0A000), so do we (`stale_plans`).
+            (Some(was), true) if shape.as_ref() != Some(was) => {
+                drop(parsed);
+                self.mark_stale(client_name);
+            }
+            _ => {}
+        }
+    }
+
     fn statement_stale(&self, client_name: &[u8], made: Option<u64>) {
         if let Some(stmt) = self.statements.borrow().get(client_name) {
             stmt.validated.set(false);
             let parsed = self.parsed.borrow();
-            let at = parsed.iter().rev().find(|(n, _)| &n[..] == client_name);
-            if !matches!((made, at), (Some(m), Some(&(_, p))) if m > p) {
+            let at = parsed.iter().find(|p| &p.name[..] == client_name);
+            if !matches!((made, at), (Some(m), Some(p)) if m > p.at) {
                 return;
             }
             let mut stale = self.stale_plans.borrow_mut();
@@ -1014,6 +1045,15 @@ async fn write_batch(
         if b.skipping() && tag != fe::SYNC {
             b.send(msg, None);
         } else {
+            if tag == fe::BIND {
+                if let Some(done) = check_shape(core, s, &b, msg) {
+                    // One round trip, once per statement and backend, for statements whose
+                    // shape is known: bounded, as a lost backend answers it too.
+                    s.flush();
+                    let _ =
+                        crate::with_timeout(std::time::Duration::from_secs(30), done.take()).await;
+                }
+            }
             write_message(core, s, &b, tag, msg, offset)?;
         }
         b.drain_synth();
@@ -1099,6 +1139,17 @@ fn write_message(
                         stmt: stmt.clone(),
                         injected: false,
                         client_name: Some(p.name.to_vec()),
+                    }),
+                );
+                // The result shape the client prepared it with (answer dropped): a copy of it
+                // made later on another backend must have the same (`check_shape`).
+                let mut d = Vec::with_capacity(stmt.content.len() + 7);
+                fe::write_target(&mut d, fe::DESCRIBE, b'S', &stmt.content);
+                b.send(
+                    &d,
+                    Some(Entry::Shape {
+                        client_name: Rc::from(p.name),
+                        check: None,
                     }),
                 );
             }
@@ -1215,6 +1266,47 @@ fn write_message(
 
 /// The backend name for a client's statement, preparing it there first if needed. `None`: not
 /// one of ours (unknown name, passed through so Postgres reports it) or the unnamed statement.
+/// Before a client's `Bind` of a statement this backend has no copy of, whose result shape as
+/// the client prepared it is known: the copy is made here and described, and the waiter told
+/// when the answer is in (`Session::statement_shape` marks the statement stale if the shape
+/// differs: the schema changed since the client prepared it, and Postgres would say 0A000).
+fn check_shape(core: &Rc<Core>, s: &Rc<Session>, b: &Rc<Backend>, msg: &[u8]) -> Option<Done> {
+    let (_, name, _) = fe::parse_bind(&msg[5..]).ok()?;
+    if name.is_empty()
+        || s.skip_until_sync.get()
+        || s.stale_plans.borrow().iter().any(|n| n == name)
+    {
+        return None;
+    }
+    if !s
+        .parsed
+        .borrow()
+        .iter()
+        .any(|p| &p.name[..] == name && p.shape.is_some())
+    {
+        return None;
+    }
+    let stmt = s.statements.borrow().get(name).cloned()?;
+    if stmt.sql.is_some() || b.st.borrow().prepared.contains(&stmt.content) {
+        return None;
+    }
+    ensure(b, &stmt, core.live().max_prepared_statements, true);
+    let done: Done = Rc::new(Slot::default());
+    let mut m = Vec::with_capacity(stmt.content.len() + 12);
+    fe::write_target(&mut m, fe::DESCRIBE, b'S', &stmt.content);
+    b.send(
+        &m,
+        Some(Entry::Shape {
+            client_name: Rc::from(name),
+            check: Some(done.clone()),
+        }),
+    );
+    m.clear();
+    shared::protocol::put_message(&mut m, fe::FLUSH, |_| {});
+    b.send(&m, None);
+    Some(done)
+}
+
 fn statement_for(s: &Rc<Session>, b: &Rc<Backend>, name: &[u8], limit: usize) -> Option<Rc<[u8]>> {
     if name.is_empty() {
         let unnamed = s.unnamed.borrow().clone();
@@ -1254,6 +1346,13 @@ fn is_fatal(msg: &[u8]) -> bool {
 
 /// Statement names whose preparation time a session keeps (`Session::parsed`).
 const PARSED_KEPT: usize = 256;
+
+/// A statement name the client prepared: when (`statements::clock`), and its result shape then.
+struct Parsed {
+    name: Box<[u8]>,
+    at: u64,
+    shape: Option<Box<[u8]>>,
+}
 
 fn fatal(code: &str, msg: &str) -> Vec<u8> {
     let mut e = Vec::new();

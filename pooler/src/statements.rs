@@ -89,6 +89,32 @@ impl Prepared {
     }
 }
 
+/// What Postgres compares when it checks a prepared statement's result type
+/// (`equalTupleDescs` in `RevalidateCachedQuery`): per column its name, type and modifier, from
+/// a `RowDescription` (its origin table and column are not compared); `NoData` is no column.
+/// `None` for another message.
+pub fn result_shape(msg: &[u8]) -> Option<Box<[u8]>> {
+    match *msg.first()? {
+        be::NO_DATA => return Some(Box::default()),
+        be::ROW_DESCRIPTION => {}
+        _ => return None,
+    }
+    let body = msg.get(5..)?;
+    let n = u16::from_be_bytes([*body.first()?, *body.get(1)?]) as usize;
+    let mut out = Vec::with_capacity(n * 24);
+    let mut pos = 2;
+    for _ in 0..n {
+        let end = pos + body.get(pos..)?.iter().position(|&c| c == 0)?;
+        // name NUL, table oid (4), column (2), type oid (4), size (2), modifier (4), format (2)
+        let field = body.get(end + 1..end + 19)?;
+        out.extend_from_slice(&body[pos..=end]);
+        out.extend_from_slice(&field[6..10]);
+        out.extend_from_slice(&field[12..16]);
+        pos = end + 19;
+    }
+    Some(out.into_boxed_slice())
+}
+
 /// A prepared statement, named on backends by its content: made by a protocol-level `Parse` or
 /// by SQL `PREPARE` (one namespace per session, as in Postgres).
 pub struct Stmt {
@@ -304,5 +330,37 @@ mod tests {
         assert_eq!(p.over(1, b"tp_a").as_deref(), Some(&b"tp_b"[..]));
         p.remove(&b);
         assert_eq!(p.made(&b), None);
+    }
+
+    #[test]
+    fn a_result_shape_is_names_types_and_modifiers() {
+        let rd = |cols: &[(&[u8], u32, u32, i32)]| {
+            let mut m = Vec::new();
+            put_message(&mut m, be::ROW_DESCRIPTION, |b| {
+                b.extend_from_slice(&(cols.len() as i16).to_be_bytes());
+                for &(name, table, ty, typmod) in cols {
+                    put_cstr(b, name);
+                    b.extend_from_slice(&table.to_be_bytes());
+                    b.extend_from_slice(&1i16.to_be_bytes());
+                    b.extend_from_slice(&ty.to_be_bytes());
+                    b.extend_from_slice(&4i16.to_be_bytes());
+                    b.extend_from_slice(&typmod.to_be_bytes());
+                    b.extend_from_slice(&0i16.to_be_bytes());
+                }
+            });
+            result_shape(&m).unwrap()
+        };
+        let a = rd(&[(b"a", 100, 23, -1)]);
+        // Another table of the same shape: the same result type, as Postgres compares.
+        assert_eq!(a, rd(&[(b"a", 200, 23, -1)]));
+        assert_ne!(a, rd(&[(b"a", 100, 20, -1)]));
+        assert_ne!(a, rd(&[(b"b", 100, 23, -1)]));
+        assert_ne!(a, rd(&[(b"a", 100, 23, -1), (b"b", 100, 25, -1)]));
+        assert_ne!(rd(&[(b"v", 1, 1043, 14)]), rd(&[(b"v", 1, 1043, 24)]));
+        let mut no_data = Vec::new();
+        put_message(&mut no_data, be::NO_DATA, |_| {});
+        assert_eq!(result_shape(&no_data).as_deref(), Some(&[][..]));
+        assert_eq!(result_shape(b"Z\0\0\0\x05I"), None);
+        assert_eq!(result_shape(&[b'T', 0, 0, 0, 8, 0, 1, b'a']), None);
     }
 }
