@@ -1054,7 +1054,12 @@ async fn write_batch(
                         crate::with_timeout(std::time::Duration::from_secs(30), done.take()).await;
                 }
             }
-            write_message(core, s, &b, tag, msg, offset)?;
+            if b.skipping() && tag != fe::SYNC {
+                // The copy could not be made (its Parse failed): Postgres skips to Sync.
+                b.send(msg, None);
+            } else {
+                write_message(core, s, &b, tag, msg, offset)?;
+            }
         }
         b.drain_synth();
         if b.out.is_full() {

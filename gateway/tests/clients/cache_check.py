@@ -37,7 +37,7 @@ def outcome(conn, sql):
 
 
 admin = psycopg.connect(url, autocommit=True)
-admin.execute("DROP TABLE IF EXISTS cc_t, cc_e")
+admin.execute("DROP TABLE IF EXISTS cc_t, cc_e, cc_d")
 admin.execute("DROP TYPE IF EXISTS cc_mood")
 admin.execute("CREATE TABLE cc_t (a int)")
 admin.execute("INSERT INTO cc_t VALUES (1)")
@@ -76,6 +76,19 @@ admin.execute("INSERT INTO cc_e VALUES ('glad')")
 rehome()
 for i in range(3):
     report(f"psycopg enum re-created {i}", outcome(p, "SELECT m FROM cc_e"))
+
+# A dropped table, then re-created with other columns.
+admin.execute("DROP TABLE IF EXISTS cc_d")
+admin.execute("CREATE TABLE cc_d (a int)")
+report("psycopg dropped before", outcome(p, "SELECT * FROM cc_d"))
+admin.execute("DROP TABLE cc_d")
+rehome()
+for i in range(2):
+    report(f"psycopg dropped {i}", outcome(p, "SELECT * FROM cc_d"))
+report("psycopg dropped, the session goes on", outcome(p, "SELECT 1"))
+admin.execute("CREATE TABLE cc_d (a int, b int)")
+rehome()
+report("psycopg re-created", outcome(p, "SELECT * FROM cc_d"))
 p.close()
 
 
