@@ -274,9 +274,18 @@ impl Core {
     /// Passes a client's cancel request to every pooler (one link each): the session may live
     /// on any of them, and a pooler that does not know the keys ignores them.
     pub async fn cancel(&self, pid: i32, secret: i32) {
-        let mut p = Vec::with_capacity(8);
+        self.signal(pid, secret, false).await
+    }
+
+    /// A cancel request, or with `terminate` the end of the session (`pg_terminate_backend`
+    /// of its pid, signals.rs), to the session with these keys wherever it lives.
+    pub async fn signal(&self, pid: i32, secret: i32, terminate: bool) {
+        let mut p = Vec::with_capacity(9);
         p.extend_from_slice(&pid.to_be_bytes());
         p.extend_from_slice(&secret.to_be_bytes());
+        if terminate {
+            p.push(1);
+        }
         let mut sent = Vec::new();
         for links in &self.links {
             if let Some(l) = links.iter().find(|l| l.alive.get()) {

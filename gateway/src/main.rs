@@ -11,6 +11,7 @@ mod link;
 mod metrics;
 mod session;
 mod session_io;
+mod signals;
 mod tls;
 
 use tidepool_gateway::{classify, statement_names};

@@ -8,6 +8,7 @@ use crate::classify::LOWERS_SYNC_COMMIT;
 use crate::core::{ClientSlot, Core};
 use crate::identity;
 use crate::session_io::{self, SessionIo};
+use crate::signals;
 use crate::statement_names::{self, Found};
 use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
@@ -309,6 +310,11 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     };
     io.read_only.set(read_only);
     link.register(id, io.clone());
+    // The session's keys: its virtual pid lives in the registry for as long as the session
+    // (`pg_cancel_backend`/`pg_terminate_backend` of it, signals.rs).
+    let secret = rand::random::<i32>();
+    let registration = signals::Registration::new(&user, secret);
+    let pid = registration.pid;
     let login = crate::with_timeout(left(deadline), async {
         let credential =
             auth::authenticate(&core, &mut stream, &mut reader, &io, &link, id, &user).await?;
@@ -325,8 +331,6 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         if console {
             return Ok(None);
         }
-        let pid = (rand::random::<u32>() >> 1) as i32;
-        let secret = rand::random::<i32>();
         let open = Open {
             user: user.clone(),
             database: database.clone(),
@@ -341,6 +345,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         let (kind, reply) = auth::await_control(&io, &mut stream, &mut reader).await?;
         match kind {
             down::OPENED => {
+                registration.logged_in(&reply);
                 let mut out = reply;
                 be::backend_key_data(&mut out, pid, secret);
                 be::ready_for_query(&mut out, b'I');
@@ -413,7 +418,17 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
             .get("application_name")
             .unwrap_or_default(),
     });
-    glommio::spawn_local(run(core, stream, reader, io, open, id, slot, me)).detach();
+    glommio::spawn_local(run(
+        core,
+        stream,
+        reader,
+        io,
+        open,
+        id,
+        (slot, registration),
+        me,
+    ))
+    .detach();
 }
 
 /// Parameter types for the statement that replaces a refused one: as many as the original
@@ -507,7 +522,9 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     io: Rc<SessionIo>,
     open: Open,
     id: u32,
-    slot: ClientSlot,
+    // The client's place, and its pid's in the registry of signallable sessions (signals.rs):
+    // both held until the session's last bytes are written.
+    held: (ClientSlot, signals::Registration),
     me: crate::admin::Registered,
 ) {
     let stream = RcStream::new(stream);
@@ -516,7 +533,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     let wstream = stream.clone();
     glommio::spawn_local(async move {
         // The client counts (for a drain) until its last bytes are written.
-        let _slot = slot;
+        let _held = held;
         // Credit goes to whichever pooler serves the session now, in batches: a frame per client
         // write doubled the link's frames for small results. The pooler stops only past its
         // window (`WINDOW`, 256 KiB), so credit held back here (under `CREDIT_BATCH`) never
@@ -544,6 +561,7 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     // For SHOW STATS: since when the session has had a request in flight / a transaction open.
     let mut busy_since: Option<Instant> = None;
     let mut xact_since: Option<Instant> = None;
+    let mut signal_stmts = signals::Statements::default();
     'session: loop {
         // Frame every complete message we have into one MSGS frame.
         let mut flags = 0u8;
@@ -716,20 +734,23 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                     let batch = &reader.data()[..end];
                     // `NAMES` carry offsets into the batch as the client sent it: a batch with
                     // them keeps its text (pg_backend_pid() then answers the backend's pid).
-                    let own_pid = if names.is_empty() {
-                        identity::virtual_backend_pid(batch, open.pid)
+                    let (own_pid, signalled) = if names.is_empty() {
+                        let own_pid = identity::virtual_backend_pid(batch, open.pid);
+                        let b = own_pid.as_deref().unwrap_or(batch);
+                        (
+                            own_pid.clone(),
+                            signal_calls(&io, b, open.pid, &mut signal_stmts),
+                        )
                     } else {
                         l.send(up::NAMES, id, &names);
-                        None
+                        (None, None)
                     };
-                    session_io::send(
-                        &l,
-                        &io,
-                        id,
-                        flags,
-                        own_pid.as_deref().unwrap_or(batch),
-                        may_commit,
-                    );
+                    let (sent, owed) = match &signalled {
+                        Some((b, owed)) => (&b[..], &owed[..]),
+                        None => (own_pid.as_deref().unwrap_or(batch), &[][..]),
+                    };
+                    session_io::send(&l, &io, id, flags, sent, may_commit);
+                    send_signals(&core, owed);
                     reader.consume(end);
                 }
                 None => {
@@ -741,6 +762,11 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                     if let Some(b) = identity::virtual_backend_pid(&batch, open.pid) {
                         batch = b;
                     }
+                    let mut owed = Vec::new();
+                    if let Some((b, o)) = signal_calls(&io, &batch, open.pid, &mut signal_stmts) {
+                        (batch, owed) = (b, o);
+                    }
+                    send_signals(&core, &owed);
                     // The slow path may change poolers: names are not sent; a PREPARE
                     // then keeps the client's name on a pinned backend.
                     let flags = if names_prepare {
@@ -911,6 +937,34 @@ const SYNC_COMMIT_DENIED: &str =
 /// open transaction is aborted; in a multi-statement query nothing commits). Extended protocol:
 /// the Parse keeps its name and parameter types, so Bind/Execute/Sync behave as for any failed
 /// statement.
+/// The batch with its `pg_cancel_backend`/`pg_terminate_backend` calls on sessions' pids
+/// answered (signals.rs), and the signals that then go to those sessions. Not in a failed
+/// transaction: the server refuses the statement, so nothing may be signalled.
+fn signal_calls(
+    io: &SessionIo,
+    batch: &[u8],
+    pid: i32,
+    stmts: &mut signals::Statements,
+) -> Option<(Vec<u8>, Vec<signals::Owed>)> {
+    if io.status.get() == b'E' {
+        return None;
+    }
+    signals::rewrite_batch(batch, pid, stmts)
+}
+
+/// Sends each owed signal to the poolers, as a client's cancel request goes (the signalled
+/// session may live on any core of any pooler).
+fn send_signals(core: &Rc<Core>, owed: &[signals::Owed]) {
+    for &(signal, pid, secret) in owed {
+        let core = core.clone();
+        glommio::spawn_local(async move {
+            core.signal(pid, secret, signal == signals::Signal::Terminate)
+                .await
+        })
+        .detach();
+    }
+}
+
 fn deny_sync_commit(batch: &[u8], denied: &[usize]) -> Vec<u8> {
     let raise = format!(
         "DO $tidepool$BEGIN RAISE EXCEPTION USING ERRCODE = '42501', MESSAGE = '{}'; END$tidepool$",

@@ -863,3 +863,222 @@ fn failed_pipelined_writes_report_as_directly() {
     );
     assert_eq!(checks, checks_passed(&through.text));
 }
+
+/// `pg_cancel_backend`/`pg_terminate_backend` of a session's pid as its client knows it (issue
+/// 11): the query cancelled, idle and busy sessions ended with FATAL 57P01 and closed, `true`
+/// answered, a pid that is nobody's answered `false` with Postgres's warning, nothing signalled
+/// from a failed transaction, a session ending itself; psycopg 3 with parameter and constant
+/// pids, against Postgres first. Then what the gateway cannot judge: a role signalling another
+/// role's session gets no `true` and the session goes on.
+#[test]
+fn signals_to_a_sessions_pid_act_as_directly() {
+    if !psycopg_available("signals_to_a_sessions_pid_act_as_directly") {
+        return;
+    }
+    let (pg, tp) = start(2);
+    let direct = run_python("signal_check.py", pg.direct_url(ALICE.0, ALICE.1, APP_DB));
+    assert!(
+        direct.success(),
+        "against Postgres itself:\n{}",
+        direct.text
+    );
+    let through = run_python("signal_check.py", tp.url(ALICE.0, ALICE.1, APP_DB));
+    assert!(
+        through.success(),
+        "through the gateway:\n{}\n{}",
+        through.text,
+        tp.logs()
+    );
+    let checks = checks_passed(&direct.text);
+    assert!(
+        checks.iter().any(|l| l.contains("57014")) && checks.iter().any(|l| l.contains("57P01")),
+        "the script saw no cancel or termination:\n{}",
+        direct.text
+    );
+    assert_eq!(checks, checks_passed(&through.text));
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(bounded(Duration::from_secs(30), async {
+        let ep = tp.endpoint();
+        let alice = ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+        let bob = ep.connect(BOB.0, BOB.1, APP_DB).await.unwrap();
+        let pid: i32 = alice
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        for sql in [
+            format!("SELECT pg_terminate_backend({pid})"),
+            format!("SELECT pg_cancel_backend({pid})"),
+        ] {
+            match bob.query_one(sql.as_str(), &[]).await {
+                Ok(row) => assert!(!row.get::<_, bool>(0), "{sql}: true for another role"),
+                Err(e) => assert_eq!(sqlstate(&e), "42501", "{sql}"),
+            }
+        }
+        let terminated = bob
+            .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+            .await
+            .map(|r| r.get::<_, bool>(0));
+        assert!(!matches!(terminated, Ok(true)), "{terminated:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let one: i32 = alice.query_one("SELECT 1", &[]).await.unwrap().get(0);
+        assert_eq!(one, 1, "alice's session goes on");
+    }));
+}
+
+/// A session ended by the server (issue 11): the backend running a client's query or holding
+/// its open transaction is terminated from another connection; psycopg 3 and psql see Postgres's
+/// FATAL 57P01 as their last word and a closed connection, as directly (before, an 08006 of ours
+/// followed it, or replaced it for an idle transaction). Then, through Tidepool only: the pooled
+/// backends no session holds are terminated, and an idle client goes on (the pooler replaces
+/// them; directly that client's own backend would have been terminated).
+#[test]
+fn a_session_ended_by_the_server_ends_as_directly() {
+    if !psycopg_available("a_session_ended_by_the_server_ends_as_directly") {
+        return;
+    }
+    let (pg, tp) = start(2);
+    let direct = run_python(
+        "server_end_check.py",
+        pg.direct_url(ALICE.0, ALICE.1, APP_DB),
+    );
+    assert!(
+        direct.success(),
+        "against Postgres itself:\n{}",
+        direct.text
+    );
+    let through = run_python("server_end_check.py", tp.url(ALICE.0, ALICE.1, APP_DB));
+    assert!(
+        through.success(),
+        "through the gateway:\n{}\n{}",
+        through.text,
+        tp.logs()
+    );
+    let checks = checks_passed(&direct.text);
+    assert!(
+        checks.iter().filter(|l| l.contains("57P01")).count() >= 2,
+        "the script saw no termination:\n{}",
+        direct.text
+    );
+    assert_eq!(checks, checks_passed(&through.text));
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(bounded(Duration::from_secs(30), async {
+        let alice = tp
+            .endpoint()
+            .connect(ALICE.0, ALICE.1, APP_DB)
+            .await
+            .unwrap();
+        let one: i32 = alice.query_one("SELECT 1", &[]).await.unwrap().get(0);
+        assert_eq!(one, 1);
+        // The session is idle and holds no backend by now.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let ended = pg.psql_admin(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM (SELECT pid \
+             FROM pg_stat_activity WHERE usename = 'alice' AND state = 'idle' OFFSET 0) s",
+        );
+        assert_ne!(ended.trim(), "0", "no idle pooled backend was terminated");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let two: i32 = alice.query_one("SELECT 2", &[]).await.unwrap().get(0);
+        assert_eq!(two, 2, "the idle client goes on");
+    }));
+}
+
+/// Prepared statements after the schema changed under them (issue 11): ALTER TABLE, ALTER
+/// COLUMN TYPE, a dropped and re-created enum type, in and out of a transaction; psycopg 3
+/// preparing every statement and asyncpg with its statement cache and retry. Postgres's
+/// `cached plan must not change result type` (0A000) comes on the same executions as directly,
+/// and keeps coming for a statement the client does not prepare again (before, the pooler's
+/// re-prepared statement answered from the second execution on). Then through a pooler whose
+/// backends live 300 ms, pausing after each change: the statements run on backends that never
+/// had them, and still fail as directly (before, the new copy answered with the new type;
+/// asyncpg then failed to decode its rows).
+#[test]
+fn prepared_statements_after_a_schema_change_behave_as_directly() {
+    if !psycopg_available("prepared_statements_after_a_schema_change_behave_as_directly") {
+        return;
+    }
+    let (pg, tp) = start(2);
+    let direct = run_python("cache_check.py", pg.direct_url(ALICE.0, ALICE.1, APP_DB));
+    assert!(
+        direct.success(),
+        "against Postgres itself:\n{}",
+        direct.text
+    );
+    let checks = checks_passed(&direct.text);
+    assert!(
+        checks.iter().filter(|l| l.contains("0A000")).count() >= 3
+            && checks
+                .iter()
+                .any(|l| l.contains("InvalidCachedStatementError")),
+        "the script saw no stale plan:\n{}",
+        direct.text
+    );
+    let through = run_python("cache_check.py", tp.url(ALICE.0, ALICE.1, APP_DB));
+    assert!(
+        through.success(),
+        "through the gateway:\n{}\n{}",
+        through.text,
+        tp.logs()
+    );
+    assert_eq!(checks, checks_passed(&through.text));
+    drop(tp);
+
+    let tp = Tidepool::start(
+        &pg,
+        TidepoolOpts::default()
+            .pool_size(2)
+            .pooler_arg("--server-lifetime-ms")
+            .pooler_arg("300"),
+    );
+    let url = tp.url(ALICE.0, ALICE.1, APP_DB);
+    let mut cmd = Command::new("python3");
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/cache_check.py"))
+        .arg(url)
+        .arg("--fresh-backends");
+    let fresh = run_merged(&mut cmd, None, Duration::from_secs(120));
+    assert!(
+        fresh.success(),
+        "through the gateway, fresh backends:\n{}\n{}",
+        fresh.text,
+        tp.logs()
+    );
+    assert_eq!(checks, checks_passed(&fresh.text), "on fresh backends");
+}
+
+/// `client_encoding` in the startup packet on its own (issue 11): EUC_JP, SJIS, LATIN1 and UTF8
+/// reported, shown, applied to what the server sends (and 22P05 for a character the encoding
+/// lacks), kept as the session's value by RESET; an unknown name refused. psycopg 3, against
+/// Postgres first.
+#[test]
+fn client_encoding_in_the_startup_packet_as_directly() {
+    if !psycopg_available("client_encoding_in_the_startup_packet_as_directly") {
+        return;
+    }
+    let (pg, tp) = start(2);
+    let script = "startup_encoding_check.py";
+    let direct = run_python(script, pg.direct_url(ALICE.0, ALICE.1, APP_DB));
+    assert!(
+        direct.success(),
+        "against Postgres itself:\n{}",
+        direct.text
+    );
+    let checks = checks_passed(&direct.text);
+    assert!(
+        checks
+            .iter()
+            .any(|l| l == "EUC_JP: reported after RESET: ok b'EUC_JP'")
+            && checks.iter().any(|l| l.contains("22P05")),
+        "the script did not see the encodings applied:\n{}",
+        direct.text
+    );
+    let through = run_python(script, tp.url(ALICE.0, ALICE.1, APP_DB));
+    assert!(
+        through.success(),
+        "through the gateway:\n{}\n{}",
+        through.text,
+        tp.logs()
+    );
+    assert_eq!(checks, checks_passed(&through.text));
+}

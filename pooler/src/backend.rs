@@ -311,6 +311,7 @@ fn backend_lost(core: &Rc<Core>, b: &Rc<Backend>, touched: Option<Rc<dyn Owner>>
             .drain(..)
             .filter_map(|e| match e {
                 Entry::Internal(Internal::Sync { done: Some(d), .. }) => Some(d),
+                Entry::Shape { check: Some(d), .. } => Some(d),
                 _ => None,
             })
             .collect();

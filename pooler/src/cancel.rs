@@ -8,9 +8,32 @@ use glommio::channels::channel_mesh::Receivers;
 use glommio::net::TcpStream;
 use std::rc::Rc;
 
-pub fn broadcast(core: &Rc<Core>, pid: i32, secret: i32) {
-    local(core, pid, secret);
-    core.ask_peers(CoreMsg::Cancel(pid, secret));
+pub fn broadcast(core: &Rc<Core>, pid: i32, secret: i32, terminate: bool) {
+    if terminate {
+        terminate_local(core, pid, secret);
+        core.ask_peers(CoreMsg::Terminate(pid, secret));
+    } else {
+        local(core, pid, secret);
+        core.ask_peers(CoreMsg::Cancel(pid, secret));
+    }
+}
+
+/// Ends the session with these keys as Postgres ends a terminated backend's: FATAL 57P01 to
+/// its client, what it was running stopped, its transaction rolled back (the session's end
+/// cancels a running query and closes that backend, or rolls an idle transaction back).
+pub fn terminate_local(core: &Rc<Core>, pid: i32, secret: i32) {
+    let session = core
+        .sessions_by_key
+        .borrow()
+        .get(&(pid, secret))
+        .and_then(|w| w.upgrade());
+    if let Some(s) = session {
+        tracing::debug!(
+            session = s.id,
+            "session terminated by a client's pg_terminate_backend"
+        );
+        s.terminate();
+    }
 }
 
 pub fn local(core: &Rc<Core>, pid: i32, secret: i32) {
@@ -59,6 +82,7 @@ pub async fn serve_peers(core: Rc<Core>, mut receivers: Receivers<CoreMsg>) {
             while let Some(msg) = stream.recv().await {
                 match msg {
                     CoreMsg::Cancel(pid, secret) => local(&core, pid, secret),
+                    CoreMsg::Terminate(pid, secret) => terminate_local(&core, pid, secret),
                     CoreMsg::Shed { key } => core.on_shed(key),
                     CoreMsg::Freed { key } => core.on_freed(key),
                     CoreMsg::Starving { key } => core.on_starving(key),

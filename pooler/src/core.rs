@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 pub enum CoreMsg {
     /// Cancel the query of the session with these keys, wherever it is.
     Cancel(i32, i32),
+    /// End the session with these keys, wherever it is (`pg_terminate_backend` of its pid).
+    Terminate(i32, i32),
     /// A core is starved of budget: shed an idle backend of this pool (or of any pool).
     Shed { key: Option<PoolKey> },
     /// A core gave back budget for this pool (or, `None`, total budget): waiters may retry.

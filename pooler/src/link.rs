@@ -226,7 +226,7 @@ fn on_frame(core: &Rc<Core>, l: &Rc<Link>, kind: u8, id: u32, payload: Vec<u8>) 
             if let Some(b) = payload.get(..8) {
                 let pid = i32::from_be_bytes([b[0], b[1], b[2], b[3]]);
                 let secret = i32::from_be_bytes([b[4], b[5], b[6], b[7]]);
-                crate::cancel::broadcast(core, pid, secret);
+                crate::cancel::broadcast(core, pid, secret, payload.get(8) == Some(&1));
             }
         }
         up::POOLS => {

@@ -56,7 +56,11 @@ pub trait Owner {
     fn restore_statement(&self, client_name: Vec<u8>, stmt: Rc<Stmt>);
     /// Postgres refused the plan of the client's statement (its table changed): it must be
     /// parsed again before its next use.
-    fn statement_stale(&self, client_name: &[u8]);
+    /// `made`: when the backend made the copy that went stale (`statements::clock`).
+    fn statement_stale(&self, client_name: &[u8], made: Option<u64>);
+    /// The result shape (`statements::result_shape`) of a client's statement: as prepared, or
+    /// (`check`) as a new copy of it has it.
+    fn statement_shape(&self, client_name: &[u8], shape: Option<Box<[u8]>>, check: bool);
     /// The session task is in the middle of writing a request.
     fn writing(&self) -> bool;
     /// Extended-protocol messages were written since the last `Sync`.
@@ -122,6 +126,10 @@ pub enum Internal {
     ViewOid,
 }
 
+/// The statement name a `Bind` of a stale plan names (session.rs): no backend has it (ours
+/// are `tp_` and a hash), so Postgres refuses it with 26000, shown to the client as 0A000.
+pub const STALE_PLAN: &[u8] = b"tp_stale_plan";
+
 pub enum Entry {
     Client(Kind),
     /// Our own `Close` of an evicted statement: its `CloseComplete` is dropped.
@@ -143,6 +151,13 @@ pub enum Entry {
     Internal(Internal),
     /// A client's `Query` with statement names replaced.
     Sql(Box<SqlQuery>),
+    /// Our `Describe` of a client's statement (`session.rs`): its answer is the result shape
+    /// as the client prepared it, or with `check`, as a new copy on this backend has it (told
+    /// to the owner, then to the waiter). Not forwarded.
+    Shape {
+        client_name: Rc<[u8]>,
+        check: Option<Done>,
+    },
 }
 
 pub struct State {
@@ -272,6 +287,50 @@ pub fn drain_synth(st: &mut State) {
     }
 }
 
+/// Postgres's error for a `Bind` of a statement whose plan changed result type, with the
+/// fields Postgres 15 sends (drivers read them: asyncpg knows a stale plan by its routine,
+/// `RevalidateCachedQuery`, and then prepares the statement again); in a failed transaction,
+/// its 25P02 instead.
+fn stale_plan_error(aborted: bool) -> Vec<u8> {
+    // code, message, file, line, routine
+    let fields: [&str; 5] = if aborted {
+        [
+            "25P02",
+            "current transaction is aborted, commands ignored until end of transaction block",
+            "postgres.c",
+            "1691",
+            "exec_bind_message",
+        ]
+    } else {
+        [
+            "0A000",
+            "cached plan must not change result type",
+            "plancache.c",
+            "722",
+            "RevalidateCachedQuery",
+        ]
+    };
+    let [code, text, file, line, routine] = fields.map(str::as_bytes);
+    let mut e = Vec::new();
+    put_message(&mut e, be::ERROR_RESPONSE, |b| {
+        for (field, value) in [
+            (b'S', &b"ERROR"[..]),
+            (b'V', b"ERROR"),
+            (b'C', code),
+            (b'M', text),
+            (b'F', file),
+            (b'L', line),
+            (b'R', routine),
+        ] {
+            b.push(field);
+            b.extend_from_slice(value);
+            b.push(0);
+        }
+        b.push(0);
+    });
+    e
+}
+
 /// Says goodbye to Postgres: nothing more is written.
 pub fn close(out: &OutQueue, st: &mut State) {
     if !st.broken {
@@ -314,11 +373,13 @@ fn skip_to_sync(st: &mut State) {
         if matches!(front, Entry::Client(Kind::Sync)) {
             break;
         }
-        if let Some(Entry::Parse {
-            stmt, client_name, ..
-        }) = st.queue.pop_front()
-        {
-            forget_failed_parse(st, &stmt, client_name.as_deref());
+        match st.queue.pop_front() {
+            Some(Entry::Parse {
+                stmt, client_name, ..
+            }) => forget_failed_parse(st, &stmt, client_name.as_deref()),
+            // Its waiter goes on: the client's own messages meet the error.
+            Some(Entry::Shape { check: Some(d), .. }) => d.put(Ok(())),
+            _ => {}
         }
     }
 }
@@ -402,6 +463,12 @@ pub fn on_message(out: &OutQueue, st: &mut State, msg: &[u8]) -> After {
         // Nothing expected: an idle backend being shut down (FATAL) or a protocol surprise.
         if tag == be::ERROR_RESPONSE {
             tracing::info!(backend = st.id, "idle backend got an error; closing it");
+            // A session holds it between requests (a transaction open, or pinned): its client
+            // hears the FATAL, as it would directly, before its connection ends.
+            if let Some(o) = &st.owner {
+                o.forward(msg);
+                o.flush();
+            }
         }
         close(out, st);
         return After::Nothing;
@@ -474,13 +541,30 @@ pub fn on_message(out: &OutQueue, st: &mut State, msg: &[u8]) -> After {
             drain_synth(st);
             After::Nothing
         }
+        Entry::Renamed(_, from, _) if tag == be::ERROR_RESPONSE && **from == *STALE_PLAN => {
+            // A Bind of a statement whose plan changed result type (session.rs): Postgres's
+            // error for it. Postgres looks the name up before it checks for a failed
+            // transaction; for a statement it has, it says 25P02 there (the transaction's state
+            // is the last ReadyForQuery's: after an error in this batch it skips our Bind).
+            let e = if be::error_sqlstate(body) == Some(&b"26000"[..]) {
+                stale_plan_error(st.status == b'E')
+            } else {
+                msg.to_vec()
+            };
+            st.queue.pop_front();
+            forward(st, &e);
+            skip_to_sync(st);
+            drain_synth(st);
+            After::Nothing
+        }
         Entry::Renamed(_, from, to) if tag == be::ERROR_RESPONSE => {
             if be::error_sqlstate(body) == Some(&b"0A000"[..]) {
                 // "cached plan must not change result type": this backend's statement is stale.
                 let stale = from.clone();
+                let made = st.prepared.made(&stale);
                 st.prepared.remove(&stale);
                 if let Some(o) = &st.owner {
-                    o.statement_stale(&to[..]);
+                    o.statement_stale(&to[..], made);
                 }
                 if !st.stale.contains(&stale) {
                     st.stale.push(stale);
@@ -569,7 +653,13 @@ pub fn on_message(out: &OutQueue, st: &mut State, msg: &[u8]) -> After {
                 _ => false,
             };
             if done {
-                st.queue.pop_front();
+                if let (Some(Entry::Renamed(Kind::Describe, _, to)), Some(o)) =
+                    (st.queue.pop_front(), &st.owner)
+                {
+                    // The client's own Describe of its statement: the shape it prepared it
+                    // with, if ours did not learn it (a Parse answered by an existing copy).
+                    o.statement_shape(&to, crate::statements::result_shape(msg), false);
+                }
             }
             forward(st, msg);
             if done {
@@ -578,6 +668,33 @@ pub fn on_message(out: &OutQueue, st: &mut State, msg: &[u8]) -> After {
             After::Nothing
         }
         Entry::Synth(_) | Entry::SynthError(_) => After::Nothing,
+        Entry::Shape { .. } => {
+            match tag {
+                be::PARAMETER_DESCRIPTION => {}
+                be::ROW_DESCRIPTION | be::NO_DATA => {
+                    if let Some(Entry::Shape { client_name, check }) = st.queue.pop_front() {
+                        if let Some(o) = &st.owner {
+                            let shape = crate::statements::result_shape(msg);
+                            o.statement_shape(&client_name, shape, check.is_some());
+                        }
+                        if let Some(d) = check {
+                            d.put(Ok(()));
+                        }
+                    }
+                    drain_synth(st);
+                }
+                be::ERROR_RESPONSE => {
+                    if let Some(Entry::Shape { check: Some(d), .. }) = st.queue.pop_front() {
+                        d.put(Ok(()));
+                    }
+                    forward(st, msg);
+                    skip_to_sync(st);
+                    drain_synth(st);
+                }
+                _ => forward(st, msg),
+            }
+            After::Nothing
+        }
     }
 }
 
@@ -892,7 +1009,15 @@ mod tests {
         fn restore_statement(&self, client_name: Vec<u8>, _: Rc<Stmt>) {
             self.event(format!("restore {}", String::from_utf8_lossy(&client_name)));
         }
-        fn statement_stale(&self, client_name: &[u8]) {
+        fn statement_shape(&self, name: &[u8], shape: Option<Box<[u8]>>, check: bool) {
+            self.event(format!(
+                "shape {} {:?} {check}",
+                String::from_utf8_lossy(name),
+                shape.map(|s| s.len())
+            ));
+        }
+
+        fn statement_stale(&self, client_name: &[u8], _made: Option<u64>) {
             self.event(format!("stale {}", String::from_utf8_lossy(client_name)));
         }
         fn writing(&self) -> bool {
@@ -1108,6 +1233,68 @@ mod tests {
     }
 
     #[test]
+    fn a_bind_of_a_stale_plan_gets_postgres_error_and_a_describe_of_ours_is_not_forwarded() {
+        let (mut st, out, rec) = owned();
+        let stale = |st: &mut State| {
+            st.queue.push_back(Entry::Renamed(
+                Kind::Bind,
+                Rc::from(STALE_PLAN),
+                Rc::from(&b"s1"[..]),
+            ));
+            st.queue.push_back(Entry::Client(Kind::Execute));
+            st.queue.push_back(Entry::Client(Kind::Sync));
+        };
+        stale(&mut st);
+        let missing = error(
+            "26000",
+            "prepared statement \"tp_stale_plan\" does not exist",
+        );
+        feed(&out, &mut st, &[missing.clone(), rfq(b'I')]);
+        let client = rec.client.borrow().clone();
+        let fields = be::error_fields(&client[5..]).unwrap();
+        let get = |f: u8| fields.iter().find(|x| x.0 == f).map(|x| x.1.to_vec());
+        assert_eq!(get(b'C').as_deref(), Some(&b"0A000"[..]));
+        assert_eq!(
+            get(b'M').as_deref(),
+            Some(&b"cached plan must not change result type"[..])
+        );
+        // asyncpg tells a stale plan by the routine.
+        assert_eq!(get(b'R').as_deref(), Some(&b"RevalidateCachedQuery"[..]));
+        assert!(client.ends_with(&rfq(b'I')));
+        // In a failed transaction, Postgres's 25P02 (it looks the name up first).
+        rec.client.borrow_mut().clear();
+        st.status = b'E';
+        stale(&mut st);
+        feed(&out, &mut st, &[missing, rfq(b'E')]);
+        let client = rec.client.borrow().clone();
+        assert!(String::from_utf8_lossy(&client).contains("25P02"));
+
+        // Our Describe of a client's statement: its answer goes to the owner, not the client.
+        rec.client.borrow_mut().clear();
+        let done: Done = Rc::new(Slot::default());
+        st.queue.push_back(Entry::Shape {
+            client_name: Rc::from(&b"s2"[..]),
+            check: Some(done.clone()),
+        });
+        st.queue.push_back(Entry::Client(Kind::Bind));
+        let mut rd = 1i16.to_be_bytes().to_vec();
+        rd.extend_from_slice(b"a\0");
+        rd.extend_from_slice(&[0; 18]);
+        feed(
+            &out,
+            &mut st,
+            &[
+                msg(be::PARAMETER_DESCRIPTION, &[0, 0]),
+                msg(be::ROW_DESCRIPTION, &rd),
+            ],
+        );
+        assert!(rec.client.borrow().is_empty());
+        assert!(done.is_filled());
+        assert_eq!(rec.events().last().unwrap(), "shape s2 Some(10) true");
+        assert!(matches!(st.queue.front(), Some(Entry::Client(Kind::Bind))));
+    }
+
+    #[test]
     fn settings_changed_under_a_statement_are_read_back_before_the_ready_for_query() {
         let (mut st, out, rec) = owned();
         st.queue.push_back(Entry::Client(Kind::Query));
@@ -1155,9 +1342,12 @@ mod tests {
         other.extend_from_slice(b"jobs\0x\0");
         on_message(&out, &mut st, &msg(be::NOTIFICATION_RESPONSE, &other));
         assert_eq!(rec.events(), ["own notification"]);
-        // Nothing expected: an administrator's FATAL to an idle backend closes it.
-        on_message(&out, &mut st, &error("57P01", "terminating connection"));
+        // Nothing expected: an administrator's FATAL to an idle backend closes it; the
+        // session holding it hears it.
+        let fatal = error("57P01", "terminating connection");
+        on_message(&out, &mut st, &fatal);
         assert!(st.broken);
+        assert!(rec.client.borrow().ends_with(&fatal));
         let mut terminate = Vec::new();
         put_message(&mut terminate, frontend::TERMINATE, |_| {});
         assert_eq!(written(&out), terminate);

@@ -10,7 +10,7 @@ use crate::backend::Backend;
 use crate::core::Core;
 use crate::pool::{self, Pool};
 use crate::readback;
-use crate::responses::{self, Entry, Internal, Kind, Owner};
+use crate::responses::{self, Done, Entry, Internal, Kind, Owner};
 use crate::sql_names::{ensure, parse_names, write_sql_query, SqlName};
 use crate::statements::{Statements, Stmt};
 use shared::io::{Notify, OutQueue, Slot};
@@ -85,6 +85,18 @@ pub struct Session {
     pub gone: Cell<bool>,
     /// The session cannot go on (its backend died holding state).
     dead: Cell<bool>,
+    /// A backend's FATAL was forwarded to the client: its connection ends with that.
+    told_fatal: Cell<bool>,
+    /// Client names of prepared statements whose result type changed since the client prepared
+    /// them (Postgres said 0A000): as in Postgres's plan cache, every later execution fails the
+    /// same way until the client prepares the name again (issue 11).
+    stale_plans: RefCell<Vec<Vec<u8>>>,
+    /// When the client prepared its recent statement names (`statements::clock`), at most
+    /// `PARSED_KEPT`: a 0A000 from a backend's copy made before that is not the client's
+    /// statement going stale (that copy may have been stale from the start). With the result
+    /// shape it was prepared with, when known: a copy made later on another backend is checked
+    /// against it before the client's `Bind` runs there.
+    parsed: RefCell<VecDeque<Parsed>>,
     /// Channels it listens on, notifications held for it (see `listen.rs`).
     pub listen: crate::listen::SessionListen,
     /// Prepared-statement names in the SQL text of the batch being written (`up::NAMES`).
@@ -138,6 +150,9 @@ impl Session {
             acked: Cell::new(0),
             gone: Cell::new(false),
             dead: Cell::new(false),
+            told_fatal: Cell::new(false),
+            stale_plans: RefCell::new(Vec::new()),
+            parsed: RefCell::new(VecDeque::new()),
             listen: Default::default(),
             sql_names: RefCell::new(Vec::new()),
         })
@@ -243,6 +258,7 @@ impl Session {
 
     pub fn clear_statements(&self) {
         self.statements.borrow_mut().clear();
+        self.stale_plans.borrow_mut().clear();
         *self.unnamed.borrow_mut() = None;
     }
 
@@ -264,20 +280,68 @@ impl Session {
         self.pinned.get() || self.leased.get()
     }
 
+    /// A client's `pg_terminate_backend` of this session's pid (cancel.rs): the client hears
+    /// what a terminated backend says, and the session ends; `finish` then stops what its
+    /// backend runs (cancel, and the connection closed: Postgres rolls back) or rolls back an
+    /// idle transaction, as the end of a terminated backend does.
+    pub fn terminate(&self) {
+        if self.gone.get() || self.dead.get() {
+            return;
+        }
+        self.flush();
+        self.send_closed(&fatal(
+            "57P01",
+            "terminating connection due to administrator command",
+        ));
+        self.close();
+    }
+
+    /// The client prepares `name` (again): a stale plan of that name is forgotten, and the
+    /// moment is noted (before any backend makes a copy for it).
+    fn prepared_anew(&self, name: &[u8]) {
+        let mut stale = self.stale_plans.borrow_mut();
+        if !stale.is_empty() {
+            stale.retain(|n| n != name);
+        }
+        let mut parsed = self.parsed.borrow_mut();
+        parsed.retain(|p| &p.name[..] != name);
+        if parsed.len() >= PARSED_KEPT {
+            parsed.pop_front();
+        }
+        parsed.push_back(Parsed {
+            name: name.into(),
+            at: crate::statements::clock(),
+            shape: None,
+        });
+    }
+
+    /// Marks `client_name` stale (its plan changed result type).
+    fn mark_stale(&self, client_name: &[u8]) {
+        let mut stale = self.stale_plans.borrow_mut();
+        if !stale.iter().any(|n| n == client_name) {
+            stale.push(client_name.to_vec());
+        }
+    }
+
     /// Our backend died while we held it.
     pub fn backend_lost(&self) {
         let needs_close = self.pinned.get() || self.out.borrow().is_empty();
         self.flush();
         if needs_close || !self.gone.get() {
-            // Postgres would have closed this client's connection: so do we. Whatever the
-            // backend said last (a FATAL, usually) is already on its way.
+            // Postgres would have closed this client's connection: so do we. When the backend
+            // said why (its FATAL: 57P01 from pg_terminate_backend or a shutdown, 57P02 after
+            // a crash), that, already on its way, is the client's last message, as directly:
+            // nothing of ours follows it (issue 11). A backend gone without a word (killed)
+            // leaves the client our 08006.
             let mut e = Vec::new();
-            be::error_response(
-                &mut e,
-                Severity::Fatal,
-                "08006",
-                "server connection lost: the backend serving this session terminated",
-            );
+            if !self.told_fatal.get() {
+                be::error_response(
+                    &mut e,
+                    Severity::Fatal,
+                    "08006",
+                    "server connection lost: the backend serving this session terminated",
+                );
+            }
             self.send_closed(&e);
         }
         self.dead.set(true);
@@ -348,6 +412,9 @@ impl Session {
 /// The session as its backend's response stream sees it (responses.rs).
 impl Owner for Session {
     fn forward(&self, msg: &[u8]) {
+        if msg.first() == Some(&be::ERROR_RESPONSE) && is_fatal(msg) {
+            self.told_fatal.set(true);
+        }
         self.out.borrow_mut().extend_from_slice(msg);
     }
 
@@ -445,9 +512,35 @@ impl Owner for Session {
             .or_insert(stmt);
     }
 
-    fn statement_stale(&self, client_name: &[u8]) {
+    fn statement_shape(&self, client_name: &[u8], shape: Option<Box<[u8]>>, check: bool) {
+        let mut parsed = self.parsed.borrow_mut();
+        let Some(p) = parsed.iter_mut().find(|p| &p.name[..] == client_name) else {
+            return;
+        };
+        match (&p.shape, check) {
+            (None, false) => p.shape = shape,
+            // A copy made after a change the client's statement predates: Postgres would
+            // refuse the client's plan (0A000), so do we (`stale_plans`).
+            (Some(was), true) if shape.as_ref() != Some(was) => {
+                drop(parsed);
+                self.mark_stale(client_name);
+            }
+            _ => {}
+        }
+    }
+
+    fn statement_stale(&self, client_name: &[u8], made: Option<u64>) {
         if let Some(stmt) = self.statements.borrow().get(client_name) {
             stmt.validated.set(false);
+            let parsed = self.parsed.borrow();
+            let at = parsed.iter().find(|p| &p.name[..] == client_name);
+            if !matches!((made, at), (Some(m), Some(p)) if m > p.at) {
+                return;
+            }
+            let mut stale = self.stale_plans.borrow_mut();
+            if !stale.iter().any(|n| n == client_name) {
+                stale.push(client_name.to_vec());
+            }
         }
     }
 
@@ -775,6 +868,7 @@ fn answer_locally(core: &Rc<Core>, s: &Rc<Session>, msgs: &[u8]) -> bool {
     for (tag, name, stmt) in plan {
         match (tag, stmt) {
             (fe::PARSE, Some(stmt)) => {
+                s.prepared_anew(&name);
                 s.statements.borrow_mut().insert(name, stmt);
                 be::parse_complete(&mut out);
             }
@@ -951,7 +1045,21 @@ async fn write_batch(
         if b.skipping() && tag != fe::SYNC {
             b.send(msg, None);
         } else {
-            write_message(core, s, &b, tag, msg, offset)?;
+            if tag == fe::BIND {
+                if let Some(done) = check_shape(core, s, &b, msg) {
+                    // One round trip, once per statement and backend, for statements whose
+                    // shape is known: bounded, as a lost backend answers it too.
+                    s.flush();
+                    let _ =
+                        crate::with_timeout(std::time::Duration::from_secs(30), done.take()).await;
+                }
+            }
+            if b.skipping() && tag != fe::SYNC {
+                // The copy could not be made (its Parse failed): Postgres skips to Sync.
+                b.send(msg, None);
+            } else {
+                write_message(core, s, &b, tag, msg, offset)?;
+            }
         }
         b.drain_synth();
         if b.out.is_full() {
@@ -1019,6 +1127,7 @@ fn write_message(
                 return Ok(());
             }
             let stmt = core.statement(p.query, p.param_types);
+            s.prepared_anew(p.name);
             s.statements
                 .borrow_mut()
                 .insert(p.name.to_vec(), stmt.clone());
@@ -1037,6 +1146,17 @@ fn write_message(
                         client_name: Some(p.name.to_vec()),
                     }),
                 );
+                // The result shape the client prepared it with (answer dropped): a copy of it
+                // made later on another backend must have the same (`check_shape`).
+                let mut d = Vec::with_capacity(stmt.content.len() + 7);
+                fe::write_target(&mut d, fe::DESCRIBE, b'S', &stmt.content);
+                b.send(
+                    &d,
+                    Some(Entry::Shape {
+                        client_name: Rc::from(p.name),
+                        check: None,
+                    }),
+                );
             }
         }
         fe::BIND => {
@@ -1044,6 +1164,20 @@ fn write_message(
             let Ok((portal, name, rest)) = fe::parse_bind(body) else {
                 return malformed(Kind::Bind);
             };
+            // (A name closed since is no statement at all: Postgres's 26000 for it stands.)
+            if !name.is_empty()
+                && s.stale_plans.borrow().iter().any(|n| n == name)
+                && s.statements.borrow().contains_key(name)
+            {
+                // Its plan changed result type: a Bind of a name no backend has, whose error
+                // responses.rs turns into Postgres's 0A000. Postgres answers it in order and
+                // skips to Sync (or says 25P02 in a failed transaction), as it would directly.
+                let mut m = Vec::with_capacity(msg.len() + 16);
+                fe::write_bind(&mut m, portal, responses::STALE_PLAN, rest);
+                let stale: Rc<[u8]> = Rc::from(responses::STALE_PLAN);
+                b.send(&m, Some(Entry::Renamed(Kind::Bind, stale, Rc::from(name))));
+                return Ok(());
+            }
             match statement_for(s, b, name, core.live().max_prepared_statements) {
                 Some(content) => {
                     let mut m = Vec::with_capacity(msg.len() + 32);
@@ -1137,6 +1271,47 @@ fn write_message(
 
 /// The backend name for a client's statement, preparing it there first if needed. `None`: not
 /// one of ours (unknown name, passed through so Postgres reports it) or the unnamed statement.
+/// Before a client's `Bind` of a statement this backend has no copy of, whose result shape as
+/// the client prepared it is known: the copy is made here and described, and the waiter told
+/// when the answer is in (`Session::statement_shape` marks the statement stale if the shape
+/// differs: the schema changed since the client prepared it, and Postgres would say 0A000).
+fn check_shape(core: &Rc<Core>, s: &Rc<Session>, b: &Rc<Backend>, msg: &[u8]) -> Option<Done> {
+    let (_, name, _) = fe::parse_bind(&msg[5..]).ok()?;
+    if name.is_empty()
+        || s.skip_until_sync.get()
+        || s.stale_plans.borrow().iter().any(|n| n == name)
+    {
+        return None;
+    }
+    if !s
+        .parsed
+        .borrow()
+        .iter()
+        .any(|p| &p.name[..] == name && p.shape.is_some())
+    {
+        return None;
+    }
+    let stmt = s.statements.borrow().get(name).cloned()?;
+    if stmt.sql.is_some() || b.st.borrow().prepared.contains(&stmt.content) {
+        return None;
+    }
+    ensure(b, &stmt, core.live().max_prepared_statements, true);
+    let done: Done = Rc::new(Slot::default());
+    let mut m = Vec::with_capacity(stmt.content.len() + 12);
+    fe::write_target(&mut m, fe::DESCRIBE, b'S', &stmt.content);
+    b.send(
+        &m,
+        Some(Entry::Shape {
+            client_name: Rc::from(name),
+            check: Some(done.clone()),
+        }),
+    );
+    m.clear();
+    shared::protocol::put_message(&mut m, fe::FLUSH, |_| {});
+    b.send(&m, None);
+    Some(done)
+}
+
 fn statement_for(s: &Rc<Session>, b: &Rc<Backend>, name: &[u8], limit: usize) -> Option<Rc<[u8]>> {
     if name.is_empty() {
         let unnamed = s.unnamed.borrow().clone();
@@ -1163,6 +1338,25 @@ fn statement_for(s: &Rc<Session>, b: &Rc<Backend>, name: &[u8], limit: usize) ->
     let stmt = s.statements.borrow().get(name).cloned()?;
     ensure(b, &stmt, limit, true);
     Some(stmt.content.clone())
+}
+
+/// An `ErrorResponse` of severity FATAL or PANIC (the backend ends after it).
+fn is_fatal(msg: &[u8]) -> bool {
+    be::error_fields(msg.get(5..).unwrap_or_default()).is_ok_and(|fields| {
+        fields
+            .iter()
+            .any(|&(f, v)| (f == b'V' || f == b'S') && (v == b"FATAL" || v == b"PANIC"))
+    })
+}
+
+/// Statement names whose preparation time a session keeps (`Session::parsed`).
+const PARSED_KEPT: usize = 256;
+
+/// A statement name the client prepared: when (`statements::clock`), and its result shape then.
+struct Parsed {
+    name: Box<[u8]>,
+    at: u64,
+    shape: Option<Box<[u8]>>,
 }
 
 fn fatal(code: &str, msg: &str) -> Vec<u8> {

@@ -16,8 +16,24 @@ pub type Statements = RefCell<HashMap<Vec<u8>, Rc<Stmt>>>;
 /// one would pass the limit.
 #[derive(Default)]
 pub struct Prepared {
-    used: HashMap<Rc<[u8]>, u64>,
+    /// (last use, by `tick`; when the backend made it, by [`clock`]).
+    used: HashMap<Rc<[u8]>, (u64, u64)>,
     tick: u64,
+}
+
+thread_local! {
+    static CLOCK: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// The order of statement events on this core (one thread): when a backend made its copy of a
+/// statement, when a client prepared one. A copy made before the client prepared its statement
+/// may have been stale from the start; one made after can only go stale by a later change.
+pub fn clock() -> u64 {
+    CLOCK.with(|c| {
+        let t = c.get() + 1;
+        c.set(t);
+        t
+    })
 }
 
 impl Prepared {
@@ -26,7 +42,7 @@ impl Prepared {
         self.tick += 1;
         match self.used.get_mut(name) {
             Some(t) => {
-                *t = self.tick;
+                t.0 = self.tick;
                 true
             }
             None => false,
@@ -35,7 +51,16 @@ impl Prepared {
 
     pub fn insert(&mut self, name: Rc<[u8]>) {
         self.tick += 1;
-        self.used.insert(name, self.tick);
+        let tick = self.tick;
+        self.used
+            .entry(name)
+            .and_modify(|t| t.0 = tick)
+            .or_insert_with(|| (tick, clock()));
+    }
+
+    /// When this backend made its copy ([`clock`]).
+    pub fn made(&self, name: &[u8]) -> Option<u64> {
+        self.used.get(name).map(|t| t.1)
     }
 
     pub fn remove(&mut self, name: &[u8]) {
@@ -59,9 +84,35 @@ impl Prepared {
         self.used
             .iter()
             .filter(|(n, _)| &***n != keep)
-            .min_by_key(|(_, t)| **t)
+            .min_by_key(|(_, t)| t.0)
             .map(|(n, _)| n.clone())
     }
+}
+
+/// What Postgres compares when it checks a prepared statement's result type
+/// (`equalTupleDescs` in `RevalidateCachedQuery`): per column its name, type and modifier, from
+/// a `RowDescription` (its origin table and column are not compared); `NoData` is no column.
+/// `None` for another message.
+pub fn result_shape(msg: &[u8]) -> Option<Box<[u8]>> {
+    match *msg.first()? {
+        be::NO_DATA => return Some(Box::default()),
+        be::ROW_DESCRIPTION => {}
+        _ => return None,
+    }
+    let body = msg.get(5..)?;
+    let n = u16::from_be_bytes([*body.first()?, *body.get(1)?]) as usize;
+    let mut out = Vec::with_capacity(n * 24);
+    let mut pos = 2;
+    for _ in 0..n {
+        let end = pos + body.get(pos..)?.iter().position(|&c| c == 0)?;
+        // name NUL, table oid (4), column (2), type oid (4), size (2), modifier (4), format (2)
+        let field = body.get(end + 1..end + 19)?;
+        out.extend_from_slice(&body[pos..=end]);
+        out.extend_from_slice(&field[6..10]);
+        out.extend_from_slice(&field[12..16]);
+        pos = end + 19;
+    }
+    Some(out.into_boxed_slice())
 }
 
 /// A prepared statement, named on backends by its content: made by a protocol-level `Parse` or
@@ -261,5 +312,55 @@ mod tests {
         assert_eq!(&fixed[12..18], &[0, 0, 0x2f, 0x3f, 0, 1]);
         assert_eq!(&fixed[37..], &rd[37..]);
         assert!(fix_origins(&rd[..rd.len() - 3], 1).is_none());
+    }
+
+    #[test]
+    fn a_copy_knows_when_it_was_made_and_use_does_not_change_it() {
+        let mut p = Prepared::default();
+        let (a, b): (Rc<[u8]>, Rc<[u8]>) = (Rc::from(&b"tp_a"[..]), Rc::from(&b"tp_b"[..]));
+        p.insert(a.clone());
+        let client_prepared = clock();
+        p.insert(b.clone());
+        let (made_a, made_b) = (p.made(&a).unwrap(), p.made(&b).unwrap());
+        assert!(made_a < client_prepared && client_prepared < made_b);
+        assert!(p.touch(&a));
+        p.insert(a.clone());
+        assert_eq!(p.made(&a), Some(made_a));
+        // Least recently used is still by use: b now.
+        assert_eq!(p.over(1, b"tp_a").as_deref(), Some(&b"tp_b"[..]));
+        p.remove(&b);
+        assert_eq!(p.made(&b), None);
+    }
+
+    #[test]
+    fn a_result_shape_is_names_types_and_modifiers() {
+        let rd = |cols: &[(&[u8], u32, u32, i32)]| {
+            let mut m = Vec::new();
+            put_message(&mut m, be::ROW_DESCRIPTION, |b| {
+                b.extend_from_slice(&(cols.len() as i16).to_be_bytes());
+                for &(name, table, ty, typmod) in cols {
+                    put_cstr(b, name);
+                    b.extend_from_slice(&table.to_be_bytes());
+                    b.extend_from_slice(&1i16.to_be_bytes());
+                    b.extend_from_slice(&ty.to_be_bytes());
+                    b.extend_from_slice(&4i16.to_be_bytes());
+                    b.extend_from_slice(&typmod.to_be_bytes());
+                    b.extend_from_slice(&0i16.to_be_bytes());
+                }
+            });
+            result_shape(&m).unwrap()
+        };
+        let a = rd(&[(b"a", 100, 23, -1)]);
+        // Another table of the same shape: the same result type, as Postgres compares.
+        assert_eq!(a, rd(&[(b"a", 200, 23, -1)]));
+        assert_ne!(a, rd(&[(b"a", 100, 20, -1)]));
+        assert_ne!(a, rd(&[(b"b", 100, 23, -1)]));
+        assert_ne!(a, rd(&[(b"a", 100, 23, -1), (b"b", 100, 25, -1)]));
+        assert_ne!(rd(&[(b"v", 1, 1043, 14)]), rd(&[(b"v", 1, 1043, 24)]));
+        let mut no_data = Vec::new();
+        put_message(&mut no_data, be::NO_DATA, |_| {});
+        assert_eq!(result_shape(&no_data).as_deref(), Some(&[][..]));
+        assert_eq!(result_shape(b"Z\0\0\0\x05I"), None);
+        assert_eq!(result_shape(&[b'T', 0, 0, 0, 8, 0, 1, b'a']), None);
     }
 }

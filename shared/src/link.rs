@@ -34,7 +34,9 @@ pub mod up {
     pub const MSGS: u8 = 4;
     /// The client went away.
     pub const CLOSE: u8 = 5;
-    /// `i32 pid`, `i32 secret` (the keys the gateway gave its client).
+    /// `i32 pid`, `i32 secret` (the keys the gateway gave its client): cancel that session's
+    /// query. With a further `u8 1`: end that session as `pg_terminate_backend` does (FATAL
+    /// 57P01), for a client that signalled the session's pid.
     pub const CANCEL: u8 = 6;
     /// `u32 bytes` the gateway has written to the client: flow control.
     pub const CREDIT: u8 = 7;

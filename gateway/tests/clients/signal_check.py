@@ -1,0 +1,155 @@
+"""pg_cancel_backend / pg_terminate_backend of a session's pid as its client knows it
+(conn.info.backend_pid, from BackendKeyData), and a session ended by the server (issue 11,
+points 1 and 2): psycopg 3, a parameter and a constant pid, a query cancelled, idle and busy
+sessions terminated, a pid that is nobody's. Prints one "name: ok <what happened>" line per
+check; the lines must be the same directly and through Tidepool.
+Usage: signal_check.py URL"""
+
+import sys
+import threading
+import time
+
+import psycopg
+
+
+def report(name, what):
+    print(f"{name}: ok {what}", flush=True)
+
+
+def error(e):
+    diag = e.diag
+    return f"{type(e).__name__} {e.sqlstate} {diag.severity_nonlocalized} {diag.message_primary}"
+
+
+def run_in_thread(conn, sql):
+    """Runs sql on conn in a thread; returns a function giving what happened."""
+    box = {}
+
+    def body():
+        try:
+            conn.execute(sql)
+            box["r"] = "no error"
+        except psycopg.Error as e:
+            box["r"] = error(e)
+
+    t = threading.Thread(target=body)
+    t.start()
+
+    def result():
+        t.join(30)
+        return box.get("r", "still running")
+
+    return result
+
+
+def wait_running(observer, pid_of_victim_query, deadline=10):
+    """Waits until a pg_sleep is running (seen in pg_stat_activity by its text)."""
+    end = time.time() + deadline
+    while time.time() < end:
+        (n,) = observer.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = %s",
+            (pid_of_victim_query,),
+        ).fetchone()
+        if n:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def next_statement(conn):
+    """What the next statement of a (possibly terminated) session sees, and whether the
+    connection is closed after it."""
+    try:
+        (v,) = conn.execute("SELECT 1").fetchone()
+        what = f"answered {v}"
+    except psycopg.Error as e:
+        what = error(e)
+    return f"{what}; closed={conn.closed}"
+
+
+url = sys.argv[1]
+killer = psycopg.connect(url, autocommit=True)
+notices = []
+killer.add_notice_handler(
+    lambda d: notices.append(f"{d.severity_nonlocalized} {d.sqlstate} {d.message_primary}")
+)
+
+for how in ["parameter", "constant"]:
+    # Cancel a running query.
+    victim = psycopg.connect(url, autocommit=True)
+    pid = victim.info.backend_pid
+    sleep = f"SELECT pg_sleep(20) -- cancel {how}"
+    result = run_in_thread(victim, sleep)
+    report(f"cancel {how}: query running", wait_running(killer, sleep))
+    if how == "parameter":
+        (r,) = killer.execute("SELECT pg_cancel_backend(%s)", (pid,)).fetchone()
+    else:
+        (r,) = killer.execute(f"SELECT pg_cancel_backend({pid})").fetchone()
+    report(f"cancel {how}: answer", r)
+    report(f"cancel {how}: the victim's query", result())
+    report(f"cancel {how}: the victim goes on", next_statement(victim))
+
+    # Terminate an idle session.
+    if how == "parameter":
+        cur = killer.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    else:
+        cur = killer.execute(f"SELECT pg_catalog.pg_terminate_backend({pid}) AS t")
+    report(f"terminate idle {how}: answer", (cur.description[0].name, cur.fetchone()[0]))
+    time.sleep(0.5)
+    report(f"terminate idle {how}: the victim", next_statement(victim))
+    victim.close()
+
+    # Terminate a session running a query, in a transaction.
+    victim = psycopg.connect(url, autocommit=True)
+    pid = victim.info.backend_pid
+    sleep = f"SELECT pg_sleep(20) -- terminate {how}"
+    victim.execute("BEGIN")
+    result = run_in_thread(victim, sleep)
+    report(f"terminate busy {how}: query running", wait_running(killer, sleep))
+    if how == "parameter":
+        (r,) = killer.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()
+    else:
+        (r,) = killer.execute(f"SELECT pg_terminate_backend({pid})").fetchone()
+    report(f"terminate busy {how}: answer", r)
+    report(f"terminate busy {how}: the victim's query", result())
+    report(f"terminate busy {how}: closed", victim.closed)
+    victim.close()
+
+# A pid that is no session and no backend: Postgres's false and warning.
+notices.clear()
+(r,) = killer.execute("SELECT pg_terminate_backend(2000000000)").fetchone()
+report("nobody's pid: answer", r)
+report("nobody's pid: notices", notices)
+notices.clear()
+(r,) = killer.execute("SELECT pg_cancel_backend(%s)", (2000000001,)).fetchone()
+report("nobody's pid, parameter: answer", r)
+report("nobody's pid, parameter: notices", notices)
+
+# In a failed transaction the call is refused, and nothing is signalled.
+victim = psycopg.connect(url, autocommit=True)
+pid = victim.info.backend_pid
+killer.execute("BEGIN")
+try:
+    killer.execute("SELECT 1/0")
+except psycopg.Error as e:
+    report("failed transaction: first error", error(e))
+try:
+    killer.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    report("failed transaction: the call", "no error")
+except psycopg.Error as e:
+    report("failed transaction: the call", error(e))
+killer.execute("ROLLBACK")
+time.sleep(0.3)
+report("failed transaction: the victim", next_statement(victim))
+victim.close()
+
+# A session terminating itself by its own pid.
+(r,) = killer.execute("SELECT 1").fetchone()
+own = killer.info.backend_pid
+try:
+    killer.execute("SELECT pg_terminate_backend(%s)", (own,))
+    time.sleep(0.5)
+    report("own pid", next_statement(killer))
+except psycopg.Error as e:
+    report("own pid", f"{error(e)}; closed={killer.closed}")
+killer.close()
