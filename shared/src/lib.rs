@@ -7,5 +7,6 @@ pub mod lifecycle;
 pub mod link;
 pub mod logging;
 pub mod protocol;
+pub mod role;
 pub mod settings;
 pub mod sql;
