@@ -286,14 +286,23 @@ impl Core {
 }
 
 /// Counts a client (in the process and on its core) for as long as it lives.
-pub struct ClientSlot(Arc<AtomicUsize>, Rc<Cell<usize>>);
+pub struct ClientSlot(
+    Arc<AtomicUsize>,
+    Rc<Cell<usize>>,
+    Option<crate::access::Admitted>,
+);
 
 impl ClientSlot {
     pub fn take(core: &Core) -> Option<ClientSlot> {
         let prev = core.clients.fetch_add(1, Ordering::Relaxed);
         core.local_clients.set(core.local_clients.get() + 1);
-        let slot = ClientSlot(core.clients.clone(), core.local_clients.clone());
+        let slot = ClientSlot(core.clients.clone(), core.local_clients.clone(), None);
         (prev < core.cfg().max_clients).then_some(slot)
+    }
+
+    /// The client logged in: counted for its role and database (`access`) while it lives.
+    pub fn admit(&mut self, admitted: crate::access::Admitted) {
+        self.2 = Some(admitted);
     }
 }
 

@@ -9,6 +9,7 @@ use crate::core::{ClientSlot, Core};
 use crate::identity;
 use crate::session_io::{self, SessionIo};
 use crate::statement_names::{self, Found};
+use tidepool_gateway::hba::Transport;
 use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 use shared::io::{MessageReader, RcStream};
@@ -121,6 +122,13 @@ pub async fn serve_tcp(core: Rc<Core>, mut stream: TcpStream, read_only: bool) {
     // the client sends (Postgres: authentication_timeout).
     let deadline = Instant::now() + Duration::from_secs(core.cfg().auth_timeout_seconds);
     let mut reader = MessageReader::new(IDLE_READ_BUFFER);
+    let Ok(peer) = stream.peer_addr() else {
+        return;
+    };
+    let tcp = |tls| Transport::Tcp {
+        addr: peer.ip().to_canonical(),
+        tls,
+    };
     // SSL or GSS negotiation first, on the plain socket.
     loop {
         let first =
@@ -144,7 +152,9 @@ pub async fn serve_tcp(core: Rc<Core>, mut stream: TcpStream, read_only: bool) {
                     }
                     match crate::with_timeout(left(deadline), acceptor.accept(stream)).await {
                         Some(Ok(tls)) => {
-                            return serve(core, tls, reader, None, slot, deadline, read_only).await
+                            let how = tcp(true);
+                            return serve(core, tls, reader, None, slot, deadline, read_only, how)
+                                .await;
                         }
                         _ => return,
                     }
@@ -159,7 +169,9 @@ pub async fn serve_tcp(core: Rc<Core>, mut stream: TcpStream, read_only: bool) {
                 }
             }
             Some(Ok(Some(other))) => {
-                return serve(core, stream, reader, Some(other), slot, deadline, read_only).await
+                let how = tcp(false);
+                return serve(core, stream, reader, Some(other), slot, deadline, read_only, how)
+                    .await;
             }
             Some(Err(ProtocolError::UnsupportedVersion { major, .. })) if major < 3 => return,
             Some(Err(e)) => {
@@ -179,7 +191,17 @@ pub async fn serve_unix(core: Rc<Core>, stream: glommio::net::UnixStream) {
     };
     let deadline = Instant::now() + Duration::from_secs(core.cfg().auth_timeout_seconds);
     let reader = MessageReader::new(IDLE_READ_BUFFER);
-    serve(core, stream, reader, None, slot, deadline, false).await
+    serve(
+        core,
+        stream,
+        reader,
+        None,
+        slot,
+        deadline,
+        false,
+        Transport::Local,
+    )
+    .await
 }
 
 /// TCP keepalive, so a client that vanished without a FIN (power loss, a cut cable, a NAT that
@@ -197,14 +219,16 @@ fn keepalive(stream: &TcpStream) {
 }
 
 /// Everything after transport negotiation.
+#[allow(clippy::too_many_arguments)]
 async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     core: Rc<Core>,
     mut stream: S,
     mut reader: MessageReader,
     first: Option<Startup>,
-    slot: ClientSlot,
+    mut slot: ClientSlot,
     deadline: Instant,
     read_only: bool,
+    transport: Transport,
 ) {
     let mut next = first;
     let params = loop {
@@ -306,11 +330,18 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     io.read_only.set(read_only);
     link.register(id, io.clone());
     let login = crate::with_timeout(left(deadline), async {
-        let credential =
-            auth::authenticate(&core, &mut stream, &mut reader, &io, &link, id, &user).await?;
+        let client = auth::Client {
+            user: &user,
+            database: &database,
+            transport,
+        };
+        let (credential, role) =
+            auth::authenticate(&core, &mut stream, &mut reader, &io, &link, id, &client).await?;
         let mut ok = Vec::new();
         be::auth_ok(&mut ok);
         stream.write_all(&ok).await.map_err(|_| Refusal::Gone)?;
+        // As Postgres: authenticated (AuthenticationOk sent), then the role and database checks.
+        let admitted = crate::access::admit(&core.cfg(), &user, &database, &role)?;
         let pid = (rand::random::<u32>() >> 1) as i32;
         let secret = rand::random::<i32>();
         let open = Open {
@@ -331,7 +362,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                 be::backend_key_data(&mut out, pid, secret);
                 be::ready_for_query(&mut out, b'I');
                 stream.write_all(&out).await.map_err(|_| Refusal::Gone)?;
-                Ok(open)
+                Ok((open, admitted))
             }
             down::OPEN_FAILED => Err(Refusal::Fatal(reply)),
             _ => Err(auth::fatal("08006", "the pooler closed the session")),
@@ -339,7 +370,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     })
     .await;
     let mut open = match login {
-        Some(Ok(open)) => open,
+        Some(Ok((open, admitted))) => {
+            slot.admit(admitted);
+            open
+        }
         Some(Err(Refusal::Fatal(e))) => {
             link.unregister(id);
             link.send(up::CLOSE, id, &[]);
