@@ -191,8 +191,21 @@ async fn the_same_refusals_as_postgres() {
             };
             assert_eq!(got.1, expected, "{other}");
             held.terminate().await;
-            // Postgres (and the gateway) count a session until its process is gone.
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            // Postgres counts a session until its process is gone (the pooler's backend would
+            // be refused while the direct one lingers); the gateway until its task ends.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while pg
+                .psql_admin(&format!(
+                    "SELECT count(*) FROM pg_stat_activity WHERE usename = '{user}' AND datname = '{db}'"
+                ))
+                .trim()
+                != "0"
+                && ep.port == direct.port
+            {
+                assert!(Instant::now() < deadline, "{user}@{db} still connected");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
         }
         // Once the holder left, the next one gets in (the count went down).
         logs_in(&through, user, pw, db).await.terminate().await;

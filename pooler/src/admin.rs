@@ -68,8 +68,9 @@ pub struct Admin {
     conn: RefCell<Option<(UnixStream, MessageReader)>>,
     busy: Cell<bool>,
     free: Notify,
-    /// By lookup key (`user` NUL `database`, see [`key`]).
-    cache: RefCell<HashMap<String, (Instant, RoleInfo)>>,
+    /// By lookup key (`user` NUL `database`, see [`key`]), with when it was read and the
+    /// role settings generation then (an `ALTER ROLE|DATABASE` seen here makes it stale).
+    cache: RefCell<HashMap<String, (Instant, u64, RoleInfo)>>,
     /// Role names found absent, and when.
     absent: RefCell<HashMap<String, Instant>>,
     /// Lookups waiting for a query, in arrival order (first come, first asked), by key: each
@@ -282,8 +283,9 @@ impl Admin {
     /// role within `auth_negative_cache_ms` (whatever the database).
     fn cached(&self, key: &str) -> Option<RoleInfo> {
         let ttl = Duration::from_secs(self.cfg.auth_cache_seconds);
-        if let Some((at, v)) = self.cache.borrow().get(key) {
-            if at.elapsed() < ttl {
+        let generation = ROLE_SETTINGS_GENERATION.load(Ordering::Relaxed);
+        if let Some((at, g, v)) = self.cache.borrow().get(key) {
+            if at.elapsed() < ttl && *g == generation {
                 return Some(v.clone());
             }
         }
@@ -321,19 +323,20 @@ impl Admin {
         let _turn = Turn::take(self);
         let mut batch = Unanswered(self, taken);
         let keys: Vec<&str> = batch.1.iter().map(|(n, _)| n.as_str()).collect();
+        let generation = ROLE_SETTINGS_GENERATION.load(Ordering::Relaxed);
         let result = self.lookup_uncached(&keys).await;
         let now = Instant::now();
         for (name, answers) in std::mem::take(&mut batch.1) {
             let r = match &result {
                 Ok(found) => {
                     let v = found.get(&name).cloned().unwrap_or_default();
-                    if v.exists {
+                    if admissible(&v) {
                         let mut c = self.cache.borrow_mut();
                         if c.len() >= MAX_CACHED {
                             c.clear();
                         }
-                        c.insert(name.clone(), (now, v.clone()));
-                    } else if self.cfg.auth_negative_cache_ms > 0 {
+                        c.insert(name.clone(), (now, generation, v.clone()));
+                    } else if !v.exists && self.cfg.auth_negative_cache_ms > 0 {
                         let mut a = self.absent.borrow_mut();
                         if a.len() >= MAX_CACHED {
                             a.clear();
@@ -371,7 +374,8 @@ impl Admin {
                   SELECT am.roleid FROM pg_catalog.pg_auth_members am JOIN m ON am.member = m.id) \
                 SELECT pg_catalog.string_agg(pg_catalog.octet_length(r.rolname) || ':' || r.rolname, '') \
                 FROM m JOIN pg_catalog.pg_authid r ON r.oid = m.id) \
-             FROM pg_catalog.unnest(ARRAY[{}]::text[], ARRAY[{}]::text[]) AS q(u, d) \
+             FROM ROWS FROM (pg_catalog.unnest(ARRAY[{}]::text[]), \
+               pg_catalog.unnest(ARRAY[{}]::text[])) AS q(u, d) \
              JOIN pg_catalog.pg_authid a ON a.rolname = q.u \
              LEFT JOIN pg_catalog.pg_database d ON d.datname = q.d",
             users.join(", "),
@@ -523,6 +527,19 @@ impl Drop for Waiter<'_> {
     fn drop(&mut self) {
         self.0.waiters.set(self.0.waiters.get().saturating_sub(1));
     }
+}
+
+/// Only answers that let the client in are cached: a refusal (no such database yet, NOLOGIN,
+/// no CONNECT) is asked again at the next login, so a `CREATE DATABASE` or a `GRANT` takes
+/// effect at once; a revocation within `auth_cache_seconds` (at once when this pooler saw the
+/// `ALTER ROLE|DATABASE`).
+fn admissible(v: &RoleInfo) -> bool {
+    v.exists
+        && v.can_login
+        && v
+            .database
+            .as_ref()
+            .is_some_and(|d| d.allow_connections && d.connect)
 }
 
 /// A lookup's key: `user` NUL `database` (neither holds a NUL: Postgres names cannot).
