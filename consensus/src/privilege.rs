@@ -121,7 +121,12 @@ fn gateway_account() -> Result<Account> {
 
 /// `DIR/keys/NAME`: a copy of `master` for `account` (mode 600, owned by it; by the caller
 /// when `None`), rewritten when its content differs. Returns its path.
-pub fn key_copy(master: &Path, keys_dir: &Path, name: &str, account: Option<&Account>) -> Result<PathBuf> {
+pub fn key_copy(
+    master: &Path,
+    keys_dir: &Path,
+    name: &str,
+    account: Option<&Account>,
+) -> Result<PathBuf> {
     std::fs::create_dir_all(keys_dir)
         .map_err(Error::io(format!("creating {}", keys_dir.display())))?;
     // Searchable by the accounts, listable by none of them.
@@ -148,8 +153,11 @@ pub fn key_copy(master: &Path, keys_dir: &Path, name: &str, account: Option<&Acc
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .map_err(Error::io(format!("chmod {}", path.display())))?;
     if let Some(a) = account {
-        std::os::unix::fs::chown(&path, Some(a.uid), Some(a.gid))
-            .map_err(Error::io(format!("chown {} {}", a.name, path.display())))?;
+        std::os::unix::fs::chown(&path, Some(a.uid), Some(a.gid)).map_err(Error::io(format!(
+            "chown {} {}",
+            a.name,
+            path.display()
+        )))?;
     }
     Ok(path)
 }

@@ -80,7 +80,10 @@ pub fn spawn_detached_as(
     }
     if let Some(a) = account {
         // std drops the supplementary groups (setgroups(0)) before setuid when run as root.
-        cmd.uid(a.uid).gid(a.gid).env("USER", &a.name).env("HOME", "/");
+        cmd.uid(a.uid)
+            .gid(a.gid)
+            .env("USER", &a.name)
+            .env("HOME", "/");
     }
     cmd.spawn()
         .map_err(Error::io(format!("starting {}", program.display())))

@@ -213,7 +213,11 @@ fn up_psql_status_down() {
             // Real, effective, saved and filesystem ids.
             assert_eq!(field("Uid:"), vec![uid; 4], "{process} runs as {user}");
             assert_eq!(field("Gid:"), vec![gid; 4], "{process}'s group");
-            assert_eq!(field("Groups:"), Vec::<u32>::new(), "{process}: no other groups");
+            assert_eq!(
+                field("Groups:"),
+                Vec::<u32>::new(),
+                "{process}: no other groups"
+            );
             let meta = std::fs::metadata(&copy).unwrap();
             assert_eq!(
                 (meta.mode() & 0o777, meta.uid()),

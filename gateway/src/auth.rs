@@ -4,8 +4,6 @@
 //! anywhere in Tidepool.
 
 use crate::config::AuthMethod;
-use tidepool_gateway::hba::{Login, Method, Transport};
-use shared::role::RoleInfo;
 use crate::core::Core;
 use crate::link::Link;
 use crate::session_io::SessionIo;
@@ -16,6 +14,8 @@ use shared::link::{down, up, Credential};
 use shared::protocol::backend::{self as be, Severity};
 use shared::protocol::frontend::{self as fe, parse_sasl_initial};
 use shared::protocol::typed_message_len;
+use shared::role::RoleInfo;
+use tidepool_gateway::hba::{Login, Method, Transport};
 
 /// How a login ended early.
 pub enum Refusal {

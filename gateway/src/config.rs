@@ -277,10 +277,7 @@ impl Config {
             auth_method,
             hba_file,
             hba,
-            max_user_clients: args
-                .max_user_clients
-                .or(file.max_user_clients)
-                .unwrap_or(0),
+            max_user_clients: args.max_user_clients.or(file.max_user_clients).unwrap_or(0),
             max_db_clients: args.max_db_clients.or(file.max_db_clients).unwrap_or(0),
             tls_cert,
             tls_key,
@@ -345,7 +342,11 @@ impl Config {
                 s(&new.max_standby_lag_bytes),
             ),
             ("auth_method", s(&self.auth_method), s(&new.auth_method)),
-            ("hba_file", s(&(&self.hba_file, &self.hba)), s(&(&new.hba_file, &new.hba))),
+            (
+                "hba_file",
+                s(&(&self.hba_file, &self.hba)),
+                s(&(&new.hba_file, &new.hba)),
+            ),
             (
                 "max_user_clients",
                 s(&self.max_user_clients),

@@ -28,7 +28,10 @@ use std::path::Path;
 pub enum Transport {
     /// The gateway's Unix socket.
     Local,
-    Tcp { addr: IpAddr, tls: bool },
+    Tcp {
+        addr: IpAddr,
+        tls: bool,
+    },
 }
 
 impl Transport {
@@ -125,8 +128,8 @@ pub struct Login<'a> {
 
 impl Rules {
     pub fn load(path: &Path) -> Result<Rules, String> {
-        let text =
-            std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))?;
         Rules::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
@@ -280,7 +283,9 @@ fn fields(line: &str) -> Result<Vec<Field>, String> {
 fn rule(line: usize, fields: Vec<Field>) -> Result<Rule, String> {
     let mut it = fields.into_iter();
     let mut single = |what: &str| -> Result<(String, bool), String> {
-        let f = it.next().ok_or(format!("end of line before the {what} field"))?;
+        let f = it
+            .next()
+            .ok_or(format!("end of line before the {what} field"))?;
         match <[(String, bool); 1]>::try_from(f) {
             Ok([one]) => Ok(one),
             Err(_) => Err(format!("the {what} field takes one value, not a list")),
@@ -299,7 +304,9 @@ fn rule(line: usize, fields: Vec<Field>) -> Result<Rule, String> {
     let rest: Vec<Field> = it.collect();
     let mut rest = rest.into_iter();
     let mut take = |what: &str| -> Result<String, String> {
-        let f = rest.next().ok_or(format!("end of line before the {what} field"))?;
+        let f = rest
+            .next()
+            .ok_or(format!("end of line before the {what} field"))?;
         match <[(String, bool); 1]>::try_from(f) {
             Ok([(v, _)]) => Ok(v),
             Err(_) => Err(format!("the {what} field takes one value, not a list")),
@@ -316,9 +323,9 @@ fn rule(line: usize, fields: Vec<Field>) -> Result<Rule, String> {
             }
             _ => match a.split_once('/') {
                 Some((ip, len)) => {
-                    let addr: IpAddr = ip
-                        .parse()
-                        .map_err(|_| format!("invalid IP address {ip:?} (host names are not supported)"))?;
+                    let addr: IpAddr = ip.parse().map_err(|_| {
+                        format!("invalid IP address {ip:?} (host names are not supported)")
+                    })?;
                     let max = if addr.is_ipv4() { 32 } else { 128 };
                     let prefix = len
                         .parse::<u8>()
@@ -328,9 +335,9 @@ fn rule(line: usize, fields: Vec<Field>) -> Result<Rule, String> {
                     Address::Net { addr, prefix }
                 }
                 None => {
-                    let addr: IpAddr = a
-                        .parse()
-                        .map_err(|_| format!("invalid IP address {a:?} (host names are not supported)"))?;
+                    let addr: IpAddr = a.parse().map_err(|_| {
+                        format!("invalid IP address {a:?} (host names are not supported)")
+                    })?;
                     let mask = take("IP mask")?;
                     let mask: IpAddr = mask
                         .parse()
@@ -459,18 +466,33 @@ mod tests {
         let readers = vec!["carol".to_string(), "readers".to_string()];
         let m = |t, u, d, g| rules.method(&login(t, u, d, g));
         assert_eq!(m(Transport::Local, "x", "y", &none), Some(Method::Trust));
-        assert_eq!(m(tcp("10.1.2.3", true), "carol", "app", &readers), Some(Method::Scram));
+        assert_eq!(
+            m(tcp("10.1.2.3", true), "carol", "app", &readers),
+            Some(Method::Scram)
+        );
         // Quoted "all" is a database named all, not every database.
-        assert_eq!(m(tcp("10.1.2.3", true), "carol", "all", &readers), Some(Method::Scram));
+        assert_eq!(
+            m(tcp("10.1.2.3", true), "carol", "all", &readers),
+            Some(Method::Scram)
+        );
         assert_eq!(m(tcp("10.1.2.3", true), "carol", "other", &readers), None);
         // Not over TLS: hostnossl reject.
-        assert_eq!(m(tcp("10.1.2.3", false), "carol", "app", &readers), Some(Method::Reject));
+        assert_eq!(
+            m(tcp("10.1.2.3", false), "carol", "app", &readers),
+            Some(Method::Reject)
+        );
         assert_eq!(m(tcp("10.2.0.1", true), "dave", "app", &none), None);
-        assert_eq!(m(tcp("127.0.0.1", false), "bob", "bob", &none), Some(Method::Password));
+        assert_eq!(
+            m(tcp("127.0.0.1", false), "bob", "bob", &none),
+            Some(Method::Password)
+        );
         assert_eq!(m(tcp("127.0.0.1", false), "bob", "app", &none), None);
         assert_eq!(m(tcp("127.0.0.2", false), "bob", "bob", &none), None);
         assert_eq!(m(tcp("::1", false), "x", "y", &none), Some(Method::Md5));
-        assert_eq!(m(tcp("192.168.1.1", false), "carol", "readers", &readers), Some(Method::Md5));
+        assert_eq!(
+            m(tcp("192.168.1.1", false), "carol", "readers", &readers),
+            Some(Method::Md5)
+        );
         // Group unknown (role not looked up): a +group does not match.
         let unknown = Login {
             transport: tcp("10.1.2.3", true),
@@ -486,18 +508,39 @@ mod tests {
     #[test]
     fn malformed_files_name_their_line() {
         for (text, want) in [
-            ("host all all", "line 1: end of line before the address field"),
-            ("local all all\n", "line 1: end of line before the authentication method"),
-            ("\nhost all all 10.0.0.0/33 md5", "line 2: invalid CIDR mask"),
+            (
+                "host all all",
+                "line 1: end of line before the address field",
+            ),
+            (
+                "local all all\n",
+                "line 1: end of line before the authentication method",
+            ),
+            (
+                "\nhost all all 10.0.0.0/33 md5",
+                "line 2: invalid CIDR mask",
+            ),
             ("host all all example.com md5", "line 1: invalid IP address"),
-            ("host all all 10.0.0.1 255.0.255.0 md5", "line 1: invalid IP mask"),
-            ("host all all all peer", "line 1: authentication method \"peer\""),
-            ("hostssl all all all md5 clientcert=verify-full", "line 1: authentication options"),
+            (
+                "host all all 10.0.0.1 255.0.255.0 md5",
+                "line 1: invalid IP mask",
+            ),
+            (
+                "host all all all peer",
+                "line 1: authentication method \"peer\"",
+            ),
+            (
+                "hostssl all all all md5 clientcert=verify-full",
+                "line 1: authentication options",
+            ),
             ("hots all all all md5", "line 1: invalid connection type"),
             ("host all @admins all md5", "line 1: user list files"),
             ("host all \"alice all all md5", "line 1: unterminated"),
             ("host all alice, all md5", "line 1: "),
-            ("host all all samenet md5", "line 1: samenet is not supported"),
+            (
+                "host all all samenet md5",
+                "line 1: samenet is not supported",
+            ),
         ] {
             let e = Rules::parse(text).unwrap_err();
             assert!(e.starts_with(want), "{text:?}: {e}");

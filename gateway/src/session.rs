@@ -9,7 +9,6 @@ use crate::core::{ClientSlot, Core};
 use crate::identity;
 use crate::session_io::{self, SessionIo};
 use crate::statement_names::{self, Found};
-use tidepool_gateway::hba::Transport;
 use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use glommio::net::TcpStream;
 use shared::io::{MessageReader, RcStream};
@@ -20,6 +19,7 @@ use shared::protocol::{typed_message_len, ProtocolError, MAX_STARTUP_PACKET};
 use shared::settings::Settings;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
+use tidepool_gateway::hba::Transport;
 
 /// Bytes an idle session's read buffer keeps: small, so tens of thousands of idle clients are
 /// cheap; it grows for large messages and shrinks back after.
@@ -170,8 +170,17 @@ pub async fn serve_tcp(core: Rc<Core>, mut stream: TcpStream, read_only: bool) {
             }
             Some(Ok(Some(other))) => {
                 let how = tcp(false);
-                return serve(core, stream, reader, Some(other), slot, deadline, read_only, how)
-                    .await;
+                return serve(
+                    core,
+                    stream,
+                    reader,
+                    Some(other),
+                    slot,
+                    deadline,
+                    read_only,
+                    how,
+                )
+                .await;
             }
             Some(Err(ProtocolError::UnsupportedVersion { major, .. })) if major < 3 => return,
             Some(Err(e)) => {

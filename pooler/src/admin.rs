@@ -536,8 +536,7 @@ impl Drop for Waiter<'_> {
 fn admissible(v: &RoleInfo) -> bool {
     v.exists
         && v.can_login
-        && v
-            .database
+        && v.database
             .as_ref()
             .is_some_and(|d| d.allow_connections && d.connect)
 }

@@ -601,7 +601,10 @@ mod tests {
     fn a_cleartext_password_is_checked_against_the_verifier() {
         let v = ScramVerifier::from_password("s3cret", b"0123456789abcdef", 4096);
         let key = v.check_password("s3cret").expect("right password");
-        assert_eq!(key, client_key_from_password("s3cret", b"0123456789abcdef", 4096));
+        assert_eq!(
+            key,
+            client_key_from_password("s3cret", b"0123456789abcdef", 4096)
+        );
         assert!(v.check_password("s3cret ").is_none());
         assert!(v.check_password("").is_none());
     }
