@@ -408,3 +408,75 @@ async fn methods_groups_limits_and_reload() {
         "{err}"
     );
 }
+
+/// `hostssl` and `hostnossl`: which rule applies depends on TLS between client and gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostssl_rules_follow_the_clients_tls() {
+    let pg = PgCluster::start();
+    let dir = pg.dir();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = testkit::run_merged(
+        Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args(["-subj", "/CN=localhost", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+        None,
+        Duration::from_secs(60),
+    );
+    assert!(made.success(), "{}", made.text);
+    let hba = write_rules(
+        dir,
+        "gateway-hba.conf",
+        "hostssl   all  alice  127.0.0.1/32  scram-sha-256\n\
+         hostnossl all  alice  127.0.0.1/32  reject\n\
+         hostnossl all  bob    127.0.0.1/32  md5\n",
+    );
+    let tp = start(
+        &pg,
+        &hba,
+        &[
+            "--tls-cert",
+            &cert.to_string_lossy(),
+            "--tls-key",
+            &key.to_string_lossy(),
+        ],
+    );
+    let ep = tp.endpoint();
+    let psql = |user: &str, pw: &str, sslmode: &str| {
+        ep.psql(user, pw, &format!("dbname={APP_DB} sslmode={sslmode}"))
+            .command("select 'in as ' || current_user")
+            .run()
+    };
+    let out = psql(ALICE.0, ALICE.1, "require");
+    assert!(
+        out.success() && out.text.contains("in as alice"),
+        "{}",
+        out.text
+    );
+    let out = psql(ALICE.0, ALICE.1, "disable");
+    assert!(
+        out.text.contains(
+            "FATAL:  pg_hba.conf rejects connection for host \"127.0.0.1\", user \"alice\", database \"app\", no encryption"
+        ),
+        "{}",
+        out.text
+    );
+    let out = psql(BOB.0, BOB.1, "disable");
+    assert!(
+        out.success() && out.text.contains("in as bob"),
+        "{}",
+        out.text
+    );
+    let out = psql(BOB.0, BOB.1, "require");
+    assert!(
+        out.text.contains(
+            "FATAL:  no pg_hba.conf entry for host \"127.0.0.1\", user \"bob\", database \"app\", SSL encryption"
+        ),
+        "{}",
+        out.text
+    );
+}
