@@ -5,6 +5,8 @@
 //! DIR/password     password of the `tidepool` login role, mode 600
 //! DIR/agent.key    the node agents' shared secret (shared::agent::auth), mode 600
 //! DIR/link.key     the gateway ↔ pooler link's shared secret (shared::link::handshake), mode 600
+//! DIR/keys/        copies of link.key for the users the gateway and pooler run as (mode 600
+//!                  each, owned by that user; crate::privilege), the directory mode 711
 //! DIR/pgdata/      Postgres data directory, owned by the postgres OS user
 //! DIR/run/         Postgres Unix socket directory, owned by the postgres OS user
 //! DIR/logs/        one log per process: postgres.log, pooler.log, gateway.log
@@ -53,6 +55,11 @@ impl Layout {
 
     pub fn link_key_file(&self) -> PathBuf {
         self.dir.join(LINK_KEY_FILE)
+    }
+
+    /// Per-user copies of the secrets (see `crate::privilege`).
+    pub fn keys_dir(&self) -> PathBuf {
+        self.dir.join("keys")
     }
 
     pub fn data_dir(&self) -> PathBuf {

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod password;
 pub mod policy;
 pub mod postgres;
+pub mod privilege;
 pub mod process;
 pub mod state;
 pub mod topology;

@@ -173,6 +173,9 @@ impl Postgres {
                 .map_err(Error::io(format!("creating {}", self.log.display())))?;
         }
         self.chown(&self.log)?;
+        // The log holds statements, role names and client addresses: not for other users
+        // (issue 12 §4). Postgres's group may read it; so may root.
+        set_mode(&self.log, 0o640)?;
         if self.privilege == Privilege::Root {
             let out = self
                 .as_postgres_plain("test")

@@ -10,6 +10,7 @@ use std::ffi::OsString;
 use std::fs::OpenOptions;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -24,11 +25,27 @@ const POLL: Duration = Duration::from_millis(100);
 /// Ctrl-C or a closing terminal of the caller does not reach it), stdin from /dev/null,
 /// stdout and stderr appended to `log`.
 pub fn spawn_detached(program: &Path, args: &[OsString], log: &Path) -> Result<Child> {
+    spawn_detached_as(program, args, log, None)
+}
+
+/// [`spawn_detached`] as `account` (uid, gid, no supplementary groups) when given. The log is
+/// opened here, by the caller, and private to its owner (mode 600: it names roles, databases
+/// and addresses); the child writes to it through the inherited descriptor.
+pub fn spawn_detached_as(
+    program: &Path,
+    args: &[OsString],
+    log: &Path,
+    account: Option<&crate::privilege::Account>,
+) -> Result<Child> {
     let mut out = OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(log)
         .map_err(Error::io(format!("opening log {}", log.display())))?;
+    // A log made before this change (0644) is made private too.
+    std::fs::set_permissions(log, std::fs::Permissions::from_mode(0o600))
+        .map_err(Error::io(format!("chmod {}", log.display())))?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -60,6 +77,13 @@ pub fn spawn_detached(program: &Path, args: &[OsString], log: &Path) -> Result<C
             }
             Ok(())
         });
+    }
+    if let Some(a) = account {
+        // std drops the supplementary groups (setgroups(0)) before setuid when run as root.
+        cmd.uid(a.uid)
+            .gid(a.gid)
+            .env("USER", &a.name)
+            .env("HOME", "/");
     }
     cmd.spawn()
         .map_err(Error::io(format!("starting {}", program.display())))

@@ -4,6 +4,7 @@
 //! does), the real pooler and gateway binaries (built by testkit if missing, or taken from
 //! TIDEPOOL_BIN_DIR), real psql, on free loopback ports in a fresh state directory.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -64,6 +65,16 @@ impl Drop for Cluster {
             eprintln!("kept {}", self.dir.display());
         }
     }
+}
+
+/// uid and gid of an OS user (from `id`).
+fn os_user(name: &str) -> (u32, u32) {
+    let id = |flag: &str| {
+        let out = Command::new("id").args([flag, name]).output().unwrap();
+        assert!(out.status.success(), "no OS user {name}");
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    };
+    (id("-u"), id("-g"))
 }
 
 fn tail(text: &str, n: usize) -> String {
@@ -163,7 +174,7 @@ fn up_psql_status_down() {
         !state.contains(key.trim()),
         "the secret itself is in state.json"
     );
-    let mut seen = 0;
+    let mut seen = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
             continue;
@@ -172,18 +183,60 @@ fn up_psql_status_down() {
         let ours = cmd.contains(&format!("127.0.0.1:{port}"))
             || cmd.contains(&format!("127.0.0.1:{pooler_port}"));
         if ours && (cmd.contains("tidepool-gateway") || cmd.contains("tidepool-pooler")) {
+            // Least privilege (issue 12 §4): not root, each with its own copy of the key.
+            let (process, user) = if cmd.contains("tidepool-gateway") {
+                ("gateway", "tidepool")
+            } else {
+                ("pooler", "postgres")
+            };
+            let copy = cluster.dir.join("keys").join(format!("link.{process}.key"));
             assert!(
-                cmd.contains(&format!("--link-secret-file {}", link_key.display())),
+                cmd.contains(&format!("--link-secret-file {}", copy.display())),
                 "{cmd}"
             );
             assert!(
                 !cmd.contains(key.trim()),
                 "the secret on a command line: {cmd}"
             );
-            seen += 1;
+            let status = std::fs::read_to_string(entry.path().join("status")).unwrap();
+            let (uid, gid) = os_user(user);
+            assert_ne!(uid, 0, "{user} is not root");
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .unwrap_or_else(|| panic!("no {name} in {status}"))
+                    .split_whitespace()
+                    .map(|v| v.parse::<u32>().unwrap())
+                    .collect::<Vec<_>>()
+            };
+            // Real, effective, saved and filesystem ids.
+            assert_eq!(field("Uid:"), vec![uid; 4], "{process} runs as {user}");
+            assert_eq!(field("Gid:"), vec![gid; 4], "{process}'s group");
+            assert_eq!(
+                field("Groups:"),
+                Vec::<u32>::new(),
+                "{process}: no other groups"
+            );
+            let meta = std::fs::metadata(&copy).unwrap();
+            assert_eq!(
+                (meta.mode() & 0o777, meta.uid()),
+                (0o600, uid),
+                "{}",
+                copy.display()
+            );
+            assert_eq!(std::fs::read_to_string(&copy).unwrap(), key);
+            seen.push(process);
         }
     }
-    assert!(seen >= 2, "gateway and pooler command lines ({seen} found)");
+    seen.sort();
+    assert_eq!(seen, ["gateway", "pooler"], "gateway and pooler processes");
+    // Logs: Postgres's readable by its group at most, ours by root only.
+    let logs = cluster.dir.join("logs");
+    for (log, mode) in [("postgres", 0o640), ("pooler", 0o600), ("gateway", 0o600)] {
+        let m = std::fs::metadata(logs.join(format!("{log}.log"))).unwrap();
+        assert_eq!(m.mode() & 0o777, mode, "{log}.log");
+    }
     let direct = format!(
         "postgres://tidepool:{}@127.0.0.1:{pg_port}/tidepool",
         password.trim()

@@ -14,6 +14,8 @@ use shared::link::{down, up, Credential};
 use shared::protocol::backend::{self as be, Severity};
 use shared::protocol::frontend::{self as fe, parse_sasl_initial};
 use shared::protocol::typed_message_len;
+use shared::role::RoleInfo;
+use tidepool_gateway::hba::{Login, Method, Transport};
 
 /// How a login ended early.
 pub enum Refusal {
@@ -39,7 +41,16 @@ fn failed(user: &str) -> Refusal {
 /// Authentication messages are small; anything larger is an attack or a bug.
 const MAX_AUTH_MESSAGE: usize = 16 * 1024;
 
-#[allow(clippy::too_many_arguments)]
+/// Who logs in, to what, and how they came.
+pub struct Client<'a> {
+    pub user: &'a str,
+    pub database: &'a str,
+    pub transport: Transport,
+}
+
+/// Chooses the method (the access rules of `hba_file`, else `auth_method`), looks the role up
+/// and runs the exchange. Returns what the pooler needs to log in as the role, and what
+/// Postgres says of the role and database for [`crate::access::admit`].
 pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     core: &Core,
     stream: &mut S,
@@ -47,32 +58,68 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     io: &SessionIo,
     link: &Link,
     id: u32,
-    user: &str,
-) -> Result<Credential, Refusal> {
-    if core.cfg().auth_method == AuthMethod::Trust {
-        return Ok(Credential::None);
-    }
-    link.send(up::AUTH_LOOKUP, id, user.as_bytes());
-    let (kind, info) = await_control(io, stream, reader).await?;
-    if kind != down::AUTH_INFO {
-        return Err(fatal("08006", "the pooler did not answer the role lookup"));
-    }
-    let verifier = match info.first() {
-        Some(1) => std::str::from_utf8(&info[1..])
-            .ok()
-            .and_then(Verifier::parse),
-        Some(0) => None,
-        _ => {
-            tracing::warn!(reason = %String::from_utf8_lossy(info.get(1..).unwrap_or_default()), "role lookup failed");
-            return Err(fatal(
-                "08006",
-                "could not look up the role: the database server is not available",
-            ));
+    client: &Client<'_>,
+) -> Result<(Credential, RoleInfo), Refusal> {
+    let cfg = core.cfg();
+    let Client {
+        user,
+        database,
+        transport,
+    } = *client;
+    let mut info = None;
+    let method = match &cfg.hba {
+        None => match cfg.auth_method {
+            AuthMethod::Scram => Method::Scram,
+            AuthMethod::Md5 => Method::Md5,
+            AuthMethod::Trust => Method::Trust,
+        },
+        Some(rules) => {
+            if rules.uses_groups() {
+                info = Some(lookup(stream, reader, io, link, id, client).await?);
+            }
+            let login = Login {
+                transport,
+                user,
+                database,
+                member_of: info.as_ref().map(|i: &RoleInfo| i.member_of.as_slice()),
+            };
+            // Postgres's words (auth.c `ClientAuthentication`), 28000 for both.
+            let Some(method) = rules.method(&login) else {
+                return Err(fatal(
+                    "28000",
+                    &format!(
+                        "no pg_hba.conf entry for host \"{}\", user \"{user}\", database \"{database}\", {}",
+                        transport.host(),
+                        transport.encryption()
+                    ),
+                ));
+            };
+            method
         }
+    };
+    if method == Method::Reject {
+        return Err(fatal(
+            "28000",
+            &format!(
+                "pg_hba.conf rejects connection for host \"{}\", user \"{user}\", database \"{database}\", {}",
+                transport.host(),
+                transport.encryption()
+            ),
+        ));
+    }
+    let info = match info {
+        Some(i) => i,
+        None => lookup(stream, reader, io, link, id, client).await?,
+    };
+    // An expired password is no password (Postgres's `get_role_password`).
+    let verifier = match (&info.password, info.expired) {
+        (Some(p), false) => Verifier::parse(p),
+        _ => None,
     };
     tracing::debug!(
         user,
-        found = info.first() == Some(&1),
+        found = info.exists,
+        ?method,
         kind = match &verifier {
             Some(Verifier::Scram(_)) => "scram",
             Some(Verifier::Md5(_)) => "md5",
@@ -80,14 +127,49 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         },
         "role looked up"
     );
-    match (verifier, core.cfg().auth_method) {
-        (Some(Verifier::Scram(v)), _) => scram(stream, reader, user, v, true).await,
-        (Some(Verifier::Md5(stored)), AuthMethod::Md5) => md5(stream, reader, user, &stored).await,
+    let credential = match (method, verifier) {
+        (Method::Trust, _) => Credential::None,
+        (Method::Password, v) => cleartext(stream, reader, user, v).await?,
+        (_, Some(Verifier::Scram(v))) => scram(stream, reader, user, v, true).await?,
+        (Method::Md5, Some(Verifier::Md5(stored))) => md5(stream, reader, user, &stored).await?,
         // Unknown role, no password, or md5 where SCRAM is required: go through the motions
         // with a mock verifier, as Postgres does, so the client cannot tell which.
         _ => {
             let mock = ScramVerifier::mock(user, &core.mock_secret);
-            scram(stream, reader, user, mock, false).await
+            scram(stream, reader, user, mock, false).await?
+        }
+    };
+    Ok((credential, info))
+}
+
+/// What the pooler's admin connection reads of the role and database (one batched query with
+/// other logins', cached).
+async fn lookup<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    reader: &mut MessageReader,
+    io: &SessionIo,
+    link: &Link,
+    id: u32,
+    client: &Client<'_>,
+) -> Result<RoleInfo, Refusal> {
+    link.send(
+        up::AUTH_LOOKUP,
+        id,
+        &shared::role::lookup_payload(client.user, client.database),
+    );
+    let (kind, info) = await_control(io, stream, reader).await?;
+    if kind != down::AUTH_INFO {
+        return Err(fatal("08006", "the pooler did not answer the role lookup"));
+    }
+    match info.first() {
+        Some(1) => RoleInfo::decode(&info[1..])
+            .ok_or_else(|| fatal("08006", "the pooler's role lookup answer is malformed")),
+        _ => {
+            tracing::warn!(reason = %String::from_utf8_lossy(info.get(1..).unwrap_or_default()), "role lookup failed");
+            Err(fatal(
+                "08006",
+                "could not look up the role: the database server is not available",
+            ))
         }
     }
 }
@@ -192,6 +274,41 @@ async fn scram<S: AsyncRead + AsyncWrite + Unpin>(
             tracing::debug!(user, error = %e, "SCRAM exchange failed");
             Err(fatal("08P01", "malformed SCRAM message"))
         }
+    }
+}
+
+/// The `password` method: the password in clear (only sensible over TLS), checked against the
+/// role's verifier as Postgres's `CheckPasswordAuth` does. From a SCRAM verifier it yields the
+/// client key the pooler logs in with, as a SCRAM exchange would.
+async fn cleartext<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    reader: &mut MessageReader,
+    user: &str,
+    verifier: Option<Verifier>,
+) -> Result<Credential, Refusal> {
+    let mut out = Vec::new();
+    be::auth_cleartext(&mut out);
+    send(stream, &out).await?;
+    let body = read_password(stream, reader).await?;
+    let password = body.strip_suffix(&[0]).unwrap_or(&body);
+    let Ok(password) = std::str::from_utf8(password) else {
+        return Err(failed(user));
+    };
+    if password.is_empty() {
+        return Err(failed(user));
+    }
+    match verifier {
+        Some(Verifier::Scram(v)) => match v.check_password(password) {
+            Some(client_key) => Ok(Credential::Scram {
+                client_key,
+                server_key: v.server_key,
+            }),
+            None => Err(failed(user)),
+        },
+        Some(Verifier::Md5(stored)) if shared::auth::md5_stored(password, user) == stored => {
+            Ok(Credential::Md5 { stored })
+        }
+        _ => Err(failed(user)),
     }
 }
 

@@ -45,6 +45,16 @@ pub struct Args {
     /// scram-sha-256, md5 or trust (as in pg_hba.conf).
     #[arg(long)]
     pub auth_method: Option<String>,
+    /// Access rules by client address, pg_hba.conf's format (see gateway/src/hba.rs); they
+    /// replace auth_method. Read again on reload.
+    #[arg(long)]
+    pub hba_file: Option<PathBuf>,
+    /// Logged-in clients per role in this process (0: no limit).
+    #[arg(long)]
+    pub max_user_clients: Option<usize>,
+    /// Logged-in clients per database in this process (0: no limit).
+    #[arg(long)]
+    pub max_db_clients: Option<usize>,
     /// PEM certificate chain for TLS.
     #[arg(long)]
     pub tls_cert: Option<PathBuf>,
@@ -115,6 +125,9 @@ struct File {
     max_standby_lag_bytes: Option<u64>,
     guard_synchronous_commit: Option<bool>,
     auth_method: Option<String>,
+    hba_file: Option<PathBuf>,
+    max_user_clients: Option<usize>,
+    max_db_clients: Option<usize>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     max_clients: Option<usize>,
@@ -157,6 +170,12 @@ pub struct Config {
     pub max_standby_lag_bytes: u64,
     pub guard_synchronous_commit: bool,
     pub auth_method: AuthMethod,
+    pub hba_file: Option<PathBuf>,
+    /// The rules of `hba_file`, read when the config is (a file that does not parse is an
+    /// error: at start the gateway does not start, on reload nothing changes).
+    pub hba: Option<std::sync::Arc<tidepool_gateway::hba::Rules>>,
+    pub max_user_clients: usize,
+    pub max_db_clients: usize,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub max_clients: usize,
@@ -205,6 +224,13 @@ impl Config {
                     "unknown auth_method {other:?} (scram-sha-256, md5, trust)"
                 ))
             }
+        };
+        let hba_file = args.hba_file.or(file.hba_file);
+        let hba = match &hba_file {
+            Some(p) => Some(std::sync::Arc::new(
+                tidepool_gateway::hba::Rules::load(p).map_err(|e| format!("hba_file {e}"))?,
+            )),
+            None => None,
         };
         let tls_cert = args.tls_cert.or(file.tls_cert);
         let tls_key = args.tls_key.or(file.tls_key);
@@ -283,6 +309,10 @@ impl Config {
                 .or(file.guard_synchronous_commit)
                 .unwrap_or(true),
             auth_method,
+            hba_file,
+            hba,
+            max_user_clients: args.max_user_clients.or(file.max_user_clients).unwrap_or(0),
+            max_db_clients: args.max_db_clients.or(file.max_db_clients).unwrap_or(0),
             tls_cert,
             tls_key,
             max_clients: args.max_clients.or(file.max_clients).unwrap_or(100_000),
@@ -346,6 +376,21 @@ impl Config {
                 s(&new.max_standby_lag_bytes),
             ),
             ("auth_method", s(&self.auth_method), s(&new.auth_method)),
+            (
+                "hba_file",
+                s(&(&self.hba_file, &self.hba)),
+                s(&(&new.hba_file, &new.hba)),
+            ),
+            (
+                "max_user_clients",
+                s(&self.max_user_clients),
+                s(&new.max_user_clients),
+            ),
+            (
+                "max_db_clients",
+                s(&self.max_db_clients),
+                s(&new.max_db_clients),
+            ),
             (
                 "auth_timeout_seconds",
                 s(&self.auth_timeout_seconds),
@@ -418,6 +463,10 @@ impl Config {
             failover_hold_max: new.failover_hold_max,
             max_standby_lag_bytes: new.max_standby_lag_bytes,
             auth_method: new.auth_method,
+            hba_file: new.hba_file.clone(),
+            hba: new.hba.clone(),
+            max_user_clients: new.max_user_clients,
+            max_db_clients: new.max_db_clients,
             auth_timeout_seconds: new.auth_timeout_seconds,
             shutdown_timeout_ms: new.shutdown_timeout_ms,
             client_idle_timeout_ms: new.client_idle_timeout_ms,

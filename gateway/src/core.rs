@@ -300,12 +300,14 @@ impl Core {
 }
 
 /// Counts a client (in the process and on its core) for as long as it lives; knows its
-/// addresses for the admin console (`None`: a Unix socket).
+/// addresses for the admin console (`None`: a Unix socket), and once logged in holds its
+/// place in the role and database limits (`access`).
 pub struct ClientSlot {
     process: Arc<AtomicUsize>,
     core: Rc<Cell<usize>>,
     pub addr: Option<std::net::SocketAddr>,
     pub local: Option<std::net::SocketAddr>,
+    admitted: Option<crate::access::Admitted>,
 }
 
 impl ClientSlot {
@@ -317,8 +319,14 @@ impl ClientSlot {
             core: core.local_clients.clone(),
             addr: None,
             local: None,
+            admitted: None,
         };
         (prev < core.cfg().max_clients).then_some(slot)
+    }
+
+    /// The client logged in: counted for its role and database (`access`) while it lives.
+    pub fn admit(&mut self, admitted: crate::access::Admitted) {
+        self.admitted = Some(admitted);
     }
 }
 

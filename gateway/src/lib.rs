@@ -5,4 +5,5 @@
 pub mod builtins;
 pub mod calls;
 pub mod classify;
+pub mod hba;
 pub mod statement_names;

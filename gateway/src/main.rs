@@ -1,6 +1,7 @@
 //! `tidepool-gateway`: thread per core on io_uring (glommio). Each core owns a `SO_REUSEPORT`
 //! listener and the sessions the kernel gives it, for their whole life, with no locks.
 
+mod access;
 mod admin;
 mod auth;
 mod config;

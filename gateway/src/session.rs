@@ -20,6 +20,7 @@ use shared::protocol::{typed_message_len, ProtocolError, MAX_STARTUP_PACKET};
 use shared::settings::Settings;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
+use tidepool_gateway::hba::Transport;
 
 /// Bytes an idle session's read buffer keeps: small, so tens of thousands of idle clients are
 /// cheap; it grows for large messages and shrinks back after.
@@ -124,6 +125,13 @@ pub async fn serve_tcp(core: Rc<Core>, mut stream: TcpStream, read_only: bool) {
     // the client sends (Postgres: authentication_timeout).
     let deadline = Instant::now() + Duration::from_secs(core.cfg().auth_timeout_seconds);
     let mut reader = MessageReader::new(IDLE_READ_BUFFER);
+    let Ok(peer) = stream.peer_addr() else {
+        return;
+    };
+    let tcp = |tls| Transport::Tcp {
+        addr: peer.ip().to_canonical(),
+        tls,
+    };
     // SSL or GSS negotiation first, on the plain socket.
     loop {
         let first =
@@ -147,7 +155,9 @@ pub async fn serve_tcp(core: Rc<Core>, mut stream: TcpStream, read_only: bool) {
                     }
                     match crate::with_timeout(left(deadline), acceptor.accept(stream)).await {
                         Some(Ok(tls)) => {
-                            return serve(core, tls, reader, None, slot, deadline, read_only).await
+                            let how = tcp(true);
+                            return serve(core, tls, reader, None, slot, deadline, read_only, how)
+                                .await;
                         }
                         _ => return,
                     }
@@ -162,7 +172,18 @@ pub async fn serve_tcp(core: Rc<Core>, mut stream: TcpStream, read_only: bool) {
                 }
             }
             Some(Ok(Some(other))) => {
-                return serve(core, stream, reader, Some(other), slot, deadline, read_only).await
+                let how = tcp(false);
+                return serve(
+                    core,
+                    stream,
+                    reader,
+                    Some(other),
+                    slot,
+                    deadline,
+                    read_only,
+                    how,
+                )
+                .await;
             }
             Some(Err(ProtocolError::UnsupportedVersion { major, .. })) if major < 3 => return,
             Some(Err(e)) => {
@@ -182,7 +203,17 @@ pub async fn serve_unix(core: Rc<Core>, stream: glommio::net::UnixStream) {
     };
     let deadline = Instant::now() + Duration::from_secs(core.cfg().auth_timeout_seconds);
     let reader = MessageReader::new(IDLE_READ_BUFFER);
-    serve(core, stream, reader, None, slot, deadline, false).await
+    serve(
+        core,
+        stream,
+        reader,
+        None,
+        slot,
+        deadline,
+        false,
+        Transport::Local,
+    )
+    .await
 }
 
 /// TCP keepalive, so a client that vanished without a FIN (power loss, a cut cable, a NAT that
@@ -200,14 +231,16 @@ fn keepalive(stream: &TcpStream) {
 }
 
 /// Everything after transport negotiation.
+#[allow(clippy::too_many_arguments)]
 async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     core: Rc<Core>,
     mut stream: S,
     mut reader: MessageReader,
     first: Option<Startup>,
-    slot: ClientSlot,
+    mut slot: ClientSlot,
     deadline: Instant,
     read_only: bool,
+    transport: Transport,
 ) {
     let mut next = first;
     let params = loop {
@@ -316,8 +349,13 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     let registration = signals::Registration::new(&user, secret);
     let pid = registration.pid;
     let login = crate::with_timeout(left(deadline), async {
-        let credential =
-            auth::authenticate(&core, &mut stream, &mut reader, &io, &link, id, &user).await?;
+        let client = auth::Client {
+            user: &user,
+            database: &database,
+            transport,
+        };
+        let (credential, role) =
+            auth::authenticate(&core, &mut stream, &mut reader, &io, &link, id, &client).await?;
         if console && !core.cfg().admin_users.contains(&user) {
             // PgBouncer's answer to a role that is not an admin user.
             return Err(auth::fatal(
@@ -331,6 +369,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         if console {
             return Ok(None);
         }
+        // As Postgres: authenticated (AuthenticationOk sent), then the role and database checks.
+        let admitted = crate::access::admit(&core.cfg(), &user, &database, &role)?;
         let open = Open {
             user: user.clone(),
             database: database.clone(),
@@ -350,7 +390,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                 be::backend_key_data(&mut out, pid, secret);
                 be::ready_for_query(&mut out, b'I');
                 stream.write_all(&out).await.map_err(|_| Refusal::Gone)?;
-                Ok(Some(open))
+                Ok(Some((open, admitted)))
             }
             down::OPEN_FAILED => Err(Refusal::Fatal(reply)),
             _ => Err(auth::fatal("08006", "the pooler closed the session")),
@@ -358,7 +398,10 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     })
     .await;
     let mut open = match login {
-        Some(Ok(Some(open))) => open,
+        Some(Ok(Some((open, admitted)))) => {
+            slot.admit(admitted);
+            open
+        }
         Some(Ok(None)) => {
             link.unregister(id);
             let login = crate::admin::console::Login {

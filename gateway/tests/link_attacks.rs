@@ -414,7 +414,9 @@ fn a_gateway_past_the_window_loses_the_session_not_the_link() {
         .unwrap();
     let (info, _) = until(&mut s, down::AUTH_INFO, 1);
     assert_eq!(info[0], 1, "bob's verifier");
-    let stored = String::from_utf8(info[1..].to_vec()).unwrap();
+    let stored = shared::role::RoleInfo::decode(&info[1..])
+        .and_then(|r| r.password)
+        .expect("bob has a password");
     let open = |id: u32, s: &mut TcpStream| {
         let o = Open {
             user: testkit::BOB.0.into(),

@@ -51,13 +51,7 @@ struct RoleDefaults {
     settings: Rc<Settings>,
 }
 
-/// What `pg_authid` says of a role.
-#[derive(Clone, Debug)]
-pub enum RoleSecret {
-    /// No such role, no password, or the password expired: authentication must fail.
-    Absent,
-    Verifier(String),
-}
+pub use shared::role::RoleInfo;
 
 /// Role lookups waiting on one core at most; more are refused at once (the login fails with
 /// 08006, as when Postgres is down) rather than queued without end.
@@ -67,17 +61,19 @@ const BATCH: usize = 256;
 /// Entries kept per cache before it is cleared (a flood of distinct names cannot grow it).
 const MAX_CACHED: usize = 10_000;
 
-type Answer = Rc<RefCell<Option<Result<RoleSecret, String>>>>;
+type Answer = Rc<RefCell<Option<Result<RoleInfo, String>>>>;
 
 pub struct Admin {
     cfg: Rc<Config>,
     conn: RefCell<Option<(UnixStream, MessageReader)>>,
     busy: Cell<bool>,
     free: Notify,
-    cache: RefCell<HashMap<String, (Instant, RoleSecret)>>,
-    /// Names found absent, and when.
+    /// By lookup key (`user` NUL `database`, see [`key`]), with when it was read and the
+    /// role settings generation then (an `ALTER ROLE|DATABASE` seen here makes it stale).
+    cache: RefCell<HashMap<String, (Instant, u64, RoleInfo)>>,
+    /// Role names found absent, and when.
     absent: RefCell<HashMap<String, Instant>>,
-    /// Lookups waiting for a query, in arrival order (first come, first asked), by name: each
+    /// Lookups waiting for a query, in arrival order (first come, first asked), by key: each
     /// waiter's answer slot.
     waiting: RefCell<Vec<(String, Vec<Answer>)>>,
     /// Lookups waiting, counted per waiter.
@@ -221,9 +217,11 @@ impl Admin {
         Ok(out)
     }
 
-    /// What `pg_authid` says of `user`, from the caches when they know, else from a query
-    /// shared with every other lookup waiting on this core; bounded by `auth_lookup_timeout_ms`.
-    pub async fn lookup(&self, user: &str) -> Result<RoleSecret, String> {
+    /// What `pg_authid` says of `user` and `pg_database` of `database` (see [`RoleInfo`]),
+    /// from the caches when they know, else from a query shared with every other lookup
+    /// waiting on this core; bounded by `auth_lookup_timeout_ms`.
+    pub async fn lookup(&self, user: &str, database: &str) -> Result<RoleInfo, String> {
+        let user = &key(user, database);
         if let Some(known) = self.cached(user) {
             return Ok(known);
         }
@@ -281,18 +279,19 @@ impl Admin {
         }
     }
 
-    /// A cached answer: a verifier within `auth_cache_seconds`, an absent role within
-    /// `auth_negative_cache_ms`.
-    fn cached(&self, user: &str) -> Option<RoleSecret> {
+    /// A cached answer for a lookup key: a role found within `auth_cache_seconds`, an absent
+    /// role within `auth_negative_cache_ms` (whatever the database).
+    fn cached(&self, key: &str) -> Option<RoleInfo> {
         let ttl = Duration::from_secs(self.cfg.auth_cache_seconds);
-        if let Some((at, v)) = self.cache.borrow().get(user) {
-            if at.elapsed() < ttl {
+        let generation = ROLE_SETTINGS_GENERATION.load(Ordering::Relaxed);
+        if let Some((at, g, v)) = self.cache.borrow().get(key) {
+            if at.elapsed() < ttl && *g == generation {
                 return Some(v.clone());
             }
         }
         let negative = Duration::from_millis(self.cfg.auth_negative_cache_ms);
-        match self.absent.borrow().get(user) {
-            Some(at) if at.elapsed() < negative => Some(RoleSecret::Absent),
+        match self.absent.borrow().get(user_of(key)) {
+            Some(at) if at.elapsed() < negative => Some(RoleInfo::default()),
             _ => None,
         }
     }
@@ -323,29 +322,26 @@ impl Admin {
         }
         let _turn = Turn::take(self);
         let mut batch = Unanswered(self, taken);
-        let names: Vec<&str> = batch.1.iter().map(|(n, _)| n.as_str()).collect();
-        let result = self.lookup_uncached(&names).await;
+        let keys: Vec<&str> = batch.1.iter().map(|(n, _)| n.as_str()).collect();
+        let generation = ROLE_SETTINGS_GENERATION.load(Ordering::Relaxed);
+        let result = self.lookup_uncached(&keys).await;
         let now = Instant::now();
         for (name, answers) in std::mem::take(&mut batch.1) {
             let r = match &result {
                 Ok(found) => {
-                    let v = found.get(&name).cloned().unwrap_or(RoleSecret::Absent);
-                    match &v {
-                        RoleSecret::Verifier(_) => {
-                            let mut c = self.cache.borrow_mut();
-                            if c.len() >= MAX_CACHED {
-                                c.clear();
-                            }
-                            c.insert(name.clone(), (now, v.clone()));
+                    let v = found.get(&name).cloned().unwrap_or_default();
+                    if admissible(&v) {
+                        let mut c = self.cache.borrow_mut();
+                        if c.len() >= MAX_CACHED {
+                            c.clear();
                         }
-                        RoleSecret::Absent if self.cfg.auth_negative_cache_ms > 0 => {
-                            let mut a = self.absent.borrow_mut();
-                            if a.len() >= MAX_CACHED {
-                                a.clear();
-                            }
-                            a.insert(name.clone(), now);
+                        c.insert(name.clone(), (now, generation, v.clone()));
+                    } else if !v.exists && self.cfg.auth_negative_cache_ms > 0 {
+                        let mut a = self.absent.borrow_mut();
+                        if a.len() >= MAX_CACHED {
+                            a.clear();
                         }
-                        RoleSecret::Absent => {}
+                        a.insert(user_of(&name).to_owned(), now);
                     }
                     Ok(v)
                 }
@@ -358,21 +354,56 @@ impl Admin {
         true
     }
 
-    /// Verifiers of the roles among `users` that have a password that has not expired.
-    async fn lookup_uncached(&self, users: &[&str]) -> Result<HashMap<String, RoleSecret>, String> {
-        let list: Vec<String> = users.iter().map(|u| literal(u)).collect();
+    /// What Postgres checks at login of each (role, database) among `keys`, in one query: the
+    /// role's verifier and expiry (`CheckPasswordAuth`), `rolcanlogin` and `rolconnlimit`
+    /// (`InitializeSessionUserId`), `datallowconn`, the CONNECT privilege and `datconnlimit`
+    /// (`CheckMyDatabase`), and the roles it is a member of for `+group` rules (following
+    /// `pg_auth_members` as `is_member_of_role_nosuper` does: a superuser is not a member of
+    /// everything). Only existing roles get a row.
+    async fn lookup_uncached(&self, keys: &[&str]) -> Result<HashMap<String, RoleInfo>, String> {
+        let users: Vec<String> = keys.iter().map(|k| literal(user_of(k))).collect();
+        let dbs: Vec<String> = keys.iter().map(|k| literal(database_of(k))).collect();
         let sql = format!(
-            "SELECT rolname, rolpassword, \
-               (rolvaliduntil IS NOT NULL AND rolvaliduntil < now())::text \
-             FROM pg_catalog.pg_authid WHERE rolname = ANY (ARRAY[{}]::text[])",
-            list.join(", ")
+            "SELECT q.u, q.d, a.rolcanlogin::text, a.rolsuper::text, \
+               (a.rolvaliduntil IS NOT NULL AND a.rolvaliduntil < pg_catalog.now())::text, \
+               a.rolconnlimit::text, a.rolpassword, d.datallowconn::text, \
+               CASE WHEN d.oid IS NOT NULL \
+                 THEN pg_catalog.has_database_privilege(a.oid, d.oid, 'CONNECT')::text END, \
+               d.datconnlimit::text, \
+               (WITH RECURSIVE m(id) AS (SELECT a.oid UNION \
+                  SELECT am.roleid FROM pg_catalog.pg_auth_members am JOIN m ON am.member = m.id) \
+                SELECT pg_catalog.string_agg(pg_catalog.octet_length(r.rolname) || ':' || r.rolname, '') \
+                FROM m JOIN pg_catalog.pg_authid r ON r.oid = m.id) \
+             FROM ROWS FROM (pg_catalog.unnest(ARRAY[{}]::text[]), \
+               pg_catalog.unnest(ARRAY[{}]::text[])) AS q(u, d) \
+             JOIN pg_catalog.pg_authid a ON a.rolname = q.u \
+             LEFT JOIN pg_catalog.pg_database d ON d.datname = q.d",
+            users.join(", "),
+            dbs.join(", ")
         );
         let rows = self.run_unlocked(&sql).await?;
         let mut found = HashMap::new();
+        let yes = |r: &Row, i| matches!(col(r, i), Some("true" | "t"));
+        let int = |r: &Row, i| col(r, i).and_then(|v| v.parse().ok()).unwrap_or(-1);
         for r in &rows {
-            if let (Some(name), Some(p), Some("false")) = (col(r, 0), col(r, 1), col(r, 2)) {
-                found.insert(name.to_owned(), RoleSecret::Verifier(p.to_owned()));
-            }
+            let (Some(user), Some(db)) = (col(r, 0), col(r, 1)) else {
+                continue;
+            };
+            let info = RoleInfo {
+                exists: true,
+                can_login: yes(r, 2),
+                superuser: yes(r, 3),
+                expired: yes(r, 4),
+                conn_limit: int(r, 5),
+                password: col(r, 6).map(str::to_owned),
+                database: col(r, 7).map(|_| shared::role::DatabaseInfo {
+                    allow_connections: yes(r, 7),
+                    connect: yes(r, 8),
+                    conn_limit: int(r, 9),
+                }),
+                member_of: col(r, 10).map(names).unwrap_or_default(),
+            };
+            found.insert(key(user, db), info);
         }
         Ok(found)
     }
@@ -498,6 +529,44 @@ impl Drop for Waiter<'_> {
     }
 }
 
+/// Only answers that let the client in are cached: a refusal (no such database yet, NOLOGIN,
+/// no CONNECT) is asked again at the next login, so a `CREATE DATABASE` or a `GRANT` takes
+/// effect at once; a revocation within `auth_cache_seconds` (at once when this pooler saw the
+/// `ALTER ROLE|DATABASE`).
+fn admissible(v: &RoleInfo) -> bool {
+    v.exists
+        && v.can_login
+        && v.database
+            .as_ref()
+            .is_some_and(|d| d.allow_connections && d.connect)
+}
+
+/// A lookup's key: `user` NUL `database` (neither holds a NUL: Postgres names cannot).
+fn key(user: &str, database: &str) -> String {
+    format!("{user}\0{database}")
+}
+
+fn user_of(key: &str) -> &str {
+    key.split('\0').next().unwrap_or(key)
+}
+
+fn database_of(key: &str) -> &str {
+    key.split_once('\0').map_or("", |(_, d)| d)
+}
+
+/// Names from `string_agg(octet_length(n) || ':' || n, '')`.
+fn names(mut s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Some((len, rest)) = s.split_once(':') {
+        let Some(name) = len.parse().ok().and_then(|n: usize| rest.get(..n)) else {
+            break;
+        };
+        out.push(name.to_owned());
+        s = &rest[name.len()..];
+    }
+    out
+}
+
 fn col(row: &Row, i: usize) -> Option<&str> {
     row.get(i).and_then(|c| c.as_deref())
 }
@@ -579,5 +648,14 @@ mod tests {
         assert_eq!(col(&row, 2), None);
         // Truncated: a column longer than the message.
         assert!(data_row(&body[..8]).is_none());
+    }
+
+    #[test]
+    fn member_names_and_keys() {
+        assert_eq!(names("5:alice7:rea:ers0:"), vec!["alice", "rea:ers", ""]);
+        assert_eq!(names("6:h\u{e9}llo"), vec!["h\u{e9}llo"]);
+        assert_eq!(names("9:short"), Vec::<String>::new());
+        let k = key("bob", "app");
+        assert_eq!((user_of(&k), database_of(&k)), ("bob", "app"));
     }
 }

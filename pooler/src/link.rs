@@ -5,7 +5,6 @@
 //! disconnected — no verifier, no session, no role report. The reader never waits for one
 //! session: requests are flow-controlled per session by the gateway (`down::ACK`).
 
-use crate::admin::RoleSecret;
 use crate::core::Core;
 use crate::session::{self, Session};
 use glommio::net::TcpStream;
@@ -198,17 +197,16 @@ fn on_frame(core: &Rc<Core>, l: &Rc<Link>, kind: u8, id: u32, payload: Vec<u8>) 
             }
         }
         up::AUTH_LOOKUP => {
-            let user = String::from_utf8_lossy(&payload).into_owned();
+            let (user, database) = shared::role::parse_lookup(&payload);
             let core = core.clone();
             let l = l.clone();
             glommio::spawn_local(async move {
                 let mut reply = Vec::new();
-                match core.admin.lookup(&user).await {
-                    Ok(RoleSecret::Verifier(v)) => {
+                match core.admin.lookup(&user, &database).await {
+                    Ok(info) => {
                         reply.push(1);
-                        reply.extend_from_slice(v.as_bytes());
+                        info.encode(&mut reply);
                     }
-                    Ok(RoleSecret::Absent) => reply.push(0),
                     Err(e) => {
                         tracing::warn!(error = %e, "role lookup failed");
                         reply.push(2);

@@ -8,5 +8,6 @@ pub mod link;
 pub mod logging;
 pub mod metrics_http;
 pub mod protocol;
+pub mod role;
 pub mod settings;
 pub mod sql;

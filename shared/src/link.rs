@@ -26,7 +26,8 @@ pub mod up {
     /// The gateway's answer to `CHALLENGE`: `u32 version`, its nonce `CN` (32 bytes),
     /// `HMAC(K, "tidepool-link/2 gateway" ‖ SN ‖ CN)` (32 bytes). See [`super::handshake`].
     pub const HELLO: u8 = 1;
-    /// Look a role's verifier up: payload `user\0`. Answered by `AUTH_INFO` for the same session.
+    /// Look a role up: payload `user` NUL `database` ([`crate::role::lookup_payload`]).
+    /// Answered by `AUTH_INFO` for the same session.
     pub const AUTH_LOOKUP: u8 = 2;
     /// Open a session after the gateway authenticated the client (see [`super::Open`]).
     pub const OPEN: u8 = 3;
@@ -63,7 +64,8 @@ pub mod up {
 
 /// Pooler → gateway.
 pub mod down {
-    /// `u8 found` then the raw `rolpassword` (may be empty when NULL).
+    /// `u8 1` then an encoded [`crate::role::RoleInfo`] (empty: no such role), or `u8 2` then
+    /// why the lookup failed.
     pub const AUTH_INFO: u8 = 20;
     /// Raw `ParameterStatus` messages for the client.
     pub const OPENED: u8 = 21;

@@ -19,7 +19,9 @@ use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::password;
 use crate::postgres::{Postgres, OS_USER};
-use crate::process::{accepts, liveness, spawn_detached, terminate, wait_ready, Liveness};
+use crate::process::{
+    accepts, liveness, spawn_detached, spawn_detached_as, terminate, wait_ready, Liveness,
+};
 use crate::state::{PostgresRecord, ProcessRecord, Role, State, FORMAT_VERSION};
 
 pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
@@ -359,8 +361,23 @@ pub(crate) fn ensure_tier(
         }
     }
     ensure_port_free(role, addr)?;
-    eprintln!("starting {name} on {addr}");
-    let mut child = spawn_detached(bin, args, &log)?;
+    // Not as root (crate::privilege): the process gets its own copy of the link secret.
+    let account = crate::privilege::account_for(role, state.settings.standbys > 0)?;
+    let mut args = args.to_vec();
+    if let Some(a) = &account {
+        let copy = crate::privilege::key_copy(
+            &layout.link_key_file(),
+            &layout.keys_dir(),
+            &format!("link.{name}.key"),
+            Some(a),
+        )?;
+        set_flag(&mut args, "--link-secret-file", copy.display().to_string());
+    }
+    match &account {
+        Some(a) => eprintln!("starting {name} on {addr} (as OS user {})", a.name),
+        None => eprintln!("starting {name} on {addr}"),
+    }
+    let mut child = spawn_detached_as(bin, &args, &log, account.as_ref())?;
     state.set_process(ProcessRecord {
         name: role,
         pid: child.id(),

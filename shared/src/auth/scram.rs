@@ -114,6 +114,16 @@ impl ScramVerifier {
         }
     }
 
+    /// The ClientKey when `password` matches this verifier (the `password` method of access
+    /// rules: a cleartext password checked as Postgres's `scram_verify_plain_password` does,
+    /// with the same SASLprep caveat as [`ScramVerifier::from_password`]). Costs `iterations`
+    /// HMACs on the caller's thread, as it costs Postgres's backend; only that method uses it.
+    pub fn check_password(&self, password: &str) -> Option<[u8; 32]> {
+        let salted = salted_password(password, &self.salt, self.iterations);
+        let client_key = hmac(&salted, &[b"Client Key"]);
+        bool::from(sha256(&client_key).ct_eq(&self.stored_key)).then_some(client_key)
+    }
+
     /// A deterministic fake verifier for a role that does not exist (or has no usable
     /// verifier), so the exchange looks the same as for a real role and fails only at the
     /// proof, like Postgres's `mock_scram_secret()`. The salt is the same for every attempt
@@ -585,6 +595,18 @@ mod tests {
         let first = format!("{gs2}n=user,r={RFC_CLIENT_NONCE}");
         server.client_first(first.as_bytes()).unwrap();
         server
+    }
+
+    #[test]
+    fn a_cleartext_password_is_checked_against_the_verifier() {
+        let v = ScramVerifier::from_password("s3cret", b"0123456789abcdef", 4096);
+        let key = v.check_password("s3cret").expect("right password");
+        assert_eq!(
+            key,
+            client_key_from_password("s3cret", b"0123456789abcdef", 4096)
+        );
+        assert!(v.check_password("s3cret ").is_none());
+        assert!(v.check_password("").is_none());
     }
 
     #[test]

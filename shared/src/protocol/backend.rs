@@ -40,6 +40,12 @@ pub fn auth_ok(out: &mut Vec<u8>) {
     });
 }
 
+pub fn auth_cleartext(out: &mut Vec<u8>) {
+    put_message(out, AUTHENTICATION, |b| {
+        b.extend_from_slice(&AUTH_CLEARTEXT.to_be_bytes())
+    });
+}
+
 pub fn auth_md5(out: &mut Vec<u8>, salt: [u8; 4]) {
     put_message(out, AUTHENTICATION, |b| {
         b.extend_from_slice(&AUTH_MD5.to_be_bytes());
@@ -151,6 +157,29 @@ pub fn error_sqlstate(body: &[u8]) -> Option<&[u8]> {
         .into_iter()
         .find(|(c, _)| *c == b'C')
         .map(|(_, v)| v)
+}
+
+/// An `ErrorResponse` with a `DETAIL` line (Postgres's `errdetail`).
+pub fn error_response_detail(
+    out: &mut Vec<u8>,
+    severity: Severity,
+    sqlstate: &str,
+    message: &str,
+    detail: &str,
+) {
+    put_message(out, ERROR_RESPONSE, |b| {
+        b.push(b'S');
+        put_cstr(b, severity.as_str().as_bytes());
+        b.push(b'V');
+        put_cstr(b, severity.as_str().as_bytes());
+        b.push(b'C');
+        put_cstr(b, sqlstate.as_bytes());
+        b.push(b'M');
+        put_cstr(b, message.as_bytes());
+        b.push(b'D');
+        put_cstr(b, detail.as_bytes());
+        b.push(0);
+    });
 }
 
 /// Re-emits an error body with its severity raised to FATAL: an error Postgres raised while we
