@@ -335,7 +335,9 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         return;
     };
     // The admin console's virtual database (admin/console.rs): authenticated as any client.
-    let console = database == core.cfg().admin_database;
+    // Off while no admin user is configured: a real database of that name (`tidepool up`
+    // creates one called `tidepool`) is then served as any other.
+    let console = !core.cfg().admin_users.is_empty() && database == core.cfg().admin_database;
     let io = SessionIo::new();
     let Some(id) = core.next_session_id().map(|id| io.hold_id(id)) else {
         write_fatal(&mut stream, "53300", "sorry, too many clients already").await;
