@@ -100,7 +100,8 @@ pub struct Args {
     #[arg(long)]
     pub admin_database: Option<String>,
     /// Roles allowed into the admin console (comma-separated or repeated); they authenticate
-    /// as any client does. Default: none, and then no console (a database of that name is served as any other).
+    /// as any client does. Default: none, and then no console (a database of that name is
+    /// served as any other).
     #[arg(long, value_delimiter = ',')]
     pub admin_users: Vec<String>,
     /// Address of the Prometheus/OpenMetrics endpoint (`GET /metrics`); off when unset.
