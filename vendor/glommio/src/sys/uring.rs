@@ -637,7 +637,7 @@ pub(crate) trait UringCommon {
     fn submission_queue(&mut self) -> ReactorQueue;
     fn submit_sqes(&mut self) -> io::Result<usize>;
     fn waiting_kernel_submission(&self) -> usize;
-    #[allow(dead_code)] // Tidepool: unused since the link poll stays armed
+    #[allow(dead_code)] // Tidepool: unused in glommio 0.9.0 too (a warning for a path dependency)
     fn in_kernel(&self) -> usize;
     fn waiting_kernel_collection(&self) -> usize;
     fn needs_kernel_enter(&self) -> bool;
@@ -1045,10 +1045,7 @@ impl SleepableRing {
         }
     }
 
-    /// Arms the poll that links the latency ring to this one and sleeps until a completion,
-    /// in one `io_uring_enter` (Tidepool; upstream submitted, then waited). Returns whether
-    /// the link was armed: when it was not, the caller must not count on it next time.
-    fn sleep(&mut self, link: &Source) -> io::Result<bool> {
+    fn sleep(&mut self, link: &Source) -> io::Result<usize> {
         assert_eq!(
             self.waiting_kernel_submission(),
             0,
@@ -1073,21 +1070,31 @@ impl SleepableRing {
                 &mut self.source_map.borrow_mut(),
             );
 
-            // The kernel submits before it waits, and waits only if the submission worked.
-            match self.ring.submit_sqes_and_wait(1) {
-                Ok(n) => {
-                    self.in_kernel += n as usize;
-                    Ok(n == 1)
-                }
-                Err(e) => {
-                    // We failed to submit the `SQE` that links the rings. Just can't sleep.
-                    // We make the SQE a no-op and return
-                    unsafe { crate::uring_sys::io_uring_prep_nop(sqe_ptr) };
-                    Reactor::busy_ok(e)
-                        .or_else(Reactor::again_ok)
-                        .or_else(Reactor::intr_ok)
-                        .map(|()| false)
-                }
+            // We have now prepared the SQE that links the two rings. We now need to submit
+            // it successfully to be able to safely sleep.
+
+            if self
+                .submit_sqes()
+                .or_else(Reactor::busy_ok)
+                .or_else(Reactor::again_ok)
+                .or_else(Reactor::intr_ok)?
+                != 1
+            {
+                // We failed to submit the `SQE` that links the rings. Just can't sleep.
+                // Waiting here is unsafe because we could end up waiting much longer than
+                // needed.
+                // We make the SQE a no-op and return
+                unsafe { crate::uring_sys::io_uring_prep_nop(sqe_ptr) };
+                Err(io::Error::from_raw_os_error(libc::EBUSY))
+            } else {
+                // The rings are linked. Goodnight!
+                self.ring
+                    .cq()
+                    .wait(1)
+                    .map(|_| 1)
+                    .or_else(Reactor::busy_ok)
+                    .or_else(Reactor::again_ok)
+                    .or_else(Reactor::intr_ok)
             }
         } else {
             // Can't link rings because we ran out of `CQE`s. Just can't sleep.
@@ -1097,25 +1104,7 @@ impl SleepableRing {
                 .or_else(Reactor::busy_ok)
                 .or_else(Reactor::again_ok)
                 .or_else(Reactor::intr_ok)
-                .map(|_| false)
         }
-    }
-
-    /// Sleeps until a completion, the link to the latency ring being still armed from an
-    /// earlier sleep (Tidepool).
-    fn sleep_linked(&mut self, _link: &Source) -> io::Result<usize> {
-        assert_eq!(
-            self.waiting_kernel_submission(),
-            0,
-            "sleeping with pending SQEs"
-        );
-        self.ring
-            .cq()
-            .wait(1)
-            .map(|_| 1)
-            .or_else(Reactor::busy_ok)
-            .or_else(Reactor::again_ok)
-            .or_else(Reactor::intr_ok)
     }
 }
 
@@ -1178,9 +1167,10 @@ impl UringCommon for SleepableRing {
         let source_map = self.source_map.clone();
         process_one_event(
             self.ring.peek_for_cqe(),
-            // Tidepool: a `LinkRings` completion records its result like any other, so that
-            // `Reactor::link_rings_and_sleep` knows the link is no longer armed.
-            |_| None,
+            |source| match source.source_type {
+                SourceType::LinkRings => Some(()),
+                _ => None,
+            },
             |mut src, res| {
                 record_stats(self, &mut src, &res);
                 if let SourceType::ForeignNotifier(_, installed) = &mut src.source_type {
@@ -1233,9 +1223,6 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<(Source, Instant)>>,
-    // Tidepool: the poll that links the latency ring to the main ring while asleep, kept
-    // armed from one sleep to the next until it fires.
-    link_rings_src: RefCell<Option<Source>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
@@ -1367,7 +1354,6 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
-            link_rings_src: RefCell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
@@ -1741,12 +1727,6 @@ impl Reactor {
     /// We may not be able to register an `SQE` at this point, so we return an
     /// Error and will just not sleep.
     fn link_rings_and_sleep(&self, ring: &mut SleepableRing) -> io::Result<()> {
-        // Tidepool: the link poll stays armed across sleeps until it fires (upstream added
-        // one per sleep and cancelled it on waking).
-        let mut link = self.link_rings_src.borrow_mut();
-        if let Some(armed) = link.as_ref().filter(|src| src.result().is_none()) {
-            return ring.sleep_linked(armed).or_else(Self::busy_ok).map(|_| {});
-        }
         let link_rings = Source::new(
             IoRequirements::default(),
             self.link_fd,
@@ -1754,12 +1734,7 @@ impl Reactor {
             None,
             None,
         );
-        // A link whose SQE never reached the ring must not be waited on next time.
-        let linked = ring.sleep(&link_rings).or_else(Self::busy_ok)?;
-        if linked {
-            *link = Some(link_rings);
-        }
-        Ok(())
+        ring.sleep(&link_rings).or_else(Self::busy_ok).map(|_| {})
     }
 
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {
@@ -1831,12 +1806,13 @@ impl Reactor {
         Preempt: Fn() -> Option<Duration>,
         F: Fn() -> usize,
     {
-        // Tidepool: this method differs from glommio 0.9.0 (vendor/glommio/TIDEPOOL.md). Each
-        // timer stays in the kernel until it fires instead of being cancelled and submitted
-        // again on every call, and a sleep submits and waits in one `io_uring_enter`: upstream
-        // entered the kernel six or seven times per park/wake cycle, for a proxy that parks
-        // after nearly every request. With a single task queue (all Tidepool uses) a preempt
-        // timer that fires earlier than a fresh one would is harmless: the queue yields to I/O.
+        // Tidepool: this method differs from glommio 0.9.0 (vendor/glommio/TIDEPOOL.md). While
+        // the executor runs (a preempt timer is asked for), an armed timer that fires no later
+        // than a fresh one would is kept, and the throughput timer is kept until it fires:
+        // upstream cancelled and re-submitted both on every call, two `io_uring_enter` per
+        // iteration of the executor's loop. With a single task queue (all Tidepool uses) a
+        // preempt timer that fires early only makes the queue yield to I/O. About to sleep, it
+        // does what upstream does.
         woke += self.flush_syscall_thread();
 
         let mut poll_ring = self.poll_ring.borrow_mut();
@@ -1846,20 +1822,19 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // The latency ring's timer: while running, the preempt timer (kept while one armed
-        // earlier fires no later than a fresh one would); about to sleep, the user timer if
-        // any (kept if it fires no later), and nothing otherwise, so that an idle executor is
-        // not woken just to be preempted.
+        // The latency ring's timer: the preempt timer while running (kept while one armed
+        // earlier fires no later); none while about to sleep (dropping it cancels it), the user
+        // timer being armed below if the executor does sleep, as upstream.
         let preempt = preempt_timer();
-        let wanted = preempt.or(user_timer);
         let now = Instant::now();
         let armed = self
             .latency_preemption_timeout_src
             .take()
             .filter(|(src, _)| src.result().is_none());
-        let timer = match (armed, wanted) {
-            (Some((src, deadline)), Some(d)) if deadline <= now + d => Some((src, deadline)),
-            // Dropping an armed timer queues its cancellation.
+        let timer = match (armed, preempt) {
+            (Some((src, deadline)), Some(d)) if now.checked_add(d).is_some_and(|t| deadline <= t) => {
+                Some((src, deadline))
+            }
             (_, Some(d)) => Some((lat_ring.prepare_latency_preemption_timer(d), now + d)),
             (_, None) => None,
         };
@@ -1896,6 +1871,15 @@ impl Reactor {
             && lat_ring.can_sleep();
 
         if should_sleep {
+            // We are about to go to sleep. It's ok to sleep, but if there
+            // is a timer set, we need to make sure we wake up to handle it.
+            if let Some(dur) = user_timer {
+                self.latency_preemption_timeout_src.set(Some((
+                    lat_ring.prepare_latency_preemption_timer(dur),
+                    Instant::now() + dur,
+                )));
+                assert!(flush_rings!(lat_ring)? > 0);
+            }
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
             // last time until now it could be that something happened in a remote executor
@@ -1910,6 +1894,7 @@ impl Reactor {
                 if self.eventfd_src.is_installed().unwrap() {
                     self.link_rings_and_sleep(&mut main_ring)
                         .expect("some error");
+                    // May have new cancellations related to the link ring fd.
                     flush_cancellations!(into &mut 0; lat_ring, poll_ring, main_ring);
                     flush_rings!(lat_ring, poll_ring, main_ring)?;
                     consume_rings!(into &mut 0; lat_ring, poll_ring, main_ring);
