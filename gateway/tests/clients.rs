@@ -671,6 +671,35 @@ fn checks_passed(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// Runs `script` against Postgres itself, then through `tp`: both runs must succeed and pass the
+/// same checks, and the direct run's checks must show what the script is about (`saw`, else the
+/// test fails with `missing`: a script that exercised nothing proves nothing). Returns the checks.
+fn same_checks_directly_and_through(
+    pg: &PgCluster,
+    tp: &Tidepool,
+    script: &str,
+    saw: impl Fn(&[String]) -> bool,
+    missing: &str,
+) -> Vec<String> {
+    let direct = run_python(script, pg.direct_url(ALICE.0, ALICE.1, APP_DB));
+    assert!(
+        direct.success(),
+        "against Postgres itself:\n{}",
+        direct.text
+    );
+    let checks = checks_passed(&direct.text);
+    assert!(saw(&checks), "{missing}:\n{}", direct.text);
+    let through = run_python(script, tp.url(ALICE.0, ALICE.1, APP_DB));
+    assert!(
+        through.success(),
+        "through the gateway:\n{}\n{}",
+        through.text,
+        tp.logs()
+    );
+    assert_eq!(checks, checks_passed(&through.text));
+    checks
+}
+
 #[test]
 fn psycopg3_through_the_gateway() {
     if !psycopg_available("psycopg3_through_the_gateway") {
@@ -842,26 +871,13 @@ fn failed_pipelined_writes_report_as_directly() {
         return;
     }
     let (pg, tp) = start(2);
-    let direct = run_python("pipeline_check.py", pg.direct_url(ALICE.0, ALICE.1, APP_DB));
-    assert!(
-        direct.success(),
-        "against Postgres itself:\n{}",
-        direct.text
+    same_checks_directly_and_through(
+        &pg,
+        &tp,
+        "pipeline_check.py",
+        |checks| checks.iter().any(|l| l.contains("23505")),
+        "the script did not see the duplicate key",
     );
-    let through = run_python("pipeline_check.py", tp.url(ALICE.0, ALICE.1, APP_DB));
-    assert!(
-        through.success(),
-        "through the gateway:\n{}\n{}",
-        through.text,
-        tp.logs()
-    );
-    let checks = checks_passed(&direct.text);
-    assert!(
-        checks.iter().any(|l| l.contains("23505")),
-        "the script did not see the duplicate key:\n{}",
-        direct.text
-    );
-    assert_eq!(checks, checks_passed(&through.text));
 }
 
 /// `pg_cancel_backend`/`pg_terminate_backend` of a session's pid as its client knows it (issue
@@ -876,26 +892,15 @@ fn signals_to_a_sessions_pid_act_as_directly() {
         return;
     }
     let (pg, tp) = start(2);
-    let direct = run_python("signal_check.py", pg.direct_url(ALICE.0, ALICE.1, APP_DB));
-    assert!(
-        direct.success(),
-        "against Postgres itself:\n{}",
-        direct.text
+    same_checks_directly_and_through(
+        &pg,
+        &tp,
+        "signal_check.py",
+        |checks| {
+            checks.iter().any(|l| l.contains("57014")) && checks.iter().any(|l| l.contains("57P01"))
+        },
+        "the script saw no cancel or termination",
     );
-    let through = run_python("signal_check.py", tp.url(ALICE.0, ALICE.1, APP_DB));
-    assert!(
-        through.success(),
-        "through the gateway:\n{}\n{}",
-        through.text,
-        tp.logs()
-    );
-    let checks = checks_passed(&direct.text);
-    assert!(
-        checks.iter().any(|l| l.contains("57014")) && checks.iter().any(|l| l.contains("57P01")),
-        "the script saw no cancel or termination:\n{}",
-        direct.text
-    );
-    assert_eq!(checks, checks_passed(&through.text));
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(bounded(Duration::from_secs(30), async {
@@ -939,29 +944,13 @@ fn a_session_ended_by_the_server_ends_as_directly() {
         return;
     }
     let (pg, tp) = start(2);
-    let direct = run_python(
+    same_checks_directly_and_through(
+        &pg,
+        &tp,
         "server_end_check.py",
-        pg.direct_url(ALICE.0, ALICE.1, APP_DB),
+        |checks| checks.iter().filter(|l| l.contains("57P01")).count() >= 2,
+        "the script saw no termination",
     );
-    assert!(
-        direct.success(),
-        "against Postgres itself:\n{}",
-        direct.text
-    );
-    let through = run_python("server_end_check.py", tp.url(ALICE.0, ALICE.1, APP_DB));
-    assert!(
-        through.success(),
-        "through the gateway:\n{}\n{}",
-        through.text,
-        tp.logs()
-    );
-    let checks = checks_passed(&direct.text);
-    assert!(
-        checks.iter().filter(|l| l.contains("57P01")).count() >= 2,
-        "the script saw no termination:\n{}",
-        direct.text
-    );
-    assert_eq!(checks, checks_passed(&through.text));
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(bounded(Duration::from_secs(30), async {
@@ -1000,29 +989,18 @@ fn prepared_statements_after_a_schema_change_behave_as_directly() {
         return;
     }
     let (pg, tp) = start(2);
-    let direct = run_python("cache_check.py", pg.direct_url(ALICE.0, ALICE.1, APP_DB));
-    assert!(
-        direct.success(),
-        "against Postgres itself:\n{}",
-        direct.text
+    let checks = same_checks_directly_and_through(
+        &pg,
+        &tp,
+        "cache_check.py",
+        |checks| {
+            checks.iter().filter(|l| l.contains("0A000")).count() >= 3
+                && checks
+                    .iter()
+                    .any(|l| l.contains("InvalidCachedStatementError"))
+        },
+        "the script saw no stale plan",
     );
-    let checks = checks_passed(&direct.text);
-    assert!(
-        checks.iter().filter(|l| l.contains("0A000")).count() >= 3
-            && checks
-                .iter()
-                .any(|l| l.contains("InvalidCachedStatementError")),
-        "the script saw no stale plan:\n{}",
-        direct.text
-    );
-    let through = run_python("cache_check.py", tp.url(ALICE.0, ALICE.1, APP_DB));
-    assert!(
-        through.success(),
-        "through the gateway:\n{}\n{}",
-        through.text,
-        tp.logs()
-    );
-    assert_eq!(checks, checks_passed(&through.text));
     drop(tp);
 
     let tp = Tidepool::start(
@@ -1057,28 +1035,16 @@ fn client_encoding_in_the_startup_packet_as_directly() {
         return;
     }
     let (pg, tp) = start(2);
-    let script = "startup_encoding_check.py";
-    let direct = run_python(script, pg.direct_url(ALICE.0, ALICE.1, APP_DB));
-    assert!(
-        direct.success(),
-        "against Postgres itself:\n{}",
-        direct.text
+    same_checks_directly_and_through(
+        &pg,
+        &tp,
+        "startup_encoding_check.py",
+        |checks| {
+            checks
+                .iter()
+                .any(|l| l == "EUC_JP: reported after RESET: ok b'EUC_JP'")
+                && checks.iter().any(|l| l.contains("22P05"))
+        },
+        "the script did not see the encodings applied",
     );
-    let checks = checks_passed(&direct.text);
-    assert!(
-        checks
-            .iter()
-            .any(|l| l == "EUC_JP: reported after RESET: ok b'EUC_JP'")
-            && checks.iter().any(|l| l.contains("22P05")),
-        "the script did not see the encodings applied:\n{}",
-        direct.text
-    );
-    let through = run_python(script, tp.url(ALICE.0, ALICE.1, APP_DB));
-    assert!(
-        through.success(),
-        "through the gateway:\n{}\n{}",
-        through.text,
-        tp.logs()
-    );
-    assert_eq!(checks, checks_passed(&through.text));
 }
