@@ -263,7 +263,6 @@ pub fn render(admin: &Shared, m: &Metrics, openmetrics: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeSet;
 
     #[test]
     fn docs_metrics_md_lists_exactly_the_gateways_metrics() {
@@ -293,19 +292,11 @@ mod tests {
             text.contains("tidepool_gateway_queries_total{database=\"app\"} 1"),
             "{text}"
         );
-        let exposed: BTreeSet<String> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("# TYPE "))
-            .filter_map(|l| l.split_whitespace().next())
-            .map(str::to_string)
-            .collect();
-        let documented: BTreeSet<String> = include_str!("../../docs/metrics.md")
-            .lines()
-            .filter_map(|l| l.strip_prefix("| `"))
-            .filter_map(|l| l.split('`').next())
-            .filter(|n| n.starts_with("tidepool_gateway_"))
-            .map(str::to_string)
-            .collect();
+        let exposed = shared::metrics_http::exposed_names(&text);
+        let documented =
+            shared::metrics_http::documented_names(include_str!("../../docs/metrics.md"), |n| {
+                n.starts_with("tidepool_gateway_")
+            });
         assert_eq!(exposed, documented);
         // The dashboard shows them all.
         let dashboard = include_str!("../../config/grafana/tidepool-gateway-pooler.json");

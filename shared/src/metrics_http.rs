@@ -138,6 +138,30 @@ pub fn class_name(i: usize) -> String {
     String::from_utf8_lossy(&[D[i / 36], D[i % 36]]).into_owned()
 }
 
+/// The metric families a text exposition declares (its `# TYPE name …` lines). With
+/// [`documented_names`], what keeps docs/metrics.md equal to what each process exposes (each
+/// process's unit test).
+pub fn exposed_names(text: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The metric names a page of docs lists (its `` | `name` `` table rows) that `keep` accepts.
+pub fn documented_names(
+    doc: &str,
+    keep: impl Fn(&str) -> bool,
+) -> std::collections::BTreeSet<String> {
+    doc.lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter_map(|l| l.split('`').next())
+        .filter(|n| keep(n))
+        .map(str::to_string)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -449,28 +449,17 @@ mod tests {
             1,
             1,
         );
-        let exposed: BTreeSet<String> = encoded(&registry)
-            .lines()
-            .filter_map(|l| l.strip_prefix("# TYPE "))
-            .filter_map(|l| l.split_whitespace().next())
-            .map(str::to_string)
-            .collect();
+        let exposed = shared::metrics_http::exposed_names(&encoded(&registry));
         assert_eq!(exposed, documented());
     }
 
     fn documented() -> BTreeSet<String> {
-        include_str!("../../../docs/metrics.md")
-            .lines()
-            .filter_map(|l| l.strip_prefix("| `"))
-            .filter_map(|l| l.split('`').next())
-            // The gateway's and the pooler's have their own tests (their crates).
-            .filter(|n| {
-                n.starts_with("tidepool_")
-                    && !n.starts_with("tidepool_gateway_")
-                    && !n.starts_with("tidepool_pooler_")
-            })
-            .map(str::to_string)
-            .collect()
+        // The gateway's and the pooler's have their own tests (their crates).
+        shared::metrics_http::documented_names(include_str!("../../../docs/metrics.md"), |n| {
+            n.starts_with("tidepool_")
+                && !n.starts_with("tidepool_gateway_")
+                && !n.starts_with("tidepool_pooler_")
+        })
     }
 
     #[test]
