@@ -182,66 +182,31 @@ impl EtcdStore {
         id: &str,
         ttl: Duration,
     ) -> Result<Option<Leadership>, StoreError> {
-        // etcd leases count whole seconds (and raise very short ones to its minimum).
-        let ttl_s = ttl.as_secs_f64().ceil().max(1.0) as i64;
-        let granted = self
-            .call("/v3/lease/grant", json!({ "TTL": ttl_s.to_string() }))
-            .await?;
-        let lease = int_field(&granted, "ID");
-        if lease == 0 {
-            return Err(self.etcd_error(format!("lease grant without an ID: {granted}")));
-        }
-        let key = B64.encode(&self.leader_key);
-        let txn = self
-            .call(
-                "/v3/kv/txn",
-                json!({
-                    "compare": [{ "key": key, "result": "EQUAL", "target": "CREATE", "create_revision": "0" }],
-                    "success": [{ "request_put": { "key": key, "value": B64.encode(id), "lease": lease.to_string() } }],
-                    "failure": [{ "request_range": { "key": key } }],
-                }),
-            )
-            .await;
-        let txn = match txn {
-            Ok(t) => t,
-            Err(e) => {
-                let _ = self.revoke(lease).await;
-                return Err(e);
+        let (lease, ttl_s) = match self.create_leased(&self.leader_key, id, ttl).await? {
+            Ok(taken) => taken,
+            Err(held) => {
+                if let Some(kv) = held {
+                    let holder = bytes_field(&kv, "value").unwrap_or_default();
+                    if holder == id.as_bytes() {
+                        // Still ours from an earlier campaign: carry on with that lease, renewed
+                        // (as the file store renews on a repeated campaign).
+                        let l = Leadership {
+                            id: id.to_string(),
+                            ttl,
+                            lease: int_field(&kv, "lease"),
+                        };
+                        return Ok(self.renew(&l).await?.then_some(l));
+                    }
+                }
+                return Ok(None);
             }
         };
-        if txn
-            .get("succeeded")
-            .and_then(Value::as_bool)
-            .unwrap_or(false)
-        {
-            tracing::info!(id, lease, ttl_s, "leadership taken (etcd)");
-            return Ok(Some(Leadership {
-                id: id.to_string(),
-                ttl,
-                lease,
-            }));
-        }
-        // Someone holds it; the new lease is not needed either way.
-        let _ = self.revoke(lease).await;
-        let held = txn
-            .get("responses")
-            .and_then(|r| r.get(0))
-            .and_then(|r| r.get("response_range"))
-            .and_then(first_kv);
-        if let Some(kv) = held {
-            let holder = bytes_field(kv, "value").unwrap_or_default();
-            if holder == id.as_bytes() {
-                // Still ours from an earlier campaign: carry on with that lease, renewed
-                // (as the file store renews on a repeated campaign).
-                let l = Leadership {
-                    id: id.to_string(),
-                    ttl,
-                    lease: int_field(kv, "lease"),
-                };
-                return Ok(self.renew(&l).await?.then_some(l));
-            }
-        }
-        Ok(None)
+        tracing::info!(id, lease, ttl_s, "leadership taken (etcd)");
+        Ok(Some(Leadership {
+            id: id.to_string(),
+            ttl,
+            lease,
+        }))
     }
 
     pub(super) async fn renew(&self, leadership: &Leadership) -> Result<bool, StoreError> {
@@ -296,6 +261,27 @@ impl EtcdStore {
         id: &str,
         ttl: Duration,
     ) -> Result<Result<i64, String>, StoreError> {
+        Ok(
+            match self.create_leased(&self.backup_lock_key, id, ttl).await? {
+                Ok((lease, _)) => Ok(lease),
+                Err(held) => Err(held
+                    .and_then(|kv| bytes_field(&kv, "value").ok())
+                    .map(|v| String::from_utf8_lossy(&v).into_owned())
+                    .unwrap_or_else(|| "another process".into())),
+            },
+        )
+    }
+
+    /// Creates `key` with the value `id`, bound to a new lease of `ttl`, if the key does not
+    /// exist (one transaction): `Ok(Ok((lease, ttl in seconds)))`; else `Ok(Err(kv))`, the key
+    /// as it stands (`None` if it vanished meanwhile), the new lease revoked.
+    async fn create_leased(
+        &self,
+        key: &str,
+        id: &str,
+        ttl: Duration,
+    ) -> Result<Result<(i64, i64), Option<Value>>, StoreError> {
+        // etcd leases count whole seconds (and raise very short ones to its minimum).
         let ttl_s = ttl.as_secs_f64().ceil().max(1.0) as i64;
         let granted = self
             .call("/v3/lease/grant", json!({ "TTL": ttl_s.to_string() }))
@@ -304,7 +290,7 @@ impl EtcdStore {
         if lease == 0 {
             return Err(self.etcd_error(format!("lease grant without an ID: {granted}")));
         }
-        let key = B64.encode(&self.backup_lock_key);
+        let key = B64.encode(key);
         let txn = self
             .call(
                 "/v3/kv/txn",
@@ -327,18 +313,16 @@ impl EtcdStore {
             .and_then(Value::as_bool)
             .unwrap_or(false)
         {
-            return Ok(Ok(lease));
+            return Ok(Ok((lease, ttl_s)));
         }
+        // Someone holds it; the new lease is not needed either way.
         let _ = self.revoke(lease).await;
-        let holder = txn
+        Ok(Err(txn
             .get("responses")
             .and_then(|r| r.get(0))
             .and_then(|r| r.get("response_range"))
             .and_then(first_kv)
-            .and_then(|kv| bytes_field(kv, "value").ok())
-            .map(|v| String::from_utf8_lossy(&v).into_owned())
-            .unwrap_or_else(|| "another process".into());
-        Ok(Err(holder))
+            .cloned()))
     }
 
     /// Keeps the backup lock's lease alive; `false` when it lapsed (the key is gone).
