@@ -22,44 +22,20 @@ use shared::sql::{find_ci, Kind, Lexer, Token};
 /// `None` if no text names it (the common case: one substring scan).
 pub fn virtual_backend_pid(batch: &[u8], pid: i32) -> Option<Vec<u8>> {
     find_ci(batch, b"pg_backend_pid")?;
-    let mut out = Vec::with_capacity(batch.len() + 64);
-    let mut changed = false;
-    let mut i = 0;
-    while i + 5 <= batch.len() {
-        let len = u32::from_be_bytes([batch[i + 1], batch[i + 2], batch[i + 3], batch[i + 4]]);
-        let end = (i + 1 + len as usize).min(batch.len());
-        let (tag, body) = (batch[i], &batch[(i + 5).min(end)..end]);
-        let rewritten = match tag {
-            fe::QUERY => rewrite(fe::query_text(body), pid).map(|sql| {
-                let mut m = Vec::with_capacity(sql.len() + 6);
-                fe::query(&mut m, &String::from_utf8_lossy(&sql));
-                m
-            }),
-            fe::PARSE => fe::parse_parse(body).ok().and_then(|p| {
-                let sql = rewrite(p.query, pid)?;
-                let mut m = Vec::new();
-                fe::write_parse(&mut m, p.name, &sql, p.param_types);
-                Some(m)
-            }),
-            _ => None,
-        };
-        match rewritten {
-            Some(m) => {
-                changed = true;
-                out.extend_from_slice(&m);
-            }
-            None => out.extend_from_slice(&batch[i..end]),
-        }
-        if len < 4 {
-            out.extend_from_slice(&batch[end..]);
-            break;
-        }
-        i = end;
-    }
-    if i < batch.len() && i + 5 > batch.len() {
-        out.extend_from_slice(&batch[i..]);
-    }
-    changed.then_some(out)
+    fe::rewrite_each(batch, |tag, body| match tag {
+        fe::QUERY => rewrite(fe::query_text(body), pid).map(|sql| {
+            let mut m = Vec::with_capacity(sql.len() + 6);
+            fe::query(&mut m, &String::from_utf8_lossy(&sql));
+            m
+        }),
+        fe::PARSE => fe::parse_parse(body).ok().and_then(|p| {
+            let sql = rewrite(p.query, pid)?;
+            let mut m = Vec::new();
+            fe::write_parse(&mut m, p.name, &sql, p.param_types);
+            Some(m)
+        }),
+        _ => None,
+    })
 }
 
 /// Words that end a `SELECT` or `RETURNING` list at its own level.

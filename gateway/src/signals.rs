@@ -163,58 +163,35 @@ pub fn rewrite_batch(
     if !named && stmts.is_empty() {
         return None;
     }
-    let mut out = Vec::with_capacity(batch.len() + 128);
     let mut owed = Vec::new();
-    let mut changed = false;
-    let mut i = 0;
-    while i + 5 <= batch.len() {
-        let len = u32::from_be_bytes([batch[i + 1], batch[i + 2], batch[i + 3], batch[i + 4]]);
-        let end = (i + 1 + len as usize).min(batch.len());
-        let (tag, body) = (batch[i], &batch[(i + 5).min(end)..end]);
-        let rewritten = match tag {
-            fe::QUERY if named => rewrite(fe::query_text(body), caller, &mut owed)
-                .0
-                .map(|sql| {
-                    let mut m = Vec::with_capacity(sql.len() + 6);
-                    fe::query(&mut m, &String::from_utf8_lossy(&sql));
-                    m
-                }),
-            fe::PARSE => fe::parse_parse(body).ok().and_then(|p| {
-                let (sql, params) = if named {
-                    rewrite(p.query, caller, &mut owed)
-                } else {
-                    (None, Vec::new())
-                };
-                if params.is_empty() {
-                    stmts.0.remove(p.name);
-                } else {
-                    stmts.0.insert(p.name.to_vec(), params);
-                }
-                let sql = sql?;
-                let mut m = Vec::new();
-                fe::write_parse(&mut m, p.name, &sql, p.param_types);
-                Some(m)
+    let out = fe::rewrite_each(batch, |tag, body| match tag {
+        fe::QUERY if named => rewrite(fe::query_text(body), caller, &mut owed)
+            .0
+            .map(|sql| {
+                let mut m = Vec::with_capacity(sql.len() + 6);
+                fe::query(&mut m, &String::from_utf8_lossy(&sql));
+                m
             }),
-            fe::BIND if !stmts.is_empty() => bind(body, caller, stmts, &mut owed),
-            _ => None,
-        };
-        match rewritten {
-            Some(m) => {
-                changed = true;
-                out.extend_from_slice(&m);
+        fe::PARSE => fe::parse_parse(body).ok().and_then(|p| {
+            let (sql, params) = if named {
+                rewrite(p.query, caller, &mut owed)
+            } else {
+                (None, Vec::new())
+            };
+            if params.is_empty() {
+                stmts.0.remove(p.name);
+            } else {
+                stmts.0.insert(p.name.to_vec(), params);
             }
-            None => out.extend_from_slice(&batch[i..end]),
-        }
-        if len < 4 {
-            out.extend_from_slice(&batch[end..]);
-            break;
-        }
-        i = end;
-    }
-    if i < batch.len() && i + 5 > batch.len() {
-        out.extend_from_slice(&batch[i..]);
-    }
-    changed.then_some((out, owed))
+            let sql = sql?;
+            let mut m = Vec::new();
+            fe::write_parse(&mut m, p.name, &sql, p.param_types);
+            Some(m)
+        }),
+        fe::BIND if !stmts.is_empty() => bind(body, caller, stmts, &mut owed),
+        _ => None,
+    })?;
+    Some((out, owed))
 }
 
 /// `cancel_backend` or `terminate_backend` anywhere in `batch` (ASCII case ignored): one pass

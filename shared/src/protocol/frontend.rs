@@ -218,6 +218,39 @@ pub fn write_target(out: &mut Vec<u8>, tag: u8, kind: u8, name: &[u8]) {
     });
 }
 
+/// A batch of frontend messages with some of them replaced: `f(tag, body)` returns the whole
+/// new message (tag and length included) or `None` to keep it. `None` when no message was
+/// replaced. A message cut short at the end of the batch is copied as it is.
+pub fn rewrite_each(
+    batch: &[u8],
+    mut f: impl FnMut(u8, &[u8]) -> Option<Vec<u8>>,
+) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(batch.len() + 64);
+    let mut changed = false;
+    let mut i = 0;
+    while i + 5 <= batch.len() {
+        let len = u32::from_be_bytes([batch[i + 1], batch[i + 2], batch[i + 3], batch[i + 4]]);
+        let end = (i + 1 + len as usize).min(batch.len());
+        let (tag, body) = (batch[i], &batch[(i + 5).min(end)..end]);
+        match f(tag, body) {
+            Some(m) => {
+                changed = true;
+                out.extend_from_slice(&m);
+            }
+            None => out.extend_from_slice(&batch[i..end]),
+        }
+        if len < 4 {
+            out.extend_from_slice(&batch[end..]);
+            break;
+        }
+        i = end;
+    }
+    if i < batch.len() && i + 5 > batch.len() {
+        out.extend_from_slice(&batch[i..]);
+    }
+    changed.then_some(out)
+}
+
 /// The SQL text of a `Query` body, without its terminator (a Query may carry embedded NULs;
 /// Postgres reads up to the first one, so do we).
 pub fn query_text(body: &[u8]) -> &[u8] {
