@@ -486,10 +486,16 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// One key file per test process, made once: tests run in parallel, and one reading the
+    /// file while another was still writing it failed now and then.
     fn key_file() -> String {
-        let key = std::env::temp_dir().join(format!("tp-gw-cfg-{}.key", std::process::id()));
-        let _ = shared::link::LinkKey::load_or_create(&key);
-        key.to_string_lossy().into_owned()
+        static KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        KEY.get_or_init(|| {
+            let key = std::env::temp_dir().join(format!("tp-gw-cfg-{}.key", std::process::id()));
+            shared::link::LinkKey::load_or_create(&key).expect("test link key");
+            key.to_string_lossy().into_owned()
+        })
+        .clone()
     }
 
     #[test]
