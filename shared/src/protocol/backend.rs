@@ -121,6 +121,17 @@ impl Severity {
 
 /// An `ErrorResponse` shaped as Postgres shapes its own: `S`, `V`, `C`, `M` fields.
 pub fn error_response(out: &mut Vec<u8>, severity: Severity, sqlstate: &str, message: &str) {
+    error_with(out, severity, sqlstate, message, None);
+}
+
+/// `S`, `V`, `C`, `M` and, when given, `D` (Postgres's `errdetail`).
+fn error_with(
+    out: &mut Vec<u8>,
+    severity: Severity,
+    sqlstate: &str,
+    message: &str,
+    detail: Option<&str>,
+) {
     put_message(out, ERROR_RESPONSE, |b| {
         b.push(b'S');
         put_cstr(b, severity.as_str().as_bytes());
@@ -130,6 +141,10 @@ pub fn error_response(out: &mut Vec<u8>, severity: Severity, sqlstate: &str, mes
         put_cstr(b, sqlstate.as_bytes());
         b.push(b'M');
         put_cstr(b, message.as_bytes());
+        if let Some(detail) = detail {
+            b.push(b'D');
+            put_cstr(b, detail.as_bytes());
+        }
         b.push(0);
     });
 }
@@ -167,19 +182,7 @@ pub fn error_response_detail(
     message: &str,
     detail: &str,
 ) {
-    put_message(out, ERROR_RESPONSE, |b| {
-        b.push(b'S');
-        put_cstr(b, severity.as_str().as_bytes());
-        b.push(b'V');
-        put_cstr(b, severity.as_str().as_bytes());
-        b.push(b'C');
-        put_cstr(b, sqlstate.as_bytes());
-        b.push(b'M');
-        put_cstr(b, message.as_bytes());
-        b.push(b'D');
-        put_cstr(b, detail.as_bytes());
-        b.push(0);
-    });
+    error_with(out, severity, sqlstate, message, Some(detail));
 }
 
 /// Re-emits an error body with its severity raised to FATAL: an error Postgres raised while we
