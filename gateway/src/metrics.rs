@@ -247,17 +247,7 @@ pub fn registry(admin: &Shared, m: &Metrics) -> Registry {
 
 /// The page of one scrape.
 pub fn render(admin: &Shared, m: &Metrics, openmetrics: bool) -> String {
-    let r = registry(admin, m);
-    let mut out = String::new();
-    let done = if openmetrics {
-        prometheus_client::encoding::text::encode(&mut out, &r)
-    } else {
-        prometheus_client::encoding::prometheus_text::encode(&mut out, &r)
-    };
-    if done.is_err() {
-        tracing::warn!("metrics: encoding failed");
-    }
-    out
+    shared::metrics_http::encode(&registry(admin, m), openmetrics)
 }
 
 #[cfg(test)]

@@ -220,17 +220,7 @@ pub fn registry(budgets: &Budgets, m: &Metrics) -> Registry {
 }
 
 pub fn render(budgets: &Budgets, m: &Metrics, openmetrics: bool) -> String {
-    let r = registry(budgets, m);
-    let mut out = String::new();
-    let done = if openmetrics {
-        prometheus_client::encoding::text::encode(&mut out, &r)
-    } else {
-        prometheus_client::encoding::prometheus_text::encode(&mut out, &r)
-    };
-    if done.is_err() {
-        tracing::warn!("metrics: encoding failed");
-    }
-    out
+    shared::metrics_http::encode(&registry(budgets, m), openmetrics)
 }
 
 #[cfg(test)]

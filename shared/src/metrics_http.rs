@@ -138,6 +138,21 @@ pub fn class_name(i: usize) -> String {
     String::from_utf8_lossy(&[D[i / 36], D[i % 36]]).into_owned()
 }
 
+/// A registry as a page: OpenMetrics when the scraper asked for it, else the 0.0.4 text
+/// (an encoding failure is logged and leaves what was written).
+pub fn encode(r: &prometheus_client::registry::Registry, openmetrics: bool) -> String {
+    let mut out = String::new();
+    let done = if openmetrics {
+        prometheus_client::encoding::text::encode(&mut out, r)
+    } else {
+        prometheus_client::encoding::prometheus_text::encode(&mut out, r)
+    };
+    if done.is_err() {
+        tracing::warn!("metrics: encoding failed");
+    }
+    out
+}
+
 /// The metric families a text exposition declares (its `# TYPE name …` lines). With
 /// [`documented_names`], what keeps docs/metrics.md equal to what each process exposes (each
 /// process's unit test).
