@@ -215,7 +215,8 @@ start_tidepool() {
     (umask 077 && od -An -tx1 -N32 /dev/urandom | tr -d ' \n' >"$WORK/link.key")
     (
         ulimit -n "$(ulimit -Hn)"
-        exec "$TIDEPOOL_BIN/tidepool-pooler" --listen "127.0.0.1:$LINK_PORT" \
+        # TIDEPOOL_POOLER_WRAP: a command to run the pooler under (e.g. "heaptrack -o F").
+        exec ${TIDEPOOL_POOLER_WRAP:-} "$TIDEPOOL_BIN/tidepool-pooler" --listen "127.0.0.1:$LINK_PORT" \
             --link-secret-file "$WORK/link.key" \
             --pg-host 127.0.0.1 --pg-port "$PG_PORT" --admin-socket-dir "$WORK" \
             --admin-user postgres --pool-size 20 "${cores[@]}" ${TIDEPOOL_POOLER_ARGS:-}
@@ -226,7 +227,8 @@ start_tidepool() {
     for i in $(seq 1 "$gateways"); do
         (
             ulimit -n "$(ulimit -Hn)"
-            exec "$TIDEPOOL_BIN/tidepool-gateway" --listen "127.0.0.1:$GATEWAY_PORT" \
+            # TIDEPOOL_GATEWAY_WRAP: a command to run the gateway under (e.g. "heaptrack -o F").
+            exec ${TIDEPOOL_GATEWAY_WRAP:-} "$TIDEPOOL_BIN/tidepool-gateway" --listen "127.0.0.1:$GATEWAY_PORT" \
                 --pooler "127.0.0.1:$LINK_PORT" --link-secret-file "$WORK/link.key" --auth-method md5 --max-clients "$max_clients" "${gcores[@]}" ${TIDEPOOL_GATEWAY_ARGS:-}
         ) >"$WORK/gateway-$i.log" 2>&1 &
         pid=$!

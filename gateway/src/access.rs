@@ -18,14 +18,16 @@ use crate::config::Config;
 use shared::protocol::backend::{self as be, Severity};
 use shared::role::RoleInfo;
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 /// Logged-in clients of this process by role and by database. A lock taken twice per client
 /// life (login, logout), never per request.
+/// Keyed by shared names: a client's `Admitted` holds the map's own key, so a session costs no
+/// copy of its role's and database's names here.
 #[derive(Default)]
 struct Counts {
-    roles: HashMap<String, usize>,
-    databases: HashMap<String, usize>,
+    roles: HashMap<Arc<str>, usize>,
+    databases: HashMap<Arc<str>, usize>,
 }
 
 fn counts() -> MutexGuard<'static, Counts> {
@@ -38,8 +40,8 @@ fn counts() -> MutexGuard<'static, Counts> {
 
 /// A client admitted: counted for its role and database until dropped (the session ends).
 pub struct Admitted {
-    user: String,
-    database: String,
+    user: Arc<str>,
+    database: Arc<str>,
 }
 
 impl Drop for Admitted {
@@ -128,10 +130,21 @@ pub fn admit(
             &format!("too many client connections for database \"{database}\" (max_db_clients)"),
         ));
     }
-    *c.roles.entry(user.to_owned()).or_default() += 1;
-    *c.databases.entry(database.to_owned()).or_default() += 1;
     Ok(Admitted {
-        user: user.to_owned(),
-        database: database.to_owned(),
+        user: count_in(&mut c.roles, user),
+        database: count_in(&mut c.databases, database),
     })
+}
+
+/// Counts one more client under `name`, and returns the map's key for it.
+fn count_in(map: &mut HashMap<Arc<str>, usize>, name: &str) -> Arc<str> {
+    if let Some((k, n)) = map.get_key_value(name) {
+        let k = k.clone();
+        let n = *n;
+        map.insert(k.clone(), n + 1);
+        return k;
+    }
+    let k: Arc<str> = Arc::from(name);
+    map.insert(k.clone(), 1);
+    k
 }

@@ -299,15 +299,20 @@ impl Core {
     }
 }
 
-/// Counts a client (in the process and on its core) for as long as it lives; knows its
-/// addresses for the admin console (`None`: a Unix socket), and once logged in holds its
-/// place in the role and database limits (`access`).
+/// Counts a client (in the process and on its core) for as long as it lives, and once logged
+/// in holds its place in the role and database limits (`access`).
 pub struct ClientSlot {
     process: Arc<AtomicUsize>,
     core: Rc<Cell<usize>>,
+    admitted: Option<crate::access::Admitted>,
+}
+
+/// A client's addresses, for the admin console (`None`: a Unix socket). Kept by the console's
+/// registry only, not by every session's task.
+#[derive(Clone, Copy, Default)]
+pub struct Peer {
     pub addr: Option<std::net::SocketAddr>,
     pub local: Option<std::net::SocketAddr>,
-    admitted: Option<crate::access::Admitted>,
 }
 
 impl ClientSlot {
@@ -317,8 +322,6 @@ impl ClientSlot {
         let slot = ClientSlot {
             process: core.clients.clone(),
             core: core.local_clients.clone(),
-            addr: None,
-            local: None,
             admitted: None,
         };
         (prev < core.cfg().max_clients).then_some(slot)

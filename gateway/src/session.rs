@@ -5,7 +5,7 @@
 
 use crate::auth::{self, Refusal};
 use crate::classify::LOWERS_SYNC_COMMIT;
-use crate::core::{ClientSlot, Core};
+use crate::core::{ClientSlot, Core, Peer};
 use crate::identity;
 use crate::session_io::{self, SessionIo};
 use crate::signals;
@@ -18,7 +18,10 @@ use shared::protocol::backend::{self as be, Severity};
 use shared::protocol::frontend::{self as fe, parse_startup, Startup};
 use shared::protocol::{typed_message_len, ProtocolError, MAX_STARTUP_PACKET};
 use shared::settings::Settings;
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 use tidepool_gateway::hba::Transport;
 
@@ -115,12 +118,14 @@ pub async fn serve_tcp(core: Rc<Core>, mut stream: TcpStream, read_only: bool) {
         refuse(stream, "57P03", "the database system is shutting down").await;
         return;
     }
-    let Some(mut slot) = ClientSlot::take(&core) else {
+    let Some(slot) = ClientSlot::take(&core) else {
         refuse(stream, "53300", "sorry, too many clients already").await;
         return;
     };
-    slot.addr = stream.peer_addr().ok();
-    slot.local = stream.local_addr().ok();
+    let addrs = Peer {
+        addr: stream.peer_addr().ok(),
+        local: stream.local_addr().ok(),
+    };
     // One deadline for all of startup and authentication, however many negotiation packets
     // the client sends (Postgres: authentication_timeout).
     let deadline = Instant::now() + Duration::from_secs(core.cfg().auth_timeout_seconds);
@@ -156,8 +161,10 @@ pub async fn serve_tcp(core: Rc<Core>, mut stream: TcpStream, read_only: bool) {
                     match crate::with_timeout(left(deadline), acceptor.accept(stream)).await {
                         Some(Ok(tls)) => {
                             let how = tcp(true);
-                            return serve(core, tls, reader, None, slot, deadline, read_only, how)
-                                .await;
+                            return serve(
+                                core, tls, reader, None, slot, addrs, deadline, read_only, how,
+                            )
+                            .await;
                         }
                         _ => return,
                     }
@@ -179,6 +186,7 @@ pub async fn serve_tcp(core: Rc<Core>, mut stream: TcpStream, read_only: bool) {
                     reader,
                     Some(other),
                     slot,
+                    addrs,
                     deadline,
                     read_only,
                     how,
@@ -209,6 +217,7 @@ pub async fn serve_unix(core: Rc<Core>, stream: glommio::net::UnixStream) {
         reader,
         None,
         slot,
+        Peer::default(),
         deadline,
         false,
         Transport::Local,
@@ -238,6 +247,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     mut reader: MessageReader,
     first: Option<Startup>,
     mut slot: ClientSlot,
+    peer: Peer,
     deadline: Instant,
     read_only: bool,
     transport: Transport,
@@ -413,6 +423,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                     .to_owned(),
                 user,
                 database,
+                peer,
             };
             crate::admin::console::serve(core, stream, reader, io, id, login, slot).await;
             return;
@@ -454,8 +465,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     let me = core.admin.register(crate::admin::NewClient {
         user: &open.user,
         database: &open.database,
-        addr: slot.addr,
-        local: slot.local,
+        addr: peer.addr,
+        local: peer.local,
         pid: open.pid,
         application_name: io
             .settings
@@ -560,7 +571,12 @@ fn parse_options(options: &str, settings: &mut Settings) -> Result<(), String> {
 
 /// The request loop.
 #[allow(clippy::too_many_arguments)] // each is a distinct part of the session handed over whole
-async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
+/// The session's request loop, once logged in. Not an `async fn`: an async fn keeps each of its
+/// arguments twice in its future (the argument and the local it is moved into, rust-lang/rust
+/// #62958), and what is only set up (the writer task, the client stream's wrapper) needs no
+/// place in it at all; here that is done before the future exists, which then captures each
+/// value once. The future is what every idle session costs (`size_tests`).
+fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     core: Rc<Core>,
     stream: S,
     mut reader: MessageReader,
@@ -571,14 +587,12 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     // both held until the session's last bytes are written.
     held: (ClientSlot, signals::Registration),
     me: crate::admin::Registered,
-) {
+) -> impl std::future::Future<Output = ()> + 'static {
     let stream = RcStream::new(stream);
     let writer_io = io.clone();
     let me_writer = me.client.clone();
     let wstream = stream.clone();
     glommio::spawn_local(async move {
-        // The client counts (for a drain) until its last bytes are written.
-        let _held = held;
         // Credit goes to whichever pooler serves the session now, in batches: a frame per client
         // write doubled the link's frames for small results. The pooler stops only past its
         // window (`WINDOW`, 256 KiB), so credit held back here (under `CREDIT_BATCH`) never
@@ -598,6 +612,9 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
             }
         };
         let _ = writer_io.client_out.run_writer_with(wstream, credit).await;
+        // The client counts (for a drain) until its last bytes are written. Dropped here, not
+        // moved into a local at the start: that would keep it twice in the task.
+        drop(held);
     })
     .detach();
     let mut rstream = stream;
@@ -607,338 +624,348 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     let mut busy_since: Option<Instant> = None;
     let mut xact_since: Option<Instant> = None;
     let mut signal_stmts = signals::Statements::default();
-    'session: loop {
-        // Frame every complete message we have into one MSGS frame.
-        let mut flags = 0u8;
-        let mut end = 0;
-        let mut terminate = false;
-        // Inside a transaction (or possibly, behind pipelined requests not answered yet),
-        // whether a request here may commit it (see failover.rs): a COMMIT whose outcome is
-        // unknown must never be reported as rolled back.
-        let in_tx = io.status.get() != b'I' || io.pending.get() > 0;
-        let mut may_commit = false;
-        // Offsets of messages that would lower synchronous_commit (rare): rewritten below.
-        let mut denied: Vec<usize> = Vec::new();
-        // Prepared-statement names in SQL text, for the pooler (`up::NAMES`); whether one of
-        // them is a PREPARE (pinned instead if the names cannot go with the batch).
-        let mut names: Vec<u8> = Vec::new();
-        let mut names_prepare = false;
-        loop {
-            let data = &reader.data()[end..];
-            // The type byte is judged as soon as it arrives, as Postgres does, before any length.
-            let bad_type = data.first().is_some_and(|&t| !fe::is_known_after_login(t));
-            match typed_message_len(data, max) {
-                _ if bad_type => {
-                    let tag = data[0];
-                    let mut err = Vec::new();
-                    be::error_response(
-                        &mut err,
-                        Severity::Fatal,
-                        "08P01",
-                        &format!("invalid frontend message type {tag}"),
-                    );
-                    if end > 0 {
-                        send_partial(&io, id, flags, &reader.data()[..end]);
+    async move {
+        'session: loop {
+            // Frame every complete message we have into one MSGS frame.
+            let mut flags = 0u8;
+            let mut end = 0;
+            let mut terminate = false;
+            // Inside a transaction (or possibly, behind pipelined requests not answered yet),
+            // whether a request here may commit it (see failover.rs): a COMMIT whose outcome is
+            // unknown must never be reported as rolled back.
+            let in_tx = io.status.get() != b'I' || io.pending.get() > 0;
+            let mut may_commit = false;
+            // Offsets of messages that would lower synchronous_commit (rare): rewritten below.
+            let mut denied: Vec<usize> = Vec::new();
+            // Prepared-statement names in SQL text, for the pooler (`up::NAMES`); whether one of
+            // them is a PREPARE (pinned instead if the names cannot go with the batch).
+            let mut names: Vec<u8> = Vec::new();
+            let mut names_prepare = false;
+            loop {
+                let data = &reader.data()[end..];
+                // The type byte is judged as soon as it arrives, as Postgres does, before any length.
+                let bad_type = data.first().is_some_and(|&t| !fe::is_known_after_login(t));
+                match typed_message_len(data, max) {
+                    _ if bad_type => {
+                        let tag = data[0];
+                        let mut err = Vec::new();
+                        be::error_response(
+                            &mut err,
+                            Severity::Fatal,
+                            "08P01",
+                            &format!("invalid frontend message type {tag}"),
+                        );
+                        if end > 0 {
+                            send_partial(&io, id, flags, &reader.data()[..end]);
+                        }
+                        io.client_out.push(&err);
+                        break 'session;
                     }
-                    io.client_out.push(&err);
-                    break 'session;
-                }
-                Ok(Some(n)) => {
-                    let tag = data[0];
-                    let body = &data[5..n];
-                    match tag {
-                        fe::TERMINATE => {
-                            terminate = true;
-                            break;
-                        }
-                        fe::QUERY => {
-                            let sql = fe::query_text(body);
-                            let f = match core.classifier.classify_now(sql) {
-                                Some(f) => f,
-                                // Boxed: the slow path's state is not part of every session.
-                                None => Box::pin(core.classifier.classify(sql)).await,
-                            };
-                            watch_custom_settings(&io, id, f, sql);
-                            release_databases(&io, id, sql);
-                            if f & LOWERS_SYNC_COMMIT != 0 {
-                                denied.push(end);
+                    Ok(Some(n)) => {
+                        let tag = data[0];
+                        let body = &data[5..n];
+                        match tag {
+                            fe::TERMINATE => {
+                                terminate = true;
+                                break;
                             }
-                            may_commit |= in_tx && crate::classify::may_commit(sql);
-                            flags |= f;
-                            match statement_names::find(sql) {
-                                Found::Names(v) => {
-                                    names_prepare |=
-                                        v.iter().any(|n| n.kind == statement_names::kind::PREPARE);
-                                    statement_names::encode(&mut names, end, &v);
-                                }
-                                Found::Unmapped { prepares: true } => flags |= flags::PIN,
-                                _ => {}
-                            }
-                        }
-                        fe::PARSE => {
-                            if let Ok(p) = fe::parse_parse(body) {
-                                let f = match core.classifier.classify_now(p.query) {
+                            fe::QUERY => {
+                                let sql = fe::query_text(body);
+                                let f = match core.classifier.classify_now(sql) {
                                     Some(f) => f,
-                                    None => Box::pin(core.classifier.classify(p.query)).await,
+                                    // Boxed: the slow path's state is not part of every session.
+                                    None => Box::pin(core.classifier.classify(sql)).await,
                                 };
-                                watch_custom_settings(&io, id, f, p.query);
-                                release_databases(&io, id, p.query);
+                                watch_custom_settings(&io, id, f, sql);
+                                release_databases(&io, id, sql);
                                 if f & LOWERS_SYNC_COMMIT != 0 {
                                     denied.push(end);
-                                } else if !p.name.is_empty() {
-                                    // For a re-open on another pooler (failover.rs).
-                                    io.remember_parse(p.name, &data[..n]);
                                 }
-                                may_commit |= in_tx && crate::classify::may_commit(p.query);
+                                may_commit |= in_tx && crate::classify::may_commit(sql);
                                 flags |= f;
-                                // A PREPARE run through the extended protocol keeps the
-                                // client's name on a pinned backend (not mapped).
-                                let prepares = match statement_names::find(p.query) {
+                                match statement_names::find(sql) {
                                     Found::Names(v) => {
-                                        v.iter().any(|n| n.kind == statement_names::kind::PREPARE)
+                                        names_prepare |= v
+                                            .iter()
+                                            .any(|n| n.kind == statement_names::kind::PREPARE);
+                                        statement_names::encode(&mut names, end, &v);
                                     }
-                                    Found::Unmapped { prepares } => prepares,
-                                    Found::Nothing => false,
-                                };
-                                if prepares {
-                                    flags |= flags::PIN;
+                                    Found::Unmapped { prepares: true } => flags |= flags::PIN,
+                                    _ => {}
                                 }
-                                statement_flags.parsed(p.name, f);
                             }
+                            fe::PARSE => {
+                                if let Ok(p) = fe::parse_parse(body) {
+                                    let f = match core.classifier.classify_now(p.query) {
+                                        Some(f) => f,
+                                        None => Box::pin(core.classifier.classify(p.query)).await,
+                                    };
+                                    watch_custom_settings(&io, id, f, p.query);
+                                    release_databases(&io, id, p.query);
+                                    if f & LOWERS_SYNC_COMMIT != 0 {
+                                        denied.push(end);
+                                    } else if !p.name.is_empty() {
+                                        // For a re-open on another pooler (failover.rs).
+                                        io.remember_parse(p.name, &data[..n]);
+                                    }
+                                    may_commit |= in_tx && crate::classify::may_commit(p.query);
+                                    flags |= f;
+                                    // A PREPARE run through the extended protocol keeps the
+                                    // client's name on a pinned backend (not mapped).
+                                    let prepares = match statement_names::find(p.query) {
+                                        Found::Names(v) => v
+                                            .iter()
+                                            .any(|n| n.kind == statement_names::kind::PREPARE),
+                                        Found::Unmapped { prepares } => prepares,
+                                        Found::Nothing => false,
+                                    };
+                                    if prepares {
+                                        flags |= flags::PIN;
+                                    }
+                                    statement_flags.parsed(p.name, f);
+                                }
+                            }
+                            fe::BIND => {
+                                // What the statement does when it runs, also when it was parsed
+                                // in an earlier batch.
+                                if let Ok((_, stmt, _)) = fe::parse_bind(body) {
+                                    flags |= statement_flags.bound(stmt);
+                                }
+                            }
+                            fe::CLOSE => {
+                                if let Ok((b'S', name)) = fe::parse_target(body) {
+                                    io.forget_parse(name);
+                                    statement_flags.closed(name);
+                                }
+                            }
+                            _ => {}
                         }
-                        fe::BIND => {
-                            // What the statement does when it runs, also when it was parsed
-                            // in an earlier batch.
-                            if let Ok((_, stmt, _)) = fe::parse_bind(body) {
-                                flags |= statement_flags.bound(stmt);
-                            }
+                        end += n;
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let (code, msg) = match e {
+                            ProtocolError::TooLarge { .. } => ("54000", e.to_string()),
+                            _ => ("08P01", format!("invalid message: {e}")),
+                        };
+                        let mut err = Vec::new();
+                        be::error_response(&mut err, Severity::Fatal, code, &msg);
+                        if end > 0 {
+                            send_partial(&io, id, flags, &reader.data()[..end]);
                         }
-                        fe::CLOSE => {
-                            if let Ok((b'S', name)) = fe::parse_target(body) {
-                                io.forget_parse(name);
-                                statement_flags.closed(name);
-                            }
+                        io.client_out.push(&err);
+                        break 'session;
+                    }
+                }
+            }
+            if end > 0 {
+                // PAUSE (admin console): a request outside a transaction waits (one relaxed load
+                // when nothing is paused).
+                if io.status.get() == b'I'
+                    && io.pending.get() == 0
+                    && core.admin.paused(&open.database)
+                {
+                    let since = Instant::now();
+                    me.client.set_state(crate::admin::state::WAITING);
+                    me.client.requested();
+                    // Woken by the core's lifecycle tick after a RESUME or KILL (or a drain); the
+                    // timer only bounds a missed wake.
+                    loop {
+                        // Taken before the check, so a wake between the two is not lost.
+                        let woken = core.drain_notify.notified();
+                        let held = core.admin.paused(&open.database)
+                            && !me.client.killed()
+                            && !core.force.get();
+                        if !held {
+                            break;
                         }
-                        _ => {}
+                        let _ = crate::with_timeout(Duration::from_secs(1), woken).await;
                     }
-                    end += n;
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    let (code, msg) = match e {
-                        ProtocolError::TooLarge { .. } => ("54000", e.to_string()),
-                        _ => ("08P01", format!("invalid message: {e}")),
-                    };
-                    let mut err = Vec::new();
-                    be::error_response(&mut err, Severity::Fatal, code, &msg);
-                    if end > 0 {
-                        send_partial(&io, id, flags, &reader.data()[..end]);
-                    }
-                    io.client_out.push(&err);
-                    break 'session;
-                }
-            }
-        }
-        if end > 0 {
-            // PAUSE (admin console): a request outside a transaction waits (one relaxed load
-            // when nothing is paused).
-            if io.status.get() == b'I' && io.pending.get() == 0 && core.admin.paused(&open.database)
-            {
-                let since = Instant::now();
-                me.client.set_state(crate::admin::state::WAITING);
-                me.client.requested();
-                // Woken by the core's lifecycle tick after a RESUME or KILL (or a drain); the
-                // timer only bounds a missed wake.
-                loop {
-                    // Taken before the check, so a wake between the two is not lost.
-                    let woken = core.drain_notify.notified();
-                    let held = core.admin.paused(&open.database)
-                        && !me.client.killed()
-                        && !core.force.get();
-                    if !held {
-                        break;
-                    }
-                    let _ = crate::with_timeout(Duration::from_secs(1), woken).await;
-                }
-                crate::admin::bump(&me.client.stats.wait_us, since.elapsed().as_micros() as u64);
-                if me.client.killed() {
-                    io.client_out.push(&fatal(SHUTDOWN_CODE, SHUTDOWN));
-                    break 'session;
-                }
-            }
-            me.client.set_state(crate::admin::state::ACTIVE);
-            crate::admin::bump(&me.client.stats.received, end as u64);
-            let now = Instant::now();
-            busy_since.get_or_insert(now);
-            if io.status.get() == b'I' {
-                xact_since.get_or_insert(now);
-            }
-            // The hot path: the session's pooler is the primary (or holds its transaction).
-            match session_io::usable_link(&core, &io).filter(|_| denied.is_empty()) {
-                Some(l) => {
-                    let batch = &reader.data()[..end];
-                    // `NAMES` carry offsets into the batch as the client sent it: a batch with
-                    // them keeps its text (pg_backend_pid() then answers the backend's pid).
-                    let (own_pid, signalled) = if names.is_empty() {
-                        let own_pid = identity::virtual_backend_pid(batch, open.pid);
-                        let b = own_pid.as_deref().unwrap_or(batch);
-                        (
-                            own_pid.clone(),
-                            signal_calls(&io, b, open.pid, &mut signal_stmts),
-                        )
-                    } else {
-                        l.send(up::NAMES, id, &names);
-                        (None, None)
-                    };
-                    let (sent, owed) = match &signalled {
-                        Some((b, owed)) => (&b[..], &owed[..]),
-                        None => (own_pid.as_deref().unwrap_or(batch), &[][..]),
-                    };
-                    session_io::send(&l, &io, id, flags, sent, may_commit);
-                    send_signals(&core, owed);
-                    reader.consume(end);
-                }
-                None => {
-                    let mut batch = reader.data()[..end].to_vec();
-                    reader.consume(end);
-                    if !denied.is_empty() {
-                        batch = deny_sync_commit(&batch, &denied);
-                    }
-                    if let Some(b) = identity::virtual_backend_pid(&batch, open.pid) {
-                        batch = b;
-                    }
-                    let mut owed = Vec::new();
-                    if let Some((b, o)) = signal_calls(&io, &batch, open.pid, &mut signal_stmts) {
-                        (batch, owed) = (b, o);
-                    }
-                    send_signals(&core, &owed);
-                    // The slow path may change poolers: names are not sent; a PREPARE
-                    // then keeps the client's name on a pinned backend.
-                    let flags = if names_prepare {
-                        flags | flags::PIN
-                    } else {
-                        flags
-                    };
-                    // Boxed: a re-open's state (waits for a primary, the login on the new
-                    // pooler) exists only during a failover, not in every idle session's task.
-                    let r = Box::pin(crate::failover::forward_slow(
-                        &core, &io, id, &open, &batch, flags, may_commit,
-                    ))
-                    .await;
-                    if r.is_err() {
-                        break;
+                    crate::admin::bump(
+                        &me.client.stats.wait_us,
+                        since.elapsed().as_micros() as u64,
+                    );
+                    if me.client.killed() {
+                        io.client_out.push(&fatal(SHUTDOWN_CODE, SHUTDOWN));
+                        break 'session;
                     }
                 }
-            }
-        }
-        if terminate || io.ended.get() {
-            break;
-        }
-        if let Some(l) = io.current_link() {
-            if l.out.is_full() {
-                l.out.wait_drain().await;
-            }
-        }
-        // Per-session flow control of requests (`down::ACK`).
-        io.wait_window().await;
-        let want = shared::protocol::pending_message_len(reader.data()).unwrap_or(0);
-        let ended = io.ended_notify.notified();
-        let drain = core.drain_notify.notified();
-        let ready = io.ready_notify.notified();
-        if io.ended.get() {
-            break;
-        }
-        // Idle: every request answered, no half-read message. A drain ends an idle session
-        // outside a transaction at once, any session when the shutdown timeout passed; what
-        // the client may have sent meanwhile is left unread, so it never ran.
-        let idle = io.pending.get() == 0 && reader.data().is_empty();
-        // What SHOW CLIENTS and SHOW STATS read (stores only this core makes).
-        let stats = &me.client.stats;
-        stats
-            .queries
-            .store(io.readies.get(), std::sync::atomic::Ordering::Relaxed);
-        stats
-            .xacts
-            .store(io.xacts.get(), std::sync::atomic::Ordering::Relaxed);
-        if idle {
-            if let Some(t) = busy_since.take() {
-                crate::admin::bump(&stats.query_us, t.elapsed().as_micros() as u64);
-            }
-            if io.status.get() == b'I' {
-                if let Some(t) = xact_since.take() {
-                    crate::admin::bump(&stats.xact_us, t.elapsed().as_micros() as u64);
+                me.client.set_state(crate::admin::state::ACTIVE);
+                crate::admin::bump(&me.client.stats.received, end as u64);
+                let now = Instant::now();
+                busy_since.get_or_insert(now);
+                if io.status.get() == b'I' {
+                    xact_since.get_or_insert(now);
                 }
-                me.client.set_state(crate::admin::state::IDLE);
-            }
-        }
-        // KILL (admin console): at once, in a transaction or not.
-        if me.client.killed() {
-            io.client_out.push(&fatal(SHUTDOWN_CODE, SHUTDOWN));
-            break;
-        }
-        if core.force.get() || (core.draining.get() && idle && io.status.get() == b'I') {
-            io.client_out.push(&fatal(SHUTDOWN_CODE, SHUTDOWN));
-            break;
-        }
-        // PgBouncer's client_idle_timeout and idle_transaction_timeout, timed from the moment
-        // the session went idle (`ready` wakes the loop when the last answer arrives).
-        let limit = match (idle, io.status.get()) {
-            (false, _) => 0,
-            (true, b'I') => core.cfg().client_idle_timeout_ms,
-            (true, _) => core.cfg().idle_transaction_timeout_ms,
-        };
-        let wake = futures_lite::future::or(
-            async { Wake::Read(reader.fill(&mut rstream, want).await) },
-            futures_lite::future::or(
-                async {
-                    ended.await;
-                    Wake::Ended
-                },
-                futures_lite::future::or(
-                    async {
-                        futures_lite::future::or(drain, async {
-                            if idle {
-                                std::future::pending::<()>().await;
-                            }
-                            ready.await;
-                        })
+                // The hot path: the session's pooler is the primary (or holds its transaction).
+                match session_io::usable_link(&core, &io).filter(|_| denied.is_empty()) {
+                    Some(l) => {
+                        let batch = &reader.data()[..end];
+                        // `NAMES` carry offsets into the batch as the client sent it: a batch with
+                        // them keeps its text (pg_backend_pid() then answers the backend's pid).
+                        let (own_pid, signalled) = if names.is_empty() {
+                            let own_pid = identity::virtual_backend_pid(batch, open.pid);
+                            let b = own_pid.as_deref().unwrap_or(batch);
+                            (
+                                own_pid.clone(),
+                                signal_calls(&io, b, open.pid, &mut signal_stmts),
+                            )
+                        } else {
+                            l.send(up::NAMES, id, &names);
+                            (None, None)
+                        };
+                        let (sent, owed) = match &signalled {
+                            Some((b, owed)) => (&b[..], &owed[..]),
+                            None => (own_pid.as_deref().unwrap_or(batch), &[][..]),
+                        };
+                        session_io::send(&l, &io, id, flags, sent, may_commit);
+                        send_signals(&core, owed);
+                        reader.consume(end);
+                    }
+                    None => {
+                        let mut batch = reader.data()[..end].to_vec();
+                        reader.consume(end);
+                        if !denied.is_empty() {
+                            batch = deny_sync_commit(&batch, &denied);
+                        }
+                        if let Some(b) = identity::virtual_backend_pid(&batch, open.pid) {
+                            batch = b;
+                        }
+                        let mut owed = Vec::new();
+                        if let Some((b, o)) = signal_calls(&io, &batch, open.pid, &mut signal_stmts)
+                        {
+                            (batch, owed) = (b, o);
+                        }
+                        send_signals(&core, &owed);
+                        // The slow path may change poolers: names are not sent; a PREPARE
+                        // then keeps the client's name on a pinned backend.
+                        let flags = if names_prepare {
+                            flags | flags::PIN
+                        } else {
+                            flags
+                        };
+                        // Boxed: a re-open's state (waits for a primary, the login on the new
+                        // pooler) exists only during a failover, not in every idle session's task.
+                        let r = Box::pin(crate::failover::forward_slow(
+                            &core, &io, id, &open, &batch, flags, may_commit,
+                        ))
                         .await;
-                        Wake::Again
-                    },
-                    async {
-                        if limit == 0 {
-                            std::future::pending::<()>().await;
+                        if r.is_err() {
+                            break;
                         }
-                        glommio::timer::sleep(Duration::from_millis(limit)).await;
-                        Wake::Timeout
-                    },
-                ),
-            ),
-        )
-        .await;
-        match wake {
-            Wake::Read(Ok(n)) if n > 0 => {}
-            Wake::Again => {}
-            Wake::Timeout => {
-                let why = if io.status.get() == b'I' {
-                    CLIENT_IDLE_TIMEOUT
-                } else {
-                    IDLE_TRANSACTION_TIMEOUT
-                };
-                tracing::info!(session = id, reason = why, "disconnecting an idle client");
-                io.client_out.push(&fatal(TIMEOUT_CODE, why));
+                    }
+                }
+            }
+            if terminate || io.ended.get() {
                 break;
             }
-            _ => break,
+            if let Some(l) = io.current_link() {
+                if l.out.is_full() {
+                    l.out.wait_drain().await;
+                }
+            }
+            // Per-session flow control of requests (`down::ACK`).
+            io.wait_window().await;
+            let want = shared::protocol::pending_message_len(reader.data()).unwrap_or(0);
+            let ended = io.ended_notify.notified();
+            let drain = core.drain_notify.notified();
+            let ready = io.ready_notify.notified();
+            if io.ended.get() {
+                break;
+            }
+            // Idle: every request answered, no half-read message. A drain ends an idle session
+            // outside a transaction at once, any session when the shutdown timeout passed; what
+            // the client may have sent meanwhile is left unread, so it never ran.
+            let idle = io.pending.get() == 0 && reader.data().is_empty();
+            // What SHOW CLIENTS and SHOW STATS read (stores only this core makes).
+            let stats = &me.client.stats;
+            stats
+                .queries
+                .store(io.readies.get(), std::sync::atomic::Ordering::Relaxed);
+            stats
+                .xacts
+                .store(io.xacts.get(), std::sync::atomic::Ordering::Relaxed);
+            if idle {
+                if let Some(t) = busy_since.take() {
+                    crate::admin::bump(&stats.query_us, t.elapsed().as_micros() as u64);
+                }
+                if io.status.get() == b'I' {
+                    if let Some(t) = xact_since.take() {
+                        crate::admin::bump(&stats.xact_us, t.elapsed().as_micros() as u64);
+                    }
+                    me.client.set_state(crate::admin::state::IDLE);
+                }
+            }
+            // KILL (admin console): at once, in a transaction or not.
+            if me.client.killed() {
+                io.client_out.push(&fatal(SHUTDOWN_CODE, SHUTDOWN));
+                break;
+            }
+            if core.force.get() || (core.draining.get() && idle && io.status.get() == b'I') {
+                io.client_out.push(&fatal(SHUTDOWN_CODE, SHUTDOWN));
+                break;
+            }
+            // PgBouncer's client_idle_timeout and idle_transaction_timeout, timed from the moment
+            // the session went idle (`ready` wakes the loop when the last answer arrives).
+            let limit = match (idle, io.status.get()) {
+                (false, _) => 0,
+                (true, b'I') => core.cfg().client_idle_timeout_ms,
+                (true, _) => core.cfg().idle_transaction_timeout_ms,
+            };
+            // One poll for every event the idle session waits on: the client, the pooler ending the
+            // session, a drain, the last answer (when not idle) and the idle timeout. Hand-written
+            // rather than a chain of `or` futures, which kept each branch's future (about 300 bytes)
+            // in every idle session's task.
+            let (mut ended, mut drain, mut ready) = (ended, drain, ready);
+            let mut timer =
+                (limit > 0).then(|| glommio::timer::Timer::new(Duration::from_millis(limit)));
+            let wake = std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = reader.poll_fill(cx, &mut rstream, want) {
+                    return Poll::Ready(Wake::Read(r));
+                }
+                // The read buffer only matters while the read is polled: an idle session
+                // keeps none (512 bytes of every idle client, perf/idle_memory.sh).
+                reader.release_if_empty();
+                if Pin::new(&mut ended).poll(cx).is_ready() {
+                    return Poll::Ready(Wake::Ended);
+                }
+                if Pin::new(&mut drain).poll(cx).is_ready()
+                    || (!idle && Pin::new(&mut ready).poll(cx).is_ready())
+                {
+                    return Poll::Ready(Wake::Again);
+                }
+                if let Some(t) = timer.as_mut() {
+                    if Pin::new(t).poll(cx).is_ready() {
+                        return Poll::Ready(Wake::Timeout);
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            match wake {
+                Wake::Read(Ok(n)) if n > 0 => {}
+                Wake::Again => {}
+                Wake::Timeout => {
+                    let why = if io.status.get() == b'I' {
+                        CLIENT_IDLE_TIMEOUT
+                    } else {
+                        IDLE_TRANSACTION_TIMEOUT
+                    };
+                    tracing::info!(session = id, reason = why, "disconnecting an idle client");
+                    io.client_out.push(&fatal(TIMEOUT_CODE, why));
+                    break;
+                }
+                _ => break,
+            }
         }
-    }
-    if let Some(l) = io.current_link() {
-        l.unregister(id);
-        if !io.ended.get() {
-            l.send(up::CLOSE, id, &[]);
+        if let Some(l) = io.current_link() {
+            l.unregister(id);
+            if !io.ended.get() {
+                l.send(up::CLOSE, id, &[]);
+            }
         }
+        io.client_out.close();
     }
-    io.client_out.close();
 }
 
 /// What woke the request loop while it waited for the client.
@@ -1110,5 +1137,34 @@ mod tests {
         assert_eq!(s.get("application_name"), Some("a b"));
         assert!(parse_options("bogus", &mut Settings::default()).is_err());
         assert!(parse_options("-c", &mut Settings::default()).is_err());
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    /// The size of what calling `f` returns (a future), without calling it.
+    #[allow(clippy::too_many_arguments)]
+    fn output_size<F, A, B, C, D, E, G, H, I, R>(_: F) -> usize
+    where
+        F: FnOnce(A, B, C, D, E, G, H, I) -> R,
+    {
+        std::mem::size_of::<R>()
+    }
+
+    /// What every idle session keeps on the heap besides its socket: the request loop's task
+    /// and its `SessionIo` (perf/idle_memory.sh measures the whole). Sizes of a debug build,
+    /// as the tests run; a release build's are no larger.
+    #[test]
+    fn an_idle_sessions_state_is_small() {
+        let task = output_size(run::<glommio::net::TcpStream>);
+        let io = std::mem::size_of::<SessionIo>();
+        eprintln!("request loop {task} B, SessionIo {io} B");
+        assert!(
+            task <= 704,
+            "the request loop's future grew to {task} bytes: box what it awaits rarely"
+        );
+        assert!(io <= 544, "SessionIo grew to {io} bytes");
     }
 }

@@ -24,6 +24,7 @@ pub struct Login {
     pub user: String,
     pub database: String,
     pub application_name: String,
+    pub peer: crate::core::Peer,
 }
 
 /// Runs the console until the client leaves, SHUTDOWN, or the process drains.
@@ -35,14 +36,15 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     io: Rc<SessionIo>,
     id: u32,
     login: Login,
-    slot: ClientSlot,
+    // Counts the client for as long as the console serves it.
+    _slot: ClientSlot,
 ) {
     let pid = (rand::random::<u32>() >> 1) as i32;
     let me: Registered = core.admin.register(NewClient {
         user: &login.user,
         database: &login.database,
-        addr: slot.addr,
-        local: slot.local,
+        addr: login.peer.addr,
+        local: login.peer.local,
         pid,
         application_name: &login.application_name,
     });
