@@ -162,6 +162,10 @@ pub struct Core {
     /// `ParameterStatus` messages to answer with. A login found here needs no backend, so a storm
     /// of connections does not queue behind running queries.
     logins: RefCell<HashMap<LoginKey, LoginEntry>>,
+    /// Sessions' baseline settings, one copy per distinct value: an application's clients all
+    /// send the same startup packet, so its thousands of sessions share one (an idle
+    /// session's memory, perf/idle_memory.sh).
+    baselines: RefCell<std::collections::HashSet<Rc<Settings>>>,
     /// Pools starving on other cores (`CoreMsg::Starving`) and when they said so: the next
     /// backend released here that may go to them is closed so they get its unit.
     pub owed: RefCell<Vec<(PoolKey, Instant)>>,
@@ -190,6 +194,7 @@ impl Core {
             next_id: Cell::new(1),
             peers: RefCell::new(None),
             logins: RefCell::new(HashMap::new()),
+            baselines: RefCell::default(),
             owed: RefCell::new(Vec::new()),
             listeners: RefCell::new(HashMap::new()),
         })
@@ -246,6 +251,22 @@ impl Core {
             (key.clone(), settings.clone()),
             (Instant::now(), Rc::new(params)),
         );
+    }
+
+    /// `settings` as a shared value: the copy sessions already hold when there is one.
+    pub fn shared_baseline(&self, settings: Settings) -> Rc<Settings> {
+        let mut seen = self.baselines.borrow_mut();
+        if let Some(rc) = seen.get(&settings) {
+            return rc.clone();
+        }
+        // Forget the values no session holds any more each time the set reaches a power of
+        // two: it stays within twice the distinct values in use.
+        if seen.len() >= 64 && seen.len().is_power_of_two() {
+            seen.retain(|rc| Rc::strong_count(rc) > 1);
+        }
+        let rc = Rc::new(settings);
+        seen.insert(rc.clone());
+        rc
     }
 
     pub fn next_id(&self) -> u64 {

@@ -167,7 +167,8 @@ fn on_frame(core: &Rc<Core>, l: &Rc<Link>, kind: u8, id: u32, payload: Vec<u8>) 
             Ok(open) => {
                 let pool = core.pool_for(&open.user, &open.database);
                 let key = (open.pid, open.secret);
-                let s = Session::new(id, l.out.clone(), pool, open.credential, key, open.settings);
+                let baseline = core.shared_baseline(open.settings);
+                let s = Session::new(id, l.out.clone(), pool, open.credential, key, baseline);
                 core.sessions_by_key
                     .borrow_mut()
                     .insert(key, Rc::downgrade(&s));

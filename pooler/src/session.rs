@@ -114,9 +114,8 @@ impl Session {
         pool: Rc<Pool>,
         credential: Credential,
         cancel_key: (i32, i32),
-        baseline: Settings,
+        baseline: Rc<Settings>,
     ) -> Rc<Session> {
-        let baseline = Rc::new(baseline);
         Rc::new(Session {
             id,
             to_gateway,
@@ -716,7 +715,7 @@ async fn open(core: &Rc<Core>, s: &Rc<Session>) -> Result<Vec<u8>, Vec<u8>> {
     let key = &s.pool.key;
     let mut candidates = Vec::with_capacity(2);
     match core.admin.role_defaults(&key.user, &key.database).await {
-        Ok(d) if !d.is_empty() => candidates.push(Rc::new(startup.overlay_on(&d))),
+        Ok(d) if !d.is_empty() => candidates.push(core.shared_baseline(startup.overlay_on(&d))),
         Ok(_) => {}
         Err(e) => tracing::warn!(
             user = %key.user, db = %key.database, error = %e,
@@ -1438,7 +1437,7 @@ mod tests {
             pool,
             Credential::None,
             (1, 1),
-            Settings::default(),
+            Rc::new(Settings::default()),
         );
         let task = run(core.clone(), s.clone());
         let (task, session) = (std::mem::size_of_val(&task), std::mem::size_of::<Session>());
