@@ -156,6 +156,76 @@ fn every_show_prints_pgbouncers_columns_and_moves_with_traffic() {
         1,
         "{servers:?}"
     );
+    // Each row is a real backend: its pid and its end of the connection are what Postgres
+    // itself says in pg_stat_activity.
+    let direct = pg.psql_admin(
+        "SELECT pid || ',' || host(client_addr) || ',' || client_port FROM pg_stat_activity \
+         WHERE usename = 'bob' AND datname = 'app' AND backend_type = 'client backend' \
+         ORDER BY pid",
+    );
+    let mut shown: Vec<String> = servers
+        .iter()
+        .filter(|r| cell(&h, r, "user") == BOB.0 && cell(&h, r, "database") == APP_DB)
+        .map(|r| {
+            assert_eq!(cell(&h, r, "type"), "S");
+            assert_eq!(cell(&h, r, "addr"), "127.0.0.1", "{r:?}");
+            assert_eq!(cell(&h, r, "port"), pg.port().to_string(), "{r:?}");
+            assert!(cell(&h, r, "connect_time").ends_with(" UTC"), "{r:?}");
+            assert_eq!(cell(&h, r, "link"), "", "an idle backend is linked: {r:?}");
+            format!(
+                "{},{},{}",
+                cell(&h, r, "remote_pid"),
+                cell(&h, r, "local_addr"),
+                cell(&h, r, "local_port")
+            )
+        })
+        .collect();
+    shown.sort();
+    let mut direct: Vec<String> = direct.lines().map(str::to_owned).collect();
+    direct.sort();
+    assert_eq!(shown, direct, "{servers:?}");
+
+    // A backend a transaction holds: active, linked to its client (and the client to it).
+    rt.block_on(async {
+        let (c, _end) = connect(&ep, BOB, "postgres").await;
+        c.batch_execute("begin; select 1").await.unwrap();
+        let in_xact = pg.psql_admin(
+            "SELECT pid FROM pg_stat_activity WHERE usename = 'bob' \
+             AND datname = 'postgres' AND state = 'idle in transaction'",
+        );
+        let ep2 = ep.clone();
+        let (servers, clients) = tokio::task::spawn_blocking(move || {
+            (
+                rows(&console(&ep2, "SHOW SERVERS")),
+                rows(&console(&ep2, "SHOW CLIENTS")),
+            )
+        })
+        .await
+        .unwrap();
+        let (hs, servers) = servers;
+        let (hc, clients) = clients;
+        let s = servers
+            .iter()
+            .find(|r| cell(&hs, r, "user") == BOB.0 && cell(&hs, r, "database") == "postgres")
+            .unwrap_or_else(|| panic!("no bob/postgres server: {servers:?}"));
+        assert_eq!(cell(&hs, s, "state"), "active", "{servers:?}");
+        assert_eq!(cell(&hs, s, "remote_pid"), in_xact.trim(), "{servers:?}");
+        let cl = clients
+            .iter()
+            .find(|r| cell(&hc, r, "user") == BOB.0 && cell(&hc, r, "database") == "postgres")
+            .unwrap_or_else(|| panic!("no bob/postgres client: {clients:?}"));
+        assert_eq!(
+            cell(&hs, s, "link"),
+            cell(&hc, cl, "ptr"),
+            "{servers:?} {clients:?}"
+        );
+        assert_eq!(
+            cell(&hc, cl, "link"),
+            cell(&hs, s, "ptr"),
+            "{servers:?} {clients:?}"
+        );
+        c.batch_execute("commit").await.unwrap();
+    });
 
     // Live clients count: bob's 5 queries (select ×3, begin, commit) and 4 transactions.
     let (h, stats) = rows(&console(&ep, "SHOW STATS"));

@@ -239,17 +239,17 @@ async fn run(core: &Rc<Core>, io: &Rc<SessionIo>, id: u32, text: &str, out: &mut
                 notice(out, HELP);
                 command_complete(out, "SHOW");
             }
-            "pools" | "servers" | "lists" | "stats" => {
+            "pools" | "servers" | "lists" | "stats" | "clients" => {
                 let facts = pooler_facts(core, io, id).await;
                 let t = match what {
                     "pools" => show::pools(core, &facts),
                     "servers" => show::servers(core, &facts),
                     "lists" => show::lists(core, &facts),
+                    "clients" => show::clients(core, &facts),
                     _ => show::stats(core, &facts),
                 };
                 t.encode(out);
             }
-            "clients" => show::clients(core).encode(out),
             "config" => show::config(&core.cfg()).encode(out),
             "nodes" => show::nodes(core).encode(out),
             "version" => show::version().encode(out),

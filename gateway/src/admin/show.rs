@@ -5,8 +5,9 @@ use super::{state, unix_us, Client};
 use crate::config::Config;
 use crate::core::Core;
 use shared::agent::Role;
+use shared::link::server_state;
 use shared::link::PoolFacts;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -80,9 +81,19 @@ const CLIENT_COLUMNS: &[(&str, Type)] = &[
     ("application_name", T),
 ];
 
-pub fn clients(core: &Core) -> Table {
+/// Every client of the gateway; `link` is the `ptr` of the backend (SHOW SERVERS) its session
+/// holds now, if any.
+pub fn clients(core: &Core, facts: &[Option<PoolFacts>]) -> Table {
     let mut t = Table::new(CLIENT_COLUMNS);
     let now = unix_us(SystemTime::now());
+    let mut held: HashMap<i32, String> = HashMap::new();
+    for (i, f) in facts.iter().enumerate() {
+        for s in f.iter().flat_map(|f| &f.servers) {
+            if s.link != 0 {
+                held.insert(s.link, server_ptr(i, s.id));
+            }
+        }
+    }
     for c in core.admin.clients() {
         let [addr, port] = addr_cells(c.addr);
         let [laddr, lport] = addr_cells(c.local);
@@ -101,8 +112,8 @@ pub fn clients(core: &Core) -> Table {
             w.into(),
             wus.into(),
             u64::from(c.killed()).into(),
-            format!("{:x}", Arc::as_ptr(&c) as usize).into(),
-            "".into(),
+            client_ptr(&c).into(),
+            held.get(&c.pid).cloned().unwrap_or_default().into(),
             i64::from(c.pid).into(),
             "".into(),
             c.application_name.as_str().into(),
@@ -198,38 +209,61 @@ pub fn pools(core: &Core, facts: &[Option<PoolFacts>]) -> Table {
     t
 }
 
-/// One row per backend, from each pooler's counts: user, database and state are known; a
-/// backend's own address, times and pid are not reported by the pooler yet (empty).
+/// A backend's `ptr`: unique over the poolers (the pooler's index in the high bits).
+fn server_ptr(pooler: usize, id: u64) -> String {
+    format!("{:x}", (pooler as u64) << 48 | id)
+}
+
+/// A client's `ptr` (SHOW CLIENTS) and `link` of the backend it holds.
+fn client_ptr(c: &Arc<Client>) -> String {
+    format!("{:x}", Arc::as_ptr(c) as usize)
+}
+
+/// One row per real backend of every pooler, as the poolers report them: `remote_pid` is the
+/// backend's pid in Postgres, `link` the `ptr` of the client whose session holds it (SHOW
+/// CLIENTS), `addr`/`port` Postgres's end and `local_*` the pooler's end of the connection.
+/// A backend still logging in is not listed yet (SHOW POOLS counts it).
 pub fn servers(core: &Core, facts: &[Option<PoolFacts>]) -> Table {
     let mut t = Table::new(CLIENT_COLUMNS);
-    let cfg = core.cfg();
+    let by_pid: HashMap<i32, String> = core
+        .admin
+        .clients()
+        .iter()
+        .map(|c| (c.pid, client_ptr(c)))
+        .collect();
     for (i, f) in facts.iter().enumerate() {
         let Some(f) = f else { continue };
-        let pooler = cfg.poolers.get(i).cloned().unwrap_or_default();
-        for p in &f.pools {
-            let active = p.backends.saturating_sub(p.idle);
-            for k in 0..p.backends {
-                t.row(vec![
-                    "S".into(),
-                    p.user.as_str().into(),
-                    p.database.as_str().into(),
-                    if k < active { "active" } else { "idle" }.into(),
-                    pooler.as_str().into(),
-                    Cell::Null,
-                    Cell::Null,
-                    Cell::Null,
-                    Cell::Null,
-                    Cell::Null,
-                    0u64.into(),
-                    0u64.into(),
-                    0u64.into(),
-                    Cell::Null,
-                    Cell::Null,
-                    Cell::Null,
-                    "".into(),
-                    "".into(),
-                ]);
-            }
+        for s in &f.servers {
+            let [addr, port] = addr_cells(s.addr);
+            let [laddr, lport] = addr_cells(s.local);
+            let link = match s.link {
+                0 => String::new(),
+                pid => by_pid.get(&pid).cloned().unwrap_or_default(),
+            };
+            t.row(vec![
+                "S".into(),
+                s.user.as_str().into(),
+                s.database.as_str().into(),
+                match s.state {
+                    server_state::ACTIVE => "active",
+                    _ => "idle",
+                }
+                .into(),
+                addr,
+                port,
+                laddr,
+                lport,
+                timestamp(s.connect_time).into(),
+                timestamp(s.request_time).into(),
+                0u64.into(),
+                0u64.into(),
+                u64::from(s.close_needed).into(),
+                server_ptr(i, s.id).into(),
+                link.into(),
+                i64::from(s.pid).into(),
+                if s.tls { "yes" } else { "" }.into(),
+                "".into(),
+            ]);
         }
     }
     t
