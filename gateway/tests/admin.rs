@@ -90,7 +90,7 @@ const SHOW_COLUMNS: &[(&str, &str)] = &[
         "stats",
         "database,total_xact_count,total_query_count,total_received,total_sent,total_xact_time,total_query_time,total_wait_time,avg_xact_count,avg_query_count,avg_recv,avg_sent,avg_xact_time,avg_query_time,avg_wait_time",
     ),
-    ("config", "key,value,changeable"),
+    ("config", "key,value,default,changeable"),
     ("nodes", "pooler,role,term,lsn,lag_bytes,links_up,links"),
     ("lists", "list,items"),
     ("version", "version"),
@@ -414,6 +414,28 @@ fn reload_applies_a_changed_limit() {
         cell(h, &r, "value").to_owned()
     };
     assert_eq!(v(&config, &h), "100");
+    // PgBouncer's columns: what is in force, what it would be unset, whether a reload applies it.
+    let row = |config: &[Vec<String>], key: &str| {
+        config
+            .iter()
+            .find(|r| cell(&h, r, "key") == key)
+            .unwrap_or_else(|| panic!("no {key} in SHOW CONFIG: {config:?}"))
+            .clone()
+    };
+    let m = row(&config, "max_clients");
+    assert_eq!(
+        (cell(&h, &m, "default"), cell(&h, &m, "changeable")),
+        ("100000", "yes")
+    );
+    let l = row(&config, "listen");
+    assert_eq!(
+        cell(&h, &l, "value"),
+        format!("127.0.0.1:{}", tp.gateway_port())
+    );
+    assert_eq!(
+        (cell(&h, &l, "default"), cell(&h, &l, "changeable")),
+        ("127.0.0.1:15432", "no")
+    );
     std::fs::write(&file, "max_clients = 2\n").unwrap();
     let out = console(&ep, "RELOAD");
     assert!(!out.contains("ERROR"), "{out}");

@@ -320,9 +320,9 @@ pub fn stats(core: &Core, facts: &[Option<PoolFacts>]) -> Table {
     t
 }
 
-pub fn config(cfg: &Config) -> Table {
-    let mut t = Table::new(&[("key", T), ("value", T), ("changeable", T)]);
-    let yes = |b: bool| if b { "yes" } else { "no" };
+/// Every key of the gateway's config as SHOW CONFIG prints it (the names of
+/// config/gateway.toml; lists comma-separated; unset paths and addresses empty).
+fn config_entries(cfg: &Config) -> Vec<(&'static str, String)> {
     let opt = |v: &Option<String>| v.clone().unwrap_or_default();
     let path = |v: &Option<std::path::PathBuf>| {
         v.as_ref()
@@ -334,63 +334,64 @@ pub fn config(cfg: &Config) -> Table {
         crate::config::AuthMethod::Md5 => "md5",
         crate::config::AuthMethod::Trust => "trust",
     };
-    // Keys a reload (RELOAD, SIGHUP) applies are changeable (config.rs `reloaded`).
-    let rows: Vec<(&str, String, bool)> = vec![
-        ("listen", cfg.listen.clone(), false),
-        ("unix_socket_dir", opt(&cfg.unix_socket_dir), false),
-        ("read_only_listen", opt(&cfg.read_only_listen), false),
-        ("cores", cfg.cores.to_string(), false),
-        ("poolers", cfg.poolers.join(","), false),
-        ("links_per_core", cfg.links_per_core.to_string(), false),
-        ("auth_method", auth.into(), true),
-        (
-            "auth_timeout_seconds",
-            cfg.auth_timeout_seconds.to_string(),
-            true,
-        ),
-        ("max_clients", cfg.max_clients.to_string(), true),
-        ("max_message_size", cfg.max_message_size.to_string(), true),
-        ("failover_hold_ms", cfg.failover_hold_ms.to_string(), true),
-        ("failover_hold_max", cfg.failover_hold_max.to_string(), true),
+    vec![
+        ("listen", cfg.listen.clone()),
+        ("unix_socket_dir", opt(&cfg.unix_socket_dir)),
+        ("read_only_listen", opt(&cfg.read_only_listen)),
+        ("cores", cfg.cores.to_string()),
+        ("poolers", cfg.poolers.join(",")),
+        ("links_per_core", cfg.links_per_core.to_string()),
+        ("auth_method", auth.into()),
+        ("hba_file", path(&cfg.hba_file)),
+        ("auth_timeout_seconds", cfg.auth_timeout_seconds.to_string()),
+        ("max_clients", cfg.max_clients.to_string()),
+        ("max_user_clients", cfg.max_user_clients.to_string()),
+        ("max_db_clients", cfg.max_db_clients.to_string()),
+        ("max_message_size", cfg.max_message_size.to_string()),
+        ("failover_hold_ms", cfg.failover_hold_ms.to_string()),
+        ("failover_hold_max", cfg.failover_hold_max.to_string()),
         (
             "max_standby_lag_bytes",
             cfg.max_standby_lag_bytes.to_string(),
-            true,
         ),
         (
             "guard_synchronous_commit",
             cfg.guard_synchronous_commit.to_string(),
-            false,
         ),
         (
             "client_idle_timeout_ms",
             cfg.client_idle_timeout_ms.to_string(),
-            true,
         ),
         (
             "idle_transaction_timeout_ms",
             cfg.idle_transaction_timeout_ms.to_string(),
-            true,
         ),
-        (
-            "shutdown_timeout_ms",
-            cfg.shutdown_timeout_ms.to_string(),
-            true,
-        ),
-        (
-            "spin_before_park_us",
-            cfg.spin_before_park_us.to_string(),
-            false,
-        ),
-        ("tls_cert", path(&cfg.tls_cert), true),
-        ("tls_key", path(&cfg.tls_key), true),
-        ("log_level", cfg.log_level.clone(), true),
-        ("admin_database", cfg.admin_database.clone(), false),
-        ("admin_users", cfg.admin_users.join(","), true),
-        ("metrics_listen", opt(&cfg.metrics_listen), false),
-    ];
-    for (k, v, c) in rows {
-        t.row(vec![k.into(), v.into(), yes(c).into()]);
+        ("shutdown_timeout_ms", cfg.shutdown_timeout_ms.to_string()),
+        ("spin_before_park_us", cfg.spin_before_park_us.to_string()),
+        ("tls_cert", path(&cfg.tls_cert)),
+        ("tls_key", path(&cfg.tls_key)),
+        ("log_level", cfg.log_level.clone()),
+        ("admin_database", cfg.admin_database.clone()),
+        ("admin_users", cfg.admin_users.join(",")),
+        ("metrics_listen", opt(&cfg.metrics_listen)),
+    ]
+}
+
+/// PgBouncer's SHOW CONFIG: `key`, `value` (in force now), `default` (neither file nor flag
+/// set it), `changeable` (`yes`: a reload, RELOAD or SIGHUP, applies it live:
+/// `Config::LIVE_KEYS`).
+pub fn config(cfg: &Config) -> Table {
+    let mut t = Table::new(&[("key", T), ("value", T), ("default", T), ("changeable", T)]);
+    let defaults: HashMap<&str, String> = config_entries(&cfg.defaults()).into_iter().collect();
+    for (k, v) in config_entries(cfg) {
+        let d = defaults.get(k).cloned().unwrap_or_default();
+        let live = Config::LIVE_KEYS.contains(&k);
+        t.row(vec![
+            k.into(),
+            v.into(),
+            d.into(),
+            if live { "yes" } else { "no" }.into(),
+        ]);
     }
     t
 }
@@ -489,5 +490,74 @@ mod tests {
     fn timestamps_as_pgbouncer_prints_them() {
         assert_eq!(timestamp(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(timestamp(1_709_210_096_000_000), "2024-02-29 12:34:56 UTC");
+    }
+
+    /// SHOW CONFIG lists every key; `changeable` says what a reload applies, exactly: a
+    /// config differing in every field reloads the LIVE_KEYS live and the rest at restart.
+    #[test]
+    fn show_config_says_what_a_reload_applies() {
+        use crate::config::{Args, AuthMethod};
+        use clap::Parser;
+        let key = std::env::temp_dir().join(format!("tp-show-cfg-{}.key", std::process::id()));
+        shared::link::LinkKey::load_or_create(&key).unwrap();
+        let k = key.to_string_lossy().into_owned();
+        let a = Config::load(Args::parse_from(["g", "--link-secret-file", &k])).unwrap();
+        // Every field named (no `..a`): a new field does not compile until it is here.
+        let b = Config {
+            listen: "127.0.0.1:1".into(),
+            unix_socket_dir: Some("/x".into()),
+            cores: a.cores + 1,
+            poolers: vec!["y:1".into()],
+            failover_hold_ms: 1,
+            failover_hold_max: 1,
+            read_only_listen: Some("127.0.0.1:2".into()),
+            max_standby_lag_bytes: 1,
+            guard_synchronous_commit: !a.guard_synchronous_commit,
+            auth_method: AuthMethod::Trust,
+            hba_file: Some("/h".into()),
+            hba: None,
+            max_user_clients: 1,
+            max_db_clients: 1,
+            tls_cert: Some("/c".into()),
+            tls_key: Some("/k".into()),
+            max_clients: 1,
+            max_message_size: 1,
+            links_per_core: 9,
+            auth_timeout_seconds: 1,
+            spin_before_park_us: 1,
+            shutdown_timeout_ms: 1,
+            client_idle_timeout_ms: 1,
+            idle_transaction_timeout_ms: 1,
+            log_level: "debug".into(),
+            link_key: a.link_key.clone(),
+            session_ids: a.session_ids,
+            admin_database: "adm".into(),
+            admin_users: vec!["z".into()],
+            metrics_listen: Some("127.0.0.1:3".into()),
+        };
+        let (_, live, restart) = a.reloaded(&b);
+        let mut live: Vec<&str> = live;
+        live.sort();
+        let mut want: Vec<&str> = Config::LIVE_KEYS.to_vec();
+        want.sort();
+        assert_eq!(live, want);
+        let mut shown: Vec<&str> = config_entries(&a).into_iter().map(|(k, _)| k).collect();
+        shown.sort();
+        let mut all: Vec<&str> = live
+            .iter()
+            .chain(&restart)
+            .map(|k| if *k == "pooler" { "poolers" } else { k })
+            .collect();
+        all.sort();
+        assert_eq!(shown, all, "SHOW CONFIG lists every key a reload looks at");
+        // Values and defaults: the default is what an empty config gives.
+        let mut t = Vec::new();
+        config(&b).encode(&mut t);
+        let text = String::from_utf8_lossy(&t);
+        assert!(text.contains("max_clients"), "{text}");
+        let d = a.defaults();
+        assert_eq!(d.max_clients, 100_000);
+        assert_eq!(d.log_level, "info");
+        let _ = std::fs::remove_file(&key);
     }
 }
