@@ -152,6 +152,42 @@ pub fn put_frame(out: &mut Vec<u8>, kind: u8, session: u32, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
+/// Counts the frames in a byte stream of frames as it goes by in pieces of any size (what a
+/// socket accepted of a write): one header read per frame, payloads skipped.
+#[derive(Debug, Default)]
+pub struct FrameCounter {
+    /// Payload bytes of the current frame still to come.
+    left: usize,
+    /// A header split between two pieces: its bytes so far.
+    head: [u8; HEADER],
+    have: usize,
+}
+
+impl FrameCounter {
+    /// Frames whose header is complete in `bytes` (the next piece of the stream).
+    pub fn feed(&mut self, mut bytes: &[u8]) -> u64 {
+        let mut frames = 0;
+        while !bytes.is_empty() {
+            if self.left > 0 {
+                let skip = self.left.min(bytes.len());
+                self.left -= skip;
+                bytes = &bytes[skip..];
+                continue;
+            }
+            let take = (HEADER - self.have).min(bytes.len());
+            self.head[self.have..self.have + take].copy_from_slice(&bytes[..take]);
+            self.have += take;
+            bytes = &bytes[take..];
+            if self.have == HEADER {
+                self.have = 0;
+                frames += 1;
+                self.left = parse_header(&self.head).map_or(0, |h| h.len);
+            }
+        }
+        frames
+    }
+}
+
 /// A frame header parsed from the start of a buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
@@ -656,6 +692,23 @@ pub(crate) fn utf8(b: &[u8]) -> Result<String, ProtocolError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frames_counted_across_pieces_of_any_size() {
+        let mut stream = Vec::new();
+        put_frame(&mut stream, down::DATA, 1, b"hello");
+        put_frame(&mut stream, down::ACK, 2, &[]);
+        put_frame(&mut stream, down::DATA, 3, &[7; 300]);
+        for piece in [1, 2, 5, 9, 10, 64, stream.len()] {
+            let mut c = FrameCounter::default();
+            let n: u64 = stream.chunks(piece).map(|p| c.feed(p)).sum();
+            assert_eq!(n, 3, "pieces of {piece}");
+            assert_eq!((c.left, c.have), (0, 0));
+        }
+        let mut c = FrameCounter::default();
+        assert_eq!(c.feed(&stream[..HEADER + 2]), 1);
+        assert_eq!(c.feed(&stream[HEADER + 2..]), 2);
+    }
 
     #[test]
     fn pool_facts_round_trip_and_lies_refused() {
