@@ -383,6 +383,108 @@ impl Config {
         "tls_key",
     ];
 
+    /// The admin console's `SET key = value`: `key` changed in place, for the keys a reload
+    /// applies that are a single value (the files behind `hba_file` and `tls_*` are read by a
+    /// RELOAD). `Err` is (SQLSTATE, message). The file is not written: the next reload puts
+    /// the file's value back, as in PgBouncer.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), (&'static str, String)> {
+        fn num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, (&'static str, String)> {
+            v.parse()
+                .map_err(|_| ("22023", format!("invalid value for {key}: {v:?}")))
+        }
+        match key {
+            "max_clients" => self.max_clients = num(key, value)?,
+            "max_message_size" => self.max_message_size = num(key, value)?,
+            "failover_hold_ms" => self.failover_hold_ms = num(key, value)?,
+            "failover_hold_max" => self.failover_hold_max = num(key, value)?,
+            "max_standby_lag_bytes" => self.max_standby_lag_bytes = num(key, value)?,
+            "max_user_clients" => self.max_user_clients = num(key, value)?,
+            "max_db_clients" => self.max_db_clients = num(key, value)?,
+            "auth_timeout_seconds" => self.auth_timeout_seconds = num(key, value)?,
+            "shutdown_timeout_ms" => self.shutdown_timeout_ms = num(key, value)?,
+            "client_idle_timeout_ms" => self.client_idle_timeout_ms = num(key, value)?,
+            "idle_transaction_timeout_ms" => self.idle_transaction_timeout_ms = num(key, value)?,
+            "auth_method" => {
+                self.auth_method = match value {
+                    "scram-sha-256" => AuthMethod::Scram,
+                    "md5" => AuthMethod::Md5,
+                    "trust" => AuthMethod::Trust,
+                    other => {
+                        return Err((
+                            "22023",
+                            format!(
+                            "invalid value for auth_method: {other:?} (scram-sha-256, md5, trust)"
+                        ),
+                        ))
+                    }
+                }
+            }
+            "log_level" => {
+                shared::logging::set_level(value).map_err(|e| ("22023", e))?;
+                self.log_level = value.to_owned();
+            }
+            "admin_users" => {
+                let users: Vec<String> = value
+                    .split(',')
+                    .map(|u| u.trim().to_owned())
+                    .filter(|u| !u.is_empty())
+                    .collect();
+                if users.is_empty() {
+                    // The console would lock everyone out, this session's user included.
+                    return Err(("22023", "admin_users cannot be empty".into()));
+                }
+                self.admin_users = users;
+            }
+            k if Config::LIVE_KEYS.contains(&k) => {
+                return Err((
+                    "55P02",
+                    format!("{k} is changed by RELOAD (its file is read then)"),
+                ))
+            }
+            k if Config::ALL_KEYS.contains(&k) => {
+                return Err(("55P02", format!("{k} cannot be changed without a restart")))
+            }
+            k => {
+                return Err((
+                    "42704",
+                    format!("unrecognized configuration parameter \"{k}\""),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// Every key SHOW CONFIG lists (config/gateway.toml's names).
+    pub const ALL_KEYS: &'static [&'static str] = &[
+        "listen",
+        "unix_socket_dir",
+        "read_only_listen",
+        "cores",
+        "poolers",
+        "links_per_core",
+        "auth_method",
+        "hba_file",
+        "auth_timeout_seconds",
+        "max_clients",
+        "max_user_clients",
+        "max_db_clients",
+        "max_message_size",
+        "failover_hold_ms",
+        "failover_hold_max",
+        "max_standby_lag_bytes",
+        "guard_synchronous_commit",
+        "client_idle_timeout_ms",
+        "idle_transaction_timeout_ms",
+        "shutdown_timeout_ms",
+        "spin_before_park_us",
+        "tls_cert",
+        "tls_key",
+        "log_level",
+        "admin_database",
+        "admin_users",
+        "metrics_listen",
+    ];
+
     /// The config in force after a reload: `new` (the file read again, under the same flags)
     /// for what can change live, `self` for the rest. Returns it with the keys that changed
     /// live and those that changed in the file but need a restart.

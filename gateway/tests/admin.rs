@@ -367,6 +367,28 @@ fn pause_holds_new_queries_until_resume_and_kill_ends_the_databases_clients() {
         assert!(waited >= Duration::from_millis(800), "{waited:?}");
         bob.simple_query("select 3").await.unwrap();
 
+        // SUSPEND: every database waits until RESUME.
+        let ep2 = ep.clone();
+        let out = tokio::task::spawn_blocking(move || console(&ep2, "SUSPEND"))
+            .await
+            .unwrap();
+        assert!(!out.contains("ERROR"), "{out}");
+        let held = tokio::spawn(async move {
+            other.simple_query("select 6").await.unwrap();
+            other
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!held.is_finished(), "a query ran while suspended");
+        let ep2 = ep.clone();
+        let out = tokio::task::spawn_blocking(move || console(&ep2, "RESUME"))
+            .await
+            .unwrap();
+        assert!(!out.contains("ERROR"), "{out}");
+        let other = tokio::time::timeout(Duration::from_secs(5), held)
+            .await
+            .expect("RESUME did not end the SUSPEND")
+            .unwrap();
+
         // KILL app: bob's app sessions end with 57P01, the one on postgres goes on.
         let (bob2, bob2_end) = connect(&ep, BOB, APP_DB).await;
         bob2.batch_execute("begin").await.unwrap();
@@ -401,7 +423,9 @@ fn reload_applies_a_changed_limit() {
         &pg,
         opts()
             .gateway_arg("--config")
-            .gateway_arg(file.to_string_lossy().into_owned()),
+            .gateway_arg(file.to_string_lossy().into_owned())
+            .pooler_arg("--server-lifetime-ms")
+            .pooler_arg("1000"),
     );
     let ep = tp.endpoint();
     let (h, config) = rows(&console(&ep, "SHOW CONFIG"));
@@ -452,5 +476,68 @@ fn reload_applies_a_changed_limit() {
             .err()
             .expect("a third client got in past max_clients = 2");
         assert_eq!(e.code().map(|c| c.code()), Some("53300"), "{e}");
+    });
+
+    // SET changes a live key at once (until the next RELOAD reads the file again).
+    let out = console(&ep, "SET max_clients = 3");
+    assert!(!out.contains("ERROR"), "{out}");
+    let (h, config) = rows(&console(&ep, "SHOW CONFIG"));
+    assert_eq!(v(&config, &h), "3", "{}", tp.logs());
+    rt.block_on(async {
+        let _a = connect(&ep, BOB, APP_DB).await;
+        let _b = connect(&ep, BOB, APP_DB).await;
+        // A third: max_clients is 3 now.
+        let (c, _) = connect(&ep, BOB, APP_DB).await;
+        c.simple_query("select 1").await.unwrap();
+    });
+    for (cmd, code) in [
+        ("SET listen = '127.0.0.1:1'", "55P02"),
+        ("SET no_such_key = 1", "42704"),
+        ("SET max_clients = lots", "22023"),
+        ("SET max_clients", "42601"),
+    ] {
+        let out = console(&ep, cmd);
+        assert!(out.contains(&format!("ERROR:  {code}")), "{cmd}: {out}");
+    }
+
+    // WAIT_CLOSE: a backend past server_lifetime (1 s here) that a transaction holds is due
+    // to close (close_needed in SHOW SERVERS); WAIT_CLOSE returns once it has gone.
+    rt.block_on(async {
+        let (c, _) = connect(&ep, BOB, APP_DB).await;
+        c.batch_execute("begin; select 1").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        let ep2 = ep.clone();
+        let (h, servers) =
+            tokio::task::spawn_blocking(move || rows(&console(&ep2, "SHOW SERVERS")))
+                .await
+                .unwrap();
+        let held = servers
+            .iter()
+            .find(|r| cell(&h, r, "user") == BOB.0 && cell(&h, r, "state") == "active")
+            .unwrap_or_else(|| panic!("no active bob backend: {servers:?}"))
+            .clone();
+        assert_eq!(cell(&h, &held, "close_needed"), "1", "{servers:?}");
+        let pid = cell(&h, &held, "remote_pid").to_owned();
+        let ep2 = ep.clone();
+        let waiting = tokio::task::spawn_blocking(move || console(&ep2, "WAIT_CLOSE app"));
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(
+            !waiting.is_finished(),
+            "WAIT_CLOSE returned with a backend due"
+        );
+        c.batch_execute("commit").await.unwrap();
+        let out = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("WAIT_CLOSE did not return")
+            .unwrap();
+        assert!(!out.contains("ERROR"), "{out}");
+        let left = pg.psql_admin(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"
+        ));
+        assert_eq!(
+            left.trim(),
+            "0",
+            "the backend past its lifetime is still there"
+        );
     });
 }

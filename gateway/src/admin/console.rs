@@ -213,14 +213,70 @@ fn notice(out: &mut Vec<u8>, msg: &str) {
 
 pub const HELP: &str = "Console usage
 \tSHOW HELP|POOLS|CLIENTS|SERVERS|STATS|CONFIG|NODES|LISTS|VERSION
+\tSET key = arg
 \tPAUSE [<db>]
+\tSUSPEND
 \tRESUME [<db>]
 \tKILL [<db>]
+\tWAIT_CLOSE [<db>]
 \tRELOAD
 \tSHUTDOWN";
 
+/// `SET key = value` (or `TO`), PgBouncer's form: the key as a name, the value a bare word or
+/// a single-quoted string. `None`: not a SET; `Err`: the message of a 42601.
+pub fn parse_set(text: &str) -> Option<Result<(String, String), String>> {
+    let t = text.trim().trim_end_matches(';').trim();
+    let rest = t
+        .get(..3)
+        .filter(|v| v.eq_ignore_ascii_case("set"))
+        .and_then(|_| t.get(3..))
+        .filter(|r| r.starts_with(char::is_whitespace))?;
+    let rest = rest.trim_start();
+    let key_end = rest
+        .find(|c: char| c.is_whitespace() || c == '=')
+        .unwrap_or(rest.len());
+    let key = rest[..key_end].to_ascii_lowercase();
+    let mut value = rest[key_end..].trim_start();
+    if let Some(v) = value.strip_prefix('=') {
+        value = v;
+    } else if value.len() >= 2 && value[..2].eq_ignore_ascii_case("to") {
+        value = &value[2..];
+    } else {
+        return Some(Err(format!("invalid command '{t}': SET key = value")));
+    }
+    let value = value.trim();
+    if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Some(Err(format!("invalid configuration key in '{t}'")));
+    }
+    let value = if let Some(inner) = value.strip_prefix('\'') {
+        match inner.strip_suffix('\'') {
+            Some(v) if !v.replace("''", "").contains('\'') => v.replace("''", "'"),
+            _ => return Some(Err(format!("unterminated quoted value in '{t}'"))),
+        }
+    } else if !value.is_empty() && !value.contains(char::is_whitespace) && !value.contains('\'') {
+        value.to_owned()
+    } else {
+        return Some(Err(format!("invalid value in '{t}': quote it ('...')")));
+    };
+    Some(Ok((key, value)))
+}
+
 /// Runs one command, appending its answer to `out`; true when the console should end.
 async fn run(core: &Rc<Core>, io: &Rc<SessionIo>, id: u32, text: &str, out: &mut Vec<u8>) -> bool {
+    if let Some(set) = parse_set(text) {
+        match set {
+            Err(e) => error(out, "42601", &e),
+            Ok((key, value)) => match (core.admin.control.set)(&key, &value) {
+                Ok(()) => {
+                    // Every core takes the new config at its next lifecycle tick.
+                    glommio::timer::sleep(shared::lifecycle::TICK * 2).await;
+                    command_complete(out, "SET");
+                }
+                Err((code, msg)) => error(out, code, &msg),
+            },
+        }
+        return false;
+    }
     let cmd = match parse(text) {
         Ok(Some(c)) => c,
         Ok(None) => {
@@ -265,28 +321,47 @@ async fn run(core: &Rc<Core>, io: &Rc<SessionIo>, id: u32, text: &str, out: &mut
             } else if !core.admin.pause(db) {
                 error(out, "55000", "already paused");
             } else {
-                // As PgBouncer's PAUSE: returns once the transactions and queries running on
-                // the paused databases have finished (bounded by shutdown_timeout_ms).
-                let limit = Instant::now() + Duration::from_millis(core.cfg().shutdown_timeout_ms);
-                loop {
-                    let busy = core.admin.clients().iter().any(|c| {
-                        c.state() == state::ACTIVE
-                            && c.database != admin_db
-                            && db.is_none_or(|d| d == c.database)
-                    });
-                    if !busy {
-                        break;
-                    }
-                    if Instant::now() >= limit {
-                        notice(
-                            out,
-                            "transactions still running after shutdown_timeout_ms; new ones wait",
-                        );
-                        break;
-                    }
-                    glommio::timer::sleep(Duration::from_millis(10)).await;
-                }
+                settle(core, db, &admin_db, out).await;
                 command_complete(out, "PAUSE");
+            }
+        }
+        // PgBouncer's SUSPEND readies an online restart by handing its sockets over; gateways
+        // restart one by one on a shared port instead (docs/operations.md). What is left of
+        // it: every database paused, and the answer once nothing runs; RESUME lifts it.
+        ("SUSPEND", None) => {
+            if !core.admin.pause(None) {
+                error(out, "55000", "already suspended or paused");
+            } else {
+                settle(core, None, &admin_db, out).await;
+                command_complete(out, "SUSPEND");
+            }
+        }
+        ("WAIT_CLOSE", db) => {
+            // Until no backend (of `db`) is due to close (`close_needed` in SHOW SERVERS: past
+            // server_lifetime, closed when its session gives it back), bounded by
+            // shutdown_timeout_ms.
+            let limit = Instant::now() + Duration::from_millis(core.cfg().shutdown_timeout_ms);
+            loop {
+                let facts = pooler_facts(core, io, id).await;
+                let due = facts
+                    .iter()
+                    .flatten()
+                    .flat_map(|f| &f.servers)
+                    .filter(|s| s.close_needed && db.is_none_or(|d| d == s.database))
+                    .count();
+                if due == 0 {
+                    command_complete(out, "WAIT_CLOSE");
+                    break;
+                }
+                if Instant::now() >= limit {
+                    error(
+                        out,
+                        "57014",
+                        &format!("{due} backends still due to close after shutdown_timeout_ms"),
+                    );
+                    break;
+                }
+                glommio::timer::sleep(Duration::from_millis(100)).await;
             }
         }
         ("RESUME", db) => {
@@ -339,6 +414,31 @@ async fn run(core: &Rc<Core>, io: &Rc<SessionIo>, id: u32, text: &str, out: &mut
     false
 }
 
+/// Waits until no client of the paused databases (`None`: all) has a request in flight or a
+/// transaction open, as PgBouncer's PAUSE returns, bounded by shutdown_timeout_ms (a NOTICE
+/// then says some still run).
+async fn settle(core: &Rc<Core>, db: Option<&str>, admin_db: &str, out: &mut Vec<u8>) {
+    let limit = Instant::now() + Duration::from_millis(core.cfg().shutdown_timeout_ms);
+    loop {
+        let busy = core.admin.clients().iter().any(|c| {
+            c.state() == state::ACTIVE
+                && c.database != admin_db
+                && db.is_none_or(|d| d == c.database)
+        });
+        if !busy {
+            return;
+        }
+        if Instant::now() >= limit {
+            notice(
+                out,
+                "transactions still running after shutdown_timeout_ms; new ones wait",
+            );
+            return;
+        }
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Every pooler's pools (`None` for a pooler with no live link or no answer in 2 s), asked
 /// over the link with the console's session id.
 async fn pooler_facts(core: &Core, io: &Rc<SessionIo>, id: u32) -> Vec<Option<PoolFacts>> {
@@ -378,5 +478,36 @@ mod tests {
         assert!(parse("kill a b").is_err());
         assert!(parse("kill a'b").is_err());
         assert!(parse("pause \"\"").is_err());
+    }
+
+    #[test]
+    fn set_commands() {
+        let s = |t: &str| parse_set(t).unwrap();
+        assert_eq!(
+            s("SET max_clients = 5").unwrap(),
+            ("max_clients".into(), "5".into())
+        );
+        assert_eq!(
+            s("set Log_Level='debug';").unwrap(),
+            ("log_level".into(), "debug".into())
+        );
+        assert_eq!(
+            s("SET admin_users TO 'a,b'").unwrap(),
+            ("admin_users".into(), "a,b".into())
+        );
+        assert_eq!(s("SET x = 'it''s'").unwrap().1, "it's");
+        assert!(parse_set("SHOW POOLS").is_none());
+        assert!(parse_set("SETTINGS").is_none());
+        for bad in [
+            "SET",
+            "SET x",
+            "SET x = ",
+            "SET x = a b",
+            "SET x = 'a",
+            "SET x-y = 1",
+            "SET x = 'a'b'",
+        ] {
+            assert!(parse_set(bad).is_none_or(|r| r.is_err()), "{bad}");
+        }
     }
 }

@@ -550,6 +550,28 @@ mod tests {
             .collect();
         all.sort();
         assert_eq!(shown, all, "SHOW CONFIG lists every key a reload looks at");
+        let mut keys = Config::ALL_KEYS.to_vec();
+        keys.sort();
+        assert_eq!(shown, keys);
+        // SET: the live keys of one value; the others refused with Postgres's codes.
+        let mut c = a.clone();
+        c.set("max_clients", "7").unwrap();
+        c.set("client_idle_timeout_ms", "250").unwrap();
+        c.set("auth_method", "trust").unwrap();
+        c.set("admin_users", "x, y").unwrap();
+        assert_eq!(
+            (c.max_clients, c.client_idle_timeout_ms, c.auth_method),
+            (7, 250, AuthMethod::Trust)
+        );
+        assert_eq!(c.admin_users, vec!["x", "y"]);
+        assert_eq!(c.set("max_clients", "many").unwrap_err().0, "22023");
+        assert_eq!(c.set("admin_users", " , ").unwrap_err().0, "22023");
+        assert_eq!(c.set("listen", "127.0.0.1:1").unwrap_err().0, "55P02");
+        assert_eq!(c.set("tls_cert", "/x").unwrap_err().0, "55P02");
+        assert_eq!(c.set("no_such_key", "1").unwrap_err().0, "42704");
+        for k in Config::LIVE_KEYS {
+            assert_ne!(c.set(k, "").map_err(|e| e.0), Err("42704"), "{k}");
+        }
         // Values and defaults: the default is what an empty config gives.
         let mut t = Vec::new();
         config(&b).encode(&mut t);
