@@ -222,48 +222,9 @@ pub const HELP: &str = "Console usage
 \tRELOAD
 \tSHUTDOWN";
 
-/// `SET key = value` (or `TO`), PgBouncer's form: the key as a name, the value a bare word or
-/// a single-quoted string. `None`: not a SET; `Err`: the message of a 42601.
-pub fn parse_set(text: &str) -> Option<Result<(String, String), String>> {
-    let t = text.trim().trim_end_matches(';').trim();
-    let rest = t
-        .get(..3)
-        .filter(|v| v.eq_ignore_ascii_case("set"))
-        .and_then(|_| t.get(3..))
-        .filter(|r| r.starts_with(char::is_whitespace))?;
-    let rest = rest.trim_start();
-    let key_end = rest
-        .find(|c: char| c.is_whitespace() || c == '=')
-        .unwrap_or(rest.len());
-    let key = rest[..key_end].to_ascii_lowercase();
-    let mut value = rest[key_end..].trim_start();
-    if let Some(v) = value.strip_prefix('=') {
-        value = v;
-    } else if value.len() >= 2 && value[..2].eq_ignore_ascii_case("to") {
-        value = &value[2..];
-    } else {
-        return Some(Err(format!("invalid command '{t}': SET key = value")));
-    }
-    let value = value.trim();
-    if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        return Some(Err(format!("invalid configuration key in '{t}'")));
-    }
-    let value = if let Some(inner) = value.strip_prefix('\'') {
-        match inner.strip_suffix('\'') {
-            Some(v) if !v.replace("''", "").contains('\'') => v.replace("''", "'"),
-            _ => return Some(Err(format!("unterminated quoted value in '{t}'"))),
-        }
-    } else if !value.is_empty() && !value.contains(char::is_whitespace) && !value.contains('\'') {
-        value.to_owned()
-    } else {
-        return Some(Err(format!("invalid value in '{t}': quote it ('...')")));
-    };
-    Some(Ok((key, value)))
-}
-
 /// Runs one command, appending its answer to `out`; true when the console should end.
 async fn run(core: &Rc<Core>, io: &Rc<SessionIo>, id: u32, text: &str, out: &mut Vec<u8>) -> bool {
-    if let Some(set) = parse_set(text) {
+    if let Some(set) = super::set::parse(text) {
         match set {
             Err(e) => error(out, "42601", &e),
             Ok((key, value)) => match (core.admin.control.set)(&key, &value) {
@@ -478,36 +439,5 @@ mod tests {
         assert!(parse("kill a b").is_err());
         assert!(parse("kill a'b").is_err());
         assert!(parse("pause \"\"").is_err());
-    }
-
-    #[test]
-    fn set_commands() {
-        let s = |t: &str| parse_set(t).unwrap();
-        assert_eq!(
-            s("SET max_clients = 5").unwrap(),
-            ("max_clients".into(), "5".into())
-        );
-        assert_eq!(
-            s("set Log_Level='debug';").unwrap(),
-            ("log_level".into(), "debug".into())
-        );
-        assert_eq!(
-            s("SET admin_users TO 'a,b'").unwrap(),
-            ("admin_users".into(), "a,b".into())
-        );
-        assert_eq!(s("SET x = 'it''s'").unwrap().1, "it's");
-        assert!(parse_set("SHOW POOLS").is_none());
-        assert!(parse_set("SETTINGS").is_none());
-        for bad in [
-            "SET",
-            "SET x",
-            "SET x = ",
-            "SET x = a b",
-            "SET x = 'a",
-            "SET x-y = 1",
-            "SET x = 'a'b'",
-        ] {
-            assert!(parse_set(bad).is_none_or(|r| r.is_err()), "{bad}");
-        }
     }
 }

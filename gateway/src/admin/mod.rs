@@ -8,6 +8,7 @@
 //! read-modify-write); the console reads them whenever it likes.
 
 pub mod console;
+mod set;
 mod show;
 mod table;
 
