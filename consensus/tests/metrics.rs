@@ -273,6 +273,17 @@ fn metrics_endpoint_reports_the_cluster_and_follows_a_failover() {
             && l.contains("needs `tidepool up`")),
         "{log}"
     );
+    let (s, body) = scrape(addr);
+    let reloads = |s: &Scrape, r: &str| {
+        value(s, "tidepool_control_config_reloads_total", &[("result", r)]).unwrap_or(-1.0)
+    };
+    assert_eq!(reloads(&s, "ok"), 1.0, "{body}");
+    assert_eq!(reloads(&s, "error"), 0.0, "{body}");
+    assert_eq!(
+        value(&s, "tidepool_control_config_keys_not_applied", &[]),
+        Some(1.0),
+        "pool_size: {body}"
+    );
     // Back to `any 2`; a file that does not parse changes nothing and says so.
     std::fs::write(&config, "log_level = \"info\"\ndurability = \"any 2\"\n").unwrap();
     ha::signal(control, libc::SIGHUP);
@@ -290,6 +301,16 @@ fn metrics_endpoint_reports_the_cluster_and_follows_a_failover() {
     }
     assert_eq!(sync_names(), any2);
     let (s, body) = scrape(addr);
+    assert_eq!(
+        (reloads(&s, "ok"), reloads(&s, "error")),
+        (2.0, 1.0),
+        "{body}"
+    );
+    assert_eq!(
+        value(&s, "tidepool_control_config_keys_not_applied", &[]),
+        Some(0.0),
+        "{body}"
+    );
     assert_eq!(
         value(&s, "tidepool_control_leader", &[]),
         Some(1.0),

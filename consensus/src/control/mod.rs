@@ -24,7 +24,7 @@ use crate::cli::{ControlArgs, GlobalArgs};
 use crate::cluster::Context;
 use crate::config::{ClusterSettings, Timers};
 use crate::error::{Error, Result};
-use crate::metrics::{ControlMetrics, Trigger, TriggerLabels};
+use crate::metrics::{ControlMetrics, ReloadLabels, ReloadResult, Trigger, TriggerLabels};
 use crate::state::{NodeRecord, State};
 use crate::topology::{
     EtcdStore, FileStore, Leadership, OverrideRecord, Store, TermRecord, Topology, Version,
@@ -111,6 +111,9 @@ pub fn run(global: &GlobalArgs, args: &ControlArgs) -> Result<bool> {
     }
     let mut live = live;
     live.schedule = crate::backup::schedule::start(&state, c.leading.clone())?;
+    if let Some(m) = &c.metrics {
+        m.config_not_applied.set(live.not_applied() as i64);
+    }
     c.live = Some(live);
     let deadline = args
         .exit_after_secs
@@ -624,6 +627,13 @@ impl Controller {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "SIGHUP: config not reloaded; the settings in force stay");
+                if let Some(m) = &self.metrics {
+                    m.config_reloads
+                        .get_or_create(&ReloadLabels {
+                            result: ReloadResult::error,
+                        })
+                        .inc();
+                }
                 return;
             }
         };
@@ -638,6 +648,14 @@ impl Controller {
                 .map_err(|e| e.to_string())
         });
         out.log();
+        if let Some(m) = &self.metrics {
+            m.config_reloads
+                .get_or_create(&ReloadLabels {
+                    result: ReloadResult::ok,
+                })
+                .inc();
+            m.config_not_applied.set(live.not_applied() as i64);
+        }
         let now = live.settings.clone();
         if now.durability != self.settings.durability {
             // The first change since the primary last ran the policy in force: the old one is

@@ -148,6 +148,16 @@ impl Live {
         }
     }
 
+    /// Keys the files set otherwise than what runs: changed since start and needing `tidepool
+    /// up` or a restart, or refused by a reload (the gauge an alert can watch).
+    pub fn not_applied(&self) -> usize {
+        keys(&self.read)
+            .into_iter()
+            .zip(keys(&self.settings))
+            .filter(|((_, a, _), (_, b, _))| a != b)
+            .count()
+    }
+
     /// Applies what changed in `new` that can change live; `check_policy` says whether a new
     /// durability policy can be compiled for the cluster (else it is not applied).
     pub fn reload(
@@ -240,6 +250,7 @@ mod tests {
         assert_eq!(live.settings.timers.failure_timeout_ms, 2500);
         assert_eq!(live.settings.durability, "any 3");
         assert_eq!(live.settings.pool_size, base.pool_size, "not applied");
+        assert_eq!(live.not_applied(), 2, "pool_size and metrics_listen");
         // Nothing changed since: nothing to report (pool_size is not reported again).
         assert_eq!(
             live.reload(new.clone(), "warn".into(), |_| Ok(())),
@@ -258,6 +269,7 @@ mod tests {
             vec![("durability", "bad any two".to_string())]
         );
         assert_eq!(live.settings.durability, "any 3");
+        assert_eq!(live.not_applied(), 3, "and the refused policy");
         // A schedule while backups are off (no schedule thread) is refused.
         let mut sched = new.clone();
         sched.backup.schedule = vec![crate::backup::schedule::Schedule {
