@@ -295,6 +295,7 @@ impl UpArgs {
             bin_dir: self.bin_dir.clone().filter(|p| !p.as_os_str().is_empty()),
             ready_timeout_secs: self.ready_timeout_secs,
             stop_timeout_secs: None,
+            log_level: None,
             gateway_config: self.gateway_config.clone(),
             pooler_config: self.pooler_config.clone(),
             standbys: self.standbys,

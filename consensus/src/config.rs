@@ -187,7 +187,11 @@ pub struct RunSettings {
     pub stop_timeout_secs: u64,
     pub gateway_config: Option<PathBuf>,
     pub pooler_config: Option<PathBuf>,
+    /// The control process's log filter (`RUST_LOG` wins at start); SIGHUP applies a change.
+    pub log_level: String,
 }
+
+pub const DEFAULT_LOG_LEVEL: &str = "warn";
 
 impl Default for RunSettings {
     fn default() -> Self {
@@ -197,6 +201,7 @@ impl Default for RunSettings {
             stop_timeout_secs: 10,
             gateway_config: None,
             pooler_config: None,
+            log_level: DEFAULT_LOG_LEVEL.into(),
         }
     }
 }
@@ -228,6 +233,7 @@ pub struct Overrides {
     pub cluster_name: Option<String>,
     pub backup: Option<BackupSettings>,
     pub metrics_listen: Option<String>,
+    pub log_level: Option<String>,
 }
 
 impl Overrides {
@@ -282,6 +288,7 @@ impl Overrides {
             cluster_name: self.cluster_name.or(below.cluster_name),
             backup: self.backup.or(below.backup),
             metrics_listen: self.metrics_listen.or(below.metrics_listen),
+            log_level: self.log_level.or(below.log_level),
         }
     }
 
@@ -340,6 +347,11 @@ impl Overrides {
             stop_timeout_secs: self.stop_timeout_secs.unwrap_or(d.stop_timeout_secs),
             gateway_config: self.gateway_config.clone(),
             pooler_config: self.pooler_config.clone(),
+            log_level: self
+                .log_level
+                .clone()
+                .filter(|l| !l.trim().is_empty())
+                .unwrap_or(d.log_level),
         }
     }
 }

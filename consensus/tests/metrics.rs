@@ -83,7 +83,12 @@ fn metrics_endpoint_reports_the_cluster_and_follows_a_failover() {
     let port = testkit::free_port();
     let listen = format!("127.0.0.1:{port}");
     let addr: SocketAddr = listen.parse().unwrap();
-    let c = HaCluster::settled(&["--metrics-listen", &listen]);
+    // The control process's config file: what `up` reads, and the control process again on
+    // SIGHUP.
+    let config = std::env::temp_dir().join(format!("tp-control-{}.toml", std::process::id()));
+    std::fs::write(&config, "durability = \"any 2\"\n").unwrap();
+    let config_arg = config.to_string_lossy().into_owned();
+    let c = HaCluster::settled(&["--metrics-listen", &listen, "--config", &config_arg]);
 
     // `status` names the endpoint as the control process's address.
     let status = c.tidepool(&["status"]);
@@ -201,7 +206,8 @@ fn metrics_endpoint_reports_the_cluster_and_follows_a_failover() {
     let (status_line, _, _) = get(addr, "/nothing", "*/*");
     assert!(status_line.contains(" 404 "), "{status_line}");
 
-    // `systemctl reload` (SIGHUP) leaves the control process running and serving.
+    // `systemctl reload` (SIGHUP): the control process reads its config again, applies what
+    // can change live (here the policy, a timer, the log level) and names what cannot.
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(c.dir.join("state.json")).unwrap()).unwrap();
     let control = state["processes"]
@@ -209,15 +215,108 @@ fn metrics_endpoint_reports_the_cluster_and_follows_a_failover() {
         .and_then(|a| a.iter().find(|p| p["name"] == "control"))
         .and_then(|p| p["pid"].as_u64())
         .expect("control pid in state.json") as u32;
+    let sync_names = || {
+        let out = c.psql_node(0, "SHOW synchronous_standby_names");
+        assert!(out.success(), "{}", out.text);
+        out.text.trim().to_string()
+    };
+    let wait_sync = |want: &dyn Fn(&str) -> bool, what: &str| {
+        let start = Instant::now();
+        loop {
+            let now = sync_names();
+            if want(&now) {
+                return now;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{what}: synchronous_standby_names is still {now:?}\n{}",
+                c.log("control")
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let any2 = sync_names();
+    assert!(any2.starts_with("ANY 1 ("), "{any2}");
+    std::fs::write(
+        &config,
+        "log_level = \"info\"\ndurability = \"any 3\"\npool_size = 9\n\
+         [timers]\nfailure_timeout_ms = 1600\n",
+    )
+    .unwrap();
     ha::signal(control, libc::SIGHUP);
-    std::thread::sleep(Duration::from_millis(500));
+    let any3 = wait_sync(&|s| s != any2, "durability any 3 after SIGHUP");
+    assert!(any3.starts_with("ANY 2 ("), "{any3}");
+    let start = Instant::now();
+    while !c
+        .log("control")
+        .contains("durability policy in force on the primary")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{}",
+            c.log("control")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = c.log("control");
+    let reloaded = log
+        .lines()
+        .find(|l| l.contains("SIGHUP: config reloaded"))
+        .unwrap_or_else(|| panic!("no reload line:\n{log}"));
+    for key in ["log_level", "durability", "timers.failure_timeout_ms"] {
+        assert!(reloaded.contains(key), "{key}: {reloaded}");
+    }
+    assert!(!reloaded.contains("pool_size"), "{reloaded}");
+    assert!(
+        log.lines().any(|l| l.contains("not applied")
+            && l.contains("pool_size")
+            && l.contains("needs `tidepool up`")),
+        "{log}"
+    );
     let (s, body) = scrape(addr);
+    let reloads = |s: &Scrape, r: &str| {
+        value(s, "tidepool_control_config_reloads_total", &[("result", r)]).unwrap_or(-1.0)
+    };
+    assert_eq!(reloads(&s, "ok"), 1.0, "{body}");
+    assert_eq!(reloads(&s, "error"), 0.0, "{body}");
+    assert_eq!(
+        value(&s, "tidepool_control_config_keys_not_applied", &[]),
+        Some(1.0),
+        "pool_size: {body}"
+    );
+    // Back to `any 2`; a file that does not parse changes nothing and says so.
+    std::fs::write(&config, "log_level = \"info\"\ndurability = \"any 2\"\n").unwrap();
+    ha::signal(control, libc::SIGHUP);
+    wait_sync(&|s| s == any2, "durability any 2 after SIGHUP");
+    std::fs::write(&config, "durability = \n").unwrap();
+    ha::signal(control, libc::SIGHUP);
+    let start = Instant::now();
+    while !c.log("control").contains("config not reloaded") {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{}",
+            c.log("control")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(sync_names(), any2);
+    let (s, body) = scrape(addr);
+    assert_eq!(
+        (reloads(&s, "ok"), reloads(&s, "error")),
+        (2.0, 1.0),
+        "{body}"
+    );
+    assert_eq!(
+        value(&s, "tidepool_control_config_keys_not_applied", &[]),
+        Some(0.0),
+        "{body}"
+    );
     assert_eq!(
         value(&s, "tidepool_control_leader", &[]),
         Some(1.0),
         "{body}"
     );
-    assert!(c.log("control").contains("SIGHUP"), "{}", c.log("control"));
+    std::fs::write(&config, "durability = \"any 2\"\n").unwrap();
 
     // A switchover to node2: counted, and the term moves.
     let out = c.tidepool(&["switchover", "--to", "node2"]);

@@ -212,6 +212,24 @@ impl Config {
             }
             None => File::default(),
         };
+        let link_secret_file = args
+            .link_secret_file
+            .clone()
+            .or(file.link_secret_file.clone())
+            .ok_or("link_secret_file is required: poolers answer only gateways that prove the cluster's link secret")?;
+        let link_key = shared::link::LinkKey::load(&link_secret_file)
+            .map_err(|e| format!("link secret: {e}"))?;
+        Config::build(args, file, link_key)
+    }
+
+    /// What every key is when neither the file nor a flag sets it (SHOW CONFIG's `default`).
+    pub fn defaults(&self) -> Config {
+        Config::build(Args::default(), File::default(), self.link_key.clone())
+            .unwrap_or_else(|_| self.clone())
+    }
+
+    /// The config from the flags, the file's keys (flags win) and the link key.
+    fn build(args: Args, file: File, link_key: shared::link::LinkKey) -> Result<Config, String> {
         let auth = args
             .auth_method
             .or(file.auth_method)
@@ -253,12 +271,6 @@ impl Config {
             poolers.push("127.0.0.1:15433".into());
         }
         poolers.dedup();
-        let link_secret_file = args
-            .link_secret_file
-            .or(file.link_secret_file)
-            .ok_or("link_secret_file is required: poolers answer only gateways that prove the cluster's link secret")?;
-        let link_key = shared::link::LinkKey::load(&link_secret_file)
-            .map_err(|e| format!("link secret: {e}"))?;
         let admin_users: Vec<String> = if args.admin_users.is_empty() {
             file.admin_users.unwrap_or_default()
         } else {
@@ -348,6 +360,59 @@ impl Config {
                 .unwrap_or_else(|| "info".into()),
         })
     }
+
+    /// Keys a reload (SIGHUP, RELOAD) applies live, as SHOW CONFIG names them; the others
+    /// need a restart. The same split as [`Config::reloaded`] (a test holds them together).
+    pub const LIVE_KEYS: &'static [&'static str] = &[
+        "max_clients",
+        "max_message_size",
+        "failover_hold_ms",
+        "failover_hold_max",
+        "max_standby_lag_bytes",
+        "auth_method",
+        "hba_file",
+        "max_user_clients",
+        "max_db_clients",
+        "auth_timeout_seconds",
+        "shutdown_timeout_ms",
+        "client_idle_timeout_ms",
+        "idle_transaction_timeout_ms",
+        "log_level",
+        "admin_users",
+        "tls_cert",
+        "tls_key",
+    ];
+
+    /// Every key SHOW CONFIG lists (config/gateway.toml's names).
+    pub const ALL_KEYS: &'static [&'static str] = &[
+        "listen",
+        "unix_socket_dir",
+        "read_only_listen",
+        "cores",
+        "poolers",
+        "links_per_core",
+        "auth_method",
+        "hba_file",
+        "auth_timeout_seconds",
+        "max_clients",
+        "max_user_clients",
+        "max_db_clients",
+        "max_message_size",
+        "failover_hold_ms",
+        "failover_hold_max",
+        "max_standby_lag_bytes",
+        "guard_synchronous_commit",
+        "client_idle_timeout_ms",
+        "idle_transaction_timeout_ms",
+        "shutdown_timeout_ms",
+        "spin_before_park_us",
+        "tls_cert",
+        "tls_key",
+        "log_level",
+        "admin_database",
+        "admin_users",
+        "metrics_listen",
+    ];
 
     /// The config in force after a reload: `new` (the file read again, under the same flags)
     /// for what can change live, `self` for the rest. Returns it with the keys that changed

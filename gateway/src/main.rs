@@ -113,7 +113,8 @@ fn main() {
     });
     // The admin console's RELOAD and SHUTDOWN do what SIGHUP and SIGTERM do.
     let admin = {
-        let (args, for_reload, for_shutdown) = (args.clone(), life.clone(), life.clone());
+        let (args, for_reload, for_shutdown, for_set) =
+            (args.clone(), life.clone(), life.clone(), life.clone());
         admin::Shared::new(
             cfg.cores,
             admin::Control {
@@ -124,6 +125,17 @@ fn main() {
                     }
                 }),
                 shutdown: Box::new(move || for_shutdown.start_drain()),
+                set: Box::new(move |key, value| {
+                    let now = for_set.current();
+                    let mut cfg = now.cfg.clone();
+                    cfg.set(key, value)?;
+                    tracing::info!(key, value, "admin console: SET");
+                    for_set.publish(Live {
+                        cfg,
+                        tls: now.tls.clone(),
+                    });
+                    Ok(())
+                }),
             },
         )
     };

@@ -261,6 +261,7 @@ mod tests {
             admin::Control {
                 reload: Box::new(|| {}),
                 shutdown: Box::new(|| {}),
+                set: Box::new(|_, _| Ok(())),
             },
         );
         let m = Metrics::new(1);

@@ -90,7 +90,7 @@ const SHOW_COLUMNS: &[(&str, &str)] = &[
         "stats",
         "database,total_xact_count,total_query_count,total_received,total_sent,total_xact_time,total_query_time,total_wait_time,avg_xact_count,avg_query_count,avg_recv,avg_sent,avg_xact_time,avg_query_time,avg_wait_time",
     ),
-    ("config", "key,value,changeable"),
+    ("config", "key,value,default,changeable"),
     ("nodes", "pooler,role,term,lsn,lag_bytes,links_up,links"),
     ("lists", "list,items"),
     ("version", "version"),
@@ -156,6 +156,76 @@ fn every_show_prints_pgbouncers_columns_and_moves_with_traffic() {
         1,
         "{servers:?}"
     );
+    // Each row is a real backend: its pid and its end of the connection are what Postgres
+    // itself says in pg_stat_activity.
+    let direct = pg.psql_admin(
+        "SELECT pid || ',' || host(client_addr) || ',' || client_port FROM pg_stat_activity \
+         WHERE usename = 'bob' AND datname = 'app' AND backend_type = 'client backend' \
+         ORDER BY pid",
+    );
+    let mut shown: Vec<String> = servers
+        .iter()
+        .filter(|r| cell(&h, r, "user") == BOB.0 && cell(&h, r, "database") == APP_DB)
+        .map(|r| {
+            assert_eq!(cell(&h, r, "type"), "S");
+            assert_eq!(cell(&h, r, "addr"), "127.0.0.1", "{r:?}");
+            assert_eq!(cell(&h, r, "port"), pg.port().to_string(), "{r:?}");
+            assert!(cell(&h, r, "connect_time").ends_with(" UTC"), "{r:?}");
+            assert_eq!(cell(&h, r, "link"), "", "an idle backend is linked: {r:?}");
+            format!(
+                "{},{},{}",
+                cell(&h, r, "remote_pid"),
+                cell(&h, r, "local_addr"),
+                cell(&h, r, "local_port")
+            )
+        })
+        .collect();
+    shown.sort();
+    let mut direct: Vec<String> = direct.lines().map(str::to_owned).collect();
+    direct.sort();
+    assert_eq!(shown, direct, "{servers:?}");
+
+    // A backend a transaction holds: active, linked to its client (and the client to it).
+    rt.block_on(async {
+        let (c, _end) = connect(&ep, BOB, "postgres").await;
+        c.batch_execute("begin; select 1").await.unwrap();
+        let in_xact = pg.psql_admin(
+            "SELECT pid FROM pg_stat_activity WHERE usename = 'bob' \
+             AND datname = 'postgres' AND state = 'idle in transaction'",
+        );
+        let ep2 = ep.clone();
+        let (servers, clients) = tokio::task::spawn_blocking(move || {
+            (
+                rows(&console(&ep2, "SHOW SERVERS")),
+                rows(&console(&ep2, "SHOW CLIENTS")),
+            )
+        })
+        .await
+        .unwrap();
+        let (hs, servers) = servers;
+        let (hc, clients) = clients;
+        let s = servers
+            .iter()
+            .find(|r| cell(&hs, r, "user") == BOB.0 && cell(&hs, r, "database") == "postgres")
+            .unwrap_or_else(|| panic!("no bob/postgres server: {servers:?}"));
+        assert_eq!(cell(&hs, s, "state"), "active", "{servers:?}");
+        assert_eq!(cell(&hs, s, "remote_pid"), in_xact.trim(), "{servers:?}");
+        let cl = clients
+            .iter()
+            .find(|r| cell(&hc, r, "user") == BOB.0 && cell(&hc, r, "database") == "postgres")
+            .unwrap_or_else(|| panic!("no bob/postgres client: {clients:?}"));
+        assert_eq!(
+            cell(&hs, s, "link"),
+            cell(&hc, cl, "ptr"),
+            "{servers:?} {clients:?}"
+        );
+        assert_eq!(
+            cell(&hc, cl, "link"),
+            cell(&hs, s, "ptr"),
+            "{servers:?} {clients:?}"
+        );
+        c.batch_execute("commit").await.unwrap();
+    });
 
     // Live clients count: bob's 5 queries (select ×3, begin, commit) and 4 transactions.
     let (h, stats) = rows(&console(&ep, "SHOW STATS"));
@@ -297,6 +367,28 @@ fn pause_holds_new_queries_until_resume_and_kill_ends_the_databases_clients() {
         assert!(waited >= Duration::from_millis(800), "{waited:?}");
         bob.simple_query("select 3").await.unwrap();
 
+        // SUSPEND: every database waits until RESUME.
+        let ep2 = ep.clone();
+        let out = tokio::task::spawn_blocking(move || console(&ep2, "SUSPEND"))
+            .await
+            .unwrap();
+        assert!(!out.contains("ERROR"), "{out}");
+        let held = tokio::spawn(async move {
+            other.simple_query("select 6").await.unwrap();
+            other
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!held.is_finished(), "a query ran while suspended");
+        let ep2 = ep.clone();
+        let out = tokio::task::spawn_blocking(move || console(&ep2, "RESUME"))
+            .await
+            .unwrap();
+        assert!(!out.contains("ERROR"), "{out}");
+        let other = tokio::time::timeout(Duration::from_secs(5), held)
+            .await
+            .expect("RESUME did not end the SUSPEND")
+            .unwrap();
+
         // KILL app: bob's app sessions end with 57P01, the one on postgres goes on.
         let (bob2, bob2_end) = connect(&ep, BOB, APP_DB).await;
         bob2.batch_execute("begin").await.unwrap();
@@ -331,7 +423,9 @@ fn reload_applies_a_changed_limit() {
         &pg,
         opts()
             .gateway_arg("--config")
-            .gateway_arg(file.to_string_lossy().into_owned()),
+            .gateway_arg(file.to_string_lossy().into_owned())
+            .pooler_arg("--server-lifetime-ms")
+            .pooler_arg("1000"),
     );
     let ep = tp.endpoint();
     let (h, config) = rows(&console(&ep, "SHOW CONFIG"));
@@ -344,6 +438,28 @@ fn reload_applies_a_changed_limit() {
         cell(h, &r, "value").to_owned()
     };
     assert_eq!(v(&config, &h), "100");
+    // PgBouncer's columns: what is in force, what it would be unset, whether a reload applies it.
+    let row = |config: &[Vec<String>], key: &str| {
+        config
+            .iter()
+            .find(|r| cell(&h, r, "key") == key)
+            .unwrap_or_else(|| panic!("no {key} in SHOW CONFIG: {config:?}"))
+            .clone()
+    };
+    let m = row(&config, "max_clients");
+    assert_eq!(
+        (cell(&h, &m, "default"), cell(&h, &m, "changeable")),
+        ("100000", "yes")
+    );
+    let l = row(&config, "listen");
+    assert_eq!(
+        cell(&h, &l, "value"),
+        format!("127.0.0.1:{}", tp.gateway_port())
+    );
+    assert_eq!(
+        (cell(&h, &l, "default"), cell(&h, &l, "changeable")),
+        ("127.0.0.1:15432", "no")
+    );
     std::fs::write(&file, "max_clients = 2\n").unwrap();
     let out = console(&ep, "RELOAD");
     assert!(!out.contains("ERROR"), "{out}");
@@ -360,5 +476,68 @@ fn reload_applies_a_changed_limit() {
             .err()
             .expect("a third client got in past max_clients = 2");
         assert_eq!(e.code().map(|c| c.code()), Some("53300"), "{e}");
+    });
+
+    // SET changes a live key at once (until the next RELOAD reads the file again).
+    let out = console(&ep, "SET max_clients = 3");
+    assert!(!out.contains("ERROR"), "{out}");
+    let (h, config) = rows(&console(&ep, "SHOW CONFIG"));
+    assert_eq!(v(&config, &h), "3", "{}", tp.logs());
+    rt.block_on(async {
+        let _a = connect(&ep, BOB, APP_DB).await;
+        let _b = connect(&ep, BOB, APP_DB).await;
+        // A third: max_clients is 3 now.
+        let (c, _) = connect(&ep, BOB, APP_DB).await;
+        c.simple_query("select 1").await.unwrap();
+    });
+    for (cmd, code) in [
+        ("SET listen = '127.0.0.1:1'", "55P02"),
+        ("SET no_such_key = 1", "42704"),
+        ("SET max_clients = lots", "22023"),
+        ("SET max_clients", "42601"),
+    ] {
+        let out = console(&ep, cmd);
+        assert!(out.contains(&format!("ERROR:  {code}")), "{cmd}: {out}");
+    }
+
+    // WAIT_CLOSE: a backend past server_lifetime (1 s here) that a transaction holds is due
+    // to close (close_needed in SHOW SERVERS); WAIT_CLOSE returns once it has gone.
+    rt.block_on(async {
+        let (c, _) = connect(&ep, BOB, APP_DB).await;
+        c.batch_execute("begin; select 1").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        let ep2 = ep.clone();
+        let (h, servers) =
+            tokio::task::spawn_blocking(move || rows(&console(&ep2, "SHOW SERVERS")))
+                .await
+                .unwrap();
+        let held = servers
+            .iter()
+            .find(|r| cell(&h, r, "user") == BOB.0 && cell(&h, r, "state") == "active")
+            .unwrap_or_else(|| panic!("no active bob backend: {servers:?}"))
+            .clone();
+        assert_eq!(cell(&h, &held, "close_needed"), "1", "{servers:?}");
+        let pid = cell(&h, &held, "remote_pid").to_owned();
+        let ep2 = ep.clone();
+        let waiting = tokio::task::spawn_blocking(move || console(&ep2, "WAIT_CLOSE app"));
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(
+            !waiting.is_finished(),
+            "WAIT_CLOSE returned with a backend due"
+        );
+        c.batch_execute("commit").await.unwrap();
+        let out = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("WAIT_CLOSE did not return")
+            .unwrap();
+        assert!(!out.contains("ERROR"), "{out}");
+        let left = pg.psql_admin(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"
+        ));
+        assert_eq!(
+            left.trim(),
+            "0",
+            "the backend past its lifetime is still there"
+        );
     });
 }

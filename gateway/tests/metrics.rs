@@ -178,13 +178,35 @@ fn gateway_and_pooler_metrics_move_with_psql_and_pgbench_traffic() {
         ),
         "{pbody}"
     );
+    // ... and every frame the pooler sent, the gateway received: totals since both started
+    // (the links' first frames may still be on their way when the baselines are taken).
+    let received = value(
+        &g2,
+        "tidepool_gateway_link_frames_total",
+        &[("direction", "received")],
+    );
     assert!(
         d(
             &g0,
             &g2,
             "tidepool_gateway_link_frames_total",
             &[("direction", "received")]
-        ) > 0.0
+        ) >= 203.0,
+        "{body}"
+    );
+    assert_eq!(
+        value(&p2, "tidepool_pooler_link_frames_sent_total", &[]),
+        received,
+        "{pbody}"
+    );
+    assert_eq!(
+        value(&p2, "tidepool_pooler_link_bytes_sent_total", &[]),
+        value(
+            &g2,
+            "tidepool_gateway_link_bytes_total",
+            &[("direction", "received")]
+        ),
+        "{pbody}"
     );
 
     // The pooler: alice's one backend, idle now; sessions waited for it.

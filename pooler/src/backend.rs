@@ -61,6 +61,8 @@ pub struct Backend {
     pub yield_to: RefCell<Option<crate::budget::PoolKey>>,
     /// The session that held it last: a session coming back to it finds its own state.
     pub last_owner: RefCell<Option<Weak<dyn Owner>>>,
+    /// What SHOW SERVERS shows of it, while it lives (servers.rs).
+    pub shown: crate::servers::Shown,
 }
 
 impl Backend {
@@ -189,9 +191,16 @@ pub async fn connect(
                 login.set(k, v);
             }
         }
-        Ok::<_, LoginError>((stream, logged, login))
+        let shown = crate::servers::register(
+            &pool.key.user,
+            &pool.key.database,
+            stream.peer_addr().ok(),
+            stream.local_addr().ok(),
+            logged.pid,
+        );
+        Ok::<_, LoginError>((stream, logged, login, shown))
     };
-    let (stream, logged, login) = crate::with_timeout(timeout, connecting)
+    let (stream, logged, login, shown) = crate::with_timeout(timeout, connecting)
         .await
         .ok_or_else(|| LoginError::Other(format!("timed out connecting to {addr}")))??;
     let (login, server) = if login.is_empty() {
@@ -223,6 +232,7 @@ pub async fn connect(
         announce_freed: std::cell::Cell::new(false),
         yield_to: RefCell::new(None),
         last_owner: RefCell::new(None),
+        shown,
     });
     tracing::debug!(backend = b.id, pid = b.pid, user = %pool.key.user, db = %pool.key.database, "backend connected");
     let stream = RcStream::new(stream);

@@ -84,7 +84,7 @@ pub async fn serve(core: Rc<Core>, stream: TcpStream) {
         sessions: RefCell::new(HashMap::new()),
     });
     let writer = l.clone();
-    let wstream = stream.clone();
+    let wstream = crate::metrics::CountSent::new(stream.clone());
     glommio::spawn_local(async move {
         let _ = writer.out.run_writer(wstream).await;
     })

@@ -25,6 +25,8 @@ pub const WAIT_BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1
 pub struct CoreStats {
     link_frames: AtomicU64,
     link_bytes: AtomicU64,
+    link_frames_sent: AtomicU64,
+    link_bytes_sent: AtomicU64,
     waits: [AtomicU64; WAIT_BUCKETS.len() + 1],
     wait_us: AtomicU64,
 }
@@ -54,6 +56,55 @@ pub fn link_frame(bytes: usize) {
         bump(&s.link_frames, 1);
         bump(&s.link_bytes, bytes as u64);
     });
+}
+
+/// A link's socket as its writer sees it: counts the frames and bytes the socket accepts
+/// (per write, not per frame pushed: a frame header is read once as it goes by).
+pub struct CountSent<W> {
+    inner: W,
+    frames: shared::link::FrameCounter,
+}
+
+impl<W> CountSent<W> {
+    pub fn new(inner: W) -> Self {
+        CountSent {
+            inner,
+            frames: shared::link::FrameCounter::default(),
+        }
+    }
+}
+
+impl<W: futures_lite::AsyncWrite + Unpin> futures_lite::AsyncWrite for CountSent<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        let r = std::pin::Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r {
+            let frames = this.frames.feed(&buf[..*n]);
+            with(|s| {
+                bump(&s.link_frames_sent, frames);
+                bump(&s.link_bytes_sent, *n as u64);
+            });
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_close(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_close(cx)
+    }
 }
 
 /// A session waited `us` microseconds for a backend.
@@ -208,6 +259,20 @@ pub fn registry(budgets: &Budgets, m: &Metrics) -> Registry {
         "tidepool_pooler_link_frames_received",
         "Link frames received from gateways",
         frames,
+    );
+    let sent = Counter::<u64>::default();
+    sent.inc_by(m.sum(|c| &c.link_frames_sent));
+    r.register(
+        "tidepool_pooler_link_frames_sent",
+        "Link frames sent to gateways",
+        sent,
+    );
+    let sent = Counter::<u64>::default();
+    sent.inc_by(m.sum(|c| &c.link_bytes_sent));
+    r.register(
+        "tidepool_pooler_link_bytes_sent",
+        "Link bytes (headers and payloads) sent to gateways",
+        sent,
     );
     let bytes = Counter::<u64>::default();
     bytes.inc_by(m.sum(|c| &c.link_bytes));

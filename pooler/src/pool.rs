@@ -383,6 +383,7 @@ pub async fn acquire(
 
 /// Returns a backend that no session owns any more.
 pub fn release(core: &Rc<Core>, b: Rc<Backend>) {
+    b.shown.released();
     let pool = b.pool.clone();
     if b.is_broken() {
         // Closed: its unit comes back when Postgres has ended it (the relay sees the socket end).

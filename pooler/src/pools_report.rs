@@ -1,6 +1,7 @@
 //! The pooler's answer to the gateway admin console's `up::POOLS`: every pool of every core,
 //! from the atomics each core already publishes for rebalancing (`budget::CoreShare`) plus the
-//! idle count. Built on the core that received the request; no message to other cores.
+//! idle count, and every backend (`servers.rs`). Built on the core that received the request;
+//! no message to other cores.
 
 use crate::core::Core;
 use shared::link::{PoolFact, PoolFacts};
@@ -30,5 +31,6 @@ pub fn facts(core: &Core) -> PoolFacts {
         pool_size: core.budgets.pool_size() as u32,
         max_backends: core.budgets.max_total() as u32,
         pools,
+        servers: crate::servers::facts(core.live().server_lifetime_ms),
     }
 }

@@ -587,6 +587,7 @@ impl Owner for Session {
 
 fn attach(s: &Rc<Session>, b: &Rc<Backend>) {
     b.st.borrow_mut().owner = Some(s.clone());
+    b.shown.taken(s.cancel_key.0);
     *s.backend.borrow_mut() = Some(b.clone());
     *s.last_backend.borrow_mut() = Rc::downgrade(b);
     let me: Rc<dyn Owner> = s.clone();

@@ -152,6 +152,42 @@ pub fn put_frame(out: &mut Vec<u8>, kind: u8, session: u32, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
+/// Counts the frames in a byte stream of frames as it goes by in pieces of any size (what a
+/// socket accepted of a write): one header read per frame, payloads skipped.
+#[derive(Debug, Default)]
+pub struct FrameCounter {
+    /// Payload bytes of the current frame still to come.
+    left: usize,
+    /// A header split between two pieces: its bytes so far.
+    head: [u8; HEADER],
+    have: usize,
+}
+
+impl FrameCounter {
+    /// Frames whose header is complete in `bytes` (the next piece of the stream).
+    pub fn feed(&mut self, mut bytes: &[u8]) -> u64 {
+        let mut frames = 0;
+        while !bytes.is_empty() {
+            if self.left > 0 {
+                let skip = self.left.min(bytes.len());
+                self.left -= skip;
+                bytes = &bytes[skip..];
+                continue;
+            }
+            let take = (HEADER - self.have).min(bytes.len());
+            self.head[self.have..self.have + take].copy_from_slice(&bytes[..take]);
+            self.have += take;
+            bytes = &bytes[take..];
+            if self.have == HEADER {
+                self.have = 0;
+                frames += 1;
+                self.left = parse_header(&self.head).map_or(0, |h| h.len);
+            }
+        }
+        frames
+    }
+}
+
 /// A frame header parsed from the start of a buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
@@ -270,6 +306,41 @@ pub struct PoolFacts {
     pub pool_size: u32,
     pub max_backends: u32,
     pub pools: Vec<PoolFact>,
+    /// Every backend, for SHOW SERVERS. Encoded after the pools: a payload that ends before
+    /// them (an older pooler's) decodes with none.
+    pub servers: Vec<ServerFact>,
+}
+
+/// One real backend of a pooler, as SHOW SERVERS lists it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServerFact {
+    /// Unique within the pooler while the backend lives.
+    pub id: u64,
+    pub user: String,
+    pub database: String,
+    /// [`server_state`].
+    pub state: u8,
+    /// Postgres's address and the pooler's end of the connection (`None`: a Unix socket).
+    pub addr: Option<std::net::SocketAddr>,
+    pub local: Option<std::net::SocketAddr>,
+    /// Unix microseconds: login, and when a session last took it.
+    pub connect_time: u64,
+    pub request_time: u64,
+    /// The pid of the backend in Postgres (`pg_stat_activity.pid`).
+    pub pid: i32,
+    /// The pid (as its client knows it: `BackendKeyData`) of the session holding it; 0: none.
+    pub link: i32,
+    /// Past `server_lifetime`: closed when it is next released.
+    pub close_needed: bool,
+    pub tls: bool,
+}
+
+/// A backend's state in [`ServerFact::state`], PgBouncer's words.
+pub mod server_state {
+    /// Held by a session.
+    pub const ACTIVE: u8 = 0;
+    /// In the pool, free.
+    pub const IDLE: u8 = 1;
 }
 
 /// One (user, database) on a pooler.
@@ -299,6 +370,20 @@ impl PoolFacts {
             out.extend_from_slice(&p.idle.to_be_bytes());
             out.extend_from_slice(&p.waiting.to_be_bytes());
             out.extend_from_slice(&p.waited_us.to_be_bytes());
+        }
+        out.extend_from_slice(&(self.servers.len() as u32).to_be_bytes());
+        for s in &self.servers {
+            out.extend_from_slice(&s.id.to_be_bytes());
+            put_cstr(out, s.user.as_bytes());
+            put_cstr(out, s.database.as_bytes());
+            out.push(s.state);
+            put_addr(out, s.addr);
+            put_addr(out, s.local);
+            out.extend_from_slice(&s.connect_time.to_be_bytes());
+            out.extend_from_slice(&s.request_time.to_be_bytes());
+            out.extend_from_slice(&s.pid.to_be_bytes());
+            out.extend_from_slice(&s.link.to_be_bytes());
+            out.push(u8::from(s.close_needed) | u8::from(s.tls) << 1);
         }
     }
 
@@ -332,12 +417,106 @@ impl PoolFacts {
                 waited_us: hi << 32 | lo,
             });
         }
+        let mut servers = Vec::new();
+        if pos < buf.len() {
+            let n = u32_at(&mut pos)?;
+            // Each server takes at least 38 bytes: a count larger than the payload is a lie.
+            if n as usize > buf.len() / 38 + 1 {
+                return Err(ProtocolError::Malformed("server facts count"));
+            }
+            servers.reserve(n as usize);
+            let u64_at = |pos: &mut usize| -> Result<u64, ProtocolError> {
+                Ok((u32_at(pos)? as u64) << 32 | u32_at(pos)? as u64)
+            };
+            let byte = |pos: &mut usize| -> Result<u8, ProtocolError> {
+                let b = *buf
+                    .get(*pos)
+                    .ok_or(ProtocolError::Malformed("server facts"))?;
+                *pos += 1;
+                Ok(b)
+            };
+            for _ in 0..n {
+                let id = u64_at(&mut pos)?;
+                let user = utf8(read_cstr(buf, &mut pos)?)?;
+                let database = utf8(read_cstr(buf, &mut pos)?)?;
+                let state = byte(&mut pos)?;
+                let addr = read_addr(buf, &mut pos)?;
+                let local = read_addr(buf, &mut pos)?;
+                let connect_time = u64_at(&mut pos)?;
+                let request_time = u64_at(&mut pos)?;
+                let pid = read_i32(buf, &mut pos)?;
+                let link = read_i32(buf, &mut pos)?;
+                let flags = byte(&mut pos)?;
+                servers.push(ServerFact {
+                    id,
+                    user,
+                    database,
+                    state,
+                    addr,
+                    local,
+                    connect_time,
+                    request_time,
+                    pid,
+                    link,
+                    close_needed: flags & 1 != 0,
+                    tls: flags & 2 != 0,
+                });
+            }
+        }
+        if pos != buf.len() {
+            return Err(ProtocolError::Malformed("pool facts: trailing bytes"));
+        }
         Ok(PoolFacts {
             pool_size,
             max_backends,
             pools,
+            servers,
         })
     }
+}
+
+/// A socket address: 0 (none), 4 + IPv4 + port, or 6 + IPv6 + port.
+fn put_addr(out: &mut Vec<u8>, a: Option<std::net::SocketAddr>) {
+    match a {
+        None => out.push(0),
+        Some(std::net::SocketAddr::V4(a)) => {
+            out.push(4);
+            out.extend_from_slice(&a.ip().octets());
+            out.extend_from_slice(&a.port().to_be_bytes());
+        }
+        Some(std::net::SocketAddr::V6(a)) => {
+            out.push(6);
+            out.extend_from_slice(&a.ip().octets());
+            out.extend_from_slice(&a.port().to_be_bytes());
+        }
+    }
+}
+
+fn read_addr(buf: &[u8], pos: &mut usize) -> Result<Option<std::net::SocketAddr>, ProtocolError> {
+    let bad = || ProtocolError::Malformed("socket address");
+    let kind = *buf.get(*pos).ok_or_else(bad)?;
+    let len = match kind {
+        0 => 0,
+        4 => 4,
+        6 => 16,
+        _ => return Err(bad()),
+    };
+    let b = buf
+        .get(*pos + 1..*pos + 1 + len + 2 * usize::from(len > 0))
+        .ok_or_else(bad)?;
+    *pos += 1 + b.len();
+    Ok(match kind {
+        4 => {
+            let ip: [u8; 4] = [b[0], b[1], b[2], b[3]];
+            Some((ip, u16::from_be_bytes([b[4], b[5]])).into())
+        }
+        6 => {
+            let mut ip = [0u8; 16];
+            ip.copy_from_slice(&b[..16]);
+            Some((ip, u16::from_be_bytes([b[16], b[17]])).into())
+        }
+        _ => None,
+    })
 }
 
 /// The link's mutual authentication: a challenge-response with HMAC-SHA-256 under the link
@@ -515,6 +694,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn frames_counted_across_pieces_of_any_size() {
+        let mut stream = Vec::new();
+        put_frame(&mut stream, down::DATA, 1, b"hello");
+        put_frame(&mut stream, down::ACK, 2, &[]);
+        put_frame(&mut stream, down::DATA, 3, &[7; 300]);
+        for piece in [1, 2, 5, 9, 10, 64, stream.len()] {
+            let mut c = FrameCounter::default();
+            let n: u64 = stream.chunks(piece).map(|p| c.feed(p)).sum();
+            assert_eq!(n, 3, "pieces of {piece}");
+            assert_eq!((c.left, c.have), (0, 0));
+        }
+        let mut c = FrameCounter::default();
+        assert_eq!(c.feed(&stream[..HEADER + 2]), 1);
+        assert_eq!(c.feed(&stream[HEADER + 2..]), 2);
+    }
+
+    #[test]
     fn pool_facts_round_trip_and_lies_refused() {
         let facts = PoolFacts {
             pool_size: 20,
@@ -527,13 +723,55 @@ mod tests {
                 waiting: 2,
                 waited_us: (7 << 32) + 5,
             }],
+            servers: vec![
+                ServerFact {
+                    id: 1 << 40 | 3,
+                    user: "alice".into(),
+                    database: "app".into(),
+                    state: server_state::IDLE,
+                    addr: Some("127.0.0.1:5432".parse().unwrap()),
+                    local: Some("[::1]:40000".parse().unwrap()),
+                    connect_time: 1_700_000_000_000_000,
+                    request_time: 1_700_000_000_000_001,
+                    pid: 4242,
+                    link: -7,
+                    close_needed: true,
+                    tls: false,
+                },
+                ServerFact {
+                    addr: None,
+                    local: None,
+                    tls: true,
+                    ..ServerFact::default()
+                },
+            ],
         };
         let mut b = Vec::new();
         facts.encode(&mut b);
         assert_eq!(PoolFacts::decode(&b).unwrap(), facts);
-        assert!(PoolFacts::decode(&b[..b.len() - 1]).is_err());
+        // An older pooler's payload: the pools alone, no servers.
+        let old = PoolFacts {
+            servers: vec![],
+            ..facts.clone()
+        };
+        let mut pools_only = Vec::new();
+        old.encode(&mut pools_only);
+        pools_only.truncate(pools_only.len() - 4);
+        assert_eq!(PoolFacts::decode(&pools_only).unwrap(), old);
+        // Any other truncation is refused, and so is a byte more.
+        for end in 12..b.len() {
+            if end != pools_only.len() {
+                assert!(PoolFacts::decode(&b[..end]).is_err(), "cut at {end}");
+            }
+        }
+        let mut longer = b.clone();
+        longer.push(0);
+        assert!(PoolFacts::decode(&longer).is_err());
         let mut lie = b.clone();
         lie[8..12].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(PoolFacts::decode(&lie).is_err());
+        let mut lie = b.clone();
+        lie[pools_only.len()..pools_only.len() + 4].copy_from_slice(&u32::MAX.to_be_bytes());
         assert!(PoolFacts::decode(&lie).is_err());
     }
 

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -185,15 +185,59 @@ fn now_secs() -> i64 {
 
 /// Starts the scheduler thread of a control process: while `leading`, takes the backups whose
 /// cron matches the current second (a full wins over a diff over an incr when several match). Backups run on this thread, one at a time, never on the control loop.
-pub fn start(state: &State, leading: Arc<AtomicBool>) -> Result<()> {
+/// The entries the schedule's thread follows; SIGHUP replaces them (`control::reload`).
+#[derive(Clone, Default)]
+pub struct Plan {
+    entries: Arc<Mutex<Vec<(String, Cron)>>>,
+    /// Whether a thread follows the plan (backups are on).
+    running: bool,
+}
+
+impl Plan {
+    /// Parses `schedule`; the plan changes only when every entry parses.
+    pub fn replace(&self, schedule: &[Schedule]) -> Result<()> {
+        let parsed = parse(schedule)?;
+        if !self.running && !parsed.is_empty() {
+            return Err(Error::Conflict(
+                "backups are off in this cluster ([backup] enabled = false when `tidepool up` \
+                 made it): no schedule runs"
+                    .into(),
+            ));
+        }
+        *self.entries.lock().unwrap_or_else(|p| p.into_inner()) = parsed;
+        Ok(())
+    }
+}
+
+fn parse(schedule: &[Schedule]) -> Result<Vec<(String, Cron)>> {
     let mut plan = Vec::new();
-    for s in &state.settings.backup.schedule {
+    for s in schedule {
+        if !["full", "diff", "incr"].contains(&s.kind.as_str()) {
+            return Err(Error::Conflict(format!(
+                "backup schedule type {:?}: full, diff or incr",
+                s.kind
+            )));
+        }
         plan.push((s.kind.clone(), Cron::parse(&s.cron)?));
     }
-    if plan.is_empty() || !state.settings.backup.enabled {
-        return Ok(());
+    Ok(plan)
+}
+
+/// Starts the schedule's thread when backups are on (with no entry it only waits: a reload
+/// may add some); the plan it follows is returned.
+pub fn start(state: &State, leading: Arc<AtomicBool>) -> Result<Plan> {
+    let entries = parse(&state.settings.backup.schedule)?;
+    if !state.settings.backup.enabled {
+        return Ok(Plan::default());
     }
-    tracing::info!(entries = plan.len(), "backup schedule active");
+    if !entries.is_empty() {
+        tracing::info!(entries = entries.len(), "backup schedule active");
+    }
+    let plan = Plan {
+        entries: Arc::new(Mutex::new(entries)),
+        running: true,
+    };
+    let shared = plan.entries.clone();
     let state = state.clone();
     std::thread::Builder::new()
         .name("backup-schedule".into())
@@ -212,10 +256,14 @@ pub fn start(state: &State, leading: Arc<AtomicBool>) -> Result<()> {
                 if !leading.load(Ordering::Relaxed) {
                     continue;
                 }
-                let due = ["full", "diff", "incr"].into_iter().find(|k| {
-                    plan.iter()
-                        .any(|(kind, cron)| kind == k && seconds.clone().any(|t| cron.matches(t)))
-                });
+                let due = {
+                    let plan = shared.lock().unwrap_or_else(|p| p.into_inner());
+                    ["full", "diff", "incr"].into_iter().find(|k| {
+                        plan.iter().any(|(kind, cron)| {
+                            kind == k && seconds.clone().any(|t| cron.matches(t))
+                        })
+                    })
+                };
                 if let Some(kind) = due {
                     run_one(&state, kind);
                     last = now_secs();
@@ -223,7 +271,7 @@ pub fn start(state: &State, leading: Arc<AtomicBool>) -> Result<()> {
             }
         })
         .map_err(Error::io("starting the backup schedule"))?;
-    Ok(())
+    Ok(plan)
 }
 
 fn run_one(state: &State, kind: &str) {

@@ -166,7 +166,13 @@ pub fn run(global: &GlobalArgs, args: &NodeAddArgs) -> Result<bool> {
             Role::Control.program(),
             Duration::from_secs(10),
         )?;
-        start_control(layout, &mut state, control, timeout)?;
+        start_control(
+            layout,
+            global.config.as_deref(),
+            &mut state,
+            control,
+            timeout,
+        )?;
     }
     eprintln!(
         "{name} restored from the latest backup and started; it joins the cohort and the \
@@ -177,18 +183,31 @@ pub fn run(global: &GlobalArgs, args: &NodeAddArgs) -> Result<bool> {
 
 /// Starts the control process recorded as `control` again (it was stopped) and records its
 /// new pid.
+/// `tidepool control`'s arguments: the state directory, and the `--config` file the command
+/// was given (as an absolute path), which the control process reads again on SIGHUP.
+pub(crate) fn control_args(
+    layout: &crate::layout::Layout,
+    config: Option<&std::path::Path>,
+) -> Result<Vec<OsString>> {
+    let mut args: Vec<OsString> = vec!["--dir".into(), layout.dir().as_os_str().to_owned()];
+    if let Some(c) = config {
+        let c = std::path::absolute(c).map_err(Error::io("resolving --config"))?;
+        args.push("--config".into());
+        args.push(c.into_os_string());
+    }
+    args.push("control".into());
+    Ok(args)
+}
+
 pub(crate) fn start_control(
     layout: &crate::layout::Layout,
+    config: Option<&std::path::Path>,
     state: &mut State,
     control: ProcessRecord,
     timeout: Duration,
 ) -> Result<()> {
     let me = std::env::current_exe().map_err(Error::io("finding the tidepool executable"))?;
-    let args: Vec<OsString> = vec![
-        "--dir".into(),
-        layout.dir().as_os_str().to_owned(),
-        "control".into(),
-    ];
+    let args = control_args(layout, config)?;
     let pid = ensure_process(
         Role::Control,
         &me,

@@ -56,7 +56,7 @@ pub fn run(global: &GlobalArgs, args: &NodeRemoveArgs) -> Result<bool> {
     let result = remove(&mut state, layout, &plan);
     // 5. Restarted whatever happened: the cluster must not stay without one.
     if let Some(c) = control {
-        start_control(layout, &mut state, c, timeout)?;
+        start_control(layout, global.config.as_deref(), &mut state, c, timeout)?;
     }
     result?;
     eprintln!(

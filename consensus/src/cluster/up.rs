@@ -250,11 +250,7 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
         }
     } else {
         let me = std::env::current_exe().map_err(Error::io("finding the tidepool executable"))?;
-        let args: Vec<OsString> = vec![
-            "--dir".into(),
-            layout.dir().as_os_str().to_owned(),
-            "control".into(),
-        ];
+        let args = crate::cluster::node_add::control_args(layout, global.config.as_deref())?;
         let known = state.process(Role::Control).map(|p| p.pid);
         // With a metrics endpoint, `up` waits until it accepts and `status` shows it (only
         // with standbys: a single node's control process runs its backup schedule alone).

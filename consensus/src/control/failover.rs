@@ -31,16 +31,27 @@ impl Controller {
     /// Whether `recruited` (node names) may elect without the others: a majority of the
     /// cohort, and the rest cannot satisfy the durability policy on their own (so every
     /// acknowledged commit is on some recruit).
+    /// While a reloaded policy is not yet the primary's, the one before must hold too.
     fn enough(&self, recruited: &[&str]) -> std::result::Result<(), String> {
-        let policy = crate::cluster::nodes::policy(&self.settings).map_err(|e| e.to_string())?;
         let cohort = crate::cluster::nodes::policy_nodes(&self.nodes);
         let chosen: Vec<&crate::policy::Node> = cohort
             .iter()
             .filter(|n| recruited.contains(&n.name.as_str()))
             .collect();
-        policy
-            .check_recruits(&cohort, &chosen)
-            .map_err(|e| e.to_string())
+        let previous = self
+            .previous_durability
+            .iter()
+            .map(|d| crate::config::ClusterSettings {
+                durability: d.clone(),
+                ..self.settings.clone()
+            });
+        for settings in std::iter::once(self.settings.clone()).chain(previous) {
+            let policy = crate::cluster::nodes::policy(&settings).map_err(|e| e.to_string())?;
+            policy
+                .check_recruits(&cohort, &chosen)
+                .map_err(|e| format!("durability {:?}: {e}", settings.durability))?;
+        }
+        Ok(())
     }
 
     /// Recruits every node for a new term, promotes the most advanced recruit, tells the

@@ -10,6 +10,7 @@
 
 mod failover;
 mod probe;
+mod reload;
 mod requests;
 
 use std::collections::HashSet;
@@ -23,7 +24,7 @@ use crate::cli::{ControlArgs, GlobalArgs};
 use crate::cluster::Context;
 use crate::config::{ClusterSettings, Timers};
 use crate::error::{Error, Result};
-use crate::metrics::{ControlMetrics, Trigger, TriggerLabels};
+use crate::metrics::{ControlMetrics, ReloadLabels, ReloadResult, Trigger, TriggerLabels};
 use crate::state::{NodeRecord, State};
 use crate::topology::{
     EtcdStore, FileStore, Leadership, OverrideRecord, Store, TermRecord, Topology, Version,
@@ -64,6 +65,16 @@ pub struct Controller {
     pub leading: Arc<std::sync::atomic::AtomicBool>,
     /// The Prometheus metrics, when `metrics_listen` is set.
     metrics: Option<ControlMetrics>,
+    /// The `--config` file, read again on SIGHUP (reload.rs).
+    config: Option<PathBuf>,
+    /// The settings in force and the files' view they came from.
+    live: Option<reload::Live>,
+    /// Set by the SIGHUP handler; the control loop reloads at its next step.
+    hup: Arc<std::sync::atomic::AtomicBool>,
+    /// After a reload changed the durability policy, the policy before, until the primary
+    /// runs the new one's synchronous standbys: a failover meanwhile must satisfy both (a
+    /// commit acknowledged under the old one is on a set satisfying the old one only).
+    previous_durability: Option<String>,
 }
 
 pub fn run(global: &GlobalArgs, args: &ControlArgs) -> Result<bool> {
@@ -71,7 +82,7 @@ pub fn run(global: &GlobalArgs, args: &ControlArgs) -> Result<bool> {
     let state = State::load(&ctx.layout.state_file())?
         .ok_or_else(|| Error::NoCluster(ctx.layout.dir().to_path_buf()))?;
     if state.nodes.is_empty() {
-        return run_schedule_only(&state, args);
+        return run_schedule_only(&state, global, &ctx.layout.state_file(), args);
     }
     if state.nodes.len() < 2 {
         return Err(Error::Conflict(
@@ -82,7 +93,13 @@ pub fn run(global: &GlobalArgs, args: &ControlArgs) -> Result<bool> {
         .enable_all()
         .build()
         .map_err(Error::io("starting the control runtime"))?;
+    let config = absolute_config(global)?;
+    let (read, log_level) = reload::read(&ctx.layout.state_file(), config.as_deref())?;
+    let live = reload::Live::start(&state.settings, read, log_level);
+    let mut state = state;
+    state.settings = live.settings.clone();
     let mut c = Controller::new(ctx.layout.dir().to_path_buf(), &state)?;
+    c.config = config;
     if let Some(addr) = state.settings.metrics_addr()? {
         let store = match c.store {
             Store::File(_) => "file",
@@ -92,7 +109,12 @@ pub fn run(global: &GlobalArgs, args: &ControlArgs) -> Result<bool> {
         crate::metrics::http::serve(addr, registry)?;
         c.metrics = Some(m);
     }
-    crate::backup::schedule::start(&state, c.leading.clone())?;
+    let mut live = live;
+    live.schedule = crate::backup::schedule::start(&state, c.leading.clone())?;
+    if let Some(m) = &c.metrics {
+        m.config_not_applied.set(live.not_applied() as i64);
+    }
+    c.live = Some(live);
     let deadline = args
         .exit_after_secs
         .map(|s| Instant::now() + Duration::from_secs(s));
@@ -112,7 +134,12 @@ fn schedule_only(settings: &ClusterSettings) -> bool {
 
 /// A single-node cluster's control process: its backup schedule and nothing else (no node
 /// to fail over to; the one Postgres is always the primary, so the schedule always "leads").
-fn run_schedule_only(state: &State, args: &ControlArgs) -> Result<bool> {
+fn run_schedule_only(
+    state: &State,
+    global: &GlobalArgs,
+    state_file: &std::path::Path,
+    args: &ControlArgs,
+) -> Result<bool> {
     if !schedule_only(&state.settings) {
         return Err(Error::Conflict(
             "a single-node cluster without a backup schedule: nothing to control (tidepool up \
@@ -120,7 +147,13 @@ fn run_schedule_only(state: &State, args: &ControlArgs) -> Result<bool> {
                 .into(),
         ));
     }
-    crate::backup::schedule::start(state, Arc::new(std::sync::atomic::AtomicBool::new(true)))?;
+    let config = absolute_config(global)?;
+    let (read, log_level) = reload::read(state_file, config.as_deref())?;
+    let mut live = reload::Live::start(&state.settings, read, log_level);
+    let mut state = state.clone();
+    state.settings = live.settings.clone();
+    live.schedule =
+        crate::backup::schedule::start(&state, Arc::new(std::sync::atomic::AtomicBool::new(true)))?;
     tracing::info!("control process running: the backup schedule of a single-node cluster");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -141,10 +174,15 @@ fn run_schedule_only(state: &State, args: &ControlArgs) -> Result<bool> {
         loop {
             tokio::select! {
                 _ = &mut wait => return Ok(true),
-                _ = hup.recv() => tracing::warn!(
-                    "SIGHUP: the control process reloads nothing live yet; restart it to apply \
-                     a changed config"
-                ),
+                _ = hup.recv() => match reload::read(state_file, config.as_deref()) {
+                    // A single node has no failover: any policy that parses will do.
+                    Ok((new, level)) => live
+                        .reload(new, level, |s| {
+                            crate::cluster::nodes::policy(s).map(|_| ()).map_err(|e| e.to_string())
+                        })
+                        .log(),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: config not reloaded; the settings in force stay"),
+                },
             }
         }
     })
@@ -171,6 +209,10 @@ impl Controller {
             retry_at: None,
             leading: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             metrics: None,
+            config: None,
+            live: None,
+            hup: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            previous_durability: None,
         })
     }
 
@@ -259,22 +301,23 @@ impl Controller {
         // `systemctl reload` sends SIGHUP, whose default action would end the process.
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(mut hup) => {
+                let flag = self.hup.clone();
                 tokio::spawn(async move {
                     while hup.recv().await.is_some() {
-                        tracing::warn!(
-                            "SIGHUP: the control process reloads nothing live yet; restart it \
-                             to apply a changed config"
-                        );
+                        flag.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
                 });
             }
             Err(e) => tracing::warn!(error = %e, "no SIGHUP handler"),
         }
-        let interval = Duration::from_millis(self.timers.probe_interval_ms.max(10));
         loop {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return;
             }
+            if self.hup.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                self.reload();
+            }
+            let interval = Duration::from_millis(self.timers.probe_interval_ms.max(10));
             let started = Instant::now();
             if let Err(e) = self.tick().await {
                 tracing::warn!(error = %e, "control step failed");
@@ -553,6 +596,11 @@ impl Controller {
                             tracing::warn!(error = %e, "set_sync failed");
                         }
                     }
+                    Ok(want) if want == r.sync_names => {
+                        if let Some(old) = self.previous_durability.take() {
+                            tracing::info!(from = %old, to = %self.settings.durability, sync = %want, "durability policy in force on the primary");
+                        }
+                    }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "durability policy"),
                 }
@@ -569,6 +617,56 @@ impl Controller {
                 self.follow_in_background(i);
             }
         }
+    }
+
+    /// SIGHUP: the files again, and what can change live applied (reload.rs).
+    fn reload(&mut self) {
+        let state_file = crate::layout::Layout::new(&self.dir).map(|l| l.state_file());
+        let read = state_file.and_then(|f| reload::read(&f, self.config.as_deref()));
+        let (new, level) = match read {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: config not reloaded; the settings in force stay");
+                if let Some(m) = &self.metrics {
+                    m.config_reloads
+                        .get_or_create(&ReloadLabels {
+                            result: ReloadResult::error,
+                        })
+                        .inc();
+                }
+                return;
+            }
+        };
+        let primary = self.nodes[self.primary_index()].name.clone();
+        let nodes = &self.nodes;
+        let Some(live) = self.live.as_mut() else {
+            return;
+        };
+        let out = live.reload(new, level, |s| {
+            crate::cluster::nodes::sync_names(s, nodes, &primary)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        });
+        out.log();
+        if let Some(m) = &self.metrics {
+            m.config_reloads
+                .get_or_create(&ReloadLabels {
+                    result: ReloadResult::ok,
+                })
+                .inc();
+            m.config_not_applied.set(live.not_applied() as i64);
+        }
+        let now = live.settings.clone();
+        if now.durability != self.settings.durability {
+            // The first change since the primary last ran the policy in force: the old one is
+            // what acknowledged commits satisfy.
+            if self.previous_durability.is_none() {
+                self.previous_durability = Some(self.settings.durability.clone());
+            }
+            tracing::warn!(from = %self.settings.durability, to = %now.durability, "durability policy changing: failovers satisfy both until the primary runs the new one");
+        }
+        self.timers = now.timers;
+        self.settings = now;
     }
 
     fn follow_in_background(&self, i: usize) {
@@ -600,6 +698,16 @@ impl Controller {
             }
         });
     }
+}
+
+/// The `--config` file as an absolute path (the process may change directory; a reload reads
+/// the same file).
+fn absolute_config(global: &GlobalArgs) -> Result<Option<PathBuf>> {
+    global
+        .config
+        .as_deref()
+        .map(|p| std::path::absolute(p).map_err(Error::io("resolving --config")))
+        .transpose()
 }
 
 /// The store a cluster's settings name: etcd with `etcd`, else `DIR/topology.json`.

@@ -84,6 +84,21 @@ pub struct TriggerLabels {
     pub trigger: Trigger,
 }
 
+/// How a reload (SIGHUP) went.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ReloadResult {
+    /// The files were read; what can change live was applied.
+    ok,
+    /// A file could not be read or parsed: nothing changed.
+    error,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub result: ReloadResult,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StoreLabels {
     /// `file` or `etcd`.
@@ -107,6 +122,8 @@ pub struct ControlMetrics {
     pub failover_duration: Histogram,
     pub store_up: Family<StoreLabels, Gauge>,
     pub store_errors: Family<StoreLabels, Counter>,
+    pub config_reloads: Family<ReloadLabels, Counter>,
+    pub config_not_applied: Gauge,
     store: StoreLabels,
 }
 
@@ -130,6 +147,8 @@ impl ControlMetrics {
             failover_duration: Histogram::new([0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]),
             store_up: Family::default(),
             store_errors: Family::default(),
+            config_reloads: Family::default(),
+            config_not_applied: Gauge::default(),
             store: StoreLabels {
                 store: store.to_string(),
             },
@@ -140,6 +159,9 @@ impl ControlMetrics {
             let _ = m.failovers.get_or_create(&TriggerLabels { trigger });
         }
         let _ = m.store_errors.get_or_create(&m.store);
+        for result in [ReloadResult::ok, ReloadResult::error] {
+            let _ = m.config_reloads.get_or_create(&ReloadLabels { result });
+        }
 
         let mut r = Registry::default();
         r.register(
@@ -213,6 +235,16 @@ impl ControlMetrics {
             "tidepool_topology_store_errors",
             "Calls to the topology store that failed or timed out",
             m.store_errors.clone(),
+        );
+        r.register(
+            "tidepool_control_config_reloads",
+            "Reloads (SIGHUP) of the control process's config, by result",
+            m.config_reloads.clone(),
+        );
+        r.register(
+            "tidepool_control_config_keys_not_applied",
+            "Keys the config files set otherwise than what the control process runs with",
+            m.config_not_applied.clone(),
         );
         if let Some(b) = backups {
             r.register_collector(Box::new(b));

@@ -213,14 +213,31 @@ fn notice(out: &mut Vec<u8>, msg: &str) {
 
 pub const HELP: &str = "Console usage
 \tSHOW HELP|POOLS|CLIENTS|SERVERS|STATS|CONFIG|NODES|LISTS|VERSION
+\tSET key = arg
 \tPAUSE [<db>]
+\tSUSPEND
 \tRESUME [<db>]
 \tKILL [<db>]
+\tWAIT_CLOSE [<db>]
 \tRELOAD
 \tSHUTDOWN";
 
 /// Runs one command, appending its answer to `out`; true when the console should end.
 async fn run(core: &Rc<Core>, io: &Rc<SessionIo>, id: u32, text: &str, out: &mut Vec<u8>) -> bool {
+    if let Some(set) = super::set::parse(text) {
+        match set {
+            Err(e) => error(out, "42601", &e),
+            Ok((key, value)) => match (core.admin.control.set)(&key, &value) {
+                Ok(()) => {
+                    // Every core takes the new config at its next lifecycle tick.
+                    glommio::timer::sleep(shared::lifecycle::TICK * 2).await;
+                    command_complete(out, "SET");
+                }
+                Err((code, msg)) => error(out, code, &msg),
+            },
+        }
+        return false;
+    }
     let cmd = match parse(text) {
         Ok(Some(c)) => c,
         Ok(None) => {
@@ -239,17 +256,17 @@ async fn run(core: &Rc<Core>, io: &Rc<SessionIo>, id: u32, text: &str, out: &mut
                 notice(out, HELP);
                 command_complete(out, "SHOW");
             }
-            "pools" | "servers" | "lists" | "stats" => {
+            "pools" | "servers" | "lists" | "stats" | "clients" => {
                 let facts = pooler_facts(core, io, id).await;
                 let t = match what {
                     "pools" => show::pools(core, &facts),
                     "servers" => show::servers(core, &facts),
                     "lists" => show::lists(core, &facts),
+                    "clients" => show::clients(core, &facts),
                     _ => show::stats(core, &facts),
                 };
                 t.encode(out);
             }
-            "clients" => show::clients(core).encode(out),
             "config" => show::config(&core.cfg()).encode(out),
             "nodes" => show::nodes(core).encode(out),
             "version" => show::version().encode(out),
@@ -265,28 +282,47 @@ async fn run(core: &Rc<Core>, io: &Rc<SessionIo>, id: u32, text: &str, out: &mut
             } else if !core.admin.pause(db) {
                 error(out, "55000", "already paused");
             } else {
-                // As PgBouncer's PAUSE: returns once the transactions and queries running on
-                // the paused databases have finished (bounded by shutdown_timeout_ms).
-                let limit = Instant::now() + Duration::from_millis(core.cfg().shutdown_timeout_ms);
-                loop {
-                    let busy = core.admin.clients().iter().any(|c| {
-                        c.state() == state::ACTIVE
-                            && c.database != admin_db
-                            && db.is_none_or(|d| d == c.database)
-                    });
-                    if !busy {
-                        break;
-                    }
-                    if Instant::now() >= limit {
-                        notice(
-                            out,
-                            "transactions still running after shutdown_timeout_ms; new ones wait",
-                        );
-                        break;
-                    }
-                    glommio::timer::sleep(Duration::from_millis(10)).await;
-                }
+                settle(core, db, &admin_db, out).await;
                 command_complete(out, "PAUSE");
+            }
+        }
+        // PgBouncer's SUSPEND readies an online restart by handing its sockets over; gateways
+        // restart one by one on a shared port instead (docs/operations.md). What is left of
+        // it: every database paused, and the answer once nothing runs; RESUME lifts it.
+        ("SUSPEND", None) => {
+            if !core.admin.pause(None) {
+                error(out, "55000", "already suspended or paused");
+            } else {
+                settle(core, None, &admin_db, out).await;
+                command_complete(out, "SUSPEND");
+            }
+        }
+        ("WAIT_CLOSE", db) => {
+            // Until no backend (of `db`) is due to close (`close_needed` in SHOW SERVERS: past
+            // server_lifetime, closed when its session gives it back), bounded by
+            // shutdown_timeout_ms.
+            let limit = Instant::now() + Duration::from_millis(core.cfg().shutdown_timeout_ms);
+            loop {
+                let facts = pooler_facts(core, io, id).await;
+                let due = facts
+                    .iter()
+                    .flatten()
+                    .flat_map(|f| &f.servers)
+                    .filter(|s| s.close_needed && db.is_none_or(|d| d == s.database))
+                    .count();
+                if due == 0 {
+                    command_complete(out, "WAIT_CLOSE");
+                    break;
+                }
+                if Instant::now() >= limit {
+                    error(
+                        out,
+                        "57014",
+                        &format!("{due} backends still due to close after shutdown_timeout_ms"),
+                    );
+                    break;
+                }
+                glommio::timer::sleep(Duration::from_millis(100)).await;
             }
         }
         ("RESUME", db) => {
@@ -337,6 +373,31 @@ async fn run(core: &Rc<Core>, io: &Rc<SessionIo>, id: u32, text: &str, out: &mut
         ),
     }
     false
+}
+
+/// Waits until no client of the paused databases (`None`: all) has a request in flight or a
+/// transaction open, as PgBouncer's PAUSE returns, bounded by shutdown_timeout_ms (a NOTICE
+/// then says some still run).
+async fn settle(core: &Rc<Core>, db: Option<&str>, admin_db: &str, out: &mut Vec<u8>) {
+    let limit = Instant::now() + Duration::from_millis(core.cfg().shutdown_timeout_ms);
+    loop {
+        let busy = core.admin.clients().iter().any(|c| {
+            c.state() == state::ACTIVE
+                && c.database != admin_db
+                && db.is_none_or(|d| d == c.database)
+        });
+        if !busy {
+            return;
+        }
+        if Instant::now() >= limit {
+            notice(
+                out,
+                "transactions still running after shutdown_timeout_ms; new ones wait",
+            );
+            return;
+        }
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Every pooler's pools (`None` for a pooler with no live link or no answer in 2 s), asked

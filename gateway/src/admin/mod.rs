@@ -8,6 +8,7 @@
 //! read-modify-write); the console reads them whenever it likes.
 
 pub mod console;
+mod set;
 mod show;
 mod table;
 
@@ -122,7 +123,12 @@ pub struct Control {
     pub reload: Box<dyn Fn() + Send + Sync>,
     /// Starts the drain (as SIGTERM).
     pub shutdown: Box<dyn Fn() + Send + Sync>,
+    /// `SET key = value`: the config in force with one key changed, published to every core
+    /// (`Config::set`; `Err` is a SQLSTATE and a message).
+    pub set: SetFn,
 }
+
+pub type SetFn = Box<dyn Fn(&str, &str) -> Result<(), (&'static str, String)> + Send + Sync>;
 
 /// The console's view of the whole process, shared by every core.
 pub struct Shared {
@@ -324,6 +330,7 @@ mod tests {
             Control {
                 reload: Box::new(|| {}),
                 shutdown: Box::new(|| {}),
+                set: Box::new(|_, _| Ok(())),
             },
         );
         assert!(!s.paused("app"));

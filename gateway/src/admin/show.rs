@@ -5,8 +5,9 @@ use super::{state, unix_us, Client};
 use crate::config::Config;
 use crate::core::Core;
 use shared::agent::Role;
+use shared::link::server_state;
 use shared::link::PoolFacts;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -80,9 +81,19 @@ const CLIENT_COLUMNS: &[(&str, Type)] = &[
     ("application_name", T),
 ];
 
-pub fn clients(core: &Core) -> Table {
+/// Every client of the gateway; `link` is the `ptr` of the backend (SHOW SERVERS) its session
+/// holds now, if any.
+pub fn clients(core: &Core, facts: &[Option<PoolFacts>]) -> Table {
     let mut t = Table::new(CLIENT_COLUMNS);
     let now = unix_us(SystemTime::now());
+    let mut held: HashMap<i32, String> = HashMap::new();
+    for (i, f) in facts.iter().enumerate() {
+        for s in f.iter().flat_map(|f| &f.servers) {
+            if s.link != 0 {
+                held.insert(s.link, server_ptr(i, s.id));
+            }
+        }
+    }
     for c in core.admin.clients() {
         let [addr, port] = addr_cells(c.addr);
         let [laddr, lport] = addr_cells(c.local);
@@ -101,8 +112,8 @@ pub fn clients(core: &Core) -> Table {
             w.into(),
             wus.into(),
             u64::from(c.killed()).into(),
-            format!("{:x}", Arc::as_ptr(&c) as usize).into(),
-            "".into(),
+            client_ptr(&c).into(),
+            held.get(&c.pid).cloned().unwrap_or_default().into(),
             i64::from(c.pid).into(),
             "".into(),
             c.application_name.as_str().into(),
@@ -198,38 +209,61 @@ pub fn pools(core: &Core, facts: &[Option<PoolFacts>]) -> Table {
     t
 }
 
-/// One row per backend, from each pooler's counts: user, database and state are known; a
-/// backend's own address, times and pid are not reported by the pooler yet (empty).
+/// A backend's `ptr`: unique over the poolers (the pooler's index in the high bits).
+fn server_ptr(pooler: usize, id: u64) -> String {
+    format!("{:x}", (pooler as u64) << 48 | id)
+}
+
+/// A client's `ptr` (SHOW CLIENTS) and `link` of the backend it holds.
+fn client_ptr(c: &Arc<Client>) -> String {
+    format!("{:x}", Arc::as_ptr(c) as usize)
+}
+
+/// One row per real backend of every pooler, as the poolers report them: `remote_pid` is the
+/// backend's pid in Postgres, `link` the `ptr` of the client whose session holds it (SHOW
+/// CLIENTS), `addr`/`port` Postgres's end and `local_*` the pooler's end of the connection.
+/// A backend still logging in is not listed yet (SHOW POOLS counts it).
 pub fn servers(core: &Core, facts: &[Option<PoolFacts>]) -> Table {
     let mut t = Table::new(CLIENT_COLUMNS);
-    let cfg = core.cfg();
+    let by_pid: HashMap<i32, String> = core
+        .admin
+        .clients()
+        .iter()
+        .map(|c| (c.pid, client_ptr(c)))
+        .collect();
     for (i, f) in facts.iter().enumerate() {
         let Some(f) = f else { continue };
-        let pooler = cfg.poolers.get(i).cloned().unwrap_or_default();
-        for p in &f.pools {
-            let active = p.backends.saturating_sub(p.idle);
-            for k in 0..p.backends {
-                t.row(vec![
-                    "S".into(),
-                    p.user.as_str().into(),
-                    p.database.as_str().into(),
-                    if k < active { "active" } else { "idle" }.into(),
-                    pooler.as_str().into(),
-                    Cell::Null,
-                    Cell::Null,
-                    Cell::Null,
-                    Cell::Null,
-                    Cell::Null,
-                    0u64.into(),
-                    0u64.into(),
-                    0u64.into(),
-                    Cell::Null,
-                    Cell::Null,
-                    Cell::Null,
-                    "".into(),
-                    "".into(),
-                ]);
-            }
+        for s in &f.servers {
+            let [addr, port] = addr_cells(s.addr);
+            let [laddr, lport] = addr_cells(s.local);
+            let link = match s.link {
+                0 => String::new(),
+                pid => by_pid.get(&pid).cloned().unwrap_or_default(),
+            };
+            t.row(vec![
+                "S".into(),
+                s.user.as_str().into(),
+                s.database.as_str().into(),
+                match s.state {
+                    server_state::ACTIVE => "active",
+                    _ => "idle",
+                }
+                .into(),
+                addr,
+                port,
+                laddr,
+                lport,
+                timestamp(s.connect_time).into(),
+                timestamp(s.request_time).into(),
+                0u64.into(),
+                0u64.into(),
+                u64::from(s.close_needed).into(),
+                server_ptr(i, s.id).into(),
+                link.into(),
+                i64::from(s.pid).into(),
+                if s.tls { "yes" } else { "" }.into(),
+                "".into(),
+            ]);
         }
     }
     t
@@ -286,9 +320,9 @@ pub fn stats(core: &Core, facts: &[Option<PoolFacts>]) -> Table {
     t
 }
 
-pub fn config(cfg: &Config) -> Table {
-    let mut t = Table::new(&[("key", T), ("value", T), ("changeable", T)]);
-    let yes = |b: bool| if b { "yes" } else { "no" };
+/// Every key of the gateway's config as SHOW CONFIG prints it (the names of
+/// config/gateway.toml; lists comma-separated; unset paths and addresses empty).
+fn config_entries(cfg: &Config) -> Vec<(&'static str, String)> {
     let opt = |v: &Option<String>| v.clone().unwrap_or_default();
     let path = |v: &Option<std::path::PathBuf>| {
         v.as_ref()
@@ -300,63 +334,64 @@ pub fn config(cfg: &Config) -> Table {
         crate::config::AuthMethod::Md5 => "md5",
         crate::config::AuthMethod::Trust => "trust",
     };
-    // Keys a reload (RELOAD, SIGHUP) applies are changeable (config.rs `reloaded`).
-    let rows: Vec<(&str, String, bool)> = vec![
-        ("listen", cfg.listen.clone(), false),
-        ("unix_socket_dir", opt(&cfg.unix_socket_dir), false),
-        ("read_only_listen", opt(&cfg.read_only_listen), false),
-        ("cores", cfg.cores.to_string(), false),
-        ("poolers", cfg.poolers.join(","), false),
-        ("links_per_core", cfg.links_per_core.to_string(), false),
-        ("auth_method", auth.into(), true),
-        (
-            "auth_timeout_seconds",
-            cfg.auth_timeout_seconds.to_string(),
-            true,
-        ),
-        ("max_clients", cfg.max_clients.to_string(), true),
-        ("max_message_size", cfg.max_message_size.to_string(), true),
-        ("failover_hold_ms", cfg.failover_hold_ms.to_string(), true),
-        ("failover_hold_max", cfg.failover_hold_max.to_string(), true),
+    vec![
+        ("listen", cfg.listen.clone()),
+        ("unix_socket_dir", opt(&cfg.unix_socket_dir)),
+        ("read_only_listen", opt(&cfg.read_only_listen)),
+        ("cores", cfg.cores.to_string()),
+        ("poolers", cfg.poolers.join(",")),
+        ("links_per_core", cfg.links_per_core.to_string()),
+        ("auth_method", auth.into()),
+        ("hba_file", path(&cfg.hba_file)),
+        ("auth_timeout_seconds", cfg.auth_timeout_seconds.to_string()),
+        ("max_clients", cfg.max_clients.to_string()),
+        ("max_user_clients", cfg.max_user_clients.to_string()),
+        ("max_db_clients", cfg.max_db_clients.to_string()),
+        ("max_message_size", cfg.max_message_size.to_string()),
+        ("failover_hold_ms", cfg.failover_hold_ms.to_string()),
+        ("failover_hold_max", cfg.failover_hold_max.to_string()),
         (
             "max_standby_lag_bytes",
             cfg.max_standby_lag_bytes.to_string(),
-            true,
         ),
         (
             "guard_synchronous_commit",
             cfg.guard_synchronous_commit.to_string(),
-            false,
         ),
         (
             "client_idle_timeout_ms",
             cfg.client_idle_timeout_ms.to_string(),
-            true,
         ),
         (
             "idle_transaction_timeout_ms",
             cfg.idle_transaction_timeout_ms.to_string(),
-            true,
         ),
-        (
-            "shutdown_timeout_ms",
-            cfg.shutdown_timeout_ms.to_string(),
-            true,
-        ),
-        (
-            "spin_before_park_us",
-            cfg.spin_before_park_us.to_string(),
-            false,
-        ),
-        ("tls_cert", path(&cfg.tls_cert), true),
-        ("tls_key", path(&cfg.tls_key), true),
-        ("log_level", cfg.log_level.clone(), true),
-        ("admin_database", cfg.admin_database.clone(), false),
-        ("admin_users", cfg.admin_users.join(","), true),
-        ("metrics_listen", opt(&cfg.metrics_listen), false),
-    ];
-    for (k, v, c) in rows {
-        t.row(vec![k.into(), v.into(), yes(c).into()]);
+        ("shutdown_timeout_ms", cfg.shutdown_timeout_ms.to_string()),
+        ("spin_before_park_us", cfg.spin_before_park_us.to_string()),
+        ("tls_cert", path(&cfg.tls_cert)),
+        ("tls_key", path(&cfg.tls_key)),
+        ("log_level", cfg.log_level.clone()),
+        ("admin_database", cfg.admin_database.clone()),
+        ("admin_users", cfg.admin_users.join(",")),
+        ("metrics_listen", opt(&cfg.metrics_listen)),
+    ]
+}
+
+/// PgBouncer's SHOW CONFIG: `key`, `value` (in force now), `default` (neither file nor flag
+/// set it), `changeable` (`yes`: a reload, RELOAD or SIGHUP, applies it live:
+/// `Config::LIVE_KEYS`).
+pub fn config(cfg: &Config) -> Table {
+    let mut t = Table::new(&[("key", T), ("value", T), ("default", T), ("changeable", T)]);
+    let defaults: HashMap<&str, String> = config_entries(&cfg.defaults()).into_iter().collect();
+    for (k, v) in config_entries(cfg) {
+        let d = defaults.get(k).cloned().unwrap_or_default();
+        let live = Config::LIVE_KEYS.contains(&k);
+        t.row(vec![
+            k.into(),
+            v.into(),
+            d.into(),
+            if live { "yes" } else { "no" }.into(),
+        ]);
     }
     t
 }
@@ -455,5 +490,96 @@ mod tests {
     fn timestamps_as_pgbouncer_prints_them() {
         assert_eq!(timestamp(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(timestamp(1_709_210_096_000_000), "2024-02-29 12:34:56 UTC");
+    }
+
+    /// SHOW CONFIG lists every key; `changeable` says what a reload applies, exactly: a
+    /// config differing in every field reloads the LIVE_KEYS live and the rest at restart.
+    #[test]
+    fn show_config_says_what_a_reload_applies() {
+        use crate::config::{Args, AuthMethod};
+        use clap::Parser;
+        let key = std::env::temp_dir().join(format!("tp-show-cfg-{}.key", std::process::id()));
+        shared::link::LinkKey::load_or_create(&key).unwrap();
+        let k = key.to_string_lossy().into_owned();
+        let a = Config::load(Args::parse_from(["g", "--link-secret-file", &k])).unwrap();
+        // Every field named (no `..a`): a new field does not compile until it is here.
+        let b = Config {
+            listen: "127.0.0.1:1".into(),
+            unix_socket_dir: Some("/x".into()),
+            cores: a.cores + 1,
+            poolers: vec!["y:1".into()],
+            failover_hold_ms: 1,
+            failover_hold_max: 1,
+            read_only_listen: Some("127.0.0.1:2".into()),
+            max_standby_lag_bytes: 1,
+            guard_synchronous_commit: !a.guard_synchronous_commit,
+            auth_method: AuthMethod::Trust,
+            hba_file: Some("/h".into()),
+            hba: None,
+            max_user_clients: 1,
+            max_db_clients: 1,
+            tls_cert: Some("/c".into()),
+            tls_key: Some("/k".into()),
+            max_clients: 1,
+            max_message_size: 1,
+            links_per_core: 9,
+            auth_timeout_seconds: 1,
+            spin_before_park_us: 1,
+            shutdown_timeout_ms: 1,
+            client_idle_timeout_ms: 1,
+            idle_transaction_timeout_ms: 1,
+            log_level: "debug".into(),
+            link_key: a.link_key.clone(),
+            session_ids: a.session_ids,
+            admin_database: "adm".into(),
+            admin_users: vec!["z".into()],
+            metrics_listen: Some("127.0.0.1:3".into()),
+        };
+        let (_, live, restart) = a.reloaded(&b);
+        let mut live: Vec<&str> = live;
+        live.sort();
+        let mut want: Vec<&str> = Config::LIVE_KEYS.to_vec();
+        want.sort();
+        assert_eq!(live, want);
+        let mut shown: Vec<&str> = config_entries(&a).into_iter().map(|(k, _)| k).collect();
+        shown.sort();
+        let mut all: Vec<&str> = live
+            .iter()
+            .chain(&restart)
+            .map(|k| if *k == "pooler" { "poolers" } else { k })
+            .collect();
+        all.sort();
+        assert_eq!(shown, all, "SHOW CONFIG lists every key a reload looks at");
+        let mut keys = Config::ALL_KEYS.to_vec();
+        keys.sort();
+        assert_eq!(shown, keys);
+        // SET: the live keys of one value; the others refused with Postgres's codes.
+        let mut c = a.clone();
+        c.set("max_clients", "7").unwrap();
+        c.set("client_idle_timeout_ms", "250").unwrap();
+        c.set("auth_method", "trust").unwrap();
+        c.set("admin_users", "x, y").unwrap();
+        assert_eq!(
+            (c.max_clients, c.client_idle_timeout_ms, c.auth_method),
+            (7, 250, AuthMethod::Trust)
+        );
+        assert_eq!(c.admin_users, vec!["x", "y"]);
+        assert_eq!(c.set("max_clients", "many").unwrap_err().0, "22023");
+        assert_eq!(c.set("admin_users", " , ").unwrap_err().0, "22023");
+        assert_eq!(c.set("listen", "127.0.0.1:1").unwrap_err().0, "55P02");
+        assert_eq!(c.set("tls_cert", "/x").unwrap_err().0, "55P02");
+        assert_eq!(c.set("no_such_key", "1").unwrap_err().0, "42704");
+        for k in Config::LIVE_KEYS {
+            assert_ne!(c.set(k, "").map_err(|e| e.0), Err("42704"), "{k}");
+        }
+        // Values and defaults: the default is what an empty config gives.
+        let mut t = Vec::new();
+        config(&b).encode(&mut t);
+        let text = String::from_utf8_lossy(&t);
+        assert!(text.contains("max_clients"), "{text}");
+        let d = a.defaults();
+        assert_eq!(d.max_clients, 100_000);
+        assert_eq!(d.log_level, "info");
+        let _ = std::fs::remove_file(&key);
     }
 }
