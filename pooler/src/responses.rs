@@ -361,6 +361,14 @@ fn forward_rfq(st: &State, rfq: &[u8], quiet: bool) {
 #[inline]
 fn forward(st: &State, msg: &[u8]) {
     if let Some(o) = &st.owner {
+        // A signalling call the server refused for the gateway (cancel.rs): one byte compared
+        // per message; an error's fields are read (errors are not the hot path).
+        if msg.first() == Some(&be::ERROR_RESPONSE) {
+            if let Some(e) = crate::cancel::denied_signal(msg) {
+                o.forward(&e);
+                return;
+            }
+        }
         o.forward(msg);
     }
 }
