@@ -1055,6 +1055,17 @@ async fn postgres_restart_under_a_running_tidepool() {
             report("restart", format!("{who}: {what}"));
             assert!(!what.starts_with("HANG"), "{who}: {what}\n{}", tp.logs());
         }
+        // Each old session was ended by the shutdown, as Postgres ends its own idle
+        // connections (FATAL 57P01, closed): the session that held no backend included
+        // (issue 11, point 2; pooler/src/server_end.rs).
+        for (who, what) in &outcomes[1..] {
+            assert_eq!(what, &outcomes[0].1, "{who}\n{}", tp.logs());
+        }
+        assert!(
+            outcomes[0].1.starts_with("error"),
+            "a direct idle session survives a restart: {}",
+            outcomes[0].1
+        );
         // Whatever the old sessions got, the pool serves new ones and keeps serving.
         still_serves(&mut tp, "a Postgres restart").await;
         let n = pg.backend_count(ALICE.0);

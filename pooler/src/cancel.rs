@@ -69,6 +69,7 @@ pub fn backend(core: &Rc<Core>, b: &crate::backend::Backend) {
 /// (`core::Outbox`). One task per other core each way, so messages from one core are handled
 /// in the order it sent them; no handler waits (listen.rs relies on both).
 pub async fn serve_peers(core: Rc<Core>, mut receivers: Receivers<CoreMsg>) {
+    crate::server_end::register(&core);
     if let Some(senders) = core.peers.borrow().clone() {
         for to in (0..senders.nr_consumers()).filter(|&i| i != core.index) {
             let outbox = core.outbox.clone();
@@ -106,6 +107,7 @@ pub async fn serve_peers(core: Rc<Core>, mut receivers: Receivers<CoreMsg>) {
                     CoreMsg::Notification { database, msg } => {
                         core.listener(&database).dispatch(&msg)
                     }
+                    CoreMsg::ServerEnded => crate::server_end::end_sessions(&core),
                 }
             }
         })

@@ -61,6 +61,8 @@ pub enum CoreMsg {
     },
     /// From the owner core: a raw `NotificationResponse` for the sessions of this core.
     Notification { database: String, msg: Vec<u8> },
+    /// Postgres is shutting down (server_end.rs): sessions holding no backend end.
+    ServerEnded,
 }
 
 /// Messages to other cores that must arrive, in order: one queue per core, drained by one task

@@ -471,6 +471,8 @@ pub fn on_message(out: &OutQueue, st: &mut State, msg: &[u8]) -> After {
         // Nothing expected: an idle backend being shut down (FATAL) or a protocol surprise.
         if tag == be::ERROR_RESPONSE {
             tracing::info!(backend = st.id, "idle backend got an error; closing it");
+            // Postgres shutting down ends the sessions that hold no backend too.
+            crate::server_end::idle_backend_error(msg);
             // A session holds it between requests (a transaction open, or pinned): its client
             // hears the FATAL, as it would directly, before its connection ends.
             if let Some(o) = &st.owner {
