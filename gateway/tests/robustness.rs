@@ -1073,6 +1073,59 @@ async fn postgres_restart_under_a_running_tidepool() {
             n <= 5,
             "alice has {n} backends after the restart (budget 5)"
         );
+
+        // A crash (a backend killed): Postgres ends every other connection with FATAL 57P02;
+        // so do the sessions through Tidepool, the idle one that holds no backend included.
+        let direct_idle = pg.direct().connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+        direct_idle.query_one("SELECT 1", &[]).await.unwrap();
+        let idle = connect().await.unwrap();
+        idle.query_one("SELECT 1", &[]).await.unwrap();
+        let doomed = pg.direct().connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+        let doomed = tokio::spawn(async move {
+            doomed
+                .query_one("SELECT pg_sleep(31)", &[])
+                .await
+                .map(|_| ())
+        });
+        wait_for_query(&pg, ALICE.0, "pg_sleep(31)").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let pid: i32 = pg
+            .psql_admin("SELECT pid FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(31)'")
+            .trim()
+            .parse()
+            .expect("the pid of the backend to kill");
+        // SAFETY: a plain kill(2) of a Postgres backend this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let _ = tokio::time::timeout(Duration::from_secs(10), doomed).await;
+        let t = Instant::now();
+        loop {
+            let r = tokio::time::timeout(Duration::from_secs(5), async {
+                let c = connect().await?;
+                c.query_one("SELECT 1", &[]).await
+            })
+            .await;
+            if matches!(r, Ok(Ok(_))) {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "no new session after the crash: {r:?}\n{}",
+                tp.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let (direct, through) = (outcome(&direct_idle).await, outcome(&idle).await);
+        report(
+            "restart",
+            format!("after a crash: direct idle session: {direct}; through: {through}"),
+        );
+        assert!(direct.starts_with("error"), "{direct}");
+        assert_eq!(
+            direct,
+            through,
+            "an idle session after a crash\n{}",
+            tp.logs()
+        );
     })
     .await;
 }

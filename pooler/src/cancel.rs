@@ -107,7 +107,7 @@ pub async fn serve_peers(core: Rc<Core>, mut receivers: Receivers<CoreMsg>) {
                     CoreMsg::Notification { database, msg } => {
                         core.listener(&database).dispatch(&msg)
                     }
-                    CoreMsg::ServerEnded => crate::server_end::end_sessions(&core),
+                    CoreMsg::ServerEnded(fatal) => crate::server_end::end_sessions(&core, &fatal),
                 }
             }
         })

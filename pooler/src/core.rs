@@ -61,8 +61,9 @@ pub enum CoreMsg {
     },
     /// From the owner core: a raw `NotificationResponse` for the sessions of this core.
     Notification { database: String, msg: Vec<u8> },
-    /// Postgres is shutting down (server_end.rs): sessions holding no backend end.
-    ServerEnded,
+    /// Postgres is shutting down or crashed (server_end.rs): sessions holding no backend end
+    /// with this FATAL.
+    ServerEnded(Vec<u8>),
 }
 
 /// Messages to other cores that must arrive, in order: one queue per core, drained by one task

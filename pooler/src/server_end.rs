@@ -1,17 +1,19 @@
-//! Postgres shutting down under idle sessions (issue 11, point 2). Directly, a fast or smart
-//! shutdown (`pg_ctl stop`/`restart -m fast`) ends every client connection with FATAL 57P01
-//! `terminating connection due to administrator command`, idle ones included: drivers see a
-//! broken connection, pools' checks fail, scripts stop. Through Tidepool a session holds a
+//! Postgres shutting down or crashing under idle sessions (issue 11, point 2). Directly, a fast
+//! or smart shutdown (`pg_ctl stop`/`restart -m fast`) ends every client connection with FATAL
+//! 57P01 `terminating connection due to administrator command`, and a crash of any backend ends
+//! them all with FATAL 57P02 `terminating connection because of crash of another server
+//! process`, idle ones included: drivers see a broken connection, pools' checks fail, scripts
+//! stop. Through Tidepool a session holds a
 //! backend only while its state needs one, so the sessions that hold none would never hear of
 //! it and would go on, after the restart, on new backends.
 //!
-//! When an idle backend gets that FATAL (responses.rs), this module asks the postmaster whether
-//! it is shutting down: a new connection answered `57P03` (shutting down, or already starting
-//! up again) or refused. `pg_terminate_backend` of one pooled backend gets an answer from a
+//! When an idle backend gets such a FATAL (responses.rs), this module asks the postmaster
+//! whether it is going down: a new connection answered `57P03` (shutting down, in crash
+//! recovery, or already starting up again) or refused. `pg_terminate_backend` of one pooled backend gets an answer from a
 //! running postmaster instead, and then nothing happens (the pool replaces the backend; the
-//! sessions go on). If it is shutting down, every session of this pooler that holds no backend
-//! ends as directly: FATAL 57P01 and its connection closed (the sessions holding one hear it from
-//! their own backend). The core that learns it tells the others.
+//! sessions go on). If it is going down, every session of this pooler that holds no backend
+//! ends as directly: the backend's own last words and its connection closed (the sessions holding one
+//! hear it from their own backend). The core that learns it tells the others.
 //!
 //! A stop the node agent makes itself (a switchover, a rewind: `agent/pgctl.rs`) is planned:
 //! the gateways move the sessions, which must not end. See
@@ -60,11 +62,20 @@ pub fn register(core: &Rc<Core>) {
     CORE.with(|c| *c.borrow_mut() = Rc::downgrade(core));
 }
 
-/// An idle backend of this core got `msg`, an `ErrorResponse`, and is being closed.
-pub fn idle_backend_error(msg: &[u8]) {
-    if msg.get(5..).and_then(be::error_sqlstate) != Some(&b"57P01"[..]) || PROBING.get() {
+/// An idle backend of this core got `msg`, an `ErrorResponse` (it is being closed) or a
+/// `NoticeResponse`. What Postgres says to every client as it goes down: FATAL 57P01 at a
+/// fast or smart shutdown; a WARNING before it closes the connection after a crash (57P02) or at
+/// an immediate shutdown (57P01) (`quickdie`, postgres.c: a FATAL before Postgres 14).
+pub fn idle_backend_said(msg: &[u8]) {
+    let code = msg.get(5..).and_then(be::error_sqlstate);
+    let going_down = matches!(
+        msg.first(),
+        Some(&(be::ERROR_RESPONSE | be::NOTICE_RESPONSE))
+    ) && matches!(code, Some(b"57P01" | b"57P02"));
+    if !going_down || PROBING.get() {
         return;
     }
+    let fatal = msg.to_vec();
     let Some(core) = CORE.with(|c| c.borrow().upgrade()) else {
         return;
     };
@@ -72,18 +83,18 @@ pub fn idle_backend_error(msg: &[u8]) {
     glommio::spawn_local(async move {
         let down = shutting_down(&core).await;
         if down && PLANNED.load(Ordering::SeqCst) == 0 {
-            tracing::info!("postgres is shutting down: sessions holding no backend end (57P01)");
-            end_sessions(&core);
-            core.ask_peers(CoreMsg::ServerEnded);
+            tracing::info!("postgres is shutting down or crashed: sessions holding no backend end");
+            end_sessions(&core, &fatal);
+            core.ask_peers(CoreMsg::ServerEnded(fatal));
         }
         PROBING.set(false);
     })
     .detach();
 }
 
-/// Ends this core's sessions that hold no backend as Postgres ends its connections at a
-/// shutdown (`Session::terminate`: FATAL 57P01, closed).
-pub fn end_sessions(core: &Rc<Core>) {
+/// Ends this core's sessions that hold no backend with `fatal`, the last words Postgres ended
+/// its backends' connections with, and closes them.
+pub fn end_sessions(core: &Rc<Core>, fatal: &[u8]) {
     let sessions: Vec<_> = core
         .sessions_by_key
         .borrow()
@@ -92,7 +103,7 @@ pub fn end_sessions(core: &Rc<Core>) {
         .collect();
     for s in sessions {
         if s.backend.borrow().is_none() {
-            s.terminate();
+            s.end_with(fatal);
         }
     }
 }

@@ -285,14 +285,20 @@ impl Session {
     /// backend runs (cancel, and the connection closed: Postgres rolls back) or rolls back an
     /// idle transaction, as the end of a terminated backend does.
     pub fn terminate(&self) {
+        self.end_with(&fatal(
+            "57P01",
+            "terminating connection due to administrator command",
+        ));
+    }
+
+    /// Ends the session with `err`, a FATAL `ErrorResponse`, as its last word (server_end.rs:
+    /// the one Postgres ends its connections with at a shutdown or after a crash).
+    pub fn end_with(&self, err: &[u8]) {
         if self.gone.get() || self.dead.get() {
             return;
         }
         self.flush();
-        self.send_closed(&fatal(
-            "57P01",
-            "terminating connection due to administrator command",
-        ));
+        self.send_closed(err);
         self.close();
     }
 
