@@ -58,7 +58,8 @@ struct Target {
 }
 
 /// The sessions of this process by virtual pid (every core's: a client may signal a session on
-/// another core). Touched at login, logout and by signalling calls only.
+/// another core); those of the other gateway processes on the port are in `pid_registry`.
+/// Touched at login, logout and by signalling calls only.
 static SESSIONS: Mutex<Option<HashMap<i32, Target>>> = Mutex::new(None);
 
 fn sessions() -> MutexGuard<'static, Option<HashMap<i32, Target>>> {
@@ -69,24 +70,43 @@ fn sessions() -> MutexGuard<'static, Option<HashMap<i32, Target>>> {
 /// A session's place in the registry, for as long as it lives.
 pub struct Registration {
     pub pid: i32,
+    /// Also in the table shared with the other gateway processes on this port.
+    shared: bool,
 }
 
 impl Registration {
-    /// A new virtual pid for a session of `user` whose cancel key is `secret`.
+    /// A new virtual pid for a session of `user` whose cancel key is `secret`: free in this
+    /// process, and in the table shared with the other processes on the port while it has room.
     pub fn new(user: &str, secret: i32) -> Registration {
         let mut m = sessions();
         let m = m.get_or_insert_with(HashMap::new);
+        let table = crate::pid_registry::table();
+        let mut tries = 0;
         loop {
             let span = (i32::MAX - FIRST_VIRTUAL) as u32;
             let pid = FIRST_VIRTUAL + (rand::random::<u32>() % span) as i32;
-            if let std::collections::hash_map::Entry::Vacant(e) = m.entry(pid) {
-                e.insert(Target {
+            if m.contains_key(&pid) {
+                continue;
+            }
+            let shared = match table {
+                Some(t) if tries < crate::pid_registry::TRIES => {
+                    tries += 1;
+                    if !t.claim(pid, user, secret) {
+                        continue;
+                    }
+                    true
+                }
+                _ => false,
+            };
+            m.insert(
+                pid,
+                Target {
                     user: user.to_string(),
                     superuser: false,
                     secret,
-                });
-                return Registration { pid };
-            }
+                },
+            );
+            return Registration { pid, shared };
         }
     }
 
@@ -96,6 +116,9 @@ impl Registration {
         if let Some(t) = sessions().as_mut().and_then(|m| m.get_mut(&self.pid)) {
             t.superuser = superuser;
         }
+        if let (true, Some(t)) = (self.shared, crate::pid_registry::table()) {
+            t.set_superuser(self.pid, superuser);
+        }
     }
 }
 
@@ -103,6 +126,9 @@ impl Drop for Registration {
     fn drop(&mut self) {
         if let Some(m) = sessions().as_mut() {
             m.remove(&self.pid);
+        }
+        if let (true, Some(t)) = (self.shared, crate::pid_registry::table()) {
+            t.release(self.pid);
         }
     }
 }
@@ -147,13 +173,23 @@ fn decide(caller: i32, pid: i32) -> Option<Decision> {
     }
     let m = sessions();
     let m = m.as_ref()?;
-    let (c, t) = (m.get(&caller)?, m.get(&pid)?);
+    let c = m.get(&caller)?;
+    // A session of this process, else of another gateway process on this port (the signal
+    // reaches either through the poolers, by its keys).
+    let t = match m.get(&pid) {
+        Some(t) => crate::pid_registry::Entry {
+            user: t.user.clone(),
+            superuser: t.superuser,
+            secret: t.secret,
+        },
+        None => crate::pid_registry::table()?.lookup(pid)?,
+    };
     Some(if t.superuser && !c.superuser {
         Decision::Superuser
     } else if c.superuser || c.user == t.user {
         Decision::Allowed(pid, t.secret)
     } else {
-        Decision::OtherRole(t.user.clone())
+        Decision::OtherRole(t.user)
     })
 }
 

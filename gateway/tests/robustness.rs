@@ -1163,17 +1163,80 @@ async fn session_on(
     pids: &[u32],
     want: u32,
 ) -> (tokio_postgres::Client, tokio_postgres::CancelToken) {
+    let client = session_as_on(ep, pids, want, ALICE).await;
+    let token = client.cancel_token();
+    (client, token)
+}
+
+/// Logs in as `who` with tokio-postgres over a connection accepted by process `want`.
+async fn session_as_on(
+    ep: &Endpoint,
+    pids: &[u32],
+    want: u32,
+    who: (&str, &str),
+) -> tokio_postgres::Client {
     let stream = connect_to_process(ep.port, pids, want).await;
     let (client, connection) = ep
-        .pg_config(ALICE.0, ALICE.1, APP_DB)
+        .pg_config(who.0, who.1, APP_DB)
         .connect_raw(stream, NoTls)
         .await
         .expect("login over a steered connection");
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    let token = client.cancel_token();
-    (client, token)
+    client
+}
+
+/// `victim` (alice) runs `pg_sleep(30)`; bob tries to cancel and terminate it (42501), alice's
+/// other session cancels it (a parameter pid) and then terminates it (a constant pid). What
+/// each call answered and what the victim saw, one line each.
+async fn signals_across(
+    pg: &PgCluster,
+    victim: tokio_postgres::Client,
+    alice: tokio_postgres::Client,
+    bob: tokio_postgres::Client,
+) -> Vec<String> {
+    let answer = |r: Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>| match r {
+        Ok(rows) => format!(
+            "{:?}",
+            rows.iter().map(|r| r.get::<_, bool>(0)).collect::<Vec<_>>()
+        ),
+        Err(e) => match e.as_db_error() {
+            Some(d) => format!("{} {} {}", d.severity(), d.code().code(), d.message()),
+            None => format!("<{e}>"),
+        },
+    };
+    let pid: i32 = victim
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let victim = std::sync::Arc::new(victim);
+    let v = victim.clone();
+    let sleep = tokio::spawn(async move { v.query("SELECT pg_sleep(30)", &[]).await });
+    wait_for_query(pg, ALICE.0, "pg_sleep(30)").await;
+    let mut out = Vec::new();
+    for f in ["pg_cancel_backend", "pg_terminate_backend"] {
+        let r = bob.query(&format!("SELECT {f}($1)"), &[&pid]).await;
+        out.push(format!("bob {f}: {}", answer(r)));
+    }
+    let r = alice.query("SELECT pg_cancel_backend($1)", &[&pid]).await;
+    out.push(format!("alice pg_cancel_backend: {}", answer(r)));
+    let slept = tokio::time::timeout(Duration::from_secs(10), sleep)
+        .await
+        .map(|r| answer(r.expect("the victim's task")))
+        .unwrap_or_else(|_| "still running after 10 s".into());
+    out.push(format!("the victim's query: {slept}"));
+    let r = victim.query("SELECT true", &[]).await;
+    out.push(format!("the victim goes on: {}", answer(r)));
+    let r = alice
+        .query(&format!("SELECT pg_terminate_backend({pid})"), &[])
+        .await;
+    out.push(format!("alice pg_terminate_backend: {}", answer(r)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = victim.query("SELECT true", &[]).await;
+    out.push(format!("the victim after it: {}", answer(r)));
+    out
 }
 
 /// Runs `pg_sleep(30)` on `victim` and `pg_sleep(4)` on `bystander`, then `cancel`; the first
@@ -1238,7 +1301,7 @@ async fn cancel_round<F, Fut>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_lands_on_the_other_gateway_process_and_stops_the_right_query() {
-    let (_pg, mut tp) = start(TidepoolOpts::default());
+    let (pg, mut tp) = start(TidepoolOpts::default());
     let mut second = tp.start_gateway_on(tp.gateway_port());
     let pids = [tp.gateway_pid(), second.pid()];
     bounded(Duration::from_secs(240), async {
@@ -1275,6 +1338,37 @@ async fn cancel_lands_on_the_other_gateway_process_and_stops_the_right_query() {
                 token.cancel_query(NoTls).await
             })
             .await;
+        }
+
+        // pg_cancel_backend/pg_terminate_backend of a pid whose session the other process
+        // holds (issue 11): answered, and acted on, as directly.
+        let direct = pg.direct();
+        let want = signals_across(
+            &pg,
+            direct.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap(),
+            direct.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap(),
+            direct.connect(BOB.0, BOB.1, APP_DB).await.unwrap(),
+        )
+        .await;
+        assert!(
+            want.iter().any(|l| l.contains("57014")) && want.iter().any(|l| l.contains("42501")),
+            "{want:#?}"
+        );
+        for (victim_on, caller_on) in [(0, 1), (1, 0)] {
+            let (victim, _) = session_on(&ep, &pids, pids[victim_on]).await;
+            let (alice, _) = session_on(&ep, &pids, pids[caller_on]).await;
+            let bob = session_as_on(&ep, &pids, pids[caller_on], BOB).await;
+            let got = signals_across(&pg, victim, alice, bob).await;
+            assert_eq!(
+                want,
+                got,
+                "session on gateway {victim_on}, calls from {caller_on}\n{}",
+                tp.logs()
+            );
+            report(
+                "cancel",
+                format!("signals from gateway {caller_on} to {victim_on}: as directly"),
+            );
         }
     })
     .await;
