@@ -1087,7 +1087,37 @@ async fn postgres_restart_under_a_running_tidepool() {
                 .await
                 .map(|_| ())
         });
+        // Queries running at the crash, on other backends: each ends as its backend does.
+        let (direct_busy, busy) = (
+            pg.direct().connect(ALICE.0, ALICE.1, APP_DB).await.unwrap(),
+            connect().await.unwrap(),
+        );
+        let sleeping = |c: tokio_postgres::Client| {
+            tokio::spawn(async move {
+                match c.query_one("SELECT pg_sleep(32)", &[]).await {
+                    Ok(_) => "no error".to_string(),
+                    Err(e) => format!("error {} ({e})", sqlstate(&e)),
+                }
+            })
+        };
+        let (direct_busy, busy) = (sleeping(direct_busy), sleeping(busy));
         wait_for_query(&pg, ALICE.0, "pg_sleep(31)").await;
+        let t = Instant::now();
+        loop {
+            let pg2 = pg.clone();
+            let states = tokio::task::spawn_blocking(move || pg2.backend_states(ALICE.0))
+                .await
+                .expect("backend states");
+            let n = states
+                .iter()
+                .filter(|s| s.starts_with("active") && s.contains("pg_sleep(32)"))
+                .count();
+            if n == 2 {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "{states:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         tokio::time::sleep(Duration::from_millis(300)).await;
         let pid: i32 = pg
             .psql_admin("SELECT pid FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(31)'")
@@ -1114,6 +1144,18 @@ async fn postgres_restart_under_a_running_tidepool() {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        let ended = |t: tokio::task::JoinHandle<String>| async move {
+            tokio::time::timeout(Duration::from_secs(10), t)
+                .await
+                .map(|r| r.expect("the sleeping task"))
+                .unwrap_or_else(|_| "HANG".into())
+        };
+        let (direct, through) = (ended(direct_busy).await, ended(busy).await);
+        report(
+            "restart",
+            format!("running at a crash: direct {direct}; through {through}"),
+        );
+        assert_eq!(direct, through, "a query running at a crash\n{}", tp.logs());
         let (direct, through) = (outcome(&direct_idle).await, outcome(&idle).await);
         report(
             "restart",

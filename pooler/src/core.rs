@@ -62,7 +62,7 @@ pub enum CoreMsg {
     /// From the owner core: a raw `NotificationResponse` for the sessions of this core.
     Notification { database: String, msg: Vec<u8> },
     /// Postgres is shutting down or crashed (server_end.rs): sessions holding no backend end
-    /// with this FATAL.
+    /// with these last words (the backends' FATAL or WARNING).
     ServerEnded(Vec<u8>),
 }
 

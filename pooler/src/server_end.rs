@@ -62,6 +62,16 @@ pub fn register(core: &Rc<Core>) {
     CORE.with(|c| *c.borrow_mut() = Rc::downgrade(core));
 }
 
+/// `msg`, a `NoticeResponse`, is the WARNING Postgres sends a client before it closes the
+/// connection after a crash or at an immediate shutdown (57P02, 57P01): the backend's last word,
+/// after which nothing of ours is said (session.rs).
+pub fn last_warning(msg: &[u8]) -> bool {
+    matches!(
+        msg.get(5..).and_then(be::error_sqlstate),
+        Some(b"57P01" | b"57P02")
+    )
+}
+
 /// An idle backend of this core got `msg`, an `ErrorResponse` (it is being closed) or a
 /// `NoticeResponse`. What Postgres says to every client as it goes down: FATAL 57P01 at a
 /// fast or smart shutdown; a WARNING before it closes the connection after a crash (57P02) or at

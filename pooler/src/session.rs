@@ -418,7 +418,9 @@ impl Session {
 /// The session as its backend's response stream sees it (responses.rs).
 impl Owner for Session {
     fn forward(&self, msg: &[u8]) {
-        if msg.first() == Some(&be::ERROR_RESPONSE) && is_fatal(msg) {
+        if msg.first() == Some(&be::ERROR_RESPONSE) && is_fatal(msg)
+            || msg.first() == Some(&be::NOTICE_RESPONSE) && crate::server_end::last_warning(msg)
+        {
             self.told_fatal.set(true);
         }
         self.out.borrow_mut().extend_from_slice(msg);
