@@ -10,6 +10,7 @@ mod failover;
 mod identity;
 mod link;
 mod metrics;
+mod pid_registry;
 mod session;
 mod session_io;
 mod signals;
@@ -156,6 +157,10 @@ fn main() {
     let mock_secret: [u8; 32] = rand::random();
     let clients = Arc::new(AtomicUsize::new(0));
     tracing::info!(listen = %cfg.listen, cores = cfg.cores, poolers = ?cfg.poolers, tls = tls.is_some(), "gateway starting");
+    // Sessions' pids shared with the other gateway processes on this port (signals.rs).
+    if let Some(port) = cfg.listen.rsplit(':').next().and_then(|p| p.parse().ok()) {
+        pid_registry::open(port);
+    }
     let cores = cfg.cores;
     // Spinning a little before parking saves the sleep/wake of the executor thread, which
     // dominated CPU per request under load (perf: finish_task_switch); 0 disables it.

@@ -15,9 +15,12 @@
 //! call becomes `(SELECT true AS pg_cancel_backend)`; a call on a parameter becomes
 //! `(SELECT CASE WHEN $1 = ALLOWED THEN true ELSE pg_catalog.pg_cancel_backend($1) END AS
 //! pg_cancel_backend)` and the parameter's value is replaced by `ALLOWED` in the `Bind` that
-//! names the gateway's decision. Every other pid is left to the server: real pids behave as
-//! directly, and a pid that is nobody's gets Postgres's own `false` and warning. The result
-//! column keeps the call's name (a scalar subquery takes its column's name).
+//! names the gateway's decision. Where Postgres would refuse the caller (another role's session,
+//! a superuser's), the server checks the memberships and raises an error the pooler shows as
+//! Postgres's own 42501 (`denied`). Every other pid is left to the server: real pids behave as
+//! directly, and a pid that is nobody's (or a session of another gateway process) gets
+//! Postgres's own `false` and warning. The result column keeps the call's name (a scalar
+//! subquery takes its column's name).
 
 use shared::protocol::frontend as fe;
 use shared::sql::{find_ci, Kind, Lexer, Token};
@@ -55,7 +58,8 @@ struct Target {
 }
 
 /// The sessions of this process by virtual pid (every core's: a client may signal a session on
-/// another core). Touched at login, logout and by signalling calls only.
+/// another core); those of the other gateway processes on the port are in `pid_registry`.
+/// Touched at login, logout and by signalling calls only.
 static SESSIONS: Mutex<Option<HashMap<i32, Target>>> = Mutex::new(None);
 
 fn sessions() -> MutexGuard<'static, Option<HashMap<i32, Target>>> {
@@ -66,24 +70,43 @@ fn sessions() -> MutexGuard<'static, Option<HashMap<i32, Target>>> {
 /// A session's place in the registry, for as long as it lives.
 pub struct Registration {
     pub pid: i32,
+    /// Also in the table shared with the other gateway processes on this port.
+    shared: bool,
 }
 
 impl Registration {
-    /// A new virtual pid for a session of `user` whose cancel key is `secret`.
+    /// A new virtual pid for a session of `user` whose cancel key is `secret`: free in this
+    /// process, and in the table shared with the other processes on the port while it has room.
     pub fn new(user: &str, secret: i32) -> Registration {
         let mut m = sessions();
         let m = m.get_or_insert_with(HashMap::new);
+        let table = crate::pid_registry::table();
+        let mut tries = 0;
         loop {
             let span = (i32::MAX - FIRST_VIRTUAL) as u32;
             let pid = FIRST_VIRTUAL + (rand::random::<u32>() % span) as i32;
-            if let std::collections::hash_map::Entry::Vacant(e) = m.entry(pid) {
-                e.insert(Target {
+            if m.contains_key(&pid) {
+                continue;
+            }
+            let shared = match table {
+                Some(t) if tries < crate::pid_registry::TRIES => {
+                    tries += 1;
+                    if !t.claim(pid, user, secret) {
+                        continue;
+                    }
+                    true
+                }
+                _ => false,
+            };
+            m.insert(
+                pid,
+                Target {
                     user: user.to_string(),
                     superuser: false,
                     secret,
-                });
-                return Registration { pid };
-            }
+                },
+            );
+            return Registration { pid, shared };
         }
     }
 
@@ -93,6 +116,9 @@ impl Registration {
         if let Some(t) = sessions().as_mut().and_then(|m| m.get_mut(&self.pid)) {
             t.superuser = superuser;
         }
+        if let (true, Some(t)) = (self.shared, crate::pid_registry::table()) {
+            t.set_superuser(self.pid, superuser);
+        }
     }
 }
 
@@ -100,6 +126,9 @@ impl Drop for Registration {
     fn drop(&mut self) {
         if let Some(m) = sessions().as_mut() {
             m.remove(&self.pid);
+        }
+        if let (true, Some(t)) = (self.shared, crate::pid_registry::table()) {
+            t.release(self.pid);
         }
     }
 }
@@ -121,21 +150,78 @@ fn is_superuser(msgs: &[u8]) -> bool {
     false
 }
 
-/// The keys of the session `pid` if the session `caller` may signal it, as Postgres decides
-/// (signalfuncs.c): only a superuser signals a superuser's session; otherwise a superuser or
-/// the same role. Membership of the target's role or of `pg_signal_backend` is not known here:
-/// such a caller gets Postgres's answer for an unknown pid (see the decision record).
-fn allowed(caller: i32, pid: i32) -> Option<(i32, i32)> {
+/// What Postgres's `pg_signal_backend()` (signalfuncs.c) decides for a session of this process,
+/// as far as the gateway can tell.
+#[derive(Debug, PartialEq, Eq)]
+enum Decision {
+    /// The caller may signal it: the session's (pid, secret). A superuser caller, or the same
+    /// role for a session that is not a superuser's.
+    Allowed(i32, i32),
+    /// A superuser's session, a caller who is not one: Postgres's 42501, unless the role the
+    /// caller runs as now is a superuser (the server checks).
+    Superuser,
+    /// Another role's session: Postgres's 42501 unless the caller has the privileges of that
+    /// role or of `pg_signal_backend`, which only the catalog knows (the server checks).
+    OtherRole(String),
+}
+
+/// The decision for signalling the session `pid` from the session `caller`; `None` for a pid
+/// that is no session of this process (the server's to answer).
+fn decide(caller: i32, pid: i32) -> Option<Decision> {
     if pid < FIRST_VIRTUAL {
         return None;
     }
     let m = sessions();
     let m = m.as_ref()?;
-    let (c, t) = (m.get(&caller)?, m.get(&pid)?);
-    if t.superuser && !c.superuser {
-        return None;
-    }
-    (c.superuser || c.user == t.user).then_some((pid, t.secret))
+    let c = m.get(&caller)?;
+    // A session of this process, else of another gateway process on this port (the signal
+    // reaches either through the poolers, by its keys).
+    let t = match m.get(&pid) {
+        Some(t) => crate::pid_registry::Entry {
+            user: t.user.clone(),
+            superuser: t.superuser,
+            secret: t.secret,
+        },
+        None => crate::pid_registry::table()?.lookup(pid)?,
+    };
+    Some(if t.superuser && !c.superuser {
+        Decision::Superuser
+    } else if c.superuser || c.user == t.user {
+        Decision::Allowed(pid, t.secret)
+    } else {
+        Decision::OtherRole(t.user)
+    })
+}
+
+/// The value a parameter carries for a superuser's session the caller is not allowed to
+/// signal, and for another role's session (see `ALLOWED`).
+const SUPERUSER_DENIED: i32 = i32::MIN;
+const SUPERUSER_DENIED_TEXT: &str = "-2147483648";
+const ROLE_DENIED: i32 = -2147483646;
+const ROLE_DENIED_TEXT: &str = "-2147483646";
+
+/// Whether the role the statement runs as is a superuser (Postgres's `superuser()`: the current
+/// user, which `SET ROLE` changes).
+const CURRENT_IS_SUPERUSER: &str =
+    "(SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = CURRENT_USER)";
+
+/// An expression that raises the marker error the pooler turns into Postgres's 42501 for a
+/// denied `signal` (`pooler/src/cancel.rs`, `denied_signal`): reading a setting nobody has.
+/// Evaluated only where the `CASE` reaches it (a stable function: not folded when planning).
+fn denied(signal: Signal, superuser: bool) -> String {
+    let (s, why) = (
+        match signal {
+            Signal::Cancel => "cancel",
+            Signal::Terminate => "terminate",
+        },
+        if superuser { "superuser" } else { "member" },
+    );
+    format!("pg_catalog.current_setting('tidepool.signal_denied_{s}_{why}')::boolean")
+}
+
+/// `s` as an SQL string constant whatever `standard_conforming_strings` says.
+fn literal(s: &str) -> String {
+    format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
 }
 
 /// A signal the gateway owes once the batch is sent: (kind, pid, secret).
@@ -246,28 +332,34 @@ fn bind(body: &[u8], caller: i32, stmts: &Statements, owed: &mut Vec<Owed>) -> O
             continue;
         };
         let raw = &rest[s..e];
-        let (pid, new) = match format(k)? {
+        // The pid, and how a value of the same format and width is written.
+        let (pid, width) = match format(k)? {
             0 => (
                 std::str::from_utf8(raw).ok()?.trim().parse::<i64>().ok()?,
-                ALLOWED_TEXT.as_bytes().to_vec(),
+                0,
             ),
-            1 if raw.len() == 4 => (
-                i32::from_be_bytes(raw.try_into().ok()?) as i64,
-                ALLOWED.to_be_bytes().to_vec(),
-            ),
-            1 if raw.len() == 8 => (
-                i64::from_be_bytes(raw.try_into().ok()?),
-                (ALLOWED as i64).to_be_bytes().to_vec(),
-            ),
+            1 if raw.len() == 4 => (i32::from_be_bytes(raw.try_into().ok()?) as i64, 4),
+            1 if raw.len() == 8 => (i64::from_be_bytes(raw.try_into().ok()?), 8),
             _ => continue,
         };
         let Ok(pid) = i32::try_from(pid) else {
             continue;
         };
-        if let Some((pid, secret)) = allowed(caller, pid) {
-            owed.push((signal, pid, secret));
-            replace.push((k, new));
-        }
+        let value = match decide(caller, pid) {
+            Some(Decision::Allowed(pid, secret)) => {
+                owed.push((signal, pid, secret));
+                ALLOWED
+            }
+            Some(Decision::Superuser) => SUPERUSER_DENIED,
+            Some(Decision::OtherRole(_)) => ROLE_DENIED,
+            None => continue,
+        };
+        let new = match width {
+            0 => value.to_string().into_bytes(),
+            4 => value.to_be_bytes().to_vec(),
+            _ => (value as i64).to_be_bytes().to_vec(),
+        };
+        replace.push((k, new));
     }
     if replace.is_empty() {
         return None;
@@ -359,6 +451,7 @@ fn rewrite(
         let Some(close) = close else { continue };
         let arg = &toks[i + 2..first_end.unwrap_or(close)];
         let name = signal.function();
+        let args = String::from_utf8_lossy(&sql[toks[i + 2].start..toks[close].start]);
         let replacement = match arg {
             [n] if n.kind == Kind::Number => {
                 let Some(pid) = std::str::from_utf8(n.text(sql))
@@ -367,11 +460,27 @@ fn rewrite(
                 else {
                     continue;
                 };
-                let Some((pid, secret)) = allowed(caller, pid) else {
-                    continue;
-                };
-                owed.push((signal, pid, secret));
-                format!("(SELECT true AS {name})")
+                // Where the server must decide, it runs the call itself when it would not
+                // refuse it (then the pid is unknown to it: `false` and its warning).
+                match decide(caller, pid) {
+                    None => continue,
+                    Some(Decision::Allowed(pid, secret)) => {
+                        owed.push((signal, pid, secret));
+                        format!("(SELECT true AS {name})")
+                    }
+                    Some(Decision::Superuser) => format!(
+                        "(SELECT CASE WHEN {CURRENT_IS_SUPERUSER} THEN pg_catalog.{name}({args}) \
+                         ELSE {} END AS {name})",
+                        denied(signal, true)
+                    ),
+                    Some(Decision::OtherRole(role)) => format!(
+                        "(SELECT CASE WHEN pg_catalog.pg_has_role({}, 'USAGE') \
+                         OR pg_catalog.pg_has_role('pg_signal_backend', 'USAGE') \
+                         THEN pg_catalog.{name}({args}) ELSE {} END AS {name})",
+                        literal(&role),
+                        denied(signal, false)
+                    ),
+                }
             }
             [p]
             | [p, Token {
@@ -388,10 +497,16 @@ fn rewrite(
                 };
                 params.push((k - 1, signal));
                 let a = String::from_utf8_lossy(&sql[arg[0].start..arg[arg.len() - 1].end]);
-                let args = String::from_utf8_lossy(&sql[toks[i + 2].start..toks[close].start]);
+                // The Bind says which (`bind`); membership of the signalled session's role is
+                // not in its value: only `pg_signal_backend`'s is checked there.
                 format!(
                     "(SELECT CASE WHEN ({a}) = {ALLOWED_TEXT} THEN true \
-                     ELSE pg_catalog.{name}({args}) END AS {name})"
+                     WHEN ({a}) = {SUPERUSER_DENIED_TEXT} AND NOT {CURRENT_IS_SUPERUSER} THEN {} \
+                     WHEN ({a}) = {ROLE_DENIED_TEXT} \
+                     AND NOT pg_catalog.pg_has_role('pg_signal_backend', 'USAGE') THEN {} \
+                     ELSE pg_catalog.{name}({args}) END AS {name})",
+                    denied(signal, true),
+                    denied(signal, false)
                 )
             }
             _ => continue,
@@ -455,16 +570,94 @@ mod tests {
         let root = Registration::new("root", 14);
         root.logged_in(&[status("server_version", "15"), status("is_superuser", "on")].concat());
         alice.logged_in(&status("is_superuser", "off"));
-        assert_eq!(allowed(alice.pid, alice2.pid), Some((alice2.pid, 12)));
-        assert_eq!(allowed(alice.pid, alice.pid), Some((alice.pid, 11)));
-        assert_eq!(allowed(alice.pid, bob.pid), None);
-        assert_eq!(allowed(alice.pid, root.pid), None);
-        assert_eq!(allowed(root.pid, bob.pid), Some((bob.pid, 13)));
+        let allowed = |caller, pid| decide(caller, pid);
+        assert_eq!(
+            allowed(alice.pid, alice2.pid),
+            Some(Decision::Allowed(alice2.pid, 12))
+        );
+        assert_eq!(
+            allowed(alice.pid, alice.pid),
+            Some(Decision::Allowed(alice.pid, 11))
+        );
+        assert_eq!(
+            allowed(alice.pid, bob.pid),
+            Some(Decision::OtherRole("bob".into()))
+        );
+        assert_eq!(allowed(alice.pid, root.pid), Some(Decision::Superuser));
+        assert_eq!(
+            allowed(root.pid, bob.pid),
+            Some(Decision::Allowed(bob.pid, 13))
+        );
         // Real pids and pids of nobody are the server's to answer.
         assert_eq!(allowed(root.pid, 4242), None);
         let gone = alice2.pid;
         drop(alice2);
         assert_eq!(allowed(alice.pid, gone), None);
+    }
+
+    #[test]
+    fn denied_calls_are_left_to_the_servers_check() {
+        let a = Registration::new("erin", 41);
+        let b = Registration::new("o'\\hara", 42);
+        let root = Registration::new("root2", 43);
+        root.logged_in(&status("is_superuser", "on"));
+        let (sql, _, owed) = r(&format!("SELECT pg_cancel_backend({})", b.pid), a.pid);
+        assert!(owed.is_empty());
+        assert_eq!(
+            sql.unwrap(),
+            format!(
+                "SELECT (SELECT CASE WHEN pg_catalog.pg_has_role(E'o''\\\\hara', 'USAGE') \
+                 OR pg_catalog.pg_has_role('pg_signal_backend', 'USAGE') \
+                 THEN pg_catalog.pg_cancel_backend({}) ELSE pg_catalog.current_setting(\
+                 'tidepool.signal_denied_cancel_member')::boolean END AS pg_cancel_backend)",
+                b.pid
+            )
+        );
+        let (sql, _, owed) = r(
+            &format!("SELECT pg_terminate_backend({}, 10)", root.pid),
+            a.pid,
+        );
+        assert!(owed.is_empty());
+        assert_eq!(
+            sql.unwrap(),
+            format!(
+                "SELECT (SELECT CASE WHEN {CURRENT_IS_SUPERUSER} \
+                 THEN pg_catalog.pg_terminate_backend({}, 10) ELSE pg_catalog.current_setting(\
+                 'tidepool.signal_denied_terminate_superuser')::boolean \
+                 END AS pg_terminate_backend)",
+                root.pid
+            )
+        );
+        // In a Bind: the decision's value, in the parameter's format and width.
+        let mut stmts = Statements::default();
+        let mut parse = Vec::new();
+        fe::write_parse(
+            &mut parse,
+            b"t",
+            b"SELECT pg_terminate_backend($1)",
+            &[0, 0],
+        );
+        rewrite_batch(&parse, a.pid, &mut stmts).unwrap();
+        for (pid, value) in [(b.pid, ROLE_DENIED), (root.pid, SUPERUSER_DENIED)] {
+            let mut rest = vec![0, 1, 0, 1, 0, 1, 0, 0, 0, 8];
+            rest.extend_from_slice(&(pid as i64).to_be_bytes());
+            rest.extend_from_slice(&[0, 0]);
+            let mut bind_msg = Vec::new();
+            fe::write_bind(&mut bind_msg, b"", b"t", &rest);
+            let (out, owed) = rewrite_batch(&bind_msg, a.pid, &mut stmts).unwrap();
+            assert!(owed.is_empty());
+            assert!(out.ends_with(&[&(value as i64).to_be_bytes()[..], &[0, 0]].concat()));
+            let text = pid.to_string();
+            let mut rest = vec![0, 0, 0, 1];
+            rest.extend_from_slice(&(text.len() as i32).to_be_bytes());
+            rest.extend_from_slice(text.as_bytes());
+            rest.extend_from_slice(&[0, 0]);
+            let mut bind_msg = Vec::new();
+            fe::write_bind(&mut bind_msg, b"", b"t", &rest);
+            let (out, _) = rewrite_batch(&bind_msg, a.pid, &mut stmts).unwrap();
+            let text = value.to_string();
+            assert!(out.ends_with(&[text.as_bytes(), &[0, 0]].concat()));
+        }
     }
 
     #[test]
@@ -511,6 +704,12 @@ mod tests {
             sql.as_deref(),
             Some(
                 "SELECT (SELECT CASE WHEN ($1::int) = -2147483647 THEN true \
+                 WHEN ($1::int) = -2147483648 AND NOT (SELECT r.rolsuper FROM \
+                 pg_catalog.pg_roles r WHERE r.rolname = CURRENT_USER) THEN \
+                 pg_catalog.current_setting('tidepool.signal_denied_terminate_superuser')::boolean \
+                 WHEN ($1::int) = -2147483646 AND NOT pg_catalog.pg_has_role('pg_signal_backend', \
+                 'USAGE') THEN \
+                 pg_catalog.current_setting('tidepool.signal_denied_terminate_member')::boolean \
                  ELSE pg_catalog.pg_terminate_backend($1::int, 500) END AS pg_terminate_backend)"
             )
         );

@@ -884,8 +884,8 @@ fn failed_pipelined_writes_report_as_directly() {
 /// 11): the query cancelled, idle and busy sessions ended with FATAL 57P01 and closed, `true`
 /// answered, a pid that is nobody's answered `false` with Postgres's warning, nothing signalled
 /// from a failed transaction, a session ending itself; psycopg 3 with parameter and constant
-/// pids, against Postgres first. Then what the gateway cannot judge: a role signalling another
-/// role's session gets no `true` and the session goes on.
+/// pids, against Postgres first. Then who may signal whom (`signal_permissions`), directly and
+/// through Tidepool.
 #[test]
 fn signals_to_a_sessions_pid_act_as_directly() {
     if !psycopg_available("signals_to_a_sessions_pid_act_as_directly") {
@@ -902,34 +902,82 @@ fn signals_to_a_sessions_pid_act_as_directly() {
         "the script saw no cancel or termination",
     );
 
+    pg.psql_admin(&format!(
+        "CREATE ROLE {} LOGIN SUPERUSER PASSWORD '{}'",
+        ROOT.0, ROOT.1
+    ));
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(bounded(Duration::from_secs(30), async {
-        let ep = tp.endpoint();
-        let alice = ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
-        let bob = ep.connect(BOB.0, BOB.1, APP_DB).await.unwrap();
-        let pid: i32 = alice
-            .query_one("SELECT pg_backend_pid()", &[])
-            .await
-            .unwrap()
-            .get(0);
-        for sql in [
-            format!("SELECT pg_terminate_backend({pid})"),
-            format!("SELECT pg_cancel_backend({pid})"),
-        ] {
-            match bob.query_one(sql.as_str(), &[]).await {
-                Ok(row) => assert!(!row.get::<_, bool>(0), "{sql}: true for another role"),
-                Err(e) => assert_eq!(sqlstate(&e), "42501", "{sql}"),
-            }
-        }
-        let terminated = bob
-            .query_one("SELECT pg_terminate_backend($1)", &[&pid])
-            .await
-            .map(|r| r.get::<_, bool>(0));
-        assert!(!matches!(terminated, Ok(true)), "{terminated:?}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let one: i32 = alice.query_one("SELECT 1", &[]).await.unwrap().get(0);
-        assert_eq!(one, 1, "alice's session goes on");
+    rt.block_on(bounded(Duration::from_secs(60), async {
+        let direct = signal_permissions(&pg.direct()).await;
+        assert!(
+            direct.iter().filter(|l| l.contains("42501")).count() >= 8
+                && direct.iter().any(|l| l.contains("true")),
+            "{direct:#?}"
+        );
+        let through = signal_permissions(&tp.endpoint()).await;
+        assert_eq!(direct, through, "{}", tp.logs());
     }));
+}
+
+/// A superuser role the signal test makes.
+const ROOT: (&str, &str) = ("root_signaller", "root-pw");
+
+/// Who may signal whom, as Postgres 15's `pg_signal_backend()` decides, at `ep`: bob signals
+/// alice's session and a superuser's (ERROR 42501, each function its own message, with a
+/// constant and a parameter pid, in and out of a transaction), alice a superuser's; the
+/// superuser cancels alice's idle session (`true`), and alice's session goes on. One line per
+/// call: what it answered.
+async fn signal_permissions(ep: &Endpoint) -> Vec<String> {
+    let alice = ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+    let bob = ep.connect(BOB.0, BOB.1, APP_DB).await.unwrap();
+    let root = ep.connect(ROOT.0, ROOT.1, APP_DB).await.unwrap();
+    let mut pids = Vec::new();
+    for c in [&alice, &root] {
+        let row = c.query_one("SELECT pg_backend_pid()", &[]).await.unwrap();
+        pids.push(row.get::<_, i32>(0));
+    }
+    let (alice_pid, root_pid) = (pids[0], pids[1]);
+    let answer = |r: Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>| match r {
+        Ok(rows) => format!(
+            "{:?}",
+            rows.iter().map(|r| r.get::<_, bool>(0)).collect::<Vec<_>>()
+        ),
+        Err(e) => match e.as_db_error() {
+            Some(d) => format!("{} {} {}", d.severity(), d.code().code(), d.message()),
+            None => format!("<{e}>"),
+        },
+    };
+    let mut out = Vec::new();
+    let calls = [
+        ("bob", "alice", &bob, alice_pid),
+        ("bob", "root", &bob, root_pid),
+        ("alice", "root", &alice, root_pid),
+    ];
+    for (who, whom, client, pid) in calls {
+        for f in ["pg_cancel_backend", "pg_terminate_backend"] {
+            let constant = client.query(&format!("SELECT {f}({pid})"), &[]).await;
+            out.push(format!("{who} {f}({whom}) constant: {}", answer(constant)));
+            let param = client.query(&format!("SELECT {f}($1)"), &[&pid]).await;
+            out.push(format!("{who} {f}({whom}) parameter: {}", answer(param)));
+        }
+    }
+    // In a transaction: the error aborts it, as directly.
+    bob.batch_execute("BEGIN").await.unwrap();
+    let r = bob
+        .query(&format!("SELECT pg_cancel_backend({alice_pid})"), &[])
+        .await;
+    out.push(format!("bob in a transaction: {}", answer(r)));
+    let r = bob.query("SELECT true", &[]).await;
+    out.push(format!("bob's next statement: {}", answer(r)));
+    bob.batch_execute("ROLLBACK").await.unwrap();
+    let r = root
+        .query(&format!("SELECT pg_cancel_backend({alice_pid})"), &[])
+        .await;
+    out.push(format!("superuser cancels alice: {}", answer(r)));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = alice.query("SELECT true", &[]).await;
+    out.push(format!("alice goes on: {}", answer(r)));
+    out
 }
 
 /// A session ended by the server (issue 11): the backend running a client's query or holding

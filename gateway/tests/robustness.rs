@@ -1055,12 +1055,118 @@ async fn postgres_restart_under_a_running_tidepool() {
             report("restart", format!("{who}: {what}"));
             assert!(!what.starts_with("HANG"), "{who}: {what}\n{}", tp.logs());
         }
+        // Each old session was ended by the shutdown, as Postgres ends its own idle
+        // connections (FATAL 57P01, closed): the session that held no backend included
+        // (issue 11, point 2; pooler/src/server_end.rs).
+        for (who, what) in &outcomes[1..] {
+            assert_eq!(what, &outcomes[0].1, "{who}\n{}", tp.logs());
+        }
+        assert!(
+            outcomes[0].1.starts_with("error"),
+            "a direct idle session survives a restart: {}",
+            outcomes[0].1
+        );
         // Whatever the old sessions got, the pool serves new ones and keeps serving.
         still_serves(&mut tp, "a Postgres restart").await;
         let n = pg.backend_count(ALICE.0);
         assert!(
             n <= 5,
             "alice has {n} backends after the restart (budget 5)"
+        );
+
+        // A crash (a backend killed): Postgres ends every other connection with FATAL 57P02;
+        // so do the sessions through Tidepool, the idle one that holds no backend included.
+        let direct_idle = pg.direct().connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+        direct_idle.query_one("SELECT 1", &[]).await.unwrap();
+        let idle = connect().await.unwrap();
+        idle.query_one("SELECT 1", &[]).await.unwrap();
+        let doomed = pg.direct().connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+        let doomed = tokio::spawn(async move {
+            doomed
+                .query_one("SELECT pg_sleep(31)", &[])
+                .await
+                .map(|_| ())
+        });
+        // Queries running at the crash, on other backends: each ends as its backend does.
+        let (direct_busy, busy) = (
+            pg.direct().connect(ALICE.0, ALICE.1, APP_DB).await.unwrap(),
+            connect().await.unwrap(),
+        );
+        let sleeping = |c: tokio_postgres::Client| {
+            tokio::spawn(async move {
+                match c.query_one("SELECT pg_sleep(32)", &[]).await {
+                    Ok(_) => "no error".to_string(),
+                    Err(e) => format!("error {} ({e})", sqlstate(&e)),
+                }
+            })
+        };
+        let (direct_busy, busy) = (sleeping(direct_busy), sleeping(busy));
+        wait_for_query(&pg, ALICE.0, "pg_sleep(31)").await;
+        let t = Instant::now();
+        loop {
+            let pg2 = pg.clone();
+            let states = tokio::task::spawn_blocking(move || pg2.backend_states(ALICE.0))
+                .await
+                .expect("backend states");
+            let n = states
+                .iter()
+                .filter(|s| s.starts_with("active") && s.contains("pg_sleep(32)"))
+                .count();
+            if n == 2 {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "{states:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let pid: i32 = pg
+            .psql_admin("SELECT pid FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(31)'")
+            .trim()
+            .parse()
+            .expect("the pid of the backend to kill");
+        // SAFETY: a plain kill(2) of a Postgres backend this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let _ = tokio::time::timeout(Duration::from_secs(10), doomed).await;
+        let t = Instant::now();
+        loop {
+            let r = tokio::time::timeout(Duration::from_secs(5), async {
+                let c = connect().await?;
+                c.query_one("SELECT 1", &[]).await
+            })
+            .await;
+            if matches!(r, Ok(Ok(_))) {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "no new session after the crash: {r:?}\n{}",
+                tp.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let ended = |t: tokio::task::JoinHandle<String>| async move {
+            tokio::time::timeout(Duration::from_secs(10), t)
+                .await
+                .map(|r| r.expect("the sleeping task"))
+                .unwrap_or_else(|_| "HANG".into())
+        };
+        let (direct, through) = (ended(direct_busy).await, ended(busy).await);
+        report(
+            "restart",
+            format!("running at a crash: direct {direct}; through {through}"),
+        );
+        assert_eq!(direct, through, "a query running at a crash\n{}", tp.logs());
+        let (direct, through) = (outcome(&direct_idle).await, outcome(&idle).await);
+        report(
+            "restart",
+            format!("after a crash: direct idle session: {direct}; through: {through}"),
+        );
+        assert!(direct.starts_with("error"), "{direct}");
+        assert_eq!(
+            direct,
+            through,
+            "an idle session after a crash\n{}",
+            tp.logs()
         );
     })
     .await;
@@ -1099,17 +1205,80 @@ async fn session_on(
     pids: &[u32],
     want: u32,
 ) -> (tokio_postgres::Client, tokio_postgres::CancelToken) {
+    let client = session_as_on(ep, pids, want, ALICE).await;
+    let token = client.cancel_token();
+    (client, token)
+}
+
+/// Logs in as `who` with tokio-postgres over a connection accepted by process `want`.
+async fn session_as_on(
+    ep: &Endpoint,
+    pids: &[u32],
+    want: u32,
+    who: (&str, &str),
+) -> tokio_postgres::Client {
     let stream = connect_to_process(ep.port, pids, want).await;
     let (client, connection) = ep
-        .pg_config(ALICE.0, ALICE.1, APP_DB)
+        .pg_config(who.0, who.1, APP_DB)
         .connect_raw(stream, NoTls)
         .await
         .expect("login over a steered connection");
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    let token = client.cancel_token();
-    (client, token)
+    client
+}
+
+/// `victim` (alice) runs `pg_sleep(30)`; bob tries to cancel and terminate it (42501), alice's
+/// other session cancels it (a parameter pid) and then terminates it (a constant pid). What
+/// each call answered and what the victim saw, one line each.
+async fn signals_across(
+    pg: &PgCluster,
+    victim: tokio_postgres::Client,
+    alice: tokio_postgres::Client,
+    bob: tokio_postgres::Client,
+) -> Vec<String> {
+    let answer = |r: Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>| match r {
+        Ok(rows) => format!(
+            "{:?}",
+            rows.iter().map(|r| r.get::<_, bool>(0)).collect::<Vec<_>>()
+        ),
+        Err(e) => match e.as_db_error() {
+            Some(d) => format!("{} {} {}", d.severity(), d.code().code(), d.message()),
+            None => format!("<{e}>"),
+        },
+    };
+    let pid: i32 = victim
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let victim = std::sync::Arc::new(victim);
+    let v = victim.clone();
+    let sleep = tokio::spawn(async move { v.query("SELECT pg_sleep(30)", &[]).await });
+    wait_for_query(pg, ALICE.0, "pg_sleep(30)").await;
+    let mut out = Vec::new();
+    for f in ["pg_cancel_backend", "pg_terminate_backend"] {
+        let r = bob.query(&format!("SELECT {f}($1)"), &[&pid]).await;
+        out.push(format!("bob {f}: {}", answer(r)));
+    }
+    let r = alice.query("SELECT pg_cancel_backend($1)", &[&pid]).await;
+    out.push(format!("alice pg_cancel_backend: {}", answer(r)));
+    let slept = tokio::time::timeout(Duration::from_secs(10), sleep)
+        .await
+        .map(|r| answer(r.expect("the victim's task")))
+        .unwrap_or_else(|_| "still running after 10 s".into());
+    out.push(format!("the victim's query: {slept}"));
+    let r = victim.query("SELECT true", &[]).await;
+    out.push(format!("the victim goes on: {}", answer(r)));
+    let r = alice
+        .query(&format!("SELECT pg_terminate_backend({pid})"), &[])
+        .await;
+    out.push(format!("alice pg_terminate_backend: {}", answer(r)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = victim.query("SELECT true", &[]).await;
+    out.push(format!("the victim after it: {}", answer(r)));
+    out
 }
 
 /// Runs `pg_sleep(30)` on `victim` and `pg_sleep(4)` on `bystander`, then `cancel`; the first
@@ -1174,7 +1343,7 @@ async fn cancel_round<F, Fut>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_lands_on_the_other_gateway_process_and_stops_the_right_query() {
-    let (_pg, mut tp) = start(TidepoolOpts::default());
+    let (pg, mut tp) = start(TidepoolOpts::default());
     let mut second = tp.start_gateway_on(tp.gateway_port());
     let pids = [tp.gateway_pid(), second.pid()];
     bounded(Duration::from_secs(240), async {
@@ -1211,6 +1380,37 @@ async fn cancel_lands_on_the_other_gateway_process_and_stops_the_right_query() {
                 token.cancel_query(NoTls).await
             })
             .await;
+        }
+
+        // pg_cancel_backend/pg_terminate_backend of a pid whose session the other process
+        // holds (issue 11): answered, and acted on, as directly.
+        let direct = pg.direct();
+        let want = signals_across(
+            &pg,
+            direct.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap(),
+            direct.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap(),
+            direct.connect(BOB.0, BOB.1, APP_DB).await.unwrap(),
+        )
+        .await;
+        assert!(
+            want.iter().any(|l| l.contains("57014")) && want.iter().any(|l| l.contains("42501")),
+            "{want:#?}"
+        );
+        for (victim_on, caller_on) in [(0, 1), (1, 0)] {
+            let (victim, _) = session_on(&ep, &pids, pids[victim_on]).await;
+            let (alice, _) = session_on(&ep, &pids, pids[caller_on]).await;
+            let bob = session_as_on(&ep, &pids, pids[caller_on], BOB).await;
+            let got = signals_across(&pg, victim, alice, bob).await;
+            assert_eq!(
+                want,
+                got,
+                "session on gateway {victim_on}, calls from {caller_on}\n{}",
+                tp.logs()
+            );
+            report(
+                "cancel",
+                format!("signals from gateway {caller_on} to {victim_on}: as directly"),
+            );
         }
     })
     .await;

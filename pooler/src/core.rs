@@ -61,6 +61,9 @@ pub enum CoreMsg {
     },
     /// From the owner core: a raw `NotificationResponse` for the sessions of this core.
     Notification { database: String, msg: Vec<u8> },
+    /// Postgres is shutting down or crashed (server_end.rs): sessions holding no backend end
+    /// with these last words (the backends' FATAL or WARNING).
+    ServerEnded(Vec<u8>),
 }
 
 /// Messages to other cores that must arrive, in order: one queue per core, drained by one task

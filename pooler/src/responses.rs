@@ -361,6 +361,14 @@ fn forward_rfq(st: &State, rfq: &[u8], quiet: bool) {
 #[inline]
 fn forward(st: &State, msg: &[u8]) {
     if let Some(o) = &st.owner {
+        // A signalling call the server refused for the gateway (cancel.rs): one byte compared
+        // per message; an error's fields are read (errors are not the hot path).
+        if msg.first() == Some(&be::ERROR_RESPONSE) {
+            if let Some(e) = crate::cancel::denied_signal(msg) {
+                o.forward(&e);
+                return;
+            }
+        }
         o.forward(msg);
     }
 }
@@ -438,6 +446,11 @@ pub fn on_message(out: &OutQueue, st: &mut State, msg: &[u8]) -> After {
             return After::Nothing;
         }
         be::NOTICE_RESPONSE => {
+            if st.queue.is_empty() {
+                // A crash or an immediate shutdown: Postgres 15 warns every backend's client
+                // (57P02, 57P01) as it ends them.
+                crate::server_end::idle_backend_said(msg);
+            }
             if !matches!(st.queue.front(), Some(Entry::Internal(_))) {
                 forward(st, msg);
             }
@@ -463,6 +476,8 @@ pub fn on_message(out: &OutQueue, st: &mut State, msg: &[u8]) -> After {
         // Nothing expected: an idle backend being shut down (FATAL) or a protocol surprise.
         if tag == be::ERROR_RESPONSE {
             tracing::info!(backend = st.id, "idle backend got an error; closing it");
+            // Postgres shutting down ends the sessions that hold no backend too.
+            crate::server_end::idle_backend_said(msg);
             // A session holds it between requests (a transaction open, or pinned): its client
             // hears the FATAL, as it would directly, before its connection ends.
             if let Some(o) = &st.owner {

@@ -284,14 +284,20 @@ impl Session {
     /// backend runs (cancel, and the connection closed: Postgres rolls back) or rolls back an
     /// idle transaction, as the end of a terminated backend does.
     pub fn terminate(&self) {
+        self.end_with(&fatal(
+            "57P01",
+            "terminating connection due to administrator command",
+        ));
+    }
+
+    /// Ends the session with `err`, a FATAL `ErrorResponse`, as its last word (server_end.rs:
+    /// the one Postgres ends its connections with at a shutdown or after a crash).
+    pub fn end_with(&self, err: &[u8]) {
         if self.gone.get() || self.dead.get() {
             return;
         }
         self.flush();
-        self.send_closed(&fatal(
-            "57P01",
-            "terminating connection due to administrator command",
-        ));
+        self.send_closed(err);
         self.close();
     }
 
@@ -411,7 +417,9 @@ impl Session {
 /// The session as its backend's response stream sees it (responses.rs).
 impl Owner for Session {
     fn forward(&self, msg: &[u8]) {
-        if msg.first() == Some(&be::ERROR_RESPONSE) && is_fatal(msg) {
+        if msg.first() == Some(&be::ERROR_RESPONSE) && is_fatal(msg)
+            || msg.first() == Some(&be::NOTICE_RESPONSE) && crate::server_end::last_warning(msg)
+        {
             self.told_fatal.set(true);
         }
         self.out.borrow_mut().extend_from_slice(msg);

@@ -70,3 +70,48 @@ SELECT name FROM pg_prepared_statements WHERE name IN ('gd', 'dq') ORDER BY name
 DEALLOCATE gd;
 DEALLOCATE dq;
 DO $$ BEGIN EXECUTE 'EXECUTE dq(1)'; END $$;
+
+-- Stale plans of SQL-prepared statements (issue 11): a column's type changed, a table and its
+-- enum type dropped and re-created. Postgres's 0A000 comes on every EXECUTE, in and out of a
+-- transaction, until the statement is prepared again; a statement whose result type did not
+-- change runs on.
+CREATE TABLE shapes (id int, v int);
+INSERT INTO shapes VALUES (1, 10);
+PREPARE sv AS SELECT * FROM shapes;
+PREPARE sid(int) AS SELECT id FROM shapes WHERE id = $1;
+PREPARE pv(int) AS SELECT v FROM shapes WHERE id = $1;
+EXECUTE sv;
+ALTER TABLE shapes ALTER COLUMN v TYPE bigint;
+EXECUTE sv;
+EXECUTE sv;
+EXECUTE pv(1);
+EXECUTE sid(1);
+BEGIN;
+EXECUTE sv;
+EXECUTE sid(1);
+ROLLBACK;
+BEGIN;
+EXECUTE sid(1);
+EXECUTE pv(1);
+COMMIT;
+DEALLOCATE sv;
+PREPARE sv AS SELECT * FROM shapes;
+EXECUTE sv;
+CREATE TYPE mood AS ENUM ('sad', 'ok');
+CREATE TABLE moods (m mood);
+INSERT INTO moods VALUES ('ok');
+PREPARE mv AS SELECT m FROM moods;
+EXECUTE mv;
+DROP TABLE moods;
+DROP TYPE mood;
+CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+CREATE TABLE moods (m mood);
+INSERT INTO moods VALUES ('happy');
+EXECUTE mv;
+EXECUTE mv;
+DEALLOCATE mv;
+PREPARE mv AS SELECT m FROM moods;
+EXECUTE mv;
+DEALLOCATE ALL;
+DROP TABLE shapes, moods;
+DROP TYPE mood;

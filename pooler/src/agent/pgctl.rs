@@ -136,6 +136,8 @@ impl PgCtl {
 
     /// `pg_ctl stop -m fast -w`.
     pub async fn stop(&self, timeout: Duration) -> Result<(), String> {
+        // Planned: the sessions are the gateways' to move, not to end (server_end.rs).
+        let _planned = crate::server_end::Planned::begin();
         let secs = timeout.as_secs().max(1);
         let args: Vec<OsString> = vec![
             "-D".into(),
