@@ -96,7 +96,27 @@ impl Table {
             .create(true)
             .truncate(false)
             .mode(0o600)
+            // /dev/shm is world-writable: never follow a link planted there.
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)?;
+        // A file someone else made (or opened up) would let them read cancel secrets and plant
+        // sessions: share only our own, private one.
+        {
+            use std::os::unix::fs::MetadataExt;
+            let m = file.metadata()?;
+            // SAFETY: geteuid has no preconditions and cannot fail.
+            let euid = unsafe { libc::geteuid() };
+            if m.uid() != euid || m.mode() & 0o077 != 0 || !m.file_type().is_file() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!(
+                        "{path} is not a private file of this user (owner {}, mode {:o})",
+                        m.uid(),
+                        m.mode() & 0o7777
+                    ),
+                ));
+            }
+        }
         let len = SLOTS * SLOT_BYTES;
         if file.metadata()?.len() < len as u64 {
             file.set_len(len as u64)?;
@@ -319,5 +339,30 @@ mod tests {
         assert_eq!(a2.lookup(other), None);
         let _ = std::fs::remove_file(path2);
         let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn a_shared_file_others_can_read_or_a_link_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = format!(
+            "/dev/shm/tidepool-gateway-test-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        let open = format!("{base}.open");
+        std::fs::write(&open, b"").unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(Table::map(&open, std::process::id(), 5432).is_err());
+        let link = format!("{base}.link");
+        let target = format!("{base}.target");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(Table::map(&link, std::process::id(), 5432).is_err());
+        assert!(
+            !std::path::Path::new(&target).exists(),
+            "nothing made through the link"
+        );
+        for f in [open, link] {
+            let _ = std::fs::remove_file(f);
+        }
     }
 }
