@@ -510,7 +510,7 @@ async fn named_statement_reused_while_other_sessions_hold_backends() {
         client
             .batch_execute("COMMIT")
             .await
-            .expect("holder commits");
+            .unwrap_or_else(|e| panic!("holder commits: {e}\n{}", tp.logs()));
     }
 }
 
