@@ -18,6 +18,7 @@ mod pool;
 mod pools_report;
 mod readback;
 mod responses;
+mod server_tls;
 mod session;
 mod sql_names;
 mod statements;
