@@ -265,10 +265,22 @@ pub struct UpArgs {
     #[arg(long, value_name = "ZONES", value_delimiter = ',')]
     pub zones: Option<Vec<String>>,
 
-    /// Keep the topology in etcd (http://HOST:PORT, comma-separated) instead of the file
-    /// DIR/topology.json ["" = the file].
+    /// Keep the topology in etcd (http://HOST:PORT or https://HOST:PORT, comma-separated)
+    /// instead of the file DIR/topology.json ["" = the file].
     #[arg(long, value_name = "URLS")]
     pub etcd: Option<String>,
+
+    /// CA certificate(s) (PEM) that https:// etcd endpoints must present a certificate of.
+    #[arg(long, value_name = "FILE")]
+    pub etcd_ca_file: Option<PathBuf>,
+
+    /// etcd user to authenticate as (etcd's `auth enable`) [default: none].
+    #[arg(long, value_name = "USER")]
+    pub etcd_user: Option<String>,
+
+    /// File holding the etcd user's password (mode 600).
+    #[arg(long, value_name = "FILE")]
+    pub etcd_password_file: Option<PathBuf>,
 
     /// The cluster's name: the etcd key prefix /tidepool/NAME/ [default: local].
     #[arg(long, value_name = "NAME")]
@@ -303,6 +315,15 @@ impl UpArgs {
             zones: self.zones.clone(),
             timers: None,
             etcd: self.etcd.clone(),
+            // Given as flags, the three replace the whole [etcd_access] table.
+            etcd_access: (self.etcd_ca_file.is_some()
+                || self.etcd_user.is_some()
+                || self.etcd_password_file.is_some())
+            .then(|| crate::config::EtcdAccess {
+                ca_file: self.etcd_ca_file.clone(),
+                user: self.etcd_user.clone(),
+                password_file: self.etcd_password_file.clone(),
+            }),
             cluster_name: self.cluster_name.clone(),
             backup: None,
             metrics_listen: self.metrics_listen.clone(),

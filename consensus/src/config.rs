@@ -49,6 +49,9 @@ pub struct ClusterSettings {
     /// the file `DIR/topology.json`.
     #[serde(default)]
     pub etcd: Option<String>,
+    /// TLS and authentication towards etcd (the `[etcd_access]` table).
+    #[serde(default)]
+    pub etcd_access: EtcdAccess,
     /// The cluster's name: the etcd key prefix `/tidepool/<name>/`, and the pgBackRest stanza.
     #[serde(default = "default_cluster_name")]
     pub cluster_name: String,
@@ -74,6 +77,21 @@ impl ClusterSettings {
             ))
         })
     }
+}
+
+/// The `[etcd_access]` table: how the etcd endpoints are reached (topology/etcd.rs).
+/// config/tidepool.toml shows the defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EtcdAccess {
+    /// PEM file of the CA(s) an `https://` endpoint's certificate must chain to; required by
+    /// `https://` endpoints (checked against the endpoint's host name or IP address).
+    pub ca_file: Option<PathBuf>,
+    /// etcd user (etcd's `auth enable`); `None`: no authentication.
+    pub user: Option<String>,
+    /// File holding that user's password (mode 600: refused when group or others may read it);
+    /// required with `user`. The password itself is never a flag or a config value.
+    pub password_file: Option<PathBuf>,
 }
 
 /// The `[backup]` table: pgBackRest's repository, compression, parallelism and retention.
@@ -171,6 +189,7 @@ impl Default for ClusterSettings {
             zones: Vec::new(),
             timers: Timers::default(),
             etcd: None,
+            etcd_access: EtcdAccess::default(),
             cluster_name: default_cluster_name(),
             backup: BackupSettings::default(),
             metrics_listen: String::new(),
@@ -230,6 +249,7 @@ pub struct Overrides {
     pub zones: Option<Vec<String>>,
     pub timers: Option<Timers>,
     pub etcd: Option<String>,
+    pub etcd_access: Option<EtcdAccess>,
     pub cluster_name: Option<String>,
     pub backup: Option<BackupSettings>,
     pub metrics_listen: Option<String>,
@@ -285,6 +305,7 @@ impl Overrides {
             zones: self.zones.or(below.zones),
             timers: self.timers.or(below.timers),
             etcd: self.etcd.or(below.etcd),
+            etcd_access: self.etcd_access.or(below.etcd_access),
             cluster_name: self.cluster_name.or(below.cluster_name),
             backup: self.backup.or(below.backup),
             metrics_listen: self.metrics_listen.or(below.metrics_listen),
@@ -327,6 +348,10 @@ impl Overrides {
                 Some(e) => Some(e.clone()),
                 None => base.etcd.clone(),
             },
+            etcd_access: self
+                .etcd_access
+                .clone()
+                .unwrap_or_else(|| base.etcd_access.clone()),
             cluster_name: self
                 .cluster_name
                 .clone()

@@ -1,16 +1,22 @@
 //! Least privilege for what `tidepool up` starts (issue 12 §4): nothing the network reaches
 //! runs as root. When `up` runs as root, the gateway (which faces clients) runs as the
 //! `tidepool` OS user, created if missing (`useradd --system`; if that fails, `nobody`, with a
-//! warning), and the pooler as `postgres`, which owns the data directory and the socket
+//! warning), and every pooler as `postgres`, which owns the data directory and the socket
 //! directory its admin connection uses (peer authentication maps `postgres` to the `postgres`
 //! role). Each gets its own copy of the secrets it needs, owned by it, mode 600, in
 //! `DIR/keys/` (a key file group or others may read is refused by both processes, so one file
 //! cannot serve two users). The masters (`DIR/link.key`, `DIR/agent.key`) stay root's.
 //!
-//! Not (yet) dropped: poolers of a cluster with standbys (their node agent keeps its pledge in
-//! a directory of root's, `DIR` for node 1) and the control process, which runs `pg_ctl`
-//! through `runuser` and reads root's state. When `up` does not run as root, everything runs
-//! as the caller, as before.
+//! With standbys, a pooler is also its node's agent: as `postgres` it runs `pg_ctl` and
+//! `pg_rewind` and writes `standby.signal` and `postgresql.auto.conf` as the data directory's
+//! owner, as it did through a uid switch when it was root, and keeps its pledge in a directory
+//! of its own (`NodeRecord::agent_dir`, mode 700), not in the root-owned node directory: that
+//! one holds the `pgbackrest.conf` root's backups run with, which `postgres` must not be able
+//! to replace.
+//!
+//! Not dropped: the control process, which runs `pg_ctl` and pgBackRest through `runuser`,
+//! reads root's state and takes requests through root's files; it listens only for metrics,
+//! when asked. When `up` does not run as root, everything runs as the caller, as before.
 
 use std::ffi::CString;
 use std::io::Write;
@@ -59,15 +65,14 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Who `role` runs as when `up` starts it (`None`: as the caller). `ha`: the cluster has
-/// standbys (its poolers run node agents; see the module comment).
-pub fn account_for(role: Role, ha: bool) -> Result<Option<Account>> {
+/// Who `role` runs as when `up` starts it (`None`: as the caller).
+pub fn account_for(role: Role) -> Result<Option<Account>> {
     if !is_root() {
         return Ok(None);
     }
     match role {
         Role::Gateway => gateway_account().map(Some),
-        Role::Pooler if !ha => Account::lookup(crate::postgres::OS_USER)
+        Role::Pooler => Account::lookup(crate::postgres::OS_USER)
             .map(Some)
             .ok_or_else(|| {
                 Error::Environment(format!(
@@ -75,7 +80,7 @@ pub fn account_for(role: Role, ha: bool) -> Result<Option<Account>> {
                     crate::postgres::OS_USER
                 ))
             }),
-        _ => Ok(None),
+        Role::Postgres | Role::Control => Ok(None),
     }
 }
 

@@ -89,8 +89,17 @@ pub struct NodeRecord {
     pub agent: SocketAddr,
     pub pooler_pid: u32,
     pub pooler_log: PathBuf,
-    /// Where the pooler keeps the node's pledged term.
+    /// The node's directory (its `pgbackrest.conf`; `DIR` itself for node1). The pooler keeps
+    /// the node's pledged term in [`NodeRecord::agent_dir`] inside it.
     pub state_dir: PathBuf,
+}
+
+impl NodeRecord {
+    /// The node agent's own directory (its pledge), owned by the OS user the pooler runs as
+    /// (`crate::privilege`): not `state_dir`, which holds files root's commands read.
+    pub fn agent_dir(&self) -> PathBuf {
+        self.state_dir.join("agent")
+    }
 }
 
 impl State {

@@ -638,6 +638,7 @@ fn single_node_cluster_archives_backs_up_and_restores_to_a_point_in_time() {
         pooler: "127.0.0.1:1".parse().expect("an address"),
         data_dir: c.dir.join("pgdata"),
         socket_dir: c.dir.join("run"),
+        agent_dir: c.dir.join("agent"),
         pg_port,
         pooler_pid: 0,
     });

@@ -7,7 +7,12 @@ mod ha;
 
 use std::time::{Duration, Instant};
 
-use ha::{assert_all_acked_on, signal_group_of_postmaster, HaCluster, Watcher, Writer};
+use std::os::unix::fs::MetadataExt;
+
+use ha::{
+    assert_all_acked_on, cmdline, os_user, proc_ids, signal_group_of_postmaster, HaCluster,
+    Watcher, Writer,
+};
 use shared::agent::Role;
 
 #[test]
@@ -42,6 +47,65 @@ fn up_with_standbys_streams_and_reports_each_node() {
     // The primary requires one of the standbys per the default policy (any 2).
     let sync = c.psql_node(0, "SHOW synchronous_standby_names");
     assert!(sync.text.contains("ANY 1"), "{}", sync.text);
+
+    // Least privilege (issue 12 §4): every node's pooler, its node agent included, runs as
+    // `postgres` (real, effective, saved and filesystem ids; no other groups) with its own
+    // copies of the secrets, and keeps its pledge in a directory of its own.
+    let (uid, gid) = os_user("postgres");
+    assert_ne!(uid, 0);
+    let keys = c.dir.join("keys");
+    for n in &c.nodes {
+        assert_ne!(n.pooler_pid, 0, "{}'s pooler pid", n.name);
+        assert_eq!(
+            proc_ids(n.pooler_pid, "Uid:"),
+            vec![uid; 4],
+            "{}'s pooler",
+            n.name
+        );
+        assert_eq!(
+            proc_ids(n.pooler_pid, "Gid:"),
+            vec![gid; 4],
+            "{}'s pooler",
+            n.name
+        );
+        assert_eq!(proc_ids(n.pooler_pid, "Groups:"), Vec::<u32>::new());
+        let cmd = cmdline(n.pooler_pid);
+        for (flag, copy) in [
+            ("--link-secret-file", "link.pooler.key"),
+            ("--agent-secret-file", "agent.pooler.key"),
+            ("--state-dir", ""),
+        ] {
+            let want = if copy.is_empty() {
+                n.agent_dir.clone()
+            } else {
+                keys.join(copy)
+            };
+            assert!(
+                cmd.contains(&format!("{flag} {}", want.display())),
+                "{}: {cmd}",
+                n.name
+            );
+        }
+        let meta = std::fs::metadata(&n.agent_dir).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.mode() & 0o777),
+            (uid, 0o700),
+            "{}",
+            n.agent_dir.display()
+        );
+    }
+    for (copy, master) in [
+        ("link.pooler.key", "link.key"),
+        ("agent.pooler.key", "agent.key"),
+    ] {
+        let meta = std::fs::metadata(keys.join(copy)).unwrap();
+        assert_eq!((meta.uid(), meta.mode() & 0o777), (uid, 0o600), "{copy}");
+        assert_eq!(
+            std::fs::read(keys.join(copy)).unwrap(),
+            std::fs::read(c.dir.join(master)).unwrap(),
+            "{copy} is a copy of {master}"
+        );
+    }
 }
 
 #[test]
@@ -73,6 +137,10 @@ fn kill_9_of_the_primary_node_fails_over_and_loses_no_acknowledged_commit() {
         history["history"].to_string().contains("failover"),
         "{history}"
     );
+    // The promoted node's agent (unprivileged: `postgres`) kept its pledge in its own directory.
+    let pledge = c.nodes[new].agent_dir.join("tidepool-node.json");
+    let meta = std::fs::metadata(&pledge).unwrap_or_else(|e| panic!("{}: {e}", pledge.display()));
+    assert_eq!(meta.uid(), os_user("postgres").0, "{}", pledge.display());
 }
 
 #[test]

@@ -376,3 +376,181 @@ async fn etcd_backup_lock_is_one_at_a_time_and_lapses_with_a_dead_holder() {
     let f = Store::File(FileStore::new(dir.0.join("topology.json")));
     assert_eq!(f.lock_backup(ida, ttl).await.unwrap(), LockAttempt::Local);
 }
+
+/// `openssl` with `args` in `dir`; panics with its output when it fails.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// etcd over TLS with authentication (`[etcd_access]`, issue 12 §1): a store with the CA and a
+/// user granted only `/tidepool/` does compare-and-swap and leadership, and keeps working when
+/// its token lapses (etcd here forgets a token after one idle second); without a user, with a
+/// wrong password, or with another CA it gets a clear error, not an answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_store_over_tls_with_a_user() {
+    use std::os::unix::fs::PermissionsExt;
+    use tidepool::config::EtcdAccess;
+    let dir = TempDir::new("etcd-tls");
+    let d = dir.0.as_path();
+    for ca in ["ca", "other-ca"] {
+        openssl(
+            d,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                &format!("/CN={ca}"),
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.pem"),
+            ],
+        );
+    }
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+    );
+    std::fs::write(
+        d.join("server.ext"),
+        "subjectAltName = IP:127.0.0.1\nbasicConstraints = CA:FALSE\n\
+         extendedKeyUsage = serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.pem",
+        ],
+    );
+    let etcd = testkit::Etcd::start_tls(
+        &d.join("server.pem"),
+        &d.join("server.key"),
+        &d.join("ca.pem"),
+    );
+    assert!(etcd.url.starts_with("https://"), "{}", etcd.url);
+    etcd.etcdctl(&["user", "add", "root:root-pw"]);
+    etcd.etcdctl(&["role", "add", "tidepool"]);
+    etcd.etcdctl(&[
+        "role",
+        "grant-permission",
+        "tidepool",
+        "--prefix=true",
+        "readwrite",
+        "/tidepool/",
+    ]);
+    etcd.etcdctl(&["user", "add", "tp:tp-pw"]);
+    etcd.etcdctl(&["user", "grant-role", "tp", "tidepool"]);
+    etcd.etcdctl(&["auth", "enable"]);
+    let password = |name: &str, text: &str| {
+        let p = d.join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p
+    };
+    let access = EtcdAccess {
+        ca_file: Some(d.join("ca.pem")),
+        user: Some("tp".into()),
+        password_file: Some(password("tp.password", "tp-pw\n")),
+    };
+    let store = |access: &EtcdAccess| {
+        EtcdStore::new(&etcd.url, "test", Duration::from_secs(5))
+            .and_then(|s| s.with_access(access))
+            .map(Store::Etcd)
+    };
+    let (a, b) = (store(&access).unwrap(), store(&access).unwrap());
+    cas_conflict(&a, &b).await;
+    leadership(&a, &b, Duration::from_secs(2)).await;
+    // The token lapses after a second without use: the next call authenticates again.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_, version) = a.load().await.unwrap().expect("a stored topology");
+    assert!(a
+        .compare_and_swap(Some(version), &topology(9, "node2"))
+        .await
+        .unwrap());
+
+    // No user: etcd refuses.
+    let anonymous = store(&EtcdAccess {
+        user: None,
+        password_file: None,
+        ..access.clone()
+    })
+    .unwrap();
+    let e = anonymous.load().await.unwrap_err().to_string();
+    assert!(e.contains("user name is empty"), "{e}");
+    // A wrong password: refused, saying so.
+    let wrong = store(&EtcdAccess {
+        password_file: Some(password("wrong.password", "nope")),
+        ..access.clone()
+    })
+    .unwrap();
+    let e = wrong.load().await.unwrap_err().to_string();
+    assert!(
+        e.contains("authenticating as \"tp\"") && e.contains("invalid user ID or password"),
+        "{e}"
+    );
+    // A CA that did not issue etcd's certificate: no connection.
+    let stranger = store(&EtcdAccess {
+        ca_file: Some(d.join("other-ca.pem")),
+        ..access.clone()
+    })
+    .unwrap();
+    let e = stranger.load().await.unwrap_err().to_string();
+    assert!(
+        e.contains("TLS handshake") && e.contains("certificate"),
+        "{e}"
+    );
+    // A password file others may read is refused before anything is sent.
+    let open = password("open.password", "tp-pw");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = store(&EtcdAccess {
+        password_file: Some(open),
+        ..access
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("chmod 600"), "{e}");
+}

@@ -9,6 +9,8 @@ use crate::core::Core;
 use crate::login::{self, LoginError};
 use crate::pool::{self, Pool};
 use crate::responses::{self, After, Done, Entry, Internal, Kind, Owner, State};
+use crate::server_tls::Opened;
+use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use shared::io::{MessageReader, OutQueue, RcStream};
 use shared::link::Credential;
@@ -151,7 +153,8 @@ impl Backend {
     }
 }
 
-/// Connects and logs in a new backend of `pool` (the budget slot is already taken).
+/// Connects and logs in a new backend of `pool` (the budget slot is already taken), over TLS
+/// when `server_tls_sslmode` asks for it (server_tls.rs).
 pub async fn connect(
     core: &Rc<Core>,
     pool: &Rc<Pool>,
@@ -160,12 +163,44 @@ pub async fn connect(
     let cfg = &core.cfg;
     let addr = format!("{}:{}", cfg.pg_host, cfg.pg_port);
     let timeout = Duration::from_secs(core.live().connect_timeout_seconds);
-    let connecting = async {
+    // One deadline for connecting, negotiating TLS and logging in.
+    let deadline = std::time::Instant::now() + timeout;
+    let timed_out = || LoginError::Other(format!("timed out connecting to {addr}"));
+    let opening = async {
         let stream = TcpStream::connect(addr.as_str())
             .await
             .map_err(|e| LoginError::Other(format!("{addr}: {e}")))?;
         let _ = stream.set_nodelay(true);
-        let mut stream = stream;
+        // For SHOW SERVERS (servers.rs), read before TLS wraps the socket.
+        let addrs = (stream.peer_addr().ok(), stream.local_addr().ok());
+        crate::server_tls::open(cfg.server_tls.as_ref(), stream)
+            .await
+            .map(|o| (o, addrs))
+    };
+    let (opened, addrs) = crate::with_timeout(timeout, opening)
+        .await
+        .ok_or_else(timed_out)??;
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    // Two instances of what follows, each with its own relay loop: the plain one is the code
+    // that ran before TLS existed.
+    match opened {
+        Opened::Plain(stream) => start(core, pool, credential, stream, addrs, left, &addr).await,
+        Opened::Tls(stream) => start(core, pool, credential, *stream, addrs, left, &addr).await,
+    }
+}
+
+/// Logs in on `stream` within `timeout`, then starts the backend's writer and relay.
+async fn start<S: AsyncRead + AsyncWrite + Unpin + 'static>(
+    core: &Rc<Core>,
+    pool: &Rc<Pool>,
+    credential: &Credential,
+    mut stream: S,
+    addrs: (Option<std::net::SocketAddr>, Option<std::net::SocketAddr>),
+    timeout: Duration,
+    addr: &str,
+) -> Result<Rc<Backend>, LoginError> {
+    let cfg = &core.cfg;
+    let connecting = async {
         let mut logged = login::login(
             &mut stream,
             &pool.key.user,
@@ -194,13 +229,13 @@ pub async fn connect(
         let shown = crate::servers::register(
             &pool.key.user,
             &pool.key.database,
-            stream.peer_addr().ok(),
-            stream.local_addr().ok(),
+            addrs.0,
+            addrs.1,
             logged.pid,
         );
-        Ok::<_, LoginError>((stream, logged, login, shown))
+        Ok::<_, LoginError>((logged, login, shown))
     };
-    let (stream, logged, login, shown) = crate::with_timeout(timeout, connecting)
+    let (logged, login, shown) = crate::with_timeout(timeout, connecting)
         .await
         .ok_or_else(|| LoginError::Other(format!("timed out connecting to {addr}")))??;
     let (login, server) = if login.is_empty() {
@@ -249,7 +284,12 @@ pub async fn connect(
     Ok(b)
 }
 
-async fn relay(core: Rc<Core>, b: Rc<Backend>, mut stream: RcStream<TcpStream>, leftover: Vec<u8>) {
+async fn relay<S: AsyncRead + Unpin>(
+    core: Rc<Core>,
+    b: Rc<Backend>,
+    mut stream: RcStream<S>,
+    leftover: Vec<u8>,
+) {
     let max = core.cfg.max_message_size;
     let mut reader = MessageReader::new(8192);
     reader.push_bytes(&leftover);

@@ -4,6 +4,7 @@
 //! the query running on that session's backend, and nothing else.
 
 use crate::core::{Core, CoreMsg};
+use crate::server_tls::Opened;
 use glommio::channels::channel_mesh::Receivers;
 use glommio::net::TcpStream;
 use std::rc::Rc;
@@ -57,9 +58,17 @@ pub fn backend(core: &Rc<Core>, b: &crate::backend::Backend) {
     let addr = format!("{}:{}", core.cfg.pg_host, core.cfg.pg_port);
     let (bpid, bsecret) = (b.pid, b.secret);
     tracing::debug!(backend = b.id, "cancelling the running query");
+    // Over TLS too when backends use it: the key in a CancelRequest lets whoever reads it
+    // cancel that backend's queries.
+    let tls = core.cfg.server_tls.clone();
     glommio::spawn_local(async move {
-        if let Ok(mut stream) = TcpStream::connect(addr.as_str()).await {
-            crate::login::cancel(&mut stream, bpid, bsecret).await;
+        let Ok(stream) = TcpStream::connect(addr.as_str()).await else {
+            return;
+        };
+        match crate::server_tls::open(tls.as_ref(), stream).await {
+            Ok(Opened::Plain(mut s)) => crate::login::cancel(&mut s, bpid, bsecret).await,
+            Ok(Opened::Tls(mut s)) => crate::login::cancel(&mut *s, bpid, bsecret).await,
+            Err(e) => tracing::warn!(error = ?e, "cancel request not sent"),
         }
     })
     .detach();

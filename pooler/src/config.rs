@@ -137,6 +137,13 @@ pub struct Args {
     /// the pooler proves it back. Required. The secret itself is never a flag.
     #[arg(long)]
     pub link_secret_file: Option<PathBuf>,
+    /// TLS on backend connections to Postgres: disable (default), prefer, require or
+    /// verify-full (see server_tls.rs).
+    #[arg(long)]
+    pub server_tls_sslmode: Option<String>,
+    /// PEM file of the CA(s) Postgres's certificate must chain to (verify-full).
+    #[arg(long)]
+    pub server_tls_ca_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -179,6 +186,8 @@ struct File {
     log_level: Option<String>,
     link_secret_file: Option<PathBuf>,
     metrics_listen: Option<String>,
+    server_tls_sslmode: Option<String>,
+    server_tls_ca_file: Option<PathBuf>,
 }
 
 /// What the node agent needs (see config/pooler.toml, "Node agent").
@@ -235,6 +244,8 @@ pub struct Config {
     pub agent: AgentConfig,
     /// Prometheus endpoint address; `None`: off.
     pub metrics_listen: Option<String>,
+    /// TLS towards Postgres (`server_tls_sslmode`); `None`: disable.
+    pub server_tls: Option<crate::server_tls::ServerTls>,
 }
 
 impl Config {
@@ -319,7 +330,23 @@ impl Config {
         )?;
         let link_key = shared::link::LinkKey::load(&link_secret_file)
             .map_err(|e| format!("link secret: {e}"))?;
+        let pg_host = args
+            .pg_host
+            .or(file.pg_host)
+            .unwrap_or_else(|| "127.0.0.1".into());
+        let server_tls = crate::server_tls::ServerTls::new(
+            args.server_tls_sslmode
+                .or(file.server_tls_sslmode)
+                .as_deref()
+                .unwrap_or("disable")
+                .parse()?,
+            args.server_tls_ca_file
+                .or(file.server_tls_ca_file)
+                .as_deref(),
+            &pg_host,
+        )?;
         let c = Config {
+            server_tls,
             link_key,
             agent,
             spin_before_park_us: args
@@ -331,10 +358,7 @@ impl Config {
                 .or(file.listen)
                 .unwrap_or_else(|| "127.0.0.1:15433".into()),
             cores,
-            pg_host: args
-                .pg_host
-                .or(file.pg_host)
-                .unwrap_or_else(|| "127.0.0.1".into()),
+            pg_host,
             pg_port: args.pg_port.or(file.pg_port).unwrap_or(5432),
             admin_socket_dir: args
                 .admin_socket_dir
@@ -472,6 +496,7 @@ impl Config {
             ),
             ("cores", s(&self.cores), s(&new.cores)),
             ("pg_host", s(&self.pg_host), s(&new.pg_host)),
+            ("server_tls", s(&self.server_tls), s(&new.server_tls)),
             ("pg_port", s(&self.pg_port), s(&new.pg_port)),
             (
                 "admin_socket_dir",

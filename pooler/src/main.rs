@@ -19,6 +19,7 @@ mod pools_report;
 mod readback;
 mod responses;
 mod server_end;
+mod server_tls;
 mod servers;
 mod session;
 mod sql_names;

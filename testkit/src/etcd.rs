@@ -11,8 +11,10 @@ use crate::ports::free_port;
 
 pub struct Etcd {
     child: Child,
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (`https://` with TLS)
     pub url: String,
+    /// With TLS: the CA of the server's certificate (for etcdctl).
+    ca: Option<PathBuf>,
     port: u16,
     pub log: PathBuf,
     dir: PathBuf,
@@ -21,6 +23,22 @@ pub struct Etcd {
 impl Etcd {
     /// Starts etcd and waits (bounded) until it answers `/health`.
     pub fn start() -> Etcd {
+        Etcd::start_with(None)
+    }
+
+    /// Starts etcd serving clients over TLS only (`cert` and `key` for 127.0.0.1, issued by
+    /// `ca`), with simple auth tokens that lapse after one idle second (`--auth-token-ttl=1`),
+    /// and waits until `etcdctl endpoint health` says it is healthy. Auth is not enabled:
+    /// [`Etcd::etcdctl`] does that as a test wants it.
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path, ca: &std::path::Path) -> Etcd {
+        Etcd::start_with(Some((
+            cert.to_path_buf(),
+            key.to_path_buf(),
+            ca.to_path_buf(),
+        )))
+    }
+
+    fn start_with(tls: Option<(PathBuf, PathBuf, PathBuf)>) -> Etcd {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
@@ -28,11 +46,19 @@ impl Etcd {
         let dir = std::env::temp_dir().join(format!("tp-etcd-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("etcd dir");
         let (client, peer) = (free_port(), free_port());
-        let url = format!("http://127.0.0.1:{client}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let log = dir.join("etcd.log");
         let log_file = std::fs::File::create(&log).expect("etcd log file");
-        let child = Command::new("etcd")
+        let mut cmd = Command::new("etcd");
+        if let Some((cert, key, _)) = &tls {
+            cmd.arg(format!("--cert-file={}", cert.display()))
+                .arg(format!("--key-file={}", key.display()))
+                .arg("--auth-token=simple")
+                .arg("--auth-token-ttl=1");
+        }
+        let child = cmd
             .arg("--name=t")
             .arg(format!("--data-dir={}", dir.join("data").display()))
             .arg(format!("--listen-client-urls={url}"))
@@ -50,6 +76,7 @@ impl Etcd {
         let mut etcd = Etcd {
             child,
             url,
+            ca: tls.map(|(_, _, ca)| ca),
             port: client,
             log,
             dir,
@@ -58,7 +85,38 @@ impl Etcd {
         etcd
     }
 
+    /// `etcdctl` (v3 API) against this etcd, with the CA under TLS; its output, or a panic
+    /// with it when it fails.
+    pub fn etcdctl(&self, args: &[&str]) -> String {
+        let out = self.etcdctl_output(args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "etcdctl {args:?}: {text}");
+        text
+    }
+
+    fn etcdctl_output(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = Command::new("etcdctl");
+        cmd.env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.url))
+            .arg("--dial-timeout=2s")
+            .arg("--command-timeout=5s");
+        if let Some(ca) = &self.ca {
+            cmd.arg(format!("--cacert={}", ca.display()));
+        }
+        cmd.args(args).output().expect("run etcdctl")
+    }
+
     fn healthy(&self) -> bool {
+        if self.ca.is_some() {
+            return self
+                .etcdctl_output(&["endpoint", "health"])
+                .status
+                .success();
+        }
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
         };

@@ -124,6 +124,7 @@ pub fn run(global: &GlobalArgs, args: &NodeAddArgs) -> Result<bool> {
         node.pooler,
         &node.pooler_log,
         None,
+        layout,
         timeout,
     )?;
     let name = node.name.clone();
@@ -215,6 +216,7 @@ pub(crate) fn start_control(
         control.address,
         &control.log,
         None,
+        layout,
         timeout,
     )?;
     state.set_process(ProcessRecord { pid, ..control });

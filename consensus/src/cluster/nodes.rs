@@ -10,7 +10,8 @@
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::backup::Backups;
@@ -188,7 +189,7 @@ pub fn agent_args(
         ("--agent-listen", node.agent.to_string().into()),
         ("--pg-data", node.data_dir.clone().into()),
         ("--pg-bin-dir", settings.pg_bin_dir.clone().into()),
-        ("--state-dir", node.state_dir.clone().into()),
+        ("--state-dir", node.agent_dir().into()),
         ("--pg-log", node.postgres_log.clone().into()),
     ];
     let mut args = Vec::new();
@@ -257,6 +258,68 @@ pub fn ensure_standby(
     }
 }
 
+/// The pledge file of a node agent (the pooler's `agent::term::FILE_NAME`).
+pub const PLEDGE_FILE: &str = "tidepool-node.json";
+
+/// Makes `dir`, a node agent's state directory ([`NodeRecord::agent_dir`]), ready for a pooler
+/// about to start as `account` (the caller when `None`): created mode 700, it and what is in
+/// it owned by that account. A pledge that a pooler of an earlier version kept in the node
+/// directory above it is moved in first: a node that forgot a term it pledged to could pledge
+/// twice to one term. Called only while no pooler of the node runs (one that does would keep
+/// writing the old file).
+pub fn prepare_agent_dir(dir: &Path, account: Option<&crate::privilege::Account>) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(Error::io(format!("chmod {}", dir.display())))?;
+    let pledge = dir.join(PLEDGE_FILE);
+    if let Some(parent) = dir.parent() {
+        let old = parent.join(PLEDGE_FILE);
+        if old.exists() {
+            if pledge.exists() {
+                return Err(Error::Conflict(format!(
+                    "two pledge files, {} and {}: an older pooler ran after this one; keep the \
+                     one with the higher term in {} and remove the other",
+                    old.display(),
+                    pledge.display(),
+                    dir.display()
+                )));
+            }
+            std::fs::rename(&old, &pledge).map_err(Error::io(format!(
+                "moving {} into {}",
+                old.display(),
+                dir.display()
+            )))?;
+            for d in [dir, parent] {
+                std::fs::File::open(d)
+                    .and_then(|f| f.sync_all())
+                    .map_err(Error::io(format!("syncing {}", d.display())))?;
+            }
+            eprintln!(
+                "moved the pledge of {} into {}",
+                parent.display(),
+                dir.display()
+            );
+        }
+    }
+    if let Some(a) = account {
+        let chown = |p: &Path| {
+            std::os::unix::fs::chown(p, Some(a.uid), Some(a.gid)).map_err(Error::io(format!(
+                "chown {} {}",
+                a.name,
+                p.display()
+            )))
+        };
+        chown(dir)?;
+        let entries =
+            std::fs::read_dir(dir).map_err(Error::io(format!("reading {}", dir.display())))?;
+        for e in entries {
+            let e = e.map_err(Error::io(format!("reading {}", dir.display())))?;
+            chown(&e.path())?;
+        }
+    }
+    Ok(())
+}
+
 pub fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
@@ -305,6 +368,31 @@ mod tests {
             pooler_list(&n),
             "127.0.0.1:15433,127.0.0.1:15435,127.0.0.1:15437"
         );
+    }
+
+    #[test]
+    fn an_older_pledge_moves_into_the_agent_directory_once() {
+        let node = std::env::temp_dir().join(format!("tp-agent-dir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&node);
+        std::fs::create_dir_all(&node).unwrap();
+        let old = node.join(PLEDGE_FILE);
+        std::fs::write(&old, r#"{"term":7,"primary_term":5,"recruited":false}"#).unwrap();
+        let agent = node.join("agent");
+        prepare_agent_dir(&agent, None).unwrap();
+        assert!(!old.exists());
+        assert!(std::fs::read_to_string(agent.join(PLEDGE_FILE))
+            .unwrap()
+            .contains(r#""term":7"#));
+        let mode = std::fs::metadata(&agent).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        // Again: nothing to move, nothing changes.
+        prepare_agent_dir(&agent, None).unwrap();
+        assert!(agent.join(PLEDGE_FILE).exists());
+        // An older pooler wrote the old file again: which term is right is not guessed.
+        std::fs::write(&old, r#"{"term":8,"primary_term":0,"recruited":true}"#).unwrap();
+        let e = prepare_agent_dir(&agent, None).unwrap_err().to_string();
+        assert!(e.contains("two pledge files"), "{e}");
+        let _ = std::fs::remove_dir_all(&node);
     }
 
     #[test]

@@ -19,9 +19,7 @@ use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::password;
 use crate::postgres::{Postgres, OS_USER};
-use crate::process::{
-    accepts, liveness, spawn_detached, spawn_detached_as, terminate, wait_ready, Liveness,
-};
+use crate::process::{accepts, liveness, spawn_detached_as, terminate, wait_ready, Liveness};
 use crate::state::{PostgresRecord, ProcessRecord, Role, State, FORMAT_VERSION};
 
 pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
@@ -221,6 +219,7 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
                     .iter()
                     .find(|n| n.name == node.name)
                     .map(|n| n.pooler_pid),
+                layout,
                 timeout,
             )?;
             state.nodes = merge_nodes(&state.nodes, node);
@@ -265,6 +264,7 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
             address,
             &layout.log(Role::Control.name()),
             known,
+            layout,
             timeout,
         )?;
         state.set_process(ProcessRecord {
@@ -357,18 +357,8 @@ pub(crate) fn ensure_tier(
         }
     }
     ensure_port_free(role, addr)?;
-    // Not as root (crate::privilege): the process gets its own copy of the link secret.
-    let account = crate::privilege::account_for(role, state.settings.standbys > 0)?;
     let mut args = args.to_vec();
-    if let Some(a) = &account {
-        let copy = crate::privilege::key_copy(
-            &layout.link_key_file(),
-            &layout.keys_dir(),
-            &format!("link.{name}.key"),
-            Some(a),
-        )?;
-        set_flag(&mut args, "--link-secret-file", copy.display().to_string());
-    }
+    let account = prepare_start(role, layout, &mut args)?;
     match &account {
         Some(a) => eprintln!("starting {name} on {addr} (as OS user {})", a.name),
         None => eprintln!("starting {name} on {addr}"),
@@ -468,6 +458,45 @@ fn merge_nodes(
 /// Starts a process not tracked as a [`Role`] tier (a standby's pooler, the control process)
 /// unless `known` is its live pid; waits until it accepts on `addr` (port 0: only that it
 /// keeps running for a moment). Returns its pid.
+/// Before `role` starts: the OS account it runs as (`crate::privilege`; `None`: as the
+/// caller) and, when that is not the caller, `args` pointed at the account's own copies of the
+/// secrets they name (`DIR/keys/link.pooler.key`, `agent.pooler.key`); a node agent's state
+/// directory (`--state-dir`) made ready for it.
+fn prepare_start(
+    role: Role,
+    layout: &Layout,
+    args: &mut Vec<OsString>,
+) -> Result<Option<crate::privilege::Account>> {
+    let account = crate::privilege::account_for(role)?;
+    if let Some(a) = &account {
+        for (flag, master, kind) in [
+            ("--link-secret-file", layout.link_key_file(), "link"),
+            ("--agent-secret-file", layout.agent_key_file(), "agent"),
+        ] {
+            if flag_value(args, flag).is_some() {
+                let copy = crate::privilege::key_copy(
+                    &master,
+                    &layout.keys_dir(),
+                    &format!("{kind}.{}.key", role.name()),
+                    Some(a),
+                )?;
+                set_flag(args, flag, copy.display().to_string());
+            }
+        }
+    }
+    if let Some(dir) = flag_value(args, "--state-dir") {
+        nodes::prepare_agent_dir(Path::new(&dir), account.as_ref())?;
+    }
+    Ok(account)
+}
+
+/// The value following `flag` in `args`.
+fn flag_value(args: &[OsString], flag: &str) -> Option<OsString> {
+    let i = args.iter().position(|a| a == flag)?;
+    args.get(i + 1).cloned()
+}
+
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn ensure_process(
     role: Role,
     bin: &Path,
@@ -475,6 +504,7 @@ pub(crate) fn ensure_process(
     addr: SocketAddr,
     log: &Path,
     known: Option<u32>,
+    layout: &Layout,
     timeout: Duration,
 ) -> Result<u32> {
     let name = role.name();
@@ -485,15 +515,21 @@ pub(crate) fn ensure_process(
     if addr.port() != 0 {
         ensure_port_free(role, addr)?;
     }
+    let mut args = args.to_vec();
+    let account = prepare_start(role, layout, &mut args)?;
     eprintln!(
-        "starting {name} {}",
+        "starting {name} {}{}",
         if addr.port() != 0 {
             addr.to_string()
         } else {
             String::new()
+        },
+        match &account {
+            Some(a) => format!(" (as OS user {})", a.name),
+            None => String::new(),
         }
     );
-    let mut child = spawn_detached(bin, args, log)?;
+    let mut child = spawn_detached_as(bin, &args, log, account.as_ref())?;
     let ready = if addr.port() != 0 {
         wait_ready(name, &mut child, addr, timeout, log)
     } else {

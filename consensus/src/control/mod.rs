@@ -714,6 +714,7 @@ fn absolute_config(global: &GlobalArgs) -> Result<Option<PathBuf>> {
 pub fn store_for(dir: &std::path::Path, settings: &ClusterSettings) -> Result<Store> {
     match settings.etcd.as_deref().filter(|e| !e.is_empty()) {
         Some(urls) => EtcdStore::new(urls, &settings.cluster_name, Duration::from_secs(2))
+            .and_then(|s| s.with_access(&settings.etcd_access))
             .map(Store::Etcd)
             .map_err(|e| Error::Conflict(format!("--etcd: {e}"))),
         None => Ok(Store::File(FileStore::new(dir.join("topology.json")))),

@@ -12,18 +12,30 @@
 //!   lease it keeps alive while the backup runs: one backup at a time across machines.
 //!
 //! We speak etcd's JSON gateway (`POST /v3/kv/range`, `/v3/kv/txn`, `/v3/lease/...`, the
-//! same v3 API as gRPC, bytes in base64, 64-bit numbers as strings) over plain HTTP/1.1:
-//! one small request per call, no code generation and no gRPC stack to build (see
-//! docs/decisions/2026-11-21-durability-policy.md). Every call is bounded by the store's
-//! timeout, so an etcd that is down or stuck turns into an error, never a hang.
+//! same v3 API as gRPC, bytes in base64, 64-bit numbers as strings) over HTTP/1.1: one small
+//! request per call, no code generation and no gRPC stack to build (see
+//! docs/decisions/2026-11-21-durability-policy.md and 2026-12-07-etcd-client.md). Every call
+//! is bounded by the store's timeout, so an etcd that is down or stuck turns into an error,
+//! never a hang.
+//!
+//! Access (`[etcd_access]`): `https://` endpoints are reached over TLS (rustls), their
+//! certificate checked against `ca_file` and the endpoint's host; with `user`, the store
+//! authenticates (`/v3/auth/authenticate`, the password read from `password_file`) and sends the
+//! token it gets in the `Authorization` header of every call, authenticating again once when
+//! etcd says the token is no longer valid (simple tokens expire).
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::rustls;
+use tokio_rustls::TlsConnector;
+
+use crate::config::EtcdAccess;
 
 use super::{Leadership, StoreError, Topology, Version};
 
@@ -33,11 +45,48 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Answers larger than this are refused (a topology is a few KiB).
 const MAX_RESPONSE: usize = 16 << 20;
 
+/// One etcd endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Endpoint {
+    /// `host:port`.
+    hostport: String,
+    /// `https://`.
+    tls: bool,
+}
+
+impl Endpoint {
+    /// The host part, for the TLS server name (an IPv6 address without its brackets).
+    fn host(&self) -> &str {
+        let host = self
+            .hostport
+            .rsplit_once(':')
+            .map_or(self.hostport.as_str(), |(h, _)| h);
+        host.trim_start_matches('[').trim_end_matches(']')
+    }
+}
+
+/// An etcd user and its password, and the token etcd gave for them.
+struct Auth {
+    user: String,
+    password: String,
+    token: Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password or the token.
+        f.debug_struct("Auth").field("user", &self.user).finish()
+    }
+}
+
 /// The topology in etcd (see the module documentation).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EtcdStore {
-    /// `host:port` of each endpoint, tried in order.
-    endpoints: Vec<String>,
+    /// Each endpoint, tried in order.
+    endpoints: Vec<Endpoint>,
+    /// For `https://` endpoints (`ca_file`).
+    tls: Option<TlsConnector>,
+    auth: Option<Arc<Auth>>,
     topology_key: String,
     leader_key: String,
     /// The one-backup-at-a-time lock (`tidepool backup create` on any machine).
@@ -45,27 +94,40 @@ pub struct EtcdStore {
     timeout: Duration,
 }
 
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.endpoints)
+            .field("tls", &self.tls.is_some())
+            .field("auth", &self.auth)
+            .field("topology_key", &self.topology_key)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
 impl EtcdStore {
-    /// A store for `cluster` at `urls` (comma-separated, `http://host:port` or `host:port`),
-    /// each call bounded by `timeout`. Nothing is contacted yet.
+    /// A store for `cluster` at `urls` (comma-separated, `http://host:port`, `https://host:port`
+    /// or `host:port`), each call bounded by `timeout`, with no TLS configuration and no
+    /// authentication (see [`EtcdStore::with_access`]). Nothing is contacted yet.
     pub fn new(urls: &str, cluster: &str, timeout: Duration) -> Result<EtcdStore, StoreError> {
         let mut endpoints = Vec::new();
         for url in urls.split(',').map(str::trim).filter(|u| !u.is_empty()) {
-            if url.starts_with("https://") {
-                return Err(StoreError::Etcd {
-                    endpoint: url.to_string(),
-                    message: "TLS to etcd is not supported yet: use an http:// endpoint".into(),
-                });
-            }
-            let hostport = url.strip_prefix("http://").unwrap_or(url);
-            let hostport = hostport.trim_end_matches('/');
+            let (tls, rest) = match url.strip_prefix("https://") {
+                Some(rest) => (true, rest),
+                None => (false, url.strip_prefix("http://").unwrap_or(url)),
+            };
+            let hostport = rest.trim_end_matches('/');
             if hostport.is_empty() || hostport.contains('/') || !hostport.contains(':') {
                 return Err(StoreError::Etcd {
                     endpoint: url.to_string(),
-                    message: "expected http://HOST:PORT".into(),
+                    message: "expected http://HOST:PORT or https://HOST:PORT".into(),
                 });
             }
-            endpoints.push(hostport.to_string());
+            endpoints.push(Endpoint {
+                hostport: hostport.to_string(),
+                tls,
+            });
         }
         if endpoints.is_empty() {
             return Err(StoreError::Etcd {
@@ -75,6 +137,8 @@ impl EtcdStore {
         }
         Ok(EtcdStore {
             endpoints,
+            tls: None,
+            auth: None,
             topology_key: format!("/tidepool/{cluster}/topology"),
             leader_key: format!("/tidepool/{cluster}/leader"),
             backup_lock_key: format!("/tidepool/{cluster}/backup-lock"),
@@ -82,11 +146,112 @@ impl EtcdStore {
         })
     }
 
-    /// One call to the first endpoint that answers, bounded by the timeout as a whole.
+    /// The store with `access`: the CA for `https://` endpoints (required by them) and the
+    /// user to authenticate as. Reads the files now: a missing or unreadable one is an error
+    /// here, not at the first call.
+    pub fn with_access(mut self, access: &EtcdAccess) -> Result<EtcdStore, StoreError> {
+        let names = self.names();
+        let fail = |message: String| StoreError::Etcd {
+            endpoint: names.clone(),
+            message,
+        };
+        match &access.ca_file {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                let file = std::fs::File::open(ca)
+                    .map_err(|e| fail(format!("etcd CA file {}: {e}", ca.display())))?;
+                for cert in rustls_pemfile::certs(&mut std::io::BufReader::new(file)) {
+                    let cert =
+                        cert.map_err(|e| fail(format!("etcd CA file {}: {e}", ca.display())))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| fail(format!("etcd CA file {}: {e}", ca.display())))?;
+                }
+                if roots.is_empty() {
+                    return Err(fail(format!(
+                        "etcd CA file {}: no certificate found",
+                        ca.display()
+                    )));
+                }
+                let provider = Arc::new(rustls::crypto::ring::default_provider());
+                let config = rustls::ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| fail(e.to_string()))?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                self.tls = Some(TlsConnector::from(Arc::new(config)));
+            }
+            None if self.endpoints.iter().any(|e| e.tls) => {
+                return Err(fail(
+                    "an https:// endpoint needs the CA that issued its certificate \
+                     (--etcd-ca-file, [etcd_access] ca_file)"
+                        .into(),
+                ))
+            }
+            None => {}
+        }
+        match (&access.user, &access.password_file) {
+            (Some(user), Some(file)) => {
+                use std::os::unix::fs::PermissionsExt;
+                let meta = std::fs::metadata(file)
+                    .map_err(|e| fail(format!("etcd password file {}: {e}", file.display())))?;
+                if meta.permissions().mode() & 0o077 != 0 {
+                    return Err(fail(format!(
+                        "etcd password file {}: mode {:o} lets others read it (chmod 600)",
+                        file.display(),
+                        meta.permissions().mode() & 0o777
+                    )));
+                }
+                let password = std::fs::read_to_string(file)
+                    .map_err(|e| fail(format!("etcd password file {}: {e}", file.display())))?;
+                self.auth = Some(Arc::new(Auth {
+                    user: user.clone(),
+                    password: password.trim_end_matches(['\r', '\n']).to_string(),
+                    token: Mutex::new(None),
+                }));
+            }
+            (Some(_), None) => {
+                return Err(fail(
+                    "an etcd user needs its password file (--etcd-password-file)".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(fail(
+                    "an etcd password file without a user (--etcd-user)".into(),
+                ))
+            }
+            (None, None) => {}
+        }
+        Ok(self)
+    }
+
+    fn names(&self) -> String {
+        self.endpoints
+            .iter()
+            .map(|e| e.hostport.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// One call to the first endpoint that answers, bounded by the timeout as a whole
+    /// (authentication included).
     async fn call(&self, path: &str, body: Value) -> Result<Value, StoreError> {
         let body = body.to_string();
-        let what = format!("etcd {} {path}", self.endpoints.join(","));
-        match tokio::time::timeout(self.timeout, self.call_any(path, &body)).await {
+        let what = format!("etcd {} {path}", self.names());
+        let calling = async {
+            let token = self.token(false).await?;
+            match self.call_any(path, &body, token.as_deref()).await {
+                // Simple tokens expire (etcd's --auth-token-ttl): once more with a new one.
+                Err(StoreError::Etcd { message, .. })
+                    if self.auth.is_some() && message.contains("invalid auth token") =>
+                {
+                    let token = self.token(true).await?;
+                    self.call_any(path, &body, token.as_deref()).await
+                }
+                r => r,
+            }
+        };
+        match tokio::time::timeout(self.timeout, calling).await {
             Ok(r) => r,
             Err(_) => Err(StoreError::Timeout {
                 what,
@@ -95,22 +260,60 @@ impl EtcdStore {
         }
     }
 
-    async fn call_any(&self, path: &str, body: &str) -> Result<Value, StoreError> {
+    /// The token to send (`None` without a user): the one held, or a new one when there is
+    /// none or `fresh`.
+    async fn token(&self, fresh: bool) -> Result<Option<String>, StoreError> {
+        let Some(auth) = &self.auth else {
+            return Ok(None);
+        };
+        if !fresh {
+            if let Some(t) = auth.token.lock().ok().and_then(|t| t.clone()) {
+                return Ok(Some(t));
+            }
+        }
+        let body = json!({"name": auth.user, "password": auth.password}).to_string();
+        let answer = self
+            .call_any("/v3/auth/authenticate", &body, None)
+            .await
+            .map_err(|e| match e {
+                StoreError::Etcd { endpoint, message } => StoreError::Etcd {
+                    endpoint,
+                    message: format!("authenticating as {:?}: {message}", auth.user),
+                },
+                e => e,
+            })?;
+        let token = answer
+            .get("token")
+            .and_then(Value::as_str)
+            .ok_or_else(|| self.etcd_error("authenticate: no token in the answer"))?
+            .to_string();
+        if let Ok(mut held) = auth.token.lock() {
+            *held = Some(token.clone());
+        }
+        Ok(Some(token))
+    }
+
+    async fn call_any(
+        &self,
+        path: &str,
+        body: &str,
+        token: Option<&str>,
+    ) -> Result<Value, StoreError> {
         let mut last = None;
         for endpoint in &self.endpoints {
-            match post(endpoint, path, body).await {
+            match self.post(endpoint, path, body, token).await {
                 Ok(v) => return Ok(v),
                 // Unreachable: try the next endpoint. An error answer is final.
                 Err(Failure::Unreachable(message)) => {
-                    tracing::debug!(%endpoint, %message, "etcd endpoint unreachable");
+                    tracing::debug!(endpoint = %endpoint.hostport, %message, "etcd endpoint unreachable");
                     last = Some(StoreError::Etcd {
-                        endpoint: endpoint.clone(),
+                        endpoint: endpoint.hostport.clone(),
                         message,
                     });
                 }
                 Err(Failure::Answer(message)) => {
                     return Err(StoreError::Etcd {
-                        endpoint: endpoint.clone(),
+                        endpoint: endpoint.hostport.clone(),
                         message,
                     })
                 }
@@ -124,7 +327,7 @@ impl EtcdStore {
 
     fn etcd_error(&self, message: impl Into<String>) -> StoreError {
         StoreError::Etcd {
-            endpoint: self.endpoints.join(","),
+            endpoint: self.names(),
             message: message.into(),
         }
     }
@@ -382,16 +585,52 @@ enum Failure {
     Answer(String),
 }
 
-/// One HTTP/1.1 POST with a JSON body; the connection closes after the answer.
-async fn post(endpoint: &str, path: &str, body: &str) -> Result<Value, Failure> {
-    let mut stream = TcpStream::connect(endpoint)
-        .await
-        .map_err(|e| Failure::Unreachable(format!("connecting: {e}")))?;
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: {endpoint}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
+impl EtcdStore {
+    /// One HTTP/1.1 POST with a JSON body to `endpoint` (over TLS for `https://`); the
+    /// connection closes after the answer.
+    async fn post(
+        &self,
+        endpoint: &Endpoint,
+        path: &str,
+        body: &str,
+        token: Option<&str>,
+    ) -> Result<Value, Failure> {
+        let stream = TcpStream::connect(&endpoint.hostport)
+            .await
+            .map_err(|e| Failure::Unreachable(format!("connecting: {e}")))?;
+        let auth = token
+            .map(|t| format!("Authorization: {t}\r\n"))
+            .unwrap_or_default();
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+             {auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            endpoint.hostport,
+            body.len()
+        );
+        let raw = if endpoint.tls {
+            let connector = self
+                .tls
+                .as_ref()
+                .ok_or_else(|| Failure::Answer("no CA for an https:// endpoint".into()))?;
+            let name = rustls::pki_types::ServerName::try_from(endpoint.host().to_string())
+                .map_err(|e| Failure::Answer(format!("TLS server name: {e}")))?;
+            let tls = connector
+                .connect(name, stream)
+                .await
+                .map_err(|e| Failure::Unreachable(format!("TLS handshake: {e}")))?;
+            exchange(tls, &request).await?
+        } else {
+            exchange(stream, &request).await?
+        };
+        answer(&raw)
+    }
+}
+
+/// Sends `request` and reads the whole answer, up to the server's close.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    request: &str,
+) -> Result<Vec<u8>, Failure> {
     stream
         .write_all(request.as_bytes())
         .await
@@ -399,10 +638,12 @@ async fn post(endpoint: &str, path: &str, body: &str) -> Result<Value, Failure> 
     let mut raw = Vec::new();
     let mut buf = [0u8; 8192];
     loop {
-        let n = stream
-            .read(&mut buf)
-            .await
-            .map_err(|e| Failure::Unreachable(format!("reading: {e}")))?;
+        let n = match stream.read(&mut buf).await {
+            Ok(n) => n,
+            // etcd closes TLS connections without close_notify after `Connection: close`.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => 0,
+            Err(e) => return Err(Failure::Unreachable(format!("reading: {e}"))),
+        };
         if n == 0 {
             break;
         }
@@ -411,7 +652,12 @@ async fn post(endpoint: &str, path: &str, body: &str) -> Result<Value, Failure> 
             return Err(Failure::Answer("answer too large".into()));
         }
     }
-    let (status, body) = parse_response(&raw).map_err(Failure::Answer)?;
+    Ok(raw)
+}
+
+/// The JSON of a whole HTTP answer, or etcd's error in it.
+fn answer(raw: &[u8]) -> Result<Value, Failure> {
+    let (status, body) = parse_response(raw).map_err(Failure::Answer)?;
     // A streaming call (keep-alive) may carry several JSON lines: the first one counts.
     let first = body
         .split(|&b| b == b'\n')
@@ -500,11 +746,31 @@ mod tests {
             DEFAULT_TIMEOUT,
         )
         .unwrap();
-        assert_eq!(s.endpoints, vec!["127.0.0.1:2379", "localhost:2380"]);
+        assert_eq!(s.names(), "127.0.0.1:2379,localhost:2380");
+        assert!(s.endpoints.iter().all(|e| !e.tls));
         assert_eq!(s.topology_key, "/tidepool/c/topology");
-        for bad in ["", "https://h:1", "http://h", "http://h:1/x"] {
+        for bad in ["", "http://h", "http://h:1/x", "https://h"] {
             assert!(EtcdStore::new(bad, "c", DEFAULT_TIMEOUT).is_err(), "{bad}");
         }
+        let s = EtcdStore::new(
+            "https://[::1]:2379,https://etcd.local:2379",
+            "c",
+            DEFAULT_TIMEOUT,
+        )
+        .unwrap();
+        assert_eq!(s.endpoints[0].host(), "::1");
+        assert_eq!(s.endpoints[1].host(), "etcd.local");
+        // https needs a CA; a user needs a password file.
+        let e = s.clone().with_access(&EtcdAccess::default()).unwrap_err();
+        assert!(e.to_string().contains("needs the CA"), "{e}");
+        let e = EtcdStore::new("http://h:1", "c", DEFAULT_TIMEOUT)
+            .unwrap()
+            .with_access(&EtcdAccess {
+                user: Some("root".into()),
+                ..EtcdAccess::default()
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("password file"), "{e}");
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub struct Node {
     pub pooler: SocketAddr,
     pub data_dir: PathBuf,
     pub socket_dir: PathBuf,
+    /// Where its agent keeps its pledge.
+    pub agent_dir: PathBuf,
     pub pg_port: u16,
     pub pooler_pid: u32,
 }
@@ -146,6 +148,7 @@ impl HaCluster {
                     .expect("pooler addr"),
                 data_dir: n["data_dir"].as_str().unwrap_or_default().into(),
                 socket_dir: n["socket_dir"].as_str().unwrap_or_default().into(),
+                agent_dir: PathBuf::from(n["state_dir"].as_str().unwrap_or_default()).join("agent"),
                 pg_port: n["pg_port"].as_u64().unwrap_or_default() as u16,
                 pooler_pid: n["pooler_pid"].as_u64().unwrap_or_default() as u32,
             })
@@ -344,6 +347,35 @@ impl Drop for HaCluster {
             eprintln!("kept {}", self.dir.display());
         }
     }
+}
+
+/// uid and gid of an OS user (from `id`).
+pub fn os_user(name: &str) -> (u32, u32) {
+    let id = |flag: &str| {
+        let out = Command::new("id").args([flag, name]).output().unwrap();
+        assert!(out.status.success(), "no OS user {name}");
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    };
+    (id("-u"), id("-g"))
+}
+
+/// A line of `/proc/PID/status` (`Uid:`, `Gid:`, `Groups:`) as numbers.
+pub fn proc_ids(pid: u32, field: &str) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .unwrap_or_else(|| panic!("no {field} in {status}"))
+        .split_whitespace()
+        .map(|v| v.parse::<u32>().unwrap())
+        .collect()
+}
+
+/// The command line of `pid`, arguments separated by spaces.
+pub fn cmdline(pid: u32) -> String {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    String::from_utf8_lossy(&raw).replace('\0', " ")
 }
 
 pub fn signal(pid: u32, sig: i32) {
