@@ -86,8 +86,6 @@ pub struct SessionIo {
     /// `link::REQUEST_WINDOW` or more (see `wait_window`). Both restart with each link.
     sent: Cell<u64>,
     taken: Cell<u64>,
-    /// Bytes written to the client not yet returned to the pooler as credit (`CREDIT_BATCH`).
-    pub credit_owed: Cell<usize>,
     window: Notify,
     /// The session's id, held for as long as anything holds the session.
     id: RefCell<Option<crate::core::SessionId>>,
@@ -133,7 +131,6 @@ impl SessionIo {
             scan: Cell::new(Scan::default()),
             sent: Cell::new(0),
             taken: Cell::new(0),
-            credit_owed: Cell::new(0),
             window: Notify::default(),
             id: RefCell::new(None),
         })

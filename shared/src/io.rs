@@ -139,14 +139,6 @@ pub struct OutQueue {
     drained: Notify,
     high_water: usize,
     keep_capacity: usize,
-    /// For a connection that is mostly idle (a gateway's client): no writer task waits on the
-    /// queue; this starts one when bytes arrive, and it ends when the queue is empty
-    /// ([`OutQueue::write_until_empty`]). `None`: a long-lived writer ([`OutQueue::run_writer`]).
-    starter: Cell<Option<Box<dyn Fn()>>>,
-    /// A writer started by `starter` is running.
-    writing: Cell<bool>,
-    /// `take_starter` was called: no writer starts any more.
-    retired: Cell<bool>,
 }
 
 impl OutQueue {
@@ -163,41 +155,6 @@ impl OutQueue {
             drained: Notify::default(),
             high_water,
             keep_capacity,
-            starter: Cell::new(None),
-            writing: Cell::new(false),
-            retired: Cell::new(false),
-        }
-    }
-
-    /// Writers are started on demand by `start` from now on (see `starter`).
-    pub fn set_starter(&self, start: Box<dyn Fn()>) {
-        self.starter.set(Some(start));
-        self.start_writer();
-    }
-
-    /// No writer starts any more; the starter (and what it holds) is dropped now, or, when
-    /// called by a writer running inside `start`, as soon as `start` returns.
-    pub fn retire_starter(&self) {
-        self.retired.set(true);
-        drop(self.starter.take());
-    }
-
-    fn start_writer(&self) {
-        if self.writing.get() || self.failed.get() || self.retired.get() {
-            return;
-        }
-        if self.buf.borrow().is_empty() && !self.closed.get() {
-            return;
-        }
-        // Out of its cell while it runs: glommio polls a task it spawns at once, so the writer
-        // may have run to its end (and retired the starter) before `start` returns.
-        let Some(start) = self.starter.take() else {
-            return;
-        };
-        self.writing.set(true);
-        start();
-        if !self.retired.get() {
-            self.starter.set(Some(start));
         }
     }
 
@@ -209,7 +166,6 @@ impl OutQueue {
         if was_empty && !b.is_empty() {
             drop(b);
             self.data.notify();
-            self.start_writer();
         }
     }
 
@@ -268,7 +224,6 @@ impl OutQueue {
     pub fn close(&self) {
         self.closed.set(true);
         self.data.notify();
-        self.start_writer();
     }
 
     /// Drains the queue into `w` until closed or a write fails.
@@ -279,45 +234,16 @@ impl OutQueue {
     /// As [`OutQueue::run_writer`], calling `written(n)` after each write of `n` bytes.
     pub async fn run_writer_with<W: AsyncWrite + Unpin>(
         &self,
-        w: W,
-        written: impl Fn(usize),
-    ) -> io::Result<()> {
-        self.write(w, written, false).await.map(|_| ())
-    }
-
-    /// The writer a `starter` runs: writes until the queue is empty, then ends, keeping no
-    /// buffer (an idle connection's queue holds no memory). `Ok(true)`: the queue was closed
-    /// and `w` with it, the connection's last bytes written.
-    pub async fn write_until_empty<W: AsyncWrite + Unpin>(
-        &self,
-        w: W,
-        written: impl Fn(usize),
-    ) -> io::Result<bool> {
-        let r = self.write(w, written, true).await;
-        self.writing.set(false);
-        if matches!(r, Ok(false)) {
-            *self.spare.borrow_mut() = Vec::new();
-            *self.buf.borrow_mut() = Vec::new();
-        }
-        r
-    }
-
-    async fn write<W: AsyncWrite + Unpin>(
-        &self,
         mut w: W,
         written: impl Fn(usize),
-        until_empty: bool,
-    ) -> io::Result<bool> {
+    ) -> io::Result<()> {
         let result = async {
             loop {
                 let n = self.data.notified();
                 if self.buf.borrow().is_empty() {
                     if self.closed.get() {
                         let _ = w.close().await;
-                        return Ok(true);
-                    }
-                    if until_empty {
-                        return Ok(false);
+                        return Ok(());
                     }
                     n.await;
                     continue;
@@ -580,69 +506,6 @@ mod tests {
             (n, r.data()),
             (3, &b"abc"[..]),
             "the next read allocates again"
-        );
-    }
-
-    #[test]
-    fn a_queue_with_a_starter_starts_a_writer_per_burst_and_keeps_no_buffer() {
-        let q = OutQueue::new(1024, 1024);
-        let starts = Rc::new(Cell::new(0));
-        let counted = starts.clone();
-        q.set_starter(Box::new(move || counted.set(counted.get() + 1)));
-        assert_eq!(starts.get(), 0, "nothing to write: no writer");
-        q.push(b"ab");
-        assert_eq!(starts.get(), 1);
-        q.push(b"cd");
-        assert_eq!(starts.get(), 1, "one writer for a burst");
-        let mut sink = Vec::new();
-        let write = |q: &OutQueue, sink: &mut Vec<u8>| {
-            futures_lite::future::block_on(q.write_until_empty(sink, |_| {})).unwrap()
-        };
-        assert!(!write(&q, &mut sink), "empty, not closed");
-        assert_eq!(sink, b"abcd");
-        assert_eq!(q.buf.borrow().capacity() + q.spare.borrow().capacity(), 0);
-        q.push(b"e");
-        assert_eq!(starts.get(), 2, "the next burst starts the next writer");
-        q.close();
-        assert_eq!(starts.get(), 2, "the running writer sees the close");
-        assert!(write(&q, &mut sink), "closed and written");
-        assert_eq!(sink, b"abcde");
-        q.retire_starter();
-        q.push(b"f");
-        assert_eq!(starts.get(), 2, "retired: no writer starts");
-    }
-
-    #[test]
-    fn a_writer_run_at_once_by_its_starter_may_retire_it() {
-        // glommio polls a task it spawns at once: the writer runs inside `start`.
-        struct OnDrop(Rc<Cell<bool>>);
-        impl Drop for OnDrop {
-            fn drop(&mut self) {
-                self.0.set(true);
-            }
-        }
-        let q = Rc::new(OutQueue::new(1024, 1024));
-        let sink = Rc::new(RefCell::new(Vec::new()));
-        let dropped = Rc::new(Cell::new(false));
-        let guard = OnDrop(dropped.clone());
-        let (weak, out) = (Rc::downgrade(&q), sink.clone());
-        q.set_starter(Box::new(move || {
-            let _ = &guard;
-            let q = weak.upgrade().unwrap();
-            let mut out = out.borrow_mut();
-            let w = futures_lite::future::block_on(q.write_until_empty(&mut *out, |_| {}));
-            if w.unwrap() {
-                q.retire_starter();
-            }
-        }));
-        q.push(b"ab");
-        q.push(b"c");
-        assert_eq!(*sink.borrow(), b"abc");
-        assert!(!dropped.get());
-        q.close();
-        assert!(
-            dropped.get(),
-            "closed, written, retired: what the starter held is dropped"
         );
     }
 
