@@ -365,10 +365,13 @@ fn sessions_waiting_for_a_backend_cost_no_cpu() {
                 .expect("task");
             rows.unwrap_or_else(|e| panic!("session {i}: {e:?}"));
         }
+        // Measured against the same sessions idle: on a machine shared with other work (CI
+        // runs test binaries side by side) the idle pooler's own cost moves by 100 ms and more
+        // from run to run; what waiting adds is what this test is about.
         assert!(
-            used <= window / 20,
+            used.saturating_sub(idle) <= window / 20,
             "the pooler used {used:?} of CPU in {window:?} while {WAITERS} sessions only waited \
-             for a backend (idle, the same sessions cost {idle:?}; allowed: 5% of one core)"
+             for a backend (idle, the same sessions cost {idle:?}; allowed: 5% of one core more)"
         );
     });
 }
