@@ -5,7 +5,7 @@ use crate::classify::Classifier;
 use crate::config::Config;
 use crate::link::Link;
 use shared::agent::Role;
-use shared::io::Notify;
+use shared::io::Broadcast;
 use shared::link::up;
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
@@ -32,7 +32,7 @@ pub struct Core {
     /// Clients of the whole process (all cores).
     pub clients: Arc<AtomicUsize>,
     /// Told whenever a link comes up, goes down or reports a role.
-    pub changed: Rc<Notify>,
+    pub changed: Rc<Broadcast>,
     /// Requests of this core now waiting for a primary (bounded by `failover_hold_max`).
     pub held: Cell<usize>,
     /// Clients of this core (sessions, logging in or not).
@@ -43,7 +43,7 @@ pub struct Core {
     pub force: Cell<bool>,
     /// Told when `draining` or `force` is set, and every tick while draining (and when the
     /// admin console KILLs clients).
-    pub drain_notify: Notify,
+    pub drain_notify: Broadcast,
     /// The admin console's view of the whole process (admin/mod.rs).
     pub admin: Arc<crate::admin::Shared>,
 }
@@ -95,7 +95,7 @@ impl Core {
         clients: Arc<AtomicUsize>,
         admin: Arc<crate::admin::Shared>,
     ) -> Rc<Core> {
-        let changed = Rc::new(Notify::default());
+        let changed = Rc::new(Broadcast::default());
         // Executors are numbered from 1; this core's links take the slots after the previous
         // cores' (a link's slot picks its pooler core: `down::CORE`).
         let first_slot = glommio::executor().id().saturating_sub(1) * cfg.links_per_core;
@@ -121,7 +121,7 @@ impl Core {
             local_clients: Rc::new(Cell::new(0)),
             draining: Cell::new(false),
             force: Cell::new(false),
-            drain_notify: Notify::default(),
+            drain_notify: Broadcast::default(),
             admin,
         })
     }
@@ -253,7 +253,7 @@ impl Core {
     /// A link to the primary (or, `read_only`, to a standby), waiting until `deadline` for one.
     pub async fn wait_link(&self, deadline: Instant, read_only: bool) -> Option<Rc<Link>> {
         loop {
-            let changed = self.changed.notified();
+            let changed = self.changed.listen();
             let found = if read_only {
                 self.read_link()
             } else {

@@ -10,7 +10,7 @@
 
 use glommio::net::TcpStream;
 use shared::agent::Role;
-use shared::io::{MessageReader, Notify, OutQueue, RcStream};
+use shared::io::{Broadcast, MessageReader, Notify, OutQueue, RcStream};
 use shared::link::{self, down, handshake, put_header, LinkKey, HEADER};
 use shared::protocol::backend::{self as be, Severity};
 use shared::settings::Settings;
@@ -52,7 +52,7 @@ pub struct Link {
     /// A ROLE frame arrived since the link came up.
     reported: Cell<bool>,
     /// The core's: told whenever a link comes up, goes down or reports a role.
-    changed: Rc<Notify>,
+    changed: Rc<Broadcast>,
     /// Which of the pooler's cores this link should land on: `slot % cores` (see `down::CORE`).
     slot: usize,
     /// The link landed on another core: redial it (at most `redials_left` more times).
@@ -69,7 +69,7 @@ const MAX_REDIALS: u32 = 16;
 impl Link {
     /// `slot`: this link's number among all links of the process to this pooler (gateway core
     /// × links per core + link), which picks the pooler core it should reach.
-    pub fn new(pooler: usize, slot: usize, changed: Rc<Notify>, key: LinkKey) -> Rc<Link> {
+    pub fn new(pooler: usize, slot: usize, changed: Rc<Broadcast>, key: LinkKey) -> Rc<Link> {
         Rc::new(Link {
             key,
             slot,

@@ -772,7 +772,7 @@ fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                     // timer only bounds a missed wake.
                     loop {
                         // Taken before the check, so a wake between the two is not lost.
-                        let woken = core.drain_notify.notified();
+                        let woken = core.drain_notify.listen();
                         let held = core.admin.paused(&open.database)
                             && !me.client.killed()
                             && !core.force.get();
@@ -868,7 +868,7 @@ fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
             io.wait_window().await;
             let want = shared::protocol::pending_message_len(reader.data()).unwrap_or(0);
             let ended = io.ended_notify.notified();
-            let drain = core.drain_notify.notified();
+            let drain = core.drain_notify.listen();
             let ready = io.ready_notify.notified();
             if io.ended.get() {
                 break;

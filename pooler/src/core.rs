@@ -11,7 +11,7 @@ use crate::session::Session;
 use crate::statements::Stmt;
 use glommio::channels::channel_mesh::Senders;
 use sha2::{Digest, Sha256};
-use shared::io::Notify;
+use shared::io::{Broadcast, Notify};
 use shared::protocol::frontend;
 use shared::settings::Settings;
 use std::cell::{Cell, RefCell};
@@ -147,7 +147,7 @@ pub struct Core {
     /// The shutdown timeout passed: sessions end now.
     pub force: Cell<bool>,
     /// Told when a drain starts, every tick while it lasts, and when it is forced.
-    pub drain_notify: Notify,
+    pub drain_notify: Broadcast,
     pub index: usize,
     pub pools: RefCell<HashMap<Rc<PoolKey>, Rc<Pool>>>,
     pub budgets: Arc<Budgets>,
@@ -185,7 +185,7 @@ impl Core {
             live: RefCell::new(cfg.clone()),
             draining: Cell::new(false),
             force: Cell::new(false),
-            drain_notify: Notify::default(),
+            drain_notify: Broadcast::default(),
             cfg,
             index,
             pools: RefCell::new(HashMap::new()),

@@ -675,7 +675,7 @@ pub async fn run(core: Rc<Core>, s: Rc<Session>) {
             continue;
         }
         let notified = s.inbox_notify.notified();
-        let drain = core.drain_notify.notified();
+        let drain = core.drain_notify.listen();
         if s.gone.get() || s.dead.get() {
             break;
         }

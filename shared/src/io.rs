@@ -87,6 +87,99 @@ impl Future for Notified<'_> {
     }
 }
 
+/// Wakes every task waiting on it, for the notifies that every session of a core waits on for
+/// its whole life (a drain, a KILL, a link coming up). Unlike [`Notify`], a waiter leaves when
+/// its [`Listened`] future is dropped: a session that ends between two notifies takes its waker
+/// with it. (With `Notify` the wakers of every session since the last drain stayed queued, each
+/// keeping its ended task's memory, and each new waiter scanned them all: churn made the core's
+/// drain notify grow by one waker per session, and every poll of every session walk it.)
+///
+/// Registering, re-polling and leaving are O(1): each waiter owns a slot of a slab, reused once
+/// freed. A notify, rare, is O(slots).
+#[derive(Default)]
+pub struct Broadcast {
+    generation: Cell<u64>,
+    slots: RefCell<Vec<Option<Waker>>>,
+    free: RefCell<Vec<u32>>,
+}
+
+/// A waiter's slot: none yet.
+const NO_SLOT: u32 = u32::MAX;
+
+impl Broadcast {
+    pub fn notify(&self) {
+        self.generation.set(self.generation.get().wrapping_add(1));
+        // Taken out before waking: a waker may drop a `Listened` of this broadcast.
+        let woken: Vec<Waker> = self
+            .slots
+            .borrow_mut()
+            .iter_mut()
+            .filter_map(Option::take)
+            .collect();
+        for w in woken {
+            w.wake();
+        }
+    }
+
+    pub fn listen(&self) -> Listened<'_> {
+        Listened {
+            broadcast: self,
+            start: self.generation.get(),
+            slot: NO_SLOT,
+        }
+    }
+
+    /// Slots in use (for tests and metrics).
+    pub fn waiters(&self) -> usize {
+        self.slots.borrow().len() - self.free.borrow().len()
+    }
+}
+
+pub struct Listened<'a> {
+    broadcast: &'a Broadcast,
+    start: u64,
+    slot: u32,
+}
+
+impl Future for Listened<'_> {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let b = self.broadcast;
+        if b.generation.get() != self.start {
+            return Poll::Ready(());
+        }
+        let mut slots = b.slots.borrow_mut();
+        if self.slot == NO_SLOT {
+            let slot = match b.free.borrow_mut().pop() {
+                Some(i) => i,
+                None => {
+                    slots.push(None);
+                    (slots.len() - 1) as u32
+                }
+            };
+            self.slot = slot;
+        }
+        let w = &mut slots[self.slot as usize];
+        if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            *w = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Listened<'_> {
+    fn drop(&mut self) {
+        if self.slot == NO_SLOT {
+            return;
+        }
+        let b = self.broadcast;
+        if let Some(w) = b.slots.borrow_mut().get_mut(self.slot as usize) {
+            *w = None;
+        }
+        b.free.borrow_mut().push(self.slot);
+    }
+}
+
 /// A one-shot value handed from one task to another on the same thread.
 pub struct Slot<T> {
     value: RefCell<Option<T>>,
@@ -515,6 +608,38 @@ mod tests {
         let out = v.as_deref().cloned().unwrap_or_default();
         n.more.set(v);
         out
+    }
+
+    #[test]
+    fn a_broadcast_waiter_leaves_with_its_future_and_its_slot_is_reused() {
+        let b = Broadcast::default();
+        let (ca, a) = counter();
+        let (cb, w) = counter();
+        let mut fa = Box::pin(b.listen());
+        for _ in 0..3 {
+            assert!(fa.as_mut().poll(&mut Context::from_waker(&a)).is_pending());
+        }
+        assert_eq!(b.waiters(), 1, "polled again and again: one slot");
+        // A thousand sessions come and go between two notifies: nothing stays behind.
+        for _ in 0..1000 {
+            let mut f = Box::pin(b.listen());
+            assert!(f.as_mut().poll(&mut Context::from_waker(&w)).is_pending());
+        }
+        assert_eq!(b.waiters(), 1);
+        assert_eq!(b.slots.borrow().len(), 2, "one slot reused by all of them");
+        b.notify();
+        assert_eq!((wakes(&ca), wakes(&cb)), (1, 0));
+        assert!(fa.as_mut().poll(&mut Context::from_waker(&a)).is_ready());
+        drop(fa);
+        assert_eq!(b.waiters(), 0);
+        // Registered after the notify: waits for the next one; never polled: never counted.
+        let mut fc = Box::pin(b.listen());
+        let _unpolled = b.listen();
+        assert!(fc.as_mut().poll(&mut Context::from_waker(&a)).is_pending());
+        assert_eq!(b.waiters(), 1);
+        b.notify();
+        assert_eq!(wakes(&ca), 2);
+        assert!(fc.as_mut().poll(&mut Context::from_waker(&a)).is_ready());
     }
 
     #[test]

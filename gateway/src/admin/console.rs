@@ -106,7 +106,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             }
             Ok(None) => {
                 let want = shared::protocol::pending_message_len(reader.data()).unwrap_or(0);
-                let drain = core.drain_notify.notified();
+                let drain = core.drain_notify.listen();
                 if core.draining.get() {
                     let mut e = Vec::new();
                     be::error_response(
