@@ -50,7 +50,10 @@ pub struct Client<'a> {
 
 /// Chooses the method (the access rules of `hba_file`, else `auth_method`), looks the role up
 /// and runs the exchange. Returns what the pooler needs to log in as the role, and what
-/// Postgres says of the role and database for [`crate::access::admit`].
+/// Postgres says of the role and database for [`crate::access::admit`]. The exchange's last
+/// message (SCRAM's server signature), which the client does not answer, is left in `last` for
+/// the caller to send with what follows it.
+#[allow(clippy::too_many_arguments)]
 pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     core: &Core,
     stream: &mut S,
@@ -59,6 +62,7 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     link: &Link,
     id: u32,
     client: &Client<'_>,
+    last: &mut Vec<u8>,
 ) -> Result<(Credential, RoleInfo), Refusal> {
     let cfg = core.cfg();
     let Client {
@@ -130,13 +134,13 @@ pub async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     let credential = match (method, verifier) {
         (Method::Trust, _) => Credential::None,
         (Method::Password, v) => cleartext(stream, reader, user, v).await?,
-        (_, Some(Verifier::Scram(v))) => scram(stream, reader, user, v, true).await?,
+        (_, Some(Verifier::Scram(v))) => scram(stream, reader, user, v, true, last).await?,
         (Method::Md5, Some(Verifier::Md5(stored))) => md5(stream, reader, user, &stored).await?,
         // Unknown role, no password, or md5 where SCRAM is required: go through the motions
         // with a mock verifier, as Postgres does, so the client cannot tell which.
         _ => {
             let mock = ScramVerifier::mock(user, &core.mock_secret);
-            scram(stream, reader, user, mock, false).await?
+            scram(stream, reader, user, mock, false, last).await?
         }
     };
     Ok((credential, info))
@@ -231,12 +235,14 @@ async fn send<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> Result<(),
     stream.write_all(bytes).await.map_err(|_| Refusal::Gone)
 }
 
+/// `last`: where the server's final message goes (not sent here: see [`authenticate`]).
 async fn scram<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     reader: &mut MessageReader,
     user: &str,
     verifier: ScramVerifier,
     real: bool,
+    last: &mut Vec<u8>,
 ) -> Result<Credential, Refusal> {
     let server_key = verifier.server_key;
     let mut server = ScramServer::new(verifier);
@@ -261,9 +267,7 @@ async fn scram<S: AsyncRead + AsyncWrite + Unpin>(
     let body = read_password(stream, reader).await?;
     match server.client_final(&body) {
         Ok((fin, client_key)) if real => {
-            out.clear();
-            be::auth_sasl_final(&mut out, &fin);
-            send(stream, &out).await?;
+            be::auth_sasl_final(last, &fin);
             Ok(Credential::Scram {
                 client_key,
                 server_key,

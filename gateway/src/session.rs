@@ -360,14 +360,27 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     let secret = rand::random::<i32>();
     let registration = signals::Registration::new(&user, secret);
     let pid = registration.pid;
+    // What the client is owed but need not see yet: the exchange's last message and
+    // AuthenticationOk, sent with the session's first ParameterStatus messages in one write
+    // (or before the error that ends the login). Postgres sends them as one packet too.
+    let mut owed = Vec::new();
     let login = crate::with_timeout(left(deadline), async {
         let client = auth::Client {
             user: &user,
             database: &database,
             transport,
         };
-        let (credential, role) =
-            auth::authenticate(&core, &mut stream, &mut reader, &io, &link, id, &client).await?;
+        let (credential, role) = auth::authenticate(
+            &core,
+            &mut stream,
+            &mut reader,
+            &io,
+            &link,
+            id,
+            &client,
+            &mut owed,
+        )
+        .await?;
         if console && !core.cfg().admin_users.contains(&user) {
             // PgBouncer's answer to a role that is not an admin user.
             return Err(auth::fatal(
@@ -375,10 +388,12 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                 &format!("not allowed: role \"{user}\" is not an admin user of the console"),
             ));
         }
-        let mut ok = Vec::new();
-        be::auth_ok(&mut ok);
-        stream.write_all(&ok).await.map_err(|_| Refusal::Gone)?;
+        be::auth_ok(&mut owed);
         if console {
+            stream
+                .write_all(&std::mem::take(&mut owed))
+                .await
+                .map_err(|_| Refusal::Gone)?;
             return Ok(None);
         }
         // As Postgres: authenticated (AuthenticationOk sent), then the role and database checks.
@@ -398,7 +413,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         match kind {
             down::OPENED => {
                 registration.logged_in(&reply);
-                let mut out = reply;
+                let mut out = std::mem::take(&mut owed);
+                out.extend_from_slice(&reply);
                 be::backend_key_data(&mut out, pid, secret);
                 be::ready_for_query(&mut out, b'I');
                 stream.write_all(&out).await.map_err(|_| Refusal::Gone)?;
@@ -431,7 +447,8 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         Some(Err(Refusal::Fatal(e))) => {
             link.unregister(id);
             link.send(up::CLOSE, id, &[]);
-            let _ = stream.write_all(&e).await;
+            owed.extend_from_slice(&e);
+            let _ = stream.write_all(&owed).await;
             let _ = stream.flush().await;
             return;
         }
@@ -443,6 +460,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         None => {
             link.unregister(id);
             link.send(up::CLOSE, id, &[]);
+            let _ = stream.write_all(&owed).await;
             write_fatal(
                 &mut stream,
                 "08006",
