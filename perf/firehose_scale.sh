@@ -21,7 +21,10 @@
 # Env: CONNS (50000), DURATION (60), RAMP (30; or CONNECT_RATE connects/s: RAMP = CONNS /
 #      CONNECT_RATE), READ_QPS (5000), WRITE_QPS (1000), CHURN (100), TARGET (tidepool),
 #      GATEWAYS (4), GATEWAY_CORES (1), BOUNCERS (4), PORT_RANGE ("10000 65000"), TARGET_URL,
-#      FIREHOSE, TIDEPOOL_BIN, RESULTS, KEEP=1.
+#      FIREHOSE, TIDEPOOL_BIN, RESULTS, KEEP=1,
+#      POOL (20): Postgres connections in all, the same for both targets (Tidepool's
+#      --pool-size; each PgBouncer's default_pool_size is POOL / BOUNCERS). Before 2026-12-07
+#      every PgBouncer had 20, four times Tidepool's backends.
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -39,6 +42,8 @@ TARGET=${TARGET:-tidepool}
 GATEWAYS=${GATEWAYS:-4}
 GATEWAY_CORES=${GATEWAY_CORES:-1}
 BOUNCERS=${BOUNCERS:-4}
+POOL=${POOL:-20}
+BOUNCER_POOL=$(((POOL + BOUNCERS - 1) / BOUNCERS))
 PORT_RANGE=${PORT_RANGE:-10000 65000}
 FIREHOSE=${FIREHOSE:-$REPO/target/release/firehose}
 RESULTS=${RESULTS:-$REPO/perf/RESULTS.md}
@@ -120,7 +125,7 @@ unix_socket_dir =
 auth_type = trust
 auth_file = $dir/userlist.txt
 pool_mode = transaction
-default_pool_size = 20
+default_pool_size = $BOUNCER_POOL
 max_client_conn = 19000
 logfile = $dir/b$i.log
 pidfile = $dir/b$i.pid
@@ -142,7 +147,7 @@ EOF
     widen_ports "$PG_PORT" "$port"
     PROXY_PIDS=$BOUNCER_PIDS
     url="postgres://$APP_USER@127.0.0.1:$port/$APP_DB"
-    target="$BOUNCERS x PgBouncer $(pgbouncer_version) (SO_REUSEPORT, trust, transaction pooling, 20 server connections each)"
+    target="$BOUNCERS x PgBouncer $(pgbouncer_version) (SO_REUSEPORT, trust, transaction pooling, $BOUNCER_POOL server connections each)"
     init="--init"
 elif [ -z "${TARGET_URL:-}" ]; then
     # bob: an md5 verifier, so that a login costs one MD5 on each side (pg_hba: md5).
@@ -153,7 +158,7 @@ elif [ -z "${TARGET_URL:-}" ]; then
     # one process' open-file limit.
     max_clients=$((per_gateway * 3 / 2 + 1000))
     [ "$max_clients" -le 19000 ] || max_clients=19000
-    start_tidepool "$max_clients" "$GATEWAYS" "$GATEWAY_CORES" ||
+    TIDEPOOL_POOL_SIZE=$POOL start_tidepool "$max_clients" "$GATEWAYS" "$GATEWAY_CORES" ||
         die "Tidepool did not start: see $WORK/pooler.log and $WORK/gateway-*.log"
     widen_ports "$PG_PORT" "$GATEWAY_PORT" "$LINK_PORT"
     PROXY_PIDS="$GATEWAY_PIDS $POOLER_PID"
@@ -161,7 +166,7 @@ elif [ -z "${TARGET_URL:-}" ]; then
     "$FIREHOSE" --url "postgres://bob:bob-pw@127.0.0.1:$PG_PORT/$APP_DB" --init --init-only \
         >"$OUT/init.log" 2>&1 || die "firehose --init failed: see $OUT/init.log"
     url="postgres://bob:bob-pw@127.0.0.1:$GATEWAY_PORT/$APP_DB"
-    target="$GATEWAYS x tidepool-gateway (SO_REUSEPORT, --cores $GATEWAY_CORES, --auth-method md5, --max-clients $max_clients) + 1 tidepool-pooler (--pool-size 20, all cores); clients log in as bob (md5)"
+    target="$GATEWAYS x tidepool-gateway (SO_REUSEPORT, --cores $GATEWAY_CORES, --auth-method md5, --max-clients $max_clients) + 1 tidepool-pooler (--pool-size $POOL, all cores); clients log in as bob (md5)"
     init=""
 fi
 

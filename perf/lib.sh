@@ -219,7 +219,7 @@ start_tidepool() {
         exec ${TIDEPOOL_POOLER_WRAP:-} "$TIDEPOOL_BIN/tidepool-pooler" --listen "127.0.0.1:$LINK_PORT" \
             --link-secret-file "$WORK/link.key" \
             --pg-host 127.0.0.1 --pg-port "$PG_PORT" --admin-socket-dir "$WORK" \
-            --admin-user postgres --pool-size 20 "${cores[@]}" ${TIDEPOOL_POOLER_ARGS:-}
+            --admin-user postgres --pool-size "${TIDEPOOL_POOL_SIZE:-20}" "${cores[@]}" ${TIDEPOOL_POOLER_ARGS:-}
     ) >"$WORK/pooler.log" 2>&1 &
     POOLER_PID=$!
     wait_port "$LINK_PORT" 30 || { log "ERROR: pooler not listening: see $WORK/pooler.log"; return 1; }
