@@ -23,6 +23,7 @@ pub mod process;
 pub mod replication;
 pub mod sockets;
 pub mod tidepool;
+pub mod tls;
 pub mod wire;
 
 pub use cli::{pgbench, PgbenchSummary, Psql};
