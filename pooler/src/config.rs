@@ -711,6 +711,29 @@ mod tests {
                 .unwrap_err()
                 .contains("link_secret_file")
         );
+        // Off loopback without TLS: refused, unless the network is declared trusted.
+        let err = load(&["--listen", "0.0.0.0:15433"]).unwrap_err();
+        assert!(err.contains("link_insecure_non_loopback"), "{err}");
+        assert!(load(&[
+            "--listen",
+            "0.0.0.0:15433",
+            "--link-insecure-non-loopback",
+            "true"
+        ])
+        .is_ok());
+        let err = load(&[
+            "--agent-listen",
+            "[::]:9",
+            "--pg-data",
+            "/srv/n1/data",
+            "--agent-secret-file",
+            "/srv/agent.key",
+        ])
+        .unwrap_err();
+        assert!(err.contains("agent_insecure_non_loopback"), "{err}");
+        assert!(load(&["--link-tls-cert", "/c.pem"])
+            .unwrap_err()
+            .contains("link_tls_cert and link_tls_key go together"));
         // Empty address: no agent.
         assert!(load(&["--agent-listen", ""])
             .unwrap()
