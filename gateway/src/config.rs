@@ -232,6 +232,13 @@ impl Config {
             args.link_tls_ca.clone().or(file.link_tls_ca.clone()),
         )?;
         let mut c = Config::build(args, file, link_key)?;
+        if link_tls.is_some() {
+            // Each pooler's certificate is checked for the host in its address: one without a
+            // usable name stops the gateway now rather than leaving its links down.
+            for p in &c.poolers {
+                shared::tls::server_name(p).map_err(|e| format!("pooler {e}"))?;
+            }
+        }
         c.link_tls = link_tls;
         Ok(c)
     }
