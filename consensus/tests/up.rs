@@ -378,7 +378,9 @@ fn link_is_tls(cluster: &Cluster, pooler_port: u16) {
     assert!(s.conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3));
 
     let mut plain = std::net::TcpStream::connect(&addr).unwrap();
-    plain.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
     let _ = plain.write_all(b"");
     let mut buf = [0u8; 64];
     assert!(

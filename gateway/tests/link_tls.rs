@@ -48,9 +48,7 @@ fn tls_connect(port: u16, ca: &Path) -> Result<impl Read + Write, String> {
     let conn = rustls::ClientConnection::new(config, name).map_err(|e| e.to_string())?;
     let mut s = rustls::StreamOwned::new(conn, tcp);
     while s.conn.is_handshaking() {
-        s.conn
-            .complete_io(&mut s.sock)
-            .map_err(|e| e.to_string())?;
+        s.conn.complete_io(&mut s.sock).map_err(|e| e.to_string())?;
     }
     Ok(s)
 }
@@ -109,7 +107,8 @@ fn a_link_over_tls_serves_psql_and_pgbench() {
     );
     assert!(run.success(), "pgbench:\n{}\n{}", run.text, tp.logs());
     assert!(
-        run.text.contains("number of transactions actually processed: 200/200"),
+        run.text
+            .contains("number of transactions actually processed: 200/200"),
         "{}",
         run.text
     );
@@ -170,7 +169,10 @@ async fn a_gateway_with_another_ca_gets_nothing() {
             && text.contains("UnknownIssuer"),
         "{text}"
     );
-    assert!(!text.contains("pooler role"), "a ROLE frame arrived: {text}");
+    assert!(
+        !text.contains("pooler role"),
+        "a ROLE frame arrived: {text}"
+    );
     // The same raw client, with the right CA, passes TLS (so the refusal was the CA's doing).
     assert!(tls_connect(tp.pooler_port(), &other.ca_file()).is_err());
     assert!(tls_connect(tp.pooler_port(), &ca.ca_file()).is_ok());
@@ -186,7 +188,10 @@ async fn a_gateway_with_another_ca_gets_nothing() {
         .gateway_arg(ca.ca_file().to_string_lossy()),
     );
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !elsewhere.gateway_log().contains("certificate not valid for name") {
+    while !elsewhere
+        .gateway_log()
+        .contains("certificate not valid for name")
+    {
         assert!(
             Instant::now() < deadline,
             "no name error:\n{}",
@@ -217,7 +222,10 @@ async fn a_plaintext_gateway_gets_nothing_from_a_tls_pooler() {
     link::put_frame(&mut attack, up::AUTH_LOOKUP, 7, b"alice");
     let (got, closed) = plain_peer_gets(tp.pooler_port(), &attack, Duration::from_secs(3));
     assert!(no_link_frame(&got), "a plain peer was sent {got:?}");
-    assert!(closed, "the pooler kept a peer that sent frames instead of TLS");
+    assert!(
+        closed,
+        "the pooler kept a peer that sent frames instead of TLS"
+    );
 
     // The gateway's links get no challenge within 5 s: it logs that and redials.
     let deadline = Instant::now() + Duration::from_secs(15);

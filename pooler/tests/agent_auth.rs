@@ -234,7 +234,12 @@ fn the_agent_over_tls_answers_the_control_process_and_nobody_in_clear() {
 
     // A plain client with the right secret: the agent waits for a TLS hello, so the client
     // never sees a challenge; its request is not read as one.
-    let plain = call(a.agent_addr(), &a.key(), &Request::Report, Duration::from_secs(2));
+    let plain = call(
+        a.agent_addr(),
+        &a.key(),
+        &Request::Report,
+        Duration::from_secs(2),
+    );
     assert!(matches!(plain, Err(CallError::Io { .. })), "{plain:?}");
     let mut s = TcpStream::connect(a.agent_addr()).unwrap();
     s.write_all(b"{\"op\":\"recruit\",\"term\":9}\n").unwrap();

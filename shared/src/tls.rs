@@ -147,12 +147,7 @@ impl std::fmt::Debug for Trust {
 
 /// Refuses a listener that may be reached from other hosts without TLS, unless `insecure` (the
 /// operator's `…_insecure_non_loopback`) says the network is trusted.
-pub fn check_exposure(
-    what: &str,
-    listen: &str,
-    tls: bool,
-    insecure: bool,
-) -> Result<(), String> {
+pub fn check_exposure(what: &str, listen: &str, tls: bool, insecure: bool) -> Result<(), String> {
     if tls || insecure || is_loopback(listen) {
         return Ok(());
     }

@@ -23,7 +23,8 @@ pub async fn call(
     let name = node.name.clone();
     let key = key.clone();
     let timeout = Duration::from_millis(timeout_ms.max(1));
-    let joined = tokio::task::spawn_blocking(move || agent::call_with(addr, &key, &req, timeout)).await;
+    let joined =
+        tokio::task::spawn_blocking(move || agent::call_with(addr, &key, &req, timeout)).await;
     match joined {
         Ok(Ok(Response::Ok { report })) => Ok(report),
         Ok(Ok(Response::Refused { reason, .. })) => Err(format!("{name} refused: {reason}")),
