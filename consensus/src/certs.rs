@@ -83,10 +83,16 @@ pub fn ensure_ca(layout: &Layout) -> Result<Ca> {
         }
         return Ok(Ca { cert, key });
     }
+    // A new CA: certificates another CA issued (its key gone) would no longer chain to it.
+    for entry in std::fs::read_dir(&d)
+        .map_err(Error::io(format!("reading {}", d.display())))?
+        .flatten()
+    {
+        let _ = std::fs::remove_file(entry.path());
+    }
     let key = KeyPair::generate().map_err(tls_error)?;
     let cert = ca_params()?.self_signed(&key).map_err(tls_error)?;
     write_new(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
-    let _ = std::fs::remove_file(&cert_path);
     write_new(&cert_path, cert.pem().as_bytes(), 0o644)?;
     Ok(Ca { cert, key })
 }
@@ -210,6 +216,12 @@ mod tests {
         let before = std::fs::read(&cert).unwrap();
         ensure_node(&layout, &again, "node1", &[]).unwrap();
         assert_eq!(std::fs::read(&cert).unwrap(), before);
+        // Without its key the CA is made anew, and the certificates of the old one go with it.
+        std::fs::remove_file(dir(&layout).join("ca.key")).unwrap();
+        let fresh = ensure_ca(&layout).unwrap();
+        assert!(!cert.exists() && !cert2.exists());
+        let (cert, _) = ensure_node(&layout, &fresh, "node1", &[]).unwrap();
+        assert_ne!(std::fs::read(&cert).unwrap(), before);
         let _ = std::fs::remove_dir_all(&d);
     }
 }
