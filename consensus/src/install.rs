@@ -173,7 +173,8 @@ pub fn run(args: &InstallArgs) -> Result<bool> {
          # with standbys, once the cluster is made (as {pg}: tidepool up --dir {state} --standbys N):\n  \
          systemctl enable --now tidepool-control.service\n\
          Edit {cfg}/gateway.toml and {cfg}/pooler.toml first (listen addresses, pooler, pg_port,\n  \
-         link_secret_file: the cluster's link.key, a mode-600 copy owned by each process's user).",
+         link_secret_file: the cluster's link.key, a mode-600 copy owned by each process's user;\n  \
+         off loopback, link_tls_cert/link_tls_key for the pooler and link_tls_ca for the gateway).",
         pg = paths.pg_user,
         state = paths.state_dir.display(),
         cfg = paths.config_dir.display(),

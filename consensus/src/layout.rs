@@ -5,8 +5,11 @@
 //! DIR/password     password of the `tidepool` login role, mode 600
 //! DIR/agent.key    the node agents' shared secret (shared::agent::auth), mode 600
 //! DIR/link.key     the gateway ↔ pooler link's shared secret (shared::link::handshake), mode 600
-//! DIR/keys/        copies of link.key and agent.key for the users the gateway and poolers run
-//!                  as (mode 600 each, owned by that user; crate::privilege), the directory 711
+//! DIR/tls/         the cluster CA (ca.crt, ca.key 600) and each node's link and agent
+//!                  certificate (NODE.crt, NODE.key 600): crate::certs
+//! DIR/keys/        copies of link.key, agent.key and the nodes' TLS keys for the users the
+//!                  gateway and poolers run as (mode 600 each, owned by that user;
+//!                  crate::privilege), the directory 711
 //! DIR/agent/       node1's agent: its pledge (tidepool-node.json), owned by the pooler's user,
 //!                  mode 700 (nodeK's: DIR/nodeK/agent/)
 //! DIR/pgdata/      Postgres data directory, owned by the postgres OS user

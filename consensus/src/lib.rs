@@ -5,6 +5,7 @@
 //! (see ../shared/DESIGN.md); nothing of them is pretended yet.
 
 pub mod backup;
+pub mod certs;
 pub mod cli;
 pub mod cluster;
 pub mod config;

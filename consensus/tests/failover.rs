@@ -44,6 +44,14 @@ fn up_with_standbys_streams_and_reports_each_node() {
     for i in 0..3 {
         assert_all_acked_on(&c, i, &writes);
     }
+    // The agents take TLS only: a plain call with the right secret gets no answer.
+    let plain = shared::agent::call(
+        c.nodes[0].agent,
+        &c.key().key,
+        &shared::agent::Request::Report,
+        Duration::from_secs(2),
+    );
+    assert!(plain.is_err(), "a plain call was answered: {plain:?}");
     // The primary requires one of the standbys per the default policy (any 2).
     let sync = c.psql_node(0, "SHOW synchronous_standby_names");
     assert!(sync.text.contains("ANY 1"), "{}", sync.text);
@@ -70,9 +78,22 @@ fn up_with_standbys_streams_and_reports_each_node() {
         );
         assert_eq!(proc_ids(n.pooler_pid, "Groups:"), Vec::<u32>::new());
         let cmd = cmdline(n.pooler_pid);
+        // Link and agent speak TLS with the node's certificate from the cluster CA (its key
+        // a copy of postgres's own, 600); `status` above reached every agent through it.
+        let tls_key = format!("tls.{}.pooler.key", n.name);
+        let cert = c.dir.join("tls").join(format!("{}.crt", n.name));
+        for flag in ["--link-tls-cert", "--agent-tls-cert"] {
+            assert!(
+                cmd.contains(&format!("{flag} {}", cert.display())),
+                "{}: {cmd}",
+                n.name
+            );
+        }
         for (flag, copy) in [
             ("--link-secret-file", "link.pooler.key"),
             ("--agent-secret-file", "agent.pooler.key"),
+            ("--link-tls-key", tls_key.as_str()),
+            ("--agent-tls-key", tls_key.as_str()),
             ("--state-dir", ""),
         ] {
             let want = if copy.is_empty() {
@@ -97,6 +118,9 @@ fn up_with_standbys_streams_and_reports_each_node() {
     for (copy, master) in [
         ("link.pooler.key", "link.key"),
         ("agent.pooler.key", "agent.key"),
+        ("tls.node1.pooler.key", "tls/node1.key"),
+        ("tls.node2.pooler.key", "tls/node2.key"),
+        ("tls.node3.pooler.key", "tls/node3.key"),
     ] {
         let meta = std::fs::metadata(keys.join(copy)).unwrap();
         assert_eq!((meta.uid(), meta.mode() & 0o777), (uid, 0o600), "{copy}");

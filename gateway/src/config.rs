@@ -96,6 +96,11 @@ pub struct Args {
     /// is never a flag.
     #[arg(long)]
     pub link_secret_file: Option<PathBuf>,
+    /// PEM file of the CA the poolers' link certificates chain to: with it every link is TLS,
+    /// and a pooler must present a certificate from this CA for the host or address in
+    /// `--pooler`. Without it links are plain TCP (poolers on loopback).
+    #[arg(long)]
+    pub link_tls_ca: Option<PathBuf>,
     /// The virtual database of the admin console (SHOW POOLS, PAUSE, RELOAD...).
     #[arg(long)]
     pub admin_database: Option<String>,
@@ -141,6 +146,7 @@ struct File {
     idle_transaction_timeout_ms: Option<u64>,
     log_level: Option<String>,
     link_secret_file: Option<PathBuf>,
+    link_tls_ca: Option<PathBuf>,
     admin_database: Option<String>,
     admin_users: Option<Vec<String>>,
     metrics_listen: Option<String>,
@@ -192,6 +198,8 @@ pub struct Config {
     pub log_level: String,
     /// The link secret (`link_secret_file`).
     pub link_key: shared::link::LinkKey,
+    /// The CA poolers' certificates are checked against (`link_tls_ca`); `None`: plain links.
+    pub link_tls: Option<shared::tls::Trust>,
     /// Session ids run 1..=this per core, then wrap, skipping ids still in use.
     pub session_ids: u32,
     /// The admin console's virtual database.
@@ -219,7 +227,20 @@ impl Config {
             .ok_or("link_secret_file is required: poolers answer only gateways that prove the cluster's link secret")?;
         let link_key = shared::link::LinkKey::load(&link_secret_file)
             .map_err(|e| format!("link secret: {e}"))?;
-        Config::build(args, file, link_key)
+        let link_tls = shared::tls::Trust::load(
+            "link_tls_ca",
+            args.link_tls_ca.clone().or(file.link_tls_ca.clone()),
+        )?;
+        let mut c = Config::build(args, file, link_key)?;
+        if link_tls.is_some() {
+            // Each pooler's certificate is checked for the host in its address: one without a
+            // usable name stops the gateway now rather than leaving its links down.
+            for p in &c.poolers {
+                shared::tls::server_name(p).map_err(|e| format!("pooler {e}"))?;
+            }
+        }
+        c.link_tls = link_tls;
+        Ok(c)
     }
 
     /// What every key is when neither the file nor a flag sets it (SHOW CONFIG's `default`).
@@ -278,6 +299,7 @@ impl Config {
         };
         Ok(Config {
             link_key,
+            link_tls: None,
             admin_database: args
                 .admin_database
                 .or(file.admin_database)

@@ -99,10 +99,17 @@ impl Core {
         // Executors are numbered from 1; this core's links take the slots after the previous
         // cores' (a link's slot picks its pooler core: `down::CORE`).
         let first_slot = glommio::executor().id().saturating_sub(1) * cfg.links_per_core;
+        let link_tls = cfg
+            .link_tls
+            .as_ref()
+            .map(|t| futures_rustls::TlsConnector::from(t.config.clone()));
         let links = (0..cfg.poolers.len())
             .map(|p| {
                 (0..cfg.links_per_core)
-                    .map(|k| Link::new(p, first_slot + k, changed.clone(), cfg.link_key.clone()))
+                    .map(|k| {
+                        let (key, tls) = (cfg.link_key.clone(), link_tls.clone());
+                        Link::new(p, first_slot + k, changed.clone(), key, tls)
+                    })
                     .collect()
             })
             .collect();

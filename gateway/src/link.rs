@@ -7,7 +7,14 @@
 //! A link is used only once the pooler proved it holds the cluster's link secret and the
 //! gateway proved it back (`shared::link::handshake`): sessions' SCRAM keys go only to a
 //! pooler of this cluster.
+//!
+//! With `link_tls_ca` the link is TLS (rustls): the pooler's certificate must chain to that CA
+//! and name the host or address dialled, and the handshake above runs inside. The link is the
+//! hot path: [`Link::serve`] is generic over the stream, so a plain link runs the code it ran
+//! before TLS existed (a `TcpStream`, no dispatch per read or write) and a TLS link its own
+//! instance.
 
+use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use shared::agent::Role;
 use shared::io::{Broadcast, MessageReader, Notify, OutQueue, RcStream};
@@ -60,6 +67,8 @@ pub struct Link {
     redials_left: Cell<u32>,
     /// The cluster's link secret, proved both ways before the link is used.
     key: LinkKey,
+    /// TLS to the pooler (`link_tls_ca`); `None`: plain TCP.
+    tls: Option<futures_rustls::TlsConnector>,
 }
 
 /// Redials of one link to reach its pooler core before it settles for the one it got. With
@@ -69,9 +78,16 @@ const MAX_REDIALS: u32 = 16;
 impl Link {
     /// `slot`: this link's number among all links of the process to this pooler (gateway core
     /// × links per core + link), which picks the pooler core it should reach.
-    pub fn new(pooler: usize, slot: usize, changed: Rc<Broadcast>, key: LinkKey) -> Rc<Link> {
+    pub fn new(
+        pooler: usize,
+        slot: usize,
+        changed: Rc<Broadcast>,
+        key: LinkKey,
+        tls: Option<futures_rustls::TlsConnector>,
+    ) -> Rc<Link> {
         Rc::new(Link {
             key,
+            tls,
             slot,
             misplaced: Cell::new(false),
             redials_left: Cell::new(MAX_REDIALS),
@@ -118,12 +134,29 @@ impl Link {
     /// Keeps this link connected to the pooler for the life of the process.
     pub async fn maintain(self: Rc<Self>, addr: String) {
         let mut backoff = Duration::from_millis(20);
+        // The name the pooler's certificate must carry: the host or address dialled.
+        let name = match (&self.tls, shared::tls::server_name(&addr)) {
+            (Some(_), Ok(n)) => Some(n),
+            (Some(_), Err(e)) => {
+                tracing::error!(pooler = %addr, error = %e, "link TLS: no name to check; this link stays down");
+                return;
+            }
+            (None, _) => None,
+        };
         loop {
             match TcpStream::connect(addr.as_str()).await {
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);
                     // Not authenticated: retried with growing backoff (and an error each time).
-                    if self.serve(stream).await {
+                    let served = match (&self.tls, &name) {
+                        (Some(tls), Some(name)) => {
+                            self.serve_tls(tls.clone(), name.clone(), stream, &addr)
+                                .await
+                        }
+                        // The hand-written path stays plain: no TLS type anywhere on it.
+                        _ => self.serve(RcStream::new(stream), |s| s).await,
+                    };
+                    if served {
                         backoff = Duration::from_millis(20);
                         if self.misplaced.replace(false) {
                             continue;
@@ -141,9 +174,9 @@ impl Link {
     }
 
     /// The handshake, within `handshake::TIMEOUT`: the pooler's challenge, our proof, its proof.
-    async fn authenticate(
+    async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
-        stream: &mut RcStream<TcpStream>,
+        stream: &mut RcStream<S>,
         reader: &mut MessageReader,
     ) -> Result<(), String> {
         use futures_lite::AsyncWriteExt;
@@ -166,9 +199,48 @@ impl Link {
         futures_lite::future::or(exchange, timeout).await
     }
 
-    /// Serves one connection until it drops; `false` when the handshake failed.
-    async fn serve(self: &Rc<Self>, stream: TcpStream) -> bool {
-        let mut stream = RcStream::new(stream);
+    /// TLS to the pooler, within the handshake's timeout, then [`Link::serve`]; `false` when
+    /// TLS failed (the certificate is not from the CA or not for `name`: logged, nothing sent).
+    async fn serve_tls(
+        self: &Rc<Self>,
+        tls: futures_rustls::TlsConnector,
+        name: futures_rustls::rustls::pki_types::ServerName<'static>,
+        stream: TcpStream,
+        addr: &str,
+    ) -> bool {
+        let connecting = async { Some(tls.connect(name, stream).await) };
+        let timeout = async {
+            glommio::timer::sleep(handshake::TIMEOUT).await;
+            None
+        };
+        match futures_lite::future::or(connecting, timeout).await {
+            Some(Ok(s)) => {
+                // Each frame write leaves for the socket before it counts as written.
+                self.serve(RcStream::new(s), shared::tls::WriteThrough::new)
+                    .await
+            }
+            Some(Err(e)) => {
+                tracing::error!(pooler = %addr, error = %e, "link not authenticated: TLS handshake failed");
+                false
+            }
+            None => {
+                tracing::error!(pooler = %addr, "link not authenticated: no TLS handshake within the timeout");
+                false
+            }
+        }
+    }
+
+    /// Serves one connection until it drops; `false` when the handshake failed. `writer` wraps
+    /// the writing half (the identity for plain TCP).
+    async fn serve<S, W>(
+        self: &Rc<Self>,
+        mut stream: RcStream<S>,
+        writer: impl FnOnce(RcStream<S>) -> W,
+    ) -> bool
+    where
+        S: AsyncRead + AsyncWrite + Unpin + 'static,
+        W: AsyncWrite + Unpin + 'static,
+    {
         let mut reader = MessageReader::new(64 * 1024);
         if let Err(e) = self.authenticate(&mut stream, &mut reader).await {
             tracing::error!(pooler = self.pooler, error = %e, "link not authenticated");
@@ -177,7 +249,7 @@ impl Link {
         // Whatever was queued for a dead connection is meaningless to a new one.
         self.out.reset();
         let me = self.clone();
-        let wstream = stream.clone();
+        let wstream = writer(stream.clone());
         // Dropping this task (below) cancels it, so two writers never drain one queue.
         let writer = glommio::spawn_local(async move { me.out.run_writer(wstream).await });
         self.alive.set(true);

@@ -156,7 +156,7 @@ fn main() {
     }
     let mock_secret: [u8; 32] = rand::random();
     let clients = Arc::new(AtomicUsize::new(0));
-    tracing::info!(listen = %cfg.listen, cores = cfg.cores, poolers = ?cfg.poolers, tls = tls.is_some(), "gateway starting");
+    tracing::info!(listen = %cfg.listen, cores = cfg.cores, poolers = ?cfg.poolers, tls = tls.is_some(), link_tls = cfg.link_tls.is_some(), "gateway starting");
     // Sessions' pids shared with the other gateway processes on this port (signals.rs).
     if let Some(port) = cfg.listen.rsplit(':').next().and_then(|p| p.parse().ok()) {
         pid_registry::open(port);

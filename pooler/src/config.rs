@@ -144,6 +144,26 @@ pub struct Args {
     /// PEM file of the CA(s) Postgres's certificate must chain to (verify-full).
     #[arg(long)]
     pub server_tls_ca_file: Option<PathBuf>,
+    /// PEM certificate (chain) of the link listener, issued by the CA gateways check
+    /// (`link_tls_ca`) for the address they dial. With it the link accepts TLS only.
+    #[arg(long)]
+    pub link_tls_cert: Option<PathBuf>,
+    /// PEM private key of `link_tls_cert` (mode 600).
+    #[arg(long)]
+    pub link_tls_key: Option<PathBuf>,
+    /// Let the link listen on an address other hosts may reach without TLS (a trusted network).
+    #[arg(long)]
+    pub link_insecure_non_loopback: Option<bool>,
+    /// PEM certificate (chain) of the node agent, issued by the CA the control process checks.
+    /// With it the agent accepts TLS only.
+    #[arg(long)]
+    pub agent_tls_cert: Option<PathBuf>,
+    /// PEM private key of `agent_tls_cert` (mode 600).
+    #[arg(long)]
+    pub agent_tls_key: Option<PathBuf>,
+    /// Let the agent listen on an address other hosts may reach without TLS.
+    #[arg(long)]
+    pub agent_insecure_non_loopback: Option<bool>,
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -188,6 +208,12 @@ struct File {
     metrics_listen: Option<String>,
     server_tls_sslmode: Option<String>,
     server_tls_ca_file: Option<PathBuf>,
+    link_tls_cert: Option<PathBuf>,
+    link_tls_key: Option<PathBuf>,
+    link_insecure_non_loopback: Option<bool>,
+    agent_tls_cert: Option<PathBuf>,
+    agent_tls_key: Option<PathBuf>,
+    agent_insecure_non_loopback: Option<bool>,
 }
 
 /// What the node agent needs (see config/pooler.toml, "Node agent").
@@ -209,6 +235,8 @@ pub struct AgentConfig {
     pub pg_log_configured: bool,
     /// The agent secret's file (required with `listen`).
     pub secret_file: Option<PathBuf>,
+    /// The agent's certificate (`agent_tls_cert`/`agent_tls_key`): TLS only; `None`: plain.
+    pub tls: Option<shared::tls::Identity>,
 }
 
 #[derive(Debug, Clone)]
@@ -216,6 +244,9 @@ pub struct Config {
     pub listen: String,
     /// The link secret (`link_secret_file`): gateways prove it before the link answers.
     pub link_key: shared::link::LinkKey,
+    /// The link's certificate (`link_tls_cert`/`link_tls_key`): gateways must speak TLS;
+    /// `None`: plain TCP (on loopback, or with `link_insecure_non_loopback`).
+    pub link_tls: Option<shared::tls::Identity>,
     pub cores: usize,
     pub pg_host: String,
     pub pg_port: u16,
@@ -312,7 +343,22 @@ impl Config {
             pg_log,
             pg_log_configured,
             secret_file: args.agent_secret_file.or(file.agent_secret_file),
+            tls: shared::tls::Identity::load(
+                "agent_tls",
+                args.agent_tls_cert.or(file.agent_tls_cert),
+                args.agent_tls_key.or(file.agent_tls_key),
+            )?,
         };
+        if let Some(listen) = &agent.listen {
+            shared::tls::check_exposure(
+                "agent",
+                listen,
+                agent.tls.is_some(),
+                args.agent_insecure_non_loopback
+                    .or(file.agent_insecure_non_loopback)
+                    .unwrap_or(false),
+            )?;
+        }
         if agent.listen.is_some() && agent.state_dir.is_none() {
             return Err(
                 "agent_listen needs state_dir or pg_data (where the pledged term is kept)".into(),
@@ -345,18 +391,33 @@ impl Config {
                 .as_deref(),
             &pg_host,
         )?;
+        let listen = args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| "127.0.0.1:15433".into());
+        let link_tls = shared::tls::Identity::load(
+            "link_tls",
+            args.link_tls_cert.or(file.link_tls_cert),
+            args.link_tls_key.or(file.link_tls_key),
+        )?;
+        shared::tls::check_exposure(
+            "link",
+            &listen,
+            link_tls.is_some(),
+            args.link_insecure_non_loopback
+                .or(file.link_insecure_non_loopback)
+                .unwrap_or(false),
+        )?;
         let c = Config {
             server_tls,
             link_key,
+            link_tls,
             agent,
             spin_before_park_us: args
                 .spin_before_park_us
                 .or(file.spin_before_park_us)
                 .unwrap_or(50),
-            listen: args
-                .listen
-                .or(file.listen)
-                .unwrap_or_else(|| "127.0.0.1:15433".into()),
+            listen,
             cores,
             pg_host,
             pg_port: args.pg_port.or(file.pg_port).unwrap_or(5432),
@@ -489,6 +550,7 @@ impl Config {
         ]);
         let restart = shared::lifecycle::changes(&[
             ("listen", s(&self.listen), s(&new.listen)),
+            ("link_tls", s(&self.link_tls), s(&new.link_tls)),
             (
                 "metrics_listen",
                 s(&self.metrics_listen),
@@ -649,6 +711,29 @@ mod tests {
                 .unwrap_err()
                 .contains("link_secret_file")
         );
+        // Off loopback without TLS: refused, unless the network is declared trusted.
+        let err = load(&["--listen", "0.0.0.0:15433"]).unwrap_err();
+        assert!(err.contains("link_insecure_non_loopback"), "{err}");
+        assert!(load(&[
+            "--listen",
+            "0.0.0.0:15433",
+            "--link-insecure-non-loopback",
+            "true"
+        ])
+        .is_ok());
+        let err = load(&[
+            "--agent-listen",
+            "[::]:9",
+            "--pg-data",
+            "/srv/n1/data",
+            "--agent-secret-file",
+            "/srv/agent.key",
+        ])
+        .unwrap_err();
+        assert!(err.contains("agent_insecure_non_loopback"), "{err}");
+        assert!(load(&["--link-tls-cert", "/c.pem"])
+            .unwrap_err()
+            .contains("link_tls_cert and link_tls_key go together"));
         // Empty address: no agent.
         assert!(load(&["--agent-listen", ""])
             .unwrap()

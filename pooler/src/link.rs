@@ -4,9 +4,15 @@
 //! (`shared::link::handshake`): a peer that does not gets one `CHALLENGE` frame and is
 //! disconnected — no verifier, no session, no role report. The reader never waits for one
 //! session: requests are flow-controlled per session by the gateway (`down::ACK`).
+//!
+//! With `link_tls_cert` the connection is TLS first (rustls; the gateway checks the certificate
+//! against the cluster's CA) and the same handshake runs inside it. The link is the hot path:
+//! [`serve_stream`] is generic over the stream, so a plain link runs the code it ran before TLS
+//! existed — a `TcpStream`, no dispatch per read or write — and a TLS link its own instance.
 
 use crate::core::Core;
 use crate::session::{self, Session};
+use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use shared::io::{MessageReader, OutQueue, RcStream};
 use shared::link::{self, down, handshake, put_header, up, Open, HEADER};
@@ -22,9 +28,9 @@ pub struct Link {
 
 /// The handshake: the challenge, then the gateway's `HELLO` with its proof, within
 /// `handshake::TIMEOUT`. `false`: not a gateway of this cluster (or too slow): close.
-async fn authenticate(
+async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     core: &Core,
-    stream: &mut RcStream<TcpStream>,
+    stream: &mut RcStream<S>,
     reader: &mut MessageReader,
 ) -> bool {
     use futures_lite::AsyncWriteExt;
@@ -57,23 +63,75 @@ thread_local! {
     static HANDSHAKING: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
+/// Counts a connection in its handshake on this core while it lives.
+struct Handshaking;
+
+impl Handshaking {
+    /// `None` when the core already has `MAX_HANDSHAKING` connections in their handshake.
+    fn enter() -> Option<Handshaking> {
+        if HANDSHAKING.get() >= MAX_HANDSHAKING {
+            return None;
+        }
+        HANDSHAKING.set(HANDSHAKING.get() + 1);
+        Some(Handshaking)
+    }
+}
+
+impl Drop for Handshaking {
+    // Counted down however the handshake ends (a dropped task included).
+    fn drop(&mut self) {
+        HANDSHAKING.set(HANDSHAKING.get() - 1);
+    }
+}
+
 pub async fn serve(core: Rc<Core>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
-    let mut stream = RcStream::new(stream);
-    let mut reader = MessageReader::new(64 * 1024);
-    if HANDSHAKING.get() >= MAX_HANDSHAKING {
+    let Some(counted) = Handshaking::enter() else {
         tracing::warn!("link peer refused: too many connections in their handshake");
         return;
-    }
-    // Counted down however the handshake ends (a dropped task included).
-    struct Handshaking;
-    impl Drop for Handshaking {
-        fn drop(&mut self) {
-            HANDSHAKING.set(HANDSHAKING.get() - 1);
+    };
+    let Some(tls) = &core.cfg.link_tls else {
+        // The hand-written path stays plain: no TLS type anywhere on it.
+        return serve_stream(core, RcStream::new(stream), counted, |s| s).await;
+    };
+    // TLS first, within the same timeout and under the same count as the link's handshake: a
+    // peer that does not speak TLS (a plaintext gateway) gets nothing and is closed.
+    let acceptor = futures_rustls::TlsAcceptor::from(tls.config.clone());
+    let accepted = crate::with_timeout(handshake::TIMEOUT, acceptor.accept(stream)).await;
+    let stream = match accepted {
+        Some(Ok(s)) => s,
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "link peer refused: TLS handshake failed");
+            return;
         }
-    }
-    HANDSHAKING.set(HANDSHAKING.get() + 1);
-    let counted = Handshaking;
+        None => {
+            tracing::warn!("link peer refused: no TLS handshake within the timeout");
+            return;
+        }
+    };
+    tracing::debug!("link TLS handshake done");
+    // Each frame write leaves for the socket before it counts as written (`WriteThrough`).
+    serve_stream(
+        core,
+        RcStream::new(stream),
+        counted,
+        shared::tls::WriteThrough::new,
+    )
+    .await
+}
+
+/// One authenticated link over `stream` (plain or TLS) until it drops; `writer` wraps the
+/// writing half (the identity for plain TCP).
+async fn serve_stream<S, W>(
+    core: Rc<Core>,
+    mut stream: RcStream<S>,
+    counted: Handshaking,
+    writer: impl FnOnce(RcStream<S>) -> W,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
+    W: AsyncWrite + Unpin + 'static,
+{
+    let mut reader = MessageReader::new(64 * 1024);
     let authenticated = authenticate(&core, &mut stream, &mut reader).await;
     drop(counted);
     if !authenticated {
@@ -83,10 +141,10 @@ pub async fn serve(core: Rc<Core>, stream: TcpStream) {
         out: Rc::new(OutQueue::new(8 << 20, 1 << 20)),
         sessions: RefCell::new(HashMap::new()),
     });
-    let writer = l.clone();
-    let wstream = crate::metrics::CountSent::new(stream.clone());
+    let queue = l.clone();
+    let wstream = crate::metrics::CountSent::new(writer(stream.clone()));
     glommio::spawn_local(async move {
-        let _ = writer.out.run_writer(wstream).await;
+        let _ = queue.out.run_writer(wstream).await;
     })
     .detach();
     welcome(&core, &l);

@@ -90,7 +90,7 @@ fn main() {
             std::process::exit(2);
         }
     }
-    tracing::info!(listen = %cfg.listen, cores = cfg.cores, pg = %format!("{}:{}", cfg.pg_host, cfg.pg_port), "pooler starting");
+    tracing::info!(listen = %cfg.listen, link_tls = cfg.link_tls.is_some(), cores = cfg.cores, pg = %format!("{}:{}", cfg.pg_host, cfg.pg_port), "pooler starting");
     if let Err(e) = agent::start(&cfg) {
         eprintln!("tidepool-pooler: {e}");
         std::process::exit(2);

@@ -206,3 +206,93 @@ fn a_readable_or_missing_secret_stops_the_pooler() {
     assert!(err.contains("agent_secret_file"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// With a certificate the agent speaks TLS only: the control process's client (the cluster CA,
+/// the secret inside) gets reports and acts; a plain client, even one holding the secret, gets
+/// nothing at all — not even the challenge; a client trusting another CA does not get past TLS.
+#[test]
+fn the_agent_over_tls_answers_the_control_process_and_nobody_in_clear() {
+    use shared::agent::{call_with, AgentAccess};
+    use testkit::tls::TestCa;
+    let n = Node::primary("tls1");
+    let ca = TestCa::new(&n.dir().join("tls"), "cluster");
+    let other = TestCa::new(&n.dir().join("tls"), "other");
+    let (cert, key) = ca.issue("node1", &["127.0.0.1"]);
+    let (cert, key) = (cert.to_string_lossy(), key.to_string_lossy());
+    let a = AgentPooler::start(&n, &["--agent-tls-cert", &cert, "--agent-tls-key", &key]);
+    let access = AgentAccess::with_tls(a.key(), &ca.ca_file()).unwrap();
+
+    // The control process's way: TLS checked against the CA, the handshake, a report, an act.
+    match call_with(a.agent_addr(), &access, &Request::Report, CALL) {
+        Ok(Response::Ok { report }) => assert_eq!(report.term, 0),
+        other => panic!("report over TLS: {other:?}\n{}", a.log_tail()),
+    }
+    match call_with(a.agent_addr(), &access, &Request::Recruit { term: 2 }, CALL) {
+        Ok(Response::Ok { report }) => assert_eq!(report.term, 2),
+        other => panic!("recruit over TLS: {other:?}\n{}", a.log_tail()),
+    }
+
+    // A plain client with the right secret: the agent waits for a TLS hello, so the client
+    // never sees a challenge; its request is not read as one.
+    let plain = call(
+        a.agent_addr(),
+        &a.key(),
+        &Request::Report,
+        Duration::from_secs(2),
+    );
+    assert!(matches!(plain, Err(CallError::Io { .. })), "{plain:?}");
+    let mut s = TcpStream::connect(a.agent_addr()).unwrap();
+    s.write_all(b"{\"op\":\"recruit\",\"term\":9}\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    // Nothing, or a TLS alert record (content type 21): no challenge, no refusal line, no report.
+    assert!(got.is_empty() || got[0] == 0x15, "a plain peer got {got:?}");
+
+    // Another CA: TLS fails, nothing is sent.
+    let wrong = AgentAccess::with_tls(a.key(), &other.ca_file()).unwrap();
+    let err = call_with(a.agent_addr(), &wrong, &Request::Report, CALL).unwrap_err();
+    assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+
+    // Only the recruit over TLS changed the node.
+    match call_with(a.agent_addr(), &access, &Request::Report, CALL) {
+        Ok(Response::Ok { report }) => assert_eq!(report.term, 2),
+        other => panic!("report over TLS: {other:?}\n{}", a.log_tail()),
+    }
+    let log = a.log_tail();
+    assert!(log.contains("tls=true"), "{log}");
+    assert!(log.contains("TLS handshake"), "{log}");
+}
+
+/// Without TLS the agent does not listen where other hosts may reach it (unless told the
+/// network is trusted with its reports in clear).
+#[test]
+fn a_plain_agent_off_loopback_is_refused() {
+    let dir = std::env::temp_dir().join(format!("tp-agent-exposed-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("agent.key");
+    AgentKey::create(&key).unwrap();
+    let mut args = vec![
+        "--listen".to_string(),
+        format!("127.0.0.1:{}", testkit::free_port()),
+        "--agent-listen".into(),
+        format!("0.0.0.0:{}", testkit::free_port()),
+        "--state-dir".into(),
+        dir.to_string_lossy().into_owned(),
+        "--agent-secret-file".into(),
+        key.to_string_lossy().into_owned(),
+    ];
+    args.extend(testkit::link_secret_args());
+    let out = std::process::Command::new(testkit::tidepool::bin_dir().join("tidepool-pooler"))
+        .args(&args)
+        .output()
+        .expect("run tidepool-pooler");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("without TLS") && err.contains("agent_insecure_non_loopback"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -11,3 +11,4 @@ pub mod protocol;
 pub mod role;
 pub mod settings;
 pub mod sql;
+pub mod tls;

@@ -12,7 +12,8 @@
 //! ```
 //!
 //! Environment: `TIDEPOOL_BIN_DIR` (use these binaries, build nothing),
-//! `TIDEPOOL_KEEP_TEST_DIRS` (keep each cluster's temp dir with its logs).
+//! `TIDEPOOL_KEEP_TEST_DIRS` (keep each cluster's temp dir with its logs),
+//! `TIDEPOOL_TEST_LINK_TLS=1` (every pooler–gateway link over TLS, test certificates).
 
 pub mod cli;
 pub mod cluster;
@@ -23,6 +24,7 @@ pub mod process;
 pub mod replication;
 pub mod sockets;
 pub mod tidepool;
+pub mod tls;
 pub mod wire;
 
 pub use cli::{pgbench, PgbenchSummary, Psql};

@@ -99,6 +99,32 @@ pub fn link_secret_file() -> PathBuf {
     .clone()
 }
 
+/// With `TIDEPOOL_TEST_LINK_TLS=1`, every pooler and gateway a test starts speak TLS on their
+/// link (a test CA per cluster; `crate::tls`), so any suite can run over the TLS path. Tests
+/// that set link TLS flags themselves keep theirs.
+fn link_tls_from_env(cluster: &PgCluster, mut opts: TidepoolOpts) -> TidepoolOpts {
+    let on = std::env::var("TIDEPOOL_TEST_LINK_TLS").is_ok_and(|v| v == "1");
+    if !on
+        || opts
+            .extra_pooler_args
+            .iter()
+            .any(|a| a == "--link-tls-cert")
+    {
+        return opts;
+    }
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let ca = crate::tls::TestCa::new(&cluster.dir().join("link-tls"), &format!("env{n}"));
+    let (cert, key) = ca.issue("pooler", &["127.0.0.1"]);
+    opts.extra_pooler_args
+        .extend(crate::tls::link_tls_args(&cert, &key));
+    opts.extra_gateway_args.extend([
+        "--link-tls-ca".to_string(),
+        ca.ca_file().to_string_lossy().into_owned(),
+    ]);
+    opts
+}
+
 /// `--link-secret-file FILE` with [`link_secret_file`].
 pub fn link_secret_args() -> [String; 2] {
     [
@@ -206,6 +232,7 @@ impl Tidepool {
     /// Starts the pooler, then the gateway; returns when the gateway port accepts connections.
     /// Panics after 20 s with the tail of both logs.
     pub fn start(cluster: &PgCluster, opts: TidepoolOpts) -> Tidepool {
+        let opts = link_tls_from_env(cluster, opts);
         let bin = bin_dir();
         let pooler_port = free_port();
         let gateway_port = free_port();

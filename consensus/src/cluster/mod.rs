@@ -47,16 +47,24 @@ impl Context {
     }
 }
 
-/// The agent secret of the cluster in `dir` (DIR/agent.key, written by `up`): what the
-/// control process and the command line prove to node agents.
-pub fn agent_key(dir: &Path) -> Result<shared::agent::AgentKey> {
+/// How the control process and the command line reach the node agents of the cluster in
+/// `dir`: the agent secret (DIR/agent.key, written by `up`), which they prove, and TLS checked
+/// against the cluster CA when `up` made one (DIR/tls/ca.crt, `crate::certs`; a cluster made
+/// before it has plain agents).
+pub fn agent_access(dir: &Path) -> Result<shared::agent::AgentAccess> {
     let path = dir.join(crate::layout::AGENT_KEY_FILE);
-    shared::agent::AgentKey::load(&path).map_err(|e| {
+    let key = shared::agent::AgentKey::load(&path).map_err(|e| {
         crate::error::Error::Environment(format!(
             "the agent secret: {e} (`tidepool up` writes it; a cluster made before it existed \
              needs `tidepool down` and `tidepool up`)"
         ))
-    })
+    })?;
+    let ca = crate::certs::ca_file(dir);
+    if !ca.exists() {
+        return Ok(shared::agent::AgentAccess::plain(key));
+    }
+    shared::agent::AgentAccess::with_tls(key, &ca)
+        .map_err(|e| crate::error::Error::Environment(format!("the cluster CA: {e}")))
 }
 
 /// The agent secret, generated (mode 600, from the OS's CSPRNG) when there is none yet.

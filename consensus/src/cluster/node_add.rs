@@ -116,6 +116,12 @@ pub fn run(global: &GlobalArgs, args: &NodeAddArgs) -> Result<bool> {
         &node,
         &layout.agent_key_file(),
     ));
+    // Its certificate from the cluster CA, when the cluster has one (made by `up`).
+    if crate::certs::ca_file(layout.dir()).exists() {
+        let ca = crate::certs::ensure_ca(layout)?;
+        crate::certs::ensure_node(layout, &ca, &node.name, &crate::certs::hosts_of(&node))?;
+        pooler.extend(crate::certs::pooler_args(layout, &node.name, true));
+    }
     let mut node = node;
     node.pooler_pid = ensure_process(
         Role::Pooler,
@@ -149,6 +155,10 @@ pub fn run(global: &GlobalArgs, args: &NodeAddArgs) -> Result<bool> {
     }
     let mut gateway = gateway_args(&state.settings, layout, &run);
     set_flag(&mut gateway, "--pooler", nodes::pooler_list(&state.nodes));
+    if !crate::certs::ca_file(layout.dir()).exists() {
+        // A cluster made before TLS: its poolers' links are plain.
+        crate::cluster::up::drop_flag(&mut gateway, "--link-tls-ca");
+    }
     ensure_tier(
         Role::Gateway,
         &gateway_bin,

@@ -21,7 +21,7 @@
 
 use std::time::Duration;
 
-use shared::agent::{call, Request, Response};
+use shared::agent::{call_with, Request, Response};
 
 use crate::cli::{GlobalArgs, NodeRemoveArgs};
 use crate::cluster::node_add::start_control;
@@ -165,12 +165,12 @@ fn check(state: &State, name: &str) -> Result<Plan> {
 fn remove(state: &mut State, layout: &crate::layout::Layout, plan: &Plan) -> Result<()> {
     let name = plan.node.name.as_str();
     // 2. No commit waits for the node from now on.
-    let key = super::agent_key(&state.dir)?;
+    let key = super::agent_access(&state.dir)?;
     let req = Request::SetSync {
         term: plan.primary_term,
         sync_names: plan.sync_names.clone(),
     };
-    match call(plan.primary.agent, &key, &req, Duration::from_secs(10)) {
+    match call_with(plan.primary.agent, &key, &req, Duration::from_secs(10)) {
         Ok(Response::Ok { .. }) => eprintln!(
             "synchronous standbys of {} now {:?}",
             plan.primary.name, plan.sync_names

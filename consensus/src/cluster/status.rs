@@ -83,14 +83,14 @@ pub struct NodeStatus {
 
 /// Asks every node agent for its report (one second each at most).
 pub fn inspect_nodes(state: &State) -> Vec<NodeStatus> {
-    use shared::agent::{call, format_lsn, Request, Response, Role as NodeRole};
-    let key = super::agent_key(&state.dir).map_err(|e| e.to_string());
+    use shared::agent::{call_with, format_lsn, Request, Response, Role as NodeRole};
+    let key = super::agent_access(&state.dir).map_err(|e| e.to_string());
     let reports: Vec<Result<Response, String>> = state
         .nodes
         .iter()
         .map(|n| {
             let key = key.as_ref().map_err(Clone::clone)?;
-            call(
+            call_with(
                 n.agent,
                 key,
                 &Request::Report,

@@ -166,11 +166,18 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
         super::ensure_agent_key(layout)?;
     }
     super::ensure_link_key(layout)?;
+    // The cluster CA and every node's certificate, before its pooler starts: links and agents
+    // speak TLS (crate::certs).
+    let ca = crate::certs::ensure_ca(layout)?;
+    for node in std::iter::once(&node1).chain(nodes.iter().skip(1)) {
+        crate::certs::ensure_node(layout, &ca, &node.name, &crate::certs::hosts_of(node))?;
+    }
 
     // Pooler, then gateway (the gateway's first clients need the pooler).
     let pooler_addr = loopback(settings.pooler_port);
     let gateway_addr = loopback(settings.port);
     let mut args = pooler_args(&settings, layout, &run);
+    args.extend(crate::certs::pooler_args(layout, &node1.name, ha));
     if let Some(node1) = nodes.first() {
         args.extend(nodes::agent_args(
             &settings,
@@ -208,6 +215,7 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
                 node.socket_dir.display().to_string(),
             );
             args.extend(nodes::agent_args(&settings, node, &layout.agent_key_file()));
+            args.extend(crate::certs::pooler_args(layout, &node.name, true));
             node.pooler_pid = ensure_process(
                 Role::Pooler,
                 &pooler_bin,
@@ -417,17 +425,26 @@ pub(crate) fn gateway_args(
     if let Some(config) = &run.gateway_config {
         args.extend(["--config".into(), absolute(config)]);
     }
-    let flags: [(&str, OsString); 4] = [
+    let flags: [(&str, OsString); 5] = [
         ("--listen", loopback(s.port).to_string().into()),
         ("--cores", s.cores.to_string().into()),
         ("--pooler", loopback(s.pooler_port).to_string().into()),
         ("--link-secret-file", layout.link_key_file().into()),
+        // Links are TLS: poolers present certificates of the cluster CA (crate::certs).
+        ("--link-tls-ca", crate::certs::ca_file(layout.dir()).into()),
     ];
     for (flag, value) in flags {
         args.push(flag.into());
         args.push(value);
     }
     args
+}
+
+/// Removes `flag` and its value from `args`.
+pub(crate) fn drop_flag(args: &mut Vec<OsString>, flag: &str) {
+    if let Some(i) = args.iter().position(|a| a == flag) {
+        args.drain(i..(i + 2).min(args.len()));
+    }
 }
 
 /// Replaces the value of `flag` in `args` (or appends the pair).
@@ -469,6 +486,23 @@ fn prepare_start(
 ) -> Result<Option<crate::privilege::Account>> {
     let account = crate::privilege::account_for(role)?;
     if let Some(a) = &account {
+        // A node's TLS key (DIR/tls/NODE.key), for the link and the agent alike.
+        for flag in ["--link-tls-key", "--agent-tls-key"] {
+            if let Some(master) = flag_value(args, flag) {
+                let master = PathBuf::from(master);
+                let stem = master
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let copy = crate::privilege::key_copy(
+                    &master,
+                    &layout.keys_dir(),
+                    &format!("tls.{stem}.{}.key", role.name()),
+                    Some(a),
+                )?;
+                set_flag(args, flag, copy.display().to_string());
+            }
+        }
         for (flag, master, kind) in [
             ("--link-secret-file", layout.link_key_file(), "link"),
             ("--agent-secret-file", layout.agent_key_file(), "agent"),
@@ -682,7 +716,7 @@ mod tests {
         assert_eq!(
             g.join(" "),
             "--config /etc/gw.toml --listen 127.0.0.1:15432 --cores 2 --pooler 127.0.0.1:15433 \
-             --link-secret-file /tp/link.key"
+             --link-secret-file /tp/link.key --link-tls-ca /tp/tls/ca.crt"
         );
     }
 }

@@ -41,8 +41,9 @@ pub fn now_ms() -> u64 {
 
 pub struct Controller {
     dir: PathBuf,
-    /// The cluster's agent secret (DIR/agent.key): every call to an agent proves it.
-    key: shared::agent::AgentKey,
+    /// The cluster's agent secret (DIR/agent.key), which every call to an agent proves, and
+    /// the CA the agents' certificates are checked against.
+    key: shared::agent::AgentAccess,
     settings: ClusterSettings,
     nodes: Vec<NodeRecord>,
     timers: Timers,
@@ -191,7 +192,7 @@ fn run_schedule_only(
 impl Controller {
     pub fn new(dir: PathBuf, state: &State) -> Result<Controller> {
         let store = store_for(&dir, &state.settings)?;
-        let key = crate::cluster::agent_key(&dir)?;
+        let key = crate::cluster::agent_access(&dir)?;
         Ok(Controller {
             key,
             dir,

@@ -4,17 +4,17 @@
 
 use std::time::Duration;
 
-use shared::agent::{self, AgentKey, Report, Request, Response};
+use shared::agent::{self, AgentAccess, Report, Request, Response};
 
 use crate::state::NodeRecord;
 
 /// A node's report, or why there is none.
 pub type Probe = Result<Report, String>;
 
-/// One request, authenticated with `key`; a `Refused` answer is an error carrying the
+/// One request, authenticated with `key` (over TLS when it has a CA); a `Refused` answer is an error carrying the
 /// agent's reason. (`agent::call` refuses reports whose terms are out of bounds.)
 pub async fn call(
-    key: &AgentKey,
+    key: &AgentAccess,
     node: &NodeRecord,
     req: Request,
     timeout_ms: u64,
@@ -23,7 +23,8 @@ pub async fn call(
     let name = node.name.clone();
     let key = key.clone();
     let timeout = Duration::from_millis(timeout_ms.max(1));
-    let joined = tokio::task::spawn_blocking(move || agent::call(addr, &key, &req, timeout)).await;
+    let joined =
+        tokio::task::spawn_blocking(move || agent::call_with(addr, &key, &req, timeout)).await;
     match joined {
         Ok(Ok(Response::Ok { report })) => Ok(report),
         Ok(Ok(Response::Refused { reason, .. })) => Err(format!("{name} refused: {reason}")),
@@ -34,7 +35,7 @@ pub async fn call(
 
 /// The same request to every node at once, answers in node order.
 pub async fn each(
-    key: &AgentKey,
+    key: &AgentAccess,
     nodes: &[NodeRecord],
     req: impl Fn(&NodeRecord) -> Option<Request>,
     timeout_ms: u64,
@@ -59,7 +60,7 @@ pub async fn each(
 }
 
 /// Every node's report.
-pub async fn all(key: &AgentKey, nodes: &[NodeRecord], timeout_ms: u64) -> Vec<Probe> {
+pub async fn all(key: &AgentAccess, nodes: &[NodeRecord], timeout_ms: u64) -> Vec<Probe> {
     each(key, nodes, |_| Some(Request::Report), timeout_ms)
         .await
         .into_iter()

@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use shared::agent::{call, AgentKey, Report, Request, Response, Role};
+use shared::agent::{call_with, AgentAccess, Report, Request, Response, Role};
 use testkit::{run_merged, Output};
 
 pub const TIDEPOOL: &str = env!("CARGO_BIN_EXE_tidepool");
@@ -206,13 +206,14 @@ impl HaCluster {
             .join("\n")
     }
 
-    /// The cluster's agent secret (DIR/agent.key, written by `up`).
-    pub fn key(&self) -> AgentKey {
-        AgentKey::load(&self.dir.join("agent.key")).unwrap_or_else(|e| panic!("agent secret: {e}"))
+    /// How the control process reaches the agents: the cluster's agent secret (DIR/agent.key)
+    /// and, over TLS, the cluster CA (DIR/tls/ca.crt), both written by `up`.
+    pub fn key(&self) -> AgentAccess {
+        tidepool::cluster::agent_access(&self.dir).unwrap_or_else(|e| panic!("agent access: {e}"))
     }
 
     pub fn report(&self, i: usize) -> Option<Report> {
-        match call(
+        match call_with(
             self.nodes[i].agent,
             &self.key(),
             &Request::Report,
@@ -438,7 +439,7 @@ impl Watcher {
             while !s.load(Ordering::Relaxed) && start.elapsed() < Duration::from_secs(600) {
                 for (name, addr) in &nodes {
                     if let Ok(Response::Ok { report }) =
-                        call(*addr, &key, &Request::Report, Duration::from_millis(500))
+                        call_with(*addr, &key, &Request::Report, Duration::from_millis(500))
                     {
                         if report.role == Role::Primary {
                             if let Ok(mut m) = k.lock() {

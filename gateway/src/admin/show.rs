@@ -530,6 +530,7 @@ mod tests {
             idle_transaction_timeout_ms: 1,
             log_level: "debug".into(),
             link_key: a.link_key.clone(),
+            link_tls: None,
             session_ids: a.session_ids,
             admin_database: "adm".into(),
             admin_users: vec!["z".into()],

@@ -74,7 +74,7 @@ pub fn start(cfg: &Config) -> Result<(), String> {
             });
         })
         .map_err(|e| format!("agent thread: {e}"))?;
-    tracing::info!(listen = %listen, node = %cfg.agent.node_name, "node agent listening");
+    tracing::info!(listen = %listen, tls = cfg.agent.tls.is_some(), node = %cfg.agent.node_name, "node agent listening");
     Ok(())
 }
 

@@ -7,6 +7,10 @@
 //! `HANDSHAKE` (a silent peer does not hold one of the few connection slots for long). Lines
 //! are bounded (shared::agent::MAX_LINE); a line that is not a valid request is answered with
 //! `Refused`, never a panic; an idle connection is closed after a minute.
+//!
+//! With `agent_tls_cert` every connection is TLS first (the control process checks the
+//! certificate against the cluster's CA), within the same `HANDSHAKE` bound; a peer that does
+//! not speak TLS gets nothing at all. The secret's handshake and line MACs run inside as before.
 
 use super::Agent;
 use shared::agent::auth::{AuthError, ServerHandshake};
@@ -14,7 +18,7 @@ use shared::agent::{Request, Response, MAX_LINE};
 use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 /// Connections served at once; more are closed at once (the control uses a handful).
@@ -31,6 +35,11 @@ pub async fn serve(agent: Rc<Agent>, listener: std::net::TcpListener) {
         }
     };
     let open = Rc::new(Cell::new(0usize));
+    let tls = agent
+        .cfg
+        .tls
+        .as_ref()
+        .map(|t| tokio_rustls::TlsAcceptor::from(t.config.clone()));
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
@@ -41,8 +50,9 @@ pub async fn serve(agent: Rc<Agent>, listener: std::net::TcpListener) {
                 open.set(open.get() + 1);
                 let agent = agent.clone();
                 let open = open.clone();
+                let tls = tls.clone();
                 tokio::task::spawn_local(async move {
-                    if let Err(e) = connection(&agent, stream).await {
+                    if let Err(e) = accept(&agent, tls, stream).await {
                         if e.kind() == std::io::ErrorKind::PermissionDenied {
                             tracing::warn!(%peer, error = %e, "agent connection refused");
                         } else {
@@ -93,15 +103,39 @@ fn refusal(reason: &str) -> Vec<u8> {
     out
 }
 
-async fn connection(agent: &Agent, stream: TcpStream) -> std::io::Result<()> {
+/// TLS first when the agent has a certificate, then the connection.
+async fn accept(
+    agent: &Agent,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    stream: TcpStream,
+) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
-    let (r, mut w) = stream.into_split();
+    let Some(tls) = tls else {
+        return connection(agent, stream).await;
+    };
+    match tokio::time::timeout(HANDSHAKE, tls.accept(stream)).await {
+        Ok(Ok(s)) => connection(agent, s).await,
+        Ok(Err(e)) => Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!("TLS handshake: {e}"),
+        )),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "no TLS handshake within the timeout",
+        )),
+    }
+}
+
+async fn connection<S: AsyncRead + AsyncWrite>(agent: &Agent, stream: S) -> std::io::Result<()> {
+    let (r, w) = tokio::io::split(stream);
+    // Each line is flushed: a TLS stream holds written records until flushed.
+    let mut w = Flushing(w);
     let mut r = BufReader::new(r);
     let mut line = Vec::new();
 
     // The handshake. Before it succeeds nothing but the challenge and a refusal is written.
     let hs = ServerHandshake::new(&agent.key);
-    w.write_all(&hs.challenge()).await?;
+    w.send(&hs.challenge()).await?;
     let got = tokio::time::timeout(HANDSHAKE, read_line(&mut r, &mut line)).await;
     let verified = match got {
         Ok(Ok(Some(()))) => hs.verify(&line),
@@ -111,11 +145,11 @@ async fn connection(agent: &Agent, stream: TcpStream) -> std::io::Result<()> {
     };
     let mut sealed = match verified {
         Ok((proof, sealed)) => {
-            w.write_all(&proof).await?;
+            w.send(&proof).await?;
             sealed
         }
         Err(e) => {
-            let _ = w.write_all(&refusal("authentication failed")).await;
+            let _ = w.send(&refusal("authentication failed")).await;
             return Err(std::io::Error::new(
                 std::io::ErrorKind::PermissionDenied,
                 format!("handshake: {e}"),
@@ -132,7 +166,7 @@ async fn connection(agent: &Agent, stream: TcpStream) -> std::io::Result<()> {
                     report: None,
                 };
                 let out = serde_json::to_vec(&too_long).map_err(std::io::Error::other)?;
-                w.write_all(&sealed.seal(&out)).await?;
+                w.send(&sealed.seal(&out)).await?;
                 return Err(e);
             }
             Ok(Ok(Some(()))) => {}
@@ -150,7 +184,7 @@ async fn connection(agent: &Agent, stream: TcpStream) -> std::io::Result<()> {
             },
         };
         let out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
-        w.write_all(&sealed.seal(&out)).await?;
+        w.send(&sealed.seal(&out)).await?;
     }
 }
 
@@ -188,5 +222,16 @@ async fn operation(agent: &Agent, req: Request) -> Response {
         Request::Promote { term, sync_names } => agent.promote(term, &sync_names).await,
         Request::Follow { term, primary } => agent.follow(term, &primary).await,
         Request::SetSync { term, sync_names } => agent.set_sync(term, &sync_names).await,
+    }
+}
+
+/// The writing half; every line goes out at once (`flush` after each: the TLS stream keeps
+/// records in its buffer until then; for plain TCP it is a no-op).
+struct Flushing<W>(W);
+
+impl<W: AsyncWrite + Unpin> Flushing<W> {
+    async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.0.write_all(bytes).await?;
+        self.0.flush().await
     }
 }

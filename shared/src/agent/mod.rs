@@ -1,7 +1,7 @@
 //! The node-agent protocol: what the control process asks of a pooler about its Postgres
 //! (report, recruit, promote, follow, set the synchronous-replication settings).
 //!
-//! One JSON object per line over TCP, one request and one response per line, in order. Not a
+//! One JSON object per line over TCP (TLS when the agents have certificates: crate::tls), one request and one response per line, in order. Not a
 //! hot path: failovers and health probes, a few per second, so serde does the bytes.
 //!
 //! Every connection authenticates both ends first (auth.rs: HMAC challenge-response with the
@@ -194,13 +194,44 @@ pub enum CallError {
     },
 }
 
+/// What a caller needs to reach the agents of a cluster: the agent secret, and the CA their
+/// certificates chain to when the agents speak TLS (`None`: plain TCP, the secret's handshake
+/// and line MACs alone).
+#[derive(Clone)]
+pub struct AgentAccess {
+    pub key: AgentKey,
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+}
+
+impl AgentAccess {
+    /// Plain TCP: agents on this host (or a network trusted with reports in clear).
+    pub fn plain(key: AgentKey) -> AgentAccess {
+        AgentAccess { key, tls: None }
+    }
+
+    /// TLS, the agents' certificates checked against the CA(s) in `ca_file` (PEM) and the
+    /// address dialled.
+    pub fn with_tls(key: AgentKey, ca_file: &std::path::Path) -> Result<AgentAccess, String> {
+        Ok(AgentAccess {
+            key,
+            tls: Some(crate::tls::client_config(ca_file)?),
+        })
+    }
+}
+
+/// The connection to an agent, plain or TLS: not a hot path (a few calls per second), so one
+/// boxed stream.
+trait Conn: Read + Write + Send {}
+impl<T: Read + Write + Send> Conn for T {}
+
 /// One request to the agent at `addr`, blocking, every step bounded by `timeout` (connect,
-/// the handshake, write, and the answer, which for `Recruit`, `Promote` and `Follow` includes
-/// the work). Both ends prove they hold `key` before the request is sent; an answer that is
-/// not the authenticated agent's, or whose terms are out of bounds, is an error.
-pub fn call(
+/// the TLS handshake when `access.tls` is set, the secret's handshake, write, and the answer,
+/// which for `Recruit`, `Promote` and `Follow` includes the work). Both ends prove they hold
+/// the key before the request is sent; an answer that is not the authenticated agent's, or
+/// whose terms are out of bounds, is an error.
+pub fn call_with(
     addr: SocketAddr,
-    key: &AgentKey,
+    access: &AgentAccess,
     req: &Request,
     timeout: Duration,
 ) -> Result<Response, CallError> {
@@ -211,15 +242,30 @@ pub fn call(
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(timeout)).map_err(io)?;
     let _ = stream.set_nodelay(true);
-    let mut w = stream.try_clone().map_err(io)?;
-    let mut r = BufReader::new(stream);
+    let conn: Box<dyn Conn> = match &access.tls {
+        None => Box::new(stream),
+        Some(config) => {
+            let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+            let tls = rustls::ClientConnection::new(config.clone(), name)
+                .map_err(|e| protocol(format!("TLS: {e}")))?;
+            let mut s = rustls::StreamOwned::new(tls, stream);
+            // The handshake now, so a certificate the CA did not issue is named as such.
+            while s.conn.is_handshaking() {
+                s.conn
+                    .complete_io(&mut s.sock)
+                    .map_err(|e| protocol(format!("TLS handshake: {e}")))?;
+            }
+            Box::new(s)
+        }
+    };
+    let mut r = BufReader::new(conn);
     let challenge = read_line(&mut r).map_err(io)?;
-    let (answer, hs) = auth::ClientHandshake::answer(key, &challenge).map_err(auth)?;
-    w.write_all(&answer).map_err(io)?;
+    let (answer, hs) = auth::ClientHandshake::answer(&access.key, &challenge).map_err(auth)?;
+    send(r.get_mut(), &answer).map_err(io)?;
     let proof = read_line(&mut r).map_err(io)?;
     let mut sealed = hs.finish(&proof).map_err(auth)?;
     let body = serde_json::to_vec(req).map_err(|e| protocol(e.to_string()))?;
-    w.write_all(&sealed.seal(&body)).map_err(io)?;
+    send(r.get_mut(), &sealed.seal(&body)).map_err(io)?;
     let line = read_line(&mut r).map_err(io)?;
     let json = sealed.open(&line).map_err(auth)?;
     let response: Response = serde_json::from_slice(json).map_err(|e| protocol(e.to_string()))?;
@@ -231,6 +277,21 @@ pub fn call(
         r.validate().map_err(protocol)?;
     }
     Ok(response)
+}
+
+/// [`call_with`] over plain TCP.
+pub fn call(
+    addr: SocketAddr,
+    key: &AgentKey,
+    req: &Request,
+    timeout: Duration,
+) -> Result<Response, CallError> {
+    call_with(addr, &AgentAccess::plain(key.clone()), req, timeout)
+}
+
+fn send(w: &mut dyn Conn, bytes: &[u8]) -> std::io::Result<()> {
+    w.write_all(bytes)?;
+    w.flush()
 }
 
 /// One line of at most `MAX_LINE` bytes; a closed connection or a longer line is an error.
