@@ -277,9 +277,8 @@ fn denied(signal: Signal, superuser: bool) -> String {
 }
 
 /// The server's check of a call on another session, as `pg_signal_backend()` makes it, with
-/// `marker` as the allowed branch's warning; `role` names the target's role.
-fn checked(signal: Signal, superuser: bool, role: &str, marker: &str) -> String {
-    let allowed = format!("pg_catalog.pg_cancel_backend({marker}) IS NOT NULL");
+/// `allowed` as the allowed branch; `role` names the target's role.
+fn checked(signal: Signal, superuser: bool, role: &str, allowed: &str) -> String {
     if superuser {
         format!(
             "CASE WHEN {CURRENT_IS_SUPERUSER} THEN {allowed} ELSE {} END",
@@ -309,12 +308,21 @@ pub struct Issued {
     pub secret: i32,
 }
 
-/// Per session: the prepared statements (by name) whose parameters are signalled pids, and the
-/// count of constant calls (their markers).
+/// Per session: the prepared statements (by name) that signal other sessions, and the count of
+/// constant calls (their markers).
 #[derive(Default)]
 pub struct Statements {
-    by_name: HashMap<Vec<u8>, Vec<(usize, Signal)>>,
+    by_name: HashMap<Vec<u8>, Prepared>,
     constants: u32,
+}
+
+/// A prepared statement's signalling calls: the parameters (index from 0) that carry a pid,
+/// and the signals its constant calls stand for (issued again at each `Bind`: the statement
+/// runs then, as often as it is bound).
+#[derive(Default)]
+struct Prepared {
+    params: Vec<(usize, Signal)>,
+    constants: Vec<Issued>,
 }
 
 impl Statements {
@@ -346,15 +354,19 @@ pub fn rewrite_batch(
                 m
             }),
         fe::PARSE => fe::parse_parse(body).ok().and_then(|p| {
-            let (sql, params) = if named {
-                rewrite(p.query, caller, &mut constants, &mut issued)
+            let mut prepared = Prepared::default();
+            let sql = if named {
+                let (sql, params) =
+                    rewrite(p.query, caller, &mut constants, &mut prepared.constants);
+                prepared.params = params;
+                sql
             } else {
-                (None, Vec::new())
+                None
             };
-            if params.is_empty() {
+            if prepared.params.is_empty() && prepared.constants.is_empty() {
                 stmts.by_name.remove(p.name);
             } else {
-                stmts.by_name.insert(p.name.to_vec(), params);
+                stmts.by_name.insert(p.name.to_vec(), prepared);
             }
             let sql = sql?;
             let mut m = Vec::new();
@@ -365,7 +377,12 @@ pub fn rewrite_batch(
         _ => None,
     });
     stmts.constants = constants;
-    Some((out?, issued))
+    match out {
+        Some(out) => Some((out, issued)),
+        // Binds of statements whose calls are all constants: the text is already the server's.
+        None if !issued.is_empty() => Some((batch.to_vec(), issued)),
+        None => None,
+    }
 }
 
 /// `cancel_backend` or `terminate_backend` anywhere in `batch` (ASCII case ignored): one pass
@@ -389,7 +406,9 @@ fn names_a_signal(batch: &[u8]) -> bool {
 /// reading of them (`PARAM_OWN`, `PARAM_SUPERUSER`, `PARAM_OWN - oid`).
 fn bind(body: &[u8], caller: i32, stmts: &Statements, issued: &mut Vec<Issued>) -> Option<Vec<u8>> {
     let (portal, stmt, rest) = fe::parse_bind(body).ok()?;
-    let slots = stmts.by_name.get(stmt)?;
+    let prepared = stmts.by_name.get(stmt)?;
+    issued.extend_from_slice(&prepared.constants);
+    let slots = &prepared.params;
     let rd = |at: usize| -> Option<i16> {
         Some(i16::from_be_bytes([*rest.get(at)?, *rest.get(at + 1)?]))
     };
@@ -575,23 +594,29 @@ fn rewrite(
                     None => continue,
                     Some(Decision::Own) => format!("(SELECT {own} AS {name})"),
                     Some(Decision::Other(o)) => {
-                        let marker = CONST_BASE - (*constants % CONST_SPAN) as i32;
-                        *constants = constants.wrapping_add(1);
-                        if o.reachable {
+                        let role = match o.oid {
+                            0 => literal(&o.user),
+                            oid => format!("{oid}::pg_catalog.oid"),
+                        };
+                        // Where the gateway would not believe the server (memberships granted
+                        // since the caller logged in), the allowed branch is the call itself:
+                        // a pid the server does not know (`false` and its warning).
+                        let allowed = if o.reachable {
+                            let marker = CONST_BASE - (*constants % CONST_SPAN) as i32;
+                            *constants = constants.wrapping_add(1);
                             issued.push(Issued {
                                 marker,
                                 signal,
                                 pid: o.pid,
                                 secret: o.secret,
                             });
-                        }
-                        let role = match o.oid {
-                            0 => literal(&o.user),
-                            oid => format!("{oid}::pg_catalog.oid"),
+                            format!("pg_catalog.pg_cancel_backend({marker}) IS NOT NULL")
+                        } else {
+                            format!("pg_catalog.{name}({args})")
                         };
                         format!(
                             "(SELECT {} AS {name})",
-                            checked(signal, o.superuser, &role, &marker.to_string())
+                            checked(signal, o.superuser, &role, &allowed)
                         )
                     }
                 }
@@ -614,13 +639,14 @@ fn rewrite(
                 let a = format!("({a})");
                 // The Bind says which (`bind`); the value is the allowed branch's marker.
                 let role = format!("({PARAM_OWN} - {a})::pg_catalog.oid");
+                let marker = format!("pg_catalog.pg_cancel_backend({a}) IS NOT NULL");
                 format!(
                     "(SELECT CASE WHEN {a} = {PARAM_OWN} THEN {own} \
                      WHEN {a} = {PARAM_SUPERUSER} THEN {} \
                      WHEN {a} < {PARAM_SUPERUSER} THEN {} \
                      ELSE pg_catalog.{name}({args}) END AS {name})",
-                    checked(signal, true, "", &a),
-                    checked(signal, false, &role, &a),
+                    checked(signal, true, "", &marker),
+                    checked(signal, false, &role, &marker),
                 )
             }
             _ => continue,
@@ -765,13 +791,17 @@ mod tests {
         let root = session("root2", 43, 10, &[], true);
         let (sql, _, issued) = r(&format!("SELECT pg_cancel_backend({})", b.pid), a.pid);
         assert!(issued.is_empty(), "erin could not become o'hara");
+        // Where the gateway issues no marker, the allowed branch is the call itself.
         assert_eq!(
             sql.unwrap(),
-            "SELECT (SELECT CASE WHEN pg_catalog.pg_has_role(E'o''\\\\hara', 'USAGE') \
-             OR pg_catalog.pg_has_role('pg_signal_backend', 'USAGE') \
-             THEN pg_catalog.pg_cancel_backend(-536870912) IS NOT NULL ELSE \
-             pg_catalog.current_setting('tidepool.signal_denied_cancel_member')::boolean \
-             END AS pg_cancel_backend)"
+            format!(
+                "SELECT (SELECT CASE WHEN pg_catalog.pg_has_role(E'o''\\\\hara', 'USAGE') \
+                 OR pg_catalog.pg_has_role('pg_signal_backend', 'USAGE') \
+                 THEN pg_catalog.pg_cancel_backend({}) ELSE \
+                 pg_catalog.current_setting('tidepool.signal_denied_cancel_member')::boolean \
+                 END AS pg_cancel_backend)",
+                b.pid
+            )
         );
         let (sql, _, issued) = r(
             &format!("SELECT pg_terminate_backend({}, 10)", root.pid),
@@ -782,10 +812,11 @@ mod tests {
             sql.unwrap(),
             format!(
                 "SELECT (SELECT CASE WHEN {CURRENT_IS_SUPERUSER} \
-                 THEN pg_catalog.pg_cancel_backend(-536870912) IS NOT NULL \
+                 THEN pg_catalog.pg_terminate_backend({}, 10) \
                  ELSE pg_catalog.current_setting(\
                  'tidepool.signal_denied_terminate_superuser')::boolean \
-                 END AS pg_terminate_backend)"
+                 END AS pg_terminate_backend)",
+                root.pid
             )
         );
         // The same role, by oid; each constant call its own marker.
@@ -826,6 +857,32 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn a_prepared_constant_call_is_issued_at_each_bind() {
+        let a = session("gina", 61, 16451, &[], false);
+        let b = session("gina", 62, 16451, &[], false);
+        let mut stmts = Statements::default();
+        let mut parse = Vec::new();
+        let sql = format!("SELECT pg_terminate_backend({})", b.pid);
+        fe::write_parse(&mut parse, b"", sql.as_bytes(), &[0, 0]);
+        let (out, issued) = rewrite_batch(&parse, a.pid, &mut stmts).unwrap();
+        assert!(issued.is_empty(), "the Parse runs nothing");
+        assert!(String::from_utf8_lossy(&out).contains("pg_cancel_backend(-536870912)"));
+        let mut bind_msg = Vec::new();
+        fe::write_bind(&mut bind_msg, b"", b"", &[0, 0, 0, 0, 0, 0]);
+        let want = Issued {
+            marker: -536870912,
+            signal: Signal::Terminate,
+            pid: b.pid,
+            secret: 62,
+        };
+        for _ in 0..2 {
+            let (out, issued) = rewrite_batch(&bind_msg, a.pid, &mut stmts).unwrap();
+            assert_eq!(out, bind_msg);
+            assert_eq!(issued, vec![want]);
+        }
     }
 
     #[test]
