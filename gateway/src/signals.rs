@@ -59,6 +59,11 @@ const PARAM_SUPERUSER: i32 = PARAM_OWN - 1;
 const MAX_OID: u32 = (1 << 30) - 1;
 const CONST_BASE: i32 = -(1 << 29);
 const CONST_SPAN: u32 = 1 << 20;
+// Every parameter value fits an `integer`, and the two ranges do not meet.
+const _: () = assert!(
+    PARAM_OWN as i64 - MAX_OID as i64 == i32::MIN as i64
+        && PARAM_SUPERUSER < CONST_BASE - CONST_SPAN as i32
+);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Signal {
@@ -730,13 +735,6 @@ mod tests {
         let mut pids: Vec<_> = regs.iter().map(|r| r.pid).collect();
         pids.dedup();
         assert_eq!(pids.len(), 100);
-    }
-
-    #[test]
-    fn markers_are_no_pids_and_carry_any_user_role() {
-        assert!(PARAM_OWN - MAX_OID as i32 >= i32::MIN);
-        assert!(PARAM_OWN < CONST_BASE - CONST_SPAN as i32);
-        assert!(CONST_BASE < 0);
     }
 
     #[test]
