@@ -32,6 +32,8 @@ pub trait Endpoint {
     fn attach(&self, link: Option<Rc<Link>>);
     /// Backend messages for the client (a frame may cut them anywhere).
     fn on_data(&self, data: &[u8]);
+    /// A whole `NoticeResponse` that may be a signal the server allowed (`down::SIGNAL`).
+    fn on_signal(&self, msg: &[u8]);
     /// The session's settings as the pooler last read them.
     fn on_settings(&self, settings: Settings);
     /// A startup reply: `AUTH_INFO`, `OPENED` or `OPEN_FAILED`.
@@ -312,6 +314,7 @@ impl Link {
         };
         match kind {
             down::DATA => s.on_data(payload),
+            down::SIGNAL => s.on_signal(payload),
             down::ACK => {
                 if let Some(Ok(b)) = payload.get(..8).map(<[u8; 8]>::try_from) {
                     s.on_ack(u64::from_be_bytes(b));

@@ -40,7 +40,9 @@ struct Slot {
     role: [AtomicU64; 8],
     /// The port of the owner's listener.
     port: AtomicU32,
-    _pad: [u32; 9],
+    /// The role's `pg_authid.oid` (0: not known yet, or a gateway that does not write it).
+    oid: AtomicU32,
+    _pad: [u32; 8],
 }
 
 const SLOT_BYTES: usize = std::mem::size_of::<Slot>();
@@ -52,6 +54,7 @@ pub struct Entry {
     pub user: String,
     pub superuser: bool,
     pub secret: i32,
+    pub oid: u32,
 }
 
 pub struct Table {
@@ -176,6 +179,7 @@ impl Table {
         s.secret.store(secret, Ordering::Relaxed);
         s.owner.store(self.me, Ordering::Relaxed);
         s.port.store(self.port, Ordering::Relaxed);
+        s.oid.store(0, Ordering::Relaxed);
         let role = user.as_bytes();
         let n = if role.len() <= ROLE_BYTES {
             role.len()
@@ -194,12 +198,14 @@ impl Table {
         true
     }
 
-    /// Marks `pid`'s session a superuser's (known once it logged in).
-    pub fn set_superuser(&self, pid: i32, superuser: bool) {
+    /// Marks `pid`'s session a superuser's or not, and its role's oid (known once it logged
+    /// in).
+    pub fn set_role(&self, pid: i32, superuser: bool, oid: u32) {
         self.rewrite(pid, |s| {
             let f = s.flags.load(Ordering::Relaxed) & 0xff;
             s.flags
                 .store(f | if superuser { 0x100 } else { 0 }, Ordering::Relaxed);
+            s.oid.store(oid, Ordering::Relaxed);
         });
     }
 
@@ -243,6 +249,7 @@ impl Table {
             let owner = s.owner.load(Ordering::Relaxed);
             let flags = s.flags.load(Ordering::Relaxed);
             let port = s.port.load(Ordering::Relaxed);
+            let oid = s.oid.load(Ordering::Relaxed);
             let mut words = [0u8; 64];
             for (i, w) in s.role.iter().enumerate() {
                 words[i * 8..i * 8 + 8].copy_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
@@ -260,6 +267,7 @@ impl Table {
                 user,
                 superuser: flags & 0x100 != 0,
                 secret,
+                oid,
             });
         }
         None
@@ -297,15 +305,17 @@ mod tests {
             user: "alice".into(),
             superuser: false,
             secret: 77,
+            oid: 0,
         };
         assert_eq!(b.lookup(pid), Some(want.clone()));
         // Another pid of the same slot is nobody's.
         assert_eq!(b.lookup(pid + SLOTS as i32), None);
-        a.set_superuser(pid, true);
+        a.set_role(pid, true, 16390);
         assert_eq!(
             b.lookup(pid),
             Some(Entry {
                 superuser: true,
+                oid: 16390,
                 ..want
             })
         );

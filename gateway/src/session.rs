@@ -412,7 +412,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         let (kind, reply) = auth::await_control(&io, &mut stream, &mut reader).await?;
         match kind {
             down::OPENED => {
-                registration.logged_in(&reply);
+                registration.logged_in(&reply, &role);
                 let mut out = std::mem::take(&mut owed);
                 out.extend_from_slice(&reply);
                 be::backend_key_data(&mut out, pid, secret);
@@ -832,12 +832,12 @@ fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                             l.send(up::NAMES, id, &names);
                             (None, None)
                         };
-                        let (sent, owed) = match &signalled {
-                            Some((b, owed)) => (&b[..], &owed[..]),
-                            None => (own_pid.as_deref().unwrap_or(batch), &[][..]),
+                        let (sent, issued) = match signalled {
+                            Some((ref b, issued)) => (&b[..], issued),
+                            None => (own_pid.as_deref().unwrap_or(batch), Vec::new()),
                         };
+                        io.expect_signals(&core, issued);
                         session_io::send(&l, &io, id, flags, sent, may_commit);
-                        send_signals(&core, owed);
                         reader.consume(end);
                     }
                     None => {
@@ -849,12 +849,12 @@ fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                         if let Some(b) = identity::virtual_backend_pid(&batch, open.pid) {
                             batch = b;
                         }
-                        let mut owed = Vec::new();
-                        if let Some((b, o)) = signal_calls(&io, &batch, open.pid, &mut signal_stmts)
+                        if let Some((b, issued)) =
+                            signal_calls(&io, &batch, open.pid, &mut signal_stmts)
                         {
-                            (batch, owed) = (b, o);
+                            batch = b;
+                            io.expect_signals(&core, issued);
                         }
-                        send_signals(&core, &owed);
                         // The slow path may change poolers: names are not sent; a PREPARE
                         // then keeps the client's name on a pinned backend.
                         let flags = if names_prepare {
@@ -1028,31 +1028,18 @@ const SYNC_COMMIT_DENIED: &str =
 /// the Parse keeps its name and parameter types, so Bind/Execute/Sync behave as for any failed
 /// statement.
 /// The batch with its `pg_cancel_backend`/`pg_terminate_backend` calls on sessions' pids
-/// answered (signals.rs), and the signals that then go to those sessions. Not in a failed
+/// rewritten (signals.rs), and the signals the server may then allow. Not in a failed
 /// transaction: the server refuses the statement, so nothing may be signalled.
 fn signal_calls(
     io: &SessionIo,
     batch: &[u8],
     pid: i32,
     stmts: &mut signals::Statements,
-) -> Option<(Vec<u8>, Vec<signals::Owed>)> {
+) -> Option<(Vec<u8>, Vec<signals::Issued>)> {
     if io.status.get() == b'E' {
         return None;
     }
     signals::rewrite_batch(batch, pid, stmts)
-}
-
-/// Sends each owed signal to the poolers, as a client's cancel request goes (the signalled
-/// session may live on any core of any pooler).
-fn send_signals(core: &Rc<Core>, owed: &[signals::Owed]) {
-    for &(signal, pid, secret) in owed {
-        let core = core.clone();
-        glommio::spawn_local(async move {
-            core.signal(pid, secret, signal == signals::Signal::Terminate)
-                .await
-        })
-        .detach();
-    }
 }
 
 fn deny_sync_commit(batch: &[u8], denied: &[usize]) -> Vec<u8> {

@@ -7,13 +7,14 @@
 use crate::classify;
 use crate::core::Core;
 use crate::link::{Endpoint, Link};
+use crate::signals;
 use shared::io::{Notify, OutQueue, Slot};
 use shared::link::{put_header, up};
 use shared::protocol::backend::{self as be, Severity};
 use shared::protocol::frontend as fe;
 use shared::settings::Settings;
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
 /// What a session owes its client at its next request, after its link was lost while idle.
@@ -89,7 +90,20 @@ pub struct SessionIo {
     window: Notify,
     /// The session's id, held for as long as anything holds the session.
     id: RefCell<Option<crate::core::SessionId>>,
+    /// Signals the server may allow in the requests in flight (signals.rs); boxed, and only
+    /// while there are any.
+    signals: RefCell<Option<Box<Expected>>>,
 }
+
+/// Signals waiting for the server's word (`down::SIGNAL`), oldest first.
+struct Expected {
+    core: Rc<Core>,
+    issued: VecDeque<signals::Issued>,
+}
+
+/// Signals kept waiting per session at most (the oldest go first): a client that sends
+/// endless signalling calls the server never reaches holds no more.
+const MAX_EXPECTED: usize = 1024;
 
 /// Where the backend message stream to the client stands: the link may cut a message anywhere,
 /// so we follow message boundaries across frames (only lengths are read).
@@ -133,6 +147,7 @@ impl SessionIo {
             taken: Cell::new(0),
             window: Notify::default(),
             id: RefCell::new(None),
+            signals: RefCell::new(None),
         })
     }
 
@@ -286,6 +301,48 @@ impl SessionIo {
         self.prepared_bytes.set(0);
     }
 
+    /// Signals to send when the server allows them (the batch carrying their calls is about to
+    /// go out).
+    pub fn expect_signals(&self, core: &Rc<Core>, issued: Vec<signals::Issued>) {
+        if issued.is_empty() {
+            return;
+        }
+        let mut s = self.signals.borrow_mut();
+        let e = s.get_or_insert_with(|| {
+            Box::new(Expected {
+                core: core.clone(),
+                issued: VecDeque::new(),
+            })
+        });
+        e.issued.extend(issued);
+        while e.issued.len() > MAX_EXPECTED {
+            e.issued.pop_front();
+        }
+    }
+
+    /// Postgres's warning for a negative pid (`down::SIGNAL`): the server allowed the signal of
+    /// that marker, the oldest waiting one (a parameter's marker names a role, not a session:
+    /// calls are answered in the order they were sent). A marker nobody waits for is the
+    /// client's own call: its warning goes to the client.
+    fn on_signal(&self, msg: &[u8]) {
+        let found = be::signal_marker(msg).and_then(|m| {
+            let mut s = self.signals.borrow_mut();
+            let e = s.as_mut()?;
+            let i = e.issued.iter().position(|x| x.marker == m)?;
+            Some((e.core.clone(), e.issued.remove(i)?))
+        });
+        match found {
+            Some((core, x)) => {
+                glommio::spawn_local(async move {
+                    core.signal(x.pid, x.secret, x.signal == signals::Signal::Terminate)
+                        .await
+                })
+                .detach();
+            }
+            None => self.on_data(msg),
+        }
+    }
+
     fn on_ready(&self, status: u8) {
         // Counted for SHOW STATS and the metrics: every ReadyForQuery answers a query; one
         // that finds the session idle ends a transaction (or an autocommit statement).
@@ -297,6 +354,8 @@ impl SessionIo {
         let p = self.pending.get().saturating_sub(1);
         self.pending.set(p);
         if p == 0 {
+            // Every call sent was answered: the server allowed no more than it said.
+            self.signals.borrow_mut().take();
             self.pending_may_commit.set(false);
             self.ready_notify.notify();
         }
@@ -373,6 +432,10 @@ impl Endpoint for SessionIo {
 
     fn on_data(&self, data: &[u8]) {
         SessionIo::on_data(self, data);
+    }
+
+    fn on_signal(&self, msg: &[u8]) {
+        SessionIo::on_signal(self, msg);
     }
 
     fn on_settings(&self, settings: Settings) {

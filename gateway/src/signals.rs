@@ -1,26 +1,44 @@
-//! `pg_cancel_backend(pid)` and `pg_terminate_backend(pid)` of a session's own pid, as its
-//! client knows it (issue 11): the pid of the `BackendKeyData` the gateway sent, which is no
-//! process Postgres knows. Through Tidepool such a call must cancel that session's query or end
-//! that session, and answer `true`, as it does directly. See
+//! `pg_cancel_backend(pid)` and `pg_terminate_backend(pid)` of a session's pid, as its client
+//! knows it (issue 11): the pid of the `BackendKeyData` the gateway sent, which is no process
+//! Postgres knows. Through Tidepool such a call must cancel that session's query or end that
+//! session, answer `true`, or refuse with 42501, exactly where it does directly. See
 //! docs/decisions/2026-12-07-signals-to-virtual-pids.md.
 //!
 //! The pids the gateway gives out lie at or above `FIRST_VIRTUAL` (2²²): Linux's `pid_max` is at
 //! most 2²², so a virtual pid is never a real process and a real pid never a session's.
 //!
-//! Where the pid is a constant (`pg_terminate_backend(12345678)`) or a parameter (`$1`, as
-//! drivers send a pid they hold), the gateway reads it: a pid of a session of this process that
-//! the caller may signal (the same role, or a superuser caller; as Postgres's
-//! `pg_signal_backend()`) is sent as a cancel or a termination to that session through the
-//! poolers (the cancel routing), and the server is made to answer `true` for the call: a constant
-//! call becomes `(SELECT true AS pg_cancel_backend)`; a call on a parameter becomes
-//! `(SELECT CASE WHEN $1 = ALLOWED THEN true ELSE pg_catalog.pg_cancel_backend($1) END AS
-//! pg_cancel_backend)` and the parameter's value is replaced by `ALLOWED` in the `Bind` that
-//! names the gateway's decision. Where Postgres would refuse the caller (another role's session,
-//! a superuser's), the server checks the memberships and raises an error the pooler shows as
-//! Postgres's own 42501 (`denied`). Every other pid is left to the server: real pids behave as
-//! directly, and a pid that is nobody's (or a session of another gateway process) gets
-//! Postgres's own `false` and warning. The result column keeps the call's name (a scalar
-//! subquery takes its column's name).
+//! Postgres 15's `pg_signal_backend()` (signalfuncs.c) judges the caller by its current role
+//! (`GetUserId()`, which `SET ROLE` and `SET SESSION AUTHORIZATION` change) and the target by
+//! the role its backend logged in as: a superuser's backend only by a superuser
+//! (`superuser()`), any other by a role with the privileges of the target's role or of
+//! `pg_signal_backend` (`has_privs_of_role`, which superusers pass). Only the server knows the
+//! current role and the memberships, so the server decides, in the statement itself:
+//! - the caller's own pid becomes `pg_catalog.pg_backend_pid()`: the backend serving the
+//!   statement logged in as the session's role, so Postgres checks and signals it itself, as
+//!   directly (a cancel stops the very statement, a termination ends the session with its
+//!   backend's FATAL);
+//! - another session's pid (of this gateway process, or of another one on the port:
+//!   `pid_registry`) becomes a `CASE` on Postgres's conditions: where Postgres would refuse, an
+//!   error the pooler shows as Postgres's own 42501 (`denied`); where it would signal,
+//!   `pg_catalog.pg_cancel_backend(MARKER) IS NOT NULL`, whose warning for a negative pid is
+//!   the server's word that it allowed the call. The pooler hands that warning to the gateway
+//!   in its place (`down::SIGNAL`) and the gateway sends the signal through the poolers, as a
+//!   client's `CancelRequest` goes. So nothing is signalled for a call the server did not reach
+//!   (`WHERE false`, a failed transaction, an earlier error).
+//!
+//! The marker is not a secret: a client may call `pg_cancel_backend(MARKER)` itself and so
+//! claim the server allowed a call it never checked. The gateway therefore issues a marker only
+//! for a session the caller's *login* role could signal by some role it may become (`SET ROLE`
+//! to any role it is a member of: that role, `pg_signal_backend`, or a superuser among them):
+//! a forged marker gains nothing a `SET ROLE` would not.
+//!
+//! Where the pid is a constant (`pg_terminate_backend(12345678)`) the role and the marker are
+//! written into the text. Where it is a parameter (`$1`, as drivers send a pid they hold), the
+//! text tests the value, and each `Bind` carries the gateway's reading of it instead of a
+//! session's pid: `PARAM_OWN`, `PARAM_SUPERUSER`, or `PARAM_OWN - oid` of the target's role;
+//! those values are the markers too. Every other pid is left to the server: real pids behave
+//! as directly, and a pid that is nobody's gets Postgres's own `false` and warning. The result
+//! column keeps the call's name (a scalar subquery takes its column's name).
 
 use shared::protocol::frontend as fe;
 use shared::sql::{find_ci, Kind, Lexer, Token};
@@ -30,10 +48,22 @@ use std::sync::{Mutex, MutexGuard};
 /// The lowest virtual pid: above any real one (`PID_MAX_LIMIT` is 2²² on 64-bit Linux).
 pub const FIRST_VIRTUAL: i32 = 1 << 22;
 
-/// The value a parameter carries when the gateway signalled its session: no pid (negative),
-/// an `integer` constant as written (2147483647 is an `integer`, unary minus keeps it one).
-const ALLOWED: i32 = -2147483647;
-const ALLOWED_TEXT: &str = "-2147483647";
+/// Markers and the values a `Bind` carries instead of a session's pid: negative, so never a
+/// process's pid (Postgres answers them with its warning). For a parameter: the caller's own
+/// session, a superuser's session, and `PARAM_OWN - oid` for a session of the role with that
+/// oid (`2 ..= MAX_OID`). For a constant: `CONST_BASE - n`, `n` counting the session's
+/// constant calls modulo 2²⁰ (each call its own marker). Both ranges are far from any pid a
+/// client would write.
+const PARAM_OWN: i32 = -(1 << 30) - 1;
+const PARAM_SUPERUSER: i32 = PARAM_OWN - 1;
+const MAX_OID: u32 = (1 << 30) - 1;
+const CONST_BASE: i32 = -(1 << 29);
+const CONST_SPAN: u32 = 1 << 20;
+// Every parameter value fits an `integer`, and the two ranges do not meet.
+const _: () = assert!(
+    PARAM_OWN as i64 - MAX_OID as i64 == i32::MIN as i64
+        && PARAM_SUPERUSER < CONST_BASE - CONST_SPAN as i32
+);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Signal {
@@ -50,11 +80,18 @@ impl Signal {
     }
 }
 
-/// A session of this process: what `pg_signal_backend()` checks, and the keys to reach it.
+/// A session of this process: what `pg_signal_backend()` checks of it as a target, what the
+/// gateway checks of it as a caller (see the module doc), and the keys to reach it.
 struct Target {
     user: String,
     superuser: bool,
     secret: i32,
+    /// The role's `pg_authid.oid` (0: not known).
+    oid: u32,
+    /// The roles the login role is a member of besides itself (`None`: none or not known).
+    member_of: Option<Box<[String]>>,
+    /// The login role is a superuser or a member of one: it may become one.
+    can_be_superuser: bool,
 }
 
 /// The sessions of this process by virtual pid (every core's: a client may signal a session on
@@ -104,20 +141,33 @@ impl Registration {
                     user: user.to_string(),
                     superuser: false,
                     secret,
+                    oid: 0,
+                    member_of: None,
+                    can_be_superuser: false,
                 },
             );
             return Registration { pid, shared };
         }
     }
 
-    /// What the login's `ParameterStatus` messages say (`is_superuser`).
-    pub fn logged_in(&self, parameter_status: &[u8]) {
+    /// What the login's `ParameterStatus` messages say (`is_superuser`), and what the pooler's
+    /// role lookup said of the role (its oid and memberships).
+    pub fn logged_in(&self, parameter_status: &[u8], role: &shared::role::RoleInfo) {
         let superuser = is_superuser(parameter_status);
         if let Some(t) = sessions().as_mut().and_then(|m| m.get_mut(&self.pid)) {
             t.superuser = superuser;
+            t.oid = role.oid;
+            let others: Box<[String]> = role
+                .member_of
+                .iter()
+                .filter(|g| **g != t.user)
+                .cloned()
+                .collect();
+            t.member_of = (!others.is_empty()).then_some(others);
+            t.can_be_superuser = superuser || role.superuser || role.member_of_superuser;
         }
         if let (true, Some(t)) = (self.shared, crate::pid_registry::table()) {
-            t.set_superuser(self.pid, superuser);
+            t.set_role(self.pid, superuser, role.oid);
         }
     }
 }
@@ -150,23 +200,29 @@ fn is_superuser(msgs: &[u8]) -> bool {
     false
 }
 
-/// What Postgres's `pg_signal_backend()` (signalfuncs.c) decides for a session of this process,
-/// as far as the gateway can tell.
+/// What the gateway makes of a signalling call's pid (`None` from `decide`: the server's).
 #[derive(Debug, PartialEq, Eq)]
 enum Decision {
-    /// The caller may signal it: the session's (pid, secret). A superuser caller, or the same
-    /// role for a session that is not a superuser's.
-    Allowed(i32, i32),
-    /// A superuser's session, a caller who is not one: Postgres's 42501, unless the role the
-    /// caller runs as now is a superuser (the server checks).
-    Superuser,
-    /// Another role's session: Postgres's 42501 unless the caller has the privileges of that
-    /// role or of `pg_signal_backend`, which only the catalog knows (the server checks).
-    OtherRole(String),
+    /// The caller's own session: the server signals the backend running the statement.
+    Own,
+    /// Another session, which the server checks the current role against.
+    Other(Other),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Other {
+    pid: i32,
+    secret: i32,
+    user: String,
+    superuser: bool,
+    oid: u32,
+    /// The caller's login role could signal it by some role it may become: a marker is issued
+    /// (see the module doc).
+    reachable: bool,
 }
 
 /// The decision for signalling the session `pid` from the session `caller`; `None` for a pid
-/// that is no session of this process (the server's to answer).
+/// that is no session of this port's gateway processes (the server's to answer).
 fn decide(caller: i32, pid: i32) -> Option<Decision> {
     if pid < FIRST_VIRTUAL {
         return None;
@@ -174,6 +230,9 @@ fn decide(caller: i32, pid: i32) -> Option<Decision> {
     let m = sessions();
     let m = m.as_ref()?;
     let c = m.get(&caller)?;
+    if pid == caller {
+        return Some(Decision::Own);
+    }
     // A session of this process, else of another gateway process on this port (the signal
     // reaches either through the poolers, by its keys).
     let t = match m.get(&pid) {
@@ -181,24 +240,27 @@ fn decide(caller: i32, pid: i32) -> Option<Decision> {
             user: t.user.clone(),
             superuser: t.superuser,
             secret: t.secret,
+            oid: t.oid,
         },
         None => crate::pid_registry::table()?.lookup(pid)?,
     };
-    Some(if t.superuser && !c.superuser {
-        Decision::Superuser
-    } else if c.superuser || c.user == t.user {
-        Decision::Allowed(pid, t.secret)
-    } else {
-        Decision::OtherRole(t.user)
-    })
+    let member = |role: &str| {
+        c.user == role
+            || c.member_of
+                .as_deref()
+                .is_some_and(|g| g.iter().any(|g| g == role))
+    };
+    let reachable =
+        c.can_be_superuser || !t.superuser && (member(&t.user) || member("pg_signal_backend"));
+    Some(Decision::Other(Other {
+        pid,
+        secret: t.secret,
+        user: t.user,
+        superuser: t.superuser,
+        oid: t.oid,
+        reachable,
+    }))
 }
-
-/// The value a parameter carries for a superuser's session the caller is not allowed to
-/// signal, and for another role's session (see `ALLOWED`).
-const SUPERUSER_DENIED: i32 = i32::MIN;
-const SUPERUSER_DENIED_TEXT: &str = "-2147483648";
-const ROLE_DENIED: i32 = -2147483646;
-const ROLE_DENIED_TEXT: &str = "-2147483646";
 
 /// Whether the role the statement runs as is a superuser (Postgres's `superuser()`: the current
 /// user, which `SET ROLE` changes).
@@ -219,39 +281,77 @@ fn denied(signal: Signal, superuser: bool) -> String {
     format!("pg_catalog.current_setting('tidepool.signal_denied_{s}_{why}')::boolean")
 }
 
+/// The server's check of a call on another session, as `pg_signal_backend()` makes it, with
+/// `allowed` as the allowed branch; `role` names the target's role.
+fn checked(signal: Signal, superuser: bool, role: &str, allowed: &str) -> String {
+    if superuser {
+        format!(
+            "CASE WHEN {CURRENT_IS_SUPERUSER} THEN {allowed} ELSE {} END",
+            denied(signal, true)
+        )
+    } else {
+        format!(
+            "CASE WHEN pg_catalog.pg_has_role({role}, 'USAGE') \
+             OR pg_catalog.pg_has_role('pg_signal_backend', 'USAGE') \
+             THEN {allowed} ELSE {} END",
+            denied(signal, false)
+        )
+    }
+}
+
 /// `s` as an SQL string constant whatever `standard_conforming_strings` says.
 fn literal(s: &str) -> String {
     format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
 }
 
-/// A signal the gateway owes once the batch is sent: (kind, pid, secret).
-pub type Owed = (Signal, i32, i32);
+/// A signal the gateway sends when the server's warning for `marker` arrives (`down::SIGNAL`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Issued {
+    pub marker: i32,
+    pub signal: Signal,
+    pub pid: i32,
+    pub secret: i32,
+}
 
-/// Per session: the prepared statements (by name) whose parameters are signalled pids.
+/// Per session: the prepared statements (by name) that signal other sessions, and the count of
+/// constant calls (their markers).
 #[derive(Default)]
-pub struct Statements(HashMap<Vec<u8>, Vec<(usize, Signal)>>);
+pub struct Statements {
+    by_name: HashMap<Vec<u8>, Prepared>,
+    constants: u32,
+}
+
+/// A prepared statement's signalling calls: the parameters (index from 0) that carry a pid,
+/// and the signals its constant calls stand for (issued again at each `Bind`: the statement
+/// runs then, as often as it is bound).
+#[derive(Default)]
+struct Prepared {
+    params: Vec<(usize, Signal)>,
+    constants: Vec<Issued>,
+}
 
 impl Statements {
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.by_name.is_empty()
     }
 }
 
-/// The batch with the signalling calls on virtual pids answered as described in the module
-/// doc, and the signals owed; `None` when nothing changes (the common case: one substring scan,
-/// and the Bind work only when the session prepared a signalling statement).
+/// The batch with the signalling calls on virtual pids rewritten as described in the module
+/// doc, and the signals the server may allow; `None` when nothing changes (the common case: one
+/// substring scan, and the Bind work only when the session prepared a signalling statement).
 pub fn rewrite_batch(
     batch: &[u8],
     caller: i32,
     stmts: &mut Statements,
-) -> Option<(Vec<u8>, Vec<Owed>)> {
+) -> Option<(Vec<u8>, Vec<Issued>)> {
     let named = names_a_signal(batch);
     if !named && stmts.is_empty() {
         return None;
     }
-    let mut owed = Vec::new();
+    let mut issued = Vec::new();
+    let mut constants = stmts.constants;
     let out = fe::rewrite_each(batch, |tag, body| match tag {
-        fe::QUERY if named => rewrite(fe::query_text(body), caller, &mut owed)
+        fe::QUERY if named => rewrite(fe::query_text(body), caller, &mut constants, &mut issued)
             .0
             .map(|sql| {
                 let mut m = Vec::with_capacity(sql.len() + 6);
@@ -259,25 +359,35 @@ pub fn rewrite_batch(
                 m
             }),
         fe::PARSE => fe::parse_parse(body).ok().and_then(|p| {
-            let (sql, params) = if named {
-                rewrite(p.query, caller, &mut owed)
+            let mut prepared = Prepared::default();
+            let sql = if named {
+                let (sql, params) =
+                    rewrite(p.query, caller, &mut constants, &mut prepared.constants);
+                prepared.params = params;
+                sql
             } else {
-                (None, Vec::new())
+                None
             };
-            if params.is_empty() {
-                stmts.0.remove(p.name);
+            if prepared.params.is_empty() && prepared.constants.is_empty() {
+                stmts.by_name.remove(p.name);
             } else {
-                stmts.0.insert(p.name.to_vec(), params);
+                stmts.by_name.insert(p.name.to_vec(), prepared);
             }
             let sql = sql?;
             let mut m = Vec::new();
             fe::write_parse(&mut m, p.name, &sql, p.param_types);
             Some(m)
         }),
-        fe::BIND if !stmts.is_empty() => bind(body, caller, stmts, &mut owed),
+        fe::BIND if !stmts.is_empty() => bind(body, caller, stmts, &mut issued),
         _ => None,
-    })?;
-    Some((out, owed))
+    });
+    stmts.constants = constants;
+    match out {
+        Some(out) => Some((out, issued)),
+        // Binds of statements whose calls are all constants: the text is already the server's.
+        None if !issued.is_empty() => Some((batch.to_vec(), issued)),
+        None => None,
+    }
 }
 
 /// `cancel_backend` or `terminate_backend` anywhere in `batch` (ASCII case ignored): one pass
@@ -297,10 +407,13 @@ fn names_a_signal(batch: &[u8]) -> bool {
     false
 }
 
-/// A `Bind` of a signalling statement with its signalled pids replaced by `ALLOWED`.
-fn bind(body: &[u8], caller: i32, stmts: &Statements, owed: &mut Vec<Owed>) -> Option<Vec<u8>> {
+/// A `Bind` of a signalling statement with its sessions' pids replaced by the gateway's
+/// reading of them (`PARAM_OWN`, `PARAM_SUPERUSER`, `PARAM_OWN - oid`).
+fn bind(body: &[u8], caller: i32, stmts: &Statements, issued: &mut Vec<Issued>) -> Option<Vec<u8>> {
     let (portal, stmt, rest) = fe::parse_bind(body).ok()?;
-    let slots = stmts.0.get(stmt)?;
+    let prepared = stmts.by_name.get(stmt)?;
+    issued.extend_from_slice(&prepared.constants);
+    let slots = &prepared.params;
     let rd = |at: usize| -> Option<i16> {
         Some(i16::from_be_bytes([*rest.get(at)?, *rest.get(at + 1)?]))
     };
@@ -346,12 +459,27 @@ fn bind(body: &[u8], caller: i32, stmts: &Statements, owed: &mut Vec<Owed>) -> O
             continue;
         };
         let value = match decide(caller, pid) {
-            Some(Decision::Allowed(pid, secret)) => {
-                owed.push((signal, pid, secret));
-                ALLOWED
+            Some(Decision::Own) => PARAM_OWN,
+            Some(Decision::Other(o)) => {
+                let value = if o.superuser {
+                    PARAM_SUPERUSER
+                } else if (2..=MAX_OID).contains(&o.oid) {
+                    PARAM_OWN - o.oid as i32
+                } else {
+                    // The role's oid is not known or too large to carry: the server's (a pid
+                    // it does not know).
+                    continue;
+                };
+                if o.reachable {
+                    issued.push(Issued {
+                        marker: value,
+                        signal,
+                        pid: o.pid,
+                        secret: o.secret,
+                    });
+                }
+                value
             }
-            Some(Decision::Superuser) => SUPERUSER_DENIED,
-            Some(Decision::OtherRole(_)) => ROLE_DENIED,
             None => continue,
         };
         let new = match width {
@@ -385,11 +513,13 @@ fn bind(body: &[u8], caller: i32, stmts: &Statements, owed: &mut Vec<Owed>) -> O
 }
 
 /// `sql` with its signalling calls rewritten (`None` if none is), and the parameters (index
-/// from 0) that carry a signalled pid. Signals owed for constant pids go to `owed`.
+/// from 0) that carry a signalled pid. Markers of constant calls count on from `constants`, and
+/// the signals they stand for go to `issued`.
 fn rewrite(
     sql: &[u8],
     caller: i32,
-    owed: &mut Vec<Owed>,
+    constants: &mut u32,
+    issued: &mut Vec<Issued>,
 ) -> (Option<Vec<u8>>, Vec<(usize, Signal)>) {
     let toks: Vec<Token> = Lexer::new(sql).collect();
     let mut params = Vec::new();
@@ -452,6 +582,11 @@ fn rewrite(
         let arg = &toks[i + 2..first_end.unwrap_or(close)];
         let name = signal.function();
         let args = String::from_utf8_lossy(&sql[toks[i + 2].start..toks[close].start]);
+        // What follows the pid (`, 500`: a terminate's timeout), for the caller's own backend.
+        let more = first_end.map_or(std::borrow::Cow::Borrowed(""), |f| {
+            String::from_utf8_lossy(&sql[toks[f].start..toks[close].start])
+        });
+        let own = format!("pg_catalog.{name}(pg_catalog.pg_backend_pid(){more})");
         let replacement = match arg {
             [n] if n.kind == Kind::Number => {
                 let Some(pid) = std::str::from_utf8(n.text(sql))
@@ -460,26 +595,35 @@ fn rewrite(
                 else {
                     continue;
                 };
-                // Where the server must decide, it runs the call itself when it would not
-                // refuse it (then the pid is unknown to it: `false` and its warning).
                 match decide(caller, pid) {
                     None => continue,
-                    Some(Decision::Allowed(pid, secret)) => {
-                        owed.push((signal, pid, secret));
-                        format!("(SELECT true AS {name})")
+                    Some(Decision::Own) => format!("(SELECT {own} AS {name})"),
+                    Some(Decision::Other(o)) => {
+                        let role = match o.oid {
+                            0 => literal(&o.user),
+                            oid => format!("{oid}::pg_catalog.oid"),
+                        };
+                        // Where the gateway would not believe the server (memberships granted
+                        // since the caller logged in), the allowed branch is the call itself:
+                        // a pid the server does not know (`false` and its warning).
+                        let allowed = if o.reachable {
+                            let marker = CONST_BASE - (*constants % CONST_SPAN) as i32;
+                            *constants = constants.wrapping_add(1);
+                            issued.push(Issued {
+                                marker,
+                                signal,
+                                pid: o.pid,
+                                secret: o.secret,
+                            });
+                            format!("pg_catalog.pg_cancel_backend({marker}) IS NOT NULL")
+                        } else {
+                            format!("pg_catalog.{name}({args})")
+                        };
+                        format!(
+                            "(SELECT {} AS {name})",
+                            checked(signal, o.superuser, &role, &allowed)
+                        )
                     }
-                    Some(Decision::Superuser) => format!(
-                        "(SELECT CASE WHEN {CURRENT_IS_SUPERUSER} THEN pg_catalog.{name}({args}) \
-                         ELSE {} END AS {name})",
-                        denied(signal, true)
-                    ),
-                    Some(Decision::OtherRole(role)) => format!(
-                        "(SELECT CASE WHEN pg_catalog.pg_has_role({}, 'USAGE') \
-                         OR pg_catalog.pg_has_role('pg_signal_backend', 'USAGE') \
-                         THEN pg_catalog.{name}({args}) ELSE {} END AS {name})",
-                        literal(&role),
-                        denied(signal, false)
-                    ),
                 }
             }
             [p]
@@ -497,16 +641,17 @@ fn rewrite(
                 };
                 params.push((k - 1, signal));
                 let a = String::from_utf8_lossy(&sql[arg[0].start..arg[arg.len() - 1].end]);
-                // The Bind says which (`bind`); membership of the signalled session's role is
-                // not in its value: only `pg_signal_backend`'s is checked there.
+                let a = format!("({a})");
+                // The Bind says which (`bind`); the value is the allowed branch's marker.
+                let role = format!("({PARAM_OWN} - {a})::pg_catalog.oid");
+                let marker = format!("pg_catalog.pg_cancel_backend({a}) IS NOT NULL");
                 format!(
-                    "(SELECT CASE WHEN ({a}) = {ALLOWED_TEXT} THEN true \
-                     WHEN ({a}) = {SUPERUSER_DENIED_TEXT} AND NOT {CURRENT_IS_SUPERUSER} THEN {} \
-                     WHEN ({a}) = {ROLE_DENIED_TEXT} \
-                     AND NOT pg_catalog.pg_has_role('pg_signal_backend', 'USAGE') THEN {} \
+                    "(SELECT CASE WHEN {a} = {PARAM_OWN} THEN {own} \
+                     WHEN {a} = {PARAM_SUPERUSER} THEN {} \
+                     WHEN {a} < {PARAM_SUPERUSER} THEN {} \
                      ELSE pg_catalog.{name}({args}) END AS {name})",
-                    denied(signal, true),
-                    denied(signal, false)
+                    checked(signal, true, "", &marker),
+                    checked(signal, false, &role, &marker),
                 )
             }
             _ => continue,
@@ -525,6 +670,7 @@ fn rewrite(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shared::role::RoleInfo;
 
     fn status(name: &str, value: &str) -> Vec<u8> {
         let mut m = Vec::new();
@@ -537,10 +683,39 @@ mod tests {
         m
     }
 
-    fn r(sql: &str, caller: i32) -> (Option<String>, Vec<(usize, Signal)>, Vec<Owed>) {
-        let mut owed = Vec::new();
-        let (s, p) = rewrite(sql.as_bytes(), caller, &mut owed);
-        (s.map(|s| String::from_utf8(s).unwrap()), p, owed)
+    /// A logged-in session of `user` (oid, memberships besides itself, superuser).
+    fn session(user: &str, secret: i32, oid: u32, member_of: &[&str], su: bool) -> Registration {
+        let r = Registration::new(user, secret);
+        let mut groups: Vec<String> = vec![user.into()];
+        groups.extend(member_of.iter().map(|g| g.to_string()));
+        r.logged_in(
+            &[
+                status("server_version", "15"),
+                status("is_superuser", if su { "on" } else { "off" }),
+            ]
+            .concat(),
+            &RoleInfo {
+                exists: true,
+                superuser: su,
+                oid,
+                member_of: groups,
+                ..RoleInfo::default()
+            },
+        );
+        r
+    }
+
+    fn r(sql: &str, caller: i32) -> (Option<String>, Vec<(usize, Signal)>, Vec<Issued>) {
+        let (mut issued, mut n) = (Vec::new(), 0);
+        let (s, p) = rewrite(sql.as_bytes(), caller, &mut n, &mut issued);
+        (s.map(|s| String::from_utf8(s).unwrap()), p, issued)
+    }
+
+    fn other(d: Option<Decision>) -> Other {
+        match d {
+            Some(Decision::Other(o)) => o,
+            d => panic!("{d:?}"),
+        }
     }
 
     #[test]
@@ -563,124 +738,176 @@ mod tests {
     }
 
     #[test]
-    fn who_may_signal_whom() {
-        let alice = Registration::new("alice", 11);
-        let alice2 = Registration::new("alice", 12);
-        let bob = Registration::new("bob", 13);
-        let root = Registration::new("root", 14);
-        root.logged_in(&[status("server_version", "15"), status("is_superuser", "on")].concat());
-        alice.logged_in(&status("is_superuser", "off"));
-        let allowed = |caller, pid| decide(caller, pid);
+    fn markers_are_issued_for_what_the_login_role_could_signal() {
+        let alice = session("alice", 11, 16401, &[], false);
+        let alice2 = session("alice", 12, 16401, &[], false);
+        let bob = session("bob", 13, 16402, &["staff"], false);
+        let root = session("root", 14, 10, &[], true);
+        let carol = session("carol", 15, 16404, &["alice"], false);
+        let killer = session("killer", 16, 16405, &["pg_signal_backend"], false);
+        let admin = session("admin", 17, 16406, &["root_group"], false);
+        // admin's groups hold a superuser: it may become one.
+        sessions()
+            .as_mut()
+            .unwrap()
+            .get_mut(&admin.pid)
+            .unwrap()
+            .can_be_superuser = true;
+        assert_eq!(decide(alice.pid, alice.pid), Some(Decision::Own));
+        let o = other(decide(alice.pid, alice2.pid));
         assert_eq!(
-            allowed(alice.pid, alice2.pid),
-            Some(Decision::Allowed(alice2.pid, 12))
+            (
+                o.pid,
+                o.secret,
+                o.user.as_str(),
+                o.oid,
+                o.superuser,
+                o.reachable
+            ),
+            (alice2.pid, 12, "alice", 16401, false, true)
         );
-        assert_eq!(
-            allowed(alice.pid, alice.pid),
-            Some(Decision::Allowed(alice.pid, 11))
-        );
-        assert_eq!(
-            allowed(alice.pid, bob.pid),
-            Some(Decision::OtherRole("bob".into()))
-        );
-        assert_eq!(allowed(alice.pid, root.pid), Some(Decision::Superuser));
-        assert_eq!(
-            allowed(root.pid, bob.pid),
-            Some(Decision::Allowed(bob.pid, 13))
-        );
+        assert!(!other(decide(alice.pid, bob.pid)).reachable);
+        assert!(!other(decide(alice.pid, root.pid)).reachable);
+        assert!(other(decide(root.pid, bob.pid)).reachable);
+        assert!(other(decide(carol.pid, alice.pid)).reachable);
+        assert!(!other(decide(carol.pid, bob.pid)).reachable);
+        assert!(other(decide(killer.pid, bob.pid)).reachable);
+        assert!(!other(decide(killer.pid, root.pid)).reachable);
+        assert!(other(decide(admin.pid, root.pid)).reachable);
         // Real pids and pids of nobody are the server's to answer.
-        assert_eq!(allowed(root.pid, 4242), None);
+        assert_eq!(decide(root.pid, 4242), None);
         let gone = alice2.pid;
         drop(alice2);
-        assert_eq!(allowed(alice.pid, gone), None);
+        assert_eq!(decide(alice.pid, gone), None);
     }
 
     #[test]
-    fn denied_calls_are_left_to_the_servers_check() {
-        let a = Registration::new("erin", 41);
-        let b = Registration::new("o'\\hara", 42);
-        let root = Registration::new("root2", 43);
-        root.logged_in(&status("is_superuser", "on"));
-        let (sql, _, owed) = r(&format!("SELECT pg_cancel_backend({})", b.pid), a.pid);
-        assert!(owed.is_empty());
+    fn calls_on_other_sessions_are_checked_by_the_server() {
+        let a = session("erin", 41, 16411, &[], false);
+        let a2 = session("erin", 44, 16411, &[], false);
+        let b = session("o'\\hara", 42, 0, &[], false);
+        let root = session("root2", 43, 10, &[], true);
+        let (sql, _, issued) = r(&format!("SELECT pg_cancel_backend({})", b.pid), a.pid);
+        assert!(issued.is_empty(), "erin could not become o'hara");
+        // Where the gateway issues no marker, the allowed branch is the call itself.
         assert_eq!(
             sql.unwrap(),
             format!(
                 "SELECT (SELECT CASE WHEN pg_catalog.pg_has_role(E'o''\\\\hara', 'USAGE') \
                  OR pg_catalog.pg_has_role('pg_signal_backend', 'USAGE') \
-                 THEN pg_catalog.pg_cancel_backend({}) ELSE pg_catalog.current_setting(\
-                 'tidepool.signal_denied_cancel_member')::boolean END AS pg_cancel_backend)",
+                 THEN pg_catalog.pg_cancel_backend({}) ELSE \
+                 pg_catalog.current_setting('tidepool.signal_denied_cancel_member')::boolean \
+                 END AS pg_cancel_backend)",
                 b.pid
             )
         );
-        let (sql, _, owed) = r(
+        let (sql, _, issued) = r(
             &format!("SELECT pg_terminate_backend({}, 10)", root.pid),
             a.pid,
         );
-        assert!(owed.is_empty());
+        assert!(issued.is_empty());
         assert_eq!(
             sql.unwrap(),
             format!(
                 "SELECT (SELECT CASE WHEN {CURRENT_IS_SUPERUSER} \
-                 THEN pg_catalog.pg_terminate_backend({}, 10) ELSE pg_catalog.current_setting(\
+                 THEN pg_catalog.pg_terminate_backend({}, 10) \
+                 ELSE pg_catalog.current_setting(\
                  'tidepool.signal_denied_terminate_superuser')::boolean \
                  END AS pg_terminate_backend)",
                 root.pid
             )
         );
-        // In a Bind: the decision's value, in the parameter's format and width.
+        // The same role, by oid; each constant call its own marker.
+        let (sql, _, issued) = r(
+            &format!(
+                "select PG_CATALOG.pg_cancel_backend ( {0} ); select pg_terminate_backend({0})",
+                a2.pid
+            ),
+            a.pid,
+        );
+        assert_eq!(
+            sql.unwrap(),
+            "select (SELECT CASE WHEN pg_catalog.pg_has_role(16411::pg_catalog.oid, 'USAGE') \
+             OR pg_catalog.pg_has_role('pg_signal_backend', 'USAGE') \
+             THEN pg_catalog.pg_cancel_backend(-536870912) IS NOT NULL ELSE \
+             pg_catalog.current_setting('tidepool.signal_denied_cancel_member')::boolean \
+             END AS pg_cancel_backend); select (SELECT CASE WHEN \
+             pg_catalog.pg_has_role(16411::pg_catalog.oid, 'USAGE') \
+             OR pg_catalog.pg_has_role('pg_signal_backend', 'USAGE') \
+             THEN pg_catalog.pg_cancel_backend(-536870913) IS NOT NULL ELSE \
+             pg_catalog.current_setting('tidepool.signal_denied_terminate_member')::boolean \
+             END AS pg_terminate_backend)"
+        );
+        assert_eq!(
+            issued,
+            vec![
+                Issued {
+                    marker: -536870912,
+                    signal: Signal::Cancel,
+                    pid: a2.pid,
+                    secret: 44
+                },
+                Issued {
+                    marker: -536870913,
+                    signal: Signal::Terminate,
+                    pid: a2.pid,
+                    secret: 44
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn a_prepared_constant_call_is_issued_at_each_bind() {
+        let a = session("gina", 61, 16451, &[], false);
+        let b = session("gina", 62, 16451, &[], false);
         let mut stmts = Statements::default();
         let mut parse = Vec::new();
-        fe::write_parse(
-            &mut parse,
-            b"t",
-            b"SELECT pg_terminate_backend($1)",
-            &[0, 0],
-        );
-        rewrite_batch(&parse, a.pid, &mut stmts).unwrap();
-        for (pid, value) in [(b.pid, ROLE_DENIED), (root.pid, SUPERUSER_DENIED)] {
-            let mut rest = vec![0, 1, 0, 1, 0, 1, 0, 0, 0, 8];
-            rest.extend_from_slice(&(pid as i64).to_be_bytes());
-            rest.extend_from_slice(&[0, 0]);
-            let mut bind_msg = Vec::new();
-            fe::write_bind(&mut bind_msg, b"", b"t", &rest);
-            let (out, owed) = rewrite_batch(&bind_msg, a.pid, &mut stmts).unwrap();
-            assert!(owed.is_empty());
-            assert!(out.ends_with(&[&(value as i64).to_be_bytes()[..], &[0, 0]].concat()));
-            let text = pid.to_string();
-            let mut rest = vec![0, 0, 0, 1];
-            rest.extend_from_slice(&(text.len() as i32).to_be_bytes());
-            rest.extend_from_slice(text.as_bytes());
-            rest.extend_from_slice(&[0, 0]);
-            let mut bind_msg = Vec::new();
-            fe::write_bind(&mut bind_msg, b"", b"t", &rest);
-            let (out, _) = rewrite_batch(&bind_msg, a.pid, &mut stmts).unwrap();
-            let text = value.to_string();
-            assert!(out.ends_with(&[text.as_bytes(), &[0, 0]].concat()));
+        let sql = format!("SELECT pg_terminate_backend({})", b.pid);
+        fe::write_parse(&mut parse, b"", sql.as_bytes(), &[0, 0]);
+        let (out, issued) = rewrite_batch(&parse, a.pid, &mut stmts).unwrap();
+        assert!(issued.is_empty(), "the Parse runs nothing");
+        assert!(String::from_utf8_lossy(&out).contains("pg_cancel_backend(-536870912)"));
+        let mut bind_msg = Vec::new();
+        fe::write_bind(&mut bind_msg, b"", b"", &[0, 0, 0, 0, 0, 0]);
+        let want = Issued {
+            marker: -536870912,
+            signal: Signal::Terminate,
+            pid: b.pid,
+            secret: 62,
+        };
+        for _ in 0..2 {
+            let (out, issued) = rewrite_batch(&bind_msg, a.pid, &mut stmts).unwrap();
+            assert_eq!(out, bind_msg);
+            assert_eq!(issued, vec![want]);
         }
     }
 
     #[test]
-    fn constant_and_parameter_calls_are_rewritten() {
-        let a = Registration::new("carol", 21);
-        let b = Registration::new("carol", 22);
-        let (sql, params, owed) = r(&format!("SELECT pg_terminate_backend({})", b.pid), a.pid);
-        assert_eq!(
-            sql.as_deref(),
-            Some("SELECT (SELECT true AS pg_terminate_backend)")
-        );
-        assert!(params.is_empty());
-        assert_eq!(owed, vec![(Signal::Terminate, b.pid, 22)]);
-        let (sql, _, owed) = r(
-            &format!("select PG_CATALOG.pg_cancel_backend ( {} );", b.pid),
+    fn the_callers_own_pid_is_its_backends() {
+        let a = session("frank", 51, 16421, &[], false);
+        let (sql, params, issued) = r(
+            &format!(
+                "SELECT pg_terminate_backend({0}, 500), pg_cancel_backend({0})",
+                a.pid
+            ),
             a.pid,
         );
         assert_eq!(
             sql.as_deref(),
-            Some("select (SELECT true AS pg_cancel_backend);")
+            Some(
+                "SELECT (SELECT pg_catalog.pg_terminate_backend(pg_catalog.pg_backend_pid(), 500) \
+                 AS pg_terminate_backend), (SELECT pg_catalog.pg_cancel_backend(\
+                 pg_catalog.pg_backend_pid()) AS pg_cancel_backend)"
+            )
         );
-        assert_eq!(owed, vec![(Signal::Cancel, b.pid, 22)]);
-        // A real pid, nobody's pid, an expression: the server's.
+        assert!(params.is_empty() && issued.is_empty());
+    }
+
+    #[test]
+    fn other_pids_and_texts_are_the_servers() {
+        let a = session("carol2", 21, 16431, &[], false);
+        let b = session("carol2", 22, 16431, &[], false);
         assert_eq!(r("SELECT pg_terminate_backend(4242)", a.pid).0, None);
         assert_eq!(r("SELECT pg_cancel_backend(2000000000)", a.pid).0, None);
         assert_eq!(
@@ -699,22 +926,6 @@ mod tests {
             r(&format!("SELECT 'pg_cancel_backend({})'", b.pid), a.pid).0,
             None
         );
-        let (sql, params, owed) = r("SELECT pg_terminate_backend($1::int, 500)", a.pid);
-        assert_eq!(
-            sql.as_deref(),
-            Some(
-                "SELECT (SELECT CASE WHEN ($1::int) = -2147483647 THEN true \
-                 WHEN ($1::int) = -2147483648 AND NOT (SELECT r.rolsuper FROM \
-                 pg_catalog.pg_roles r WHERE r.rolname = CURRENT_USER) THEN \
-                 pg_catalog.current_setting('tidepool.signal_denied_terminate_superuser')::boolean \
-                 WHEN ($1::int) = -2147483646 AND NOT pg_catalog.pg_has_role('pg_signal_backend', \
-                 'USAGE') THEN \
-                 pg_catalog.current_setting('tidepool.signal_denied_terminate_member')::boolean \
-                 ELSE pg_catalog.pg_terminate_backend($1::int, 500) END AS pg_terminate_backend)"
-            )
-        );
-        assert_eq!(params, vec![(0, Signal::Terminate)]);
-        assert!(owed.is_empty());
         assert_eq!(
             r("CREATE VIEW v AS SELECT pg_cancel_backend($1)", a.pid).0,
             None
@@ -722,36 +933,94 @@ mod tests {
     }
 
     #[test]
-    fn a_bind_carries_the_decision() {
-        let a = Registration::new("dave", 31);
-        let b = Registration::new("dave", 32);
+    fn a_parameter_is_tested_by_the_text_and_read_in_each_bind() {
+        let a = session("dave", 31, 16441, &[], false);
+        let b = session("dave", 32, 16441, &[], false);
+        let c = session("eve", 33, 16442, &[], false);
+        let root = session("root3", 34, 10, &[], true);
+        let unknown = session("ghost", 35, 0, &[], false);
+        let (sql, params, issued) = r("SELECT pg_terminate_backend($1::int, 500)", a.pid);
+        assert_eq!(
+            sql.as_deref(),
+            Some(
+                "SELECT (SELECT CASE WHEN ($1::int) = -1073741825 THEN \
+                 pg_catalog.pg_terminate_backend(pg_catalog.pg_backend_pid(), 500) \
+                 WHEN ($1::int) = -1073741826 THEN CASE WHEN (SELECT r.rolsuper FROM \
+                 pg_catalog.pg_roles r WHERE r.rolname = CURRENT_USER) THEN \
+                 pg_catalog.pg_cancel_backend(($1::int)) IS NOT NULL ELSE \
+                 pg_catalog.current_setting('tidepool.signal_denied_terminate_superuser')::boolean \
+                 END WHEN ($1::int) < -1073741826 THEN CASE WHEN pg_catalog.pg_has_role(\
+                 (-1073741825 - ($1::int))::pg_catalog.oid, 'USAGE') OR pg_catalog.pg_has_role(\
+                 'pg_signal_backend', 'USAGE') THEN pg_catalog.pg_cancel_backend(($1::int)) IS \
+                 NOT NULL ELSE \
+                 pg_catalog.current_setting('tidepool.signal_denied_terminate_member')::boolean \
+                 END ELSE pg_catalog.pg_terminate_backend($1::int, 500) END \
+                 AS pg_terminate_backend)"
+            )
+        );
+        assert_eq!(params, vec![(0, Signal::Terminate)]);
+        assert!(issued.is_empty());
+
         let mut stmts = Statements::default();
         let mut batch = Vec::new();
         fe::write_parse(&mut batch, b"s", b"SELECT pg_cancel_backend($1)", &[0, 0]);
-        let (out, owed) = rewrite_batch(&batch, a.pid, &mut stmts).unwrap();
-        assert!(owed.is_empty());
-        assert!(String::from_utf8_lossy(&out).contains("CASE WHEN ($1) = -2147483647"));
-        // Bind with a binary int4 of b's pid, in a later batch.
-        let mut rest = vec![0, 1, 0, 1, 0, 1, 0, 0, 0, 4];
-        rest.extend_from_slice(&b.pid.to_be_bytes());
-        rest.extend_from_slice(&[0, 0]);
-        let mut bind_msg = Vec::new();
-        fe::write_bind(&mut bind_msg, b"", b"s", &rest);
-        let (out, owed) = rewrite_batch(&bind_msg, a.pid, &mut stmts).unwrap();
-        assert_eq!(owed, vec![(Signal::Cancel, b.pid, 32)]);
-        let mut expect_rest = vec![0, 1, 0, 1, 0, 1, 0, 0, 0, 4];
-        expect_rest.extend_from_slice(&ALLOWED.to_be_bytes());
-        expect_rest.extend_from_slice(&[0, 0]);
-        let mut expect = Vec::new();
-        fe::write_bind(&mut expect, b"", b"s", &expect_rest);
-        assert_eq!(out, expect);
-        // A text value of a real pid: unchanged.
-        let mut rest = vec![0, 0, 0, 1, 0, 0, 0, 4];
-        rest.extend_from_slice(b"4242");
-        rest.extend_from_slice(&[0, 0]);
-        let mut bind_msg = Vec::new();
-        fe::write_bind(&mut bind_msg, b"", b"s", &rest);
-        assert!(rewrite_batch(&bind_msg, a.pid, &mut stmts).is_none());
+        let (out, issued) = rewrite_batch(&batch, a.pid, &mut stmts).unwrap();
+        assert!(issued.is_empty());
+        assert!(String::from_utf8_lossy(&out).contains("CASE WHEN ($1) = -1073741825"));
+        // Binds with a binary int4, an int8 and a text value: each pid as the gateway reads it.
+        let binary4 = |pid: i32| {
+            let mut rest = vec![0, 1, 0, 1, 0, 1, 0, 0, 0, 4];
+            rest.extend_from_slice(&pid.to_be_bytes());
+            rest.extend_from_slice(&[0, 0]);
+            rest
+        };
+        let binary8 = |pid: i64| {
+            let mut rest = vec![0, 1, 0, 1, 0, 1, 0, 0, 0, 8];
+            rest.extend_from_slice(&pid.to_be_bytes());
+            rest.extend_from_slice(&[0, 0]);
+            rest
+        };
+        let text = |pid: i64| {
+            let t = pid.to_string();
+            let mut rest = vec![0, 0, 0, 1];
+            rest.extend_from_slice(&(t.len() as i32).to_be_bytes());
+            rest.extend_from_slice(t.as_bytes());
+            rest.extend_from_slice(&[0, 0]);
+            rest
+        };
+        let bind_of = |rest: &[u8]| {
+            let mut m = Vec::new();
+            fe::write_bind(&mut m, b"", b"s", rest);
+            m
+        };
+        for (pid, value, expect) in [
+            (a.pid, PARAM_OWN, None),
+            (
+                b.pid,
+                PARAM_OWN - 16441,
+                Some(Issued {
+                    marker: PARAM_OWN - 16441,
+                    signal: Signal::Cancel,
+                    pid: b.pid,
+                    secret: 32,
+                }),
+            ),
+            (c.pid, PARAM_OWN - 16442, None),
+            (root.pid, PARAM_SUPERUSER, None),
+        ] {
+            for (rest, want) in [
+                (binary4(pid), binary4(value)),
+                (binary8(pid as i64), binary8(value as i64)),
+                (text(pid as i64), text(value as i64)),
+            ] {
+                let (out, issued) = rewrite_batch(&bind_of(&rest), a.pid, &mut stmts).unwrap();
+                assert_eq!(out, bind_of(&want));
+                assert_eq!(issued, expect.into_iter().collect::<Vec<_>>());
+            }
+        }
+        // A real pid, and a session whose role's oid is not known: unchanged.
+        assert!(rewrite_batch(&bind_of(&text(4242)), a.pid, &mut stmts).is_none());
+        assert!(rewrite_batch(&bind_of(&binary4(unknown.pid)), a.pid, &mut stmts).is_none());
         // Re-parsed as something else: forgotten.
         let mut parse = Vec::new();
         fe::write_parse(&mut parse, b"s", b"SELECT $1", &[0, 0]);

@@ -917,6 +917,199 @@ fn signals_to_a_sessions_pid_act_as_directly() {
         let through = signal_permissions(&tp.endpoint()).await;
         assert_eq!(direct, through, "{}", tp.logs());
     }));
+
+    // Members of the target's role, holders of pg_signal_backend, SET ROLE and SET SESSION
+    // AUTHORIZATION: Postgres judges the current role.
+    pg.psql_admin(&format!(
+        "CREATE ROLE {carol} LOGIN PASSWORD '{carol_pw}'; GRANT alice TO {carol}; \
+         CREATE ROLE {dan} LOGIN PASSWORD '{dan_pw}'; GRANT pg_signal_backend TO {dan}; \
+         CREATE ROLE {erin} LOGIN NOINHERIT PASSWORD '{erin_pw}'; \
+         CREATE ROLE tp_gate NOLOGIN NOINHERIT; GRANT tp_gate TO {erin}; \
+         CREATE ROLE tp_alices NOLOGIN; GRANT alice TO tp_alices; GRANT tp_alices TO tp_gate; \
+         CREATE ROLE tp_signaller NOLOGIN; GRANT pg_signal_backend TO tp_signaller; \
+         GRANT tp_signaller TO tp_gate;",
+        carol = CAROL.0,
+        carol_pw = CAROL.1,
+        dan = DAN.0,
+        dan_pw = DAN.1,
+        erin = ERIN.0,
+        erin_pw = ERIN.1,
+    ));
+    rt.block_on(bounded(Duration::from_secs(120), async {
+        let direct = signal_permissions_by_role(&pg.direct()).await;
+        let count = |what: &str| direct.iter().filter(|l| l.contains(what)).count();
+        assert!(
+            count("[true]") >= 10
+                && count("must be a superuser") >= 4
+                && count("must be a member") >= 6
+                && count("the victim <connection closed>") >= 3
+                && count("goes on") >= 1,
+            "{direct:#?}"
+        );
+        let through = signal_permissions_by_role(&tp.endpoint()).await;
+        assert_eq!(direct, through, "{}", tp.logs());
+    }));
+}
+
+async fn pid_of(c: &tokio_postgres::Client) -> i32 {
+    let row = c.query_one("SELECT pg_backend_pid()", &[]).await.unwrap();
+    row.get::<_, i32>(0)
+}
+
+/// Roles the signal test makes: a member of alice, and a holder of pg_signal_backend.
+const CAROL: (&str, &str) = ("carol", "carol-pw");
+const DAN: (&str, &str) = ("dan", "dan-pw");
+/// A role that reaches alice and pg_signal_backend only by `SET ROLE` (a NOINHERIT role
+/// between them).
+const ERIN: (&str, &str) = ("erin", "erin-pw");
+
+/// Who may signal whom once roles change (`signal_permissions_by_role` makes them): carol, a
+/// member of alice, and dan, who holds `pg_signal_backend`, signal alice's and bob's sessions
+/// and a superuser's; erin, through a NOINHERIT role, only after `SET ROLE` to a member of
+/// alice or of `pg_signal_backend`; the superuser after `SET ROLE bob` and `SET SESSION AUTHORIZATION
+/// bob` as bob, its own session included. Each call with a constant and a parameter pid, one
+/// line per answer; terminations of fresh alice sessions, and what those sessions see next.
+async fn signal_permissions_by_role(ep: &Endpoint) -> Vec<String> {
+    let connect = |(u, p): (&'static str, &'static str)| async move {
+        ep.connect(u, p, APP_DB).await.unwrap()
+    };
+    let alice = connect(ALICE).await;
+    let bob = connect(BOB).await;
+    let root = connect(ROOT).await;
+    let carol = connect(CAROL).await;
+    let dan = connect(DAN).await;
+    let erin = connect(ERIN).await;
+    let (alice_pid, bob_pid, root_pid) = (
+        pid_of(&alice).await,
+        pid_of(&bob).await,
+        pid_of(&root).await,
+    );
+    let answer = |r: Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>| match r {
+        Ok(rows) => format!(
+            "{:?}",
+            rows.iter().map(|r| r.get::<_, bool>(0)).collect::<Vec<_>>()
+        ),
+        Err(e) => match e.as_db_error() {
+            Some(d) => format!("{} {} {}", d.severity(), d.code().code(), d.message()),
+            None => format!("<{e}>"),
+        },
+    };
+    let mut out = Vec::new();
+    // Both functions, a constant and a parameter pid, from `client` as it is now.
+    async fn calls(
+        out: &mut Vec<String>,
+        answer: &impl Fn(Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>) -> String,
+        label: &str,
+        client: &tokio_postgres::Client,
+        pid: i32,
+        functions: &[&str],
+    ) {
+        for f in functions {
+            let constant = client.query(&format!("SELECT {f}({pid})"), &[]).await;
+            out.push(format!("{label} {f} constant: {}", answer(constant)));
+            let param = client.query(&format!("SELECT {f}($1)"), &[&pid]).await;
+            out.push(format!("{label} {f} parameter: {}", answer(param)));
+        }
+    }
+    const CANCEL: &[&str] = &["pg_cancel_backend"];
+    const BOTH: &[&str] = &["pg_cancel_backend", "pg_terminate_backend"];
+    // (what the caller runs first, label, caller, target pid, functions)
+    type Step<'a> = (
+        &'a str,
+        &'a str,
+        &'a tokio_postgres::Client,
+        i32,
+        &'a [&'a str],
+    );
+    let steps: Vec<Step> = vec![
+        ("", "carol->alice", &carol, alice_pid, CANCEL),
+        ("", "carol->bob", &carol, bob_pid, BOTH),
+        ("", "carol->root", &carol, root_pid, BOTH),
+        ("", "dan->alice", &dan, alice_pid, CANCEL),
+        ("", "dan->bob", &dan, bob_pid, CANCEL),
+        ("", "dan->root", &dan, root_pid, BOTH),
+        ("", "bob->alice", &bob, alice_pid, CANCEL),
+        ("", "erin->alice", &erin, alice_pid, CANCEL),
+        (
+            "SET ROLE tp_alices",
+            "erin as tp_alices->alice",
+            &erin,
+            alice_pid,
+            CANCEL,
+        ),
+        ("", "erin as tp_alices->bob", &erin, bob_pid, CANCEL),
+        ("", "erin as tp_alices->root", &erin, root_pid, CANCEL),
+        (
+            "SET ROLE tp_signaller",
+            "erin as tp_signaller->bob",
+            &erin,
+            bob_pid,
+            CANCEL,
+        ),
+        ("RESET ROLE", "erin reset->alice", &erin, alice_pid, CANCEL),
+        ("SET ROLE bob", "root as bob->alice", &root, alice_pid, BOTH),
+        ("", "root as bob->itself", &root, root_pid, BOTH),
+        (
+            "RESET ROLE; SET SESSION AUTHORIZATION bob",
+            "root as session bob->alice",
+            &root,
+            alice_pid,
+            CANCEL,
+        ),
+        ("", "root as session bob->itself", &root, root_pid, CANCEL),
+        (
+            "RESET SESSION AUTHORIZATION",
+            "root reset->alice",
+            &root,
+            alice_pid,
+            CANCEL,
+        ),
+    ];
+    for (first, label, client, pid, functions) in steps {
+        if !first.is_empty() {
+            client.batch_execute(first).await.unwrap();
+        }
+        calls(&mut out, &answer, label, client, pid, functions).await;
+    }
+
+    // Terminations that happen, and one that does not: what the victim sees next.
+    let victims: [(&str, &tokio_postgres::Client, bool); 4] = [
+        ("carol terminates alice", &carol, false),
+        ("dan terminates alice (parameter)", &dan, true),
+        ("erin terminates alice", &erin, false),
+        (
+            "erin as tp_alices terminates alice (parameter)",
+            &erin,
+            true,
+        ),
+    ];
+    for (label, killer, param) in victims {
+        if label.contains("tp_alices") {
+            killer.batch_execute("SET ROLE tp_alices").await.unwrap();
+        }
+        let victim = connect(ALICE).await;
+        let pid = pid_of(&victim).await;
+        let r = if param {
+            killer
+                .query("SELECT pg_terminate_backend($1)", &[&pid])
+                .await
+        } else {
+            killer
+                .query(&format!("SELECT pg_terminate_backend({pid})"), &[])
+                .await
+        };
+        out.push(format!("{label}: {}", answer(r)));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let next = match victim.query("SELECT 1", &[]).await {
+            Ok(_) => "goes on".to_string(),
+            Err(e) => match e.as_db_error() {
+                Some(d) => format!("{} {} {}", d.severity(), d.code().code(), d.message()),
+                None => format!("<{e}>"),
+            },
+        };
+        out.push(format!("{label}: the victim {next}"));
+    }
+    out
 }
 
 /// A superuser role the signal test makes.

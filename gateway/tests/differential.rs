@@ -9,6 +9,11 @@
 //! psql runs with `-a` (echo each statement), command tags, `VERBOSITY=verbose` (SQLSTATE and
 //! every error field) and line-buffered stdout (rows and notices in the order they arrived).
 //! It uses the simple query protocol throughout.
+//!
+//! Some cases need more than one session: the other sessions a case signals or watches
+//! (`others`) are opened before it runs, the case knows their pids as psql variables, and what
+//! they saw afterwards is part of its output. A line `--@ restart` in a case restarts Postgres
+//! (`pg_ctl restart -m fast`) at that point, the case's session staying open across it.
 
 mod common;
 
@@ -16,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Duration;
 
-use testkit::{Endpoint, PgCluster, Tidepool, TidepoolOpts, ALICE};
+use testkit::{Endpoint, PgCluster, Tidepool, TidepoolOpts, ALICE, BOB};
 
 /// The database each case runs in; created afresh before every run.
 const CASE_DB: &str = "diff";
@@ -33,11 +38,80 @@ const CASES: &[&str] = &[
     "multi_statement",
     "notices",
     "prepare",
+    "server_restart",
     "settings",
+    "signals_other",
+    "signals_own",
     "temp_tables",
     "transactions",
     "types",
 ];
+
+/// Roles the signal cases use, made once per cluster (roles belong to the cluster, not to the
+/// case's database): alice reaches a member of bob, a holder of `pg_signal_backend` and a role
+/// without privileges only by `SET ROLE` (through a NOINHERIT role in between), and a
+/// superuser logs in with a password.
+const CASE_ROLES: &str = "CREATE ROLE tp_root LOGIN SUPERUSER PASSWORD 'tp-root-pw'; \
+     CREATE ROLE tp_gate NOLOGIN NOINHERIT; GRANT tp_gate TO alice; \
+     CREATE ROLE tp_bobs NOLOGIN; GRANT bob TO tp_bobs; GRANT tp_bobs TO tp_gate; \
+     CREATE ROLE tp_signaller NOLOGIN; GRANT pg_signal_backend TO tp_signaller; \
+     GRANT tp_signaller TO tp_gate; \
+     CREATE ROLE tp_nobody NOLOGIN; GRANT tp_nobody TO tp_gate;";
+const ROOT: (&str, &str) = ("tp_root", "tp-root-pw");
+
+/// Another session of a case, opened before the case runs, as `login`. It runs `start` (still
+/// running when the case starts if `running`); the case knows its pid as the psql variable
+/// `var`. After the case it is asked one more statement, and what it saw (`psql -qAt`) is
+/// part of the case's output.
+struct Other {
+    var: &'static str,
+    login: (&'static str, &'static str),
+    start: &'static str,
+    running: bool,
+}
+
+const fn other(var: &'static str, login: (&'static str, &'static str)) -> Other {
+    Other {
+        var,
+        login,
+        start: "",
+        running: false,
+    }
+}
+
+const SLEEP: &str = "SELECT pg_sleep(20);";
+
+static SIGNALS_OTHER: [Other; 4] = [
+    other("alice_idle", ALICE),
+    Other {
+        start: SLEEP,
+        running: true,
+        ..other("alice_busy", ALICE)
+    },
+    other("bob_idle", BOB),
+    other("root_idle", ROOT),
+];
+
+static SERVER_RESTART: [Other; 3] = [
+    other("idle", ALICE),
+    Other {
+        start: "BEGIN; SELECT 'in a transaction';",
+        ..other("in_transaction", ALICE)
+    },
+    Other {
+        start: SLEEP,
+        running: true,
+        ..other("busy", BOB)
+    },
+];
+
+fn others(case: &str) -> &'static [Other] {
+    match case {
+        "signals_other" => &SIGNALS_OTHER,
+        "server_restart" => &SERVER_RESTART,
+        _ => &[],
+    }
+}
 
 fn case_path(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -73,15 +147,19 @@ fn normalize(text: &str) -> String {
     out
 }
 
-/// Runs a psql script as alice in the case database; returns its normalized output.
-fn run_script(ep: &Endpoint, script: Script) -> String {
-    let psql = ep
-        .psql(ALICE.0, ALICE.1, CASE_DB)
+/// psql as alice in the case database, as every case runs.
+fn case_psql(ep: &Endpoint) -> testkit::Psql {
+    ep.psql(ALICE.0, ALICE.1, CASE_DB)
         .with_command_tags()
         .line_buffered()
         .arg("-a")
         .var("VERBOSITY", "verbose")
-        .timeout(Duration::from_secs(120));
+        .timeout(Duration::from_secs(120))
+}
+
+/// Runs a psql script as alice in the case database; returns its normalized output.
+fn run_script(ep: &Endpoint, script: Script) -> String {
+    let psql = case_psql(ep);
     let out = match script {
         Script::File(path) => psql.file(path).run(),
         Script::Stdin(text) => psql.stdin(text).run(),
@@ -91,6 +169,90 @@ fn run_script(ep: &Endpoint, script: Script) -> String {
         normalize(&out.text),
         out.code
     )
+}
+
+/// Runs `case` at `ep` with its other sessions and restarts (see the module doc); returns its
+/// normalized output, the other sessions' included.
+fn run_case(pg: &PgCluster, ep: &Endpoint, case: &str) -> String {
+    let path = case_path(case);
+    let text = std::fs::read_to_string(&path).expect("case file");
+    let mut opened = Vec::new();
+    let mut psql = case_psql(ep);
+    for o in others(case) {
+        let mut live = ep.psql(o.login.0, o.login.1, CASE_DB).arg("-At").live();
+        live.send("SELECT 'pid ' || pg_backend_pid();\n");
+        let pid_line = |l: &str| l.starts_with("pid ");
+        assert!(
+            live.wait_line(pid_line, Duration::from_secs(30)),
+            "{case}: session {} did not start: {}",
+            o.var,
+            live.text()
+        );
+        let out = live.text();
+        let pid = out.lines().find(|l| pid_line(l)).unwrap_or_default()[4..].to_string();
+        if o.running {
+            live.send(&format!("{}\n", o.start));
+            wait_running(pg, o.start);
+        } else if !o.start.is_empty() {
+            live.send(&format!("{}\n\\echo started\n", o.start));
+            assert!(
+                live.wait_line(|l| l == "started", Duration::from_secs(30)),
+                "{case}: session {}: {}",
+                o.var,
+                live.text()
+            );
+        }
+        psql = psql.var(o.var, &pid);
+        opened.push((o.var, live));
+    }
+    let out = match text.split_once("\n--@ restart\n") {
+        None => psql.file(&path).run(),
+        Some((before, after)) => {
+            let mut live = psql.live();
+            live.send(before);
+            live.send("\n\\echo --@ sync\n");
+            assert!(
+                live.wait_line(|l| l == "--@ sync", Duration::from_secs(60)),
+                "{case}: the part before the restart did not finish: {}",
+                live.text()
+            );
+            pg.restart();
+            live.send(after);
+            live.finish(Duration::from_secs(120))
+        }
+    };
+    let mut result = format!(
+        "{}-- psql exit code: {:?}\n",
+        normalize(&out.text),
+        out.code
+    );
+    for (var, mut live) in opened {
+        live.send("SELECT 'after';\n");
+        let out = live.finish(Duration::from_secs(30));
+        let seen = out.text.split_once('\n').map_or("", |(_, rest)| rest);
+        result.push_str(&format!(
+            "-- session {var} then saw:\n{}-- exit code: {:?}\n",
+            normalize(seen),
+            out.code
+        ));
+    }
+    result
+}
+
+/// Waits until `query` runs (on any backend: directly or through Tidepool).
+fn wait_running(pg: &PgCluster, query: &str) {
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = '{}' \
+         AND pid <> pg_backend_pid()",
+        query.replace('\'', "''")
+    );
+    for _ in 0..300 {
+        if pg.psql_admin(&sql).trim() != "0" {
+            return;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{query} is not running");
 }
 
 #[derive(Clone, Copy)]
@@ -122,14 +284,14 @@ fn assert_same(
 
 /// The whole protocol for one case.
 fn differential(case: &str) {
-    let path = case_path(case);
     let pg = PgCluster::start();
     let direct = pg.direct();
+    pg.psql_admin(CASE_ROLES);
 
     pg.create_database(CASE_DB, ALICE.0);
-    let first = run_script(&direct, Script::File(&path));
+    let first = run_case(&pg, &direct, case);
     pg.create_database(CASE_DB, ALICE.0);
-    let second = run_script(&direct, Script::File(&path));
+    let second = run_case(&pg, &direct, case);
     assert_same(
         case,
         "direct",
@@ -141,7 +303,7 @@ fn differential(case: &str) {
 
     pg.create_database(CASE_DB, ALICE.0);
     let tp = Tidepool::start(&pg, TidepoolOpts::default());
-    let through = run_script(&tp.endpoint(), Script::File(&path));
+    let through = run_case(&pg, &tp.endpoint(), case);
     assert_same(
         case,
         "direct",
@@ -174,7 +336,10 @@ cases!(
     multi_statement,
     notices,
     prepare,
+    server_restart,
     settings,
+    signals_other,
+    signals_own,
     temp_tables,
     transactions,
     types,

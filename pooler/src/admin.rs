@@ -359,7 +359,8 @@ impl Admin {
     /// (`InitializeSessionUserId`), `datallowconn`, the CONNECT privilege and `datconnlimit`
     /// (`CheckMyDatabase`), and the roles it is a member of for `+group` rules (following
     /// `pg_auth_members` as `is_member_of_role_nosuper` does: a superuser is not a member of
-    /// everything). Only existing roles get a row.
+    /// everything), whether one of them is a superuser, and its oid (who may signal whom,
+    /// gateway/src/signals.rs). Only existing roles get a row.
     async fn lookup_uncached(&self, keys: &[&str]) -> Result<HashMap<String, RoleInfo>, String> {
         let users: Vec<String> = keys.iter().map(|k| literal(user_of(k))).collect();
         let dbs: Vec<String> = keys.iter().map(|k| literal(database_of(k))).collect();
@@ -373,7 +374,9 @@ impl Admin {
                (WITH RECURSIVE m(id) AS (SELECT a.oid UNION \
                   SELECT am.roleid FROM pg_catalog.pg_auth_members am JOIN m ON am.member = m.id) \
                 SELECT pg_catalog.string_agg(pg_catalog.octet_length(r.rolname) || ':' || r.rolname, '') \
-                FROM m JOIN pg_catalog.pg_authid r ON r.oid = m.id) \
+                  || ';' || pg_catalog.bool_or(r.rolsuper)::text \
+                FROM m JOIN pg_catalog.pg_authid r ON r.oid = m.id), \
+               a.oid::text \
              FROM ROWS FROM (pg_catalog.unnest(ARRAY[{}]::text[]), \
                pg_catalog.unnest(ARRAY[{}]::text[])) AS q(u, d) \
              JOIN pg_catalog.pg_authid a ON a.rolname = q.u \
@@ -401,7 +404,14 @@ impl Admin {
                     connect: yes(r, 8),
                     conn_limit: int(r, 9),
                 }),
-                member_of: col(r, 10).map(names).unwrap_or_default(),
+                // `groups;superuser-among-them` (a role name may hold `;`: the last one splits).
+                member_of: col(r, 10)
+                    .map(|m| names(m.rsplit_once(';').map_or(m, |(g, _)| g)))
+                    .unwrap_or_default(),
+                member_of_superuser: col(r, 10)
+                    .and_then(|m| m.rsplit_once(';'))
+                    .is_some_and(|(_, s)| matches!(s, "true" | "t")),
+                oid: col(r, 11).and_then(|v| v.parse().ok()).unwrap_or(0),
             };
             found.insert(key(user, db), info);
         }

@@ -39,6 +39,9 @@ pub trait Owner {
     fn settings_changed(&self);
     /// The backend delivered a notification its own transaction sent.
     fn own_notification(&self);
+    /// Postgres's warning for a negative pid from `pg_signal_backend()`: a signal the gateway
+    /// asked the server to check was allowed (`down::SIGNAL`, in its place among the responses).
+    fn signal_marker(&self, msg: &[u8]);
     /// The settings read-back query, and whether it reads the channels only.
     fn read_back_sql(&self) -> (String, bool);
     /// A row of the read-back that is not a setting (a channel, a name found in a function
@@ -368,6 +371,11 @@ fn forward(st: &State, msg: &[u8]) {
                 o.forward(&e);
                 return;
             }
+        }
+        // A signal the server allowed (gateway/src/signals.rs): notices are not the hot path.
+        if msg.first() == Some(&be::NOTICE_RESPONSE) && be::signal_marker(msg).is_some() {
+            o.signal_marker(msg);
+            return;
         }
         o.forward(msg);
     }
@@ -996,6 +1004,9 @@ mod tests {
         }
         fn own_notification(&self) {
             self.event("own notification");
+        }
+        fn signal_marker(&self, _msg: &[u8]) {
+            self.event("signal marker");
         }
         fn read_back_sql(&self) -> (String, bool) {
             self.snapshot_pending.set(false);

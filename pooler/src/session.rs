@@ -429,6 +429,17 @@ impl Owner for Session {
         Session::flush(self);
     }
 
+    fn signal_marker(&self, msg: &[u8]) {
+        // After what was forwarded before it: the gateway may pass it on to the client.
+        Session::flush(self);
+        if !self.gone.get() {
+            self.to_gateway.push_with(|b| {
+                put_header(b, down::SIGNAL, self.id, msg.len());
+                b.extend_from_slice(msg);
+            });
+        }
+    }
+
     fn window_full(&self) -> Option<&Notify> {
         (self.inflight.get() > WINDOW && !self.gone.get()).then_some(&self.credit)
     }

@@ -102,6 +102,11 @@ pub mod down {
     pub const ACK: u8 = 30;
     /// Answer to `up::POOLS`: [`PoolFacts`] encoded (the pooler's pools on all its cores).
     pub const POOLS: u8 = 31;
+    /// A raw `NoticeResponse` of Postgres's `pg_signal_backend()` for a negative pid
+    /// ([`crate::protocol::backend::signal_marker`]), in its place among the session's `DATA`:
+    /// the server allowed a signal the gateway asked it to check (gateway/src/signals.rs). The
+    /// gateway sends that signal, or passes the notice on to the client if it asked for none.
+    pub const SIGNAL: u8 = 32;
 }
 
 /// Request bytes (`MSGS` payloads) a gateway may have sent for a session and the pooler not

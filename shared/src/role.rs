@@ -20,6 +20,11 @@ pub struct RoleInfo {
     /// The roles this one is a member of, directly or not, itself included (for `+group` in
     /// access rules; superusers are not members of everything here, as in `pg_hba`).
     pub member_of: Vec<String>,
+    /// One of `member_of` (or the role itself) is a superuser: a session of this role can
+    /// become one (`SET ROLE`), so it may signal any session (gateway/src/signals.rs).
+    pub member_of_superuser: bool,
+    /// `pg_authid.oid` (0: not known).
+    pub oid: u32,
     /// The database asked for (`None`: it does not exist).
     pub database: Option<DatabaseInfo>,
 }
@@ -41,10 +46,12 @@ const HAS_PASSWORD: u8 = 8;
 const HAS_DATABASE: u8 = 16;
 const ALLOW_CONNECTIONS: u8 = 32;
 const CONNECT: u8 = 64;
+const MEMBER_OF_SUPERUSER: u8 = 128;
 
 impl RoleInfo {
-    /// `u8 flags`, `i32 rolconnlimit`, `i32 datconnlimit`, `u16` count of groups, each `u16`
-    /// length and name, then the password (the rest). No such role: the empty payload.
+    /// `u8 flags`, `i32 rolconnlimit`, `i32 datconnlimit`, `u32 oid`, `u16` count of groups,
+    /// each `u16` length and name, then the password (the rest). No such role: the empty
+    /// payload.
     pub fn encode(&self, out: &mut Vec<u8>) {
         if !self.exists {
             return;
@@ -61,6 +68,7 @@ impl RoleInfo {
                 ALLOW_CONNECTIONS,
             ),
             (self.database.as_ref().is_some_and(|d| d.connect), CONNECT),
+            (self.member_of_superuser, MEMBER_OF_SUPERUSER),
         ] {
             if on {
                 flags |= bit;
@@ -70,6 +78,7 @@ impl RoleInfo {
         out.extend_from_slice(&self.conn_limit.to_be_bytes());
         let db_limit = self.database.as_ref().map_or(-1, |d| d.conn_limit);
         out.extend_from_slice(&db_limit.to_be_bytes());
+        out.extend_from_slice(&self.oid.to_be_bytes());
         let groups: Vec<&String> = self
             .member_of
             .iter()
@@ -100,8 +109,9 @@ impl RoleInfo {
         };
         let conn_limit = i32_at(1)?;
         let db_limit = i32_at(5)?;
-        let n = u16_at(9)?;
-        let mut at = 11;
+        let oid = i32_at(9)? as u32;
+        let n = u16_at(13)?;
+        let mut at = 15;
         let mut member_of = Vec::with_capacity(n.min(64));
         for _ in 0..n {
             let len = u16_at(at)?;
@@ -123,6 +133,8 @@ impl RoleInfo {
             conn_limit,
             password,
             member_of,
+            member_of_superuser: flags & MEMBER_OF_SUPERUSER != 0,
+            oid,
             database: (flags & HAS_DATABASE != 0).then_some(DatabaseInfo {
                 allow_connections: flags & ALLOW_CONNECTIONS != 0,
                 connect: flags & CONNECT != 0,
@@ -167,6 +179,8 @@ mod tests {
             conn_limit: 3,
             password: Some("SCRAM-SHA-256$4096:c2FsdA==$a:b".into()),
             member_of: vec!["alice".into(), "readers".into(), "héllo".into()],
+            member_of_superuser: true,
+            oid: 3_000_000_000,
             database: Some(DatabaseInfo {
                 allow_connections: false,
                 connect: true,

@@ -5,7 +5,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::endpoint::Endpoint;
-use crate::process::{run_merged, Output};
+use crate::process::{run_merged, Live, Output};
 
 /// Libpq variables from the environment of whoever runs the tests must not change what a test
 /// connects to or how.
@@ -125,7 +125,18 @@ impl Psql {
         self
     }
 
+    /// Starts psql reading its script from a pipe the test writes as it goes (`Live::send`):
+    /// the session stays open between writes.
+    pub fn live(self) -> Live {
+        Live::spawn(&mut self.command_line())
+    }
+
     pub fn run(self) -> Output {
+        let (mut cmd, stdin, timeout) = (self.command_line(), self.stdin, self.timeout);
+        run_merged(&mut cmd, stdin, timeout)
+    }
+
+    fn command_line(&self) -> Command {
         let argv: &[&str] = if self.line_buffered {
             &["stdbuf", "-oL", "psql"]
         } else {
@@ -145,7 +156,7 @@ impl Psql {
             cmd.arg("-q");
         }
         cmd.args(&self.extra);
-        run_merged(&mut cmd, self.stdin, self.timeout)
+        cmd
     }
 }
 

@@ -32,6 +32,6 @@ pub use cluster::{BackendWatch, PgCluster, UsersSample, UsersWatch, ALICE, APP_D
 pub use endpoint::Endpoint;
 pub use etcd::Etcd;
 pub use ports::free_port;
-pub use process::{run_merged, Output};
+pub use process::{run_merged, Live, Output};
 pub use tidepool::{bin_dir, link_secret_args, link_secret_file, Gateway, Tidepool, TidepoolOpts};
 pub use wire::{ConnectError, Event, Frontend, Message, Param, RawConn, ServerError};

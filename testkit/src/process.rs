@@ -134,3 +134,115 @@ pub fn run_merged(cmd: &mut Command, stdin: Option<Vec<u8>>, timeout: Duration) 
         },
     }
 }
+
+/// A program fed by the test as it goes (a psql session kept open across a server restart,
+/// or while other sessions signal it): stdout and stderr interleaved as written, as
+/// `run_merged` captures them.
+pub struct Live {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    captured: Arc<Mutex<Vec<u8>>>,
+    eof: mpsc::Receiver<()>,
+}
+
+impl Live {
+    pub fn spawn(cmd: &mut Command) -> Live {
+        let (mut read_end, write_end) = pipe();
+        let write_end2 = write_end.try_clone().expect("dup pipe");
+        cmd.stdout(Stdio::from(write_end))
+            .stderr(Stdio::from(write_end2))
+            .stdin(Stdio::piped())
+            .process_group(0);
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        let stdin = child.stdin.take();
+        let captured = Arc::new(Mutex::new(Vec::new()));
+        let (eof_tx, eof) = mpsc::channel();
+        {
+            let captured = captured.clone();
+            thread::spawn(move || {
+                let mut chunk = [0u8; 65536];
+                loop {
+                    match read_end.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => captured
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = eof_tx.send(());
+            });
+        }
+        Live {
+            child,
+            stdin,
+            captured,
+            eof,
+        }
+    }
+
+    /// Writes `text` to the program's standard input (ignored once it exited).
+    pub fn send(&mut self, text: &str) {
+        if let Some(p) = self.stdin.as_mut() {
+            let _ = p.write_all(text.as_bytes());
+            let _ = p.flush();
+        }
+    }
+
+    /// What it printed so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.captured.lock().unwrap_or_else(|e| e.into_inner()))
+            .into_owned()
+    }
+
+    /// Waits until a whole printed line satisfies `found`; `false` at the deadline or if the
+    /// program ended first.
+    pub fn wait_line(&mut self, found: impl Fn(&str) -> bool, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.text();
+            if text.lines().any(&found) {
+                return true;
+            }
+            if Instant::now() >= deadline || !matches!(self.child.try_wait(), Ok(None)) {
+                return text.lines().any(&found);
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Closes its standard input and waits at most `timeout` for it to end (then it is killed).
+    pub fn finish(mut self, timeout: Duration) -> Output {
+        self.stdin.take();
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if Instant::now() >= deadline => break None,
+                Ok(None) => thread::sleep(Duration::from_millis(10)),
+                Err(_) => break None,
+            }
+        };
+        let timed_out = status.is_none();
+        if timed_out {
+            kill_group(&mut self.child);
+        }
+        let _ = self.eof.recv_timeout(Duration::from_secs(5));
+        let mut text = self.text();
+        if timed_out {
+            text.push_str(&format!("\n<killed after {timeout:?}>\n"));
+        }
+        Output {
+            text,
+            code: status.and_then(|s| s.code()),
+            timed_out,
+        }
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        kill_group(&mut self.child);
+    }
+}

@@ -174,6 +174,36 @@ pub fn error_sqlstate(body: &[u8]) -> Option<&[u8]> {
         .map(|(_, v)| v)
 }
 
+/// The pid of a raw `NoticeResponse` message that Postgres's `pg_signal_backend()`
+/// (signalfuncs.c) sends for a pid that is no backend (`WARNING 01000 PID %d is not a
+/// PostgreSQL backend process`), when that pid is negative: no process has it, so it is either
+/// a marker of the gateway's (gateway/src/signals.rs) or a client's own nonsense. Read by the
+/// routine's name and the number in the message, so a translated message (`lc_messages`) is
+/// read too.
+pub fn signal_marker(msg: &[u8]) -> Option<i32> {
+    if msg.first() != Some(&NOTICE_RESPONSE) {
+        return None;
+    }
+    let fields = error_fields(msg.get(5..)?).ok()?;
+    let field = |c: u8| fields.iter().find(|(f, _)| *f == c).map(|(_, v)| *v);
+    if field(b'C')? != b"01000" || field(b'R')? != b"pg_signal_backend" {
+        return None;
+    }
+    let text = field(b'M')?;
+    let at = text.iter().position(|&b| b == b'-')?;
+    let digits = text[at + 1..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    if digits == 0 {
+        return None;
+    }
+    std::str::from_utf8(&text[at..at + 1 + digits])
+        .ok()?
+        .parse()
+        .ok()
+}
+
 /// An `ErrorResponse` with a `DETAIL` line (Postgres's `errdetail`).
 pub fn error_response_detail(
     out: &mut Vec<u8>,
@@ -269,6 +299,57 @@ mod tests {
         let f = error_fields(&fatal[5..]).unwrap();
         assert_eq!(f[0], (b'S', &b"FATAL"[..]));
         assert_eq!(f[2], (b'C', &b"28P01"[..]));
+    }
+
+    #[test]
+    fn signal_markers_are_read_from_pg_signal_backends_warning() {
+        let notice = |code: &str, msg: &str, routine: &str| {
+            let mut m = Vec::new();
+            put_message(&mut m, NOTICE_RESPONSE, |b| {
+                for (c, v) in [
+                    (b'S', "WARNING"),
+                    (b'V', "WARNING"),
+                    (b'C', code),
+                    (b'M', msg),
+                    (b'F', "signalfuncs.c"),
+                    (b'L', "81"),
+                    (b'R', routine),
+                ] {
+                    b.push(c);
+                    put_cstr(b, v.as_bytes());
+                }
+                b.push(0);
+            });
+            m
+        };
+        let pg = |pid: &str| {
+            notice(
+                "01000",
+                &format!("PID {pid} is not a PostgreSQL backend process"),
+                "pg_signal_backend",
+            )
+        };
+        assert_eq!(signal_marker(&pg("-1073741825")), Some(-1073741825));
+        assert_eq!(signal_marker(&pg("-2147483648")), Some(i32::MIN));
+        // Translated (lc_messages = de).
+        let de = notice(
+            "01000",
+            "PID -536870913 ist kein PostgreSQL-Backend-Prozess",
+            "pg_signal_backend",
+        );
+        assert_eq!(signal_marker(&de), Some(-536870913));
+        // Positive pids, other routines and codes, errors: not markers.
+        assert_eq!(signal_marker(&pg("4242")), None);
+        assert_eq!(signal_marker(&pg("-99999999999")), None);
+        assert_eq!(signal_marker(&notice("01000", "PID -5 x", "other")), None);
+        assert_eq!(
+            signal_marker(&notice("42501", "PID -5 x", "pg_signal_backend")),
+            None
+        );
+        let mut e = pg("-5");
+        e[0] = ERROR_RESPONSE;
+        assert_eq!(signal_marker(&e), None);
+        assert_eq!(signal_marker(b"N\0\0\0\x04"), None);
     }
 
     #[test]
