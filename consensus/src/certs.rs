@@ -155,15 +155,32 @@ pub fn hosts_of(node: &crate::state::NodeRecord) -> Vec<String> {
     hosts
 }
 
-/// The pooler flags of NODE's certificate: the link's, and the agent's when it has one.
-pub fn pooler_args(layout: &Layout, node: &str, agent: bool) -> Vec<std::ffi::OsString> {
+/// Whether the link to a pooler listening on `addr` is encrypted: only when it leaves the host.
+/// On loopback TLS hides the traffic from nobody who could not read the processes' memory
+/// (root), and it costs every request: 3–15 % more proxy CPU per pgbench transaction
+/// (perf/RESULTS.md, 2026-12-07 13:47). The agent, off the request path, speaks TLS always.
+pub fn link_needs_tls(addr: &std::net::SocketAddr) -> bool {
+    !addr.ip().is_loopback()
+}
+
+/// The pooler flags of NODE's certificate: the link's when `link` (see [`link_needs_tls`]),
+/// and the agent's when it has one.
+pub fn pooler_args(
+    layout: &Layout,
+    node: &str,
+    link: bool,
+    agent: bool,
+) -> Vec<std::ffi::OsString> {
     let (cert, key) = node_files(layout, node);
-    let mut args: Vec<std::ffi::OsString> = vec![
-        "--link-tls-cert".into(),
-        cert.clone().into(),
-        "--link-tls-key".into(),
-        key.clone().into(),
-    ];
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    if link {
+        args.extend([
+            "--link-tls-cert".into(),
+            cert.clone().into(),
+            "--link-tls-key".into(),
+            key.clone().into(),
+        ]);
+    }
     if agent {
         args.extend([
             "--agent-tls-cert".into(),

@@ -78,21 +78,20 @@ fn up_with_standbys_streams_and_reports_each_node() {
         );
         assert_eq!(proc_ids(n.pooler_pid, "Groups:"), Vec::<u32>::new());
         let cmd = cmdline(n.pooler_pid);
-        // Link and agent speak TLS with the node's certificate from the cluster CA (its key
-        // a copy of postgres's own, 600); `status` above reached every agent through it.
+        // The agent speaks TLS with the node's certificate from the cluster CA (its key a
+        // copy of postgres's own, 600); `status` above reached every agent through it. The
+        // link stays on loopback, plain (`certs::link_needs_tls`).
         let tls_key = format!("tls.{}.pooler.key", n.name);
         let cert = c.dir.join("tls").join(format!("{}.crt", n.name));
-        for flag in ["--link-tls-cert", "--agent-tls-cert"] {
-            assert!(
-                cmd.contains(&format!("{flag} {}", cert.display())),
-                "{}: {cmd}",
-                n.name
-            );
-        }
+        assert!(
+            cmd.contains(&format!("--agent-tls-cert {}", cert.display())),
+            "{}: {cmd}",
+            n.name
+        );
+        assert!(!cmd.contains("--link-tls-"), "{}: {cmd}", n.name);
         for (flag, copy) in [
             ("--link-secret-file", "link.pooler.key"),
             ("--agent-secret-file", "agent.pooler.key"),
-            ("--link-tls-key", tls_key.as_str()),
             ("--agent-tls-key", tls_key.as_str()),
             ("--state-dir", ""),
         ] {

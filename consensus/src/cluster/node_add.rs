@@ -120,7 +120,12 @@ pub fn run(global: &GlobalArgs, args: &NodeAddArgs) -> Result<bool> {
     if crate::certs::ca_file(layout.dir()).exists() {
         let ca = crate::certs::ensure_ca(layout)?;
         crate::certs::ensure_node(layout, &ca, &node.name, &crate::certs::hosts_of(&node))?;
-        pooler.extend(crate::certs::pooler_args(layout, &node.name, true));
+        pooler.extend(crate::certs::pooler_args(
+            layout,
+            &node.name,
+            crate::certs::link_needs_tls(&node.pooler),
+            true,
+        ));
     }
     let mut node = node;
     node.pooler_pid = ensure_process(
@@ -155,9 +160,10 @@ pub fn run(global: &GlobalArgs, args: &NodeAddArgs) -> Result<bool> {
     }
     let mut gateway = gateway_args(&state.settings, layout, &run);
     set_flag(&mut gateway, "--pooler", nodes::pooler_list(&state.nodes));
-    if !crate::certs::ca_file(layout.dir()).exists() {
-        // A cluster made before TLS: its poolers' links are plain.
-        crate::cluster::up::drop_flag(&mut gateway, "--link-tls-ca");
+    if crate::certs::ca_file(layout.dir()).exists() {
+        // A cluster made before TLS has no CA: its poolers' links are plain.
+        let poolers: Vec<std::net::SocketAddr> = state.nodes.iter().map(|n| n.pooler).collect();
+        crate::cluster::up::link_ca_if_needed(&mut gateway, layout, &poolers);
     }
     ensure_tier(
         Role::Gateway,

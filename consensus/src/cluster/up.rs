@@ -177,7 +177,12 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
     let pooler_addr = loopback(settings.pooler_port);
     let gateway_addr = loopback(settings.port);
     let mut args = pooler_args(&settings, layout, &run);
-    args.extend(crate::certs::pooler_args(layout, &node1.name, ha));
+    args.extend(crate::certs::pooler_args(
+        layout,
+        &node1.name,
+        crate::certs::link_needs_tls(&pooler_addr),
+        ha,
+    ));
     if let Some(node1) = nodes.first() {
         args.extend(nodes::agent_args(
             &settings,
@@ -215,7 +220,12 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
                 node.socket_dir.display().to_string(),
             );
             args.extend(nodes::agent_args(&settings, node, &layout.agent_key_file()));
-            args.extend(crate::certs::pooler_args(layout, &node.name, true));
+            args.extend(crate::certs::pooler_args(
+                layout,
+                &node.name,
+                crate::certs::link_needs_tls(&node.pooler),
+                true,
+            ));
             node.pooler_pid = ensure_process(
                 Role::Pooler,
                 &pooler_bin,
@@ -240,6 +250,12 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
     if ha {
         set_flag(&mut args, "--pooler", nodes::pooler_list(&nodes));
     }
+    let poolers: Vec<std::net::SocketAddr> = if ha {
+        nodes.iter().map(|n| n.pooler).collect()
+    } else {
+        vec![pooler_addr]
+    };
+    link_ca_if_needed(&mut args, layout, &poolers);
     ensure_tier(
         Role::Gateway,
         &gateway_bin,
@@ -388,6 +404,19 @@ pub(crate) fn ensure_tier(
     Ok(())
 }
 
+/// `--link-tls-ca` for a gateway when a link to one of `poolers` leaves the host (their
+/// certificates are the cluster CA's: [`crate::certs::link_needs_tls`]).
+pub(crate) fn link_ca_if_needed(
+    args: &mut Vec<OsString>,
+    layout: &Layout,
+    poolers: &[std::net::SocketAddr],
+) {
+    if poolers.iter().any(crate::certs::link_needs_tls) {
+        args.push("--link-tls-ca".into());
+        args.push(crate::certs::ca_file(layout.dir()).into());
+    }
+}
+
 pub(crate) fn pooler_args(
     s: &ClusterSettings,
     layout: &Layout,
@@ -425,26 +454,17 @@ pub(crate) fn gateway_args(
     if let Some(config) = &run.gateway_config {
         args.extend(["--config".into(), absolute(config)]);
     }
-    let flags: [(&str, OsString); 5] = [
+    let flags: [(&str, OsString); 4] = [
         ("--listen", loopback(s.port).to_string().into()),
         ("--cores", s.cores.to_string().into()),
         ("--pooler", loopback(s.pooler_port).to_string().into()),
         ("--link-secret-file", layout.link_key_file().into()),
-        // Links are TLS: poolers present certificates of the cluster CA (crate::certs).
-        ("--link-tls-ca", crate::certs::ca_file(layout.dir()).into()),
     ];
     for (flag, value) in flags {
         args.push(flag.into());
         args.push(value);
     }
     args
-}
-
-/// Removes `flag` and its value from `args`.
-pub(crate) fn drop_flag(args: &mut Vec<OsString>, flag: &str) {
-    if let Some(i) = args.iter().position(|a| a == flag) {
-        args.drain(i..(i + 2).min(args.len()));
-    }
 }
 
 /// Replaces the value of `flag` in `args` (or appends the pair).
@@ -716,7 +736,7 @@ mod tests {
         assert_eq!(
             g.join(" "),
             "--config /etc/gw.toml --listen 127.0.0.1:15432 --cores 2 --pooler 127.0.0.1:15433 \
-             --link-secret-file /tp/link.key --link-tls-ca /tp/tls/ca.crt"
+             --link-secret-file /tp/link.key"
         );
     }
 }
