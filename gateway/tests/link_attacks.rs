@@ -39,12 +39,7 @@ fn one_link(pg: &PgCluster) -> Tidepool {
 
 /// Resident memory of a process, in bytes.
 fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+    testkit::process::rss_kib(pid) * 1024
 }
 
 const PIPELINED: usize = 24;

@@ -701,15 +701,6 @@ async fn a_triggers_notification_comes_before_the_statement_completes() {
     .await;
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// A client that listens and stops reading is ended (FATAL 53200) once 16 MiB of notifications
 /// wait for it, instead of growing the gateway's memory without end (issue 12); the session that
 /// sends them, and others, go on.
@@ -750,7 +741,7 @@ async fn a_listener_that_stops_reading_is_ended_and_memory_stays_bounded() {
         pause_tx.send(()).unwrap();
 
         let (sender, _rx) = session(&ep).await;
-        let before = rss_kib(tp.gateway_pid());
+        let before = testkit::process::rss_kib(tp.gateway_pid());
         // 6,000 distinct notifications of ~8 KB: 48 MB, three times the bound.
         let sent = 6000;
         for batch in 0..12 {
@@ -766,7 +757,7 @@ async fn a_listener_that_stops_reading_is_ended_and_memory_stays_bounded() {
         }
         // Give the fan-out time to reach the gateway.
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let grown_mib = (rss_kib(tp.gateway_pid()).saturating_sub(before)) / 1024;
+        let grown_mib = (testkit::process::rss_kib(tp.gateway_pid()).saturating_sub(before)) / 1024;
         let row = sender.query_one("SELECT 1::int", &[]).await.unwrap();
         assert_eq!(row.get::<_, i32>(0), 1, "the sender goes on");
 

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use testkit::process::rss_kib;
 use testkit::sockets::accepted_by;
 use testkit::{
     ConnectError, Endpoint, Event, Frontend, PgCluster, RawConn, ServerError, Tidepool,
@@ -692,16 +693,6 @@ async fn clients_that_vanish_before_login_leave_nothing_behind() {
         still_serves(&mut tp, "clients vanishing before login").await;
     })
     .await;
-}
-
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// `rounds` × `parallel` sessions, each logging in, running one query and leaving.

@@ -60,7 +60,7 @@ pub(crate) fn kill_group(child: &mut Child) {
 /// Runs `cmd` with `stdin` (or /dev/null), waits at most `timeout`, and returns everything it
 /// printed. Past the deadline it is killed, with everything it started, and the output says so.
 pub fn run_merged(cmd: &mut Command, stdin: Option<Vec<u8>>, timeout: Duration) -> Output {
-    let (mut read_end, write_end) = pipe();
+    let (read_end, write_end) = pipe();
     let write_end2 = write_end.try_clone().expect("dup pipe");
     cmd.stdout(Stdio::from(write_end))
         .stderr(Stdio::from(write_end2))
@@ -83,24 +83,7 @@ pub fn run_merged(cmd: &mut Command, stdin: Option<Vec<u8>>, timeout: Duration) 
             let _ = pipe.write_all(&bytes);
         })
     });
-    let captured = Arc::new(Mutex::new(Vec::new()));
-    let (eof_tx, eof_rx) = mpsc::channel();
-    {
-        let captured = captured.clone();
-        thread::spawn(move || {
-            let mut chunk = [0u8; 65536];
-            loop {
-                match read_end.read(&mut chunk) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => captured
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .extend_from_slice(&chunk[..n]),
-                }
-            }
-            let _ = eof_tx.send(());
-        });
-    }
+    let (captured, eof_rx) = capture(read_end);
 
     let deadline = Instant::now() + timeout;
     let status = loop {
@@ -147,7 +130,7 @@ pub struct Live {
 
 impl Live {
     pub fn spawn(cmd: &mut Command) -> Live {
-        let (mut read_end, write_end) = pipe();
+        let (read_end, write_end) = pipe();
         let write_end2 = write_end.try_clone().expect("dup pipe");
         cmd.stdout(Stdio::from(write_end))
             .stderr(Stdio::from(write_end2))
@@ -156,24 +139,7 @@ impl Live {
         let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
         cmd.stdout(Stdio::null()).stderr(Stdio::null());
         let stdin = child.stdin.take();
-        let captured = Arc::new(Mutex::new(Vec::new()));
-        let (eof_tx, eof) = mpsc::channel();
-        {
-            let captured = captured.clone();
-            thread::spawn(move || {
-                let mut chunk = [0u8; 65536];
-                loop {
-                    match read_end.read(&mut chunk) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => captured
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let _ = eof_tx.send(());
-            });
-        }
+        let (captured, eof) = capture(read_end);
         Live {
             child,
             stdin,
@@ -245,4 +211,36 @@ impl Drop for Live {
     fn drop(&mut self) {
         kill_group(&mut self.child);
     }
+}
+
+/// Resident memory of a process (`VmRSS`), in KiB; 0 when it cannot be read (the process gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Everything read from `pipe` until its end, gathered by a thread; the receiver hears once
+/// the pipe has ended (every writer closed it).
+fn capture(mut pipe: impl Read + Send + 'static) -> (Arc<Mutex<Vec<u8>>>, mpsc::Receiver<()>) {
+    let captured = Arc::new(Mutex::new(Vec::new()));
+    let (eof_tx, eof_rx) = mpsc::channel();
+    let into = captured.clone();
+    thread::spawn(move || {
+        let mut chunk = [0u8; 65536];
+        loop {
+            match pipe.read(&mut chunk) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => into
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend_from_slice(&chunk[..n]),
+            }
+        }
+        let _ = eof_tx.send(());
+    });
+    (captured, eof_rx)
 }
