@@ -25,17 +25,7 @@ fn read_frame(s: &mut TcpStream, timeout: Duration) -> Option<(u8, u32, Vec<u8>)
 
 /// Everything the peer sends until it closes (or 3 s pass: then `closed` is false).
 fn rest(s: &mut TcpStream) -> (Vec<u8>, bool) {
-    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return (out, true),
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return (out, true),
-            Err(_) => return (out, false),
-        }
-    }
+    testkit::sockets::read_until_closed(s, Duration::from_secs(3))
 }
 
 fn frame(kind: u8, session: u32, payload: &[u8]) -> Vec<u8> {

@@ -57,17 +57,7 @@ fn tls_connect(port: u16, ca: &Path) -> Result<impl Read + Write, String> {
 fn plain_peer_gets(port: u16, send: &[u8], wait: Duration) -> (Vec<u8>, bool) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let _ = s.write_all(send);
-    s.set_read_timeout(Some(wait)).unwrap();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return (out, true),
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return (out, true),
-            Err(_) => return (out, false),
-        }
-    }
+    testkit::sockets::read_until_closed(&mut s, wait)
 }
 
 /// No link frame in `bytes`: nothing at all, or a TLS alert record (content type 21).

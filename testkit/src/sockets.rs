@@ -88,6 +88,26 @@ pub fn accepted_by(pids: &[u32], server_port: u16, client_port: u16) -> Option<u
         .find(|&pid| inodes.iter().any(|i| socket_inodes(pid).contains(i)))
 }
 
+/// Everything the peer of `s` sends until it closes, or until `wait` passes with nothing more
+/// (then `closed` is false); a reset counts as closed.
+pub fn read_until_closed(
+    s: &mut std::net::TcpStream,
+    wait: std::time::Duration,
+) -> (Vec<u8>, bool) {
+    use std::io::Read;
+    s.set_read_timeout(Some(wait)).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (out, true),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return (out, true),
+            Err(_) => return (out, false),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
