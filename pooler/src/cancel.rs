@@ -1,9 +1,11 @@
-//! Cross-core messages, and cancel routing. A gateway forwards a client's `CancelRequest` (its
-//! own keys) over any link; the
-//! pooler core that gets it asks every core, and the core whose session holds those keys cancels
-//! the query running on that session's backend, and nothing else.
+//! Cross-core messages (what each core does with the other cores' `mesh::CoreMsg`), cancel
+//! routing, and ending sessions when Postgres goes down (server_end.rs finds out). A gateway
+//! forwards a client's `CancelRequest` (its own keys) over any link; the pooler core that gets
+//! it asks every core, and the core whose session holds those keys cancels the query running on
+//! that session's backend, and nothing else.
 
-use crate::core::{Core, CoreMsg};
+use crate::core::Core;
+use crate::mesh::CoreMsg;
 use crate::server_tls::Opened;
 use glommio::channels::channel_mesh::Receivers;
 use glommio::net::TcpStream;
@@ -30,7 +32,7 @@ pub fn terminate_local(core: &Rc<Core>, pid: i32, secret: i32) {
         .and_then(|w| w.upgrade());
     if let Some(s) = session {
         tracing::debug!(
-            session = s.id,
+            session = s.session_id(),
             "session terminated by a client's pg_terminate_backend"
         );
         s.terminate();
@@ -44,7 +46,7 @@ pub fn local(core: &Rc<Core>, pid: i32, secret: i32) {
         .get(&(pid, secret))
         .and_then(|w| w.upgrade());
     let Some(s) = session else { return };
-    let Some(b) = s.backend.borrow().clone() else {
+    let Some(b) = s.held_backend() else {
         return;
     };
     if b.st.borrow().queue.is_empty() {
@@ -75,11 +77,17 @@ pub fn backend(core: &Rc<Core>, b: &crate::backend::Backend) {
 }
 
 /// Handles what the other cores ask of this one, and sends this core's ordered messages
-/// (`core::Outbox`). One task per other core each way, so messages from one core are handled
+/// (`mesh::Outbox`). One task per other core each way, so messages from one core are handled
 /// in the order it sent them; no handler waits (listen.rs relies on both).
 pub async fn serve_peers(core: Rc<Core>, mut receivers: Receivers<CoreMsg>) {
-    crate::server_end::register(&core);
-    if let Some(senders) = core.peers.borrow().clone() {
+    let weak = Rc::downgrade(&core);
+    crate::server_end::register(core.cfg.clone(), move |fatal| {
+        if let Some(core) = weak.upgrade() {
+            end_sessions(&core, &fatal);
+            core.ask_peers(CoreMsg::ServerEnded(fatal));
+        }
+    });
+    if let Some(senders) = core.peers.senders() {
         for to in (0..senders.nr_consumers()).filter(|&i| i != core.index) {
             let outbox = core.outbox.clone();
             let senders = senders.clone();
@@ -116,7 +124,7 @@ pub async fn serve_peers(core: Rc<Core>, mut receivers: Receivers<CoreMsg>) {
                     CoreMsg::Notification { database, msg } => {
                         core.listener(&database).dispatch(&msg)
                     }
-                    CoreMsg::ServerEnded(fatal) => crate::server_end::end_sessions(&core, &fatal),
+                    CoreMsg::ServerEnded(fatal) => end_sessions(&core, &fatal),
                 }
             }
         })
@@ -124,130 +132,18 @@ pub async fn serve_peers(core: Rc<Core>, mut receivers: Receivers<CoreMsg>) {
     }
 }
 
-/// A signalling call the gateway left to the server's check (`gateway/src/signals.rs`) raises,
-/// where Postgres would refuse the signal, the error of reading a setting nobody has:
-/// `tidepool.signal_denied_<cancel|terminate>_<superuser|member>`. This is that error as
-/// Postgres 15's `pg_cancel_backend`/`pg_terminate_backend` raise it (signalfuncs.c: code,
-/// message, file, line, routine), keeping the severity fields; `None` for any other error.
-pub fn denied_signal(msg: &[u8]) -> Option<Vec<u8>> {
-    use shared::protocol::backend as be;
-    const MARK: &[u8] = b"\"tidepool.signal_denied_";
-    let fields = be::error_fields(msg.get(5..)?).ok()?;
-    let field = |c: u8| fields.iter().find(|(f, _)| *f == c).map(|(_, v)| *v);
-    if field(b'C')? != b"42704" {
-        return None;
-    }
-    let text = field(b'M')?;
-    let at = text.windows(MARK.len()).position(|w| w == MARK)? + MARK.len();
-    let which = text[at..].split(|&b| b == b'"').next()?;
-    let (message, line, routine): (&str, &str, &str) = match which {
-        b"cancel_superuser" => (
-            "must be a superuser to cancel superuser query",
-            "127",
-            "pg_cancel_backend",
-        ),
-        b"cancel_member" => (
-            "must be a member of the role whose query is being canceled or member of \
-             pg_signal_backend",
-            "132",
-            "pg_cancel_backend",
-        ),
-        b"terminate_superuser" => (
-            "must be a superuser to terminate superuser process",
-            "229",
-            "pg_terminate_backend",
-        ),
-        b"terminate_member" => (
-            "must be a member of the role whose process is being terminated or member of \
-             pg_signal_backend",
-            "234",
-            "pg_terminate_backend",
-        ),
-        _ => return None,
-    };
-    let mut e = Vec::new();
-    shared::protocol::put_message(&mut e, be::ERROR_RESPONSE, |b| {
-        let severity = field(b'S').unwrap_or(b"ERROR");
-        for (code, value) in [
-            (b'S', severity),
-            (b'V', field(b'V').unwrap_or(b"ERROR")),
-            (b'C', b"42501"),
-            (b'M', message.as_bytes()),
-            (b'F', b"signalfuncs.c"),
-            (b'L', line.as_bytes()),
-            (b'R', routine.as_bytes()),
-        ] {
-            b.push(code);
-            b.extend_from_slice(value);
-            b.push(0);
+/// Ends this core's sessions that hold no backend with `fatal`, the last words Postgres ended
+/// its backends' connections with, and closes them.
+pub fn end_sessions(core: &Rc<Core>, fatal: &[u8]) {
+    let sessions: Vec<_> = core
+        .sessions_by_key
+        .borrow()
+        .values()
+        .filter_map(|w| w.upgrade())
+        .collect();
+    for s in sessions {
+        if s.held_backend().is_none() {
+            s.end_with(fatal);
         }
-        b.push(0);
-    });
-    Some(e)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use shared::protocol::backend as be;
-
-    fn error(fields: &[(u8, &str)]) -> Vec<u8> {
-        let mut e = Vec::new();
-        shared::protocol::put_message(&mut e, be::ERROR_RESPONSE, |b| {
-            for (c, v) in fields {
-                b.push(*c);
-                b.extend_from_slice(v.as_bytes());
-                b.push(0);
-            }
-            b.push(0);
-        });
-        e
-    }
-
-    #[test]
-    fn a_denied_signal_is_shown_as_postgres_refuses_it() {
-        let marker = error(&[
-            (b'S', "ERROR"),
-            (b'V', "ERROR"),
-            (b'C', "42704"),
-            (
-                b'M',
-                "unrecognized configuration parameter \"tidepool.signal_denied_terminate_member\"",
-            ),
-            (b'F', "guc.c"),
-            (b'L', "5734"),
-            (b'R', "find_option"),
-        ]);
-        let e = denied_signal(&marker).unwrap();
-        assert_eq!(
-            e,
-            error(&[
-                (b'S', "ERROR"),
-                (b'V', "ERROR"),
-                (b'C', "42501"),
-                (
-                    b'M',
-                    "must be a member of the role whose process is being terminated or member \
-                     of pg_signal_backend"
-                ),
-                (b'F', "signalfuncs.c"),
-                (b'L', "234"),
-                (b'R', "pg_terminate_backend"),
-            ])
-        );
-        // Other errors, other settings, and a marker under another code: unchanged.
-        let other = error(&[
-            (b'S', "ERROR"),
-            (b'C', "42704"),
-            (b'M', "unrecognized configuration parameter \"tidepool.x\""),
-        ]);
-        assert_eq!(denied_signal(&other), None);
-        let other = error(&[
-            (b'S', "ERROR"),
-            (b'C', "22023"),
-            (b'M', "\"tidepool.signal_denied_cancel_member\""),
-        ]);
-        assert_eq!(denied_signal(&other), None);
-        assert_eq!(denied_signal(b"E\0\0"), None);
     }
 }

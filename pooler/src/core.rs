@@ -1,135 +1,38 @@
 //! The state of one pooler core (executor). Nothing here is shared between cores: the only
-//! cross-core traffic is messages over a glommio channel mesh (cancel requests, budget, and the
-//! LISTEN registry and notifications of listen.rs).
+//! cross-core traffic is messages over a glommio channel mesh (mesh.rs: cancel requests, budget,
+//! and the LISTEN registry and notifications of listen.rs).
 
 use crate::admin::Admin;
+use crate::backend::Backend;
 use crate::budget::Budgets;
 use crate::budget::PoolKey;
 use crate::config::Config;
+use crate::mesh::{CoreMsg, Outbox, Peers};
 use crate::pool::Pool;
-use crate::session::Session;
 use crate::statements::Stmt;
-use glommio::channels::channel_mesh::Senders;
 use sha2::{Digest, Sha256};
-use shared::io::{Broadcast, Notify};
+use shared::io::{Broadcast, OutQueue};
 use shared::protocol::frontend;
 use shared::settings::Settings;
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Messages between cores (the only cross-core traffic).
-#[derive(Clone, Debug)]
-pub enum CoreMsg {
-    /// Cancel the query of the session with these keys, wherever it is.
-    Cancel(i32, i32),
-    /// End the session with these keys, wherever it is (`pg_terminate_backend` of its pid).
-    Terminate(i32, i32),
-    /// A core is starved of budget: shed an idle backend of this pool (or of any pool).
-    Shed { key: Option<PoolKey> },
-    /// A core gave back budget for this pool (or, `None`, total budget): waiters may retry.
-    Freed { key: Option<PoolKey> },
-    /// Sessions of this pool wait on a core where the pool has no backend at all, and nothing
-    /// there will free one for them: give them the unit of a backend released here.
-    Starving { key: PoolKey },
-    /// Close every idle backend connected to this database (it is about to be dropped,
-    /// renamed or copied).
-    ReleaseDb(String),
-    /// To the owner core of `database`'s listening connection (listen.rs): sessions of core
-    /// `from` started (`add`) or stopped (`remove`) listening on these channels.
-    Listen {
-        database: String,
-        from: usize,
-        add: Vec<String>,
-        remove: Vec<String>,
-    },
-    /// To the owner core: answer `token` once the listening connection answered a query sent
-    /// after everything `from` sent before.
-    ListenBarrier {
-        database: String,
-        from: usize,
-        token: u64,
-    },
-    /// From the owner core: the barrier `token` passed (`ok`: the connection answered), after
-    /// every notification forwarded before it.
-    ListenBarrierDone {
-        database: String,
-        token: u64,
-        ok: bool,
-    },
-    /// From the owner core: a raw `NotificationResponse` for the sessions of this core.
-    Notification { database: String, msg: Vec<u8> },
-    /// Postgres is shutting down or crashed (server_end.rs): sessions holding no backend end
-    /// with these last words (the backends' FATAL or WARNING).
-    ServerEnded(Vec<u8>),
-}
-
-/// Messages to other cores that must arrive, in order: one queue per core, drained by one task
-/// per core (`cancel::serve_peers`) that waits while that core's channel is full. Whoever sends
-/// never waits, and the mesh handlers never wait on a send either, so the channels always drain
-/// and two cores cannot block each other. (`Core::ask_peers` is the best-effort path.)
-pub struct Outbox {
-    queues: Vec<RefCell<VecDeque<CoreMsg>>>,
-    ready: Vec<Notify>,
-    /// Bytes of notifications queued per core, bounded by `NOTES_LIMIT`.
-    note_bytes: Vec<Cell<usize>>,
-}
-
-/// Notifications queued for one other core, in bytes; past it new ones are dropped (logged), as
-/// a session's own queue is bounded (listen.rs).
-const NOTES_LIMIT: usize = 16 << 20;
-
-impl Outbox {
-    fn new(cores: usize) -> Outbox {
-        Outbox {
-            queues: (0..cores).map(|_| RefCell::default()).collect(),
-            ready: (0..cores).map(|_| Notify::default()).collect(),
-            note_bytes: (0..cores).map(|_| Cell::new(0)).collect(),
-        }
-    }
-
-    /// Queues `msg` for core `to` (not this one).
-    pub fn send(&self, to: usize, msg: CoreMsg) {
-        let Some(q) = self.queues.get(to) else {
-            tracing::warn!(core = to, "message for a core that does not exist");
-            return;
-        };
-        if let CoreMsg::Notification { msg: m, .. } = &msg {
-            let bytes = &self.note_bytes[to];
-            if bytes.get() + m.len() > NOTES_LIMIT {
-                tracing::warn!(
-                    core = to,
-                    "notification queue to a core is full; dropping one"
-                );
-                return;
-            }
-            bytes.set(bytes.get() + m.len());
-        }
-        q.borrow_mut().push_back(msg);
-        self.ready[to].notify();
-    }
-
-    /// Sends what is queued for core `to`, in order, for as long as the mesh is up.
-    pub async fn drain(&self, to: usize, senders: Rc<Senders<CoreMsg>>) {
-        loop {
-            let ready = self.ready[to].notified();
-            let next = self.queues[to].borrow_mut().pop_front();
-            let Some(msg) = next else {
-                ready.await;
-                continue;
-            };
-            if let CoreMsg::Notification { msg: m, .. } = &msg {
-                let bytes = &self.note_bytes[to];
-                bytes.set(bytes.get().saturating_sub(m.len()));
-            }
-            if senders.send_to(to, msg).await.is_err() {
-                tracing::warn!(core = to, "core mesh closed");
-                return;
-            }
-        }
-    }
+/// What the core's registry of sessions, and what the other cores ask of them, need of a session
+/// (session.rs implements it), so the core sits below the session task. Called through `dyn`
+/// only on a cancel, a terminate, a server going down or a drain: never per request.
+pub trait SessionHandle {
+    fn session_id(&self) -> u32;
+    /// The backend it holds, if it holds one.
+    fn held_backend(&self) -> Option<Rc<Backend>>;
+    /// A client's `pg_terminate_backend` of it: ends it as a terminated backend's ends.
+    fn terminate(&self);
+    /// Ends it with `err`, a FATAL `ErrorResponse`, as its last word.
+    fn end_with(&self, err: &[u8]);
+    /// Its link's frames to the gateway.
+    fn link(&self) -> &Rc<OutQueue>;
 }
 
 /// (user and database, startup settings): what a cached login was checked for.
@@ -151,14 +54,14 @@ pub struct Core {
     pub index: usize,
     pub pools: RefCell<HashMap<Rc<PoolKey>, Rc<Pool>>>,
     pub budgets: Arc<Budgets>,
-    /// When we last asked the other cores to shed (at most every few milliseconds).
-    last_shed_ask: Cell<Option<Instant>>,
-    pub sessions_by_key: RefCell<HashMap<(i32, i32), Weak<Session>>>,
+    /// The sessions of this core, by cancel key.
+    pub sessions_by_key: RefCell<HashMap<(i32, i32), Weak<dyn SessionHandle>>>,
     statements: RefCell<HashMap<Rc<[u8]>, Weak<Stmt>>>,
     pub empty_settings: Rc<Settings>,
     next_id: Cell<u64>,
     pub admin: Admin,
-    pub peers: RefCell<Option<Rc<Senders<CoreMsg>>>>,
+    /// The other cores, for best-effort messages.
+    pub peers: Peers,
     /// Ordered, reliable messages to the other cores.
     pub outbox: Rc<Outbox>,
     /// Logins Postgres accepted recently, by (user, database, startup settings): the
@@ -190,12 +93,11 @@ impl Core {
             index,
             pools: RefCell::new(HashMap::new()),
             budgets,
-            last_shed_ask: Cell::new(None),
             sessions_by_key: RefCell::new(HashMap::new()),
             statements: RefCell::new(HashMap::new()),
             empty_settings: Rc::new(Settings::default()),
             next_id: Cell::new(1),
-            peers: RefCell::new(None),
+            peers: Peers::new(index),
             logins: RefCell::new(HashMap::new()),
             baselines: RefCell::default(),
             owed: RefCell::new(Vec::new()),
@@ -214,25 +116,7 @@ impl Core {
 
     /// Sends `msg` to every other core (best effort: a full channel drops it; senders retry).
     pub fn ask_peers(&self, msg: CoreMsg) {
-        if matches!(msg, CoreMsg::Shed { .. }) {
-            let now = Instant::now();
-            if self
-                .last_shed_ask
-                .get()
-                .is_some_and(|t| now.duration_since(t) < Duration::from_millis(5))
-            {
-                return;
-            }
-            self.last_shed_ask.set(Some(now));
-        }
-        let Some(senders) = self.peers.borrow().clone() else {
-            return;
-        };
-        for i in 0..senders.nr_consumers() {
-            if i != self.index {
-                let _ = senders.try_send_to(i, msg.clone());
-            }
-        }
+        self.peers.ask(msg);
     }
 
     pub fn recent_login(&self, key: &Rc<PoolKey>, settings: &Settings) -> Option<Rc<Vec<u8>>> {
@@ -357,39 +241,5 @@ impl Core {
         }
         map.insert(content, Rc::downgrade(&stmt));
         stmt
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn outbox_bounds_notifications_not_control_messages() {
-        let o = Outbox::new(2);
-        let note = |n: usize| CoreMsg::Notification {
-            database: "app".into(),
-            msg: vec![0; n],
-        };
-        o.send(1, note(NOTES_LIMIT - 10));
-        o.send(1, note(11)); // over the bound: dropped
-        o.send(1, note(10));
-        for token in 0..3 {
-            o.send(
-                1,
-                CoreMsg::ListenBarrierDone {
-                    database: "app".into(),
-                    token,
-                    ok: true,
-                },
-            );
-        }
-        o.send(7, note(1)); // no such core: dropped, logged
-        let q = o.queues[1].borrow();
-        assert_eq!(q.len(), 5);
-        assert!(matches!(&q[1], CoreMsg::Notification { msg, .. } if msg.len() == 10));
-        assert!(matches!(q[4], CoreMsg::ListenBarrierDone { token: 2, .. }));
-        assert_eq!(o.note_bytes[1].get(), NOTES_LIMIT);
-        assert!(o.queues[0].borrow().is_empty());
     }
 }

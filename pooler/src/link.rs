@@ -10,7 +10,7 @@
 //! [`serve_stream`] is generic over the stream, so a plain link runs the code it ran before TLS
 //! existed — a `TcpStream`, no dispatch per read or write — and a TLS link its own instance.
 
-use crate::core::Core;
+use crate::core::{Core, SessionHandle};
 use crate::session::{self, Session};
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
@@ -18,7 +18,7 @@ use shared::io::{MessageReader, OutQueue, RcStream};
 use shared::link::{self, down, handshake, put_header, up, Open, HEADER};
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 
 pub struct Link {
     /// Frames to the gateway; each session on the link holds it too.
@@ -229,7 +229,7 @@ fn on_frame(core: &Rc<Core>, l: &Rc<Link>, kind: u8, id: u32, payload: Vec<u8>) 
                 let s = Session::new(id, l.out.clone(), pool, open.credential, key, baseline);
                 core.sessions_by_key
                     .borrow_mut()
-                    .insert(key, Rc::downgrade(&s));
+                    .insert(key, Rc::downgrade(&s) as Weak<dyn SessionHandle>);
                 if let Some(old) = l.sessions.borrow_mut().insert(id, s.clone()) {
                     old.close();
                 }
@@ -248,7 +248,7 @@ fn on_frame(core: &Rc<Core>, l: &Rc<Link>, kind: u8, id: u32, payload: Vec<u8>) 
         up::RELEASE_DB => {
             let db = String::from_utf8_lossy(&payload).into_owned();
             core.release_database(&db);
-            core.ask_peers(crate::core::CoreMsg::ReleaseDb(db));
+            core.ask_peers(crate::mesh::CoreMsg::ReleaseDb(db));
         }
         up::CLOSE => {
             if let Some(s) = l.sessions.borrow_mut().remove(&id) {

@@ -13,7 +13,7 @@
 //!
 //! Each database has an owner core ([`owner_core`]) that holds the listening connection and
 //! knows which cores listen on which channel. Other cores send it, over the core mesh
-//! (`core::Outbox`, ordered and reliable), the channels they start and stop listening on; it
+//! (`mesh::Outbox`, ordered and reliable), the channels they start and stop listening on; it
 //! forwards each `NotificationResponse` to the cores listening on its channel, which hand it to
 //! their sessions. Before a session's `ReadyForQuery` goes out after its channels changed, its
 //! core runs a *barrier*: an empty query on the listening connection, sent after this core's
@@ -36,10 +36,9 @@
 //! See docs/decisions/2026-11-21-listen-fanout.md for what this costs and why.
 
 use crate::config::Config;
-use crate::core::{CoreMsg, Outbox};
 use crate::listen_names::listen_channels;
 use crate::login;
-use crate::session::Session;
+use crate::mesh::{CoreMsg, Outbox};
 use glommio::net::UnixStream;
 use shared::io::{MessageReader, Notify, OutQueue, RcStream, Slot};
 use shared::link::Credential;
@@ -50,9 +49,29 @@ use std::collections::{HashMap, VecDeque};
 use std::rc::{Rc, Weak};
 use std::time::Duration;
 
+/// What the listener needs of a session (session.rs implements it), so that this registry sits
+/// below the session task. Called through `dyn` only to hand over a notification (per
+/// notification, never per request).
+pub trait Listening {
+    /// The session's `LISTEN` state.
+    fn listen(&self) -> &SessionListen;
+    /// The pid of the backend the session holds, if it holds one.
+    fn backend_pid(&self) -> Option<i32>;
+    /// A notification on a channel it listens on: to its client now if idle, else held.
+    fn notification(&self, msg: &[u8]);
+}
+
+/// Sessions in a registry, by address.
+type Members = HashMap<usize, Weak<dyn Listening>>;
+
+/// A session's key in a registry: its address.
+fn key_of<S>(s: &Rc<S>) -> usize {
+    Rc::as_ptr(s) as usize
+}
+
 /// How long a session's `ReadyForQuery` may wait for the listener: a listener that does not
 /// answer must not stall sessions (the notifications may then come late or not at all).
-const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long the listening connection stays open after the last listener left: a session that
 /// listens again soon does not wait for a new login.
@@ -142,11 +161,7 @@ impl SessionListen {
 }
 
 /// Removes session `key` from `channel` in a registry.
-fn remove_from(
-    reg: &mut HashMap<String, HashMap<usize, Weak<Session>>>,
-    channel: &str,
-    key: usize,
-) {
+fn remove_from(reg: &mut HashMap<String, Members>, channel: &str, key: usize) {
     if let Some(m) = reg.get_mut(channel) {
         m.remove(&key);
         if m.is_empty() {
@@ -217,9 +232,9 @@ pub struct Listener {
     owner: usize,
     outbox: Rc<Outbox>,
     /// Channel → sessions of this core listening on it (by address).
-    channels: RefCell<HashMap<String, HashMap<usize, Weak<Session>>>>,
+    channels: RefCell<HashMap<String, Members>>,
     /// Channel → sessions of this core running a `LISTEN` of it, not yet read back.
-    ahead: RefCell<HashMap<String, HashMap<usize, Weak<Session>>>>,
+    ahead: RefCell<HashMap<String, Members>>,
     /// Channel changes sent to the owner, counted; and the count covered by the last barrier
     /// that passed (every change up to it is in effect on the listening connection).
     sent: Cell<u64>,
@@ -353,11 +368,11 @@ impl Listener {
     /// read-back may have been committed before the session's `LISTEN` was, and Postgres would
     /// not deliver that one (`Exec_ListenPreCommit` starts a new listener past the notifications
     /// other listeners of the database already read); the session's own ones it would.
-    fn update(self: &Rc<Self>, s: &Rc<Session>, new: Vec<String>) {
-        let old = std::mem::replace(&mut *s.listen.channels.borrow_mut(), new.clone());
-        let before = std::mem::take(&mut *s.listen.ahead.borrow_mut());
+    fn update<S: Listening + 'static>(self: &Rc<Self>, s: &Rc<S>, new: Vec<String>) {
+        let old = std::mem::replace(&mut *s.listen().channels.borrow_mut(), new.clone());
+        let before = std::mem::take(&mut *s.listen().ahead.borrow_mut());
         let joining: Vec<String> = new.iter().filter(|c| !old.contains(c)).cloned().collect();
-        let key = Rc::as_ptr(s) as usize;
+        let key = key_of(s);
         let affected = old.iter().chain(&new).chain(&before).cloned().collect();
         self.apply(affected, |l| {
             let mut reg = l.channels.borrow_mut();
@@ -372,28 +387,30 @@ impl Listener {
                 pending
                     .entry(c.clone())
                     .or_default()
-                    .insert(key, Rc::downgrade(s));
+                    .insert(key, Rc::downgrade(s) as Weak<dyn Listening>);
             }
         });
-        *s.listen.ahead.borrow_mut() = joining;
+        *s.listen().ahead.borrow_mut() = joining;
     }
 
     /// The barrier after the read-back passed: the channels `s` was joining are ordinary now.
-    fn promote(self: &Rc<Self>, s: &Rc<Session>) {
-        s.listen.own_pid.set(None);
-        let joining = std::mem::take(&mut *s.listen.ahead.borrow_mut());
+    pub fn promote<S: Listening + 'static>(self: &Rc<Self>, s: &Rc<S>) {
+        s.listen().own_pid.set(None);
+        let joining = std::mem::take(&mut *s.listen().ahead.borrow_mut());
         if joining.is_empty() {
             return;
         }
-        let key = Rc::as_ptr(s) as usize;
-        let channels = s.listen.channels.borrow().clone();
+        let key = key_of(s);
+        let channels = s.listen().channels.borrow().clone();
         self.apply(joining.clone(), |l| {
             let mut pending = l.ahead.borrow_mut();
             let mut reg = l.channels.borrow_mut();
             for c in joining {
                 remove_from(&mut pending, &c, key);
                 if channels.contains(&c) {
-                    reg.entry(c).or_default().insert(key, Rc::downgrade(s));
+                    reg.entry(c)
+                        .or_default()
+                        .insert(key, Rc::downgrade(s) as Weak<dyn Listening>);
                 }
             }
         });
@@ -405,7 +422,12 @@ impl Listener {
     /// back. So a `LISTEN x; NOTIFY x` in one transaction hears itself, as directly (Postgres
     /// makes the session a listener before it queues its notifications at commit). A request of
     /// the transaction that notifies waits for the listener first ([`Listener::ahead_ready`]).
-    pub fn listen_ahead(self: &Rc<Self>, s: &Rc<Session>, msgs: &[u8], max: usize) {
+    pub fn listen_ahead<S: Listening + 'static>(
+        self: &Rc<Self>,
+        s: &Rc<S>,
+        msgs: &[u8],
+        max: usize,
+    ) {
         let mut names = Vec::new();
         let mut rest = msgs;
         while let Ok(Some(n)) = typed_message_len(rest, max) {
@@ -422,7 +444,7 @@ impl Listener {
             }
         }
         {
-            let (mine, ahead) = (s.listen.channels.borrow(), s.listen.ahead.borrow());
+            let (mine, ahead) = (s.listen().channels.borrow(), s.listen().ahead.borrow());
             names.retain(|c| !mine.contains(c) && !ahead.contains(c));
         }
         names.sort();
@@ -432,29 +454,36 @@ impl Listener {
         }
         let all_known =
             names.iter().all(|c| self.core_listens(c)) && self.confirmed.get() >= self.sent.get();
-        s.listen.ahead.borrow_mut().extend(names.iter().cloned());
-        let key = Rc::as_ptr(s) as usize;
+        s.listen().ahead.borrow_mut().extend(names.iter().cloned());
+        let key = key_of(s);
         self.apply(names.clone(), |l| {
             let mut pending = l.ahead.borrow_mut();
             for c in names {
-                pending.entry(c).or_default().insert(key, Rc::downgrade(s));
+                pending
+                    .entry(c)
+                    .or_default()
+                    .insert(key, Rc::downgrade(s) as Weak<dyn Listening>);
             }
         });
         // The listening connection already listens on all of them if this core asked before and
         // a barrier has passed since; else once a barrier covers the change just sent.
         let need = if all_known {
-            s.listen.ahead_need.get()
+            s.listen().ahead_need.get()
         } else {
             self.sent.get()
         };
-        s.listen.ahead_need.set(need.max(s.listen.ahead_need.get()));
+        s.listen()
+            .ahead_need
+            .set(need.max(s.listen().ahead_need.get()));
     }
 
     /// Before a request that notifies runs: if the session is joining channels, waits until the
     /// listening connection listens on them (a barrier), so the session's own notifications at
     /// commit reach it. A request that only `LISTEN`s does not wait.
-    pub async fn ahead_ready(self: &Rc<Self>, s: &Rc<Session>) {
-        if s.listen.ahead.borrow().is_empty() || self.confirmed.get() >= s.listen.ahead_need.get() {
+    pub async fn ahead_ready<S: Listening + 'static>(self: &Rc<Self>, s: &Rc<S>) {
+        if s.listen().ahead.borrow().is_empty()
+            || self.confirmed.get() >= s.listen().ahead_need.get()
+        {
             return;
         }
         match crate::with_timeout(SYNC_TIMEOUT, self.barrier()).await {
@@ -466,22 +495,21 @@ impl Listener {
 
     /// The session read its channels back: record them; the listener catches up before the
     /// session's `ReadyForQuery` (see [`hold_rfq`]).
-    pub fn read_back(self: &Rc<Self>, s: &Rc<Session>) {
-        let pid = s.backend.borrow().as_ref().map(|b| b.pid);
-        s.listen.own_pid.set(pid);
-        let mut new = std::mem::take(&mut *s.listen.read.borrow_mut());
+    pub fn read_back<S: Listening + 'static>(self: &Rc<Self>, s: &Rc<S>) {
+        s.listen().own_pid.set(s.backend_pid());
+        let mut new = std::mem::take(&mut *s.listen().read.borrow_mut());
         new.sort();
         new.dedup();
         self.update(s, new);
-        s.listen.keep_listened_notes();
+        s.listen().keep_listened_notes();
         // Even with no change of ours the listener must be caught up: another session's LISTEN
         // of the same channel may still be on its way.
-        s.listen.sync.set(true);
+        s.listen().sync.set(true);
     }
 
     /// The session ended: it listens on nothing.
-    pub fn forget(self: &Rc<Self>, s: &Rc<Session>) {
-        if !s.listen.channels.borrow().is_empty() || !s.listen.ahead.borrow().is_empty() {
+    pub fn forget<S: Listening + 'static>(self: &Rc<Self>, s: &Rc<S>) {
+        if !s.listen().channels.borrow().is_empty() || !s.listen().ahead.borrow().is_empty() {
             self.update(s, Vec::new());
         }
     }
@@ -541,7 +569,7 @@ impl Listener {
         let Some(channel) = notification_channel(msg) else {
             return;
         };
-        let sessions: Vec<Rc<Session>> = match self.channels.borrow().get(channel) {
+        let sessions: Vec<Rc<dyn Listening>> = match self.channels.borrow().get(channel) {
             Some(m) => m.values().filter_map(Weak::upgrade).collect(),
             None => Vec::new(),
         };
@@ -553,7 +581,7 @@ impl Listener {
         // A session joining the channel hears only its own notifications (sent by the backend
         // that runs its transaction): held, never sent at once, kept at the read-back only if
         // it does listen (see `update`).
-        let ahead: Vec<Rc<Session>> = match self.ahead.borrow().get(channel) {
+        let ahead: Vec<Rc<dyn Listening>> = match self.ahead.borrow().get(channel) {
             Some(m) => m.values().filter_map(Weak::upgrade).collect(),
             None => return,
         };
@@ -561,10 +589,9 @@ impl Listener {
             return;
         };
         for s in ahead {
-            let own = s.listen.own_pid.get() == Some(sender)
-                || s.backend.borrow().as_ref().is_some_and(|b| b.pid == sender);
+            let own = s.listen().own_pid.get() == Some(sender) || s.backend_pid() == Some(sender);
             if own {
-                s.listen.queue_note(&shown);
+                s.listen().queue_note(&shown);
             }
         }
     }
@@ -908,44 +935,6 @@ async fn read_loop(
         tracing::warn!(database = %l.database, "listening connection lost; reconnecting while sessions listen");
         l.revive();
     }
-}
-
-/// Called where a `ReadyForQuery 'I'` for `s` would go out with nothing more to come: when the
-/// session's channels changed or it notified itself, hold it (`Some`) or hold its next request
-/// (`None`: it already went) until the listener caught up (a barrier on the owner core's
-/// listening connection). `true`: held, do not forward it.
-pub fn hold_rfq(s: &Rc<Session>, rfq: Option<&[u8]>) -> bool {
-    let l = &s.listen;
-    let barrier = l.barrier.replace(false) && !l.channels.borrow().is_empty();
-    let sync = l.sync.replace(false);
-    if !(barrier || sync) || s.gone.get() || l.gated.get() {
-        return false;
-    }
-    l.gated.set(true);
-    let s = s.clone();
-    let rfq = rfq.map(|r| r.to_vec());
-    let held = rfq.is_some();
-    let listener = s.pool.listener.clone();
-    glommio::spawn_local(async move {
-        match crate::with_timeout(SYNC_TIMEOUT, listener.barrier()).await {
-            Some(Ok(())) => {}
-            Some(Err(e)) => tracing::warn!(error = %e, "listener not caught up"),
-            None => tracing::warn!("listener did not answer in time"),
-        }
-        listener.promote(&s);
-        s.listen.gated.set(false);
-        {
-            let mut out = s.out.borrow_mut();
-            s.listen.take_notes(&mut out);
-            if let Some(r) = &rfq {
-                out.extend_from_slice(r);
-            }
-        }
-        s.flush();
-        s.listen.gate_open.notify();
-    })
-    .detach();
-    held
 }
 
 #[cfg(test)]

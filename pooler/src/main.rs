@@ -12,6 +12,7 @@ mod link;
 mod listen;
 mod listen_names;
 mod login;
+mod mesh;
 mod metrics;
 mod pids;
 mod pool;
@@ -22,6 +23,7 @@ mod server_end;
 mod server_tls;
 mod servers;
 mod session;
+mod signal_denied;
 mod sql_names;
 mod statements;
 
@@ -196,7 +198,7 @@ async fn janitor(core: Rc<core::Core>) {
 async fn run_core(
     cfg: Rc<config::Config>,
     budgets: std::sync::Arc<budget::Budgets>,
-    mesh: MeshBuilder<core::CoreMsg, glommio::channels::channel_mesh::Full>,
+    mesh: MeshBuilder<mesh::CoreMsg, glommio::channels::channel_mesh::Full>,
     life: std::sync::Arc<Lifecycle>,
     draining: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
@@ -209,7 +211,7 @@ async fn run_core(
     };
     let index = senders.peer_id();
     let core = core::Core::new(cfg.clone(), index, budgets);
-    *core.peers.borrow_mut() = Some(Rc::new(senders));
+    core.peers.connect(Rc::new(senders));
     glommio::spawn_local(cancel::serve_peers(core.clone(), receivers)).detach();
     glommio::spawn_local(janitor(core.clone())).detach();
     let listener = match shared::io::reuseport_listener(&cfg.listen) {
@@ -267,8 +269,8 @@ async fn drain(core: &Rc<core::Core>) {
             .values()
             .filter_map(|w| w.upgrade())
         {
-            if !links.iter().any(|l| Rc::ptr_eq(l, &s.to_gateway)) {
-                links.push(s.to_gateway.clone());
+            if !links.iter().any(|l| Rc::ptr_eq(l, s.link())) {
+                links.push(s.link().clone());
             }
         }
     };

@@ -12,8 +12,9 @@
 
 use crate::backend::{self, Backend};
 use crate::budget::{PoolBudget, PoolKey, Reserve};
-use crate::core::{Core, CoreMsg};
+use crate::core::Core;
 use crate::login::LoginError;
+use crate::mesh::CoreMsg;
 use crate::responses::{Entry, Internal};
 use shared::io::Slot;
 use shared::link::Credential;

@@ -367,7 +367,7 @@ fn forward(st: &State, msg: &[u8]) {
         // A signalling call the server refused for the gateway (cancel.rs): one byte compared
         // per message; an error's fields are read (errors are not the hot path).
         if msg.first() == Some(&be::ERROR_RESPONSE) {
-            if let Some(e) = crate::cancel::denied_signal(msg) {
+            if let Some(e) = crate::signal_denied::denied_signal(msg) {
                 o.forward(&e);
                 return;
             }

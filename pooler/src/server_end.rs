@@ -13,26 +13,37 @@
 //! running postmaster instead, and then nothing happens (the pool replaces the backend; the
 //! sessions go on). If it is going down, every session of this pooler that holds no backend
 //! ends as directly: the backend's own last words and its connection closed (the sessions holding one
-//! hear it from their own backend). The core that learns it tells the others.
+//! hear it from their own backend). The core that learns it tells the others. This module only
+//! detects and probes; ending the sessions is the core's (`cancel::end_sessions`, registered
+//! with [`register`]), so the response state machine that reports the FATAL stays below the
+//! core.
 //!
 //! A stop the node agent makes itself (a switchover, a rewind: `agent/pgctl.rs`) is planned:
 //! the gateways move the sessions, which must not end. See
 //! docs/decisions/2026-12-07-server-shutdown-ends-idle-sessions.md.
 
-use crate::core::{Core, CoreMsg};
+use crate::config::Config;
 use glommio::net::TcpStream;
 use shared::protocol::backend as be;
 use std::cell::{Cell, RefCell};
-use std::rc::{Rc, Weak};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// How long the postmaster has to answer the probe; no answer: nothing is concluded.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// What a core does when its probe finds Postgres going down.
+struct Hook {
+    /// Where the postmaster is, and who the probe logs in as.
+    cfg: Rc<Config>,
+    /// Ends the sessions holding no backend with these last words, here and on the other cores.
+    going_down: Box<dyn Fn(Vec<u8>)>,
+}
+
 thread_local! {
-    /// This core (one executor per thread), for the sessions a probe may end.
-    static CORE: RefCell<Weak<Core>> = const { RefCell::new(Weak::new()) };
+    /// This core's hook (one executor per thread), for the sessions a probe may end.
+    static HOOK: RefCell<Option<Rc<Hook>>> = const { RefCell::new(None) };
     /// A probe is running on this core: the other backends' FATALs of the same shutdown wait
     /// for its answer.
     static PROBING: Cell<bool> = const { Cell::new(false) };
@@ -57,9 +68,14 @@ impl Drop for Planned {
     }
 }
 
-/// Called once per core when it starts.
-pub fn register(core: &Rc<Core>) {
-    CORE.with(|c| *c.borrow_mut() = Rc::downgrade(core));
+/// Called once per core when it starts: `going_down` is called with the FATAL (or WARNING) that
+/// made a probe find Postgres going down, unless the agent is stopping it on purpose.
+pub fn register(cfg: Rc<Config>, going_down: impl Fn(Vec<u8>) + 'static) {
+    let hook = Hook {
+        cfg,
+        going_down: Box::new(going_down),
+    };
+    HOOK.with(|h| *h.borrow_mut() = Some(Rc::new(hook)));
 }
 
 /// `msg`, a `NoticeResponse`, is the WARNING Postgres sends a client before it closes the
@@ -86,43 +102,26 @@ pub fn idle_backend_said(msg: &[u8]) {
         return;
     }
     let fatal = msg.to_vec();
-    let Some(core) = CORE.with(|c| c.borrow().upgrade()) else {
+    let Some(hook) = HOOK.with(|h| h.borrow().clone()) else {
         return;
     };
     PROBING.set(true);
     glommio::spawn_local(async move {
-        let down = shutting_down(&core).await;
+        let down = shutting_down(&hook.cfg).await;
         if down && PLANNED.load(Ordering::SeqCst) == 0 {
             tracing::info!("postgres is shutting down or crashed: sessions holding no backend end");
-            end_sessions(&core, &fatal);
-            core.ask_peers(CoreMsg::ServerEnded(fatal));
+            (hook.going_down)(fatal);
         }
         PROBING.set(false);
     })
     .detach();
 }
 
-/// Ends this core's sessions that hold no backend with `fatal`, the last words Postgres ended
-/// its backends' connections with, and closes them.
-pub fn end_sessions(core: &Rc<Core>, fatal: &[u8]) {
-    let sessions: Vec<_> = core
-        .sessions_by_key
-        .borrow()
-        .values()
-        .filter_map(|w| w.upgrade())
-        .collect();
-    for s in sessions {
-        if s.backend.borrow().is_none() {
-            s.end_with(fatal);
-        }
-    }
-}
-
 /// Whether the postmaster refuses new connections because it is shutting down (or is starting
 /// up again after it): a startup packet answered with `57P03`, or no listener at all.
-async fn shutting_down(core: &Rc<Core>) -> bool {
-    let addr = format!("{}:{}", core.cfg.pg_host, core.cfg.pg_port);
-    let user = core.cfg.admin_user.clone();
+async fn shutting_down(cfg: &Config) -> bool {
+    let addr = format!("{}:{}", cfg.pg_host, cfg.pg_port);
+    let user = cfg.admin_user.clone();
     let probe = async move {
         let mut stream = match TcpStream::connect(addr.as_str()).await {
             Ok(s) => s,

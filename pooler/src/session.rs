@@ -7,7 +7,8 @@
 //! writes the messages. Responses come back through the backend's relay.
 
 use crate::backend::Backend;
-use crate::core::Core;
+use crate::core::{Core, SessionHandle};
+use crate::listen::{self, Listening, SessionListen};
 use crate::pool::{self, Pool};
 use crate::readback;
 use crate::responses::{self, Done, Entry, Internal, Kind, Owner};
@@ -98,7 +99,7 @@ pub struct Session {
     /// against it before the client's `Bind` runs there.
     parsed: RefCell<VecDeque<Parsed>>,
     /// Channels it listens on, notifications held for it (see `listen.rs`).
-    pub listen: crate::listen::SessionListen,
+    pub listen: SessionListen,
     /// Prepared-statement names in the SQL text of the batch being written (`up::NAMES`).
     sql_names: RefCell<Vec<SqlName>>,
 }
@@ -449,7 +450,7 @@ impl Owner for Session {
     }
 
     fn hold_ready(self: Rc<Self>, rfq: Option<&[u8]>) -> bool {
-        crate::listen::hold_rfq(&self, rfq)
+        hold_rfq(&self, rfq)
     }
 
     fn settings_changed(&self) {
@@ -602,6 +603,82 @@ impl Owner for Session {
     fn backend_lost(&self) {
         Session::backend_lost(self);
     }
+}
+
+/// The session as its core's registry and the other cores see it (core.rs, cancel.rs).
+impl SessionHandle for Session {
+    fn session_id(&self) -> u32 {
+        self.id
+    }
+
+    fn held_backend(&self) -> Option<Rc<Backend>> {
+        self.backend.borrow().clone()
+    }
+
+    fn terminate(&self) {
+        Session::terminate(self);
+    }
+
+    fn end_with(&self, err: &[u8]) {
+        Session::end_with(self, err);
+    }
+
+    fn link(&self) -> &Rc<OutQueue> {
+        &self.to_gateway
+    }
+}
+
+/// The session as its core's LISTEN registry sees it (listen.rs).
+impl Listening for Session {
+    fn listen(&self) -> &SessionListen {
+        &self.listen
+    }
+
+    fn backend_pid(&self) -> Option<i32> {
+        self.backend.borrow().as_ref().map(|b| b.pid)
+    }
+
+    fn notification(&self, msg: &[u8]) {
+        Session::notification(self, msg);
+    }
+}
+
+/// Called where a `ReadyForQuery 'I'` for `s` would go out (listen.rs) with nothing more to come: when the
+/// session's channels changed or it notified itself, hold it (`Some`) or hold its next request
+/// (`None`: it already went) until the listener caught up (a barrier on the owner core's
+/// listening connection). `true`: held, do not forward it.
+fn hold_rfq(s: &Rc<Session>, rfq: Option<&[u8]>) -> bool {
+    let l = &s.listen;
+    let barrier = l.barrier.replace(false) && !l.channels.borrow().is_empty();
+    let sync = l.sync.replace(false);
+    if !(barrier || sync) || s.gone.get() || l.gated.get() {
+        return false;
+    }
+    l.gated.set(true);
+    let s = s.clone();
+    let rfq = rfq.map(|r| r.to_vec());
+    let held = rfq.is_some();
+    let listener = s.pool.listener.clone();
+    glommio::spawn_local(async move {
+        match crate::with_timeout(listen::SYNC_TIMEOUT, listener.barrier()).await {
+            Some(Ok(())) => {}
+            Some(Err(e)) => tracing::warn!(error = %e, "listener not caught up"),
+            None => tracing::warn!("listener did not answer in time"),
+        }
+        listener.promote(&s);
+        s.listen.gated.set(false);
+        {
+            let mut out = s.out.borrow_mut();
+            s.listen.take_notes(&mut out);
+            if let Some(r) = &rfq {
+                out.extend_from_slice(r);
+            }
+        }
+        s.flush();
+        s.listen.gate_open.notify();
+    })
+    .detach();
+    held
 }
 
 fn attach(s: &Rc<Session>, b: &Rc<Backend>) {
@@ -833,7 +910,7 @@ async fn ensure_backend(core: &Rc<Core>, s: &Rc<Session>) -> Result<Option<Rc<Ba
     if !channels.is_empty() {
         b.st.borrow_mut().listening = true;
         let mut q = Vec::new();
-        fe::query(&mut q, &crate::listen::listen_sql(&channels));
+        fe::query(&mut q, &listen::listen_sql(&channels));
         b.send(&q, Some(Entry::Internal(Internal::Listen)));
     }
     drop(channels);
