@@ -4,10 +4,15 @@
 //! (`responses.rs`), then acts on what it says: the owner is done with the backend, or a cleanup
 //! finished. It keeps reading while the backend is idle, so a backend that dies or is shut down
 //! is noticed and dropped at once, not handed to the next session.
+//!
+//! A backend knows its pool only as a type parameter and a [`Home`] (pool.rs implements it): it
+//! gives itself back there when free, and is retired there when its connection ends. Static
+//! dispatch: the relay is compiled for the one pool type, nothing is looked up per request.
 
-use crate::core::Core;
+use crate::admin::Admin;
+use crate::budget::PoolKey;
+use crate::config::Config;
 use crate::login::{self, LoginError};
-use crate::pool::{self, Pool};
 use crate::responses::{self, After, Done, Entry, Internal, Kind, Owner, State};
 use crate::server_tls::Opened;
 use futures_lite::{AsyncRead, AsyncWrite};
@@ -17,9 +22,50 @@ use shared::link::Credential;
 use shared::protocol::backend as be;
 use shared::protocol::{frontend, typed_message_len};
 use shared::settings::Settings;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::{Rc, Weak};
 use std::time::Duration;
+
+/// Where a backend belongs (its core's pools, pool.rs): told by the relay when the backend's
+/// owner is done with it and when its connection ended.
+pub trait Home: 'static {
+    /// The pool a backend is of.
+    type Pool: 'static;
+    /// Nobody owns `b` any more (`ReadyForQuery 'I'` with nothing pinning it, or an orphan's
+    /// cleanup finished).
+    fn release(self: &Rc<Self>, b: Rc<Backend<Self::Pool>>);
+    /// `b`'s connection ended: its budget unit is free again.
+    fn retire(self: &Rc<Self>, b: &Rc<Backend<Self::Pool>>);
+}
+
+/// What opening a backend needs of its core, besides the pool (pool.rs holds one per core).
+pub struct Setup {
+    /// The config the process started with (Postgres's address, TLS, message size).
+    pub cfg: Rc<Config>,
+    /// For the server's defaults of the settings a login brought.
+    pub admin: Rc<Admin>,
+    /// Shared by every backend whose login brought no settings.
+    pub empty_settings: Rc<Settings>,
+    /// The next backend id on this core.
+    next_id: Cell<u64>,
+}
+
+impl Setup {
+    pub fn new(cfg: Rc<Config>, admin: Rc<Admin>) -> Setup {
+        Setup {
+            cfg,
+            admin,
+            empty_settings: Rc::new(Settings::default()),
+            next_id: Cell::new(1),
+        }
+    }
+
+    fn next_id(&self) -> u64 {
+        let id = self.next_id.get();
+        self.next_id.set(id + 1);
+        id
+    }
+}
 
 /// The settings a new backend got at login from `ALTER ROLE|DATABASE … SET` that its role may
 /// change itself (others stay as the login left them), read from the backend itself so they are
@@ -41,9 +87,11 @@ fn login_settings_sql() -> String {
         crate::admin::LOGIN_SOURCES
     )
 }
-pub struct Backend {
+/// One Postgres connection of pool `P`. The fields from `retired` to `yield_to` are the pool's
+/// bookkeeping (pool.rs).
+pub struct Backend<P> {
     pub id: u64,
-    pub pool: Rc<Pool>,
+    pub pool: Rc<P>,
     pub out: OutQueue,
     pub pid: i32,
     pub secret: i32,
@@ -55,25 +103,25 @@ pub struct Backend {
     /// When it logged in (`server_lifetime_ms` counts from here).
     pub created: std::time::Instant,
     /// Closed to give its budget unit to this pool (fair share), when it ends.
-    pub prefer: RefCell<Option<Rc<Pool>>>,
+    pub prefer: RefCell<Option<Rc<P>>>,
     /// Shed at another core's request: announce the freed unit when it ends.
     pub announce_freed: std::cell::Cell<bool>,
     /// Closed so that this pool's waiters on another core, which have no backend there, get its
     /// unit: announce it to them (and not to this core's waiters) when it ends.
-    pub yield_to: RefCell<Option<crate::budget::PoolKey>>,
+    pub yield_to: RefCell<Option<PoolKey>>,
     /// The session that held it last: a session coming back to it finds its own state.
     pub last_owner: RefCell<Option<Weak<dyn Owner>>>,
     /// What SHOW SERVERS shows of it, while it lives (servers.rs).
     pub shown: crate::servers::Shown,
 }
 
-impl Backend {
+impl<P> Backend<P> {
     pub fn is_broken(&self) -> bool {
         self.st.borrow().broken
     }
 
     /// Closes the connection: nothing more is written, and the relay ends when Postgres hangs
-    /// up. The caller retires the budget slot (see [`pool::retire`]).
+    /// up. The caller retires the budget slot (see `pool::retire`).
     pub fn close(&self) {
         responses::close(&self.out, &mut self.st.borrow_mut());
     }
@@ -153,16 +201,19 @@ impl Backend {
     }
 }
 
-/// Connects and logs in a new backend of `pool` (the budget slot is already taken), over TLS
-/// when `server_tls_sslmode` asks for it (server_tls.rs).
-pub async fn connect(
-    core: &Rc<Core>,
-    pool: &Rc<Pool>,
+/// Connects and logs in a new backend of `pool` (user and database `key`; the budget slot is
+/// already taken), over TLS when `server_tls_sslmode` asks for it (server_tls.rs), within
+/// `timeout` (`connect_timeout_seconds`).
+pub async fn connect<H: Home>(
+    home: &Rc<H>,
+    setup: &Setup,
+    timeout: Duration,
+    pool: &Rc<H::Pool>,
+    key: &PoolKey,
     credential: &Credential,
-) -> Result<Rc<Backend>, LoginError> {
-    let cfg = &core.cfg;
+) -> Result<Rc<Backend<H::Pool>>, LoginError> {
+    let cfg = &setup.cfg;
     let addr = format!("{}:{}", cfg.pg_host, cfg.pg_port);
-    let timeout = Duration::from_secs(core.live().connect_timeout_seconds);
     // One deadline for connecting, negotiating TLS and logging in.
     let deadline = std::time::Instant::now() + timeout;
     let timed_out = || LoginError::Other(format!("timed out connecting to {addr}"));
@@ -181,30 +232,55 @@ pub async fn connect(
         .await
         .ok_or_else(timed_out)??;
     let left = deadline.saturating_duration_since(std::time::Instant::now());
+    let to = Target {
+        home,
+        setup,
+        pool,
+        key,
+        credential,
+        addrs,
+        addr: &addr,
+    };
     // Two instances of what follows, each with its own relay loop: the plain one is the code
     // that ran before TLS existed.
     match opened {
-        Opened::Plain(stream) => start(core, pool, credential, stream, addrs, left, &addr).await,
-        Opened::Tls(stream) => start(core, pool, credential, *stream, addrs, left, &addr).await,
+        Opened::Plain(stream) => start(to, stream, left).await,
+        Opened::Tls(stream) => start(to, *stream, left).await,
     }
 }
 
-/// Logs in on `stream` within `timeout`, then starts the backend's writer and relay.
-async fn start<S: AsyncRead + AsyncWrite + Unpin + 'static>(
-    core: &Rc<Core>,
-    pool: &Rc<Pool>,
-    credential: &Credential,
-    mut stream: S,
+/// What `start` logs in to, and for whom.
+struct Target<'a, H: Home> {
+    home: &'a Rc<H>,
+    setup: &'a Setup,
+    pool: &'a Rc<H::Pool>,
+    key: &'a PoolKey,
+    credential: &'a Credential,
     addrs: (Option<std::net::SocketAddr>, Option<std::net::SocketAddr>),
+    addr: &'a str,
+}
+
+/// Logs in on `stream` within `timeout`, then starts the backend's writer and relay.
+async fn start<H: Home, S: AsyncRead + AsyncWrite + Unpin + 'static>(
+    to: Target<'_, H>,
+    mut stream: S,
     timeout: Duration,
-    addr: &str,
-) -> Result<Rc<Backend>, LoginError> {
-    let cfg = &core.cfg;
+) -> Result<Rc<Backend<H::Pool>>, LoginError> {
+    let Target {
+        home,
+        setup,
+        pool,
+        key,
+        credential,
+        addrs,
+        addr,
+    } = to;
+    let cfg = &setup.cfg;
     let connecting = async {
         let mut logged = login::login(
             &mut stream,
-            &pool.key.user,
-            &pool.key.database,
+            &key.user,
+            &key.database,
             credential,
             cfg.max_message_size,
         )
@@ -226,23 +302,18 @@ async fn start<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                 login.set(k, v);
             }
         }
-        let shown = crate::servers::register(
-            &pool.key.user,
-            &pool.key.database,
-            addrs.0,
-            addrs.1,
-            logged.pid,
-        );
+        let shown =
+            crate::servers::register(&key.user, &key.database, addrs.0, addrs.1, logged.pid);
         Ok::<_, LoginError>((logged, login, shown))
     };
     let (logged, login, shown) = crate::with_timeout(timeout, connecting)
         .await
         .ok_or_else(|| LoginError::Other(format!("timed out connecting to {addr}")))??;
     let (login, server) = if login.is_empty() {
-        (core.empty_settings.clone(), Settings::default())
+        (setup.empty_settings.clone(), Settings::default())
     } else {
         let names: Vec<String> = login.iter().map(|(k, _)| k.to_owned()).collect();
-        let server = core
+        let server = setup
             .admin
             .server_defaults(&names)
             .await
@@ -252,7 +323,7 @@ async fn start<S: AsyncRead + AsyncWrite + Unpin + 'static>(
             });
         (Rc::new(login), server)
     };
-    let id = core.next_id();
+    let id = setup.next_id();
     let b = Rc::new(Backend {
         id,
         pool: pool.clone(),
@@ -269,7 +340,7 @@ async fn start<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         last_owner: RefCell::new(None),
         shown,
     });
-    tracing::debug!(backend = b.id, pid = b.pid, user = %pool.key.user, db = %pool.key.database, "backend connected");
+    tracing::debug!(backend = b.id, pid = b.pid, user = %key.user, db = %key.database, "backend connected");
     let stream = RcStream::new(stream);
     let writer = b.clone();
     let wstream = stream.clone();
@@ -278,19 +349,22 @@ async fn start<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     })
     .detach();
     let relay_b = b.clone();
-    let relay_core = core.clone();
-    glommio::spawn_local(async move { relay(relay_core, relay_b, stream, logged.leftover).await })
-        .detach();
+    let relay_home = home.clone();
+    let max = cfg.max_message_size;
+    glommio::spawn_local(
+        async move { relay(relay_home, relay_b, stream, logged.leftover, max).await },
+    )
+    .detach();
     Ok(b)
 }
 
-async fn relay<S: AsyncRead + Unpin>(
-    core: Rc<Core>,
-    b: Rc<Backend>,
+async fn relay<H: Home, S: AsyncRead + Unpin>(
+    home: Rc<H>,
+    b: Rc<Backend<H::Pool>>,
     mut stream: RcStream<S>,
     leftover: Vec<u8>,
+    max: usize,
 ) {
-    let max = core.cfg.max_message_size;
     let mut reader = MessageReader::new(8192);
     reader.push_bytes(&leftover);
     loop {
@@ -302,7 +376,7 @@ async fn relay<S: AsyncRead + Unpin>(
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(backend = b.id, error = %e, "bad message from backend");
-                    return backend_lost(&core, &b, touched);
+                    return backend_lost(&home, &b, touched);
                 }
             };
             let after = {
@@ -328,9 +402,9 @@ async fn relay<S: AsyncRead + Unpin>(
                     if let Some(s) = owner {
                         s.detach();
                     }
-                    pool::release(&core, b.clone());
+                    home.release(b.clone());
                 }
-                After::ReturnOrphan => pool::release(&core, b.clone()),
+                After::ReturnOrphan => home.release(b.clone()),
             }
         }
         if let Some(t) = touched.take() {
@@ -342,13 +416,13 @@ async fn relay<S: AsyncRead + Unpin>(
         }
         let want = shared::protocol::pending_message_len(reader.data()).unwrap_or(0);
         match reader.fill(&mut stream, want).await {
-            Ok(0) | Err(_) => return backend_lost(&core, &b, None),
+            Ok(0) | Err(_) => return backend_lost(&home, &b, None),
             Ok(_) => {}
         }
     }
 }
 
-fn backend_lost(core: &Rc<Core>, b: &Rc<Backend>, touched: Option<Rc<dyn Owner>>) {
+fn backend_lost<H: Home>(home: &Rc<H>, b: &Rc<Backend<H::Pool>>, touched: Option<Rc<dyn Owner>>) {
     if let Some(t) = touched {
         t.flush();
     }
@@ -384,7 +458,7 @@ fn backend_lost(core: &Rc<Core>, b: &Rc<Backend>, touched: Option<Rc<dyn Owner>>
         s.detach();
         s.backend_lost();
     }
-    pool::retire(core, b);
+    home.retire(b);
 }
 
 /// The same session (the vtable part of the pointers may differ between codegen units).

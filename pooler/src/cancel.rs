@@ -56,7 +56,7 @@ pub fn local(core: &Rc<Core>, pid: i32, secret: i32) {
 }
 
 /// Cancels whatever query `b` is running (a separate connection to the postmaster).
-pub fn backend(core: &Rc<Core>, b: &crate::backend::Backend) {
+pub fn backend(core: &Rc<Core>, b: &crate::pool::Backend) {
     let addr = format!("{}:{}", core.cfg.pg_host, core.cfg.pg_port);
     let (bpid, bsecret) = (b.pid, b.secret);
     tracing::debug!(backend = b.id, "cancelling the running query");
@@ -101,9 +101,9 @@ pub async fn serve_peers(core: Rc<Core>, mut receivers: Receivers<CoreMsg>) {
                 match msg {
                     CoreMsg::Cancel(pid, secret) => local(&core, pid, secret),
                     CoreMsg::Terminate(pid, secret) => terminate_local(&core, pid, secret),
-                    CoreMsg::Shed { key } => core.on_shed(key),
-                    CoreMsg::Freed { key } => core.on_freed(key),
-                    CoreMsg::Starving { key } => core.on_starving(key),
+                    CoreMsg::Shed { key } => core.pools.on_shed(key),
+                    CoreMsg::Freed { key } => core.pools.on_freed(key),
+                    CoreMsg::Starving { key } => core.pools.on_starving(key),
                     CoreMsg::ReleaseDb(db) => core.release_database(&db),
                     CoreMsg::Listen {
                         database,

@@ -279,6 +279,24 @@ pub struct Config {
     pub server_tls: Option<crate::server_tls::ServerTls>,
 }
 
+/// The config in force on a core: a reload (SIGHUP) swaps it. Shared by the parts of a core that
+/// read limits and timeouts (core.rs, pool.rs).
+pub struct Live(std::cell::RefCell<std::rc::Rc<Config>>);
+
+impl Live {
+    pub fn new(cfg: std::rc::Rc<Config>) -> Live {
+        Live(std::cell::RefCell::new(cfg))
+    }
+
+    pub fn get(&self) -> std::rc::Rc<Config> {
+        self.0.borrow().clone()
+    }
+
+    pub fn set(&self, cfg: std::rc::Rc<Config>) {
+        *self.0.borrow_mut() = cfg;
+    }
+}
+
 impl Config {
     pub fn load(args: Args) -> Result<Config, String> {
         let file: File = match &args.config {

@@ -3,12 +3,11 @@
 //! and the LISTEN registry and notifications of listen.rs).
 
 use crate::admin::Admin;
-use crate::backend::Backend;
 use crate::budget::Budgets;
 use crate::budget::PoolKey;
-use crate::config::Config;
+use crate::config::{Config, Live};
 use crate::mesh::{CoreMsg, Outbox, Peers};
-use crate::pool::Pool;
+use crate::pool::{Backend, Pool, Pools};
 use crate::statements::Stmt;
 use sha2::{Digest, Sha256};
 use shared::io::{Broadcast, OutQueue};
@@ -44,7 +43,7 @@ pub struct Core {
     /// The config the process started with: what needs a restart to change.
     pub cfg: Rc<Config>,
     /// The config in force: a reload (SIGHUP) swaps it; read it with [`Core::live`].
-    live: RefCell<Rc<Config>>,
+    live: Rc<Live>,
     /// SIGTERM: sessions end at their next idle moment (57P01), new ones are refused.
     pub draining: Cell<bool>,
     /// The shutdown timeout passed: sessions end now.
@@ -52,16 +51,15 @@ pub struct Core {
     /// Told when a drain starts, every tick while it lasts, and when it is forced.
     pub drain_notify: Broadcast,
     pub index: usize,
-    pub pools: RefCell<HashMap<Rc<PoolKey>, Rc<Pool>>>,
+    /// The backend pools of this core.
+    pub pools: Rc<Pools>,
     pub budgets: Arc<Budgets>,
     /// The sessions of this core, by cancel key.
     pub sessions_by_key: RefCell<HashMap<(i32, i32), Weak<dyn SessionHandle>>>,
     statements: RefCell<HashMap<Rc<[u8]>, Weak<Stmt>>>,
-    pub empty_settings: Rc<Settings>,
-    next_id: Cell<u64>,
-    pub admin: Admin,
+    pub admin: Rc<Admin>,
     /// The other cores, for best-effort messages.
-    pub peers: Peers,
+    pub peers: Rc<Peers>,
     /// Ordered, reliable messages to the other cores.
     pub outbox: Rc<Outbox>,
     /// Logins Postgres accepted recently, by (user, database, startup settings): the
@@ -72,9 +70,6 @@ pub struct Core {
     /// send the same startup packet, so its thousands of sessions share one (an idle
     /// session's memory, perf/idle_memory.sh).
     baselines: RefCell<std::collections::HashSet<Rc<Settings>>>,
-    /// Pools starving on other cores (`CoreMsg::Starving`) and when they said so: the next
-    /// backend released here that may go to them is closed so they get its unit.
-    pub owed: RefCell<Vec<(PoolKey, Instant)>>,
     /// Per database: the sessions of this core that listen, and on the database's owner core its
     /// listening connection (listen.rs).
     listeners: RefCell<HashMap<String, Rc<crate::listen::Listener>>>,
@@ -82,36 +77,43 @@ pub struct Core {
 
 impl Core {
     pub fn new(cfg: Rc<Config>, index: usize, budgets: Arc<Budgets>) -> Rc<Core> {
+        let admin = Rc::new(Admin::new(cfg.clone()));
+        let live = Rc::new(Live::new(cfg.clone()));
+        let peers = Rc::new(Peers::new(index));
+        let pools = Pools::new(
+            cfg.clone(),
+            live.clone(),
+            admin.clone(),
+            budgets.clone(),
+            peers.clone(),
+        );
         Rc::new(Core {
-            admin: Admin::new(cfg.clone()),
+            admin,
             outbox: Rc::new(Outbox::new(cfg.cores.max(index + 1))),
-            live: RefCell::new(cfg.clone()),
+            live,
             draining: Cell::new(false),
             force: Cell::new(false),
             drain_notify: Broadcast::default(),
             cfg,
             index,
-            pools: RefCell::new(HashMap::new()),
+            pools: Rc::new(pools),
             budgets,
             sessions_by_key: RefCell::new(HashMap::new()),
             statements: RefCell::new(HashMap::new()),
-            empty_settings: Rc::new(Settings::default()),
-            next_id: Cell::new(1),
-            peers: Peers::new(index),
+            peers,
             logins: RefCell::new(HashMap::new()),
             baselines: RefCell::default(),
-            owed: RefCell::new(Vec::new()),
             listeners: RefCell::new(HashMap::new()),
         })
     }
 
     /// The config in force (limits, timeouts): what a reload may change.
     pub fn live(&self) -> Rc<Config> {
-        self.live.borrow().clone()
+        self.live.get()
     }
 
     pub fn set_live(&self, cfg: Rc<Config>) {
-        *self.live.borrow_mut() = cfg;
+        self.live.set(cfg);
     }
 
     /// Sends `msg` to every other core (best effort: a full channel drops it; senders retry).
@@ -156,26 +158,9 @@ impl Core {
         rc
     }
 
-    pub fn next_id(&self) -> u64 {
-        let id = self.next_id.get();
-        self.next_id.set(id + 1);
-        id
-    }
-
     pub fn pool_for(&self, user: &str, database: &str) -> Rc<Pool> {
-        let key = PoolKey {
-            user: user.to_owned(),
-            database: database.to_owned(),
-        };
-        if let Some(p) = self.pools.borrow().get(&key) {
-            return p.clone();
-        }
-        let global = self.budgets.counter(&key);
-        let key = Rc::new(key);
-        let listener = self.listener(database);
-        let pool = Rc::new(Pool::new(key.clone(), global, listener, self.index));
-        self.pools.borrow_mut().insert(key, pool.clone());
-        pool
+        self.pools
+            .pool_for(user, database, || self.listener(database))
     }
 
     /// The LISTEN registry of `database` on this core (made on first use: another core may ask
@@ -196,9 +181,15 @@ impl Core {
         l
     }
 
-    /// The database is about to be dropped, renamed or copied: close its listening connection
-    /// if it is on this core and nobody listens (listen.rs).
-    pub fn release_listener(&self, database: &str) {
+    /// The database is about to be dropped, renamed or copied: close the idle backends of this
+    /// core connected to it, and its listening connection if it is on this core and nobody
+    /// listens (listen.rs).
+    pub fn release_database(&self, database: &str) {
+        self.release_listener(database);
+        self.pools.release_database(database);
+    }
+
+    fn release_listener(&self, database: &str) {
         let l = self.listeners.borrow().get(database).cloned();
         if let Some(l) = l {
             l.release();

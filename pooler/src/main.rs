@@ -185,9 +185,8 @@ async fn janitor(core: Rc<core::Core>) {
         if idle.is_none() && lifetime.is_none() {
             continue;
         }
-        let pools: Vec<Rc<pool::Pool>> = core.pools.borrow().values().cloned().collect();
-        for p in pools {
-            let (by_idle, by_age) = p.expire(&core, idle, lifetime);
+        for p in core.pools.all() {
+            let (by_idle, by_age) = p.expire(&core.pools, idle, lifetime);
             if by_idle + by_age > 0 {
                 tracing::debug!(user = %p.key.user, db = %p.key.database, by_idle, by_age, "closed idle backends (server_idle_timeout, server_lifetime)");
             }

@@ -10,20 +10,25 @@
 //! (`CoreMsg::Shed`).
 //! When the total budget is spent, a core frees an idle backend of another pool on itself.
 
-use crate::backend::{self, Backend};
-use crate::budget::{PoolBudget, PoolKey, Reserve};
-use crate::core::Core;
+use crate::admin::Admin;
+use crate::backend::{self, Setup};
+use crate::budget::{Budgets, PoolBudget, PoolKey, Reserve};
+use crate::config::{Config, Live};
+use crate::listen::Listener;
 use crate::login::LoginError;
-use crate::mesh::CoreMsg;
+use crate::mesh::{CoreMsg, Peers};
 use crate::responses::{Entry, Internal};
 use shared::io::Slot;
 use shared::link::Credential;
 use std::cell::RefCell;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// A backend of a pool here.
+pub type Backend = backend::Backend<Pool>;
 
 /// A waiter is handed a backend, or `None` meaning "capacity freed: try again".
 type Waiter = Rc<Slot<Option<Rc<Backend>>>>;
@@ -66,7 +71,7 @@ pub struct Pool {
     /// Backends of this pool on this core (connected or connecting).
     local: std::cell::Cell<usize>,
     /// The listening connection of this database on this core (listen.rs).
-    pub listener: Rc<crate::listen::Listener>,
+    pub listener: Rc<Listener>,
     /// When this core last told the others that this pool starves here.
     last_starving_ask: std::cell::Cell<Option<Instant>>,
     /// This core's index (its `CoreShare` in `global.cores`).
@@ -81,7 +86,7 @@ impl Pool {
     pub fn new(
         key: Rc<PoolKey>,
         global: Arc<PoolBudget>,
-        listener: Rc<crate::listen::Listener>,
+        listener: Rc<Listener>,
         core: usize,
     ) -> Self {
         let waited = waited_now(&global);
@@ -127,8 +132,8 @@ impl Pool {
     /// of the budget and another core's sessions wait with less than theirs. The first split of
     /// a pool decides how many logins rebalancing costs later; first come, first served gave
     /// one core most of the budget whenever its sessions happened to arrive first.
-    fn leave_to_others(&self, core: &Core) -> bool {
-        let share = core.budgets.pool_size().div_ceil(self.global.cores.len());
+    fn leave_to_others(&self, pools: &Pools) -> bool {
+        let share = pools.budgets.pool_size().div_ceil(self.global.cores.len());
         self.local.get() >= share
             && self.global.cores.iter().enumerate().any(|(i, c)| {
                 i != self.core
@@ -200,7 +205,7 @@ impl Pool {
     /// server_idle_timeout and server_lifetime); returns how many for each reason.
     pub fn expire(
         &self,
-        core: &Rc<Core>,
+        pools: &Rc<Pools>,
         idle_for: Option<Duration>,
         lifetime: Option<Duration>,
     ) -> (usize, usize) {
@@ -222,13 +227,13 @@ impl Pool {
         self.note_idle();
         let by_age = victims.iter().filter(|b| old(b)).count();
         for b in &victims {
-            close_for(core, b, None);
+            close_for(pools, b, None);
         }
         (victims.len() - by_age, by_age)
     }
 
     /// Closes one idle backend that has been idle at least `min_idle`, if there is one.
-    fn shed_one(&self, core: &Rc<Core>, min_idle: Duration) -> bool {
+    fn shed_one(&self, pools: &Rc<Pools>, min_idle: Duration) -> bool {
         let now = Instant::now();
         let victim = {
             let mut idle = self.idle.borrow_mut();
@@ -249,7 +254,7 @@ impl Pool {
             Some(b) => {
                 tracing::debug!(user = %self.key.user, db = %self.key.database, core = self.core, "closing an idle backend (shed)");
                 b.announce_freed.set(true);
-                close_for(core, &b, None);
+                close_for(pools, &b, None);
                 true
             }
             None => false,
@@ -260,7 +265,7 @@ impl Pool {
 /// A place in a pool's queue: on drop it leaves the queue and gives back a backend it was
 /// handed but never took.
 struct WaiterGuard<'a> {
-    core: &'a Rc<Core>,
+    pools: &'a Rc<Pools>,
     pool: &'a Rc<Pool>,
     slot: Waiter,
     since: Instant,
@@ -284,7 +289,7 @@ impl Drop for WaiterGuard<'_> {
             .borrow_mut()
             .retain(|w| !Rc::ptr_eq(w, &self.slot));
         if let Some(Some(b)) = self.slot.try_take() {
-            release(self.core, b);
+            release(self.pools, b);
         }
     }
 }
@@ -292,14 +297,14 @@ impl Drop for WaiterGuard<'_> {
 /// A backend for `pool`, connecting a new one within budget, else waiting for one. A waiter
 /// keeps its place in the queue while it also retries the shared budget now and then.
 pub async fn acquire(
-    core: &Rc<Core>,
+    pools: &Rc<Pools>,
     pool: &Rc<Pool>,
     credential: &Credential,
     prefer: &RefCell<std::rc::Weak<Backend>>,
 ) -> Result<Rc<Backend>, LoginError> {
     let mut guard: Option<WaiterGuard<'_>> = None;
     // PgBouncer's query_wait_timeout: how long a request may wait for a backend in all.
-    let wait_ms = core.live().query_wait_timeout_ms;
+    let wait_ms = pools.live.get().query_wait_timeout_ms;
     let give_up = (wait_ms > 0).then(|| Instant::now() + Duration::from_millis(wait_ms));
     let mut retries = 0u32;
     loop {
@@ -319,24 +324,27 @@ pub async fn acquire(
             }
             return Ok(b);
         }
-        let mut reserved = if pool.leave_to_others(core) {
+        let mut reserved = if pool.leave_to_others(pools) {
             Reserve::PoolFull
         } else {
-            core.budgets.reserve(&pool.global)
+            pools.budgets.reserve(&pool.global)
         };
-        if reserved == Reserve::TotalFull && core.shed_idle_other_than(&pool.key) {
-            reserved = core.budgets.reserve(&pool.global);
+        if reserved == Reserve::TotalFull && pools.shed_idle_other_than(&pool.key) {
+            reserved = pools.budgets.reserve(&pool.global);
         }
         let ask = match reserved {
             Reserve::Ok => {
                 drop(guard.take());
                 pool.add_local(true);
-                return match backend::connect(core, pool, credential).await {
+                let timeout = Duration::from_secs(pools.live.get().connect_timeout_seconds);
+                let connecting =
+                    backend::connect(pools, &pools.setup, timeout, pool, &pool.key, credential);
+                return match connecting.await {
                     Ok(b) => Ok(b),
                     Err(e) => {
                         pool.add_local(false);
-                        core.budgets.give_back(&pool.global);
-                        core.capacity_freed(pool);
+                        pools.budgets.give_back(&pool.global);
+                        pools.capacity_freed(pool);
                         Err(e)
                     }
                 };
@@ -358,13 +366,13 @@ pub async fn acquire(
             }
             pool.local_waiting.set(pool.local_waiting.get() + 1);
             WaiterGuard {
-                core,
+                pools,
                 pool,
                 slot,
                 since: Instant::now(),
             }
         });
-        core.ask_peers(ask);
+        pools.peers.ask(ask);
         let retry = RETRY.saturating_mul(1 << retries.min(3)).min(RETRY_MAX);
         retries += 1;
         let left = give_up.map_or(retry, |t| t.saturating_duration_since(Instant::now()));
@@ -382,25 +390,25 @@ pub async fn acquire(
                 // Handed capacity (or a dead backend): try the budget again at once.
                 drop(guard.take());
             }
-            None if pool.local.get() == 0 => core.say_starving(pool),
+            None if pool.local.get() == 0 => pools.say_starving(pool),
             None => {}
         }
     }
 }
 
 /// Returns a backend that no session owns any more.
-pub fn release(core: &Rc<Core>, b: Rc<Backend>) {
+pub fn release(pools: &Rc<Pools>, b: Rc<Backend>) {
     b.shown.released();
     let pool = b.pool.clone();
     if b.is_broken() {
         // Closed: its unit comes back when Postgres has ended it (the relay sees the socket end).
         return;
     }
-    let lifetime = core.live().server_lifetime_ms;
+    let lifetime = pools.live.get().server_lifetime_ms;
     if lifetime > 0 && b.created.elapsed() >= Duration::from_millis(lifetime) {
         // PgBouncer's server_lifetime: lived long enough; a waiter gets its unit and logs in anew.
         tracing::debug!(backend = b.id, "closing a backend past server_lifetime");
-        close_for(core, &b, None);
+        close_for(pools, &b, None);
         return;
     }
     if std::mem::take(&mut b.st.borrow_mut().listening) {
@@ -413,17 +421,17 @@ pub fn release(core: &Rc<Core>, b: Rc<Backend>) {
         // Copies of a session's SQL-prepared statements under its names: not for the next one.
         crate::sql_names::drop_real_names(&b);
     }
-    if let Some(key) = core.owed_to(&pool) {
+    if let Some(key) = pools.owed_to(&pool) {
         // This pool, or a poorer one, starves on another core: nothing there would ever free a
         // backend for its sessions, so this backend's unit goes to them.
         *b.yield_to.borrow_mut() = Some(key);
-        close_for(core, &b, None);
+        close_for(pools, &b, None);
         return;
     }
-    if let Some(other) = core.poorer_pool_waiting(&pool) {
+    if let Some(other) = pools.poorer_pool_waiting(&pool) {
         // Fair share between users: another pool here waits with fewer backends than this one
         // has, and only the total budget stops it; this backend's unit goes to it.
-        close_for(core, &b, Some(other));
+        close_for(pools, &b, Some(other));
         return;
     }
     if pool.global.waiting.load(Ordering::Relaxed) > pool.local_waiting.get() {
@@ -431,9 +439,9 @@ pub fn release(core: &Rc<Core>, b: Rc<Backend>) {
         // so giving it there costs a login: at once when that core has none at all, else only
         // when it has clearly waited more.
         if let Some(to) = pool.starving_core().or_else(|| pool.give_away_to()) {
-            tracing::debug!(user = %pool.key.user, db = %pool.key.database, from = core.index, to, "moving a backend to another core");
+            tracing::debug!(user = %pool.key.user, db = %pool.key.database, from = pools.peers.index, to, "moving a backend to another core");
             *b.yield_to.borrow_mut() = Some((*pool.key).clone());
-            close_for(core, &b, None);
+            close_for(pools, &b, None);
             return;
         }
     }
@@ -445,10 +453,10 @@ pub fn release(core: &Rc<Core>, b: Rc<Backend>) {
         }
         return;
     }
-    if core.someone_else_waits(&pool.key) {
+    if pools.someone_else_waits(&pool.key) {
         // Another pool here is starved of the total budget: this backend's unit serves it
         // better.
-        close_for(core, &b, None);
+        close_for(pools, &b, None);
         return;
     }
     b.idle_since.set(Some(Instant::now()));
@@ -468,15 +476,15 @@ fn waited_now(global: &PoolBudget) -> Vec<u64> {
 /// Closes a backend we no longer want. Its budget unit is given back only when Postgres has
 /// really ended it (see [`retire`]), so a pool never has more live backends than its budget;
 /// `prefer`: the pool whose waiter gets the unit then.
-pub fn close_for(core: &Rc<Core>, b: &Rc<Backend>, prefer: Option<Rc<Pool>>) {
-    core.forget_idle(b);
+pub fn close_for(pools: &Rc<Pools>, b: &Rc<Backend>, prefer: Option<Rc<Pool>>) {
+    pools.forget_idle(b);
     *b.prefer.borrow_mut() = prefer;
     b.close();
 }
 
 /// A backend is gone (its connection ended): its budget unit is free again. Idempotent. Called
 /// by the relay when the socket ends, and when a connection attempt fails.
-pub fn retire(core: &Rc<Core>, b: &Rc<Backend>) {
+pub fn retire(pools: &Rc<Pools>, b: &Rc<Backend>) {
     let prefer = b
         .prefer
         .borrow_mut()
@@ -485,35 +493,107 @@ pub fn retire(core: &Rc<Core>, b: &Rc<Backend>) {
     if b.retired.replace(true) {
         return;
     }
-    core.forget_idle(b);
+    pools.forget_idle(b);
     b.pool.add_local(false);
-    core.budgets.give_back(&b.pool.global);
+    pools.budgets.give_back(&b.pool.global);
     if let Some(key) = b.yield_to.borrow_mut().take() {
         // Not to this core's waiters: they would take it before the starving core can.
-        core.ask_peers(CoreMsg::Freed { key: Some(key) });
+        pools.peers.ask(CoreMsg::Freed { key: Some(key) });
         return;
     }
-    core.capacity_freed(&prefer);
+    pools.capacity_freed(&prefer);
     if b.announce_freed.get() {
         // Shed because another core asked: its waiters may take the unit now.
-        core.ask_peers(CoreMsg::Freed { key: None });
+        pools.peers.ask(CoreMsg::Freed { key: None });
     }
     let pool = &b.pool;
     if pool.global.waiting.load(Ordering::Relaxed) > pool.local_waiting.get() {
-        core.ask_peers(CoreMsg::Freed {
+        pools.peers.ask(CoreMsg::Freed {
             key: Some((*pool.key).clone()),
         });
     }
 }
 
-impl Core {
+/// The pools of one core, and what they need to open backends and to share the budget with the
+/// other cores. The core holds it (core.rs); the relays of its backends give them back here.
+pub struct Pools {
+    map: RefCell<HashMap<Rc<PoolKey>, Rc<Pool>>>,
+    pub budgets: Arc<Budgets>,
+    /// The other cores (budget messages).
+    peers: Rc<Peers>,
+    /// The config in force (timeouts, `server_lifetime_ms`).
+    live: Rc<Live>,
+    setup: Setup,
+    /// Pools starving on other cores (`CoreMsg::Starving`) and when they said so: the next
+    /// backend released here that may go to them is closed so they get its unit.
+    owed: RefCell<Vec<(PoolKey, Instant)>>,
+}
+
+/// A backend's relay gives it back to its core's pools.
+impl backend::Home for Pools {
+    type Pool = Pool;
+
+    fn release(self: &Rc<Self>, b: Rc<Backend>) {
+        release(self, b);
+    }
+
+    fn retire(self: &Rc<Self>, b: &Rc<Backend>) {
+        retire(self, b);
+    }
+}
+
+impl Pools {
+    pub fn new(
+        cfg: Rc<Config>,
+        live: Rc<Live>,
+        admin: Rc<Admin>,
+        budgets: Arc<Budgets>,
+        peers: Rc<Peers>,
+    ) -> Pools {
+        Pools {
+            map: RefCell::new(HashMap::new()),
+            budgets,
+            peers,
+            live,
+            setup: Setup::new(cfg, admin),
+            owed: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// The pool of (`user`, `database`) on this core, made on first use with the database's
+    /// `listener`.
+    pub fn pool_for(
+        &self,
+        user: &str,
+        database: &str,
+        listener: impl FnOnce() -> Rc<Listener>,
+    ) -> Rc<Pool> {
+        let key = PoolKey {
+            user: user.to_owned(),
+            database: database.to_owned(),
+        };
+        if let Some(p) = self.map.borrow().get(&key) {
+            return p.clone();
+        }
+        let global = self.budgets.counter(&key);
+        let key = Rc::new(key);
+        let pool = Rc::new(Pool::new(key.clone(), global, listener(), self.peers.index));
+        self.map.borrow_mut().insert(key, pool.clone());
+        pool
+    }
+
+    /// Every pool of this core.
+    pub fn all(&self) -> Vec<Rc<Pool>> {
+        self.map.borrow().values().cloned().collect()
+    }
+
     /// Wakes one waiter that could now connect a backend.
     pub fn capacity_freed(&self, preferred: &Rc<Pool>) {
         if preferred.has_waiters() {
             preferred.hand_to_waiter(None);
             return;
         }
-        let pools: Vec<Rc<Pool>> = self.pools.borrow().values().cloned().collect();
+        let pools: Vec<Rc<Pool>> = self.map.borrow().values().cloned().collect();
         for p in pools {
             if p.has_waiters() {
                 p.hand_to_waiter(None);
@@ -526,7 +606,7 @@ impl Core {
     /// here, or (when it has none here) on all cores.
     fn poorer_pool_waiting(&self, pool: &Rc<Pool>) -> Option<Rc<Pool>> {
         let total = |p: &Pool| p.global.count.load(Ordering::Relaxed);
-        self.pools
+        self.map
             .borrow()
             .values()
             .filter(|p| {
@@ -552,8 +632,8 @@ impl Core {
             return;
         }
         pool.last_starving_ask.set(Some(now));
-        tracing::debug!(user = %pool.key.user, db = %pool.key.database, core = self.index, "pool starving on this core");
-        self.ask_peers(CoreMsg::Starving {
+        tracing::debug!(user = %pool.key.user, db = %pool.key.database, core = self.peers.index, "pool starving on this core");
+        self.peers.ask(CoreMsg::Starving {
             key: (*pool.key).clone(),
         });
     }
@@ -590,7 +670,7 @@ impl Core {
     }
 
     fn someone_else_waits(&self, key: &PoolKey) -> bool {
-        self.pools
+        self.map
             .borrow()
             .values()
             .any(|p| *p.key != *key && p.has_waiters() && !self.budgets.pool_full(&p.global))
@@ -599,7 +679,7 @@ impl Core {
     /// Frees the budget unit of an idle backend of another pool on this core.
     fn shed_idle_other_than(self: &Rc<Self>, key: &PoolKey) -> bool {
         let victim = self
-            .pools
+            .map
             .borrow()
             .values()
             .find(|p| *p.key != *key && !p.idle.borrow().is_empty())
@@ -610,8 +690,8 @@ impl Core {
     /// Another core freed budget for this pool: let a waiter here try again now.
     pub fn on_freed(&self, key: Option<PoolKey>) {
         let pools: Vec<Rc<Pool>> = match &key {
-            Some(k) => self.pools.borrow().get(k).cloned().into_iter().collect(),
-            None => self.pools.borrow().values().cloned().collect(),
+            Some(k) => self.map.borrow().get(k).cloned().into_iter().collect(),
+            None => self.map.borrow().values().cloned().collect(),
         };
         for p in pools {
             if p.has_waiters() {
@@ -627,16 +707,16 @@ impl Core {
         }
         // Nothing idle long enough yet: look once more a little later rather than leave the
         // other core's sessions to their safety-net retry.
-        let core = self.clone();
+        let pools = self.clone();
         glommio::spawn_local(async move {
             glommio::timer::sleep(SHED_AFTER_IDLE).await;
-            core.shed_now(&key);
+            pools.shed_now(&key);
         })
         .detach();
     }
 
     fn shed_now(self: &Rc<Self>, key: &Option<PoolKey>) -> bool {
-        let pools: Vec<Rc<Pool>> = self.pools.borrow().values().cloned().collect();
+        let pools: Vec<Rc<Pool>> = self.map.borrow().values().cloned().collect();
         let now = Instant::now();
         for p in pools {
             // Asked for this pool: only surplus, not a backend this core's sessions need,
@@ -657,16 +737,16 @@ impl Core {
         false
     }
 
-    /// Closes every idle backend of every pool on this core connected to `database`.
+    /// Closes every idle backend of every pool on this core connected to `database` (the core
+    /// also closes its listening connection: `Core::release_database`).
     pub fn release_database(self: &Rc<Self>, database: &str) {
         let pools: Vec<Rc<Pool>> = self
-            .pools
+            .map
             .borrow()
             .values()
             .filter(|p| p.key.database == database)
             .cloned()
             .collect();
-        self.release_listener(database);
         let mut closed = 0;
         for pool in pools {
             while pool.shed_one(self, Duration::ZERO) {

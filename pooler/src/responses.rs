@@ -364,7 +364,7 @@ fn forward_rfq(st: &State, rfq: &[u8], quiet: bool) {
 #[inline]
 fn forward(st: &State, msg: &[u8]) {
     if let Some(o) = &st.owner {
-        // A signalling call the server refused for the gateway (cancel.rs): one byte compared
+        // A signalling call the server refused for the gateway (signal_denied.rs): one byte compared
         // per message; an error's fields are read (errors are not the hot path).
         if msg.first() == Some(&be::ERROR_RESPONSE) {
             if let Some(e) = crate::signal_denied::denied_signal(msg) {
@@ -1377,5 +1377,28 @@ mod tests {
         let mut terminate = Vec::new();
         put_message(&mut terminate, frontend::TERMINATE, |_| {});
         assert_eq!(written(&out), terminate);
+    }
+
+    #[test]
+    fn a_refused_signal_is_worded_as_postgres_and_other_errors_pass() {
+        let (mut st, out, rec) = owned();
+        // The server's check refused a pg_cancel_backend for the gateway (signal_denied.rs):
+        // the client sees Postgres's own refusal, not the marker.
+        st.queue.push_back(Entry::Client(Kind::Query));
+        let marker = error(
+            "42704",
+            "unrecognized configuration parameter \"tidepool.signal_denied_cancel_member\"",
+        );
+        feed(&out, &mut st, &[marker.clone(), rfq(b'I')]);
+        let client = rec.client.borrow().clone();
+        let refusal = crate::signal_denied::denied_signal(&marker).unwrap();
+        assert_eq!(client, [refusal, rfq(b'I')].concat());
+        assert_eq!(be::error_sqlstate(&client[5..]), Some(&b"42501"[..]));
+        // Any other error passes unchanged.
+        rec.client.borrow_mut().clear();
+        st.queue.push_back(Entry::Client(Kind::Query));
+        let other = error("42P01", "relation \"x\" does not exist");
+        feed(&out, &mut st, &[other.clone(), rfq(b'I')]);
+        assert_eq!(*rec.client.borrow(), [other, rfq(b'I')].concat());
     }
 }

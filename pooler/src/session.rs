@@ -6,10 +6,9 @@
 //! `s1` is `tp_<hash of its text>` on every backend, parsed once per backend whoever asked), and
 //! writes the messages. Responses come back through the backend's relay.
 
-use crate::backend::Backend;
 use crate::core::{Core, SessionHandle};
 use crate::listen::{self, Listening, SessionListen};
-use crate::pool::{self, Pool};
+use crate::pool::{self, Backend, Pool};
 use crate::readback;
 use crate::responses::{self, Done, Entry, Internal, Kind, Owner};
 use crate::sql_names::{ensure, parse_names, write_sql_query, SqlName};
@@ -725,7 +724,7 @@ fn maybe_release(core: &Rc<Core>, s: &Rc<Session>) {
         st.owner = None;
     }
     s.backend.borrow_mut().take();
-    pool::release(core, b);
+    pool::release(&core.pools, b);
 }
 
 /// The session's task: open, then process the gateway's frames in order until the client leaves.
@@ -856,7 +855,7 @@ async fn open_with(
     if let Some(params) = core.recent_login(&s.pool.key, baseline) {
         return Ok(Ok((*params).clone()));
     }
-    let b = pool::acquire(core, &s.pool, &s.credential, &s.last_backend)
+    let b = pool::acquire(&core.pools, &s.pool, &s.credential, &s.last_backend)
         .await
         .map_err(|e| e.to_message())?;
     attach(s, &b);
@@ -885,7 +884,7 @@ async fn ensure_backend(core: &Rc<Core>, s: &Rc<Session>) -> Result<Option<Rc<Ba
         return Ok(Some(b));
     }
     let acquired = futures_lite::future::or(
-        async { Some(pool::acquire(core, &s.pool, &s.credential, &s.last_backend).await) },
+        async { Some(pool::acquire(&core.pools, &s.pool, &s.credential, &s.last_backend).await) },
         async {
             loop {
                 let n = s.inbox_notify.notified();
@@ -1498,13 +1497,13 @@ fn finish(core: &Rc<Core>, s: &Rc<Session>) {
         // loaded libraries keep their static state. A new login later is cheaper than another
         // session seeing any of it; Postgres rolls back what is open.
         drop(st);
-        pool::close_for(core, &b, None);
+        pool::close_for(&core.pools, &b, None);
         return;
     }
     let open = st.status != b'I';
     drop(st);
     if !open {
-        pool::release(core, b);
+        pool::release(&core.pools, b);
         return;
     }
     let mut q = Vec::new();

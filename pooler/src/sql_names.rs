@@ -73,7 +73,7 @@ pub fn parse_names(mut p: &[u8]) -> Vec<SqlName> {
 /// client's extended-protocol messages (no `Sync` may be added; an error skips to the client's
 /// `Sync`, as the client's own message would have); else before a simple `Query`, synced on
 /// its own and its responses (errors too) dropped: the client's statement then reports.
-pub fn ensure(b: &Rc<Backend>, stmt: &Rc<Stmt>, limit: usize, in_batch: bool) {
+pub fn ensure<P>(b: &Rc<Backend<P>>, stmt: &Rc<Stmt>, limit: usize, in_batch: bool) {
     if b.st.borrow_mut().prepared.touch(&stmt.content) {
         return;
     }
@@ -163,7 +163,7 @@ fn sql_statement(name: &[u8], rest: &[u8], source: &[u8]) -> Rc<Stmt> {
 /// backends they are otherwise named by content (`tp_…`), which only the gateway's mapping of
 /// the client's own text knows. The copies live while the session holds `b` (no other session
 /// can see them) and are deallocated before `b` goes back to its pool (`drop_real_names`).
-pub fn real_names(statements: &Statements, b: &Rc<Backend>) {
+pub fn real_names<P>(statements: &Statements, b: &Rc<Backend<P>>) {
     let wanted: Vec<(Vec<u8>, Rc<Stmt>)> = statements
         .borrow()
         .iter()
@@ -206,7 +206,7 @@ pub fn real_names(statements: &Statements, b: &Rc<Backend>) {
 }
 
 /// Deallocates the real-name copies on `b` (it is going back to its pool).
-pub fn drop_real_names(b: &Backend) {
+pub fn drop_real_names<P>(b: &Backend<P>) {
     let names = std::mem::take(&mut b.st.borrow_mut().real_names);
     for (name, _) in names {
         let mut sql = b"DEALLOCATE ".to_vec();
@@ -216,7 +216,7 @@ pub fn drop_real_names(b: &Backend) {
     }
 }
 
-fn send_quiet(b: &Backend, sql: &[u8]) {
+fn send_quiet<P>(b: &Backend<P>, sql: &[u8]) {
     let mut m = Vec::new();
     put_message(&mut m, fe::QUERY, |m| put_cstr(m, sql));
     b.send(&m, Some(Entry::Internal(Internal::RealName)));
@@ -249,9 +249,9 @@ fn dollar_literal(out: &mut Vec<u8>, text: &[u8]) {
 /// What replaces `pg_prepared_statements` in a client's query: the session's statements under
 /// its own names (made on this backend first: parameter types and plan counts are the
 /// backend's), and statements the backend has under client names (a pinned session's).
-fn prepared_view(
+fn prepared_view<P>(
     statements: &Statements,
-    b: &Rc<Backend>,
+    b: &Rc<Backend<P>>,
     limit: usize,
     in_batch: bool,
     bare: bool,
@@ -337,11 +337,11 @@ fn chars(b: &[u8]) -> u32 {
 /// as `PREPARE`/`DEALLOCATE` would change it (undone for statements that do not complete).
 /// `statements`: the session's; `limit`: statements a backend may hold; `in_batch`: the `Query`
 /// comes inside the client's unsynced extended-protocol messages (no `Sync` of ours).
-pub fn write_sql_query(
+pub fn write_sql_query<P>(
     statements: &Statements,
     limit: usize,
     in_batch: bool,
-    b: &Rc<Backend>,
+    b: &Rc<Backend<P>>,
     msg: &[u8],
     names: &[SqlName],
 ) {
