@@ -9,6 +9,10 @@
 //! (`Pool::give_away_to`); or when a backend idles here while another core waits
 //! (`CoreMsg::Shed`).
 //! When the total budget is spent, a core frees an idle backend of another pool on itself.
+//!
+//! A core's pools are one [`Pools`], which holds what they need (budgets, the other cores, the
+//! config in force) so that nothing here reaches for the core (core.rs sits above); the relays
+//! of its backends give them back to it through `backend::Home`.
 
 use crate::admin::Admin;
 use crate::backend::{self, Setup};
