@@ -55,6 +55,10 @@ pub struct Args {
     /// Protocol-level statements kept prepared per backend (least recently used closed beyond).
     #[arg(long)]
     pub max_prepared_statements: Option<usize>,
+    /// Bytes of prepared statements one client session may hold (names, texts and about 128
+    /// bytes of bookkeeping each); past it a new one gets SQLSTATE 54000.
+    #[arg(long)]
+    pub max_session_statement_bytes: Option<usize>,
     /// Seconds a login Postgres accepted is reused for the same (user, database, settings)
     /// without a backend round trip (0: every login goes to a backend).
     #[arg(long)]
@@ -183,6 +187,7 @@ struct File {
     auth_lookup_timeout_ms: Option<u64>,
     connect_timeout_seconds: Option<u64>,
     max_prepared_statements: Option<usize>,
+    max_session_statement_bytes: Option<usize>,
     spin_before_park_us: Option<u64>,
     login_cache_seconds: Option<u64>,
     sequence_lease_ms: Option<u64>,
@@ -260,6 +265,7 @@ pub struct Config {
     pub auth_lookup_timeout_ms: u64,
     pub connect_timeout_seconds: u64,
     pub max_prepared_statements: usize,
+    pub max_session_statement_bytes: usize,
     pub spin_before_park_us: u64,
     pub login_cache_seconds: u64,
     pub sequence_lease_ms: u64,
@@ -491,6 +497,11 @@ impl Config {
                 .or(file.max_prepared_statements)
                 .unwrap_or(500)
                 .max(1),
+            max_session_statement_bytes: args
+                .max_session_statement_bytes
+                .or(file.max_session_statement_bytes)
+                .unwrap_or(64 << 20)
+                .max(1024),
             shutdown_timeout_ms: args
                 .shutdown_timeout_ms
                 .or(file.shutdown_timeout_ms)
@@ -533,6 +544,11 @@ impl Config {
                 "max_prepared_statements",
                 s(&self.max_prepared_statements),
                 s(&new.max_prepared_statements),
+            ),
+            (
+                "max_session_statement_bytes",
+                s(&self.max_session_statement_bytes),
+                s(&new.max_session_statement_bytes),
             ),
             (
                 "login_cache_seconds",
@@ -621,6 +637,7 @@ impl Config {
             max_backends: new.max_backends,
             connect_timeout_seconds: new.connect_timeout_seconds,
             max_prepared_statements: new.max_prepared_statements,
+            max_session_statement_bytes: new.max_session_statement_bytes,
             login_cache_seconds: new.login_cache_seconds,
             sequence_lease_ms: new.sequence_lease_ms,
             shutdown_timeout_ms: new.shutdown_timeout_ms,

@@ -21,7 +21,7 @@ use shared::protocol::typed_message_len;
 use shared::settings::Settings;
 use std::cell::{Cell, RefCell};
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::rc::Rc;
 
 /// Bytes a session may have in flight towards its gateway before its backend's relay stops
@@ -125,7 +125,7 @@ impl Session {
             settings: RefCell::new(baseline.clone()),
             watch: RefCell::new(Vec::new()),
             baseline: RefCell::new(baseline),
-            statements: RefCell::new(HashMap::new()),
+            statements: Statements::default(),
             unnamed: RefCell::new(None),
             backend: RefCell::new(None),
             pinned: Cell::new(false),
@@ -231,10 +231,7 @@ impl Session {
     pub fn forget_statement(&self, client_name: Option<&[u8]>, stmt: &Rc<Stmt>) {
         match client_name {
             Some(name) => {
-                let mut m = self.statements.borrow_mut();
-                if m.get(name).is_some_and(|s| Rc::ptr_eq(s, stmt)) {
-                    m.remove(name);
-                }
+                self.statements.remove_if_same(name, stmt);
             }
             None => {
                 let mut u = self.unnamed.borrow_mut();
@@ -256,7 +253,7 @@ impl Session {
     }
 
     pub fn clear_statements(&self) {
-        self.statements.borrow_mut().clear();
+        self.statements.clear();
         self.stale_plans.borrow_mut().clear();
         *self.unnamed.borrow_mut() = None;
     }
@@ -524,10 +521,7 @@ impl Owner for Session {
     }
 
     fn restore_statement(&self, client_name: Vec<u8>, stmt: Rc<Stmt>) {
-        self.statements
-            .borrow_mut()
-            .entry(client_name)
-            .or_insert(stmt);
+        self.statements.insert_if_absent(client_name, stmt);
     }
 
     fn statement_shape(&self, client_name: &[u8], shape: Option<Box<[u8]>>, check: bool) {
@@ -927,6 +921,7 @@ fn answer_locally(core: &Rc<Core>, s: &Rc<Session>, msgs: &[u8]) -> bool {
     let max = core.cfg.max_message_size.saturating_add(5);
     let mut rest = msgs;
     let mut plan = Vec::new();
+    let mut planned = 0;
     while !rest.is_empty() {
         let Ok(Some(n)) = typed_message_len(rest, max) else {
             return false;
@@ -944,6 +939,11 @@ fn answer_locally(core: &Rc<Core>, s: &Rc<Session>, msgs: &[u8]) -> bool {
                 }
                 let stmt = core.statement(p.query, p.param_types);
                 if !stmt.validated.get() {
+                    return false;
+                }
+                // Past the session's bound: the backend path answers with the error.
+                planned += crate::statements::cost(p.name, &stmt);
+                if s.statements.bytes() + planned > core.live().max_session_statement_bytes {
                     return false;
                 }
                 plan.push((fe::PARSE, p.name.to_vec(), Some(stmt)));
@@ -964,11 +964,11 @@ fn answer_locally(core: &Rc<Core>, s: &Rc<Session>, msgs: &[u8]) -> bool {
         match (tag, stmt) {
             (fe::PARSE, Some(stmt)) => {
                 s.prepared_anew(&name);
-                s.statements.borrow_mut().insert(name, stmt);
+                s.statements.insert(name, stmt);
                 be::parse_complete(&mut out);
             }
             (fe::CLOSE, _) => {
-                s.statements.borrow_mut().remove(&name);
+                s.statements.remove(&name);
                 be::close_complete(&mut out);
             }
             _ => {
@@ -1222,10 +1222,14 @@ fn write_message(
                 return Ok(());
             }
             let stmt = core.statement(p.query, p.param_types);
+            let limit = core.live().max_session_statement_bytes;
+            if !s.statements.fits(p.name, &stmt, limit) {
+                s.skip_until_sync.set(true);
+                b.send(&[], Some(Entry::SynthError(statement_limit(limit))));
+                return Ok(());
+            }
             s.prepared_anew(p.name);
-            s.statements
-                .borrow_mut()
-                .insert(p.name.to_vec(), stmt.clone());
+            s.statements.insert(p.name.to_vec(), stmt.clone());
             let have = b.st.borrow_mut().prepared.touch(&stmt.content);
             if have {
                 let mut pc = Vec::new();
@@ -1314,7 +1318,7 @@ fn write_message(
                 // Other sessions may use the same statement on this backend: it stays there;
                 // only this session forgets its name (Postgres answers CloseComplete even for a
                 // name that does not exist).
-                s.statements.borrow_mut().remove(name);
+                s.statements.remove(name);
                 let mut cc = Vec::new();
                 be::close_complete(&mut cc);
                 b.send(&[], Some(Entry::Synth(cc)));
@@ -1345,8 +1349,19 @@ fn write_message(
                 .filter(|n| n.offset as usize == offset)
                 .cloned()
                 .collect();
+            let limit = core.live().max_session_statement_bytes;
             if names.is_empty() {
                 b.send(msg, Some(Entry::Client(Kind::Query)));
+            } else if s.statements.bytes()
+                + crate::sql_names::new_prepare_bytes(&s.statements, msg, &names)
+                > limit
+            {
+                // Failed by the backend itself, so that a transaction it ran in fails there as
+                // it would directly (an error made up here would leave the backend's open).
+                b.send(
+                    &raise_query(STATEMENT_LIMIT_CODE, &statement_limit_message(limit)),
+                    Some(Entry::Client(Kind::Query)),
+                );
             } else {
                 write_sql_query(
                     &s.statements,
@@ -1458,6 +1473,44 @@ fn fatal(code: &str, msg: &str) -> Vec<u8> {
     let mut e = Vec::new();
     be::error_response(&mut e, Severity::Fatal, code, msg);
     e
+}
+
+/// Postgres bounds a session's prepared statements by its backend's memory only; here they
+/// live in the pooler, shared by every session, so each session has a bound
+/// (`max_session_statement_bytes`). `54000`: program_limit_exceeded.
+const STATEMENT_LIMIT_CODE: &str = "54000";
+
+fn statement_limit_message(limit: usize) -> String {
+    format!(
+        "too many prepared statements in this session: they would hold more than {limit} bytes \
+         (the pooler's max_session_statement_bytes); DEALLOCATE some"
+    )
+}
+
+/// The error a `Parse` past the bound gets.
+fn statement_limit(limit: usize) -> Vec<u8> {
+    let mut e = Vec::new();
+    be::error_response(
+        &mut e,
+        Severity::Error,
+        STATEMENT_LIMIT_CODE,
+        &statement_limit_message(limit),
+    );
+    e
+}
+
+/// A `Query` that makes the backend raise `code` with `message` (which has no `$`-quote of
+/// ours in it): the error happens where the client's statement would have run.
+fn raise_query(code: &str, message: &str) -> Vec<u8> {
+    let message = message.replace('\'', "''");
+    let sql = format!(
+        "DO $tidepool$BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', MESSAGE = '{message}'; END$tidepool$"
+    );
+    let mut m = Vec::new();
+    shared::protocol::put_message(&mut m, fe::QUERY, |m| {
+        shared::protocol::put_cstr(m, sql.as_bytes())
+    });
+    m
 }
 
 fn protocol_violation(msg: &str) -> Vec<u8> {

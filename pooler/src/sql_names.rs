@@ -127,6 +127,21 @@ fn inject(stmt: &Rc<Stmt>, made: bool) -> Entry {
     })
 }
 
+/// What the statements a `Query` (`msg`) makes by SQL `PREPARE` under names the session does
+/// not have yet would add to its bound ([`crate::statements::cost`] of each, as
+/// [`sql_statement`] makes them).
+pub fn new_prepare_bytes(statements: &Statements, msg: &[u8], names: &[SqlName]) -> usize {
+    let sql = fe::query_text(&msg[5..]);
+    names
+        .iter()
+        .filter(|n| n.kind == NAME_PREPARE && !statements.contains(&n.name))
+        .map(|n| {
+            let rest = n.stmt_end.max(n.end).min(sql.len()) - n.end.min(sql.len());
+            128 + n.name.len() + 8 + 35 + rest + sql.len()
+        })
+        .sum()
+}
+
 /// A statement made by SQL `PREPARE name <rest>`, named on backends by (name, rest): sessions
 /// that prepare the same text under the same name share it on a backend.
 fn sql_statement(name: &[u8], rest: &[u8], source: &[u8]) -> Rc<Stmt> {
@@ -384,7 +399,7 @@ pub fn write_sql_query<P>(
                     b.st.borrow_mut().prepared.remove(&st.content);
                     b.send(&m, Some(inject(&st, false)));
                 }
-                statements.borrow_mut().insert(n.name.clone(), st.clone());
+                statements.insert(n.name.clone(), st.clone());
                 b.add_prepared(st.content.clone(), limit);
                 q.undo
                     .push((n.stmt, Undo::Unname(n.name.clone(), st.clone())));
@@ -397,7 +412,7 @@ pub fn write_sql_query<P>(
             }
             (NAME_DEALLOCATE, Some(st)) => {
                 ensure(b, &st, limit, in_batch);
-                statements.borrow_mut().remove(&n.name);
+                statements.remove(&n.name);
                 b.st.borrow_mut().prepared.remove(&st.content);
                 q.undo
                     .push((n.stmt, Undo::Rename(n.name.clone(), st.clone())));

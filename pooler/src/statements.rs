@@ -4,13 +4,92 @@
 
 use shared::protocol::backend as be;
 use shared::protocol::put_message;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 
 /// A session's prepared statements by the name its client gave them (one namespace for
-/// protocol-level and SQL `PREPARE`, as in Postgres).
-pub type Statements = RefCell<HashMap<Vec<u8>, Rc<Stmt>>>;
+/// protocol-level and SQL `PREPARE`, as in Postgres), and the bytes they hold: bounded by the
+/// pooler's `max_session_statement_bytes` where a client makes one (session.rs), so that one
+/// session preparing without end cannot grow the pooler without end (issue 12 §3).
+#[derive(Default)]
+pub struct Statements {
+    map: RefCell<HashMap<Vec<u8>, Rc<Stmt>>>,
+    bytes: Cell<usize>,
+}
+
+/// What a statement is counted for in its session's bound: its name, its text (the `Parse`
+/// message, and a SQL `PREPARE`'s two texts) and the bookkeeping around them (map entry,
+/// `Stmt`), so that many tiny statements are bounded too. Counted whole in every session that
+/// names it, though sessions share one `Stmt` per text: an upper bound.
+pub fn cost(name: &[u8], stmt: &Stmt) -> usize {
+    const OVERHEAD: usize = 128;
+    let sql = stmt
+        .sql
+        .as_ref()
+        .map_or(0, |d| d.prepare.len() + d.source.len());
+    OVERHEAD + name.len() + stmt.parse.len() + sql
+}
+
+impl Statements {
+    pub fn borrow(&self) -> std::cell::Ref<'_, HashMap<Vec<u8>, Rc<Stmt>>> {
+        self.map.borrow()
+    }
+
+    /// Bytes held (see [`cost`]).
+    pub fn bytes(&self) -> usize {
+        self.bytes.get()
+    }
+
+    /// Whether naming `stmt` as `name` (new, or replacing what has that name) keeps the
+    /// session within `limit` bytes.
+    pub fn fits(&self, name: &[u8], stmt: &Stmt, limit: usize) -> bool {
+        let freed = self.map.borrow().get(name).map_or(0, |old| cost(name, old));
+        self.bytes.get() - freed + cost(name, stmt) <= limit
+    }
+
+    pub fn contains(&self, name: &[u8]) -> bool {
+        self.map.borrow().contains_key(name)
+    }
+
+    pub fn insert(&self, name: Vec<u8>, stmt: Rc<Stmt>) {
+        let add = cost(&name, &stmt);
+        let freed = self.map.borrow().get(&name).map_or(0, |o| cost(&name, o));
+        self.map.borrow_mut().insert(name, stmt);
+        self.bytes.set(self.bytes.get() - freed + add);
+    }
+
+    /// Names `stmt` as `name` unless the name is taken.
+    pub fn insert_if_absent(&self, name: Vec<u8>, stmt: Rc<Stmt>) {
+        if !self.contains(&name) {
+            self.insert(name, stmt);
+        }
+    }
+
+    pub fn remove(&self, name: &[u8]) -> Option<Rc<Stmt>> {
+        let old = self.map.borrow_mut().remove(name)?;
+        self.bytes
+            .set(self.bytes.get().saturating_sub(cost(name, &old)));
+        Some(old)
+    }
+
+    /// Removes `name` if it names `stmt` itself.
+    pub fn remove_if_same(&self, name: &[u8], stmt: &Rc<Stmt>) {
+        let same = self
+            .map
+            .borrow()
+            .get(name)
+            .is_some_and(|s| Rc::ptr_eq(s, stmt));
+        if same {
+            self.remove(name);
+        }
+    }
+
+    pub fn clear(&self) {
+        self.map.borrow_mut().clear();
+        self.bytes.set(0);
+    }
+}
 
 /// The statements a backend has prepared, bounded: the least recently used is closed when a new
 /// one would pass the limit.
@@ -271,6 +350,40 @@ impl SqlQuery {
 mod tests {
     use super::*;
     use shared::protocol::put_cstr;
+
+    fn stmt(text: &str) -> Rc<Stmt> {
+        Rc::new(Stmt {
+            content: Rc::from(&b"tp_x"[..]),
+            parse: text.as_bytes().to_vec(),
+            validated: std::cell::Cell::new(false),
+            sql: None,
+        })
+    }
+
+    #[test]
+    fn a_sessions_statements_count_what_they_hold() {
+        let s = Statements::default();
+        let (a, b) = (stmt("SELECT 1"), stmt(&"x".repeat(1000)));
+        assert!(s.fits(b"a", &a, cost(b"a", &a)));
+        assert!(!s.fits(b"a", &a, cost(b"a", &a) - 1));
+        s.insert(b"a".to_vec(), a.clone());
+        assert_eq!(s.bytes(), cost(b"a", &a));
+        // Replacing a name counts the new statement instead of the old one.
+        assert!(s.fits(b"a", &b, cost(b"a", &b)));
+        s.insert(b"a".to_vec(), b.clone());
+        assert_eq!(s.bytes(), cost(b"a", &b));
+        s.insert_if_absent(b"a".to_vec(), a.clone());
+        s.insert_if_absent(b"c".to_vec(), a.clone());
+        assert_eq!(s.bytes(), cost(b"a", &b) + cost(b"c", &a));
+        s.remove_if_same(b"c", &b);
+        assert!(s.contains(b"c"));
+        s.remove_if_same(b"c", &a);
+        assert_eq!(s.remove(b"c").map(|_| ()), None);
+        assert_eq!(s.bytes(), cost(b"a", &b));
+        s.clear();
+        assert_eq!(s.bytes(), 0);
+        assert!(!s.contains(b"a"));
+    }
 
     #[test]
     fn positions_map_back_to_the_clients_text() {
