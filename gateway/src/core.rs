@@ -44,8 +44,8 @@ pub struct Core {
     /// Told when `draining` or `force` is set, and every tick while draining (and when the
     /// admin console KILLs clients).
     pub drain_notify: Broadcast,
-    /// The admin console's view of the whole process (admin/mod.rs).
-    pub admin: Arc<crate::admin::Shared>,
+    /// The admin console's view of the whole process (registry.rs).
+    pub admin: Arc<crate::registry::Shared>,
 }
 
 /// A session id in use; freed when dropped (with the session's `SessionIo`).
@@ -93,7 +93,7 @@ impl Core {
         tls: Option<futures_rustls::TlsAcceptor>,
         mock_secret: [u8; 32],
         clients: Arc<AtomicUsize>,
-        admin: Arc<crate::admin::Shared>,
+        admin: Arc<crate::registry::Shared>,
     ) -> Rc<Core> {
         let changed = Rc::new(Broadcast::default());
         // Executors are numbered from 1; this core's links take the slots after the previous

@@ -4,8 +4,8 @@
 
 use super::show;
 use super::table::{command_complete, message};
-use super::{state, NewClient, Registered};
 use crate::core::{ClientSlot, Core};
+use crate::registry::{state, NewClient, Registered};
 use crate::session_io::SessionIo;
 use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use shared::io::MessageReader;
