@@ -14,6 +14,7 @@ mod pid_registry;
 mod refusal;
 mod registry;
 mod session;
+mod session_ids;
 mod session_io;
 mod signals;
 mod tls;
@@ -478,7 +479,7 @@ async fn drain(core: &Rc<core::Core>) {
         }
     }
     // Let the pooler hear the sessions' CLOSE frames before the links go.
-    for links in &core.links {
+    for links in core.links.iter() {
         for l in links {
             let _ = with_timeout(Duration::from_millis(500), l.out.flushed()).await;
         }

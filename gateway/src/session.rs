@@ -817,7 +817,7 @@ fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                     xact_since.get_or_insert(now);
                 }
                 // The hot path: the session's pooler is the primary (or holds its transaction).
-                match session_io::usable_link(&core, &io).filter(|_| denied.is_empty()) {
+                match crate::failover::usable_link(&core, &io).filter(|_| denied.is_empty()) {
                     Some(l) => {
                         let batch = &reader.data()[..end];
                         // `NAMES` carry offsets into the batch as the client sent it: a batch with
@@ -837,7 +837,7 @@ fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                             Some((ref b, issued)) => (&b[..], issued),
                             None => (own_pid.as_deref().unwrap_or(batch), Vec::new()),
                         };
-                        io.expect_signals(&core, issued);
+                        io.expect_signals(&core.links, issued);
                         session_io::send(&l, &io, id, flags, sent, may_commit);
                         reader.consume(end);
                     }
@@ -854,7 +854,7 @@ fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                             signal_calls(&io, &batch, open.pid, &mut signal_stmts)
                         {
                             batch = b;
-                            io.expect_signals(&core, issued);
+                            io.expect_signals(&core.links, issued);
                         }
                         // The slow path may change poolers: names are not sent; a PREPARE
                         // then keeps the client's name on a pinned backend.
