@@ -13,8 +13,8 @@
 //! Connection limits count this gateway process's logged-in clients (all its cores), not every
 //! backend on the server as Postgres does: with several gateways, each allows the limit.
 
-use crate::auth::{fatal, Refusal};
 use crate::config::Config;
+use crate::refusal::{fatal, Refusal};
 use shared::protocol::backend::{self as be, Severity};
 use shared::role::RoleInfo;
 use std::collections::HashMap;

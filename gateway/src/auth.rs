@@ -6,30 +6,17 @@
 use crate::config::AuthMethod;
 use crate::core::Core;
 use crate::link::Link;
+use crate::refusal::{fatal, Refusal};
 use crate::session_io::SessionIo;
 use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use shared::auth::{md5_verify, ScramServer, ScramVerifier, Verifier};
 use shared::io::MessageReader;
 use shared::link::{down, up, Credential};
-use shared::protocol::backend::{self as be, Severity};
+use shared::protocol::backend as be;
 use shared::protocol::frontend::{self as fe, parse_sasl_initial};
 use shared::protocol::typed_message_len;
 use shared::role::RoleInfo;
 use tidepool_gateway::hba::{Login, Method, Transport};
-
-/// How a login ended early.
-pub enum Refusal {
-    /// Send this FATAL error, then close.
-    Fatal(Vec<u8>),
-    /// The client went away.
-    Gone,
-}
-
-pub fn fatal(code: &str, msg: &str) -> Refusal {
-    let mut e = Vec::new();
-    be::error_response(&mut e, Severity::Fatal, code, msg);
-    Refusal::Fatal(e)
-}
 
 fn failed(user: &str) -> Refusal {
     fatal(

@@ -3,12 +3,11 @@
 
 use crate::classify::Classifier;
 use crate::config::Config;
-use crate::link::Link;
+use crate::link::{self, Link};
+use crate::session_ids::{SessionId, SessionIds};
 use shared::agent::Role;
 use shared::io::Broadcast;
-use shared::link::up;
 use std::cell::{Cell, RefCell};
-use std::collections::HashSet;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,13 +16,13 @@ use std::time::{Duration, Instant};
 pub struct Core {
     /// Swapped whole by a reload (SIGHUP): read it with [`Core::cfg`].
     cfg: RefCell<Rc<Config>>,
-    /// `links_per_core` links per pooler, grouped by pooler (index in `cfg.poolers`).
-    pub links: Vec<Vec<Rc<Link>>>,
+    /// `links_per_core` links per pooler, grouped by pooler (index in `cfg.poolers`). Shared
+    /// (never changed after start) so a session can send a signal the server allowed without
+    /// holding the core (`SessionIo::expect_signals`); indexing it costs what a `Vec` does.
+    pub links: Rc<[Vec<Rc<Link>>]>,
     next_link: Cell<usize>,
-    next_session: Cell<u32>,
-    /// Session ids in use on this core: an id is never given to a second session while the
-    /// first lives (the link and the pooler know sessions by id alone).
-    live_ids: Rc<RefCell<HashSet<u32>>>,
+    /// Session ids in use on this core.
+    session_ids: SessionIds,
     /// Replaced by a reload that changes the certificate files.
     pub tls: RefCell<Option<futures_rustls::TlsAcceptor>>,
     /// Keys the mock SCRAM verifiers of unknown roles, per process.
@@ -44,20 +43,8 @@ pub struct Core {
     /// Told when `draining` or `force` is set, and every tick while draining (and when the
     /// admin console KILLs clients).
     pub drain_notify: Broadcast,
-    /// The admin console's view of the whole process (admin/mod.rs).
-    pub admin: Arc<crate::admin::Shared>,
-}
-
-/// A session id in use; freed when dropped (with the session's `SessionIo`).
-pub struct SessionId {
-    pub id: u32,
-    live: Rc<RefCell<HashSet<u32>>>,
-}
-
-impl Drop for SessionId {
-    fn drop(&mut self) {
-        self.live.borrow_mut().remove(&self.id);
-    }
+    /// The admin console's view of the whole process (registry.rs).
+    pub admin: Arc<crate::registry::Shared>,
 }
 
 /// Which pooler is the primary, from each pooler's (role, primary_term) report: the one reporting
@@ -93,7 +80,7 @@ impl Core {
         tls: Option<futures_rustls::TlsAcceptor>,
         mock_secret: [u8; 32],
         clients: Arc<AtomicUsize>,
-        admin: Arc<crate::admin::Shared>,
+        admin: Arc<crate::registry::Shared>,
     ) -> Rc<Core> {
         let changed = Rc::new(Broadcast::default());
         // Executors are numbered from 1; this core's links take the slots after the previous
@@ -118,8 +105,7 @@ impl Core {
             cfg: RefCell::new(cfg),
             links,
             next_link: Cell::new(0),
-            next_session: Cell::new(1),
-            live_ids: Rc::new(RefCell::new(HashSet::new())),
+            session_ids: SessionIds::default(),
             tls: RefCell::new(tls),
             mock_secret,
             clients,
@@ -145,22 +131,7 @@ impl Core {
     /// A session id no live session of this core holds (ids wrap after `session_ids`); held
     /// until the returned claim is dropped. `None` when every id is taken.
     pub fn next_session_id(&self) -> Option<SessionId> {
-        let limit = self.cfg().session_ids;
-        let mut live = self.live_ids.borrow_mut();
-        if live.len() as u64 >= limit as u64 {
-            return None;
-        }
-        // Ends: fewer live ids than ids, so a free one comes within `live.len() + 1` steps.
-        loop {
-            let id = self.next_session.get();
-            self.next_session.set(if id >= limit { 1 } else { id + 1 });
-            if live.insert(id) {
-                return Some(SessionId {
-                    id,
-                    live: self.live_ids.clone(),
-                });
-            }
-        }
+        self.session_ids.claim(self.cfg().session_ids)
     }
 
     /// A pooler's role as its live links report it (Down when none is up). A live link that has
@@ -281,28 +252,7 @@ impl Core {
     /// Passes a client's cancel request to every pooler (one link each): the session may live
     /// on any of them, and a pooler that does not know the keys ignores them.
     pub async fn cancel(&self, pid: i32, secret: i32) {
-        self.signal(pid, secret, false).await
-    }
-
-    /// A cancel request, or with `terminate` the end of the session (`pg_terminate_backend`
-    /// of its pid, signals.rs), to the session with these keys wherever it lives.
-    pub async fn signal(&self, pid: i32, secret: i32, terminate: bool) {
-        let mut p = Vec::with_capacity(9);
-        p.extend_from_slice(&pid.to_be_bytes());
-        p.extend_from_slice(&secret.to_be_bytes());
-        if terminate {
-            p.push(1);
-        }
-        let mut sent = Vec::new();
-        for links in &self.links {
-            if let Some(l) = links.iter().find(|l| l.alive.get()) {
-                l.send(up::CANCEL, 0, &p);
-                sent.push(l.clone());
-            }
-        }
-        for l in sent {
-            let _ = crate::with_timeout(Duration::from_secs(2), l.out.flushed()).await;
-        }
+        link::signal(&self.links, pid, secret, false).await
     }
 }
 

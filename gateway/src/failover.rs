@@ -27,7 +27,7 @@
 use crate::classify;
 use crate::core::{Core, Held};
 use crate::link::Link;
-use crate::session_io::{segments, send, usable_link, Owed, Prepared, SessionIo, TX_LOST};
+use crate::session_io::{segments, send, Owed, Prepared, SessionIo, TX_LOST};
 use shared::link::{down, put_header, up, Open};
 use shared::protocol::backend::{self as be, Severity};
 use shared::protocol::frontend as fe;
@@ -293,6 +293,23 @@ fn replay_prepared(link: &Link, io: &SessionIo, id: u32, next: &[u8]) {
     });
     io.sent_request(size + 5 + 1);
     io.swallow.set(io.swallow.get() + 1);
+}
+
+/// A link the session can use now without any failover work, if it has one (the hot path asks
+/// on every request; the slow path below when it answers `None`): its own link, up,
+/// and either the primary's or busy with state only that pooler has.
+pub fn usable_link(core: &Core, io: &SessionIo) -> Option<Rc<Link>> {
+    if io.owed.get() != Owed::Nothing {
+        return None;
+    }
+    let l = io.current_link()?;
+    let stays = io.pending.get() > 0 || io.status.get() != b'I' || io.pinned.get();
+    let right_pooler = if io.read_only.get() {
+        core.readable(l.pooler)
+    } else {
+        core.primary() == Some(l.pooler)
+    };
+    (l.alive.get() && (stays || right_pooler)).then_some(l)
 }
 
 /// The slow path of a request: settles what is owed, finds the primary (re-opening the session

@@ -18,7 +18,7 @@ use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use shared::agent::Role;
 use shared::io::{Broadcast, MessageReader, Notify, OutQueue, RcStream};
-use shared::link::{self, down, handshake, put_header, LinkKey, HEADER};
+use shared::link::{self, down, handshake, put_header, up, LinkKey, HEADER};
 use shared::protocol::backend::{self as be, Severity};
 use shared::settings::Settings;
 use std::cell::{Cell, RefCell};
@@ -71,6 +71,29 @@ pub struct Link {
     key: LinkKey,
     /// TLS to the pooler (`link_tls_ca`); `None`: plain TCP.
     tls: Option<futures_rustls::TlsConnector>,
+}
+
+/// A cancel request, or with `terminate` the end of the session (`pg_terminate_backend` of its
+/// pid, signals.rs), to the session with these keys wherever it lives: to every pooler, on one
+/// live link of each of `links` (a core's, grouped by pooler); a pooler that does not know the
+/// keys ignores them.
+pub async fn signal(links: &[Vec<Rc<Link>>], pid: i32, secret: i32, terminate: bool) {
+    let mut p = Vec::with_capacity(9);
+    p.extend_from_slice(&pid.to_be_bytes());
+    p.extend_from_slice(&secret.to_be_bytes());
+    if terminate {
+        p.push(1);
+    }
+    let mut sent = Vec::new();
+    for of_pooler in links {
+        if let Some(l) = of_pooler.iter().find(|l| l.alive.get()) {
+            l.send(up::CANCEL, 0, &p);
+            sent.push(l.clone());
+        }
+    }
+    for l in sent {
+        let _ = crate::with_timeout(Duration::from_secs(2), l.out.flushed()).await;
+    }
 }
 
 /// Redials of one link to reach its pooler core before it settles for the one it got. With

@@ -11,7 +11,10 @@ mod identity;
 mod link;
 mod metrics;
 mod pid_registry;
+mod refusal;
+mod registry;
 mod session;
+mod session_ids;
 mod session_io;
 mod signals;
 mod tls;
@@ -116,9 +119,9 @@ fn main() {
     let admin = {
         let (args, for_reload, for_shutdown, for_set) =
             (args.clone(), life.clone(), life.clone(), life.clone());
-        admin::Shared::new(
+        registry::Shared::new(
             cfg.cores,
-            admin::Control {
+            registry::Control {
                 reload: Box::new(move || {
                     tracing::info!("admin console: RELOAD");
                     if let Some(next) = reload(&args, &for_reload.current()) {
@@ -254,7 +257,7 @@ async fn run_core(
     mock_secret: [u8; 32],
     clients: Arc<AtomicUsize>,
     life: Arc<Lifecycle>,
-    admin: Arc<admin::Shared>,
+    admin: Arc<registry::Shared>,
 ) {
     let core = core::Core::new(cfg.clone(), tls, mock_secret, clients, admin);
     for (links, addr) in core.links.iter().zip(&cfg.poolers) {
@@ -476,7 +479,7 @@ async fn drain(core: &Rc<core::Core>) {
         }
     }
     // Let the pooler hear the sessions' CLOSE frames before the links go.
-    for links in &core.links {
+    for links in core.links.iter() {
         for l in links {
             let _ = with_timeout(Duration::from_millis(500), l.out.flushed()).await;
         }

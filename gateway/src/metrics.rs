@@ -3,11 +3,11 @@
 //! Hot-path counting costs a relaxed load and store of a counter only its own core writes (a
 //! plain `mov` on x86, no locked instruction, no lock): per core, link frames and bytes and
 //! errors by SQLSTATE class here; per client, queries, transactions, bytes and times in the
-//! admin registry (`admin::Counters`). The scrape runs on the metrics thread
+//! client registry (`registry::Counters`). The scrape runs on the metrics thread
 //! (`shared::metrics_http`) and sums the cores' counters and the registry into a fresh
 //! `prometheus-client` registry; the cores never wait for it.
 
-use crate::admin::{self, state, Shared};
+use crate::registry::{self, state, Shared};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -79,14 +79,14 @@ fn with(f: impl FnOnce(&CoreStats)) {
 #[inline]
 pub fn link_frame(direction: usize, bytes: usize) {
     with(|s| {
-        admin::bump(&s.link_frames[direction], 1);
-        admin::bump(&s.link_bytes[direction], bytes as u64);
+        registry::bump(&s.link_frames[direction], 1);
+        registry::bump(&s.link_bytes[direction], bytes as u64);
     });
 }
 
 /// An `ErrorResponse` went to a client, with this SQLSTATE (`None`: not readable here).
 pub fn error(code: Option<&[u8]>) {
-    with(|s| admin::bump(&s.errors[class_index(code.unwrap_or_default())], 1));
+    with(|s| registry::bump(&s.errors[class_index(code.unwrap_or_default())], 1));
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -258,7 +258,7 @@ mod tests {
     fn docs_metrics_md_lists_exactly_the_gateways_metrics() {
         let admin = Shared::new(
             1,
-            admin::Control {
+            registry::Control {
                 reload: Box::new(|| {}),
                 shutdown: Box::new(|| {}),
                 set: Box::new(|_, _| Ok(())),

@@ -3,10 +3,11 @@
 //! arrive from the link straight into the session's output queue; its writer task sends them and
 //! returns credit to the pooler.
 
-use crate::auth::{self, Refusal};
+use crate::auth;
 use crate::classify::LOWERS_SYNC_COMMIT;
 use crate::core::{ClientSlot, Core, Peer};
 use crate::identity;
+use crate::refusal::{self, Refusal};
 use crate::session_io::{self, SessionIo};
 use crate::signals;
 use crate::statement_names::{self, Found};
@@ -383,7 +384,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         .await?;
         if console && !core.cfg().admin_users.contains(&user) {
             // PgBouncer's answer to a role that is not an admin user.
-            return Err(auth::fatal(
+            return Err(refusal::fatal(
                 "28000",
                 &format!("not allowed: role \"{user}\" is not an admin user of the console"),
             ));
@@ -421,7 +422,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                 Ok(Some((open, admitted)))
             }
             down::OPEN_FAILED => Err(Refusal::Fatal(reply)),
-            _ => Err(auth::fatal("08006", "the pooler closed the session")),
+            _ => Err(refusal::fatal("08006", "the pooler closed the session")),
         }
     })
     .await;
@@ -480,7 +481,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     io.opened.set(true);
     // A task of its own: the startup and authentication state (SCRAM, buffers) is freed now,
     // so an idle session costs only what `run` keeps.
-    let me = core.admin.register(crate::admin::NewClient {
+    let me = core.admin.register(crate::registry::NewClient {
         user: &open.user,
         database: &open.database,
         addr: peer.addr,
@@ -604,7 +605,7 @@ fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
     // The client's place, and its pid's in the registry of signallable sessions (signals.rs):
     // both held until the session's last bytes are written.
     held: (ClientSlot, signals::Registration),
-    me: crate::admin::Registered,
+    me: crate::registry::Registered,
 ) -> impl std::future::Future<Output = ()> + 'static {
     let stream = RcStream::new(stream);
     let writer_io = io.clone();
@@ -618,7 +619,7 @@ fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
         // crosses the batch.
         let owed = std::cell::Cell::new(0usize);
         let credit = |n: usize| {
-            crate::admin::bump(&me_writer.stats.sent, n as u64);
+            crate::registry::bump(&me_writer.stats.sent, n as u64);
             let total = owed.get() + n;
             if total < CREDIT_BATCH {
                 owed.set(total);
@@ -784,7 +785,7 @@ fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                     && core.admin.paused(&open.database)
                 {
                     let since = Instant::now();
-                    me.client.set_state(crate::admin::state::WAITING);
+                    me.client.set_state(crate::registry::state::WAITING);
                     me.client.requested();
                     // Woken by the core's lifecycle tick after a RESUME or KILL (or a drain); the
                     // timer only bounds a missed wake.
@@ -799,7 +800,7 @@ fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                         }
                         let _ = crate::with_timeout(Duration::from_secs(1), woken).await;
                     }
-                    crate::admin::bump(
+                    crate::registry::bump(
                         &me.client.stats.wait_us,
                         since.elapsed().as_micros() as u64,
                     );
@@ -808,15 +809,15 @@ fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                         break 'session;
                     }
                 }
-                me.client.set_state(crate::admin::state::ACTIVE);
-                crate::admin::bump(&me.client.stats.received, end as u64);
+                me.client.set_state(crate::registry::state::ACTIVE);
+                crate::registry::bump(&me.client.stats.received, end as u64);
                 let now = Instant::now();
                 busy_since.get_or_insert(now);
                 if io.status.get() == b'I' {
                     xact_since.get_or_insert(now);
                 }
                 // The hot path: the session's pooler is the primary (or holds its transaction).
-                match session_io::usable_link(&core, &io).filter(|_| denied.is_empty()) {
+                match crate::failover::usable_link(&core, &io).filter(|_| denied.is_empty()) {
                     Some(l) => {
                         let batch = &reader.data()[..end];
                         // `NAMES` carry offsets into the batch as the client sent it: a batch with
@@ -836,7 +837,7 @@ fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                             Some((ref b, issued)) => (&b[..], issued),
                             None => (own_pid.as_deref().unwrap_or(batch), Vec::new()),
                         };
-                        io.expect_signals(&core, issued);
+                        io.expect_signals(&core.links, issued);
                         session_io::send(&l, &io, id, flags, sent, may_commit);
                         reader.consume(end);
                     }
@@ -853,7 +854,7 @@ fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                             signal_calls(&io, &batch, open.pid, &mut signal_stmts)
                         {
                             batch = b;
-                            io.expect_signals(&core, issued);
+                            io.expect_signals(&core.links, issued);
                         }
                         // The slow path may change poolers: names are not sent; a PREPARE
                         // then keeps the client's name on a pinned backend.
@@ -905,13 +906,13 @@ fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                 .store(io.xacts.get(), std::sync::atomic::Ordering::Relaxed);
             if idle {
                 if let Some(t) = busy_since.take() {
-                    crate::admin::bump(&stats.query_us, t.elapsed().as_micros() as u64);
+                    crate::registry::bump(&stats.query_us, t.elapsed().as_micros() as u64);
                 }
                 if io.status.get() == b'I' {
                     if let Some(t) = xact_since.take() {
-                        crate::admin::bump(&stats.xact_us, t.elapsed().as_micros() as u64);
+                        crate::registry::bump(&stats.xact_us, t.elapsed().as_micros() as u64);
                     }
-                    me.client.set_state(crate::admin::state::IDLE);
+                    me.client.set_state(crate::registry::state::IDLE);
                 }
             }
             // KILL (admin console): at once, in a transaction or not.

@@ -5,8 +5,8 @@
 //! failover.rs answers what it owes.
 
 use crate::classify;
-use crate::core::Core;
-use crate::link::{Endpoint, Link};
+use crate::link::{self, Endpoint, Link};
+use crate::session_ids::SessionId;
 use crate::signals;
 use shared::io::{Notify, OutQueue, Slot};
 use shared::link::{put_header, up};
@@ -89,7 +89,7 @@ pub struct SessionIo {
     taken: Cell<u64>,
     window: Notify,
     /// The session's id, held for as long as anything holds the session.
-    id: RefCell<Option<crate::core::SessionId>>,
+    id: RefCell<Option<SessionId>>,
     /// Signals the server may allow in the requests in flight (signals.rs); boxed, and only
     /// while there are any.
     signals: RefCell<Option<Box<Expected>>>,
@@ -97,7 +97,8 @@ pub struct SessionIo {
 
 /// Signals waiting for the server's word (`down::SIGNAL`), oldest first.
 struct Expected {
-    core: Rc<Core>,
+    /// The core's links (`Core::links`), to send the signals on.
+    links: Rc<[Vec<Rc<Link>>]>,
     issued: VecDeque<signals::Issued>,
 }
 
@@ -152,7 +153,7 @@ impl SessionIo {
     }
 
     /// Holds the session's id until the session is gone (see `Core::next_session_id`).
-    pub fn hold_id(&self, id: crate::core::SessionId) -> u32 {
+    pub fn hold_id(&self, id: SessionId) -> u32 {
         let n = id.id;
         *self.id.borrow_mut() = Some(id);
         n
@@ -303,14 +304,14 @@ impl SessionIo {
 
     /// Signals to send when the server allows them (the batch carrying their calls is about to
     /// go out).
-    pub fn expect_signals(&self, core: &Rc<Core>, issued: Vec<signals::Issued>) {
+    pub fn expect_signals(&self, links: &Rc<[Vec<Rc<Link>>]>, issued: Vec<signals::Issued>) {
         if issued.is_empty() {
             return;
         }
         let mut s = self.signals.borrow_mut();
         let e = s.get_or_insert_with(|| {
             Box::new(Expected {
-                core: core.clone(),
+                links: links.clone(),
                 issued: VecDeque::new(),
             })
         });
@@ -329,13 +330,13 @@ impl SessionIo {
             let mut s = self.signals.borrow_mut();
             let e = s.as_mut()?;
             let i = e.issued.iter().position(|x| x.marker == m)?;
-            Some((e.core.clone(), e.issued.remove(i)?))
+            Some((e.links.clone(), e.issued.remove(i)?))
         });
         match found {
-            Some((core, x)) => {
+            Some((links, x)) => {
                 glommio::spawn_local(async move {
-                    core.signal(x.pid, x.secret, x.signal == signals::Signal::Terminate)
-                        .await
+                    let terminate = x.signal == signals::Signal::Terminate;
+                    link::signal(&links, x.pid, x.secret, terminate).await
                 })
                 .detach();
             }
@@ -487,22 +488,6 @@ pub fn requests(batch: &[u8]) -> u32 {
         i += 1 + len.max(4) as usize;
     }
     n
-}
-
-/// A link the session can use now without any failover work, if it has one: its own link, up,
-/// and either the primary's or busy with state only that pooler has.
-pub fn usable_link(core: &Core, io: &SessionIo) -> Option<Rc<Link>> {
-    if io.owed.get() != Owed::Nothing {
-        return None;
-    }
-    let l = io.current_link()?;
-    let stays = io.pending.get() > 0 || io.status.get() != b'I' || io.pinned.get();
-    let right_pooler = if io.read_only.get() {
-        core.readable(l.pooler)
-    } else {
-        core.primary() == Some(l.pooler)
-    };
-    (l.alive.get() && (stays || right_pooler)).then_some(l)
 }
 
 /// Sends a batch on a link and notes what the session now waits for.

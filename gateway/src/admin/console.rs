@@ -4,8 +4,8 @@
 
 use super::show;
 use super::table::{command_complete, message};
-use super::{state, NewClient, Registered};
 use crate::core::{ClientSlot, Core};
+use crate::registry::{state, NewClient, Registered};
 use crate::session_io::SessionIo;
 use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use shared::io::MessageReader;
@@ -339,7 +339,7 @@ async fn run(core: &Rc<Core>, io: &Rc<SessionIo>, id: u32, text: &str, out: &mut
                 let n = core.admin.kill(db, &admin_db);
                 // Idle backends of the database go too (PgBouncer drops its servers).
                 if let Some(d) = db {
-                    for links in &core.links {
+                    for links in core.links.iter() {
                         if let Some(l) = links.iter().find(|l| l.alive.get()) {
                             l.send(up::RELEASE_DB, 0, d.as_bytes());
                         }
@@ -404,7 +404,7 @@ async fn settle(core: &Rc<Core>, db: Option<&str>, admin_db: &str, out: &mut Vec
 /// over the link with the console's session id.
 async fn pooler_facts(core: &Core, io: &Rc<SessionIo>, id: u32) -> Vec<Option<PoolFacts>> {
     let mut all = Vec::new();
-    for links in &core.links {
+    for links in core.links.iter() {
         let Some(l) = links.iter().find(|l| l.alive.get()).cloned() else {
             all.push(None);
             continue;

@@ -1,9 +1,9 @@
 //! The SHOW commands: PgBouncer's column names where the idea is the same.
 
 use super::table::{Cell, Table, Type};
-use super::{state, unix_us, Client};
 use crate::config::Config;
 use crate::core::Core;
+use crate::registry::{state, unix_us, Client};
 use shared::agent::Role;
 use shared::link::server_state;
 use shared::link::PoolFacts;
