@@ -190,6 +190,16 @@ impl Core {
         matches!(self.report(pooler).0, Role::Primary | Role::Standby)
     }
 
+    /// Whether `pooler` serves a session now: the primary's, or any readable one for a
+    /// read-only session (`SessionIo::usable_link` asks on every request).
+    pub fn serves(&self, pooler: usize, read_only: bool) -> bool {
+        if read_only {
+            self.readable(pooler)
+        } else {
+            self.primary() == Some(pooler)
+        }
+    }
+
     /// A live link for a read-only session: a standby's (spread over standbys), else the
     /// primary's. Standbys report no lag on the link, so any streaming-or-not standby will do.
     pub fn read_link(&self) -> Option<Rc<Link>> {

@@ -295,23 +295,6 @@ fn replay_prepared(link: &Link, io: &SessionIo, id: u32, next: &[u8]) {
     io.swallow.set(io.swallow.get() + 1);
 }
 
-/// A link the session can use now without any failover work, if it has one (the hot path asks
-/// on every request; the slow path below when it answers `None`): its own link, up,
-/// and either the primary's or busy with state only that pooler has.
-pub fn usable_link(core: &Core, io: &SessionIo) -> Option<Rc<Link>> {
-    if io.owed.get() != Owed::Nothing {
-        return None;
-    }
-    let l = io.current_link()?;
-    let stays = io.pending.get() > 0 || io.status.get() != b'I' || io.pinned.get();
-    let right_pooler = if io.read_only.get() {
-        core.readable(l.pooler)
-    } else {
-        core.primary() == Some(l.pooler)
-    };
-    (l.alive.get() && (stays || right_pooler)).then_some(l)
-}
-
 /// The slow path of a request: settles what is owed, finds the primary (re-opening the session
 /// there), and forwards the rest of the batch. `Err` ends the session.
 pub async fn forward_slow(
@@ -328,7 +311,7 @@ pub async fn forward_slow(
     if rest.is_empty() {
         return Ok(());
     }
-    let link = match usable_link(core, io) {
+    let link = match io.usable_link(|pooler, read_only| core.serves(pooler, read_only)) {
         Some(l) => l,
         None => {
             if let Some(old) = io.current_link() {

@@ -817,7 +817,10 @@ fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                     xact_since.get_or_insert(now);
                 }
                 // The hot path: the session's pooler is the primary (or holds its transaction).
-                match crate::failover::usable_link(&core, &io).filter(|_| denied.is_empty()) {
+                match io
+                    .usable_link(|pooler, read_only| core.serves(pooler, read_only))
+                    .filter(|_| denied.is_empty())
+                {
                     Some(l) => {
                         let batch = &reader.data()[..end];
                         // `NAMES` carry offsets into the batch as the client sent it: a batch with

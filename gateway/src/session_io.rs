@@ -201,6 +201,19 @@ impl SessionIo {
         self.link.borrow().clone()
     }
 
+    /// A link the session can use now without any failover work, if it has one (the hot path
+    /// asks on every request; failover.rs's slow path when it answers `None`): its own link, up,
+    /// and either busy with state only that pooler has or on a pooler that `serves(pooler,
+    /// read_only)` (the core's view of the primary, `Core::serves`).
+    pub fn usable_link(&self, serves: impl FnOnce(usize, bool) -> bool) -> Option<Rc<Link>> {
+        if self.owed.get() != Owed::Nothing {
+            return None;
+        }
+        let l = self.current_link()?;
+        let stays = self.pending.get() > 0 || self.status.get() != b'I' || self.pinned.get();
+        (l.alive.get() && (stays || serves(l.pooler, self.read_only.get()))).then_some(l)
+    }
+
     /// True while the client's byte stream stands between two backend messages.
     pub fn at_message_boundary(&self) -> bool {
         let s = self.scan.get();

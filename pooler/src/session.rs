@@ -943,7 +943,7 @@ fn answer_locally(core: &Rc<Core>, s: &Rc<Session>, msgs: &[u8]) -> bool {
                 }
                 // Past the session's bound: the backend path answers with the error.
                 planned += crate::statements::cost(p.name, &stmt);
-                if s.statements.bytes() + planned > core.live().max_session_statement_bytes {
+                if past_statement_limit(core, s.statements.bytes() + planned).is_some() {
                     return false;
                 }
                 plan.push((fe::PARSE, p.name.to_vec(), Some(stmt)));
@@ -1349,13 +1349,13 @@ fn write_message(
                 .filter(|n| n.offset as usize == offset)
                 .cloned()
                 .collect();
-            let limit = core.live().max_session_statement_bytes;
             if names.is_empty() {
                 b.send(msg, Some(Entry::Client(Kind::Query)));
-            } else if s.statements.bytes()
-                + crate::sql_names::new_prepare_bytes(&s.statements, msg, &names)
-                > limit
-            {
+            } else if let Some(limit) = past_statement_limit(
+                core,
+                s.statements.bytes()
+                    + crate::sql_names::new_prepare_bytes(&s.statements, msg, &names),
+            ) {
                 // Failed by the backend itself, so that a transaction it ran in fails there as
                 // it would directly (an error made up here would leave the backend's open).
                 b.send(
@@ -1480,6 +1480,12 @@ fn fatal(code: &str, msg: &str) -> Vec<u8> {
 /// (`max_session_statement_bytes`). `54000`: program_limit_exceeded.
 const STATEMENT_LIMIT_CODE: &str = "54000";
 
+/// The bound, when `bytes` of statements would pass it.
+fn past_statement_limit(core: &Core, bytes: usize) -> Option<usize> {
+    let limit = core.live().max_session_statement_bytes;
+    (bytes > limit).then_some(limit)
+}
+
 fn statement_limit_message(limit: usize) -> String {
     format!(
         "too many prepared statements in this session: they would hold more than {limit} bytes \
@@ -1507,9 +1513,7 @@ fn raise_query(code: &str, message: &str) -> Vec<u8> {
         "DO $tidepool$BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', MESSAGE = '{message}'; END$tidepool$"
     );
     let mut m = Vec::new();
-    shared::protocol::put_message(&mut m, fe::QUERY, |m| {
-        shared::protocol::put_cstr(m, sql.as_bytes())
-    });
+    fe::query(&mut m, &sql);
     m
 }
 

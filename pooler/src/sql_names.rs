@@ -137,7 +137,9 @@ pub fn new_prepare_bytes(statements: &Statements, msg: &[u8], names: &[SqlName])
         .filter(|n| n.kind == NAME_PREPARE && !statements.contains(&n.name))
         .map(|n| {
             let rest = n.stmt_end.max(n.end).min(sql.len()) - n.end.min(sql.len());
-            128 + n.name.len() + 8 + 35 + rest + sql.len()
+            // `SqlDef::prepare` is `PREPARE tp_<32 hex><rest>`; `source`, the whole text.
+            let prepare = b"PREPARE tp_".len() + 32 + rest;
+            crate::statements::cost_of(n.name.len(), prepare + sql.len())
         })
         .sum()
 }

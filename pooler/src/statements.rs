@@ -23,12 +23,17 @@ pub struct Statements {
 /// `Stmt`), so that many tiny statements are bounded too. Counted whole in every session that
 /// names it, though sessions share one `Stmt` per text: an upper bound.
 pub fn cost(name: &[u8], stmt: &Stmt) -> usize {
-    const OVERHEAD: usize = 128;
     let sql = stmt
         .sql
         .as_ref()
         .map_or(0, |d| d.prepare.len() + d.source.len());
-    OVERHEAD + name.len() + stmt.parse.len() + sql
+    cost_of(name.len(), stmt.parse.len() + sql)
+}
+
+/// [`cost`] of a statement named `name_len` bytes whose texts take `texts` bytes.
+pub fn cost_of(name_len: usize, texts: usize) -> usize {
+    const OVERHEAD: usize = 128;
+    OVERHEAD + name_len + texts
 }
 
 impl Statements {
