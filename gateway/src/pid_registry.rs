@@ -8,7 +8,10 @@
 //! A table in a shared file, one per machine and layout (`/dev/shm/tidepool-gateway-v1.sessions`,
 //! mode 600, 8 MiB of address space whose pages are touched as sessions land on them; each slot
 //! names its port, so gateways of other ports ignore it), one slot per pid: a session's pid is
-//! drawn so that its slot (`pid % SLOTS`) is free, so a lookup reads one slot. Each slot is a
+//! drawn so that its slot (`pid % SLOTS`) is free, so a lookup reads one slot. Pids are drawn
+//! with their slots low in the table ([`draw`]), in a window about twice the sessions held, so
+//! the pages a process touches (and keeps resident) follow the sessions it holds rather than
+//! filling all 8 MiB after a few thousand logins. Each slot is a
 //! seqlock: `seq` odd while its owner writes it, even otherwise; a reader takes what it read only
 //! if `seq` was the same even value before and after. A slot whose owning process is gone (it
 //! crashed) is free. Touched at login, logout and by signalling calls on pids this process does
@@ -76,6 +79,25 @@ pub fn open(port: u16) {
             tracing::warn!(path, error = %e, "session table not shared with other gateway processes on this port")
         }
     }
+}
+
+/// A pid of at least `first` whose slot is one of the first `window` (at most all of them):
+/// uniform over the window, and over the pids that share a slot.
+pub fn draw(window: usize, first: i32) -> i32 {
+    let slot = (rand::random::<u32>() as usize % window.clamp(1, SLOTS)) as u32;
+    let slots = SLOTS as u32;
+    let lo = (first.max(0) as u32).div_ceil(slots);
+    let hi = (i32::MAX as u32 - slot) / slots;
+    let k = lo + rand::random::<u32>() % (hi - lo + 1);
+    (k * slots + slot) as i32
+}
+
+/// The window [`draw`] draws from for a process holding `held` sessions, after `failed` tries
+/// found the slot taken: twice the sessions and a margin (so a try finds a free slot about half
+/// the time or better), doubled after every four taken slots (other processes' sessions share
+/// the low slots).
+pub fn window(held: usize, failed: usize) -> usize {
+    ((2 * held + 512) << (failed / 4).min(16)).min(SLOTS)
 }
 
 pub fn table() -> Option<&'static Table> {
@@ -374,5 +396,26 @@ mod tests {
         for f in [open, link] {
             let _ = std::fs::remove_file(f);
         }
+    }
+
+    #[test]
+    fn pids_are_drawn_low_in_the_table_and_in_range() {
+        let first = 1 << 22;
+        for window in [1, 600, 10_000, SLOTS, 10 * SLOTS] {
+            for _ in 0..2000 {
+                let pid = draw(window, first);
+                assert!(pid >= first, "{pid}");
+                assert!((pid as usize % SLOTS) < window.min(SLOTS), "{pid} {window}");
+            }
+        }
+        // Both ends of the range are reachable: the highest pid of the last slot fits an i32.
+        assert!((i32::MAX as u32 - (SLOTS as u32 - 1)) / SLOTS as u32 * SLOTS as u32 > 0);
+        assert_eq!(window(0, 0), 512);
+        assert_eq!(window(1000, 0), 2512);
+        assert_eq!(window(1000, 3), 2512);
+        assert_eq!(window(1000, 4), 5024);
+        assert_eq!(window(1000, 15), 20096);
+        assert_eq!(window(1000, 80), SLOTS);
+        assert_eq!(window(100_000, 0), SLOTS);
     }
 }

@@ -120,8 +120,17 @@ impl Registration {
         let table = crate::pid_registry::table();
         let mut tries = 0;
         loop {
-            let span = (i32::MAX - FIRST_VIRTUAL) as u32;
-            let pid = FIRST_VIRTUAL + (rand::random::<u32>() % span) as i32;
+            let pid = match table {
+                // Low in the shared table: the pages it keeps resident follow the sessions.
+                Some(_) if tries < crate::pid_registry::TRIES => crate::pid_registry::draw(
+                    crate::pid_registry::window(m.len(), tries),
+                    FIRST_VIRTUAL,
+                ),
+                _ => {
+                    let span = (i32::MAX - FIRST_VIRTUAL) as u32;
+                    FIRST_VIRTUAL + (rand::random::<u32>() % span) as i32
+                }
+            };
             if m.contains_key(&pid) {
                 continue;
             }
