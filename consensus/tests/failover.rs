@@ -114,7 +114,41 @@ fn up_with_standbys_streams_and_reports_each_node() {
             n.agent_dir.display()
         );
     }
+    // The control process too (it commands every agent): `postgres`, with its own copy of the
+    // agent secret, and its topology and requests in a directory of its own.
+    let control = control_pid(&c);
+    assert_eq!(
+        proc_ids(control, "Uid:"),
+        vec![uid; 4],
+        "the control process"
+    );
+    assert_eq!(
+        proc_ids(control, "Gid:"),
+        vec![gid; 4],
+        "the control process"
+    );
+    assert_eq!(proc_ids(control, "Groups:"), Vec::<u32>::new());
+    let cmd = cmdline(control);
+    assert!(
+        cmd.contains(&format!(
+            "--agent-secret-file {}",
+            keys.join("agent.control.key").display()
+        )),
+        "{cmd}"
+    );
+    for path in ["control", "control/requests"] {
+        let meta = std::fs::metadata(c.dir.join(path)).unwrap();
+        assert_eq!((meta.uid(), meta.mode() & 0o777), (uid, 0o700), "{path}");
+    }
+    let meta = std::fs::metadata(c.dir.join("control/topology.json")).unwrap();
+    assert_eq!(
+        meta.uid(),
+        uid,
+        "the topology is written by the control process"
+    );
+    assert!(!c.dir.join("topology.json").exists());
     for (copy, master) in [
+        ("agent.control.key", "agent.key"),
         ("link.pooler.key", "link.key"),
         ("agent.pooler.key", "agent.key"),
         ("tls.node1.pooler.key", "tls/node1.key"),
@@ -519,6 +553,7 @@ fn with_etcd_two_control_processes_never_make_two_primaries_and_an_etcd_outage_d
     let terms = watcher.finish();
     assert!(terms.contains_key(&r.primary_term), "{terms:?}");
     // The topology is in etcd, not in the state directory.
+    assert!(!c.dir.join("control/topology.json").exists());
     assert!(!c.dir.join("topology.json").exists());
     let status = c.tidepool(&["status", "--json"]);
     let json: serde_json::Value = serde_json::from_str(&status.text).unwrap_or_default();

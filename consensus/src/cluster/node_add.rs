@@ -213,6 +213,14 @@ pub(crate) fn control_args(
         args.push(c.into_os_string());
     }
     args.push("control".into());
+    // Named even when it is the default: `up` points it at the control process's own copy
+    // when that process runs as another user (`prepare_start`). A single node has no agents
+    // and no secret.
+    let key = layout.agent_key_file();
+    if key.exists() {
+        args.push("--agent-secret-file".into());
+        args.push(key.into_os_string());
+    }
     Ok(args)
 }
 
@@ -243,4 +251,36 @@ fn with(state: &State, node: &crate::state::NodeRecord) -> Vec<crate::state::Nod
     let mut all = state.nodes.clone();
     all.push(node.clone());
     all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_control_process_is_given_its_secrets_by_path() {
+        let dir = std::env::temp_dir().join(format!("tp-control-args-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let layout = crate::layout::Layout::new(&dir).unwrap();
+        let text = |args: Vec<OsString>| {
+            args.into_iter()
+                .map(|a| a.into_string().unwrap())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        // A single node: no agents, no agent secret.
+        let args = control_args(&layout, None).unwrap();
+        assert_eq!(text(args), format!("--dir {} control", dir.display()));
+        std::fs::write(layout.agent_key_file(), "k").unwrap();
+        let args = control_args(&layout, Some(std::path::Path::new("/etc/tp.toml"))).unwrap();
+        assert_eq!(
+            text(args),
+            format!(
+                "--dir {d} --config /etc/tp.toml control --agent-secret-file {d}/agent.key",
+                d = dir.display()
+            )
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

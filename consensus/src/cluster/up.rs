@@ -61,6 +61,7 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
         processes: Vec::new(),
         settings: settings.clone(),
         nodes: Vec::new(),
+        agent_key_file: None,
     });
     state.dir = layout.dir().to_path_buf();
     state.settings = settings.clone();
@@ -497,8 +498,9 @@ fn merge_nodes(
 /// keeps running for a moment). Returns its pid.
 /// Before `role` starts: the OS account it runs as (`crate::privilege`; `None`: as the
 /// caller) and, when that is not the caller, `args` pointed at the account's own copies of the
-/// secrets they name (`DIR/keys/link.pooler.key`, `agent.pooler.key`); a node agent's state
-/// directory (`--state-dir`) made ready for it.
+/// secrets they name (`DIR/keys/link.pooler.key`, `agent.pooler.key`, `agent.control.key`); a
+/// node agent's state directory (`--state-dir`) or the control process's (`DIR/control`)
+/// made ready for it.
 fn prepare_start(
     role: Role,
     layout: &Layout,
@@ -540,6 +542,9 @@ fn prepare_start(
     }
     if let Some(dir) = flag_value(args, "--state-dir") {
         nodes::prepare_agent_dir(Path::new(&dir), account.as_ref())?;
+    }
+    if role == Role::Control {
+        crate::control::files::prepare(layout, account.as_ref())?;
     }
     Ok(account)
 }
