@@ -202,6 +202,10 @@ pub struct ControlArgs {
     /// control process (run as `postgres`) its own copy, DIR/keys/agent.control.key (600).
     #[arg(long, value_name = "FILE")]
     pub agent_secret_file: Option<std::path::PathBuf>,
+    /// The etcd password's file [default: `[etcd_access] password_file`]. `tidepool up` run
+    /// as root gives the control process its own copy, DIR/keys/etcd.control.password (600).
+    #[arg(long = "etcd-password-file", value_name = "FILE")]
+    pub etcd_password_file: Option<std::path::PathBuf>,
 }
 
 /// Flags left out fall back to --config, then to what the state directory remembers from

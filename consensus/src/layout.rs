@@ -7,9 +7,9 @@
 //! DIR/link.key     the gateway ↔ pooler link's shared secret (shared::link::handshake), mode 600
 //! DIR/tls/         the cluster CA (ca.crt, ca.key 600) and each node's link and agent
 //!                  certificate (NODE.crt, NODE.key 600): crate::certs
-//! DIR/keys/        copies of link.key, agent.key and the nodes' TLS keys for the users the
-//!                  gateway, poolers and control process run as (mode 600 each, owned by
-//!                  that user; crate::privilege), the directory 711
+//! DIR/keys/        copies of link.key, agent.key, the nodes' TLS keys and the etcd password
+//!                  file for the users the gateway, poolers and control process run as (mode
+//!                  600 each, owned by that user; crate::privilege), the directory 711
 //! DIR/agent/       node1's agent: its pledge (tidepool-node.json), owned by the pooler's user,
 //!                  mode 700 (nodeK's: DIR/nodeK/agent/)
 //! DIR/control/     the control process's own: the file store's topology.json (with its

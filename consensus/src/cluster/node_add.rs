@@ -205,6 +205,7 @@ pub fn run(global: &GlobalArgs, args: &NodeAddArgs) -> Result<bool> {
 pub(crate) fn control_args(
     layout: &crate::layout::Layout,
     config: Option<&std::path::Path>,
+    settings: &crate::config::ClusterSettings,
 ) -> Result<Vec<OsString>> {
     let mut args: Vec<OsString> = vec!["--dir".into(), layout.dir().as_os_str().to_owned()];
     if let Some(c) = config {
@@ -221,6 +222,13 @@ pub(crate) fn control_args(
         args.push("--agent-secret-file".into());
         args.push(key.into_os_string());
     }
+    // The same for the etcd password's file, a secret the operator's (`[etcd_access]`).
+    if let Some(file) = &settings.etcd_access.password_file {
+        let file =
+            std::path::absolute(file).map_err(Error::io("resolving the etcd password file"))?;
+        args.push("--etcd-password-file".into());
+        args.push(file.into_os_string());
+    }
     Ok(args)
 }
 
@@ -232,7 +240,7 @@ pub(crate) fn start_control(
     timeout: Duration,
 ) -> Result<()> {
     let me = std::env::current_exe().map_err(Error::io("finding the tidepool executable"))?;
-    let args = control_args(layout, config)?;
+    let args = control_args(layout, config, &state.settings)?;
     let pid = ensure_process(
         Role::Control,
         &me,
@@ -269,15 +277,23 @@ mod tests {
                 .collect::<Vec<_>>()
                 .join(" ")
         };
+        let mut settings = crate::config::ClusterSettings::default();
         // A single node: no agents, no agent secret.
-        let args = control_args(&layout, None).unwrap();
+        let args = control_args(&layout, None, &settings).unwrap();
         assert_eq!(text(args), format!("--dir {} control", dir.display()));
         std::fs::write(layout.agent_key_file(), "k").unwrap();
-        let args = control_args(&layout, Some(std::path::Path::new("/etc/tp.toml"))).unwrap();
+        settings.etcd_access.password_file = Some("/etc/tidepool/etcd.password".into());
+        let args = control_args(
+            &layout,
+            Some(std::path::Path::new("/etc/tp.toml")),
+            &settings,
+        )
+        .unwrap();
         assert_eq!(
             text(args),
             format!(
-                "--dir {d} --config /etc/tp.toml control --agent-secret-file {d}/agent.key",
+                "--dir {d} --config /etc/tp.toml control --agent-secret-file {d}/agent.key \
+                 --etcd-password-file /etc/tidepool/etcd.password",
                 d = dir.display()
             )
         );

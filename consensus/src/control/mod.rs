@@ -88,6 +88,10 @@ pub fn run(global: &GlobalArgs, args: &ControlArgs) -> Result<bool> {
         .as_deref()
         .map(|p| std::path::absolute(p).map_err(Error::io("resolving --agent-secret-file")))
         .transpose()?;
+    if let Some(file) = &args.etcd_password_file {
+        // Kept by a reload too: `etcd_access` is not a key a reload applies.
+        state.settings.etcd_access.password_file = Some(file.clone());
+    }
     if state.nodes.is_empty() {
         return run_schedule_only(&state, global, &ctx.layout.state_file(), args);
     }
