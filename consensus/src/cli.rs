@@ -198,6 +198,14 @@ pub struct ControlArgs {
     /// Stop after this many seconds (tests); default: run until killed.
     #[arg(long, value_name = "SECS")]
     pub exit_after_secs: Option<u64>,
+    /// The agent secret's file [default: DIR/agent.key]. `tidepool up` run as root gives the
+    /// control process (run as `postgres`) its own copy, DIR/keys/agent.control.key (600).
+    #[arg(long, value_name = "FILE")]
+    pub agent_secret_file: Option<std::path::PathBuf>,
+    /// The etcd password's file [default: `[etcd_access] password_file`]. `tidepool up` run
+    /// as root gives the control process its own copy, DIR/keys/etcd.control.password (600).
+    #[arg(long = "etcd-password-file", value_name = "FILE")]
+    pub etcd_password_file: Option<std::path::PathBuf>,
 }
 
 /// Flags left out fall back to --config, then to what the state directory remembers from

@@ -7,11 +7,14 @@
 //! DIR/link.key     the gateway ↔ pooler link's shared secret (shared::link::handshake), mode 600
 //! DIR/tls/         the cluster CA (ca.crt, ca.key 600) and each node's link and agent
 //!                  certificate (NODE.crt, NODE.key 600): crate::certs
-//! DIR/keys/        copies of link.key, agent.key and the nodes' TLS keys for the users the
-//!                  gateway and poolers run as (mode 600 each, owned by that user;
-//!                  crate::privilege), the directory 711
+//! DIR/keys/        copies of link.key, agent.key, the nodes' TLS keys and the etcd password
+//!                  file for the users the gateway, poolers and control process run as (mode
+//!                  600 each, owned by that user; crate::privilege), the directory 711
 //! DIR/agent/       node1's agent: its pledge (tidepool-node.json), owned by the pooler's user,
 //!                  mode 700 (nodeK's: DIR/nodeK/agent/)
+//! DIR/control/     the control process's own: the file store's topology.json (with its
+//!                  .lock and .leader) and requests/ from the command line; owned by the
+//!                  control process's user, mode 700 (crate::control::files)
 //! DIR/pgdata/      Postgres data directory, owned by the postgres OS user
 //! DIR/run/         Postgres Unix socket directory, owned by the postgres OS user
 //! DIR/logs/        one log per process: postgres.log, pooler.log, gateway.log
@@ -25,6 +28,8 @@ use crate::error::{Error, Result};
 pub const AGENT_KEY_FILE: &str = "agent.key";
 /// The link secret's file name in a state directory.
 pub const LINK_KEY_FILE: &str = "link.key";
+/// The control process's own directory's name in a state directory.
+pub const CONTROL_DIR: &str = "control";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
@@ -65,6 +70,11 @@ impl Layout {
     /// Per-user copies of the secrets (see `crate::privilege`).
     pub fn keys_dir(&self) -> PathBuf {
         self.dir.join("keys")
+    }
+
+    /// The control process's own directory (see `crate::control::files`).
+    pub fn control_dir(&self) -> PathBuf {
+        self.dir.join(CONTROL_DIR)
     }
 
     pub fn data_dir(&self) -> PathBuf {

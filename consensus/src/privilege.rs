@@ -1,5 +1,5 @@
 //! Least privilege for what `tidepool up` starts (issue 12 §4): nothing the network reaches
-//! runs as root. When `up` runs as root, the gateway (which faces clients) runs as the
+//! runs as root, nor does the control process. When `up` runs as root, the gateway (which faces clients) runs as the
 //! `tidepool` OS user, created if missing (`useradd --system`; if that fails, `nobody`, with a
 //! warning), and every pooler as `postgres`, which owns the data directory and the socket
 //! directory its admin connection uses (peer authentication maps `postgres` to the `postgres`
@@ -14,9 +14,15 @@
 //! one holds the `pgbackrest.conf` root's backups run with, which `postgres` must not be able
 //! to replace.
 //!
-//! Not dropped: the control process, which runs `pg_ctl` and pgBackRest through `runuser`,
-//! reads root's state and takes requests through root's files; it listens only for metrics,
-//! when asked. When `up` does not run as root, everything runs as the caller, as before.
+//! The control process runs as `postgres` too (it listens only for metrics, when asked, but
+//! commands every node): as the data directories' owner it runs pgBackRest without `runuser`;
+//! it reads its own copy of the agent secret (`DIR/keys/agent.control.key`, given by
+//! `--agent-secret-file`); and it keeps the file store's topology and answers the command
+//! line's requests in a directory of its own, `DIR/control/` (mode 700;
+//! `crate::control::files`), where root's commands still write and read. A control process
+//! `up` finds running is kept as it is, whatever user it runs as.
+//!
+//! When `up` does not run as root, everything runs as the caller, as before.
 
 use std::ffi::CString;
 use std::io::Write;
@@ -72,7 +78,9 @@ pub fn account_for(role: Role) -> Result<Option<Account>> {
     }
     match role {
         Role::Gateway => gateway_account().map(Some),
-        Role::Pooler => Account::lookup(crate::postgres::OS_USER)
+        // The control process as the data directories' owner: pgBackRest and anything of
+        // Postgres it runs need no `runuser`.
+        Role::Pooler | Role::Control => Account::lookup(crate::postgres::OS_USER)
             .map(Some)
             .ok_or_else(|| {
                 Error::Environment(format!(
@@ -80,7 +88,7 @@ pub fn account_for(role: Role) -> Result<Option<Account>> {
                     crate::postgres::OS_USER
                 ))
             }),
-        Role::Postgres | Role::Control => Ok(None),
+        Role::Postgres => Ok(None),
     }
 }
 

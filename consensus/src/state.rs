@@ -73,6 +73,11 @@ pub struct State {
     /// Postgres and pooler are also in `postgres` and `processes`); empty for one node.
     #[serde(default)]
     pub nodes: Vec<NodeRecord>,
+    /// Where this process reads the agent secret, when not `DIR/agent.key`: the control
+    /// process's own copy (`tidepool control --agent-secret-file`, `crate::privilege`). Never
+    /// stored: each process says it for itself.
+    #[serde(skip)]
+    pub agent_key_file: Option<PathBuf>,
 }
 
 /// One node: a Postgres and its pooler (the node agent).
@@ -103,6 +108,13 @@ impl NodeRecord {
 }
 
 impl State {
+    /// The agent secret's file for this process (see [`State::agent_key_file`]).
+    pub fn agent_key_path(&self) -> PathBuf {
+        self.agent_key_file
+            .clone()
+            .unwrap_or_else(|| self.dir.join(crate::layout::AGENT_KEY_FILE))
+    }
+
     pub fn load(path: &Path) -> Result<Option<State>> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
@@ -174,6 +186,7 @@ mod tests {
             processes: vec![],
             settings: ClusterSettings::default(),
             nodes: vec![],
+            agent_key_file: None,
         }
     }
 

@@ -114,7 +114,41 @@ fn up_with_standbys_streams_and_reports_each_node() {
             n.agent_dir.display()
         );
     }
+    // The control process too (it commands every agent): `postgres`, with its own copy of the
+    // agent secret, and its topology and requests in a directory of its own.
+    let control = control_pid(&c);
+    assert_eq!(
+        proc_ids(control, "Uid:"),
+        vec![uid; 4],
+        "the control process"
+    );
+    assert_eq!(
+        proc_ids(control, "Gid:"),
+        vec![gid; 4],
+        "the control process"
+    );
+    assert_eq!(proc_ids(control, "Groups:"), Vec::<u32>::new());
+    let cmd = cmdline(control);
+    assert!(
+        cmd.contains(&format!(
+            "--agent-secret-file {}",
+            keys.join("agent.control.key").display()
+        )),
+        "{cmd}"
+    );
+    for path in ["control", "control/requests"] {
+        let meta = std::fs::metadata(c.dir.join(path)).unwrap();
+        assert_eq!((meta.uid(), meta.mode() & 0o777), (uid, 0o700), "{path}");
+    }
+    let meta = std::fs::metadata(c.dir.join("control/topology.json")).unwrap();
+    assert_eq!(
+        meta.uid(),
+        uid,
+        "the topology is written by the control process"
+    );
+    assert!(!c.dir.join("topology.json").exists());
     for (copy, master) in [
+        ("agent.control.key", "agent.key"),
         ("link.pooler.key", "link.key"),
         ("agent.pooler.key", "agent.key"),
         ("tls.node1.pooler.key", "tls/node1.key"),
@@ -519,6 +553,7 @@ fn with_etcd_two_control_processes_never_make_two_primaries_and_an_etcd_outage_d
     let terms = watcher.finish();
     assert!(terms.contains_key(&r.primary_term), "{terms:?}");
     // The topology is in etcd, not in the state directory.
+    assert!(!c.dir.join("control/topology.json").exists());
     assert!(!c.dir.join("topology.json").exists());
     let status = c.tidepool(&["status", "--json"]);
     let json: serde_json::Value = serde_json::from_str(&status.text).unwrap_or_default();
@@ -528,6 +563,72 @@ fn with_etcd_two_control_processes_never_make_two_primaries_and_an_etcd_outage_d
         "{}",
         status.text
     );
+}
+
+#[test]
+fn with_etcd_auth_the_unprivileged_control_process_reads_its_own_copy_of_the_password() {
+    let etcd = testkit::Etcd::start();
+    etcd.etcdctl(&["user", "add", "root:root-pw"]);
+    etcd.etcdctl(&["role", "add", "tidepool"]);
+    etcd.etcdctl(&[
+        "role",
+        "grant-permission",
+        "tidepool",
+        "--prefix=true",
+        "readwrite",
+        "/tidepool/",
+    ]);
+    etcd.etcdctl(&["user", "add", "tp:tp-pw"]);
+    etcd.etcdctl(&["user", "grant-role", "tp", "tidepool"]);
+    etcd.etcdctl(&["auth", "enable"]);
+    // The operator's file: root's, 600, which `postgres` cannot read.
+    let password = std::env::temp_dir().join(format!("tp-etcd-pw-{}.password", std::process::id()));
+    std::fs::write(&password, "tp-pw\n").expect("password file");
+    set_mode(&password, 0o600);
+    let c = HaCluster::up_with(
+        1,
+        &[
+            "--etcd",
+            &etcd.url,
+            "--etcd-user",
+            "tp",
+            "--etcd-password-file",
+            password.to_str().unwrap_or_default(),
+        ],
+    );
+    let control = control_pid(&c);
+    let (uid, _) = os_user("postgres");
+    assert_eq!(
+        proc_ids(control, "Uid:"),
+        vec![uid; 4],
+        "the control process"
+    );
+    let copy = c.dir.join("keys/etcd.control.password");
+    let cmd = cmdline(control);
+    assert!(
+        cmd.contains(&format!("--etcd-password-file {}", copy.display())),
+        "{cmd}"
+    );
+    let meta = std::fs::metadata(&copy).expect("the control process's copy");
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (uid, 0o600));
+    assert_eq!(std::fs::read(&copy).ok(), std::fs::read(&password).ok());
+    // Only the control process stores the topology: there it is, through etcd's auth.
+    let start = Instant::now();
+    loop {
+        let status = c.tidepool(&["status", "--json"]);
+        let json: serde_json::Value = serde_json::from_str(&status.text).unwrap_or_default();
+        if json["topology"]["primary"] == "node1" {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no topology in etcd:\n{}\n{}",
+            status.text,
+            c.log("control")
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let _ = std::fs::remove_file(&password);
 }
 
 fn set_mode(path: &std::path::Path, mode: u32) {

@@ -125,8 +125,18 @@ fn url_of(out: &Output) -> String {
 fn up_psql_status_down() {
     let cluster = Cluster::new();
     let (port, pooler_port, pg_port) = (free_port(), free_port(), free_port());
+    // A backup schedule (every 10 seconds): a single node then has a control process too,
+    // whose least privilege is checked below.
+    let conf = std::env::temp_dir().join(format!("tp-up-{}.toml", std::process::id()));
+    std::fs::write(
+        &conf,
+        "[backup]\nschedule = [{ type = \"incr\", cron = \"*/10 * * * * *\" }]\n",
+    )
+    .unwrap();
     let up = cluster.tidepool(&[
         "up",
+        "--config",
+        conf.to_str().unwrap(),
         "--port",
         &port.to_string(),
         "--pooler-port",
@@ -231,9 +241,37 @@ fn up_psql_status_down() {
     }
     seen.sort();
     assert_eq!(seen, ["gateway", "pooler"], "gateway and pooler processes");
+    let control = control_pid(&cluster)
+        .unwrap_or_else(|| panic!("no control process in state.json\n{}", up.text));
+    let (pg_uid, pg_gid) = os_user("postgres");
+    assert_eq!(
+        proc_ids(control, "Uid:"),
+        vec![pg_uid; 4],
+        "control runs as postgres"
+    );
+    assert_eq!(
+        proc_ids(control, "Gid:"),
+        vec![pg_gid; 4],
+        "control's group"
+    );
+    assert_eq!(
+        proc_ids(control, "Groups:"),
+        Vec::<u32>::new(),
+        "control: no other groups"
+    );
+    for d in ["control", "control/requests"] {
+        let m = std::fs::metadata(cluster.dir.join(d)).unwrap();
+        assert_eq!((m.uid(), m.mode() & 0o777), (pg_uid, 0o700), "{d}");
+    }
+    let _ = std::fs::remove_file(&conf);
     // Logs: Postgres's readable by its group at most, ours by root only.
     let logs = cluster.dir.join("logs");
-    for (log, mode) in [("postgres", 0o640), ("pooler", 0o600), ("gateway", 0o600)] {
+    for (log, mode) in [
+        ("postgres", 0o640),
+        ("pooler", 0o600),
+        ("gateway", 0o600),
+        ("control", 0o600),
+    ] {
         let m = std::fs::metadata(logs.join(format!("{log}.log"))).unwrap();
         assert_eq!(m.mode() & 0o777, mode, "{log}.log");
     }
@@ -283,9 +321,12 @@ fn up_psql_status_down() {
         [
             ("postgres", "running/accepting"),
             ("pooler", "running/accepting"),
-            ("gateway", "running/accepting")
+            ("gateway", "running/accepting"),
+            ("control", "running/accepting")
         ]
         .map(|(a, b)| (a.to_string(), b.to_string())),
+        "{}",
+        out.text
     );
     assert!(json["processes"]
         .as_array()
@@ -303,9 +344,12 @@ fn up_psql_status_down() {
         [
             format!("127.0.0.1:{pg_port}"),
             format!("127.0.0.1:{pooler_port}"),
-            format!("127.0.0.1:{port}")
+            format!("127.0.0.1:{port}"),
+            "127.0.0.1:0".to_string()
         ]
     );
+
+    scheduled_backups_as_postgres_beside_roots(&cluster);
 
     // A second `up` changes nothing and prints the same URL.
     let again = cluster.tidepool(&["up"]);
@@ -315,6 +359,13 @@ fn up_psql_status_down() {
 
     let down = cluster.tidepool(&["down"]);
     assert!(down.success(), "down:\n{}", down.text);
+    assert!(
+        !Path::new(&format!("/proc/{control}")).exists()
+            || !std::fs::read_to_string(format!("/proc/{control}/cmdline"))
+                .unwrap_or_default()
+                .contains("control"),
+        "down left the control process running"
+    );
     let (out, json) = status_json(&cluster);
     assert!(!out.success(), "status must fail when everything is down");
     assert!(
@@ -326,6 +377,98 @@ fn up_psql_status_down() {
         cluster.dir.join("pgdata/PG_VERSION").is_file(),
         "down keeps the data"
     );
+}
+
+/// The control process's pid, from state.json.
+fn control_pid(cluster: &Cluster) -> Option<u32> {
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(cluster.dir.join("state.json")).ok()?)
+            .ok()?;
+    state["processes"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == "control")
+        .and_then(|p| p["pid"].as_u64())
+        .map(|p| p as u32)
+}
+
+/// A field of /proc/PID/status as numbers (`Uid:`: real, effective, saved, filesystem).
+fn proc_ids(pid: u32, field: &str) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .unwrap_or_else(|| panic!("no {field} in {status}"))
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect()
+}
+
+fn schedule_record(cluster: &Cluster) -> Value {
+    std::fs::read_to_string(cluster.dir.join("pgbackrest/schedule.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// A backup from the command line (root) and scheduled ones from the control process
+/// (`postgres`) share the backup lock: one root made still serves the control process, and
+/// both land in the repository.
+fn scheduled_backups_as_postgres_beside_roots(cluster: &Cluster) {
+    let start = std::time::Instant::now();
+    let label = loop {
+        let out = cluster.tidepool(&["backup", "create", "--type", "incr", "--json"]);
+        if out.success() {
+            // stdout's JSON, with whatever went to stderr around it.
+            let label = out
+                .text
+                .split_once("\"label\": \"")
+                .and_then(|(_, rest)| rest.split_once('"'))
+                .map(|(label, _)| label.to_string());
+            break label.unwrap_or_else(|| panic!("no label:\n{}", out.text));
+        }
+        // A scheduled backup held the lock: that is the lock working; again.
+        assert!(
+            out.text.contains("another backup is running")
+                && start.elapsed() < Duration::from_secs(90),
+            "backup create:\n{}\n{}",
+            out.text,
+            tail(&cluster.log("control"), 40)
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    assert!(!label.is_empty());
+    let lock = cluster.dir.join("pgbackrest/backup.lock");
+    std::os::unix::fs::chown(&lock, Some(0), Some(0)).unwrap();
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let start = std::time::Instant::now();
+    let ok = loop {
+        let r = schedule_record(cluster);
+        if r["last_success"]["at"]
+            .as_i64()
+            .is_some_and(|at| at >= since)
+        {
+            break r["last_success"].clone();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no scheduled backup since {since}: {r}\n{}",
+            tail(&cluster.log("control"), 40)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(
+        ok["detail"].as_str().unwrap_or_default() > label.as_str(),
+        "{ok} after {label}"
+    );
+    let list = cluster.tidepool(&["backup", "list", "--json"]);
+    assert!(list.success(), "{}", list.text);
+    for l in [label.as_str(), ok["detail"].as_str().unwrap_or_default()] {
+        assert!(list.text.contains(l), "{l} not in:\n{}", list.text);
+    }
 }
 
 /// The cluster's CA and node1's certificate are made (600 keys, root's), for nodes added

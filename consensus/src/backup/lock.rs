@@ -28,12 +28,9 @@ pub struct BackupLock {
 
 impl BackupLock {
     pub fn acquire(path: &Path) -> Result<BackupLock> {
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(path)
+        // The control process (`postgres` under `up`) and root's `tidepool backup create` take
+        // the same file, whoever made it.
+        let file = crate::topology::file::open_lock_file(path)
             .map_err(Error::io(format!("opening {}", path.display())))?;
         // SAFETY: flock on a descriptor we own.
         let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };

@@ -47,13 +47,19 @@ impl Context {
     }
 }
 
-/// How the control process and the command line reach the node agents of the cluster in
-/// `dir`: the agent secret (DIR/agent.key, written by `up`), which they prove, and TLS checked
-/// against the cluster CA when `up` made one (DIR/tls/ca.crt, `crate::certs`; a cluster made
-/// before it has plain agents).
+/// How the command line reaches the node agents of the cluster in `dir`: with the agent
+/// secret `up` wrote (DIR/agent.key). See [`agent_access_with`].
 pub fn agent_access(dir: &Path) -> Result<shared::agent::AgentAccess> {
-    let path = dir.join(crate::layout::AGENT_KEY_FILE);
-    let key = shared::agent::AgentKey::load(&path).map_err(|e| {
+    agent_access_with(dir, &dir.join(crate::layout::AGENT_KEY_FILE))
+}
+
+/// How the control process and the command line reach the node agents of the cluster in
+/// `dir`: the agent secret in `key_file` (DIR/agent.key, or the control process's own copy:
+/// [`crate::state::State::agent_key_path`]), which they prove, and TLS checked against the
+/// cluster CA when `up` made one (DIR/tls/ca.crt, `crate::certs`; a cluster made before it
+/// has plain agents).
+pub fn agent_access_with(dir: &Path, key_file: &Path) -> Result<shared::agent::AgentAccess> {
+    let key = shared::agent::AgentKey::load(key_file).map_err(|e| {
         crate::error::Error::Environment(format!(
             "the agent secret: {e} (`tidepool up` writes it; a cluster made before it existed \
              needs `tidepool down` and `tidepool up`)"

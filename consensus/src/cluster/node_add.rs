@@ -205,6 +205,7 @@ pub fn run(global: &GlobalArgs, args: &NodeAddArgs) -> Result<bool> {
 pub(crate) fn control_args(
     layout: &crate::layout::Layout,
     config: Option<&std::path::Path>,
+    settings: &crate::config::ClusterSettings,
 ) -> Result<Vec<OsString>> {
     let mut args: Vec<OsString> = vec!["--dir".into(), layout.dir().as_os_str().to_owned()];
     if let Some(c) = config {
@@ -213,6 +214,21 @@ pub(crate) fn control_args(
         args.push(c.into_os_string());
     }
     args.push("control".into());
+    // Named even when it is the default: `up` points it at the control process's own copy
+    // when that process runs as another user (`prepare_start`). A single node has no agents
+    // and no secret.
+    let key = layout.agent_key_file();
+    if key.exists() {
+        args.push("--agent-secret-file".into());
+        args.push(key.into_os_string());
+    }
+    // The same for the etcd password's file, a secret the operator's (`[etcd_access]`).
+    if let Some(file) = &settings.etcd_access.password_file {
+        let file =
+            std::path::absolute(file).map_err(Error::io("resolving the etcd password file"))?;
+        args.push("--etcd-password-file".into());
+        args.push(file.into_os_string());
+    }
     Ok(args)
 }
 
@@ -224,7 +240,7 @@ pub(crate) fn start_control(
     timeout: Duration,
 ) -> Result<()> {
     let me = std::env::current_exe().map_err(Error::io("finding the tidepool executable"))?;
-    let args = control_args(layout, config)?;
+    let args = control_args(layout, config, &state.settings)?;
     let pid = ensure_process(
         Role::Control,
         &me,
@@ -243,4 +259,44 @@ fn with(state: &State, node: &crate::state::NodeRecord) -> Vec<crate::state::Nod
     let mut all = state.nodes.clone();
     all.push(node.clone());
     all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_control_process_is_given_its_secrets_by_path() {
+        let dir = std::env::temp_dir().join(format!("tp-control-args-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let layout = crate::layout::Layout::new(&dir).unwrap();
+        let text = |args: Vec<OsString>| {
+            args.into_iter()
+                .map(|a| a.into_string().unwrap())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let mut settings = crate::config::ClusterSettings::default();
+        // A single node: no agents, no agent secret.
+        let args = control_args(&layout, None, &settings).unwrap();
+        assert_eq!(text(args), format!("--dir {} control", dir.display()));
+        std::fs::write(layout.agent_key_file(), "k").unwrap();
+        settings.etcd_access.password_file = Some("/etc/tidepool/etcd.password".into());
+        let args = control_args(
+            &layout,
+            Some(std::path::Path::new("/etc/tp.toml")),
+            &settings,
+        )
+        .unwrap();
+        assert_eq!(
+            text(args),
+            format!(
+                "--dir {d} --config /etc/tp.toml control --agent-secret-file {d}/agent.key \
+                 --etcd-password-file /etc/tidepool/etcd.password",
+                d = dir.display()
+            )
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -84,7 +84,8 @@ pub struct NodeStatus {
 /// Asks every node agent for its report (one second each at most).
 pub fn inspect_nodes(state: &State) -> Vec<NodeStatus> {
     use shared::agent::{call_with, format_lsn, Request, Response, Role as NodeRole};
-    let key = super::agent_access(&state.dir).map_err(|e| e.to_string());
+    let key =
+        super::agent_access_with(&state.dir, &state.agent_key_path()).map_err(|e| e.to_string());
     let reports: Vec<Result<Response, String>> = state
         .nodes
         .iter()
@@ -352,6 +353,7 @@ mod tests {
             }],
             settings: ClusterSettings::default(),
             nodes: vec![],
+            agent_key_file: None,
         };
         let report = inspect(&state);
         assert!(!report.healthy);

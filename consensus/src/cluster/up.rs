@@ -61,6 +61,7 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
         processes: Vec::new(),
         settings: settings.clone(),
         nodes: Vec::new(),
+        agent_key_file: None,
     });
     state.dir = layout.dir().to_path_buf();
     state.settings = settings.clone();
@@ -273,7 +274,8 @@ pub fn run(global: &GlobalArgs, args: &UpArgs) -> Result<()> {
         }
     } else {
         let me = std::env::current_exe().map_err(Error::io("finding the tidepool executable"))?;
-        let args = crate::cluster::node_add::control_args(layout, global.config.as_deref())?;
+        let args =
+            crate::cluster::node_add::control_args(layout, global.config.as_deref(), &settings)?;
         let known = state.process(Role::Control).map(|p| p.pid);
         // With a metrics endpoint, `up` waits until it accepts and `status` shows it (only
         // with standbys: a single node's control process runs its backup schedule alone).
@@ -497,8 +499,10 @@ fn merge_nodes(
 /// keeps running for a moment). Returns its pid.
 /// Before `role` starts: the OS account it runs as (`crate::privilege`; `None`: as the
 /// caller) and, when that is not the caller, `args` pointed at the account's own copies of the
-/// secrets they name (`DIR/keys/link.pooler.key`, `agent.pooler.key`); a node agent's state
-/// directory (`--state-dir`) made ready for it.
+/// secrets they name (`DIR/keys/link.pooler.key`, `agent.pooler.key`, `agent.control.key`,
+/// `etcd.control.password`); a
+/// node agent's state directory (`--state-dir`) or the control process's (`DIR/control`)
+/// made ready for it.
 fn prepare_start(
     role: Role,
     layout: &Layout,
@@ -537,9 +541,22 @@ fn prepare_start(
                 set_flag(args, flag, copy.display().to_string());
             }
         }
+        // The control process's etcd password: the operator's file, wherever it is.
+        if let Some(master) = flag_value(args, "--etcd-password-file") {
+            let copy = crate::privilege::key_copy(
+                Path::new(&master),
+                &layout.keys_dir(),
+                &format!("etcd.{}.password", role.name()),
+                Some(a),
+            )?;
+            set_flag(args, "--etcd-password-file", copy.display().to_string());
+        }
     }
     if let Some(dir) = flag_value(args, "--state-dir") {
         nodes::prepare_agent_dir(Path::new(&dir), account.as_ref())?;
+    }
+    if role == Role::Control {
+        crate::control::files::prepare(layout, account.as_ref())?;
     }
     Ok(account)
 }

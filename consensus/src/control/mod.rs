@@ -9,6 +9,7 @@
 //! a term, never produce two primaries of one term.
 
 mod failover;
+pub mod files;
 mod probe;
 mod reload;
 mod requests;
@@ -80,8 +81,17 @@ pub struct Controller {
 
 pub fn run(global: &GlobalArgs, args: &ControlArgs) -> Result<bool> {
     let ctx = Context::load_dir(global)?;
-    let state = State::load(&ctx.layout.state_file())?
+    let mut state = State::load(&ctx.layout.state_file())?
         .ok_or_else(|| Error::NoCluster(ctx.layout.dir().to_path_buf()))?;
+    state.agent_key_file = args
+        .agent_secret_file
+        .as_deref()
+        .map(|p| std::path::absolute(p).map_err(Error::io("resolving --agent-secret-file")))
+        .transpose()?;
+    if let Some(file) = &args.etcd_password_file {
+        // Kept by a reload too: `etcd_access` is not a key a reload applies.
+        state.settings.etcd_access.password_file = Some(file.clone());
+    }
     if state.nodes.is_empty() {
         return run_schedule_only(&state, global, &ctx.layout.state_file(), args);
     }
@@ -97,7 +107,6 @@ pub fn run(global: &GlobalArgs, args: &ControlArgs) -> Result<bool> {
     let config = absolute_config(global)?;
     let (read, log_level) = reload::read(&ctx.layout.state_file(), config.as_deref())?;
     let live = reload::Live::start(&state.settings, read, log_level);
-    let mut state = state;
     state.settings = live.settings.clone();
     let mut c = Controller::new(ctx.layout.dir().to_path_buf(), &state)?;
     c.config = config;
@@ -192,7 +201,7 @@ fn run_schedule_only(
 impl Controller {
     pub fn new(dir: PathBuf, state: &State) -> Result<Controller> {
         let store = store_for(&dir, &state.settings)?;
-        let key = crate::cluster::agent_access(&dir)?;
+        let key = crate::cluster::agent_access_with(&dir, &state.agent_key_path())?;
         Ok(Controller {
             key,
             dir,
@@ -711,14 +720,17 @@ fn absolute_config(global: &GlobalArgs) -> Result<Option<PathBuf>> {
         .transpose()
 }
 
-/// The store a cluster's settings name: etcd with `etcd`, else `DIR/topology.json`.
+/// The store a cluster's settings name: etcd with `etcd`, else `DIR/control/topology.json`
+/// (in the control process's own directory: `files`).
 pub fn store_for(dir: &std::path::Path, settings: &ClusterSettings) -> Result<Store> {
     match settings.etcd.as_deref().filter(|e| !e.is_empty()) {
         Some(urls) => EtcdStore::new(urls, &settings.cluster_name, Duration::from_secs(2))
             .and_then(|s| s.with_access(&settings.etcd_access))
             .map(Store::Etcd)
             .map_err(|e| Error::Conflict(format!("--etcd: {e}"))),
-        None => Ok(Store::File(FileStore::new(dir.join("topology.json")))),
+        None => Ok(Store::File(FileStore::new(
+            dir.join(crate::layout::CONTROL_DIR).join("topology.json"),
+        ))),
     }
 }
 

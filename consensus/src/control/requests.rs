@@ -1,6 +1,10 @@
 //! Requests to the running control process from the command line (`tidepool switchover`,
-//! `tidepool failover --force`): a JSON file in `DIR/requests/`, answered by a `.done` file
-//! beside it. One process acts on the cluster; the command line only asks and waits.
+//! `tidepool failover --force`): a JSON file in `DIR/control/requests/`, answered by a `.done`
+//! file beside it. One process acts on the cluster; the command line only asks and waits.
+//!
+//! The directory is the control process's (`files::prepare`): it removes the requests it
+//! took and writes its answers there whichever user it runs as; the command line, root under
+//! `up`, may write and read anywhere.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -30,7 +34,7 @@ pub struct Answer {
 }
 
 fn dir(state_dir: &Path) -> PathBuf {
-    state_dir.join("requests")
+    super::files::requests_dir(state_dir)
 }
 
 /// The oldest pending request, if any.
@@ -82,7 +86,15 @@ pub fn answer(
 /// Asks the control process and waits up to `timeout` for its answer.
 pub fn submit(state_dir: &Path, kind: RequestKind, timeout: Duration) -> Result<Answer> {
     let d = dir(state_dir);
-    std::fs::create_dir_all(&d).map_err(Error::io(format!("creating {}", d.display())))?;
+    // Made by `up` for the control process, owned by its user: not made here (as root, it
+    // would be a directory that process cannot answer in).
+    if !d.is_dir() {
+        return Err(Error::Conflict(format!(
+            "no control process was started in {} (no {}): `tidepool up --standbys N` starts one",
+            state_dir.display(),
+            d.display()
+        )));
+    }
     let id = format!("{:020}-{}", crate::control::now_ms(), std::process::id());
     let req = Request {
         id: id.clone(),

@@ -239,15 +239,24 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// A file only ever `flock`ed, opened read-only when it exists (`flock` needs no write
+/// access): a lock file another user made stays usable, as when root's command line and a
+/// control process running as `postgres` (under `up`) take the same one.
+pub(crate) fn open_lock_file(path: &Path) -> std::io::Result<File> {
+    match File::open(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path),
+        other => other,
+    }
+}
+
 /// An exclusive `flock` on `path`, released when the returned file is dropped (closing the
 /// descriptor releases it, also when the process dies).
 fn lock_exclusive(path: &Path) -> Result<File, StoreError> {
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .map_err(io(path, "opening lock file"))?;
+    let f = open_lock_file(path).map_err(io(path, "opening lock file"))?;
     let started = Instant::now();
     loop {
         // SAFETY: flock on a descriptor we own; no memory is passed.

@@ -315,10 +315,11 @@ impl HaCluster {
         run_merged(&mut cmd, None, Duration::from_secs(30))
     }
 
-    /// The stored topology (the file store's `{"version", "topology"}`).
+    /// The stored topology (the file store's `{"version", "topology"}`, in the control
+    /// process's directory).
     pub fn topology(&self) -> Value {
         let v: Value = serde_json::from_str(
-            &std::fs::read_to_string(self.dir.join("topology.json")).unwrap_or_default(),
+            &std::fs::read_to_string(self.dir.join("control/topology.json")).unwrap_or_default(),
         )
         .unwrap_or(Value::Null);
         v["topology"].clone()
