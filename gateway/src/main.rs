@@ -17,6 +17,7 @@ mod session;
 mod session_ids;
 mod session_io;
 mod signals;
+mod terminate_wait;
 mod tls;
 
 use tidepool_gateway::{classify, statement_names};

@@ -8,6 +8,7 @@ use crate::classify;
 use crate::link::{self, Endpoint, Link};
 use crate::session_ids::SessionId;
 use crate::signals;
+use crate::terminate_wait;
 use shared::io::{Notify, OutQueue, Slot};
 use shared::link::{put_header, up};
 use shared::protocol::backend::{self as be, Severity};
@@ -15,7 +16,7 @@ use shared::protocol::frontend as fe;
 use shared::settings::Settings;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 
 /// What a session owes its client at its next request, after its link was lost while idle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,6 +94,8 @@ pub struct SessionIo {
     /// Signals the server may allow in the requests in flight (signals.rs); boxed, and only
     /// while there are any.
     signals: RefCell<Option<Box<Expected>>>,
+    /// Responses go to `Expected::held`, not to the client (one test per `on_data`).
+    holding: Cell<bool>,
 }
 
 /// Signals waiting for the server's word (`down::SIGNAL`), oldest first.
@@ -100,6 +103,12 @@ struct Expected {
     /// The core's links (`Core::links`), to send the signals on.
     links: Rc<[Vec<Rc<Link>>]>,
     issued: VecDeque<signals::Issued>,
+    /// The session, for the end of a termination's wait.
+    me: Weak<SessionIo>,
+    /// Responses held back while terminations with a timeout wait (terminate_wait.rs).
+    held: Option<terminate_wait::Held>,
+    /// Holds so far (each its generation).
+    holds: u32,
 }
 
 /// Signals kept waiting per session at most (the oldest go first): a client that sends
@@ -149,6 +158,7 @@ impl SessionIo {
             window: Notify::default(),
             id: RefCell::new(None),
             signals: RefCell::new(None),
+            holding: Cell::new(false),
         })
     }
 
@@ -184,6 +194,7 @@ impl SessionIo {
         if self.ended.replace(true) {
             return;
         }
+        self.let_go();
         if let Some(m) = last_words {
             self.client_out.push(m);
         }
@@ -275,11 +286,22 @@ impl SessionIo {
             }
         }
         self.scan.set(s);
-        if keep == 0 {
-            self.client_out.push(data);
-        } else if keep < data.len() {
-            self.client_out.push(&data[keep..]);
+        let out = &data[keep.min(data.len())..];
+        if out.is_empty() {
+            return;
         }
+        if self.holding.get() {
+            if let Some(h) = self
+                .signals
+                .borrow_mut()
+                .as_mut()
+                .and_then(|e| e.held.as_mut())
+            {
+                h.push(out);
+                return;
+            }
+        }
+        self.client_out.push(out);
     }
 
     /// A fresh session on a pooler: its replies start at a message boundary.
@@ -317,7 +339,11 @@ impl SessionIo {
 
     /// Signals to send when the server allows them (the batch carrying their calls is about to
     /// go out).
-    pub fn expect_signals(&self, links: &Rc<[Vec<Rc<Link>>]>, issued: Vec<signals::Issued>) {
+    pub fn expect_signals(
+        self: &Rc<Self>,
+        links: &Rc<[Vec<Rc<Link>>]>,
+        issued: Vec<signals::Issued>,
+    ) {
         if issued.is_empty() {
             return;
         }
@@ -326,6 +352,9 @@ impl SessionIo {
             Box::new(Expected {
                 links: links.clone(),
                 issued: VecDeque::new(),
+                me: Rc::downgrade(self),
+                held: None,
+                holds: 0,
             })
         });
         e.issued.extend(issued);
@@ -338,22 +367,80 @@ impl SessionIo {
     /// that marker, the oldest waiting one (a parameter's marker names a role, not a session:
     /// calls are answered in the order they were sent). A marker nobody waits for is the
     /// client's own call: its warning goes to the client.
+    ///
+    /// A termination with a timeout then holds the responses that follow until its target is
+    /// gone or the timeout has passed (terminate_wait.rs), as Postgres's call returns only then.
     fn on_signal(&self, msg: &[u8]) {
         let found = be::signal_marker(msg).and_then(|m| {
             let mut s = self.signals.borrow_mut();
             let e = s.as_mut()?;
             let i = e.issued.iter().position(|x| x.marker == m)?;
-            Some((e.links.clone(), e.issued.remove(i)?))
+            let x = e.issued.remove(i)?;
+            let wait = x.wait_ms().map(|(ms, column)| {
+                if e.held.is_none() {
+                    e.holds = e.holds.wrapping_add(1);
+                    e.held = Some(terminate_wait::Held::new(e.holds));
+                }
+                let h = e.held.as_mut().expect("just made");
+                (h.generation, h.begin(), ms, column, e.me.clone())
+            });
+            Some((e.links.clone(), x, wait))
         });
-        match found {
-            Some((links, x)) => {
-                glommio::spawn_local(async move {
-                    let terminate = x.signal == signals::Signal::Terminate;
-                    link::signal(&links, x.pid, x.secret, terminate).await
-                })
-                .detach();
+        let Some((links, x, wait)) = found else {
+            self.on_data(msg);
+            return;
+        };
+        if wait.is_some() {
+            self.holding.set(true);
+        }
+        glommio::spawn_local(async move {
+            let terminate = x.signal == signals::Signal::Terminate;
+            link::signal(&links, x.pid, x.secret, terminate).await;
+            let Some((generation, at, ms, column, me)) = wait else {
+                return;
+            };
+            let gone = terminate_wait::until_gone(|| signals::lives(x.pid, x.secret), ms).await;
+            if let Some(io) = me.upgrade() {
+                io.waited(generation, at, x.pid, ms, column, gone);
             }
-            None => self.on_data(msg),
+        })
+        .detach();
+    }
+
+    /// A termination's wait ended: the held responses go to the client once no other waits.
+    fn waited(&self, generation: u32, at: usize, pid: i32, ms: i64, col: Option<u16>, gone: bool) {
+        let bytes = {
+            let mut s = self.signals.borrow_mut();
+            let Some(e) = s.as_mut() else { return };
+            let Some(h) = e.held.as_mut().filter(|h| h.generation == generation) else {
+                return;
+            };
+            if !h.ended(at, pid, ms, col, gone) {
+                return;
+            }
+            let h = e.held.take().expect("just seen");
+            if e.issued.is_empty() && self.pending.get() == 0 {
+                s.take();
+            }
+            h.into_bytes()
+        };
+        self.holding.set(false);
+        self.client_out.push(&bytes);
+    }
+
+    /// Held responses go to the client as they came (the session ends, or its link is lost):
+    /// nothing may come after them out of order.
+    fn let_go(&self) {
+        if !self.holding.replace(false) {
+            return;
+        }
+        let held = self
+            .signals
+            .borrow_mut()
+            .as_mut()
+            .and_then(|e| e.held.take());
+        if let Some(h) = held {
+            self.client_out.push(&h.unchanged());
         }
     }
 
@@ -368,8 +455,14 @@ impl SessionIo {
         let p = self.pending.get().saturating_sub(1);
         self.pending.set(p);
         if p == 0 {
-            // Every call sent was answered: the server allowed no more than it said.
-            self.signals.borrow_mut().take();
+            // Every call sent was answered: the server allowed no more than it said (a hold
+            // stays until its waits end).
+            let mut s = self.signals.borrow_mut();
+            match s.as_mut() {
+                Some(e) if e.held.is_some() => e.issued.clear(),
+                _ => drop(s.take()),
+            }
+            drop(s);
             self.pending_may_commit.set(false);
             self.ready_notify.notify();
         }
@@ -390,6 +483,7 @@ impl SessionIo {
     /// in flight now, or a debt paid at its next request (`owed`).
     pub fn owe_for_lost_link(&self) {
         self.lost.set(true);
+        self.let_go();
         // A reopen waiting on `control` must wake up and try again.
         self.control.put((0, Vec::new()));
         let pending = self.pending.replace(0);

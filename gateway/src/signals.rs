@@ -24,7 +24,9 @@
 //!   the server's word that it allowed the call. The pooler hands that warning to the gateway
 //!   in its place (`down::SIGNAL`) and the gateway sends the signal through the poolers, as a
 //!   client's `CancelRequest` goes. So nothing is signalled for a call the server did not reach
-//!   (`WHERE false`, a failed transaction, an earlier error).
+//!   (`WHERE false`, a failed transaction, an earlier error). A termination with a timeout
+//!   (`pg_terminate_backend(pid, 500)`) returns only once its target is gone, or warns and
+//!   answers `false`, as Postgres does (terminate_wait.rs).
 //!
 //! The marker is not a secret: a client may call `pg_cancel_backend(MARKER)` itself and so
 //! claim the server allowed a call it never checked. The gateway therefore issues a marker only
@@ -320,6 +322,60 @@ pub struct Issued {
     pub signal: Signal,
     pub pid: i32,
     pub secret: i32,
+    /// A termination's timeout: the call returns once the target is gone, at most that long
+    /// later (terminate_wait.rs).
+    pub wait: Option<Wait>,
+}
+
+/// What a `pg_terminate_backend(pid, timeout)` waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Wait {
+    pub timeout: Timeout,
+    /// The column of its statement's rows the call is (`terminate_wait::select_column`).
+    pub column: Option<u16>,
+}
+
+/// A termination's timeout as the call gives it: a constant, or a parameter (index from 0)
+/// read in each `Bind`. Any other expression is not waited on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Timeout {
+    Ms(i64),
+    Param(usize),
+}
+
+impl Issued {
+    /// The wait to make when the server allows the call: its timeout in milliseconds (above 0:
+    /// Postgres waits for no other) and the call's column.
+    pub fn wait_ms(&self) -> Option<(i64, Option<u16>)> {
+        match self.wait? {
+            Wait {
+                timeout: Timeout::Ms(ms),
+                column,
+            } if ms > 0 => Some((ms, column)),
+            _ => None,
+        }
+    }
+}
+
+/// Whether the session `pid` with cancel key `secret` still lives (in this gateway process or
+/// in another on the port): a termination with a timeout waits until it does not.
+pub fn lives(pid: i32, secret: i32) -> bool {
+    let here = sessions()
+        .as_ref()
+        .and_then(|m| m.get(&pid))
+        .is_some_and(|t| t.secret == secret);
+    here || crate::pid_registry::table()
+        .and_then(|t| t.lookup(pid))
+        .is_some_and(|e| e.secret == secret)
+}
+
+/// A signalling call on a parameter pid in a prepared statement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ParamCall {
+    /// The parameter (index from 0).
+    index: usize,
+    signal: Signal,
+    wait: Option<Wait>,
 }
 
 /// Per session: the prepared statements (by name) that signal other sessions, and the count of
@@ -335,7 +391,7 @@ pub struct Statements {
 /// runs then, as often as it is bound).
 #[derive(Default)]
 struct Prepared {
-    params: Vec<(usize, Signal)>,
+    params: Vec<ParamCall>,
     constants: Vec<Issued>,
 }
 
@@ -421,8 +477,6 @@ fn names_a_signal(batch: &[u8]) -> bool {
 fn bind(body: &[u8], caller: i32, stmts: &Statements, issued: &mut Vec<Issued>) -> Option<Vec<u8>> {
     let (portal, stmt, rest) = fe::parse_bind(body).ok()?;
     let prepared = stmts.by_name.get(stmt)?;
-    issued.extend_from_slice(&prepared.constants);
-    let slots = &prepared.params;
     let rd = |at: usize| -> Option<i16> {
         Some(i16::from_be_bytes([*rest.get(at)?, *rest.get(at + 1)?]))
     };
@@ -448,22 +502,45 @@ fn bind(body: &[u8], caller: i32, stmts: &Statements, issued: &mut Vec<Issued>) 
         values.push((pos, pos + n, len >= 0));
         pos += n;
     }
-    let mut replace: Vec<(usize, Vec<u8>)> = Vec::new();
-    for &(k, signal) in slots {
-        let Some(&(s, e, true)) = values.get(k) else {
-            continue;
+    // Parameter `k` as an integer, and how a value of the same format and width is written.
+    let integer = |k: usize| -> Option<(i64, usize)> {
+        let &(s, e, true) = values.get(k)? else {
+            return None;
         };
         let raw = &rest[s..e];
-        // The pid, and how a value of the same format and width is written.
-        let (pid, width) = match format(k)? {
-            0 => (
+        match format(k)? {
+            0 => Some((
                 std::str::from_utf8(raw).ok()?.trim().parse::<i64>().ok()?,
                 0,
-            ),
-            1 if raw.len() == 4 => (i32::from_be_bytes(raw.try_into().ok()?) as i64, 4),
-            1 if raw.len() == 8 => (i64::from_be_bytes(raw.try_into().ok()?), 8),
-            _ => continue,
+            )),
+            1 if raw.len() == 2 => Some((i16::from_be_bytes(raw.try_into().ok()?) as i64, 2)),
+            1 if raw.len() == 4 => Some((i32::from_be_bytes(raw.try_into().ok()?) as i64, 4)),
+            1 if raw.len() == 8 => Some((i64::from_be_bytes(raw.try_into().ok()?), 8)),
+            _ => None,
+        }
+    };
+    // A timeout given by a parameter is read in this Bind.
+    let resolve = |wait: Option<Wait>| -> Option<Wait> {
+        let mut w = wait?;
+        if let Timeout::Param(k) = w.timeout {
+            w.timeout = Timeout::Ms(integer(k)?.0);
+        }
+        Some(w)
+    };
+    issued.extend(prepared.constants.iter().map(|x| Issued {
+        wait: resolve(x.wait),
+        ..*x
+    }));
+    let mut replace: Vec<(usize, Vec<u8>)> = Vec::new();
+    for call in &prepared.params {
+        let k = call.index;
+        let Some((pid, width)) = integer(k) else {
+            continue;
         };
+        if width == 2 {
+            // No session's pid fits an int2.
+            continue;
+        }
         let Ok(pid) = i32::try_from(pid) else {
             continue;
         };
@@ -482,9 +559,10 @@ fn bind(body: &[u8], caller: i32, stmts: &Statements, issued: &mut Vec<Issued>) 
                 if o.reachable {
                     issued.push(Issued {
                         marker: value,
-                        signal,
+                        signal: call.signal,
                         pid: o.pid,
                         secret: o.secret,
+                        wait: resolve(call.wait),
                     });
                 }
                 value
@@ -521,15 +599,15 @@ fn bind(body: &[u8], caller: i32, stmts: &Statements, issued: &mut Vec<Issued>) 
     Some(m)
 }
 
-/// `sql` with its signalling calls rewritten (`None` if none is), and the parameters (index
-/// from 0) that carry a signalled pid. Markers of constant calls count on from `constants`, and
-/// the signals they stand for go to `issued`.
+/// `sql` with its signalling calls rewritten (`None` if none is), and the calls whose pid is a
+/// parameter. Markers of constant calls count on from `constants`, and the signals they stand
+/// for go to `issued`.
 fn rewrite(
     sql: &[u8],
     caller: i32,
     constants: &mut u32,
     issued: &mut Vec<Issued>,
-) -> (Option<Vec<u8>>, Vec<(usize, Signal)>) {
+) -> (Option<Vec<u8>>, Vec<ParamCall>) {
     let toks: Vec<Token> = Lexer::new(sql).collect();
     let mut params = Vec::new();
     if toks.iter().any(|t| t.kind == Kind::Unsure) {
@@ -596,6 +674,28 @@ fn rewrite(
             String::from_utf8_lossy(&sql[toks[f].start..toks[close].start])
         });
         let own = format!("pg_catalog.{name}(pg_catalog.pg_backend_pid(){more})");
+        // The server's word that it allowed the call on `marker`: Postgres's warning for a pid
+        // that is no backend's. A termination's timeout goes with it, so that a negative one
+        // raises Postgres's own error (22003) before anything is signalled.
+        let word = |marker: &str| match (signal, first_end) {
+            (Signal::Terminate, Some(_)) => {
+                format!("pg_catalog.pg_terminate_backend({marker}{more}) IS NOT NULL")
+            }
+            _ => format!("pg_catalog.pg_cancel_backend({marker}) IS NOT NULL"),
+        };
+        // A termination with a timeout waits for its target (terminate_wait.rs).
+        let wait = match (signal, first_end) {
+            (Signal::Terminate, Some(f)) => timeout(sql, &toks[f + 1..close]).map(|timeout| Wait {
+                timeout,
+                column: crate::terminate_wait::select_column(
+                    &toks,
+                    sql,
+                    if start < t.start { i - 2 } else { i },
+                    close,
+                ),
+            }),
+            _ => None,
+        };
         let replacement = match arg {
             [n] if n.kind == Kind::Number => {
                 let Some(pid) = std::str::from_utf8(n.text(sql))
@@ -623,8 +723,9 @@ fn rewrite(
                                 signal,
                                 pid: o.pid,
                                 secret: o.secret,
+                                wait,
                             });
-                            format!("pg_catalog.pg_cancel_backend({marker}) IS NOT NULL")
+                            word(&marker.to_string())
                         } else {
                             format!("pg_catalog.{name}({args})")
                         };
@@ -648,12 +749,16 @@ fn rewrite(
                 else {
                     continue;
                 };
-                params.push((k - 1, signal));
+                params.push(ParamCall {
+                    index: k - 1,
+                    signal,
+                    wait,
+                });
                 let a = String::from_utf8_lossy(&sql[arg[0].start..arg[arg.len() - 1].end]);
                 let a = format!("({a})");
                 // The Bind says which (`bind`); the value is the allowed branch's marker.
                 let role = format!("({PARAM_OWN} - {a})::pg_catalog.oid");
-                let marker = format!("pg_catalog.pg_cancel_backend({a}) IS NOT NULL");
+                let marker = word(&a);
                 format!(
                     "(SELECT CASE WHEN {a} = {PARAM_OWN} THEN {own} \
                      WHEN {a} = {PARAM_SUPERUSER} THEN {} \
@@ -674,6 +779,30 @@ fn rewrite(
     }
     out.extend_from_slice(&sql[copied..]);
     (Some(out), params)
+}
+
+/// A termination's timeout argument (its tokens) as the gateway can know it before the server
+/// runs the call: a constant or a parameter (possibly cast).
+fn timeout(sql: &[u8], arg: &[Token]) -> Option<Timeout> {
+    match arg {
+        [n] if n.kind == Kind::Number => std::str::from_utf8(n.text(sql))
+            .ok()?
+            .parse()
+            .ok()
+            .map(Timeout::Ms),
+        [p]
+        | [p, Token {
+            kind: Kind::Cast, ..
+        }, Token {
+            kind: Kind::Word, ..
+        }] if p.kind == Kind::Param => std::str::from_utf8(&p.text(sql)[1..])
+            .ok()?
+            .parse::<usize>()
+            .ok()
+            .filter(|&k| k >= 1)
+            .map(|k| Timeout::Param(k - 1)),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -717,6 +846,7 @@ mod tests {
     fn r(sql: &str, caller: i32) -> (Option<String>, Vec<(usize, Signal)>, Vec<Issued>) {
         let (mut issued, mut n) = (Vec::new(), 0);
         let (s, p) = rewrite(sql.as_bytes(), caller, &mut n, &mut issued);
+        let p = p.iter().map(|c| (c.index, c.signal)).collect();
         (s.map(|s| String::from_utf8(s).unwrap()), p, issued)
     }
 
@@ -854,13 +984,15 @@ mod tests {
                     marker: -536870912,
                     signal: Signal::Cancel,
                     pid: a2.pid,
-                    secret: 44
+                    secret: 44,
+                    wait: None,
                 },
                 Issued {
                     marker: -536870913,
                     signal: Signal::Terminate,
                     pid: a2.pid,
-                    secret: 44
+                    secret: 44,
+                    wait: None,
                 }
             ]
         );
@@ -884,11 +1016,77 @@ mod tests {
             signal: Signal::Terminate,
             pid: b.pid,
             secret: 62,
+            wait: None,
         };
         for _ in 0..2 {
             let (out, issued) = rewrite_batch(&bind_msg, a.pid, &mut stmts).unwrap();
             assert_eq!(out, bind_msg);
             assert_eq!(issued, vec![want]);
+        }
+    }
+
+    #[test]
+    fn a_terminations_timeout_is_waited_on() {
+        let a = session("hank", 71, 16461, &[], false);
+        let b = session("hank", 72, 16461, &[], false);
+        let (sql, _, issued) = r(
+            &format!("SELECT pg_terminate_backend({}, 500) AS t", b.pid),
+            a.pid,
+        );
+        // The timeout goes to the server with the marker (its own 22003 for a negative one).
+        assert!(sql
+            .unwrap()
+            .contains("pg_catalog.pg_terminate_backend(-536870912, 500) IS NOT NULL"));
+        let wait = Wait {
+            timeout: Timeout::Ms(500),
+            column: Some(0),
+        };
+        assert_eq!(issued[0].wait, Some(wait));
+        assert_eq!(issued[0].wait_ms(), Some((500, Some(0))));
+        // Inside an expression: waited on, its column not known; a timeout of 0 or an
+        // expression: not waited on.
+        let (_, _, issued) = r(
+            &format!(
+                "SELECT NOT pg_terminate_backend({0}, 1), pg_terminate_backend({0}, 0), \
+                 pg_terminate_backend({0}, 2 * 3)",
+                b.pid
+            ),
+            a.pid,
+        );
+        let waits: Vec<_> = issued.iter().map(|x| x.wait_ms()).collect();
+        assert_eq!(waits, vec![Some((1, None)), None, None]);
+
+        // A parameter timeout is read in each Bind (text, int2, int8).
+        let mut stmts = Statements::default();
+        let mut parse = Vec::new();
+        fe::write_parse(
+            &mut parse,
+            b"",
+            b"SELECT pg_terminate_backend($1, $2)",
+            &[0, 0],
+        );
+        rewrite_batch(&parse, a.pid, &mut stmts).unwrap();
+        for (format, timeout, ms) in [
+            (0u8, b"250".to_vec(), 250),
+            (1, 7i16.to_be_bytes().to_vec(), 7),
+            (1, 9000i64.to_be_bytes().to_vec(), 9000),
+        ] {
+            let pid = if format == 0 {
+                b.pid.to_string().into_bytes()
+            } else {
+                b.pid.to_be_bytes().to_vec()
+            };
+            let mut rest = vec![0, 1, 0, format, 0, 2];
+            for v in [&pid, &timeout] {
+                rest.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                rest.extend_from_slice(v);
+            }
+            rest.extend_from_slice(&[0, 0]);
+            let mut bind_msg = Vec::new();
+            fe::write_bind(&mut bind_msg, b"", b"", &rest);
+            let (_, issued) = rewrite_batch(&bind_msg, a.pid, &mut stmts).unwrap();
+            assert_eq!(issued.len(), 1);
+            assert_eq!(issued[0].wait_ms(), Some((ms, Some(0))));
         }
     }
 
@@ -956,12 +1154,12 @@ mod tests {
                  pg_catalog.pg_terminate_backend(pg_catalog.pg_backend_pid(), 500) \
                  WHEN ($1::int) = -1073741826 THEN CASE WHEN (SELECT r.rolsuper FROM \
                  pg_catalog.pg_roles r WHERE r.rolname = CURRENT_USER) THEN \
-                 pg_catalog.pg_cancel_backend(($1::int)) IS NOT NULL ELSE \
+                 pg_catalog.pg_terminate_backend(($1::int), 500) IS NOT NULL ELSE \
                  pg_catalog.current_setting('tidepool.signal_denied_terminate_superuser')::boolean \
                  END WHEN ($1::int) < -1073741826 THEN CASE WHEN pg_catalog.pg_has_role(\
                  (-1073741825 - ($1::int))::pg_catalog.oid, 'USAGE') OR pg_catalog.pg_has_role(\
-                 'pg_signal_backend', 'USAGE') THEN pg_catalog.pg_cancel_backend(($1::int)) IS \
-                 NOT NULL ELSE \
+                 'pg_signal_backend', 'USAGE') THEN pg_catalog.pg_terminate_backend(($1::int), \
+                 500) IS NOT NULL ELSE \
                  pg_catalog.current_setting('tidepool.signal_denied_terminate_member')::boolean \
                  END ELSE pg_catalog.pg_terminate_backend($1::int, 500) END \
                  AS pg_terminate_backend)"
@@ -1012,6 +1210,7 @@ mod tests {
                     signal: Signal::Cancel,
                     pid: b.pid,
                     secret: 32,
+                    wait: None,
                 }),
             ),
             (c.pid, PARAM_OWN - 16442, None),

@@ -1,10 +1,12 @@
 """pg_cancel_backend / pg_terminate_backend of a session's pid as its client knows it
 (conn.info.backend_pid, from BackendKeyData), and a session ended by the server (issue 11,
 points 1 and 2): psycopg 3, a parameter and a constant pid, a query cancelled, idle and busy
-sessions terminated, a pid that is nobody's. Prints one "name: ok <what happened>" line per
+sessions terminated, a termination waiting for its target (a timeout) or refused (a negative
+one), a pid that is nobody's. Prints one "name: ok <what happened>" line per
 check; the lines must be the same directly and through Tidepool.
 Usage: signal_check.py URL"""
 
+import select
 import sys
 import threading
 import time
@@ -114,6 +116,40 @@ for how in ["parameter", "constant"]:
     report(f"terminate busy {how}: the victim's query", result())
     report(f"terminate busy {how}: closed", victim.closed)
     victim.close()
+
+# A termination with a timeout returns once the target is gone: the victim's connection is
+# closed by then (its FATAL is there to read). Its transaction holds a backend.
+for how in ["constant", "parameter", "both parameters"]:
+    victim = psycopg.connect(url, autocommit=True)
+    pid = victim.info.backend_pid
+    victim.execute("BEGIN")
+    victim.execute("SELECT 1")
+    if how == "constant":
+        cur = killer.execute(f"SELECT pg_terminate_backend({pid}, 10000)")
+    elif how == "parameter":
+        cur = killer.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,))
+    else:
+        cur = killer.execute("SELECT pg_terminate_backend(%s, %s)", (pid, 10000))
+    (r,) = cur.fetchone()
+    closed = bool(select.select([victim.fileno()], [], [], 0)[0])
+    report(f"terminate with a timeout, {how}: answer", r)
+    report(f"terminate with a timeout, {how}: the victim already closed", closed)
+    report(f"terminate with a timeout, {how}: the victim", next_statement(victim))
+    victim.close()
+
+# A negative timeout is refused before anything is signalled.
+victim = psycopg.connect(url, autocommit=True)
+pid = victim.info.backend_pid
+for sql, args in [(f"SELECT pg_terminate_backend({pid}, -1)", None),
+                  ("SELECT pg_terminate_backend(%s, -5)", (pid,))]:
+    try:
+        killer.execute(sql, args)
+        report("negative timeout", "no error")
+    except psycopg.Error as e:
+        report("negative timeout", error(e))
+time.sleep(0.3)
+report("negative timeout: the victim", next_statement(victim))
+victim.close()
 
 # A pid that is no session and no backend: Postgres's false and warning.
 notices.clear()
