@@ -1577,7 +1577,8 @@ mod tests {
     #[test]
     fn an_idle_sessions_task_is_small() {
         let cfg = crate::config::for_tests(&[]).unwrap();
-        let core = Core::new(Rc::new(cfg), 0, crate::budget::Budgets::new(10, 10, 2));
+        let budgets = crate::budget::Budgets::new(cfg.limits(), 2);
+        let core = Core::new(Rc::new(cfg), 0, budgets);
         let key = crate::budget::PoolKey {
             user: "u".into(),
             database: "d".into(),
