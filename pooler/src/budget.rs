@@ -58,6 +58,9 @@ pub struct Limits {
 pub struct UserBudget {
     /// Backends, connected or connecting.
     pub backends: AtomicUsize,
+    /// Bytes of prepared statements its sessions hold (`statements::Statements`, charged where
+    /// a session's own bound is), bounded by `max_user_statement_bytes`.
+    pub statement_bytes: AtomicUsize,
 }
 
 /// One (user, database) across all cores.

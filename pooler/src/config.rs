@@ -67,6 +67,10 @@ pub struct Args {
     /// bytes of bookkeeping each); past it a new one gets SQLSTATE 54000.
     #[arg(long)]
     pub max_session_statement_bytes: Option<usize>,
+    /// Bytes of prepared statements all sessions of one user may hold together, counted as for
+    /// max_session_statement_bytes; past it a new one gets SQLSTATE 54000.
+    #[arg(long)]
+    pub max_user_statement_bytes: Option<usize>,
     /// Seconds a login Postgres accepted is reused for the same (user, database, settings)
     /// without a backend round trip (0: every login goes to a backend).
     #[arg(long)]
@@ -198,6 +202,7 @@ struct File {
     connect_timeout_seconds: Option<u64>,
     max_prepared_statements: Option<usize>,
     max_session_statement_bytes: Option<usize>,
+    max_user_statement_bytes: Option<usize>,
     spin_before_park_us: Option<u64>,
     login_cache_seconds: Option<u64>,
     sequence_lease_ms: Option<u64>,
@@ -280,6 +285,7 @@ pub struct Config {
     pub connect_timeout_seconds: u64,
     pub max_prepared_statements: usize,
     pub max_session_statement_bytes: usize,
+    pub max_user_statement_bytes: usize,
     pub spin_before_park_us: u64,
     pub login_cache_seconds: u64,
     pub sequence_lease_ms: u64,
@@ -524,6 +530,16 @@ impl Config {
                 .or(file.max_session_statement_bytes)
                 .unwrap_or(64 << 20)
                 .max(1024),
+            // Four sessions at their own bound, or (counted per session, as each session pays
+            // for every statement it names even where sessions share one text) about 2,000
+            // sessions of one user holding 100 statements of 1 KiB each: what the pooler may
+            // spend on one user's statements before a runaway client of that user is refused
+            // rather than the pooler's memory grown for it.
+            max_user_statement_bytes: args
+                .max_user_statement_bytes
+                .or(file.max_user_statement_bytes)
+                .unwrap_or(256 << 20)
+                .max(1024),
             shutdown_timeout_ms: args
                 .shutdown_timeout_ms
                 .or(file.shutdown_timeout_ms)
@@ -591,6 +607,11 @@ impl Config {
                 "max_session_statement_bytes",
                 s(&self.max_session_statement_bytes),
                 s(&new.max_session_statement_bytes),
+            ),
+            (
+                "max_user_statement_bytes",
+                s(&self.max_user_statement_bytes),
+                s(&new.max_user_statement_bytes),
             ),
             (
                 "login_cache_seconds",
@@ -682,6 +703,7 @@ impl Config {
             connect_timeout_seconds: new.connect_timeout_seconds,
             max_prepared_statements: new.max_prepared_statements,
             max_session_statement_bytes: new.max_session_statement_bytes,
+            max_user_statement_bytes: new.max_user_statement_bytes,
             login_cache_seconds: new.login_cache_seconds,
             sequence_lease_ms: new.sequence_lease_ms,
             shutdown_timeout_ms: new.shutdown_timeout_ms,
@@ -730,6 +752,7 @@ mod tests {
         for (a, b) in [
             (c.max_user_connections, d.max_user_connections),
             (c.max_db_connections, d.max_db_connections),
+            (c.max_user_statement_bytes, d.max_user_statement_bytes),
         ] {
             assert_eq!(a, b);
         }
@@ -745,13 +768,22 @@ mod tests {
         let mut new = c.clone();
         new.max_user_connections = 3;
         new.max_db_connections = 4;
+        new.max_user_statement_bytes = 1 << 20;
         let (merged, live, restart) = c.reloaded(&new);
-        assert_eq!(live, vec!["max_user_connections", "max_db_connections"]);
+        assert_eq!(
+            live,
+            vec![
+                "max_user_connections",
+                "max_db_connections",
+                "max_user_statement_bytes"
+            ]
+        );
         assert!(restart.is_empty());
         assert_eq!(
             (merged.limits().per_user, merged.limits().per_database),
             (3, 4)
         );
+        assert_eq!(merged.max_user_statement_bytes, 1 << 20);
     }
 
     #[test]
