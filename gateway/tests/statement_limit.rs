@@ -4,11 +4,13 @@
 //! `Parse` or SQL `PREPARE`; what the session has keeps working, `DEALLOCATE`/`Close` make room
 //! again, a `PREPARE` refused inside a transaction fails that transaction as any failed
 //! statement would, other sessions are not touched, and the pooler's memory stays flat however
-//! many statements the client goes on sending. Real Postgres 15, pooler and gateway.
+//! many statements the client goes on sending. All sessions of one user together are bounded
+//! too (`--max-user-statement-bytes`), with the same error naming that bound, freed when a
+//! session ends. Real Postgres 15, pooler and gateway.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use testkit::{Event, Frontend, PgCluster, RawConn, Tidepool, TidepoolOpts, APP_DB, BOB};
+use testkit::{Event, Frontend, PgCluster, RawConn, Tidepool, TidepoolOpts, ALICE, APP_DB, BOB};
 
 const LIMIT: usize = 256 * 1024;
 const WAIT: Duration = Duration::from_secs(20);
@@ -188,4 +190,89 @@ async fn a_sessions_statements_are_bounded_and_the_rest_goes_on() {
     );
     assert!(select_one(&mut a).await.contains("DataRow[\"1\"]"));
     assert!(select_one(&mut other).await.contains("DataRow[\"1\"]"));
+}
+
+/// Prepares statements of about 4 KiB in `conn` named `{prefix}{i}` until one is refused or
+/// `up_to` are made; returns how many were made and the refusal.
+async fn prepare_until_refused(
+    conn: &mut RawConn,
+    prefix: &str,
+    up_to: usize,
+) -> (usize, Option<(String, String)>) {
+    for made in 0..up_to {
+        let f = Frontend::new()
+            .parse(&format!("{prefix}{made}"), &big_sql(made, 4000), &[])
+            .sync();
+        if let Some(e) = error_of(&roundtrip(conn, f).await) {
+            return (made, Some(e));
+        }
+    }
+    (up_to, None)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_sessions_are_bounded_together() {
+    const USER_LIMIT: usize = 192 * 1024;
+    let pg = PgCluster::start();
+    let opts = TidepoolOpts::default()
+        .pool_size(4)
+        .pooler_arg("--max-session-statement-bytes")
+        .pooler_arg(LIMIT.to_string())
+        .pooler_arg("--max-user-statement-bytes")
+        .pooler_arg(USER_LIMIT.to_string());
+    let tp = Tidepool::start(&pg, opts);
+    let ep = tp.endpoint();
+    let mut a = ep.raw(BOB.0, BOB.1, APP_DB).await.expect("login a");
+    let mut b = ep.raw(BOB.0, BOB.1, APP_DB).await.expect("login b");
+    let mut alice = ep.raw(ALICE.0, ALICE.1, APP_DB).await.expect("login alice");
+
+    // Half the session bound in the first session: all made.
+    let (made, refused) = prepare_until_refused(&mut a, "a", 30).await;
+    assert_eq!((made, &refused), (30, &None));
+    // The second session of the same user stops at the user's bound, well inside its own.
+    let (made, refused) = prepare_until_refused(&mut b, "b", 60).await;
+    let refused = refused.unwrap_or_else(|| panic!("60 more statements of 4 KiB fit"));
+    assert_eq!(refused.0, "54000", "{refused:?}");
+    assert!(
+        refused.1.contains("max_user_statement_bytes"),
+        "{refused:?}"
+    );
+    assert!(
+        (40..=50).contains(&(30 + made)),
+        "{} statements of 4 KiB fit in the user's {USER_LIMIT} bytes",
+        30 + made
+    );
+    // SQL PREPARE meets the same bound, and the session goes on.
+    let q = format!("PREPARE over AS {}", big_sql(1, 4000));
+    let events = roundtrip(&mut b, Frontend::new().query(&q)).await;
+    let e = error_of(&events).expect("PREPARE past the user's bound refused");
+    assert_eq!(e.0, "54000", "{e:?}");
+    assert!(e.1.contains("max_user_statement_bytes"), "{e:?}");
+    assert!(select_one(&mut b).await.contains("DataRow[\"1\"]"));
+
+    // Another user is not touched by bob's bound.
+    let (made, refused) = prepare_until_refused(&mut alice, "c", 40).await;
+    assert_eq!((made, &refused), (40, &None));
+
+    // The first session ends: its statements no longer count, and the second prepares again.
+    drop(a);
+    let t = Instant::now();
+    loop {
+        let f = Frontend::new()
+            .parse("after", &big_sql(7, 4000), &[])
+            .sync();
+        match error_of(&roundtrip(&mut b, f).await) {
+            None => break,
+            Some(e) if t.elapsed() < WAIT => {
+                assert_eq!(e.0, "54000", "{e:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Some(e) => panic!(
+                "still refused {:?} after the other session ended: {e:?}",
+                t.elapsed()
+            ),
+        }
+    }
+    let (made, refused) = prepare_until_refused(&mut b, "more", 20).await;
+    assert_eq!((made, &refused), (20, &None));
 }

@@ -101,7 +101,7 @@ pub async fn serve_peers(core: Rc<Core>, mut receivers: Receivers<CoreMsg>) {
                 match msg {
                     CoreMsg::Cancel(pid, secret) => local(&core, pid, secret),
                     CoreMsg::Terminate(pid, secret) => terminate_local(&core, pid, secret),
-                    CoreMsg::Shed { key } => core.pools.on_shed(key),
+                    CoreMsg::Shed(want) => core.pools.on_shed(want),
                     CoreMsg::Freed { key } => core.pools.on_freed(key),
                     CoreMsg::Starving { key } => core.pools.on_starving(key),
                     CoreMsg::ReleaseDb(db) => core.release_database(&db),

@@ -37,6 +37,14 @@ pub struct Args {
     /// Total backend budget, whole pooler.
     #[arg(long)]
     pub max_backends: Option<usize>,
+    /// Backends one user may have over all its databases, whole pooler (PgBouncer's
+    /// max_user_connections; 0: no limit).
+    #[arg(long)]
+    pub max_user_connections: Option<usize>,
+    /// Backends one database may have over all its users, whole pooler (PgBouncer's
+    /// max_db_connections; 0: no limit).
+    #[arg(long)]
+    pub max_db_connections: Option<usize>,
     /// Largest message accepted from a client or a backend, in bytes.
     #[arg(long)]
     pub max_message_size: Option<usize>,
@@ -59,6 +67,10 @@ pub struct Args {
     /// bytes of bookkeeping each); past it a new one gets SQLSTATE 54000.
     #[arg(long)]
     pub max_session_statement_bytes: Option<usize>,
+    /// Bytes of prepared statements all sessions of one user may hold together, counted as for
+    /// max_session_statement_bytes; past it a new one gets SQLSTATE 54000.
+    #[arg(long)]
+    pub max_user_statement_bytes: Option<usize>,
     /// Seconds a login Postgres accepted is reused for the same (user, database, settings)
     /// without a backend round trip (0: every login goes to a backend).
     #[arg(long)]
@@ -181,6 +193,8 @@ struct File {
     admin_user: Option<String>,
     pool_size: Option<usize>,
     max_backends: Option<usize>,
+    max_user_connections: Option<usize>,
+    max_db_connections: Option<usize>,
     max_message_size: Option<usize>,
     auth_cache_seconds: Option<u64>,
     auth_negative_cache_ms: Option<u64>,
@@ -188,6 +202,7 @@ struct File {
     connect_timeout_seconds: Option<u64>,
     max_prepared_statements: Option<usize>,
     max_session_statement_bytes: Option<usize>,
+    max_user_statement_bytes: Option<usize>,
     spin_before_park_us: Option<u64>,
     login_cache_seconds: Option<u64>,
     sequence_lease_ms: Option<u64>,
@@ -259,6 +274,10 @@ pub struct Config {
     pub admin_user: String,
     pub pool_size: usize,
     pub max_backends: usize,
+    /// 0: no limit.
+    pub max_user_connections: usize,
+    /// 0: no limit.
+    pub max_db_connections: usize,
     pub max_message_size: usize,
     pub auth_cache_seconds: u64,
     pub auth_negative_cache_ms: u64,
@@ -266,6 +285,7 @@ pub struct Config {
     pub connect_timeout_seconds: u64,
     pub max_prepared_statements: usize,
     pub max_session_statement_bytes: usize,
+    pub max_user_statement_bytes: usize,
     pub spin_before_park_us: u64,
     pub login_cache_seconds: u64,
     pub sequence_lease_ms: u64,
@@ -459,6 +479,14 @@ impl Config {
                 .or(file.max_backends)
                 .unwrap_or(100)
                 .max(1),
+            max_user_connections: args
+                .max_user_connections
+                .or(file.max_user_connections)
+                .unwrap_or(0),
+            max_db_connections: args
+                .max_db_connections
+                .or(file.max_db_connections)
+                .unwrap_or(0),
             max_message_size: args
                 .max_message_size
                 .or(file.max_message_size)
@@ -502,6 +530,16 @@ impl Config {
                 .or(file.max_session_statement_bytes)
                 .unwrap_or(64 << 20)
                 .max(1024),
+            // Four sessions at their own bound, or (counted per session, as each session pays
+            // for every statement it names even where sessions share one text) about 2,000
+            // sessions of one user holding 100 statements of 1 KiB each: what the pooler may
+            // spend on one user's statements before a runaway client of that user is refused
+            // rather than the pooler's memory grown for it.
+            max_user_statement_bytes: args
+                .max_user_statement_bytes
+                .or(file.max_user_statement_bytes)
+                .unwrap_or(256 << 20)
+                .max(1024),
             shutdown_timeout_ms: args
                 .shutdown_timeout_ms
                 .or(file.shutdown_timeout_ms)
@@ -527,6 +565,16 @@ impl Config {
         Ok(c)
     }
 
+    /// The backend budgets (budget.rs) this config sets.
+    pub fn limits(&self) -> crate::budget::Limits {
+        crate::budget::Limits {
+            pool_size: self.pool_size,
+            max_total: self.max_backends,
+            per_user: self.max_user_connections,
+            per_database: self.max_db_connections,
+        }
+    }
+
     /// The config in force after a reload: `new` (the file read again, under the same flags)
     /// for what can change live, `self` for the rest. Returns it with the keys that changed
     /// live and those that changed in the file but need a restart.
@@ -535,6 +583,16 @@ impl Config {
         let live = shared::lifecycle::changes(&[
             ("pool_size", s(&self.pool_size), s(&new.pool_size)),
             ("max_backends", s(&self.max_backends), s(&new.max_backends)),
+            (
+                "max_user_connections",
+                s(&self.max_user_connections),
+                s(&new.max_user_connections),
+            ),
+            (
+                "max_db_connections",
+                s(&self.max_db_connections),
+                s(&new.max_db_connections),
+            ),
             (
                 "connect_timeout_seconds",
                 s(&self.connect_timeout_seconds),
@@ -549,6 +607,11 @@ impl Config {
                 "max_session_statement_bytes",
                 s(&self.max_session_statement_bytes),
                 s(&new.max_session_statement_bytes),
+            ),
+            (
+                "max_user_statement_bytes",
+                s(&self.max_user_statement_bytes),
+                s(&new.max_user_statement_bytes),
             ),
             (
                 "login_cache_seconds",
@@ -635,9 +698,12 @@ impl Config {
         let merged = Config {
             pool_size: new.pool_size,
             max_backends: new.max_backends,
+            max_user_connections: new.max_user_connections,
+            max_db_connections: new.max_db_connections,
             connect_timeout_seconds: new.connect_timeout_seconds,
             max_prepared_statements: new.max_prepared_statements,
             max_session_statement_bytes: new.max_session_statement_bytes,
+            max_user_statement_bytes: new.max_user_statement_bytes,
             login_cache_seconds: new.login_cache_seconds,
             sequence_lease_ms: new.sequence_lease_ms,
             shutdown_timeout_ms: new.shutdown_timeout_ms,
@@ -683,6 +749,13 @@ mod tests {
         ] {
             assert_eq!(a, b);
         }
+        for (a, b) in [
+            (c.max_user_connections, d.max_user_connections),
+            (c.max_db_connections, d.max_db_connections),
+            (c.max_user_statement_bytes, d.max_user_statement_bytes),
+        ] {
+            assert_eq!(a, b);
+        }
         let mut new = c.clone();
         new.pool_size = 3;
         new.pg_port = 1;
@@ -691,6 +764,26 @@ mod tests {
         assert_eq!(restart, vec!["pg_port"]);
         assert_eq!(merged.pool_size, 3);
         assert_eq!(merged.pg_port, c.pg_port);
+
+        let mut new = c.clone();
+        new.max_user_connections = 3;
+        new.max_db_connections = 4;
+        new.max_user_statement_bytes = 1 << 20;
+        let (merged, live, restart) = c.reloaded(&new);
+        assert_eq!(
+            live,
+            vec![
+                "max_user_connections",
+                "max_db_connections",
+                "max_user_statement_bytes"
+            ]
+        );
+        assert!(restart.is_empty());
+        assert_eq!(
+            (merged.limits().per_user, merged.limits().per_database),
+            (3, 4)
+        );
+        assert_eq!(merged.max_user_statement_bytes, 1 << 20);
     }
 
     #[test]

@@ -63,7 +63,7 @@ fn reload(
         }
     };
     let (merged, live, restart) = now.reloaded(&new);
-    budgets.set_limits(merged.pool_size, merged.max_backends);
+    budgets.set_limits(merged.limits());
     if merged.log_level != now.log_level {
         if let Err(e) = shared::logging::set_level(&merged.log_level) {
             tracing::error!(error = %e, "reload: log_level not applied");
@@ -99,7 +99,7 @@ fn main() {
     }
     let cores = cfg.cores;
     let mesh = MeshBuilder::full(cores, 1024);
-    let budgets = budget::Budgets::new(cfg.pool_size, cfg.max_backends, cores);
+    let budgets = budget::Budgets::new(cfg.limits(), cores);
     // Cores still draining: a core done early keeps its links up until all are done.
     let draining = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(cores));
     let life = Lifecycle::new(cfg.clone());

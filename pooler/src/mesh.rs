@@ -17,8 +17,8 @@ pub enum CoreMsg {
     Cancel(i32, i32),
     /// End the session with these keys, wherever it is (`pg_terminate_backend` of its pid).
     Terminate(i32, i32),
-    /// A core is starved of budget: shed an idle backend of this pool (or of any pool).
-    Shed { key: Option<PoolKey> },
+    /// A core is starved of budget: shed an idle backend that gives it what it lacks.
+    Shed(Want),
     /// A core gave back budget for this pool (or, `None`, total budget): waiters may retry.
     Freed { key: Option<PoolKey> },
     /// Sessions of this pool wait on a core where the pool has no backend at all, and nothing
@@ -54,6 +54,42 @@ pub enum CoreMsg {
     /// Postgres is shutting down or crashed (server_end.rs): sessions holding no backend end
     /// with these last words (the backends' FATAL or WARNING).
     ServerEnded(Vec<u8>),
+}
+
+/// Whose idle backend a core starved of budget asks the others to close (`CoreMsg::Shed`),
+/// and the same core looks for among its own pools first (`pool::acquire`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Want {
+    /// Any pool's: the total budget is spent.
+    Any,
+    /// This pool's own: it has all its backends.
+    Pool(PoolKey),
+    /// One of this pool's user, on any of its databases: the user has all its backends
+    /// (`max_user_connections`).
+    User(PoolKey),
+    /// One of this pool's database, of any of its users: the database has all its backends
+    /// (`max_db_connections`).
+    Database(PoolKey),
+}
+
+impl Want {
+    /// The pool whose sessions wait, when the want is one pool's.
+    pub fn asker(&self) -> Option<&PoolKey> {
+        match self {
+            Want::Any => None,
+            Want::Pool(k) | Want::User(k) | Want::Database(k) => Some(k),
+        }
+    }
+
+    /// Whether closing a backend of `pool` gives back a unit of what the asker lacks.
+    pub fn served_by(&self, pool: &PoolKey) -> bool {
+        match self {
+            Want::Any => true,
+            Want::Pool(k) => k == pool,
+            Want::User(k) => k.user == pool.user,
+            Want::Database(k) => k.database == pool.database,
+        }
+    }
 }
 
 /// Messages to other cores that must arrive, in order: one queue per core, drained by one task
@@ -151,7 +187,7 @@ impl Peers {
 
     /// Sends `msg` to every other core (best effort: a full channel drops it; senders retry).
     pub fn ask(&self, msg: CoreMsg) {
-        if matches!(msg, CoreMsg::Shed { .. }) {
+        if matches!(msg, CoreMsg::Shed(_)) {
             let now = Instant::now();
             if self
                 .last_shed_ask

@@ -294,7 +294,15 @@ mod tests {
 
     #[test]
     fn docs_metrics_md_lists_exactly_the_poolers_metrics() {
-        let budgets = Budgets::new(2, 4, 1);
+        let budgets = Budgets::new(
+            crate::budget::Limits {
+                pool_size: 2,
+                max_total: 4,
+                per_user: 0,
+                per_database: 0,
+            },
+            1,
+        );
         let _pool = budgets.counter(&crate::budget::PoolKey {
             user: "alice".into(),
             database: "app".into(),

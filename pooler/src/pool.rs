@@ -8,7 +8,12 @@
 //! have waited, per backend, clearly longer than its own over the last `REBALANCE_EVERY`
 //! (`Pool::give_away_to`); or when a backend idles here while another core waits
 //! (`CoreMsg::Shed`).
-//! When the total budget is spent, a core frees an idle backend of another pool on itself.
+//! When the total budget is spent, a core frees an idle backend of another pool on itself; when a
+//! user's (`max_user_connections`) or a database's (`max_db_connections`) is, an idle backend of
+//! that user's other databases (of that database's other users), here and on the other cores
+//! (`Want`). A pool that waits for one of those limits is served as one waiting for the total:
+//! the fair share between pools below counts only pools a released backend's unit can serve
+//! (`Budgets::would_serve`).
 //!
 //! A core's pools are one [`Pools`], which holds what they need (budgets, the other cores, the
 //! config in force) so that nothing here reaches for the core (core.rs sits above); the relays
@@ -20,7 +25,7 @@ use crate::budget::{Budgets, PoolBudget, PoolKey, Reserve};
 use crate::config::{Config, Live};
 use crate::listen::Listener;
 use crate::login::LoginError;
-use crate::mesh::{CoreMsg, Peers};
+use crate::mesh::{CoreMsg, Peers, Want};
 use crate::responses::{Entry, Internal};
 use shared::io::Slot;
 use shared::link::Credential;
@@ -236,8 +241,9 @@ impl Pool {
         (victims.len() - by_age, by_age)
     }
 
-    /// Closes one idle backend that has been idle at least `min_idle`, if there is one.
-    fn shed_one(&self, pools: &Rc<Pools>, min_idle: Duration) -> bool {
+    /// Closes one idle backend that has been idle at least `min_idle`, if there is one; its
+    /// unit goes to a waiter of `prefer` first when it comes back.
+    fn shed_one(&self, pools: &Rc<Pools>, min_idle: Duration, prefer: Option<Rc<Pool>>) -> bool {
         let now = Instant::now();
         let victim = {
             let mut idle = self.idle.borrow_mut();
@@ -258,7 +264,7 @@ impl Pool {
             Some(b) => {
                 tracing::debug!(user = %self.key.user, db = %self.key.database, core = self.core, "closing an idle backend (shed)");
                 b.announce_freed.set(true);
-                close_for(pools, &b, None);
+                close_for(pools, &b, prefer);
                 true
             }
             None => false,
@@ -333,7 +339,15 @@ pub async fn acquire(
         } else {
             pools.budgets.reserve(&pool.global)
         };
-        if reserved == Reserve::TotalFull && pools.shed_idle_other_than(&pool.key) {
+        // Spent by other pools' backends: one of them idle here gives its unit back (when
+        // Postgres has ended it; this session waits for it in the queue below).
+        let shed = match reserved {
+            Reserve::TotalFull => Some(Want::Any),
+            Reserve::UserFull => Some(Want::User((*pool.key).clone())),
+            Reserve::DatabaseFull => Some(Want::Database((*pool.key).clone())),
+            Reserve::Ok | Reserve::PoolFull => None,
+        };
+        if shed.is_some_and(|want| pools.shed_idle_here(&want, pool)) {
             reserved = pools.budgets.reserve(&pool.global);
         }
         let ask = match reserved {
@@ -354,10 +368,10 @@ pub async fn acquire(
                 };
             }
             // Other cores shed only backends idle for a while (true surplus), and say so.
-            Reserve::PoolFull => CoreMsg::Shed {
-                key: Some((*pool.key).clone()),
-            },
-            Reserve::TotalFull => CoreMsg::Shed { key: None },
+            Reserve::PoolFull => CoreMsg::Shed(Want::Pool((*pool.key).clone())),
+            Reserve::UserFull => CoreMsg::Shed(Want::User((*pool.key).clone())),
+            Reserve::DatabaseFull => CoreMsg::Shed(Want::Database((*pool.key).clone())),
+            Reserve::TotalFull => CoreMsg::Shed(Want::Any),
         };
         // In the queue (and counted as waiting on this core) before the other cores hear of
         // it: they give a backend at once to a core whose sessions wait with none.
@@ -433,8 +447,9 @@ pub fn release(pools: &Rc<Pools>, b: Rc<Backend>) {
         return;
     }
     if let Some(other) = pools.poorer_pool_waiting(&pool) {
-        // Fair share between users: another pool here waits with fewer backends than this one
-        // has, and only the total budget stops it; this backend's unit goes to it.
+        // Fair share between pools: another pool here waits with fewer backends than this one
+        // has, and only what this backend holds stops it (the total budget, or the user's or
+        // the database's they share); this backend's unit goes to it.
         close_for(pools, &b, Some(other));
         return;
     }
@@ -457,9 +472,9 @@ pub fn release(pools: &Rc<Pools>, b: Rc<Backend>) {
         }
         return;
     }
-    if pools.someone_else_waits(&pool.key) {
-        // Another pool here is starved of the total budget: this backend's unit serves it
-        // better.
+    if pools.someone_else_waits(&pool) {
+        // Another pool here is starved of a budget this backend holds (the total, or its
+        // user's or database's): this backend's unit serves it better.
         close_for(pools, &b, None);
         return;
     }
@@ -616,7 +631,7 @@ impl Pools {
             .filter(|p| {
                 *p.key != *pool.key
                     && p.has_waiters()
-                    && !self.budgets.pool_full(&p.global)
+                    && self.budgets.would_serve(&pool.global, &p.global)
                     && (p.local.get() + 1 < pool.local.get()
                         || (p.local.get() == 0 && total(p) + 1 < total(pool)))
             })
@@ -668,27 +683,30 @@ impl Pools {
                 return true;
             }
             let other = self.budgets.counter(k);
-            !self.budgets.pool_full(&other) && other.count.load(Ordering::Relaxed) + 1 < mine
+            self.budgets.would_serve(&pool.global, &other)
+                && other.count.load(Ordering::Relaxed) + 1 < mine
         })?;
         Some(owed.swap_remove(i).0)
     }
 
-    fn someone_else_waits(&self, key: &PoolKey) -> bool {
-        self.map
-            .borrow()
-            .values()
-            .any(|p| *p.key != *key && p.has_waiters() && !self.budgets.pool_full(&p.global))
+    fn someone_else_waits(&self, pool: &Pool) -> bool {
+        self.map.borrow().values().any(|p| {
+            *p.key != *pool.key
+                && p.has_waiters()
+                && self.budgets.would_serve(&pool.global, &p.global)
+        })
     }
 
-    /// Frees the budget unit of an idle backend of another pool on this core.
-    fn shed_idle_other_than(self: &Rc<Self>, key: &PoolKey) -> bool {
+    /// Frees the budget unit of an idle backend of another pool on this core that `want`s of
+    /// `pool`, for a waiter of `pool`.
+    fn shed_idle_here(self: &Rc<Self>, want: &Want, pool: &Rc<Pool>) -> bool {
         let victim = self
             .map
             .borrow()
             .values()
-            .find(|p| *p.key != *key && !p.idle.borrow().is_empty())
+            .find(|p| *p.key != *pool.key && want.served_by(&p.key) && !p.idle.borrow().is_empty())
             .cloned();
-        victim.is_some_and(|p| p.shed_one(self, Duration::ZERO))
+        victim.is_some_and(|p| p.shed_one(self, Duration::ZERO, Some(pool.clone())))
     }
 
     /// Another core freed budget for this pool: let a waiter here try again now.
@@ -704,9 +722,9 @@ impl Pools {
         }
     }
 
-    /// Another core is starved: close an idle backend of that pool (or of any pool) here.
-    pub fn on_shed(self: &Rc<Self>, key: Option<PoolKey>) {
-        if self.shed_now(&key) {
+    /// Another core is starved: close an idle backend here that gives it what it `want`s.
+    pub fn on_shed(self: &Rc<Self>, want: Want) {
+        if self.shed_now(&want) {
             return;
         }
         // Nothing idle long enough yet: look once more a little later rather than leave the
@@ -714,26 +732,36 @@ impl Pools {
         let pools = self.clone();
         glommio::spawn_local(async move {
             glommio::timer::sleep(SHED_AFTER_IDLE).await;
-            pools.shed_now(&key);
+            pools.shed_now(&want);
         })
         .detach();
     }
 
-    fn shed_now(self: &Rc<Self>, key: &Option<PoolKey>) -> bool {
+    fn shed_now(self: &Rc<Self>, want: &Want) -> bool {
         let pools: Vec<Rc<Pool>> = self.map.borrow().values().cloned().collect();
         let now = Instant::now();
+        // Asked for a pool that has no backend at all: whatever serves it is surplus here.
+        let asker_has_none = want
+            .asker()
+            .is_some_and(|k| self.budgets.counter(k).count.load(Ordering::Relaxed) == 0);
         for p in pools {
-            // Asked for this pool: only surplus, not a backend this core's sessions need,
-            // unless the asking core has none at all (then it is the only way it is served).
-            let needed_here = key.is_some()
+            // Asked for one pool (its own backends, or its user's or database's): only surplus,
+            // not a backend this core's sessions need, unless the asking core has none at all
+            // (then it is the only way it is served).
+            let starving = if want.asker() == Some(&*p.key) {
+                p.starving_core().is_some()
+            } else {
+                asker_has_none
+            };
+            let needed_here = want.asker().is_some()
                 && p.last_wait
                     .get()
                     .is_some_and(|t| now.duration_since(t) < SURPLUS_AFTER_WAIT)
-                && p.starving_core().is_none();
-            if key.as_ref().is_none_or(|k| *k == *p.key)
+                && !starving;
+            if want.served_by(&p.key)
                 && !p.has_waiters()
                 && !needed_here
-                && p.shed_one(self, SHED_AFTER_IDLE)
+                && p.shed_one(self, SHED_AFTER_IDLE, None)
             {
                 return true;
             }
@@ -753,7 +781,7 @@ impl Pools {
             .collect();
         let mut closed = 0;
         for pool in pools {
-            while pool.shed_one(self, Duration::ZERO) {
+            while pool.shed_one(self, Duration::ZERO, None) {
                 closed += 1;
             }
         }

@@ -12,7 +12,7 @@ use crate::pool::{self, Backend, Pool};
 use crate::readback;
 use crate::responses::{self, Done, Entry, Internal, Kind, Owner};
 use crate::sql_names::{ensure, parse_names, write_sql_query, SqlName};
-use crate::statements::{Statements, Stmt};
+use crate::statements::{Bounds, Past, Statements, Stmt};
 use shared::io::{Notify, OutQueue, Slot};
 use shared::link::{down, flags, put_header, Credential};
 use shared::protocol::backend::{self as be, Severity};
@@ -116,6 +116,8 @@ impl Session {
         cancel_key: (i32, i32),
         baseline: Rc<Settings>,
     ) -> Rc<Session> {
+        // The user's statement count, shared with its other sessions: found once, here.
+        let statements = Statements::of_user(pool.global.user.clone());
         Rc::new(Session {
             id,
             to_gateway,
@@ -125,7 +127,7 @@ impl Session {
             settings: RefCell::new(baseline.clone()),
             watch: RefCell::new(Vec::new()),
             baseline: RefCell::new(baseline),
-            statements: Statements::default(),
+            statements,
             unnamed: RefCell::new(None),
             backend: RefCell::new(None),
             pinned: Cell::new(false),
@@ -943,7 +945,7 @@ fn answer_locally(core: &Rc<Core>, s: &Rc<Session>, msgs: &[u8]) -> bool {
                 }
                 // Past the session's bound: the backend path answers with the error.
                 planned += crate::statements::cost(p.name, &stmt);
-                if past_statement_limit(core, s.statements.bytes() + planned).is_some() {
+                if past_statement_limit(core, s, planned).is_some() {
                     return false;
                 }
                 plan.push((fe::PARSE, p.name.to_vec(), Some(stmt)));
@@ -1222,10 +1224,9 @@ fn write_message(
                 return Ok(());
             }
             let stmt = core.statement(p.query, p.param_types);
-            let limit = core.live().max_session_statement_bytes;
-            if !s.statements.fits(p.name, &stmt, limit) {
+            if let Some(past) = s.statements.past(p.name, &stmt, statement_bounds(core)) {
                 s.skip_until_sync.set(true);
-                b.send(&[], Some(Entry::SynthError(statement_limit(limit))));
+                b.send(&[], Some(Entry::SynthError(statement_limit(past))));
                 return Ok(());
             }
             s.prepared_anew(p.name);
@@ -1351,15 +1352,15 @@ fn write_message(
                 .collect();
             if names.is_empty() {
                 b.send(msg, Some(Entry::Client(Kind::Query)));
-            } else if let Some(limit) = past_statement_limit(
+            } else if let Some(past) = past_statement_limit(
                 core,
-                s.statements.bytes()
-                    + crate::sql_names::new_prepare_bytes(&s.statements, msg, &names),
+                s,
+                crate::sql_names::new_prepare_bytes(&s.statements, msg, &names),
             ) {
                 // Failed by the backend itself, so that a transaction it ran in fails there as
                 // it would directly (an error made up here would leave the backend's open).
                 b.send(
-                    &raise_query(STATEMENT_LIMIT_CODE, &statement_limit_message(limit)),
+                    &raise_query(STATEMENT_LIMIT_CODE, &statement_limit_message(past)),
                     Some(Entry::Client(Kind::Query)),
                 );
             } else {
@@ -1477,30 +1478,46 @@ fn fatal(code: &str, msg: &str) -> Vec<u8> {
 
 /// Postgres bounds a session's prepared statements by its backend's memory only; here they
 /// live in the pooler, shared by every session, so each session has a bound
-/// (`max_session_statement_bytes`). `54000`: program_limit_exceeded.
+/// (`max_session_statement_bytes`), and all sessions of a user together another
+/// (`max_user_statement_bytes`). `54000`: program_limit_exceeded.
 const STATEMENT_LIMIT_CODE: &str = "54000";
 
-/// The bound, when `bytes` of statements would pass it.
-fn past_statement_limit(core: &Core, bytes: usize) -> Option<usize> {
-    let limit = core.live().max_session_statement_bytes;
-    (bytes > limit).then_some(limit)
+/// The bounds in force.
+fn statement_bounds(core: &Core) -> Bounds {
+    let live = core.live();
+    Bounds {
+        session: live.max_session_statement_bytes,
+        user: live.max_user_statement_bytes,
+    }
 }
 
-fn statement_limit_message(limit: usize) -> String {
-    format!(
-        "too many prepared statements in this session: they would hold more than {limit} bytes \
-         (the pooler's max_session_statement_bytes); DEALLOCATE some"
-    )
+/// The bound `more` bytes of new statements in `s` would pass, if any.
+fn past_statement_limit(core: &Core, s: &Session, more: usize) -> Option<Past> {
+    s.statements.past_adding(more, 0, statement_bounds(core))
 }
 
-/// The error a `Parse` past the bound gets.
-fn statement_limit(limit: usize) -> Vec<u8> {
+fn statement_limit_message(past: Past) -> String {
+    match past {
+        Past::Session(limit) => format!(
+            "too many prepared statements in this session: they would hold more than {limit} \
+             bytes (the pooler's max_session_statement_bytes); DEALLOCATE some"
+        ),
+        // Not the user's name: it goes into a `DO` block's text (`raise_query`).
+        Past::User(limit) => format!(
+            "too many prepared statements in this user's sessions: together they would hold \
+             more than {limit} bytes (the pooler's max_user_statement_bytes); DEALLOCATE some"
+        ),
+    }
+}
+
+/// The error a `Parse` past a bound gets.
+fn statement_limit(past: Past) -> Vec<u8> {
     let mut e = Vec::new();
     be::error_response(
         &mut e,
         Severity::Error,
         STATEMENT_LIMIT_CODE,
-        &statement_limit_message(limit),
+        &statement_limit_message(past),
     );
     e
 }
@@ -1577,7 +1594,8 @@ mod tests {
     #[test]
     fn an_idle_sessions_task_is_small() {
         let cfg = crate::config::for_tests(&[]).unwrap();
-        let core = Core::new(Rc::new(cfg), 0, crate::budget::Budgets::new(10, 10, 2));
+        let budgets = crate::budget::Budgets::new(cfg.limits(), 2);
+        let core = Core::new(Rc::new(cfg), 0, budgets);
         let key = crate::budget::PoolKey {
             user: "u".into(),
             database: "d".into(),

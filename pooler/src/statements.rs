@@ -2,20 +2,47 @@
 //! rewritten `Query`'s replies back to the client: data only, used by the response state
 //! machine (`responses.rs`) below and the writers (`session.rs`, `sql_names.rs`) above.
 
+use crate::budget::UserBudget;
 use shared::protocol::backend as be;
 use shared::protocol::put_message;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 /// A session's prepared statements by the name its client gave them (one namespace for
 /// protocol-level and SQL `PREPARE`, as in Postgres), and the bytes they hold: bounded by the
 /// pooler's `max_session_statement_bytes` where a client makes one (session.rs), so that one
-/// session preparing without end cannot grow the pooler without end (issue 12 §3).
+/// session preparing without end cannot grow the pooler without end, and, with the other
+/// sessions of its user, by `max_user_statement_bytes`, so that many sessions cannot either
+/// (issue 12 §3).
+///
+/// The user's count is one atomic shared by the user's sessions on every core (its
+/// `UserBudget`, found when the session opened), moved by what a session's count moves, where
+/// it moves: a `Parse` or SQL `PREPARE`/`DEALLOCATE`, never a `Bind` or `Execute`. What a
+/// session holds is given back when it ends (`Drop`). Checked before a statement is made and
+/// charged after, so sessions of one user on several cores preparing at the same instant may
+/// pass the user's bound by a statement each.
 #[derive(Default)]
 pub struct Statements {
     map: RefCell<HashMap<Vec<u8>, Rc<Stmt>>>,
     bytes: Cell<usize>,
+    user: Arc<UserBudget>,
+}
+
+/// The bounds on a session's statements, in bytes ([`cost`]): its own and its user's.
+#[derive(Clone, Copy, Debug)]
+pub struct Bounds {
+    pub session: usize,
+    pub user: usize,
+}
+
+/// The bound a new statement would pass, and its limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Past {
+    Session(usize),
+    User(usize),
 }
 
 /// What a statement is counted for in its session's bound: its name, its text (the `Parse`
@@ -37,20 +64,52 @@ pub fn cost_of(name_len: usize, texts: usize) -> usize {
 }
 
 impl Statements {
+    /// A session's statements, counted also in `user`'s (shared with its other sessions).
+    pub fn of_user(user: Arc<UserBudget>) -> Statements {
+        Statements {
+            map: RefCell::default(),
+            bytes: Cell::new(0),
+            user,
+        }
+    }
+
     pub fn borrow(&self) -> std::cell::Ref<'_, HashMap<Vec<u8>, Rc<Stmt>>> {
         self.map.borrow()
     }
 
     /// Bytes held (see [`cost`]).
+    #[cfg(test)]
     pub fn bytes(&self) -> usize {
         self.bytes.get()
     }
 
-    /// Whether naming `stmt` as `name` (new, or replacing what has that name) keeps the
-    /// session within `limit` bytes.
-    pub fn fits(&self, name: &[u8], stmt: &Stmt, limit: usize) -> bool {
+    /// The bound that naming `stmt` as `name` (new, or replacing what has that name) would
+    /// pass, if any.
+    pub fn past(&self, name: &[u8], stmt: &Stmt, bounds: Bounds) -> Option<Past> {
         let freed = self.map.borrow().get(name).map_or(0, |old| cost(name, old));
-        self.bytes.get() - freed + cost(name, stmt) <= limit
+        self.past_adding(cost(name, stmt), freed, bounds)
+    }
+
+    /// The bound that statements of `more` bytes, made where statements of `freed` bytes go,
+    /// would pass, if any.
+    pub fn past_adding(&self, more: usize, freed: usize, bounds: Bounds) -> Option<Past> {
+        if self.bytes.get() - freed + more > bounds.session {
+            return Some(Past::Session(bounds.session));
+        }
+        let user = self.user.statement_bytes.load(Ordering::Relaxed);
+        (more > freed && user.saturating_sub(freed) + more > bounds.user)
+            .then_some(Past::User(bounds.user))
+    }
+
+    /// The session's count is now `bytes`: the user's moves as much.
+    fn set_bytes(&self, bytes: usize) {
+        let was = self.bytes.replace(bytes);
+        let user = &self.user.statement_bytes;
+        if bytes > was {
+            user.fetch_add(bytes - was, Ordering::Relaxed);
+        } else if was > bytes {
+            user.fetch_sub(was - bytes, Ordering::Relaxed);
+        }
     }
 
     pub fn contains(&self, name: &[u8]) -> bool {
@@ -61,7 +120,7 @@ impl Statements {
         let add = cost(&name, &stmt);
         let freed = self.map.borrow().get(&name).map_or(0, |o| cost(&name, o));
         self.map.borrow_mut().insert(name, stmt);
-        self.bytes.set(self.bytes.get() - freed + add);
+        self.set_bytes(self.bytes.get() - freed + add);
     }
 
     /// Names `stmt` as `name` unless the name is taken.
@@ -73,8 +132,7 @@ impl Statements {
 
     pub fn remove(&self, name: &[u8]) -> Option<Rc<Stmt>> {
         let old = self.map.borrow_mut().remove(name)?;
-        self.bytes
-            .set(self.bytes.get().saturating_sub(cost(name, &old)));
+        self.set_bytes(self.bytes.get().saturating_sub(cost(name, &old)));
         Some(old)
     }
 
@@ -92,7 +150,14 @@ impl Statements {
 
     pub fn clear(&self) {
         self.map.borrow_mut().clear();
-        self.bytes.set(0);
+        self.set_bytes(0);
+    }
+}
+
+/// The session ended: its statements no longer count for its user.
+impl Drop for Statements {
+    fn drop(&mut self) {
+        self.set_bytes(0);
     }
 }
 
@@ -369,12 +434,17 @@ mod tests {
     fn a_sessions_statements_count_what_they_hold() {
         let s = Statements::default();
         let (a, b) = (stmt("SELECT 1"), stmt(&"x".repeat(1000)));
-        assert!(s.fits(b"a", &a, cost(b"a", &a)));
-        assert!(!s.fits(b"a", &a, cost(b"a", &a) - 1));
+        let session = |n| Bounds {
+            session: n,
+            user: usize::MAX,
+        };
+        assert_eq!(s.past(b"a", &a, session(cost(b"a", &a))), None);
+        let less = cost(b"a", &a) - 1;
+        assert_eq!(s.past(b"a", &a, session(less)), Some(Past::Session(less)));
         s.insert(b"a".to_vec(), a.clone());
         assert_eq!(s.bytes(), cost(b"a", &a));
         // Replacing a name counts the new statement instead of the old one.
-        assert!(s.fits(b"a", &b, cost(b"a", &b)));
+        assert_eq!(s.past(b"a", &b, session(cost(b"a", &b))), None);
         s.insert(b"a".to_vec(), b.clone());
         assert_eq!(s.bytes(), cost(b"a", &b));
         s.insert_if_absent(b"a".to_vec(), a.clone());
@@ -388,6 +458,42 @@ mod tests {
         s.clear();
         assert_eq!(s.bytes(), 0);
         assert!(!s.contains(b"a"));
+    }
+
+    #[test]
+    fn a_users_sessions_count_together_until_they_end() {
+        let user = Arc::new(UserBudget::default());
+        let (s1, s2) = (
+            Statements::of_user(user.clone()),
+            Statements::of_user(user.clone()),
+        );
+        let other = Statements::default();
+        let a = stmt(&"x".repeat(1000));
+        let one = cost(b"a", &a);
+        let bounds = Bounds {
+            session: 2 * one,
+            user: 3 * one,
+        };
+        s1.insert(b"a".to_vec(), a.clone());
+        s1.insert(b"b".to_vec(), stmt(&"y".repeat(1000)));
+        assert_eq!(s2.past(b"a", &a, bounds), None);
+        s2.insert(b"a".to_vec(), a.clone());
+        assert_eq!(user.statement_bytes.load(Ordering::Relaxed), 3 * one);
+        // Within its own bound, past its user's.
+        assert_eq!(s2.past(b"b", &a, bounds), Some(Past::User(3 * one)));
+        // Replacing what a name holds adds nothing.
+        assert_eq!(s2.past(b"a", &a, bounds), None);
+        assert_eq!(other.past(b"a", &a, bounds), None);
+        // Freed by a Close, by DISCARD ALL, and by the session's end.
+        s1.remove(b"b");
+        assert_eq!(s2.past(b"b", &a, bounds), None);
+        s1.clear();
+        assert_eq!(user.statement_bytes.load(Ordering::Relaxed), one);
+        s1.insert(b"a".to_vec(), a.clone());
+        drop(s1);
+        assert_eq!(user.statement_bytes.load(Ordering::Relaxed), one);
+        drop(s2);
+        assert_eq!(user.statement_bytes.load(Ordering::Relaxed), 0);
     }
 
     #[test]
