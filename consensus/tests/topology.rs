@@ -495,6 +495,7 @@ async fn etcd_store_over_tls_with_a_user() {
         ca_file: Some(d.join("ca.pem")),
         user: Some("tp".into()),
         password_file: Some(password("tp.password", "tp-pw\n")),
+        ..EtcdAccess::default()
     };
     let store = |access: &EtcdAccess| {
         EtcdStore::new(&etcd.url, "test", Duration::from_secs(5))
