@@ -166,6 +166,11 @@ impl EtcdStore {
             None => {}
         }
         match (&access.cert_file, &access.key_file) {
+            (Some(_), Some(_)) if !https => {
+                return Err(fail(
+                    "a client certificate is for https:// endpoints only".into(),
+                ))
+            }
             (Some(cert), Some(key)) => {
                 let cert = std::fs::read(cert)
                     .map_err(|e| fail(format!("etcd cert file {}: {e}", cert.display())))?;
@@ -180,11 +185,6 @@ impl EtcdStore {
                         .into(),
                 ))
             }
-        }
-        if access.cert_file.is_some() && !https {
-            return Err(fail(
-                "a client certificate is for https:// endpoints only".into(),
-            ));
         }
         if https {
             // Each endpoint's certificate is checked against its own host (the URL's), so no
@@ -610,5 +610,32 @@ mod tests {
             })
             .unwrap_err();
         assert!(e.to_string().contains("password file"), "{e}");
+        // A client certificate: both files, and https:// only.
+        let e = s
+            .clone()
+            .with_access(&EtcdAccess {
+                ca_file: Some("/nonexistent/ca.pem".into()),
+                cert_file: Some("/nonexistent/cert.pem".into()),
+                ..EtcdAccess::default()
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("etcd CA file"), "{e}");
+        let e = EtcdStore::new("http://h:1", "c", DEFAULT_TIMEOUT)
+            .unwrap()
+            .with_access(&EtcdAccess {
+                cert_file: Some("/nonexistent/cert.pem".into()),
+                key_file: Some("/nonexistent/key.pem".into()),
+                ..EtcdAccess::default()
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("https:// endpoints only"), "{e}");
+        let e = EtcdStore::new("http://h:1", "c", DEFAULT_TIMEOUT)
+            .unwrap()
+            .with_access(&EtcdAccess {
+                key_file: Some("/nonexistent/key.pem".into()),
+                ..EtcdAccess::default()
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("both cert_file and key_file"), "{e}");
     }
 }
