@@ -65,8 +65,9 @@ impl Endpoint {
 pub struct EtcdStore {
     /// Each endpoint; the client balances over those it can reach.
     endpoints: Vec<Endpoint>,
-    /// TLS, user and HTTP/2 keep-alive (holds the password: never printed).
-    options: ConnectOptions,
+    /// TLS, user and HTTP/2 keep-alive (holds the password: never printed). Boxed: it is
+    /// large and `Store` holds an `EtcdStore` or a small `FileStore`.
+    options: Box<ConnectOptions>,
     /// The user authenticated as, for error messages.
     user: Option<String>,
     /// Connected (and authenticated) at the first call; shared by the store's clones.
@@ -133,7 +134,7 @@ impl EtcdStore {
             .with_auto_token_refresh(true);
         Ok(EtcdStore {
             endpoints,
-            options,
+            options: Box::new(options),
             user: None,
             client: Arc::new(OnceCell::new()),
             topology_key: format!("/tidepool/{cluster}/topology"),
@@ -189,14 +190,16 @@ impl EtcdStore {
         if https {
             // Each endpoint's certificate is checked against its own host (the URL's), so no
             // `domain_name` override.
-            self.options = self.options.with_tls(tls);
+            *self.options = self.options.as_ref().clone().with_tls(tls);
         }
         match (&access.user, &access.password_file) {
             (Some(user), Some(file)) => {
                 let password = read_secret(file, "etcd password file").map_err(fail)?;
                 let password = String::from_utf8_lossy(&password);
-                self.options = self
+                *self.options = self
                     .options
+                    .as_ref()
+                    .clone()
                     .with_user(user, password.trim_end_matches(['\r', '\n']));
                 self.user = Some(user.clone());
             }
@@ -237,7 +240,7 @@ impl EtcdStore {
         self.client
             .get_or_try_init(|| async {
                 let urls: Vec<String> = self.endpoints.iter().map(Endpoint::url).collect();
-                Client::connect(urls, Some(self.options.clone()))
+                Client::connect(urls, Some(self.options.as_ref().clone()))
                     .await
                     .map_err(|e| match &self.user {
                         // With a user, connecting authenticates: an answer is etcd's refusal.
