@@ -44,6 +44,8 @@ PACKAGES=(
     # PostgreSQL 15 server, client, contrib; the pooler to compare against; backups; topology.
     postgresql-15 postgresql-client-15 postgresql-contrib
     pgbouncer pgbackrest etcd-server etcd-client
+    # The etcd-client crate compiles etcd's .proto files when it builds.
+    protobuf-compiler
     # runuser, setsid, prlimit (util-linux), ps/sysctl (procps), coreutils' timeout.
     util-linux procps coreutils
     # HA tests cut the control process off a node's agent with a firewall rule on its port.

@@ -282,6 +282,15 @@ pub struct UpArgs {
     #[arg(long, value_name = "FILE")]
     pub etcd_ca_file: Option<PathBuf>,
 
+    /// Client certificate (PEM) presented to https:// etcd endpoints (etcd's
+    /// --client-cert-auth) [default: none].
+    #[arg(long, value_name = "FILE", requires = "etcd_key_file")]
+    pub etcd_cert_file: Option<PathBuf>,
+
+    /// Private key (PEM, mode 600) of --etcd-cert-file.
+    #[arg(long, value_name = "FILE", requires = "etcd_cert_file")]
+    pub etcd_key_file: Option<PathBuf>,
+
     /// etcd user to authenticate as (etcd's `auth enable`) [default: none].
     #[arg(long, value_name = "USER")]
     pub etcd_user: Option<String>,
@@ -323,12 +332,15 @@ impl UpArgs {
             zones: self.zones.clone(),
             timers: None,
             etcd: self.etcd.clone(),
-            // Given as flags, the three replace the whole [etcd_access] table.
+            // Given as flags, they replace the whole [etcd_access] table.
             etcd_access: (self.etcd_ca_file.is_some()
+                || self.etcd_cert_file.is_some()
                 || self.etcd_user.is_some()
                 || self.etcd_password_file.is_some())
             .then(|| crate::config::EtcdAccess {
                 ca_file: self.etcd_ca_file.clone(),
+                cert_file: self.etcd_cert_file.clone(),
+                key_file: self.etcd_key_file.clone(),
                 user: self.etcd_user.clone(),
                 password_file: self.etcd_password_file.clone(),
             }),

@@ -87,6 +87,11 @@ pub struct EtcdAccess {
     /// PEM file of the CA(s) an `https://` endpoint's certificate must chain to; required by
     /// `https://` endpoints (checked against the endpoint's host name or IP address).
     pub ca_file: Option<PathBuf>,
+    /// PEM certificate this process presents to `https://` endpoints (etcd's
+    /// `--client-cert-auth`); `None`: no client certificate. Required with `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file` (mode 600: refused when group or others may read it).
+    pub key_file: Option<PathBuf>,
     /// etcd user (etcd's `auth enable`); `None`: no authentication.
     pub user: Option<String>,
     /// File holding that user's password (mode 600: refused when group or others may read it);

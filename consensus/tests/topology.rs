@@ -391,16 +391,9 @@ fn openssl(dir: &std::path::Path, args: &[&str]) {
     );
 }
 
-/// etcd over TLS with authentication (`[etcd_access]`, issue 12 §1): a store with the CA and a
-/// user granted only `/tidepool/` does compare-and-swap and leadership, and keeps working when
-/// its token lapses (etcd here forgets a token after one idle second); without a user, with a
-/// wrong password, or with another CA it gets a clear error, not an answer.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn etcd_store_over_tls_with_a_user() {
-    use std::os::unix::fs::PermissionsExt;
-    use tidepool::config::EtcdAccess;
-    let dir = TempDir::new("etcd-tls");
-    let d = dir.0.as_path();
+/// In `d`: two CAs (`ca.pem`, `other-ca.pem`, with their keys) and etcd's certificate for
+/// 127.0.0.1 issued by the first (`server.pem`, `server.key`).
+fn test_pki(d: &std::path::Path) {
     for ca in ["ca", "other-ca"] {
         openssl(
             d,
@@ -466,6 +459,72 @@ async fn etcd_store_over_tls_with_a_user() {
             "server.pem",
         ],
     );
+}
+
+/// In `d`: a client certificate for `name` issued by `ca.pem` (`NAME.pem`, `NAME.key`, mode
+/// 600).
+fn client_certificate(d: &std::path::Path, name: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+        ],
+    );
+    std::fs::write(
+        d.join(format!("{name}.ext")),
+        "basicConstraints = CA:FALSE\nextendedKeyUsage = clientAuth\n",
+    )
+    .unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &format!("{name}.ext"),
+            "-out",
+            &format!("{name}.pem"),
+        ],
+    );
+    std::fs::set_permissions(
+        d.join(format!("{name}.key")),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+}
+
+/// etcd over TLS with authentication (`[etcd_access]`, issue 12 §1): a store with the CA and a
+/// user granted only `/tidepool/` does compare-and-swap and leadership, and keeps working when
+/// its token lapses (etcd here forgets a token after one idle second); without a user, with a
+/// wrong password, or with another CA it gets a clear error, not an answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_store_over_tls_with_a_user() {
+    use std::os::unix::fs::PermissionsExt;
+    use tidepool::config::EtcdAccess;
+    let dir = TempDir::new("etcd-tls");
+    let d = dir.0.as_path();
+    test_pki(d);
     let etcd = testkit::Etcd::start_tls(
         &d.join("server.pem"),
         &d.join("server.key"),
@@ -495,6 +554,7 @@ async fn etcd_store_over_tls_with_a_user() {
         ca_file: Some(d.join("ca.pem")),
         user: Some("tp".into()),
         password_file: Some(password("tp.password", "tp-pw\n")),
+        ..EtcdAccess::default()
     };
     let store = |access: &EtcdAccess| {
         EtcdStore::new(&etcd.url, "test", Duration::from_secs(5))
@@ -552,5 +612,80 @@ async fn etcd_store_over_tls_with_a_user() {
     })
     .unwrap_err()
     .to_string();
+    assert!(e.contains("chmod 600"), "{e}");
+}
+
+/// etcd requiring client certificates (`--client-cert-auth`) with auth enabled: a store with a
+/// certificate whose common name is a user granted only `/tidepool/` (`cert_file`, `key_file`,
+/// no password) does compare-and-swap and leadership; without a certificate it gets an error,
+/// not an answer; a key file others may read is refused before anything is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_store_with_a_client_certificate() {
+    use std::os::unix::fs::PermissionsExt;
+    use tidepool::config::EtcdAccess;
+    let dir = TempDir::new("etcd-mtls");
+    let d = dir.0.as_path();
+    test_pki(d);
+    client_certificate(d, "root");
+    client_certificate(d, "tp");
+    let etcd = testkit::Etcd::start_client_cert_auth(
+        &d.join("server.pem"),
+        &d.join("server.key"),
+        &d.join("ca.pem"),
+        &d.join("root.pem"),
+        &d.join("root.key"),
+    );
+    etcd.etcdctl(&["user", "add", "root:root-pw"]);
+    etcd.etcdctl(&["role", "add", "tidepool"]);
+    etcd.etcdctl(&[
+        "role",
+        "grant-permission",
+        "tidepool",
+        "--prefix=true",
+        "readwrite",
+        "/tidepool/",
+    ]);
+    etcd.etcdctl(&["user", "add", "tp:unused-pw"]);
+    etcd.etcdctl(&["user", "grant-role", "tp", "tidepool"]);
+    etcd.etcdctl(&["auth", "enable"]);
+    let access = EtcdAccess {
+        ca_file: Some(d.join("ca.pem")),
+        cert_file: Some(d.join("tp.pem")),
+        key_file: Some(d.join("tp.key")),
+        ..EtcdAccess::default()
+    };
+    let store = |access: &EtcdAccess| {
+        EtcdStore::new(&etcd.url, "test", Duration::from_secs(5))
+            .and_then(|s| s.with_access(access))
+            .map(Store::Etcd)
+    };
+    let (a, b) = (store(&access).unwrap(), store(&access).unwrap());
+    cas_conflict(&a, &b).await;
+    leadership(&a, &b, Duration::from_secs(2)).await;
+
+    // A certificate of the same CA for a name that is no etcd user: refused (etcd takes the
+    // common name as the user).
+    client_certificate(d, "nobody");
+    let nobody = store(&EtcdAccess {
+        cert_file: Some(d.join("nobody.pem")),
+        key_file: Some(d.join("nobody.key")),
+        ..access.clone()
+    })
+    .unwrap();
+    let e = nobody.load().await.unwrap_err().to_string();
+    assert!(e.contains("permission denied"), "{e}");
+    // No certificate: etcd closes the connection (under TLS 1.3 after the handshake, so
+    // rustls has no certificate error to give): an error, not a timeout.
+    let anonymous = store(&EtcdAccess {
+        cert_file: None,
+        key_file: None,
+        ..access.clone()
+    })
+    .unwrap();
+    let e = anonymous.load().await.unwrap_err();
+    assert!(matches!(e, StoreError::Etcd { .. }), "{e:?}");
+    // A key file others may read is refused before anything is sent.
+    std::fs::set_permissions(d.join("tp.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let e = store(&access).unwrap_err().to_string();
     assert!(e.contains("chmod 600"), "{e}");
 }

@@ -15,6 +15,8 @@ pub struct Etcd {
     pub url: String,
     /// With TLS: the CA of the server's certificate (for etcdctl).
     ca: Option<PathBuf>,
+    /// With client certificate authentication: etcdctl's certificate and key.
+    etcdctl_cert: Option<(PathBuf, PathBuf)>,
     port: u16,
     pub log: PathBuf,
     dir: PathBuf,
@@ -38,7 +40,30 @@ impl Etcd {
         )))
     }
 
+    /// As [`Etcd::start_tls`], and clients must present a certificate issued by `ca`
+    /// (`--client-cert-auth`); once auth is enabled, etcd takes its common name as the user.
+    /// [`Etcd::etcdctl`] presents `etcdctl_cert` and `etcdctl_key`.
+    pub fn start_client_cert_auth(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        ca: &std::path::Path,
+        etcdctl_cert: &std::path::Path,
+        etcdctl_key: &std::path::Path,
+    ) -> Etcd {
+        Etcd::start_full(
+            Some((cert.to_path_buf(), key.to_path_buf(), ca.to_path_buf())),
+            Some((etcdctl_cert.to_path_buf(), etcdctl_key.to_path_buf())),
+        )
+    }
+
     fn start_with(tls: Option<(PathBuf, PathBuf, PathBuf)>) -> Etcd {
+        Etcd::start_full(tls, None)
+    }
+
+    fn start_full(
+        tls: Option<(PathBuf, PathBuf, PathBuf)>,
+        etcdctl_cert: Option<(PathBuf, PathBuf)>,
+    ) -> Etcd {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
@@ -57,6 +82,10 @@ impl Etcd {
                 .arg(format!("--key-file={}", key.display()))
                 .arg("--auth-token=simple")
                 .arg("--auth-token-ttl=1");
+        }
+        if let (Some((_, _, ca)), Some(_)) = (&tls, &etcdctl_cert) {
+            cmd.arg("--client-cert-auth")
+                .arg(format!("--trusted-ca-file={}", ca.display()));
         }
         let child = cmd
             .arg("--name=t")
@@ -77,6 +106,7 @@ impl Etcd {
             child,
             url,
             ca: tls.map(|(_, _, ca)| ca),
+            etcdctl_cert,
             port: client,
             log,
             dir,
@@ -106,6 +136,10 @@ impl Etcd {
             .arg("--command-timeout=5s");
         if let Some(ca) = &self.ca {
             cmd.arg(format!("--cacert={}", ca.display()));
+        }
+        if let Some((cert, key)) = &self.etcdctl_cert {
+            cmd.arg(format!("--cert={}", cert.display()))
+                .arg(format!("--key={}", key.display()));
         }
         cmd.args(args).output().expect("run etcdctl")
     }

@@ -7,33 +7,33 @@
 //!   Campaigning is a transaction that creates the key only if it does not exist; renewing is
 //!   a lease keep-alive; when the leader stops renewing, etcd deletes the key and the next
 //!   campaign wins.
-//!
 //! - `/tidepool/<cluster>/backup-lock`: the id of the process taking a backup, bound to a
 //!   lease it keeps alive while the backup runs: one backup at a time across machines.
 //!
-//! We speak etcd's JSON gateway (`POST /v3/kv/range`, `/v3/kv/txn`, `/v3/lease/...`, the
-//! same v3 API as gRPC, bytes in base64, 64-bit numbers as strings) over HTTP/1.1: one small
-//! request per call, no code generation and no gRPC stack to build (see
-//! docs/decisions/2026-11-21-durability-policy.md and 2026-12-07-etcd-client.md). Every call
-//! is bounded by the store's timeout, so an etcd that is down or stuck turns into an error,
-//! never a hang.
+//! We speak gRPC through the `etcd-client` crate (docs/decisions/2026-12-07-etcd-client.md):
+//! one HTTP/2 connection per endpoint, made at the first call, not when the store is built.
+//! Every call is bounded by the store's timeout as a whole (connecting and authenticating
+//! included), so an etcd that is down or stuck turns into an error, never a hang.
 //!
 //! Access (`[etcd_access]`): `https://` endpoints are reached over TLS (rustls), their
-//! certificate checked against `ca_file` and the endpoint's host; with `user`, the store
-//! authenticates (`/v3/auth/authenticate`, the password read from `password_file`) and sends the
-//! token it gets in the `Authorization` header of every call, authenticating again once when
-//! etcd says the token is no longer valid (simple tokens expire).
+//! certificate checked against `ca_file` and the endpoint's host; `cert_file` and `key_file`
+//! give a client certificate (etcd's `--client-cert-auth`); with `user`, the client
+//! authenticates with the password read from `password_file` and authenticates again when etcd
+//! says the token is no longer valid (simple tokens expire).
+//!
+//! The connection's tasks run on the tokio runtime of the first call: a store is used from one
+//! runtime (each command and the control process build their own).
 
-use std::sync::{Arc, Mutex};
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine;
-use serde_json::{json, Value};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio_rustls::rustls;
-use tokio_rustls::TlsConnector;
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, Identity, KeyValue, PutOptions,
+    TlsOptions, Txn, TxnOp, TxnOpResponse,
+};
+use tokio::sync::OnceCell;
 
 use crate::config::EtcdAccess;
 
@@ -41,9 +41,6 @@ use super::{Leadership, StoreError, Topology, Version};
 
 /// The default bound on one etcd call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Answers larger than this are refused (a topology is a few KiB).
-const MAX_RESPONSE: usize = 16 << 20;
 
 /// One etcd endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,38 +52,26 @@ struct Endpoint {
 }
 
 impl Endpoint {
-    /// The host part, for the TLS server name (an IPv6 address without its brackets).
-    fn host(&self) -> &str {
-        let host = self
-            .hostport
-            .rsplit_once(':')
-            .map_or(self.hostport.as_str(), |(h, _)| h);
-        host.trim_start_matches('[').trim_end_matches(']')
-    }
-}
-
-/// An etcd user and its password, and the token etcd gave for them.
-struct Auth {
-    user: String,
-    password: String,
-    token: Mutex<Option<String>>,
-}
-
-impl std::fmt::Debug for Auth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never the password or the token.
-        f.debug_struct("Auth").field("user", &self.user).finish()
+    /// The URL the client dials: always with its scheme (`etcd-client` would take a bare
+    /// `host:port` for TLS whenever TLS options are set).
+    fn url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.hostport)
     }
 }
 
 /// The topology in etcd (see the module documentation).
 #[derive(Clone)]
 pub struct EtcdStore {
-    /// Each endpoint, tried in order.
+    /// Each endpoint; the client balances over those it can reach.
     endpoints: Vec<Endpoint>,
-    /// For `https://` endpoints (`ca_file`).
-    tls: Option<TlsConnector>,
-    auth: Option<Arc<Auth>>,
+    /// TLS, user and HTTP/2 keep-alive (holds the password: never printed). Boxed: it is
+    /// large and `Store` holds an `EtcdStore` or a small `FileStore`.
+    options: Box<ConnectOptions>,
+    /// The user authenticated as, for error messages.
+    user: Option<String>,
+    /// Connected (and authenticated) at the first call; shared by the store's clones.
+    client: Arc<OnceCell<Client>>,
     topology_key: String,
     leader_key: String,
     /// The one-backup-at-a-time lock (`tidepool backup create` on any machine).
@@ -96,10 +81,10 @@ pub struct EtcdStore {
 
 impl std::fmt::Debug for EtcdStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not `options`: it holds the password.
         f.debug_struct("EtcdStore")
             .field("endpoints", &self.endpoints)
-            .field("tls", &self.tls.is_some())
-            .field("auth", &self.auth)
+            .field("user", &self.user)
             .field("topology_key", &self.topology_key)
             .field("timeout", &self.timeout)
             .finish()
@@ -135,10 +120,23 @@ impl EtcdStore {
                 message: "no endpoint given".into(),
             });
         }
+        if endpoints.iter().any(|e| e.tls) && endpoints.iter().any(|e| !e.tls) {
+            // One set of TLS options serves every endpoint of the client.
+            return Err(StoreError::Etcd {
+                endpoint: urls.to_string(),
+                message: "either every endpoint is https:// or none is".into(),
+            });
+        }
+        // HTTP/2 pings on an idle connection find a dead etcd before a call waits on it.
+        let options = ConnectOptions::new()
+            .with_connect_timeout(timeout)
+            .with_keep_alive(Duration::from_secs(10), timeout)
+            .with_auto_token_refresh(true);
         Ok(EtcdStore {
             endpoints,
-            tls: None,
-            auth: None,
+            options: Box::new(options),
+            user: None,
+            client: Arc::new(OnceCell::new()),
             topology_key: format!("/tidepool/{cluster}/topology"),
             leader_key: format!("/tidepool/{cluster}/leader"),
             backup_lock_key: format!("/tidepool/{cluster}/backup-lock"),
@@ -146,42 +144,20 @@ impl EtcdStore {
         })
     }
 
-    /// The store with `access`: the CA for `https://` endpoints (required by them) and the
-    /// user to authenticate as. Reads the files now: a missing or unreadable one is an error
-    /// here, not at the first call.
+    /// The store with `access`: the CA for `https://` endpoints (required by them), a client
+    /// certificate and the user to authenticate as. Reads the files now: a missing or
+    /// unreadable one is an error here, not at the first call.
     pub fn with_access(mut self, access: &EtcdAccess) -> Result<EtcdStore, StoreError> {
         let names = self.names();
         let fail = |message: String| StoreError::Etcd {
             endpoint: names.clone(),
             message,
         };
+        let https = self.endpoints.iter().any(|e| e.tls);
+        let mut tls = TlsOptions::new();
         match &access.ca_file {
-            Some(ca) => {
-                let mut roots = rustls::RootCertStore::empty();
-                let file = std::fs::File::open(ca)
-                    .map_err(|e| fail(format!("etcd CA file {}: {e}", ca.display())))?;
-                for cert in rustls_pemfile::certs(&mut std::io::BufReader::new(file)) {
-                    let cert =
-                        cert.map_err(|e| fail(format!("etcd CA file {}: {e}", ca.display())))?;
-                    roots
-                        .add(cert)
-                        .map_err(|e| fail(format!("etcd CA file {}: {e}", ca.display())))?;
-                }
-                if roots.is_empty() {
-                    return Err(fail(format!(
-                        "etcd CA file {}: no certificate found",
-                        ca.display()
-                    )));
-                }
-                let provider = Arc::new(rustls::crypto::ring::default_provider());
-                let config = rustls::ClientConfig::builder_with_provider(provider)
-                    .with_safe_default_protocol_versions()
-                    .map_err(|e| fail(e.to_string()))?
-                    .with_root_certificates(roots)
-                    .with_no_client_auth();
-                self.tls = Some(TlsConnector::from(Arc::new(config)));
-            }
-            None if self.endpoints.iter().any(|e| e.tls) => {
+            Some(ca) => tls = tls.ca_certificate(Certificate::from_pem(read_ca(ca).map_err(fail)?)),
+            None if https => {
                 return Err(fail(
                     "an https:// endpoint needs the CA that issued its certificate \
                      (--etcd-ca-file, [etcd_access] ca_file)"
@@ -190,25 +166,42 @@ impl EtcdStore {
             }
             None => {}
         }
+        match (&access.cert_file, &access.key_file) {
+            (Some(_), Some(_)) if !https => {
+                return Err(fail(
+                    "a client certificate is for https:// endpoints only".into(),
+                ))
+            }
+            (Some(cert), Some(key)) => {
+                let cert = std::fs::read(cert)
+                    .map_err(|e| fail(format!("etcd cert file {}: {e}", cert.display())))?;
+                let key = read_secret(key, "etcd key file").map_err(fail)?;
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(fail(
+                    "a client certificate needs both cert_file and key_file \
+                     (--etcd-cert-file, --etcd-key-file)"
+                        .into(),
+                ))
+            }
+        }
+        if https {
+            // Each endpoint's certificate is checked against its own host (the URL's), so no
+            // `domain_name` override.
+            *self.options = self.options.as_ref().clone().with_tls(tls);
+        }
         match (&access.user, &access.password_file) {
             (Some(user), Some(file)) => {
-                use std::os::unix::fs::PermissionsExt;
-                let meta = std::fs::metadata(file)
-                    .map_err(|e| fail(format!("etcd password file {}: {e}", file.display())))?;
-                if meta.permissions().mode() & 0o077 != 0 {
-                    return Err(fail(format!(
-                        "etcd password file {}: mode {:o} lets others read it (chmod 600)",
-                        file.display(),
-                        meta.permissions().mode() & 0o777
-                    )));
-                }
-                let password = std::fs::read_to_string(file)
-                    .map_err(|e| fail(format!("etcd password file {}: {e}", file.display())))?;
-                self.auth = Some(Arc::new(Auth {
-                    user: user.clone(),
-                    password: password.trim_end_matches(['\r', '\n']).to_string(),
-                    token: Mutex::new(None),
-                }));
+                let password = read_secret(file, "etcd password file").map_err(fail)?;
+                let password = String::from_utf8_lossy(&password);
+                *self.options = self
+                    .options
+                    .as_ref()
+                    .clone()
+                    .with_user(user, password.trim_end_matches(['\r', '\n']));
+                self.user = Some(user.clone());
             }
             (Some(_), None) => {
                 return Err(fail(
@@ -222,6 +215,7 @@ impl EtcdStore {
             }
             (None, None) => {}
         }
+        self.client = Arc::new(OnceCell::new());
         Ok(self)
     }
 
@@ -233,98 +227,6 @@ impl EtcdStore {
             .join(",")
     }
 
-    /// One call to the first endpoint that answers, bounded by the timeout as a whole
-    /// (authentication included).
-    async fn call(&self, path: &str, body: Value) -> Result<Value, StoreError> {
-        let body = body.to_string();
-        let what = format!("etcd {} {path}", self.names());
-        let calling = async {
-            let token = self.token(false).await?;
-            match self.call_any(path, &body, token.as_deref()).await {
-                // Simple tokens expire (etcd's --auth-token-ttl): once more with a new one.
-                Err(StoreError::Etcd { message, .. })
-                    if self.auth.is_some() && message.contains("invalid auth token") =>
-                {
-                    let token = self.token(true).await?;
-                    self.call_any(path, &body, token.as_deref()).await
-                }
-                r => r,
-            }
-        };
-        match tokio::time::timeout(self.timeout, calling).await {
-            Ok(r) => r,
-            Err(_) => Err(StoreError::Timeout {
-                what,
-                after_ms: self.timeout.as_millis() as u64,
-            }),
-        }
-    }
-
-    /// The token to send (`None` without a user): the one held, or a new one when there is
-    /// none or `fresh`.
-    async fn token(&self, fresh: bool) -> Result<Option<String>, StoreError> {
-        let Some(auth) = &self.auth else {
-            return Ok(None);
-        };
-        if !fresh {
-            if let Some(t) = auth.token.lock().ok().and_then(|t| t.clone()) {
-                return Ok(Some(t));
-            }
-        }
-        let body = json!({"name": auth.user, "password": auth.password}).to_string();
-        let answer = self
-            .call_any("/v3/auth/authenticate", &body, None)
-            .await
-            .map_err(|e| match e {
-                StoreError::Etcd { endpoint, message } => StoreError::Etcd {
-                    endpoint,
-                    message: format!("authenticating as {:?}: {message}", auth.user),
-                },
-                e => e,
-            })?;
-        let token = answer
-            .get("token")
-            .and_then(Value::as_str)
-            .ok_or_else(|| self.etcd_error("authenticate: no token in the answer"))?
-            .to_string();
-        if let Ok(mut held) = auth.token.lock() {
-            *held = Some(token.clone());
-        }
-        Ok(Some(token))
-    }
-
-    async fn call_any(
-        &self,
-        path: &str,
-        body: &str,
-        token: Option<&str>,
-    ) -> Result<Value, StoreError> {
-        let mut last = None;
-        for endpoint in &self.endpoints {
-            match self.post(endpoint, path, body, token).await {
-                Ok(v) => return Ok(v),
-                // Unreachable: try the next endpoint. An error answer is final.
-                Err(Failure::Unreachable(message)) => {
-                    tracing::debug!(endpoint = %endpoint.hostport, %message, "etcd endpoint unreachable");
-                    last = Some(StoreError::Etcd {
-                        endpoint: endpoint.hostport.clone(),
-                        message,
-                    });
-                }
-                Err(Failure::Answer(message)) => {
-                    return Err(StoreError::Etcd {
-                        endpoint: endpoint.hostport.clone(),
-                        message,
-                    })
-                }
-            }
-        }
-        Err(last.unwrap_or_else(|| StoreError::Etcd {
-            endpoint: String::new(),
-            message: "no endpoint".into(),
-        }))
-    }
-
     fn etcd_error(&self, message: impl Into<String>) -> StoreError {
         StoreError::Etcd {
             endpoint: self.names(),
@@ -332,22 +234,73 @@ impl EtcdStore {
         }
     }
 
+    /// The client, connected (and authenticated) at the first call; a failed connection is
+    /// tried again at the next.
+    async fn client(&self) -> Result<Client, StoreError> {
+        self.client
+            .get_or_try_init(|| async {
+                let urls: Vec<String> = self.endpoints.iter().map(Endpoint::url).collect();
+                Client::connect(urls, Some(self.options.as_ref().clone()))
+                    .await
+                    .map_err(|e| match &self.user {
+                        // With a user, connecting authenticates: an answer is etcd's refusal.
+                        Some(user) if !unreachable(&e) => {
+                            self.etcd_error(format!("authenticating as {user:?}: {}", describe(&e)))
+                        }
+                        _ => self.etcd_error(describe(&e)),
+                    })
+            })
+            .await
+            .cloned()
+    }
+
+    /// `call` on the client, bounded by the timeout as a whole (connecting included). An
+    /// endpoint that cannot be reached is no answer: the call goes again, as many times as
+    /// there are endpoints (the client balances over them). An error answer is final.
+    async fn call<T, F, Fut>(&self, what: &str, call: F) -> Result<T, StoreError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let calling = async {
+            let client = self.client().await?;
+            let mut tries = self.endpoints.len();
+            loop {
+                tries -= 1;
+                match call(client.clone()).await {
+                    Ok(v) => return Ok(v),
+                    Err(e) if tries > 0 && unreachable(&e) => {
+                        tracing::debug!(endpoints = %self.names(), error = %describe(&e), "etcd endpoint unreachable");
+                    }
+                    Err(e) => return Err(self.etcd_error(describe(&e))),
+                }
+            }
+        };
+        match tokio::time::timeout(self.timeout, calling).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout {
+                what: format!("etcd {} {what}", self.names()),
+                after_ms: self.timeout.as_millis() as u64,
+            }),
+        }
+    }
+
+    /// The key `key` as it stands, if it exists.
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        self.call("get", |mut c| async move { c.get(key, None).await })
+            .await
+            .map(|mut r| r.take_kvs().into_iter().next())
+    }
+
     pub(super) async fn load(&self) -> Result<Option<(Topology, Version)>, StoreError> {
-        let r = self
-            .call(
-                "/v3/kv/range",
-                json!({ "key": B64.encode(&self.topology_key) }),
-            )
-            .await?;
-        let Some(kv) = first_kv(&r) else {
+        let Some(kv) = self.get(&self.topology_key).await? else {
             return Ok(None);
         };
-        let value = bytes_field(kv, "value").map_err(|m| self.etcd_error(m))?;
-        let topology = serde_json::from_slice(&value).map_err(|e| StoreError::Corrupt {
+        let topology = serde_json::from_slice(kv.value()).map_err(|e| StoreError::Corrupt {
             what: format!("etcd key {}", self.topology_key),
             message: e.to_string(),
         })?;
-        Ok(Some((topology, int_field(kv, "mod_revision") as Version)))
+        Ok(Some((topology, kv.mod_revision() as Version)))
     }
 
     pub(super) async fn compare_and_swap(
@@ -355,29 +308,25 @@ impl EtcdStore {
         expected: Option<Version>,
         new: &Topology,
     ) -> Result<bool, StoreError> {
-        let key = B64.encode(&self.topology_key);
+        let key = self.topology_key.as_str();
         let value = serde_json::to_vec(new).map_err(|e| StoreError::Corrupt {
-            what: format!("etcd key {}", self.topology_key),
+            what: format!("etcd key {key}"),
             message: e.to_string(),
         })?;
         let compare = match expected {
-            None => {
-                json!({ "key": key, "result": "EQUAL", "target": "CREATE", "create_revision": "0" })
-            }
-            Some(v) => {
-                json!({ "key": key, "result": "EQUAL", "target": "MOD", "mod_revision": v.to_string() })
-            }
+            None => Compare::create_revision(key, CompareOp::Equal, 0),
+            Some(v) => Compare::mod_revision(key, CompareOp::Equal, v as i64),
         };
+        let txn = Txn::new()
+            .when([compare])
+            .and_then([TxnOp::put(key, value, None)]);
         let r = self
-            .call(
-                "/v3/kv/txn",
-                json!({
-                    "compare": [compare],
-                    "success": [{ "request_put": { "key": key, "value": B64.encode(value) } }],
-                }),
-            )
+            .call("compare-and-swap", |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
             .await?;
-        Ok(r.get("succeeded").and_then(Value::as_bool).unwrap_or(false))
+        Ok(r.succeeded())
     }
 
     pub(super) async fn campaign(
@@ -389,14 +338,13 @@ impl EtcdStore {
             Ok(taken) => taken,
             Err(held) => {
                 if let Some(kv) = held {
-                    let holder = bytes_field(&kv, "value").unwrap_or_default();
-                    if holder == id.as_bytes() {
+                    if kv.value() == id.as_bytes() {
                         // Still ours from an earlier campaign: carry on with that lease, renewed
                         // (as the file store renews on a repeated campaign).
                         let l = Leadership {
                             id: id.to_string(),
                             ttl,
-                            lease: int_field(&kv, "lease"),
+                            lease: kv.lease(),
                         };
                         return Ok(self.renew(&l).await?.then_some(l));
                     }
@@ -413,30 +361,15 @@ impl EtcdStore {
     }
 
     pub(super) async fn renew(&self, leadership: &Leadership) -> Result<bool, StoreError> {
-        let r = self
-            .call(
-                "/v3/lease/keepalive",
-                json!({ "ID": leadership.lease.to_string() }),
-            )
-            .await?;
-        // The gateway wraps the stream's one message in "result"; a lapsed lease has TTL 0.
-        let result = r.get("result").unwrap_or(&r);
-        if int_field(result, "TTL") <= 0 {
+        if !self.keep_lease(leadership.lease).await? {
             return Ok(false);
         }
         self.is_leader(leadership).await
     }
 
     pub(super) async fn is_leader(&self, leadership: &Leadership) -> Result<bool, StoreError> {
-        let r = self
-            .call(
-                "/v3/kv/range",
-                json!({ "key": B64.encode(&self.leader_key) }),
-            )
-            .await?;
-        Ok(first_kv(&r).is_some_and(|kv| {
-            bytes_field(kv, "value").is_ok_and(|v| v == leadership.id.as_bytes())
-                && int_field(kv, "lease") == leadership.lease
+        Ok(self.get(&self.leader_key).await?.is_some_and(|kv| {
+            kv.value() == leadership.id.as_bytes() && kv.lease() == leadership.lease
         }))
     }
 
@@ -446,15 +379,10 @@ impl EtcdStore {
     }
 
     pub(super) async fn leader(&self) -> Result<Option<String>, StoreError> {
-        let r = self
-            .call(
-                "/v3/kv/range",
-                json!({ "key": B64.encode(&self.leader_key) }),
-            )
-            .await?;
-        Ok(first_kv(&r)
-            .and_then(|kv| bytes_field(kv, "value").ok())
-            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+        Ok(self
+            .get(&self.leader_key)
+            .await?
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
     }
 
     /// Takes the backup lock as `id` for `ttl` (a key created only if absent, bound to a new
@@ -468,8 +396,7 @@ impl EtcdStore {
             match self.create_leased(&self.backup_lock_key, id, ttl).await? {
                 Ok((lease, _)) => Ok(lease),
                 Err(held) => Err(held
-                    .and_then(|kv| bytes_field(&kv, "value").ok())
-                    .map(|v| String::from_utf8_lossy(&v).into_owned())
+                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
                     .unwrap_or_else(|| "another process".into())),
             },
         )
@@ -483,58 +410,66 @@ impl EtcdStore {
         key: &str,
         id: &str,
         ttl: Duration,
-    ) -> Result<Result<(i64, i64), Option<Value>>, StoreError> {
+    ) -> Result<Result<(i64, i64), Option<KeyValue>>, StoreError> {
         // etcd leases count whole seconds (and raise very short ones to its minimum).
         let ttl_s = ttl.as_secs_f64().ceil().max(1.0) as i64;
-        let granted = self
-            .call("/v3/lease/grant", json!({ "TTL": ttl_s.to_string() }))
-            .await?;
-        let lease = int_field(&granted, "ID");
-        if lease == 0 {
-            return Err(self.etcd_error(format!("lease grant without an ID: {granted}")));
-        }
-        let key = B64.encode(key);
-        let txn = self
-            .call(
-                "/v3/kv/txn",
-                json!({
-                    "compare": [{ "key": key, "result": "EQUAL", "target": "CREATE", "create_revision": "0" }],
-                    "success": [{ "request_put": { "key": key, "value": B64.encode(id), "lease": lease.to_string() } }],
-                    "failure": [{ "request_range": { "key": key } }],
-                }),
-            )
+        let lease = self
+            .call("lease grant", |mut c| async move {
+                c.lease_grant(ttl_s, None).await
+            })
+            .await?
+            .id();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key,
+                id,
+                Some(PutOptions::new().with_lease(lease)),
+            )])
+            .or_else([TxnOp::get(key, None)]);
+        let answer = self
+            .call("create", |mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })
             .await;
-        let txn = match txn {
-            Ok(t) => t,
+        let answer = match answer {
+            Ok(a) => a,
             Err(e) => {
                 let _ = self.revoke(lease).await;
                 return Err(e);
             }
         };
-        if txn
-            .get("succeeded")
-            .and_then(Value::as_bool)
-            .unwrap_or(false)
-        {
+        if answer.succeeded() {
             return Ok(Ok((lease, ttl_s)));
         }
         // Someone holds it; the new lease is not needed either way.
         let _ = self.revoke(lease).await;
-        Ok(Err(txn
-            .get("responses")
-            .and_then(|r| r.get(0))
-            .and_then(|r| r.get("response_range"))
-            .and_then(first_kv)
-            .cloned()))
+        Ok(Err(answer.op_responses().into_iter().find_map(
+            |r| match r {
+                TxnOpResponse::Get(mut g) => g.take_kvs().into_iter().next(),
+                _ => None,
+            },
+        )))
     }
 
-    /// Keeps the backup lock's lease alive; `false` when it lapsed (the key is gone).
+    /// Keeps a lease alive once (the backup lock's, the leadership's); `false` when it lapsed
+    /// (the key bound to it is gone).
     pub(super) async fn keep_lease(&self, lease: i64) -> Result<bool, StoreError> {
-        let r = self
-            .call("/v3/lease/keepalive", json!({ "ID": lease.to_string() }))
+        // The client's keep-alive opens a stream, sends one request and reads its answer; the
+        // stream closes when dropped.
+        let kept = self
+            .call("lease keep-alive", |mut c| async move {
+                match c.lease_keep_alive(lease).await {
+                    Ok(_) => Ok(true),
+                    Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found") => {
+                        Ok(false)
+                    }
+                    Err(e) => Err(e),
+                }
+            })
             .await?;
-        let result = r.get("result").unwrap_or(&r);
-        Ok(int_field(result, "TTL") > 0)
+        Ok(kept)
     }
 
     /// Gives the backup lock up (revoking its lease deletes the key).
@@ -544,7 +479,9 @@ impl EtcdStore {
 
     async fn revoke(&self, lease: i64) -> Result<(), StoreError> {
         match self
-            .call("/v3/lease/revoke", json!({ "ID": lease.to_string() }))
+            .call("lease revoke", |mut c| async move {
+                c.lease_revoke(lease).await
+            })
             .await
         {
             Ok(_) => Ok(()),
@@ -555,183 +492,80 @@ impl EtcdStore {
     }
 }
 
-fn first_kv(r: &Value) -> Option<&Value> {
-    r.get("kvs").and_then(|k| k.get(0))
+/// The CA file's PEM, refused when it holds no certificate (tonic would only say so at the
+/// first connection).
+fn read_ca(ca: &Path) -> Result<Vec<u8>, String> {
+    let pem = std::fs::read(ca).map_err(|e| format!("etcd CA file {}: {e}", ca.display()))?;
+    let mut found = false;
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        cert.map_err(|e| format!("etcd CA file {}: {e}", ca.display()))?;
+        found = true;
+    }
+    if !found {
+        return Err(format!(
+            "etcd CA file {}: no certificate found",
+            ca.display()
+        ));
+    }
+    Ok(pem)
 }
 
-/// A 64-bit number: the gateway writes them as strings, omits them when zero.
-fn int_field(v: &Value, name: &str) -> i64 {
-    match v.get(name) {
-        Some(Value::String(s)) => s.parse().unwrap_or(0),
-        Some(Value::Number(n)) => n.as_i64().unwrap_or(0),
-        _ => 0,
+/// A file holding a secret (a password, a private key), refused when group or others may
+/// read it.
+fn read_secret(file: &Path, what: &str) -> Result<Vec<u8>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(file).map_err(|e| format!("{what} {}: {e}", file.display()))?;
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{what} {}: mode {:o} lets others read it (chmod 600)",
+            file.display(),
+            mode & 0o777
+        ));
+    }
+    std::fs::read(file).map_err(|e| format!("{what} {}: {e}", file.display()))
+}
+
+/// Whether `e` means no endpoint answered (another may), not an answer.
+fn unreachable(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => s.code() == tonic::Code::Unavailable,
+        _ => false,
     }
 }
 
-/// A bytes field (base64); absent means empty.
-fn bytes_field(v: &Value, name: &str) -> Result<Vec<u8>, String> {
-    match v.get(name).and_then(Value::as_str) {
-        None => Ok(Vec::new()),
-        Some(s) => B64
-            .decode(s)
-            .map_err(|e| format!("field {name} is not base64: {e}")),
-    }
-}
-
-enum Failure {
-    /// No answer (connection refused, reset): another endpoint may do.
-    Unreachable(String),
-    /// etcd answered with an error.
-    Answer(String),
-}
-
-impl EtcdStore {
-    /// One HTTP/1.1 POST with a JSON body to `endpoint` (over TLS for `https://`); the
-    /// connection closes after the answer.
-    async fn post(
-        &self,
-        endpoint: &Endpoint,
-        path: &str,
-        body: &str,
-        token: Option<&str>,
-    ) -> Result<Value, Failure> {
-        let stream = TcpStream::connect(&endpoint.hostport)
-            .await
-            .map_err(|e| Failure::Unreachable(format!("connecting: {e}")))?;
-        let auth = token
-            .map(|t| format!("Authorization: {t}\r\n"))
-            .unwrap_or_default();
-        let request = format!(
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
-             {auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            endpoint.hostport,
-            body.len()
-        );
-        let raw = if endpoint.tls {
-            let connector = self
-                .tls
-                .as_ref()
-                .ok_or_else(|| Failure::Answer("no CA for an https:// endpoint".into()))?;
-            let name = rustls::pki_types::ServerName::try_from(endpoint.host().to_string())
-                .map_err(|e| Failure::Answer(format!("TLS server name: {e}")))?;
-            let tls = connector
-                .connect(name, stream)
-                .await
-                .map_err(|e| Failure::Unreachable(format!("TLS handshake: {e}")))?;
-            exchange(tls, &request).await?
-        } else {
-            exchange(stream, &request).await?
-        };
-        answer(&raw)
-    }
-}
-
-/// Sends `request` and reads the whole answer, up to the server's close.
-async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
-    mut stream: S,
-    request: &str,
-) -> Result<Vec<u8>, Failure> {
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(|e| Failure::Unreachable(format!("sending: {e}")))?;
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 8192];
-    loop {
-        let n = match stream.read(&mut buf).await {
-            Ok(n) => n,
-            // etcd closes TLS connections without close_notify after `Connection: close`.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => 0,
-            Err(e) => return Err(Failure::Unreachable(format!("reading: {e}"))),
-        };
-        if n == 0 {
-            break;
+/// `e` for a person: etcd's message for an answer, and each cause of a transport error (tonic
+/// puts the useful part, "Connection refused" or the certificate's problem, in its sources).
+fn describe(e: &etcd_client::Error) -> String {
+    use std::error::Error;
+    // etcd-client's error gives no source: start from what it wraps.
+    let (mut text, mut source) = match e {
+        etcd_client::Error::GRpcStatus(s) => (s.message().to_string(), s.source()),
+        etcd_client::Error::TransportError(t) => (t.to_string(), t.source()),
+        e => (e.to_string(), e.source()),
+    };
+    while let Some(s) = source {
+        if let Some(tls) = tls_error(s) {
+            return format!("TLS handshake: {tls}");
         }
-        raw.extend_from_slice(&buf[..n]);
-        if raw.len() > MAX_RESPONSE {
-            return Err(Failure::Answer("answer too large".into()));
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
         }
+        source = s.source();
     }
-    Ok(raw)
+    text
 }
 
-/// The JSON of a whole HTTP answer, or etcd's error in it.
-fn answer(raw: &[u8]) -> Result<Value, Failure> {
-    let (status, body) = parse_response(raw).map_err(Failure::Answer)?;
-    // A streaming call (keep-alive) may carry several JSON lines: the first one counts.
-    let first = body
-        .split(|&b| b == b'\n')
-        .find(|l| !l.iter().all(u8::is_ascii_whitespace))
-        .unwrap_or_default();
-    let value: Value = serde_json::from_slice(first).map_err(|e| {
-        Failure::Answer(format!(
-            "HTTP {status}, not JSON ({e}): {}",
-            String::from_utf8_lossy(&first[..first.len().min(200)])
-        ))
-    })?;
-    if status != 200 {
-        let message = value
-            .get("error")
-            .or_else(|| value.get("message"))
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .unwrap_or_else(|| value.to_string());
-        return Err(Failure::Answer(format!("HTTP {status}: {message}")));
-    }
-    if let Some(err) = value.get("error") {
-        // A stream's error arrives as {"error": {...}} with status 200.
-        let message = err
-            .get("message")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .unwrap_or_else(|| err.to_string());
-        return Err(Failure::Answer(message));
-    }
-    Ok(value)
-}
-
-/// The status code and the (de-chunked) body of a whole HTTP/1.1 answer.
-fn parse_response(raw: &[u8]) -> Result<(u16, Vec<u8>), String> {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("answer without a header end")?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let body = &raw[split + 4..];
-    let mut lines = head.split("\r\n");
-    let status: u16 = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("bad status line in {head:?}"))?;
-    let chunked = lines.any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    if !chunked {
-        return Ok((status, body.to_vec()));
-    }
-    let mut out = Vec::new();
-    let mut rest = body;
-    loop {
-        let eol = rest
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or("chunk size line without an end")?;
-        let size_text = String::from_utf8_lossy(&rest[..eol]);
-        let size_text = size_text.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size_text, 16)
-            .map_err(|_| format!("bad chunk size {size_text:?}"))?;
-        rest = &rest[eol + 2..];
-        if size == 0 {
-            return Ok((status, out));
-        }
-        if rest.len() < size {
-            return Err("chunk shorter than announced".into());
-        }
-        out.extend_from_slice(&rest[..size]);
-        rest = rest.get(size + 2..).unwrap_or_default();
-    }
+/// The TLS error `e` is (or wraps, as tokio-rustls does in an `io::Error`).
+fn tls_error<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e rustls::Error> {
+    e.downcast_ref::<rustls::Error>().or_else(|| {
+        e.downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    })
 }
 
 #[cfg(test)]
@@ -747,9 +581,18 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.names(), "127.0.0.1:2379,localhost:2380");
-        assert!(s.endpoints.iter().all(|e| !e.tls));
+        assert_eq!(
+            s.endpoints.iter().map(Endpoint::url).collect::<Vec<_>>(),
+            ["http://127.0.0.1:2379", "http://localhost:2380"]
+        );
         assert_eq!(s.topology_key, "/tidepool/c/topology");
-        for bad in ["", "http://h", "http://h:1/x", "https://h"] {
+        for bad in [
+            "",
+            "http://h",
+            "http://h:1/x",
+            "https://h",
+            "https://h:1,http://g:1",
+        ] {
             assert!(EtcdStore::new(bad, "c", DEFAULT_TIMEOUT).is_err(), "{bad}");
         }
         let s = EtcdStore::new(
@@ -758,8 +601,7 @@ mod tests {
             DEFAULT_TIMEOUT,
         )
         .unwrap();
-        assert_eq!(s.endpoints[0].host(), "::1");
-        assert_eq!(s.endpoints[1].host(), "etcd.local");
+        assert_eq!(s.endpoints[0].url(), "https://[::1]:2379");
         // https needs a CA; a user needs a password file.
         let e = s.clone().with_access(&EtcdAccess::default()).unwrap_err();
         assert!(e.to_string().contains("needs the CA"), "{e}");
@@ -771,19 +613,32 @@ mod tests {
             })
             .unwrap_err();
         assert!(e.to_string().contains("password file"), "{e}");
-    }
-
-    #[test]
-    fn parses_plain_and_chunked_answers() {
-        let plain = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
-        assert_eq!(parse_response(plain).unwrap(), (200, b"{}".to_vec()));
-        let chunked =
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"a\r\n5\r\n\":1}\n\r\n0\r\n\r\n";
-        assert_eq!(
-            parse_response(chunked).unwrap(),
-            (200, b"{\"a\":1}\n".to_vec())
-        );
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
-        assert!(parse_response(b"garbage\r\n\r\n").is_err());
+        // A client certificate: both files, and https:// only.
+        let e = s
+            .clone()
+            .with_access(&EtcdAccess {
+                ca_file: Some("/nonexistent/ca.pem".into()),
+                cert_file: Some("/nonexistent/cert.pem".into()),
+                ..EtcdAccess::default()
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("etcd CA file"), "{e}");
+        let e = EtcdStore::new("http://h:1", "c", DEFAULT_TIMEOUT)
+            .unwrap()
+            .with_access(&EtcdAccess {
+                cert_file: Some("/nonexistent/cert.pem".into()),
+                key_file: Some("/nonexistent/key.pem".into()),
+                ..EtcdAccess::default()
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("https:// endpoints only"), "{e}");
+        let e = EtcdStore::new("http://h:1", "c", DEFAULT_TIMEOUT)
+            .unwrap()
+            .with_access(&EtcdAccess {
+                key_file: Some("/nonexistent/key.pem".into()),
+                ..EtcdAccess::default()
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("both cert_file and key_file"), "{e}");
     }
 }
