@@ -206,6 +206,10 @@ pub struct ControlArgs {
     /// as root gives the control process its own copy, DIR/keys/etcd.control.password (600).
     #[arg(long = "etcd-password-file", value_name = "FILE")]
     pub etcd_password_file: Option<std::path::PathBuf>,
+    /// The etcd client certificate's key [default: `[etcd_access] key_file`]. `tidepool up`
+    /// run as root gives the control process its own copy, DIR/keys/etcd.control.key (600).
+    #[arg(long = "etcd-key-file", value_name = "FILE")]
+    pub etcd_key_file: Option<std::path::PathBuf>,
 }
 
 /// Flags left out fall back to --config, then to what the state directory remembers from

@@ -229,6 +229,12 @@ pub(crate) fn control_args(
         args.push("--etcd-password-file".into());
         args.push(file.into_os_string());
     }
+    // And the etcd client certificate's key (its certificate is not a secret: read in place).
+    if let Some(file) = &settings.etcd_access.key_file {
+        let file = std::path::absolute(file).map_err(Error::io("resolving the etcd key file"))?;
+        args.push("--etcd-key-file".into());
+        args.push(file.into_os_string());
+    }
     Ok(args)
 }
 
@@ -283,6 +289,7 @@ mod tests {
         assert_eq!(text(args), format!("--dir {} control", dir.display()));
         std::fs::write(layout.agent_key_file(), "k").unwrap();
         settings.etcd_access.password_file = Some("/etc/tidepool/etcd.password".into());
+        settings.etcd_access.key_file = Some("/etc/tidepool/etcd.key".into());
         let args = control_args(
             &layout,
             Some(std::path::Path::new("/etc/tp.toml")),
@@ -293,7 +300,8 @@ mod tests {
             text(args),
             format!(
                 "--dir {d} --config /etc/tp.toml control --agent-secret-file {d}/agent.key \
-                 --etcd-password-file /etc/tidepool/etcd.password",
+                 --etcd-password-file /etc/tidepool/etcd.password \
+                 --etcd-key-file /etc/tidepool/etcd.key",
                 d = dir.display()
             )
         );

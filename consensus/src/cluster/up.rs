@@ -551,6 +551,16 @@ fn prepare_start(
             )?;
             set_flag(args, "--etcd-password-file", copy.display().to_string());
         }
+        // And its etcd client certificate's key.
+        if let Some(master) = flag_value(args, "--etcd-key-file") {
+            let copy = crate::privilege::key_copy(
+                Path::new(&master),
+                &layout.keys_dir(),
+                &format!("etcd.{}.key", role.name()),
+                Some(a),
+            )?;
+            set_flag(args, "--etcd-key-file", copy.display().to_string());
+        }
     }
     if let Some(dir) = flag_value(args, "--state-dir") {
         nodes::prepare_agent_dir(Path::new(&dir), account.as_ref())?;

@@ -92,6 +92,9 @@ pub fn run(global: &GlobalArgs, args: &ControlArgs) -> Result<bool> {
         // Kept by a reload too: `etcd_access` is not a key a reload applies.
         state.settings.etcd_access.password_file = Some(file.clone());
     }
+    if let Some(file) = &args.etcd_key_file {
+        state.settings.etcd_access.key_file = Some(file.clone());
+    }
     if state.nodes.is_empty() {
         return run_schedule_only(&state, global, &ctx.layout.state_file(), args);
     }
