@@ -15,7 +15,7 @@
 #      CHURN (connections replaced per second in steady, 20), CHURN_CONNS (50),
 #      PROFILES ("steady churn"), TARGETS ("direct pgbouncer tidepool"), SOURCE_ADDRS (16),
 #      FIREHOSE (binary; default target/release/firehose, built if missing), TIDEPOOL_BIN,
-#      TIDEPOOL_CORES (--cores of gateway and pooler; default all cores),
+#      TIDEPOOL_CORES (--cores of gateway and pooler; default as `tidepool up`: a quarter of the cores, at least one),
 #      RESULTS (perf/RESULTS.md), KEEP=1.
 # Exit status: 0 when every requested run worked without errors, 1 otherwise.
 
@@ -184,7 +184,7 @@ done
     echo "- run by \`CONNS=$CONNS DURATION=$DURATION perf/firehose_compare.sh\`; reports in perf/out/firehose-$STAMP/ (not committed)"
     echo "- connects/s, queries/s and latencies: steady window of each run (steady profile: after ${WARMUP}s warm-up; churn: whole run); errors: whole run"
     echo "- proxy: pgbouncer, or tidepool-gateway + tidepool-pooler; RSS sampled every 0.5 s; CPU = utime+stime over the run / requests (queries in steady, connects in churn)"
-    echo "- Postgres: max_connections $((max_clients + 100)); PgBouncer: pool_mode transaction, default_pool_size 20; Tidepool: --pool-size 20, --auth-method md5, --cores ${TIDEPOOL_CORES:-(all: $(nproc))} for gateway and pooler"
+    echo "- Postgres: max_connections $((max_clients + 100)); PgBouncer: pool_mode transaction, default_pool_size 20; Tidepool: --pool-size 20, --auth-method md5, --cores $(tidepool_cores) for gateway and pooler each (of $(nproc); TIDEPOOL_CORES, by default as tidepool up gives them)"
     for target in $TARGETS; do
         if [ -n "${NOTE[$target]:-}" ]; then echo "- $target: ${NOTE[$target]}"; fi
     done

@@ -166,7 +166,7 @@ elif [ -z "${TARGET_URL:-}" ]; then
     "$FIREHOSE" --url "postgres://bob:bob-pw@127.0.0.1:$PG_PORT/$APP_DB" --init --init-only \
         >"$OUT/init.log" 2>&1 || die "firehose --init failed: see $OUT/init.log"
     url="postgres://bob:bob-pw@127.0.0.1:$GATEWAY_PORT/$APP_DB"
-    target="$GATEWAYS x tidepool-gateway (SO_REUSEPORT, --cores $GATEWAY_CORES, --auth-method md5, --max-clients $max_clients) + 1 tidepool-pooler (--pool-size $POOL, all cores); clients log in as bob (md5)"
+    target="$GATEWAYS x tidepool-gateway (SO_REUSEPORT, --cores $GATEWAY_CORES, --auth-method md5, --max-clients $max_clients) + 1 tidepool-pooler (--pool-size $POOL, --cores $(tidepool_cores)); clients log in as bob (md5)"
     init=""
 fi
 

@@ -166,7 +166,7 @@ done
     echo
     echo "- clients: \`firehose --connections K --ramp-up $RAMP --duration $((RAMP + HOLD_MAX)) --source-addrs 16 --write-ratio 0 --read-qps 1 --connect-timeout 60\` as alice (SCRAM), stopped (SIGINT) once the proxy held all K: authenticated sessions, one read per second among all of them; run by \`STEPS=\"$STEPS\" perf/idle_memory.sh\`"
     echo "- after they left: 2 s after the last client closed; again: a second identical round on the same process (equal to the first: the memory is kept and reused, not leaked)"
-    echo "- RSS: VmRSS of the one process holding the clients (tidepool-gateway --cores default, or pgbouncer), read after all K were established (ss) + 2 s; baseline after a 200-session warm-up on a freshly started proxy; held = established TCP connections on the proxy's port at the reading"
+    echo "- RSS: VmRSS of the one process holding the clients (tidepool-gateway with --cores $(tidepool_cores), or pgbouncer), read after all K were established (ss) + 2 s; baseline after a 200-session warm-up on a freshly started proxy; held = established TCP connections on the proxy's port at the reading"
     echo "- Tidepool: gateway \`--max-clients $((max_step + 1000)) --auth-method md5\`, pooler \`--pool-size 20\`; PgBouncer: pool_mode transaction, default_pool_size 20"
     echo "$FACTS"
 } >>"$RESULTS"

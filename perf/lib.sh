@@ -196,14 +196,21 @@ tidepool_available() {
 # GATEWAYS (default 1) gateway processes sharing one port (SO_REUSEPORT), each accepting
 # MAX_CLIENTS; flags per CONTRACTS.md. The gateway authenticates as pg_hba's md5 does (SCRAM for
 # a SCRAM verifier, md5 for an md5 one); the pooler reads pg_authid over the cluster's socket
-# ($WORK) as postgres (peer, pg_ident map tidepool). TIDEPOOL_CORES, when set, is the --cores
-# of both processes (default: all cores); GATEWAY_CORES overrides it for the gateways.
+# ($WORK) as postgres (peer, pg_ident map tidepool). TIDEPOOL_CORES is the --cores of both
+# processes; default: what `tidepool up` gives each on this machine (a quarter of the cores, at
+# least one: consensus/src/config.rs `default_cores`), so runs measure the configuration users
+# get; TIDEPOOL_CORES=$(nproc) for every core each. GATEWAY_CORES overrides it for the gateways.
 # TIDEPOOL_POOLER_ARGS and TIDEPOOL_GATEWAY_ARGS add flags (e.g. "--spin-before-park-us 0").
 # Sets GATEWAY_PORT, GATEWAY_PID (the first gateway), GATEWAY_PIDS (all), LINK_PORT, POOLER_PID.
+# The --cores of gateway and pooler in these runs (see start_tidepool).
+tidepool_cores() {
+    echo "${TIDEPOOL_CORES:-$((($(nproc) + 3) / 4))}"
+}
+
 start_tidepool() {
-    local max_clients=${1:-1000} gateways=${2:-1} gw_cores=${3:-${TIDEPOOL_CORES:-}} cores=() gcores=() i pid
-    [ -n "${TIDEPOOL_CORES:-}" ] && cores=(--cores "$TIDEPOOL_CORES")
-    [ -n "$gw_cores" ] && gcores=(--cores "$gw_cores")
+    local max_clients=${1:-1000} gateways=${2:-1} gw_cores=${3:-$(tidepool_cores)} cores=() gcores=() i pid
+    cores=(--cores "$(tidepool_cores)")
+    gcores=(--cores "$gw_cores")
     tidepool_available || {
         log "ERROR: Tidepool binaries missing: $TIDEPOOL_BIN/tidepool-pooler and tidepool-gateway"
         log "       build them with: cargo build --release -p tidepool-pooler -p tidepool-gateway"

@@ -12,7 +12,7 @@
 # Env: DURATION (s, default 15), CLIENTS ("4 40 200"), THREADS (pgbench -j, 2), SCALE (10),
 #      TARGETS ("direct pgbouncer tidepool"), MODES ("simple extended prepared"),
 #      TIDEPOOL_BIN (dir with tidepool-gateway and tidepool-pooler, default target/release),
-#      TIDEPOOL_CORES (--cores of gateway and pooler; default all cores),
+#      TIDEPOOL_CORES (--cores of gateway and pooler; default as `tidepool up`: a quarter of the cores, at least one),
 #      RESULTS (file to append to, default perf/RESULTS.md), KEEP=1 (keep the temp dir).
 #
 # PgBouncer 1.18 (Debian 12) cannot keep protocol-level prepared statements in transaction
@@ -190,7 +190,7 @@ ratio() { # ratio A B -> A/B as x.xx, or -
     done
     echo
     echo "- command: \`pgbench -S -n -M MODE -c CLIENTS -j $THREADS -T $DURATION -l --sampling-rate $SAMPLING\` (scale $SCALE) as alice (SCRAM) on 127.0.0.1; run by \`DURATION=$DURATION CLIENTS=\"$CLIENTS\" MODES=\"$MODES\" perf/pgbench_compare.sh\`"
-    echo "- Postgres: max_connections $((max_clients * 2 + 50)), shared_buffers 256MB, fsync/synchronous_commit off; PgBouncer: pool_mode transaction, default_pool_size 20; Tidepool: --pool-size 20, --auth-method md5, --cores ${TIDEPOOL_CORES:-(all: $(nproc))} for gateway and pooler"
+    echo "- Postgres: max_connections $((max_clients * 2 + 50)), shared_buffers 256MB, fsync/synchronous_commit off; PgBouncer: pool_mode transaction, default_pool_size 20; Tidepool: --pool-size 20, --auth-method md5, --cores $(tidepool_cores) for gateway and pooler each (of $(nproc); TIDEPOOL_CORES, by default as tidepool up gives them)"
     if [ -n "${TIDEPOOL_POOLER_ARGS:-}${TIDEPOOL_GATEWAY_ARGS:-}" ]; then
         echo "- Tidepool extra flags: pooler \`${TIDEPOOL_POOLER_ARGS:-}\`, gateway \`${TIDEPOOL_GATEWAY_ARGS:-}\`"
     fi

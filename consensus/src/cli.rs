@@ -228,7 +228,8 @@ pub struct UpArgs {
     #[arg(long, value_name = "PORT")]
     pub pg_port: Option<u16>,
 
-    /// Cores for the gateway and for the pooler; 0 = all [default: 0].
+    /// Cores for the gateway and for the pooler each; 0 = a quarter of this machine's, at
+    /// least one (they share it with Postgres) [default: 0].
     #[arg(long, value_name = "N")]
     pub cores: Option<usize>,
 

@@ -326,14 +326,14 @@ impl Overrides {
     }
 
     /// Cluster settings: these overrides on top of `base` (what the state directory
-    /// remembers, or the defaults). `cores = 0` means every core this process may use.
+    /// remembers, or the defaults). `cores = 0` means [`default_cores`].
     pub fn cluster(&self, base: &ClusterSettings) -> ClusterSettings {
         let cores = self.cores.unwrap_or(base.cores);
         ClusterSettings {
             port: self.port.unwrap_or(base.port),
             pooler_port: self.pooler_port.unwrap_or(base.pooler_port),
             pg_port: self.pg_port.unwrap_or(base.pg_port),
-            cores: if cores == 0 { available_cores() } else { cores },
+            cores: if cores == 0 { default_cores() } else { cores },
             pool_size: self.pool_size.unwrap_or(base.pool_size),
             max_backends: self.max_backends.unwrap_or(base.max_backends),
             pg_max_connections: self.pg_max_connections.unwrap_or(base.pg_max_connections),
@@ -392,6 +392,15 @@ fn available_cores() -> usize {
         .unwrap_or(1)
 }
 
+/// Executors `up` gives the gateway and the pooler each when none are named: a quarter of the
+/// cores this process may use, at least one. Under `up` both share the machine with Postgres
+/// (and often with the clients); a gateway or pooler of its own machine is given `--cores`
+/// (its own default: every core). On two cores, one executor each cost about a third less CPU
+/// per transaction than two each, at more TPS (perf/RESULTS.md, 2026-12-07 20:10).
+pub fn default_cores() -> usize {
+    available_cores().div_ceil(4).max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -434,8 +443,9 @@ mod tests {
     }
 
     #[test]
-    fn zero_cores_means_all_cores() {
+    fn zero_cores_means_a_quarter_of_the_cores() {
         let s = Overrides::default().cluster(&ClusterSettings::default());
+        assert_eq!(s.cores, available_cores().div_ceil(4).max(1));
         assert!(s.cores >= 1);
         let s = Overrides {
             cores: Some(3),
