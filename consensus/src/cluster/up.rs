@@ -541,25 +541,21 @@ fn prepare_start(
                 set_flag(args, flag, copy.display().to_string());
             }
         }
-        // The control process's etcd password: the operator's file, wherever it is.
-        if let Some(master) = flag_value(args, "--etcd-password-file") {
-            let copy = crate::privilege::key_copy(
-                Path::new(&master),
-                &layout.keys_dir(),
-                &format!("etcd.{}.password", role.name()),
-                Some(a),
-            )?;
-            set_flag(args, "--etcd-password-file", copy.display().to_string());
-        }
-        // And its etcd client certificate's key.
-        if let Some(master) = flag_value(args, "--etcd-key-file") {
-            let copy = crate::privilege::key_copy(
-                Path::new(&master),
-                &layout.keys_dir(),
-                &format!("etcd.{}.key", role.name()),
-                Some(a),
-            )?;
-            set_flag(args, "--etcd-key-file", copy.display().to_string());
+        // The control process's etcd password and client key: the operator's files, wherever
+        // they are.
+        for (flag, kind) in [
+            ("--etcd-password-file", "password"),
+            ("--etcd-key-file", "key"),
+        ] {
+            if let Some(master) = flag_value(args, flag) {
+                let copy = crate::privilege::key_copy(
+                    Path::new(&master),
+                    &layout.keys_dir(),
+                    &format!("etcd.{}.{kind}", role.name()),
+                    Some(a),
+                )?;
+                set_flag(args, flag, copy.display().to_string());
+            }
         }
     }
     if let Some(dir) = flag_value(args, "--state-dir") {
