@@ -568,19 +568,7 @@ fn with_etcd_two_control_processes_never_make_two_primaries_and_an_etcd_outage_d
 #[test]
 fn with_etcd_auth_the_unprivileged_control_process_reads_its_own_copy_of_the_password() {
     let etcd = testkit::Etcd::start();
-    etcd.etcdctl(&["user", "add", "root:root-pw"]);
-    etcd.etcdctl(&["role", "add", "tidepool"]);
-    etcd.etcdctl(&[
-        "role",
-        "grant-permission",
-        "tidepool",
-        "--prefix=true",
-        "readwrite",
-        "/tidepool/",
-    ]);
-    etcd.etcdctl(&["user", "add", "tp:tp-pw"]);
-    etcd.etcdctl(&["user", "grant-role", "tp", "tidepool"]);
-    etcd.etcdctl(&["auth", "enable"]);
+    etcd.enable_auth("tp", "tp-pw");
     // The operator's file: root's, 600, which `postgres` cannot read.
     let password = std::env::temp_dir().join(format!("tp-etcd-pw-{}.password", std::process::id()));
     std::fs::write(&password, "tp-pw\n").expect("password file");

@@ -531,19 +531,7 @@ async fn etcd_store_over_tls_with_a_user() {
         &d.join("ca.pem"),
     );
     assert!(etcd.url.starts_with("https://"), "{}", etcd.url);
-    etcd.etcdctl(&["user", "add", "root:root-pw"]);
-    etcd.etcdctl(&["role", "add", "tidepool"]);
-    etcd.etcdctl(&[
-        "role",
-        "grant-permission",
-        "tidepool",
-        "--prefix=true",
-        "readwrite",
-        "/tidepool/",
-    ]);
-    etcd.etcdctl(&["user", "add", "tp:tp-pw"]);
-    etcd.etcdctl(&["user", "grant-role", "tp", "tidepool"]);
-    etcd.etcdctl(&["auth", "enable"]);
+    etcd.enable_auth("tp", "tp-pw");
     let password = |name: &str, text: &str| {
         let p = d.join(name);
         std::fs::write(&p, text).unwrap();
@@ -635,19 +623,7 @@ async fn etcd_store_with_a_client_certificate() {
         &d.join("root.pem"),
         &d.join("root.key"),
     );
-    etcd.etcdctl(&["user", "add", "root:root-pw"]);
-    etcd.etcdctl(&["role", "add", "tidepool"]);
-    etcd.etcdctl(&[
-        "role",
-        "grant-permission",
-        "tidepool",
-        "--prefix=true",
-        "readwrite",
-        "/tidepool/",
-    ]);
-    etcd.etcdctl(&["user", "add", "tp:unused-pw"]);
-    etcd.etcdctl(&["user", "grant-role", "tp", "tidepool"]);
-    etcd.etcdctl(&["auth", "enable"]);
+    etcd.enable_auth("tp", "unused-pw");
     let access = EtcdAccess {
         ca_file: Some(d.join("ca.pem")),
         cert_file: Some(d.join("tp.pem")),

@@ -115,6 +115,24 @@ impl Etcd {
         etcd
     }
 
+    /// Turns etcd's authentication on with `root` (password `root-pw`) and `user:password`,
+    /// whose only role may read and write under `/tidepool/`: what an operator grants Tidepool.
+    pub fn enable_auth(&self, user: &str, password: &str) {
+        self.etcdctl(&["user", "add", "root:root-pw"]);
+        self.etcdctl(&["role", "add", "tidepool"]);
+        self.etcdctl(&[
+            "role",
+            "grant-permission",
+            "tidepool",
+            "--prefix=true",
+            "readwrite",
+            "/tidepool/",
+        ]);
+        self.etcdctl(&["user", "add", &format!("{user}:{password}")]);
+        self.etcdctl(&["user", "grant-role", user, "tidepool"]);
+        self.etcdctl(&["auth", "enable"]);
+    }
+
     /// `etcdctl` (v3 API) against this etcd, with the CA under TLS; its output, or a panic
     /// with it when it fails.
     pub fn etcdctl(&self, args: &[&str]) -> String {
