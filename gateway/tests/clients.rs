@@ -935,8 +935,37 @@ fn signals_to_a_sessions_pid_act_as_directly() {
         erin = ERIN.0,
         erin_pw = ERIN.1,
     ));
-    rt.block_on(bounded(Duration::from_secs(120), async {
-        let direct = signal_permissions_by_role(&pg.direct()).await;
+    // Where a call hangs, if one does: the step it was at, and the proxies' logs.
+    let at = std::sync::Mutex::new(String::new());
+    let hung = |side: &str| {
+        let console = |cmd: &str| {
+            testkit::Psql::new(&tp.endpoint(), ALICE.0, ALICE.1, "tidepool")
+                .arg("--csv")
+                .command(cmd)
+                .timeout(Duration::from_secs(10))
+                .run()
+                .text
+        };
+        format!(
+            "{side}: no answer in 60 s at step {:?}\n--- pg_stat_activity ---\n{}\n\
+             --- SHOW CLIENTS ---\n{}\n--- SHOW SERVERS ---\n{}\n{}",
+            at.lock().unwrap(),
+            pg.psql_admin(
+                "select pid, usename, state, wait_event, backend_xid, left(query, 80) \
+                 from pg_stat_activity where backend_type = 'client backend'"
+            ),
+            console("SHOW CLIENTS"),
+            console("SHOW SERVERS"),
+            tp.logs()
+        )
+    };
+    rt.block_on(async {
+        let direct = tokio::time::timeout(
+            Duration::from_secs(60),
+            signal_permissions_by_role(&pg.direct(), &at),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{}", hung("directly")));
         let count = |what: &str| direct.iter().filter(|l| l.contains(what)).count();
         assert!(
             count("[true]") >= 10
@@ -946,9 +975,14 @@ fn signals_to_a_sessions_pid_act_as_directly() {
                 && count("goes on") >= 1,
             "{direct:#?}"
         );
-        let through = signal_permissions_by_role(&tp.endpoint()).await;
+        let through = tokio::time::timeout(
+            Duration::from_secs(60),
+            signal_permissions_by_role(&tp.endpoint(), &at),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{}", hung("through Tidepool")));
         assert_eq!(direct, through, "{}", tp.logs());
-    }));
+    });
 }
 
 async fn pid_of(c: &tokio_postgres::Client) -> i32 {
@@ -969,8 +1003,11 @@ const ERIN: (&str, &str) = ("erin", "erin-pw");
 /// alice or of `pg_signal_backend`; the superuser after `SET ROLE bob` and `SET SESSION AUTHORIZATION
 /// bob` as bob, its own session included. Each call with a constant and a parameter pid, one
 /// line per answer; terminations of fresh alice sessions, and what those sessions see next.
-async fn signal_permissions_by_role(ep: &Endpoint) -> Vec<String> {
+/// `at` names the step under way, for a test that hangs.
+async fn signal_permissions_by_role(ep: &Endpoint, at: &std::sync::Mutex<String>) -> Vec<String> {
+    let step = |what: &str| *at.lock().unwrap() = what.to_string();
     let connect = |(u, p): (&'static str, &'static str)| async move {
+        *at.lock().unwrap() = format!("{u} connects");
         ep.connect(u, p, APP_DB).await.unwrap()
     };
     let alice = connect(ALICE).await;
@@ -979,6 +1016,7 @@ async fn signal_permissions_by_role(ep: &Endpoint) -> Vec<String> {
     let carol = connect(CAROL).await;
     let dan = connect(DAN).await;
     let erin = connect(ERIN).await;
+    step("their pids");
     let (alice_pid, bob_pid, root_pid) = (
         pid_of(&alice).await,
         pid_of(&bob).await,
@@ -1066,6 +1104,7 @@ async fn signal_permissions_by_role(ep: &Endpoint) -> Vec<String> {
         ),
     ];
     for (first, label, client, pid, functions) in steps {
+        step(label);
         if !first.is_empty() {
             client.batch_execute(first).await.unwrap();
         }
@@ -1088,7 +1127,9 @@ async fn signal_permissions_by_role(ep: &Endpoint) -> Vec<String> {
             killer.batch_execute("SET ROLE tp_alices").await.unwrap();
         }
         let victim = connect(ALICE).await;
+        step(&format!("{label}: the victim's pid"));
         let pid = pid_of(&victim).await;
+        step(label);
         let r = if param {
             killer
                 .query("SELECT pg_terminate_backend($1)", &[&pid])
@@ -1100,6 +1141,7 @@ async fn signal_permissions_by_role(ep: &Endpoint) -> Vec<String> {
         };
         out.push(format!("{label}: {}", answer(r)));
         tokio::time::sleep(Duration::from_millis(300)).await;
+        step(&format!("{label}: the victim's next query"));
         let next = match victim.query("SELECT 1", &[]).await {
             Ok(_) => "goes on".to_string(),
             Err(e) => match e.as_db_error() {
