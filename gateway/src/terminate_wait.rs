@@ -65,8 +65,15 @@ pub fn select_column(toks: &[Token], sql: &[u8], from: usize, close: usize) -> O
             _ => {}
         }
     }
+    // The SELECT begins its statement, or the body of a SQL `PREPARE name [(types)] AS`.
     if j > 0 && toks[j - 1].kind != Kind::Punct(b';') {
-        return None;
+        let start = toks[..j]
+            .iter()
+            .rposition(|t| t.kind == Kind::Punct(b';'))
+            .map_or(0, |p| p + 1);
+        if !(word(&toks[j - 1], b"as") && word(&toks[start], b"prepare")) {
+            return None;
+        }
     }
     // The item ends with the call.
     match toks.get(close + 1) {
@@ -280,6 +287,10 @@ mod tests {
         );
         assert_eq!(
             column("SELECT 1; SELECT f(1, 2), pg_terminate_backend(5, 1) FROM t WHERE x"),
+            Some(1)
+        );
+        assert_eq!(
+            column("PREPARE p(int) AS SELECT 1, pg_terminate_backend($1, 1)"),
             Some(1)
         );
         for sql in [
