@@ -847,7 +847,7 @@ fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                                 l.send(up::NAMES, id, &names);
                             }
                         }
-                        io.expect_signals(&core.links, issued);
+                        io.expect_signals(&core.links, issued, open.pid);
                         session_io::send(&l, &io, id, flags, sent, may_commit);
                         reader.consume(end);
                     }
@@ -864,7 +864,7 @@ fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                             signal_calls(&io, &batch, open.pid, &mut signal_stmts)
                         {
                             batch = b;
-                            io.expect_signals(&core.links, issued);
+                            io.expect_signals(&core.links, issued, open.pid);
                         }
                         // The slow path may change poolers: names are not sent; a PREPARE
                         // then keeps the client's name on a pinned backend.

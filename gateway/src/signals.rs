@@ -321,6 +321,11 @@ pub struct Issued {
     /// A termination's timeout: the call returns once the target is gone, at most that long
     /// later (terminate_wait.rs).
     pub wait: Option<Wait>,
+    /// The caller's login-time memberships could not reach the target: the gateway reads them
+    /// again before it believes the server (`recheck`).
+    pub recheck: bool,
+    /// The column of its statement's rows the call is (`terminate_wait::select_column`).
+    pub column: Option<u16>,
 }
 
 /// What a `pg_terminate_backend(pid, timeout)` waits for.
@@ -365,6 +370,30 @@ pub fn lives(pid: i32, secret: i32) -> bool {
         .is_some_and(|e| e.secret == secret)
 }
 
+/// The role the session `caller` logged in as (for a fresh lookup of its memberships).
+pub fn login_role(caller: i32) -> Option<String> {
+    sessions()
+        .as_ref()
+        .and_then(|m| m.get(&caller))
+        .map(|t| t.user.clone())
+}
+
+/// What a fresh lookup says of the role of the session `caller` (memberships granted or
+/// revoked since it logged in); then whether it may reach the session `pid` (see the module
+/// doc: a marker is believed only for such a session).
+pub fn recheck(caller: i32, role: &shared::role::RoleInfo, pid: i32) -> bool {
+    if let Some(t) = sessions().as_mut().and_then(|m| m.get_mut(&caller)) {
+        if !role.exists || role.oid != t.oid && t.oid != 0 {
+            // Dropped, or another role of the same name: no longer the session's role.
+            t.member_of = None;
+            t.can_be_superuser = t.superuser;
+        } else {
+            set_memberships(t, role);
+        }
+    }
+    matches!(decide(caller, pid), Some(Decision::Other(o)) if o.reachable)
+}
+
 fn set_memberships(t: &mut Target, role: &shared::role::RoleInfo) {
     let others: Box<[String]> = role
         .member_of
@@ -376,6 +405,34 @@ fn set_memberships(t: &mut Target, role: &shared::role::RoleInfo) {
     t.can_be_superuser = t.superuser || role.superuser || role.member_of_superuser;
 }
 
+/// The server's word for `marker` (Postgres's `PID <marker> is not a PostgreSQL backend
+/// process`, in whatever language) as it reads for `pid`: the warning of a pid the server does
+/// not know, for a signal the gateway does not send.
+pub fn unknown_pid(notice: &[u8], marker: i32, pid: i32) -> Vec<u8> {
+    use shared::protocol::backend as be;
+    let Some(fields) = notice.get(5..).and_then(|b| be::error_fields(b).ok()) else {
+        return notice.to_vec();
+    };
+    let from = marker.to_string();
+    let mut m = Vec::with_capacity(notice.len() + 8);
+    shared::protocol::put_message(&mut m, be::NOTICE_RESPONSE, |b| {
+        for (code, value) in fields {
+            b.push(code);
+            match find_ci(value, from.as_bytes()).filter(|_| code == b'M') {
+                Some(at) => {
+                    b.extend_from_slice(&value[..at]);
+                    b.extend_from_slice(pid.to_string().as_bytes());
+                    b.extend_from_slice(&value[at + from.len()..]);
+                }
+                None => b.extend_from_slice(value),
+            }
+            b.push(0);
+        }
+        b.push(0);
+    });
+    m
+}
+
 /// A signalling call on a parameter pid in a prepared statement.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct ParamCall {
@@ -383,6 +440,7 @@ struct ParamCall {
     index: usize,
     signal: Signal,
     wait: Option<Wait>,
+    column: Option<u16>,
 }
 
 /// Per session: the prepared statements (by name) that signal other sessions, and the count of
@@ -769,23 +827,20 @@ fn calls(
                             0 => literal(&o.user),
                             oid => format!("{oid}::pg_catalog.oid"),
                         };
-                        // Where the gateway would not believe the server (memberships granted
-                        // since the caller logged in), the allowed branch is the call itself:
-                        // a pid the server does not know (`false` and its warning).
-                        let allowed = if o.reachable {
-                            let marker = CONST_BASE - (*constants % CONST_SPAN) as i32;
-                            *constants = constants.wrapping_add(1);
-                            issued.push(Issued {
-                                marker,
-                                signal,
-                                pid: o.pid,
-                                secret: o.secret,
-                                wait,
-                            });
-                            word(&marker.to_string())
-                        } else {
-                            format!("pg_catalog.{name}({args})")
-                        };
+                        // Where the login-time memberships do not reach the target, the gateway
+                        // reads them again when the server's word comes (`recheck`).
+                        let marker = CONST_BASE - (*constants % CONST_SPAN) as i32;
+                        *constants = constants.wrapping_add(1);
+                        issued.push(Issued {
+                            marker,
+                            signal,
+                            pid: o.pid,
+                            secret: o.secret,
+                            wait,
+                            recheck: !o.reachable,
+                            column,
+                        });
+                        let allowed = word(&marker.to_string());
                         format!(
                             "(SELECT {} AS {name})",
                             checked(signal, o.superuser, &role, &allowed)
@@ -810,6 +865,7 @@ fn calls(
                     index: k - 1,
                     signal,
                     wait,
+                    column,
                 });
                 let a = String::from_utf8_lossy(&sql[arg[0].start..arg[arg.len() - 1].end]);
                 let a = format!("({a})");
@@ -852,15 +908,15 @@ fn param_value(
                 // does not know).
                 return None;
             };
-            if o.reachable {
-                issued.push(Issued {
-                    marker: value,
-                    signal: call.signal,
-                    pid: o.pid,
-                    secret: o.secret,
-                    wait: resolve(call.wait),
-                });
-            }
+            issued.push(Issued {
+                marker: value,
+                signal: call.signal,
+                pid: o.pid,
+                secret: o.secret,
+                wait: resolve(call.wait),
+                recheck: !o.reachable,
+                column: call.column,
+            });
             Some(value)
         }
     }
@@ -1012,33 +1068,41 @@ mod tests {
         let b = session("o'\\hara", 42, 0, &[], false);
         let root = session("root2", 43, 10, &[], true);
         let (sql, _, issued) = r(&format!("SELECT pg_cancel_backend({})", b.pid), a.pid);
-        assert!(issued.is_empty(), "erin could not become o'hara");
-        // Where the gateway issues no marker, the allowed branch is the call itself.
+        // erin could not become o'hara at login: the gateway reads its memberships again
+        // before it believes the server.
+        assert_eq!(
+            issued,
+            vec![Issued {
+                marker: -536870912,
+                signal: Signal::Cancel,
+                pid: b.pid,
+                secret: 42,
+                wait: None,
+                recheck: true,
+                column: Some(0),
+            }]
+        );
         assert_eq!(
             sql.unwrap(),
-            format!(
-                "SELECT (SELECT CASE WHEN pg_catalog.pg_has_role(E'o''\\\\hara', 'USAGE') \
-                 OR pg_catalog.pg_has_role('pg_signal_backend', 'USAGE') \
-                 THEN pg_catalog.pg_cancel_backend({}) ELSE \
-                 pg_catalog.current_setting('tidepool.signal_denied_cancel_member')::boolean \
-                 END AS pg_cancel_backend)",
-                b.pid
-            )
+            "SELECT (SELECT CASE WHEN pg_catalog.pg_has_role(E'o''\\\\hara', 'USAGE') \
+             OR pg_catalog.pg_has_role('pg_signal_backend', 'USAGE') \
+             THEN pg_catalog.pg_cancel_backend(-536870912) IS NOT NULL ELSE \
+             pg_catalog.current_setting('tidepool.signal_denied_cancel_member')::boolean \
+             END AS pg_cancel_backend)"
         );
         let (sql, _, issued) = r(
             &format!("SELECT pg_terminate_backend({}, 10)", root.pid),
             a.pid,
         );
-        assert!(issued.is_empty());
+        assert!(issued[0].recheck);
         assert_eq!(
             sql.unwrap(),
             format!(
                 "SELECT (SELECT CASE WHEN {CURRENT_IS_SUPERUSER} \
-                 THEN pg_catalog.pg_terminate_backend({}, 10) \
+                 THEN pg_catalog.pg_terminate_backend(-536870912, 10) IS NOT NULL \
                  ELSE pg_catalog.current_setting(\
                  'tidepool.signal_denied_terminate_superuser')::boolean \
-                 END AS pg_terminate_backend)",
-                root.pid
+                 END AS pg_terminate_backend)"
             )
         );
         // The same role, by oid; each constant call its own marker.
@@ -1071,6 +1135,8 @@ mod tests {
                     pid: a2.pid,
                     secret: 44,
                     wait: None,
+                    recheck: false,
+                    column: Some(0),
                 },
                 Issued {
                     marker: -536870913,
@@ -1078,6 +1144,8 @@ mod tests {
                     pid: a2.pid,
                     secret: 44,
                     wait: None,
+                    recheck: false,
+                    column: Some(0),
                 }
             ]
         );
@@ -1102,6 +1170,8 @@ mod tests {
             pid: b.pid,
             secret: 62,
             wait: None,
+            recheck: false,
+            column: Some(0),
         };
         for _ in 0..2 {
             let (out, issued) = rewrite_batch(&bind_msg, a.pid, &mut stmts).unwrap();
@@ -1157,6 +1227,8 @@ mod tests {
             pid: b.pid,
             secret: 82,
             wait: None,
+            recheck: false,
+            column: Some(0),
         };
         assert_eq!(issued, vec![want]);
         // In a later batch, with no function named in it.
@@ -1235,6 +1307,53 @@ mod tests {
             b.pid
         );
         assert_eq!(q(&atomic, a.pid, &mut stmts), (None, Vec::new()));
+    }
+
+    #[test]
+    fn a_refused_recheck_answers_as_for_a_pid_nobody_has() {
+        let a = session("jack", 91, 16491, &[], false);
+        let b = session("kate", 92, 16492, &[], false);
+        let mut notice = Vec::new();
+        shared::protocol::put_message(&mut notice, b'N', |m| {
+            for (c, v) in [
+                (b'S', "WARNING"),
+                (b'C', "01000"),
+                (b'M', "PID -536870912 is not a PostgreSQL backend process"),
+                (b'R', "pg_signal_backend"),
+            ] {
+                m.push(c);
+                m.extend_from_slice(v.as_bytes());
+                m.push(0);
+            }
+            m.push(0);
+        });
+        let changed = unknown_pid(&notice, -536870912, b.pid);
+        assert!(String::from_utf8_lossy(&changed).contains(&format!(
+            "MPID {} is not a PostgreSQL backend process\0",
+            b.pid
+        )));
+        assert_eq!(
+            shared::protocol::backend::signal_marker(&changed),
+            None,
+            "no longer a marker"
+        );
+        // jack was granted kate after it logged in: a fresh lookup says so.
+        assert!(!other(decide(a.pid, b.pid)).reachable);
+        let fresh = |member_of: &[&str]| RoleInfo {
+            exists: true,
+            oid: 16491,
+            member_of: member_of.iter().map(|s| s.to_string()).collect(),
+            ..RoleInfo::default()
+        };
+        assert!(!recheck(a.pid, &fresh(&["jack"]), b.pid));
+        assert!(recheck(a.pid, &fresh(&["jack", "kate"]), b.pid));
+        assert!(other(decide(a.pid, b.pid)).reachable);
+        // And revoked again.
+        assert!(!recheck(a.pid, &fresh(&["jack"]), b.pid));
+        // Another role of the same name (dropped and made again): not the session's.
+        let mut other_role = fresh(&["jack", "kate"]);
+        other_role.oid = 17000;
+        assert!(!recheck(a.pid, &other_role, b.pid));
     }
 
     #[test]
@@ -1423,10 +1542,36 @@ mod tests {
                     pid: b.pid,
                     secret: 32,
                     wait: None,
+                    recheck: false,
+                    column: Some(0),
                 }),
             ),
-            (c.pid, PARAM_OWN - 16442, None),
-            (root.pid, PARAM_SUPERUSER, None),
+            (
+                c.pid,
+                PARAM_OWN - 16442,
+                Some(Issued {
+                    marker: PARAM_OWN - 16442,
+                    signal: Signal::Cancel,
+                    pid: c.pid,
+                    secret: 33,
+                    wait: None,
+                    recheck: true,
+                    column: Some(0),
+                }),
+            ),
+            (
+                root.pid,
+                PARAM_SUPERUSER,
+                Some(Issued {
+                    marker: PARAM_SUPERUSER,
+                    signal: Signal::Cancel,
+                    pid: root.pid,
+                    secret: 34,
+                    wait: None,
+                    recheck: true,
+                    column: Some(0),
+                }),
+            ),
         ] {
             for (rest, want) in [
                 (binary4(pid), binary4(value)),
