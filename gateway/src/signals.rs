@@ -29,10 +29,16 @@
 //!   answers `false`, as Postgres does (terminate_wait.rs).
 //!
 //! The marker is not a secret: a client may call `pg_cancel_backend(MARKER)` itself and so
-//! claim the server allowed a call it never checked. The gateway therefore issues a marker only
-//! for a session the caller's *login* role could signal by some role it may become (`SET ROLE`
+//! claim the server allowed a call it never checked. The gateway therefore sends a signal only
+//! to a session the caller's *login* role could signal by some role it may become (`SET ROLE`
 //! to any role it is a member of: that role, `pg_signal_backend`, or a superuser among them):
-//! a forged marker gains nothing a `SET ROLE` would not.
+//! a forged marker gains nothing a `SET ROLE` would not. The memberships are those looked up at
+//! login; where they do not reach the target, the marker is `recheck`ed: the session's
+//! responses wait while the gateway looks the role up again past the pooler's cache
+//! (memberships granted since), and a marker it still cannot believe answers as a pid the
+//! server does not know (`unknown_pid`, session_io.rs).
+//!
+//! SQL `PREPARE`/`EXECUTE` in a `Query` are read as `Parse`/`Bind` are (sql.rs).
 //!
 //! Where the pid is a constant (`pg_terminate_backend(12345678)`) the role and the marker are
 //! written into the text. Where it is a parameter (`$1`, as drivers send a pid they hold), the
@@ -223,8 +229,8 @@ struct Other {
     user: String,
     superuser: bool,
     oid: u32,
-    /// The caller's login role could signal it by some role it may become: a marker is issued
-    /// (see the module doc).
+    /// The caller's login role could signal it by some role it may become, by the memberships
+    /// the gateway knows: its marker is believed without a `recheck` (see the module doc).
     reachable: bool,
 }
 
