@@ -424,6 +424,30 @@ mod tests {
     }
 
     #[test]
+    fn a_batchs_names_at_their_messages_offsets() {
+        use shared::protocol::frontend as fe;
+        let mut batch = Vec::new();
+        fe::query(&mut batch, "SELECT 1");
+        let second = batch.len();
+        fe::query(&mut batch, "PREPARE s AS SELECT (SELECT 7 AS x); EXECUTE s");
+        let third = batch.len();
+        fe::write_parse(&mut batch, b"", b"EXECUTE t", &[0, 0]);
+        fe::query(
+            &mut batch,
+            &format!("PREPARE {} AS SELECT 1", "a".repeat(64)),
+        );
+        let (payload, pin) = of_batch(&batch);
+        assert!(pin, "the unmapped PREPARE pins");
+        let mut want = Vec::new();
+        let Found::Names(v) = find(b"PREPARE s AS SELECT (SELECT 7 AS x); EXECUTE s") else {
+            panic!()
+        };
+        encode(&mut want, second, &v);
+        assert_eq!(payload, want);
+        assert!(third > second);
+    }
+
+    #[test]
     fn unmapped() {
         let long = format!("prepare {} as select 1", "a".repeat(64));
         assert_eq!(find(long.as_bytes()), Found::Unmapped { prepares: true });
