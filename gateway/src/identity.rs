@@ -11,8 +11,9 @@
 //! (`... FROM pg_stat_activity WHERE pid = pg_backend_pid()`, `pg_locks`,
 //! `pg_terminate_backend(pg_backend_pid())`), the backend's own pid is what the statement
 //! means, and it stays. Never inside strings or dollar quotes (function bodies run later, on
-//! whatever backend), nor in `CREATE`/`ALTER`/`PREPARE` statements (a view, a default or a
-//! prepared body stays a call), nor in a text the shared lexer cannot read for sure. An error
+//! whatever backend), nor in `CREATE`/`ALTER` statements (a view or a default stays a call; a
+//! SQL `PREPARE`d body runs in this session only, by `EXECUTE`, so it answers the session's pid
+//! too), nor in a text the shared lexer cannot read for sure. An error
 //! position after the replacement is off by the difference in length.
 
 use shared::protocol::frontend as fe;
@@ -81,9 +82,9 @@ pub fn rewrite(sql: &[u8], pid: i32) -> Option<Vec<u8>> {
             Kind::Word if depth == 0 => {
                 let w = t.text(sql);
                 if first {
-                    stored = w.eq_ignore_ascii_case(b"create")
-                        || w.eq_ignore_ascii_case(b"alter")
-                        || w.eq_ignore_ascii_case(b"prepare");
+                    // A SQL PREPARE's body runs in this session only (`EXECUTE`): its value is
+                    // the session's pid too.
+                    stored = w.eq_ignore_ascii_case(b"create") || w.eq_ignore_ascii_case(b"alter");
                 }
                 if w.eq_ignore_ascii_case(b"select") || w.eq_ignore_ascii_case(b"returning") {
                     in_list = true;
@@ -173,7 +174,11 @@ mod tests {
         );
         // Stored expressions, strings, other schemas, quoted names and unsure text: left alone.
         assert_eq!(r("CREATE VIEW v AS SELECT pg_backend_pid()"), None);
-        assert_eq!(r("PREPARE p AS SELECT pg_backend_pid()"), None);
+        // A SQL PREPARE's body runs in this session only (by EXECUTE): the session's pid.
+        assert_eq!(
+            r("PREPARE p AS SELECT pg_backend_pid()").as_deref(),
+            Some("PREPARE p AS SELECT (SELECT 4242 AS pg_backend_pid)")
+        );
         assert_eq!(
             r("CREATE TABLE t (p int DEFAULT pg_backend_pid()); SELECT pg_backend_pid()")
                 .as_deref(),

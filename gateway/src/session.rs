@@ -823,24 +823,31 @@ fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                 {
                     Some(l) => {
                         let batch = &reader.data()[..end];
-                        // `NAMES` carry offsets into the batch as the client sent it: a batch with
-                        // them keeps its text (pg_backend_pid() then answers the backend's pid).
-                        let (own_pid, signalled) = if names.is_empty() {
-                            let own_pid = identity::virtual_backend_pid(batch, open.pid);
-                            let b = own_pid.as_deref().unwrap_or(batch);
-                            (
-                                own_pid.clone(),
-                                signal_calls(&io, b, open.pid, &mut signal_stmts),
-                            )
-                        } else {
-                            l.send(up::NAMES, id, &names);
-                            (None, None)
-                        };
+                        let own_pid = identity::virtual_backend_pid(batch, open.pid);
+                        let b = own_pid.as_deref().unwrap_or(batch);
+                        let signalled = signal_calls(&io, b, open.pid, &mut signal_stmts);
+                        let rewritten = own_pid.is_some() || signalled.is_some();
                         let (sent, issued) = match signalled {
                             Some((ref b, issued)) => (&b[..], issued),
                             None => (own_pid.as_deref().unwrap_or(batch), Vec::new()),
                         };
-                        io.expect_signals(&core.links, issued);
+                        let mut flags = flags;
+                        if !names.is_empty() {
+                            // `NAMES` carry offsets into the batch as it is sent: found again
+                            // in a rewritten one (rare: SQL statement names and signals or
+                            // pg_backend_pid() in one batch).
+                            if rewritten {
+                                let (again, pin) = statement_names::of_batch(sent);
+                                names = again;
+                                if pin {
+                                    flags |= flags::PIN;
+                                }
+                            }
+                            if !names.is_empty() {
+                                l.send(up::NAMES, id, &names);
+                            }
+                        }
+                        io.expect_signals(&core.links, issued, open.pid);
                         session_io::send(&l, &io, id, flags, sent, may_commit);
                         reader.consume(end);
                     }
@@ -857,7 +864,7 @@ fn run<S: AsyncRead + AsyncWrite + Unpin + 'static>(
                             signal_calls(&io, &batch, open.pid, &mut signal_stmts)
                         {
                             batch = b;
-                            io.expect_signals(&core.links, issued);
+                            io.expect_signals(&core.links, issued, open.pid);
                         }
                         // The slow path may change poolers: names are not sent; a PREPARE
                         // then keeps the client's name on a pinned backend.

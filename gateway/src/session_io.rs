@@ -109,6 +109,8 @@ struct Expected {
     held: Option<terminate_wait::Held>,
     /// Holds so far (each its generation).
     holds: u32,
+    /// The session's virtual pid (its role's memberships are read again: `recheck`).
+    caller: i32,
 }
 
 /// Signals kept waiting per session at most (the oldest go first): a client that sends
@@ -343,6 +345,7 @@ impl SessionIo {
         self: &Rc<Self>,
         links: &Rc<[Vec<Rc<Link>>]>,
         issued: Vec<signals::Issued>,
+        caller: i32,
     ) {
         if issued.is_empty() {
             return;
@@ -355,6 +358,7 @@ impl SessionIo {
                 me: Rc::downgrade(self),
                 held: None,
                 holds: 0,
+                caller,
             })
         });
         e.issued.extend(issued);
@@ -376,46 +380,65 @@ impl SessionIo {
             let e = s.as_mut()?;
             let i = e.issued.iter().position(|x| x.marker == m)?;
             let x = e.issued.remove(i)?;
-            let wait = x.wait_ms().map(|(ms, column)| {
+            let hold = (x.recheck || x.wait_ms().is_some()).then(|| {
                 if e.held.is_none() {
                     e.holds = e.holds.wrapping_add(1);
                     e.held = Some(terminate_wait::Held::new(e.holds));
                 }
                 let h = e.held.as_mut().expect("just made");
-                (h.generation, h.begin(), ms, column, e.me.clone())
+                (h.generation, h.begin())
             });
-            Some((e.links.clone(), x, wait))
+            Some((e.links.clone(), x, hold, e.me.clone(), e.caller))
         });
-        let Some((links, x, wait)) = found else {
+        let Some((links, x, hold, me, caller)) = found else {
             self.on_data(msg);
             return;
         };
-        if wait.is_some() {
+        if hold.is_some() {
             self.holding.set(true);
         }
+        // Kept only to be put back, changed, where the gateway does not believe the server.
+        let notice = x.recheck.then(|| msg.to_vec());
         glommio::spawn_local(async move {
+            if let Some(notice) = notice {
+                if !recheck(&me, caller, x.pid).await {
+                    if let (Some(io), Some((generation, at))) = (me.upgrade(), hold) {
+                        let warning = signals::unknown_pid(&notice, x.marker, x.pid);
+                        io.waited(generation, at, Some((warning, x.column)));
+                    }
+                    return;
+                }
+            }
             let terminate = x.signal == signals::Signal::Terminate;
             link::signal(&links, x.pid, x.secret, terminate).await;
-            let Some((generation, at, ms, column, me)) = wait else {
+            let Some((generation, at)) = hold else {
                 return;
             };
-            let gone = terminate_wait::until_gone(|| signals::lives(x.pid, x.secret), ms).await;
+            let change = match x.wait_ms() {
+                Some((ms, column)) => {
+                    let gone =
+                        terminate_wait::until_gone(|| signals::lives(x.pid, x.secret), ms).await;
+                    (!gone).then(|| (terminate_wait::warning(x.pid, ms), column))
+                }
+                None => None,
+            };
             if let Some(io) = me.upgrade() {
-                io.waited(generation, at, x.pid, ms, column, gone);
+                io.waited(generation, at, change);
             }
         })
         .detach();
     }
 
-    /// A termination's wait ended: the held responses go to the client once no other waits.
-    fn waited(&self, generation: u32, at: usize, pid: i32, ms: i64, col: Option<u16>, gone: bool) {
+    /// A wait ended (`change`: see `terminate_wait::Held::ended`): the held responses go to the
+    /// client once no other waits.
+    fn waited(&self, generation: u32, at: usize, change: Option<(Vec<u8>, Option<u16>)>) {
         let bytes = {
             let mut s = self.signals.borrow_mut();
             let Some(e) = s.as_mut() else { return };
             let Some(h) = e.held.as_mut().filter(|h| h.generation == generation) else {
                 return;
             };
-            if !h.ended(at, pid, ms, col, gone) {
+            if !h.ended(at, change) {
                 return;
             }
             let h = e.held.take().expect("just seen");
@@ -521,6 +544,50 @@ impl SessionIo {
             _ if pinned => Owed::StateLost,
             _ => Owed::Nothing,
         });
+    }
+}
+
+/// How long a session's responses wait for a fresh role lookup before the gateway gives up on
+/// believing the server (the pooler's own lookups give up after `auth_lookup_timeout_ms`).
+const RECHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The server allowed a signal the caller's login-time memberships would not reach (granted
+/// since, or a forged marker: signals.rs): whether a lookup of its role that bypasses the
+/// pooler's cache reaches the session `pid` now. The answer comes as a startup reply would
+/// (`control`), which an opened session's link uses for nothing else while a request is in
+/// flight.
+async fn recheck(me: &Weak<SessionIo>, caller: i32, pid: i32) -> bool {
+    let Some(user) = signals::login_role(caller) else {
+        return false;
+    };
+    let asked = me.upgrade().and_then(|io| {
+        let link = io.current_link()?;
+        let id = io.id.borrow().as_ref()?.id;
+        let _ = io.control.try_take();
+        link.send(
+            shared::link::up::AUTH_RECHECK,
+            id,
+            &shared::role::lookup_payload(&user, ""),
+        );
+        Some(())
+    });
+    if asked.is_none() {
+        return false;
+    }
+    let answer = crate::with_timeout(RECHECK_TIMEOUT, async {
+        let io = me.upgrade()?;
+        Some(io.control.take().await)
+    })
+    .await
+    .flatten();
+    match answer {
+        Some((shared::link::down::AUTH_INFO, info)) if info.first() == Some(&1) => {
+            match shared::role::RoleInfo::decode(&info[1..]) {
+                Some(role) => signals::recheck(caller, &role, pid),
+                None => false,
+            }
+        }
+        _ => false,
     }
 }
 

@@ -29,10 +29,16 @@
 //!   answers `false`, as Postgres does (terminate_wait.rs).
 //!
 //! The marker is not a secret: a client may call `pg_cancel_backend(MARKER)` itself and so
-//! claim the server allowed a call it never checked. The gateway therefore issues a marker only
-//! for a session the caller's *login* role could signal by some role it may become (`SET ROLE`
+//! claim the server allowed a call it never checked. The gateway therefore sends a signal only
+//! to a session the caller's *login* role could signal by some role it may become (`SET ROLE`
 //! to any role it is a member of: that role, `pg_signal_backend`, or a superuser among them):
-//! a forged marker gains nothing a `SET ROLE` would not.
+//! a forged marker gains nothing a `SET ROLE` would not. The memberships are those looked up at
+//! login; where they do not reach the target, the marker is `recheck`ed: the session's
+//! responses wait while the gateway looks the role up again past the pooler's cache
+//! (memberships granted since), and a marker it still cannot believe answers as a pid the
+//! server does not know (`unknown_pid`, session_io.rs).
+//!
+//! SQL `PREPARE`/`EXECUTE` in a `Query` are read as `Parse`/`Bind` are (sql.rs).
 //!
 //! Where the pid is a constant (`pg_terminate_backend(12345678)`) the role and the marker are
 //! written into the text. Where it is a parameter (`$1`, as drivers send a pid they hold), the
@@ -42,8 +48,11 @@
 //! as directly, and a pid that is nobody's gets Postgres's own `false` and warning. The result
 //! column keeps the call's name (a scalar subquery takes its column's name).
 
+mod sql;
+
+use crate::statement_names;
 use shared::protocol::frontend as fe;
-use shared::sql::{find_ci, Kind, Lexer, Token};
+use shared::sql::{contains_ci, find_ci, Kind, Lexer, Token};
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
@@ -168,14 +177,7 @@ impl Registration {
         if let Some(t) = sessions().as_mut().and_then(|m| m.get_mut(&self.pid)) {
             t.superuser = superuser;
             t.oid = role.oid;
-            let others: Box<[String]> = role
-                .member_of
-                .iter()
-                .filter(|g| **g != t.user)
-                .cloned()
-                .collect();
-            t.member_of = (!others.is_empty()).then_some(others);
-            t.can_be_superuser = superuser || role.superuser || role.member_of_superuser;
+            set_memberships(t, role);
         }
         if let (true, Some(t)) = (self.shared, crate::pid_registry::table()) {
             t.set_role(self.pid, superuser, role.oid);
@@ -227,8 +229,8 @@ struct Other {
     user: String,
     superuser: bool,
     oid: u32,
-    /// The caller's login role could signal it by some role it may become: a marker is issued
-    /// (see the module doc).
+    /// The caller's login role could signal it by some role it may become, by the memberships
+    /// the gateway knows: its marker is believed without a `recheck` (see the module doc).
     reachable: bool,
 }
 
@@ -325,6 +327,11 @@ pub struct Issued {
     /// A termination's timeout: the call returns once the target is gone, at most that long
     /// later (terminate_wait.rs).
     pub wait: Option<Wait>,
+    /// The caller's login-time memberships could not reach the target: the gateway reads them
+    /// again before it believes the server (`recheck`).
+    pub recheck: bool,
+    /// The column of its statement's rows the call is (`terminate_wait::select_column`).
+    pub column: Option<u16>,
 }
 
 /// What a `pg_terminate_backend(pid, timeout)` waits for.
@@ -369,6 +376,69 @@ pub fn lives(pid: i32, secret: i32) -> bool {
         .is_some_and(|e| e.secret == secret)
 }
 
+/// The role the session `caller` logged in as (for a fresh lookup of its memberships).
+pub fn login_role(caller: i32) -> Option<String> {
+    sessions()
+        .as_ref()
+        .and_then(|m| m.get(&caller))
+        .map(|t| t.user.clone())
+}
+
+/// What a fresh lookup says of the role of the session `caller` (memberships granted or
+/// revoked since it logged in); then whether it may reach the session `pid` (see the module
+/// doc: a marker is believed only for such a session).
+pub fn recheck(caller: i32, role: &shared::role::RoleInfo, pid: i32) -> bool {
+    if let Some(t) = sessions().as_mut().and_then(|m| m.get_mut(&caller)) {
+        if !role.exists || role.oid != t.oid && t.oid != 0 {
+            // Dropped, or another role of the same name: no longer the session's role.
+            t.member_of = None;
+            t.can_be_superuser = t.superuser;
+        } else {
+            set_memberships(t, role);
+        }
+    }
+    matches!(decide(caller, pid), Some(Decision::Other(o)) if o.reachable)
+}
+
+fn set_memberships(t: &mut Target, role: &shared::role::RoleInfo) {
+    let others: Box<[String]> = role
+        .member_of
+        .iter()
+        .filter(|g| **g != t.user)
+        .cloned()
+        .collect();
+    t.member_of = (!others.is_empty()).then_some(others);
+    t.can_be_superuser = t.superuser || role.superuser || role.member_of_superuser;
+}
+
+/// The server's word for `marker` (Postgres's `PID <marker> is not a PostgreSQL backend
+/// process`, in whatever language) as it reads for `pid`: the warning of a pid the server does
+/// not know, for a signal the gateway does not send.
+pub fn unknown_pid(notice: &[u8], marker: i32, pid: i32) -> Vec<u8> {
+    use shared::protocol::backend as be;
+    let Some(fields) = notice.get(5..).and_then(|b| be::error_fields(b).ok()) else {
+        return notice.to_vec();
+    };
+    let from = marker.to_string();
+    let mut m = Vec::with_capacity(notice.len() + 8);
+    shared::protocol::put_message(&mut m, be::NOTICE_RESPONSE, |b| {
+        for (code, value) in fields {
+            b.push(code);
+            match find_ci(value, from.as_bytes()).filter(|_| code == b'M') {
+                Some(at) => {
+                    b.extend_from_slice(&value[..at]);
+                    b.extend_from_slice(pid.to_string().as_bytes());
+                    b.extend_from_slice(&value[at + from.len()..]);
+                }
+                None => b.extend_from_slice(value),
+            }
+            b.push(0);
+        }
+        b.push(0);
+    });
+    m
+}
+
 /// A signalling call on a parameter pid in a prepared statement.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct ParamCall {
@@ -376,6 +446,7 @@ struct ParamCall {
     index: usize,
     signal: Signal,
     wait: Option<Wait>,
+    column: Option<u16>,
 }
 
 /// Per session: the prepared statements (by name) that signal other sessions, and the count of
@@ -399,6 +470,15 @@ impl Statements {
     pub fn is_empty(&self) -> bool {
         self.by_name.is_empty()
     }
+
+    /// The statement `name` is (re)defined: remembered if it signals.
+    fn define(&mut self, name: Vec<u8>, prepared: Prepared) {
+        if prepared.params.is_empty() && prepared.constants.is_empty() {
+            self.by_name.remove(&name);
+        } else {
+            self.by_name.insert(name, prepared);
+        }
+    }
 }
 
 /// The batch with the signalling calls on virtual pids rewritten as described in the module
@@ -416,13 +496,21 @@ pub fn rewrite_batch(
     let mut issued = Vec::new();
     let mut constants = stmts.constants;
     let out = fe::rewrite_each(batch, |tag, body| match tag {
-        fe::QUERY if named => rewrite(fe::query_text(body), caller, &mut constants, &mut issued)
-            .0
-            .map(|sql| {
+        // Without the functions' names, a text matters only where it uses, drops or redefines
+        // a statement the session prepared.
+        fe::QUERY
+            if named || {
+                let sql = fe::query_text(body);
+                statement_names::mentions(sql) || contains_ci(sql, b"discard")
+            } =>
+        {
+            let sql = fe::query_text(body);
+            sql::rewrite_query(sql, caller, stmts, &mut constants, &mut issued).map(|sql| {
                 let mut m = Vec::with_capacity(sql.len() + 6);
                 fe::query(&mut m, &String::from_utf8_lossy(&sql));
                 m
-            }),
+            })
+        }
         fe::PARSE => fe::parse_parse(body).ok().and_then(|p| {
             let mut prepared = Prepared::default();
             let sql = if named {
@@ -433,17 +521,19 @@ pub fn rewrite_batch(
             } else {
                 None
             };
-            if prepared.params.is_empty() && prepared.constants.is_empty() {
-                stmts.by_name.remove(p.name);
-            } else {
-                stmts.by_name.insert(p.name.to_vec(), prepared);
-            }
+            stmts.define(p.name.to_vec(), prepared);
             let sql = sql?;
             let mut m = Vec::new();
             fe::write_parse(&mut m, p.name, &sql, p.param_types);
             Some(m)
         }),
         fe::BIND if !stmts.is_empty() => bind(body, caller, stmts, &mut issued),
+        fe::CLOSE if !stmts.is_empty() => {
+            if let Ok((b'S', name)) = fe::parse_target(body) {
+                stmts.by_name.remove(name);
+            }
+            None
+        }
         _ => None,
     });
     stmts.constants = constants;
@@ -544,30 +634,8 @@ fn bind(body: &[u8], caller: i32, stmts: &Statements, issued: &mut Vec<Issued>) 
         let Ok(pid) = i32::try_from(pid) else {
             continue;
         };
-        let value = match decide(caller, pid) {
-            Some(Decision::Own) => PARAM_OWN,
-            Some(Decision::Other(o)) => {
-                let value = if o.superuser {
-                    PARAM_SUPERUSER
-                } else if (2..=MAX_OID).contains(&o.oid) {
-                    PARAM_OWN - o.oid as i32
-                } else {
-                    // The role's oid is not known or too large to carry: the server's (a pid
-                    // it does not know).
-                    continue;
-                };
-                if o.reachable {
-                    issued.push(Issued {
-                        marker: value,
-                        signal: call.signal,
-                        pid: o.pid,
-                        secret: o.secret,
-                        wait: resolve(call.wait),
-                    });
-                }
-                value
-            }
-            None => continue,
+        let Some(value) = param_value(caller, pid, call, &resolve, issued) else {
+            continue;
         };
         let new = match width {
             0 => value.to_string().into_bytes(),
@@ -600,8 +668,8 @@ fn bind(body: &[u8], caller: i32, stmts: &Statements, issued: &mut Vec<Issued>) 
 }
 
 /// `sql` with its signalling calls rewritten (`None` if none is), and the calls whose pid is a
-/// parameter. Markers of constant calls count on from `constants`, and the signals they stand
-/// for go to `issued`.
+/// parameter: the text of a `Parse`, whose statement runs at each `Bind`. Markers of constant
+/// calls count on from `constants`, and the signals they stand for go to `issued`.
 fn rewrite(
     sql: &[u8],
     caller: i32,
@@ -613,7 +681,8 @@ fn rewrite(
     if toks.iter().any(|t| t.kind == Kind::Unsure) {
         return (None, params);
     }
-    // Stored bodies (a view, a default, a SQL PREPARE) run later: left alone.
+    // Stored bodies (a view, a default) run later: left alone. A SQL PREPARE through the
+    // extended protocol keeps the client's name on a pinned backend: left alone too.
     if let Some(first) = toks.iter().find(|t| t.kind == Kind::Word) {
         let w = first.text(sql);
         if [&b"create"[..], b"alter", b"prepare"]
@@ -623,10 +692,62 @@ fn rewrite(
             return (None, params);
         }
     }
+    let mut edit = Edit::default();
+    let all = 0..toks.len();
+    calls(
+        sql,
+        &toks,
+        all,
+        caller,
+        constants,
+        issued,
+        &mut params,
+        &mut edit,
+    );
+    (edit.finish(sql), params)
+}
+
+/// A text being rewritten: the new text so far, made of the old one up to `copied`.
+#[derive(Default)]
+struct Edit {
+    out: Vec<u8>,
+    copied: usize,
+}
+
+impl Edit {
+    /// `sql[start..end]` becomes `with` (ranges come in order).
+    fn replace(&mut self, sql: &[u8], start: usize, end: usize, with: &[u8]) {
+        self.out.extend_from_slice(&sql[self.copied..start]);
+        self.out.extend_from_slice(with);
+        self.copied = end;
+    }
+
+    /// The new text, `None` if nothing was replaced.
+    fn finish(mut self, sql: &[u8]) -> Option<Vec<u8>> {
+        if self.copied == 0 {
+            return None;
+        }
+        self.out.extend_from_slice(&sql[self.copied..]);
+        Some(self.out)
+    }
+}
+
+/// The signalling calls among the tokens `range` of `sql` rewritten into `edit` (see the
+/// module doc); the calls whose pid is a parameter go to `params`, the signals constant calls
+/// stand for to `issued` (their markers counting on from `constants`).
+#[allow(clippy::too_many_arguments)]
+fn calls(
+    sql: &[u8],
+    toks: &[Token],
+    range: std::ops::Range<usize>,
+    caller: i32,
+    constants: &mut u32,
+    issued: &mut Vec<Issued>,
+    params: &mut Vec<ParamCall>,
+    edit: &mut Edit,
+) {
     let is = |i: usize, k: Kind| toks.get(i).is_some_and(|t| t.kind == k);
-    let mut out = Vec::new();
-    let mut copied = 0;
-    for i in 0..toks.len() {
+    for i in range {
         let t = toks[i];
         let signal = if t.is_word(sql, b"pg_cancel_backend") {
             Signal::Cancel
@@ -647,7 +768,7 @@ fn rewrite(
         } else {
             t.start
         };
-        if start < copied {
+        if start < edit.copied {
             continue;
         }
         // The first argument's tokens, up to a comma or the closing parenthesis.
@@ -684,16 +805,16 @@ fn rewrite(
             _ => format!("pg_catalog.pg_cancel_backend({marker}) IS NOT NULL"),
         };
         // A termination with a timeout waits for its target (terminate_wait.rs).
+        let column = crate::terminate_wait::select_column(
+            toks,
+            sql,
+            if start < t.start { i - 2 } else { i },
+            close,
+        );
         let wait = match (signal, first_end) {
-            (Signal::Terminate, Some(f)) => timeout(sql, &toks[f + 1..close]).map(|timeout| Wait {
-                timeout,
-                column: crate::terminate_wait::select_column(
-                    &toks,
-                    sql,
-                    if start < t.start { i - 2 } else { i },
-                    close,
-                ),
-            }),
+            (Signal::Terminate, Some(f)) => {
+                timeout(sql, &toks[f + 1..close]).map(|timeout| Wait { timeout, column })
+            }
             _ => None,
         };
         let replacement = match arg {
@@ -712,23 +833,20 @@ fn rewrite(
                             0 => literal(&o.user),
                             oid => format!("{oid}::pg_catalog.oid"),
                         };
-                        // Where the gateway would not believe the server (memberships granted
-                        // since the caller logged in), the allowed branch is the call itself:
-                        // a pid the server does not know (`false` and its warning).
-                        let allowed = if o.reachable {
-                            let marker = CONST_BASE - (*constants % CONST_SPAN) as i32;
-                            *constants = constants.wrapping_add(1);
-                            issued.push(Issued {
-                                marker,
-                                signal,
-                                pid: o.pid,
-                                secret: o.secret,
-                                wait,
-                            });
-                            word(&marker.to_string())
-                        } else {
-                            format!("pg_catalog.{name}({args})")
-                        };
+                        // Where the login-time memberships do not reach the target, the gateway
+                        // reads them again when the server's word comes (`recheck`).
+                        let marker = CONST_BASE - (*constants % CONST_SPAN) as i32;
+                        *constants = constants.wrapping_add(1);
+                        issued.push(Issued {
+                            marker,
+                            signal,
+                            pid: o.pid,
+                            secret: o.secret,
+                            wait,
+                            recheck: !o.reachable,
+                            column,
+                        });
+                        let allowed = word(&marker.to_string());
                         format!(
                             "(SELECT {} AS {name})",
                             checked(signal, o.superuser, &role, &allowed)
@@ -753,6 +871,7 @@ fn rewrite(
                     index: k - 1,
                     signal,
                     wait,
+                    column,
                 });
                 let a = String::from_utf8_lossy(&sql[arg[0].start..arg[arg.len() - 1].end]);
                 let a = format!("({a})");
@@ -770,15 +889,43 @@ fn rewrite(
             }
             _ => continue,
         };
-        out.extend_from_slice(&sql[copied..start]);
-        out.extend_from_slice(replacement.as_bytes());
-        copied = toks[close].end;
+        edit.replace(sql, start, toks[close].end, replacement.as_bytes());
     }
-    if copied == 0 {
-        return (None, params);
+}
+
+/// What a parameter pid of `call` is replaced by (`PARAM_OWN`, `PARAM_SUPERUSER`, `PARAM_OWN -
+/// oid`), the signal owed for it going to `issued`; `None`: the server's to answer.
+fn param_value(
+    caller: i32,
+    pid: i32,
+    call: &ParamCall,
+    resolve: &dyn Fn(Option<Wait>) -> Option<Wait>,
+    issued: &mut Vec<Issued>,
+) -> Option<i32> {
+    match decide(caller, pid)? {
+        Decision::Own => Some(PARAM_OWN),
+        Decision::Other(o) => {
+            let value = if o.superuser {
+                PARAM_SUPERUSER
+            } else if (2..=MAX_OID).contains(&o.oid) {
+                PARAM_OWN - o.oid as i32
+            } else {
+                // The role's oid is not known or too large to carry: the server's (a pid it
+                // does not know).
+                return None;
+            };
+            issued.push(Issued {
+                marker: value,
+                signal: call.signal,
+                pid: o.pid,
+                secret: o.secret,
+                wait: resolve(call.wait),
+                recheck: !o.reachable,
+                column: call.column,
+            });
+            Some(value)
+        }
     }
-    out.extend_from_slice(&sql[copied..]);
-    (Some(out), params)
 }
 
 /// A termination's timeout argument (its tokens) as the gateway can know it before the server
@@ -927,33 +1074,41 @@ mod tests {
         let b = session("o'\\hara", 42, 0, &[], false);
         let root = session("root2", 43, 10, &[], true);
         let (sql, _, issued) = r(&format!("SELECT pg_cancel_backend({})", b.pid), a.pid);
-        assert!(issued.is_empty(), "erin could not become o'hara");
-        // Where the gateway issues no marker, the allowed branch is the call itself.
+        // erin could not become o'hara at login: the gateway reads its memberships again
+        // before it believes the server.
+        assert_eq!(
+            issued,
+            vec![Issued {
+                marker: -536870912,
+                signal: Signal::Cancel,
+                pid: b.pid,
+                secret: 42,
+                wait: None,
+                recheck: true,
+                column: Some(0),
+            }]
+        );
         assert_eq!(
             sql.unwrap(),
-            format!(
-                "SELECT (SELECT CASE WHEN pg_catalog.pg_has_role(E'o''\\\\hara', 'USAGE') \
-                 OR pg_catalog.pg_has_role('pg_signal_backend', 'USAGE') \
-                 THEN pg_catalog.pg_cancel_backend({}) ELSE \
-                 pg_catalog.current_setting('tidepool.signal_denied_cancel_member')::boolean \
-                 END AS pg_cancel_backend)",
-                b.pid
-            )
+            "SELECT (SELECT CASE WHEN pg_catalog.pg_has_role(E'o''\\\\hara', 'USAGE') \
+             OR pg_catalog.pg_has_role('pg_signal_backend', 'USAGE') \
+             THEN pg_catalog.pg_cancel_backend(-536870912) IS NOT NULL ELSE \
+             pg_catalog.current_setting('tidepool.signal_denied_cancel_member')::boolean \
+             END AS pg_cancel_backend)"
         );
         let (sql, _, issued) = r(
             &format!("SELECT pg_terminate_backend({}, 10)", root.pid),
             a.pid,
         );
-        assert!(issued.is_empty());
+        assert!(issued[0].recheck);
         assert_eq!(
             sql.unwrap(),
             format!(
                 "SELECT (SELECT CASE WHEN {CURRENT_IS_SUPERUSER} \
-                 THEN pg_catalog.pg_terminate_backend({}, 10) \
+                 THEN pg_catalog.pg_terminate_backend(-536870912, 10) IS NOT NULL \
                  ELSE pg_catalog.current_setting(\
                  'tidepool.signal_denied_terminate_superuser')::boolean \
-                 END AS pg_terminate_backend)",
-                root.pid
+                 END AS pg_terminate_backend)"
             )
         );
         // The same role, by oid; each constant call its own marker.
@@ -986,6 +1141,8 @@ mod tests {
                     pid: a2.pid,
                     secret: 44,
                     wait: None,
+                    recheck: false,
+                    column: Some(0),
                 },
                 Issued {
                     marker: -536870913,
@@ -993,6 +1150,8 @@ mod tests {
                     pid: a2.pid,
                     secret: 44,
                     wait: None,
+                    recheck: false,
+                    column: Some(0),
                 }
             ]
         );
@@ -1017,12 +1176,190 @@ mod tests {
             pid: b.pid,
             secret: 62,
             wait: None,
+            recheck: false,
+            column: Some(0),
         };
         for _ in 0..2 {
             let (out, issued) = rewrite_batch(&bind_msg, a.pid, &mut stmts).unwrap();
             assert_eq!(out, bind_msg);
             assert_eq!(issued, vec![want]);
         }
+    }
+
+    /// A simple `Query` of `sql` through `rewrite_batch`: the new text, the signals owed.
+    fn q(sql: &str, caller: i32, stmts: &mut Statements) -> (Option<String>, Vec<Issued>) {
+        let mut m = Vec::new();
+        fe::query(&mut m, sql);
+        match rewrite_batch(&m, caller, stmts) {
+            Some((out, issued)) => {
+                let text = (out != m)
+                    .then(|| String::from_utf8(fe::query_text(&out[5..]).to_vec()).unwrap());
+                (text, issued)
+            }
+            None => (None, Vec::new()),
+        }
+    }
+
+    #[test]
+    fn sql_prepared_statements_signal_at_each_execute() {
+        let a = session("ivy", 81, 16481, &[], false);
+        let b = session("ivy", 82, 16481, &[], false);
+        let mut stmts = Statements::default();
+        // A parameter: the body tests it; the EXECUTE argument is replaced as a Bind's value.
+        let (sql, issued) = q(
+            &format!(
+                "PREPARE s(int) AS SELECT pg_cancel_backend($1); EXECUTE s ({}, 7); \
+                 EXECUTE S(4242)",
+                b.pid
+            ),
+            a.pid,
+            &mut stmts,
+        );
+        let sql = sql.unwrap();
+        assert!(
+            sql.starts_with("PREPARE s(int) AS SELECT (SELECT CASE WHEN ($1) = -1073741825"),
+            "{sql}"
+        );
+        let marker = PARAM_OWN - 16481;
+        assert!(
+            sql.ends_with(&format!(
+                "END AS pg_cancel_backend); EXECUTE s ({marker}, 7); EXECUTE S(4242)"
+            )),
+            "{sql}"
+        );
+        let want = Issued {
+            marker,
+            signal: Signal::Cancel,
+            pid: b.pid,
+            secret: 82,
+            wait: None,
+            recheck: false,
+            column: Some(0),
+        };
+        assert_eq!(issued, vec![want]);
+        // In a later batch, with no function named in it.
+        let (sql, issued) = q(&format!("execute \"s\"({})", b.pid), a.pid, &mut stmts);
+        assert_eq!(sql.unwrap(), format!("execute \"s\"({marker})"));
+        assert_eq!(issued, vec![want]);
+
+        // A constant: owed at each EXECUTE, not at the PREPARE.
+        let (sql, issued) = q(
+            &format!("PREPARE t AS SELECT pg_terminate_backend({}, 100)", b.pid),
+            a.pid,
+            &mut stmts,
+        );
+        assert!(issued.is_empty());
+        assert!(sql
+            .unwrap()
+            .contains("pg_terminate_backend(-536870912, 100) IS NOT NULL"));
+        for _ in 0..2 {
+            let (sql, issued) = q("EXECUTE t; SELECT 1", a.pid, &mut stmts);
+            assert_eq!(sql, None);
+            assert_eq!(issued.len(), 1);
+            assert_eq!(issued[0].marker, -536870912);
+            assert_eq!(issued[0].wait_ms(), Some((100, Some(0))));
+        }
+        // Forgotten by DEALLOCATE, then DEALLOCATE ALL / DISCARD ALL; a new definition that
+        // does not signal replaces one that did.
+        q("DEALLOCATE PREPARE t", a.pid, &mut stmts);
+        assert_eq!(q("EXECUTE t", a.pid, &mut stmts), (None, Vec::new()));
+        assert!(!stmts.is_empty());
+        q(
+            "deallocate all; PREPARE u AS SELECT pg_cancel_backend($1)",
+            a.pid,
+            &mut stmts,
+        );
+        assert_eq!(
+            stmts.by_name.keys().collect::<Vec<_>>(),
+            vec![&b"u".to_vec()]
+        );
+        q("DISCARD ALL", a.pid, &mut stmts);
+        assert!(stmts.is_empty());
+        q(
+            "PREPARE s AS SELECT pg_cancel_backend($1)",
+            a.pid,
+            &mut stmts,
+        );
+        q("PREPARE s AS SELECT $1", a.pid, &mut stmts);
+        assert!(stmts.is_empty());
+        // A protocol Close of the name forgets it too.
+        q(
+            "PREPARE s AS SELECT pg_cancel_backend($1)",
+            a.pid,
+            &mut stmts,
+        );
+        let mut close = Vec::new();
+        shared::protocol::put_message(&mut close, fe::CLOSE, |b| b.extend_from_slice(b"Ss\0"));
+        assert!(rewrite_batch(&close, a.pid, &mut stmts).is_none());
+        assert!(stmts.is_empty());
+        // Stored bodies stay as they are, the statements after them are rewritten.
+        let (sql, issued) = q(
+            &format!(
+                "CREATE VIEW v AS SELECT pg_cancel_backend({0}); SELECT pg_cancel_backend({0})",
+                b.pid
+            ),
+            a.pid,
+            &mut stmts,
+        );
+        let sql = sql.unwrap();
+        assert!(sql.starts_with(&format!(
+            "CREATE VIEW v AS SELECT pg_cancel_backend({}); SELECT (SELECT CASE",
+            b.pid
+        )));
+        assert_eq!(issued.len(), 1);
+        let atomic = format!(
+            "CREATE FUNCTION f() RETURNS bool BEGIN ATOMIC SELECT 1; \
+             SELECT pg_cancel_backend({}); END",
+            b.pid
+        );
+        assert_eq!(q(&atomic, a.pid, &mut stmts), (None, Vec::new()));
+    }
+
+    #[test]
+    fn a_refused_recheck_answers_as_for_a_pid_nobody_has() {
+        let a = session("jack", 91, 16491, &[], false);
+        let b = session("kate", 92, 16492, &[], false);
+        let mut notice = Vec::new();
+        shared::protocol::put_message(&mut notice, b'N', |m| {
+            for (c, v) in [
+                (b'S', "WARNING"),
+                (b'C', "01000"),
+                (b'M', "PID -536870912 is not a PostgreSQL backend process"),
+                (b'R', "pg_signal_backend"),
+            ] {
+                m.push(c);
+                m.extend_from_slice(v.as_bytes());
+                m.push(0);
+            }
+            m.push(0);
+        });
+        let changed = unknown_pid(&notice, -536870912, b.pid);
+        assert!(String::from_utf8_lossy(&changed).contains(&format!(
+            "MPID {} is not a PostgreSQL backend process\0",
+            b.pid
+        )));
+        assert_eq!(
+            shared::protocol::backend::signal_marker(&changed),
+            None,
+            "no longer a marker"
+        );
+        // jack was granted kate after it logged in: a fresh lookup says so.
+        assert!(!other(decide(a.pid, b.pid)).reachable);
+        let fresh = |member_of: &[&str]| RoleInfo {
+            exists: true,
+            oid: 16491,
+            member_of: member_of.iter().map(|s| s.to_string()).collect(),
+            ..RoleInfo::default()
+        };
+        assert!(!recheck(a.pid, &fresh(&["jack"]), b.pid));
+        assert!(recheck(a.pid, &fresh(&["jack", "kate"]), b.pid));
+        assert!(other(decide(a.pid, b.pid)).reachable);
+        // And revoked again.
+        assert!(!recheck(a.pid, &fresh(&["jack"]), b.pid));
+        // Another role of the same name (dropped and made again): not the session's.
+        let mut other_role = fresh(&["jack", "kate"]);
+        other_role.oid = 17000;
+        assert!(!recheck(a.pid, &other_role, b.pid));
     }
 
     #[test]
@@ -1211,10 +1548,36 @@ mod tests {
                     pid: b.pid,
                     secret: 32,
                     wait: None,
+                    recheck: false,
+                    column: Some(0),
                 }),
             ),
-            (c.pid, PARAM_OWN - 16442, None),
-            (root.pid, PARAM_SUPERUSER, None),
+            (
+                c.pid,
+                PARAM_OWN - 16442,
+                Some(Issued {
+                    marker: PARAM_OWN - 16442,
+                    signal: Signal::Cancel,
+                    pid: c.pid,
+                    secret: 33,
+                    wait: None,
+                    recheck: true,
+                    column: Some(0),
+                }),
+            ),
+            (
+                root.pid,
+                PARAM_SUPERUSER,
+                Some(Issued {
+                    marker: PARAM_SUPERUSER,
+                    signal: Signal::Cancel,
+                    pid: root.pid,
+                    secret: 34,
+                    wait: None,
+                    recheck: true,
+                    column: Some(0),
+                }),
+            ),
         ] {
             for (rest, want) in [
                 (binary4(pid), binary4(value)),

@@ -286,7 +286,7 @@ fn executed(stmt: &[Tok]) -> Option<&Tok> {
 /// An identifier as Postgres stores it (scan.l, downcase_identifier): quoted as written with
 /// `""` as `"`, unquoted in ASCII lower case. `None` for what we do not fold (`U&"..."`, names
 /// Postgres would truncate).
-fn fold(tok: &[u8]) -> Option<Vec<u8>> {
+pub fn fold(tok: &[u8]) -> Option<Vec<u8>> {
     if tok.get(1) == Some(&b'&') {
         return None; // U&"..." (Unicode escapes)
     }
@@ -322,6 +322,29 @@ pub fn encode(out: &mut Vec<u8>, offset: usize, names: &[Name]) {
         out.extend_from_slice(&(n.name.len() as u32).to_be_bytes());
         out.extend_from_slice(&n.name);
     }
+}
+
+/// The `up::NAMES` payload for a whole batch of complete messages (the names of its `Query`
+/// texts), and whether a text that could not be mapped may `PREPARE` (the session is then
+/// pinned instead). For a batch the gateway rewrote (signals.rs, identity.rs): its names are
+/// found again where the new text has them. The rewrites add no `;` and no name, so the texts
+/// hold the same statements and names as the client's.
+pub fn of_batch(batch: &[u8]) -> (Vec<u8>, bool) {
+    let (mut out, mut pin) = (Vec::new(), false);
+    let mut i = 0;
+    while i + 5 <= batch.len() {
+        let len = u32::from_be_bytes([batch[i + 1], batch[i + 2], batch[i + 3], batch[i + 4]]);
+        let next = (i + 1 + (len as usize).max(4)).min(batch.len());
+        if batch[i] == shared::protocol::frontend::QUERY {
+            match find(shared::protocol::frontend::query_text(&batch[i + 5..next])) {
+                Found::Names(v) => encode(&mut out, i, &v),
+                Found::Unmapped { prepares } => pin |= prepares,
+                Found::Nothing => {}
+            }
+        }
+        i = next;
+    }
+    (out, pin)
 }
 
 #[cfg(test)]
@@ -398,6 +421,30 @@ mod tests {
             )]
         );
         assert_eq!(names("select * from other.pg_prepared_statements"), vec![]);
+    }
+
+    #[test]
+    fn a_batchs_names_at_their_messages_offsets() {
+        use shared::protocol::frontend as fe;
+        let mut batch = Vec::new();
+        fe::query(&mut batch, "SELECT 1");
+        let second = batch.len();
+        fe::query(&mut batch, "PREPARE s AS SELECT (SELECT 7 AS x); EXECUTE s");
+        let third = batch.len();
+        fe::write_parse(&mut batch, b"", b"EXECUTE t", &[0, 0]);
+        fe::query(
+            &mut batch,
+            &format!("PREPARE {} AS SELECT 1", "a".repeat(64)),
+        );
+        let (payload, pin) = of_batch(&batch);
+        assert!(pin, "the unmapped PREPARE pins");
+        let mut want = Vec::new();
+        let Found::Names(v) = find(b"PREPARE s AS SELECT (SELECT 7 AS x); EXECUTE s") else {
+            panic!()
+        };
+        encode(&mut want, second, &v);
+        assert_eq!(payload, want);
+        assert!(third > second);
     }
 
     #[test]

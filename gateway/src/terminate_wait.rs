@@ -65,8 +65,15 @@ pub fn select_column(toks: &[Token], sql: &[u8], from: usize, close: usize) -> O
             _ => {}
         }
     }
+    // The SELECT begins its statement, or the body of a SQL `PREPARE name [(types)] AS`.
     if j > 0 && toks[j - 1].kind != Kind::Punct(b';') {
-        return None;
+        let start = toks[..j]
+            .iter()
+            .rposition(|t| t.kind == Kind::Punct(b';'))
+            .map_or(0, |p| p + 1);
+        if !(word(&toks[j - 1], b"as") && word(&toks[start], b"prepare")) {
+            return None;
+        }
     }
     // The item ends with the call.
     match toks.get(close + 1) {
@@ -120,9 +127,10 @@ pub struct Held {
     pub generation: u32,
     /// Waits not ended yet.
     waits: u32,
-    /// Waits whose target outlived the timeout: where the server's word came in `bytes`, the
-    /// target's pid, the timeout, the call's column.
-    timed_out: Vec<(usize, i32, i64, Option<u16>)>,
+    /// Calls whose answer changes (a target that outlived the timeout, a signal the gateway
+    /// would not send: signals.rs): where the server's word came in `bytes`, the warning that
+    /// goes there, the call's column (its `true` becomes `false`).
+    changed: Vec<(usize, Vec<u8>, Option<u16>)>,
 }
 
 impl Held {
@@ -131,7 +139,7 @@ impl Held {
             bytes: Vec::new(),
             generation,
             waits: 0,
-            timed_out: Vec::new(),
+            changed: Vec::new(),
         }
     }
 
@@ -145,25 +153,25 @@ impl Held {
         self.bytes.extend_from_slice(data);
     }
 
-    /// The wait begun at `at` ended (`gone`: its target went in time); true when it was the
-    /// last one.
-    pub fn ended(&mut self, at: usize, pid: i32, ms: i64, column: Option<u16>, gone: bool) -> bool {
-        if !gone {
-            self.timed_out.push((at, pid, ms, column));
+    /// The wait begun at `at` ended; `change`: the call answers `false` after all, with this
+    /// warning where the server's word stood, in the row that follows at this column. True when
+    /// it was the last wait.
+    pub fn ended(&mut self, at: usize, change: Option<(Vec<u8>, Option<u16>)>) -> bool {
+        if let Some((warning, column)) = change {
+            self.changed.push((at, warning, column));
         }
         self.waits = self.waits.saturating_sub(1);
         self.waits == 0
     }
 
-    /// The responses as the client gets them: each timed-out call's warning in its place, and
+    /// The responses as the client gets them: each changed call's warning in its place, and
     /// its value `false` where its column is known.
     pub fn into_bytes(mut self) -> Vec<u8> {
-        self.timed_out.sort_by_key(|t| std::cmp::Reverse(t.0));
-        for (at, pid, ms, column) in std::mem::take(&mut self.timed_out) {
+        self.changed.sort_by_key(|t| std::cmp::Reverse(t.0));
+        for (at, w, column) in std::mem::take(&mut self.changed) {
             if let Some(c) = column {
                 falsify_first_row(&mut self.bytes[at..], c);
             }
-            let w = warning(pid, ms);
             self.bytes.splice(at..at, w);
         }
         self.bytes
@@ -282,6 +290,10 @@ mod tests {
             column("SELECT 1; SELECT f(1, 2), pg_terminate_backend(5, 1) FROM t WHERE x"),
             Some(1)
         );
+        assert_eq!(
+            column("PREPARE p(int) AS SELECT 1, pg_terminate_backend($1, 1)"),
+            Some(1)
+        );
         for sql in [
             "SELECT NOT pg_terminate_backend(5, 1)",
             "SELECT pg_terminate_backend(5, 1) IS TRUE",
@@ -336,8 +348,8 @@ mod tests {
         h.push(&row(&[None, Some(b't'), Some(1)]));
         h.push(&done);
         h.push(&ready);
-        assert!(!h.ended(first, 4242, 100, Some(1), true));
-        assert!(h.ended(second, 5353, 1, Some(2), false));
+        assert!(!h.ended(first, None));
+        assert!(h.ended(second, Some((warning(5353, 1), Some(2)))));
         let want = [
             desc.clone(),
             warning(5353, 1),
@@ -355,7 +367,7 @@ mod tests {
         let mut h = Held::new(2);
         let at = h.begin();
         h.push(&row(&[Some(b't')]));
-        assert!(h.ended(at, 9, 5, None, false));
+        assert!(h.ended(at, Some((warning(9, 5), None))));
         assert_eq!(h.into_bytes(), [warning(9, 5), row(&[Some(b't')])].concat());
     }
 }

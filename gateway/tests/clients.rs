@@ -983,6 +983,116 @@ fn signals_to_a_sessions_pid_act_as_directly() {
         .unwrap_or_else(|_| panic!("{}", hung("through Tidepool")));
         assert_eq!(direct, through, "{}", tp.logs());
     });
+
+    // Memberships granted and revoked while the caller is logged in.
+    pg.psql_admin(&format!(
+        "CREATE ROLE {fred} LOGIN PASSWORD '{fred_pw}'",
+        fred = FRED.0,
+        fred_pw = FRED.1
+    ));
+    rt.block_on(bounded(Duration::from_secs(60), async {
+        let direct = signals_after_grants(&pg, &pg.direct()).await;
+        let count = |what: &str| direct.iter().filter(|l| l.contains(what)).count();
+        assert!(
+            count("[true]") >= 3
+                && count("57014") >= 2
+                && count("57P01") >= 1
+                && count("42501") >= 2,
+            "{direct:#?}"
+        );
+        let through = signals_after_grants(&pg, &tp.endpoint()).await;
+        assert_eq!(direct, through, "{}", tp.logs());
+    }));
+}
+
+/// A role that logs in before it is granted alice, then `pg_signal_backend`.
+const FRED: (&str, &str) = ("fred", "fred-pw");
+
+/// fred, logged in before each change, signals alice's sessions: after `GRANT alice TO fred` it
+/// cancels a running query (constant and parameter pid: `true`, the victim's 57014); after the
+/// revocation it is refused (42501: the victim's query runs on until its owner cancels it);
+/// after `GRANT pg_signal_backend TO fred` it terminates (the victim's FATAL 57P01). One line
+/// per answer and per victim's outcome.
+async fn signals_after_grants(pg: &PgCluster, ep: &Endpoint) -> Vec<String> {
+    let fred = ep.connect(FRED.0, FRED.1, APP_DB).await.unwrap();
+    let watcher = ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+    let mut out = Vec::new();
+    let said = |r: Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>| match r {
+        Ok(rows) => format!(
+            "{:?}",
+            rows.iter().map(|r| r.get::<_, bool>(0)).collect::<Vec<_>>()
+        ),
+        Err(e) => match e.as_db_error() {
+            Some(d) => format!("{} {} {}", d.severity(), d.code().code(), d.message()),
+            None => format!("<{e}>"),
+        },
+    };
+    let grants = [
+        ("GRANT alice TO fred", "pg_cancel_backend"),
+        ("REVOKE alice FROM fred", "pg_cancel_backend"),
+        ("GRANT pg_signal_backend TO fred", "pg_terminate_backend"),
+    ];
+    for (change, f) in grants {
+        pg.psql_admin(change);
+        for param in [false, true] {
+            let victim = Arc::new(ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap());
+            let pid = pid_of(&victim).await;
+            let sleep = format!("SELECT pg_sleep(20) -- {change} {param}");
+            let running = {
+                let (victim, sleep) = (victim.clone(), sleep.clone());
+                tokio::spawn(async move { victim.batch_execute(&sleep).await })
+            };
+            let end = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < end {
+                let row = watcher
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query = $1",
+                        &[&sleep],
+                    )
+                    .await
+                    .unwrap();
+                if row.get::<_, i64>(0) > 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let r = if param {
+                fred.query(&format!("SELECT {f}($1)"), &[&pid]).await
+            } else {
+                fred.query(&format!("SELECT {f}({pid})"), &[]).await
+            };
+            let label = format!(
+                "{change}: {f} {}",
+                if param { "parameter" } else { "constant" }
+            );
+            out.push(format!("{label}: {}", said(r)));
+            // A signal arrives in milliseconds; a query still running after 3 s (a loaded CI
+            // machine) was not signalled: its owner cancels it (and it says so).
+            let mut running = running;
+            let outcome = match tokio::time::timeout(Duration::from_secs(3), &mut running).await {
+                Ok(r) => r,
+                Err(_) => {
+                    watcher
+                        .query_one("SELECT pg_cancel_backend($1)", &[&pid])
+                        .await
+                        .unwrap();
+                    out.push(format!("{label}: the victim's query was not signalled"));
+                    running.await
+                }
+            };
+            let seen = match outcome {
+                Ok(Ok(())) => "finished".to_string(),
+                Ok(Err(e)) => match e.as_db_error() {
+                    Some(d) => format!("{} {}", d.severity(), d.code().code()),
+                    None => format!("<{e}>"),
+                },
+                Err(e) => format!("<{e}>"),
+            };
+            out.push(format!("{label}: the victim's query {seen}"));
+        }
+    }
+    pg.psql_admin("REVOKE pg_signal_backend FROM fred");
+    out
 }
 
 async fn pid_of(c: &tokio_postgres::Client) -> i32 {
@@ -1139,8 +1249,14 @@ async fn signal_permissions_by_role(ep: &Endpoint, at: &std::sync::Mutex<String>
                 .query(&format!("SELECT pg_terminate_backend({pid})"), &[])
                 .await
         };
-        out.push(format!("{label}: {}", answer(r)));
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let said = answer(r);
+        // A terminated victim's connection closes when its FATAL arrives: waited for (a
+        // loaded machine takes longer than a fixed sleep); a refused call gets 300 ms.
+        let end = Instant::now() + Duration::from_millis(if said == "[true]" { 5000 } else { 300 });
+        while !victim.is_closed() && Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        out.push(format!("{label}: {said}"));
         step(&format!("{label}: the victim's next query"));
         let next = match victim.query("SELECT 1", &[]).await {
             Ok(_) => "goes on".to_string(),

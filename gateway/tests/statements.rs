@@ -189,9 +189,14 @@ async fn sql_prepared_statements_follow_the_session_to_other_backends() {
             ep.connect(ALICE.0, ALICE.1, "app").await.unwrap(),
             ep.connect(ALICE.0, ALICE.1, "app").await.unwrap(),
         ];
-        a.batch_execute("PREPARE \"Where\" (int) AS SELECT pg_backend_pid() + 0 * $1")
-            .await
-            .unwrap();
+        // The backend's own pid (a `pg_backend_pid()` whose value goes to the client answers the
+        // session's virtual pid, in a prepared body too).
+        a.batch_execute(
+            "PREPARE \"Where\" (int) AS SELECT (SELECT pid FROM pg_stat_activity \
+             WHERE pid = pg_backend_pid()) + 0 * $1",
+        )
+        .await
+        .unwrap();
         let mut last = value(&a, "EXECUTE \"Where\"(1)").await;
         for round in 0..3 {
             // Both backends held by the other two sessions...

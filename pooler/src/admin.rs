@@ -219,10 +219,16 @@ impl Admin {
 
     /// What `pg_authid` says of `user` and `pg_database` of `database` (see [`RoleInfo`]),
     /// from the caches when they know, else from a query shared with every other lookup
-    /// waiting on this core; bounded by `auth_lookup_timeout_ms`.
-    pub async fn lookup(&self, user: &str, database: &str) -> Result<RoleInfo, String> {
+    /// waiting on this core; bounded by `auth_lookup_timeout_ms`. `cached: false`: never from
+    /// the caches (a lookup not yet begun is joined: it reads the catalog after the call).
+    pub async fn lookup(
+        &self,
+        user: &str,
+        database: &str,
+        cached: bool,
+    ) -> Result<RoleInfo, String> {
         let user = &key(user, database);
-        if let Some(known) = self.cached(user) {
+        if let Some(known) = self.cached(user).filter(|_| cached) {
             return Ok(known);
         }
         if self.waiters.get() >= MAX_WAITING {

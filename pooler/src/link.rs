@@ -255,13 +255,14 @@ fn on_frame(core: &Rc<Core>, l: &Rc<Link>, kind: u8, id: u32, payload: Vec<u8>) 
                 s.close();
             }
         }
-        up::AUTH_LOOKUP => {
+        up::AUTH_LOOKUP | up::AUTH_RECHECK => {
             let (user, database) = shared::role::parse_lookup(&payload);
+            let cached = kind == up::AUTH_LOOKUP;
             let core = core.clone();
             let l = l.clone();
             glommio::spawn_local(async move {
                 let mut reply = Vec::new();
-                match core.admin.lookup(&user, &database).await {
+                match core.admin.lookup(&user, &database, cached).await {
                     Ok(info) => {
                         reply.push(1);
                         info.encode(&mut reply);

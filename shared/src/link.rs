@@ -60,6 +60,11 @@ pub mod up {
     /// The admin console asks for the pooler's pools (no payload; the session id is the
     /// console's). Answered by `down::POOLS` for the same session.
     pub const POOLS: u8 = 11;
+    /// Look a role up as `AUTH_LOOKUP` does, past the pooler's cache (`auth_cache_seconds`):
+    /// an opened session's memberships, read again when the server allowed a signal its
+    /// login-time ones would not (gateway/src/signals.rs). Answered by `AUTH_INFO` for the same
+    /// session.
+    pub const AUTH_RECHECK: u8 = 12;
 }
 
 /// Pooler → gateway.

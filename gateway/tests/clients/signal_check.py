@@ -58,6 +58,12 @@ def wait_running(observer, pid_of_victim_query, deadline=10):
     return False
 
 
+def wait_readable(conn, deadline=5):
+    """Waits until the server has sent the connection something (a terminated session's
+    FATAL), at most `deadline` seconds: a loaded machine may take longer than a fixed sleep."""
+    select.select([conn.fileno()], [], [], deadline)
+
+
 def next_statement(conn):
     """What the next statement of a (possibly terminated) session sees, and whether the
     connection is closed after it."""
@@ -97,7 +103,7 @@ for how in ["parameter", "constant"]:
     else:
         cur = killer.execute(f"SELECT pg_catalog.pg_terminate_backend({pid}) AS t")
     report(f"terminate idle {how}: answer", (cur.description[0].name, cur.fetchone()[0]))
-    time.sleep(0.5)
+    wait_readable(victim)
     report(f"terminate idle {how}: the victim", next_statement(victim))
     victim.close()
 
@@ -178,6 +184,98 @@ killer.execute("ROLLBACK")
 time.sleep(0.3)
 report("failed transaction: the victim", next_statement(victim))
 victim.close()
+
+# SQL PREPARE / EXECUTE / DEALLOCATE: a statement prepared by SQL signals at each EXECUTE, with
+# its pid a parameter (an EXECUTE argument) or a constant, in one batch or across batches.
+def results(cur):
+    """Every result of a multi-statement query: its command tag and rows."""
+    out = []
+    while True:
+        out.append((cur.statusmessage, cur.fetchall() if cur.description else None))
+        if not cur.nextset():
+            return out
+
+
+def sql_prepared(name, prepare, execute, expect):
+    """Runs `prepare` then `execute` (None: `prepare` holds both) on a victim's pid
+    (`{pid}`) while the victim runs a query; reports the answers, the notices, and what the
+    victim saw (`expect`: cancel or terminate)."""
+    victim = psycopg.connect(url, autocommit=True)
+    pid = victim.info.backend_pid
+    sleep = f"SELECT pg_sleep(20) -- {name}"
+    result = run_in_thread(victim, sleep)
+    report(f"{name}: query running", wait_running(killer, sleep))
+    notices.clear()
+    out = results(killer.execute(prepare.format(pid=pid)))
+    if execute:
+        out += results(killer.execute(execute.format(pid=pid)))
+    report(f"{name}: answers", out)
+    report(f"{name}: notices", notices)
+    report(f"{name}: the victim's query", result())
+    if expect == "terminate":
+        wait_readable(victim)
+    report(f"{name}: the victim", next_statement(victim))
+    victim.close()
+
+
+sql_prepared(
+    "SQL PREPARE, parameter, one batch",
+    "PREPARE sig_p(int) AS SELECT pg_cancel_backend($1); EXECUTE sig_p({pid})",
+    None,
+    "cancel",
+)
+sql_prepared(
+    "SQL PREPARE, constant, one batch",
+    "PREPARE sig_c AS SELECT pg_terminate_backend({pid}); EXECUTE sig_c;",
+    None,
+    "terminate",
+)
+sql_prepared(
+    "SQL PREPARE, parameter, two batches",
+    "DEALLOCATE sig_p; PREPARE sig_p AS SELECT 1 AS one, pg_catalog.pg_cancel_backend($1) AS c",
+    "EXECUTE sig_p ({pid})",
+    "cancel",
+)
+sql_prepared(
+    "SQL PREPARE, constant, two batches",
+    "DEALLOCATE PREPARE sig_c; PREPARE sig_c AS SELECT pg_cancel_backend({pid})",
+    "SELECT 1; EXECUTE sig_c",
+    "cancel",
+)
+# Gone with DEALLOCATE, DEALLOCATE ALL and DISCARD ALL: a statement of the same name that does
+# not signal answers the pid itself.
+victim = psycopg.connect(url, autocommit=True)
+pid = victim.info.backend_pid
+for forget in ["DEALLOCATE sig_t; ", "DEALLOCATE ALL; ", "DISCARD ALL"]:
+    killer.execute("PREPARE sig_t(int) AS SELECT pg_terminate_backend($1)")
+    if forget == "DISCARD ALL":
+        # Not in a multi-statement query (an implicit transaction).
+        killer.execute(forget)
+        forget = ""
+    out = results(killer.execute(f"{forget}PREPARE sig_t(int) AS SELECT $1; EXECUTE sig_t({pid})"))
+    report(f"after {forget or 'DISCARD ALL'}", (out[-1][1] == [(pid,)], [r[0] for r in out]))
+    killer.execute("DEALLOCATE ALL")
+killer.execute("PREPARE sig_t(int) AS SELECT pg_terminate_backend($1)")
+killer.execute("DEALLOCATE sig_t")
+out = results(killer.execute("PREPARE sig_t(int) AS SELECT $1"))
+out += results(killer.execute(f"EXECUTE sig_t({pid})"))
+report("after DEALLOCATE, two batches", out[-1][1] == [(pid,)])
+killer.execute("DEALLOCATE sig_t")
+# A pid that is nobody's, by EXECUTE: Postgres's false and warning.
+notices.clear()
+killer.execute("PREPARE sig_n(int) AS SELECT pg_cancel_backend($1)")
+report("SQL PREPARE, nobody's pid", results(killer.execute("EXECUTE sig_n(2000000002)")))
+report("SQL PREPARE, nobody's pid: notices", notices)
+killer.execute("DEALLOCATE sig_n")
+report("the untouched victim", next_statement(victim))
+victim.close()
+
+# pg_backend_pid() in a SQL-prepared statement, and beside one in a batch.
+own = killer.info.backend_pid
+out = results(killer.execute("PREPARE sig_b AS SELECT pg_backend_pid(); EXECUTE sig_b"))
+report("pg_backend_pid() by EXECUTE", out[-1][1] == [(own,)])
+out = results(killer.execute("EXECUTE sig_b; DEALLOCATE sig_b; SELECT pg_backend_pid()"))
+report("pg_backend_pid() beside EXECUTE", (out[0][1] == [(own,)], out[-1][1] == [(own,)]))
 
 # A session terminating itself by its own pid.
 (r,) = killer.execute("SELECT 1").fetchone()
