@@ -61,7 +61,10 @@ def wait_running(observer, pid_of_victim_query, deadline=10):
 def wait_readable(conn, deadline=5):
     """Waits until the server has sent the connection something (a terminated session's
     FATAL), at most `deadline` seconds: a loaded machine may take longer than a fixed sleep."""
-    select.select([conn.fileno()], [], [], deadline)
+    try:
+        select.select([conn.fileno()], [], [], deadline)
+    except psycopg.OperationalError:
+        pass  # already closed: the FATAL was read
 
 
 def next_statement(conn):
