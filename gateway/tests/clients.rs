@@ -891,7 +891,15 @@ fn signals_to_a_sessions_pid_act_as_directly() {
     if !psycopg_available("signals_to_a_sessions_pid_act_as_directly") {
         return;
     }
-    let (pg, tp) = start(2);
+    let pg = PgCluster::start();
+    // The console for alice: a hang shows the pooler's servers.
+    let tp = Tidepool::start(
+        &pg,
+        TidepoolOpts::default()
+            .pool_size(2)
+            .gateway_arg("--admin-users")
+            .gateway_arg(ALICE.0),
+    );
     same_checks_directly_and_through(
         &pg,
         &tp,
@@ -948,7 +956,7 @@ fn signals_to_a_sessions_pid_act_as_directly() {
         };
         format!(
             "{side}: no answer in 60 s at step {:?}\n--- pg_stat_activity ---\n{}\n\
-             --- SHOW CLIENTS ---\n{}\n--- SHOW SERVERS ---\n{}\n{}",
+             --- SHOW CLIENTS ---\n{}\n--- SHOW SERVERS ---\n{}\n--- SHOW POOLS ---\n{}\n{}",
             at.lock().unwrap(),
             pg.psql_admin(
                 "select pid, usename, state, wait_event, backend_xid, left(query, 80) \
@@ -956,6 +964,7 @@ fn signals_to_a_sessions_pid_act_as_directly() {
             ),
             console("SHOW CLIENTS"),
             console("SHOW SERVERS"),
+            console("SHOW POOLS"),
             tp.logs()
         )
     };
