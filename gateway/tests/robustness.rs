@@ -2115,3 +2115,70 @@ async fn a_users_sessions_on_both_pooler_cores_all_get_served() {
         tp.logs()
     );
 }
+
+/// Resumes a stopped postmaster when dropped (a failed assertion must not leave it stopped).
+struct Stopped(i32);
+
+impl Stopped {
+    fn postmaster(pg: &PgCluster) -> Stopped {
+        let pidfile = std::fs::read_to_string(pg.data_dir().join("postmaster.pid")).unwrap();
+        let pid: i32 = pidfile.lines().next().unwrap().trim().parse().unwrap();
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// A client that leaves while the pooler logs a backend in for its request: the pool's budget
+/// unit comes back. Postgres is made slow to accept logins (its postmaster stopped) so that the
+/// client is gone mid-login; with a pool of one, a unit kept for the backend that never came
+/// left every later request of the user waiting for ever.
+#[test]
+fn a_client_gone_while_its_backend_logs_in_leaves_the_pool_whole() {
+    let (pg, tp) = start(TidepoolOpts::default().pool_size(1));
+    let ep = tp.endpoint();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(bounded(Duration::from_secs(90), async {
+        let mut a = RawConn::connect(&ep.host, ep.port, ALICE.0, ALICE.1, APP_DB)
+            .await
+            .unwrap();
+        a.send(Frontend::new().query("select 1").bytes())
+            .await
+            .unwrap();
+        let events = a.recv_until(b'Z', Duration::from_secs(10)).await;
+        assert!(errors(&events).is_empty(), "{events:?}");
+        // alice's one backend ends: the pool has none, and its unit is free again.
+        pg.psql_admin(
+            "select pg_terminate_backend(pid) from pg_stat_activity where usename = 'alice'",
+        );
+        let end = Instant::now() + Duration::from_secs(10);
+        while pg.backend_count(ALICE.0) > 0 && Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        // a's next request needs a login, which Postgres does not answer; a leaves meanwhile.
+        let stopped = Stopped::postmaster(&pg);
+        a.send(Frontend::new().query("select 2").bytes())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        a.abort();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        drop(stopped);
+
+        // Another session of alice's is served.
+        let b = ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(20), b.simple_query("select 3")).await;
+        assert!(
+            matches!(r, Ok(Ok(_))),
+            "alice's next request was not served: {r:?}\n{}",
+            tp.logs()
+        );
+    }));
+}

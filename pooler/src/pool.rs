@@ -272,6 +272,21 @@ impl Pool {
     }
 }
 
+/// A budget unit reserved for a backend being connected: given back on drop, unless the
+/// backend came (then its relay gives it back when the backend ends: `retire`).
+struct Unit<'a> {
+    pools: &'a Rc<Pools>,
+    pool: &'a Rc<Pool>,
+}
+
+impl Drop for Unit<'_> {
+    fn drop(&mut self) {
+        self.pool.add_local(false);
+        self.pools.budgets.give_back(&self.pool.global);
+        self.pools.capacity_freed(self.pool);
+    }
+}
+
 /// A place in a pool's queue: on drop it leaves the queue and gives back a backend it was
 /// handed but never took.
 struct WaiterGuard<'a> {
@@ -354,18 +369,16 @@ pub async fn acquire(
             Reserve::Ok => {
                 drop(guard.take());
                 pool.add_local(true);
+                // Given back if the login fails, and if this future is dropped before it ends
+                // (the session's client left meanwhile: `ensure_backend`): a unit kept for a
+                // backend that never came would shrink the pool for good.
+                let unit = Unit { pools, pool };
                 let timeout = Duration::from_secs(pools.live.get().connect_timeout_seconds);
                 let connecting =
                     backend::connect(pools, &pools.setup, timeout, pool, &pool.key, credential);
-                return match connecting.await {
-                    Ok(b) => Ok(b),
-                    Err(e) => {
-                        pool.add_local(false);
-                        pools.budgets.give_back(&pool.global);
-                        pools.capacity_freed(pool);
-                        Err(e)
-                    }
-                };
+                let b = connecting.await?;
+                std::mem::forget(unit);
+                return Ok(b);
             }
             // Other cores shed only backends idle for a while (true surplus), and say so.
             Reserve::PoolFull => CoreMsg::Shed(Want::Pool((*pool.key).clone())),
