@@ -350,6 +350,18 @@ pub enum Timeout {
     Param(usize),
 }
 
+impl Wait {
+    /// `wait` with a timeout given by a parameter read (`value(k)`: parameter `k` as an
+    /// integer); `None` where there is no wait or the value cannot be read.
+    pub fn resolved(wait: Option<Wait>, value: impl Fn(usize) -> Option<i64>) -> Option<Wait> {
+        let mut w = wait?;
+        if let Timeout::Param(k) = w.timeout {
+            w.timeout = Timeout::Ms(value(k)?);
+        }
+        Some(w)
+    }
+}
+
 impl Issued {
     /// The wait to make when the server allows the call: its timeout in milliseconds (above 0:
     /// Postgres waits for no other) and the call's column.
@@ -610,13 +622,7 @@ fn bind(body: &[u8], caller: i32, stmts: &Statements, issued: &mut Vec<Issued>) 
         }
     };
     // A timeout given by a parameter is read in this Bind.
-    let resolve = |wait: Option<Wait>| -> Option<Wait> {
-        let mut w = wait?;
-        if let Timeout::Param(k) = w.timeout {
-            w.timeout = Timeout::Ms(integer(k)?.0);
-        }
-        Some(w)
-    };
+    let resolve = |wait: Option<Wait>| Wait::resolved(wait, |k| integer(k).map(|(v, _)| v));
     issued.extend(prepared.constants.iter().map(|x| Issued {
         wait: resolve(x.wait),
         ..*x

@@ -1026,16 +1026,7 @@ async fn signals_after_grants(pg: &PgCluster, ep: &Endpoint) -> Vec<String> {
     let fred = ep.connect(FRED.0, FRED.1, APP_DB).await.unwrap();
     let watcher = ep.connect(ALICE.0, ALICE.1, APP_DB).await.unwrap();
     let mut out = Vec::new();
-    let said = |r: Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>| match r {
-        Ok(rows) => format!(
-            "{:?}",
-            rows.iter().map(|r| r.get::<_, bool>(0)).collect::<Vec<_>>()
-        ),
-        Err(e) => match e.as_db_error() {
-            Some(d) => format!("{} {} {}", d.severity(), d.code().code(), d.message()),
-            None => format!("<{e}>"),
-        },
-    };
+    let said = common::answer;
     let grants = [
         ("GRANT alice TO fred", "pg_cancel_backend"),
         ("REVOKE alice FROM fred", "pg_cancel_backend"),
@@ -1141,16 +1132,7 @@ async fn signal_permissions_by_role(ep: &Endpoint, at: &std::sync::Mutex<String>
         pid_of(&bob).await,
         pid_of(&root).await,
     );
-    let answer = |r: Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>| match r {
-        Ok(rows) => format!(
-            "{:?}",
-            rows.iter().map(|r| r.get::<_, bool>(0)).collect::<Vec<_>>()
-        ),
-        Err(e) => match e.as_db_error() {
-            Some(d) => format!("{} {} {}", d.severity(), d.code().code(), d.message()),
-            None => format!("<{e}>"),
-        },
-    };
+    let answer = common::answer;
     let mut out = Vec::new();
     // Both functions, a constant and a parameter pid, from `client` as it is now.
     async fn calls(
@@ -1297,16 +1279,7 @@ async fn signal_permissions(ep: &Endpoint) -> Vec<String> {
         pids.push(row.get::<_, i32>(0));
     }
     let (alice_pid, root_pid) = (pids[0], pids[1]);
-    let answer = |r: Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>| match r {
-        Ok(rows) => format!(
-            "{:?}",
-            rows.iter().map(|r| r.get::<_, bool>(0)).collect::<Vec<_>>()
-        ),
-        Err(e) => match e.as_db_error() {
-            Some(d) => format!("{} {} {}", d.severity(), d.code().code(), d.message()),
-            None => format!("<{e}>"),
-        },
-    };
+    let answer = common::answer;
     let mut out = Vec::new();
     let calls = [
         ("bob", "alice", &bob, alice_pid),

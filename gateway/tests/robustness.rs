@@ -11,6 +11,8 @@
 //! Where Postgres defines the answer, each case is run directly first and the gateway must say
 //! the same. Every wait is bounded: a stall fails the test with the logs, never hangs it.
 
+mod common;
+
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -1313,16 +1315,7 @@ async fn signals_across(
     alice: tokio_postgres::Client,
     bob: tokio_postgres::Client,
 ) -> Vec<String> {
-    let answer = |r: Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>| match r {
-        Ok(rows) => format!(
-            "{:?}",
-            rows.iter().map(|r| r.get::<_, bool>(0)).collect::<Vec<_>>()
-        ),
-        Err(e) => match e.as_db_error() {
-            Some(d) => format!("{} {} {}", d.severity(), d.code().code(), d.message()),
-            None => format!("<{e}>"),
-        },
-    };
+    let answer = common::answer;
     let pid: i32 = victim
         .query_one("SELECT pg_backend_pid()", &[])
         .await

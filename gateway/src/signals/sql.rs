@@ -5,7 +5,7 @@
 //! pid arguments replaced as a `Bind`'s values are. See
 //! docs/decisions/2026-12-07-signals-to-virtual-pids.md ("SQL `PREPARE`/`EXECUTE`").
 
-use super::{calls, param_value, Edit, Issued, Prepared, Statements, Timeout, Wait};
+use super::{calls, param_value, Edit, Issued, Prepared, Statements, Wait};
 use shared::sql::{Kind, Lexer, Token};
 
 /// The text of a simple `Query` with its signalling calls rewritten (`None` if nothing is), one
@@ -114,13 +114,7 @@ pub(super) fn rewrite_query(
                     _ => None,
                 }
             };
-            let resolve = |wait: Option<Wait>| -> Option<Wait> {
-                let mut w = wait?;
-                if let Timeout::Param(k) = w.timeout {
-                    w.timeout = Timeout::Ms(integer(k)?.0);
-                }
-                Some(w)
-            };
+            let resolve = |wait: Option<Wait>| Wait::resolved(wait, |k| integer(k).map(|(v, _)| v));
             issued.extend(prepared.constants.iter().map(|x| Issued {
                 wait: resolve(x.wait),
                 ..*x

@@ -54,6 +54,21 @@ pub struct Watched {
     ended: std::sync::Arc<std::sync::Mutex<Option<(String, String)>>>,
 }
 
+/// What a signalling call answered, one line: its rows' booleans (`[true]`), or its error's
+/// severity, SQLSTATE and message.
+pub fn answer(r: Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>) -> String {
+    match r {
+        Ok(rows) => format!(
+            "{:?}",
+            rows.iter().map(|r| r.get::<_, bool>(0)).collect::<Vec<_>>()
+        ),
+        Err(e) => match e.as_db_error() {
+            Some(d) => format!("{} {} {}", d.severity(), d.code().code(), d.message()),
+            None => format!("<{e}>"),
+        },
+    }
+}
+
 /// (SQLSTATE, message) of an error.
 pub fn parts(e: &tokio_postgres::Error) -> (String, String) {
     (
