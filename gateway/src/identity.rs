@@ -26,7 +26,7 @@ pub fn virtual_backend_pid(batch: &[u8], pid: i32) -> Option<Vec<u8>> {
     fe::rewrite_each(batch, |tag, body| match tag {
         fe::QUERY => rewrite(fe::query_text(body), pid).map(|sql| {
             let mut m = Vec::with_capacity(sql.len() + 6);
-            fe::query(&mut m, &String::from_utf8_lossy(&sql));
+            fe::query_bytes(&mut m, &sql);
             m
         }),
         fe::PARSE => fe::parse_parse(body).ok().and_then(|p| {
@@ -221,5 +221,18 @@ mod tests {
         cut.extend_from_slice(b"Q\0\0");
         let out = virtual_backend_pid(&cut, 7).unwrap();
         assert!(out.ends_with(b"Q\0\0"));
+    }
+
+    #[test]
+    fn a_text_in_another_encoding_keeps_its_bytes() {
+        // 'café' in LATIN1 (client_encoding): é is the byte 0xE9, which is not UTF-8.
+        let mut q = Vec::new();
+        fe::query_bytes(&mut q, b"SELECT pg_backend_pid(), 'caf\xe9'");
+        let mut expect = Vec::new();
+        fe::query_bytes(
+            &mut expect,
+            b"SELECT (SELECT 7 AS pg_backend_pid), 'caf\xe9'",
+        );
+        assert_eq!(virtual_backend_pid(&q, 7), Some(expect));
     }
 }

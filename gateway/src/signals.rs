@@ -519,7 +519,7 @@ pub fn rewrite_batch(
             let sql = fe::query_text(body);
             sql::rewrite_query(sql, caller, stmts, &mut constants, &mut issued).map(|sql| {
                 let mut m = Vec::with_capacity(sql.len() + 6);
-                fe::query(&mut m, &String::from_utf8_lossy(&sql));
+                fe::query_bytes(&mut m, &sql);
                 m
             })
         }

@@ -120,7 +120,12 @@ pub fn cancel_request(out: &mut Vec<u8>, pid: i32, secret: i32) {
 }
 
 pub fn query(out: &mut Vec<u8>, sql: &str) {
-    put_message(out, QUERY, |b| put_cstr(b, sql.as_bytes()));
+    query_bytes(out, sql.as_bytes());
+}
+
+/// A `Query` of a text as the client sent it: in its `client_encoding`, not always UTF-8.
+pub fn query_bytes(out: &mut Vec<u8>, sql: &[u8]) {
+    put_message(out, QUERY, |b| put_cstr(b, sql));
 }
 
 pub fn password(out: &mut Vec<u8>, data: &[u8]) {
